@@ -1,0 +1,155 @@
+"""The one reporting interface of the training loop, and the cancellation token.
+
+Every consumer — the tracker, the CLI progress bar, Optuna pruning, PBT, the dashboard — is a
+:class:`Callback`. The loop calls, in order: ``on_start(state)``; per optimisation step ``on_step(state, logs)``;
+after every evaluation ``on_eval(state, logs)``; at epoch end ``on_epoch_end(state, logs)``; for anything
+notable ``on_event(state, kind, payload)``; finally ``on_end(state, status)``. ``state`` is the loop's
+:class:`LoopState` (step, epoch, total_steps, run_id …). A callback may raise :class:`~dact_lib.errors.Cancelled`
+(or ``optuna.TrialPruned``) to stop the run; the loop records why.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import Cancelled
+
+
+class CancelToken:
+    """Thread-safe flag checked by the loop at every step. ``cancel()`` from any thread stops the run."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def cancel(self, reason: str = "cancelled by user") -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(self.reason or "cancelled")
+
+
+@dataclass
+class LoopState:
+    run_id: Any = None
+    step: int = 0  # optimisation steps done
+    epoch: int = 0  # 0-based epoch in progress
+    total_steps: int = 0
+    epochs: int = 0
+    samples_seen: int = 0
+    start_time: float = field(default_factory=time.time)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    batch_size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        if not self.step or not self.total_steps:
+            return None
+        elapsed = time.time() - self.start_time
+        return elapsed / self.step * max(0, self.total_steps - self.step)
+
+
+class Callback:
+    def on_start(self, state: LoopState) -> None: ...
+
+    def on_step(self, state: LoopState, logs: dict[str, float]) -> None: ...
+
+    def on_eval(self, state: LoopState, logs: dict[str, float]) -> None: ...
+
+    def on_epoch_end(self, state: LoopState, logs: dict[str, float]) -> None: ...
+
+    def on_event(self, state: LoopState, kind: str, payload: dict[str, Any]) -> None: ...
+
+    def on_end(self, state: LoopState, status: str) -> None: ...
+
+
+class CallbackList(Callback):
+    def __init__(self, callbacks: list[Callback] | None = None) -> None:
+        self.callbacks = [c for c in (callbacks or []) if c is not None]
+
+    def on_start(self, state):
+        for c in self.callbacks:
+            c.on_start(state)
+
+    def on_step(self, state, logs):
+        for c in self.callbacks:
+            c.on_step(state, logs)
+
+    def on_eval(self, state, logs):
+        for c in self.callbacks:
+            c.on_eval(state, logs)
+
+    def on_epoch_end(self, state, logs):
+        for c in self.callbacks:
+            c.on_epoch_end(state, logs)
+
+    def on_event(self, state, kind, payload):
+        for c in self.callbacks:
+            c.on_event(state, kind, payload)
+
+    def on_end(self, state, status):
+        for c in self.callbacks:
+            c.on_end(state, status)
+
+
+class CancelCallback(Callback):
+    """Checks a :class:`CancelToken` (the loop also checks it itself; this lets engines share one token)."""
+
+    def __init__(self, token: CancelToken) -> None:
+        self.token = token
+
+    def on_step(self, state, logs):
+        self.token.check()
+
+
+class ProgressPrinter(Callback):
+    """A plain-text progress bar for the CLI (verbosity 1) plus per-step detail (verbosity 2)."""
+
+    def __init__(self, verbosity: int = 1, stream=None) -> None:
+        self.verbosity = verbosity
+        self.stream = stream or sys.stderr
+        self._bar = None
+
+    def on_start(self, state):
+        if self.verbosity >= 1:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=state.total_steps, file=self.stream, unit="step", dynamic_ncols=True)
+
+    def on_step(self, state, logs):
+        if self._bar is not None:
+            self._bar.update(state.step - self._bar.n)
+            if "train_loss" in logs:
+                self._bar.set_postfix(loss=f"{logs['train_loss']:.4f}", ep=state.epoch + 1)
+        if self.verbosity >= 2:
+            print(f"step {state.step}: " + ", ".join(f"{k}={v:.5g}" for k, v in logs.items()), file=self.stream)
+
+    def on_eval(self, state, logs):
+        if self.verbosity >= 1:
+            msg = ", ".join(f"{k}={v:.4f}" for k, v in logs.items())
+            (self._bar.write if self._bar is not None else print)(f"[eval epoch {state.epoch + 1}] {msg}")
+
+    def on_event(self, state, kind, payload):
+        if self.verbosity >= 2 or (self.verbosity >= 1 and kind in ("early_stop", "oom_retry", "restored_best")):
+            text = f"[{kind}] {payload}"
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def on_end(self, state, status):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

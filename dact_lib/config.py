@@ -1,0 +1,401 @@
+"""Typed, validated configuration of every run.
+
+A run is described by one :class:`RunConfig` (``kind`` + encoder + data + model + train). Configs round-trip
+through plain dicts, JSON and YAML; unknown keys and bad values raise :class:`~dact_lib.errors.ConfigError` with
+the dotted field name, the bad value and what is allowed. The config is saved with every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # the bundled checkpoint (see encoders.py)
+TINY_ENCODER = "tiny"  # a tiny randomly initialised BERT with the bundled tokenizer, for tests
+
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+POOLINGS = ("mean", "cls")
+LAYOUTS = ("explicit", "pyramidal", "inverted", "bowtie")
+KINDS = ("backbone", "dact", "multitask")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name} = {value!r} is invalid: {allowed}.")
+
+
+def _check_frac(name: str, value: float, lo: float = 0.0, hi: float = 1.0, *, lo_open=False, hi_open=True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    lo_b = "(" if lo_open else "["
+    hi_b = ")" if hi_open else "]"
+    _check(ok, name, value, f"expected a number in {lo_b}{lo}, {hi}{hi_b}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    _check(ok, name, value, f"expected an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+
+
+def _check_pos(name: str, value: Any, *, allow_zero=False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    _check(ok, name, value, "expected a " + ("non-negative" if allow_zero else "positive") + " number")
+
+
+@dataclass
+class MLPConfig:
+    """Shape of a small MLP head. ``layout='explicit'`` uses ``hidden_dims`` as given (``[]`` = one linear
+    layer); the named layouts build ``depth`` hidden layers from ``width``: *pyramidal* narrows (w, w/2, w/4…),
+    *inverted* widens (…, w/2, w), *bowtie* narrows then widens again (w, w/2, …, w/2, w)."""
+
+    hidden_dims: list[int] = field(default_factory=lambda: [256])
+    layout: str = "explicit"
+    depth: int = 1
+    width: int = 256
+    activation: str = "gelu"
+    dropout: float = 0.1
+
+    def resolved_dims(self) -> list[int]:
+        if self.layout == "explicit":
+            return list(self.hidden_dims)
+        d, w = self.depth, self.width
+        if d == 0:
+            return []
+        if self.layout == "pyramidal":
+            return [max(8, w >> i) for i in range(d)]
+        if self.layout == "inverted":
+            return [max(8, w >> (d - 1 - i)) for i in range(d)]
+        # bowtie: narrow towards the middle, symmetric
+        half = [max(8, w >> min(i, d - 1 - i)) for i in range(d)]
+        return half
+
+    def validate(self, name: str = "mlp") -> None:
+        _check(self.layout in LAYOUTS, f"{name}.layout", self.layout, f"choose one of {LAYOUTS}")
+        _check(isinstance(self.hidden_dims, list) and all(isinstance(x, int) and x > 0 for x in self.hidden_dims),
+               f"{name}.hidden_dims", self.hidden_dims, "expected a list of positive integers, e.g. [256, 64]")
+        _check_int(f"{name}.depth", self.depth, 0, 8)
+        _check_int(f"{name}.width", self.width, 1, 8192)
+        _check(self.activation in ACTIVATIONS, f"{name}.activation", self.activation, f"choose one of {ACTIVATIONS}")
+        _check_frac(f"{name}.dropout", self.dropout, 0.0, 1.0)
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split. ``path=None`` and ``dataset_id=None`` use the bundled demo
+    dataset. ``val_path``/``test_path`` give explicit held-out files instead of splitting them off."""
+
+    path: str | None = None
+    dataset_id: str | None = None
+    columns: dict[str, str] | None = None
+    max_rows: int | None = None
+    val_frac: float = 0.1
+    test_frac: float = 0.1
+    val_path: str | None = None
+    test_path: str | None = None
+    split_seed: int = 0
+    max_seq_len: int = 128
+
+    def validate(self, name: str = "data") -> None:
+        if self.max_rows is not None:
+            _check_int(f"{name}.max_rows", self.max_rows, 10)
+        _check_frac(f"{name}.val_frac", self.val_frac, 0.0, 0.9)
+        _check_frac(f"{name}.test_frac", self.test_frac, 0.0, 0.9)
+        _check(self.val_frac + self.test_frac < 0.95, f"{name}.val_frac + test_frac",
+               self.val_frac + self.test_frac, "the held-out fractions must leave data to train on (sum < 0.95)")
+        _check(self.val_frac > 0 or self.val_path is not None, f"{name}.val_frac", self.val_frac,
+               "a validation set is needed: use val_frac > 0 or give val_path")
+        _check_int(f"{name}.split_seed", self.split_seed, 0)
+        _check_int(f"{name}.max_seq_len", self.max_seq_len, 8, 4096)
+        if self.columns is not None:
+            _check(isinstance(self.columns, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in self.columns.items()),
+                   f"{name}.columns", self.columns, "expected a mapping like {'text': 'review', 'label': 'stars'}")
+
+
+@dataclass
+class BackboneModelConfig:
+    """Encoder + MLP head on the pooled sentence vector ([CLS] or masked mean)."""
+
+    pooling: str = "mean"
+    head: MLPConfig = field(default_factory=MLPConfig)
+
+    def validate(self, name: str = "model") -> None:
+        _check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
+        self.head.validate(f"{name}.head")
+
+
+@dataclass
+class DactModelConfig:
+    """DACT-BERT: after every encoder layer a classifier MLP and a halting MLP read the layer summary."""
+
+    pooling: str = "mean"
+    classifier: MLPConfig = field(default_factory=lambda: MLPConfig(hidden_dims=[128], dropout=0.1))
+    halting: MLPConfig = field(default_factory=lambda: MLPConfig(hidden_dims=[64], dropout=0.0))
+    share_weights: bool = False
+    ponder_lambda: float = 1e-3
+    ponder_start_at_one: bool = False  # report rho = 1 + sum p_n (the reference code) instead of sum p_n
+
+    def validate(self, name: str = "model") -> None:
+        _check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
+        self.classifier.validate(f"{name}.classifier")
+        self.halting.validate(f"{name}.halting")
+        _check(isinstance(self.share_weights, bool), f"{name}.share_weights", self.share_weights, "expected true/false")
+        _check_pos(f"{name}.ponder_lambda", self.ponder_lambda, allow_zero=True)
+
+
+@dataclass
+class MultiTaskModelConfig:
+    """One encoder, one head per task; task-weighted cross-entropy."""
+
+    pooling: str = "mean"
+    normalize: bool = False
+    head: MLPConfig = field(default_factory=lambda: MLPConfig(hidden_dims=[256]))
+    task_weights: dict[str, float] | None = None  # None = 1.0 for every task
+
+    def validate(self, name: str = "model") -> None:
+        _check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
+        self.head.validate(f"{name}.head")
+        if self.task_weights is not None:
+            _check(isinstance(self.task_weights, dict) and all(
+                isinstance(v, (int, float)) and v >= 0 for v in self.task_weights.values()),
+                f"{name}.task_weights", self.task_weights, "expected {task: non-negative weight}")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Seed 002's rules. Checked once per evaluation on ``metric`` (``val_loss`` minimised, anything else
+    maximised), after ``smoothing``-point moving average: stop after ``patience`` evaluations without an
+    improvement larger than ``min_delta``; stop when the value is ``regression`` (20%) worse than the best; stop
+    when the last ``trend_window`` values all got worse. Never before ``min_epochs``."""
+
+    enabled: bool = True
+    metric: str = "val_loss"
+    patience: int = 3
+    min_delta: float = 1e-4
+    regression: float = 0.2
+    trend_window: int = 3
+    smoothing: int = 1
+    min_epochs: int = 1
+
+    def validate(self, name: str = "train.early_stopping") -> None:
+        _check_int(f"{name}.patience", self.patience, 1)
+        _check_pos(f"{name}.min_delta", self.min_delta, allow_zero=True)
+        _check_pos(f"{name}.regression", self.regression)
+        _check_int(f"{name}.trend_window", self.trend_window, 2)
+        _check_int(f"{name}.smoothing", self.smoothing, 1)
+        _check_int(f"{name}.min_epochs", self.min_epochs, 0)
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop's settings (see train.py)."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    encoder_lr: float = 5e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    freeze_embeddings: bool = True  # keep the (30k x hidden) word-embedding matrix fixed: cheaper, same accuracy
+    freeze_layers: int = 0  # freeze the lowest k encoder layers ...
+    gradual_unfreeze: bool = False  # ... and unfreeze one more (top-down) at the start of every epoch
+    precision: str = "fp32"  # or "bf16" autocast
+    group_by_length: bool = True
+    pad_to: int | None = None  # pad every batch to this many tokens (the seed's way; only for comparisons)
+    max_steps: int | None = None
+    eval_every_steps: int | None = None  # None = evaluate at the end of every epoch
+    log_every_steps: int = 10
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int | None = None
+    min_batch_size: int = 8
+    max_batch_size: int = 64
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+    def validate(self, name: str = "train") -> None:
+        _check_int(f"{name}.epochs", self.epochs, 1, 1000)
+        _check_int(f"{name}.batch_size", self.batch_size, 1, 4096)
+        _check_pos(f"{name}.encoder_lr", self.encoder_lr, allow_zero=True)
+        _check_pos(f"{name}.head_lr", self.head_lr)
+        _check(self.encoder_lr < 1 and self.head_lr < 1, f"{name}.lr", (self.encoder_lr, self.head_lr),
+               "learning rates must be below 1")
+        _check_pos(f"{name}.weight_decay", self.weight_decay, allow_zero=True)
+        _check_frac(f"{name}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _check_pos(f"{name}.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _check_int(f"{name}.freeze_layers", self.freeze_layers, 0)
+        _check(self.precision in PRECISIONS, f"{name}.precision", self.precision, f"choose one of {PRECISIONS}")
+        if self.pad_to is not None:
+            _check_int(f"{name}.pad_to", self.pad_to, 8, 4096)
+        if self.max_steps is not None:
+            _check_int(f"{name}.max_steps", self.max_steps, 1)
+        if self.eval_every_steps is not None:
+            _check_int(f"{name}.eval_every_steps", self.eval_every_steps, 1)
+        _check_int(f"{name}.log_every_steps", self.log_every_steps, 1)
+        _check_int(f"{name}.seed", self.seed, 0)
+        _check(self.device in DEVICES, f"{name}.device", self.device, f"choose one of {DEVICES}")
+        if self.num_threads is not None:
+            _check_int(f"{name}.num_threads", self.num_threads, 1, 512)
+        _check_int(f"{name}.min_batch_size", self.min_batch_size, 1)
+        _check_int(f"{name}.max_batch_size", self.max_batch_size, self.min_batch_size)
+        self.early_stopping.validate(f"{name}.early_stopping")
+
+
+MODEL_CONFIGS = {"backbone": BackboneModelConfig, "dact": DactModelConfig, "multitask": MultiTaskModelConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs. ``init_from_run``: id of a backbone run whose exported encoder
+    weights initialise this run's encoder."""
+
+    kind: str = "backbone"
+    encoder: str = DEFAULT_ENCODER
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = None  # BackboneModelConfig | DactModelConfig | MultiTaskModelConfig, chosen by kind
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str | None = None
+    tag: str | None = None
+    init_from_run: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model is None and self.kind in MODEL_CONFIGS:
+            self.model = MODEL_CONFIGS[self.kind]()
+
+    def validate(self) -> "RunConfig":
+        _check(self.kind in KINDS, "kind", self.kind, f"choose one of {KINDS}")
+        _check(isinstance(self.encoder, str) and self.encoder.strip() != "", "encoder", self.encoder,
+               f"give a Hugging Face model name, a local directory, '{DEFAULT_ENCODER}' or '{TINY_ENCODER}'")
+        expected = MODEL_CONFIGS[self.kind]
+        _check(isinstance(self.model, expected), "model", type(self.model).__name__,
+               f"kind {self.kind!r} needs a {expected.__name__}")
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    # -- round trips -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"A run config must be a mapping, got {type(data).__name__}: write it as a JSON object.")
+        kind = data.get("kind", "backbone")
+        _check(kind in KINDS, "kind", kind, f"choose one of {KINDS}")
+        data = dict(data)
+        model = data.pop("model", None)
+        cfg = from_dict(cls, data, "")
+        cfg.model = from_dict(MODEL_CONFIGS[kind], model or {}, "model")
+        return cfg.validate()
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json()
+        path.write_text(text, encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        return cls.from_dict(load_mapping(path))
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML file into a dict, with a clear error when it is neither."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"Config file {path} does not exist: check the path.")
+    text = path.read_text(encoding="utf-8")
+    return parse_mapping(text, path.suffix.lower(), str(path))
+
+
+def parse_mapping(text: str, suffix: str = ".json", where: str = "config") -> dict[str, Any]:
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                import yaml
+
+                data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - both parsers' errors become one ConfigError
+        raise ConfigError(f"{where} is neither valid JSON nor YAML ({exc}): fix the syntax.") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of settings (a JSON object), not {type(data).__name__}.")
+    return data
+
+
+def from_dict(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from ``data`` recursively; unknown keys raise ConfigError naming them."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = path or "the run config"
+        raise ConfigError(f"Unknown setting(s) {unknown} in {where}: allowed are {sorted(names)}.")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints.get(key)
+        sub = f"{path}.{key}" if path else key
+        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+            kwargs[key] = from_dict(hint, value, sub)
+        else:
+            kwargs[key] = _coerce(value, hint, sub)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    # YAML/JSON give ints for floats ("1" for 1.0) and strings for scientific notation in YAML 1.1 ("1e-5").
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{path} = {value!r} is invalid: expected a number.") from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    args = typing.get_args(hint)
+    if float in args and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{path} = {value!r} is invalid: expected a number.") from None
+    return value
+
+
+def default_config(kind: str = "backbone", **overrides: Any) -> RunConfig:
+    """A validated default config for ``kind``; ``overrides`` set top-level fields (e.g. ``encoder='tiny'``)."""
+    _check(kind in KINDS, "kind", kind, f"choose one of {KINDS}")
+    cfg = RunConfig(kind=kind, model=MODEL_CONFIGS[kind]())
+    if kind == "multitask":
+        cfg.train.encoder_lr, cfg.train.head_lr = 1e-5, 1e-4
+        cfg.train.early_stopping.patience = 2
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise ConfigError(f"Unknown setting {key!r}: allowed are {[f.name for f in dataclasses.fields(cfg)]}.")
+        setattr(cfg, key, value)
+    return cfg.validate()

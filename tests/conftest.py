@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data when present (developers and CI); skip the test cleanly in a user's clone."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent (only developers and CI have it)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh DACT Lab home for one test (experiments.db, runs/, cache)."""
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("DACT_LAB_HOME", str(h))
+    return h
