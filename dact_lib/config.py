@@ -103,6 +103,7 @@ class DataConfig:
     test_path: str | None = None
     split_seed: int = 0
     max_seq_len: int = 128
+    task: str | None = None  # which task a single-task model learns from a two-task file (default: the first)
 
     def validate(self, name: str = "data") -> None:
         if self.max_rows is not None:
@@ -210,6 +211,7 @@ class TrainConfig:
     freeze_layers: int = 0  # freeze the lowest k encoder layers ...
     gradual_unfreeze: bool = False  # ... and unfreeze one more (top-down) at the start of every epoch
     precision: str = "fp32"  # or "bf16" autocast
+    encoder_dropout: float | None = None  # override the encoder's dropout rates (None: the checkpoint's)
     group_by_length: bool = True
     pad_to: int | None = None  # pad every batch to this many tokens (the seed's way; only for comparisons)
     max_steps: int | None = None
@@ -234,6 +236,8 @@ class TrainConfig:
         _check_pos(f"{name}.max_grad_norm", self.max_grad_norm, allow_zero=True)
         _check_int(f"{name}.freeze_layers", self.freeze_layers, 0)
         _check(self.precision in PRECISIONS, f"{name}.precision", self.precision, f"choose one of {PRECISIONS}")
+        if self.encoder_dropout is not None:
+            _check_frac(f"{name}.encoder_dropout", self.encoder_dropout, 0.0, 1.0)
         if self.pad_to is not None:
             _check_int(f"{name}.pad_to", self.pad_to, 8, 4096)
         if self.max_steps is not None:

@@ -38,7 +38,9 @@ def run_dir(run_id: str, home: str | os.PathLike | None = None) -> Path:
 
 
 def cache_dir(home: str | os.PathLike | None = None) -> Path:
-    path = resolve_home(home) / ".dact_cache"
+    """``<home>/.dact_cache`` unless ``$DACT_LAB_CACHE`` names a cache shared between homes (tests use one)."""
+    shared = os.environ.get("DACT_LAB_CACHE")
+    path = Path(shared).expanduser().resolve() if shared else resolve_home(home) / ".dact_cache"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# One encoder cache for the whole test session (the bundled checkpoint is extracted once, not per test home).
+_CACHE = Path(__file__).resolve().parent.parent / ".dact_cache"
+os.environ.setdefault("DACT_LAB_CACHE", str(_CACHE))
+
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 

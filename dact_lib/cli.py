@@ -1,0 +1,258 @@
+"""``python -m dact_lib`` — everything the dashboard does, without a browser.
+
+Commands: train, evaluate, predict, runs, report (+ the tuning engines: tune-backbone, dact-pipeline, pbt,
+multitask, studies). Every command takes ``--home``, ``--verbosity 0|1|2``, ``--device auto|cpu|cuda`` and
+``--tag``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Callable
+
+from .errors import DactLabError
+
+COMMANDS: dict[str, Callable] = {}
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default=None, help="DACT Lab home (experiments.db, runs/); default $DACT_LAB_HOME or the project root")
+    p.add_argument("--verbosity", type=int, choices=(0, 1, 2), default=1,
+                   help="0: warnings only, 1: progress, 2: debug detail")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--tag", default=None, help="a label stored with the run")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="CSV file (default: the bundled demo dataset)")
+    p.add_argument("--max-rows", type=int, default=None, help="use a stratified sample of this many rows")
+    p.add_argument("--encoder", default=None, help="HF model name or local path (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--config", default=None, help="a RunConfig as JSON or YAML; flags override it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dact_lib", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model (backbone, dact or multitask)")
+    p.add_argument("--kind", choices=("backbone", "dact", "multitask"), default=None)
+    _data_args(p)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--ponder-lambda", type=float, default=None, help="DACT ponder penalty λ")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None)
+    p.add_argument("--init-from-run", default=None, help="start the encoder from this backbone run's weights")
+    p.add_argument("--max-steps", type=int, default=None)
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="accuracy, macro-F1, confusion matrix (and exit layers) of a run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", default=None, help="CSV to evaluate on (default: the run's test split)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--policies", action="store_true", help="DACT: also sweep the exit policies")
+    _common(p)
+
+    p = sub.add_parser("predict", help="predict one or more sentences with a saved run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object per sentence")
+    p.add_argument("text", nargs="+")
+    _common(p)
+
+    p = sub.add_parser("runs", help="the run table")
+    p.add_argument("--kind", default=None)
+    p.add_argument("--json", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("report", help="a self-contained HTML page of a run's curves and config")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    _common(p)
+
+    try:
+        from .tuning import cli as tuning_cli
+
+        tuning_cli.add_commands(sub, _common, _data_args, command)
+    except ImportError:  # the tuning engines are optional at import time
+        pass
+    return parser
+
+
+def _setup(args) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[args.verbosity]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbosity < 2:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.home:
+        os.environ["DACT_LAB_HOME"] = str(args.home)
+
+
+def config_from_args(args, kind_default: str = "backbone"):
+    """A RunConfig from --config (if given) with the command-line flags applied on top."""
+    from .config import RunConfig, default_config, load_mapping
+
+    kind = getattr(args, "kind", None)
+    if args.config:
+        raw = load_mapping(args.config)
+        if kind:
+            raw["kind"] = kind
+        cfg = RunConfig.from_dict(raw)
+    else:
+        cfg = default_config(kind or kind_default)
+    if args.data:
+        cfg.data.path = args.data
+    if args.max_rows:
+        cfg.data.max_rows = args.max_rows
+    if args.encoder:
+        cfg.encoder = args.encoder
+    for flag, target in (("epochs", "epochs"), ("batch_size", "batch_size"), ("precision", "precision"),
+                         ("max_steps", "max_steps")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            setattr(cfg.train, target, v)
+    if getattr(args, "ponder_lambda", None) is not None:
+        if cfg.kind != "dact":
+            raise DactLabError("--ponder-lambda only applies to --kind dact.")
+        cfg.model.ponder_lambda = args.ponder_lambda
+    if getattr(args, "init_from_run", None):
+        cfg.init_from_run = args.init_from_run
+    cfg.train.device = args.device
+    if args.tag:
+        cfg.tag = args.tag
+    return cfg.validate()
+
+
+@command("train")
+def cmd_train(args) -> int:
+    from .callbacks import ProgressPrinter
+    from .tracker import Tracker
+    from .train import train
+
+    cfg = config_from_args(args)
+    tracker = Tracker(args.home)
+    result = train(cfg, tracker=tracker, home=args.home, callbacks=[ProgressPrinter(args.verbosity)])
+    best = {k: round(v, 4) for k, v in result.best_metrics.items() if isinstance(v, float)}
+    test = {k: round(v, 4) for k, v in result.test_metrics.items()}
+    if args.verbosity >= 1:
+        print(f"best validation: {best}", file=sys.stderr)
+        if test:
+            print(f"test: {test}", file=sys.stderr)
+    print(f"run id: {result.run_id}")
+    return 0
+
+
+@command("evaluate")
+def cmd_evaluate(args) -> int:
+    from .data import encode, read_csv
+    from .evaluate import evaluate_encoded, exit_policy_sweep, full_report
+    from .models import load_model
+    from .train import load_split
+
+    loaded = load_model(args.run, args.home, args.device)
+    if args.data:
+        ds = read_csv(args.data, columns=loaded.config.data.columns, label_maps=loaded.label_maps)
+    else:
+        from .tracker import Tracker
+
+        split, _ = load_split(loaded.config, Tracker(args.home))
+        ds = split.test or split.val
+    enc = encode(ds, loaded.tokenizer, loaded.config.data.max_seq_len)
+    res = evaluate_encoded(loaded.model, enc, 64, loaded.device)
+    rep = full_report(res, loaded.label_maps)
+    if args.policies and loaded.kind == "dact":
+        rep["exit_policies"] = exit_policy_sweep(loaded.model, enc, timed=False)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(f"run {args.run} on {len(ds)} rows")
+    for task, r in rep["tasks"].items():
+        print(f"[{task}] accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}")
+        names = r["labels"]
+        width = max(len(n) for n in names) + 2
+        print("confusion matrix (rows: true, columns: predicted)")
+        print(" " * width + "".join(n[:8].rjust(9) for n in names))
+        for n, row in zip(names, r["confusion_matrix"]):
+            print(n.ljust(width) + "".join(str(v).rjust(9) for v in row))
+    if "avg_exit_layer" in rep:
+        print(f"average exit layer {rep['avg_exit_layer']:.3f}; histogram {rep['exit_histogram']}")
+    for row in rep.get("exit_policies", []):
+        print(f"  {row['policy']:>9} {str(row['value']):>6}: exit {row['avg_exit_layer']:.2f}  acc {row['accuracy']:.4f}")
+    return 0
+
+
+@command("predict")
+def cmd_predict(args) -> int:
+    from .models import load_model, predict
+
+    loaded = load_model(args.run, args.home, args.device)
+    for text, res in zip(args.text, predict(loaded, list(args.text))):
+        if args.json:
+            keep = {k: res[k] for k in ("label", "probability", "probabilities") if k in res}
+            if "exit_layer" in res:
+                keep["exit_layer"] = res["exit_layer"]
+            if "tasks" in res:
+                keep["tasks"] = res["tasks"]
+            print(json.dumps(keep))
+        else:
+            line = f"{res['label']}  p={res['probability']:.3f}"
+            if "exit_layer" in res:
+                line += f"  exit layer {res['exit_layer']}/{res['num_layers']}"
+            for task, r in res.get("tasks", {}).items():
+                line += f"  [{task}: {r['label']} {r['probability']:.3f}]"
+            print(f"{line}  <- {text}")
+    return 0
+
+
+@command("runs")
+def cmd_runs(args) -> int:
+    from .tracker import Tracker
+
+    runs = Tracker(args.home).list_runs(kind=args.kind)
+    if args.json:
+        print(json.dumps(runs, indent=2, default=str))
+        return 0
+    if not runs:
+        print("no runs yet: try `python -m dact_lib train --kind dact --epochs 1`")
+        return 0
+    import datetime as dt
+
+    print(f"{'id':>4}  {'kind':<14}{'status':<12}{'started':<17}{'best val acc':>13}  tag")
+    for r in runs:
+        best = ((r.get("summary") or {}).get("best") or {}).get("val_accuracy")
+        started = dt.datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M") if r.get("started") else "-"
+        print(f"{r['id']:>4}  {r['kind']:<14}{r['status']:<12}{started:<17}"
+              f"{(f'{best:.4f}' if best is not None else '-'):>13}  {r.get('tag') or ''}")
+    return 0
+
+
+@command("report")
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    out = write_report(int(args.run), args.out, args.home)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup(args)
+    try:
+        return COMMANDS[args.command](args)
+    except DactLabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,631 @@
+"""CSV → validated :class:`TextDataset`, label maps, stratified splits, tokenisation and length-grouped batching.
+
+Every problem with an input file raises :class:`~dact_lib.errors.DataError`; its message says what is wrong and
+how to fix it. Row numbers in messages count the header as row 1 (as a spreadsheet shows them).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import re
+import warnings as _warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Sequence, TextIO, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import DataError
+
+MAX_BYTES: int = 50 * 1024 * 1024
+DEMO_CSV: Path = Path(__file__).resolve().parent / "demo_data" / "demo.csv"
+
+SINGLE_TASK = ["label"]
+MULTI_TASKS = ["class_label", "sentiment_label"]
+TEXT_NAMES = ("text", "sentence", "question")
+LABEL_NAMES = ("label", "category", "class", "class_label")
+CANONICAL_KEYS = ("text", "sentence", "label", "class_label", "sentiment_label")
+DELIMITERS = (",", ";", "\t")
+MAX_ROWS_SHOWN = 10
+# A few stray numeric texts (an SMS reading "645") are kept with a warning; more than this share of the rows
+# means the wrong column is used as text, which is an error.
+NUMERIC_TEXT_MAX_SHARE = 0.01
+
+_NUMERIC_TEXT = r"[+\-]?\d+(?:[.,\s]\d+)*"  # "1234", "1,234.5" — not "10/10"
+_NUMERIC_LABEL = re.compile(r"[+\-]?\d+(\.\d+)?")
+
+Source = Union[str, Path, bytes, bytearray, BinaryIO, TextIO, Any]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TextDataset
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class TextDataset:
+    """Texts with one or two tasks of integer targets. Equality compares texts, label maps and targets."""
+
+    texts: list[str]
+    targets: dict[str, np.ndarray]
+    label_maps: dict[str, list[str]]
+    name: str = "dataset"
+    content_hash: str = ""
+    columns: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.texts = list(self.texts)
+        self.targets = {t: np.asarray(y, dtype=np.int64) for t, y in self.targets.items()}
+        if set(self.targets) != set(self.label_maps):
+            raise DataError(f"targets have tasks {sorted(self.targets)} but label_maps has {sorted(self.label_maps)}: "
+                            "give one label map per task.")
+        for task, y in self.targets.items():
+            if len(y) != len(self.texts):
+                raise DataError(f"task {task!r} has {len(y)} targets for {len(self.texts)} texts: give one per text.")
+
+    # -- tasks --------------------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        """Task names: ``["label"]`` or ``["class_label", "sentiment_label"]``."""
+        return list(self.targets)
+
+    @property
+    def is_multitask(self) -> bool:
+        return len(self.targets) > 1
+
+    def _task(self, task: str | None) -> str:
+        if task is None:
+            return self.tasks[0]
+        if task not in self.targets:
+            raise DataError(f"Unknown task {task!r}: this dataset has tasks {self.tasks}.")
+        return task
+
+    def num_classes(self, task: str | None = None) -> int:
+        return len(self.label_maps[self._task(task)])
+
+    def class_counts(self, task: str | None = None) -> dict[str, int]:
+        """Rows per class name (every class of the label map, zero included), in label-map order."""
+        task = self._task(task)
+        counts = np.bincount(self.targets[task], minlength=len(self.label_maps[task]))
+        return {name: int(c) for name, c in zip(self.label_maps[task], counts)}
+
+    # -- views and export ---------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TextDataset):
+            return NotImplemented
+        return (self.texts == other.texts and self.label_maps == other.label_maps
+                and list(self.targets) == list(other.targets)
+                and all(np.array_equal(self.targets[t], other.targets[t]) for t in self.targets))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "TextDataset":
+        """The rows at ``indices`` (in that order), with the same label maps, name and hash."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return TextDataset(texts=[self.texts[i] for i in idx],
+                           targets={t: y[idx] for t, y in self.targets.items()},
+                           label_maps={t: list(m) for t, m in self.label_maps.items()},
+                           name=self.name, content_hash=self.content_hash, columns=dict(self.columns),
+                           warnings=list(self.warnings))
+
+    def to_frame(self) -> pd.DataFrame:
+        """Canonical columns: ``text,label`` or ``sentence,class_label,sentiment_label``."""
+        text_col = "sentence" if self.is_multitask else "text"
+        data: dict[str, list[str]] = {text_col: list(self.texts)}
+        for task, y in self.targets.items():
+            names = self.label_maps[task]
+            data[task] = [names[i] for i in y]
+        return pd.DataFrame(data, dtype=object)
+
+    def to_csv_bytes(self) -> bytes:
+        """The canonical UTF-8 CSV; :func:`read_csv` reads it back to an equal dataset."""
+        return self.to_frame().to_csv(index=False, lineterminator="\n").encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------
+def _fmt_size(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB" if n >= 1024 * 1024 else f"{n:,} bytes"
+
+
+def _too_big(size: int, max_bytes: int) -> DataError:
+    return DataError(f"The file is {_fmt_size(size)}, over the limit of {_fmt_size(max_bytes)}: sample the file "
+                     "(keep fewer rows) before uploading, or raise the limit (max_bytes).")
+
+
+def _read_source(source: Source, max_bytes: int) -> tuple[bytes, str]:
+    """Raw bytes and a default name; the size is checked before the content is read where possible."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        raw = bytes(source)
+        if len(raw) > max_bytes:
+            raise _too_big(len(raw), max_bytes)
+        return raw, "dataset"
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(f"File {str(path)!r} does not exist: check the path.")
+        if not path.is_file():
+            raise DataError(f"{str(path)!r} is not a file: give the path of a CSV file.")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise _too_big(size, max_bytes)
+        return path.read_bytes(), path.stem
+    if hasattr(source, "read"):
+        name = Path(str(getattr(source, "name", "") or "dataset")).stem or "dataset"
+        size = getattr(source, "size", None)
+        if isinstance(size, int) and size > max_bytes:
+            raise _too_big(size, max_bytes)
+        if hasattr(source, "seekable") and source.seekable():
+            source.seek(0, io.SEEK_END)
+            size = source.tell()
+            source.seek(0)
+            if size > max_bytes:
+                raise _too_big(size, max_bytes)
+        data = source.read(max_bytes + 1)
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        data = bytes(data)
+        if len(data) > max_bytes:
+            raise _too_big(len(data), max_bytes)
+        return data, name
+    raise DataError(f"Cannot read a dataset from a {type(source).__name__}: give a file path, bytes or an open file.")
+
+
+def _decode(raw: bytes, warnings: list[str]) -> str:
+    """UTF-8 (BOM stripped), UTF-16 with a BOM, else Latin-1 (Windows-1252) with a warning."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+    head = raw[:65536]
+    if b"\x00" in head or raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0", b"%PDF")):
+        raise DataError("The file looks like a binary file (an Excel .xlsx/.xls, a zip or a PDF?), not a text CSV: "
+                        "open it in its program and export (Save As) a CSV (UTF-8) file.")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    for enc in ("cp1252", "latin-1"):
+        try:
+            text = raw.decode(enc)
+        except UnicodeDecodeError:
+            continue
+        warnings.append("decoded as Latin-1 (Windows-1252) because the file is not valid UTF-8; if accents or "
+                        "quotes look wrong, save the file as CSV UTF-8 and upload it again.")
+        return text
+    raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
+
+
+def _first_line(text: str) -> str:
+    return text.split("\n", 1)[0].rstrip("\r")
+
+
+def _sniff_delimiter(text: str) -> str:
+    """The delimiter among , ; and tab: the only one in the header line; else csv.Sniffer when it agrees with the
+    header; else the one the header holds most often."""
+    header = _first_line(text)
+    in_header = [d for d in DELIMITERS if d in header]
+    if len(in_header) == 1:
+        return in_header[0]
+    try:
+        sep = csv.Sniffer().sniff(text[:65536], delimiters="".join(DELIMITERS)).delimiter
+        if sep in DELIMITERS and sep in header:
+            return sep
+    except csv.Error:
+        pass
+    counts = {d: header.count(d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: counts[d])
+    if counts[best] == 0:
+        shown = header if len(header) <= 60 else header[:57] + "..."
+        raise DataError(f"The file is not a CSV with several columns: its header {shown!r} has no delimiter "
+                        "(comma, semicolon or tab). Save it as CSV with a header row such as text,label.")
+    return best
+
+
+def _parse(text: str, sep: str) -> tuple[list[str], pd.DataFrame]:
+    """Header names and the data rows (all strings) of a CSV text."""
+    try:
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore")
+            df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, header=None,
+                             skip_blank_lines=False, quotechar='"', engine="c")
+    except pd.errors.EmptyDataError:
+        raise DataError("The file is empty: upload a CSV with a header row and at least one data row.") from None
+    except (pd.errors.ParserError, csv.Error, ValueError) as exc:
+        detail = str(exc).strip().replace("Error tokenizing data. C error: ", "")
+        raise DataError(f"The file could not be read as CSV ({detail}). A field probably contains the delimiter "
+                        f"{sep!r} or a stray quote: put such fields in double quotes, or export the file again as "
+                        "CSV.") from None
+    df = df.fillna("")
+    header = [str(h).strip() for h in df.iloc[0].tolist()] if len(df) else []
+    if header:
+        header[0] = header[0].lstrip("\ufeff").strip()
+    body = df.iloc[1:].copy()
+    body.columns = range(body.shape[1])
+    return header, body
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower()
+
+
+def _rows_text(rows: Sequence[int]) -> str:
+    """'rows 3, 7' (+ 'and N more') from 0-based data-row positions, counting the header as row 1."""
+    shown = ", ".join(str(int(r) + 2) for r in rows[:MAX_ROWS_SHOWN])
+    more = f" and {len(rows) - MAX_ROWS_SHOWN} more" if len(rows) > MAX_ROWS_SHOWN else ""
+    return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
+
+
+def _resolve_columns(header: list[str], columns: dict[str, str] | None) -> tuple[list[str], dict[str, int]]:
+    """(tasks, canonical name -> column position). Canonical text key is 'text' here."""
+    found = ", ".join(repr(h) for h in header)
+    norm = [_norm(h) for h in header]
+    dupes = sorted({n for n in norm if n and norm.count(n) > 1})  # unnamed columns (trailing delimiters) are ok
+    if dupes:
+        where = "; ".join(f"{d!r} (columns {', '.join(str(i + 1) for i, n in enumerate(norm) if n == d)})"
+                          for d in dupes)
+        raise DataError(f"The file has duplicate column names: {where}. Rename the columns so every header is "
+                        "unique.")
+
+    def position(file_col: str, key: str) -> int:
+        if file_col in header:
+            return header.index(file_col)
+        if _norm(file_col) in norm:
+            return norm.index(_norm(file_col))
+        raise DataError(f"Column {file_col!r} (given for {key!r}) is not in the file; the file's columns are "
+                        f"{found}. Fix the column mapping.")
+
+    explicit: dict[str, int] = {}
+    for key, file_col in (columns or {}).items():
+        canon = _norm(str(key))
+        if canon not in CANONICAL_KEYS:
+            raise DataError(f"Unknown column-mapping key {key!r}: use {', '.join(CANONICAL_KEYS)} (text and "
+                            f"sentence mean the same). The file's columns are {found}.")
+        canon = "text" if canon == "sentence" else canon
+        if canon in explicit:
+            raise DataError("The column mapping gives both 'text' and 'sentence': give only one of them.")
+        explicit[canon] = position(str(file_col), str(key))
+
+    if "label" in explicit and ({"class_label", "sentiment_label"} & set(explicit)):
+        raise DataError("The column mapping mixes 'label' (one task) with 'class_label'/'sentiment_label' (two "
+                        "tasks): give either text+label or sentence+class_label+sentiment_label.")
+    if "label" in explicit:
+        tasks = list(SINGLE_TASK)
+    elif {"class_label", "sentiment_label"} & set(explicit):
+        tasks = list(MULTI_TASKS)
+    else:
+        tasks = list(MULTI_TASKS) if {"class_label", "sentiment_label"} <= set(norm) else list(SINGLE_TASK)
+
+    def guess(key: str, names: Sequence[str]) -> int:
+        hits = [i for i, n in enumerate(norm) if n in names]
+        if len(hits) == 1:
+            return hits[0]
+        example = "{'text': ..., 'label': ...}" if key in ("text", "label") else \
+            "{'sentence': ..., 'class_label': ..., 'sentiment_label': ...}"
+        if not hits:
+            raise DataError(f"No {key} column found. The file's columns are {found}; accepted names for the {key} "
+                            f"column are {', '.join(names)}. Rename the column or pass a column mapping, e.g. "
+                            f"columns={example}.")
+        which = ", ".join(repr(header[i]) for i in hits)
+        raise DataError(f"Ambiguous {key} column: the file has {which}. Say which one to use with a column "
+                        f"mapping, e.g. columns={{'{key}': {header[hits[0]]!r}}}.")
+
+    resolved: dict[str, int] = {"text": explicit["text"] if "text" in explicit else guess("text", TEXT_NAMES)}
+    for task in tasks:
+        resolved[task] = explicit[task] if task in explicit else guess(task, LABEL_NAMES if task == "label"
+                                                                       else (task,))
+    used = list(resolved.values())
+    if len(set(used)) != len(used):
+        raise DataError("The same file column is used for the text and a label (or for two labels): map each "
+                        f"canonical column to a different file column. The file's columns are {found}.")
+    return tasks, resolved
+
+
+def _label_sort_key(name: str) -> tuple[int, float, str]:
+    if _NUMERIC_LABEL.fullmatch(name):
+        return (0, float(name), name)
+    return (1, 0.0, name)
+
+
+def sort_labels(names: Sequence[str]) -> list[str]:
+    """Sorted unique class names; numeric-looking names sort numerically ("2" < "10") before the others."""
+    return sorted(set(names), key=_label_sort_key)
+
+
+def _stratified_sample(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k row positions, stratified on y when possible, in file order."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(y)
+    try:
+        idx, _ = train_test_split(np.arange(n), train_size=k, stratify=y, random_state=seed, shuffle=True)
+    except ValueError:  # a class with a single row, or fewer rows asked than classes
+        idx = np.random.default_rng(seed).choice(n, size=k, replace=False)
+    return np.sort(np.asarray(idx, dtype=np.int64))
+
+
+def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows: int | None = None,
+             name: str | None = None, max_bytes: int = MAX_BYTES, label_maps: dict[str, list[str]] | None = None,
+             seed: int = 0) -> TextDataset:
+    """Read and validate a labelled CSV (path, bytes or file object) into a :class:`TextDataset`.
+
+    ``columns`` maps canonical names (text|label or sentence|class_label|sentiment_label) to the file's columns;
+    ``label_maps`` fixes the classes (labels outside them are an error); ``max_rows`` keeps a seeded stratified
+    sample of that many rows in file order.
+    """
+    raw, default_name = _read_source(source, max_bytes)
+    if not raw.strip():
+        raise DataError("The file is empty (0 bytes or only blank lines): upload a CSV with a header row such as "
+                        "text,label and at least one data row.")
+    content_hash = hashlib.sha256(raw).hexdigest()
+    warnings: list[str] = []
+    text = _decode(raw, warnings).replace("\r\n", "\n")
+    if not text.strip():
+        raise DataError("The file is empty (only blank lines): upload a CSV with a header row and data rows.")
+    text = text.lstrip("\n")
+    sep = _sniff_delimiter(text)
+    header, body = _parse(text, sep)
+    tasks, pos = _resolve_columns(header, columns)
+    col_names = {("sentence" if len(tasks) > 1 and k == "text" else k): header[i] for k, i in pos.items()}
+
+    # Fully blank rows (empty lines) are dropped; positions stay those of the file for row numbers.
+    blank = body.apply(lambda col: col.str.strip().eq("")).all(axis=1).to_numpy() if len(body) else np.zeros(0, bool)
+    file_pos = np.flatnonzero(~blank)
+    body = body.iloc[file_pos]
+    if len(body) == 0:
+        raise DataError("The file has a header but no data rows: add at least one row of text and label.")
+
+    text_col = col_names.get("text", col_names.get("sentence"))
+    texts_s = body[pos["text"]].astype(str).str.strip()
+    empty = file_pos[texts_s.eq("").to_numpy()]
+    if len(empty):
+        raise DataError(f"The text column {text_col!r} has empty cells at {_rows_text(empty)} (counting the header "
+                        "as row 1): fill in the text or delete those rows.")
+    numeric = file_pos[texts_s.str.fullmatch(_NUMERIC_TEXT).to_numpy()]
+    if len(numeric):
+        if len(numeric) > NUMERIC_TEXT_MAX_SHARE * len(body):
+            raise DataError(f"The text column {text_col!r} holds numbers instead of text at {_rows_text(numeric)} "
+                            "(counting the header as row 1): check that the right column is used as text (pass a "
+                            "column mapping, e.g. columns={'text': ...}) or delete those rows.")
+        warnings.append(f"the text column {text_col!r} holds only a number at {_rows_text(numeric)}; kept as text.")
+
+    labels: dict[str, np.ndarray] = {}
+    for task in tasks:
+        lab = body[pos[task]].astype(str).str.strip()
+        bad = file_pos[lab.eq("").to_numpy()]
+        if len(bad):
+            raise DataError(f"The label column {col_names[task]!r} has empty cells at {_rows_text(bad)} (counting "
+                            "the header as row 1): give every row a class or delete those rows.")
+        labels[task] = lab.to_numpy(dtype=object)
+
+    maps: dict[str, list[str]] = {}
+    targets: dict[str, np.ndarray] = {}
+    for task in tasks:
+        if label_maps is not None:
+            if task not in label_maps:
+                raise DataError(f"label_maps has no classes for task {task!r} (it has {sorted(label_maps)}): give "
+                                f"one label map per task {tasks}.")
+            lm = [str(x) for x in label_maps[task]]
+            if len(set(lm)) != len(lm):
+                raise DataError(f"The label map of task {task!r} repeats a class: {lm}. Give each class once.")
+            unknown = sorted(set(labels[task]) - set(lm), key=_label_sort_key)
+            if unknown:
+                shown = ", ".join(repr(u) for u in unknown[:MAX_ROWS_SHOWN])
+                raise DataError(f"The label column {col_names[task]!r} has classes that the model does not know: "
+                                f"{shown}. Known classes are {lm}: fix those labels or train on data that includes "
+                                "them.")
+        else:
+            lm = sort_labels(labels[task])
+        if len(lm) < 2:
+            raise DataError(f"The label column {col_names[task]!r} has only {len(lm)} class ({', '.join(lm)!s}): "
+                            "a classifier needs at least 2 classes. Check that the right column is used as label "
+                            "(column mapping) or add rows of other classes.")
+        index = {c: i for i, c in enumerate(lm)}
+        maps[task] = lm
+        targets[task] = np.fromiter((index[v] for v in labels[task]), dtype=np.int64, count=len(labels[task]))
+
+    texts = texts_s.tolist()
+    base = name if name is not None else default_name
+    if max_rows is not None:
+        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+            raise DataError(f"max_rows = {max_rows!r} is invalid: give a positive whole number of rows, or None.")
+        if len(texts) > max_rows:
+            keep = _stratified_sample(_strata(targets, maps, tasks, 2), max_rows, seed)
+            warnings.append(f"kept a stratified sample of {max_rows} of {len(texts)} rows (seed {seed}).")
+            texts = [texts[i] for i in keep]
+            targets = {t: y[keep] for t, y in targets.items()}
+            if name is None:
+                base = f"{base}[max_rows={max_rows}]"
+    return TextDataset(texts=texts, targets=targets, label_maps=maps, name=base, content_hash=content_hash,
+                       columns=col_names, warnings=warnings)
+
+
+def load_demo_dataset() -> TextDataset:
+    """The bundled demo set: 3 topics x 3 sentiments of short English sentences (two tasks)."""
+    return read_csv(DEMO_CSV, name="demo")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Splitting
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class DatasetSplit:
+    train: TextDataset
+    val: TextDataset
+    test: TextDataset | None
+
+
+def _strata(targets: dict[str, np.ndarray], maps: dict[str, list[str]], tasks: list[str], need: int) -> np.ndarray:
+    """Stratification labels: the (class, sentiment) pair for two tasks when every pair has ``need`` rows."""
+    first = targets[tasks[0]]
+    if len(tasks) < 2:
+        return first
+    pair = first * len(maps[tasks[1]]) + targets[tasks[1]]
+    counts = np.bincount(pair)
+    return pair if counts[counts > 0].min() >= need else first
+
+
+def _min_per_class(test_frac: float) -> int:
+    """Fewest rows a class needs so both sklearn stratified splits succeed (>= 2 rows left for the second)."""
+    if test_frac <= 0:
+        return 2
+    c = 3
+    while c - math.ceil(c * test_frac - 1e-9) < 2:
+        c += 1
+    return c
+
+
+def _held_out_size(n: int, frac: float) -> int:
+    return math.ceil(n * frac)  # as sklearn's train_test_split counts a float test_size
+
+
+def split_dataset(ds: TextDataset, val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0) -> DatasetSplit:
+    """Seeded stratified train/val/test split (file order kept inside each part); ``test_frac=0`` -> no test."""
+    from sklearn.model_selection import train_test_split
+
+    for label, frac in (("val_frac", val_frac), ("test_frac", test_frac)):
+        if not (0 <= frac < 1):
+            raise DataError(f"{label} = {frac!r} is invalid: give a fraction in [0, 1), e.g. 0.1.")
+    if val_frac + test_frac >= 0.95:
+        raise DataError(f"val_frac + test_frac = {val_frac + test_frac:.2f} leaves (almost) nothing to train on: "
+                        "use smaller fractions (sum below 0.95).")
+    n = len(ds)
+    tasks = ds.tasks
+    need = _min_per_class(test_frac)
+    if val_frac > 0 or test_frac > 0:
+        first = tasks[0]
+        counts = ds.class_counts(first)
+        small = [(c, k) for c, k in counts.items() if 0 < k < need]
+        if small:
+            cls, k = min(small, key=lambda x: x[1])
+            parts = "train/val/test" if test_frac > 0 else "train/val"
+            raise DataError(f"Class {cls!r} of {first!r} has only {k} row{'s' if k != 1 else ''}; a stratified "
+                            f"{parts} split with val_frac={val_frac}, test_frac={test_frac} needs at least {need} "
+                            "rows per class. Add more rows of this class, drop the class, or use smaller held-out "
+                            "parts (test_frac=0 needs only 2 per class).")
+    y = _strata(ds.targets, ds.label_maps, tasks, need)
+    n_classes = len(np.unique(y))
+    idx = np.arange(n)
+
+    def check_size(part: str, size: int, total: int, frac: float) -> None:
+        if size < n_classes:
+            raise DataError(f"The {part} set would get {size} of {total} rows but the split is stratified over "
+                            f"{n_classes} classes (at least one row of each per part): add more data or raise "
+                            f"{part}_frac (to at least {n_classes / total:.2f}).")
+        if total - size < n_classes:
+            raise DataError(f"Only {total - size} rows would be left for training but the split is stratified over "
+                            f"{n_classes} classes: use smaller val_frac/test_frac or add more data.")
+
+    try:
+        test_idx = None
+        if test_frac > 0:
+            check_size("test", _held_out_size(n, test_frac), n, test_frac)
+            idx, test_idx = train_test_split(idx, test_size=test_frac, stratify=y, random_state=seed)
+        if val_frac > 0:
+            rel = val_frac / (1.0 - test_frac)
+            check_size("val", _held_out_size(len(idx), rel), len(idx), rel)
+            train_idx, val_idx = train_test_split(idx, test_size=rel, stratify=y[idx], random_state=seed)
+        else:
+            train_idx, val_idx = idx, np.zeros(0, dtype=np.int64)
+    except ValueError as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"The stratified split failed ({exc}): a class is too small for val_frac={val_frac}, "
+                        f"test_frac={test_frac}; add more data or use smaller fractions.") from None
+    return DatasetSplit(train=ds.subset(np.sort(train_idx)), val=ds.subset(np.sort(val_idx)),
+                        test=ds.subset(np.sort(test_idx)) if test_idx is not None else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenisation and batching
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class EncodedDataset:
+    """Token ids per text (unpadded, truncated, with special tokens) and the targets as tensors."""
+
+    input_ids: list[list[int]]
+    lengths: np.ndarray
+    targets: dict[str, torch.Tensor]
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.targets)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "EncodedDataset":
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        t_idx = torch.from_numpy(idx)
+        return EncodedDataset(input_ids=[self.input_ids[i] for i in idx], lengths=self.lengths[idx],
+                              targets={t: y[t_idx] for t, y in self.targets.items()},
+                              pad_token_id=self.pad_token_id)
+
+
+def encode(ds: TextDataset, tokenizer: Any, max_seq_len: int = 128) -> EncodedDataset:
+    """Tokenise every text once (truncated to ``max_seq_len``, no padding)."""
+    if len(ds) == 0:
+        ids: list[list[int]] = []
+    else:
+        ids = [list(x) for x in tokenizer(list(ds.texts), truncation=True, max_length=max_seq_len,
+                                          padding=False)["input_ids"]]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return EncodedDataset(input_ids=ids, lengths=np.array([len(x) for x in ids], dtype=np.int64),
+                          targets={t: torch.from_numpy(np.asarray(y, dtype=np.int64).copy())
+                                   for t, y in ds.targets.items()},
+                          pad_token_id=int(pad) if pad is not None else 0)
+
+
+def num_batches(enc: EncodedDataset, batch_size: int) -> int:
+    return math.ceil(len(enc) / batch_size)
+
+
+def _batch_order(enc: EncodedDataset, batch_size: int, shuffle: bool, seed: int, epoch: int,
+                 group_by_length: bool, chunk_batches: int) -> list[np.ndarray]:
+    n = len(enc)
+    rng = np.random.default_rng((seed, epoch))
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    chunk = batch_size * max(1, chunk_batches)
+    batches: list[np.ndarray] = []
+    for start in range(0, n, chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(enc.lengths[part], kind="stable")]
+        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def iter_batches(enc: EncodedDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                 group_by_length: bool = False, chunk_batches: int = 50,
+                 pad_to: int | None = None) -> Iterator[dict[str, Any]]:
+    """Batches padded to their longest item (or ``max(pad_to, longest)``); every row once per epoch.
+
+    Shuffling uses ``numpy.random.default_rng((seed, epoch))``. ``group_by_length`` sorts chunks of
+    ``batch_size * chunk_batches`` rows by length before cutting batches, then shuffles the batch order.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size = {batch_size!r} is invalid: give a positive whole number.")
+    for idx in _batch_order(enc, batch_size, shuffle, seed, epoch, group_by_length, chunk_batches):
+        longest = int(enc.lengths[idx].max()) if len(idx) else 0
+        width = max(pad_to, longest) if pad_to is not None else longest
+        ids = np.full((len(idx), width), enc.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(idx), width), dtype=np.int64)
+        for row, i in enumerate(idx):
+            seq = enc.input_ids[i]
+            ids[row, :len(seq)] = seq
+            mask[row, :len(seq)] = 1
+        t_idx = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        yield {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+               "targets": {t: y[t_idx] for t, y in enc.targets.items()}, "index": t_idx}

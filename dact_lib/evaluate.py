@@ -1,0 +1,173 @@
+"""Evaluation shared by every model: metrics on an encoded split, evaluation of a saved run, exit-policy sweeps."""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+from . import dact
+from .data import EncodedDataset, iter_batches
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    task_losses: dict[str, float]
+    probs: dict[str, np.ndarray]  # task -> [n, K]
+    targets: dict[str, np.ndarray]  # task -> [n]
+    exit_layer: np.ndarray | None = None  # DACT: [n] 1-based, under the DACT rule
+    extras: dict[str, float] = field(default_factory=dict)
+
+    def preds(self, task: str) -> np.ndarray:
+        return self.probs[task].argmax(-1)
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate_encoded(model, enc: EncodedDataset, batch_size: int = 64, device: torch.device | None = None,
+                     precision: str = "fp32") -> EvalResult:
+    """Run ``model`` (eval mode) over ``enc`` in file order; return losses, probabilities and (DACT) exit layers."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    n_total, loss_sum = 0, 0.0
+    task_loss_sum: dict[str, float] = {}
+    probs: dict[str, list] = {}
+    exits: list[torch.Tensor] = []
+    ponder_sum = 0.0
+    for batch in iter_batches(enc, batch_size, shuffle=False):
+        ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        targets = {t: v.to(device) for t, v in batch["targets"].items()}
+        with autocast_for(device, precision):
+            out = model(ids, am, targets)
+        b = ids.shape[0]
+        n_total += b
+        loss_sum += float(out.loss) * b
+        for t, v in out.task_losses.items():
+            task_loss_sum[t] = task_loss_sum.get(t, 0.0) + float(v) * b
+        for t, p in out.probs.items():
+            probs.setdefault(t, []).append(p.float().cpu())
+        if "exit_layer" in out.extras:
+            exits.append(out.extras["exit_layer"].cpu())
+            ponder_sum += float(out.extras["ponder"].sum())
+    model.train(was_training)
+    res = EvalResult(
+        loss=loss_sum / max(n_total, 1),
+        task_losses={t: v / max(n_total, 1) for t, v in task_loss_sum.items()},
+        probs={t: torch.cat(v).numpy() for t, v in probs.items()},
+        targets={t: enc.targets[t].numpy() for t in probs},
+    )
+    if exits:
+        res.exit_layer = torch.cat(exits).numpy()
+        res.extras["ponder"] = ponder_sum / max(n_total, 1)
+    return res
+
+
+def metrics_of(res: EvalResult, prefix: str = "val_") -> dict[str, float]:
+    """Flat metric dict: loss, accuracy, macro-F1 (per task as ``name/task`` when there are several tasks; the
+    unsuffixed accuracy/F1 is then the mean over tasks), average exit layer for DACT."""
+    out = {f"{prefix}loss": res.loss}
+    accs, f1s = [], []
+    multi = len(res.probs) > 1
+    for task in res.probs:
+        y, p = res.targets[task], res.preds(task)
+        acc = float(accuracy_score(y, p))
+        f1 = float(f1_score(y, p, average="macro", labels=np.arange(res.probs[task].shape[1]), zero_division=0))
+        accs.append(acc)
+        f1s.append(f1)
+        if multi:
+            out[f"{prefix}accuracy/{task}"] = acc
+            out[f"{prefix}macro_f1/{task}"] = f1
+            out[f"{prefix}loss/{task}"] = res.task_losses.get(task, float("nan"))
+    out[f"{prefix}accuracy"] = float(np.mean(accs))
+    out[f"{prefix}macro_f1"] = float(np.mean(f1s))
+    if res.exit_layer is not None:
+        out[f"{prefix}avg_exit_layer"] = float(res.exit_layer.mean())
+        out[f"{prefix}ponder"] = res.extras.get("ponder", float("nan"))
+        nll = res.task_losses.get(next(iter(res.probs)))
+        if nll is not None:
+            out[f"{prefix}nll"] = nll
+    return out
+
+
+def full_report(res: EvalResult, label_maps: dict[str, list[str]]) -> dict:
+    """Accuracy, macro-F1, confusion matrix and per-class report for every task (+ exit-layer histogram)."""
+    report: dict = {"tasks": {}}
+    for task in res.probs:
+        names = label_maps[task]
+        y, p = res.targets[task], res.preds(task)
+        labels = np.arange(len(names))
+        report["tasks"][task] = {
+            "accuracy": float(accuracy_score(y, p)),
+            "macro_f1": float(f1_score(y, p, average="macro", labels=labels, zero_division=0)),
+            "labels": names,
+            "confusion_matrix": confusion_matrix(y, p, labels=labels).tolist(),
+            "per_class": classification_report(y, p, labels=labels, target_names=names, output_dict=True,
+                                               zero_division=0),
+        }
+    if res.exit_layer is not None:
+        report["avg_exit_layer"] = float(res.exit_layer.mean())
+        vals, counts = np.unique(res.exit_layer, return_counts=True)
+        report["exit_histogram"] = {int(v): int(c) for v, c in zip(vals, counts)}
+    return report
+
+
+# --- exit-policy comparison on one trained DACT model -------------------------------------------------------
+
+def default_sweep(num_layers: int) -> list[tuple[str, float | int | None]]:
+    """The DACT rule, patience t = 1..N-1, entropy thresholds, fixed depth k = 1..N."""
+    points: list[tuple[str, float | int | None]] = [("dact", None)]
+    points += [("patience", t) for t in range(1, num_layers)]
+    points += [("entropy", s) for s in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65)]
+    points += [("fixed", k) for k in range(1, num_layers + 1)]
+    return points
+
+
+@torch.no_grad()
+def exit_policy_sweep(model, enc: EncodedDataset, points=None, batch_size: int = 64, timed: bool = True,
+                      device: torch.device | None = None) -> list[dict]:
+    """Evaluate one trained DactBert under several exit policies. Accuracy and average exit layer come from one
+    full pass (the policies are simulated exactly on the per-layer outputs); wall time, when ``timed``, from a
+    real early-exit pass (``model.infer``) per policy at ``batch_size``."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    points = points or default_sweep(model.num_layers)
+    ys, hs, targets = [], [], []
+    for batch in iter_batches(enc, batch_size):
+        out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        ys.append(out.extras["y"].cpu())
+        hs.append(out.extras["h"].cpu())
+        targets.append(batch["targets"][model.task])
+    y, h, tgt = torch.cat(ys), torch.cat(hs), torch.cat(targets)
+    rows = []
+    for name, value in points:
+        policy = dact.make_policy(name, value)
+        res = dact.run_policy_offline(policy, y, h)
+        row = {"policy": name, "value": value, "avg_exit_layer": float(res.exit_layer.float().mean()),
+               "accuracy": float((res.probs.argmax(-1) == tgt).float().mean())}
+        if timed:
+            start = time.perf_counter()
+            for batch in iter_batches(enc, batch_size):
+                model.infer(batch["input_ids"].to(device), batch["attention_mask"].to(device), policy)
+            row["wall_s"] = time.perf_counter() - start
+        rows.append(row)
+    return rows
+
+
+def pareto_front(points: list[dict], x: str = "avg_exit_layer", y: str = "accuracy") -> list[dict]:
+    """Points not dominated (lower ``x`` and higher ``y`` are better)."""
+    front = []
+    for p in points:
+        dominated = any(q[x] <= p[x] and q[y] >= p[y] and (q[x] < p[x] or q[y] > p[y]) for q in points)
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: p[x])

@@ -1,0 +1,40 @@
+"""BackboneClassifier: a pretrained encoder plus an MLP head on the pooled sentence vector.
+
+Its encoder weights can be exported (safetensors) to initialise a DACT model (``RunConfig.init_from_run``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import BackboneModelConfig
+from .heads import ModelOutput, build_mlp, pool
+
+
+class BackboneClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, cfg: BackboneModelConfig, num_classes: int, task: str = "label") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.task = task
+        self.encoder = encoder
+        self.head = build_mlp(encoder.config.hidden_size, num_classes, cfg.head)
+
+    def forward(self, input_ids, attention_mask, targets: dict[str, torch.Tensor] | None = None) -> ModelOutput:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = self.head(pool(hidden, attention_mask, self.cfg.pooling)).float()
+        loss, task_losses = None, {}
+        if targets is not None:
+            loss = F.cross_entropy(logits, targets[self.task])
+            task_losses = {self.task: loss}
+        return ModelOutput(loss=loss, probs={self.task: logits.softmax(-1)}, task_losses=task_losses)
+
+    def export_encoder(self, path: str | Path) -> Path:
+        """Write the encoder's weights as safetensors (what a DACT run starts from)."""
+        path = Path(path)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.encoder.state_dict().items()}
+        save_file(state, str(path))
+        return path

@@ -1,0 +1,189 @@
+"""Build a model from a RunConfig; save a trained run to its folder and load it back; predict.
+
+A saved run folder is self-contained (it can be zipped and used elsewhere):
+``config.json`` (the RunConfig), ``label_maps.json``, ``model.safetensors`` (the best checkpoint),
+``encoder/`` (the encoder's config and tokenizer, so no hub access is needed to rebuild it) and, for backbone
+runs, ``encoder.safetensors`` (the encoder weights a DACT run can start from).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import dact
+from .config import RunConfig
+from .encoders import encoder_from_config, load_encoder
+from .errors import ConfigError, DactLabError
+from .home import resolve_home, runs_dir
+from .modeling_backbone import BackboneClassifier
+from .modeling_dact import DactBert
+from .modeling_multitask import MultiTaskModel
+
+MODEL_FILE = "model.safetensors"
+ENCODER_FILE = "encoder.safetensors"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' but no CUDA GPU is visible to torch: use --device cpu or auto.")
+    return torch.device(name)
+
+
+def model_task(cfg: RunConfig, label_maps: dict[str, list[str]]) -> str:
+    """The task a single-task model learns: ``cfg.data.task`` or the dataset's first task."""
+    task = cfg.data.task or next(iter(label_maps))
+    if task not in label_maps:
+        raise ConfigError(f"data.task = {task!r} is not a task of this dataset: choose one of {list(label_maps)}.")
+    return task
+
+
+def wrap_encoder(encoder: nn.Module, cfg: RunConfig, label_maps: dict[str, list[str]]) -> nn.Module:
+    if cfg.kind == "multitask":
+        if len(label_maps) < 2:
+            raise ConfigError("kind 'multitask' needs a two-task CSV (sentence,class_label,sentiment_label): "
+                              "this dataset has one task; use kind 'backbone' or 'dact'.")
+        return MultiTaskModel(encoder, cfg.model, label_maps)
+    task = model_task(cfg, label_maps)
+    cls = DactBert if cfg.kind == "dact" else BackboneClassifier
+    return cls(encoder, cfg.model, len(label_maps[task]), task=task)
+
+
+def build_model(cfg: RunConfig, label_maps: dict[str, list[str]], home=None):
+    """A fresh model for ``cfg`` (pretrained encoder + new heads) and its tokenizer.
+
+    With ``cfg.init_from_run`` the encoder starts from that backbone run's exported weights."""
+    encoder, tokenizer = load_encoder(cfg.encoder, home, seed=cfg.train.seed)
+    if cfg.init_from_run is not None:
+        path = runs_dir(home) / str(cfg.init_from_run) / ENCODER_FILE
+        if not path.exists():
+            raise ConfigError(f"init_from_run = {cfg.init_from_run!r}: {path} does not exist. Give the id of a "
+                              "finished backbone run (see `python -m dact_lib runs`).")
+        missing, unexpected = encoder.load_state_dict(load_file(str(path)), strict=False)
+        if unexpected or [m for m in missing if "pooler" not in m]:
+            raise ConfigError(f"init_from_run = {cfg.init_from_run!r}: its encoder does not match {cfg.encoder!r} "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}). Use the same encoder.")
+    if cfg.train.encoder_dropout is not None:
+        from .heads import set_dropout
+
+        set_dropout(encoder, cfg.train.encoder_dropout)
+    torch.manual_seed(cfg.train.seed)
+    return wrap_encoder(encoder, cfg, label_maps), tokenizer
+
+
+def save_model(run_dir: str | Path, model: nn.Module, tokenizer, cfg: RunConfig,
+               label_maps: dict[str, list[str]]) -> Path:
+    """Write the model checkpoint + config + label map atomically (temp file, then rename)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = run_dir / (MODEL_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"kind": cfg.kind})
+    os.replace(tmp, run_dir / MODEL_FILE)
+    (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+    (run_dir / "label_maps.json").write_text(json.dumps(label_maps, indent=2), encoding="utf-8")
+    enc_dir = run_dir / "encoder"
+    if not (enc_dir / "config.json").exists():
+        model.encoder.config.save_pretrained(enc_dir)
+        tokenizer.save_pretrained(enc_dir)
+    return run_dir / MODEL_FILE
+
+
+def restore_weights(model: nn.Module, run_dir: str | Path) -> None:
+    model.load_state_dict(load_file(str(Path(run_dir) / MODEL_FILE)))
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    config: RunConfig
+    label_maps: dict[str, list[str]]
+    run_dir: Path
+    device: torch.device
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+
+def resolve_run_dir(run: str | int | Path, home=None) -> Path:
+    path = Path(str(run))
+    if not path.is_dir():
+        path = runs_dir(home) / str(run)
+    if not (path / MODEL_FILE).exists():
+        raise DactLabError(f"Run {run!r} has no saved model ({path / MODEL_FILE} is missing): pick a finished "
+                           f"run from `python -m dact_lib runs --home {resolve_home(home)}`.")
+    return path
+
+
+def load_model(run: str | int | Path, home=None, device: str = "auto") -> LoadedModel:
+    """Load a saved run (by id under the home, or by folder) for evaluation or prediction, in eval mode."""
+    from transformers import AutoTokenizer
+
+    run_dir = resolve_run_dir(run, home)
+    cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    label_maps = json.loads((run_dir / "label_maps.json").read_text(encoding="utf-8"))
+    enc_dir = run_dir / "encoder"
+    encoder = encoder_from_config(enc_dir)
+    tokenizer = AutoTokenizer.from_pretrained(enc_dir)
+    model = wrap_encoder(encoder, cfg, label_maps)
+    missing, unexpected = model.load_state_dict(load_file(str(run_dir / MODEL_FILE)), strict=False)
+    if unexpected or [m for m in missing if "pooler" not in m]:
+        raise DactLabError(f"{run_dir / MODEL_FILE} does not match its config.json (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}): the run folder is damaged; retrain it.")
+    dev = pick_device(device)
+    model.to(dev).eval()
+    return LoadedModel(model, tokenizer, cfg, label_maps, run_dir, dev)
+
+
+@torch.no_grad()
+def predict(loaded: LoadedModel, texts: list[str] | str, policy: dact.ExitPolicy | None = None) -> list[dict]:
+    """Predict each text. Returns one dict per text: ``label``, ``probability``, ``probabilities`` (name → p),
+    for multi-task a ``tasks`` dict with the same per task, and for DACT ``exit_layer`` (1-based) and the
+    per-layer trace ``layers`` (y_n as name → p, h_n, p_n) up to the exit."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise DactLabError("Nothing to predict: give at least one non-empty sentence.")
+    tok = loaded.tokenizer(texts, truncation=True, max_length=loaded.config.data.max_seq_len, padding=True,
+                           return_tensors="pt")
+    ids, am = tok["input_ids"].to(loaded.device), tok["attention_mask"].to(loaded.device)
+    model = loaded.model
+    results: list[dict] = []
+    if isinstance(model, DactBert):
+        out = model.infer(ids, am, policy)
+        names = loaded.label_maps[model.task]
+        for b in range(len(texts)):
+            n_exit = int(out.exit_layer[b])
+            y, h = out.y[b, :n_exit], out.h[b, :n_exit]
+            _, p = dact.accumulate(y.unsqueeze(0), h.unsqueeze(0))
+            layers = [{"layer": n + 1, "y": dict(zip(names, y[n].tolist())), "h": float(h[n]), "p": float(p[0, n]),
+                       "label": names[int(y[n].argmax())]} for n in range(n_exit)]
+            results.append({**_top(out.probs[b], names), "exit_layer": n_exit, "num_layers": model.num_layers,
+                            "task": model.task, "layers": layers})
+        return results
+    out = model(ids, am)
+    for b in range(len(texts)):
+        per_task = {t: _top(pr[b], loaded.label_maps[t]) for t, pr in out.probs.items()}
+        first = next(iter(per_task.values()))
+        res = dict(first)
+        if len(per_task) > 1:
+            res["tasks"] = per_task
+        res["task"] = next(iter(per_task))
+        results.append(res)
+    return results
+
+
+def _top(probs: torch.Tensor, names: list[str]) -> dict:
+    k = int(probs.argmax())
+    return {"label": names[k], "probability": float(probs[k]),
+            "probabilities": {n: float(v) for n, v in zip(names, probs.tolist())}}

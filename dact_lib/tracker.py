@@ -1,0 +1,912 @@
+"""The experiment tracker: ``experiments.db`` in the home, through sqlite-utils.
+
+Tables: ``datasets`` (with the canonical CSV bytes), ``runs``, ``metrics`` (long format), ``events`` and
+``artifacts``. Optuna's RDB storage lives in the same SQLite file (see :func:`dact_lib.home.optuna_storage_url`);
+its tables have different names.
+
+Concurrency model
+-----------------
+* The database is in WAL mode: readers never block writers and vice versa; writers are serialised by SQLite.
+* One connection **per thread** (and per process: a forked child opens its own), busy timeout 30 s.
+* Every write runs in one ``BEGIN IMMEDIATE`` transaction: the write lock is taken up front, so a
+  transaction never has to upgrade a read snapshot to a write (the upgrade is what fails at once with
+  "database is locked" whatever the busy timeout). Multi-row writes are therefore all-or-nothing.
+* Reads are single statements, fetched completely, so no read snapshot is held open.
+
+Timestamps are float unix seconds. JSON columns (``config``, ``summary``, ``payload``, ``columns``, ``tasks``,
+``label_maps``, ``class_counts``) are decoded by the getters.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sqlite3
+import threading
+import time as _time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import sqlite_utils
+
+from . import home as _home
+from .callbacks import Callback, LoopState
+from .errors import DactLabError
+
+log = logging.getLogger(__name__)
+
+#: Run ids that a job manager in *this* process is currently executing. :meth:`Tracker.mark_interrupted`
+#: treats a 'running'/'queued' run whose pid is this process but whose id is not in this set as dead.
+live_run_ids: set[int] = set()
+
+BUSY_TIMEOUT_S = 30.0
+
+STATUSES = ("queued", "running", "finished", "failed", "cancelled", "interrupted", "pruned")
+ACTIVE_STATUSES = ("queued", "running")
+TERMINAL_STATUSES = ("finished", "failed", "cancelled", "interrupted", "pruned")
+
+# table -> ordered {column: declaration}; the first column's declaration carries the primary key.
+_SCHEMA: dict[str, dict[str, str]] = {
+    "datasets": {
+        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "name": "TEXT",
+        "content_hash": "TEXT UNIQUE",
+        "rows": "INTEGER",
+        "columns": "TEXT",
+        "tasks": "TEXT",
+        "label_maps": "TEXT",
+        "class_counts": "TEXT",
+        "created": "REAL",
+        "csv": "BLOB",
+    },
+    "runs": {
+        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "kind": "TEXT",
+        "name": "TEXT",
+        "tag": "TEXT",
+        "status": "TEXT",
+        "config": "TEXT",
+        "dataset_id": "INTEGER",
+        "parent_id": "INTEGER",
+        "created": "REAL",
+        "started": "REAL",
+        "ended": "REAL",
+        "error": "TEXT",
+        "pid": "INTEGER",
+        "host": "TEXT",
+        "summary": "TEXT",
+        "run_dir": "TEXT",
+    },
+    "metrics": {
+        "run_id": "INTEGER",
+        "step": "INTEGER",
+        "epoch": "INTEGER",
+        "name": "TEXT",
+        "value": "REAL",
+        "time": "REAL",
+    },
+    "events": {
+        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "run_id": "INTEGER",
+        "time": "REAL",
+        "kind": "TEXT",
+        "payload": "TEXT",
+    },
+    "artifacts": {
+        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "run_id": "INTEGER",
+        "path": "TEXT",
+        "kind": "TEXT",
+        "created": "REAL",
+    },
+}
+
+_INDEXES = {
+    "idx_metrics_run_name_step": ("metrics", ("run_id", "name", "step")),
+    "idx_events_run": ("events", ("run_id",)),
+    "idx_artifacts_run": ("artifacts", ("run_id",)),
+    "idx_runs_parent": ("runs", ("parent_id",)),
+    "idx_runs_status": ("runs", ("status",)),
+    "idx_runs_dataset": ("runs", ("dataset_id",)),
+}
+
+_RUN_JSON = ("config", "summary")
+_DATASET_JSON = ("columns", "tasks", "label_maps", "class_counts")
+_DATASET_COLS = [c for c in _SCHEMA["datasets"] if c != "csv"]
+METRIC_COLUMNS = ["run_id", "step", "epoch", "name", "value", "time"]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if hasattr(o, "tolist"):  # numpy arrays / scalars, torch tensors
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default)
+
+
+def _loads(text: Any, empty: Any = None) -> Any:
+    if text is None or text == "":
+        return empty
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8")
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def _to_float(value: Any) -> float | None:
+    """A metric value as float, or None when it is not a number (such values are skipped)."""
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    try:
+        if hasattr(value, "item"):
+            value = value.item()
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _config_to_dict(config: Any) -> dict | None:
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config
+    for attr in ("to_dict", "as_dict"):
+        fn = getattr(config, attr, None)
+        if callable(fn):
+            return fn()
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    raise DactLabError(f"run config must be a dict or a config dataclass, got {type(config).__name__}.")
+
+
+def _encode_field(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple, set, frozenset)) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type)
+    ):
+        return _dumps(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists on this host and is not a zombie."""
+    if pid is None or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    try:  # Linux: an exited but unreaped child is a zombie — dead for our purposes
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+        if state in (b"Z", b"X"):
+            return False
+    except OSError:
+        pass
+    return True
+
+
+def _hostname() -> str:
+    return socket.gethostname()
+
+
+def _class_counts(targets: dict, label_maps: dict) -> dict:
+    out: dict[str, dict[str, int]] = {}
+    for task, arr in (targets or {}).items():
+        names = list((label_maps or {}).get(task, []))
+        counts: dict[str, int] = {str(n): 0 for n in names}
+        values = arr.tolist() if hasattr(arr, "tolist") else list(arr)
+        for v in values:
+            v = int(v)
+            key = str(names[v]) if 0 <= v < len(names) else str(v)
+            counts[key] = counts.get(key, 0) + 1
+        out[task] = counts
+    return out
+
+
+# --------------------------------------------------------------------------------------------- tracker
+
+
+class Tracker:
+    """Experiments database of one home. Safe to share between threads (each thread gets its own connection)."""
+
+    def __init__(self, home=None) -> None:
+        self.home: Path = _home.resolve_home(home)
+        self.db_path: Path = _home.db_path(self.home)
+        self._local = threading.local()
+        self._ensure_schema()
+
+    def __repr__(self) -> str:
+        return f"Tracker({str(self.home)!r})"
+
+    # ------------------------------------------------------------------ connections
+    def _connect(self) -> sqlite_utils.Database:
+        conn = sqlite3.connect(str(self.db_path), timeout=BUSY_TIMEOUT_S)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() != "wal":
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("could not switch %s to WAL mode (got %r)", self.db_path, mode)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return sqlite_utils.Database(conn)
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """This thread's connection (opened on first use; a forked child process opens its own)."""
+        loc = self._local
+        db = getattr(loc, "db", None)
+        if db is None or getattr(loc, "pid", None) != os.getpid():
+            db = self._connect()
+            loc.db = db
+            loc.pid = os.getpid()
+        return db
+
+    def close(self) -> None:
+        """Close this thread's connection (other threads' connections close when their threads end)."""
+        db = getattr(self._local, "db", None)
+        if db is not None and getattr(self._local, "pid", None) == os.getpid():
+            db.close()
+        self._local.db = None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on this thread's connection (``BEGIN IMMEDIATE``; nested calls use savepoints)."""
+        db = self.db
+        conn = db.conn
+        if conn.in_transaction:
+            with db.atomic():
+                yield conn
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _rows(self, sql: str, params: Iterable | dict = ()) -> list[dict]:
+        cur = self.db.conn.execute(sql, params)
+        keys = [d[0] for d in cur.description]
+        return [dict(zip(keys, r)) for r in cur.fetchall()]
+
+    # ------------------------------------------------------------------ schema
+    def _missing_schema(self) -> tuple[dict[str, list[str]], list[str]]:
+        conn = self.db.conn
+        missing_cols: dict[str, list[str]] = {}
+        for table, cols in _SCHEMA.items():
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({_q(table)})").fetchall()}
+            if not have:
+                missing_cols[table] = list(cols)  # the whole table
+            else:
+                lacking = [c for c in cols if c not in have]
+                if lacking:
+                    missing_cols[table] = lacking
+        have_idx = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()}
+        missing_idx = [i for i in _INDEXES if i not in have_idx]
+        return missing_cols, missing_idx
+
+    def _ensure_schema(self) -> None:
+        missing_cols, missing_idx = self._missing_schema()
+        if not missing_cols and not missing_idx:
+            return
+        with self._write() as conn:
+            for table, cols in _SCHEMA.items():
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({_q(table)})").fetchall()}
+                if not have:
+                    body = ", ".join(f"{_q(c)} {decl}" for c, decl in cols.items())
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS {_q(table)} ({body})")
+                    continue
+                for col, decl in cols.items():
+                    if col not in have:  # forward compatibility: add the column without its constraints
+                        conn.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(col)} {decl.split()[0]}")
+            for idx, (table, cols) in _INDEXES.items():
+                conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {_q(idx)} ON {_q(table)} ({', '.join(_q(c) for c in cols)})"
+                )
+
+    def journal_mode(self) -> str:
+        return str(self.db.conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+    # ------------------------------------------------------------------ datasets
+    def add_dataset(self, ds, name: str | None = None) -> int:
+        """Store a dataset (its canonical CSV bytes + metadata) and return its id.
+
+        Deduplicated on ``content_hash``, which the tracker defines as the sha256 of the canonical CSV bytes it
+        stores (``ds.to_csv_bytes()``): equal content -> the existing id is returned and nothing is updated.
+        (Not ``ds.content_hash``, the hash of the *uploaded file*: a ``max_rows`` sample or a split carries its
+        source file's hash, and a file with extra columns or CRLF line ends stores the same canonical rows.)
+        A dataset read back with :meth:`load_dataset` has ``content_hash`` equal to the stored one."""
+        import hashlib
+
+        csv_bytes = bytes(ds.to_csv_bytes())
+        content_hash = hashlib.sha256(csv_bytes).hexdigest()
+        existing = self._rows("SELECT id FROM datasets WHERE content_hash = ?", (content_hash,))
+        if existing:
+            return int(existing[0]["id"])
+        tasks = getattr(ds, "tasks", None)
+        if callable(tasks):
+            tasks = tasks()
+        if tasks is None:
+            tasks = list(getattr(ds, "targets", {}) or {})
+        label_maps = {str(k): [str(x) for x in v] for k, v in (getattr(ds, "label_maps", {}) or {}).items()}
+        columns = getattr(ds, "columns", None)
+        row = {
+            "name": name or getattr(ds, "name", None) or f"dataset-{content_hash[:8]}",
+            "content_hash": content_hash,
+            "rows": int(len(ds)),
+            "columns": _dumps(columns if isinstance(columns, dict) else list(columns or [])),
+            "tasks": _dumps(list(tasks)),
+            "label_maps": _dumps(label_maps),
+            "class_counts": _dumps(_class_counts(getattr(ds, "targets", {}) or {}, label_maps)),
+            "created": _time.time(),
+            "csv": sqlite3.Binary(csv_bytes),
+        }
+        cols = list(row)
+        with self._write() as conn:
+            found = conn.execute("SELECT id FROM datasets WHERE content_hash = ?", (content_hash,)).fetchone()
+            if found:  # added by another writer meanwhile
+                return int(found[0])
+            cur = conn.execute(
+                f"INSERT INTO datasets ({', '.join(_q(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                [row[c] for c in cols],
+            )
+            return int(cur.lastrowid)
+
+    @staticmethod
+    def _decode_dataset(row: dict) -> dict:
+        for c in _DATASET_JSON:
+            if c in row:
+                row[c] = _loads(row[c], [] if c == "tasks" else {})
+        return row
+
+    def list_datasets(self) -> list[dict]:
+        """All datasets, newest first, without the CSV blob."""
+        cols = ", ".join(_q(c) for c in _DATASET_COLS)
+        return [self._decode_dataset(r) for r in self._rows(f"SELECT {cols} FROM datasets ORDER BY id DESC")]
+
+    def get_dataset(self, dataset_id: int) -> dict:
+        cols = ", ".join(_q(c) for c in _DATASET_COLS)
+        rows = self._rows(f"SELECT {cols} FROM datasets WHERE id = ?", (int(dataset_id),))
+        if not rows:
+            raise DactLabError(
+                f"dataset {dataset_id} is not in {self.db_path}; list the stored ones with list_datasets()."
+            )
+        return self._decode_dataset(rows[0])
+
+    def get_dataset_csv(self, dataset_id: int) -> bytes:
+        """The stored canonical CSV bytes of a dataset."""
+        rows = self._rows("SELECT csv FROM datasets WHERE id = ?", (int(dataset_id),))
+        if not rows:
+            raise DactLabError(
+                f"dataset {dataset_id} is not in {self.db_path}; list the stored ones with list_datasets()."
+            )
+        return bytes(rows[0]["csv"] or b"")
+
+    def load_dataset(self, dataset_id: int):
+        """The stored dataset as a ``data.TextDataset`` (parsed back from its stored CSV copy)."""
+        meta = self.get_dataset(dataset_id)
+        blob = self.get_dataset_csv(dataset_id)
+        from .data import read_csv
+
+        return read_csv(blob, name=meta["name"])
+
+    def delete_dataset(self, dataset_id: int) -> None:
+        """Delete a stored dataset. Refused while a queued or running run uses it. Finished runs keep their
+        ``dataset_id`` (ids are never reused), :meth:`get_dataset` then reports it as missing."""
+        dataset_id = int(dataset_id)
+        with self._write() as conn:
+            if not conn.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone():
+                raise DactLabError(
+                    f"dataset {dataset_id} is not in {self.db_path}; list the stored ones with list_datasets()."
+                )
+            busy = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM runs WHERE dataset_id = ? AND status IN ('queued', 'running') ORDER BY id",
+                    (dataset_id,),
+                ).fetchall()
+            ]
+            if busy:
+                raise DactLabError(
+                    f"dataset {dataset_id} is used by active run(s) {busy}; wait for them to finish or cancel "
+                    "them before deleting the dataset."
+                )
+            conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+
+    # ------------------------------------------------------------------ runs
+    def create_run(
+        self,
+        kind: str,
+        config: dict | None = None,
+        *,
+        name: str | None = None,
+        tag: str | None = None,
+        parent_id: int | None = None,
+        dataset_id: int | None = None,
+        status: str = "running",
+    ) -> int:
+        """A new run row; records this process's pid and host; ``started`` = now when created 'running'."""
+        self._check_status(status)
+        now = _time.time()
+        row = {
+            "kind": str(kind),
+            "name": name,
+            "tag": tag,
+            "status": status,
+            "config": None if config is None else _dumps(_config_to_dict(config)),
+            "dataset_id": None if dataset_id is None else int(dataset_id),
+            "parent_id": None if parent_id is None else int(parent_id),
+            "created": now,
+            "started": now if status == "running" else None,
+            "ended": now if status in TERMINAL_STATUSES else None,
+            "pid": os.getpid(),
+            "host": _hostname(),
+        }
+        cols = list(row)
+        with self._write() as conn:
+            cur = conn.execute(
+                f"INSERT INTO runs ({', '.join(_q(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                [row[c] for c in cols],
+            )
+            run_id = int(cur.lastrowid)
+            conn.execute(
+                "UPDATE runs SET run_dir = ? WHERE id = ?", (str(self.home / "runs" / str(run_id)), run_id)
+            )
+        return run_id
+
+    @staticmethod
+    def _check_status(status: str) -> None:
+        if status not in STATUSES:
+            raise DactLabError(f"run status {status!r} is invalid: expected one of {', '.join(STATUSES)}.")
+
+    def _update(self, conn: sqlite3.Connection, run_id: int, fields: dict) -> None:
+        allowed = set(_SCHEMA["runs"]) - {"id"}
+        bad = [k for k in fields if k not in allowed]
+        if bad:
+            raise DactLabError(f"unknown run field(s) {bad}; allowed: {', '.join(sorted(allowed))}.")
+        if "status" in fields:
+            self._check_status(fields["status"])
+        if "config" in fields and fields["config"] is not None:
+            fields = dict(fields, config=_config_to_dict(fields["config"]))
+        if not fields:
+            if not conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                raise self._missing_run(run_id)
+            return
+        sets = ", ".join(f"{_q(k)} = ?" for k in fields)
+        cur = conn.execute(
+            f"UPDATE runs SET {sets} WHERE id = ?", [_encode_field(v) for v in fields.values()] + [run_id]
+        )
+        if cur.rowcount == 0:
+            raise self._missing_run(run_id)
+
+    def _missing_run(self, run_id) -> DactLabError:
+        return DactLabError(f"run {run_id} is not in {self.db_path}; list the existing ones with list_runs().")
+
+    def update_run(self, run_id: int, **fields) -> None:
+        """Set columns of a run; dict/list values are stored as JSON."""
+        with self._write() as conn:
+            self._update(conn, int(run_id), fields)
+
+    def set_status(self, run_id: int, status: str, error: str | None = None, **fields) -> None:
+        """Change a run's status: 'running' sets ``started`` (when not yet set); a terminal status
+        (finished/failed/cancelled/interrupted/pruned) sets ``ended``. ``error`` is stored when given.
+        Extra ``fields`` are written in the same transaction."""
+        self._check_status(status)
+        run_id = int(run_id)
+        now = _time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT started FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise self._missing_run(run_id)
+            upd: dict[str, Any] = {"status": status}
+            if status == "running":
+                if row[0] is None:
+                    upd["started"] = now
+                upd["ended"] = None
+            elif status in TERMINAL_STATUSES:
+                upd["ended"] = now
+            if error is not None:
+                upd["error"] = str(error)
+            upd.update(fields)
+            self._update(conn, run_id, upd)
+
+    @staticmethod
+    def _decode_run(row: dict) -> dict:
+        for c in _RUN_JSON:
+            if c in row:
+                row[c] = _loads(row[c], {})
+        return row
+
+    def get_run(self, run_id: int) -> dict:
+        rows = self._rows("SELECT * FROM runs WHERE id = ?", (int(run_id),))
+        if not rows:
+            raise self._missing_run(run_id)
+        return self._decode_run(rows[0])
+
+    def list_runs(
+        self,
+        *,
+        kind: str | list[str] | None = None,
+        status: str | list[str] | None = None,
+        parent_id: int | None = None,
+        tag: str | None = None,
+        limit: int | None = None,
+        top_level: bool = False,
+    ) -> list[dict]:
+        """Runs, newest first. ``kind``/``status`` take one value or a list; ``top_level=True`` keeps only runs
+        without a parent."""
+        where, params = [], []
+        for col, val in (("kind", kind), ("status", status)):
+            if val is None:
+                continue
+            vals = [val] if isinstance(val, str) else list(val)
+            where.append(f"{_q(col)} IN ({', '.join('?' for _ in vals)})")
+            params += vals
+        if parent_id is not None:
+            where.append("parent_id = ?")
+            params.append(int(parent_id))
+        if top_level:
+            where.append("parent_id IS NULL")
+        if tag is not None:
+            where.append("tag = ?")
+            params.append(tag)
+        sql = "SELECT * FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [self._decode_run(r) for r in self._rows(sql, params)]
+
+    def run_dir(self, run_id: int) -> Path:
+        """``<home>/runs/<id>/`` (created)."""
+        return _home.run_dir(str(int(run_id)), self.home)
+
+    def delete_run(self, run_id: int, *, force: bool = False) -> None:
+        """Delete a run, its child runs (study trials, PBT members — recursively), their metrics, events and
+        artifact rows, and their run directories. An active (queued/running) run is refused unless ``force``."""
+        run_id = int(run_id)
+        with self._write() as conn:
+            if not conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                raise self._missing_run(run_id)
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "WITH RECURSIVE tree(id) AS (SELECT ? UNION SELECT runs.id FROM runs JOIN tree "
+                    "ON runs.parent_id = tree.id) SELECT id FROM tree",
+                    (run_id,),
+                ).fetchall()
+            ]
+            marks = ", ".join("?" for _ in ids)
+            active = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT id FROM runs WHERE id IN ({marks}) AND status IN ('queued', 'running') ORDER BY id",
+                    ids,
+                ).fetchall()
+            ]
+            if active and not force:
+                raise DactLabError(
+                    f"run(s) {active} still queued/running; cancel them first (or call mark_interrupted() if "
+                    "their process died), or pass force=True to delete anyway."
+                )
+            for table in ("metrics", "events", "artifacts"):
+                conn.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
+            conn.execute(f"DELETE FROM runs WHERE id IN ({marks})", ids)
+        runs_root = self.home / "runs"
+        for i in ids:
+            shutil.rmtree(runs_root / str(i), ignore_errors=True)
+
+    def mark_interrupted(self, *, grace_s: float = 0.0) -> list[int]:
+        """Mark 'running'/'queued' runs of this host whose process is gone as 'interrupted'.
+
+        A run is dead when its pid is not alive (or a zombie), or when its pid is *this* process but its id is not
+        in :data:`live_run_ids` (the job manager of this process does not run it). ``grace_s`` spares this
+        process's runs created less than that many seconds ago (the window between ``create_run`` and
+        registering the id in ``live_run_ids``). Returns the ids marked."""
+        host, me, now = _hostname(), os.getpid(), _time.time()
+        live = set(live_run_ids)
+        rows = self._rows(
+            "SELECT id, pid, status, created FROM runs WHERE status IN ('queued', 'running') AND host = ? "
+            "AND pid IS NOT NULL ORDER BY id",
+            (host,),
+        )
+        dead: list[tuple[int, str]] = []
+        for r in rows:
+            pid = int(r["pid"])
+            if pid == me:
+                if r["id"] in live or now - (r["created"] or 0) < grace_s:
+                    continue
+                dead.append((r["id"], f"this process ({pid}) no longer runs it (the job was lost)"))
+            elif not _pid_alive(pid):
+                dead.append((r["id"], f"its process {pid} on {host} is gone"))
+        marked: list[int] = []
+        if not dead:
+            return marked
+        with self._write() as conn:
+            for run_id, why in dead:
+                cur = conn.execute(
+                    "UPDATE runs SET status = 'interrupted', ended = ?, error = COALESCE(error, ?) "
+                    "WHERE id = ? AND status IN ('queued', 'running')",
+                    (now, f"interrupted: {why} while the run was active", run_id),
+                )
+                if cur.rowcount:
+                    marked.append(run_id)
+        return marked
+
+    # ------------------------------------------------------------------ metrics
+    @staticmethod
+    def _metric_tuples(run_id, metrics: dict, step, epoch, t) -> list[tuple]:
+        out = []
+        for name, value in metrics.items():
+            v = _to_float(value)
+            if v is not None:
+                out.append((int(run_id), int(step), None if epoch is None else int(epoch), str(name), v, t))
+        return out
+
+    def _insert_metrics(self, tuples: list[tuple]) -> None:
+        if not tuples:
+            return
+        with self._write() as conn:
+            conn.executemany(
+                'INSERT INTO metrics ("run_id", "step", "epoch", "name", "value", "time") VALUES (?, ?, ?, ?, ?, ?)',
+                tuples,
+            )
+
+    def log_metrics(
+        self,
+        run_id: int,
+        metrics: dict[str, float],
+        *,
+        step: int,
+        epoch: int | None = None,
+        time: float | None = None,
+    ) -> None:
+        """One row per metric name at ``step``. Non-numeric values are skipped; NaN is stored as NULL."""
+        t = _time.time() if time is None else float(time)
+        self._insert_metrics(self._metric_tuples(run_id, metrics, step, epoch, t))
+
+    def log_metrics_many(self, rows: list[dict]) -> None:
+        """Insert many metric rows (dicts with run_id, step, epoch, name, value, time) in one transaction."""
+        now = _time.time()
+        tuples = []
+        for r in rows:
+            v = _to_float(r.get("value"))
+            if v is None:
+                continue
+            epoch = r.get("epoch")
+            t = r.get("time")
+            tuples.append(
+                (
+                    int(r["run_id"]),
+                    int(r.get("step") or 0),
+                    None if epoch is None else int(epoch),
+                    str(r["name"]),
+                    v,
+                    now if t is None else float(t),
+                )
+            )
+        self._insert_metrics(tuples)
+
+    def get_metrics(
+        self,
+        run_id: int | list[int],
+        names: list[str] | None = None,
+        since_step: int | None = None,
+    ):
+        """Metrics in long format (columns run_id, step, epoch, name, value, time), ordered by run, step, insertion.
+        ``since_step`` keeps rows with ``step > since_step`` (pass the last step you already have)."""
+        import pandas as pd
+
+        ids = [int(run_id)] if isinstance(run_id, (int, str)) or not hasattr(run_id, "__iter__") else [
+            int(i) for i in run_id
+        ]
+        if isinstance(names, str):
+            names = [names]
+        where = [f"run_id IN ({', '.join('?' for _ in ids)})"] if ids else ["0"]
+        params: list[Any] = list(ids)
+        if names is not None:
+            where.append(f"name IN ({', '.join('?' for _ in names)})" if names else "0")
+            params += list(names)
+        if since_step is not None:
+            where.append("step > ?")
+            params.append(int(since_step))
+        cur = self.db.conn.execute(
+            'SELECT "run_id", "step", "epoch", "name", "value", "time" FROM metrics WHERE '
+            + " AND ".join(where)
+            + " ORDER BY run_id, step, rowid",
+            params,
+        )
+        data = cur.fetchall()
+        df = pd.DataFrame.from_records(data, columns=METRIC_COLUMNS)
+        return df.astype(
+            {"run_id": "int64", "step": "int64", "epoch": "Int64", "value": "float64", "time": "float64"}
+        )
+
+    def latest_metrics(self, run_id: int) -> dict[str, float]:
+        """The last logged value (highest step, then latest insert) of each metric name of a run."""
+        rows = self.db.conn.execute(
+            "SELECT name, value FROM (SELECT name, value, ROW_NUMBER() OVER (PARTITION BY name "
+            "ORDER BY step DESC, rowid DESC) AS rn FROM metrics WHERE run_id = ?) WHERE rn = 1 ORDER BY name",
+            (int(run_id),),
+        ).fetchall()
+        return {n: (math.nan if v is None else float(v)) for n, v in rows}
+
+    # ------------------------------------------------------------------ events / artifacts
+    def log_event(self, run_id: int, kind: str, payload: dict | None = None) -> None:
+        with self._write() as conn:
+            conn.execute(
+                'INSERT INTO events ("run_id", "time", "kind", "payload") VALUES (?, ?, ?, ?)',
+                (int(run_id), _time.time(), str(kind), _dumps(payload if payload is not None else {})),
+            )
+
+    def get_events(self, run_id: int, kinds: list[str] | None = None) -> list[dict]:
+        """A run's events in the order logged, payload decoded."""
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        sql, params = "SELECT * FROM events WHERE run_id = ?", [int(run_id)]
+        if kinds is not None:
+            sql += f" AND kind IN ({', '.join('?' for _ in kinds)})" if kinds else " AND 0"
+            params += list(kinds)
+        rows = self._rows(sql + " ORDER BY id", params)
+        for r in rows:
+            r["payload"] = _loads(r["payload"], {})
+        return rows
+
+    def add_artifact(self, run_id: int, path, kind: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                'INSERT INTO artifacts ("run_id", "path", "kind", "created") VALUES (?, ?, ?, ?)',
+                (int(run_id), str(path), str(kind), _time.time()),
+            )
+
+    def get_artifacts(self, run_id: int) -> list[dict]:
+        return self._rows("SELECT * FROM artifacts WHERE run_id = ? ORDER BY id", (int(run_id),))
+
+
+# --------------------------------------------------------------------------------------------- callback
+
+
+class TrackerCallback(Callback):
+    """Records a training loop into the tracker.
+
+    ``on_step`` only appends to an in-memory buffer (a few microseconds); the buffer is written in one
+    transaction once ``flush_every_s`` has passed, and at every eval / epoch end / the end. A database
+    failure while flushing is logged and the rows are kept for the next flush — it never stops training."""
+
+    def __init__(self, tracker: Tracker, run_id: int, flush_every_s: float = 2.0) -> None:
+        self.tracker = tracker
+        self.run_id = int(run_id)
+        self.flush_every_s = float(flush_every_s)
+        self._buffer: list[tuple] = []
+        self._last_flush = _time.monotonic()
+
+    # buffering -----------------------------------------------------------
+    def _buffer_logs(self, state: LoopState, logs: dict) -> None:
+        if not logs:
+            return
+        t = _time.time()
+        step, epoch, rid, buf = int(state.step), state.epoch, self.run_id, self._buffer
+        epoch = None if epoch is None else int(epoch)
+        for name, value in logs.items():
+            if type(value) is not float:
+                value = _to_float(value)
+                if value is None:
+                    continue
+            buf.append((rid, step, epoch, name, value, t))
+
+    def flush(self) -> bool:
+        """Write the buffered rows now. Returns False (rows kept) when the database could not be written."""
+        self._last_flush = _time.monotonic()
+        if not self._buffer:
+            return True
+        rows, self._buffer = self._buffer, []
+        try:
+            self.tracker._insert_metrics(rows)
+        except sqlite3.Error as exc:
+            self._buffer = rows + self._buffer
+            log.warning("tracker: could not write %d metric rows of run %s (will retry): %s", len(rows), self.run_id, exc)
+            return False
+        return True
+
+    def _safe(self, what: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except sqlite3.Error as exc:
+            log.warning("tracker: %s of run %s failed: %s", what, self.run_id, exc)
+
+    # Callback interface --------------------------------------------------
+    def on_start(self, state: LoopState) -> None:
+        self._last_flush = _time.monotonic()
+        self._safe(
+            "marking the start", self.tracker.set_status, self.run_id, "running", pid=os.getpid(), host=_hostname()
+        )
+
+    def on_step(self, state: LoopState, logs: dict[str, float]) -> None:
+        self._buffer_logs(state, logs)
+        if _time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def on_eval(self, state: LoopState, logs: dict[str, float]) -> None:
+        self._buffer_logs(state, logs)
+        self.flush()
+
+    def on_epoch_end(self, state: LoopState, logs: dict[str, float]) -> None:
+        self._buffer_logs(state, logs)
+        self.flush()
+
+    def on_event(self, state: LoopState, kind: str, payload: dict[str, Any]) -> None:
+        self._safe(f"event {kind!r}", self.tracker.log_event, self.run_id, kind, payload)
+
+    def on_end(self, state: LoopState, status: str) -> None:
+        if not self.flush():
+            self.flush()  # one retry; the rows are lost only if that fails too
+        extra = getattr(state, "extra", None) or {}
+        error = extra.get("error") if status != "finished" else None
+
+        def finish() -> None:
+            tr = self.tracker
+            with tr._write() as conn:
+                row = conn.execute("SELECT summary FROM runs WHERE id = ?", (self.run_id,)).fetchone()
+                if row is None:
+                    raise tr._missing_run(self.run_id)
+                summary = _loads(row[0], {}) or {}
+                if not isinstance(summary, dict):
+                    summary = {"previous": summary}
+                summary.update(
+                    {
+                        "best_metric": state.best_metric,
+                        "best_epoch": state.best_epoch,
+                        "steps": state.step,
+                        "samples_seen": state.samples_seen,
+                    }
+                )
+                summary.update(extra.get("summary") or {})
+                tr.set_status(
+                    self.run_id,
+                    status if status in STATUSES else "failed",
+                    None if error is None else str(error),
+                    summary=summary,
+                )
+
+        self._safe("recording the end", finish)

@@ -1,0 +1,456 @@
+"""The one training loop. Every mode — backbone, DACT, multi-task, each Optuna trial, each PBT member — runs here.
+
+Read it top to bottom in :func:`train`: data → model → optimizer/schedule → epochs of steps (with evaluation,
+early stopping and best-epoch checkpoints) → restore the best weights → test evaluation → save.
+Everything it reports goes through the callbacks (``callbacks.py``): tracker, progress bar, Optuna, PBT, UI.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .callbacks import Callback, CallbackList, CancelToken, LoopState
+from .config import EarlyStoppingConfig, RunConfig, TrainConfig
+from .data import DatasetSplit, TextDataset, encode, iter_batches, load_demo_dataset, num_batches, read_csv, split_dataset
+from .errors import Cancelled, DactLabError
+from .evaluate import autocast_for, evaluate_encoded, full_report, metrics_of
+from .models import build_model, pick_device, restore_weights, save_model, ENCODER_FILE
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+def load_split(cfg: RunConfig, tracker=None, data: DatasetSplit | TextDataset | None = None):
+    """The (train, val, test) split a run uses, and the tracker's dataset id of its source (or None).
+
+    Source: ``data`` when given, else ``cfg.data.dataset_id`` (stored in experiments.db), else ``cfg.data.path``,
+    else the bundled demo dataset. ``val_path``/``test_path`` replace the split-off parts."""
+    d = cfg.data
+    dataset_id = d.dataset_id
+    if isinstance(data, DatasetSplit):
+        return data, dataset_id
+    if data is None:
+        if d.dataset_id is not None:
+            if tracker is None:
+                raise DactLabError("data.dataset_id needs the experiment database: pass a tracker / --home.")
+            data = tracker.load_dataset(int(d.dataset_id))
+            if d.max_rows:
+                data = read_csv(data.to_csv_bytes(), max_rows=d.max_rows, name=data.name, seed=d.split_seed)
+        elif d.path:
+            data = read_csv(d.path, columns=d.columns, max_rows=d.max_rows, seed=d.split_seed)
+        else:
+            data = load_demo_dataset()
+            if d.max_rows:
+                data = read_csv(data.to_csv_bytes(), max_rows=d.max_rows, name=data.name, seed=d.split_seed)
+        if tracker is not None and dataset_id is None:
+            dataset_id = tracker.add_dataset(data, name=data.name)
+    val_frac = 0.0 if d.val_path else d.val_frac
+    test_frac = 0.0 if d.test_path else d.test_frac
+    if val_frac or test_frac:
+        split = split_dataset(data, val_frac=val_frac or 0.0, test_frac=test_frac or 0.0, seed=d.split_seed)
+    else:
+        split = DatasetSplit(train=data, val=None, test=None)
+    if d.val_path:
+        split.val = read_csv(d.val_path, columns=d.columns, label_maps=data.label_maps)
+    if d.test_path:
+        split.test = read_csv(d.test_path, columns=d.columns, label_maps=data.label_maps)
+    return split, dataset_id
+
+
+# --- optimisation ------------------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict]:
+    """Four AdamW groups: (encoder | heads) × (decay | no decay). Biases and LayerNorm weights (every parameter
+    with fewer than 2 dimensions) get no weight decay; the encoder gets ``encoder_lr``, the heads ``head_lr``."""
+    groups = {(e, d): [] for e in (True, False) for d in (True, False)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        groups[(name.startswith("encoder."), p.ndim >= 2)].append(p)
+    out = []
+    for (is_enc, decay), params in groups.items():
+        if params:
+            out.append({"params": params, "lr": tc.encoder_lr if is_enc else tc.head_lr,
+                        "weight_decay": tc.weight_decay if decay else 0.0, "group": ("encoder" if is_enc else "head"),
+                        "decay": decay})
+    return out
+
+
+def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, tc)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    try:  # fused AdamW runs on CPU and CUDA in torch >= 2.4: one kernel per step instead of a Python loop
+        return torch.optim.AdamW(groups, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True)
+
+
+def warmup_linear(total_steps: int, warmup_ratio: float):
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+
+
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    from .encoders import layer_adapter
+
+    return layer_adapter(model.encoder).layers()
+
+
+def apply_freezing(model: nn.Module, tc: TrainConfig, epoch: int) -> int:
+    """Freeze the embeddings (``freeze_embeddings``) and the lowest ``freeze_layers`` layers; with
+    ``gradual_unfreeze`` one more frozen layer (from the top) is released at each epoch. Returns #frozen layers."""
+    from .encoders import layer_adapter
+
+    ad = layer_adapter(model.encoder)
+    emb = ad.embedding_module()
+    for p in emb.parameters():
+        p.requires_grad = not tc.freeze_embeddings
+    frozen = tc.freeze_layers
+    if tc.gradual_unfreeze:
+        frozen = max(0, frozen - epoch)
+    frozen = min(frozen, ad.num_layers)
+    for i, layer in enumerate(ad.layers()):
+        for p in layer.parameters():
+            p.requires_grad = i >= frozen
+    if frozen > 0 and not tc.freeze_embeddings:
+        for p in emb.parameters():  # layers above frozen ones can't backprop into the embeddings anyway
+            p.requires_grad = False
+    return frozen
+
+
+# --- early stopping ------------------------------------------------------------------------------------------
+
+
+class EarlyStopping:
+    """Seed 002's rules on one metric (``val_loss`` minimised, others maximised), after moving-average smoothing:
+    patience without improvement > ``min_delta``; regression ≥ ``regression`` (relative) worse than the best;
+    a negative trend (every one of the last ``trend_window`` values worse than the one before). Never stops
+    before ``min_epochs`` evaluations have been made."""
+
+    def __init__(self, cfg: EarlyStoppingConfig) -> None:
+        self.cfg = cfg
+        self.minimise = cfg.metric.endswith("loss") or cfg.metric.endswith("exit_layer")
+        self.raw: list[float] = []
+        self.smoothed: list[float] = []
+        self.best: float | None = None
+        self.best_index: int | None = None
+        self.bad = 0
+
+    def _better(self, a: float, b: float, delta: float = 0.0) -> bool:
+        return a < b - delta if self.minimise else a > b + delta
+
+    def update(self, value: float) -> tuple[bool, str | None]:
+        """Record one evaluation; returns (is the raw value the best so far, reason to stop or None)."""
+        c = self.cfg
+        self.raw.append(value)
+        window = self.raw[-c.smoothing:]
+        s = float(np.mean(window))
+        self.smoothed.append(s)
+        improved_raw = self.best_index is None or self._better(value, self.raw[self.best_index])
+        if improved_raw:
+            self.best_index = len(self.raw) - 1
+        if self.best is None or self._better(s, self.best, c.min_delta):
+            self.best, self.bad = s, 0
+        else:
+            self.bad += 1
+        if not c.enabled or len(self.raw) < max(1, c.min_epochs):
+            return improved_raw, None
+        if self.bad >= c.patience:
+            return improved_raw, f"no improvement of {c.metric} for {self.bad} evaluations (patience {c.patience})"
+        scale = abs(self.best) if self.best else 1.0
+        worse_by = (s - self.best) if self.minimise else (self.best - s)
+        if worse_by >= c.regression * scale:
+            return improved_raw, f"{c.metric} regressed {worse_by / scale:.0%} from the best ({self.best:.4g})"
+        tail = self.smoothed[-(c.trend_window + 1):]
+        if len(tail) == c.trend_window + 1 and all(self._better(tail[i], tail[i + 1]) for i in range(len(tail) - 1)):
+            return improved_raw, f"{c.metric} got worse {c.trend_window} evaluations in a row"
+        return improved_raw, None
+
+
+# --- out-of-memory handling ------------------------------------------------------------------------------
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+class BatchSizeManager:
+    """Seed 002's MemoryManager: on out-of-memory the micro-batch is halved (not below ``min_size``) and the step
+    retried as gradient accumulation over micro-batches, so the optimisation batch stays the same."""
+
+    def __init__(self, batch_size: int, min_size: int = 8, max_size: int = 64) -> None:
+        self.min_size, self.max_size = min_size, max_size
+        self.micro = min(batch_size, max_size)
+
+    def shrink(self) -> int:
+        if self.micro <= self.min_size:
+            raise DactLabError(f"Out of memory even at a micro-batch of {self.micro}: lower data.max_seq_len, use "
+                               "a smaller encoder, or free memory.")
+        self.micro = max(self.min_size, self.micro // 2)
+        return self.micro
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_id: Any
+    status: str
+    history: list[dict]
+    best_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    model: nn.Module
+    tokenizer: Any
+    label_maps: dict[str, list[str]]
+    run_dir: Path | None
+    best_epoch: int | None
+    report: dict = field(default_factory=dict)
+    stop_reason: str | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, home=None, tracker=None,
+          callbacks: list[Callback] | None = None, cancel: CancelToken | None = None, run_id: Any = None,
+          parent_id: Any = None, save: bool = True, evaluate_test: bool = True, model: nn.Module | None = None,
+          tokenizer=None) -> TrainResult:
+    """Train one model described by ``cfg``; see the module docstring. With a ``tracker`` the run, its metrics,
+    events and artefacts are recorded (a run row is created unless ``run_id`` is given). Raises
+    :class:`Cancelled` when ``cancel`` is set (after recording status 'cancelled')."""
+    cfg.validate()
+    tc = cfg.train
+    cancel = cancel or CancelToken()
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    seed_everything(tc.seed)
+    device = pick_device(tc.device)
+
+    split, dataset_id = load_split(cfg, tracker, data)
+    if split.val is None:
+        raise DactLabError("No validation data: set data.val_frac > 0 or give data.val_path.")
+    label_maps = split.train.label_maps
+
+    cbs = CallbackList(list(callbacks or []))
+    run_dir = None
+    if tracker is not None:
+        from .tracker import TrackerCallback
+
+        if run_id is None:
+            run_id = tracker.create_run(cfg.kind, cfg.to_dict(), name=cfg.name, tag=cfg.tag, parent_id=parent_id,
+                                        dataset_id=dataset_id, status="running")
+        else:
+            tracker.update_run(run_id, dataset_id=dataset_id, config=cfg.to_dict())
+            tracker.set_status(run_id, "running")
+        run_dir = tracker.run_dir(run_id)
+        tracker.update_run(run_id, run_dir=str(run_dir))
+        cbs.callbacks.insert(0, TrackerCallback(tracker, run_id))
+    elif save and home is not None:
+        from .home import run_dir as make_run_dir
+
+        run_dir = make_run_dir(run_id or f"local-{int(time.time())}", home)
+
+    state = LoopState(run_id=run_id, epochs=tc.epochs, batch_size=tc.batch_size)
+    status, error, stop_reason = "failed", None, None
+    history: list[dict] = []
+    best_metrics: dict[str, float] = {}
+    test_metrics: dict[str, float] = {}
+    report: dict = {}
+    try:
+        if model is None:
+            model, tokenizer = build_model(cfg, label_maps, home)
+        model.to(device)
+        if run_dir is not None:
+            cfg.save(run_dir / "config.json")
+
+        enc_train = encode(split.train, tokenizer, cfg.data.max_seq_len)
+        enc_val = encode(split.val, tokenizer, cfg.data.max_seq_len)
+        enc_test = encode(split.test, tokenizer, cfg.data.max_seq_len) if split.test is not None else None
+
+        apply_freezing(model, tc, epoch=0)
+        optimizer = make_optimizer(model, tc)
+        steps_per_epoch = num_batches(enc_train, tc.batch_size)
+        total = steps_per_epoch * tc.epochs
+        if tc.max_steps:
+            total = min(total, tc.max_steps)
+        lr_factor = warmup_linear(total, tc.warmup_ratio)
+        set_lr_factor(optimizer, lr_factor(0))
+        state.total_steps = total
+        state.extra.update(model=model, optimizer=optimizer, config=cfg, label_maps=label_maps, train_size=len(enc_train))
+        memory = BatchSizeManager(tc.batch_size, tc.min_batch_size, tc.max_batch_size)
+        stopper = EarlyStopping(tc.early_stopping)
+        cbs.on_start(state)
+        cbs.on_event(state, "start", {"train": len(enc_train), "val": len(enc_val),
+                                      "test": len(enc_test) if enc_test is not None else 0, "device": str(device),
+                                      "steps": total, "labels": label_maps})
+
+        def evaluate_and_checkpoint() -> bool:
+            """Validation, callbacks, early stopping, best checkpoint. Returns True when training should stop."""
+            nonlocal best_metrics, stop_reason
+            res = evaluate_encoded(model, enc_val, max(tc.batch_size, 64), device, tc.precision)
+            logs = metrics_of(res, "val_")
+            logs["epoch"] = state.epoch + 1
+            history.append({"step": state.step, **logs})
+            metric = tc.early_stopping.metric
+            if metric not in logs:
+                raise DactLabError(f"train.early_stopping.metric = {metric!r} is not measured: choose one of "
+                                   f"{sorted(k for k in logs if k.startswith('val_'))}.")
+            improved, reason = stopper.update(logs[metric])
+            if improved:
+                best_metrics = dict(logs)
+                state.best_metric, state.best_epoch = logs[metric], state.epoch + 1
+                state.extra["best_step"] = state.step
+                if run_dir is not None:
+                    save_model(run_dir, model, tokenizer, cfg, label_maps)
+                else:
+                    state.extra["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                cbs.on_event(state, "checkpoint", {"epoch": state.epoch + 1, "step": state.step, metric: logs[metric]})
+            cbs.on_eval(state, logs)
+            if reason:
+                stop_reason = reason
+                cbs.on_event(state, "early_stop", {"reason": reason, "epoch": state.epoch + 1, "step": state.step})
+                return True
+            return False
+
+        stop = False
+        model.train()
+        loss_acc = torch.zeros((), device=device)  # summed on device: no host sync per step
+        n_acc, t_log, samples_log = 0, time.perf_counter(), 0
+        for epoch in range(tc.epochs):
+            state.epoch = epoch
+            if epoch > 0 and tc.gradual_unfreeze and tc.freeze_layers:
+                frozen = apply_freezing(model, tc, epoch)
+                optimizer = make_optimizer(model, tc)  # new trainable params need optimizer state
+                state.extra["optimizer"] = optimizer
+                cbs.on_event(state, "unfreeze", {"epoch": epoch + 1, "frozen_layers": frozen})
+            for batch in iter_batches(enc_train, tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch,
+                                      group_by_length=tc.group_by_length, pad_to=tc.pad_to):
+                cancel.check()
+                optimizer = state.extra["optimizer"]  # a callback (PBT exploit) may swap it
+                model = state.extra["model"]
+                loss = train_step(model, optimizer, batch, device, tc, memory, cbs, state)
+                loss_acc += loss
+                n_acc += 1
+                samples_log += batch["input_ids"].shape[0]
+                state.step += 1
+                state.samples_seen += batch["input_ids"].shape[0]
+                set_lr_factor(optimizer, lr_factor(state.step))
+                if state.step % tc.log_every_steps == 0 or state.step == total:
+                    now = time.perf_counter()
+                    logs = {"train_loss": float(loss_acc) / n_acc, "lr": optimizer.param_groups[0]["lr"],
+                            "samples_per_s": samples_log / max(now - t_log, 1e-9), "epoch": epoch + 1}
+                    loss_acc.zero_()
+                    n_acc, t_log, samples_log = 0, now, 0
+                    cbs.on_step(state, logs)
+                else:
+                    cbs.on_step(state, {})
+                if tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
+                    stop = evaluate_and_checkpoint()
+                if stop or (tc.max_steps and state.step >= tc.max_steps):
+                    break
+            if not stop and not tc.eval_every_steps:
+                stop = evaluate_and_checkpoint()
+            cbs.on_epoch_end(state, history[-1] if history else {})
+            if stop or (tc.max_steps and state.step >= tc.max_steps):
+                break
+
+        # restore the best checkpoint, then the test split
+        if run_dir is not None and (run_dir / "model.safetensors").exists():
+            restore_weights(model, run_dir)
+        elif "best_state" in state.extra:
+            model.load_state_dict(state.extra["best_state"])
+        cbs.on_event(state, "restored_best", {"epoch": state.best_epoch, "step": state.extra.get("best_step")})
+        if evaluate_test and enc_test is not None:
+            res = evaluate_encoded(model, enc_test, max(tc.batch_size, 64), device, tc.precision)
+            test_metrics = metrics_of(res, "test_")
+            report = full_report(res, label_maps)
+            cbs.on_eval(state, test_metrics)
+        if run_dir is not None:
+            if cfg.kind == "backbone":
+                model.export_encoder(run_dir / ENCODER_FILE)
+            import json
+
+            (run_dir / "report.json").write_text(json.dumps(
+                {"best": best_metrics, "test": test_metrics, "report": report, "history": history,
+                 "stop_reason": stop_reason}, indent=2), encoding="utf-8")
+            if tracker is not None:
+                for name, kind in (("model.safetensors", "model"), ("config.json", "config"),
+                                   ("label_maps.json", "label_map"), ("report.json", "report"),
+                                   (ENCODER_FILE, "encoder")):
+                    if (run_dir / name).exists():
+                        tracker.add_artifact(run_id, str(run_dir / name), kind)
+        status = "finished"
+        state.extra["summary"] = {"best": best_metrics, "test": test_metrics, "best_epoch": state.best_epoch,
+                                  "stop_reason": stop_reason}
+    except Cancelled as exc:
+        status, error = "cancelled", str(exc)
+        raise
+    except BaseException as exc:  # noqa: BLE001 - recorded then re-raised
+        status = "pruned" if type(exc).__name__ == "TrialPruned" else "failed"
+        error = f"{type(exc).__name__}: {exc}"
+        state.extra["traceback"] = traceback.format_exc()
+        raise
+    finally:
+        state.extra["error"] = error
+        cbs.on_end(state, status)
+        state.extra.pop("best_state", None)
+    return TrainResult(run_id=run_id, status=status, history=history, best_metrics=best_metrics,
+                       test_metrics=test_metrics, model=model, tokenizer=tokenizer, label_maps=label_maps,
+                       run_dir=run_dir, best_epoch=state.best_epoch, report=report, stop_reason=stop_reason)
+
+
+def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSizeManager, cbs, state) -> torch.Tensor:
+    """One optimisation step on ``batch`` (split into micro-batches after an out-of-memory). Returns the loss as a
+    0-dim tensor on the device (no host sync)."""
+    ids, am = batch["input_ids"].to(device, non_blocking=True), batch["attention_mask"].to(device, non_blocking=True)
+    targets = {t: v.to(device, non_blocking=True) for t, v in batch["targets"].items()}
+    n = ids.shape[0]
+    while True:
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device)
+            for start in range(0, n, memory.micro):
+                sl = slice(start, start + memory.micro)
+                with autocast_for(device, tc.precision):
+                    out = model(ids[sl], am[sl], {t: v[sl] for t, v in targets.items()})
+                part = out.loss * (ids[sl].shape[0] / n)
+                part.backward()
+                total += part.detach()
+            break
+        except BaseException as exc:  # noqa: BLE001
+            if not is_oom(exc):
+                raise
+            old = memory.micro
+            new = memory.shrink()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            cbs.on_event(state, "oom_retry", {"step": state.step, "micro_batch": new, "was": old})
+    if tc.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], tc.max_grad_norm)
+    optimizer.step()
+    return total

@@ -1,0 +1,161 @@
+"""The three models, saving/loading a run, prediction, and the MLP head shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dact_lib import dact
+from dact_lib.config import MLPConfig, default_config
+from dact_lib.data import encode, iter_batches, load_demo_dataset
+from dact_lib.encoders import tiny_encoder
+from dact_lib.errors import ConfigError, DactLabError
+from dact_lib.heads import build_mlp, pool
+from dact_lib.models import build_model, load_model, predict, save_model
+from dact_lib.modeling_dact import DactBert
+
+
+def test_mlp_layouts():
+    assert MLPConfig(hidden_dims=[64, 16]).resolved_dims() == [64, 16]
+    assert MLPConfig(layout="pyramidal", depth=3, width=256).resolved_dims() == [256, 128, 64]
+    assert MLPConfig(layout="inverted", depth=3, width=256).resolved_dims() == [64, 128, 256]
+    assert MLPConfig(layout="bowtie", depth=5, width=256).resolved_dims() == [256, 128, 64, 128, 256]
+    mlp = build_mlp(10, 3, MLPConfig(hidden_dims=[8, 4], activation="tanh", dropout=0.2))
+    linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(10, 8), (8, 4), (4, 3)]
+    assert any(isinstance(m, torch.nn.Tanh) for m in mlp)
+    assert all(m.p == 0.2 for m in mlp if isinstance(m, torch.nn.Dropout))
+
+
+def test_masked_mean_pooling_ignores_padding():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert torch.equal(pool(hidden, mask, "mean"), torch.tensor([[2.0, 3.0]]))
+    assert torch.equal(pool(hidden, mask, "cls"), torch.tensor([[1.0, 2.0]]))
+
+
+def tiny_dact(share=False, pooling="mean", layers=3):
+    cfg = default_config("dact", encoder="tiny")
+    cfg.model.share_weights = share
+    cfg.model.pooling = pooling
+    enc, tok = tiny_encoder(num_layers=layers)
+    model = DactBert(enc, cfg.model, num_classes=3).eval()
+    return model, tok, cfg
+
+
+def demo_batch(tok, n=12):
+    enc = encode(load_demo_dataset().subset(list(range(n))), tok, 32)
+    return next(iter_batches(enc, n))
+
+
+def test_dact_units_per_layer_or_shared():
+    m, _, _ = tiny_dact(share=False)
+    assert len(m.classifiers) == 3 and len(m.halters) == 3
+    m, _, _ = tiny_dact(share=True)
+    assert len(m.classifiers) == 1 and len(m.halters) == 1
+
+
+def test_dact_forward_matches_maths_and_infer_matches_offline_rule():
+    model, tok, _ = tiny_dact()
+    with torch.no_grad():  # make halting decisive for some samples so exits vary
+        for h in model.halters:
+            h[-1].bias.fill_(-3.0)
+    b = demo_batch(tok)
+    out = model(b["input_ids"], b["attention_mask"], {"label": b["targets"]["class_label"]})
+    a, p = dact.accumulate(out.extras["y"], out.extras["h"])
+    assert torch.allclose(out.probs["label"], a[:, -1], atol=1e-6)
+    assert torch.allclose(out.probs["label"].sum(-1), torch.ones(12), atol=1e-5)
+    inf = model.infer(b["input_ids"], b["attention_mask"])
+    assert torch.equal(inf.exit_layer, out.extras["exit_layer"])
+    assert inf.exit_layer.min() >= 1 and inf.exit_layer.max() <= 3
+    offline = dact.run_policy_offline(dact.DactPolicy(), out.extras["y"], out.extras["h"])
+    assert torch.allclose(inf.probs, offline.probs, atol=1e-5)
+
+
+def test_infer_really_skips_layers_for_halted_samples():
+    model, tok, _ = tiny_dact()
+    with torch.no_grad():
+        for h in model.halters:
+            h[-1].bias.fill_(-8.0)  # h_n ~ 0: p_1 ~ 0, every sample halts after layer 1
+    rows_seen = []
+    hooks = [layer.register_forward_hook(lambda mod, inp, outp: rows_seen.append(inp[0].shape[0]))
+             for layer in model.adapter.layers()]
+    b = demo_batch(tok)
+    inf = model.infer(b["input_ids"], b["attention_mask"])
+    for hk in hooks:
+        hk.remove()
+    assert (inf.exit_layer == 1).all()
+    assert rows_seen == [12]  # layers 2 and 3 never ran
+    # other policies share the same skipping path
+    rows_seen.clear()
+    hooks = [layer.register_forward_hook(lambda mod, inp, outp: rows_seen.append(inp[0].shape[0]))
+             for layer in model.adapter.layers()]
+    model.infer(b["input_ids"], b["attention_mask"], dact.make_policy("fixed", 2))
+    for hk in hooks:
+        hk.remove()
+    assert rows_seen == [12, 12]
+
+
+def test_backbone_and_multitask_shapes():
+    ds = load_demo_dataset()
+    cfg = default_config("multitask", encoder="tiny")
+    cfg.model.normalize = True
+    cfg.model.task_weights = {"class_label": 2.0, "sentiment_label": 0.5}
+    model, tok = build_model(cfg, ds.label_maps)
+    b = demo_batch(tok, 8)
+    out = model(b["input_ids"], b["attention_mask"], b["targets"])
+    assert set(out.probs) == {"class_label", "sentiment_label"}
+    expected = 2.0 * out.task_losses["class_label"] + 0.5 * out.task_losses["sentiment_label"]
+    assert torch.allclose(out.loss, expected)
+    cfg.model.task_weights = {"topic": 1.0}
+    with pytest.raises(ConfigError, match="topic"):
+        build_model(cfg, ds.label_maps)
+    bb = default_config("backbone", encoder="tiny")
+    model, _ = build_model(bb, ds.label_maps)
+    out = model(b["input_ids"], b["attention_mask"])
+    assert out.probs["class_label"].shape == (8, 3)
+
+
+def test_multitask_needs_two_tasks():
+    cfg = default_config("multitask", encoder="tiny")
+    with pytest.raises(ConfigError, match="two-task"):
+        build_model(cfg, {"label": ["a", "b"]})
+
+
+def test_save_load_predict_round_trip(home):
+    ds = load_demo_dataset()
+    cfg = default_config("dact", encoder="tiny")
+    model, tok = build_model(cfg, ds.label_maps)
+    model.eval()
+    save_model(home / "r1", model, tok, cfg, ds.label_maps)
+    loaded = load_model(home / "r1", device="cpu")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    res = predict(loaded, ["The striker scored twice in the final.", "This phone battery dies fast."])
+    assert len(res) == 2
+    for r in res:
+        assert r["label"] in ds.label_maps["class_label"]
+        assert 1 <= r["exit_layer"] <= 2
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
+        assert len(r["layers"]) == r["exit_layer"]
+        assert r["probability"] == max(r["probabilities"].values())
+    with pytest.raises(DactLabError, match="non-empty"):
+        predict(loaded, ["  "])
+    with pytest.raises(DactLabError, match="no saved model"):
+        load_model(home / "nope")
+
+
+def test_init_from_backbone_run(home):
+    ds = load_demo_dataset()
+    bb = default_config("backbone", encoder="tiny")
+    model, tok = build_model(bb, ds.label_maps)
+    with torch.no_grad():
+        model.encoder.encoder.layer[0].output.dense.weight.fill_(0.123)
+    rd = home / "runs" / "7"
+    rd.mkdir(parents=True)
+    model.export_encoder(rd / "encoder.safetensors")
+    dc = default_config("dact", encoder="tiny", init_from_run="7")
+    dmodel, _ = build_model(dc, ds.label_maps, home)
+    assert torch.all(dmodel.encoder.encoder.layer[0].output.dense.weight == 0.123)
+    dc.init_from_run = "8"
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_model(dc, ds.label_maps, home)

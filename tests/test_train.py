@@ -1,0 +1,263 @@
+"""The one training loop: optimizer groups, schedule, early stopping, OOM handling, cancellation, checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dact_lib.callbacks import Callback, CancelToken
+from dact_lib.config import EarlyStoppingConfig, default_config
+from dact_lib.data import load_demo_dataset
+from dact_lib.errors import Cancelled, DactLabError
+from dact_lib.models import build_model
+from dact_lib.train import (BatchSizeManager, EarlyStopping, apply_freezing, make_optimizer, param_groups, train,
+                            warmup_linear)
+from dact_lib.tracker import Tracker
+
+
+def tiny_cfg(kind="backbone", epochs=2, **train_kw):
+    cfg = default_config(kind, encoder="tiny")
+    cfg.data.max_rows = 120
+    cfg.data.max_seq_len = 32
+    cfg.train.epochs = epochs
+    cfg.train.batch_size = 16
+    cfg.train.log_every_steps = 2
+    cfg.train.device = "cpu"
+    for k, v in train_kw.items():
+        setattr(cfg.train, k, v)
+    return cfg.validate()
+
+
+# --- optimisation pieces ---------------------------------------------------------------------------------
+
+def test_param_groups_split_lr_and_decay():
+    cfg = tiny_cfg(weight_decay=0.05, encoder_lr=1e-5, head_lr=1e-3)
+    cfg.train.freeze_embeddings = False
+    model, _ = build_model(cfg, load_demo_dataset().label_maps)
+    groups = {(g["group"], g["decay"]): g for g in param_groups(model, cfg.train)}
+    assert groups[("encoder", True)]["lr"] == 1e-5 and groups[("head", True)]["lr"] == 1e-3
+    assert groups[("encoder", False)]["weight_decay"] == 0.0 and groups[("head", False)]["weight_decay"] == 0.0
+    assert groups[("encoder", True)]["weight_decay"] == 0.05
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = [names[id(p)] for p in groups[("encoder", False)]["params"]]
+    assert no_decay and all(n.endswith("bias") or "LayerNorm" in n for n in no_decay)
+    decay = [names[id(p)] for p in groups[("encoder", True)]["params"]]
+    assert not any(n.endswith("bias") or "LayerNorm" in n for n in decay)
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups.values()) == n_trainable
+
+
+def test_warmup_then_linear_decay():
+    f = warmup_linear(total_steps=10, warmup_ratio=0.2)  # 2 warmup steps
+    assert [round(f(s), 4) for s in range(11)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
+
+
+def test_freezing_and_gradual_unfreeze():
+    cfg = tiny_cfg(freeze_layers=2, gradual_unfreeze=True)
+    model, _ = build_model(cfg, load_demo_dataset().label_maps)
+    from dact_lib.encoders import layer_adapter
+
+    ad = layer_adapter(model.encoder)
+    assert apply_freezing(model, cfg.train, epoch=0) == 2
+    assert not any(p.requires_grad for p in ad.embedding_module().parameters())
+    assert not any(p.requires_grad for layer in ad.layers() for p in layer.parameters())
+    assert apply_freezing(model, cfg.train, epoch=1) == 1  # the top frozen layer is released first
+    assert not any(p.requires_grad for p in ad.layers()[0].parameters())
+    assert all(p.requires_grad for p in ad.layers()[1].parameters())
+    assert apply_freezing(model, cfg.train, epoch=5) == 0
+
+
+# --- early stopping -------------------------------------------------------------------------------------
+
+def run_stopper(values, **kw):
+    es = EarlyStopping(EarlyStoppingConfig(**kw))
+    for i, v in enumerate(values):
+        _, reason = es.update(v)
+        if reason:
+            return i, reason
+    return None, None
+
+
+def test_early_stopping_patience():
+    i, reason = run_stopper([1.0, 0.9, 0.91, 0.92, 0.905], patience=3, regression=10, trend_window=10)
+    assert i == 4 and "patience" in reason
+
+
+def test_early_stopping_min_delta_counts_tiny_gains_as_no_improvement():
+    i, _ = run_stopper([1.0, 0.9999, 0.9998, 0.9997], patience=3, min_delta=0.01, regression=10, trend_window=10)
+    assert i == 3
+    i, _ = run_stopper([1.0, 0.9999, 0.9998, 0.9997], patience=3, min_delta=0.0, regression=10, trend_window=10)
+    assert i is None
+
+
+def test_early_stopping_regression_20_percent():
+    i, reason = run_stopper([1.0, 0.5, 0.55, 0.61], patience=10, regression=0.2, trend_window=10)
+    assert i == 3 and "regressed" in reason  # 0.61 is 22% worse than 0.5; 0.55 (10%) is not enough
+
+
+def test_early_stopping_negative_trend_and_maximised_metric():
+    i, reason = run_stopper([0.5, 0.8, 0.79, 0.78, 0.77], metric="val_accuracy", patience=10, regression=0.9,
+                            trend_window=3)
+    assert i == 4 and "worse 3 evaluations in a row" in reason
+
+
+def test_early_stopping_min_epochs_and_smoothing():
+    i, _ = run_stopper([1.0, 2.0, 3.0], patience=1, min_epochs=3, regression=10, trend_window=10)
+    assert i == 2  # would have stopped at index 1 without min_epochs
+    es = EarlyStopping(EarlyStoppingConfig(smoothing=2, patience=5))
+    for v in (1.0, 0.0, 1.0):
+        es.update(v)
+    assert es.smoothed == [1.0, 0.5, 0.5]
+
+
+def test_batch_size_manager_bounds():
+    m = BatchSizeManager(32, min_size=8, max_size=64)
+    assert [m.shrink(), m.shrink()] == [16, 8]
+    with pytest.raises(DactLabError, match="Out of memory"):
+        m.shrink()
+    assert BatchSizeManager(128, 8, 64).micro == 64
+
+
+# --- the loop end to end on the tiny encoder ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["backbone", "dact", "multitask"])
+def test_each_kind_trains_and_records(home, kind):
+    tracker = Tracker(home)
+    res = train(tiny_cfg(kind, epochs=2), tracker=tracker, home=home)
+    run = tracker.get_run(res.run_id)
+    assert run["status"] == "finished" and run["kind"] == kind
+    m = tracker.get_metrics(res.run_id)
+    names = set(m["name"])
+    assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "samples_per_s"} <= names
+    if kind == "dact":
+        assert "val_avg_exit_layer" in names
+        ex = m[m.name == "val_avg_exit_layer"]["value"]
+        assert ((ex >= 1) & (ex <= 2)).all()  # tiny encoder has 2 layers; exit layers are 1-based
+    if kind == "multitask":
+        assert {"val_accuracy/class_label", "val_accuracy/sentiment_label"} <= names
+    rd = res.run_dir
+    assert (rd / "model.safetensors").exists() and (rd / "config.json").exists()
+    assert json.loads((rd / "label_maps.json").read_text()) == res.label_maps
+    assert (rd / "encoder.safetensors").exists() == (kind == "backbone")
+    assert res.test_metrics["test_accuracy"] >= 0.0
+    kinds = {a["kind"] for a in tracker.get_artifacts(res.run_id)}
+    assert {"model", "config", "label_map"} <= kinds
+
+
+def test_deterministic_under_seed(home):
+    a = train(tiny_cfg(epochs=1), home=home, save=False)
+    b = train(tiny_cfg(epochs=1), home=home, save=False)
+    assert a.history[-1]["val_loss"] == pytest.approx(b.history[-1]["val_loss"], abs=1e-6)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(va, vb), ka
+
+
+def test_embeddings_stay_frozen(home):
+    cfg = tiny_cfg(epochs=1)
+    model, tok = build_model(cfg, load_demo_dataset().label_maps)
+    before = model.encoder.embeddings.word_embeddings.weight.clone()
+    layer0 = model.encoder.encoder.layer[0].attention.self.query.weight.clone()
+    train(cfg, model=model, tokenizer=tok, save=False)
+    assert torch.equal(before, model.encoder.embeddings.word_embeddings.weight)
+    assert not torch.equal(layer0, model.encoder.encoder.layer[0].attention.self.query.weight)
+
+
+class CancelAfter(Callback):
+    def __init__(self, token, steps):
+        self.token, self.steps = token, steps
+
+    def on_step(self, state, logs):
+        if state.step >= self.steps:
+            self.token.cancel("test cancel")
+
+
+def test_cancellation_stops_within_a_step_and_is_recorded(home):
+    tracker = Tracker(home)
+    token = CancelToken()
+    with pytest.raises(Cancelled, match="test cancel"):
+        train(tiny_cfg(epochs=5), tracker=tracker, home=home, cancel=token, callbacks=[CancelAfter(token, 3)])
+    run = tracker.list_runs()[0]
+    assert run["status"] == "cancelled"
+    steps = tracker.get_metrics(run["id"], names=["train_loss"])["step"]
+    assert steps.max() <= 4
+
+
+class Scramble(Callback):
+    """After the first evaluation, wreck the head so every later epoch is worse than epoch 1."""
+
+    def on_epoch_end(self, state, logs):
+        if state.epoch == 0:
+            with torch.no_grad():
+                for p in state.extra["model"].head.parameters():
+                    p.mul_(0).add_(torch.randn_like(p) * 50)
+            for g in state.extra["optimizer"].param_groups:
+                g["initial_lr"] = 0.0
+
+
+def test_best_checkpoint_is_restored_at_the_end(home):
+    from dact_lib.data import encode
+    from dact_lib.evaluate import evaluate_encoded
+    from dact_lib.train import load_split
+
+    cfg = tiny_cfg(epochs=3)
+    cfg.train.early_stopping.enabled = False
+    res = train(cfg, home=home, tracker=Tracker(home), callbacks=[Scramble()])
+    losses = [h["val_loss"] for h in res.history]
+    assert res.best_epoch == 1 and losses[1] > losses[0]
+    split, _ = load_split(cfg)
+    again = evaluate_encoded(res.model, encode(split.val, res.tokenizer, 32), 64)
+    assert again.loss == pytest.approx(losses[0], rel=1e-5)
+
+
+class FakeOOM(Callback):
+    """Make the model raise an out-of-memory error for any micro-batch larger than 8 rows."""
+
+    def on_start(self, state):
+        model = state.extra["model"]
+        orig = model.forward
+
+        def forward(ids, am, targets=None):
+            if model.training and ids.shape[0] > 8:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return orig(ids, am, targets)
+
+        model.forward = forward
+
+
+def test_oom_halves_micro_batch_and_training_goes_on(home):
+    tracker = Tracker(home)
+    res = train(tiny_cfg(epochs=1, batch_size=32), tracker=tracker, home=home, callbacks=[FakeOOM()])
+    assert res.status == "finished"
+    events = tracker.get_events(res.run_id, kinds=["oom_retry"])
+    assert [e["payload"]["micro_batch"] for e in events] == [16, 8]
+
+
+def test_oom_micro_batches_give_the_same_gradient():
+    cfg = tiny_cfg()
+    cfg.model.head.dropout = 0.0
+    cfg.train.encoder_dropout = 0.0
+    model, tok = build_model(cfg, load_demo_dataset().label_maps)
+    from dact_lib.callbacks import CallbackList, LoopState
+    from dact_lib.data import encode, iter_batches
+    from dact_lib.train import train_step
+
+    batch = next(iter_batches(encode(load_demo_dataset(), tok, 32), 16))
+    grads = []
+    for micro in (16, 4):
+        m = BatchSizeManager(16, 1, 64)
+        m.micro = micro
+        opt = make_optimizer(model, cfg.train)
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        cfg.train.max_grad_norm = 0.0
+        train_step(model, opt, batch, torch.device("cpu"), cfg.train, m, CallbackList(), LoopState())
+        grads.append(model.head[1].weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bad_early_stopping_metric_is_named(home):
+    cfg = tiny_cfg(epochs=1)
+    cfg.train.early_stopping.metric = "val_bleu"
+    with pytest.raises(DactLabError, match="val_bleu"):
+        train(cfg, home=home, save=False)
