@@ -298,10 +298,11 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         total = steps_per_epoch * tc.epochs
         if tc.max_steps:
             total = min(total, tc.max_steps)
-        lr_factor = warmup_linear(total, tc.warmup_ratio)
-        set_lr_factor(optimizer, lr_factor(0))
+        set_lr_factor(optimizer, warmup_linear(total, tc.warmup_ratio)(0))
         state.total_steps = total
-        state.extra.update(model=model, optimizer=optimizer, config=cfg, label_maps=label_maps, train_size=len(enc_train))
+        # Callbacks may swap these between steps (PBT's exploit/explore): the loop re-reads them every step.
+        state.extra.update(model=model, optimizer=optimizer, lr_factor=warmup_linear(total, tc.warmup_ratio),
+                           config=cfg, label_maps=label_maps, train_size=len(enc_train))
         memory = BatchSizeManager(tc.batch_size, tc.min_batch_size, tc.max_batch_size)
         stopper = EarlyStopping(tc.early_stopping)
         cbs.on_start(state)
@@ -359,7 +360,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 samples_log += batch["input_ids"].shape[0]
                 state.step += 1
                 state.samples_seen += batch["input_ids"].shape[0]
-                set_lr_factor(optimizer, lr_factor(state.step))
+                set_lr_factor(optimizer, state.extra["lr_factor"](state.step))
                 if state.step % tc.log_every_steps == 0 or state.step == total:
                     now = time.perf_counter()
                     logs = {"train_loss": float(loss_acc) / n_acc, "lr": optimizer.param_groups[0]["lr"],
