@@ -1,0 +1,778 @@
+"""Population Based Training (seed 002): a population of members trained side by side, the weak ones copying the
+strong ones (*exploit*) and then perturbing the copied hyperparameters (*explore*).
+
+How it runs
+-----------
+* :func:`run_pbt` loads the data split once (``train.load_split``), creates a parent run (kind ``"pbt"``) and one
+  child run per member (kind ``"pbt-member"``, ``parent_id`` = the parent), builds every member's model in the
+  calling thread (sequentially: deterministic initialisation, no concurrent encoder extraction) and then runs each
+  member's :func:`dact_lib.train.train` — the ONE training loop — in its own Python thread, all at once, with
+  ``data=split`` and a :class:`PBTMemberCallback`.
+* A member is *ready* at every evaluation of its loop (``train.eval_every_steps`` is set from
+  ``PBTConfig.ready_every_steps`` or ``ready_every_epochs``; with ``ready_every_epochs`` every member is ready at
+  the same fractions of an epoch whatever its batch size). At a ready point (``on_eval``) it snapshots its state
+  (deep copies of the model's ``state_dict`` and the optimizer's ``state_dict`` + its hyperparameters + its
+  schedule) and reports its score to the shared, lock-protected :class:`PBTController`.
+* PBT here is **asynchronous**: the controller ranks the member against the *latest known* scores of the others and
+  never waits for anyone (a failed member is dropped from the ranking, a finished one keeps its last snapshot as a
+  possible donor). If the member is in the bottom ``quantile`` (at least one member) and a top-``quantile`` member
+  scores strictly better, it *exploits*: it loads a random such donor's latest snapshot — weights AND optimizer
+  state — into its own model and optimizer, then *explores*: ``lr``, ``weight_decay``, ``dropout`` and
+  ``warmup_ratio`` are each multiplied by one of ``perturb_factors`` (0.8 or 1.2) or, with probability
+  ``resample_prob``, resampled from the space; always clipped to the space. The new values are then *applied*
+  (:func:`apply_hparams`) — the restored optimizer state otherwise silently keeps the donor's values: every param
+  group's ``initial_lr`` and current ``lr`` (the encoder/head ratio of the base config is kept), the weight decay of
+  the decay groups (no-decay groups stay at 0), the rate of every head Dropout module and a new warm-up/linear-decay
+  ``state.extra["lr_factor"]`` for the new warm-up ratio (over the member's own total steps).
+* Every exploit and explore is an event (``pbt_exploit``, ``pbt_explore``) on the parent run AND the recipient's
+  run, with time, step, recipient, donor, old → new hyperparameters and both scores: the lineage. Each member logs
+  its hyperparameters as metrics ``hp/lr``, ``hp/weight_decay``, ``hp/dropout``, ``hp/warmup_ratio`` at its start
+  and at every ready point (the values in force from that step on).
+
+Hyperparameters
+---------------
+``lr`` is the **head** learning rate; the encoder learns at ``lr × encoder_lr / head_lr`` of the base config (the
+ratio is kept through every exploit/explore). ``dropout`` is the rate of the head MLP's Dropout modules
+(``dropout_scope="head"``: backbone ``head``, multi-task ``heads``, DACT ``classifiers`` — not the DACT halting
+MLPs, not the encoder), or of every Dropout in the model including the encoder (``dropout_scope="all"``).
+
+**Architecture is sampled once for the whole population**: the head's number of hidden layers (each as wide as the
+base config's first hidden layer, else its ``width``) and its activation are drawn once from the space and shared
+by every member, so a donor's weights and optimizer state always fit the recipient in place (same model and
+optimizer objects; the training loop's best-checkpoint save/restore stays valid). The batch size is sampled per
+member and fixed for its life: it is not a weight shape, an exploit keeps the recipient's own batch size. Members
+do not early-stop (PBT replaces weak members instead); their best checkpoint follows ``PBTConfig.metric``, so the
+best member's saved ``model.safetensors`` is its best-scoring state.
+
+Threads
+-------
+``torch.set_num_threads`` is process-global. All members run concurrently, so the intra-op threads are split:
+``max(1, total // population)`` per member, ``total`` = ``PBTConfig.num_threads``, else the run config's
+``train.num_threads``, else the CPU cores available to the process. On a 2-core machine with 4 members that is 1
+thread each — members overlap through Python threads (torch releases the GIL inside its kernels); more intra-op
+threads than cores would only oversubscribe. Measured on the 2-core development machine, 4 concurrent
+all-MiniLM-L6-v2 members (batch 16, 64 tokens): 1 thread each 1.5 steps/s in all, 2 threads each 0.95 steps/s. The
+choice is recorded as a ``pbt_threads`` event on the parent run; the previous setting is restored afterwards.
+Asynchronous threads make a PBT run not bit-reproducible (the interleaving decides who copies whom), though the
+initial population is a function of the seed.
+
+Schedule and replay
+-------------------
+Each member carries its hyperparameter *schedule*: ``[{step, lr, weight_decay, dropout, warmup_ratio, ...}]``
+starting at step 0; an exploit replaces it with the donor's (up to the recipient's progress) plus the explored
+values at the recipient's step — the lineage. The winner's schedule (steps converted to the winner's batch size
+through epoch progress) is recorded in the parent's summary and a ``pbt_schedule`` event, and
+:func:`replay_schedule` re-runs it as one plain training run.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..callbacks import Callback, CancelToken, LoopState
+from ..config import ACTIVATIONS, RunConfig, _check, _check_frac, _check_int, from_dict
+from ..errors import Cancelled, ConfigError, DactLabError
+from ..heads import set_dropout
+
+#: The hyperparameters that exploit/explore change during training.
+EXPLORED = ("lr", "weight_decay", "dropout", "warmup_ratio")
+#: Those sampled and perturbed on a log scale.
+LOG_SCALE = ("lr", "weight_decay")
+METRICS = ("val_accuracy", "val_macro_f1", "val_loss")
+DROPOUT_SCOPES = ("head", "all")
+
+
+# --- configuration ---------------------------------------------------------------------------------------------
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float, *, positive: bool = False, integer: bool = False) -> None:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    if ok:
+        a, b = value
+        kinds = (int,) if integer else (int, float)
+        ok = all(isinstance(x, kinds) and not isinstance(x, bool) and math.isfinite(x) for x in (a, b))
+        ok = ok and lo <= a <= b <= hi and (not positive or a > 0)
+    what = "integers" if integer else ("positive numbers" if positive else "numbers")
+    _check(ok, name, value, f"expected [low, high] {what} with {lo} <= low <= high <= {hi}")
+
+
+@dataclass
+class PBTSpace:
+    """The seed's search space (the default). Ranges are ``[low, high]`` (inclusive); ``lr`` and ``weight_decay``
+    are sampled log-uniformly, the others uniformly. A range with ``low == high`` fixes that value."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    hidden_layers: list[int] = field(default_factory=lambda: [1, 4])
+    dropout: list[float] = field(default_factory=lambda: [0.1, 0.6])
+    lr: list[float] = field(default_factory=lambda: [1e-6, 5e-3])
+    weight_decay: list[float] = field(default_factory=lambda: [1e-8, 1e-2])
+    warmup_ratio: list[float] = field(default_factory=lambda: [0.0, 0.3])
+    activations: list[str] = field(default_factory=lambda: list(ACTIVATIONS))
+
+    def validate(self, name: str = "pbt.space") -> "PBTSpace":
+        bs = self.batch_sizes
+        _check(isinstance(bs, (list, tuple)) and len(bs) > 0 and all(
+            isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 4096 for b in bs),
+            f"{name}.batch_sizes", bs,
+            "expected a non-empty list of batch sizes (integers 1..4096), e.g. [8, 16, 32, 64]")
+        _check_range(f"{name}.hidden_layers", self.hidden_layers, 0, 8, integer=True)
+        _check_range(f"{name}.dropout", self.dropout, 0.0, 0.95)
+        _check_range(f"{name}.lr", self.lr, 0.0, 0.5, positive=True)
+        _check_range(f"{name}.weight_decay", self.weight_decay, 0.0, 1.0, positive=True)
+        _check_range(f"{name}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        acts = self.activations
+        _check(isinstance(acts, (list, tuple)) and len(acts) > 0 and all(a in ACTIVATIONS for a in acts),
+               f"{name}.activations", acts, f"expected a non-empty list from {list(ACTIVATIONS)}")
+        return self
+
+    def bounds(self, name: str) -> tuple[float, float]:
+        lo, hi = getattr(self, name)
+        return float(lo), float(hi)
+
+    def clip(self, name: str, value: float) -> float:
+        lo, hi = self.bounds(name)
+        return float(min(hi, max(lo, value)))
+
+    def sample_value(self, name: str, rng: random.Random) -> float:
+        lo, hi = self.bounds(name)
+        if name in LOG_SCALE:
+            return self.clip(name, math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        return self.clip(name, rng.uniform(lo, hi))
+
+    def sample(self, rng: random.Random) -> dict[str, float]:
+        """One member's explored hyperparameters, drawn from the space."""
+        return {k: self.sample_value(k, rng) for k in EXPLORED}
+
+    def sample_architecture(self, rng: random.Random) -> dict[str, Any]:
+        lo, hi = self.hidden_layers
+        return {"hidden_layers": rng.randint(int(lo), int(hi)), "activation": rng.choice(list(self.activations))}
+
+    def contains(self, hp: dict[str, float]) -> bool:
+        return all(self.bounds(k)[0] <= hp[k] <= self.bounds(k)[1] for k in EXPLORED)
+
+
+@dataclass
+class PBTConfig:
+    """Settings of one PBT run. ``ready_every_steps`` (per member, in its own steps) or ``ready_every_epochs``
+    (a fraction of an epoch, the same data progress for every batch size) — exactly one of them. ``epochs`` and
+    ``seed`` default to the run config's. ``num_threads``: total torch threads to split among the members
+    (default: the CPU cores available)."""
+
+    population: int = 4
+    ready_every_steps: int | None = None
+    ready_every_epochs: float | None = 0.5
+    quantile: float = 0.2
+    metric: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
+    resample_prob: float = 0.25
+    perturb_factors: tuple[float, ...] = (0.8, 1.2)
+    epochs: int | None = None
+    seed: int | None = None
+    space: PBTSpace = field(default_factory=PBTSpace)
+    num_threads: int | None = None
+    dropout_scope: Literal["head", "all"] = "head"
+
+    def validate(self, name: str = "pbt") -> "PBTConfig":
+        _check_int(f"{name}.population", self.population, 2, 64)
+        _check(self.ready_every_steps is not None or self.ready_every_epochs is not None, f"{name}.ready_every_steps",
+               None, "set ready_every_steps (an integer >= 1) or ready_every_epochs (a fraction of an epoch > 0)")
+        _check(self.ready_every_steps is None or self.ready_every_epochs is None, f"{name}.ready_every_epochs",
+               self.ready_every_epochs,
+               "set either ready_every_steps or ready_every_epochs, not both (set one to None)")
+        if self.ready_every_steps is not None:
+            _check_int(f"{name}.ready_every_steps", self.ready_every_steps, 1)
+        if self.ready_every_epochs is not None:
+            r = self.ready_every_epochs
+            _check(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and 0 < r <= 100,
+                   f"{name}.ready_every_epochs", r, "expected a number of epochs in (0, 100], e.g. 0.5")
+        q = self.quantile
+        _check(isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q <= 0.5, f"{name}.quantile", q,
+               "expected a fraction in (0, 0.5]: the bottom and top quantiles must not overlap")
+        _check(self.metric in METRICS, f"{name}.metric", self.metric, f"choose one of {list(METRICS)}")
+        _check_frac(f"{name}.resample_prob", self.resample_prob, 0.0, 1.0, hi_open=False)
+        pf = self.perturb_factors
+        _check(isinstance(pf, (list, tuple)) and len(pf) > 0 and all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0 for f in pf),
+            f"{name}.perturb_factors", pf, "expected a non-empty list of positive factors, e.g. [0.8, 1.2]")
+        if self.epochs is not None:
+            _check_int(f"{name}.epochs", self.epochs, 1, 1000)
+        if self.seed is not None:
+            _check_int(f"{name}.seed", self.seed, 0)
+        _check(isinstance(self.space, PBTSpace), f"{name}.space", type(self.space).__name__, "expected a PBTSpace")
+        self.space.validate(f"{name}.space")
+        if self.num_threads is not None:
+            _check_int(f"{name}.num_threads", self.num_threads, 1, 512)
+        _check(self.dropout_scope in DROPOUT_SCOPES, f"{name}.dropout_scope", self.dropout_scope,
+               f"choose one of {list(DROPOUT_SCOPES)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["perturb_factors"] = list(self.perturb_factors)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PBTConfig":
+        cfg = from_dict(cls, data, "pbt")
+        if isinstance(cfg.perturb_factors, list):
+            cfg.perturb_factors = tuple(cfg.perturb_factors)
+        return cfg.validate()
+
+
+# --- quantiles, explore, exploit, apply ----------------------------------------------------------------------
+
+
+def _key(score: float) -> float:
+    return -math.inf if score is None or (isinstance(score, float) and math.isnan(score)) else float(score)
+
+
+def select_quantiles(scores: dict[Any, float], quantile: float) -> tuple[list, list]:
+    """``(bottom, top)`` members of ``scores`` (higher = better; NaN counts as the worst).
+
+    ``k = max(1, floor(n × quantile))`` (at most ``n // 2``) members each side; members tied with the k-th worst
+    (best) score are all included on that side. A member is kept in the bottom only if it scores strictly below
+    every top member — a tie with the top has nothing better to copy (all equal → no bottom). Fewer than two
+    members → ``([], [])``."""
+    n = len(scores)
+    if n < 2:
+        return [], []
+    k = max(1, min(n // 2, int(math.floor(n * quantile + 1e-9))))
+    order = sorted(scores, key=lambda m: (_key(scores[m]), str(m)))
+    low_cut, high_cut = _key(scores[order[k - 1]]), _key(scores[order[n - k]])
+    top = [m for m in order if _key(scores[m]) >= high_cut]
+    top_min = min(_key(scores[m]) for m in top)
+    bottom = [m for m in order if _key(scores[m]) <= low_cut and _key(scores[m]) < top_min]
+    return bottom, top
+
+
+def explore(hp: dict[str, Any], space: PBTSpace, rng: random.Random, *, resample_prob: float = 0.25,
+            perturb_factors=(0.8, 1.2)) -> tuple[dict[str, Any], dict[str, dict]]:
+    """New hyperparameters from ``hp``: each of :data:`EXPLORED` is resampled from ``space`` with probability
+    ``resample_prob``, else multiplied by a random one of ``perturb_factors``; always clipped to the space. Other
+    keys are copied. Returns ``(new, changes)``; ``changes[name]`` = ``{how: 'perturb'|'resample', factor,
+    clipped, old, new}``."""
+    new = dict(hp)
+    changes: dict[str, dict] = {}
+    for name in EXPLORED:
+        old = float(hp[name])
+        if rng.random() < resample_prob:
+            value = space.sample_value(name, rng)
+            changes[name] = {"how": "resample", "factor": None, "clipped": False, "old": old, "new": value}
+        else:
+            f = float(rng.choice(list(perturb_factors)))
+            raw = old * f
+            value = space.clip(name, raw)
+            changes[name] = {"how": "perturb", "factor": f, "clipped": value != raw, "old": old, "new": value}
+        new[name] = value
+    return new, changes
+
+
+@dataclass
+class Snapshot:
+    """A member's state at a ready point. Immutable once made (the tensors are private copies)."""
+
+    member: int
+    run_id: Any
+    step: int
+    progress: float  # epochs of data seen (step / steps per epoch)
+    score: float  # raw metric value
+    hparams: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    schedule: list[dict]
+    time: float = field(default_factory=time.time)
+
+
+def take_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, hparams: dict, *, member: int = 0,
+                  run_id: Any = None, step: int = 0, progress: float = 0.0, score: float = math.nan,
+                  schedule: list[dict] | None = None) -> Snapshot:
+    """Deep copies of the model's and the optimizer's state dicts plus the hyperparameters and schedule."""
+    model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Snapshot(member=member, run_id=run_id, step=int(step), progress=float(progress), score=float(score),
+                    hparams=dict(hparams), model_state=model_state,
+                    optimizer_state=copy.deepcopy(optimizer.state_dict()),
+                    schedule=copy.deepcopy(schedule or []))
+
+
+def exploit(model: nn.Module, optimizer: torch.optim.Optimizer, snap: Snapshot) -> None:
+    """Load a donor snapshot's weights AND optimizer state into ``model``/``optimizer`` in place. The optimizer's
+    param groups then carry the donor's lr/weight decay: call :func:`apply_hparams` next. Needs the same
+    architecture (and trainable parameters) as the donor."""
+    model.load_state_dict(snap.model_state)  # copies into the recipient's own tensors
+    # a private copy: Optimizer.load_state_dict may keep the given tensors, and the snapshot must stay intact
+    optimizer.load_state_dict(copy.deepcopy(snap.optimizer_state))
+
+
+def dropout_targets(model: nn.Module, scope: str = "head") -> list[nn.Module]:
+    """The modules whose Dropout rates the ``dropout`` hyperparameter sets (see the module docstring)."""
+    if scope == "all":
+        return [model]
+    for name in ("head", "heads", "classifiers"):
+        mod = getattr(model, name, None)
+        if isinstance(mod, nn.Module):
+            return [mod]
+    return [m for n, m in model.named_children() if n not in ("encoder", "halters")]
+
+
+def apply_hparams(model: nn.Module, optimizer: torch.optim.Optimizer, hp: dict[str, Any], *, total_steps: int,
+                  step: int, encoder_lr_ratio: float, dropout_scope: str = "head"):
+    """Make ``hp`` take effect now: on EVERY param group ``initial_lr`` = lr (× ``encoder_lr_ratio`` on encoder
+    groups) and the current ``lr`` = that × the new schedule's factor at ``step``; ``weight_decay`` = the new
+    value on decay groups, 0 on no-decay groups; every Dropout's rate (of :func:`dropout_targets`). Returns the
+    new warm-up/linear-decay factor function, to be put in ``state.extra["lr_factor"]``."""
+    from ..train import warmup_linear
+
+    factor = warmup_linear(int(total_steps), float(hp["warmup_ratio"]))
+    f = factor(int(step))
+    for g in optimizer.param_groups:
+        base = float(hp["lr"]) * (encoder_lr_ratio if g.get("group") == "encoder" else 1.0)
+        g["initial_lr"] = base
+        g["lr"] = base * f
+        g["weight_decay"] = float(hp["weight_decay"]) if g.get("decay", True) else 0.0
+    for mod in dropout_targets(model, dropout_scope):
+        set_dropout(mod, float(hp["dropout"]))
+    return factor
+
+
+def _hp_public(hp: dict[str, Any]) -> dict[str, float]:
+    return {k: float(hp[k]) for k in EXPLORED}
+
+
+def _hp_metrics(hp: dict[str, Any]) -> dict[str, float]:
+    return {f"hp/{k}": float(hp[k]) for k in EXPLORED}
+
+
+# --- the controller --------------------------------------------------------------------------------------------
+
+
+class PBTController:
+    """Shared state of the population: each member's latest snapshot and score, who is alive. Lock-protected,
+    asynchronous: :meth:`ready` ranks against the latest known scores and never waits."""
+
+    def __init__(self, pbt: PBTConfig, run_ids: dict[int, Any], *, tracker=None, parent_id=None) -> None:
+        self.pbt = pbt
+        self.run_ids = dict(run_ids)
+        self.tracker = tracker
+        self.parent_id = parent_id
+        self.lock = threading.Lock()
+        self.latest: dict[int, Snapshot] = {}
+        self.best: dict[int, float] = {}
+        self.dead: set[int] = set()
+        self.exploits: dict[int, int] = {}
+        self.sign = -1.0 if pbt.metric.endswith("loss") else 1.0
+
+    def oriented(self, score: float) -> float:
+        return self.sign * score
+
+    def ready(self, snap: Snapshot, rng: random.Random, allow_exploit: bool = True) -> Snapshot | None:
+        """Record ``snap`` as its member's latest; return a donor snapshot when the member should exploit."""
+        m = snap.member
+        with self.lock:
+            self.latest[m] = snap
+            s = self.oriented(snap.score)
+            if m not in self.best or _key(s) > _key(self.best[m]):
+                self.best[m] = s
+            if not allow_exploit:
+                return None
+            scores = {i: self.oriented(sn.score) for i, sn in self.latest.items() if i not in self.dead}
+            bottom, top = select_quantiles(scores, self.pbt.quantile)
+            if m not in bottom:
+                return None
+            donors = [i for i in top if i != m and _key(scores[i]) > _key(scores[m])]
+            if not donors:
+                return None
+            self.exploits[m] = self.exploits.get(m, 0) + 1
+            return self.latest[rng.choice(sorted(donors))]
+
+    def mark_dead(self, member: int) -> None:
+        with self.lock:
+            self.dead.add(member)
+
+    def log_event(self, kind: str, payload: dict, run_id: Any = None) -> None:
+        if self.tracker is None:
+            return
+        for rid in (self.parent_id, run_id):
+            if rid is not None:
+                self.tracker.log_event(rid, kind, payload)
+
+
+# --- the member callback ---------------------------------------------------------------------------------------
+
+
+class PBTMemberCallback(Callback):
+    """Turns one member's training loop into a PBT member: ready at every validation (``on_eval``)."""
+
+    def __init__(self, controller: PBTController, member: int, hparams: dict[str, Any], *, space: PBTSpace,
+                 encoder_lr_ratio: float, rng: random.Random, dataset_id=None) -> None:
+        self.c = controller
+        self.member = member
+        self.hp = dict(hparams)
+        self.space = space
+        self.ratio = encoder_lr_ratio
+        self.rng = rng
+        self.dataset_id = dataset_id
+        self.schedule: list[dict] = [{"step": 0, "progress": 0.0, **_hp_public(hparams), "member": member,
+                                      "via": "init"}]
+        self.steps_per_epoch = 1
+        self.last_score: float | None = None
+
+    @property
+    def tracker(self):
+        return self.c.tracker
+
+    def on_start(self, state: LoopState) -> None:
+        state.extra["pbt_member"] = self.member
+        self.steps_per_epoch = max(1, math.ceil(int(state.extra.get("train_size", 1)) / max(1, state.batch_size)))
+        if self.tracker is not None and state.run_id is not None:
+            if self.dataset_id is not None:
+                self.tracker.update_run(state.run_id, dataset_id=self.dataset_id)
+            self.tracker.log_metrics(state.run_id, {**_hp_metrics(self.hp), "hp/batch_size": state.batch_size},
+                                     step=state.step, epoch=state.epoch)
+
+    def on_eval(self, state: LoopState, logs: dict[str, float]) -> None:
+        metric = self.c.pbt.metric
+        if metric not in logs:  # the final test evaluation, not a ready point
+            return
+        score = float(logs[metric])
+        self.last_score = score
+        model, optimizer = state.extra["model"], state.extra["optimizer"]
+        progress = state.step / self.steps_per_epoch
+        snap = take_snapshot(model, optimizer, self.hp, member=self.member, run_id=state.run_id, step=state.step,
+                             progress=progress, score=score, schedule=self.schedule)
+        more_training = state.step < state.total_steps
+        donor = self.c.ready(snap, self.rng, allow_exploit=more_training)
+        if donor is not None:
+            self._exploit_explore(state, donor, score, progress)
+        if self.tracker is not None and state.run_id is not None:
+            self.tracker.log_metrics(state.run_id, _hp_metrics(self.hp), step=state.step, epoch=state.epoch)
+
+    def _exploit_explore(self, state: LoopState, donor: Snapshot, score: float, progress: float) -> None:
+        model, optimizer = state.extra["model"], state.extra["optimizer"]
+        old = _hp_public(self.hp)
+        exploit(model, optimizer, donor)
+        new, changes = explore(donor.hparams, self.space, self.rng, resample_prob=self.c.pbt.resample_prob,
+                               perturb_factors=self.c.pbt.perturb_factors)
+        state.extra["lr_factor"] = apply_hparams(model, optimizer, new, total_steps=state.total_steps,
+                                                 step=state.step, encoder_lr_ratio=self.ratio,
+                                                 dropout_scope=self.c.pbt.dropout_scope)
+        self.hp = new
+        inherited = [dict(e) for e in donor.schedule if e["progress"] <= progress + 1e-9]
+        self.schedule = inherited + [{"step": state.step, "progress": progress, **_hp_public(new),
+                                      "member": self.member, "via": "exploit", "donor": donor.member}]
+        common = {"time": time.time(), "step": state.step, "epoch": state.epoch, "progress": progress,
+                  "recipient": self.member, "recipient_run_id": state.run_id, "donor": donor.member,
+                  "donor_run_id": donor.run_id, "donor_step": donor.step, "donor_progress": donor.progress,
+                  "metric": self.c.pbt.metric, "score": score, "donor_score": donor.score}
+        self.c.log_event("pbt_exploit", {**common, "old": old, "new": _hp_public(donor.hparams)}, state.run_id)
+        self.c.log_event("pbt_explore", {**common, "old": _hp_public(donor.hparams), "new": _hp_public(new),
+                                         "recipient_old": old, "changes": changes}, state.run_id)
+
+    def on_end(self, state: LoopState, status: str) -> None:
+        if status != "finished":
+            self.c.mark_dead(self.member)
+
+
+# --- run_pbt ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PBTResult:
+    parent_run_id: Any
+    best_run_id: Any
+    best_member: int | None
+    best_score: float | None
+    schedule: list[dict]
+    members: list[dict]
+    architecture: dict[str, Any] = field(default_factory=dict)  # shared by the population (see module docstring)
+    best_config: dict[str, Any] | None = None  # the winner's RunConfig as a dict (for replay_schedule)
+    status: str = "finished"
+
+
+def head_mlp_config(cfg: RunConfig):
+    """The MLPConfig that the PBT ``hidden_layers``/``activation``/``dropout`` describe for ``cfg.kind``."""
+    return cfg.model.classifier if cfg.kind == "dact" else cfg.model.head
+
+
+def member_config(cfg: RunConfig, pbt: PBTConfig, member: int, hp: dict[str, Any], batch_size: int,
+                  architecture: dict[str, Any], *, train_size: int) -> RunConfig:
+    """The RunConfig of one member: the base config with the member's hyperparameters, the shared architecture,
+    its batch size, the ready interval as ``eval_every_steps``, no early stopping, checkpoints on the PBT metric."""
+    mc = copy.deepcopy(cfg)
+    tc = mc.train
+    ratio = cfg.train.encoder_lr / cfg.train.head_lr
+    tc.epochs = pbt.epochs or cfg.train.epochs
+    tc.seed = (pbt.seed if pbt.seed is not None else cfg.train.seed) + member
+    tc.batch_size = int(batch_size)
+    tc.head_lr = float(hp["lr"])
+    tc.encoder_lr = float(hp["lr"]) * ratio
+    tc.weight_decay = float(hp["weight_decay"])
+    tc.warmup_ratio = float(hp["warmup_ratio"])
+    tc.num_threads = None  # run_pbt sets torch's (process-global) threads once for all members
+    spe = max(1, math.ceil(train_size / tc.batch_size))
+    tc.eval_every_steps = pbt.ready_every_steps or max(1, int(round(spe * pbt.ready_every_epochs)))
+    tc.early_stopping.metric = pbt.metric
+    tc.early_stopping.enabled = False
+    head = head_mlp_config(mc)
+    dims = head.resolved_dims()
+    width = dims[0] if dims else head.width
+    head.layout = "explicit"
+    head.hidden_dims = [int(width)] * int(architecture["hidden_layers"])
+    head.activation = architecture["activation"]
+    head.dropout = float(hp["dropout"])
+    if pbt.dropout_scope == "all":
+        tc.encoder_dropout = float(hp["dropout"])
+    mc.name = f"{cfg.name or 'pbt'} · member {member}"
+    return mc.validate()
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=None,
+            cancel: CancelToken | None = None, callbacks: list[Callback] | None = None) -> PBTResult:
+    """Population Based Training of ``cfg`` (see the module docstring). Records a parent run (kind ``pbt``) and a
+    child run per member (kind ``pbt-member``); returns the winner, its schedule and a summary of every member.
+    ``callbacks`` are given to EVERY member's loop (shared across threads: they must be thread-safe;
+    ``state.run_id`` / ``state.extra['pbt_member']`` tell the members apart). Raises :class:`Cancelled` (after
+    recording the parent 'cancelled') when ``cancel`` is set; a failing member is recorded 'failed' and the others
+    go on; when no member finishes the parent is 'failed' and a :class:`DactLabError` is raised."""
+    from ..models import build_model
+    from ..tracker import Tracker
+    from ..train import load_split, train
+
+    pbt = (pbt or PBTConfig()).validate()
+    cfg.validate()
+    _check(not (cfg.train.gradual_unfreeze and cfg.train.freeze_layers), "train.gradual_unfreeze",
+           cfg.train.gradual_unfreeze, "PBT copies optimizer state between members, which needs the same trainable "
+           "parameters in every member at every step: set gradual_unfreeze false (or freeze_layers 0) for PBT")
+    if tracker is None:
+        tracker = Tracker(home)
+    home = home if home is not None else tracker.home
+    cancel = cancel or CancelToken()
+    n = pbt.population
+    seed = pbt.seed if pbt.seed is not None else cfg.train.seed
+    rng = random.Random(seed)
+
+    split, dataset_id = load_split(cfg, tracker)
+    if split.val is None:
+        raise DactLabError("PBT ranks members on validation data: set data.val_frac > 0 or give data.val_path.")
+    train_size = len(split.train)
+    architecture = {**pbt.space.sample_architecture(rng), "shared_by_population": True}
+    members_hp = [pbt.space.sample(rng) for _ in range(n)]
+    batch_sizes = [int(rng.choice(list(pbt.space.batch_sizes))) for _ in range(n)]
+    ratio = cfg.train.encoder_lr / cfg.train.head_lr
+
+    parent_id = tracker.create_run("pbt", {"run": cfg.to_dict(), "pbt": pbt.to_dict()}, name=cfg.name or "pbt",
+                                   tag=cfg.tag, dataset_id=dataset_id, status="running")
+    member_ids: dict[int, Any] = {}
+    prev_threads = torch.get_num_threads()
+    try:
+        cfgs = [member_config(cfg, pbt, i, members_hp[i], batch_sizes[i], architecture, train_size=train_size)
+                for i in range(n)]
+        for i, mc in enumerate(cfgs):
+            member_ids[i] = tracker.create_run("pbt-member", mc.to_dict(), name=mc.name, tag=cfg.tag,
+                                               parent_id=parent_id, dataset_id=dataset_id, status="queued")
+        total_threads = pbt.num_threads or cfg.train.num_threads or _default_threads()
+        per_member = max(1, total_threads // n)
+        threads_info = {"total_threads": total_threads, "torch_threads": per_member, "population": n,
+                        "concurrent_members": n, "cpu_cores": _default_threads(),
+                        "policy": "members run concurrently in Python threads; torch.set_num_threads is "
+                                  "process-global, so the total is split: max(1, total // population) each"}
+        tracker.log_event(parent_id, "pbt_threads", threads_info)
+        tracker.log_event(parent_id, "pbt_start", {
+            "architecture": architecture, "metric": pbt.metric,
+            "members": [{"member": i, "run_id": member_ids[i], "batch_size": batch_sizes[i],
+                         **_hp_public(members_hp[i]), "eval_every_steps": cfgs[i].train.eval_every_steps}
+                        for i in range(n)]})
+        # models are built here, one after the other: deterministic initialisation, no concurrent extraction
+        built = [build_model(mc, split.train.label_maps, home) for mc in cfgs]
+    except BaseException as exc:
+        for rid in member_ids.values():
+            tracker.set_status(rid, "failed", f"PBT setup failed: {type(exc).__name__}: {exc}")
+        tracker.set_status(parent_id, "cancelled" if isinstance(exc, Cancelled) else "failed",
+                           f"{type(exc).__name__}: {exc}")
+        raise
+
+    controller = PBTController(pbt, member_ids, tracker=tracker, parent_id=parent_id)
+    member_cbs = [PBTMemberCallback(controller, i, members_hp[i], space=pbt.space, encoder_lr_ratio=ratio,
+                                    rng=random.Random(seed * 1000 + 1 + i), dataset_id=dataset_id)
+                  for i in range(n)]
+    outcomes: dict[int, dict] = {i: {"status": "queued", "error": None, "result": None} for i in range(n)}
+
+    def work(i: int) -> None:
+        model, tokenizer = built[i]
+        try:
+            res = train(cfgs[i], data=split, home=home, tracker=tracker, run_id=member_ids[i],
+                        callbacks=[member_cbs[i], *(callbacks or [])], cancel=cancel, model=model,
+                        tokenizer=tokenizer)
+            outcomes[i].update(status=res.status, result=res)
+        except Cancelled as exc:
+            outcomes[i].update(status="cancelled", error=str(exc))
+        except BaseException as exc:  # noqa: BLE001 - recorded by train(); the other members go on
+            outcomes[i].update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            controller.log_event("pbt_member_failed", {"member": i, "run_id": member_ids[i],
+                                                        "error": outcomes[i]["error"]})
+        finally:
+            if outcomes[i]["status"] != "finished":
+                controller.mark_dead(i)
+            built[i] = (None, None)  # the TrainResult keeps the model; drop this reference
+
+    torch.set_num_threads(per_member)
+    threads = [threading.Thread(target=work, args=(i,), name=f"pbt-member-{i}", daemon=True) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except BaseException:  # e.g. KeyboardInterrupt in the caller's thread: stop every member, then record
+        cancel.cancel("PBT interrupted")
+        for t in threads:
+            t.join()
+        tracker.set_status(parent_id, "cancelled", "PBT interrupted")
+        raise
+    finally:
+        torch.set_num_threads(prev_threads)
+
+    members: list[dict] = []
+    for i in range(n):
+        res = outcomes[i]["result"]
+        cb = member_cbs[i]
+        best = res.best_metrics.get(pbt.metric) if res is not None else None
+        members.append({"member": i, "run_id": member_ids[i], "status": outcomes[i]["status"],
+                        "error": outcomes[i]["error"], "batch_size": batch_sizes[i],
+                        "initial": _hp_public(members_hp[i]), "final": _hp_public(cb.hp),
+                        "best_score": best, "last_score": cb.last_score,
+                        "best_step": next((h["step"] for h in res.history if h.get(pbt.metric) == best), None)
+                        if res is not None else None,
+                        "exploits": controller.exploits.get(i, 0),
+                        "run_dir": str(res.run_dir) if res is not None and res.run_dir else None})
+
+    if cancel.cancelled:
+        tracker.set_status(parent_id, "cancelled", cancel.reason or "cancelled",
+                           summary={"members": members, "architecture": architecture})
+        raise Cancelled(cancel.reason or "cancelled")
+
+    finished = [m for m in members if m["status"] == "finished" and m["best_score"] is not None]
+    if not finished:
+        errors = "; ".join(f"member {m['member']}: {m['error']}" for m in members if m["error"])
+        tracker.set_status(parent_id, "failed", f"no PBT member finished ({errors})",
+                           summary={"members": members, "architecture": architecture})
+        raise DactLabError(f"PBT: no member finished ({errors}). Fix the first error and run again.")
+
+    winner = max(finished, key=lambda m: (controller.oriented(m["best_score"]), -m["member"]))
+    w = winner["member"]
+    spe_w = max(1, math.ceil(train_size / batch_sizes[w]))
+    # steps in the winner's own units (inherited entries were recorded in their member's steps)
+    schedule = _normalise_schedule([
+        {**e, "member_step": int(e["step"]),
+         "step": int(e["step"]) if e["member"] == w else int(round(e["progress"] * spe_w))}
+        for e in member_cbs[w].schedule])
+    best_config = cfgs[w].to_dict()
+    summary = {"metric": pbt.metric, "best_member": w, "best_run_id": member_ids[w],
+               "best_score": winner["best_score"], "schedule": schedule, "architecture": architecture,
+               "dropout_scope": pbt.dropout_scope, "threads": threads_info, "members": members,
+               "best_config": best_config}
+    tracker.log_event(parent_id, "pbt_schedule", {"member": w, "run_id": member_ids[w], "schedule": schedule})
+    tracker.set_status(parent_id, "finished", summary=summary)
+    return PBTResult(parent_run_id=parent_id, best_run_id=member_ids[w], best_member=w,
+                     best_score=winner["best_score"], schedule=schedule, members=members, architecture=architecture,
+                     best_config=best_config, status="finished")
+
+
+def _normalise_schedule(schedule: list[dict]) -> list[dict]:
+    """Sorted by step; of several changes at one step the last wins; no-op changes dropped."""
+    out: list[dict] = []
+    for e in sorted(schedule, key=lambda e: e["step"]):
+        if out and out[-1]["step"] == e["step"]:
+            out[-1] = e
+        elif out and all(out[-1][k] == e[k] for k in EXPLORED):
+            continue
+        else:
+            out.append(e)
+    return out
+
+
+# --- replay ----------------------------------------------------------------------------------------------------
+
+
+class ScheduleCallback(Callback):
+    """Applies a PBT schedule's changes in a plain training run: entry ``step = s`` takes effect after ``s``
+    optimisation steps (the same point a PBT member applies an exploit made at its evaluation after step ``s``)."""
+
+    def __init__(self, schedule: list[dict], *, encoder_lr_ratio: float, dropout_scope: str = "head",
+                 tracker=None) -> None:
+        self.changes = sorted((dict(e) for e in schedule), key=lambda e: e["step"])
+        self.ratio = encoder_lr_ratio
+        self.scope = dropout_scope
+        self.tracker = tracker
+        self.applied: list[dict] = []
+        self._next = 0
+
+    def on_start(self, state: LoopState) -> None:
+        self._apply_due(state)
+
+    def on_step(self, state: LoopState, logs: dict[str, float]) -> None:
+        self._apply_due(state)
+
+    def _apply_due(self, state: LoopState) -> None:
+        while self._next < len(self.changes) and self.changes[self._next]["step"] <= state.step:
+            e = self.changes[self._next]
+            self._next += 1
+            state.extra["lr_factor"] = apply_hparams(
+                state.extra["model"], state.extra["optimizer"], e, total_steps=state.total_steps, step=state.step,
+                encoder_lr_ratio=self.ratio, dropout_scope=self.scope)
+            self.applied.append({"step": state.step, **_hp_public(e)})
+            if self.tracker is not None and state.run_id is not None:
+                self.tracker.log_event(state.run_id, "pbt_replay_change", {"step": state.step, **_hp_public(e)})
+                self.tracker.log_metrics(state.run_id, _hp_metrics(e), step=state.step, epoch=state.epoch)
+
+
+def replay_schedule(cfg: RunConfig | dict, schedule: list[dict], *, home=None, tracker=None, data=None,
+                    callbacks: list[Callback] | None = None, cancel: CancelToken | None = None, save: bool = True,
+                    parent_id: Any = None, dropout_scope: str = "head"):
+    """Re-run a PBT schedule as one plain training run of ``cfg`` (normally ``PBTResult.best_config``: the
+    winner's architecture and batch size). The first entry (step 0) sets the starting hyperparameters in the
+    config; later entries are applied at their steps by a :class:`ScheduleCallback`. Returns the TrainResult."""
+    from ..train import train
+
+    if isinstance(cfg, dict):
+        cfg = RunConfig.from_dict(cfg)
+    if not schedule:
+        raise ConfigError("schedule = [] is invalid: give the list of {step, lr, weight_decay, dropout, "
+                          "warmup_ratio} changes of a PBT run (PBTResult.schedule).")
+    for i, e in enumerate(schedule):
+        missing = [k for k in ("step", *EXPLORED) if k not in e]
+        _check(not missing, f"schedule[{i}]", e, f"each change needs the keys step, {', '.join(EXPLORED)}")
+    _check(dropout_scope in DROPOUT_SCOPES, "dropout_scope", dropout_scope, f"choose one of {list(DROPOUT_SCOPES)}")
+    cfg = copy.deepcopy(cfg)
+    ratio = cfg.train.encoder_lr / cfg.train.head_lr
+    changes = sorted(schedule, key=lambda e: e["step"])
+    first = changes[0]
+    if first["step"] <= 0:
+        cfg.train.head_lr = float(first["lr"])
+        cfg.train.encoder_lr = float(first["lr"]) * ratio
+        cfg.train.weight_decay = float(first["weight_decay"])
+        cfg.train.warmup_ratio = float(first["warmup_ratio"])
+        head_mlp_config(cfg).dropout = float(first["dropout"])
+        if dropout_scope == "all":
+            cfg.train.encoder_dropout = float(first["dropout"])
+        changes = changes[1:]
+    cfg.name = cfg.name if cfg.name and "replay" in cfg.name else f"{cfg.name or 'pbt'} · replay"
+    cfg.validate()
+    cb = ScheduleCallback(changes, encoder_lr_ratio=ratio, dropout_scope=dropout_scope, tracker=tracker)
+    return train(cfg, data=data, home=home, tracker=tracker, callbacks=[cb, *(callbacks or [])], cancel=cancel,
+                 save=save, parent_id=parent_id)
