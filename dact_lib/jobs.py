@@ -1,0 +1,531 @@
+"""Background jobs of one server process: a queue of training / tuning jobs run in worker threads.
+
+The dashboard (one :class:`JobManager` per server process, see ``ui/state.py``) and the CLI submit jobs here.
+Worker threads never touch the UI: everything a job reports goes to the tracker (experiments.db), which the pages
+read. A job is one tracker run, created at :meth:`JobManager.submit` time with status ``'queued'``; for the engine
+kinds (tuning, DACT pipeline, PBT) it is the engine's parent run.
+
+* ``max_concurrent`` jobs run at a time; the others wait in submission order.
+* :meth:`JobManager.cancel` of a queued job: it never starts (status ``'cancelled'``); of a running job: its
+  :class:`~dact_lib.callbacks.CancelToken` is set and the loop stops at the next step.
+* A job that raises is recorded ``'failed'`` with the error text (and the traceback as an ``job_error`` event).
+* At start the manager marks runs left ``'running'``/``'queued'`` by a dead process as ``'interrupted'``.
+
+This module never imports streamlit.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import tracker as _tracker_mod
+from .callbacks import CancelToken
+from .config import RunConfig, from_dict as _dc_from_dict
+from .errors import Cancelled, ConfigError, DactLabError
+
+log = logging.getLogger(__name__)
+
+TRAIN_KINDS = ("backbone", "dact", "multitask")
+ENGINE_KINDS = ("tune-backbone", "dact-pipeline", "pbt")
+KINDS = TRAIN_KINDS + ENGINE_KINDS
+
+#: engine kind -> (module, function, the RunConfig kinds it accepts)
+_ENGINES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "tune-backbone": ("dact_lib.tuning.backbone", "tune_backbone", ("backbone",)),
+    "dact-pipeline": ("dact_lib.tuning.dact_pipeline", "run_pipeline", ("dact", "backbone")),
+    "pbt": ("dact_lib.tuning.pbt", "run_pbt", TRAIN_KINDS),
+}
+#: the multi-task engine's data check, run at submit time for kind 'multitask' (the job itself runs the loop with
+#: the pre-created run id, as ``train_multitask`` would after the same check)
+_MULTITASK_CHECK = ("dact_lib.tuning.multitask", "check_multitask_data")
+
+JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")
+_ACTIVE = ("queued", "running")
+#: result attributes of the engines copied into the parent run's summary
+_RESULT_KEYS = ("final_run_id", "best_run_id", "parent_run_id", "best_value", "best_params", "study_name")
+
+
+@dataclass
+class Job:
+    run_id: int
+    kind: str
+    config: RunConfig
+    options: dict
+    name: str | None
+    submitted: float = field(default_factory=time.time)
+    state: str = "queued"
+    started: float | None = None
+    ended: float | None = None
+    error: str | None = None
+    result: Any = None
+    engine_run_id: int | None = None
+    token: CancelToken = field(default_factory=CancelToken)
+    done: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def as_dict(self) -> dict:
+        return {"run_id": self.run_id, "kind": self.kind, "name": self.name, "state": self.state,
+                "submitted": self.submitted, "started": self.started, "ended": self.ended, "error": self.error,
+                "engine_run_id": self.engine_run_id}
+
+
+def _import_engine(module: str, func: str) -> Callable | None:
+    """The engine function, or None when its module is not there (yet)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
+            return None
+        raise
+    return getattr(mod, func, None)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _dataclass_params(fn: Callable) -> dict[str, type]:
+    """Keyword parameters of ``fn`` annotated with a dataclass type (PipelineConfig, PBTConfig, ...)."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: no conversion
+        hints = {}
+    out = {}
+    for name, hint in hints.items():
+        cands = [hint] + list(typing.get_args(hint))
+        for c in cands:
+            if isinstance(c, type) and dataclasses.is_dataclass(c):
+                out[name] = c
+                break
+    return out
+
+
+def _build_dataclass(cls: type, value: Any, name: str) -> Any:
+    try:
+        if isinstance(value, cls):
+            obj = copy.deepcopy(value)
+        else:
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                value = dataclasses.asdict(value)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a mapping of settings, got {value!r}.")
+            maker = getattr(cls, "from_dict", None)
+            obj = maker(value or {}) if callable(maker) else _dc_from_dict(cls, value or {}, name)
+    except TypeError as exc:  # e.g. a required setting without a default (PipelineConfig.name)
+        raise ConfigError(f"{name}: {exc}; give it in the options.") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def engine_kwargs(fn: Callable, options: dict | None) -> dict:
+    """Turn job ``options`` into keyword arguments of engine ``fn``.
+
+    Options naming a parameter pass through (a dict for a dataclass-typed parameter such as ``pbt`` or
+    ``pipeline`` is converted and validated); options naming a *field* of such a dataclass are folded into it
+    (``{"population": 4}`` -> ``pbt=PBTConfig(population=4)``). Anything else raises :class:`ConfigError`."""
+    options = dict(options or {})
+    params = inspect.signature(fn).parameters
+    reserved = {"cfg", "config", "home", "tracker", "cancel", "callbacks", "run_id"}
+    dc_params = _dataclass_params(fn)
+    kwargs: dict[str, Any] = {}
+    folded: dict[str, dict] = {}
+    for key, value in options.items():
+        if key in reserved:
+            raise ConfigError(f"option {key!r} is set by the job manager; remove it from the options.")
+        if key in params:
+            kwargs[key] = value
+            continue
+        owner = next((p for p, cls in dc_params.items()
+                      if key in {f.name for f in dataclasses.fields(cls)}), None)
+        if owner is None:
+            allowed = sorted([p for p in params if p not in reserved and p != "self"] +
+                             [f.name for cls in dc_params.values() for f in dataclasses.fields(cls)])
+            raise ConfigError(f"Unknown option {key!r} for {fn.__name__}: allowed are {allowed}.")
+        folded.setdefault(owner, {})[key] = value
+    for owner, fields_ in folded.items():
+        base = kwargs.get(owner)
+        if base is None:
+            base = {}
+        elif dataclasses.is_dataclass(base) and not isinstance(base, type):
+            base = dataclasses.asdict(base)
+        kwargs[owner] = {**dict(base), **fields_}
+    for name, cls in dc_params.items():
+        if name in kwargs:
+            kwargs[name] = _build_dataclass(cls, kwargs[name], name)
+    for key in ("trials", "population", "generations"):
+        if key in kwargs:
+            v = kwargs[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{key} = {v!r} is invalid: expected an integer >= 1.")
+    if "timeout_min" in kwargs and kwargs["timeout_min"] is not None:
+        v = kwargs["timeout_min"]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"timeout_min = {v!r} is invalid: expected a positive number of minutes (or None).")
+    missing = [n for n, p in params.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+               and n not in reserved and n not in kwargs]
+    for name in missing:  # a required dataclass parameter gets its defaults
+        if name in dc_params:
+            kwargs[name] = _build_dataclass(dc_params[name], {}, name)
+        else:
+            raise ConfigError(f"{fn.__name__} needs option {name!r}: add it to the job options.")
+    return kwargs
+
+
+class JobManager:
+    """Runs training and tuning jobs in background threads of this process; see the module docstring."""
+
+    def __init__(self, home=None, max_concurrent: int = 1) -> None:
+        from .tracker import Tracker
+
+        if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool) or max_concurrent < 1:
+            raise ConfigError(f"max_concurrent = {max_concurrent!r} is invalid: expected an integer >= 1.")
+        self.tracker = Tracker(home)
+        self.home = self.tracker.home
+        self.max_concurrent = max_concurrent
+        self._lock = threading.RLock()
+        self._jobs: dict[int, Job] = {}
+        self._queue: list[int] = []
+        self._closed = False
+        self.interrupted: list[int] = self._mark_interrupted()
+
+    def __repr__(self) -> str:
+        return f"JobManager({str(self.home)!r}, max_concurrent={self.max_concurrent})"
+
+    # ------------------------------------------------------------------ start-up
+    def _mark_interrupted(self) -> list[int]:
+        """Runs left active by a dead process -> 'interrupted'. Descendants of runs another job manager of this
+        process is executing (study trials, PBT members) count as live too."""
+        live = _tracker_mod.live_run_ids
+        extra: set[int] = set()
+        frontier = set(live)
+        try:
+            while frontier:
+                marks = ", ".join("?" for _ in frontier)
+                rows = self.tracker._rows(f"SELECT id FROM runs WHERE parent_id IN ({marks})",
+                                          [int(i) for i in frontier])
+                new = {int(r["id"]) for r in rows} - live - extra
+                extra |= new
+                frontier = new
+            added = extra - live
+            live |= added
+            try:
+                return self.tracker.mark_interrupted()
+            finally:
+                live -= added
+        except Exception as exc:  # noqa: BLE001 - never stop the app from starting
+            log.warning("could not mark interrupted runs in %s: %s", self.tracker.db_path, exc)
+            return []
+
+    # ------------------------------------------------------------------ submit
+    def _validate(self, kind: str, config: RunConfig | dict) -> RunConfig:
+        if kind not in KINDS:
+            raise ConfigError(f"job kind {kind!r} is invalid: choose one of {KINDS}.")
+        if isinstance(config, RunConfig):
+            cfg = copy.deepcopy(config).validate()
+        elif isinstance(config, dict):
+            cfg = RunConfig.from_dict(copy.deepcopy(config))
+        else:
+            raise ConfigError(f"config must be a RunConfig or a dict, got {type(config).__name__}.")
+        if kind in TRAIN_KINDS and cfg.kind != kind:
+            raise ConfigError(f"kind = {cfg.kind!r} in the config does not match the job kind {kind!r}: set the "
+                              f"config's kind to {kind!r}.")
+        if kind in ENGINE_KINDS and cfg.kind not in _ENGINES[kind][2]:
+            raise ConfigError(f"kind = {cfg.kind!r} cannot be used for a {kind!r} job: use one of "
+                              f"{_ENGINES[kind][2]}.")
+        if cfg.data.dataset_id is not None:
+            try:
+                self.tracker.get_dataset(int(cfg.data.dataset_id))
+            except (DactLabError, TypeError, ValueError):
+                raise ConfigError(f"data.dataset_id = {cfg.data.dataset_id!r} is not a stored dataset: pick one "
+                                  "from the Data page (or list_datasets()).") from None
+        if cfg.init_from_run is not None:
+            path = self.home / "runs" / str(cfg.init_from_run) / "encoder.safetensors"
+            if not path.exists():
+                raise ConfigError(f"init_from_run = {cfg.init_from_run!r}: run has no exported encoder ({path}); "
+                                  "give the id of a finished backbone run.")
+        return cfg
+
+    def _engine(self, kind: str) -> Callable:
+        module, func, _ = _ENGINES[kind]
+        fn = _import_engine(module, func)
+        if fn is None:
+            raise ConfigError(f"the {kind!r} engine ({module}.{func}) is not available in this installation.")
+        return fn
+
+    def submit(self, kind: str, config: RunConfig | dict, *, options: dict | None = None,
+               name: str | None = None) -> int:
+        """Validate ``config`` (and ``options`` for engine kinds) now, create the job's run (status 'queued') and
+        return its id. Raises :class:`ConfigError` (or :class:`DataError` for a multi-task job on a one-task
+        dataset) when the job cannot run; nothing is created then."""
+        cfg = self._validate(kind, config)
+        options = dict(options or {})
+        record: dict = cfg.to_dict()
+        if kind in ENGINE_KINDS:
+            kwargs = engine_kwargs(self._engine(kind), options)  # raises ConfigError for bad options
+            # the engines' own parent runs record {"run": RunConfig, <engine settings>}: so does the job's run
+            record = {"run": record, **{k: _jsonable(v) for k, v in kwargs.items()}}
+            name = name or cfg.name or getattr(kwargs.get("pipeline"), "name", None)
+        elif options:
+            raise ConfigError(f"kind {kind!r} takes no options, got {sorted(options)}.")
+        if kind == "multitask":
+            check = _import_engine(*_MULTITASK_CHECK)
+            if check is not None:  # a one-task dataset is refused now, with the multi-task engine's message
+                check(cfg, self.tracker)
+        name = name or cfg.name
+        with self._lock:
+            if self._closed:
+                raise DactLabError("the job manager is shut down: restart the app to run jobs.")
+            run_id = self.tracker.create_run(kind, record, name=name, tag=cfg.tag, status="queued",
+                                             dataset_id=cfg.data.dataset_id)
+            _tracker_mod.live_run_ids.add(run_id)
+            job = Job(run_id=run_id, kind=kind, config=cfg, options=options, name=name)
+            self._jobs[run_id] = job
+            self._queue.append(run_id)
+        try:
+            self.tracker.log_event(run_id, "job_submitted", {"kind": kind, "options": _jsonable(options)})
+        except Exception as exc:  # noqa: BLE001 - the record is informative only
+            log.warning("could not log the submission of job %s: %s", run_id, exc)
+        self._schedule()
+        return run_id
+
+    # ------------------------------------------------------------------ scheduling
+    def _running(self) -> int:
+        return sum(1 for j in self._jobs.values() if j.state == "running")
+
+    def _schedule(self) -> None:
+        with self._lock:
+            while self._queue and self._running() < self.max_concurrent and not self._closed:
+                run_id = self._queue.pop(0)
+                job = self._jobs[run_id]
+                if job.state != "queued":
+                    continue
+                job.state, job.started = "running", time.time()
+                job.thread = threading.Thread(target=self._worker, args=(job,), name=f"dact-job-{run_id}",
+                                              daemon=True)
+                job.thread.start()
+
+    def _worker(self, job: Job) -> None:
+        tr = self.tracker
+        try:
+            if job.token.cancelled:
+                raise Cancelled(job.token.reason or "cancelled")
+            if job.kind in TRAIN_KINDS:
+                self._run_train(job)
+            else:
+                self._run_engine(job)
+            final = self._final_status(job, "finished")
+            job.state = final
+        except Cancelled as exc:
+            job.state = "cancelled"
+            job.error = str(exc) or "cancelled"
+            self._ensure_terminal(job, "cancelled", job.error)
+        except BaseException as exc:  # noqa: BLE001 - a job never kills the server
+            job.state = "failed"
+            job.error = f"{type(exc).__name__}: {exc}"
+            self._ensure_terminal(job, "failed", job.error)
+            try:
+                tr.log_event(job.run_id, "job_error", {"error": job.error, "traceback": traceback.format_exc()})
+            except Exception:  # noqa: BLE001
+                pass
+            log.warning("job %s (%s) failed: %s", job.run_id, job.kind, job.error)
+        finally:
+            job.ended = time.time()
+            with self._lock:
+                _tracker_mod.live_run_ids.discard(job.run_id)
+                job.done.set()
+                self._schedule()
+            try:
+                tr.close()  # this thread's connection
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _final_status(self, job: Job, default: str) -> str:
+        """After a job returned: its run's terminal status (set by the loop/engine, else ``default``)."""
+        run = self.tracker.get_run(job.run_id)
+        status = run["status"]
+        if status in _ACTIVE:
+            status = "cancelled" if job.token.cancelled else default
+            self.tracker.set_status(job.run_id, status, "cancelled by user" if status == "cancelled" else None)
+        if status == "failed":
+            job.error = run.get("error") or job.error
+        if status not in JOB_STATES:  # interrupted / pruned
+            job.error = run.get("error") or status
+            return "failed"
+        return status
+
+    def _ensure_terminal(self, job: Job, status: str, error: str) -> None:
+        """Record ``status`` + ``error`` unless the loop already did (it records failures inside training)."""
+        try:
+            run = self.tracker.get_run(job.run_id)
+            if run["status"] in _ACTIVE:
+                self.tracker.set_status(job.run_id, status, error)
+            elif not run.get("error") and status != "finished":
+                self.tracker.update_run(job.run_id, error=error)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not record the end of job %s: %s", job.run_id, exc)
+
+    def _mark_running(self, job: Job) -> None:
+        self.tracker.set_status(job.run_id, "running", pid=os.getpid(), host=socket.gethostname())
+
+    def _run_train(self, job: Job) -> None:
+        from .train import train
+
+        self._mark_running(job)
+        train(job.config, tracker=self.tracker, home=self.home, run_id=job.run_id, cancel=job.token)
+
+    def _run_engine(self, job: Job) -> None:
+        self._call_engine(job, self._engine(job.kind))
+
+    def _call_engine(self, job: Job, fn: Callable) -> None:
+        kwargs = engine_kwargs(fn, job.options)
+        common = {"home": self.home, "tracker": self.tracker, "cancel": job.token, "callbacks": []}
+        for key, value in common.items():
+            if _accepts(fn, key):
+                kwargs[key] = value
+        self._mark_running(job)
+        if _accepts(fn, "run_id"):
+            result = fn(job.config, run_id=job.run_id, **kwargs)
+            job.result = result
+            self._record_result(job, result, linked=False)
+        else:  # the engine creates its own parent run: link it from ours
+            result = fn(job.config, **kwargs)
+            job.result = result
+            self._record_result(job, result, linked=True)
+        job.token.check()
+
+    def _record_result(self, job: Job, result: Any, linked: bool) -> None:
+        summary: dict[str, Any] = {}
+        for key in _RESULT_KEYS:
+            value = getattr(result, key, None) if not isinstance(result, dict) else result.get(key)
+            if value is not None and isinstance(value, (int, float, str, dict, list)):
+                summary[key] = value
+        run_id_attr = getattr(result, "run_id", None)
+        if isinstance(run_id_attr, int) and "final_run_id" not in summary:
+            summary["final_run_id"] = run_id_attr  # train_multitask may return a TrainResult
+        if linked:
+            parent = summary.get("parent_run_id", run_id_attr)
+            if parent is not None:
+                job.engine_run_id = int(parent)
+                summary["engine_run_id"] = int(parent)
+        if not summary:
+            return
+        run = self.tracker.get_run(job.run_id)
+        current = run.get("summary") or {}
+        if not isinstance(current, dict):
+            current = {"previous": current}
+        merged = {**summary, **current}  # the engine's own summary wins
+        if linked:
+            merged["engine_run_id"] = summary.get("engine_run_id")
+        self.tracker.update_run(job.run_id, summary=merged)
+
+    # ------------------------------------------------------------------ control
+    def cancel(self, run_id: int) -> bool:
+        """Cancel a job: a queued one never starts (status 'cancelled'); a running one gets its token set.
+        Returns False when the job is unknown or already ended."""
+        run_id = int(run_id)
+        with self._lock:
+            job = self._jobs.get(run_id)
+            if job is None or job.state not in _ACTIVE:
+                return False
+            if job.state == "queued":
+                job.token.cancel("cancelled by user before it started")
+                if run_id in self._queue:
+                    self._queue.remove(run_id)
+                job.state, job.ended, job.error = "cancelled", time.time(), "cancelled by user before it started"
+                _tracker_mod.live_run_ids.discard(run_id)
+                try:
+                    self.tracker.set_status(run_id, "cancelled", job.error)
+                finally:
+                    job.done.set()
+                return True
+            job.token.cancel("cancelled by user")
+            return True
+
+    def status(self, run_id: int) -> str | None:
+        """The job's state, else the tracker status of that run, else None."""
+        job = self._jobs.get(int(run_id))
+        if job is not None:
+            return job.state
+        try:
+            return self.tracker.get_run(int(run_id))["status"]
+        except DactLabError:
+            return None
+
+    def jobs(self) -> list[dict]:
+        """All jobs of this manager, newest first: run_id, kind, name, state, submitted, started, ended, error."""
+        with self._lock:
+            return [j.as_dict() for j in sorted(self._jobs.values(), key=lambda j: -j.run_id)]
+
+    def get(self, run_id: int) -> dict | None:
+        job = self._jobs.get(int(run_id))
+        return None if job is None else job.as_dict()
+
+    def result(self, run_id: int) -> Any:
+        """The engine's return value of a finished job (None for train kinds or unknown jobs)."""
+        job = self._jobs.get(int(run_id))
+        return None if job is None else job.result
+
+    def wait(self, run_id: int, timeout: float | None = None) -> str:
+        """Block until the job ends (or ``timeout`` seconds pass); returns its state."""
+        job = self._jobs.get(int(run_id))
+        if job is None:
+            raise DactLabError(f"run {run_id} is not a job of this manager.")
+        job.done.wait(timeout)
+        return job.state
+
+    def active_count(self) -> int:
+        """Queued + running jobs."""
+        with self._lock:
+            return sum(1 for j in self._jobs.values() if j.state in _ACTIVE)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            out = {s: 0 for s in JOB_STATES}
+            for j in self._jobs.values():
+                out[j.state] = out.get(j.state, 0) + 1
+            return out
+
+    def shutdown(self, cancel: bool = True, timeout: float | None = 30.0) -> None:
+        """Stop accepting jobs; with ``cancel`` cancel the queued and running ones; wait up to ``timeout`` s for
+        the running ones to end."""
+        with self._lock:
+            self._closed = True
+            jobs = list(self._jobs.values())
+        for j in jobs:
+            if j.state == "queued" or (cancel and j.state == "running"):
+                self.cancel(j.run_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for j in jobs:
+            t = j.thread
+            if t is not None and t.is_alive():
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        to_dict = getattr(value, "to_dict", None)
+        return _jsonable(to_dict() if callable(to_dict) else dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,159 @@
+"""Data: upload a labelled CSV, check it, look at it, try a split, save it; manage the saved datasets."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from dact_lib.data import DataError, read_csv, split_dataset
+from dact_lib.errors import DactLabError
+from ui import state
+
+st.title("Data")
+st.markdown("Upload a CSV with a text column and one label column (`text,label`) or two "
+            "(`sentence,class_label,sentiment_label` for multi-task). Comma, semicolon and tab separated files "
+            "work; columns with other names can be mapped below. Nothing is stored until you press **Save**.")
+
+ONE_TASK = ("text", "label")
+TWO_TASKS = ("sentence", "class_label", "sentiment_label")
+
+
+def header_of(raw: bytes) -> list[str]:
+    """The column names of a CSV's first line (best effort, only to offer the column mapping)."""
+    try:
+        text = raw[:65536].decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw[:65536].decode("cp1252", errors="replace")
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    sep = max((",", ";", "\t"), key=line.count)
+    try:
+        return [h.strip() for h in next(csv.reader([line], delimiter=sep)) if h.strip()]
+    except (StopIteration, csv.Error):
+        return []
+
+
+def parse_upload(raw: bytes, columns: dict[str, str] | None, name: str):
+    """read_csv with a per-session cache: (TextDataset, None) or (None, error message)."""
+    key = (hashlib.sha256(raw).hexdigest(), json.dumps(columns, sort_keys=True), name)
+    cached = st.session_state.get("data:parsed")
+    if cached and cached[0] == key:
+        return cached[1]
+    try:
+        result = (read_csv(raw, columns=columns, name=name), None)
+    except DataError as exc:
+        result = (None, str(exc))
+    st.session_state["data:parsed"] = (key, result)
+    return result
+
+
+def column_mapping(header: list[str]) -> dict[str, str] | None:
+    if not header or not st.checkbox("Map the columns myself", key="data:map",
+                                     help="Needed when the file's columns have other names than text/label."):
+        return None
+    layout = st.radio("Tasks", ["One task (text, label)", "Two tasks (sentence, class_label, sentiment_label)"],
+                      key="data:map-layout", horizontal=True)
+    canon = ONE_TASK if layout.startswith("One") else TWO_TASKS
+    cols = st.columns(len(canon))
+    mapping = {}
+    lower = [h.lower() for h in header]
+    for i, (c, name) in enumerate(zip(cols, canon)):
+        default = lower.index(name) if name in lower else min(i, len(header) - 1)
+        mapping[name] = c.selectbox(f"{name} column", header, index=default, key=f"data:map-{name}")
+    return mapping
+
+
+def show_dataset(ds) -> None:
+    for w in ds.warnings:
+        st.warning(w)
+    tasks = ", ".join(f"`{t}` ({ds.num_classes(t)} classes)" for t in ds.tasks)
+    st.success(f"{len(ds)} rows, task(s) {tasks}.")
+    st.dataframe(ds.to_frame().head(20), hide_index=True, width="stretch")
+    cols = st.columns(len(ds.tasks) + 1)
+    for c, task in zip(cols, ds.tasks):
+        counts = ds.class_counts(task)
+        fig = px.bar(x=list(counts), y=list(counts.values()), labels={"x": task, "y": "rows"},
+                     title=f"Classes of {task}")
+        fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10))
+        c.plotly_chart(fig, width="stretch", key=f"data:classes-{task}")
+    lengths = pd.Series([len(t.split()) for t in ds.texts], name="words per text")
+    fig = px.histogram(lengths, x="words per text", nbins=40, title="Text length")
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
+    cols[-1].plotly_chart(fig, width="stretch", key="data:lengths")
+
+
+def split_preview(ds) -> None:
+    st.markdown("**Split** (the training forms use the same settings: validation/test fraction and split seed)")
+    c1, c2, c3 = st.columns(3)
+    val = c1.number_input("Validation fraction", value=0.1, step=0.05, format="%.2f", key="data:val")
+    test = c2.number_input("Test fraction", value=0.1, step=0.05, format="%.2f", key="data:test")
+    seed = c3.number_input("Split seed", value=0, step=1, key="data:seed")
+    try:
+        split = split_dataset(ds, val_frac=float(val), test_frac=float(test), seed=int(seed))
+    except DataError as exc:
+        st.error(str(exc))
+        return
+    sizes = {"train": len(split.train), "validation": len(split.val), "test": len(split.test) if split.test else 0}
+    st.dataframe(pd.DataFrame([sizes]), hide_index=True)
+
+
+tr = state.tracker()
+
+up = st.file_uploader("CSV file", type=["csv", "tsv", "txt"], key="data:upload")
+if up is not None:
+    raw = up.getvalue()
+    mapping = column_mapping(header_of(raw))
+    default_name = Path(up.name).stem or "dataset"
+    ds, error = parse_upload(raw, mapping, default_name)
+    if error is not None:
+        st.error(error)
+    else:
+        show_dataset(ds)
+        split_preview(ds)
+        c1, c2 = st.columns([3, 1])
+        name = c1.text_input("Dataset name", value=default_name, key="data:name")
+        if c2.button("Save", type="primary", key="data:save", icon=":material/save:"):
+            before = {d["id"] for d in tr.list_datasets()}
+            dataset_id = tr.add_dataset(ds, name=name.strip() or default_name)
+            if dataset_id in before:
+                st.info(f"This data is already stored as dataset #{dataset_id}.")
+            else:
+                st.success(f"Saved as dataset #{dataset_id}. Pick it in the Dataset box of the Train pages.")
+
+
+
+def delete_dataset(dataset_id: int) -> None:
+    """Button callback (runs before the page is drawn again, so the table below is already up to date)."""
+    try:
+        state.tracker().delete_dataset(dataset_id)
+    except DactLabError as exc:
+        st.session_state["data:flash"] = ("error", str(exc))
+    else:
+        st.session_state["data:flash"] = ("success", f"Deleted dataset #{dataset_id}.")
+
+
+st.divider()
+st.subheader("Saved datasets")
+flash = st.session_state.pop("data:flash", None)
+if flash:
+    (st.error if flash[0] == "error" else st.success)(flash[1])
+datasets = tr.list_datasets()
+if not datasets:
+    st.info("No datasets saved yet. The bundled demo dataset is always available in the Train pages.")
+else:
+    st.dataframe(pd.DataFrame([{
+        "id": d["id"], "name": d["name"], "rows": d["rows"], "tasks": ", ".join(d["tasks"] or []),
+        "classes": "; ".join(f"{t}: {len(m)}" for t, m in (d["label_maps"] or {}).items()),
+        "created": _dt.datetime.fromtimestamp(d["created"]).strftime("%Y-%m-%d %H:%M") if d["created"] else "",
+    } for d in datasets]), hide_index=True, width="stretch")
+    labels = {d["id"]: f"#{d['id']} {d['name']}" for d in datasets}
+    c1, c2, c3 = st.columns([2, 1, 1])
+    pick = c1.selectbox("Dataset", list(labels), format_func=labels.get, key="data:pick")
+    c2.download_button("Download CSV", tr.get_dataset_csv(pick), file_name=f"{labels[pick]}.csv",
+                       mime="text/csv", key="data:download", on_click="ignore", icon=":material/download:")
+    c3.button("Delete", key="data:delete", icon=":material/delete:", on_click=delete_dataset, args=(pick,))

@@ -1,0 +1,38 @@
+"""PBT: Population Based Training of a population of members trained side by side (``run_pbt``)."""
+from __future__ import annotations
+
+import streamlit as st
+
+from ui.forms import Mode, dataclass_fields, dataclass_values, launch_page
+
+st.title("Population Based Training")
+st.markdown("Train a **population** of models at once: at every ready point the weakest members copy the weights "
+            "of the strongest (*exploit*) and perturb the copied learning rate, weight decay, dropout and warm-up "
+            "(*explore*). The head architecture is drawn once for the whole population. Follow the lineage on the "
+            "PBT view page.")
+
+
+def _cfg_cls():
+    from dact_lib.tuning.pbt import PBTConfig
+
+    return PBTConfig
+
+
+def _unavailable() -> str | None:
+    try:
+        _cfg_cls()
+    except Exception as exc:  # noqa: BLE001 - the page still shows the single-run form
+        return f"The PBT engine is not available in this installation ({exc})."
+    return None
+
+
+def _fields():
+    return dataclass_fields(_cfg_cls(), "pbt")
+
+
+def _defaults() -> dict:
+    return {"pbt": dataclass_values(_cfg_cls()())}
+
+
+launch_page("pbt", kinds=("backbone", "dact", "multitask"), kind_label="Member model kind",
+            modes=[Mode("PBT", "pbt", _fields, _defaults, _unavailable)])

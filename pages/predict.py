@@ -1,0 +1,122 @@
+"""Predict: run a trained model on your own sentences — label, probabilities and, for DACT, the per-layer exit trace."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from dact_lib.errors import DactLabError
+from dact_lib.models import MODEL_FILE, load_model, predict
+from ui import state
+
+st.title("Predict")
+st.markdown("Pick a finished run with a saved model, type one sentence per line and press **Predict**. A DACT "
+            "model also shows, layer by layer, its answer *y*ₙ (probability of the predicted class), the halting "
+            "probability *h*ₙ and the weight *p*ₙ the layer gets in the final answer, with the layer where it "
+            "stopped.")
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def _load(run_dir: str, mtime: float):
+    """One loaded model per run folder and checkpoint version (the mtime of model.safetensors)."""
+    return load_model(run_dir)
+
+
+def model_runs() -> list[dict]:
+    out = []
+    for r in state.tracker().list_runs(status="finished"):
+        d = r.get("run_dir")
+        if d and (Path(d) / MODEL_FILE).is_file():
+            out.append(r)
+    return out
+
+
+def _label(r: dict) -> str:
+    best = (r.get("summary") or {}).get("best") or {}
+    acc = best.get("val_accuracy")
+    extra = f", val acc {acc:.3f}" if isinstance(acc, (int, float)) else ""
+    return f"#{r['id']} {r['kind']}{' ' + r['name'] if r.get('name') else ''}{extra}"
+
+
+def prob_chart(probs: dict[str, float], title: str, key: str) -> None:
+    fig = go.Figure(go.Bar(x=list(probs.values()), y=list(probs), orientation="h"))
+    fig.update_layout(title=title, height=80 + 28 * len(probs), margin=dict(l=10, r=10, t=40, b=10),
+                      xaxis=dict(range=[0, 1], title="probability"), yaxis=dict(autorange="reversed"))
+    st.plotly_chart(fig, width="stretch", key=key)
+
+
+def dact_chart(res: dict, key: str) -> None:
+    layers = res["layers"]
+    xs = [lay["layer"] for lay in layers]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=xs, y=[lay["y"].get(res["label"], 0.0) for lay in layers], mode="lines+markers",
+                             name=f"yₙ: p({res['label']})"))
+    fig.add_trace(go.Scatter(x=xs, y=[lay["h"] for lay in layers], mode="lines+markers", name="hₙ halting"))
+    fig.add_trace(go.Bar(x=xs, y=[lay["p"] for lay in layers], name="pₙ weight", opacity=0.4))
+    fig.add_vline(x=res["exit_layer"], line_dash="dash", line_color="red",
+                  annotation_text=f"exit at layer {res['exit_layer']} of {res['num_layers']}")
+    fig.update_layout(title="Per-layer trace", height=340, margin=dict(l=10, r=10, t=40, b=10),
+                      xaxis=dict(title="layer", dtick=1, range=[0.5, res["num_layers"] + 0.5]),
+                      yaxis=dict(range=[0, 1.05]))
+    st.plotly_chart(fig, width="stretch", key=key)
+    st.dataframe(pd.DataFrame([{"layer": lay["layer"], "label": lay["label"], "y (pred. class)":
+                                lay["y"].get(res["label"], 0.0), "h": lay["h"], "p": lay["p"]} for lay in layers]),
+                 hide_index=True)
+
+
+def show(res: dict, i: int) -> None:
+    if "tasks" in res:  # multi-task: both heads
+        cols = st.columns(len(res["tasks"]))
+        for c, (task, r) in zip(cols, res["tasks"].items()):
+            with c:
+                st.metric(task, r["label"], f"{r['probability']:.1%}", delta_color="off")
+                prob_chart(r["probabilities"], task, key=f"predict:probs-{i}-{task}")
+        return
+    st.metric(res.get("task") or "label", res["label"], f"{res['probability']:.1%}", delta_color="off")
+    if "layers" in res:
+        c1, c2 = st.columns(2)
+        with c1:
+            prob_chart(res["probabilities"], "Probabilities", key=f"predict:probs-{i}")
+        with c2:
+            dact_chart(res, key=f"predict:trace-{i}")
+    else:
+        prob_chart(res["probabilities"], "Probabilities", key=f"predict:probs-{i}")
+
+
+runs = model_runs()
+if not runs:
+    st.info("No finished run with a saved model yet: train one from a Train page (or the demo button on Home).")
+else:
+    by_id = {r["id"]: r for r in runs}
+    wanted = st.session_state.get("predict_run_id")
+    if wanted is not None and int(wanted) in by_id and st.session_state.get("predict:run-from") != wanted:
+        st.session_state["predict:run"] = int(wanted)  # chosen elsewhere (Pareto explorer, Runs)
+        st.session_state["predict:run-from"] = wanted
+    if st.session_state.get("predict:run") not in by_id:
+        st.session_state["predict:run"] = runs[0]["id"]
+    run_id = st.selectbox("Model", list(by_id), format_func=lambda i: _label(by_id[i]), key="predict:run")
+    st.session_state.setdefault("predict:text", "The waiter was friendly and the pasta was delicious.")
+    text = st.text_area("Text (one per line)", key="predict:text", height=120)
+    if st.button("Predict", type="primary", key="predict:go", icon=":material/psychology:"):
+        texts = [t.strip() for t in text.splitlines() if t.strip()]
+        run_dir = Path(by_id[run_id]["run_dir"])
+        try:
+            loaded = _load(str(run_dir), (run_dir / MODEL_FILE).stat().st_mtime)
+            results = predict(loaded, texts)
+        except DactLabError as exc:
+            st.error(str(exc))
+        else:
+            st.session_state["predict:results"] = (run_id, texts, results)
+    stored = st.session_state.get("predict:results")
+    if stored and stored[0] == run_id:
+        _, texts, results = stored
+        if len(results) > 1:
+            st.dataframe(pd.DataFrame([{"text": t, "label": r["label"], "probability": r["probability"],
+                                        **({"exit layer": r["exit_layer"]} if "exit_layer" in r else {})}
+                                       for t, r in zip(texts, results)]), hide_index=True, width="stretch")
+        for i, (t, r) in enumerate(zip(texts[:5], results[:5])):  # details of the first five
+            if len(results) > 1:
+                st.markdown(f"**{t}**")
+            show(r, i)

@@ -1,0 +1,414 @@
+"""The dashboard pages of app.py through streamlit's AppTest: render on an empty and a populated home, upload a CSV,
+start / cancel jobs from the forms, load a config file, predict."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import streamlit as st
+import yaml
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dact_lib.config import DEFAULT_ENCODER, default_config  # noqa: E402
+from dact_lib.data import load_demo_dataset, read_csv  # noqa: E402
+from dact_lib.tracker import Tracker  # noqa: E402
+from dact_lib.train import train  # noqa: E402
+
+APP = ROOT / "app.py"
+MY_PAGES = ["pages/home.py", "pages/data.py", "pages/backbone.py", "pages/dact_pipeline.py", "pages/pbt.py",
+            "pages/multitask.py", "pages/predict.py"]
+TIMEOUT = 60
+
+
+def tiny_cfg(kind: str):
+    cfg = default_config(kind, encoder="tiny")
+    cfg.data.max_rows = 120
+    cfg.data.max_seq_len = 32
+    cfg.train.epochs = 1
+    cfg.train.batch_size = 16
+    cfg.train.device = "cpu"
+    return cfg.validate()
+
+
+def csv_bytes(n_per_class: int = 15, header: str = "text,label", sep: str = ",") -> bytes:
+    rows = [header.replace(",", sep)]
+    for i in range(n_per_class):
+        rows.append(f"the food was lovely number {i}{sep}pos")
+        rows.append(f"the service was awful time {i}{sep}neg")
+    return ("\n".join(rows) + "\n").encode()
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+def _reset_app_state() -> None:
+    from ui import state
+
+    try:
+        state.jobs().shutdown(cancel=True, timeout=60)
+    except Exception:  # noqa: BLE001
+        pass
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def app_home(home):
+    """An empty home for the app; the per-process singletons are dropped before and after."""
+    st.cache_resource.clear()
+    yield home
+    _reset_app_state()
+
+
+@pytest.fixture(scope="module")
+def populated_dir(tmp_path_factory):
+    """A home with a stored dataset and a tiny finished run of each kind (+ an engine parent with a child)."""
+    h = tmp_path_factory.mktemp("populated")
+    tr = Tracker(h)
+    ds_id = tr.add_dataset(read_csv(csv_bytes(), name="reviews"), name="reviews")
+    ids = {}
+    for kind in ("backbone", "dact", "multitask"):
+        ids[kind] = train(tiny_cfg(kind), tracker=tr, home=h).run_id
+    cfg = tiny_cfg("backbone")
+    cfg.data.dataset_id = ds_id
+    cfg.data.max_rows = None
+    ids["stored"] = train(cfg, tracker=tr, home=h).run_id
+    parent = tr.create_run("pbt", tiny_cfg("backbone").to_dict(), status="finished")
+    tr.create_run("pbt-member", tiny_cfg("backbone").to_dict(), parent_id=parent, status="failed")
+    tr.update_run(parent + 1, error="RuntimeError: boom")
+    tr.close()
+    return h, ids, ds_id
+
+
+@pytest.fixture
+def populated(populated_dir, monkeypatch):
+    h, ids, ds_id = populated_dir
+    monkeypatch.setenv("DACT_LAB_HOME", str(h))
+    st.cache_resource.clear()
+    yield h, ids, ds_id
+    _reset_app_state()
+
+
+def open_app() -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def goto(at: AppTest, page: str) -> AppTest:
+    at.switch_page(page).run()
+    assert not at.exception, (page, at.exception)
+    return at
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def successes(at: AppTest) -> list[str]:
+    return [s.value for s in at.success]
+
+
+def jobs():
+    from ui import state
+
+    return state.jobs()
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def test_pages_render_on_an_empty_home(app_home):
+    at = open_app()
+    captions = " ".join(c.value for c in at.sidebar.caption)
+    assert str(app_home) in captions and "0" in captions and "running" in captions
+    for page in MY_PAGES:
+        goto(at, page)
+        assert not errors(at), (page, errors(at))
+    goto(at, "pages/predict.py")
+    assert any("No finished run" in i.value for i in at.info)
+
+
+def test_pages_render_on_a_populated_home(populated):
+    h, ids, ds_id = populated
+    at = open_app()
+    for page in MY_PAGES:
+        goto(at, page)
+        assert not errors(at), (page, errors(at))
+    goto(at, "pages/home.py")
+    table = at.dataframe[0].value
+    assert set(ids.values()) <= set(table["id"]) and "reviews" in set(table["dataset"])
+    assert table.loc[table["id"] == ids["dact"], "best val accuracy"].notna().all()
+    goto(at, "pages/data.py")
+    assert "reviews" in set(at.dataframe[-1].value["name"])
+    goto(at, "pages/predict.py")
+    assert len(at.selectbox(key="predict:run").options) == 4  # the four runs with a model
+
+
+# --------------------------------------------------------------------------------------------- data page
+
+
+def test_uploaded_csv_is_stored_and_bad_one_is_not(app_home):
+    tr = Tracker(app_home)
+    at = goto(open_app(), "pages/data.py")
+    at.file_uploader(key="data:upload").upload("broken.csv", b"just one column\nand no labels\n", "text/csv")
+    at.run()
+    assert errors(at) and "delimiter" in errors(at)[0]
+    assert not any(b.key == "data:save" for b in at.button)
+    assert tr.list_datasets() == []
+
+    at.file_uploader(key="data:upload").set_value(("reviews.csv", csv_bytes(), "text/csv"))
+    at.run()
+    assert not errors(at), errors(at)
+    assert len(at.dataframe) >= 2  # preview + split sizes
+    sizes = at.dataframe[1].value.iloc[0].to_dict()
+    assert sum(sizes.values()) == 30 and sizes["test"] == 3
+    at.text_input(key="data:name").set_value("my reviews")
+    at.button(key="data:save").click().run()
+    stored = tr.list_datasets()
+    assert [d["name"] for d in stored] == ["my reviews"] and stored[0]["rows"] == 30
+    assert any("Saved as dataset" in s for s in successes(at))
+
+    # a split that cannot be made shows its DataError
+    at.number_input(key="data:test").set_value(0.5)
+    at.number_input(key="data:val").set_value(0.45)
+    at.run()
+    assert any("0.95" in e for e in errors(at))
+
+    # deleting: refused while a queued run uses it, then allowed
+    ds_id = stored[0]["id"]
+    busy = tr.create_run("backbone", {}, status="queued", dataset_id=ds_id)
+    at.selectbox(key="data:pick").set_value(ds_id)
+    at.button(key="data:delete").click().run()
+    assert any("active run" in e for e in errors(at)) and len(tr.list_datasets()) == 1
+    tr.set_status(busy, "cancelled")
+    at.button(key="data:delete").click().run()
+    assert tr.list_datasets() == []
+
+
+def test_column_mapping(app_home):
+    tr = Tracker(app_home)
+    at = goto(open_app(), "pages/data.py")
+    at.file_uploader(key="data:upload").upload("odd.csv", csv_bytes(header="review;stars", sep=";"), "text/csv")
+    at.run()
+    assert errors(at) and "No text column" in errors(at)[0]
+    at.checkbox(key="data:map").check().run()
+    assert at.selectbox(key="data:map-text").value == "review" and at.selectbox(key="data:map-label").value == "stars"
+    assert not errors(at), errors(at)
+    at.button(key="data:save").click().run()
+    assert tr.list_datasets()[0]["columns"] == {"text": "review", "label": "stars"}
+
+
+# --------------------------------------------------------------------------------------------- launch forms
+
+BB = "backbone/backbone"
+
+
+def fill_tiny(at: AppTest, pre: str, *, epochs: int = 1, max_rows: int = 120) -> None:
+    at.text_input(key=f"{pre}:encoder").set_value("tiny")
+    at.number_input(key=f"{pre}:data.max_rows").set_value(max_rows)
+    at.number_input(key=f"{pre}:data.max_seq_len").set_value(32)
+    at.number_input(key=f"{pre}:train.epochs").set_value(epochs)
+    at.selectbox(key=f"{pre}:train.device").set_value("cpu")
+
+
+def start(at: AppTest, page: str) -> int:
+    at.button(key=f"FormSubmitter:{page}:form-Start").click().run()
+    assert not at.exception and not errors(at), (at.exception, errors(at))
+    (msg,) = [s for s in successes(at) if "Started job" in s]
+    return int(msg.split("#")[1].split("*")[0])
+
+
+def test_form_job_runs_to_the_end(app_home):
+    at = goto(open_app(), "pages/backbone.py")
+    fill_tiny(at, BB)
+    at.text_input(key=f"{BB}:name").set_value("from the form")
+    run_id = start(at, "backbone")
+    assert jobs().wait(run_id, timeout=120) == "finished"
+    run = Tracker(app_home).get_run(run_id)
+    assert run["status"] == "finished" and run["name"] == "from the form" and run["config"]["encoder"] == "tiny"
+    assert (app_home / "runs" / str(run_id) / "model.safetensors").exists()
+    goto(at, "pages/predict.py")  # the new model is offered at once
+    assert at.selectbox(key="predict:run").value == run_id
+
+
+def test_multitask_form_job(app_home):
+    at = goto(open_app(), "pages/multitask.py")
+    pre = "multitask/multitask"
+    fill_tiny(at, pre)
+    at.text_input(key=f"{pre}:model.task_weights").set_value('{"class_label": 1.0, "sentiment_label": 0.5}')
+    run_id = start(at, "multitask")
+    assert jobs().wait(run_id, timeout=120) == "finished"
+    run = Tracker(app_home).get_run(run_id)
+    assert run["kind"] == "multitask" and run["config"]["model"]["task_weights"]["sentiment_label"] == 0.5
+
+
+def test_invalid_form_values_show_an_error_and_submit_nothing(app_home):
+    at = goto(open_app(), "pages/backbone.py")
+    fill_tiny(at, BB, epochs=0)
+    at.button(key="FormSubmitter:backbone:form-Start").click().run()
+    assert any("train.epochs" in e for e in errors(at))
+    at.number_input(key=f"{BB}:train.epochs").set_value(1)
+    at.text_input(key=f"{BB}:model.head.hidden_dims").set_value("256, lots")
+    at.button(key="FormSubmitter:backbone:form-Check config").click().run()
+    assert any("hidden_dims" in e for e in errors(at))
+    assert Tracker(app_home).list_runs() == [] and jobs().jobs() == []
+
+
+def test_cancel_queued_and_running_jobs_from_the_jobs_panel(app_home):
+    at = goto(open_app(), "pages/backbone.py")
+    fill_tiny(at, BB, epochs=300, max_rows=400)
+    at.checkbox(key=f"{BB}:train.early_stopping.enabled").uncheck()
+    first = start(at, "backbone")
+    second = start(at, "backbone")
+    jm = jobs()
+    assert jm.status(first) == "running" and jm.status(second) == "queued"  # one job at a time
+    goto(at, "pages/home.py")
+    at.selectbox(key="home:jobs:cancel-pick").set_value(second)
+    at.button(key="home:jobs:cancel").click().run()
+    assert not at.exception
+    tr = Tracker(app_home)
+    assert jm.status(second) == "cancelled" and tr.get_run(second)["status"] == "cancelled"
+    at.selectbox(key="home:jobs:cancel-pick").set_value(first)
+    at.button(key="home:jobs:cancel").click().run()
+    assert jm.wait(first, 60) == "cancelled" and tr.get_run(first)["status"] == "cancelled"
+
+
+def test_config_download_and_upload_fill_the_form(app_home):
+    at = goto(open_app(), "pages/backbone.py")
+    assert len(at.get("download_button")) == 2
+    cfg = tiny_cfg("backbone")
+    cfg.train.epochs = 7
+    at.file_uploader(key="backbone:upload").upload("cfg.yaml", cfg.to_yaml().encode(), "application/x-yaml")
+    at.run()
+    assert not errors(at), errors(at)
+    assert at.number_input(key=f"{BB}:train.epochs").value == 7
+    assert at.text_input(key=f"{BB}:encoder").value == "tiny"
+    # a later edit is not overwritten by the same upload
+    at.number_input(key=f"{BB}:train.epochs").set_value(2)
+    at.button(key="FormSubmitter:backbone:form-Check config").click().run()
+    assert at.number_input(key=f"{BB}:train.epochs").value == 2 and any("valid" in s for s in successes(at))
+
+    bad = cfg.to_dict()
+    bad["train"]["epochs"] = 0
+    at.file_uploader(key="backbone:upload").set_value(("bad.yaml", yaml.safe_dump(bad).encode(), "application/x-yaml"))
+    at.run()
+    assert any("train.epochs" in e for e in errors(at))
+    at.file_uploader(key="backbone:upload").set_value(("dact.json", default_config("dact").to_json().encode(),
+                                                       "application/json"))
+    at.run()
+    assert any("does not fit this page" in e for e in errors(at))
+
+
+def test_engine_config_upload_switches_mode(app_home):
+    at = goto(open_app(), "pages/pbt.py")
+    doc = {"config": tiny_cfg("dact").to_dict(), "options": {"pbt": {"population": 3}}}
+    at.file_uploader(key="pbt:upload").upload("pbt.json", yaml.safe_dump(doc).encode(), "application/json")
+    at.run()
+    assert not errors(at), errors(at)
+    assert at.selectbox(key="pbt:kind").value == "dact"
+    assert at.number_input(key="pbt/dact:pbt.population").value == 3
+
+
+def test_pbt_job_from_the_form(app_home):
+    at = goto(open_app(), "pages/pbt.py")
+    pre = "pbt/backbone"
+    fill_tiny(at, pre)
+    at.number_input(key=f"{pre}:pbt.population").set_value(2)
+    run_id = start(at, "pbt")
+    assert jobs().wait(run_id, timeout=120) == "finished", jobs().jobs()
+    run = Tracker(app_home).get_run(run_id)
+    assert run["status"] == "finished" and run["kind"] == "pbt"
+    # the engine's parent run (the job's own run when the engine takes run_id)
+    linked = run["summary"].get("engine_run_id", run_id)
+    assert Tracker(app_home).list_runs(parent_id=linked)
+
+
+def test_tuning_and_pipeline_jobs_from_the_forms(app_home):
+    at = goto(open_app(), "pages/backbone.py")
+    at.radio(key="backbone:mode").set_value("Optuna tuning").run()
+    fill_tiny(at, BB)
+    at.number_input(key=f"{BB}:trials").set_value(1)
+    at.checkbox(key=f"{BB}:final").uncheck()
+    at.text_input(key=f"{BB}:space.epochs").set_value("[1, 1]")
+    tune_id = start(at, "backbone")
+
+    goto(at, "pages/dact_pipeline.py")
+    at.radio(key="dact:mode").set_value("Full pipeline").run()
+    pre = "dact/dact"
+    fill_tiny(at, pre)
+    for stage in ("trials_stage1", "trials_stage2", "trials_stage3", "stage1_epochs"):
+        at.number_input(key=f"{pre}:pipeline.{stage}").set_value(1)
+    at.text_input(key=f"{pre}:pipeline.epochs_range").set_value("[1, 1]")
+    at.checkbox(key=f"{pre}:pipeline.sweep_timed").uncheck()
+    pipe_id = start(at, "dact")
+
+    tr = Tracker(app_home)
+    assert jobs().wait(tune_id, timeout=120) == "finished", jobs().jobs()
+    assert tr.get_run(tune_id)["kind"] == "tune-backbone" and tr.get_run(tune_id)["summary"].get("study_name")
+    assert jobs().wait(pipe_id, timeout=120) == "finished", jobs().jobs()
+    summary = tr.get_run(pipe_id)["summary"]
+    final = tr.get_run(summary["final_run_id"])
+    assert final["kind"] == "dact" and final["status"] == "finished"
+
+
+def test_home_demo_button_submits_a_dact_job(app_home, monkeypatch):
+    seen = {}
+
+    def fake_train(cfg, *, tracker, run_id, cancel, **kw):
+        seen["cfg"] = cfg
+        tracker.set_status(run_id, "finished")
+
+    monkeypatch.setattr("dact_lib.train.train", fake_train)
+    at = open_app()
+    at.button(key="home:demo").click().run()
+    assert not errors(at) and any("Started job" in s for s in successes(at))
+    (job,) = jobs().jobs()
+    assert jobs().wait(job["run_id"], 30) == "finished"
+    cfg = seen["cfg"]
+    assert cfg.kind == "dact" and cfg.encoder == DEFAULT_ENCODER and cfg.train.epochs == 2
+    assert cfg.data.dataset_id is None and cfg.data.path is None  # the bundled demo dataset
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+def test_predict_shows_a_prediction(populated):
+    h, ids, _ = populated
+    at = goto(open_app(), "pages/predict.py")
+    labels = load_demo_dataset().label_maps
+    at.selectbox(key="predict:run").set_value(ids["dact"])
+    at.text_area(key="predict:text").set_value("The soup was cold.")
+    at.button(key="predict:go").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    (metric,) = at.metric
+    assert metric.value in labels["class_label"]
+    assert len(at.get("plotly_chart")) == 2  # probabilities + the per-layer trace
+    trace = at.dataframe[-1].value
+    assert list(trace.columns[:2]) == ["layer", "label"] and 1 <= len(trace) <= 2
+
+    at.selectbox(key="predict:run").set_value(ids["multitask"])
+    at.button(key="predict:go").click().run()
+    assert [m.label for m in at.metric] == ["class_label", "sentiment_label"]
+    assert at.metric[1].value in labels["sentiment_label"]
+
+    at.text_area(key="predict:text").set_value("first line\nsecond line")
+    at.selectbox(key="predict:run").set_value(ids["backbone"])
+    at.button(key="predict:go").click().run()
+    assert len(at.dataframe[0].value) == 2 and len(at.metric) == 2
+
+
+def test_predict_defaults_to_the_chosen_run(populated):
+    h, ids, _ = populated
+    at = open_app()
+    at.session_state["predict_run_id"] = ids["backbone"]
+    goto(at, "pages/predict.py")
+    assert at.selectbox(key="predict:run").value == ids["backbone"]
+    at.text_area(key="predict:text").set_value("   ")
+    at.button(key="predict:go").click().run()
+    assert any("Nothing to predict" in e for e in errors(at))

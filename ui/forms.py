@@ -1,0 +1,545 @@
+"""Form helpers shared by the launch pages (Backbone, DACT pipeline, PBT, Multi-task) and Home.
+
+A launch form keeps its values in ``st.session_state`` under ``"<prefix>:<dotted path>"`` keys (``"bb:train.epochs"``),
+so a config loaded from a file can fill the form before its widgets are drawn. The form's values overlay a *base*
+config (the defaults, or the uploaded file), so settings the form does not show are kept. Nothing here trains:
+:func:`submit_job` hands the validated config to the job manager.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import streamlit as st
+
+from dact_lib.config import DEFAULT_ENCODER, TINY_ENCODER, RunConfig, default_config, parse_mapping
+from dact_lib.errors import ConfigError, DactLabError
+
+from . import state
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------- fields
+
+
+@dataclass
+class Field:
+    """One form widget bound to a dotted path of a mapping.
+
+    ``kind``: text | int | float | sci (small float, scientific format) | bool | select | dims (list of ints as
+    "256, 64") | optint (0 = None) | optfloat (0 = None) | json (any value as JSON text) | dataset."""
+
+    path: str
+    label: str
+    kind: str = "text"
+    options: tuple = ()
+    help: str | None = None
+
+    # value <-> widget value ---------------------------------------------------
+    def to_widget(self, value: Any) -> Any:
+        k = self.kind
+        if k == "dims":
+            return ", ".join(str(v) for v in (value or []))
+        if k == "optint":
+            return 0 if value is None else int(value)
+        if k == "optfloat":
+            return 0.0 if value is None else float(value)
+        if k == "int":
+            return int(value) if value is not None else 0
+        if k in ("float", "sci"):
+            return float(value) if value is not None else 0.0
+        if k == "bool":
+            return bool(value)
+        if k == "json":
+            return json.dumps(value)
+        if k == "text":
+            return "" if value is None else str(value)
+        return value
+
+    def from_widget(self, value: Any) -> Any:
+        k = self.kind
+        if k == "dims":
+            text = str(value or "").strip().strip("[]")
+            try:
+                return [int(x) for x in text.replace(";", ",").split(",") if x.strip()]
+            except ValueError:
+                raise ConfigError(f"{self.path} = {value!r} is invalid: write layer widths separated by commas, "
+                                  "e.g. 256, 64 (empty = one linear layer).") from None
+        if k == "optint":
+            return None if not value else int(value)
+        if k == "optfloat":
+            return None if not value else float(value)
+        if k == "int":
+            return int(value)
+        if k in ("float", "sci"):
+            return float(value)
+        if k == "json":
+            try:
+                return json.loads(value) if str(value).strip() else None
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{self.path} = {value!r} is invalid JSON ({exc.msg}): write e.g. 0.5, [1, 4], "
+                                  "\"text\" or null.") from None
+        if k == "text":
+            return str(value).strip() or None
+        return value
+
+    # drawing ------------------------------------------------------------------
+    def draw(self, key: str) -> None:
+        k, label, help_ = self.kind, self.label, self.help
+        if k == "bool":
+            st.checkbox(label, key=key, help=help_)
+        elif k == "select":
+            st.selectbox(label, list(self.options), key=key, help=help_)
+        elif k in ("int", "optint"):
+            st.number_input(label, key=key, step=1, help=help_)
+        elif k == "float" or k == "optfloat":
+            st.number_input(label, key=key, step=0.05, format="%.3f", help=help_)
+        elif k == "sci":
+            st.number_input(label, key=key, step=1e-5, format="%.2e", help=help_)
+        elif k == "dataset":
+            options = dataset_choices(two_task_only="two_task" in self.options)
+            if st.session_state.get(key) not in options:
+                st.session_state[key] = None
+            st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)), help=help_)
+        else:
+            st.text_input(label, key=key, help=help_)
+
+
+def get_path(mapping: dict, path: str) -> Any:
+    cur: Any = mapping
+    for part in path.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def set_path(mapping: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    cur = mapping
+    for part in parts[:-1]:
+        if not isinstance(cur.get(part), dict):
+            cur[part] = {}
+        cur = cur[part]
+    cur[parts[-1]] = value
+
+
+def _skey(prefix: str, path: str) -> str:
+    return f"{prefix}:{path}"
+
+
+def fill_state(prefix: str, fields: list[Field], values: dict, *, overwrite: bool) -> None:
+    """Write ``values`` (a nested mapping) into the widgets' session-state keys."""
+    for f in fields:
+        key = _skey(prefix, f.path)
+        if overwrite or key not in st.session_state:
+            st.session_state[key] = f.to_widget(get_path(values, f.path))
+
+
+def draw_fields(prefix: str, fields: list[Field], columns: int = 3) -> None:
+    cols = st.columns(columns)
+    for i, f in enumerate(fields):
+        with cols[i % columns]:
+            f.draw(_skey(prefix, f.path))
+
+
+def collect(prefix: str, fields: list[Field], base: dict) -> dict:
+    """``base`` (deep-copied) with every field's current widget value set; ConfigError for an unparsable value."""
+    out = json.loads(json.dumps(base, default=list))
+    for f in fields:
+        set_path(out, f.path, f.from_widget(st.session_state.get(_skey(prefix, f.path))))
+    return out
+
+
+def dataclass_fields(cls: type, path: str = "", skip: tuple[str, ...] = ()) -> list[Field]:
+    """Generic fields for an engine's settings dataclass (PBTConfig, PipelineConfig, ...): bool → checkbox,
+    int/float → number, Literal → select, str → text, anything else (optional values, lists) → JSON text;
+    nested dataclasses are flattened (``space.lr``)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001
+        hints = {}
+    out: list[Field] = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = hints.get(f.name, f.type)
+        p = f"{path}.{f.name}" if path else f.name
+        label = f.name.replace("_", " ")
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            out += dataclass_fields(hint, p)
+        elif hint is bool:
+            out.append(Field(p, label, "bool"))
+        elif hint is int:
+            out.append(Field(p, label, "int"))
+        elif hint is float:
+            out.append(Field(p, label, "float"))
+        elif typing.get_origin(hint) is typing.Literal:
+            out.append(Field(p, label, "select", tuple(typing.get_args(hint))))
+        elif hint is str:
+            out.append(Field(p, label, "text"))
+        else:
+            out.append(Field(p, label + " (JSON)", "json"))
+    return out
+
+
+def dataclass_values(obj: Any) -> dict:
+    """A settings object as a JSON-friendly dict."""
+    to_dict = getattr(obj, "to_dict", None)
+    d = to_dict() if callable(to_dict) else dataclasses.asdict(obj)
+    return json.loads(json.dumps(d, default=list))
+
+
+# --------------------------------------------------------------------------------------------- common run fields
+
+
+def run_fields(kind: str) -> list[Field]:
+    """The RunConfig settings every launch form shows (the model's own fields are added by each page)."""
+    return [
+        Field("encoder", "Encoder", "text",
+              help=f"'{DEFAULT_ENCODER}' (bundled, no download), '{TINY_ENCODER}' (a tiny random encoder for quick "
+                   "checks), a Hugging Face model name or a local folder."),
+        Field("data.dataset_id", "Dataset", "dataset", ("two_task",) if kind == "multitask" else (),
+              help="A dataset saved on the Data page, or the bundled demo data."
+                   + (" Multi-task training needs a two-task dataset." if kind == "multitask" else "")),
+        Field("data.max_rows", "Max rows (0 = all)", "optint",
+              help="Train on a stratified sample of this many rows."),
+        Field("data.val_frac", "Validation fraction", "float"),
+        Field("data.test_frac", "Test fraction", "float"),
+        Field("data.split_seed", "Split seed", "int"),
+        Field("data.max_seq_len", "Max tokens per text", "int"),
+        Field("train.epochs", "Epochs", "int"),
+        Field("train.batch_size", "Batch size", "int"),
+        Field("train.encoder_lr", "Encoder learning rate", "sci"),
+        Field("train.head_lr", "Head learning rate", "sci"),
+        Field("train.weight_decay", "Weight decay", "sci"),
+        Field("train.seed", "Seed", "int"),
+        Field("train.early_stopping.enabled", "Early stopping", "bool"),
+        Field("train.device", "Device", "select", ("auto", "cpu", "cuda")),
+    ]
+
+
+def encoder_input(key: str, default: str = DEFAULT_ENCODER) -> str:
+    """A free-text encoder name defaulting to the bundled checkpoint; 'tiny' is accepted for quick checks."""
+    st.session_state.setdefault(key, default)
+    return st.text_input("Encoder", key=key, help=f"'{DEFAULT_ENCODER}' is bundled; '{TINY_ENCODER}' is a tiny "
+                                                  "random encoder for quick checks.").strip()
+
+
+def dataset_choices(*, two_task_only: bool = False) -> dict[Any, str]:
+    """{dataset id or None (the demo): label} from the tracker."""
+    choices: dict[Any, str] = {None: "Demo dataset (bundled: topics × sentiment, two tasks)"}
+    try:
+        datasets = state.tracker().list_datasets()
+    except Exception as exc:  # noqa: BLE001
+        st.warning(f"Could not list the saved datasets: {exc}")
+        datasets = []
+    for d in datasets:
+        tasks = d.get("tasks") or []
+        if two_task_only and len(tasks) < 2:
+            continue
+        choices[int(d["id"])] = f"#{d['id']} {d['name']} ({d['rows']} rows; {', '.join(tasks)})"
+    return choices
+
+
+def dataset_picker(key: str, *, two_task_only: bool = False, label: str = "Dataset") -> int | None:
+    """A selectbox of the saved datasets + the demo; returns the dataset id (None = the demo)."""
+    options = dataset_choices(two_task_only=two_task_only)
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = None
+    return st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)))
+
+
+# --------------------------------------------------------------------------------------------- config files
+
+
+def config_document(cfg: dict, options: dict | None = None) -> dict:
+    """What a config download holds: the RunConfig alone, or ``{"config": ..., "options": ...}`` for engines."""
+    return {"config": cfg, "options": options} if options else cfg
+
+
+def parse_config_document(text: str, suffix: str) -> tuple[RunConfig, dict]:
+    """Parse a downloaded config back: ``(RunConfig, engine options)``. Raises ConfigError."""
+    data = parse_mapping(text, suffix, "the uploaded config")
+    options: dict = {}
+    if "config" in data and isinstance(data.get("config"), dict):
+        unknown = sorted(set(data) - {"config", "options"})
+        if unknown:
+            raise ConfigError(f"Unknown top-level key(s) {unknown} in the uploaded config: expected 'config' and "
+                              "'options'.")
+        options = data.get("options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError("'options' in the uploaded config must be a mapping of engine settings.")
+        data = data["config"]
+    return RunConfig.from_dict(data), options
+
+
+def config_downloads(doc: dict, basename: str, key: str) -> None:
+    """Two download buttons: the config as JSON and as YAML."""
+    import yaml
+
+    c1, c2 = st.columns(2)
+    c1.download_button("Download config (JSON)", json.dumps(doc, indent=2), file_name=f"{basename}.json",
+                       mime="application/json", key=f"{key}:dl-json", on_click="ignore",
+                       icon=":material/download:")
+    c2.download_button("Download config (YAML)", yaml.safe_dump(doc, sort_keys=False), file_name=f"{basename}.yaml",
+                       mime="application/x-yaml", key=f"{key}:dl-yaml", on_click="ignore",
+                       icon=":material/download:")
+
+
+def config_upload(prefix: str, apply: Callable[[RunConfig, dict], None], *, kinds: tuple[str, ...]) -> None:
+    """A file uploader for a JSON/YAML config; a new valid file is handed to ``apply`` (which fills the form's
+    session state) once. A ConfigError is shown with st.error and nothing changes."""
+    up = st.file_uploader("Load a config (JSON or YAML)", type=["json", "yaml", "yml"], key=f"{prefix}:upload")
+    if up is None:
+        return
+    marker = f"{prefix}:upload-applied"
+    ident = (up.file_id, up.name, up.size)
+    if st.session_state.get(marker) == ident:
+        st.caption(f"Loaded {up.name}.")
+        return
+    try:
+        cfg, options = parse_config_document(up.getvalue().decode("utf-8", errors="replace"),
+                                             Path(up.name).suffix.lower())
+        if cfg.kind not in kinds:
+            raise ConfigError(f"kind = {cfg.kind!r} in {up.name} does not fit this page: expected "
+                              f"{' or '.join(repr(k) for k in kinds)}.")
+        apply(cfg, options)
+    except ConfigError as exc:
+        st.error(f"{up.name}: {exc}")
+        return
+    st.session_state[marker] = ident
+    st.success(f"Loaded {up.name} into the form.")
+
+
+# --------------------------------------------------------------------------------------------- launching
+
+
+def page_link(path: str, label: str, icon: str | None = None) -> None:
+    """st.page_link when the page exists in this app, else a plain caption."""
+    if (ROOT / path).is_file():
+        try:
+            st.page_link(path, label=label, icon=icon)
+            return
+        except Exception:  # noqa: BLE001 - e.g. the page is not registered in this app run
+            pass
+    st.caption(label)
+
+
+def submit_job(kind: str, cfg: RunConfig | dict, *, options: dict | None = None, name: str | None = None) -> int | None:
+    """Submit to the job manager; st.success with the id and a link to Runs, or st.error (nothing submitted)."""
+    try:
+        run_id = state.jobs().submit(kind, cfg, options=options, name=name)
+    except DactLabError as exc:
+        st.error(str(exc))
+        return None
+    st.session_state["last_run_id"] = run_id
+    st.success(f"Started job **#{run_id}** ({kind}). It runs in the background; follow it on the Runs page.")
+    page_link("pages/runs.py", f"Watch run #{run_id} on Runs", ":material/monitoring:")
+    return run_id
+
+
+def _fmt_time(t: float | None) -> str:
+    if not t:
+        return ""
+    import datetime as _dt
+
+    return _dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def jobs_panel(key: str = "jobs") -> None:
+    """The job manager's jobs of this server process, with a Cancel button for queued/running ones; refreshes
+    itself every 2 s while a job is active."""
+    jm = state.jobs()
+
+    def body() -> None:
+        rows = jm.jobs()
+        if not rows:
+            st.caption("No jobs started from this dashboard yet.")
+            return
+        import pandas as pd
+
+        df = pd.DataFrame([{"run": r["run_id"], "kind": r["kind"], "name": r["name"] or "", "state": r["state"],
+                            "submitted": _fmt_time(r["submitted"]), "started": _fmt_time(r["started"]),
+                            "ended": _fmt_time(r["ended"]), "error": r["error"] or ""} for r in rows])
+        st.dataframe(df, hide_index=True, width="stretch")
+        active = [r for r in rows if r["state"] in ("queued", "running")]
+        if active:
+            c1, c2 = st.columns([3, 1])
+            labels = {r["run_id"]: f"#{r['run_id']} {r['kind']}{' ' + r['name'] if r['name'] else ''}"
+                      for r in active}
+            pick = c1.selectbox("Job to cancel", list(labels), key=f"{key}:cancel-pick", format_func=labels.get)
+            if c2.button("Cancel job", key=f"{key}:cancel", icon=":material/cancel:"):
+                if jm.cancel(pick):
+                    st.toast(f"Cancelling job #{pick}.")
+                else:
+                    st.warning(f"Job #{pick} has already ended.")
+
+    active_now = jm.active_count() > 0
+    st.fragment(body, run_every=2.0 if active_now else None)()
+
+
+# --------------------------------------------------------------------------------------------- launch pages
+
+POOLING = ("mean", "cls")
+ACTIVATION = ("relu", "gelu", "silu", "tanh")
+
+
+def model_fields(kind: str) -> list[Field]:
+    """The model settings a launch form shows for ``kind``."""
+    if kind == "dact":
+        return [
+            Field("model.pooling", "Pooling", "select", POOLING),
+            Field("model.classifier.hidden_dims", "Classifier hidden layers", "dims",
+                  help="Widths of the per-layer classifier MLP, e.g. 128 (empty = linear)."),
+            Field("model.halting.hidden_dims", "Halting hidden layers", "dims"),
+            Field("model.ponder_lambda", "Ponder cost λ", "sci",
+                  help="Weight of the ponder (computation) cost: larger = earlier exits."),
+            Field("model.share_weights", "Share classifier/halting weights across layers", "bool"),
+        ]
+    if kind == "multitask":
+        return [
+            Field("model.pooling", "Pooling", "select", POOLING),
+            Field("model.normalize", "L2-normalise the sentence vector", "bool"),
+            Field("model.head.hidden_dims", "Head hidden layers", "dims"),
+            Field("model.head.activation", "Head activation", "select", ACTIVATION),
+            Field("model.head.dropout", "Head dropout", "float"),
+            Field("model.task_weights", "Task weights (JSON; null = 1 each)", "json",
+                  help='e.g. {"class_label": 1.0, "sentiment_label": 0.5}'),
+        ]
+    return [
+        Field("model.pooling", "Pooling", "select", POOLING),
+        Field("model.head.hidden_dims", "Head hidden layers", "dims", help="e.g. 256, 64 (empty = linear)."),
+        Field("model.head.activation", "Head activation", "select", ACTIVATION),
+        Field("model.head.dropout", "Head dropout", "float"),
+    ]
+
+
+@dataclass
+class Mode:
+    """One way a launch page can start a job: a plain run of the config's kind, or an engine with options."""
+
+    label: str
+    job_kind: str | None  # None: the config's own kind (a single training run)
+    option_fields: Callable[[], list[Field]] | None = None
+    option_defaults: Callable[[], dict] | None = None
+    unavailable: Callable[[], str | None] | None = None  # a reason the engine cannot be used, or None
+    help: str | None = None
+    unavailable_reason: str | None = None
+
+
+def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_label: str = "Model kind") -> None:
+    """The body of a launch page: config upload, mode/kind choice, one st.form, validation, submit, downloads."""
+    kind_key, mode_key = f"{page}:kind", f"{page}:mode"
+    st.session_state.setdefault(kind_key, kinds[0])
+    labels = [m.label for m in modes]
+    st.session_state.setdefault(mode_key, labels[0])
+
+    def state_prefix(kind: str) -> str:
+        return f"{page}/{kind}"
+
+    def fields_for(kind: str) -> list[Field]:
+        return run_fields(kind) + model_fields(kind) + [Field("name", "Run name (optional)", "text")]
+
+    def init(kind: str) -> None:
+        base_key = f"{state_prefix(kind)}:base"
+        if base_key not in st.session_state:
+            st.session_state[base_key] = default_config(kind).to_dict()
+        fill_state(state_prefix(kind), fields_for(kind), st.session_state[base_key], overwrite=False)
+        for m in modes:
+            if m.option_fields is not None and m.unavailable_reason is None:
+                fill_state(state_prefix(kind), m.option_fields(), m.option_defaults(), overwrite=False)
+
+    for m in modes:
+        m.unavailable_reason = m.unavailable() if m.unavailable else None
+
+    # --- load a config file into the form -------------------------------------------------------------------
+    def apply(cfg: RunConfig, options: dict) -> None:
+        pre = state_prefix(cfg.kind)
+        st.session_state[kind_key] = cfg.kind
+        st.session_state[f"{pre}:base"] = cfg.to_dict()
+        fill_state(pre, fields_for(cfg.kind), cfg.to_dict(), overwrite=True)
+        engine_modes = [m for m in modes if m.option_fields is not None and m.unavailable_reason is None]
+        if options and engine_modes:
+            m = engine_modes[0]
+            merged = m.option_defaults()
+            for key, value in options.items():
+                if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                    merged[key] = {**merged[key], **value}
+                else:
+                    merged[key] = value
+            fill_state(pre, m.option_fields(), merged, overwrite=True)
+            st.session_state[mode_key] = m.label
+        elif not options:
+            st.session_state[mode_key] = next((m.label for m in modes if m.job_kind is None), labels[0])
+
+    with st.expander("Load a config file", icon=":material/upload_file:"):
+        config_upload(page, apply, kinds=kinds)
+
+    # --- mode and kind (outside the form: they change which fields the form shows) -------------------------
+    c1, c2 = st.columns(2)
+    if len(modes) > 1:
+        c1.radio("What to run", labels, key=mode_key, horizontal=True,
+                 help=" ".join(m.help for m in modes if m.help) or None)
+    mode = next(m for m in modes if m.label == st.session_state[mode_key])
+    if len(kinds) > 1:
+        c2.selectbox(kind_label, list(kinds), key=kind_key)
+    kind = st.session_state[kind_key]
+    init(kind)
+    pre = state_prefix(kind)
+    if mode.unavailable_reason:
+        st.warning(mode.unavailable_reason)
+
+    common, model = run_fields(kind), model_fields(kind)
+    opt_fields = mode.option_fields() if (mode.option_fields and not mode.unavailable_reason) else []
+    with st.form(f"{page}:form"):
+        st.markdown("**Run settings**")
+        draw_fields(pre, common, columns=3)
+        st.markdown("**Model**")
+        draw_fields(pre, model, columns=3)
+        if opt_fields:
+            st.markdown(f"**{mode.label} settings**")
+            draw_fields(pre, opt_fields, columns=3)
+        st.text_input("Run name (optional)", key=_skey(pre, "name"))
+        b1, b2 = st.columns([1, 1])
+        start = b1.form_submit_button("Start", type="primary", icon=":material/play_arrow:",
+                                      disabled=bool(mode.unavailable_reason))
+        check = b2.form_submit_button("Check config", icon=":material/fact_check:")
+
+    def build() -> tuple[RunConfig, dict | None]:
+        base = st.session_state[f"{pre}:base"]
+        if base.get("kind") != kind:
+            base = default_config(kind).to_dict()
+        cfg = RunConfig.from_dict(collect(pre, fields_for(kind), base))
+        options = None
+        if opt_fields:
+            options = collect(pre, opt_fields, mode.option_defaults())
+        return cfg, options
+
+    if start or check:
+        try:
+            cfg, options = build()
+        except ConfigError as exc:
+            st.error(str(exc))
+        else:
+            if check:
+                st.success("The config is valid.")
+            else:
+                submit_job(mode.job_kind or cfg.kind, cfg, options=options, name=cfg.name)
+
+    try:
+        cfg, options = build()
+    except ConfigError:
+        st.caption("Fix the form (Check config shows the problem) to download its config.")
+    else:
+        config_downloads(config_document(cfg.to_dict(), options), f"{page}-{mode.job_kind or cfg.kind}",
+                         key=f"{page}:{kind}")
+
+    st.divider()
+    st.subheader("Jobs")
+    jobs_panel(key=f"{page}:jobs")
