@@ -542,8 +542,10 @@ def _default_threads() -> int:
 
 
 def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=None,
-            cancel: CancelToken | None = None, callbacks: list[Callback] | None = None) -> PBTResult:
-    """Population Based Training of ``cfg`` (see the module docstring). Records a parent run (kind ``pbt``) and a
+            cancel: CancelToken | None = None, callbacks: list[Callback] | None = None,
+            run_id: int | None = None) -> PBTResult:
+    """Population Based Training of ``cfg`` (see the module docstring). ``run_id``: a pre-created parent run
+    (e.g. queued by the dashboard's job manager) to use instead of creating one. Records a parent run (kind ``pbt``) and a
     child run per member (kind ``pbt-member``); returns the winner, its schedule and a summary of every member.
     ``callbacks`` are given to EVERY member's loop (shared across threads: they must be thread-safe;
     ``state.run_id`` / ``state.extra['pbt_member']`` tell the members apart). Raises :class:`Cancelled` (after
@@ -575,8 +577,14 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
     batch_sizes = [int(rng.choice(list(pbt.space.batch_sizes))) for _ in range(n)]
     ratio = cfg.train.encoder_lr / cfg.train.head_lr
 
-    parent_id = tracker.create_run("pbt", {"run": cfg.to_dict(), "pbt": pbt.to_dict()}, name=cfg.name or "pbt",
-                                   tag=cfg.tag, dataset_id=dataset_id, status="running")
+    parent_config = {"run": cfg.to_dict(), "pbt": pbt.to_dict()}
+    if run_id is None:
+        parent_id = tracker.create_run("pbt", parent_config, name=cfg.name or "pbt", tag=cfg.tag,
+                                       dataset_id=dataset_id, status="running")
+    else:
+        parent_id = run_id
+        tracker.update_run(parent_id, config=parent_config, dataset_id=dataset_id)
+        tracker.set_status(parent_id, "running")
     member_ids: dict[int, Any] = {}
     prev_threads = torch.get_num_threads()
     try:
