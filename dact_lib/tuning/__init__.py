@@ -1,0 +1,30 @@
+"""The tuning engines: backbone study (seed 000), DACT staged pipeline, PBT, multi-task training (seed 003).
+
+Entry points are imported lazily (``from dact_lib.tuning import tune_backbone``), so importing this package is
+cheap and does not fail while an engine module is missing.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "tune_backbone": "backbone", "BackboneSpace": "backbone", "TuneResult": "backbone",
+    "train_multitask": "multitask",
+    "run_pipeline": "dact_pipeline", "PipelineConfig": "dact_pipeline", "PipelineResult": "dact_pipeline",
+    "run_pbt": "pbt", "PBTConfig": "pbt", "PBTResult": "pbt",
+    "list_studies": "studies", "create_study": "studies", "storage": "studies", "PruningCallback": "studies",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dact_lib.tuning' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

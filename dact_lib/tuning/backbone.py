@@ -1,0 +1,312 @@
+"""Seed 000's BackBoneTune: an Optuna study over the backbone's training parameters, then one final training.
+
+:func:`tune_backbone` records a parent run (kind ``tune-backbone``) with one child run per trial (kind ``backbone``,
+tag ``trial <n>``, metrics only: trial weights are never written to disk) and, with ``final=True``, a child run
+tagged ``final`` trained with the best parameters. The final run exports ``encoder.safetensors``, so a DACT run can
+start from it (``cfg.init_from_run = result.final_run_id``). Every trial minimises the best validation loss; the
+MedianPruner stops poor trials from the per-epoch ``val_loss`` (:class:`~dact_lib.tuning.studies.PruningCallback`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from ..callbacks import Callback, CancelToken
+from ..config import RunConfig, from_dict
+from ..data import DatasetSplit, TextDataset
+from ..errors import Cancelled, ConfigError
+from ..tracker import Tracker, TrackerCallback
+from ..train import load_split, train
+from .studies import PruningCallback, create_study, link_study, link_trial, live_run, storage_url
+
+ENGINE = "tune-backbone"
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class BackboneSpace:
+    """The search space. Each entry is a ``[low, high]`` range (``batch_size``: a list of choices) or ``None`` to
+    keep the base config's value. ``lr`` is the encoder's learning rate and ``head_lr`` the head's (both searched
+    on a log scale, ``head_lr`` off by default); ``dropout`` is the head's dropout; ``val_frac`` the validation
+    share of the split (ignored when the validation set is a separate file)."""
+
+    lr: list[float] | None = field(default_factory=lambda: [1e-5, 1e-3])
+    head_lr: list[float] | None = None
+    batch_size: list[int] | None = field(default_factory=lambda: [8, 16, 32, 64])
+    epochs: list[int] | None = field(default_factory=lambda: [1, 4])
+    val_frac: list[float] | None = field(default_factory=lambda: [0.1, 0.3])
+    weight_decay: list[float] | None = field(default_factory=lambda: [1e-6, 1e-1])
+    dropout: list[float] | None = field(default_factory=lambda: [0.0, 0.5])
+
+    LOG = ("lr", "head_lr", "weight_decay")
+
+    def validate(self) -> "BackboneSpace":
+        """Raise ConfigError naming the first bad entry; returns self."""
+        limits = {"lr": (0.0, 1.0, False), "head_lr": (0.0, 1.0, False), "weight_decay": (0.0, 1.0, True),
+                  "val_frac": (0.0, 0.9, False), "dropout": (0.0, 1.0, False), "epochs": (1, 1000, True)}
+        for name, (lo_lim, hi_lim, hi_closed) in limits.items():
+            rng = getattr(self, name)
+            if rng is None:
+                continue
+            ok = (isinstance(rng, (list, tuple)) and len(rng) == 2 and all(_is_num(v) for v in rng)
+                  and rng[0] <= rng[1])
+            if name == "epochs":
+                ok = ok and all(isinstance(v, int) for v in rng)
+            if not ok:
+                raise ConfigError(f"space.{name} = {rng!r} is invalid: expected [low, high] with low <= high, or "
+                                  "null to keep the base config's value.")
+            lo, hi = rng
+            positive = name in self.LOG or name == "val_frac"
+            lo_ok = lo > lo_lim if positive else lo >= lo_lim
+            hi_ok = hi <= hi_lim if hi_closed else hi < hi_lim
+            if not (lo_ok and hi_ok):
+                left = "(" if positive else "["
+                right = "]" if hi_closed else ")"
+                raise ConfigError(f"space.{name} = {list(rng)!r} is invalid: both ends must lie in "
+                                  f"{left}{lo_lim}, {hi_lim}{right}" + (" (a log-scale range)" if name in self.LOG
+                                                                      else "") + ".")
+            conv = int if name == "epochs" else float
+            setattr(self, name, [conv(lo), conv(hi)])
+        if self.batch_size is not None:
+            bs = self.batch_size
+            if not (isinstance(bs, (list, tuple)) and bs and all(
+                    isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 4096 for b in bs)
+                    and len(set(bs)) == len(bs)):
+                raise ConfigError(f"space.batch_size = {bs!r} is invalid: expected a non-empty list of distinct "
+                                  "integers in [1, 4096], e.g. [8, 16, 32, 64], or null.")
+            self.batch_size = list(bs)
+        return self
+
+    def check_against(self, cfg: RunConfig) -> None:
+        """Cross-checks with the base config (every value the space can produce must make a valid config)."""
+        if self.val_frac is not None and self.val_frac[1] + cfg.data.test_frac >= 0.95:
+            raise ConfigError(f"space.val_frac = {self.val_frac!r} with data.test_frac = {cfg.data.test_frac} "
+                              "leaves too little training data: lower the high end (val_frac + test_frac < 0.95).")
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Sample one point (parameter name -> value) for ``trial``."""
+        params: dict[str, Any] = {}
+        for name in ("lr", "head_lr", "weight_decay", "val_frac", "dropout"):
+            rng = getattr(self, name)
+            if rng is not None:
+                params[name] = trial.suggest_float(name, rng[0], rng[1], log=name in self.LOG)
+        if self.batch_size is not None:
+            params["batch_size"] = trial.suggest_categorical("batch_size", self.batch_size)
+        if self.epochs is not None:
+            params["epochs"] = trial.suggest_int("epochs", self.epochs[0], self.epochs[1])
+        return params
+
+    @staticmethod
+    def apply(cfg: RunConfig, params: dict[str, Any]) -> RunConfig:
+        """A validated copy of ``cfg`` with ``params`` (as produced by :meth:`suggest`) set."""
+        out = copy.deepcopy(cfg)
+        where = {"lr": (out.train, "encoder_lr"), "head_lr": (out.train, "head_lr"),
+                 "weight_decay": (out.train, "weight_decay"), "batch_size": (out.train, "batch_size"),
+                 "epochs": (out.train, "epochs"), "val_frac": (out.data, "val_frac"),
+                 "dropout": (out.model.head, "dropout")}
+        for name, value in params.items():
+            if name not in where:
+                raise ConfigError(f"unknown backbone parameter {name!r}: expected one of {sorted(where)}.")
+            obj, attr = where[name]
+            setattr(obj, attr, value)
+        return out.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "BackboneSpace":
+        return from_dict(cls, data or {}, "space").validate()
+
+
+@dataclass
+class TuneResult:
+    parent_run_id: int
+    study_name: str
+    storage_url: str
+    best_params: dict[str, Any] | None
+    best_value: float | None
+    final_run_id: int | None
+    best_trial: int | None = None
+    best_trial_run_id: int | None = None
+    trials: list[dict[str, Any]] = field(default_factory=list)  # this call's: number, state, value, params, run_id
+    stop_reason: str | None = None  # 'timeout' when the time budget ended the study early
+
+
+def source_data(cfg: RunConfig, tracker: Tracker | None,
+                data: DatasetSplit | TextDataset | None = None) -> tuple[TextDataset | DatasetSplit, int | None]:
+    """The dataset a study's trials split (each with its own ``val_frac``) and its tracker dataset id: read once,
+    through the loop's own :func:`~dact_lib.train.load_split` with the held-out parts switched off."""
+    if isinstance(data, DatasetSplit):
+        return data, cfg.data.dataset_id
+    whole = copy.deepcopy(cfg)
+    whole.data.val_frac = whole.data.test_frac = 0.0
+    whole.data.val_path = whole.data.test_path = None
+    split, dataset_id = load_split(whole, tracker, data)
+    if dataset_id is None and tracker is not None:
+        dataset_id = tracker.add_dataset(split.train, name=split.train.name)
+    return split.train, dataset_id
+
+
+def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None = None,
+                  space: BackboneSpace | None = None, study_name: str | None = None, home=None,
+                  tracker: Tracker | None = None, cancel: CancelToken | None = None,
+                  callbacks: list[Callback] | None = None, final: bool = True,
+                  sampler: optuna.samplers.BaseSampler | None = None, pruner: optuna.pruners.BasePruner | None = None,
+                  data: DatasetSplit | TextDataset | None = None,
+                  on_trial: Callable[[dict[str, Any]], None] | None = None, run_id: int | None = None) -> TuneResult:
+    """Run ``trials`` trials of a TPE study (seeded with ``cfg.train.seed``; MedianPruner(2, 0) unless ``pruner``
+    is given) minimising the best validation loss; fewer when ``timeout_min`` has passed as the next one would
+    start (at least one runs, as with ``optimize(timeout=...)``). Then, with ``final=True`` and at least one
+    complete trial, train the best parameters as the final run. ``study_name`` (default
+    ``tune-backbone-<parent run id>``) reopens an existing study and adds trials to it. ``callbacks`` go to every
+    training (trials and final); ``on_trial(row)`` is called after each trial with its number, state, value,
+    params, run_id and seconds. Cancelling ``cancel`` stops the current trial and the study: the parent run is
+    recorded 'cancelled' and :class:`~dact_lib.errors.Cancelled` raised. ``run_id``: an existing run row (e.g. a
+    queued job's) to use as the parent run instead of creating one; its config is replaced by the study's."""
+    cfg = copy.deepcopy(cfg).validate()
+    if cfg.kind != "backbone":
+        raise ConfigError(f"kind = {cfg.kind!r}: tune_backbone tunes backbone runs; start from "
+                          "default_config('backbone').")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ConfigError(f"trials = {trials!r} is invalid: expected an integer >= 1.")
+    if timeout_min is not None and not (_is_num(timeout_min) and timeout_min > 0):
+        raise ConfigError(f"timeout_min = {timeout_min!r} is invalid: expected a positive number of minutes or None.")
+    space = copy.deepcopy(space) if space is not None else BackboneSpace()
+    space.validate()
+    tracker = tracker if tracker is not None else Tracker(home)
+    home = tracker.home
+    cancel = cancel or CancelToken()
+    user_cbs = list(callbacks or [])
+
+    source, dataset_id = source_data(cfg, tracker, data)
+    if isinstance(source, DatasetSplit) or cfg.data.val_path:
+        space.val_frac = None  # the validation set is given: nothing to split off
+    space.check_against(cfg)
+
+    if run_id is None:
+        parent = tracker.create_run(ENGINE, None, name=cfg.name, tag=cfg.tag, dataset_id=dataset_id)
+    else:
+        parent = int(run_id)
+        tracker.set_status(parent, "running", dataset_id=dataset_id)
+    name = study_name or f"{ENGINE}-{parent}"
+    url = storage_url(home)
+    tracker.update_run(parent, config={"run": cfg.to_dict(), "space": space.to_dict(), "trials": trials,
+                                       "timeout_min": timeout_min, "final": final, "study_name": name,
+                                       "storage_url": url}, run_dir=None)
+    rows: list[dict[str, Any]] = []
+    stop_reason: str | None = None
+    with live_run(parent):
+        try:
+            study = create_study(name, directions=["minimize"], home=home,
+                                 sampler=sampler or optuna.samplers.TPESampler(seed=cfg.train.seed),
+                                 pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+                                 user_attrs={"engine": ENGINE, "metric": "val_loss", "space": space.to_dict()})
+            if study.directions != [optuna.study.StudyDirection.MINIMIZE]:
+                raise ConfigError(f"study {name!r} exists with directions {[d.name for d in study.directions]}: "
+                                  "a backbone study minimises one value; choose another --study-name.")
+            link_study(tracker, parent, study, home)
+            deadline = time.monotonic() + 60.0 * timeout_min if timeout_min else None
+
+            def run_trial(trial: optuna.Trial) -> dict[str, Any]:
+                params = space.suggest(trial)
+                tcfg = space.apply(cfg, params)
+                tcfg.tag = f"trial {trial.number}"
+                run_id = tracker.create_run(tcfg.kind, tcfg.to_dict(), name=tcfg.name, tag=tcfg.tag,
+                                            parent_id=parent, dataset_id=dataset_id)
+                tracker.update_run(run_id, run_dir=None)  # metrics only: trial weights are never saved
+                link_trial(trial, run_id, parent)
+                tracker.log_event(run_id, "trial", {"study_name": name, "number": trial.number, "params": params})
+                t0 = time.perf_counter()
+                cbs = [TrackerCallback(tracker, run_id), *user_cbs, PruningCallback(trial, "val_loss")]
+                with live_run(run_id):
+                    try:
+                        res = train(tcfg, data=source, home=home, callbacks=cbs, cancel=cancel, run_id=run_id,
+                                    save=False, evaluate_test=False)
+                    except optuna.TrialPruned:
+                        frozen = study.tell(trial, state=TrialState.PRUNED)
+                    except BaseException:
+                        frozen = study.tell(trial, state=TrialState.FAIL)
+                        record(frozen, run_id, time.perf_counter() - t0)
+                        raise
+                    else:
+                        frozen = study.tell(trial, res.best_metrics.get("val_loss", math.nan))
+                return record(frozen, run_id, time.perf_counter() - t0)
+
+            def record(frozen, run_id: int, seconds: float) -> dict[str, Any]:
+                value = frozen.value if frozen.values else None
+                row = {"number": frozen.number, "state": frozen.state.name.lower(), "value": value,
+                       "params": dict(frozen.params), "run_id": run_id, "seconds": round(seconds, 3)}
+                rows.append(row)
+                tracker.log_event(parent, "trial", row)
+                logs = {"trial_value": value} if value is not None and math.isfinite(value) else {}
+                try:
+                    logs["best_value"] = study.best_value
+                except ValueError:  # no complete trial yet
+                    pass
+                tracker.log_metrics(parent, logs, step=frozen.number)
+                if on_trial is not None:
+                    on_trial(row)
+                return row
+
+            for i in range(trials):
+                cancel.check()
+                if i and deadline is not None and time.monotonic() >= deadline:  # like optimize(timeout=...)
+                    stop_reason = "timeout"
+                    tracker.log_event(parent, "timeout", {"timeout_min": timeout_min, "trials_run": len(rows)})
+                    break
+                run_trial(study.ask())
+
+            best = None
+            if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+                best = study.best_trial
+            final_run_id = None
+            if final and best is not None:
+                fcfg = space.apply(cfg, best.params)
+                fcfg.tag = "final"
+                final_run_id = tracker.create_run(fcfg.kind, fcfg.to_dict(), name=fcfg.name, tag=fcfg.tag,
+                                                  parent_id=parent, dataset_id=dataset_id)
+                with live_run(final_run_id):
+                    train(fcfg, data=data, home=home, tracker=tracker, callbacks=user_cbs, cancel=cancel,
+                          run_id=final_run_id)
+                if tracker.get_run(final_run_id).get("dataset_id") is None and dataset_id is not None:
+                    tracker.update_run(final_run_id, dataset_id=dataset_id)  # train() drops it for given data
+            result = TuneResult(
+                parent_run_id=parent, study_name=name, storage_url=url,
+                best_params=dict(best.params) if best else None, best_value=best.value if best else None,
+                final_run_id=final_run_id, best_trial=best.number if best else None,
+                best_trial_run_id=best.user_attrs.get("run_id") if best else None, trials=rows,
+                stop_reason=stop_reason)
+            if best is None:
+                tracker.log_event(parent, "warning", {"message": "no trial completed"})
+            _finish(tracker, parent, "finished", rows, result=result)
+            return result
+        except Cancelled as exc:
+            tracker.log_event(parent, "cancelled", {"reason": str(exc), "trials_run": len(rows)})
+            _finish(tracker, parent, "cancelled", rows, error=str(exc))
+            raise
+        except BaseException as exc:  # noqa: BLE001 - recorded then re-raised
+            _finish(tracker, parent, "failed", rows, error=f"{type(exc).__name__}: {exc}")
+            raise
+
+
+def _finish(tracker: Tracker, parent: int, status: str, rows: list[dict], *, error: str | None = None,
+            result: TuneResult | None = None) -> None:
+    """The parent run's end: status, error, and a summary with the trial counts (and the result)."""
+    summary = tracker.get_run(parent).get("summary") or {}
+    summary["trials"] = {s: [r["state"] for r in rows].count(s) for s in dict.fromkeys(r["state"] for r in rows)}
+    if result is not None:
+        summary.update(best_value=result.best_value, best_params=result.best_params, best_trial=result.best_trial,
+                       best_trial_run_id=result.best_trial_run_id, final_run_id=result.final_run_id,
+                       stop_reason=result.stop_reason)
+    tracker.set_status(parent, status, error, summary=summary)

@@ -1,0 +1,267 @@
+"""CLI commands of the tuning engines: tune-backbone, dact-pipeline, pbt, multitask, studies.
+
+:func:`add_commands` is called by :func:`dact_lib.cli.build_parser`. Every engine command prints progress on stderr
+(a progress bar per training, one line per trial; PBT: one line per member evaluation) and ends stdout with
+``run id: N``: the run that holds the resulting model (tune-backbone: the final run — the parent when no trial
+completed or with --no-final; dact-pipeline: the final run; pbt: the best member; multitask: the run), preceded by
+``parent run id: P`` for the engines that record a parent run. Engine imports happen inside the
+handlers so ``python -m dact_lib --help`` stays fast.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from ..callbacks import Callback
+from ..errors import DactLabError
+
+
+def add_commands(sub, common: Callable, data_args: Callable, command: Callable) -> None:
+    """Add the tuning subcommands to ``sub`` and register their handlers with ``command(name)``."""
+    p = sub.add_parser("tune-backbone", help="Optuna study of the backbone's training parameters, then a final run")
+    data_args(p)
+    p.add_argument("--trials", type=int, default=10, help="number of trials (default 10)")
+    p.add_argument("--timeout-min", type=float, default=None, help="start no trial after this many minutes")
+    p.add_argument("--study-name", default=None, help="study name (an existing one gets more trials)")
+    p.add_argument("--space", default=None, help="search space as JSON/YAML (see BackboneSpace); default the seed's")
+    p.add_argument("--no-final", action="store_true", help="skip the final training with the best parameters")
+    common(p)
+    command("tune-backbone")(cmd_tune_backbone)
+
+    p = sub.add_parser("dact-pipeline", help="staged DACT tuning: heads, training parameters, λ (Pareto), final run")
+    data_args(p)
+    p.add_argument("--trials", type=int, default=None, help="trials per stage")
+    p.add_argument("--lambdas-trials", type=int, default=None, help="trials of the λ stage")
+    p.add_argument("--timeout-min", type=float, default=None, help="time budget of the whole pipeline")
+    p.add_argument("--name", default=None, help="name of the pipeline (and prefix of its studies)")
+    common(p)
+    command("dact-pipeline")(cmd_dact_pipeline)
+
+    p = sub.add_parser("pbt", help="population-based training")
+    p.add_argument("--kind", choices=("backbone", "dact", "multitask"), default=None)
+    data_args(p)
+    p.add_argument("--population", type=int, default=4, help="population size (default 4)")
+    p.add_argument("--epochs", type=int, default=None)
+    common(p)
+    command("pbt")(cmd_pbt)
+
+    p = sub.add_parser("multitask", help="train one multi-task model on a two-task CSV (seed 003)")
+    data_args(p)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--pooling", choices=("cls", "mean"), default=None)
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the sentence vector")
+    p.add_argument("--task-weights", default=None, help="e.g. class_label=1,sentiment_label=0.5")
+    common(p)
+    command("multitask")(cmd_multitask)
+
+    p = sub.add_parser("studies", help="every Optuna study of the home")
+    p.add_argument("--json", action="store_true")
+    common(p)
+    command("studies")(cmd_studies)
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _err(args, text: str) -> None:
+    if args.verbosity >= 1:
+        print(text, file=sys.stderr)
+
+
+def _quiet_optuna(args) -> None:
+    """Optuna's own INFO lines repeat our per-trial line: keep them for --verbosity 2 only."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if args.verbosity >= 2 else optuna.logging.WARNING)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _trial_printer(args) -> Callable[[dict], None]:
+    def show(row: dict) -> None:
+        value = row.get("value")
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in (row.get("params") or {}).items())
+        _err(args, f"trial {row['number']}: {row['state']}"
+                   + (f" value={value:.5g}" if isinstance(value, float) else "")
+                   + f"  [{params}]  run {row.get('run_id')}  {row.get('seconds', 0):.1f}s")
+
+    return show
+
+
+def _base_config(args, kind: str):
+    from ..cli import config_from_args
+
+    args.kind = kind
+    return config_from_args(args, kind)
+
+
+class MemberPrinter(Callback):
+    """One stderr line per evaluation of any run, tagged with its run id; thread-safe (PBT members train side by
+    side in threads, so a shared progress bar would mix their steps)."""
+
+    def __init__(self, verbosity: int = 1) -> None:
+        self.verbosity = verbosity
+        self._lock = threading.Lock()
+
+    def on_eval(self, state, logs):
+        if self.verbosity >= 1 and any(k.startswith("val_") for k in logs):
+            msg = ", ".join(f"{k}={v:.4f}" for k, v in logs.items() if k in ("val_loss", "val_accuracy"))
+            with self._lock:
+                print(f"[run {state.run_id}] step {state.step}: {msg}", file=sys.stderr)
+
+    def on_end(self, state, status):
+        if self.verbosity >= 1:
+            with self._lock:
+                print(f"[run {state.run_id}] {status}", file=sys.stderr)
+
+
+def _engine(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(f"dact_lib.tuning.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"dact_lib.tuning.{module}":
+            raise
+        raise DactLabError(f"The engine dact_lib/tuning/{module}.py is not installed in this copy of DACT Lab: "
+                           "update it (git pull).") from None
+
+
+def _print_ids(parent: Any, run: Any) -> None:
+    if parent is not None:
+        print(f"parent run id: {parent}")
+    print(f"run id: {run if run is not None else parent}")
+
+
+# --- handlers ---------------------------------------------------------------------------------------------------
+
+
+def cmd_tune_backbone(args) -> int:
+    from ..callbacks import ProgressPrinter
+    from ..config import load_mapping
+    from ..tracker import Tracker
+    from .backbone import BackboneSpace, tune_backbone
+
+    _quiet_optuna(args)
+    cfg = _base_config(args, "backbone")
+    space = BackboneSpace.from_dict(load_mapping(args.space)) if args.space else None
+    res = tune_backbone(cfg, trials=args.trials, timeout_min=args.timeout_min, space=space,
+                        study_name=args.study_name, home=args.home, tracker=Tracker(args.home),
+                        callbacks=[ProgressPrinter(args.verbosity)], final=not args.no_final,
+                        on_trial=_trial_printer(args))
+    _err(args, f"study {res.study_name} ({res.storage_url})")
+    if res.stop_reason:
+        _err(args, f"stopped early: {res.stop_reason}")
+    if res.best_params is None:
+        _err(args, "no trial completed: no best parameters and no final run")
+    else:
+        _err(args, f"best value (val_loss) {res.best_value:.5g} in trial {res.best_trial} with "
+                   + ", ".join(f"{k}={_fmt(v)}" for k, v in res.best_params.items()))
+    if res.final_run_id is not None:
+        _err(args, f"final run {res.final_run_id}: start a DACT run from it with --init-from-run {res.final_run_id}")
+    _print_ids(res.parent_run_id, res.final_run_id)
+    return 0
+
+
+def cmd_dact_pipeline(args) -> int:
+    from ..callbacks import ProgressPrinter
+    from ..tracker import Tracker
+
+    dp = _engine("dact_pipeline")
+    _quiet_optuna(args)
+    cfg = _base_config(args, "dact")
+    settings: dict[str, Any] = {"name": args.name or time.strftime("dact-pipeline-%Y%m%d-%H%M%S")}
+    if args.trials is not None:
+        settings.update(trials_stage1=args.trials, trials_stage2=args.trials, trials_stage3=args.trials)
+    if args.lambdas_trials is not None:
+        settings["trials_stage3"] = args.lambdas_trials
+    if args.timeout_min is not None:
+        settings["timeout_min"] = args.timeout_min
+    pipeline = dp.PipelineConfig(**settings).validate()
+    _err(args, f"pipeline {pipeline.name} (run it again with --name {pipeline.name} to resume it)")
+    res = dp.run_pipeline(cfg, pipeline=pipeline, home=args.home, tracker=Tracker(args.home),
+                          callbacks=[ProgressPrinter(args.verbosity)])
+    chosen = res.chosen or {}
+    if chosen:
+        _err(args, f"chosen λ {_fmt(chosen.get('lambda'))} (trial {chosen.get('trial')}): val accuracy "
+                   f"{_fmt(chosen.get('val_accuracy'))}, average exit layer {_fmt(chosen.get('val_avg_exit_layer'))}; "
+                   f"{len(res.pareto)} Pareto-optimal points")
+    if res.test_metrics:
+        _err(args, "final test: " + str({k: round(v, 4) for k, v in res.test_metrics.items()
+                                         if isinstance(v, float)}))
+    _print_ids(res.parent_run_id, res.final_run_id)
+    return 0
+
+
+def cmd_pbt(args) -> int:
+    from ..cli import config_from_args
+    from ..tracker import Tracker
+
+    pbt = _engine("pbt")
+    cfg = config_from_args(args, "backbone")
+    settings = pbt.PBTConfig(population=args.population, epochs=args.epochs).validate()
+    res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=Tracker(args.home),
+                      callbacks=[MemberPrinter(args.verbosity)])
+    for m in res.members:
+        _err(args, f"member {m['member']} (run {m['run_id']}): {m['status']}, best {settings.metric} "
+                   f"{_fmt(m.get('best_score'))}, {m.get('exploits', 0)} exploit(s)")
+    _err(args, f"best member {res.best_member}: {settings.metric} {_fmt(res.best_score)}")
+    _print_ids(res.parent_run_id, res.best_run_id)
+    return 0
+
+
+def cmd_multitask(args) -> int:
+    from ..callbacks import ProgressPrinter
+    from ..tracker import Tracker
+    from .multitask import parse_task_weights, train_multitask
+
+    cfg = _base_config(args, "multitask")
+    if args.pooling:
+        cfg.model.pooling = args.pooling
+    if args.normalize:
+        cfg.model.normalize = True
+    if args.task_weights:
+        cfg.model.task_weights = parse_task_weights(args.task_weights)
+    cfg.validate()
+    res = train_multitask(cfg, home=args.home, tracker=Tracker(args.home), callbacks=[ProgressPrinter(args.verbosity)])
+    per_task = {k: round(v, 4) for k, v in res.best_metrics.items() if "/" in k and isinstance(v, float)}
+    val_loss = res.best_metrics.get("val_loss", float("nan"))
+    _err(args, f"best epoch {res.best_epoch}: val_loss {val_loss:.4f}  {per_task}")
+    if res.test_metrics:
+        _err(args, "test: " + str({k: round(v, 4) for k, v in res.test_metrics.items()}))
+    print(f"run id: {res.run_id}")
+    return 0
+
+
+def cmd_studies(args) -> int:
+    from .studies import dashboard_hint, list_studies, storage_url
+
+    rows = list_studies(args.home)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        print(dashboard_hint(args.home), file=sys.stderr)
+        return 0
+    if not rows:
+        print("no studies yet: try `python -m dact_lib tune-backbone --trials 5`")
+    else:
+        print(f"{'study':<32}{'directions':<20}{'trials (done/pruned/failed/running)':<38}{'best':<26}parent run")
+        for r in rows:
+            t = r["trials"]
+            counts = f"{r['n_trials']} ({t['complete']}/{t['pruned']}/{t['fail']}/{t['running']})"
+            if len(r["directions"]) == 1:
+                best = "-" if r["best_value"] is None else f"{r['best_value']:.5g} (trial {r['best_trial']})"
+            else:
+                best = "-" if r["n_pareto"] is None else f"{r['n_pareto']} Pareto-optimal"
+            print(f"{r['name']:<32}{','.join(r['directions']):<20}{counts:<38}{best:<26}"
+                  f"{r['parent_run_id'] if r['parent_run_id'] is not None else '-'}")
+        print(f"storage: {storage_url(args.home)}")
+    print(dashboard_hint(args.home))
+    return 0

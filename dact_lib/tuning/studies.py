@@ -1,0 +1,198 @@
+"""Optuna plumbing shared by the tuning engines (backbone study, DACT pipeline, PBT).
+
+Studies live in the home's ``experiments.db`` next to the tracker's tables (:func:`dact_lib.home.optuna_storage_url`),
+so ``optuna-dashboard sqlite:///<home>/experiments.db`` shows them. Trials and tracker runs are linked both ways: a
+trial's user attr ``run_id`` names its tracker run, the study's user attr ``parent_run_id`` names the engine's
+parent run, and the parent run's summary carries ``study_name`` (:func:`link_study`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from typing import Any, Iterator
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .. import home as _home
+from ..callbacks import Callback, LoopState
+
+#: SQLite busy timeout of the Optuna connections (seconds), the same as the tracker's.
+STORAGE_TIMEOUT_S = 30
+
+_storages: dict[tuple[int, str], optuna.storages.RDBStorage] = {}
+_storages_lock = threading.Lock()
+
+
+def storage_url(home=None) -> str:
+    """``sqlite:///<home>/experiments.db``."""
+    return _home.optuna_storage_url(home)
+
+
+def storage(home=None) -> optuna.storages.RDBStorage:
+    """The Optuna RDB storage of the home's experiments.db (30 s busy timeout); one per process and URL."""
+    url = storage_url(home)
+    key = (os.getpid(), url)  # an SQLAlchemy engine must not cross a fork
+    with _storages_lock:
+        st = _storages.get(key)
+        if st is None:
+            st = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": STORAGE_TIMEOUT_S}})
+            _storages[key] = st
+        return st
+
+
+def create_study(name: str, *, directions: list[str], home=None, sampler: optuna.samplers.BaseSampler | None = None,
+                 pruner: optuna.pruners.BasePruner | None = None, load_if_exists: bool = True,
+                 user_attrs: dict[str, Any] | None = None) -> optuna.Study:
+    """Create (or, with ``load_if_exists``, reopen) the study ``name`` in the home and set ``user_attrs`` on it."""
+    study = optuna.create_study(study_name=name, storage=storage(home), directions=list(directions), sampler=sampler,
+                                pruner=pruner, load_if_exists=load_if_exists)
+    for key, value in (user_attrs or {}).items():
+        study.set_user_attr(key, value)
+    return study
+
+
+class PruningCallback(Callback):
+    """Feeds an Optuna trial from the training loop: at every evaluation that measured ``metric`` (test-split
+    evaluations are skipped) ``trial.report(value, step=<0-based evaluation index>)`` — the epoch index when the
+    loop evaluates once per epoch — then raises ``optuna.TrialPruned`` when the pruner says so. The loop records
+    the run as 'pruned'. Multi-objective trials cannot be pruned by Optuna: there it does nothing."""
+
+    def __init__(self, trial: optuna.Trial, metric: str = "val_loss") -> None:
+        self.trial = trial
+        self.metric = metric
+        self.evals = 0
+        self.pruned_at: int | None = None
+
+    def on_eval(self, state: LoopState, logs: dict[str, float]) -> None:
+        if self.metric not in logs:
+            return
+        step = self.evals
+        self.evals += 1
+        if len(self.trial.study.directions) > 1:
+            return
+        value = float(logs[self.metric])
+        if not math.isfinite(value):
+            value = math.inf  # a diverged run is the worst possible value, not an error of the study
+        self.trial.report(value, step=step)
+        if self.trial.should_prune():
+            self.pruned_at = step
+            raise optuna.TrialPruned(f"pruned at evaluation {step} ({self.metric} = {value:.5g})")
+
+
+# --- trial <-> run links ----------------------------------------------------------------------------------------
+
+
+def link_trial(trial: optuna.Trial, run_id: int, parent_run_id: int | None = None) -> None:
+    """Record the tracker run of a trial (user attrs ``run_id`` and ``parent_run_id``)."""
+    trial.set_user_attr("run_id", int(run_id))
+    if parent_run_id is not None:
+        trial.set_user_attr("parent_run_id", int(parent_run_id))
+
+
+def link_study(tracker, parent_run_id: int, study: optuna.Study, home=None) -> None:
+    """Record the study on the engine's parent run (summary ``study_name``/``storage_url`` + a 'study' event) and the
+    parent run on the study (user attr ``parent_run_id``)."""
+    url = storage_url(home if home is not None else tracker.home)
+    study.set_user_attr("parent_run_id", int(parent_run_id))
+    summary = tracker.get_run(parent_run_id).get("summary") or {}
+    summary.update(study_name=study.study_name, storage_url=url)
+    tracker.update_run(parent_run_id, summary=summary)
+    tracker.log_event(parent_run_id, "study", {"study_name": study.study_name, "storage_url": url})
+
+
+def trial_runs(study: optuna.Study | str, home=None) -> dict[int, int]:
+    """Trial number -> tracker run id, for the trials that recorded one."""
+    if isinstance(study, str):
+        study = optuna.load_study(study_name=study, storage=storage(home))
+    return {t.number: int(t.user_attrs["run_id"]) for t in study.get_trials(deepcopy=False)
+            if "run_id" in t.user_attrs}
+
+
+def study_of_run(tracker, run_id: int) -> str | None:
+    """The study name recorded on an engine's parent run (or on its parent, for a trial run), else None."""
+    run = tracker.get_run(run_id)
+    for source in (run.get("summary") or {}, run.get("config") or {}):
+        if isinstance(source, dict) and source.get("study_name"):
+            return str(source["study_name"])
+    if run.get("parent_id") is not None:
+        return study_of_run(tracker, run["parent_id"])
+    return None
+
+
+@contextlib.contextmanager
+def live_run(run_id: int) -> Iterator[int]:
+    """Mark a run this process creates and executes as alive (``tracker.live_run_ids``), so that
+    ``Tracker.mark_interrupted`` in the same process (the dashboard) does not take it for a lost job. A run that
+    was already marked (by the job manager) stays marked afterwards."""
+    from ..tracker import live_run_ids
+
+    run_id = int(run_id)
+    owner = run_id not in live_run_ids
+    live_run_ids.add(run_id)
+    try:
+        yield run_id
+    finally:
+        if owner:
+            live_run_ids.discard(run_id)
+
+
+# --- listing ----------------------------------------------------------------------------------------------------
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _trial_row(t: FrozenTrial) -> dict[str, Any]:
+    return {"number": t.number, "values": [_finite(v) for v in (t.values or [])], "params": dict(t.params),
+            "run_id": t.user_attrs.get("run_id")}
+
+
+def describe_study(study: optuna.Study, url: str) -> dict[str, Any]:
+    """One row of :func:`list_studies` for ``study``."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {s: 0 for s in ("complete", "pruned", "fail", "running", "waiting")}
+    for t in trials:
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    directions = [d.name.lower() for d in study.directions]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    row: dict[str, Any] = {
+        "name": study.study_name, "storage_url": url, "directions": directions, "n_trials": len(trials),
+        "trials": counts, "user_attrs": dict(study.user_attrs),
+        "parent_run_id": study.user_attrs.get("parent_run_id"),
+        "best_value": None, "best_params": None, "best_trial": None, "best_run_id": None,
+        "n_pareto": None, "pareto": None,
+        "datetime_start": min((t.datetime_start for t in trials if t.datetime_start), default=None),
+    }
+    if row["datetime_start"] is not None:
+        row["datetime_start"] = row["datetime_start"].isoformat(timespec="seconds")
+    if len(directions) == 1:
+        if complete:
+            best = study.best_trial
+            row.update(best_value=_finite(best.value), best_params=dict(best.params), best_trial=best.number,
+                       best_run_id=best.user_attrs.get("run_id"))
+    elif complete:
+        front = study.best_trials
+        row.update(n_pareto=len(front), pareto=[_trial_row(t) for t in sorted(front, key=lambda t: t.number)])
+    return row
+
+
+def list_studies(home=None) -> list[dict[str, Any]]:
+    """Every study of the home, oldest first: name, storage URL, directions, trial counts by state (complete, pruned,
+    fail, running, waiting), the best value/params/trial/run (single objective) or the Pareto-optimal trials
+    (``n_pareto``, ``pareto``: number, values, params, run_id), user attrs and ``parent_run_id``."""
+    st = storage(home)
+    url = storage_url(home)
+    out = []
+    for frozen in st.get_all_studies():
+        study = optuna.load_study(study_name=frozen.study_name, storage=st)
+        out.append(describe_study(study, url))
+    return out
+
+
+def dashboard_hint(home=None) -> str:
+    """The command that opens the home's studies in optuna-dashboard."""
+    return f"optuna-dashboard {storage_url(home)}"

@@ -1,0 +1,175 @@
+"""``python -m dact_lib`` end to end on the tiny encoder: core commands and the tuning commands."""
+from __future__ import annotations
+
+import json
+import re
+import types
+
+import pytest
+
+from dact_lib.cli import main
+from dact_lib.tracker import Tracker
+
+TINY = ["--encoder", "tiny", "--max-rows", "120", "--device", "cpu"]
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def last_run_id(stdout: str) -> int:
+    last = stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"run id: (\d+)", last)
+    assert m, f"last stdout line is {last!r}"
+    return int(m.group(1))
+
+
+@pytest.fixture
+def space_file(tmp_path):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"epochs": [1, 1], "batch_size": [16, 32]}))
+    return path
+
+
+def test_train_predict_runs_evaluate_report(home, capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "train", *TINY, "--epochs", 1, "--home", home)
+    assert code == 0
+    run = last_run_id(out)
+
+    code, out, _ = run_cli(capsys, "predict", "--run", run, "--json", "--home", home, "great food", "rude staff")
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 0 and len(rows) == 2
+    assert all({"label", "probability", "probabilities"} <= set(r) for r in rows)
+    assert all(r["label"] in r["probabilities"] for r in rows)
+
+    code, out, _ = run_cli(capsys, "runs", "--json", "--home", home)
+    assert code == 0 and [r["id"] for r in json.loads(out)] == [run]
+    code, out, _ = run_cli(capsys, "runs", "--home", home)
+    assert code == 0 and "backbone" in out and "finished" in out
+
+    code, out, _ = run_cli(capsys, "evaluate", "--run", run, "--json", "--home", home)
+    rep = json.loads(out)
+    assert code == 0 and list(rep["tasks"]) == ["class_label"]  # a single-task model learns the first task
+    assert 0.0 <= rep["tasks"]["class_label"]["accuracy"] <= 1.0
+
+    html = tmp_path / "report.html"
+    code, out, _ = run_cli(capsys, "report", "--run", run, "--out", html, "--home", home)
+    assert code == 0 and html.exists() and "plotly" in html.read_text(encoding="utf-8").lower()
+
+
+def test_dact_predict_reports_exit_layer(home, capsys):
+    code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--home", home)
+    run = last_run_id(out)
+    code, out, _ = run_cli(capsys, "predict", "--run", run, "--json", "--home", home, "the soup was cold")
+    (row,) = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 0 and {"label", "probability", "probabilities", "exit_layer"} <= set(row)
+    assert 1 <= row["exit_layer"] <= 2  # the tiny encoder has two layers; exit layers are 1-based
+
+
+def test_tune_backbone_then_studies(home, capsys, space_file):
+    code, out, err = run_cli(capsys, "tune-backbone", *TINY, "--trials", 2, "--space", space_file, "--home", home)
+    assert code == 0
+    final = last_run_id(out)
+    parent = int(re.search(r"^parent run id: (\d+)$", out, re.M).group(1))
+    assert re.search(r"^trial 0: complete value=", err, re.M) and re.search(r"^trial 1: ", err, re.M)
+    tracker = Tracker(home)
+    assert tracker.get_run(final)["tag"] == "final" and tracker.get_run(final)["parent_id"] == parent
+    assert tracker.get_run(parent)["kind"] == "tune-backbone"
+    assert (home / "runs" / str(final) / "encoder.safetensors").exists()
+
+    code, out, err = run_cli(capsys, "studies", "--json", "--home", home)
+    (study,) = json.loads(out)
+    assert code == 0 and study["name"] == f"tune-backbone-{parent}" and study["n_trials"] == 2
+    assert study["parent_run_id"] == parent and study["storage_url"].endswith("experiments.db")
+    assert study["directions"] == ["minimize"] and study["best_value"] is not None
+    assert f"optuna-dashboard sqlite:///{home / 'experiments.db'}" in err
+
+    code, out, _ = run_cli(capsys, "studies", "--home", home)
+    assert code == 0 and f"tune-backbone-{parent}" in out
+    assert out.strip().splitlines()[-1] == f"optuna-dashboard sqlite:///{home / 'experiments.db'}"
+
+    code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--init-from-run", final,
+                           "--home", home)
+    assert code == 0 and tracker.get_run(last_run_id(out))["config"]["init_from_run"] == str(final)
+
+
+def test_multitask_flags(home, capsys):
+    code, out, err = run_cli(capsys, "multitask", *TINY, "--epochs", 1, "--pooling", "cls", "--normalize",
+                             "--task-weights", "class_label=1,sentiment_label=0.5", "--home", home)
+    assert code == 0
+    run = Tracker(home).get_run(last_run_id(out))
+    assert run["kind"] == "multitask" and run["status"] == "finished"
+    model = run["config"]["model"]
+    assert (model["pooling"], model["normalize"]) == ("cls", True)
+    assert model["task_weights"] == {"class_label": 1.0, "sentiment_label": 0.5}
+    assert run["config"]["train"]["encoder_lr"] == 1e-5  # seed 003's defaults
+    assert "val_loss" in err
+
+
+def test_errors_exit_2_with_a_clear_message(home, capsys, tmp_path):
+    missing = tmp_path / "nope.csv"
+    code, out, err = run_cli(capsys, "train", *TINY, "--data", missing, "--home", home)
+    assert code == 2 and err.startswith("error: ") and "nope.csv" in err
+    code, out, err = run_cli(capsys, "tune-backbone", *TINY, "--data", missing, "--trials", 1, "--home", home)
+    assert code == 2 and "nope.csv" in err
+    single = tmp_path / "single.csv"
+    single.write_text("text,label\n" + "\n".join(f"row {i},{'ab'[i % 2]}" for i in range(40)) + "\n")
+    code, out, err = run_cli(capsys, "multitask", *TINY, "--data", single, "--home", home)
+    assert code == 2 and "two-task CSV" in err
+    code, out, err = run_cli(capsys, "multitask", *TINY, "--task-weights", "class_label", "--home", home)
+    assert code == 2 and "task=weight" in err
+    assert Tracker(home).list_runs() == []
+
+
+def test_dact_pipeline_command_builds_the_pipeline_config(home, capsys, monkeypatch):
+    dp = pytest.importorskip("dact_lib.tuning.dact_pipeline")
+    calls = {}
+
+    def run_pipeline(cfg, *, pipeline, home=None, tracker=None, cancel=None, callbacks=None):
+        calls["args"] = (cfg, pipeline)
+        return types.SimpleNamespace(parent_run_id=11, final_run_id=12, chosen={}, pareto=[], test_metrics={})
+
+    monkeypatch.setattr(dp, "run_pipeline", run_pipeline)
+    code, out, err = run_cli(capsys, "dact-pipeline", *TINY, "--trials", 3, "--lambdas-trials", 4, "--timeout-min", 2,
+                             "--name", "p", "--home", home)
+    assert code == 0 and out.splitlines() == ["parent run id: 11", "run id: 12"]
+    cfg, pipeline = calls["args"]
+    assert cfg.kind == "dact" and cfg.encoder == "tiny" and cfg.data.max_rows == 120
+    assert (pipeline.name, pipeline.trials_stage1, pipeline.trials_stage2, pipeline.trials_stage3,
+            pipeline.timeout_min) == ("p", 3, 3, 4, 2.0)
+    code, out, err = run_cli(capsys, "dact-pipeline", *TINY, "--home", home)
+    assert code == 0 and calls["args"][1].name.startswith("dact-pipeline-")  # a new pipeline unless --name
+    assert calls["args"][1].trials_stage1 == dp.PipelineConfig(name="x").trials_stage1
+
+
+def test_pbt_command_builds_the_pbt_config(home, capsys, monkeypatch):
+    pbt = pytest.importorskip("dact_lib.tuning.pbt")
+    calls = {}
+
+    def run_pbt(cfg, *, pbt, home=None, tracker=None, cancel=None, callbacks=None):
+        calls["args"] = (cfg, pbt)
+        return types.SimpleNamespace(parent_run_id=21, best_run_id=23, best_member=1, best_score=0.5, members=[
+            {"member": 0, "run_id": 22, "status": "finished", "best_score": 0.4, "exploits": 1}])
+
+    monkeypatch.setattr(pbt, "run_pbt", run_pbt)
+    code, out, err = run_cli(capsys, "pbt", "--kind", "dact", *TINY, "--population", 3, "--epochs", 2, "--home", home)
+    assert code == 0 and out.splitlines() == ["parent run id: 21", "run id: 23"]
+    cfg, settings = calls["args"]
+    assert (settings.population, settings.epochs) == (3, 2) and cfg.train.epochs == 2 and cfg.kind == "dact"
+    assert "member 0 (run 22): finished" in err
+    code, out, err = run_cli(capsys, "pbt", *TINY, "--population", 1, "--home", home)
+    assert code == 2 and "population" in err
+
+
+def test_member_printer_tags_lines_with_the_run(capsys):
+    from dact_lib.callbacks import LoopState
+    from dact_lib.tuning.cli import MemberPrinter
+
+    printer = MemberPrinter(1)
+    printer.on_eval(LoopState(run_id=5, step=3), {"val_loss": 1.0, "val_accuracy": 0.5, "epoch": 1})
+    printer.on_eval(LoopState(run_id=5, step=3), {"test_loss": 1.0})  # the test split: not a progress line
+    printer.on_end(LoopState(run_id=5), "finished")
+    assert capsys.readouterr().err.splitlines() == ["[run 5] step 3: val_loss=1.0000, val_accuracy=0.5000",
+                                                    "[run 5] finished"]

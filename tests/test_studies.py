@@ -1,0 +1,121 @@
+"""Shared Optuna plumbing: storage in the home, listing studies, the pruning callback, trial <-> run links."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from dact_lib.callbacks import LoopState
+from dact_lib.home import optuna_storage_url
+from dact_lib.tracker import Tracker
+from dact_lib.tuning.studies import (PruningCallback, create_study, link_study, link_trial, list_studies, storage,
+                                     study_of_run, trial_runs)
+
+
+class PruneAfterFirstReport(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return trial.last_step is not None and trial.last_step >= 0
+
+
+def test_storage_is_the_home_database(home):
+    st = storage(home)
+    assert st.url == optuna_storage_url(home) == f"sqlite:///{home / 'experiments.db'}"
+    assert storage(home) is st  # one per process and URL
+    Tracker(home)  # the tracker's tables live in the same file
+    assert (home / "experiments.db").exists()
+    assert list_studies(home) == []
+
+
+def test_list_single_objective_study(home):
+    study = create_study("single", directions=["minimize"], home=home, user_attrs={"parent_run_id": 7})
+    study.optimize(lambda t: (t.suggest_float("x", -2, 2) - 1) ** 2, n_trials=4)
+    t = study.ask()
+    t.report(5.0, 0)
+    study.tell(t, state=TrialState.PRUNED)
+    study.tell(study.ask(), state=TrialState.FAIL)
+    study.ask()  # left running
+    again = create_study("single", directions=["minimize"], home=home)  # load_if_exists
+    assert len(again.trials) == 7
+
+    (row,) = list_studies(home)
+    assert row["name"] == "single" and row["storage_url"] == optuna_storage_url(home)
+    assert row["directions"] == ["minimize"] and row["n_trials"] == 7
+    assert row["trials"] == {"complete": 4, "pruned": 1, "fail": 1, "running": 1, "waiting": 0}
+    assert row["best_value"] == pytest.approx(study.best_value)
+    assert row["best_params"] == study.best_params and row["best_trial"] == study.best_trial.number
+    assert row["parent_run_id"] == 7 and row["user_attrs"]["parent_run_id"] == 7
+    assert row["n_pareto"] is None and row["pareto"] is None
+
+
+def test_list_multi_objective_study(home):
+    study = optuna.create_study(study_name="multi", storage=optuna_storage_url(home),
+                                directions=["minimize", "minimize"])
+    for x in (0.0, 0.5, 0.8, 1.0):  # (x, |x - 0.8|): x = 1 is dominated by x = 0.8
+        study.enqueue_trial({"x": x})
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), abs(t.params["x"] - 0.8)), n_trials=4)
+    create_study("empty", directions=["maximize"], home=home)
+
+    rows = {r["name"]: r for r in list_studies(home)}
+    multi = rows["multi"]
+    assert multi["directions"] == ["minimize", "minimize"] and multi["best_value"] is None
+    assert multi["n_pareto"] == len(study.best_trials) == 3
+    assert sorted(p["params"]["x"] for p in multi["pareto"]) == [0.0, 0.5, 0.8]
+    assert sorted(tuple(p["values"]) for p in multi["pareto"]) == sorted(tuple(t.values) for t in study.best_trials)
+    assert all(set(p) == {"number", "values", "params", "run_id"} for p in multi["pareto"])
+    empty = rows["empty"]
+    assert empty["n_trials"] == 0 and empty["best_value"] is None and empty["directions"] == ["maximize"]
+
+
+def test_pruning_callback_reports_val_metric_and_prunes(home):
+    study = create_study("prune", directions=["minimize"], home=home, pruner=PruneAfterFirstReport())
+    trial = study.ask()
+    cb = PruningCallback(trial, "val_loss")
+    cb.on_eval(LoopState(), {"test_loss": 0.1, "test_accuracy": 0.9})  # test evaluation: ignored
+    assert study.trials[0].intermediate_values == {}
+    with pytest.raises(optuna.TrialPruned):
+        cb.on_eval(LoopState(epoch=0), {"val_loss": 0.7, "val_accuracy": 0.5})
+    assert study.trials[0].intermediate_values == {0: 0.7} and cb.pruned_at == 0
+
+
+def test_pruning_callback_steps_are_evaluation_indices(home):
+    study = create_study("noprune", directions=["minimize"], home=home, pruner=optuna.pruners.NopPruner())
+    trial = study.ask()
+    cb = PruningCallback(trial, "val_accuracy")
+    for epoch, acc in enumerate((0.5, 0.6, float("nan"))):
+        cb.on_eval(LoopState(epoch=epoch), {"val_loss": 1.0, "val_accuracy": acc})
+    assert study.trials[0].intermediate_values == {0: 0.5, 1: 0.6, 2: float("inf")}  # NaN reported as the worst
+    multi = create_study("multi", directions=["minimize", "minimize"], home=home)
+    PruningCallback(multi.ask()).on_eval(LoopState(), {"val_loss": 1.0})  # multi-objective: nothing to prune
+
+
+def test_pruned_trial_through_the_loop_is_recorded_pruned(home):
+    from dact_lib.config import default_config
+    from dact_lib.train import train
+
+    cfg = default_config("backbone", encoder="tiny")
+    cfg.data.max_rows, cfg.data.max_seq_len, cfg.train.epochs, cfg.train.device = 120, 32, 2, "cpu"
+    tracker = Tracker(home)
+    study = create_study("loop", directions=["minimize"], home=home, pruner=PruneAfterFirstReport())
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        train(cfg, tracker=tracker, home=home, callbacks=[PruningCallback(trial)])
+    run = tracker.list_runs()[0]
+    assert run["status"] == "pruned" and "TrialPruned" in run["error"]
+    assert set(tracker.get_metrics(run["id"])["epoch"].dropna()) == {0}  # stopped after the first epoch
+
+
+def test_trial_and_study_links(home):
+    tracker = Tracker(home)
+    parent = tracker.create_run("tune-backbone", {"x": 1})
+    child = tracker.create_run("backbone", {}, parent_id=parent)
+    study = create_study("links", directions=["minimize"], home=home)
+    link_study(tracker, parent, study, home)
+    trial = study.ask()
+    link_trial(trial, child, parent)
+    study.tell(trial, 1.0)
+    assert trial_runs("links", home) == {0: child} == trial_runs(study)
+    assert study.trials[0].user_attrs == {"run_id": child, "parent_run_id": parent}
+    assert study.user_attrs["parent_run_id"] == parent
+    assert tracker.get_run(parent)["summary"]["study_name"] == "links"
+    assert study_of_run(tracker, parent) == study_of_run(tracker, child) == "links"
+    assert [e["payload"]["study_name"] for e in tracker.get_events(parent, kinds=["study"])] == ["links"]
