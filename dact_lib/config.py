@@ -254,6 +254,11 @@ class TrainConfig:
         self.early_stopping.validate(f"{name}.early_stopping")
 
 
+# Per-kind training defaults (seed 003 for multi-task), applied under whatever a config file gives.
+KIND_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "multitask": {"encoder_lr": 1e-5, "head_lr": 1e-4, "early_stopping": {"patience": 2}},
+}
+
 MODEL_CONFIGS = {"backbone": BackboneModelConfig, "dact": DactModelConfig, "multitask": MultiTaskModelConfig}
 
 
@@ -306,6 +311,12 @@ class RunConfig:
         kind = data.get("kind", "backbone")
         _check(kind in KINDS, "kind", kind, f"choose one of {KINDS}")
         data = dict(data)
+        defaults = KIND_TRAIN_DEFAULTS.get(kind)
+        if defaults:
+            given = dict(data.get("train") or {})
+            es = {**defaults.get("early_stopping", {}), **(given.get("early_stopping") or {})}
+            data["train"] = {**{k: v for k, v in defaults.items() if k != "early_stopping"}, **given,
+                             "early_stopping": es}
         model = data.pop("model", None)
         cfg = from_dict(cls, data, "")
         cfg.model = from_dict(MODEL_CONFIGS[kind], model or {}, "model")
@@ -394,10 +405,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
 def default_config(kind: str = "backbone", **overrides: Any) -> RunConfig:
     """A validated default config for ``kind``; ``overrides`` set top-level fields (e.g. ``encoder='tiny'``)."""
     _check(kind in KINDS, "kind", kind, f"choose one of {KINDS}")
-    cfg = RunConfig(kind=kind, model=MODEL_CONFIGS[kind]())
-    if kind == "multitask":
-        cfg.train.encoder_lr, cfg.train.head_lr = 1e-5, 1e-4
-        cfg.train.early_stopping.patience = 2
+    cfg = RunConfig.from_dict({"kind": kind})
     for key, value in overrides.items():
         if not hasattr(cfg, key):
             raise ConfigError(f"Unknown setting {key!r}: allowed are {[f.name for f in dataclasses.fields(cfg)]}.")

@@ -872,8 +872,7 @@ class TrackerCallback(Callback):
         self.flush()
 
     def on_epoch_end(self, state: LoopState, logs: dict[str, float]) -> None:
-        self._buffer_logs(state, logs)
-        self.flush()
+        self.flush()  # the epoch's validation metrics already came through on_eval
 
     def on_event(self, state: LoopState, kind: str, payload: dict[str, Any]) -> None:
         self._safe(f"event {kind!r}", self.tracker.log_event, self.run_id, kind, payload)

@@ -50,8 +50,8 @@ def load_split(cfg: RunConfig, tracker=None, data: DatasetSplit | TextDataset | 
             data = load_demo_dataset()
             if d.max_rows:
                 data = read_csv(data.to_csv_bytes(), max_rows=d.max_rows, name=data.name, seed=d.split_seed)
-        if tracker is not None and dataset_id is None:
-            dataset_id = tracker.add_dataset(data, name=data.name)
+    if tracker is not None and dataset_id is None:
+        dataset_id = tracker.add_dataset(data, name=data.name)  # dedupes on content: cheap when already stored
     val_frac = 0.0 if d.val_path else d.val_frac
     test_frac = 0.0 if d.test_path else d.test_frac
     if val_frac or test_frac:
@@ -259,16 +259,21 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
     cbs = CallbackList(list(callbacks or []))
     run_dir = None
     if tracker is not None:
-        from .tracker import TrackerCallback
+        from .tracker import TrackerCallback, live_run_ids
 
         if run_id is None:
             run_id = tracker.create_run(cfg.kind, cfg.to_dict(), name=cfg.name, tag=cfg.tag, parent_id=parent_id,
                                         dataset_id=dataset_id, status="running")
         else:
-            tracker.update_run(run_id, dataset_id=dataset_id, config=cfg.to_dict())
+            fields = {"config": cfg.to_dict()}
+            if dataset_id is not None:
+                fields["dataset_id"] = dataset_id
+            tracker.update_run(run_id, **fields)
             tracker.set_status(run_id, "running")
-        run_dir = tracker.run_dir(run_id)
-        tracker.update_run(run_id, run_dir=str(run_dir))
+        live_run_ids.add(run_id)  # this process runs it: the dashboard must not mark it 'interrupted'
+        if save:
+            run_dir = tracker.run_dir(run_id)
+            tracker.update_run(run_id, run_dir=str(run_dir))
         cbs.callbacks.insert(0, TrackerCallback(tracker, run_id))
     elif save and home is not None:
         from .home import run_dir as make_run_dir
@@ -341,6 +346,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         stop = False
         model.train()
         loss_acc = torch.zeros((), device=device)  # summed on device: no host sync per step
+        task_acc: dict[str, torch.Tensor] = {}  # multi-task: per-task training loss, summed on device
         n_acc, t_log, samples_log = 0, time.perf_counter(), 0
         for epoch in range(tc.epochs):
             state.epoch = epoch
@@ -354,8 +360,11 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 cancel.check()
                 optimizer = state.extra["optimizer"]  # a callback (PBT exploit) may swap it
                 model = state.extra["model"]
-                loss = train_step(model, optimizer, batch, device, tc, memory, cbs, state)
+                loss, task_losses = train_step(model, optimizer, batch, device, tc, memory, cbs, state)
                 loss_acc += loss
+                if len(task_losses) > 1:
+                    for t, v in task_losses.items():
+                        task_acc[t] = task_acc.get(t, 0) + v
                 n_acc += 1
                 samples_log += batch["input_ids"].shape[0]
                 state.step += 1
@@ -365,6 +374,9 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                     now = time.perf_counter()
                     logs = {"train_loss": float(loss_acc) / n_acc, "lr": optimizer.param_groups[0]["lr"],
                             "samples_per_s": samples_log / max(now - t_log, 1e-9), "epoch": epoch + 1}
+                    for t, v in task_acc.items():
+                        logs[f"train_loss/{t}"] = float(v) / n_acc
+                    task_acc.clear()
                     loss_acc.zero_()
                     n_acc, t_log, samples_log = 0, now, 0
                     cbs.on_step(state, logs)
@@ -420,14 +432,18 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         state.extra["error"] = error
         cbs.on_end(state, status)
         state.extra.pop("best_state", None)
+        if tracker is not None:
+            from .tracker import live_run_ids
+
+            live_run_ids.discard(run_id)
     return TrainResult(run_id=run_id, status=status, history=history, best_metrics=best_metrics,
                        test_metrics=test_metrics, model=model, tokenizer=tokenizer, label_maps=label_maps,
                        run_dir=run_dir, best_epoch=state.best_epoch, report=report, stop_reason=stop_reason)
 
 
-def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSizeManager, cbs, state) -> torch.Tensor:
-    """One optimisation step on ``batch`` (split into micro-batches after an out-of-memory). Returns the loss as a
-    0-dim tensor on the device (no host sync)."""
+def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSizeManager, cbs, state):
+    """One optimisation step on ``batch`` (split into micro-batches after an out-of-memory). Returns the loss and
+    the per-task losses as 0-dim tensors on the device (no host sync)."""
     ids, am = batch["input_ids"].to(device, non_blocking=True), batch["attention_mask"].to(device, non_blocking=True)
     targets = {t: v.to(device, non_blocking=True) for t, v in batch["targets"].items()}
     n = ids.shape[0]
@@ -435,13 +451,17 @@ def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSi
         try:
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
+            per_task: dict[str, torch.Tensor] = {}
             for start in range(0, n, memory.micro):
                 sl = slice(start, start + memory.micro)
                 with autocast_for(device, tc.precision):
                     out = model(ids[sl], am[sl], {t: v[sl] for t, v in targets.items()})
-                part = out.loss * (ids[sl].shape[0] / n)
+                share = ids[sl].shape[0] / n
+                part = out.loss * share
                 part.backward()
                 total += part.detach()
+                for t, v in out.task_losses.items():
+                    per_task[t] = per_task.get(t, 0) + v.detach() * share
             break
         except BaseException as exc:  # noqa: BLE001
             if not is_oom(exc):
@@ -454,4 +474,4 @@ def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSi
     if tc.max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], tc.max_grad_norm)
     optimizer.step()
-    return total
+    return total, per_task

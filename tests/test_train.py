@@ -261,3 +261,26 @@ def test_bad_early_stopping_metric_is_named(home):
     cfg.train.early_stopping.metric = "val_bleu"
     with pytest.raises(DactLabError, match="val_bleu"):
         train(cfg, home=home, save=False)
+
+
+def test_multitask_logs_per_task_training_loss_and_kind_defaults_apply_from_files(home):
+    from dact_lib.config import RunConfig
+
+    cfg = RunConfig.from_dict({"kind": "multitask", "encoder": "tiny", "train": {"epochs": 1}})
+    assert (cfg.train.encoder_lr, cfg.train.head_lr, cfg.train.early_stopping.patience) == (1e-5, 1e-4, 2)
+    cfg = RunConfig.from_dict({"kind": "multitask", "train": {"head_lr": 3e-4, "early_stopping": {"patience": 5}}})
+    assert (cfg.train.encoder_lr, cfg.train.head_lr, cfg.train.early_stopping.patience) == (1e-5, 3e-4, 5)
+    tracker = Tracker(home)
+    res = train(tiny_cfg("multitask", epochs=1), tracker=tracker, home=home)
+    names = set(tracker.get_metrics(res.run_id)["name"])
+    assert {"train_loss/class_label", "train_loss/sentiment_label"} <= names
+    m = tracker.get_metrics(res.run_id, names=["val_loss"])
+    assert len(m) == 1  # one validation per epoch, recorded once
+
+
+def test_untracked_weights_when_save_is_false(home):
+    tracker = Tracker(home)
+    res = train(tiny_cfg(epochs=1), tracker=tracker, home=home, save=False)
+    assert res.run_dir is None
+    assert not (home / "runs" / str(res.run_id) / "model.safetensors").exists()
+    assert tracker.get_run(res.run_id)["status"] == "finished"
