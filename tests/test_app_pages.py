@@ -355,6 +355,9 @@ def test_tuning_and_pipeline_jobs_from_the_forms(app_home):
     summary = tr.get_run(pipe_id)["summary"]
     final = tr.get_run(summary["final_run_id"])
     assert final["kind"] == "dact" and final["status"] == "finished"
+    # the engines adopt the job's pre-created run: one parent per job, trials and final run under it
+    assert final["parent_id"] == pipe_id
+    assert len(tr.list_runs(kind="dact-pipeline")) == 1 and len(tr.list_runs(kind="tune-backbone")) == 1
 
 
 def test_home_demo_button_submits_a_dact_job(app_home, monkeypatch):

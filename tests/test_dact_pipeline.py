@@ -1,0 +1,279 @@
+"""The staged DACT tuning pipeline (dact_lib/tuning/dact_pipeline.py) on the tiny encoder and 120 demo rows."""
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+
+from dact_lib import home as home_mod
+from dact_lib.callbacks import Callback, CancelToken
+from dact_lib.config import default_config
+from dact_lib.data import load_demo_dataset, read_csv
+from dact_lib.errors import Cancelled, ConfigError, DactLabError
+from dact_lib.features import cached_features
+from dact_lib.models import build_model, load_model
+from dact_lib.modeling_dact import DactBert
+from dact_lib.tracker import Tracker
+from dact_lib.tuning.dact_pipeline import (FeatureDactHeads, PipelineConfig, apply_choice_rule, as_dact_config,
+                                           choose_point, load_pipeline_result, model_from_params, run_pipeline)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def tiny_cfg():
+    cfg = default_config("dact", encoder="tiny")
+    cfg.data.max_rows = 120
+    cfg.data.max_seq_len = 32
+    cfg.train.device = "cpu"
+    cfg.train.log_every_steps = 2
+    return cfg.validate()
+
+
+def tiny_pipe(name, trials=(3, 2, 3), **kw):
+    return PipelineConfig(name=name, trials_stage1=trials[0], trials_stage2=trials[1], trials_stage3=trials[2],
+                          stage1_epochs=3, epochs_range=(1, 2), batch_sizes=(16, 32), **kw).validate()
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """One full pipeline run shared by the read-only checks below."""
+    h = tmp_path_factory.mktemp("pipeline_home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DACT_LAB_CACHE", str(h / "cache"))  # a private feature cache: stage 1 is a miss, deterministically
+    try:
+        res = run_pipeline(tiny_cfg(), pipeline=tiny_pipe("demo-pipe"), home=h)
+        yield h, res
+    finally:
+        mp.undo()
+
+
+def children(tracker, parent):
+    return tracker.list_runs(parent_id=parent)
+
+
+# --- a full run ------------------------------------------------------------------------------------------------
+
+def test_parent_run_events_metrics_and_stage_files(done):
+    h, res = done
+    tr = Tracker(h)
+    parent = tr.get_run(res.parent_run_id)
+    assert parent["kind"] == "dact-pipeline" and parent["name"] == "demo-pipe" and parent["status"] == "finished"
+    assert parent["config"]["pipeline"]["name"] == "demo-pipe" and parent["config"]["run"]["kind"] == "dact"
+    events = tr.get_events(res.parent_run_id)
+    starts = [e["payload"]["stage"] for e in events if e["kind"] == "stage_start"]
+    ends = [e["payload"]["stage"] for e in events if e["kind"] == "stage_end"]
+    assert starts == ends == ["stage1", "stage2", "stage3", "final"]
+    feat = [e["payload"] for e in events if e["kind"] == "stage1_features"]
+    assert len(feat) == 1 and feat[0]["used_cached_features"] is True and feat[0]["cache_hit"] is False
+    assert feat[0]["build_s"] > 0 and set(feat[0]["keys"]) == {"train", "val"}
+    assert set(feat[0]["keys"]["train"]) == {"cls", "mean"} and "cached" in feat[0]["message"]
+    trials = [e["payload"] for e in events if e["kind"] == "trial"]
+    assert [sum(t["stage"] == s for t in trials) for s in ("stage1", "stage2", "stage3")] == [3, 2, 3]
+    m = tr.get_metrics(res.parent_run_id)
+    assert sorted(m[m.name == "stage1_value"]["step"]) == [0, 1, 2]
+    assert len(m[m.name == "stage3_avg_exit_layer"]) == 3
+    rd = tr.run_dir(res.parent_run_id)
+    for stage in ("stage1", "stage2", "stage3", "final"):
+        saved = json.loads((rd / f"{stage}.json").read_text())
+        assert saved["stage"] == stage
+    assert json.loads((rd / "stage1.json").read_text())["best_params"] == res.stage_best["stage1"]
+    summary = parent["summary"]
+    assert summary["final_run_id"] == res.final_run_id and summary["chosen"] == res.chosen
+    assert summary["front"] == res.pareto and summary["stages_done"] == ["stage1", "stage2", "stage3", "final"]
+    assert summary["feature_cache"]["used_cached_features"] is True
+    sweep = summary["exit_policy_sweep"]
+    assert {r["policy"] for r in sweep} == {"dact", "patience", "entropy", "fixed"}
+    assert all("wall_s" in r and 1 <= r["avg_exit_layer"] <= 2 for r in sweep)
+    assert any(e["kind"] == "exit_policy_sweep" for e in events)
+
+
+def test_stage3_is_a_two_objective_study_with_linked_runs(done):
+    h, res = done
+    study = optuna.load_study(study_name="demo-pipe/stage3", storage=home_mod.optuna_storage_url(h))
+    assert len(study.directions) == 2
+    trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(trials) == 3
+    tr = Tracker(h)
+    for t in trials:
+        assert 1e-5 <= t.params["ponder_lambda"] <= 1e-1
+        assert 0 <= t.user_attrs["val_accuracy"] <= 1
+        run = tr.get_run(t.user_attrs["run_id"])
+        assert run["parent_id"] == res.parent_run_id and run["tag"] == "stage3" and run["status"] == "finished"
+        assert run["config"]["model"]["ponder_lambda"] == pytest.approx(t.params["ponder_lambda"])
+    assert sorted(p["trial"] for p in res.pareto) == sorted(t.number for t in study.best_trials)
+    assert res.study_names == {"stage1": "demo-pipe/stage1", "stage2": "demo-pipe/stage2",
+                               "stage3": "demo-pipe/stage3"}
+    s1 = optuna.load_study(study_name="demo-pipe/stage1", storage=home_mod.optuna_storage_url(h))
+    assert len(s1.trials) == 3 and len(s1.directions) == 1
+    # stage 1 ran no training runs: the child runs are the 2 + 3 trials and the final run
+    assert sorted(r["tag"] for r in children(tr, res.parent_run_id)) == ["final"] + ["stage2"] * 2 + ["stage3"] * 3
+
+
+def test_chosen_point_obeys_the_rule(done):
+    h, res = done
+    front = res.pareto
+    assert front and res.chosen in front
+    best_acc = max(p["val_accuracy"] for p in front)
+    ok = [p for p in front if p["val_accuracy"] >= best_acc - 0.01]
+    assert res.chosen["val_avg_exit_layer"] == min(p["val_avg_exit_layer"] for p in ok)
+    assert res.stage_best["stage3"] == {"ponder_lambda": res.chosen["lambda"]}
+    # a user picks a front point later
+    other = choose_point(res.parent_run_id, front[-1]["trial"], home=h)
+    assert other["params"] == {"ponder_lambda": front[-1]["lambda"]} and other["run_id"] == front[-1]["run_id"]
+    assert Tracker(h).get_events(res.parent_run_id, kinds=["point_chosen"])
+    study = optuna.load_study(study_name="demo-pipe/stage3", storage=home_mod.optuna_storage_url(h))
+    off_front = [t.number for t in study.trials if t.number not in {p["trial"] for p in front}]
+    if off_front:
+        with pytest.raises(DactLabError, match="not on the Pareto front"):
+            choose_point(study, off_front[0])
+
+
+def test_choice_rule_on_a_hand_made_front():
+    front = [{"trial": 0, "val_accuracy": 0.900, "val_avg_exit_layer": 6.0, "val_nll": 0.30, "objective": "val_nll"},
+             {"trial": 1, "val_accuracy": 0.893, "val_avg_exit_layer": 3.1, "val_nll": 0.33, "objective": "val_nll"},
+             {"trial": 2, "val_accuracy": 0.895, "val_avg_exit_layer": 4.0, "val_nll": 0.31, "objective": "val_nll"},
+             {"trial": 3, "val_accuracy": 0.850, "val_avg_exit_layer": 1.2, "val_nll": 0.50, "objective": "val_nll"}]
+    assert apply_choice_rule(front)["trial"] == 1  # lowest exit within 1 point of 0.900
+    assert apply_choice_rule(front, tolerance=0.0)["trial"] == 0
+    assert apply_choice_rule(front, "best_objective")["trial"] == 0
+    with pytest.raises(DactLabError, match="empty"):
+        apply_choice_rule([])
+
+
+def test_final_run_is_saved_and_loads(done):
+    h, res = done
+    tr = Tracker(h)
+    run = tr.get_run(res.final_run_id)
+    assert run["status"] == "finished" and run["tag"] == "final" and run["kind"] == "dact"
+    assert run["parent_id"] == res.parent_run_id and run["dataset_id"] is not None
+    assert "test_accuracy" in res.test_metrics
+    loaded = load_model(res.final_run_id, home=h, device="cpu")
+    assert isinstance(loaded.model, DactBert)
+    assert loaded.config.model.ponder_lambda == pytest.approx(res.chosen["lambda"])
+    assert loaded.config.model.pooling == res.stage_best["stage1"]["pooling"]
+    assert loaded.config.train.encoder_lr == pytest.approx(res.stage_best["stage2"]["encoder_lr"])
+
+
+def test_rerun_of_a_finished_pipeline_trains_nothing(done):
+    h, res = done
+    tr = Tracker(h)
+    # a job manager's run of the same kind and name (the dashboard's job) is not taken for the pipeline's parent
+    job = tr.create_run("dact-pipeline", tiny_cfg().to_dict(), name="demo-pipe", status="running")
+    before = len(tr.list_runs())
+    again = run_pipeline(tiny_cfg(), pipeline=tiny_pipe("demo-pipe"), home=h)
+    assert len(tr.list_runs()) == before and again.parent_run_id != job
+    tr.set_status(job, "finished")
+    assert again.final_run_id == res.final_run_id and again.chosen == res.chosen
+    assert again.resumed_stages == ["stage1", "stage2", "stage3", "final"]
+    assert load_pipeline_result("demo-pipe", home=h).pareto == res.pareto
+    changed = tiny_cfg()
+    changed.data.max_seq_len = 48
+    with pytest.raises(ConfigError, match="different run config"):
+        run_pipeline(changed, pipeline=tiny_pipe("demo-pipe"), home=h)
+
+
+# --- cancellation and resume -------------------------------------------------------------------------------------
+
+class CancelOnFirstStep(Callback):
+    def __init__(self, token):
+        self.token = token
+
+    def on_step(self, state, logs):
+        self.token.cancel("test cancels stage 2")
+
+
+def test_cancel_then_resume_skips_finished_stages(home):
+    tr = Tracker(home)
+    cfg, pipe = tiny_cfg(), tiny_pipe("resumable", trials=(2, 2, 2))
+    token = CancelToken()
+    with pytest.raises(Cancelled):
+        run_pipeline(cfg, pipeline=pipe, home=home, tracker=tr, cancel=token, callbacks=[CancelOnFirstStep(token)])
+    parent = tr.list_runs(kind="dact-pipeline")[0]
+    assert parent["status"] == "cancelled" and parent["summary"]["stages_done"] == ["stage1"]
+    assert [r["status"] for r in children(tr, parent["id"])] == ["cancelled"]
+    url = home_mod.optuna_storage_url(home)
+    assert len(optuna.load_study(study_name="resumable/stage1", storage=url).trials) == 2
+
+    res = run_pipeline(cfg, pipeline=pipe, home=home, tracker=tr)
+    assert res.parent_run_id == parent["id"] and res.resumed_stages == ["stage1"]
+    assert tr.get_run(parent["id"])["status"] == "finished"
+    assert len(optuna.load_study(study_name="resumable/stage1", storage=url).trials) == 2  # not re-run
+    s2 = optuna.load_study(study_name="resumable/stage2", storage=url)
+    states = sorted(t.state.name for t in s2.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]  # the cancelled trial does not count
+    assert len(tr.get_events(parent["id"], kinds=["stage1_features"])) == 1
+    assert tr.get_events(parent["id"], kinds=["resumed"])[0]["payload"]["stages_done"] == ["stage1"]
+    tags = sorted(r["tag"] for r in children(tr, parent["id"]))
+    assert tags == ["final"] + ["stage2"] * 3 + ["stage3"] * 2
+
+
+def test_already_cancelled_token_marks_parent_cancelled(home):
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        run_pipeline(tiny_cfg(), pipeline=tiny_pipe("never"), home=home, cancel=token)
+    assert Tracker(home).list_runs(kind="dact-pipeline")[0]["status"] == "cancelled"
+
+
+# --- pieces -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, match", [
+    ("name", "", "name"), ("trials_stage3", 0, "trials_stage3"), ("timeout_min", -1, "timeout_min"),
+    ("lambda_low", 0.5, "lambda_low"), ("objective3", "nll", "objective3"), ("choice_rule", "knee", "choice_rule"),
+    ("stage1_epochs", 1.5, "stage1_epochs"), ("encoder_lr_range", (1e-3, 1e-4), "encoder_lr_range"),
+    ("epochs_range", (0, 2), "epochs_range"), ("poolings", ("max",), "poolings"), ("seed", -1, "seed"),
+])
+def test_pipeline_config_validation(field, value, match):
+    pipe = PipelineConfig(name="x")
+    setattr(pipe, field, value)
+    with pytest.raises(ConfigError, match=match):
+        pipe.validate()
+
+
+def test_pipeline_takes_dact_or_backbone_configs_only(home):
+    with pytest.raises(ConfigError, match="dact"):
+        run_pipeline(default_config("multitask", encoder="tiny"), pipeline=PipelineConfig(name="x"), home=home)
+    backbone = default_config("backbone", encoder="tiny")
+    backbone.model.pooling = "cls"
+    backbone.train.encoder_lr = 2e-5
+    converted = as_dact_config(backbone)
+    assert converted.kind == "dact" and converted.model.pooling == "cls" and converted.train.encoder_lr == 2e-5
+    assert backbone.kind == "backbone"  # the caller's config is not changed
+
+
+def test_feature_heads_compute_what_dactbert_computes(home):
+    """Stage 1's heads on cached features == DactBert's units on the live encoder (same weights)."""
+    params = {"pooling": "mean", "share_weights": False, "cls_depth": 2, "cls_width": 16, "cls_layout": "bowtie",
+              "cls_activation": "tanh", "cls_dropout": 0.1, "halt_depth": 1, "halt_width": 8,
+              "halt_activation": "relu", "halt_dropout": 0.0}
+    cfg = tiny_cfg()
+    cfg.model = model_from_params(params, cfg.model)
+    assert cfg.model.classifier.layout == "bowtie" and cfg.model.halting.hidden_dims == [8]
+    ds = read_csv(load_demo_dataset().to_csv_bytes(), max_rows=20, name="demo")
+    model, tok = build_model(cfg, ds.label_maps, home)
+    model.eval()
+    feats = cached_features("tiny", ds, poolings=("mean",), max_seq_len=32, home=home, seed=cfg.train.seed)
+    heads = FeatureDactHeads(cfg.model, model.num_layers, model.adapter.hidden_size, model.num_classes)
+    missing, unexpected = heads.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith("encoder.") for k in unexpected)  # same parameter names as DactBert
+    heads.eval()
+    y, h = heads(feats["mean"].features)
+    with torch.no_grad():
+        t = tok(ds.texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
+        out = model(t["input_ids"], t["attention_mask"])
+    assert torch.allclose(y, out.extras["y"], atol=1e-5) and torch.allclose(h, out.extras["h"], atol=1e-5)
+
+
+def test_timeout_bounds_the_trials_but_every_stage_runs_one(home):
+    pipe = tiny_pipe("hurried", trials=(5, 5, 5), timeout_min=0.001)  # 60 ms for the whole pipeline
+    res = run_pipeline(tiny_cfg(), pipeline=pipe, home=home)
+    url = home_mod.optuna_storage_url(home)
+    done = [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    counts = [len(optuna.load_study(study_name=f"hurried/{s}", storage=url).get_trials(states=done))
+              for s in ("stage1", "stage2", "stage3")]
+    assert counts == [1, 1, 1]  # (stage 3 still holds its other queued log-spaced λ values, as WAITING trials)
+    assert res.final_run_id is not None and len(res.pareto) == 1 and res.chosen["lambda"] == pytest.approx(1e-5)
+    budgets = [e["payload"]["budget_s"] for e in Tracker(home).get_events(res.parent_run_id, kinds=["stage_start"])]
+    assert all(b is not None and b <= 0.06 for b in budgets)
