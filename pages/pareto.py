@@ -1,0 +1,149 @@
+"""Pareto explorer: a DACT pipeline's stage-3 λ trade-off, the exit-policy comparison of its final model, and the
+choice of the model used for prediction (``st.session_state["predict_run_id"]``, persisted as a ``chosen`` event
+on the pipeline run so it survives reloads)."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from dact_lib import plots  # noqa: E402
+from dact_lib.tracker import ACTIVE_STATUSES  # noqa: E402
+from ui.state import tracker  # noqa: E402
+
+st.title("Pareto explorer")
+tr = tracker()
+pipes = tr.list_runs(kind="dact-pipeline")
+if not pipes:
+    st.info("No DACT pipeline runs yet. Run the staged DACT tuning (DACT pipeline page or "
+            "`python -m dact_lib pipeline`); its λ trade-off and exit-policy comparison show up here.")
+    st.stop()
+
+if st.session_state.get("predict_run_id") is None:  # a reload: restore the persisted choice
+    restored = plots.chosen_prediction_run(tr)
+    if restored is not None:
+        st.session_state["predict_run_id"] = restored
+
+by_id = {r["id"]: r for r in pipes}
+pid = st.selectbox("DACT pipeline run", list(by_id), key="pareto_parent",
+                   format_func=lambda i: f"#{i} {by_id[i].get('name') or 'pipeline'} · {by_id[i]['status']}")
+active = by_id[pid]["status"] in ACTIVE_STATUSES
+
+
+def choose(parent_id: int, point: dict | None) -> None:
+    """Make ``point``'s model the prediction model: session state + a persisted ``chosen`` event."""
+    if point is None:
+        return
+    rid = point.get("run_id")
+    if rid is None:
+        st.session_state["_pareto_msg"] = ("error", f"Trial {point.get('trial')} has no trained run to predict with.")
+        return
+    rid = int(rid)
+    st.session_state["predict_run_id"] = rid
+    if point.get("trial") is not None and point.get("source") != "final":
+        try:  # the pipeline's own record of the user's choice (validates that the trial is on the front)
+            from dact_lib.tuning.dact_pipeline import choose_point
+
+            choose_point(parent_id, int(point["trial"]), tracker=tr)
+        except Exception:  # noqa: BLE001 - no stage-3 study (an older run): the 'chosen' event still records it
+            pass
+    tr.log_event(parent_id, "chosen", {"run_id": rid, "trial": point.get("trial"), "lambda": point.get("lambda"),
+                                       "source": point.get("source", "front"), "by": "dashboard"})
+    has_model = (Path(tr.get_run(rid).get("run_dir") or tr.run_dir(rid)) / "model.safetensors").is_file()
+    st.session_state["_pareto_msg"] = (
+        "success" if has_model else "warning",
+        f"Run #{rid} (trial {point.get('trial')}, λ = {point.get('lambda')}) is now the model used on the Predict "
+        "page." + ("" if has_model else " Its model file is missing, so prediction will fail: choose another."))
+
+
+def _on_select_box(parent_id: int, options: dict) -> None:
+    choose(parent_id, options.get(st.session_state.get(f"pareto_pick_{parent_id}")))
+
+
+def _on_chart_select(parent_id: int, key: str, by_trial: dict, by_run: dict) -> None:
+    state = st.session_state.get(key)
+    points = (state or {}).get("selection", {}).get("points", []) if isinstance(state, dict) else \
+        getattr(getattr(state, "selection", None), "points", None) or []
+    for p in points:
+        cd = p.get("customdata") if isinstance(p, dict) else None
+        if not cd:
+            continue
+        trial, rid = cd[0], cd[1] if len(cd) > 1 else None
+        pt = by_trial.get(trial) or by_run.get(rid)
+        if pt is not None:
+            choose(parent_id, pt)
+            return
+
+
+@st.fragment(run_every=5.0 if active else None)
+def explorer(parent_id: int) -> None:
+    run = tr.get_run(parent_id)
+    view = plots.pipeline_view(run, tr.get_events(parent_id))
+    summary = run.get("summary") or {}
+    done = ", ".join(summary.get("stages_done") or []) or "none"
+    pc = view["pipeline_choice"]
+    st.caption(f"status **{run['status']}** · stages done: {done}"
+               + (f" · pipeline's choice: trial {pc['trial']} (λ = {pc['lambda']:.3g})" if pc and pc.get("lambda")
+                  is not None else "")
+               + (f" · final model: run #{view['final_run_id']}" if view["final_run_id"] else ""))
+    current = st.session_state.get("predict_run_id")
+    st.info(f"Model used for prediction: **run #{current}**" if current is not None else
+            "No model chosen for prediction yet: pick a front point below (or click one on the chart).")
+    msg = st.session_state.pop("_pareto_msg", None)
+    if msg:
+        getattr(st, msg[0])(msg[1])
+
+    trials, front = view["trials"], view["front"]
+    front_pts = front if front is not None else [p for p, on in zip(trials, plots.front_mask(trials)) if on]
+    by_trial = {p["trial"]: p for p in trials + (front or []) if p["trial"] is not None}
+    by_run = {p["run_id"]: p for p in trials + (front or []) if p["run_id"] is not None}
+
+    key = f"pareto_chart_{parent_id}"
+    fig = plots.lambda_pareto_figure(trials, front, chosen_run_id=current)
+    st.plotly_chart(fig, key=key, on_select=functools.partial(_on_chart_select, parent_id, key, by_trial, by_run),
+                    selection_mode="points")
+    if front is None and trials:
+        st.caption("Stage 3 is still running: the highlighted points are the current non-dominated trials.")
+
+    options: dict[str, dict] = {}
+    if view["final_run_id"] is not None:
+        lam = pc.get("lambda") if pc else None
+        options[f"final model · run #{view['final_run_id']}" + (f" · λ = {lam:.3g}" if lam is not None else "")] = {
+            "run_id": view["final_run_id"], "trial": pc.get("trial") if pc else None, "lambda": lam,
+            "source": "final"}
+    for p in sorted(front_pts, key=lambda p: p["val_avg_exit_layer"] or 0):
+        label = (f"trial {p['trial']} · λ = {p['lambda']:.3g} · exit {p['val_avg_exit_layer']:.2f} · "
+                 f"acc {p['val_accuracy']:.3f}" if p["lambda"] is not None else f"trial {p['trial']}")
+        label += f" · run #{p['run_id']}" if p["run_id"] is not None else " · no run"
+        options[label] = {**p, "source": "front"}
+    if options:
+        st.selectbox("Use for prediction", list(options), index=None, placeholder="choose a front point…",
+                     key=f"pareto_pick_{parent_id}", on_change=_on_select_box, args=(parent_id, options))
+
+    if front_pts:
+        st.subheader("Pareto front")
+        st.dataframe(pd.DataFrame([{
+            "trial": p["trial"], "λ": p["lambda"], "val NLL": p.get("val_nll"), "val error": p.get("val_error"),
+            "val accuracy": p["val_accuracy"], "val avg exit layer": p["val_avg_exit_layer"], "run": p["run_id"],
+            "pipeline's choice": bool(pc and p["trial"] == pc.get("trial")),
+            "for prediction": current is not None and p["run_id"] is not None and int(p["run_id"]) == int(current),
+        } for p in sorted(front_pts, key=lambda p: p["val_avg_exit_layer"] or 0)]), hide_index=True,
+            column_config={"λ": st.column_config.NumberColumn(format="%.3g")})
+
+    st.subheader("Exit policies on the final model")
+    if view["sweep"]:
+        st.plotly_chart(plots.exit_policy_figure(view["sweep"], view["num_layers"]), key=f"pareto_sweep_{parent_id}")
+        with st.expander("Sweep rows"):
+            st.dataframe(pd.DataFrame(view["sweep"]), hide_index=True)
+    else:
+        st.caption("The exit-policy sweep is recorded when the final training has finished.")
+
+
+explorer(pid)

@@ -1,0 +1,103 @@
+"""PBT view: a population's per-member curves, hyperparameter trajectories, exploit/explore lineage and events."""
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from dact_lib import plots  # noqa: E402
+from dact_lib.tracker import ACTIVE_STATUSES  # noqa: E402
+from ui.state import tracker  # noqa: E402
+
+st.title("PBT view")
+tr = tracker()
+parents = tr.list_runs(kind="pbt")
+if not parents:
+    st.info("No PBT runs yet. Start Population Based Training on the PBT page (or `python -m dact_lib pbt`); its "
+            "members, their hyperparameters and who copied whom show up here.")
+    st.stop()
+
+by_id = {r["id"]: r for r in parents}
+parent_id = st.selectbox("PBT run", list(by_id), key="pbt_parent",
+                         format_func=lambda i: f"#{i} {by_id[i].get('name') or 'pbt'} · {by_id[i]['status']}")
+active = by_id[parent_id]["status"] in ACTIVE_STATUSES
+
+
+def _ts(t) -> str:
+    return datetime.fromtimestamp(t).strftime("%H:%M:%S") if t else ""
+
+
+@st.fragment(run_every=2.0 if active else None)
+def population(pid: int, was_active: bool) -> None:
+    parent = tr.get_run(pid)
+    if was_active and parent["status"] not in ACTIVE_STATUSES:
+        st.rerun()  # the run ended: one full rerun turns the timer off
+    members = [m for m in tr.list_runs(parent_id=pid) if m["kind"] == "pbt-member"] or tr.list_runs(parent_id=pid)
+    members.sort(key=lambda m: m["id"])
+    st.caption(f"status **{parent['status']}** · {len(members)} members"
+               + (f" · best member run #{parent['summary'].get('best_run_id')}"
+                  if (parent.get("summary") or {}).get("best_run_id") else ""))
+    if parent.get("error"):
+        st.error(parent["error"])
+    if not members:
+        st.info("The population has not been created yet.")
+        return
+    ids = [m["id"] for m in members]
+    metrics = tr.get_metrics(ids)
+    names = sorted(set(metrics["name"])) if len(metrics) else []
+    score_names = [n for n in names if n.startswith("val_") or n == "train_loss"]
+    metric_default = (parent.get("config") or {}).get("pbt", {}).get("metric", "val_accuracy") \
+        if isinstance((parent.get("config") or {}).get("pbt"), dict) else "val_accuracy"
+    if score_names:
+        idx = score_names.index(metric_default) if metric_default in score_names else 0
+        metric = st.selectbox("Member metric", score_names, index=idx, key="pbt_metric")
+        st.plotly_chart(plots.pbt_member_curves(metrics, members, metric), key="pbt_curves")
+    else:
+        st.caption("No member metrics logged yet.")
+    st.plotly_chart(plots.hp_trajectories(metrics, members), key="pbt_hp")
+
+    events = tr.get_events(pid)
+    if not any("exploit" in e["kind"] or "explore" in e["kind"] for e in events):
+        for m in members:  # older layouts log exploit/explore on the members only
+            events += tr.get_events(m["id"])
+    last_steps = metrics.groupby("run_id")["step"].max().astype(int).to_dict() if len(metrics) else {}
+    st.plotly_chart(plots.lineage_figure(members, events, last_steps), key="pbt_lineage")
+
+    labels = plots.member_labels(members)
+    edges = plots.exploit_edges(events, members)
+    st.subheader(f"Exploit / explore ({len(edges)})")
+    if edges:
+        st.dataframe(pd.DataFrame([{
+            "step": e["step"], "recipient": labels.get(e["recipient"], e["recipient"]),
+            "donor": labels.get(e["donor"], e["donor"]), "score": e.get("score"), "donor score": e.get("donor_score"),
+            "old": json.dumps(e["old"], default=str), "copied": json.dumps(e["new"], default=str),
+            "explored": json.dumps(e["explored"], default=str) if e.get("explored") is not None else "",
+        } for e in edges]), hide_index=True)
+    else:
+        st.caption("No member has exploited another yet.")
+
+    st.subheader("Members")
+    summ = {m.get("run_id"): m for m in (parent.get("summary") or {}).get("members", []) if isinstance(m, dict)}
+    st.dataframe(pd.DataFrame([{
+        "run": m["id"], "name": m.get("name") or "", "status": m["status"],
+        "last step": last_steps.get(m["id"]),
+        "best score": (summ.get(m["id"]) or {}).get("best_score"),
+        "exploits": (summ.get(m["id"]) or {}).get("exploits"),
+        **{k: v for k, v in ((summ.get(m["id"]) or {}).get("final") or {}).items()},
+    } for m in members]), hide_index=True)
+
+    with st.expander("All events of the PBT run"):
+        st.dataframe(pd.DataFrame([{"time": _ts(e["time"]), "run": e["run_id"], "kind": e["kind"],
+                                    "payload": json.dumps(e["payload"], default=str)[:400]} for e in events]),
+                     hide_index=True)
+
+
+population(parent_id, active)

@@ -1,0 +1,296 @@
+"""Runs: live training curves, status, progress + ETA, events, cancel, comparison, downloads.
+
+The live part is one ``st.fragment`` that reruns every 2 s while a selected run is active (the rest of the page is
+not rerun). Only the selected runs' metrics are read, incrementally (rows after the last step already held), and
+each plotted series is thinned to <= 2,000 points.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import zipfile
+from collections import OrderedDict
+from datetime import datetime
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from dact_lib import plots  # noqa: E402
+from dact_lib.tracker import ACTIVE_STATUSES, STATUSES  # noqa: E402
+from ui.state import tracker  # noqa: E402
+
+REFRESH_S = 2.0
+MAX_EVENTS_SHOWN = 500
+ZIP_FILES = ("model.safetensors", "config.json", "label_maps.json", "report.json")
+ENGINE_KINDS = ("tune-backbone", "dact-pipeline", "pbt")  # parent runs of the tuning engines: no training curves
+
+
+def _ts(t) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
+
+
+def _label(r: dict) -> str:
+    name = f" {r['name']}" if r.get("name") else ""
+    return f"#{r['id']} {r['kind']}{name} · {r['status']}"
+
+
+def _best(r: dict, key: str):
+    s = r.get("summary") or {}
+    for part in ("best", "test"):
+        d = s.get(part) or {}
+        if isinstance(d, dict) and key in d:
+            return d[key]
+    return None
+
+
+def _runs_table(runs: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "id": r["id"], "kind": r["kind"], "name": r.get("name") or "", "tag": r.get("tag") or "",
+        "status": r["status"], "parent": r.get("parent_id"), "created": _ts(r.get("created")),
+        "val_accuracy": _best(r, "val_accuracy"), "test_accuracy": _best(r, "test_accuracy"),
+        "val_avg_exit_layer": _best(r, "val_avg_exit_layer"), "error": (r.get("error") or "")[:120],
+    } for r in runs])
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+EMPTY = pd.DataFrame({"run_id": pd.Series(dtype="int64"), "step": pd.Series(dtype="int64"),
+                      "epoch": pd.Series(dtype="Int64"), "name": pd.Series(dtype="str"),
+                      "value": pd.Series(dtype="float64"), "time": pd.Series(dtype="float64")})
+ENDED_CACHE_RUNS = 500
+
+
+@st.cache_resource(show_spinner=False)
+def _ended_store() -> OrderedDict:
+    """Process-wide: (home, run id, ended) -> the curve metrics of a run that has ended (they no longer change)."""
+    return OrderedDict()
+
+
+def _curve_names(tr, ids: list[int]) -> list[str]:
+    marks = ", ".join("?" for _ in ids)
+    rows = tr.db.conn.execute(f"SELECT DISTINCT name FROM metrics WHERE run_id IN ({marks})", ids).fetchall()
+    return sorted(n for (n,) in rows if plots.curve_metric(n))
+
+
+def _max_steps(tr, ids: list[int]) -> dict[int, int]:
+    if not ids:
+        return {}
+    marks = ", ".join("?" for _ in ids)
+    return {int(r): int(s) for r, s in tr.db.conn.execute(
+        f"SELECT run_id, MAX(step) FROM metrics WHERE run_id IN ({marks}) GROUP BY run_id", ids).fetchall()}
+
+
+def _split(df: pd.DataFrame, ids: list[int]) -> dict[int, pd.DataFrame]:
+    groups = dict(tuple(df.groupby("run_id", sort=False))) if len(df) else {}
+    return {i: groups.get(i, EMPTY) for i in ids}
+
+
+def run_metrics(tr, runs: list[dict]) -> dict[int, pd.DataFrame]:
+    """The curve metrics (losses, validation scores, exit layer) of ``runs``, one frame per run id.
+
+    Ended runs: read once per server process (one query for all of them), then served from memory. Active runs:
+    a per-session frame topped up with the rows after the last step held (``since_step``)."""
+    home = str(tr.home)
+    store = _ended_store()
+    out: dict[int, pd.DataFrame] = {}
+    ended = [r for r in runs if r["status"] not in ACTIVE_STATUSES]
+    missing = []
+    for r in ended:
+        key = (home, r["id"], r.get("ended"))
+        if key in store:
+            store.move_to_end(key)
+            out[r["id"]] = store[key]
+        else:
+            missing.append(r["id"])
+    if missing:
+        names = _curve_names(tr, missing)
+        got = _split(tr.get_metrics(missing, names=names), missing) if names else {i: EMPTY for i in missing}
+        for r in ended:
+            if r["id"] in got:
+                store[(home, r["id"], r.get("ended"))] = out[r["id"]] = got[r["id"]]
+        while len(store) > ENDED_CACHE_RUNS:
+            store.popitem(last=False)
+    live: dict = st.session_state.setdefault("_runs_live_metrics", {})
+    for r in runs:
+        if r["status"] not in ACTIVE_STATUSES:
+            continue
+        key = (home, r["id"])
+        held = live.get(key)
+        if held is None:
+            df = tr.get_metrics(r["id"])
+        else:  # rows of the last held step may still be arriving: re-read from that step on
+            last = int(held["step"].max()) if len(held) else -1
+            new = tr.get_metrics(r["id"], since_step=last - 1) if last >= 0 else tr.get_metrics(r["id"])
+            old = held[held["step"] < last]
+            df = pd.concat([old, new], ignore_index=True) if len(old) else new
+        df = df[df["name"].map(plots.curve_metric)] if len(df) else df
+        live[key] = out[r["id"]] = df
+    return out
+
+
+# ---------------------------------------------------------------------------------------- downloads
+
+
+def _csv_bytes(tr, ids: list[int]):
+    def make() -> bytes:
+        return tr.get_metrics(ids).to_csv(index=False).encode("utf-8")
+
+    return make
+
+
+def zip_run_dir(run_dir: Path) -> bytes:
+    """The run folder's model files (weights, config, label maps, report, encoder/ config + tokenizer) as a zip."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in ZIP_FILES:
+            p = run_dir / name
+            if p.is_file():
+                zf.write(p, name)
+        enc = run_dir / "encoder"
+        if enc.is_dir():
+            for p in sorted(enc.rglob("*")):
+                if p.is_file():
+                    zf.write(p, str(p.relative_to(run_dir)))
+    return buf.getvalue()
+
+
+def _zip_bytes(run_dir: Path):
+    return lambda: zip_run_dir(run_dir)
+
+
+# ---------------------------------------------------------------------------------------- page
+
+st.title("Runs")
+tr = tracker()
+st.caption(f"home: `{tr.home}`")
+all_runs = tr.list_runs()
+if not all_runs:
+    st.info("No runs yet. Train a model (Train page or `python -m dact_lib train`) and it shows up here, live.")
+    st.stop()
+
+with st.expander("Filter the run list", expanded=False):
+    c1, c2, c3 = st.columns(3)
+    kinds = sorted({r["kind"] for r in all_runs})
+    statuses = list(STATUSES)  # all of them, fixed: a run that changes status (running -> finished) stays listed
+    sel_kinds = c1.multiselect("kind", kinds, default=kinds, key="runs_kinds")
+    sel_status = c2.multiselect("status", statuses, default=statuses, key="runs_status")
+    top_only = c3.checkbox("top-level runs only (hide trials / PBT members)", value=False, key="runs_top")
+runs = [r for r in all_runs if r["kind"] in sel_kinds and r["status"] in sel_status
+        and (not top_only or r.get("parent_id") is None)]
+by_id = {r["id"]: r for r in all_runs}
+
+st.dataframe(_runs_table(runs), hide_index=True, height=min(400, 38 + 35 * len(runs)),
+             column_config={"val_accuracy": st.column_config.NumberColumn(format="%.4f"),
+                            "test_accuracy": st.column_config.NumberColumn(format="%.4f"),
+                            "val_avg_exit_layer": st.column_config.NumberColumn(format="%.2f")})
+
+options = [r["id"] for r in runs]
+if "runs_selected" in st.session_state:  # drop ids that are no longer listed (deleted / filtered out)
+    st.session_state["runs_selected"] = [i for i in st.session_state["runs_selected"] if i in options]
+else:
+    # default: the active runs, else the newest run that trains a model (engine parents have no curves)
+    active = [r["id"] for r in runs if r["status"] in ACTIVE_STATUSES and r["kind"] not in ENGINE_KINDS]
+    trained = [r["id"] for r in runs if r["kind"] not in ENGINE_KINDS]
+    st.session_state["runs_selected"] = active[:5] or trained[:1] or options[:1]
+selected = st.multiselect("Runs to show (several are compared on one chart)", options, key="runs_selected",
+                          format_func=lambda i: _label(by_id[i]))
+if not selected:
+    st.info("Choose one or more runs above.")
+    st.stop()
+
+any_active = any(by_id[i]["status"] in ACTIVE_STATUSES for i in selected)
+
+
+@st.fragment(run_every=REFRESH_S if any_active else None)
+def live(ids: list[int], was_active: bool) -> None:
+    current = []
+    for i in ids:
+        try:
+            current.append(tr.get_run(i))
+        except Exception:  # noqa: BLE001 - deleted meanwhile
+            continue
+    if not current:
+        st.warning("The selected runs no longer exist.")
+        return
+    per_run = run_metrics(tr, current)
+    frames = [f for f in per_run.values() if len(f)]
+    metrics = pd.concat(frames, ignore_index=True) if frames else EMPTY
+    active_now = any(r["status"] in ACTIVE_STATUSES for r in current)
+    steps_now = _max_steps(tr, [r["id"] for r in current if r["status"] in ACTIVE_STATUSES])
+
+    # status of every selected run: one table with a progress column
+    rows = []
+    events_of: dict[int, list[dict]] = {}
+    for r in current:
+        ev = tr.get_events(r["id"])
+        events_of[r["id"]] = ev
+        pr = plots.progress_eta(r, per_run.get(r["id"]), ev, steps_done=steps_now.get(r["id"]))
+        rows.append({"run": _label(r), "status": r["status"], "progress": pr["fraction"] or 0.0,
+                     "steps": pr["text"], "ETA": plots.format_seconds(pr["eta_s"]) if r["status"] in
+                     ACTIVE_STATUSES else "", "error": (r.get("error") or "")[:160], "_pr": pr})
+    st.dataframe(pd.DataFrame(rows).drop(columns="_pr"), hide_index=True,
+                 column_config={"progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
+                                                                             format="percent")})
+
+    labels = {r["id"]: f"#{r['id']} {r['kind']}" for r in current}
+    fig = plots.curves_figure(metrics, labels, title="training curves" + (" (live)" if active_now else ""))
+    st.plotly_chart(fig, key="runs_curves")
+
+    st.download_button("Download metrics (CSV)", _csv_bytes(tr, [r["id"] for r in current]),
+                       file_name=f"metrics_runs_{'_'.join(str(r['id']) for r in current[:10])}.csv",
+                       mime="text/csv", on_click="ignore", key="runs_dl_csv")
+
+    # one run in detail: progress bar, cancel, events, model download
+    focus_ids = [r["id"] for r in current]
+    if st.session_state.get("runs_focus") not in focus_ids:
+        st.session_state["runs_focus"] = focus_ids[0]
+    focus = st.selectbox("Run details", focus_ids, key="runs_focus",
+                         format_func=lambda i: _label(next(r for r in current if r["id"] == i)))
+    run = next(r for r in current if r["id"] == focus)
+    pr = next(x["_pr"] for x, r in zip(rows, current) if r["id"] == focus)
+    st.progress(min(1.0, max(0.0, pr["fraction"] or 0.0)), text=f"#{focus} {run['status']} · {pr['text']}")
+    c1, c2 = st.columns(2)
+    if run["status"] in ACTIVE_STATUSES:
+        if c1.button("Cancel run", key=f"runs_cancel_{focus}", type="primary"):
+            try:
+                from ui.state import jobs
+
+                ok = jobs().cancel(focus)
+            except Exception as exc:  # noqa: BLE001 - show, never crash the page
+                ok = False
+                st.error(f"Could not cancel run {focus}: {exc}")
+            if ok:
+                st.success(f"Cancellation of run {focus} requested: it stops at its next step.")
+            else:
+                st.warning(f"Run {focus} is not a job of this dashboard process (started elsewhere, e.g. the CLI, "
+                           "or already ended): stop it where it runs.")
+    run_dir = Path(run.get("run_dir") or tr.run_dir(focus))
+    if (run_dir / "model.safetensors").is_file():
+        c2.download_button("Download model (zip)", _zip_bytes(run_dir), file_name=f"dact_lab_run_{focus}.zip",
+                           mime="application/zip", on_click="ignore", key=f"runs_dl_zip_{focus}")
+    else:
+        c2.caption("No saved model yet (a checkpoint is written at the first evaluation).")
+    if run.get("error"):
+        st.error(run["error"])
+    ev = events_of.get(focus, [])
+    st.subheader("Event log")
+    if ev:
+        st.dataframe(pd.DataFrame([{"time": _ts(e["time"]), "kind": e["kind"],
+                                    "payload": json.dumps(e["payload"], default=str)[:400]}
+                                   for e in ev[-MAX_EVENTS_SHOWN:]]), hide_index=True)
+    else:
+        st.caption("No events yet.")
+    with st.expander("Config / summary"):
+        st.json({"config": run.get("config"), "summary": run.get("summary")}, expanded=False)
+
+    if was_active and not active_now:
+        st.rerun()  # every selected run ended: one full rerun turns the timer off
+
+
+live(list(selected), any_active)

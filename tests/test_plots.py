@@ -1,0 +1,287 @@
+"""Tests of dact_lib.plots: figures built from small hand-made data (traces, points, front, downsampling cap)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dact_lib import plots
+
+
+def _metrics(rows):
+    """rows: (run_id, step, name, value[, time])."""
+    out = []
+    for r in rows:
+        rid, step, name, value = r[:4]
+        out.append({"run_id": rid, "step": step, "epoch": 0, "name": name, "value": value,
+                    "time": r[4] if len(r) > 4 else 1000.0 + step})
+    return pd.DataFrame(out, columns=["run_id", "step", "epoch", "name", "value", "time"])
+
+
+# ------------------------------------------------------------------------------------------------ downsampling
+
+
+def test_downsample_index_caps_and_keeps_extremes_and_ends():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=100_000)
+    y[31_337], y[77_777] = 50.0, -50.0  # spikes must survive
+    idx = plots.downsample_index(y, 2000)
+    assert len(idx) <= 2000
+    assert idx[0] == 0 and idx[-1] == len(y) - 1
+    assert np.all(np.diff(idx) > 0)
+    assert 31_337 in idx and 77_777 in idx
+
+
+def test_downsample_index_short_series_unchanged_and_nan_safe():
+    assert list(plots.downsample_index(np.arange(10.0), 2000)) == list(range(10))
+    y = np.full(5000, np.nan)
+    y[::7] = 1.0
+    idx = plots.downsample_index(y, 100)
+    assert len(idx) <= 100 and idx[0] == 0 and idx[-1] == 4999
+
+
+# ------------------------------------------------------------------------------------------------ curves
+
+
+def test_curves_figure_compares_runs_on_shared_panels():
+    rows = []
+    for rid in (1, 2):
+        for s in range(1, 6):
+            rows += [(rid, s, "train_loss", 1.0 / s), (rid, s, "lr", 1e-3)]
+        rows += [(rid, 5, "val_loss", 0.5), (rid, 5, "val_accuracy", 0.8), (rid, 5, "val_avg_exit_layer", 3.2)]
+    fig = plots.curves_figure(_metrics(rows), {1: "run A", 2: "run B"})
+    names = sorted(t.name for t in fig.data)
+    assert names == sorted(f"{r} · {n}" for r in ("run A", "run B")
+                           for n in ("train_loss", "val_loss", "val_accuracy", "val_avg_exit_layer"))
+    assert "lr" not in " ".join(names)  # not a loss / score metric
+    # three panels: loss, score, exit layer; each run keeps one colour across its traces
+    axes = {t.name.split(" · ")[1]: t.xaxis for t in fig.data}
+    assert axes["train_loss"] == axes["val_loss"] != axes["val_accuracy"] != axes["val_avg_exit_layer"]
+    colours = {t.name.split(" · ")[0]: set() for t in fig.data}
+    for t in fig.data:
+        colours[t.name.split(" · ")[0]].add(t.line.color)
+    assert all(len(c) == 1 for c in colours.values()) and colours["run A"] != colours["run B"]
+
+
+def test_curves_figure_multitask_names_go_to_their_panels():
+    df = _metrics([(1, 1, "train_loss/class_label", 0.9), (1, 1, "val_loss/class_label", 0.8),
+                   (1, 1, "val_accuracy/sentiment_label", 0.7), (1, 1, "val_macro_f1/class_label", 0.6),
+                   (1, 1, "samples_per_s", 100.0), (1, 1, "hp/lr", 1e-3)])
+    fig = plots.curves_figure(df)
+    axis = {t.name: t.xaxis for t in fig.data}
+    assert set(axis) == {"train_loss/class_label", "val_loss/class_label", "val_accuracy/sentiment_label",
+                         "val_macro_f1/class_label"}
+    assert axis["train_loss/class_label"] == axis["val_loss/class_label"] != axis["val_accuracy/sentiment_label"]
+
+
+def test_curves_figure_downsamples_long_series_and_dedupes_steps():
+    n = 20_000
+    df = _metrics([(7, s, "train_loss", math.sin(s / 100)) for s in range(n)]
+                  + [(7, 10, "val_loss", 1.0), (7, 10, "val_loss", 0.9)])
+    fig = plots.curves_figure(df, max_points=2000)
+    tl = next(t for t in fig.data if t.name == "train_loss")
+    assert len(tl.x) <= 2000 and tl.x[0] == 0 and tl.x[-1] == n - 1
+    vl = next(t for t in fig.data if t.name == "val_loss")
+    assert list(vl.x) == [10] and list(vl.y) == [0.9]  # the same step logged twice: the last value
+
+
+def test_curves_figure_empty():
+    fig = plots.curves_figure(_metrics([]))
+    assert not fig.data and fig.layout.annotations
+
+
+def test_metric_figure_one_line_per_run():
+    df = _metrics([(1, 1, "val_accuracy", 0.5), (1, 2, "val_accuracy", 0.6), (2, 1, "val_accuracy", 0.4)])
+    fig = plots.metric_figure(df, "val_accuracy", {1: "a", 2: "b"})
+    assert [t.name for t in fig.data] == ["a", "b"] and list(fig.data[0].y) == [0.5, 0.6]
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+def test_progress_eta_running_run():
+    run = {"status": "running", "started": 1000.0, "config": {}, "summary": {}}
+    events = [{"kind": "start", "payload": {"steps": 100}}]
+    df = _metrics([(1, s, "train_loss", 1.0, 1000.0 + s) for s in range(10, 26)])
+    p = plots.progress_eta(run, df, events, now=1010.0)
+    assert p["steps_done"] == 25 and p["total_steps"] == 100 and p["fraction"] == pytest.approx(0.25)
+    assert p["eta_s"] == pytest.approx(10.0 / 25 * 75)  # elapsed / done * remaining
+    assert "25 / 100" in p["text"] and "ETA" in p["text"]
+
+
+def test_progress_eta_finished_and_config_fallback():
+    run = {"status": "finished", "started": 0.0, "ended": 50.0, "summary": {"steps": 40},
+           "config": {"train": {"max_steps": 40}}}
+    p = plots.progress_eta(run, None, [])
+    assert p["total_steps"] == 40 and p["steps_done"] == 40 and p["fraction"] == 1.0 and p["eta_s"] == 0.0
+    assert p["elapsed_s"] == 50.0
+    q = plots.progress_eta({"status": "queued", "config": {}}, None, [])
+    assert q["fraction"] is None and q["eta_s"] is None
+
+
+# ------------------------------------------------------------------------------------------------ λ Pareto
+
+
+POINTS = [  # trial, λ, exit layer, accuracy
+    {"trial": 0, "lambda": 1e-4, "val_avg_exit_layer": 5.5, "val_accuracy": 0.90, "run_id": 10, "val_nll": 0.3},
+    {"trial": 1, "lambda": 1e-3, "val_avg_exit_layer": 4.0, "val_accuracy": 0.88, "run_id": 11, "val_nll": 0.35},
+    {"trial": 2, "lambda": 1e-2, "val_avg_exit_layer": 4.5, "val_accuracy": 0.85, "run_id": 12},  # dominated by 1
+    {"trial": 3, "lambda": 5e-2, "val_avg_exit_layer": 2.0, "val_accuracy": 0.70, "run_id": 13},
+]
+
+
+def test_front_mask():
+    assert plots.front_mask(POINTS) == [True, True, False, True]
+
+
+def test_lambda_pareto_figure_highlights_the_computed_front():
+    fig = plots.lambda_pareto_figure(POINTS)
+    trials, front = fig.data[0], fig.data[1]
+    assert trials.name == "λ trials" and len(trials.x) == 4
+    assert front.name == "Pareto front"
+    assert list(front.x) == [2.0, 4.0, 5.5] and list(front.y) == [0.70, 0.88, 0.90]  # sorted by exit layer
+    assert [list(c) for c in front.customdata] == [[3, 13], [1, 11], [0, 10]]
+    # coloured by log10 λ
+    assert list(trials.marker.color) == pytest.approx([-4, -3, -2, math.log10(5e-2)])
+    assert "trial 1" in trials.hovertext[1] and "λ = 0.001" in trials.hovertext[1]
+
+
+def test_lambda_pareto_figure_uses_a_given_front_and_marks_the_chosen_run():
+    front = [POINTS[1], POINTS[2]]  # e.g. the pipeline's front on (NLL, exit layer)
+    fig = plots.lambda_pareto_figure(POINTS, front, chosen_run_id=12)
+    fr = next(t for t in fig.data if t.name == "Pareto front")
+    assert sorted(c[0] for c in fr.customdata) == [1, 2]
+    chosen = next(t for t in fig.data if t.name == "chosen")
+    assert list(chosen.x) == [4.5]
+
+
+def test_lambda_pareto_figure_error_only_points_and_empty():
+    fig = plots.lambda_pareto_figure([{"number": 4, "params": {"ponder_lambda": 0.01}, "val_error": 0.2,
+                                       "avg_exit_layer": 3.0}])
+    assert list(fig.data[0].y) == [pytest.approx(0.8)] and list(fig.data[0].x) == [3.0]
+    assert not plots.lambda_pareto_figure([]).data
+
+
+# ------------------------------------------------------------------------------------------------ exit policies
+
+
+def test_exit_policy_figure_one_line_per_policy():
+    rows = [{"policy": "dact", "value": None, "avg_exit_layer": 3.1, "accuracy": 0.86, "wall_s": 1.0}]
+    rows += [{"policy": "fixed", "value": k, "avg_exit_layer": float(k), "accuracy": 0.7 + k / 50} for k in (3, 1, 2)]
+    rows += [{"policy": "entropy", "value": s, "avg_exit_layer": 2 + s, "accuracy": 0.8} for s in (0.1, 0.5)]
+    rows += [{"policy": "patience", "value": t, "avg_exit_layer": 2.0 + t, "accuracy": 0.85} for t in (1, 2)]
+    fig = plots.exit_policy_figure(rows, num_layers=6)
+    assert [t.name for t in fig.data] == ["DACT rule", "patience (PABEE)", "entropy (DeeBERT)", "fixed depth"]
+    fixed = fig.data[3]
+    assert list(fixed.x) == [1.0, 2.0, 3.0] and "lines" in fixed.mode
+    assert fig.data[0].mode == "markers" and "speed-up 1.94×" in fig.data[0].hovertext[0]
+
+
+# ------------------------------------------------------------------------------------------------ per-sample exits
+
+
+def test_exit_histogram_counts_every_layer():
+    fig = plots.exit_histogram([1, 1, 3, 6, 6, 6], num_layers=6)
+    bar = fig.data[0]
+    assert list(bar.x) == [1, 2, 3, 4, 5, 6] and list(bar.y) == [2, 0, 1, 0, 0, 3]
+
+
+def test_accuracy_per_layer():
+    df = pd.DataFrame({"exit_layer": [1, 1, 2, 6], "correct": [True, False, True, True]})
+    bar = plots.accuracy_per_layer(df, 6).data[0]
+    assert list(bar.x) == [1, 2, 6] and list(bar.y) == [0.5, 1.0, 1.0] and list(bar.customdata) == [2, 1, 1]
+
+
+# ------------------------------------------------------------------------------------------------ PBT
+
+
+MEMBERS = [{"id": 5, "name": "pbt · member 0"}, {"id": 6, "name": "pbt · member 1"}, {"id": 7, "name": None}]
+
+
+def _pbt_events():
+    common = {"step": 6, "recipient": 1, "recipient_run_id": 6, "donor": 0, "donor_run_id": 5, "time": 1.0,
+              "score": 0.5, "donor_score": 0.7}
+    ev = []
+    for rid in (4, 6):  # logged on the parent AND on the recipient's run, as pbt.py does
+        ev.append({"run_id": rid, "kind": "pbt_exploit", "time": 1.0, "payload": {**common, "old": {"lr": 1},
+                                                                                   "new": {"lr": 2}}})
+        ev.append({"run_id": rid, "kind": "pbt_explore", "time": 1.0, "payload": {**common, "new": {"lr": 2.4}}})
+    # an older layout: member indices only
+    ev.append({"run_id": 4, "kind": "exploit", "time": 2.0, "payload": {"step": 9, "donor": 1, "recipient": 2}})
+    return ev
+
+
+def test_exploit_edges_resolve_members_and_drop_duplicates():
+    edges = plots.exploit_edges(_pbt_events(), MEMBERS)
+    assert [(e["donor"], e["recipient"], e["step"]) for e in edges] == [(5, 6, 6), (6, 7, 9)]
+    assert edges[0]["explored"] == {"lr": 2.4} and edges[0]["new"] == {"lr": 2}
+
+
+def test_lineage_figure_rows_and_arrows():
+    fig = plots.lineage_figure(MEMBERS, _pbt_events(), {5: 12, 6: 12, 7: 10})
+    assert list(fig.layout.yaxis.ticktext) == ["pbt · member 0 (#5)", "pbt · member 1 (#6)", "member 2 (#7)"]
+    arrows = fig.layout.annotations
+    assert len(arrows) == 2
+    assert (arrows[0].x, arrows[0].y, arrows[0].ay) == (6, 1, 0)  # at step 6, from row 0 (donor) to row 1
+    marks = next(t for t in fig.data if t.name == "exploit / explore")
+    assert list(marks.x) == [6, 9]
+
+
+def test_hp_trajectories_rows_and_log_lr():
+    rows = []
+    for rid in (5, 6):
+        for s, lr in ((0, 1e-3), (6, 2e-3)):
+            rows += [(rid, s, "hp/lr", lr), (rid, s, "hp/dropout", 0.1)]
+    fig = plots.hp_trajectories(_metrics(rows), MEMBERS[:2])
+    assert len(fig.data) == 4 and all(t.line.shape == "hv" for t in fig.data)
+    assert fig.layout.yaxis.type == "log"  # hp/lr first
+    assert fig.layout.yaxis2.type != "log"
+    assert not plots.hp_trajectories(_metrics([]), MEMBERS).data
+
+
+def test_pbt_member_curves():
+    df = _metrics([(5, 3, "val_accuracy", 0.5), (6, 3, "val_accuracy", 0.4)])
+    fig = plots.pbt_member_curves(df, MEMBERS[:2])
+    assert [t.name for t in fig.data] == ["pbt · member 0 (#5)", "pbt · member 1 (#6)"]
+
+
+# ------------------------------------------------------------------------------------------------ pipeline records
+
+
+def test_pipeline_view_reads_events_and_summary():
+    point = {"trial": 1, "lambda": 1e-3, "objective": "val_nll", "val_nll": 0.3, "val_avg_exit_layer": 3.0,
+             "val_accuracy": 0.8, "run_id": 11}
+    events = [
+        {"id": 1, "kind": "trial", "payload": {"stage": "stage2", "number": 0, "state": "complete"}},
+        {"id": 2, "kind": "trial", "payload": {"stage": "stage3", "number": 0, "state": "complete",
+                                               "params": {"ponder_lambda": 1e-4}, "values": [0.2, 5.0],
+                                               "user_attrs": {"run_id": 10, "val_accuracy": 0.82}}},
+        {"id": 3, "kind": "trial", "payload": {"stage": "stage3", "number": 2, "state": "pruned"}},
+        {"id": 4, "kind": "pareto_front", "payload": {"front": [point]}},
+        {"id": 5, "kind": "exit_policy_sweep", "payload": {"rows": [{"policy": "dact", "avg_exit_layer": 2.0,
+                                                                      "accuracy": 0.8}], "num_layers": 6,
+                                                           "final_run_id": 20}},
+        {"id": 6, "kind": "chosen", "payload": {"run_id": 11}},
+    ]
+    view = plots.pipeline_view({"summary": {"chosen": point}}, events)
+    assert [t["trial"] for t in view["trials"]] == [0]
+    assert view["trials"][0]["lambda"] == 1e-4 and view["trials"][0]["val_avg_exit_layer"] == 5.0
+    assert [p["trial"] for p in view["front"]] == [1]
+    assert view["pipeline_choice"]["run_id"] == 11 and view["num_layers"] == 6 and view["final_run_id"] == 20
+    assert view["chosen_run_id"] == 11 and view["sweep"][0]["policy"] == "dact"
+
+
+def test_chosen_prediction_run(tmp_path):
+    from dact_lib.tracker import Tracker
+
+    tr = Tracker(tmp_path)
+    assert plots.chosen_prediction_run(tr) is None
+    p1 = tr.create_run("dact-pipeline", {})
+    p2 = tr.create_run("dact-pipeline", {})
+    tr.log_event(p1, "chosen", {"run_id": 3})
+    tr.log_event(p2, "chosen", {"run_id": 4})
+    tr.log_event(p1, "chosen", {"run_id": 5})
+    assert plots.chosen_prediction_run(tr) == 5
+    assert plots.chosen_prediction_run(tr, p2) == 4
