@@ -91,6 +91,10 @@ if not runs:
 else:
     by_id = {r["id"]: r for r in runs}
     wanted = st.session_state.get("predict_run_id")
+    if wanted is None:  # after a reload: the point last chosen on the Pareto explorer (stored as an event)
+        from dact_lib.plots import chosen_prediction_run
+
+        wanted = chosen_prediction_run(state.tracker())
     if wanted is not None and int(wanted) in by_id and st.session_state.get("predict:run-from") != wanted:
         st.session_state["predict:run"] = int(wanted)  # chosen elsewhere (Pareto explorer, Runs)
         st.session_state["predict:run-from"] = wanted

@@ -415,3 +415,16 @@ def test_predict_defaults_to_the_chosen_run(populated):
     at.text_area(key="predict:text").set_value("   ")
     at.button(key="predict:go").click().run()
     assert any("Nothing to predict" in e for e in errors(at))
+
+
+def test_predict_restores_the_pareto_choice_after_a_reload(populated):
+    h, ids, _ = populated
+    tr = Tracker(h)
+    parent = tr.create_run("dact-pipeline", {}, name="reload-check", status="finished")
+    tr.log_event(parent, "chosen", {"run_id": ids["dact"]})
+    try:
+        at = open_app()  # a fresh session: nothing in session_state
+        goto(at, "pages/predict.py")
+        assert at.selectbox(key="predict:run").value == ids["dact"]
+    finally:
+        tr.delete_run(parent, force=True)
