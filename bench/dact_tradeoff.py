@@ -65,6 +65,8 @@ def train_dact(lam: float, train_ds, dev_ds, args):
     cfg = default_config("dact")
     cfg.model.pooling = args.pooling
     cfg.model.ponder_lambda = float(lam)
+    if args.layer_loss_weight is not None:
+        cfg.model.layer_loss_weight = float(args.layer_loss_weight)
     tc = cfg.train
     tc.epochs, tc.batch_size, tc.seed, tc.num_threads = args.epochs, 32, 0, args.threads
     tc.head_lr = args.head_lr
@@ -219,6 +221,9 @@ def main() -> None:
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--halting-bias", type=float, default=None,
                     help="[lever, non-default] initial bias of every halting unit's last layer")
+    ap.add_argument("--layer-loss-weight", type=float, default=None,
+                    help="weight of every internal classifier's own NLL in the loss (default: the library's, "
+                         "DactModelConfig.layer_loss_weight)")
     ap.add_argument("--latency-n", type=int, default=300, help="dev sentences timed at batch 1")
     ap.add_argument("--max-rows", type=int, default=None, help="stratified sample of train (and dev) for a smoke run")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training and batched throughput")
@@ -245,6 +250,7 @@ def main() -> None:
     print(f"# DACT trade-off — {describe_machine(info)}")
     settings = {"lambdas": lambdas, "epochs": args.epochs, "pooling": args.pooling, "head_lr": args.head_lr,
                 "encoder_lr": 5e-5, "batch": 32, "seed": 0, "halting_bias": args.halting_bias,
+                "layer_loss_weight": args.layer_loss_weight,
                 "latency_n": args.latency_n, "latency_threads": args.latency_threads, "max_rows": args.max_rows, "threads": args.threads}
     print(f"settings: {settings}")
     train_ds, dev_ds = load_sst2(args.data_dir, args.max_rows)

@@ -144,6 +144,8 @@ class DactModelConfig:
     share_weights: bool = False
     ponder_lambda: float = 1e-3
     ponder_start_at_one: bool = False  # report rho = 1 + sum p_n (the reference code) instead of sum p_n
+    # weight of every internal classifier's own NLL added to the DACT loss (0 = the paper's loss; see dact.dact_loss)
+    layer_loss_weight: float = 0.0
 
     def validate(self, name: str = "model") -> None:
         _check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
@@ -151,6 +153,7 @@ class DactModelConfig:
         self.halting.validate(f"{name}.halting")
         _check(isinstance(self.share_weights, bool), f"{name}.share_weights", self.share_weights, "expected true/false")
         _check_pos(f"{name}.ponder_lambda", self.ponder_lambda, allow_zero=True)
+        _check_pos(f"{name}.layer_loss_weight", self.layer_loss_weight, allow_zero=True)
 
 
 @dataclass

@@ -118,11 +118,28 @@ def ponder_cost(p: Tensor, start_at_one: bool = False) -> Tensor:
 
 @dataclass
 class DactLoss:
-    """The DACT training loss and its parts (all scalars). ``loss == nll + ponder_lambda * ponder``."""
+    """The DACT training loss and its parts (all scalars).
+
+    ``loss == nll + ponder_lambda * ponder + layer_loss_weight * layer_nll``."""
 
     loss: Tensor
     nll: Tensor  # mean over the batch of -log a_N[target]
     ponder: Tensor  # mean over the batch of rho (includes the +1 when start_at_one)
+    layer_nll: Tensor | None = None  # mean over layers and batch of -log y_n[target]; None when not computed
+
+
+def layer_nll(y: Tensor, targets: Tensor, eps: float = 1e-8) -> Tensor:
+    """Mean over layers n = 1..N and the batch of ``-log y_n[target]`` — every internal classifier's own NLL.
+
+    y [B,N,K] holds probability vectors (softmax already applied), so like a_N their log goes into NLL.
+    """
+    if y.dim() != 3:
+        raise ValueError(f"layer_nll: y must have shape [B, N, K], got {tuple(y.shape)}")
+    if targets.shape != y.shape[:1]:
+        raise ValueError(f"layer_nll: targets must have shape [{y.shape[0]}], got {tuple(targets.shape)}")
+    log_y = torch.log(y.clamp(min=eps))  # [B,N,K]
+    picked = log_y.gather(2, targets.long().view(-1, 1, 1).expand(-1, y.shape[1], 1)).squeeze(2)  # [B,N]
+    return -picked.mean()
 
 
 def dact_loss(
@@ -132,12 +149,20 @@ def dact_loss(
     ponder_lambda: float,
     start_at_one: bool = False,
     eps: float = 1e-8,
+    y: Tensor | None = None,
+    layer_loss_weight: float = 0.0,
 ) -> DactLoss:
-    """``loss = NLL(log(clamp(a_N, eps)), targets) + ponder_lambda * mean(rho)``.
+    """``loss = NLL(log(clamp(a_N, eps)), targets) + ponder_lambda * mean(rho)``  (the spec's loss)
+    ``       + layer_loss_weight * mean_n NLL(log(clamp(y_n, eps)), targets)``  (optional, off by default).
 
     a_N [B,K] is already a probability vector: its log goes into NLL (cross-entropy on a_N would apply softmax a
     second time). ``start_at_one`` adds the reference code's constant 1 to rho: it shifts the reported ``ponder``
     (and hence ``loss``) by a constant and leaves every gradient unchanged.
+
+    The third term is not in the DACT paper. It trains every internal classifier y_n with its own NLL, as PABEE
+    and DeeBERT train theirs: under the DACT loss alone a classifier gets gradient only in proportion to its
+    weight p_{n-1} in a_N, so with a small λ the early classifiers stay weak. It needs ``y`` [B,N,K] when the
+    weight is > 0; with weight 0 the loss is exactly the spec's.
     """
     if a_N.dim() != 2:
         raise ValueError(f"dact_loss: a_N must have shape [B, K], got {tuple(a_N.shape)}")
@@ -145,11 +170,22 @@ def dact_loss(
         raise ValueError(f"dact_loss: p must have shape [B={a_N.shape[0]}, N], got {tuple(p.shape)}")
     if targets.shape != a_N.shape[:1]:
         raise ValueError(f"dact_loss: targets must have shape [{a_N.shape[0]}], got {tuple(targets.shape)}")
+    if layer_loss_weight < 0:
+        raise ValueError(f"dact_loss: layer_loss_weight must be >= 0, got {layer_loss_weight}")
     log_a = torch.log(a_N.clamp(min=eps))
     nll = torch.nn.functional.nll_loss(log_a, targets.long(), reduction="mean")
     ponder = ponder_cost(p, start_at_one=start_at_one).mean()
     loss = nll + float(ponder_lambda) * ponder
-    return DactLoss(loss=loss, nll=nll, ponder=ponder)
+    lnll = None
+    if layer_loss_weight > 0:
+        if y is None:
+            raise ValueError("dact_loss: layer_loss_weight > 0 needs the per-layer probabilities y [B, N, K]")
+        if y.shape[0] != a_N.shape[0] or y.shape[2] != a_N.shape[1] or y.shape[1] != p.shape[1]:
+            raise ValueError(f"dact_loss: y must have shape [B={a_N.shape[0]}, N={p.shape[1]}, "
+                             f"K={a_N.shape[1]}], got {tuple(y.shape)}")
+        lnll = layer_nll(y, targets, eps)
+        loss = loss + float(layer_loss_weight) * lnll
+    return DactLoss(loss=loss, nll=nll, ponder=ponder, layer_nll=lnll)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -70,10 +70,13 @@ class DactBert(nn.Module):
                   "y": y.detach(), "h": h.detach(), "p": p.detach()}
         loss, task_losses = None, {}
         if targets is not None:
-            out = dact.dact_loss(a_N, p, targets[self.task], self.cfg.ponder_lambda, self.cfg.ponder_start_at_one)
+            out = dact.dact_loss(a_N, p, targets[self.task], self.cfg.ponder_lambda, self.cfg.ponder_start_at_one,
+                                 y=y, layer_loss_weight=self.cfg.layer_loss_weight)
             loss = out.loss
             task_losses = {self.task: out.nll}
             extras["nll"] = out.nll.detach()
+            if out.layer_nll is not None:
+                extras["layer_nll"] = out.layer_nll.detach()
         return ModelOutput(loss=loss, probs={self.task: a_N}, task_losses=task_losses, extras=extras)
 
     @torch.no_grad()

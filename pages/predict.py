@@ -14,8 +14,9 @@ from ui import state
 st.title("Predict")
 st.markdown("Pick a finished run with a saved model, type one sentence per line and press **Predict**. A DACT "
             "model also shows, layer by layer, its answer *y*ₙ (probability of the predicted class), the halting "
-            "probability *h*ₙ and the weight *p*ₙ the layer gets in the final answer, with the layer where it "
-            "stopped.")
+            "unit's *h*ₙ (the probability of going on after layer n; small means stop) and *p*ₙ = *h*₁⋯*h*ₙ, the "
+            "probability mass still going on after layer n (the weight layer n+1's answer gets in the running "
+            "answer), with the layer where it stopped.")
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -53,8 +54,8 @@ def dact_chart(res: dict, key: str) -> None:
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=xs, y=[lay["y"].get(res["label"], 0.0) for lay in layers], mode="lines+markers",
                              name=f"yₙ: p({res['label']})"))
-    fig.add_trace(go.Scatter(x=xs, y=[lay["h"] for lay in layers], mode="lines+markers", name="hₙ halting"))
-    fig.add_trace(go.Bar(x=xs, y=[lay["p"] for lay in layers], name="pₙ weight", opacity=0.4))
+    fig.add_trace(go.Scatter(x=xs, y=[lay["h"] for lay in layers], mode="lines+markers", name="hₙ go on"))
+    fig.add_trace(go.Bar(x=xs, y=[lay["p"] for lay in layers], name="pₙ = h₁⋯hₙ", opacity=0.4))
     fig.add_vline(x=res["exit_layer"], line_dash="dash", line_color="red",
                   annotation_text=f"exit at layer {res['exit_layer']} of {res['num_layers']}")
     fig.update_layout(title="Per-layer trace", height=340, margin=dict(l=10, r=10, t=40, b=10),

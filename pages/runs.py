@@ -178,10 +178,11 @@ with st.expander("Filter the run list", expanded=False):
     c1, c2, c3 = st.columns(3)
     kinds = sorted({r["kind"] for r in all_runs})
     statuses = list(STATUSES)  # all of them, fixed: a run that changes status (running -> finished) stays listed
-    sel_kinds = c1.multiselect("kind", kinds, default=kinds, key="runs_kinds")
+    # empty = every kind, so a kind that appears later (a PBT started after this page was opened) is listed too
+    sel_kinds = c1.multiselect("kind", kinds, default=[], key="runs_kinds", placeholder="all kinds")
     sel_status = c2.multiselect("status", statuses, default=statuses, key="runs_status")
     top_only = c3.checkbox("top-level runs only (hide trials / PBT members)", value=False, key="runs_top")
-runs = [r for r in all_runs if r["kind"] in sel_kinds and r["status"] in sel_status
+runs = [r for r in all_runs if (not sel_kinds or r["kind"] in sel_kinds) and r["status"] in sel_status
         and (not top_only or r.get("parent_id") is None)]
 by_id = {r["id"]: r for r in all_runs}
 

@@ -237,6 +237,12 @@ def test_form_job_runs_to_the_end(app_home):
     assert at.selectbox(key="predict:run").value == run_id
 
 
+def test_dataset_picker_shows_the_demo_by_name(app_home):
+    at = goto(open_app(), "pages/backbone.py")
+    pick = at.selectbox(key=f"{BB}:data.dataset_id")
+    assert pick.value is None and pick.proto.placeholder.startswith("Demo dataset")
+
+
 def test_multitask_form_job(app_home):
     at = goto(open_app(), "pages/multitask.py")
     pre = "multitask/multitask"

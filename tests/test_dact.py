@@ -116,6 +116,45 @@ def test_dact_loss_by_hand():
     assert close(out1.nll, 0.6276331) and close(out1.ponder, 1.84) and close(out1.loss, 0.8116331)
 
 
+def test_dact_loss_layer_term_by_hand():
+    # same a_N, p, targets as above, plus per-layer y [B=2, N=3, K=2]:
+    # sample 0 (target 1): y_1[1] = 0.4, y_2[1] = 0.5, y_3[1] = 0.2 -> -ln: 0.9162907, 0.6931472, 1.6094379
+    # sample 1 (target 0): y_1[0] = 0.9, y_2[0] = 0.6, y_3[0] = 0.8 -> -ln: 0.1053605, 0.5108256, 0.2231436
+    # layer_nll = mean of the six = 4.0582055 / 6 = 0.6763676
+    # loss = 0.6276331 + 0.1*0.84 + 0.5*0.6763676 = 1.0498169
+    a_N = T([[0.62, 0.38], [0.75, 0.25]])
+    p = T([[0.5, 0.2, 0.18], [0.5, 0.25, 0.05]])
+    y = T([[[0.6, 0.4], [0.5, 0.5], [0.8, 0.2]], [[0.9, 0.1], [0.6, 0.4], [0.8, 0.2]]])
+    targets = T([1, 0])
+    out = dact_loss(a_N, p, targets, ponder_lambda=0.1, y=y, layer_loss_weight=0.5)
+    assert close(out.nll, 0.6276331) and close(out.ponder, 0.84)
+    assert close(out.layer_nll, 0.6763676) and close(out.loss, 1.0498169)
+    # weight 0 is exactly the spec's loss, whether or not y is given
+    plain = dact_loss(a_N, p, targets, ponder_lambda=0.1, y=y)
+    assert plain.layer_nll is None and close(plain.loss, 0.7116331)
+    # the layer term reaches every classifier: with weight 1 and p = 0 after layer 1 (a_N = y_1), y_2 and y_3 still
+    # get gradient, which the spec's loss alone would not give them
+    y_leaf = y.clone().requires_grad_(True)
+    h0 = torch.zeros(2, 3)
+    a, pp = accumulate(y_leaf, h0)
+    dact_loss(a[:, -1], pp, targets, 0.0).loss.backward()
+    assert y_leaf.grad[:, 1:].abs().sum() == 0
+    y_leaf.grad = None
+    a, pp = accumulate(y_leaf, h0)
+    dact_loss(a[:, -1], pp, targets, 0.0, y=y_leaf, layer_loss_weight=1.0).loss.backward()
+    assert (y_leaf.grad[:, 1:].abs().sum(-1) > 0).all()
+
+
+def test_dact_loss_layer_term_errors():
+    a_N, p, targets = T([[0.62, 0.38]]), T([[0.5, 0.2]]), T([1])
+    with pytest.raises(ValueError, match="needs the per-layer probabilities"):
+        dact_loss(a_N, p, targets, 0.1, layer_loss_weight=1.0)
+    with pytest.raises(ValueError, match="y must have shape"):
+        dact_loss(a_N, p, targets, 0.1, y=T([[[0.5, 0.5]]]), layer_loss_weight=1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        dact_loss(a_N, p, targets, 0.1, y=T([[[0.5, 0.5], [0.4, 0.6]]]), layer_loss_weight=-1.0)
+
+
 def test_dact_loss_clamps_zero_probability():
     # the target class has probability 0: -ln(1e-8) = 18.4206807, finite
     out = dact_loss(T([[1.0, 0.0]]), T([[0.5]]), T([1]), ponder_lambda=0.0)

@@ -178,6 +178,17 @@ def test_runs_page_compares_selected_runs_and_offers_downloads(pop_home):
     assert at.get("progress"), "a progress bar with the step / ETA text"
 
 
+def test_runs_page_kind_filter_empty_lists_every_kind_and_narrows_when_set(pop_home):
+    h, ids = pop_home
+    n_all = len(Tracker(h).list_runs())
+    at = _app("pages/runs.py").run()
+    kind = next(m for m in at.multiselect if m.label == "kind")
+    assert kind.value == [] and len(at.dataframe[0].value) == n_all
+    kind.set_value(["pbt"]).run()
+    table = at.dataframe[0].value
+    assert 0 < len(table) < n_all and set(table["kind"]) == {"pbt"}
+
+
 def test_runs_page_live_run_shows_progress_eta_and_cancel(home):
     tr = Tracker(home)
     rid = tr.create_run("dact", {"train": {"epochs": 1}}, name="live", status="running")

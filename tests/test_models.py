@@ -71,6 +71,23 @@ def test_dact_forward_matches_maths_and_infer_matches_offline_rule():
     assert torch.allclose(inf.probs, offline.probs, atol=1e-5)
 
 
+def test_dact_layer_loss_weight_adds_every_layers_nll():
+    model, tok, cfg = tiny_dact()
+    b = demo_batch(tok)
+    t = {"label": b["targets"]["class_label"]}
+    spec = model(b["input_ids"], b["attention_mask"], t)
+    assert "layer_nll" not in spec.extras
+    model.cfg.layer_loss_weight = 0.7
+    aux = model(b["input_ids"], b["attention_mask"], t)
+    y, target = aux.extras["y"], t["label"]
+    by_hand = -torch.log(y.gather(2, target.view(-1, 1, 1).expand(-1, 3, 1))).mean()
+    assert torch.allclose(aux.extras["layer_nll"], by_hand, atol=1e-6)
+    assert torch.allclose(aux.loss, spec.loss + 0.7 * by_hand, atol=1e-5)
+    cfg.model.layer_loss_weight = -1.0
+    with pytest.raises(ConfigError, match="layer_loss_weight"):
+        cfg.validate()
+
+
 def test_infer_really_skips_layers_for_halted_samples():
     model, tok, _ = tiny_dact()
     with torch.no_grad():

@@ -105,7 +105,9 @@ class Field:
             options = dataset_choices(two_task_only="two_task" in self.options)
             if st.session_state.get(key) not in options:
                 st.session_state[key] = None
-            st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)), help=help_)
+            # the demo is the option None, which a selectbox shows as its placeholder: make that the demo's label
+            st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)), help=help_,
+                         placeholder=options[None])
         else:
             st.text_input(label, key=key, help=help_)
 
@@ -252,7 +254,8 @@ def dataset_picker(key: str, *, two_task_only: bool = False, label: str = "Datas
     options = dataset_choices(two_task_only=two_task_only)
     if st.session_state.get(key) not in options:
         st.session_state[key] = None
-    return st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)))
+    return st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)),
+                        placeholder=options[None])  # None (the demo) is shown as the placeholder
 
 
 # --------------------------------------------------------------------------------------------- config files

@@ -276,7 +276,8 @@ def _eval_heads(heads: FeatureDactHeads, x: torch.Tensor, y: torch.Tensor, lam: 
     heads.eval()
     yy, hh = heads(x)
     a, p = dact.accumulate(yy, hh)
-    out = dact.dact_loss(a[:, -1], p, y, lam, heads.cfg.ponder_start_at_one)
+    out = dact.dact_loss(a[:, -1], p, y, lam, heads.cfg.ponder_start_at_one, y=yy,
+                         layer_loss_weight=heads.cfg.layer_loss_weight)
     exit_layer = dact.run_policy_offline(dact.DactPolicy(), yy, hh).exit_layer
     return {"val_loss": float(out.loss), "val_nll": float(out.nll), "val_ponder": float(out.ponder),
             "val_accuracy": float((a[:, -1].argmax(-1) == y).float().mean()),
@@ -322,7 +323,8 @@ def fit_heads_on_features(cfg: DactModelConfig, num_classes: int, train_x: torch
                 idx = idx.to(train_x.device)
                 yy, hh = heads(train_x[idx])
                 a, p = dact.accumulate(yy, hh)
-                loss = dact.dact_loss(a[:, -1], p, train_y[idx], lam, cfg.ponder_start_at_one).loss
+                loss = dact.dact_loss(a[:, -1], p, train_y[idx], lam, cfg.ponder_start_at_one, y=yy,
+                                      layer_loss_weight=cfg.layer_loss_weight).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
