@@ -6,7 +6,8 @@ MLP [256] GELU, dropout 0.1), 1 epoch, batch 32, seed 0, max_seq_len 128, AdamW 
 
 Rows (``--rows``; default a,d,e,b,f,g,c — interleaved so slow drifts of the shared machine hit both loops):
 
-  a  this loop, fp32 — the defaults a user gets (length-grouped batches, frozen embeddings, head lr 1e-3)
+  a  this loop, fp32 — the defaults a user gets (length-grouped batches, frozen embeddings, head lr 1e-3, and for
+     kind "backbone" the lowest 2 encoder layers frozen: ``freeze_layers=2``)
   b  this loop, bf16 autocast (``precision="bf16"``, one documented flag)
   c  this loop, fp32, every batch padded to 64 tokens, no length grouping (``pad_to=64, group_by_length=False``:
      the seed project's way)
@@ -19,8 +20,11 @@ Rows (``--rows``; default a,d,e,b,f,g,c — interleaved so slow drifts of the sh
   i  this loop, bf16, ``encoder_dropout=0`` (no dropout RNG in the encoder)
   j  this loop, bf16, trainable embeddings (``freeze_embeddings=False``)
   k  this loop, fp32, ``encoder_dropout=0``
-  l  this loop, fp32, ``freeze_layers=2`` (no backward through the embeddings and the lowest 2 layers)
-  m  this loop, bf16, ``freeze_layers=2``
+  l  this loop, fp32, ``freeze_layers=2`` (no backward through the embeddings and the lowest 2 layers; the
+     default since it was measured here, so now the same as a)
+  m  this loop, bf16, ``freeze_layers=2`` (now the same as b)
+  n  this loop, fp32, ``freeze_layers=0``: every layer trained (the default before)
+  o  this loop, bf16, ``freeze_layers=0``
 
 The Trainer trains the same ``BackboneClassifier`` (``dact_lib.models.build_model``, same seed => same initial
 weights) through a 20-line adapter that returns ``{"loss", "logits"}``; it uses its own defaults for everything
@@ -83,10 +87,14 @@ ROWS: dict[str, dict] = {
           "tc": {"freeze_embeddings": False}},
     "k": {"label": "this loop, fp32, encoder_dropout=0 [non-default]", "loop": "ours", "precision": "fp32",
           "tc": {"encoder_dropout": 0.0}},
-    "l": {"label": "this loop, fp32, freeze_layers=2 [non-default]", "loop": "ours", "precision": "fp32",
+    "l": {"label": "this loop, fp32, freeze_layers=2 (= a)", "loop": "ours", "precision": "fp32",
           "tc": {"freeze_layers": 2}},
-    "m": {"label": "this loop, bf16, freeze_layers=2 [non-default]", "loop": "ours", "precision": "bf16",
+    "m": {"label": "this loop, bf16, freeze_layers=2 (= b)", "loop": "ours", "precision": "bf16",
           "tc": {"freeze_layers": 2}},
+    "n": {"label": "this loop, fp32, freeze_layers=0 (every layer trained) [non-default]", "loop": "ours",
+          "precision": "fp32", "tc": {"freeze_layers": 0}},
+    "o": {"label": "this loop, bf16, freeze_layers=0 (every layer trained) [non-default]", "loop": "ours",
+          "precision": "bf16", "tc": {"freeze_layers": 0}},
 }
 
 FLOP_FORMULA = ("F = 6*P_layers*T + 6*P_head*S + 12*n_layers*d*sum(L_i^2)  "
@@ -355,10 +363,12 @@ def thread_probe(threads: int, repeats: int = 2) -> None:
 
 # --- the parent: run the rows, print the table ------------------------------------------------------------------
 def main() -> None:
+    global SEED
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated row keys from {sorted(ROWS)}")
     ap.add_argument("--max-rows", type=int, default=None, help="stratified sample of train (and dev) for a smoke run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=SEED, help="seed of every row (initial weights, batch order)")
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 rows even where the check says no")
     ap.add_argument("--profile", default=None, help="profile this loop instead: precisions, e.g. fp32,bf16")
@@ -374,6 +384,7 @@ def main() -> None:
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    SEED = args.seed
     if args.probe_worker:
         probe_step(args.probe_worker)
         return
@@ -410,7 +421,7 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
             out = fh.name
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", key, "--worker-out", out,
-               "--threads", str(args.threads), "--data-dir", args.data_dir]
+               "--threads", str(args.threads), "--data-dir", args.data_dir, "--seed", str(args.seed)]
         if args.max_rows:
             cmd += ["--max-rows", str(args.max_rows)]
         t0 = time.perf_counter()

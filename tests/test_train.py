@@ -154,13 +154,28 @@ def test_deterministic_under_seed(home):
 
 
 def test_embeddings_stay_frozen(home):
-    cfg = tiny_cfg(epochs=1)
+    cfg = tiny_cfg(epochs=1, freeze_layers=0)
     model, tok = build_model(cfg, load_demo_dataset().label_maps)
     before = model.encoder.embeddings.word_embeddings.weight.clone()
     layer0 = model.encoder.encoder.layer[0].attention.self.query.weight.clone()
     train(cfg, model=model, tokenizer=tok, save=False)
     assert torch.equal(before, model.encoder.embeddings.word_embeddings.weight)
     assert not torch.equal(layer0, model.encoder.encoder.layer[0].attention.self.query.weight)
+
+
+def test_backbone_default_freezes_the_lowest_two_layers_and_a_config_can_undo_it(home):
+    from dact_lib.config import RunConfig
+
+    assert default_config("backbone").train.freeze_layers == 2
+    assert default_config("dact").train.freeze_layers == 0 and default_config("multitask").train.freeze_layers == 0
+    assert RunConfig.from_dict({"kind": "backbone", "train": {"freeze_layers": 0}}).train.freeze_layers == 0
+    cfg = tiny_cfg(epochs=1, freeze_layers=1)  # the tiny encoder has 2 layers: freeze 1, train 1
+    model, tok = build_model(cfg, load_demo_dataset().label_maps)
+    layers = model.encoder.encoder.layer
+    q0, q1 = layers[0].attention.self.query.weight.clone(), layers[1].attention.self.query.weight.clone()
+    train(cfg, model=model, tokenizer=tok, save=False)
+    assert torch.equal(q0, layers[0].attention.self.query.weight)
+    assert not torch.equal(q1, layers[1].attention.self.query.weight)
 
 
 class CancelAfter(Callback):
