@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--ponder-lambda", type=float, default=None, help="DACT ponder penalty λ")
+    p.add_argument("--layer-loss-weight", type=float, default=None,
+                   help="DACT: weight of every layer's own classifier loss added to the DACT loss (default 0 = the "
+                        "paper's loss; 1 makes the early-layer classifiers much better, see docs/benchmarks.md)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None)
     p.add_argument("--init-from-run", default=None, help="start the encoder from this backbone run's weights")
     p.add_argument("--max-steps", type=int, default=None)
@@ -124,6 +127,10 @@ def config_from_args(args, kind_default: str = "backbone"):
         if cfg.kind != "dact":
             raise DactLabError("--ponder-lambda only applies to --kind dact.")
         cfg.model.ponder_lambda = args.ponder_lambda
+    if getattr(args, "layer_loss_weight", None) is not None:
+        if cfg.kind != "dact":
+            raise DactLabError("--layer-loss-weight only applies to --kind dact.")
+        cfg.model.layer_loss_weight = args.layer_loss_weight
     if getattr(args, "init_from_run", None):
         cfg.init_from_run = args.init_from_run
     cfg.train.device = args.device

@@ -60,8 +60,11 @@ def test_train_predict_runs_evaluate_report(home, capsys, tmp_path):
 
 
 def test_dact_predict_reports_exit_layer(home, capsys):
-    code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--home", home)
+    code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--ponder-lambda", 0.02,
+                           "--layer-loss-weight", 0.5, "--home", home)
     run = last_run_id(out)
+    model_cfg = Tracker(home).get_run(run)["config"]["model"]
+    assert model_cfg["ponder_lambda"] == 0.02 and model_cfg["layer_loss_weight"] == 0.5  # saved with the run
     code, out, _ = run_cli(capsys, "predict", "--run", run, "--json", "--home", home, "the soup was cold")
     (row,) = [json.loads(line) for line in out.strip().splitlines()]
     assert code == 0 and {"label", "probability", "probabilities", "exit_layer"} <= set(row)
@@ -120,6 +123,8 @@ def test_errors_exit_2_with_a_clear_message(home, capsys, tmp_path):
     assert code == 2 and "two-task CSV" in err
     code, out, err = run_cli(capsys, "multitask", *TINY, "--task-weights", "class_label", "--home", home)
     assert code == 2 and "task=weight" in err
+    code, out, err = run_cli(capsys, "train", *TINY, "--layer-loss-weight", 1, "--home", home)
+    assert code == 2 and "--layer-loss-weight only applies to --kind dact" in err
     assert Tracker(home).list_runs() == []
 
 

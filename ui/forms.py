@@ -403,6 +403,10 @@ def model_fields(kind: str) -> list[Field]:
             Field("model.halting.hidden_dims", "Halting hidden layers", "dims"),
             Field("model.ponder_lambda", "Ponder cost λ", "sci",
                   help="Weight of the ponder (computation) cost: larger = earlier exits."),
+            Field("model.layer_loss_weight", "Per-layer classifier loss weight", "float",
+                  help="0 = the DACT paper's loss. > 0 also trains every layer's classifier on its own "
+                       "(as PABEE/DeeBERT do): much better early-layer classifiers, which the patience and "
+                       "entropy exits and the per-layer charts use."),
             Field("model.share_weights", "Share classifier/halting weights across layers", "bool"),
         ]
     if kind == "multitask":
