@@ -25,6 +25,7 @@ Rows (``--rows``; default a,d,e,b,f,g,c — interleaved so slow drifts of the sh
   m  this loop, bf16, ``freeze_layers=2`` (now the same as b)
   n  this loop, fp32, ``freeze_layers=0``: every layer trained (the default before)
   o  this loop, bf16, ``freeze_layers=0``
+  p  this loop, fp32, ``freeze_layers=3``
 
 The Trainer trains the same ``BackboneClassifier`` (``dact_lib.models.build_model``, same seed => same initial
 weights) through a 20-line adapter that returns ``{"loss", "logits"}``; it uses its own defaults for everything
@@ -95,6 +96,8 @@ ROWS: dict[str, dict] = {
           "precision": "fp32", "tc": {"freeze_layers": 0}},
     "o": {"label": "this loop, bf16, freeze_layers=0 (every layer trained) [non-default]", "loop": "ours",
           "precision": "bf16", "tc": {"freeze_layers": 0}},
+    "p": {"label": "this loop, fp32, freeze_layers=3 [non-default]", "loop": "ours", "precision": "fp32",
+          "tc": {"freeze_layers": 3}},
 }
 
 FLOP_FORMULA = ("F = 6*P_layers*T + 6*P_head*S + 12*n_layers*d*sum(L_i^2)  "
