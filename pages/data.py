@@ -14,6 +14,9 @@ import streamlit as st
 from dact_lib.data import DataError, read_csv, split_dataset
 from dact_lib.errors import DactLabError
 from ui import state
+from ui.nav import through_app
+
+through_app()
 
 st.title("Data")
 st.markdown("Upload a CSV with a text column and one label column (`text,label`) or two "

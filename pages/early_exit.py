@@ -14,6 +14,9 @@ import streamlit as st  # noqa: E402
 from dact_lib import plots  # noqa: E402
 from dact_lib.exits import filter_exits, per_sample_exits  # noqa: E402
 from ui.state import tracker  # noqa: E402
+from ui.nav import through_app  # noqa: E402
+
+through_app()
 
 st.title("Early exit")
 tr = tracker()

@@ -8,6 +8,9 @@ import streamlit as st
 
 from dact_lib.config import default_config
 from ui import forms, state
+from ui.nav import through_app
+
+through_app()
 
 st.title("DACT Lab")
 st.markdown(

@@ -17,6 +17,9 @@ import streamlit as st  # noqa: E402
 from dact_lib import plots  # noqa: E402
 from dact_lib.tracker import ACTIVE_STATUSES  # noqa: E402
 from ui.state import tracker  # noqa: E402
+from ui.nav import through_app  # noqa: E402
+
+through_app()
 
 st.title("Pareto explorer")
 tr = tracker()

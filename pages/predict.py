@@ -10,6 +10,9 @@ import streamlit as st
 from dact_lib.errors import DactLabError
 from dact_lib.models import MODEL_FILE, load_model, predict
 from ui import state
+from ui.nav import through_app
+
+through_app()
 
 st.title("Predict")
 st.markdown("Pick a finished run with a saved model, type one sentence per line and press **Predict**. A DACT "

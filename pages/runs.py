@@ -24,6 +24,9 @@ import streamlit as st  # noqa: E402
 from dact_lib import plots  # noqa: E402
 from dact_lib.tracker import ACTIVE_STATUSES, STATUSES  # noqa: E402
 from ui.state import tracker  # noqa: E402
+from ui.nav import through_app  # noqa: E402
+
+through_app()
 
 REFRESH_S = 2.0
 MAX_EVENTS_SHOWN = 500

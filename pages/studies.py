@@ -20,6 +20,9 @@ import streamlit as st  # noqa: E402
 
 from dact_lib import home as _home  # noqa: E402
 from ui.state import tracker  # noqa: E402
+from ui.nav import through_app  # noqa: E402
+
+through_app()
 
 st.title("Studies")
 tr = tracker()

@@ -267,6 +267,15 @@ def test_upload_train_watch_predict(chromium_exe, server, tmp_path):
 def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     from playwright.sync_api import expect
 
+    # ---- A deep link as the server's very first request still opens inside app.py's navigation (Streamlit would
+    # otherwise run pages/data.py alone, with a menu of file names: ui/nav.py)
+    page.goto(server + "/data", wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name="Data", exact=True).first).to_be_visible()
+    nav = page.get_by_test_id("stSidebarNav")
+    expect(nav.get_by_text("Watch & explore", exact=True)).to_be_visible()
+    expect(nav.get_by_text("dact pipeline", exact=True)).to_have_count(0)
+    settle(page)
+
     # ---- Home
     page.goto(server + "/", wait_until="domcontentloaded")
     expect(page.get_by_role("heading", name="DACT Lab", exact=True)).to_be_visible()
