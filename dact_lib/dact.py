@@ -30,6 +30,7 @@ outputs via :func:`run_policy_offline`, which simulates exactly that online loop
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -231,7 +232,7 @@ def _num_layers(state: dict) -> int:
     return int(state["num_layers"])
 
 
-class ExitPolicy:
+class ExitPolicy(ABC):
     """An early-exit rule over the per-layer outputs of one model.
 
     The policy object itself holds only its parameter; everything per-sample lives in the ``state`` dict made by
@@ -254,8 +255,9 @@ class ExitPolicy:
             raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
         return {"num_layers": torch.tensor(int(num_layers), dtype=torch.long)}
 
+    @abstractmethod
     def step(self, state: dict, rows: Tensor, n: int, y_n: Tensor, h_n: Tensor | None) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """Layer ``n`` (1-based) for the still-running ``rows``: (halt [b] bool, answer [b, K]); see the class doc."""
 
     # shared checks / helpers for subclasses
     def _check_step(self, state: dict, rows: Tensor, n: int, y_n: Tensor) -> int:

@@ -15,6 +15,7 @@ Encoder names (``RunConfig.encoder``):
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import importlib.metadata
 import importlib.util
 import os
@@ -531,7 +532,7 @@ def encoder_fingerprint(name: str, home=None) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # per-layer access
 # ----------------------------------------------------------------------------------------------------------------
-class LayerAdapter:
+class LayerAdapter(ABC):
     """Uniform access to the layer stack of BERT, DistilBERT, RoBERTa and DeBERTa(-v2/v3) encoders.
 
     ``h = ad.embed(ids, mask); m = ad.prepare_mask(mask, h.dtype); for i in range(ad.num_layers):
@@ -554,8 +555,9 @@ class LayerAdapter:
                 f"hidden_size={self.hidden_size})")
 
     # -- to be provided by the families ----------------------------------------------------------------------
+    @abstractmethod
     def layers(self) -> list[torch.nn.Module]:
-        raise NotImplementedError
+        """Provided by each family's adapter."""
 
     def embedding_module(self) -> torch.nn.Module:
         return self.model.embeddings
@@ -563,14 +565,17 @@ class LayerAdapter:
     def word_embeddings(self) -> torch.nn.Embedding:
         return self.model.get_input_embeddings()
 
+    @abstractmethod
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Provided by each family's adapter."""
 
+    @abstractmethod
     def prepare_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> Any:
-        raise NotImplementedError
+        """Provided by each family's adapter."""
 
+    @abstractmethod
     def run_layer(self, i: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
-        raise NotImplementedError
+        """Provided by each family's adapter."""
 
     # -- convenience ----------------------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

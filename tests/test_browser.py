@@ -263,6 +263,20 @@ def test_upload_train_watch_predict(chromium_exe, server, tmp_path):
             print(f"failure screenshot: {tmp_path / 'FAILED.png'}; server log: {tmp_path / 'streamlit.log'}")
             raise
 
+    # what the browser did is in the home: the uploaded dataset, the finished DACT run with its model and curves
+    from dact_lib.tracker import Tracker
+
+    tr = Tracker(tmp_path / "home")
+    (ds,) = tr.list_datasets()
+    assert ds["name"] == "browser_e2e" and ds["rows"] == 60
+    (run,) = tr.list_runs()
+    assert run["kind"] == "dact" and run["status"] == "finished" and run["dataset_id"] == ds["id"]
+    assert (tmp_path / "home" / "runs" / str(run["id"]) / "model.safetensors").is_file()
+    assert {"train_loss", "val_accuracy", "val_avg_exit_layer"} <= set(tr.get_metrics(run["id"])["name"])
+    assert sorted(p.stem for p in (tmp_path / "shots").glob("*.png")) == sorted(
+        ["e2e-home", "data", "e2e-data-saved", "train", "e2e-train-started", "e2e-runs-live", "e2e-runs-finished",
+         "e2e-predict"])
+
 
 def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     from playwright.sync_api import expect
