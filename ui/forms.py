@@ -102,12 +102,7 @@ class Field:
         elif k == "sci":
             st.number_input(label, key=key, step=1e-5, format="%.2e", help=help_)
         elif k == "dataset":
-            options = dataset_choices(two_task_only="two_task" in self.options)
-            if st.session_state.get(key) not in options:
-                st.session_state[key] = None
-            # the demo is the option None, which a selectbox shows as its placeholder: make that the demo's label
-            st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)), help=help_,
-                         placeholder=options[None])
+            dataset_picker(key, two_task_only="two_task" in self.options, label=label, help_=help_)
         else:
             st.text_input(label, key=key, help=help_)
 
@@ -249,13 +244,15 @@ def dataset_choices(*, two_task_only: bool = False) -> dict[Any, str]:
     return choices
 
 
-def dataset_picker(key: str, *, two_task_only: bool = False, label: str = "Dataset") -> int | None:
+def dataset_picker(key: str, *, two_task_only: bool = False, label: str = "Dataset",
+                   help_: str | None = None) -> int | None:
     """A selectbox of the saved datasets + the demo; returns the dataset id (None = the demo)."""
     options = dataset_choices(two_task_only=two_task_only)
     if st.session_state.get(key) not in options:
         st.session_state[key] = None
-    return st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)),
-                        placeholder=options[None])  # None (the demo) is shown as the placeholder
+    # the demo is the option None, which a selectbox shows as its placeholder: give that the demo's label
+    return st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)), help=help_,
+                        placeholder=options[None])
 
 
 # --------------------------------------------------------------------------------------------- config files
