@@ -97,6 +97,31 @@ def save_model(run_dir: str | Path, model: nn.Module, tokenizer, cfg: RunConfig,
     return run_dir / MODEL_FILE
 
 
+MODEL_ZIP_FILES = (MODEL_FILE, "config.json", "label_maps.json", "report.json")
+
+
+def zip_model(run_dir: str | Path) -> bytes:
+    """A run's model as a zip (bytes): weights, config, label maps, the test report when present, and the encoder/
+    folder (encoder config + tokenizer) — everything :func:`load_model` needs, unpacked into any folder."""
+    import io
+    import zipfile
+
+    run_dir = Path(run_dir)
+    if not (run_dir / MODEL_FILE).is_file():
+        raise DactLabError(f"{run_dir} holds no {MODEL_FILE}: only a finished run with a saved model can be zipped.")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in MODEL_ZIP_FILES:
+            if (run_dir / name).is_file():
+                zf.write(run_dir / name, name)
+        enc = run_dir / "encoder"
+        if enc.is_dir():
+            for f in sorted(enc.rglob("*")):
+                if f.is_file():
+                    zf.write(f, str(f.relative_to(run_dir)))
+    return buf.getvalue()
+
+
 def restore_weights(model: nn.Module, run_dir: str | Path) -> None:
     model.load_state_dict(load_file(str(Path(run_dir) / MODEL_FILE)))
 

@@ -763,6 +763,25 @@ class Tracker:
             {"run_id": "int64", "step": "int64", "epoch": "Int64", "value": "float64", "time": "float64"}
         )
 
+    def metric_names(self, run_ids: list[int]) -> list[str]:
+        """The distinct metric names logged by any of ``run_ids``, sorted."""
+        ids = [int(i) for i in run_ids]
+        if not ids:
+            return []
+        rows = self.db.conn.execute(
+            f"SELECT DISTINCT name FROM metrics WHERE run_id IN ({', '.join('?' for _ in ids)})", ids).fetchall()
+        return sorted(n for (n,) in rows)
+
+    def last_steps(self, run_ids: list[int]) -> dict[int, int]:
+        """{run id: highest step with a metric} for those of ``run_ids`` that logged any."""
+        ids = [int(i) for i in run_ids]
+        if not ids:
+            return {}
+        rows = self.db.conn.execute(
+            f"SELECT run_id, MAX(step) FROM metrics WHERE run_id IN ({', '.join('?' for _ in ids)}) GROUP BY run_id",
+            ids).fetchall()
+        return {int(r): int(st) for r, st in rows}
+
     def latest_metrics(self, run_id: int) -> dict[str, float]:
         """The last logged value (highest step, then latest insert) of each metric name of a run."""
         rows = self.db.conn.execute(

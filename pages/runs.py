@@ -6,10 +6,8 @@ each plotted series is thinned to <= 2,000 points.
 """
 from __future__ import annotations
 
-import io
 import json
 import sys
-import zipfile
 from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +20,7 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from dact_lib import plots  # noqa: E402
+from dact_lib.models import zip_model  # noqa: E402
 from dact_lib.tracker import ACTIVE_STATUSES, STATUSES  # noqa: E402
 from ui.state import tracker  # noqa: E402
 from ui.nav import through_app  # noqa: E402
@@ -30,7 +29,6 @@ through_app()
 
 REFRESH_S = 2.0
 MAX_EVENTS_SHOWN = 500
-ZIP_FILES = ("model.safetensors", "config.json", "label_maps.json", "report.json")
 ENGINE_KINDS = ("tune-backbone", "dact-pipeline", "pbt")  # parent runs of the tuning engines: no training curves
 
 
@@ -75,20 +73,6 @@ def _ended_store() -> OrderedDict:
     return OrderedDict()
 
 
-def _curve_names(tr, ids: list[int]) -> list[str]:
-    marks = ", ".join("?" for _ in ids)
-    rows = tr.db.conn.execute(f"SELECT DISTINCT name FROM metrics WHERE run_id IN ({marks})", ids).fetchall()
-    return sorted(n for (n,) in rows if plots.curve_metric(n))
-
-
-def _max_steps(tr, ids: list[int]) -> dict[int, int]:
-    if not ids:
-        return {}
-    marks = ", ".join("?" for _ in ids)
-    return {int(r): int(s) for r, s in tr.db.conn.execute(
-        f"SELECT run_id, MAX(step) FROM metrics WHERE run_id IN ({marks}) GROUP BY run_id", ids).fetchall()}
-
-
 def _split(df: pd.DataFrame, ids: list[int]) -> dict[int, pd.DataFrame]:
     groups = dict(tuple(df.groupby("run_id", sort=False))) if len(df) else {}
     return {i: groups.get(i, EMPTY) for i in ids}
@@ -112,7 +96,7 @@ def run_metrics(tr, runs: list[dict]) -> dict[int, pd.DataFrame]:
         else:
             missing.append(r["id"])
     if missing:
-        names = _curve_names(tr, missing)
+        names = [n for n in tr.metric_names(missing) if plots.curve_metric(n)]
         got = _split(tr.get_metrics(missing, names=names), missing) if names else {i: EMPTY for i in missing}
         for r in ended:
             if r["id"] in got:
@@ -147,24 +131,8 @@ def _csv_bytes(tr, ids: list[int]):
     return make
 
 
-def zip_run_dir(run_dir: Path) -> bytes:
-    """The run folder's model files (weights, config, label maps, report, encoder/ config + tokenizer) as a zip."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name in ZIP_FILES:
-            p = run_dir / name
-            if p.is_file():
-                zf.write(p, name)
-        enc = run_dir / "encoder"
-        if enc.is_dir():
-            for p in sorted(enc.rglob("*")):
-                if p.is_file():
-                    zf.write(p, str(p.relative_to(run_dir)))
-    return buf.getvalue()
-
-
 def _zip_bytes(run_dir: Path):
-    return lambda: zip_run_dir(run_dir)
+    return lambda: zip_model(run_dir)
 
 
 # ---------------------------------------------------------------------------------------- page
@@ -226,7 +194,7 @@ def live(ids: list[int], was_active: bool) -> None:
     frames = [f for f in per_run.values() if len(f)]
     metrics = pd.concat(frames, ignore_index=True) if frames else EMPTY
     active_now = any(r["status"] in ACTIVE_STATUSES for r in current)
-    steps_now = _max_steps(tr, [r["id"] for r in current if r["status"] in ACTIVE_STATUSES])
+    steps_now = tr.last_steps([r["id"] for r in current if r["status"] in ACTIVE_STATUSES])
 
     # status of every selected run: one table with a progress column
     rows = []

@@ -206,22 +206,32 @@ def test_runs_page_live_run_shows_progress_eta_and_cancel(home):
     assert at.warning or at.success  # not a job of this process: the page says where to stop it
 
 
-def test_zip_run_dir_holds_the_model_files(pop_home):
+def test_zip_model_holds_the_model_files_and_loads_back(pop_home, tmp_path):
     import io
     import zipfile
 
+    from dact_lib.errors import DactLabError
+    from dact_lib.models import load_model, zip_model
+
     h, ids = pop_home
-    src = (ROOT / "pages" / "runs.py").read_text()
-    # zip_run_dir is a pure function of the page: exec just its definition
-    ns: dict = {}
-    start = src.index("def zip_run_dir")
-    end = src.index("\ndef _zip_bytes")
-    exec("import io, zipfile\nfrom pathlib import Path\nZIP_FILES = ('model.safetensors', 'config.json', "
-         "'label_maps.json', 'report.json')\n" + src[start:end], ns)
-    data = ns["zip_run_dir"](Path(h) / "runs" / str(ids["a"]))
-    names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
+    data = zip_model(Path(h) / "runs" / str(ids["a"]))
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    names = set(zf.namelist())
     assert {"model.safetensors", "config.json", "label_maps.json"} <= names
     assert any(n.startswith("encoder/") for n in names)
+    zf.extractall(tmp_path / "unzipped")
+    assert load_model(tmp_path / "unzipped").kind == load_model(ids["a"], home=h).kind
+    with pytest.raises(DactLabError, match="no model.safetensors"):
+        zip_model(tmp_path)
+
+
+def test_tracker_metric_names_and_last_steps(pop_home):
+    h, ids = pop_home
+    tr = Tracker(h)
+    df = tr.get_metrics([ids["a"], ids["b"]])
+    assert tr.metric_names([ids["a"], ids["b"]]) == sorted(set(df["name"]))
+    assert tr.last_steps([ids["a"], ids["b"]]) == {int(r): int(s) for r, s in df.groupby("run_id")["step"].max().items()}
+    assert tr.metric_names([]) == [] and tr.last_steps([]) == {}
 
 
 def test_pareto_choice_sets_and_persists_predict_run_id(pop_home):
