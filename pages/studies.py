@@ -2,13 +2,7 @@
 button that starts optuna-dashboard on the home's storage (127.0.0.1, a free port, one server per process)."""
 from __future__ import annotations
 
-import atexit
-import socket
-import sqlite3
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -18,7 +12,7 @@ if str(_ROOT) not in sys.path:
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from dact_lib import home as _home  # noqa: E402
+from dact_lib.tuning import studies  # noqa: E402
 from ui.state import tracker  # noqa: E402
 from ui.nav import through_app  # noqa: E402
 
@@ -26,95 +20,12 @@ through_app()
 
 st.title("Studies")
 tr = tracker()
-url = _home.optuna_storage_url(tr.home)
-
-
-def _has_optuna_tables(db: Path) -> bool:
-    """True when experiments.db holds Optuna's tables (so listing does not create them on an empty home)."""
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone() \
-                is not None
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return False
-
-
-def _list(home: Path) -> list[dict]:
-    try:
-        from dact_lib.tuning.studies import list_studies
-    except ImportError:  # the tuning package is not installed: plain Optuna summaries
-        import optuna
-
-        out = []
-        for s in optuna.get_all_study_summaries(url, include_best_trial=False):
-            out.append({"name": s.study_name, "storage_url": url,
-                        "directions": [d.name.lower() for d in s.directions], "n_trials": s.n_trials,
-                        "trials": {}, "best_value": None, "parent_run_id": s.user_attrs.get("parent_run_id")})
-        return out
-    return list_studies(home)
-
-
-# ---------------------------------------------------------------------------------------- optuna-dashboard
-
-
-@st.cache_resource(show_spinner=False)
-def _servers() -> dict:
-    """storage URL -> {"proc": Popen, "port": int, "log": path}: the optuna-dashboard servers of this process."""
-    servers: dict = {}
-
-    def stop_all() -> None:
-        for s in servers.values():
-            if s["proc"].poll() is None:
-                s["proc"].terminate()
-
-    atexit.register(stop_all)
-    return servers
-
-
-_servers_lock = threading.Lock()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def start_dashboard(storage_url: str, wait_s: float = 15.0) -> dict:
-    """Start (or reuse) optuna-dashboard for ``storage_url`` on 127.0.0.1; waits until it listens."""
-    servers = _servers()
-    with _servers_lock:
-        srv = servers.get(storage_url)
-        if srv is None or srv["proc"].poll() is not None:
-            port = _free_port()
-            log = Path(tr.home) / ".optuna_dashboard.log"
-            fh = open(log, "ab")  # noqa: SIM115 - owned by the child process
-            # optuna_dashboard has no __main__ module: its CLI module is runnable (`optuna-dashboard` script)
-            proc = subprocess.Popen([sys.executable, "-m", "optuna_dashboard._cli", storage_url, "--host",
-                                     "127.0.0.1", "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
-            srv = {"proc": proc, "port": port, "log": str(log), "started": time.time()}
-            servers[storage_url] = srv
-    deadline = time.time() + wait_s
-    while time.time() < deadline and srv["proc"].poll() is None and not _listening(srv["port"]):
-        time.sleep(0.2)
-    srv["up"] = srv["proc"].poll() is None and _listening(srv["port"])
-    return srv
+url = studies.storage_url(tr.home)
 
 
 # ---------------------------------------------------------------------------------------- page
 
-db = _home.db_path(tr.home)
-rows = _list(tr.home) if _has_optuna_tables(db) else []
+rows = studies.list_studies(tr.home) if studies.has_studies(tr.home) else []
 if not rows:
     st.info("No Optuna studies in this home yet. Backbone tuning and the DACT pipeline create them (the pipeline "
             f"runs three: stage 1 architecture, stage 2 training parameters, stage 3 λ). Storage: `{url}`")
@@ -143,15 +54,15 @@ with c2:
     st.write("")
     if st.button("Open in optuna-dashboard", key="studies_dashboard"):
         with st.spinner("Starting optuna-dashboard…"):
-            srv = start_dashboard(url)
+            srv = studies.start_dashboard(tr.home)
         st.session_state["studies_dashboard_port"] = srv["port"] if srv.get("up") else None
         st.session_state["studies_dashboard_pid"] = srv["proc"].pid
         if not srv.get("up"):
             st.error(f"optuna-dashboard did not start; see {srv['log']}.")
     port = st.session_state.get("studies_dashboard_port")
-    srv = _servers().get(url)
-    if port and srv and srv["proc"].poll() is None and srv["port"] == port:
-        st.link_button(f"optuna-dashboard at 127.0.0.1:{port}", f"http://127.0.0.1:{port}/dashboard/")
+    srv = studies.dashboard(tr.home)
+    if port and srv and srv["port"] == port:
+        st.link_button(f"optuna-dashboard at 127.0.0.1:{port}", srv["url"])
         st.caption(f"or run `optuna-dashboard {url}` yourself")
 
 
@@ -159,13 +70,7 @@ with c2:
 def _load(storage_url: str, study_name: str):
     import optuna
 
-    from dact_lib.tuning import studies as _st
-
-    try:
-        storage = _st.storage(tr.home)
-    except Exception:  # noqa: BLE001
-        storage = storage_url
-    return optuna.load_study(study_name=study_name, storage=storage)
+    return optuna.load_study(study_name=study_name, storage=studies.storage(tr.home))
 
 
 def _plot(title: str, make) -> None:

@@ -119,3 +119,25 @@ def test_trial_and_study_links(home):
     assert tracker.get_run(parent)["summary"]["study_name"] == "links"
     assert study_of_run(tracker, parent) == study_of_run(tracker, child) == "links"
     assert [e["payload"]["study_name"] for e in tracker.get_events(parent, kinds=["study"])] == ["links"]
+
+
+def test_has_studies_is_read_only_and_start_dashboard_serves_the_home(home):
+    import urllib.request
+
+    from dact_lib.home import db_path
+    from dact_lib.tuning import studies
+
+    assert not studies.has_studies(home) and not db_path(home).exists()  # asking created nothing
+    studies.create_study("probe", directions=["minimize"], home=home)
+    assert studies.has_studies(home)
+    srv = studies.start_dashboard(home, wait_s=30)
+    try:
+        assert srv["up"], open(srv["log"]).read()[-2000:]
+        assert studies.start_dashboard(home)["proc"] is srv["proc"]  # one server per process and storage
+        assert studies.dashboard(home) is srv
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv['port']}/api/studies", timeout=10) as r:
+            assert b"probe" in r.read()
+    finally:
+        srv["proc"].terminate()
+        srv["proc"].wait(timeout=10)
+    assert studies.dashboard(home) is None

@@ -196,3 +196,86 @@ def list_studies(home=None) -> list[dict[str, Any]]:
 def dashboard_hint(home=None) -> str:
     """The command that opens the home's studies in optuna-dashboard."""
     return f"optuna-dashboard {storage_url(home)}"
+
+
+def has_studies(home=None) -> bool:
+    """True when the home's experiments.db holds Optuna's tables — checked read-only, so asking never creates them
+    (:func:`list_studies` would, through the storage)."""
+    import sqlite3
+
+    db = _home.db_path(home)
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone() \
+                is not None
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+
+
+# ------------------------------------------------------------------------------------------ optuna-dashboard
+_dashboards: dict[str, dict[str, Any]] = {}
+_dashboards_lock = threading.Lock()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop_dashboards() -> None:
+    for srv in _dashboards.values():
+        if srv["proc"].poll() is None:
+            srv["proc"].terminate()
+
+
+def dashboard(home=None) -> dict[str, Any] | None:
+    """The running optuna-dashboard of this process for the home's storage (``proc``, ``port``, ``url``, ``log``),
+    or None."""
+    srv = _dashboards.get(storage_url(home))
+    return srv if srv is not None and srv["proc"].poll() is None else None
+
+
+def start_dashboard(home=None, wait_s: float = 15.0) -> dict[str, Any]:
+    """Start optuna-dashboard on the home's storage at 127.0.0.1 on a free port — or reuse the one this process
+    already runs — and wait up to ``wait_s`` until it listens. Returns ``proc``, ``port``, ``url`` (the dashboard
+    page), ``log`` (its output, in the home) and ``up``. Every server is stopped when the process exits."""
+    import atexit
+    import subprocess
+    import sys
+    import time
+
+    url = storage_url(home)
+    with _dashboards_lock:
+        srv = _dashboards.get(url)
+        if srv is None or srv["proc"].poll() is not None:
+            if not _dashboards:
+                atexit.register(_stop_dashboards)
+            port = _free_port()
+            log = _home.resolve_home(home) / ".optuna_dashboard.log"
+            fh = open(log, "ab")  # noqa: SIM115 - owned by the child process
+            # optuna_dashboard has no __main__ module; its CLI module is what the `optuna-dashboard` script runs
+            proc = subprocess.Popen([sys.executable, "-m", "optuna_dashboard._cli", url, "--host", "127.0.0.1",
+                                     "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+            srv = {"proc": proc, "port": port, "url": f"http://127.0.0.1:{port}/dashboard/", "log": str(log),
+                   "started": time.time()}
+            _dashboards[url] = srv
+    deadline = time.time() + wait_s
+    while time.time() < deadline and srv["proc"].poll() is None and not _listening(srv["port"]):
+        time.sleep(0.2)
+    srv["up"] = srv["proc"].poll() is None and _listening(srv["port"])
+    return srv
