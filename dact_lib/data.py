@@ -230,6 +230,18 @@ def _sniff_delimiter(text: str) -> str:
     return best
 
 
+def csv_header(raw: bytes) -> list[str]:
+    """The column names in a CSV's header row, decoded and split the way :func:`read_csv` does it; [] when the
+    first line has no delimiter or the bytes are not text. Never raises: it only offers names to map columns by."""
+    first = raw.lstrip(b"\r\n").split(b"\n", 1)[0] if not raw.startswith((b"\xff\xfe", b"\xfe\xff")) else raw[:65536]
+    try:
+        text = _first_line(_decode(first, []))
+        sep = _sniff_delimiter(text)
+        return [h.strip().lstrip("\ufeff").strip() for h in next(csv.reader([text], delimiter=sep)) if h.strip()]
+    except (DataError, csv.Error, StopIteration):
+        return []
+
+
 def _parse(text: str, sep: str) -> tuple[list[str], pd.DataFrame]:
     """Header names and the data rows (all strings) of a CSV text."""
     try:

@@ -1,7 +1,6 @@
 """Data: upload a labelled CSV, check it, look at it, try a split, save it; manage the saved datasets."""
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import hashlib
 import json
@@ -11,7 +10,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dact_lib.data import DataError, read_csv, split_dataset
+from dact_lib.data import DataError, csv_header, read_csv, split_dataset
 from dact_lib.errors import DactLabError
 from ui import state
 from ui.nav import through_app
@@ -25,20 +24,6 @@ st.markdown("Upload a CSV with a text column and one label column (`text,label`)
 
 ONE_TASK = ("text", "label")
 TWO_TASKS = ("sentence", "class_label", "sentiment_label")
-
-
-def header_of(raw: bytes) -> list[str]:
-    """The column names of a CSV's first line (best effort, only to offer the column mapping)."""
-    try:
-        text = raw[:65536].decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw[:65536].decode("cp1252", errors="replace")
-    line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    sep = max((",", ";", "\t"), key=line.count)
-    try:
-        return [h.strip() for h in next(csv.reader([line], delimiter=sep)) if h.strip()]
-    except (StopIteration, csv.Error):
-        return []
 
 
 def parse_upload(raw: bytes, columns: dict[str, str] | None, name: str):
@@ -110,7 +95,7 @@ tr = state.tracker()
 up = st.file_uploader("CSV file", type=["csv", "tsv", "txt"], key="data:upload")
 if up is not None:
     raw = up.getvalue()
-    mapping = column_mapping(header_of(raw))
+    mapping = column_mapping(csv_header(raw))
     default_name = Path(up.name).stem or "dataset"
     ds, error = parse_upload(raw, mapping, default_name)
     if error is not None:

@@ -418,3 +418,14 @@ def test_shared_real_datasets(shared_data: Path):
     assert reviews.class_counts("sentiment_label") == {"negative": 1500, "positive": 1500}
     sp = split_dataset(reviews, 0.1, 0.1, seed=0)
     assert len(sp.test) == 300 and len(sp.val) == 300
+
+
+def test_csv_header_offers_the_column_names_and_never_raises():
+    from dact_lib.data import csv_header
+
+    assert csv_header(b"review;stars\nok;1\n") == ["review", "stars"]
+    assert csv_header("\ufefftext,label\r\nfine,a\r\n".encode()) == ["text", "label"]  # BOM and CRLF
+    assert csv_header("t\xe9xt\tlabel\n".encode("cp1252")) == ["téxt", "label"]  # Latin-1 fallback, tab
+    assert csv_header("sentence,class_label\n".encode("utf-16")) == ["sentence", "class_label"]
+    assert csv_header(b"justonecolumn\nx\n") == [] and csv_header(b"") == []
+    assert csv_header(b"PK\x03\x04binary") == []  # a zip / xlsx: read_csv explains, the header is just empty
