@@ -41,29 +41,23 @@ active = by_id[pid]["status"] in ACTIVE_STATUSES
 
 
 def choose(parent_id: int, point: dict | None) -> None:
-    """Make ``point``'s model the prediction model: session state + a persisted ``chosen`` event."""
+    """Make ``point``'s model the prediction model: session state + the pipeline's record of the choice."""
     if point is None:
         return
-    rid = point.get("run_id")
-    if rid is None:
-        st.session_state["_pareto_msg"] = ("error", f"Trial {point.get('trial')} has no trained run to predict with.")
-        return
-    rid = int(rid)
-    st.session_state["predict_run_id"] = rid
-    if point.get("trial") is not None and point.get("source") != "final":
-        try:  # the pipeline's own record of the user's choice (validates that the trial is on the front)
-            from dact_lib.tuning.dact_pipeline import choose_point
+    from dact_lib.errors import DactLabError
+    from dact_lib.tuning.dact_pipeline import choose_for_prediction
 
-            choose_point(parent_id, int(point["trial"]), tracker=tr)
-        except Exception:  # noqa: BLE001 - no stage-3 study (an older run): the 'chosen' event still records it
-            pass
-    tr.log_event(parent_id, "chosen", {"run_id": rid, "trial": point.get("trial"), "lambda": point.get("lambda"),
-                                       "source": point.get("source", "front"), "by": "dashboard"})
-    has_model = (Path(tr.get_run(rid).get("run_dir") or tr.run_dir(rid)) / "model.safetensors").is_file()
+    try:
+        got = choose_for_prediction(parent_id, point, tracker=tr)
+    except DactLabError as exc:
+        st.session_state["_pareto_msg"] = ("error", str(exc))
+        return
+    rid = got["run_id"]
+    st.session_state["predict_run_id"] = rid
     st.session_state["_pareto_msg"] = (
-        "success" if has_model else "warning",
+        "success" if got["has_model"] else "warning",
         f"Run #{rid} (trial {point.get('trial')}, λ = {point.get('lambda')}) is now the model used on the Predict "
-        "page." + ("" if has_model else " Its model file is missing, so prediction will fail: choose another."))
+        "page." + ("" if got["has_model"] else " Its model file is missing, so prediction will fail: choose another."))
 
 
 def _on_select_box(parent_id: int, options: dict) -> None:

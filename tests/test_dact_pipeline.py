@@ -130,6 +130,22 @@ def test_chosen_point_obeys_the_rule(done):
             choose_point(study, off_front[0])
 
 
+def test_choose_for_prediction_records_the_choice(done):
+    from dact_lib import plots
+    from dact_lib.tuning.dact_pipeline import choose_for_prediction
+
+    h, res = done
+    tr = Tracker(h)
+    point = {**res.pareto[0], "source": "front"}
+    got = choose_for_prediction(res.parent_run_id, point, tracker=tr)
+    assert got == {"run_id": point["run_id"], "has_model": True}
+    assert plots.chosen_prediction_run(tr, res.parent_run_id) == point["run_id"]  # what a reload restores
+    last = tr.get_events(res.parent_run_id, kinds=["point_chosen"])[-1]["payload"]["point"]
+    assert last["trial"] == point["trial"]  # validated against the stage-3 front and recorded
+    with pytest.raises(DactLabError, match="no trained run"):
+        choose_for_prediction(res.parent_run_id, {"trial": 99, "lambda": 0.1}, tracker=tr)
+
+
 def test_choice_rule_on_a_hand_made_front():
     front = [{"trial": 0, "val_accuracy": 0.900, "val_avg_exit_layer": 6.0, "val_nll": 0.30, "objective": "val_nll"},
              {"trial": 1, "val_accuracy": 0.893, "val_avg_exit_layer": 3.1, "val_nll": 0.33, "objective": "val_nll"},

@@ -497,6 +497,29 @@ def choose_point(parent_or_study: int | optuna.Study, trial_number: int, *, home
     return point
 
 
+def choose_for_prediction(parent_id: int, point: dict[str, Any], *, tracker, by: str = "dashboard"
+                          ) -> dict[str, Any]:
+    """Make a pipeline point's model the one used for prediction: ``point`` is a point of the Pareto explorer
+    (``run_id``, ``trial``, ``lambda``, ``source``: "front" or "final"). A stage-3 front point is validated and
+    recorded by :func:`choose_point` (``point_chosen``) when the pipeline has its study; every choice is recorded as
+    a ``chosen`` event on the pipeline run (what :func:`dact_lib.plots.chosen_prediction_run` reads back after a
+    reload). Returns ``run_id`` and ``has_model`` (False when the run's model file is missing). Raises DactLabError
+    for a point without a trained run."""
+    rid = point.get("run_id")
+    if rid is None:
+        raise DactLabError(f"Trial {point.get('trial')} has no trained run to predict with: choose another point.")
+    rid = int(rid)
+    if point.get("trial") is not None and point.get("source") != "final":
+        try:
+            choose_point(parent_id, int(point["trial"]), tracker=tracker)
+        except (DactLabError, KeyError, ValueError):  # an older run without a stage-3 study: 'chosen' still records it
+            pass
+    tracker.log_event(parent_id, "chosen", {"run_id": rid, "trial": point.get("trial"), "lambda": point.get("lambda"),
+                                            "source": point.get("source", "front"), "by": by})
+    run_dir = Path(tracker.get_run(rid).get("run_dir") or tracker.run_dir(rid))
+    return {"run_id": rid, "has_model": (run_dir / "model.safetensors").is_file()}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the pipeline
 # ----------------------------------------------------------------------------------------------------------------
