@@ -271,25 +271,35 @@ class JobManager:
             raise ConfigError(f"the {kind!r} engine ({module}.{func}) is not available in this installation.")
         return fn
 
-    def submit(self, kind: str, config: RunConfig | dict, *, options: dict | None = None,
-               name: str | None = None) -> int:
-        """Validate ``config`` (and ``options`` for engine kinds) now, create the job's run (status 'queued') and
-        return its id. Raises :class:`ConfigError` (or :class:`DataError` for a multi-task job on a one-task
-        dataset) when the job cannot run; nothing is created then."""
+    def check(self, kind: str, config: RunConfig | dict, options: dict | None = None) -> tuple[RunConfig, dict]:
+        """Every check :meth:`submit` makes, without creating anything: the validated config and, for engine
+        kinds, the engine's keyword arguments built from ``options`` (engine settings validated too). Raises
+        :class:`ConfigError` / :class:`DataError` with the message ``submit`` would give."""
         cfg = self._validate(kind, config)
         options = dict(options or {})
-        record: dict = cfg.to_dict()
+        kwargs: dict = {}
         if kind in ENGINE_KINDS:
             kwargs = engine_kwargs(self._engine(kind), options)  # raises ConfigError for bad options
-            # the engines' own parent runs record {"run": RunConfig, <engine settings>}: so does the job's run
-            record = {"run": record, **{k: _jsonable(v) for k, v in kwargs.items()}}
-            name = name or cfg.name or getattr(kwargs.get("pipeline"), "name", None)
         elif options:
             raise ConfigError(f"kind {kind!r} takes no options, got {sorted(options)}.")
         if kind == "multitask":
             check = _import_engine(*_MULTITASK_CHECK)
             if check is not None:  # a one-task dataset is refused now, with the multi-task engine's message
                 check(cfg, self.tracker)
+        return cfg, kwargs
+
+    def submit(self, kind: str, config: RunConfig | dict, *, options: dict | None = None,
+               name: str | None = None) -> int:
+        """Validate ``config`` (and ``options`` for engine kinds) now, create the job's run (status 'queued') and
+        return its id. Raises :class:`ConfigError` (or :class:`DataError` for a multi-task job on a one-task
+        dataset) when the job cannot run; nothing is created then."""
+        cfg, kwargs = self.check(kind, config, options)
+        options = dict(options or {})
+        record: dict = cfg.to_dict()
+        if kind in ENGINE_KINDS:
+            # the engines' own parent runs record {"run": RunConfig, <engine settings>}: so does the job's run
+            record = {"run": record, **{k: _jsonable(v) for k, v in kwargs.items()}}
+            name = name or cfg.name or getattr(kwargs.get("pipeline"), "name", None)
         name = name or cfg.name
         with self._lock:
             if self._closed:
@@ -459,6 +469,31 @@ class JobManager:
                 return True
             job.token.cancel("cancelled by user")
             return True
+
+    def owner(self, run_id: int) -> int | None:
+        """The run id of this manager's active job that runs ``run_id``: the run itself when it is a job, else
+        its nearest ancestor that is (a PBT member, a tuning trial or a pipeline's child belongs to the engine
+        job that created it). None when no active job of this process owns it."""
+        rid: int | None = int(run_id)
+        seen: set[int] = set()
+        while rid is not None and rid not in seen:
+            seen.add(rid)
+            job = self._jobs.get(rid)
+            if job is not None and job.state in _ACTIVE:
+                return rid
+            try:
+                parent = self.tracker.get_run(rid).get("parent_id")
+            except DactLabError:
+                return None
+            rid = int(parent) if parent is not None else None
+        return None
+
+    def cancel_owner(self, run_id: int) -> int | None:
+        """Cancel the job that runs ``run_id`` (see :meth:`owner`); returns that job's run id, or None."""
+        owner = self.owner(run_id)
+        if owner is not None and self.cancel(owner):
+            return owner
+        return None
 
     def status(self, run_id: int) -> str | None:
         """The job's state, else the tracker status of that run, else None."""

@@ -29,7 +29,7 @@ through_app()
 
 REFRESH_S = 2.0
 MAX_EVENTS_SHOWN = 500
-ENGINE_KINDS = ("tune-backbone", "dact-pipeline", "pbt")  # parent runs of the tuning engines: no training curves
+ENGINE_KINDS = plots.ENGINE_KINDS  # parent runs of the tuning engines: no training curves
 
 
 def _ts(t) -> str:
@@ -202,7 +202,7 @@ def live(ids: list[int], was_active: bool) -> None:
     for r in current:
         ev = tr.get_events(r["id"])
         events_of[r["id"]] = ev
-        pr = plots.progress_eta(r, per_run.get(r["id"]), ev, steps_done=steps_now.get(r["id"]))
+        pr = plots.run_progress(tr, r, per_run.get(r["id"]), ev, steps_done=steps_now.get(r["id"]))
         rows.append({"run": _label(r), "status": r["status"], "progress": pr["fraction"] or 0.0,
                      "steps": pr["text"], "ETA": plots.format_seconds(pr["eta_s"]) if r["status"] in
                      ACTIVE_STATUSES else "", "error": (r.get("error") or "")[:160], "_pr": pr})
@@ -229,16 +229,20 @@ def live(ids: list[int], was_active: bool) -> None:
     st.progress(min(1.0, max(0.0, pr["fraction"] or 0.0)), text=f"#{focus} {run['status']} · {pr['text']}")
     c1, c2 = st.columns(2)
     if run["status"] in ACTIVE_STATUSES:
-        if c1.button("Cancel run", key=f"runs_cancel_{focus}", type="primary"):
+        label = "Cancel run" if run.get("parent_id") is None else "Cancel (the job that runs it)"
+        if c1.button(label, key=f"runs_cancel_{focus}", type="primary"):
             try:
                 from ui.state import jobs
 
-                ok = jobs().cancel(focus)
+                owner = jobs().cancel_owner(focus)
             except Exception as exc:  # noqa: BLE001 - show, never crash the page
-                ok = False
+                owner = None
                 st.error(f"Could not cancel run {focus}: {exc}")
-            if ok:
+            if owner == focus:
                 st.success(f"Cancellation of run {focus} requested: it stops at its next step.")
+            elif owner is not None:
+                st.success(f"Run {focus} is part of job #{owner} ({by_id.get(owner, {}).get('kind', 'engine')}): "
+                           f"cancellation of job #{owner} requested; it and its runs stop at their next step.")
             else:
                 st.warning(f"Run {focus} is not a job of this dashboard process (started elsewhere, e.g. the CLI, "
                            "or already ended): stop it where it runs.")

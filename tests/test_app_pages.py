@@ -266,6 +266,20 @@ def test_invalid_form_values_show_an_error_and_submit_nothing(app_home):
     assert Tracker(app_home).list_runs() == [] and jobs().jobs() == []
 
 
+def test_check_config_validates_the_engine_settings_too(app_home):
+    at = goto(open_app(), "pages/pbt.py")
+    pre = "pbt/backbone"
+    fill_tiny(at, pre)
+    at.number_input(key=f"{pre}:pbt.population").set_value(0)
+    at.button(key="FormSubmitter:pbt:form-Check config").click().run()
+    assert any("population" in e for e in errors(at)), errors(at)
+    assert not any("valid" in s for s in successes(at))
+    at.number_input(key=f"{pre}:pbt.population").set_value(2)
+    at.button(key="FormSubmitter:pbt:form-Check config").click().run()
+    assert not errors(at) and any("valid" in s for s in successes(at))
+    assert Tracker(app_home).list_runs() == [] and jobs().jobs() == []
+
+
 def test_cancel_queued_and_running_jobs_from_the_jobs_panel(app_home):
     at = goto(open_app(), "pages/backbone.py")
     fill_tiny(at, BB, epochs=300, max_rows=400)

@@ -145,6 +145,35 @@ def test_cancel_running_real_training(home, manager):
     assert run["status"] == "cancelled" and run["ended"] is not None
 
 
+def test_cancel_owner_finds_the_job_that_runs_a_child_run(home, manager, monkeypatch):
+    gate = Gate()
+    monkeypatch.setattr("dact_lib.train.train", gate)
+    jm = manager(max_concurrent=1)
+    job = jm.submit("backbone", tiny_cfg())
+    assert gate.running.wait(10)
+    tr = Tracker(home)
+    child = tr.create_run("pbt-member", {}, parent_id=job, status="running")
+    grandchild = tr.create_run("backbone", {}, parent_id=child, status="running")
+    stranger = tr.create_run("backbone", {}, status="running")  # e.g. started by the CLI
+    assert jm.owner(grandchild) == job and jm.owner(child) == job and jm.owner(job) == job
+    assert jm.owner(stranger) is None and jm.owner(99999) is None
+    assert jm.cancel_owner(stranger) is None
+    assert jm.cancel_owner(grandchild) == job
+    assert jm.wait(job, 10) == "cancelled"
+    assert jm.owner(child) is None and jm.cancel_owner(child) is None  # the job has ended
+
+
+def test_check_validates_engine_options_without_creating_runs(home, manager):
+    jm = manager()
+    cfg, kwargs = jm.check("pbt", tiny_cfg(), {"population": 2})
+    assert cfg.kind == "backbone" and kwargs["pbt"].population == 2
+    with pytest.raises(ConfigError, match="population"):
+        jm.check("pbt", tiny_cfg(), {"population": 0})
+    with pytest.raises(ConfigError, match="takes no options"):
+        jm.check("backbone", tiny_cfg(), {"population": 2})
+    assert Tracker(home).list_runs() == []
+
+
 def test_failed_job_records_error(home, manager):
     jm = manager()
     # 60 demo rows cannot be split stratified over 9 strata: the loop fails before training starts.

@@ -121,6 +121,71 @@ def test_progress_eta_finished_and_config_fallback():
     assert q["fraction"] is None and q["eta_s"] is None
 
 
+def _ev(kind, **payload):
+    return {"kind": kind, "payload": payload}
+
+
+def test_engine_progress_backbone_tuning_counts_trials_and_the_final_run():
+    run = {"kind": "tune-backbone", "status": "running", "started": 1000.0,
+           "config": {"run": {}, "trials": 4, "final": True}}
+    events = [_ev("study"), _ev("trial", number=0), _ev("trial", number=1)]
+    p = plots.engine_progress(run, events, now=1100.0)
+    assert p["steps_done"] == 2 and p["total_steps"] == 5 and p["fraction"] == pytest.approx(0.4)
+    assert p["eta_s"] == pytest.approx(100.0 / 2 * 3)  # elapsed / trials done * (trials + final left)
+    assert p["text"].startswith("trial 2 / 4") and "ETA" in p["text"]
+    # a timeout ends the trials early: the final run is what is left
+    p = plots.engine_progress(run, events + [_ev("timeout", trials_run=2)], now=1100.0)
+    assert p["total_steps"] == 3 and "final training" in p["text"]
+    done = plots.engine_progress({**run, "status": "finished", "ended": 1300.0}, events)
+    assert done["fraction"] == 1.0 and done["eta_s"] == 0.0 and done["elapsed_s"] == 300.0
+
+
+def test_engine_progress_pipeline_by_stage_without_an_eta():
+    cfg = {"run": {}, "pipeline": {"trials_stage1": 4, "trials_stage2": 2, "trials_stage3": 3}}
+    run = {"kind": "dact-pipeline", "status": "running", "started": 0.0, "config": cfg}
+    events = [_ev("pipeline_start"), _ev("stage_start", stage="stage1")]
+    events += [_ev("trial", stage="stage1", number=i) for i in range(4)] + [_ev("stage_end", stage="stage1")]
+    events += [_ev("stage_start", stage="stage2"), _ev("trial", stage="stage2", number=0)]
+    p = plots.engine_progress(run, events, now=60.0)
+    assert p["steps_done"] == 5 and p["total_steps"] == 10 and p["fraction"] == pytest.approx(0.5)
+    assert p["eta_s"] is None and p["text"].startswith("stage2: trial 1 / 2")
+    # a resumed pipeline counts the stages it skips; a stage ended early by its time budget counts as done
+    resumed = [_ev("resumed", stages_done=["stage1", "stage2"]), _ev("stage_start", stage="stage3"),
+               _ev("trial", stage="stage3", number=0), _ev("stage_end", stage="stage3"),
+               _ev("stage_start", stage="final")]
+    p = plots.engine_progress(run, resumed, now=60.0)
+    assert p["steps_done"] == 9 and p["text"].startswith("final training")
+    p = plots.engine_progress(run, resumed + [_ev("stage_end", stage="final"), _ev("pipeline_end")], now=60.0)
+    assert p["fraction"] == 1.0
+
+
+def test_engine_progress_pbt_sums_its_members():
+    run = {"kind": "pbt", "status": "running", "started": 0.0, "config": {"pbt": {"population": 2}}}
+    members = [{"steps_done": 30, "total_steps": 100}, {"steps_done": 10, "total_steps": 100}]
+    p = plots.engine_progress(run, [], members, now=40.0)
+    assert p["fraction"] == pytest.approx(0.2) and p["eta_s"] == pytest.approx(40.0 / 40 * 160)
+    assert p["text"].startswith("2 members · step 40 / 200")
+    unknown = plots.engine_progress(run, [], [{"steps_done": 5, "total_steps": None}], now=40.0)
+    assert unknown["fraction"] is None and unknown["eta_s"] is None
+
+
+def test_run_progress_reads_pbt_members_from_the_tracker(home):
+    from dact_lib.tracker import Tracker
+
+    tr = Tracker(home)
+    parent = tr.create_run("pbt", {"pbt": {"population": 2}}, status="running")
+    for done in (20, 60):
+        kid = tr.create_run("pbt-member", {"train": {}}, parent_id=parent, status="running")
+        tr.log_event(kid, "start", {"steps": 80})
+        tr.log_metrics(kid, {"train_loss": 1.0}, step=done)
+    p = plots.run_progress(tr, tr.get_run(parent))
+    assert p["steps_done"] == 80 and p["total_steps"] == 160 and p["fraction"] == pytest.approx(0.5)
+    plain = tr.create_run("backbone", {"train": {}}, status="running")
+    tr.log_event(plain, "start", {"steps": 10})
+    tr.log_metrics(plain, {"train_loss": 1.0}, step=4)
+    assert plots.run_progress(tr, tr.get_run(plain))["fraction"] == pytest.approx(0.4)
+
+
 # ------------------------------------------------------------------------------------------------ λ Pareto
 
 

@@ -478,6 +478,7 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
                 else:
                     merged[key] = value
             fill_state(pre, m.option_fields(), merged, overwrite=True)
+            st.session_state[f"{pre}:{m.label}:options_base"] = merged  # keys the form does not show are kept
             st.session_state[mode_key] = m.label
         elif not options:
             st.session_state[mode_key] = next((m.label for m in modes if m.job_kind is None), labels[0])
@@ -522,7 +523,8 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
         cfg = RunConfig.from_dict(collect(pre, fields_for(kind), base))
         options = None
         if opt_fields:
-            options = collect(pre, opt_fields, mode.option_defaults())
+            base_opts = st.session_state.get(f"{pre}:{mode.label}:options_base") or mode.option_defaults()
+            options = collect(pre, opt_fields, base_opts)
         return cfg, options
 
     if start or check:
@@ -532,7 +534,12 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
             st.error(str(exc))
         else:
             if check:
-                st.success("The config is valid.")
+                try:  # the same checks as Start (engine settings included), nothing submitted
+                    state.jobs().check(mode.job_kind or cfg.kind, cfg, options)
+                except DactLabError as exc:
+                    st.error(str(exc))
+                else:
+                    st.success("The config is valid.")
             else:
                 submit_job(mode.job_kind or cfg.kind, cfg, options=options, name=cfg.name)
 
