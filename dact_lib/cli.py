@@ -246,7 +246,12 @@ def cmd_runs(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    out = write_report(int(args.run), args.out, args.home)
+    try:
+        run_id = int(args.run)
+    except ValueError:
+        raise DactLabError(f"--run {args.run!r} is not a run id: give the number shown by "
+                           "`python -m dact_lib runs`.") from None
+    out = write_report(run_id, args.out, args.home)
     print(f"wrote {out}")
     return 0
 

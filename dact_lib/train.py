@@ -68,12 +68,26 @@ def load_split(cfg: RunConfig, tracker=None, data: DatasetSplit | TextDataset | 
 # --- optimisation ------------------------------------------------------------------------------------------
 
 
+def unfrozen_later(model: nn.Module, tc: TrainConfig) -> list[nn.Parameter]:
+    """With ``gradual_unfreeze``: the parameters of the frozen layers that later epochs release. They are in the
+    optimizer from the start (AdamW skips a parameter whose grad is None), so releasing a layer needs no new
+    optimizer: the learning-rate schedule and the moments of the parameters already training carry on."""
+    if not (tc.gradual_unfreeze and tc.freeze_layers):
+        return []
+    from .encoders import layer_adapter
+
+    layers = layer_adapter(model.encoder).layers()[:tc.freeze_layers]
+    return [p for layer in layers for p in layer.parameters()]
+
+
 def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict]:
     """Four AdamW groups: (encoder | heads) × (decay | no decay). Biases and LayerNorm weights (every parameter
-    with fewer than 2 dimensions) get no weight decay; the encoder gets ``encoder_lr``, the heads ``head_lr``."""
+    with fewer than 2 dimensions) get no weight decay; the encoder gets ``encoder_lr``, the heads ``head_lr``.
+    Frozen parameters are left out, except those that gradual unfreezing releases later (:func:`unfrozen_later`)."""
     groups = {(e, d): [] for e in (True, False) for d in (True, False)}
+    later = {id(p) for p in unfrozen_later(model, tc)}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and id(p) not in later:
             continue
         groups[(name.startswith("encoder."), p.ndim >= 2)].append(p)
     out = []
@@ -142,15 +156,24 @@ def apply_freezing(model: nn.Module, tc: TrainConfig, epoch: int) -> int:
 # --- early stopping ------------------------------------------------------------------------------------------
 
 
+_LOWER_IS_BETTER = ("loss", "nll", "ponder", "exit_layer", "error")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Direction of a validation metric: losses (``val_loss``, ``val_loss/<task>``, ``val_nll``), the ponder cost,
+    the average exit layer and error rates are minimised; accuracy, F1 and the rest maximised."""
+    return any(part.endswith(_LOWER_IS_BETTER) for part in str(metric).split("/")[:1])
+
+
 class EarlyStopping:
-    """Seed 002's rules on one metric (``val_loss`` minimised, others maximised), after moving-average smoothing:
+    """Seed 002's rules on one metric (minimised or maximised by :func:`lower_is_better`), after smoothing:
     patience without improvement > ``min_delta``; regression ≥ ``regression`` (relative) worse than the best;
     a negative trend (every one of the last ``trend_window`` values worse than the one before). Never stops
     before ``min_epochs`` evaluations have been made."""
 
     def __init__(self, cfg: EarlyStoppingConfig) -> None:
         self.cfg = cfg
-        self.minimise = cfg.metric.endswith("loss") or cfg.metric.endswith("exit_layer")
+        self.minimise = lower_is_better(cfg.metric)
         self.raw: list[float] = []
         self.smoothed: list[float] = []
         self.best: float | None = None
@@ -351,9 +374,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         for epoch in range(tc.epochs):
             state.epoch = epoch
             if epoch > 0 and tc.gradual_unfreeze and tc.freeze_layers:
-                frozen = apply_freezing(model, tc, epoch)
-                optimizer = make_optimizer(model, tc)  # new trainable params need optimizer state
-                state.extra["optimizer"] = optimizer
+                frozen = apply_freezing(model, tc, epoch)  # the released layers are already in the optimizer
                 cbs.on_event(state, "unfreeze", {"epoch": epoch + 1, "frozen_layers": frozen})
             for batch in iter_batches(enc_train, tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch,
                                       group_by_length=tc.group_by_length, pad_to=tc.pad_to):

@@ -56,7 +56,12 @@ def test_train_predict_runs_evaluate_report(home, capsys, tmp_path):
 
     html = tmp_path / "report.html"
     code, out, _ = run_cli(capsys, "report", "--run", run, "--out", html, "--home", home)
-    assert code == 0 and html.exists() and "plotly" in html.read_text(encoding="utf-8").lower()
+    page = html.read_text(encoding="utf-8")
+    assert code == 0 and "plotly" in page.lower()
+    # self-contained: plotly.js is inlined, nothing is loaded from a CDN
+    assert len(page) > 1_000_000 and not re.search(r"<script[^>]+src=[\"']https?://", page)
+    code, _, err = run_cli(capsys, "report", "--run", "abc", "--out", html, "--home", home)
+    assert code == 2 and "not a run id" in err
 
 
 def test_dact_predict_reports_exit_layer(home, capsys):

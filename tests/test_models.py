@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from dact_lib import dact
 from dact_lib.config import MLPConfig, default_config
@@ -113,6 +114,79 @@ def test_infer_really_skips_layers_for_halted_samples():
     for hk in hooks:
         hk.remove()
     assert rows_seen == [12, 12]
+
+
+class _LeadClassifier(nn.Module):
+    """Layer-1 classifier whose confidence grows with the first feature's distance from ``c``: in one batch some
+    samples are sure after layer 1 and others are not, so their DACT exits differ."""
+
+    def __init__(self, c: float, k: float) -> None:
+        super().__init__()
+        self.c, self.k = c, k
+
+    def forward(self, x):
+        z = self.k * (x[:, 0] - self.c)
+        return torch.stack([z, -z, torch.zeros_like(z)], -1)
+
+
+def _mixed_exit_model():
+    model, tok, cfg = tiny_dact()
+    b = demo_batch(tok)
+    with torch.no_grad():
+        ad, am = model.adapter, b["attention_mask"]
+        hid = ad.embed(b["input_ids"], am)
+        s0 = pool(ad.run_layer(0, hid, ad.prepare_mask(am, hid.dtype)), am, "mean")[:, 0]
+        for h in model.halters:  # h_n = sigmoid(-3) ~ 0.047 for every sample: the exit depends on y_n only
+            h[-1].weight.zero_()
+            h[-1].bias.fill_(-3.0)
+    model.classifiers[0] = _LeadClassifier(float(s0.median()), 1.0 / float(s0.std()))
+    return model, b, cfg
+
+
+def test_infer_halts_per_sample_in_a_mixed_batch_and_drops_halted_rows():
+    model, b, _ = _mixed_exit_model()
+    out = model(b["input_ids"], b["attention_mask"])
+    rows_seen = []
+    hooks = [layer.register_forward_hook(lambda mod, inp, outp: rows_seen.append(inp[0].shape[0]))
+             for layer in model.adapter.layers()]
+    inf = model.infer(b["input_ids"], b["attention_mask"])
+    for hk in hooks:
+        hk.remove()
+    exits = inf.exit_layer
+    assert len(set(exits.tolist())) >= 2  # a batch whose samples halt at different layers (not all() per batch)
+    assert torch.equal(exits, out.extras["exit_layer"])  # the rule from the full forward pass agrees
+    # layer n ran only for the samples that had not halted before it
+    assert rows_seen == [int((exits >= n).sum()) for n in range(1, 4) if int((exits >= n).sum())]
+    # each answer is a_n at that sample's own exit layer, and does not depend on the rest of the batch
+    a, _ = dact.accumulate(out.extras["y"], out.extras["h"])
+    for i in range(len(exits)):
+        assert torch.allclose(inf.probs[i], a[i, exits[i] - 1], atol=1e-5)
+        n_i = int(b["attention_mask"][i].sum())
+        alone = model.infer(b["input_ids"][i:i + 1, :n_i], b["attention_mask"][i:i + 1, :n_i])
+        assert int(alone.exit_layer[0]) == int(exits[i])
+        assert torch.allclose(alone.probs[0], inf.probs[i], atol=1e-4)
+        assert torch.isnan(inf.h[i, exits[i]:]).all() and not torch.isnan(inf.h[i, :exits[i]]).any()
+
+
+@pytest.mark.parametrize("start_at_one", [False, True])
+def test_dact_model_loss_is_nll_of_log_a_N_plus_lambda_mean_sum_p(start_at_one):
+    model, b, _ = _mixed_exit_model()
+    model.cfg.ponder_lambda = 0.3
+    model.cfg.ponder_start_at_one = start_at_one
+    target = b["targets"]["class_label"]
+    out = model(b["input_ids"], b["attention_mask"], {"label": target})
+    y, h = out.extras["y"], out.extras["h"]
+    # by hand from y_n and h_n: a_n = p_{n-1} y_n + (1 - p_{n-1}) a_{n-1}, p_n = h_n p_{n-1}
+    a_n, p_prev, ps = torch.zeros_like(y[:, 0]), torch.ones(y.shape[0]), []
+    for n in range(y.shape[1]):
+        a_n = p_prev[:, None] * y[:, n] + (1 - p_prev[:, None]) * a_n
+        p_prev = h[:, n] * p_prev
+        ps.append(p_prev)
+    nll = -torch.log(a_n[torch.arange(len(target)), target]).mean()
+    rho = torch.stack(ps, 1).sum(1) + (1.0 if start_at_one else 0.0)  # sum of p_n, not of h_n
+    assert torch.allclose(out.extras["nll"], nll, atol=1e-6)
+    assert torch.allclose(out.loss, nll + 0.3 * rho.mean(), atol=1e-6)
+    assert not torch.allclose(out.loss, nll + 0.3 * h.sum(1).mean(), atol=1e-4)  # mistake 3 would differ here
 
 
 def test_backbone_and_multitask_shapes():

@@ -68,6 +68,70 @@ def test_freezing_and_gradual_unfreeze():
     assert apply_freezing(model, cfg.train, epoch=5) == 0
 
 
+def test_gradual_unfreeze_in_the_loop_keeps_the_optimizer_and_the_schedule():
+    cfg = tiny_cfg(epochs=3, freeze_layers=2, gradual_unfreeze=True, warmup_ratio=0.0)
+    cfg.train.early_stopping.enabled = False
+    model, tok = build_model(cfg, load_demo_dataset().label_maps)
+    from dact_lib.encoders import layer_adapter
+
+    layers = layer_adapter(model.encoder).layers()
+    before = [[p.detach().clone() for p in layer.parameters()] for layer in layers[:2]]
+    seen = {}
+
+    class Probe(Callback):
+        def on_start(self, state):
+            seen["optimizer"] = state.extra["optimizer"]
+            seen["group_params"] = {id(p) for g in state.extra["optimizer"].param_groups for p in g["params"]}
+
+        def on_epoch_end(self, state, logs):  # the live weights (train() restores the best epoch at the end)
+            seen["last"] = [[p.detach().clone() for p in layer.parameters()] for layer in layers[:2]]
+
+        def on_event(self, state, kind, payload):
+            if kind == "unfreeze":
+                opt = state.extra["optimizer"]
+                factor = state.extra["lr_factor"](state.step)
+                seen.setdefault("unfreeze", []).append(
+                    (payload["frozen_layers"], opt is seen["optimizer"],
+                     [(g["lr"], g["initial_lr"] * factor) for g in opt.param_groups]))
+
+    train(cfg, save=False, evaluate_test=False, model=model, tokenizer=tok, callbacks=[Probe()])
+    # the layers to be released are in the optimizer from the start
+    assert all(id(p) in seen["group_params"] for layer in layers[:2] for p in layer.parameters())
+    assert [u[0] for u in seen["unfreeze"]] == [1, 0]
+    for _, same, lrs in seen["unfreeze"]:
+        assert same  # no new optimizer: AdamW moments of the layers already training are kept
+        assert all(lr == pytest.approx(want) for lr, want in lrs)  # the decayed lr, not the peak again
+    # layer 1 (released after epoch 1) and layer 0 (after epoch 2) both trained; neither did while frozen
+    changed = [any(not torch.equal(a, b) for a, b in zip(old, new)) for old, new in zip(before, seen["last"])]
+    assert changed == [True, True]
+
+
+def test_gradual_unfreeze_lr_does_not_jump_back_to_the_peak():
+    cfg = tiny_cfg(epochs=3, freeze_layers=1, gradual_unfreeze=True, warmup_ratio=0.0)
+    cfg.train.early_stopping.enabled = False
+    model, tok = build_model(cfg, load_demo_dataset().label_maps)
+    lrs = []
+
+    class Probe(Callback):
+        def on_event(self, state, kind, payload):
+            if kind == "unfreeze":
+                lrs.append([g["lr"] for g in state.extra["optimizer"].param_groups if g["group"] == "encoder"])
+
+    train(cfg, save=False, evaluate_test=False, model=model, tokenizer=tok, callbacks=[Probe()])
+    assert lrs and all(lr < cfg.train.encoder_lr * 0.9 for lr in lrs[0])  # 1/3 of the steps done: ~2/3 of peak
+
+
+def test_metric_direction():
+    from dact_lib.train import lower_is_better
+
+    for name in ("val_loss", "val_loss/topic", "val_nll", "val_ponder", "val_avg_exit_layer", "val_error"):
+        assert lower_is_better(name), name
+    for name in ("val_accuracy", "val_macro_f1", "val_accuracy/sentiment", "val_macro_f1/topic"):
+        assert not lower_is_better(name), name
+    es = EarlyStopping(EarlyStoppingConfig(metric="val_nll", patience=1, min_epochs=1, regression=10.0))
+    assert es.update(0.5)[0] and es.update(0.4)[0] and not es.update(0.45)[0]  # lower nll is the better one
+
+
 # --- early stopping -------------------------------------------------------------------------------------
 
 def run_stopper(values, **kw):
