@@ -21,7 +21,7 @@ MAX_POINTS = 2000
 PALETTE = qualitative.Plotly + qualitative.D3 + qualitative.Set2
 
 LOSS_NAMES = ("train_loss", "val_loss")
-SCORE_PREFIXES = ("val_accuracy", "val_macro_f1")
+SCORE_PREFIXES = ("val_accuracy", "val_macro_f1", "train_accuracy")
 EXIT_NAME = "val_avg_exit_layer"
 HP_NAMES = ("hp/lr", "hp/weight_decay", "hp/dropout", "hp/warmup_ratio")
 POLICY_LABELS = {"dact": "DACT rule", "patience": "patience (PABEE)", "entropy": "entropy (DeeBERT)",

@@ -120,6 +120,34 @@ def warmup_linear(total_steps: int, warmup_ratio: float):
     return factor
 
 
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The logged learning rates: ``lr`` (the encoder's; the first group's when the encoder is fully frozen) and
+    ``lr_head`` when the heads train at their own rate."""
+    by = {}
+    for g in optimizer.param_groups:
+        by.setdefault(g.get("group"), g["lr"])
+    out = {"lr": by.get("encoder", optimizer.param_groups[0]["lr"])}
+    if "head" in by and "encoder" in by:
+        out["lr_head"] = by["head"]
+    return out
+
+
+def train_stats(stats: dict, samples: int, per_task: bool) -> dict[str, float]:
+    """Training accuracy (``train_accuracy``; per task ``train_accuracy/<task>`` for several tasks) and, for DACT,
+    ``train_avg_exit_layer`` over the ``samples`` seen since the last log, from :func:`train_step`'s stats."""
+    if not samples:
+        return {}
+    out: dict[str, float] = {}
+    accs = {k.split("/", 1)[1]: float(v) / samples for k, v in stats.items() if k.startswith("correct/")}
+    if per_task:
+        out.update({f"train_accuracy/{t}": a for t, a in accs.items()})
+    elif accs:
+        out["train_accuracy"] = next(iter(accs.values()))
+    if "exit_sum" in stats:
+        out["train_avg_exit_layer"] = float(stats["exit_sum"]) / samples
+    return out
+
+
 def set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = g["initial_lr"] * factor
@@ -371,6 +399,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         loss_acc = torch.zeros((), device=device)  # summed on device: no host sync per step
         task_acc: dict[str, torch.Tensor] = {}  # multi-task: per-task training loss, summed on device
         n_acc, t_log, samples_log = 0, time.perf_counter(), 0
+        stats: dict[str, torch.Tensor] = {}  # right answers / exit layers since the last log (on the device)
         for epoch in range(tc.epochs):
             state.epoch = epoch
             if epoch > 0 and tc.gradual_unfreeze and tc.freeze_layers:
@@ -381,7 +410,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 cancel.check()
                 optimizer = state.extra["optimizer"]  # a callback (PBT exploit) may swap it
                 model = state.extra["model"]
-                loss, task_losses = train_step(model, optimizer, batch, device, tc, memory, cbs, state)
+                loss, task_losses = train_step(model, optimizer, batch, device, tc, memory, cbs, state, stats)
                 loss_acc += loss
                 if len(task_losses) > 1:
                     for t, v in task_losses.items():
@@ -393,11 +422,13 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 set_lr_factor(optimizer, state.extra["lr_factor"](state.step))
                 if state.step % tc.log_every_steps == 0 or state.step == total:
                     now = time.perf_counter()
-                    logs = {"train_loss": float(loss_acc) / n_acc, "lr": optimizer.param_groups[0]["lr"],
+                    logs = {"train_loss": float(loss_acc) / n_acc, **group_lrs(optimizer),
                             "samples_per_s": samples_log / max(now - t_log, 1e-9), "epoch": epoch + 1}
                     for t, v in task_acc.items():
                         logs[f"train_loss/{t}"] = float(v) / n_acc
+                    logs.update(train_stats(stats, samples_log, len(task_losses) > 1))
                     task_acc.clear()
+                    stats.clear()
                     loss_acc.zero_()
                     n_acc, t_log, samples_log = 0, now, 0
                     cbs.on_step(state, logs)
@@ -462,9 +493,12 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                        run_dir=run_dir, best_epoch=state.best_epoch, report=report, stop_reason=stop_reason)
 
 
-def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSizeManager, cbs, state):
+def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSizeManager, cbs, state,
+               stats: dict | None = None):
     """One optimisation step on ``batch`` (split into micro-batches after an out-of-memory). Returns the loss and
-    the per-task losses as 0-dim tensors on the device (no host sync)."""
+    the per-task losses as 0-dim tensors on the device (no host sync). With ``stats`` (a dict), adds to it, as
+    device tensors: ``correct/<task>`` (right answers in the batch) and, for DACT, ``exit_sum`` (sum of the exit
+    layers the DACT rule would take) — the training accuracy and average exit layer, synced only when logged."""
     ids, am = batch["input_ids"].to(device, non_blocking=True), batch["attention_mask"].to(device, non_blocking=True)
     targets = {t: v.to(device, non_blocking=True) for t, v in batch["targets"].items()}
     n = ids.shape[0]
@@ -473,10 +507,19 @@ def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSi
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
             per_task: dict[str, torch.Tensor] = {}
+            step_stats: dict[str, torch.Tensor] = {}
             for start in range(0, n, memory.micro):
                 sl = slice(start, start + memory.micro)
                 with autocast_for(device, tc.precision):
                     out = model(ids[sl], am[sl], {t: v[sl] for t, v in targets.items()})
+                if stats is not None:
+                    with torch.no_grad():
+                        for t, probs in out.probs.items():
+                            if t in targets:
+                                hit = (probs.argmax(-1) == targets[t][sl]).sum()
+                                step_stats[f"correct/{t}"] = step_stats.get(f"correct/{t}", 0) + hit
+                        if "exit_layer" in out.extras:
+                            step_stats["exit_sum"] = step_stats.get("exit_sum", 0) + out.extras["exit_layer"].sum()
                 share = ids[sl].shape[0] / n
                 part = out.loss * share
                 part.backward()
@@ -492,6 +535,9 @@ def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSi
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             cbs.on_event(state, "oom_retry", {"step": state.step, "micro_batch": new, "was": old})
+    if stats is not None:
+        for k, v in step_stats.items():
+            stats[k] = stats.get(k, 0) + v
     if tc.max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], tc.max_grad_norm)
     optimizer.step()

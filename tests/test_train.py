@@ -121,6 +121,16 @@ def test_gradual_unfreeze_lr_does_not_jump_back_to_the_peak():
     assert lrs and all(lr < cfg.train.encoder_lr * 0.9 for lr in lrs[0])  # 1/3 of the steps done: ~2/3 of peak
 
 
+def test_train_stats_are_counts_over_the_samples_since_the_last_log():
+    from dact_lib.train import train_stats
+
+    stats = {"correct/label": torch.tensor(12), "exit_sum": torch.tensor(50)}
+    assert train_stats(stats, 20, per_task=False) == {"train_accuracy": 0.6, "train_avg_exit_layer": 2.5}
+    two = {"correct/topic": torch.tensor(5), "correct/sentiment": torch.tensor(8)}
+    assert train_stats(two, 10, per_task=True) == {"train_accuracy/topic": 0.5, "train_accuracy/sentiment": 0.8}
+    assert train_stats({}, 0, per_task=False) == {}
+
+
 def test_metric_direction():
     from dact_lib.train import lower_is_better
 
@@ -194,7 +204,22 @@ def test_each_kind_trains_and_records(home, kind):
     m = tracker.get_metrics(res.run_id)
     names = set(m["name"])
     assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "samples_per_s"} <= names
+    acc_names = ({"train_accuracy/class_label", "train_accuracy/sentiment_label"} if kind == "multitask"
+                 else {"train_accuracy"})
+    assert acc_names <= names
+    acc = m[m.name.isin(acc_names)]["value"]
+    assert ((acc >= 0) & (acc <= 1)).all()
+    # the head trains at its own rate, both on the same schedule (the tiny backbone freezes both of its layers)
+    assert ("lr_head" in names) == (kind != "backbone")
+    if kind == "backbone":
+        return
+    lr, lr_head = (m[m.name == n].set_index("step")["value"] for n in ("lr", "lr_head"))
+    cfg = tiny_cfg(kind)
+    lr, lr_head = lr[lr > 0], lr_head[lr > 0]  # the schedule ends at 0
+    assert len(lr) and (lr_head / lr).round(6).eq(round(cfg.train.head_lr / cfg.train.encoder_lr, 6)).all()
     if kind == "dact":
+        tr_ex = m[m.name == "train_avg_exit_layer"]["value"]
+        assert len(tr_ex) and ((tr_ex >= 1) & (tr_ex <= 2)).all()
         assert "val_avg_exit_layer" in names
         ex = m[m.name == "val_avg_exit_layer"]["value"]
         assert ((ex >= 1) & (ex <= 2)).all()  # tiny encoder has 2 layers; exit layers are 1-based
