@@ -13,6 +13,7 @@ import streamlit as st
 from dact_lib.data import DataError, csv_header, read_csv, split_dataset
 from dact_lib.errors import DactLabError
 from ui import state
+from ui.forms import SPLIT_KEY
 from ui.nav import through_app
 
 through_app()
@@ -76,7 +77,7 @@ def show_dataset(ds) -> None:
 
 
 def split_preview(ds) -> None:
-    st.markdown("**Split** (the training forms use the same settings: validation/test fraction and split seed)")
+    st.markdown("**Split** — the settings below become the training forms' validation/test fraction and split seed")
     c1, c2, c3 = st.columns(3)
     val = c1.number_input("Validation fraction", value=0.1, step=0.05, format="%.2f", key="data:val")
     test = c2.number_input("Test fraction", value=0.1, step=0.05, format="%.2f", key="data:test")
@@ -86,6 +87,8 @@ def split_preview(ds) -> None:
     except DataError as exc:
         st.error(str(exc))
         return
+    # a split that works here becomes the training forms' default (ui.forms.SPLIT_KEY; the forms apply a change once)
+    st.session_state[SPLIT_KEY] = {"val_frac": float(val), "test_frac": float(test), "split_seed": int(seed)}
     sizes = {"train": len(split.train), "validation": len(split.val), "test": len(split.test) if split.test else 0}
     st.dataframe(pd.DataFrame([sizes]), hide_index=True)
 

@@ -191,6 +191,23 @@ def test_uploaded_csv_is_stored_and_bad_one_is_not(app_home):
     assert tr.list_datasets() == []
 
 
+def test_split_chosen_on_the_data_page_becomes_the_forms_default(app_home):
+    at = goto(open_app(), "pages/data.py")
+    at.file_uploader(key="data:upload").upload("reviews.csv", csv_bytes(), "text/csv")
+    at.run()
+    at.number_input(key="data:val").set_value(0.2)
+    at.number_input(key="data:seed").set_value(7)
+    at.run()
+    goto(at, "pages/backbone.py")
+    assert at.number_input(key=f"{BB}:data.val_frac").value == pytest.approx(0.2)
+    assert at.number_input(key=f"{BB}:data.split_seed").value == 7
+    assert at.number_input(key=f"{BB}:data.test_frac").value == pytest.approx(0.1)
+    # the split reaches every form and survives page switches
+    goto(at, "pages/home.py")
+    goto(at, "pages/dact_pipeline.py")
+    assert at.number_input(key="dact/dact:data.split_seed").value == 7
+
+
 def test_column_mapping(app_home):
     tr = Tracker(app_home)
     at = goto(open_app(), "pages/data.py")

@@ -130,6 +130,25 @@ def _skey(prefix: str, path: str) -> str:
     return f"{prefix}:{path}"
 
 
+#: session key where the Data page leaves the split the user previewed ({val_frac, test_frac, split_seed})
+SPLIT_KEY = "data:split_settings"
+_SPLIT_FIELDS = ("data.val_frac", "data.test_frac", "data.split_seed")
+
+
+def apply_data_split(prefix: str, fields: list[Field]) -> None:
+    """Copy the Data page's split settings into a form once per change (a later edit in the form is kept)."""
+    split = st.session_state.get(SPLIT_KEY)
+    applied = f"{prefix}:split_applied"
+    if not split or st.session_state.get(applied) == split:
+        return
+    chosen = [f for f in fields if f.path in _SPLIT_FIELDS]
+    fill_state(prefix, chosen, {"data": split}, overwrite=True)
+    base = st.session_state.get(f"{prefix}:base")
+    if isinstance(base, dict):  # the form's base config too, so the split survives a page switch
+        base.setdefault("data", {}).update(split)
+    st.session_state[applied] = dict(split)
+
+
 def fill_state(prefix: str, fields: list[Field], values: dict, *, overwrite: bool) -> None:
     """Write ``values`` (a nested mapping) into the widgets' session-state keys."""
     for f in fields:
@@ -455,6 +474,7 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
         if base_key not in st.session_state:
             st.session_state[base_key] = default_config(kind).to_dict()
         fill_state(state_prefix(kind), fields_for(kind), st.session_state[base_key], overwrite=False)
+        apply_data_split(state_prefix(kind), fields_for(kind))
         for m in modes:
             if m.option_fields is not None and m.unavailable_reason is None:
                 fill_state(state_prefix(kind), m.option_fields(), m.option_defaults(), overwrite=False)
