@@ -124,9 +124,10 @@ def full_report(res: EvalResult, label_maps: dict[str, list[str]]) -> dict:
 # --- exit-policy comparison on one trained DACT model -------------------------------------------------------
 
 def default_sweep(num_layers: int) -> list[tuple[str, float | int | None]]:
-    """The DACT rule, patience t = 1..N-1, entropy thresholds, fixed depth k = 1..N."""
+    """The DACT rule, patience t = 1..N (t = N never exits early: the counter reaches at most N-1), entropy
+    thresholds, fixed depth k = 1..N."""
     points: list[tuple[str, float | int | None]] = [("dact", None)]
-    points += [("patience", t) for t in range(1, num_layers)]
+    points += [("patience", t) for t in range(1, num_layers + 1)]
     points += [("entropy", s) for s in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65)]
     points += [("fixed", k) for k in range(1, num_layers + 1)]
     return points

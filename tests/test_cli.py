@@ -75,6 +75,13 @@ def test_dact_predict_reports_exit_layer(home, capsys):
     assert code == 0 and {"label", "probability", "probabilities", "exit_layer"} <= set(row)
     assert 1 <= row["exit_layer"] <= 2  # the tiny encoder has two layers; exit layers are 1-based
 
+    code, out, _ = run_cli(capsys, "evaluate", "--run", run, "--policies", "--json", "--home", home)
+    sweep = json.loads(out)["exit_policies"]
+    assert code == 0
+    assert sorted(r["value"] for r in sweep if r["policy"] == "patience") == [1, 2]  # t = 1..N
+    assert sorted(r["value"] for r in sweep if r["policy"] == "fixed") == [1, 2]
+    assert all(r["wall_s"] > 0 and 1 <= r["avg_exit_layer"] <= 2 for r in sweep)  # measured wall time per point
+
 
 def test_tune_backbone_then_studies(home, capsys, space_file):
     code, out, err = run_cli(capsys, "tune-backbone", *TINY, "--trials", 2, "--space", space_file, "--home", home)

@@ -74,7 +74,7 @@ from ..modeling_dact import DactBert
 from . import studies
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "choose_point", "load_pipeline_result",
-           "pareto_points", "apply_choice_rule", "as_dact_config", "FeatureDactHeads", "fit_heads_on_features", "HeadFit",
+           "pareto_points", "trial_points", "apply_choice_rule", "as_dact_config", "FeatureDactHeads", "fit_heads_on_features", "HeadFit",
            "model_from_params", "train_from_params", "PIPELINE_KIND", "STAGES", "CHOICE_RULES"]
 
 PIPELINE_KIND = "dact-pipeline"
@@ -97,9 +97,10 @@ def _num(x: Any) -> bool:
 class PipelineConfig:
     """Settings of one staged tuning pipeline. The study names derive from ``name``: ``f"{name}/stage1"`` …
 
-    ``choice_rule``: ``"lowest_exit_within_1pt"`` — among the Pareto-front trials, the lowest validation average
-    exit layer whose validation accuracy is within ``choice_tolerance`` (0.01 = 1 point) of the best front
-    accuracy (ties: higher accuracy, then lower trial number); ``"best_objective"`` — the front point with the
+    ``choice_rule``: ``"lowest_exit_within_1pt"`` — among the stage-3 trials, the lowest validation average
+    exit layer whose validation accuracy is within ``choice_tolerance`` (0.01 = 1 point) of the best validation
+    accuracy of any trial (ties: higher accuracy, then lower trial number) — a point of the accuracy/exit front,
+    which with ``objective3="loss"`` need not be on the NLL/exit front; ``"best_objective"`` — the front point with the
     lowest first objective (validation NLL or error)."""
 
     name: str
@@ -443,15 +444,24 @@ def pareto_points(study: optuna.Study) -> list[dict[str, Any]]:
     return sorted(pts, key=lambda p: (p["val_avg_exit_layer"], p["trial"]))
 
 
+def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every complete stage-3 trial as a point (the same dicts as :func:`pareto_points`), by trial number."""
+    objective3 = study.user_attrs.get("objective3", "loss")
+    return [_point(t, objective3) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
 def apply_choice_rule(front: list[dict[str, Any]], rule: str = "lowest_exit_within_1pt",
-                      tolerance: float = 0.01) -> dict[str, Any]:
-    """Pick one point of ``front`` (see :class:`PipelineConfig` for the rules)."""
+                      tolerance: float = 0.01, *, trials: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Pick one point (see :class:`PipelineConfig` for the rules). ``trials``: every complete trial — the
+    accuracy rule then measures "within 1 point" from the best accuracy of ANY trial and picks among all of them
+    (with the NLL objective the most accurate trial can be off the NLL/exit front); without it, the front only."""
     if not front:
         raise DactLabError("The Pareto front is empty: stage 3 finished no trial (raise timeout_min or "
                            "trials_stage3).")
     if rule == "lowest_exit_within_1pt":
-        best_acc = max(p["val_accuracy"] for p in front)
-        ok = [p for p in front if p["val_accuracy"] >= best_acc - tolerance - 1e-12]
+        pool = [p for p in (trials or front) if p["val_accuracy"] == p["val_accuracy"]] or front  # drop NaN
+        best_acc = max(p["val_accuracy"] for p in pool)
+        ok = [p for p in pool if p["val_accuracy"] >= best_acc - tolerance - 1e-12]
         return dict(min(ok, key=lambda p: (p["val_avg_exit_layer"], -p["val_accuracy"], p["trial"])))
     if rule == "best_objective":
         return dict(min(front, key=lambda p: (p[p["objective"]], p["val_avg_exit_layer"], p["trial"])))
@@ -742,8 +752,7 @@ class _Pipeline:
         budget = self.budget.share("stage1")
         pipe, cfg = self.pipe, self.cfg
         self.start_stage("stage1", pipe.trials_stage1, budget)
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
+        previous_threads = torch.get_num_threads()
         weights = None
         if cfg.init_from_run is not None:  # the features of the encoder the DACT runs start from
             from ..home import runs_dir
@@ -753,9 +762,14 @@ class _Pipeline:
             if not weights.is_file():
                 raise ConfigError(f"init_from_run = {cfg.init_from_run!r}: {weights} does not exist. Give the id of "
                                   "a finished backbone run.")
-        got_all = cached_features_many(cfg.encoder, {"train": self.split.train, "val": self.split.val},
-                                       poolings=pipe.poolings, max_seq_len=cfg.data.max_seq_len, home=self.home,
-                                       device=str(self.device), seed=cfg.train.seed, encoder_weights=weights)
+        if cfg.train.num_threads:  # the one encoder pass runs at the run's thread count; restored after it
+            torch.set_num_threads(cfg.train.num_threads)
+        try:
+            got_all = cached_features_many(cfg.encoder, {"train": self.split.train, "val": self.split.val},
+                                           poolings=pipe.poolings, max_seq_len=cfg.data.max_seq_len, home=self.home,
+                                           device=str(self.device), seed=cfg.train.seed, encoder_weights=weights)
+        finally:
+            torch.set_num_threads(previous_threads)
         feats = {part: {p: c.features.to(self.device) for p, c in got.items()} for part, got in got_all.items()}
         info = {part: {p: c.info() for p, c in got.items()} for part, got in got_all.items()}
         build_s = sum(c.build_s for got in got_all.values() for c in got.values())
@@ -885,7 +899,7 @@ class _Pipeline:
 
         self.optimize(study, objective, pipe.trials_stage3, budget, "stage3")
         front = pareto_points(study)
-        chosen = apply_choice_rule(front, pipe.choice_rule, pipe.choice_tolerance)
+        chosen = apply_choice_rule(front, pipe.choice_rule, pipe.choice_tolerance, trials=trial_points(study))
         self.tracker.log_event(self.parent, "pareto_front", {"objectives": [first, "val_avg_exit_layer"],
                                                              "front": front, "study_name": self.names["stage3"]})
         self.tracker.log_event(self.parent, "chosen_point", {"rule": pipe.choice_rule,
