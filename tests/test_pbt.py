@@ -225,6 +225,55 @@ def test_run_pbt_end_to_end_and_replay(home):
     assert [e["payload"]["step"] for e in applied] == [e["step"] for e in sched[1:]]
 
 
+class ReadBack(Callback):
+    """Reads what the optimizer and the Dropout modules really hold, after the PBT / replay callbacks ran."""
+
+    def __init__(self):
+        self.seen: dict = {}
+
+    def _read(self, state):
+        opt, model = state.extra["optimizer"], state.extra["model"]
+        drop = sorted({float(m.p) for mod in dropout_targets(model, "head") for m in mod.modules()
+                       if isinstance(m, nn.Dropout)})
+        self.seen.setdefault(state.run_id, {})[state.step] = {
+            "groups": [(g.get("group"), g.get("decay"), g["initial_lr"], g["weight_decay"]) for g in opt.param_groups],
+            "dropout": drop}
+
+    def on_eval(self, state, logs):
+        self._read(state)
+
+    def on_step(self, state, logs):
+        self._read(state)
+
+
+def _check_applied(read, hp, ratio):
+    for group, decay, initial_lr, wd in read["groups"]:
+        assert initial_lr == pytest.approx(hp["lr"] * (ratio if group == "encoder" else 1.0))
+        assert wd == pytest.approx(hp["weight_decay"] if decay else 0.0)
+    assert read["dropout"] == [pytest.approx(hp["dropout"])]
+
+
+def test_exploit_and_replay_really_change_the_optimizer_and_dropout(home):
+    """End to end: after every exploit/explore the recipient's optimizer param groups and head Dropouts hold the
+    new values (read back from the objects, not from the callback's copy), and so does a replay at each change."""
+    tracker = Tracker(home)
+    cfg = tiny_cfg(epochs=2)
+    probe = ReadBack()
+    res = run_pbt(cfg, pbt=tiny_pbt(), home=home, tracker=tracker, callbacks=[probe])
+    ratio = cfg.train.encoder_lr / cfg.train.head_lr
+    explores = [e["payload"] for e in tracker.get_events(res.parent_run_id, kinds=["pbt_explore"])]
+    assert explores
+    for x in explores:
+        _check_applied(probe.seen[x["recipient_run_id"]][x["step"]], x["new"], ratio)
+
+    replay_probe = ReadBack()
+    rep = replay_schedule(res.best_config, res.schedule, home=home, tracker=tracker, callbacks=[replay_probe])
+    changes = tracker.get_events(rep.run_id, kinds=["pbt_replay_change"])
+    assert len(changes) == len(res.schedule) - 1
+    for e in changes:
+        _check_applied(replay_probe.seen[rep.run_id][e["payload"]["step"]], e["payload"], ratio)
+
+
 class FailIn(Callback):
     def __init__(self, members, at_step=2):
         self.members, self.at_step = members, at_step
