@@ -190,7 +190,7 @@ _LOWER_IS_BETTER = ("loss", "nll", "ponder", "exit_layer", "error")
 def lower_is_better(metric: str) -> bool:
     """Direction of a validation metric: losses (``val_loss``, ``val_loss/<task>``, ``val_nll``), the ponder cost,
     the average exit layer and error rates are minimised; accuracy, F1 and the rest maximised."""
-    return any(part.endswith(_LOWER_IS_BETTER) for part in str(metric).split("/")[:1])
+    return str(metric).split("/", 1)[0].endswith(_LOWER_IS_BETTER)
 
 
 class EarlyStopping:

@@ -368,7 +368,9 @@ class PBTController:
         self.best: dict[int, float] = {}
         self.dead: set[int] = set()
         self.exploits: dict[int, int] = {}
-        self.sign = -1.0 if pbt.metric.endswith("loss") else 1.0
+        from ..train import lower_is_better
+
+        self.sign = -1.0 if lower_is_better(pbt.metric) else 1.0
 
     def oriented(self, score: float) -> float:
         return self.sign * score
