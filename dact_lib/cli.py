@@ -41,6 +41,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a RunConfig as JSON or YAML; flags override it")
 
 
+def time_limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--time-limit-min", type=float, default=None,
+                   help="stop training after this many minutes, keeping the best checkpoint (train.time_limit_min)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dact_lib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None)
     p.add_argument("--init-from-run", default=None, help="start the encoder from this backbone run's weights")
     p.add_argument("--max-steps", type=int, default=None)
+    time_limit_arg(p)
     _common(p)
 
     p = sub.add_parser("evaluate", help="accuracy, macro-F1, confusion matrix (and exit layers) of a run")
@@ -119,7 +125,7 @@ def config_from_args(args, kind_default: str = "backbone"):
     if args.encoder:
         cfg.encoder = args.encoder
     for flag, target in (("epochs", "epochs"), ("batch_size", "batch_size"), ("precision", "precision"),
-                         ("max_steps", "max_steps")):
+                         ("max_steps", "max_steps"), ("time_limit_min", "time_limit_min")):
         v = getattr(args, flag, None)
         if v is not None:
             setattr(cfg.train, target, v)

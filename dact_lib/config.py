@@ -218,6 +218,10 @@ class TrainConfig:
     group_by_length: bool = True
     pad_to: int | None = None  # pad every batch to this many tokens (the seed's way; only for comparisons)
     max_steps: int | None = None
+    # stop after this many minutes of training (checked after every step): the run evaluates once more, keeps its
+    # best checkpoint and finishes with stop_reason "time limit". PBT members and multi-task runs use it as their
+    # timeout. None = no limit.
+    time_limit_min: float | None = None
     eval_every_steps: int | None = None  # None = evaluate at the end of every epoch
     log_every_steps: int = 10
     seed: int = 0
@@ -245,6 +249,8 @@ class TrainConfig:
             _check_int(f"{name}.pad_to", self.pad_to, 8, 4096)
         if self.max_steps is not None:
             _check_int(f"{name}.max_steps", self.max_steps, 1)
+        if self.time_limit_min is not None:
+            _check_pos(f"{name}.time_limit_min", self.time_limit_min)
         if self.eval_every_steps is not None:
             _check_int(f"{name}.eval_every_steps", self.eval_every_steps, 1)
         _check_int(f"{name}.log_every_steps", self.log_every_steps, 1)

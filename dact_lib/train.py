@@ -400,6 +400,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         task_acc: dict[str, torch.Tensor] = {}  # multi-task: per-task training loss, summed on device
         n_acc, t_log, samples_log = 0, time.perf_counter(), 0
         stats: dict[str, torch.Tensor] = {}  # right answers / exit layers since the last log (on the device)
+        deadline = time.monotonic() + 60.0 * tc.time_limit_min if tc.time_limit_min else None
+        out_of_time = False
         for epoch in range(tc.epochs):
             state.epoch = epoch
             if epoch > 0 and tc.gradual_unfreeze and tc.freeze_layers:
@@ -434,14 +436,22 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                     cbs.on_step(state, logs)
                 else:
                     cbs.on_step(state, {})
-                if tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
+                evaluated = bool(tc.eval_every_steps and state.step % tc.eval_every_steps == 0)
+                if evaluated:
                     stop = evaluate_and_checkpoint()
+                if deadline is not None and not stop and time.monotonic() >= deadline:
+                    out_of_time = True
+                    if not evaluated:
+                        stop = evaluate_and_checkpoint()
+                    stop_reason = stop_reason or f"time limit of {tc.time_limit_min:g} min reached"
+                    cbs.on_event(state, "time_limit", {"step": state.step, "minutes": tc.time_limit_min})
+                    break
                 if stop or (tc.max_steps and state.step >= tc.max_steps):
                     break
-            if not stop and not tc.eval_every_steps:
+            if not stop and not out_of_time and not tc.eval_every_steps:
                 stop = evaluate_and_checkpoint()
             cbs.on_epoch_end(state, history[-1] if history else {})
-            if stop or (tc.max_steps and state.step >= tc.max_steps):
+            if stop or out_of_time or (tc.max_steps and state.step >= tc.max_steps):
                 break
 
         # restore the best checkpoint, then the test split

@@ -190,3 +190,14 @@ def test_member_printer_tags_lines_with_the_run(capsys):
     printer.on_end(LoopState(run_id=5), "finished")
     assert capsys.readouterr().err.splitlines() == ["[run 5] step 3: val_loss=1.0000, val_accuracy=0.5000",
                                                     "[run 5] finished"]
+
+
+@pytest.mark.parametrize("command", ["train", "pbt", "multitask"])
+def test_time_limit_flag_reaches_the_run_config(command):
+    from dact_lib.cli import build_parser, config_from_args
+
+    flag = "--time-limit-min" if command == "train" else "--timeout-min"
+    args = build_parser().parse_args([command, flag, "1.5"])
+    kind = "multitask" if command == "multitask" else "backbone"
+    args.kind = getattr(args, "kind", None) or kind
+    assert config_from_args(args, kind).train.time_limit_min == 1.5

@@ -274,6 +274,18 @@ def test_exploit_and_replay_really_change_the_optimizer_and_dropout(home):
         _check_applied(replay_probe.seen[rep.run_id][e["payload"]["step"]], e["payload"], ratio)
 
 
+def test_time_limit_is_every_members_timeout(home):
+    tracker = Tracker(home)
+    cfg = tiny_cfg(epochs=20)
+    cfg.train.time_limit_min = 1e-9
+    res = run_pbt(cfg, pbt=tiny_pbt(), home=home, tracker=tracker)
+    assert [m["status"] for m in res.members] == ["finished"] * 3
+    for m in res.members:
+        assert tracker.get_run(m["run_id"])["config"]["train"]["time_limit_min"] == 1e-9
+        assert tracker.get_events(m["run_id"], kinds=["time_limit"])  # stopped by it, not by its 20 epochs
+    assert tracker.get_run(res.parent_run_id)["status"] == "finished"
+
+
 class FailIn(Callback):
     def __init__(self, members, at_step=2):
         self.members, self.at_step = members, at_step

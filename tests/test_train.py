@@ -131,6 +131,21 @@ def test_train_stats_are_counts_over_the_samples_since_the_last_log():
     assert train_stats({}, 0, per_task=False) == {}
 
 
+def test_time_limit_stops_after_the_step_that_crosses_it_and_keeps_the_checkpoint(home):
+    tracker = Tracker(home)
+    cfg = tiny_cfg(epochs=50, time_limit_min=1e-9)  # crossed by the first step
+    cfg.train.early_stopping.enabled = False
+    res = train(cfg, tracker=tracker, home=home)
+    run = tracker.get_run(res.run_id)
+    assert run["status"] == "finished" and "time limit" in res.stop_reason
+    m = tracker.get_metrics(res.run_id)
+    assert m["step"].max() == 1 and len(m[m.name == "val_loss"]) == 1  # one step, then one evaluation
+    assert (res.run_dir / "model.safetensors").exists() and res.best_metrics["val_loss"] > 0
+    assert [e["payload"]["step"] for e in tracker.get_events(res.run_id, kinds=["time_limit"])] == [1]
+    with pytest.raises(DactLabError, match="time_limit_min"):
+        tiny_cfg(time_limit_min=-1.0)
+
+
 def test_metric_direction():
     from dact_lib.train import lower_is_better
 

@@ -235,6 +235,8 @@ def run_fields(kind: str) -> list[Field]:
         Field("train.head_lr", "Head learning rate", "sci"),
         Field("train.weight_decay", "Weight decay", "sci"),
         Field("train.seed", "Seed", "int"),
+        Field("train.time_limit_min", "Time limit in minutes (0 = none)", "optfloat",
+              help="Stop after this long, keep the best checkpoint (PBT: every member; multi-task: the run)."),
         Field("train.early_stopping.enabled", "Early stopping", "bool"),
         Field("train.device", "Device", "select", ("auto", "cpu", "cuda")),
     ]

@@ -45,6 +45,8 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     data_args(p)
     p.add_argument("--population", type=int, default=4, help="population size (default 4)")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--timeout-min", dest="time_limit_min", type=float, default=None,
+                   help="stop every member after this many minutes (each keeps its best checkpoint)")
     common(p)
     command("pbt")(cmd_pbt)
 
@@ -55,6 +57,8 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     p.add_argument("--pooling", choices=("cls", "mean"), default=None)
     p.add_argument("--normalize", action="store_true", help="L2-normalise the sentence vector")
     p.add_argument("--task-weights", default=None, help="e.g. class_label=1,sentiment_label=0.5")
+    p.add_argument("--timeout-min", dest="time_limit_min", type=float, default=None,
+                   help="stop training after this many minutes, keeping the best checkpoint")
     common(p)
     command("multitask")(cmd_multitask)
 
