@@ -201,3 +201,19 @@ def test_time_limit_flag_reaches_the_run_config(command):
     kind = "multitask" if command == "multitask" else "backbone"
     args.kind = getattr(args, "kind", None) or kind
     assert config_from_args(args, kind).train.time_limit_min == 1.5
+
+
+def test_studies_text_lists_the_front_of_a_two_objective_study(home, capsys):
+    import optuna
+
+    from dact_lib.home import optuna_storage_url
+
+    study = optuna.create_study(study_name="lam", storage=optuna_storage_url(home), directions=["minimize"] * 2)
+    for lam, (nll, exit_layer) in [(0.01, (0.30, 5.0)), (0.1, (0.40, 2.0)), (0.05, (0.45, 4.0))]:  # last dominated
+        study.enqueue_trial({"lam": lam})
+        study.optimize(lambda t: (nll, exit_layer) if t.suggest_float("lam", 1e-4, 1.0, log=True) else None,
+                       n_trials=1)
+    code, out, _ = run_cli(capsys, "studies", "--home", home)
+    assert code == 0 and "2 Pareto-optimal" in out
+    fronts = [line.strip() for line in out.splitlines() if line.strip().startswith("trial ")]
+    assert fronts == ["trial 0: (0.3, 5) {'lam': 0.01}", "trial 1: (0.4, 2) {'lam': 0.1}"]

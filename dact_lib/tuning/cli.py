@@ -266,6 +266,9 @@ def cmd_studies(args) -> int:
                 best = "-" if r["n_pareto"] is None else f"{r['n_pareto']} Pareto-optimal"
             print(f"{r['name']:<32}{','.join(r['directions']):<20}{counts:<38}{best:<26}"
                   f"{r['parent_run_id'] if r['parent_run_id'] is not None else '-'}")
+            for t in r.get("pareto") or []:  # a two-objective study: its front, one line per trial
+                values = ", ".join("nan" if v is None else f"{v:.5g}" for v in t["values"])
+                print(f"{'':<4}trial {t['number']}: ({values}) {t['params']}")
         print(f"storage: {storage_url(args.home)}")
     print(dashboard_hint(args.home))
     return 0
