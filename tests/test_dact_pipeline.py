@@ -240,6 +240,40 @@ def test_cancel_then_resume_skips_finished_stages(home):
     assert tags == ["final"] + ["stage2"] * 3 + ["stage3"] * 2
 
 
+class CancelInTraining(Callback):
+    """Cancels at the first step of the ``nth`` training run the pipeline starts (1-based)."""
+
+    def __init__(self, token, nth):
+        self.token, self.nth, self.starts = token, nth, 0
+
+    def on_start(self, state):
+        self.starts += 1
+
+    def on_step(self, state, logs):
+        if self.starts == self.nth:
+            self.token.cancel(f"test cancels training run {self.nth}")
+
+
+def test_cancel_in_stage3_then_resume_keeps_stages_1_and_2(home):
+    tr = Tracker(home)
+    cfg, pipe = tiny_cfg(), tiny_pipe("resume3", trials=(2, 2, 2))
+    token = CancelToken()
+    with pytest.raises(Cancelled):  # training runs 1-2 are stage 2's trials, run 3 is stage 3's first
+        run_pipeline(cfg, pipeline=pipe, home=home, tracker=tr, cancel=token, callbacks=[CancelInTraining(token, 3)])
+    parent = tr.list_runs(kind="dact-pipeline")[0]
+    assert parent["status"] == "cancelled" and parent["summary"]["stages_done"] == ["stage1", "stage2"]
+    url = home_mod.optuna_storage_url(home)
+    stage2_best = parent["summary"]["stage_best"]["stage2"]
+
+    res = run_pipeline(cfg, pipeline=pipe, home=home, tracker=tr)
+    assert res.parent_run_id == parent["id"] and res.resumed_stages == ["stage1", "stage2"]
+    assert res.stage_best["stage2"] == stage2_best  # stage 2's choice is reused, not re-searched
+    assert len(optuna.load_study(study_name="resume3/stage2", storage=url).trials) == 2  # not re-run
+    s3 = optuna.load_study(study_name="resume3/stage3", storage=url)
+    assert sorted(t.state.name for t in s3.trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert tr.get_run(parent["id"])["status"] == "finished" and res.final_run_id is not None
+
+
 def test_already_cancelled_token_marks_parent_cancelled(home):
     token = CancelToken()
     token.cancel()
