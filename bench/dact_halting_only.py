@@ -130,8 +130,7 @@ def main() -> None:
     from dact_lib import dact
     from dact_lib.evaluate import pareto_front
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from dact_tradeoff import interp_at
+    from dact_tradeoff import interp_at  # bench/ is on sys.path (top of this file)
 
     set_threads(args.threads)
     info = machine_info(args.threads)
@@ -169,11 +168,13 @@ def main() -> None:
 
     print("\n## Baselines on the same classifiers (dev)")
     print(markdown_table([{**r, "acc_pct": 100 * r["accuracy"]} for r in baselines], [
-        ("policy", "policy"), ("value", "t / S"), ("avg_exit_layer", "avg exit layer", 2), ("acc_pct", "dev acc %", 2)]))
+        ("policy", "policy"), ("value", "t / S"), ("avg_exit_layer", "avg exit layer", 2),
+        ("acc_pct", "dev acc %", 2)]))
     print("\n## DACT rule with halting units trained alone, per λ (patience / entropy interpolated at its exit layer)")
     table = markdown_table(rows, [
         ("lambda", "λ", 3), ("dact_exit", "DACT avg exit", 2), ("dact_acc", "DACT acc %", 2),
-        ("pat_interp", "patience %", 2), ("ent_interp", "entropy %", 2), ("gap_vs_entropy", "DACT − entropy (pts)", 2)])
+        ("pat_interp", "patience %", 2), ("ent_interp", "entropy %", 2),
+        ("gap_vs_entropy", "DACT − entropy (pts)", 2)])
     print(table)
     front = pareto_front([{"avg_exit_layer": r["dact_exit"], "accuracy": r["dact_acc"]} for r in rows],
                          "avg_exit_layer", "accuracy")

@@ -41,11 +41,6 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a RunConfig as JSON or YAML; flags override it")
 
 
-def time_limit_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--time-limit-min", type=float, default=None,
-                   help="stop training after this many minutes, keeping the best checkpoint (train.time_limit_min)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dact_lib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None)
     p.add_argument("--init-from-run", default=None, help="start the encoder from this backbone run's weights")
     p.add_argument("--max-steps", type=int, default=None)
-    time_limit_arg(p)
+    p.add_argument("--time-limit-min", type=float, default=None,
+                   help="stop training after this many minutes, keeping the best checkpoint (train.time_limit_min)")
     _common(p)
 
     p = sub.add_parser("evaluate", help="accuracy, macro-F1, confusion matrix (and exit layers) of a run")

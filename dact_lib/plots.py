@@ -17,6 +17,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from .jobs import ENGINE_KINDS  # the kinds of the tuning engines' parent runs
+
 MAX_POINTS = 2000
 PALETTE = qualitative.Plotly + qualitative.D3 + qualitative.Set2
 
@@ -260,7 +262,6 @@ def progress_eta(run: dict, metrics: pd.DataFrame | None = None, events: Iterabl
             "text": text, "last_metric_time": last_t}
 
 
-ENGINE_KINDS = ("tune-backbone", "dact-pipeline", "pbt")  # parent runs of the tuning engines
 _STAGES = ("stage1", "stage2", "stage3")
 
 

@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from dact_lib import plots  # noqa: E402
+from dact_lib.jobs import ENGINE_KINDS  # noqa: E402  (parent runs of the tuning engines: no training curves)
 from dact_lib.models import zip_model  # noqa: E402
 from dact_lib.tracker import ACTIVE_STATUSES, STATUSES  # noqa: E402
 from ui.state import tracker  # noqa: E402
@@ -29,7 +30,6 @@ through_app()
 
 REFRESH_S = 2.0
 MAX_EVENTS_SHOWN = 500
-ENGINE_KINDS = plots.ENGINE_KINDS  # parent runs of the tuning engines: no training curves
 
 
 def _ts(t) -> str:

@@ -74,8 +74,9 @@ from ..modeling_dact import DactBert
 from . import studies
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "choose_point", "load_pipeline_result",
-           "pareto_points", "trial_points", "apply_choice_rule", "as_dact_config", "FeatureDactHeads", "fit_heads_on_features", "HeadFit",
-           "model_from_params", "train_from_params", "PIPELINE_KIND", "STAGES", "CHOICE_RULES"]
+           "pareto_points", "trial_points", "apply_choice_rule", "as_dact_config", "FeatureDactHeads",
+           "fit_heads_on_features", "HeadFit", "model_from_params", "train_from_params", "PIPELINE_KIND", "STAGES",
+           "CHOICE_RULES"]
 
 PIPELINE_KIND = "dact-pipeline"
 STAGES = ("stage1", "stage2", "stage3", "final")
@@ -100,8 +101,8 @@ class PipelineConfig:
     ``choice_rule``: ``"lowest_exit_within_1pt"`` — among the stage-3 trials, the lowest validation average
     exit layer whose validation accuracy is within ``choice_tolerance`` (0.01 = 1 point) of the best validation
     accuracy of any trial (ties: higher accuracy, then lower trial number) — a point of the accuracy/exit front,
-    which with ``objective3="loss"`` need not be on the NLL/exit front; ``"best_objective"`` — the front point with the
-    lowest first objective (validation NLL or error)."""
+    which with ``objective3="loss"`` need not be on the NLL/exit front; ``"best_objective"`` — the front point
+    with the lowest first objective (validation NLL or error)."""
 
     name: str
     trials_stage1: int = 20
