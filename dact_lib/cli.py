@@ -52,8 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--ponder-lambda", type=float, default=None, help="DACT ponder penalty λ")
     p.add_argument("--layer-loss-weight", type=float, default=None,
-                   help="DACT: weight of every layer's own classifier loss added to the DACT loss (default 0 = the "
-                        "paper's loss; 1 makes the early-layer classifiers much better, see docs/benchmarks.md)")
+                   help="DACT: weight of every layer's own classifier loss added to the DACT loss (default 1; 0 = the "
+                        "paper's loss; see docs/benchmarks.md)")
+    p.add_argument("--distill-weight", type=float, default=None,
+                   help="DACT: weight of the self-distillation of every exit from the deepest one (default 0)")
+    p.add_argument("--halting-input", choices=("summary", "confidence", "both"), default=None,
+                   help="DACT: what the halting units read (default confidence: max, margin, entropy, agreement)")
+    p.add_argument("--halting-tolerance", type=float, default=None,
+                   help="DACT: after training, keep the fastest fitted halting point within this many accuracy "
+                        "points of the most accurate one on the validation split (default 0.5)")
+    p.add_argument("--no-fit-halting", action="store_true",
+                   help="DACT: keep the jointly trained halting units (no halting fit after training)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None)
     p.add_argument("--init-from-run", default=None, help="start the encoder from this backbone run's weights")
     p.add_argument("--max-steps", type=int, default=None)
@@ -133,6 +142,16 @@ def config_from_args(args, kind_default: str = "backbone"):
         if cfg.kind != "dact":
             raise DactLabError("--layer-loss-weight only applies to --kind dact.")
         cfg.model.layer_loss_weight = args.layer_loss_weight
+    for flag, field in (("distill_weight", "distill_weight"), ("halting_input", "halting_input"),
+                        ("halting_tolerance", "halting_tolerance")):
+        if getattr(args, flag, None) is not None:
+            if cfg.kind != "dact":
+                raise DactLabError(f"--{flag.replace('_', '-')} only applies to --kind dact.")
+            setattr(cfg.model, field, getattr(args, flag))
+    if getattr(args, "no_fit_halting", False):
+        if cfg.kind != "dact":
+            raise DactLabError("--no-fit-halting only applies to --kind dact.")
+        cfg.model.fit_halting = False
     if getattr(args, "init_from_run", None):
         cfg.init_from_run = args.init_from_run
     cfg.train.device = args.device

@@ -134,9 +134,29 @@ class BackboneModelConfig:
         self.head.validate(f"{name}.head")
 
 
+HALTING_INPUTS = ("summary", "confidence", "both")
+DEPTH_WEIGHTINGS = ("uniform", "pabee")
+# λ on the normalised scale (dact.spec_lambda): log-spaced, wide enough for a front from ~N layers down to ~1
+DEFAULT_HALTING_LAMBDAS = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
+
+
 @dataclass
 class DactModelConfig:
-    """DACT-BERT: after every encoder layer a classifier MLP and a halting MLP read the layer summary."""
+    """DACT-BERT: after every encoder layer a classifier MLP and a halting MLP read the layer summary.
+
+    * ``halting_input`` — what the halting MLP reads: the layer ``summary`` c_n (the paper), the ``confidence``
+      features of y_n and a_{n-1} (``dact.confidence_features``: max, margin, entropy / ln K, argmax agreement), or
+      ``both`` concatenated.
+    * ``shared_trunk`` — DACT-BERT's diagram: the classifier MLP's hidden layers are one trunk feeding both the
+      class output (y_n) and the halting MLP (h_n), instead of the halting MLP reading c_n on its own.
+    * ``halting_bias_init`` — the bias of every halting MLP's output: 0 gives h_n ≈ 0.5 at the start, as in the
+      reference (a single linear gate with zero bias); larger values start with "go on" (sigmoid(2) ≈ 0.88).
+    * ``layer_loss_weight``, ``distill_weight`` / ``distill_temperature``, ``depth_weighting`` — extra terms that
+      train the internal classifiers (``dact.dact_loss``); they leave the DACT part of the loss as the spec's.
+    * ``fit_halting`` — after training, fit the halting units alone on the validation split for every λ of
+      ``halting_lambdas`` (normalised scale, ``dact.spec_lambda``) and keep the fastest fitted point whose
+      validation accuracy is within ``halting_tolerance`` points of the most accurate one (``halting.py``).
+    """
 
     pooling: str = "mean"
     classifier: MLPConfig = field(default_factory=lambda: MLPConfig(hidden_dims=[128], dropout=0.1))
@@ -145,7 +165,17 @@ class DactModelConfig:
     ponder_lambda: float = 1e-3
     ponder_start_at_one: bool = False  # report rho = 1 + sum p_n (the reference code) instead of sum p_n
     # weight of every internal classifier's own NLL added to the DACT loss (0 = the paper's loss; see dact.dact_loss)
-    layer_loss_weight: float = 0.0
+    layer_loss_weight: float = 1.0
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
+    depth_weighting: str = "uniform"
+    halting_input: str = "confidence"
+    shared_trunk: bool = False
+    halting_bias_init: float = 0.0
+    fit_halting: bool = True
+    halting_lambdas: list[float] = field(default_factory=lambda: list(DEFAULT_HALTING_LAMBDAS))
+    halting_tolerance: float = 0.5  # accuracy points on the validation split
+    halting_epochs: int = 40
 
     def validate(self, name: str = "model") -> None:
         _check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
@@ -154,6 +184,26 @@ class DactModelConfig:
         _check(isinstance(self.share_weights, bool), f"{name}.share_weights", self.share_weights, "expected true/false")
         _check_pos(f"{name}.ponder_lambda", self.ponder_lambda, allow_zero=True)
         _check_pos(f"{name}.layer_loss_weight", self.layer_loss_weight, allow_zero=True)
+        _check_pos(f"{name}.distill_weight", self.distill_weight, allow_zero=True)
+        _check_pos(f"{name}.distill_temperature", self.distill_temperature)
+        _check(self.depth_weighting in DEPTH_WEIGHTINGS, f"{name}.depth_weighting", self.depth_weighting,
+               f"choose one of {DEPTH_WEIGHTINGS}")
+        _check(self.halting_input in HALTING_INPUTS, f"{name}.halting_input", self.halting_input,
+               f"choose one of {HALTING_INPUTS}")
+        _check(isinstance(self.shared_trunk, bool), f"{name}.shared_trunk", self.shared_trunk, "expected true/false")
+        _check(not (self.shared_trunk and not self.classifier.resolved_dims()), f"{name}.shared_trunk",
+               self.shared_trunk, "a shared trunk needs a classifier with at least one hidden layer "
+               "(classifier.hidden_dims non-empty)")
+        ok = isinstance(self.halting_bias_init, (int, float)) and not isinstance(self.halting_bias_init, bool) \
+            and math.isfinite(self.halting_bias_init) and abs(self.halting_bias_init) <= 20
+        _check(ok, f"{name}.halting_bias_init", self.halting_bias_init, "expected a number in [-20, 20]")
+        _check(isinstance(self.fit_halting, bool), f"{name}.fit_halting", self.fit_halting, "expected true/false")
+        _check(isinstance(self.halting_lambdas, list) and len(self.halting_lambdas) > 0 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+            for x in self.halting_lambdas), f"{name}.halting_lambdas", self.halting_lambdas,
+            "expected a non-empty list of numbers >= 0, e.g. [0, 0.1, 0.5, 1, 2]")
+        _check_pos(f"{name}.halting_tolerance", self.halting_tolerance, allow_zero=True)
+        _check_int(f"{name}.halting_epochs", self.halting_epochs, 1, 10000)
 
 
 @dataclass
@@ -407,6 +457,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is list and args == (float,) and isinstance(value, list):
+        return [_coerce(v, float, f"{path}[{i}]") for i, v in enumerate(value)]
     if float in args and isinstance(value, str):
         try:
             return float(value)

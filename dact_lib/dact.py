@@ -43,6 +43,12 @@ __all__ = [
     "accumulate_step",
     "accumulate",
     "ponder_cost",
+    "layer_nll",
+    "depth_weights",
+    "distillation_loss",
+    "confidence_features",
+    "CONFIDENCE_FEATURES",
+    "spec_lambda",
     "DactLoss",
     "dact_loss",
     "should_halt",
@@ -121,16 +127,33 @@ def ponder_cost(p: Tensor, start_at_one: bool = False) -> Tensor:
 class DactLoss:
     """The DACT training loss and its parts (all scalars).
 
-    ``loss == nll + ponder_lambda * ponder + layer_loss_weight * layer_nll``."""
+    ``loss == nll + ponder_lambda * ponder + layer_loss_weight * layer_nll + distill_weight * distill``."""
 
     loss: Tensor
     nll: Tensor  # mean over the batch of -log a_N[target]
     ponder: Tensor  # mean over the batch of rho (includes the +1 when start_at_one)
     layer_nll: Tensor | None = None  # mean over layers and batch of -log y_n[target]; None when not computed
+    distill: Tensor | None = None  # the self-distillation term (before its weight); None when not computed
 
 
-def layer_nll(y: Tensor, targets: Tensor, eps: float = 1e-8) -> Tensor:
-    """Mean over layers n = 1..N and the batch of ``-log y_n[target]`` — every internal classifier's own NLL.
+def depth_weights(num_layers: int, scheme: str = "uniform") -> Tensor:
+    """Weights w_1..w_N (summing to 1) of the per-layer terms: ``"uniform"`` w_n = 1/N; ``"pabee"`` w_n = n / sum n
+    (PABEE's weighted average: deeper classifiers count more)."""
+    n_layers = int(num_layers)
+    if n_layers < 1:
+        raise ValueError(f"depth_weights: num_layers must be >= 1, got {num_layers}")
+    if scheme == "uniform":
+        w = torch.ones(n_layers, dtype=torch.float64)
+    elif scheme == "pabee":
+        w = torch.arange(1, n_layers + 1, dtype=torch.float64)
+    else:
+        raise ConfigError(f"depth weighting {scheme!r} is unknown: choose 'uniform' or 'pabee'")
+    return (w / w.sum()).float()
+
+
+def layer_nll(y: Tensor, targets: Tensor, eps: float = 1e-8, weights: Tensor | None = None) -> Tensor:
+    """``sum_n w_n * mean_batch(-log y_n[target])`` — every internal classifier's own NLL, weighted over layers
+    (default w_n = 1/N: the plain mean over layers and batch; see :func:`depth_weights`).
 
     y [B,N,K] holds probability vectors (softmax already applied), so like a_N their log goes into NLL.
     """
@@ -140,7 +163,79 @@ def layer_nll(y: Tensor, targets: Tensor, eps: float = 1e-8) -> Tensor:
         raise ValueError(f"layer_nll: targets must have shape [{y.shape[0]}], got {tuple(targets.shape)}")
     log_y = torch.log(y.clamp(min=eps))  # [B,N,K]
     picked = log_y.gather(2, targets.long().view(-1, 1, 1).expand(-1, y.shape[1], 1)).squeeze(2)  # [B,N]
-    return -picked.mean()
+    if weights is None:
+        return -picked.mean()
+    return -(picked.mean(0) * weights.to(picked.dtype)).sum()
+
+
+def distillation_loss(y: Tensor, temperature: float = 1.0, eps: float = 1e-8, weights: Tensor | None = None) -> Tensor:
+    """Self-distillation of every exit from the deepest one::
+
+        T^2 * sum_{n<N} w_n * mean_batch KL(y_n^T || stopgrad(y_N^T)),   KL(P || Q) = sum_k P_k (log P_k - log Q_k)
+
+    where y_n^T = softmax(log y_n / T) (= softmax(logits_n / T): the log-probabilities differ from the logits by a
+    per-row constant) and w_n = 1/(N-1) by default (``weights`` [N-1] otherwise, renormalised to sum 1). The
+    deepest exit is the teacher and gets no gradient from this term; T^2 keeps the gradient scale independent of
+    T (Hinton et al.). y [B,N,K] probabilities. Returns 0 for N = 1.
+    """
+    if y.dim() != 3:
+        raise ValueError(f"distillation_loss: y must have shape [B, N, K], got {tuple(y.shape)}")
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(f"distillation_loss: temperature must be > 0, got {temperature}")
+    n_layers = y.shape[1]
+    if n_layers < 2:
+        return y.new_zeros(())
+    log_y = torch.log(y.clamp(min=eps)) / t
+    log_s = torch.log_softmax(log_y[:, :-1], dim=-1)  # students y_1..y_{N-1}
+    log_t = torch.log_softmax(log_y[:, -1:].detach(), dim=-1)  # teacher y_N, no gradient
+    kl = (log_s.exp() * (log_s - log_t)).sum(-1).mean(0)  # [N-1]
+    if weights is None:
+        w = kl.new_full((n_layers - 1,), 1.0 / (n_layers - 1))
+    else:
+        w = weights.to(kl.dtype)[: n_layers - 1]
+        w = w / w.sum()
+    return (t * t) * (kl * w).sum()
+
+
+CONFIDENCE_FEATURES = ("max", "margin", "entropy", "agree")
+
+
+def confidence_features(y_n: Tensor, a_prev: Tensor) -> Tensor:
+    """What a halting unit with ``halting_input`` 'confidence'/'both' sees of layer n, [B, 4]:
+
+    * ``max`` — the largest entry of y_n;
+    * ``margin`` — largest minus second-largest entry of y_n (the largest when K = 1);
+    * ``entropy`` — entropy(y_n) / ln K (0 = certain, 1 = uniform; 0 when K = 1);
+    * ``agree`` — 1.0 when argmax y_n == argmax a_{n-1}, else 0.0 (always 0 at n = 1, where a_0 = 0).
+
+    Computed without gradient (inputs are detached): the halting unit reads the classifier's confidence, it does
+    not train the classifier through it.
+    """
+    if y_n.dim() != 2 or a_prev.shape != y_n.shape:
+        raise ValueError(f"confidence_features: y_n [B, K] and a_prev [B, K] must match, got {tuple(y_n.shape)} "
+                         f"and {tuple(a_prev.shape)}")
+    y_n, a_prev = y_n.detach(), a_prev.detach()
+    k = y_n.shape[-1]
+    best, runner_up = _top2(y_n)
+    ent = entropy(y_n) / math.log(k) if k > 1 else torch.zeros_like(best)
+    started = a_prev.sum(-1) > 0
+    agree = ((y_n.argmax(-1) == a_prev.argmax(-1)) & started).to(y_n.dtype)
+    return torch.stack([best, best - runner_up, ent, agree], dim=-1)
+
+
+def spec_lambda(normalized_lambda: float, num_layers: int, nll_ref: float = 1.0) -> float:
+    """The spec's λ for a λ on DACT Lab's normalised scale: ``λ_spec = λ_norm · nll_ref / N``.
+
+    With it, ``λ_spec · mean(rho) = λ_norm · nll_ref · mean(rho / N)``: λ_norm = 1 means that running every layer
+    for every sample (rho = N) costs as much as the full model's own held-out NLL ``nll_ref``. The loss stays the
+    spec's loss, only λ is rescaled, so one λ_norm range fits any N and any task's NLL."""
+    lam = float(normalized_lambda)
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"spec_lambda: λ must be a finite number >= 0, got {normalized_lambda}")
+    if int(num_layers) < 1:
+        raise ValueError(f"spec_lambda: num_layers must be >= 1, got {num_layers}")
+    return lam * max(float(nll_ref), 0.0) / int(num_layers)
 
 
 def dact_loss(
@@ -152,6 +247,9 @@ def dact_loss(
     eps: float = 1e-8,
     y: Tensor | None = None,
     layer_loss_weight: float = 0.0,
+    distill_weight: float = 0.0,
+    distill_temperature: float = 1.0,
+    depth_weighting: str = "uniform",
 ) -> DactLoss:
     """``loss = NLL(log(clamp(a_N, eps)), targets) + ponder_lambda * mean(rho)``  (the spec's loss)
     ``       + layer_loss_weight * mean_n NLL(log(clamp(y_n, eps)), targets)``  (optional, off by default).
@@ -164,6 +262,11 @@ def dact_loss(
     and DeeBERT train theirs: under the DACT loss alone a classifier gets gradient only in proportion to its
     weight p_{n-1} in a_N, so with a small λ the early classifiers stay weak. It needs ``y`` [B,N,K] when the
     weight is > 0; with weight 0 the loss is exactly the spec's.
+
+    The fourth term, ``distill_weight * distillation_loss(y, distill_temperature)``, distils every exit from the
+    deepest one (FastBERT-style self-distillation). ``depth_weighting`` ('uniform' | 'pabee') weights the layers
+    of both extra terms (:func:`depth_weights`). Both extra terms only train the classifiers; the DACT part of the
+    loss is unchanged.
     """
     if a_N.dim() != 2:
         raise ValueError(f"dact_loss: a_N must have shape [B, K], got {tuple(a_N.shape)}")
@@ -171,22 +274,29 @@ def dact_loss(
         raise ValueError(f"dact_loss: p must have shape [B={a_N.shape[0]}, N], got {tuple(p.shape)}")
     if targets.shape != a_N.shape[:1]:
         raise ValueError(f"dact_loss: targets must have shape [{a_N.shape[0]}], got {tuple(targets.shape)}")
-    if layer_loss_weight < 0:
-        raise ValueError(f"dact_loss: layer_loss_weight must be >= 0, got {layer_loss_weight}")
+    if layer_loss_weight < 0 or distill_weight < 0:
+        raise ValueError(f"dact_loss: layer_loss_weight and distill_weight must be >= 0, got {layer_loss_weight}, "
+                         f"{distill_weight}")
     log_a = torch.log(a_N.clamp(min=eps))
     nll = torch.nn.functional.nll_loss(log_a, targets.long(), reduction="mean")
     ponder = ponder_cost(p, start_at_one=start_at_one).mean()
     loss = nll + float(ponder_lambda) * ponder
-    lnll = None
-    if layer_loss_weight > 0:
+    lnll = dist = None
+    if layer_loss_weight > 0 or distill_weight > 0:
         if y is None:
-            raise ValueError("dact_loss: layer_loss_weight > 0 needs the per-layer probabilities y [B, N, K]")
+            raise ValueError("dact_loss: layer_loss_weight / distill_weight > 0 needs the per-layer probabilities "
+                             "y [B, N, K]")
         if y.shape[0] != a_N.shape[0] or y.shape[2] != a_N.shape[1] or y.shape[1] != p.shape[1]:
             raise ValueError(f"dact_loss: y must have shape [B={a_N.shape[0]}, N={p.shape[1]}, "
                              f"K={a_N.shape[1]}], got {tuple(y.shape)}")
-        lnll = layer_nll(y, targets, eps)
-        loss = loss + float(layer_loss_weight) * lnll
-    return DactLoss(loss=loss, nll=nll, ponder=ponder, layer_nll=lnll)
+        w = None if depth_weighting == "uniform" else depth_weights(y.shape[1], depth_weighting).to(y.device)
+        if layer_loss_weight > 0:
+            lnll = layer_nll(y, targets, eps, w)
+            loss = loss + float(layer_loss_weight) * lnll
+        if distill_weight > 0:
+            dist = distillation_loss(y, distill_temperature, eps, None if w is None else w[:-1])
+            loss = loss + float(distill_weight) * dist
+    return DactLoss(loss=loss, nll=nll, ponder=ponder, layer_nll=lnll, distill=dist)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Evaluation shared by every model: metrics on an encoded split, evaluation of a saved run, exit-policy sweeps."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -123,12 +124,22 @@ def full_report(res: EvalResult, label_maps: dict[str, list[str]]) -> dict:
 
 # --- exit-policy comparison on one trained DACT model -------------------------------------------------------
 
-def default_sweep(num_layers: int) -> list[tuple[str, float | int | None]]:
+ENTROPY_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def entropy_thresholds(num_classes: int) -> list[float]:
+    """The entropy sweep scaled to the maximum entropy ln K: S = f · ln K for f in ENTROPY_FRACTIONS (for K = 2,
+    0.014 … 0.66 nats; for K = 4, 0.028 … 1.32 nats), so the earliest point exits early for every K."""
+    k = max(int(num_classes), 2)
+    return [round(f * math.log(k), 6) for f in ENTROPY_FRACTIONS]
+
+
+def default_sweep(num_layers: int, num_classes: int = 2) -> list[tuple[str, float | int | None]]:
     """The DACT rule, patience t = 1..N (t = N never exits early: the counter reaches at most N-1), entropy
-    thresholds, fixed depth k = 1..N."""
+    thresholds scaled with ln K (:func:`entropy_thresholds`), fixed depth k = 1..N."""
     points: list[tuple[str, float | int | None]] = [("dact", None)]
     points += [("patience", t) for t in range(1, num_layers + 1)]
-    points += [("entropy", s) for s in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65)]
+    points += [("entropy", s) for s in entropy_thresholds(num_classes)]
     points += [("fixed", k) for k in range(1, num_layers + 1)]
     return points
 
@@ -141,7 +152,7 @@ def exit_policy_sweep(model, enc: EncodedDataset, points=None, batch_size: int =
     real early-exit pass (``model.infer``) per policy at ``batch_size``."""
     model.eval()
     device = device or next(model.parameters()).device
-    points = points or default_sweep(model.num_layers)
+    points = points or default_sweep(model.num_layers, model.num_classes)
     ys, hs, targets = [], [], []
     for batch in iter_batches(enc, batch_size):
         out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))

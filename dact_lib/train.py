@@ -460,6 +460,12 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         elif "best_state" in state.extra:
             model.load_state_dict(state.extra["best_state"])
         cbs.on_event(state, "restored_best", {"epoch": state.best_epoch, "step": state.extra.get("best_step")})
+        halting_report = None
+        if cfg.kind == "dact" and cfg.model.fit_halting:
+            halting_report = fit_halting_after_training(model, cfg, enc_val, cancel)
+            cbs.on_event(state, "halting_fit", halting_report)
+            if run_dir is not None:
+                save_model(run_dir, model, tokenizer, cfg, label_maps)
         if evaluate_test and enc_test is not None:
             res = evaluate_encoded(model, enc_test, max(tc.batch_size, 64), device, tc.precision)
             test_metrics = metrics_of(res, "test_")
@@ -472,7 +478,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
 
             (run_dir / "report.json").write_text(json.dumps(
                 {"best": best_metrics, "test": test_metrics, "report": report, "history": history,
-                 "stop_reason": stop_reason}, indent=2), encoding="utf-8")
+                 "stop_reason": stop_reason, "halting": halting_report}, indent=2), encoding="utf-8")
             if tracker is not None:
                 for name, kind in (("model.safetensors", "model"), ("config.json", "config"),
                                    ("label_maps.json", "label_map"), ("report.json", "report"),
@@ -481,7 +487,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                         tracker.add_artifact(run_id, str(run_dir / name), kind)
         status = "finished"
         state.extra["summary"] = {"best": best_metrics, "test": test_metrics, "best_epoch": state.best_epoch,
-                                  "stop_reason": stop_reason}
+                                  "stop_reason": stop_reason, "halting": halting_report}
+        report = {**report, "halting": halting_report} if halting_report else report
     except Cancelled as exc:
         status, error = "cancelled", str(exc)
         raise
@@ -501,6 +508,25 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
     return TrainResult(run_id=run_id, status=status, history=history, best_metrics=best_metrics,
                        test_metrics=test_metrics, model=model, tokenizer=tokenizer, label_maps=label_maps,
                        run_dir=run_dir, best_epoch=state.best_epoch, report=report, stop_reason=stop_reason)
+
+
+def fit_halting_after_training(model, cfg: RunConfig, enc_val, cancel: CancelToken | None = None) -> dict:
+    """Kind 'dact' with ``model.fit_halting``: fit the halting units alone on the validation split for every λ of
+    ``model.halting_lambdas`` (encoder and classifiers frozen, see halting.py), install the fastest point within
+    ``model.halting_tolerance`` accuracy points of the most accurate one, and return the sweep for the report."""
+    from .halting import choose_point, fit_halting, install_halting, layer_cache, nll_ref_of
+
+    mc = cfg.model
+    t0 = time.perf_counter()
+    cache = layer_cache(model, enc_val)
+    points = fit_halting(model, cache, mc.halting_lambdas, epochs=mc.halting_epochs, seed=cfg.train.seed,
+                         cancel=cancel)
+    chosen = choose_point(points, mc.halting_tolerance)
+    install_halting(model, chosen)
+    layer_acc = [float((cache.y[:, n].argmax(-1) == cache.targets).float().mean()) for n in range(cache.y.shape[1])]
+    return {"chosen": chosen.summary(), "points": [p.summary() for p in points], "rows": len(cache),
+            "split": "val", "nll_ref": nll_ref_of(cache), "tolerance_points": mc.halting_tolerance,
+            "layer_accuracy": layer_acc, "seconds": time.perf_counter() - t0}
 
 
 def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSizeManager, cbs, state,

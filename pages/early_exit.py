@@ -13,6 +13,7 @@ import streamlit as st  # noqa: E402
 
 from dact_lib import plots  # noqa: E402
 from dact_lib.exits import filter_exits, per_sample_exits  # noqa: E402
+from dact_lib.halting import exit_advice  # noqa: E402
 from ui.state import tracker  # noqa: E402
 from ui.nav import through_app  # noqa: E402
 
@@ -70,6 +71,9 @@ m1.metric("sentences", f"{len(df):,}")
 m2.metric("accuracy", f"{df['correct'].mean():.1%}")
 m3.metric("average exit layer", f"{avg:.2f} / {n_layers}")
 m4.metric("layer speed-up", f"{n_layers / avg:.2f}×")
+advice = exit_advice(run_dir, n_layers)
+if advice:
+    st.info(advice)
 
 g1, g2 = st.columns(2)
 g1.plotly_chart(plots.exit_histogram(df["exit_layer"].to_numpy(), n_layers), key="early_hist")

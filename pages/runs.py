@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from dact_lib import plots  # noqa: E402
+from dact_lib.halting import exit_advice  # noqa: E402
 from dact_lib.jobs import ENGINE_KINDS  # noqa: E402  (parent runs of the tuning engines: no training curves)
 from dact_lib.models import zip_model  # noqa: E402
 from dact_lib.tracker import ACTIVE_STATUSES, STATUSES  # noqa: E402
@@ -247,6 +248,10 @@ def live(ids: list[int], was_active: bool) -> None:
                 st.warning(f"Run {focus} is not a job of this dashboard process (started elsewhere, e.g. the CLI, "
                            "or already ended): stop it where it runs.")
     run_dir = Path(run.get("run_dir") or tr.run_dir(focus))
+    if run["kind"] == "dact" and run["status"] == "finished":
+        advice = exit_advice(run_dir)
+        if advice:
+            st.info(advice)
     if (run_dir / "model.safetensors").is_file():
         c2.download_button("Download model (zip)", _zip_bytes(run_dir), file_name=f"dact_lab_run_{focus}.zip",
                            mime="application/zip", on_click="ignore", key=f"runs_dl_zip_{focus}")

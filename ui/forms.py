@@ -425,6 +425,17 @@ def model_fields(kind: str) -> list[Field]:
                   help="0 = the DACT paper's loss. > 0 also trains every layer's classifier on its own "
                        "(as PABEE/DeeBERT do): much better early-layer classifiers, which the patience and "
                        "entropy exits and the per-layer charts use."),
+            Field("model.distill_weight", "Self-distillation weight", "float",
+                  help="> 0 distils every exit from the deepest one (KL, temperature model.distill_temperature)."),
+            Field("model.halting_input", "Halting units read", "select", ("confidence", "summary", "both"),
+                  help="confidence: max, margin, entropy of y_n and agreement with a_(n-1); summary: the layer "
+                       "summary (the paper); both: concatenated."),
+            Field("model.fit_halting", "Fit the halting units after training (λ sweep on validation)", "bool",
+                  help="Encoder and classifiers stay as trained; the halting units are refitted per λ and the "
+                       "fastest point within the tolerance below is kept."),
+            Field("model.halting_tolerance", "Halting tolerance (accuracy points)", "float",
+                  help="Keep the fastest fitted λ whose validation accuracy is within this many points of the "
+                       "best one: larger = earlier exits."),
             Field("model.share_weights", "Share classifier/halting weights across layers", "bool"),
         ]
     if kind == "multitask":

@@ -63,14 +63,12 @@ from typing import Any, Callable
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from torch import nn
 
 from .. import dact
 from ..callbacks import Callback, CancelToken
 from ..config import ACTIVATIONS, POOLINGS, DactModelConfig, MLPConfig, RunConfig, TrainConfig, from_dict
 from ..errors import Cancelled, ConfigError, DactLabError
-from ..heads import build_mlp
-from ..modeling_dact import DactBert
+from ..modeling_dact import DactBert, DactUnits, loss_terms
 from . import studies
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "choose_point", "load_pipeline_result",
@@ -234,21 +232,17 @@ class PipelineResult:
 # ----------------------------------------------------------------------------------------------------------------
 # stage 1: DACT heads on cached per-layer features
 # ----------------------------------------------------------------------------------------------------------------
-class FeatureDactHeads(nn.Module):
-    """The DACT units of :class:`DactBert` without the encoder: ``classifiers`` and ``halters`` built exactly as
-    DactBert builds them (``heads.build_mlp``; one unit when ``share_weights``), run by DactBert's own ``unit``
-    method on cached per-layer summaries. The parameter names equal DactBert's head parameter names."""
-
-    unit = DactBert.unit  # the same code path as the full model: pool -> classifier softmax, halting sigmoid
+class FeatureDactHeads(DactUnits):
+    """The DACT units of :class:`DactBert` without the encoder: ``classifiers`` and ``halters`` built and run by
+    the same :class:`~dact_lib.modeling_dact.DactUnits` code as DactBert's, on cached per-layer summaries. The
+    parameter names equal DactBert's head parameter names."""
 
     def __init__(self, cfg: DactModelConfig, num_layers: int, hidden_size: int, num_classes: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_layers = int(num_layers)
         self.num_classes = int(num_classes)
-        units = 1 if cfg.share_weights else self.num_layers
-        self.classifiers = nn.ModuleList([build_mlp(hidden_size, num_classes, cfg.classifier) for _ in range(units)])
-        self.halters = nn.ModuleList([build_mlp(hidden_size, 1, cfg.halting) for _ in range(units)])
+        self._build_units(cfg, hidden_size, self.num_classes, self.num_layers)
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats [B, N, H] (already pooled) -> (y [B, N, K], h [B, N]). Each summary is passed to ``unit`` as a
@@ -256,12 +250,9 @@ class FeatureDactHeads(nn.Module):
         if feats.dim() != 3 or feats.shape[1] != self.num_layers:
             raise ValueError(f"features must be [B, {self.num_layers}, H], got {tuple(feats.shape)}")
         ones = feats.new_ones(feats.shape[0], 1, dtype=torch.long)
-        ys, hs = [], []
-        for n in range(1, self.num_layers + 1):
-            y_n, h_n = self.unit(n, feats[:, n - 1:n], ones)
-            ys.append(y_n)
-            hs.append(h_n)
-        return torch.stack(ys, 1), torch.stack(hs, 1)
+        y, h, _, _ = self.run_units(lambda n: (feats[:, n - 1:n], ones), self.num_layers, feats.shape[0],
+                                    feats.device)
+        return y, h
 
 
 @dataclass
@@ -278,8 +269,8 @@ def _eval_heads(heads: FeatureDactHeads, x: torch.Tensor, y: torch.Tensor, lam: 
     heads.eval()
     yy, hh = heads(x)
     a, p = dact.accumulate(yy, hh)
-    out = dact.dact_loss(a[:, -1], p, y, lam, heads.cfg.ponder_start_at_one, y=yy,
-                         layer_loss_weight=heads.cfg.layer_loss_weight)
+    terms = {k: v for k, v in loss_terms(heads.cfg).items() if k not in ("ponder_lambda", "start_at_one")}
+    out = dact.dact_loss(a[:, -1], p, y, lam, heads.cfg.ponder_start_at_one, y=yy, **terms)
     exit_layer = dact.run_policy_offline(dact.DactPolicy(), yy, hh).exit_layer
     return {"val_loss": float(out.loss), "val_nll": float(out.nll), "val_ponder": float(out.ponder),
             "val_accuracy": float((a[:, -1].argmax(-1) == y).float().mean()),
@@ -325,8 +316,8 @@ def fit_heads_on_features(cfg: DactModelConfig, num_classes: int, train_x: torch
                 idx = idx.to(train_x.device)
                 yy, hh = heads(train_x[idx])
                 a, p = dact.accumulate(yy, hh)
-                loss = dact.dact_loss(a[:, -1], p, train_y[idx], lam, cfg.ponder_start_at_one, y=yy,
-                                      layer_loss_weight=cfg.layer_loss_weight).loss
+                terms = {k: v for k, v in loss_terms(cfg).items() if k not in ("ponder_lambda", "start_at_one")}
+                loss = dact.dact_loss(a[:, -1], p, train_y[idx], lam, cfg.ponder_start_at_one, y=yy, **terms).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -972,7 +963,10 @@ def run_pipeline(cfg: RunConfig, *, pipeline: PipelineConfig, home=None, tracker
     from ..tracker import Tracker
 
     pipeline.validate()
-    cfg = as_dact_config(cfg)
+    cfg = copy.deepcopy(as_dact_config(cfg))
+    # stage 3 tunes λ by training one model per λ: the post-training halting fit (train() for kind 'dact') would
+    # replace exactly what that study measures, so the pipeline's runs keep their jointly trained halting units
+    cfg.model.fit_halting = False
     tracker = tracker or Tracker(home)
     cancel = cancel or CancelToken()
     run = _Pipeline(cfg, pipeline, tracker, cancel, callbacks or [], data)

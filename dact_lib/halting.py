@@ -1,0 +1,230 @@
+"""Halting units fitted on their own: one trained DactBert, its encoder and classifiers frozen, fresh halting units
+trained per λ with the unchanged DACT loss on cached per-layer outputs.
+
+The classifiers y_n of a trained model do not depend on λ; only the halting units h_n do. So the whole λ front of
+one model comes from caching, once, every layer's summary (or trunk output) and y_n for rows the classifiers were
+not trained on (the validation split), and then training only the small halting MLPs for each λ — seconds per λ
+instead of a training run per λ:
+
+    cache = layer_cache(model, enc_val)                       # one forward pass over the rows
+    points = fit_halting(model, cache, lambdas=[0, 0.1, 1])   # one HaltingPoint per λ (normalised scale)
+    install_halting(model, choose_point(points, tolerance=0.5))
+
+λ is on the normalised scale of :func:`dact_lib.dact.spec_lambda`: the loss is the spec's
+``NLL(log a_N) + λ_spec · mean(rho)`` with ``λ_spec = λ · nll_ref / N`` and ``nll_ref`` the deepest classifier's
+NLL on the cached rows, so λ = 1 means "running every layer costs as much as the full model's NLL", whatever the
+task or N. Encoder and classifier weights are never touched (only new modules are optimised; ``install_halting``
+copies halting weights into ``model.halters``).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import dact
+from .errors import DactLabError
+from .heads import pool
+from .modeling_dact import DactUnits, init_halting_bias
+
+__all__ = ["LayerCache", "HaltingPoint", "layer_cache", "fit_halting", "choose_point", "install_halting",
+           "evaluate_halting", "exit_advice"]
+
+
+@dataclass
+class LayerCache:
+    base: torch.Tensor  # [n, N, D] what the halting MLP reads besides confidence: summary c_n or trunk output
+    y: torch.Tensor  # [n, N, K] per-layer class probabilities
+    targets: torch.Tensor  # [n] class indices
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def subset(self, idx: torch.Tensor) -> "LayerCache":
+        return LayerCache(self.base[idx], self.y[idx], self.targets[idx])
+
+
+@dataclass
+class HaltingPoint:
+    lam: float  # λ on the normalised scale
+    spec_lambda: float  # the same λ on the spec's scale (λ · nll_ref / N)
+    avg_exit_layer: float  # under the DACT rule, on the evaluation rows
+    accuracy: float  # of the DACT rule's answer, on the evaluation rows (0..1)
+    state: dict = field(repr=False, default_factory=dict)  # halting weights: load into model.halters
+    fit_s: float = 0.0
+
+    def summary(self) -> dict:
+        return {"lambda": self.lam, "spec_lambda": self.spec_lambda, "avg_exit_layer": self.avg_exit_layer,
+                "accuracy": self.accuracy, "fit_s": self.fit_s}
+
+
+@torch.no_grad()
+def layer_cache(model, enc, batch_size: int = 64, device=None) -> LayerCache:
+    """Per-layer halting base vectors and y_n of every row of ``enc`` (an EncodedDataset), model in eval mode."""
+    from .data import iter_batches
+
+    was = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    ad, N = model.adapter, model.num_layers
+    base_dim = model.cfg.classifier.resolved_dims()[-1] if model.cfg.shared_trunk else ad.hidden_size
+    n = len(enc)
+    base = torch.zeros(n, N, base_dim)
+    y = torch.zeros(n, N, model.num_classes)
+    for b in iter_batches(enc, batch_size, shuffle=False):
+        ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
+        hid = ad.embed(ids, am)
+        mask = ad.prepare_mask(am, hid.dtype)
+        for i in range(N):
+            hid = ad.run_layer(i, hid, mask)
+            y_n, bv = model.classify(i + 1, pool(hid, am, model.cfg.pooling))
+            base[b["index"], i] = bv.float().cpu()
+            y[b["index"], i] = y_n.float().cpu()
+    model.train(was)
+    return LayerCache(base=base, y=y, targets=torch.as_tensor(enc.targets[model.task]).long().clone())
+
+
+class _Halters(DactUnits):
+    """Fresh halting units with the model's shape, run the model's way (``DactUnits.halt_prob``)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.cfg = model.cfg
+        self.halters = copy.deepcopy(model.halters)
+        for mlp in self.halters:
+            for m in mlp.modules():
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
+        init_halting_bias(self.halters, model.cfg.halting_bias_init)
+
+    def forward(self, cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h [B,N], a [B,N,K], p [B,N]) with a_{n-1} fed to the halting unit as in the model."""
+        B, N, K = cache.y.shape
+        a_n, p_n = cache.y.new_zeros(B, K), cache.y.new_ones(B)
+        hs, a_list, p_list = [], [], []
+        for n in range(1, N + 1):
+            y_n = cache.y[:, n - 1]
+            h_n = self.halt_prob(n, cache.base[:, n - 1], y_n, a_n)
+            a_n, p_n = dact.accumulate_step(a_n, p_n, y_n, h_n)
+            hs.append(h_n)
+            a_list.append(a_n)
+            p_list.append(p_n)
+        return torch.stack(hs, 1), torch.stack(a_list, 1), torch.stack(p_list, 1)
+
+
+@torch.no_grad()
+def evaluate_halting(y: torch.Tensor, h: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """(average exit layer, accuracy) of the DACT rule on stored y [B,N,K], h [B,N] (the online loop, simulated)."""
+    res = dact.run_policy_offline(dact.DactPolicy(), y, h)
+    return dact.average_exit_layer(res.exit_layer), float((res.probs.argmax(-1) == targets).float().mean())
+
+
+def nll_ref_of(cache: LayerCache) -> float:
+    """The deepest classifier's mean NLL on the cached rows (the normalised λ scale's unit; floored at 0.01)."""
+    y_N = cache.y[:, -1].clamp(min=1e-8)
+    return max(float(torch.nn.functional.nll_loss(torch.log(y_N), cache.targets)), 0.01)
+
+
+def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, epochs: int | None = None,
+                lr: float = 3e-3, batch_size: int = 64, seed: int = 0, cancel=None) -> list[HaltingPoint]:
+    """Train only fresh halting units of ``model``'s shape for every λ in ``lambdas`` (normalised scale) with the
+    spec's DACT loss on ``data`` (a :class:`LayerCache`, or an EncodedDataset that is cached first). The model is
+    not changed. Each point is measured under the DACT rule on ``eval_data`` (default: ``data``)."""
+    cache = data if isinstance(data, LayerCache) else layer_cache(model, data)
+    if len(cache) == 0:
+        raise DactLabError("fit_halting: no rows to fit the halting units on (the validation split is empty).")
+    ev = eval_data if eval_data is not None else cache
+    epochs = int(epochs or getattr(model.cfg, "halting_epochs", 40))
+    N = cache.y.shape[1]
+    nll_ref = nll_ref_of(cache)
+    points = []
+    for lam in lambdas:
+        if cancel is not None:
+            cancel.check()
+        lam_spec = dact.spec_lambda(lam, N, nll_ref)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(seed)
+            units = _Halters(model)
+            units.train()
+            opt = torch.optim.AdamW(units.parameters(), lr=lr, weight_decay=0.0)
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(epochs):
+                for idx in torch.randperm(len(cache), generator=gen).split(batch_size):
+                    part = cache.subset(idx)
+                    _, a, p = units(part)
+                    loss = dact.dact_loss(a[:, -1], p, part.targets, lam_spec).loss
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        units.eval()
+        with torch.no_grad():
+            h, _, _ = units(ev)
+        avg, acc = evaluate_halting(ev.y, h, ev.targets)
+        state = {k: v.detach().clone() for k, v in units.halters.state_dict().items()}
+        points.append(HaltingPoint(lam=float(lam), spec_lambda=lam_spec, avg_exit_layer=avg, accuracy=acc,
+                                   state=state, fit_s=time.perf_counter() - t0))
+    return points
+
+
+def choose_point(points: list[HaltingPoint], tolerance: float = 0.5) -> HaltingPoint:
+    """The point with the lowest average exit layer whose accuracy is within ``tolerance`` accuracy points of the
+    most accurate point (ties: the more accurate, then the smaller λ)."""
+    if not points:
+        raise DactLabError("choose_point: no fitted halting points to choose from.")
+    best = max(p.accuracy for p in points)
+    ok = [p for p in points if p.accuracy >= best - tolerance / 100.0 - 1e-12]
+    return min(ok, key=lambda p: (round(p.avg_exit_layer, 9), -p.accuracy, p.lam))
+
+
+def install_halting(model, point: HaltingPoint) -> None:
+    """Load the halting weights of ``point`` into ``model.halters`` (nothing else changes)."""
+    if not point.state:
+        raise DactLabError("install_halting: this point carries no halting weights.")
+    model.halters.load_state_dict({k: v.to(next(model.halters.parameters()).device) for k, v in point.state.items()})
+
+
+def exit_advice(run_dir, num_layers: int | None = None, late: float = 0.8) -> str | None:
+    """A sentence for the Runs and Early-exit pages when a DACT run exits late (average exit layer on its
+    validation split above ``late`` · N): which setting trades accuracy for layers, with the sweep's measured
+    numbers. None when the run exits early enough or is not a DACT run with a report."""
+    import json
+    from pathlib import Path
+
+    try:
+        rep = json.loads((Path(run_dir) / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    halting = rep.get("halting")
+    best = rep.get("best") or {}
+    if not halting:
+        avg = best.get("val_avg_exit_layer")
+        n = num_layers or 6
+        if avg is None or avg <= late * n:
+            return None
+        return (f"This run exits after {avg:.2f} of {n} layers on average (validation): its halting units were "
+                "trained with the model only (model.fit_halting off). Retrain with model.fit_halting on (the "
+                "default; CLI without --no-fit-halting): the halting units are then fitted per λ on the validation "
+                "split and the fastest point within model.halting_tolerance points is kept.")
+    pts = halting.get("points") or []
+    n = num_layers or (len(halting.get("layer_accuracy") or []) or 6)
+    chosen = halting.get("chosen") or {}
+    if not pts or chosen.get("avg_exit_layer", 0) <= late * n:
+        return None
+    top = max(p["accuracy"] for p in pts)
+    faster = sorted((p for p in pts if p["avg_exit_layer"] < chosen["avg_exit_layer"] - 0.25),
+                    key=lambda p: -p["accuracy"])[:3]
+    if not faster:
+        return (f"This run exits after {chosen['avg_exit_layer']:.2f} of {n} layers on average: no fitted λ exits "
+                "earlier on its validation split (its early classifiers are not confident enough). More epochs or "
+                "model.distill_weight > 0 make them stronger.")
+    opts = "; ".join(f"λ = {p['lambda']:g}: {p['avg_exit_layer']:.2f} layers at {100 * p['accuracy']:.1f}% "
+                     f"({100 * (p['accuracy'] - top):+.1f} points)" for p in sorted(faster, key=lambda p: p["avg_exit_layer"]))
+    need = max(100 * (top - p["accuracy"]) for p in faster[:1]) + 0.05
+    return (f"This run exits after {chosen['avg_exit_layer']:.2f} of {n} layers on average: within its tolerance of "
+            f"{halting.get('tolerance_points', 0.5):g} points no fitted λ exits earlier. Measured on its validation "
+            f"split ({halting.get('rows', '?')} rows): {opts}. Retrain with model.halting_tolerance ≥ {need:.1f} "
+            f"(CLI --halting-tolerance) to take λ = {faster[0]['lambda']:g}.")

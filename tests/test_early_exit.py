@@ -1,0 +1,295 @@
+"""Early exit that pays: self-distillation, depth weighting, confidence features, the normalised λ scale, halting
+units fitted on their own, the batch-1 fast inference path, and a default DACT run that exits early."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dact_lib import dact
+from dact_lib.config import RunConfig, default_config
+from dact_lib.data import DatasetSplit, TextDataset, encode
+from dact_lib.errors import ConfigError
+from dact_lib.evaluate import entropy_thresholds
+from dact_lib.halting import LayerCache, choose_point, fit_halting, install_halting, layer_cache, nll_ref_of
+from dact_lib.models import build_model
+
+
+# --- pure functions, hand-computed ------------------------------------------------------------------------------
+def test_distillation_loss_matches_hand_computed_kl_at_t1_and_t2():
+    y = torch.tensor([[[0.5, 0.5], [0.8, 0.2]]])
+    kl1 = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)  # KL(y_1 || y_2)
+    assert float(dact.distillation_loss(y, 1.0)) == pytest.approx(kl1, rel=1e-5)
+    # T = 2: y_1^T = [1/2, 1/2]; y_2^T ∝ [sqrt(.8), sqrt(.2)] = [2/3, 1/3]; times T^2 = 4
+    kl2 = 0.5 * math.log(0.5 / (2 / 3)) + 0.5 * math.log(0.5 / (1 / 3))
+    assert float(dact.distillation_loss(y, 2.0)) == pytest.approx(4 * kl2, rel=1e-5)
+
+
+def test_distillation_averages_students_and_gives_the_teacher_no_gradient():
+    y = torch.tensor([[[0.6, 0.4], [0.9, 0.1], [0.7, 0.3]]], requires_grad=True)
+    kl = lambda p, q: p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))  # noqa: E731
+    want = (kl(0.6, 0.7) + kl(0.9, 0.7)) / 2
+    out = dact.distillation_loss(y, 1.0)
+    assert float(out.detach()) == pytest.approx(want, rel=1e-5)
+    out.backward()
+    assert torch.all(y.grad[:, -1] == 0) and torch.any(y.grad[:, 0] != 0)
+
+
+def test_depth_weights_and_weighted_layer_nll():
+    assert dact.depth_weights(3, "pabee").tolist() == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    assert dact.depth_weights(4).tolist() == pytest.approx([0.25] * 4)
+    with pytest.raises(ConfigError, match="uniform"):
+        dact.depth_weights(3, "deep")
+    y = torch.tensor([[[0.5, 0.5], [0.8, 0.2], [0.9, 0.1]]])
+    t = torch.tensor([0])
+    want = -(1 * math.log(0.5) + 2 * math.log(0.8) + 3 * math.log(0.9)) / 6
+    assert float(dact.layer_nll(y, t, weights=dact.depth_weights(3, "pabee"))) == pytest.approx(want, rel=1e-5)
+    # the DACT loss with PABEE weighting adds exactly that term
+    a_N, p = y[:, -1], torch.tensor([[0.5, 0.25, 0.0]])
+    out = dact.dact_loss(a_N, p, t, 0.1, y=y, layer_loss_weight=2.0, depth_weighting="pabee")
+    assert float(out.loss) == pytest.approx(-math.log(0.9) + 0.1 * 0.75 + 2 * want, rel=1e-5)
+
+
+def test_dact_loss_distill_term_is_added_with_its_weight():
+    y = torch.tensor([[[0.5, 0.5], [0.8, 0.2]]])
+    p = torch.tensor([[0.5, 0.0]])
+    t = torch.tensor([1])
+    base = dact.dact_loss(y[:, -1], p, t, 0.0)
+    out = dact.dact_loss(y[:, -1], p, t, 0.0, y=y, distill_weight=0.5, distill_temperature=1.0)
+    kl = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
+    assert float(out.loss - base.loss) == pytest.approx(0.5 * kl, rel=1e-5)
+    assert float(out.distill) == pytest.approx(kl, rel=1e-5)
+
+
+def test_confidence_features_by_hand():
+    y = torch.tensor([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3]])
+    a_prev = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.3, 0.2], [0.0, 0.0, 0.0]])
+    f = dact.confidence_features(y, a_prev)
+    ent = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)) / math.log(3)
+    assert f[0].tolist() == pytest.approx([0.7, 0.5, ent, 0.0], rel=1e-5)
+    assert f[1].tolist() == pytest.approx([0.7, 0.5, ent, 1.0], rel=1e-5)  # argmax agrees with a_{n-1}
+    assert f[2].tolist() == pytest.approx([1 / 3, 0.0, 1.0, 0.0], abs=1e-5)  # a_0 = 0: never "agrees"
+
+
+def test_spec_lambda_normalisation():
+    assert dact.spec_lambda(1.0, 6, 0.3) == pytest.approx(0.05)  # λ_norm · nll_ref / N
+    assert dact.spec_lambda(0.0, 6, 0.3) == 0.0
+    with pytest.raises(ValueError, match=">= 0"):
+        dact.spec_lambda(-1, 6)
+    # λ_norm = 1 makes ρ = N (every layer run) cost exactly nll_ref
+    lam = dact.spec_lambda(1.0, 4, 0.7)
+    assert lam * 4 == pytest.approx(0.7)
+
+
+def test_nll_ref_is_the_deepest_classifiers_nll():
+    y = torch.tensor([[[0.5, 0.5], [0.8, 0.2]], [[0.5, 0.5], [0.4, 0.6]]])
+    cache = LayerCache(base=torch.zeros(2, 2, 3), y=y, targets=torch.tensor([0, 1]))
+    assert nll_ref_of(cache) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2, rel=1e-5)
+
+
+def test_entropy_sweep_scales_with_ln_k():
+    s2, s4 = entropy_thresholds(2), entropy_thresholds(4)
+    assert max(s2) < math.log(2) and max(s4) < math.log(4)
+    assert max(s4) > 1.2  # AG News' 4 classes: the sweep reaches past the old 0.65-nat ceiling
+    assert s4[3] == pytest.approx(2 * s2[3], rel=1e-4)
+
+
+def test_config_checks_new_fields():
+    cfg = default_config("dact")
+    assert cfg.model.halting_input == "confidence" and cfg.model.fit_halting
+    with pytest.raises(ConfigError, match="halting_input"):
+        RunConfig.from_dict({"kind": "dact", "model": {"halting_input": "logits"}})
+    with pytest.raises(ConfigError, match="halting_lambdas"):
+        RunConfig.from_dict({"kind": "dact", "model": {"halting_lambdas": []}})
+    with pytest.raises(ConfigError, match="shared_trunk"):
+        RunConfig.from_dict({"kind": "dact", "model": {"shared_trunk": True, "classifier": {"hidden_dims": []}}})
+    c = RunConfig.from_dict({"kind": "dact", "model": {"halting_lambdas": ["1e-2", 1]}})
+    assert c.model.halting_lambdas == [0.01, 1.0]
+
+
+# --- models -----------------------------------------------------------------------------------------------------
+def tiny_dact(**model):
+    cfg = default_config("dact", encoder="tiny")
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    cfg.validate()
+    m, tok = build_model(cfg, {"label": ["a", "b", "c"]})
+    return m.eval(), tok, cfg
+
+
+def mixed_batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 900, (8, 14), generator=g)
+    am = torch.ones_like(ids)
+    for b, L in enumerate([14, 9, 14, 6, 11, 14, 7, 12]):
+        am[b, L:] = 0
+    return ids, am
+
+
+def saturate_halting(model, scale=60.0, seed=0):
+    """Large random halting weights, the layer-1 bias centred on the mixed batch: h_1 is ~0 for some rows and ~1
+    for others, so rows exit at different layers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mlp in model.halters:
+            lin = mlp[-1]
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * scale / lin.weight.shape[1] ** 0.5)
+            lin.bias.zero_()
+        seen = []
+        hook = model.halters[0][-1].register_forward_hook(lambda mod, inp, out: seen.append(out.detach()))
+        model(*mixed_batch())
+        hook.remove()
+        lin = model.halters[0][-1]
+        lin.bias -= float(seen[0].median()) + 1e-3  # half the rows above 0, half below ...
+        lin.weight *= 40.0  # ... and far from it: h_1 ~ 0 or ~ 1
+        lin.bias *= 40.0
+
+
+@pytest.mark.parametrize("halting_input,shared", [("summary", False), ("both", False), ("confidence", False),
+                                                   ("summary", True), ("both", True)])
+def test_fast_path_equals_general_path_on_a_mixed_batch(halting_input, shared):
+    model, _, _ = tiny_dact(halting_input=halting_input, shared_trunk=shared)
+    saturate_halting(model)
+    ids, am = mixed_batch()
+    policies = [dact.DactPolicy(), dact.EntropyPolicy(1.0986), dact.PatiencePolicy(1), dact.FixedDepthPolicy(1),
+                dact.FixedDepthPolicy(2)]
+    for pol in policies:
+        full = model.infer(ids, am, pol)  # traced, batched: halted rows leave the batch
+        fast_batch = model.infer(ids, am, pol, trace=False)
+        assert fast_batch.y is None and torch.equal(fast_batch.exit_layer, full.exit_layer)
+        assert torch.allclose(fast_batch.probs, full.probs, atol=1e-6)
+        for b in range(ids.shape[0]):
+            L = int(am[b].sum())
+            one = model.infer(ids[b:b + 1, :L], am[b:b + 1, :L], pol, trace=False)
+            assert int(one.exit_layer[0]) == int(full.exit_layer[b]), (pol, b)
+            assert torch.allclose(one.probs[0], full.probs[b], atol=1e-5), (pol, b)
+    if halting_input != "confidence":  # the summaries differ per row: the saturated units give a real mix
+        exits = model.infer(ids, am, dact.DactPolicy()).exit_layer
+        assert set(exits.tolist()) == {1, 2}
+
+
+def test_forward_with_confidence_halting_matches_accumulate_on_its_outputs():
+    model, _, _ = tiny_dact(halting_input="both")
+    saturate_halting(model, scale=3.0)
+    ids, am = mixed_batch()
+    out = model(ids, am, {"label": torch.zeros(8, dtype=torch.long)})
+    a, p = dact.accumulate(out.extras["y"], out.extras["h"])
+    assert torch.allclose(out.probs["label"], a[:, -1], atol=1e-6)
+    assert torch.allclose(out.extras["p"], p, atol=1e-6)
+    # changing layer 2's halting unit leaves h_1 as it was
+    with torch.no_grad():
+        model.halters[1][1].weight[:, -1] += 5.0  # layer 2's 'agree' input weight
+    h2 = model(ids, am).extras["h"]
+    assert torch.allclose(h2[:, 0], out.extras["h"][:, 0])
+
+
+def easy_cache(n=240, seed=0):
+    """Two layers, 2 classes: y_1 is confident and right for the first half, unsure and wrong for the rest; y_2 is
+    always right (the deepest classifier's NLL is small, so the normalised λ needs a few units to act)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, 2, (n,), generator=g)
+    onehot = torch.nn.functional.one_hot(t, 2).float()
+    y1 = torch.where(torch.arange(n).unsqueeze(1) < n // 2, 0.97 * onehot + 0.015, 0.6 - 0.2 * onehot)
+    y2 = 0.95 * onehot + 0.025
+    return LayerCache(base=torch.randn(n, 2, 32, generator=g), y=torch.stack([y1, y2], 1), targets=t)
+
+
+def test_fit_halting_trades_layers_for_lambda_and_leaves_the_model_bit_identical():
+    model, _, _ = tiny_dact()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = easy_cache()
+    model.num_classes = 2  # the synthetic cache has 2 classes (the halting units do not depend on K)
+    points = fit_halting(model, cache, [0.0, 10.0, 300.0], epochs=60)
+    assert [p.lam for p in points] == [0.0, 10.0, 300.0]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing installed yet
+    assert points[0].avg_exit_layer > 1.9 and points[0].accuracy == 1.0  # λ = 0: no reason to stop early
+    assert points[1].avg_exit_layer == pytest.approx(1.5) and points[1].accuracy == 1.0  # the confident half
+    assert points[2].avg_exit_layer == 1.0 and points[2].accuracy < 0.6  # everything stops at layer 1
+    chosen = choose_point(points, tolerance=0.5)
+    assert chosen.lam == 10.0
+    install_halting(model, chosen)
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("halters.") for k in changed)  # encoder and classifiers bit-identical
+
+
+def test_choose_point_picks_the_fastest_within_tolerance():
+    from dact_lib.halting import HaltingPoint
+
+    pts = [HaltingPoint(0.0, 0.0, 6.0, 0.90), HaltingPoint(1.0, 0.1, 3.0, 0.897),
+           HaltingPoint(2.0, 0.2, 2.0, 0.88), HaltingPoint(3.0, 0.3, 3.0, 0.899)]
+    assert choose_point(pts, 0.5).lam == 3.0  # equal exits: the more accurate
+    assert choose_point(pts, 2.5).lam == 2.0
+    assert choose_point(pts, 0.0).lam == 0.0
+
+
+def test_layer_cache_matches_the_models_forward():
+    model, tok, cfg = tiny_dact(halting_input="both")
+    ds = TextDataset(texts=["good film", "bad film here", "fine", "awful awful"],
+                     targets={"label": np.array([0, 1, 2, 1])}, label_maps={"label": ["a", "b", "c"]})
+    enc = encode(ds, tok, 32)
+    cache = layer_cache(model, enc)
+    out = model(*[torch.tensor(x) for x in _pad(enc)])
+    assert torch.allclose(cache.y, out.extras["y"], atol=1e-6)
+
+
+def _pad(enc):
+    L = max(len(i) for i in enc.input_ids)
+    ids = [list(i) + [0] * (L - len(i)) for i in enc.input_ids]
+    am = [[1] * len(i) + [0] * (L - len(i)) for i in enc.input_ids]
+    return ids, am
+
+
+def test_default_dact_run_on_an_easy_set_exits_before_the_last_layer(tmp_path):
+    from dact_lib.train import train
+
+    rng = np.random.default_rng(0)
+    words = {0: ["good", "great", "fine", "nice"], 1: ["bad", "awful", "poor", "sad"]}
+    texts, labels = [], []
+    for i in range(240):
+        c = i % 2
+        texts.append(" ".join(rng.choice(words[c], size=4)))
+        labels.append(c)
+    ds = TextDataset(texts=texts, targets={"label": np.array(labels)}, label_maps={"label": ["neg", "pos"]})
+    cfg = default_config("dact", encoder="tiny")  # the defaults: fit_halting on, confidence-reading halting units
+    cfg.train.epochs, cfg.train.early_stopping.enabled = 4, False
+    cfg.train.encoder_lr, cfg.train.head_lr = 1e-3, 3e-3
+    from dact_lib.data import split_dataset
+
+    res = train(cfg, data=split_dataset(ds, 0.2, 0.2, 0), save=False)
+    N = res.model.num_layers
+    halting = res.report["halting"]
+    assert halting["layer_accuracy"][0] > 0.95  # layer 1 already solves it
+    assert halting["chosen"]["avg_exit_layer"] < N - 0.5
+    assert res.test_metrics["test_avg_exit_layer"] < N - 0.5
+    assert res.test_metrics["test_accuracy"] > 0.95
+    assert len(halting["points"]) == len(cfg.model.halting_lambdas)
+
+
+def test_pipeline_keeps_its_jointly_trained_halting_units():
+    import inspect
+
+    from dact_lib.tuning import dact_pipeline
+
+    assert "cfg.model.fit_halting = False" in inspect.getsource(dact_pipeline.run_pipeline)
+
+
+def test_exit_advice_names_the_setting_and_the_measured_numbers(tmp_path):
+    import json
+
+    from dact_lib.halting import exit_advice
+
+    pts = [{"lambda": 0.0, "avg_exit_layer": 6.0, "accuracy": 0.90}, {"lambda": 1.0, "avg_exit_layer": 3.1,
+                                                                     "accuracy": 0.888},
+           {"lambda": 5.0, "avg_exit_layer": 1.2, "accuracy": 0.70}]
+    rep = {"best": {"val_avg_exit_layer": 6.0}, "halting": {"points": pts, "chosen": pts[0], "rows": 700,
+                                                            "tolerance_points": 0.5, "layer_accuracy": [0.7] * 6}}
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    msg = exit_advice(tmp_path)
+    assert "6.00 of 6 layers" in msg and "λ = 1: 3.10 layers at 88.8% (-1.2 points)" in msg
+    assert "halting_tolerance ≥ 1.3" in msg and "take λ = 1." in msg and "--halting-tolerance" in msg
+    rep["halting"]["chosen"] = pts[1]
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    assert exit_advice(tmp_path) is None  # 3.1 of 6 layers: early enough
+    (tmp_path / "report.json").write_text(json.dumps({"best": {"val_avg_exit_layer": 5.9}, "halting": None}))
+    assert "fit_halting" in exit_advice(tmp_path, 6)
