@@ -349,6 +349,43 @@ def print_variant(name, variant, v, ref_acc, ref_ms, N):
           f"front points with 1.5-5.5 layers: {v['front_points_1.5_5.5']}", flush=True)
 
 
+def summarize(results: list[dict]) -> str:
+    """The cross-dataset table: reference, the no-flags point, the best point within 1 point per family, the DACT
+    rule against entropy / patience at equal exit, training time."""
+    rows = []
+    for res in results:
+        for name, ds in res["datasets"].items():
+            for variant, v in ds.get("variants", {}).items():
+                pts = v["points"]
+                inst = next(p for p in pts if p["key"] == "dact:installed")
+                best = v["best_within_1pt"]
+
+                def b(f):
+                    p = best.get(f)
+                    return f"{p['point']} {p['speedup']:.2f}× ({p['loss_pts']:+.2f}, {p['avg_exit_layer']:.2f} L)" \
+                        if p else "none"
+                gap = v.get("dact_vs") or {}
+                g = lambda f: (f"{gap[f][0]:+.2f} / {gap[f][1]:+.2f}" if gap.get(f) else "—")  # noqa: E731
+                rows.append({"dataset": name, "variant": variant,
+                             "ref": f"{100 * ds['reference']['accuracy']:.2f}% · {v['reference_ms']:.1f} ms",
+                             "installed": f"{inst['avg_exit_layer']:.2f} L, {100 * inst['accuracy']:.2f}% "
+                                          f"({inst['loss_pts']:+.2f}), {inst['speedup']:.2f}×",
+                             "dact": b("dact"), "entropy": b("entropy"), "patience": b("patience"),
+                             "fixed": b("fixed"), "gap_e": g("entropy"), "gap_p": g("patience"),
+                             "front": v.get("front_points_1.5_5.5"),
+                             "train": f"{v['train_s']:.0f} s (+{v['fit_halting_s']:.0f} s fit)",
+                             "fixedN": f"{100 * (v['fixed_N_ms'] / v['plain_ms'] - 1):+.1f}%",
+                             "rule": f"{100 * v['rule_ms'] / v['layer_ms']:.1f}%"})
+    cols = [("dataset", "dataset"), ("variant", "DACT variant"), ("ref", "reference (backbone)"),
+            ("installed", "the run's own DACT point (exit, acc, Δ vs ref, speed-up)"),
+            ("dact", "best DACT-rule λ ≤ 1 pt"), ("entropy", "best entropy ≤ 1 pt"),
+            ("patience", "best patience ≤ 1 pt"), ("fixed", "best fixed depth ≤ 1 pt"),
+            ("gap_e", "DACT − entropy at equal exit, min / mean (pts)"), ("gap_p", "DACT − patience (pts)"),
+            ("front", "DACT front points in 1.5–5.5 L"), ("train", "train 1 epoch"),
+            ("fixedN", "fixed N via infer vs plain"), ("rule", "DACT unit + rule per layer")]
+    return markdown_table(rows, cols)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default="sst2,ag_news,trec6,sst5")
@@ -361,7 +398,13 @@ def main():
     ap.add_argument("--fit-today", action="store_true", help="also fit halting units on the 'today' model")
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     ap.add_argument("--out", default="early_exit_suite.json")
+    ap.add_argument("--summarize", nargs="*", default=None, help="print the summary table of these JSON files")
     args = ap.parse_args()
+    if args.summarize:
+        import json
+
+        print(summarize([json.loads(Path(f).read_text()) for f in args.summarize]))
+        return
     if not (Path(args.data_dir) / "sst2" / "train.csv").is_file():
         print(f"SKIPPED: {args.data_dir} has no datasets (pass --data-dir)", file=sys.stderr)
         return
@@ -378,6 +421,7 @@ def main():
     for name in args.datasets.split(","):
         run_dataset(name, args, out)
     save_json(args.out, out)
+    print("\n## Summary\n" + summarize([out]))
 
 
 if __name__ == "__main__":

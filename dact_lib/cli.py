@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict one or more sentences with a saved run")
     p.add_argument("--run", required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object per sentence")
+    p.add_argument("--policy", default=None,
+                   help="DACT: exit policy NAME[:VALUE] — dact (default), entropy:S, patience:T, fixed:K")
     p.add_argument("text", nargs="+")
     _common(p)
 
@@ -223,7 +225,22 @@ def cmd_predict(args) -> int:
     from .models import load_model, predict
 
     loaded = load_model(args.run, args.home, args.device)
-    for text, res in zip(args.text, predict(loaded, list(args.text))):
+    policy = None
+    if args.policy:
+        from .dact import make_policy
+
+        if loaded.kind != "dact":
+            raise DactLabError("--policy only applies to DACT runs.")
+        name, _, value = args.policy.partition(":")
+        num = None
+        if value:
+            try:
+                num = float(value)
+            except ValueError:
+                raise DactLabError(f"--policy {args.policy!r}: the value after ':' must be a number, e.g. "
+                                   "entropy:0.35 or patience:2.") from None
+        policy = make_policy(name, num)
+    for text, res in zip(args.text, predict(loaded, list(args.text), policy)):
         if args.json:
             keep = {k: res[k] for k in ("label", "probability", "probabilities") if k in res}
             if "exit_layer" in res:

@@ -176,6 +176,8 @@ class DactModelConfig:
     halting_lambdas: list[float] = field(default_factory=lambda: list(DEFAULT_HALTING_LAMBDAS))
     halting_tolerance: float = 0.5  # accuracy points on the validation split
     halting_epochs: int = 40
+    # also try every fitted λ's halting logits calibrated (scaled ×1/2/4, shifted 0…−4) on the validation split
+    halting_calibration: bool = True
 
     def validate(self, name: str = "model") -> None:
         _check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
@@ -204,6 +206,8 @@ class DactModelConfig:
             "expected a non-empty list of numbers >= 0, e.g. [0, 0.1, 0.5, 1, 2]")
         _check_pos(f"{name}.halting_tolerance", self.halting_tolerance, allow_zero=True)
         _check_int(f"{name}.halting_epochs", self.halting_epochs, 1, 10000)
+        _check(isinstance(self.halting_calibration, bool), f"{name}.halting_calibration", self.halting_calibration,
+               "expected true/false")
 
 
 @dataclass

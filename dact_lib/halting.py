@@ -55,10 +55,12 @@ class HaltingPoint:
     accuracy: float  # of the DACT rule's answer, on the evaluation rows (0..1)
     state: dict = field(repr=False, default_factory=dict)  # halting weights: load into model.halters
     fit_s: float = 0.0
+    scale: float = 1.0  # calibration of the fitted halting logits: z -> scale * z + shift (1, 0 = as fitted)
+    shift: float = 0.0
 
     def summary(self) -> dict:
         return {"lambda": self.lam, "spec_lambda": self.spec_lambda, "avg_exit_layer": self.avg_exit_layer,
-                "accuracy": self.accuracy, "fit_s": self.fit_s}
+                "accuracy": self.accuracy, "fit_s": self.fit_s, "scale": self.scale, "shift": self.shift}
 
 
 @torch.no_grad()
@@ -128,11 +130,32 @@ def nll_ref_of(cache: LayerCache) -> float:
     return max(float(torch.nn.functional.nll_loss(torch.log(y_N), cache.targets)), 0.01)
 
 
+CALIBRATION_SCALES = (1.0, 2.0, 4.0)
+CALIBRATION_SHIFTS = (0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0)
+
+
+def calibrated(state: dict, scale: float, shift: float) -> dict:
+    """Halting weights whose output logit is ``scale · z + shift`` (the last Linear of every halting MLP)."""
+    out = {k: v.clone() for k, v in state.items()}
+    last = max(int(k.split(".")[1]) for k in out if k.endswith(".weight"))
+    for k in out:
+        parts = k.split(".")
+        if int(parts[1]) == last:
+            out[k] = out[k] * scale + (shift if parts[-1] == "bias" else 0.0)
+    return out
+
+
 def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, epochs: int | None = None,
-                lr: float = 3e-3, batch_size: int = 64, seed: int = 0, cancel=None) -> list[HaltingPoint]:
+                lr: float = 3e-3, batch_size: int = 64, seed: int = 0, cancel=None,
+                calibrate: bool = False) -> list[HaltingPoint]:
     """Train only fresh halting units of ``model``'s shape for every λ in ``lambdas`` (normalised scale) with the
     spec's DACT loss on ``data`` (a :class:`LayerCache`, or an EncodedDataset that is cached first). The model is
-    not changed. Each point is measured under the DACT rule on ``eval_data`` (default: ``data``)."""
+    not changed. Each point is measured under the DACT rule on ``eval_data`` (default: ``data``).
+
+    ``calibrate``: also return, for every fitted λ, its halting units with the output logit calibrated as
+    ``scale · z + shift`` for every scale in CALIBRATION_SCALES and shift in CALIBRATION_SHIFTS (sharper and more
+    eager halting, measured exactly under the DACT rule): the soft loss leaves many h_n between 0 and 1, where
+    the rule neither halts nor keeps a_N on the deep classifiers; the calibrated variants fill the front."""
     cache = data if isinstance(data, LayerCache) else layer_cache(model, data)
     if len(cache) == 0:
         raise DactLabError("fit_halting: no rows to fit the halting units on (the validation split is empty).")
@@ -167,7 +190,27 @@ def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, ep
         state = {k: v.detach().clone() for k, v in units.halters.state_dict().items()}
         points.append(HaltingPoint(lam=float(lam), spec_lambda=lam_spec, avg_exit_layer=avg, accuracy=acc,
                                    state=state, fit_s=time.perf_counter() - t0))
+        if calibrate:
+            for sc in CALIBRATION_SCALES:
+                for sh in CALIBRATION_SHIFTS:
+                    if (sc, sh) == (1.0, 0.0):
+                        continue
+                    cal = calibrated(state, sc, sh)
+                    units.halters.load_state_dict(cal)
+                    with torch.no_grad():
+                        h, _, _ = units(ev)
+                    avg, acc = evaluate_halting(ev.y, h, ev.targets)
+                    points.append(HaltingPoint(lam=float(lam), spec_lambda=lam_spec, avg_exit_layer=avg,
+                                               accuracy=acc, state=cal, scale=sc, shift=sh))
     return points
+
+
+def front_of(points: list[HaltingPoint]) -> list[HaltingPoint]:
+    """The points no other point beats on both average exit layer (lower) and accuracy (higher), by exit."""
+    out = [p for p in points if not any(q.avg_exit_layer <= p.avg_exit_layer and q.accuracy >= p.accuracy and
+                                        (q.avg_exit_layer < p.avg_exit_layer or q.accuracy > p.accuracy)
+                                        for q in points)]
+    return sorted(out, key=lambda p: p.avg_exit_layer)
 
 
 def choose_point(points: list[HaltingPoint], tolerance: float = 0.5) -> HaltingPoint:
@@ -177,7 +220,7 @@ def choose_point(points: list[HaltingPoint], tolerance: float = 0.5) -> HaltingP
         raise DactLabError("choose_point: no fitted halting points to choose from.")
     best = max(p.accuracy for p in points)
     ok = [p for p in points if p.accuracy >= best - tolerance / 100.0 - 1e-12]
-    return min(ok, key=lambda p: (round(p.avg_exit_layer, 9), -p.accuracy, p.lam))
+    return min(ok, key=lambda p: (round(p.avg_exit_layer, 9), -p.accuracy, p.lam, p.scale, -p.shift))
 
 
 def install_halting(model, point: HaltingPoint) -> None:
@@ -209,7 +252,7 @@ def exit_advice(run_dir, num_layers: int | None = None, late: float = 0.8) -> st
                 "trained with the model only (model.fit_halting off). Retrain with model.fit_halting on (the "
                 "default; CLI without --no-fit-halting): the halting units are then fitted per λ on the validation "
                 "split and the fastest point within model.halting_tolerance points is kept.")
-    pts = halting.get("points") or []
+    pts = (halting.get("points") or []) + (halting.get("calibrated_front") or [])
     n = num_layers or (len(halting.get("layer_accuracy") or []) or 6)
     chosen = halting.get("chosen") or {}
     if not pts or chosen.get("avg_exit_layer", 0) <= late * n:
@@ -224,7 +267,15 @@ def exit_advice(run_dir, num_layers: int | None = None, late: float = 0.8) -> st
     opts = "; ".join(f"λ = {p['lambda']:g}: {p['avg_exit_layer']:.2f} layers at {100 * p['accuracy']:.1f}% "
                      f"({100 * (p['accuracy'] - top):+.1f} points)" for p in sorted(faster, key=lambda p: p["avg_exit_layer"]))
     need = max(100 * (top - p["accuracy"]) for p in faster[:1]) + 0.05
-    return (f"This run exits after {chosen['avg_exit_layer']:.2f} of {n} layers on average: within its tolerance of "
-            f"{halting.get('tolerance_points', 0.5):g} points no fitted λ exits earlier. Measured on its validation "
-            f"split ({halting.get('rows', '?')} rows): {opts}. Retrain with model.halting_tolerance ≥ {need:.1f} "
-            f"(CLI --halting-tolerance) to take λ = {faster[0]['lambda']:g}.")
+    msg = (f"This run exits after {chosen['avg_exit_layer']:.2f} of {n} layers on average: within its tolerance of "
+           f"{halting.get('tolerance_points', 0.5):g} points no fitted λ exits earlier. Measured on its validation "
+           f"split ({halting.get('rows', '?')} rows): {opts}. Retrain with model.halting_tolerance ≥ {need:.1f} "
+           f"(CLI --halting-tolerance) to take λ = {faster[0]['lambda']:g}.")
+    ent = [p for p in halting.get("entropy_points") or [] if p["accuracy"] >= top - 0.01]
+    if ent:
+        e = min(ent, key=lambda p: p["avg_exit_layer"])
+        if e["avg_exit_layer"] < chosen["avg_exit_layer"] - 0.25:
+            msg += (f" The same classifiers under the entropy exit (S = {e['threshold']:.3g} nats) measured "
+                    f"{e['avg_exit_layer']:.2f} layers at {100 * e['accuracy']:.1f}%: use it with `predict --policy "
+                    f"entropy:{e['threshold']:.3g}` (compare every policy with `evaluate --policies`).")
+    return msg

@@ -217,3 +217,21 @@ def test_studies_text_lists_the_front_of_a_two_objective_study(home, capsys):
     assert code == 0 and "2 Pareto-optimal" in out
     fronts = [line.strip() for line in out.splitlines() if line.strip().startswith("trial ")]
     assert fronts == ["trial 0: (0.3, 5) {'lam': 0.01}", "trial 1: (0.4, 2) {'lam': 0.1}"]
+
+
+def test_dact_early_exit_flags_and_predict_policy(home, capsys):
+    code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--distill-weight", 0.5,
+                           "--halting-input", "both", "--halting-tolerance", 2, "--home", home)
+    run = last_run_id(out)
+    m = Tracker(home).get_run(run)["config"]["model"]
+    assert (m["distill_weight"], m["halting_input"], m["halting_tolerance"], m["fit_halting"]) == (0.5, "both", 2.0,
+                                                                                                 True)
+    code, out, _ = run_cli(capsys, "predict", "--run", run, "--json", "--policy", "fixed:1", "--home", home, "ok")
+    assert code == 0 and json.loads(out.strip())["exit_layer"] == 1  # fixed depth 1: exactly layer 1
+    code, out, err = run_cli(capsys, "predict", "--run", run, "--policy", "entropy:x", "--home", home, "ok")
+    assert code == 2 and "entropy:0.35" in err
+    code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--no-fit-halting",
+                           "--home", home)
+    assert Tracker(home).get_run(last_run_id(out))["config"]["model"]["fit_halting"] is False
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", 1, "--halting-input", "both", "--home", home)
+    assert code == 2 and "only applies to --kind dact" in err

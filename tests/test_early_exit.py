@@ -264,6 +264,7 @@ def test_default_dact_run_on_an_easy_set_exits_before_the_last_layer(tmp_path):
     assert res.test_metrics["test_avg_exit_layer"] < N - 0.5
     assert res.test_metrics["test_accuracy"] > 0.95
     assert len(halting["points"]) == len(cfg.model.halting_lambdas)
+    assert len(halting["entropy_points"]) == len(entropy_thresholds(2))
 
 
 def test_pipeline_keeps_its_jointly_trained_halting_units():
@@ -282,14 +283,48 @@ def test_exit_advice_names_the_setting_and_the_measured_numbers(tmp_path):
     pts = [{"lambda": 0.0, "avg_exit_layer": 6.0, "accuracy": 0.90}, {"lambda": 1.0, "avg_exit_layer": 3.1,
                                                                      "accuracy": 0.888},
            {"lambda": 5.0, "avg_exit_layer": 1.2, "accuracy": 0.70}]
+    ent = [{"threshold": 0.5, "avg_exit_layer": 2.9, "accuracy": 0.895}]
     rep = {"best": {"val_avg_exit_layer": 6.0}, "halting": {"points": pts, "chosen": pts[0], "rows": 700,
-                                                            "tolerance_points": 0.5, "layer_accuracy": [0.7] * 6}}
+                                                            "tolerance_points": 0.5, "layer_accuracy": [0.7] * 6,
+                                                            "entropy_points": ent}}
     (tmp_path / "report.json").write_text(json.dumps(rep))
     msg = exit_advice(tmp_path)
     assert "6.00 of 6 layers" in msg and "λ = 1: 3.10 layers at 88.8% (-1.2 points)" in msg
     assert "halting_tolerance ≥ 1.3" in msg and "take λ = 1." in msg and "--halting-tolerance" in msg
+    assert "entropy exit (S = 0.5 nats) measured 2.90 layers at 89.5%" in msg
     rep["halting"]["chosen"] = pts[1]
     (tmp_path / "report.json").write_text(json.dumps(rep))
     assert exit_advice(tmp_path) is None  # 3.1 of 6 layers: early enough
     (tmp_path / "report.json").write_text(json.dumps({"best": {"val_avg_exit_layer": 5.9}, "halting": None}))
     assert "fit_halting" in exit_advice(tmp_path, 6)
+
+
+def test_calibrated_halting_weights_scale_and_shift_the_output_logit():
+    from dact_lib.halting import calibrated
+
+    model, _, _ = tiny_dact()
+    x = torch.randn(5, dact.CONFIDENCE_FEATURES.__len__())
+    mlp = model.halters[0]
+    z = mlp(x)
+    state = {k: v.clone() for k, v in model.halters.state_dict().items()}
+    model.halters.load_state_dict(calibrated(state, 4.0, -1.5))
+    assert torch.allclose(model.halters[0](x), 4.0 * z - 1.5, atol=1e-5)
+
+
+def test_fit_halting_with_calibration_returns_exactly_measured_variants():
+    from dact_lib.halting import CALIBRATION_SCALES, CALIBRATION_SHIFTS, _Halters, evaluate_halting, front_of
+
+    model, _, _ = tiny_dact()
+    model.num_classes = 2
+    cache = easy_cache()
+    points = fit_halting(model, cache, [0.0, 10.0], epochs=30, calibrate=True)
+    assert len(points) == 2 * len(CALIBRATION_SCALES) * len(CALIBRATION_SHIFTS)
+    units = _Halters(model).eval()
+    for p in points[::7]:  # every stored state reproduces its measured point under the DACT rule
+        units.halters.load_state_dict(p.state)
+        with torch.no_grad():
+            h, _, _ = units(cache)
+        assert evaluate_halting(cache.y, h, cache.targets) == pytest.approx((p.avg_exit_layer, p.accuracy))
+    f = front_of(points)
+    assert all(a.avg_exit_layer <= b.avg_exit_layer for a, b in zip(f, f[1:]))
+    assert any((p.scale, p.shift) != (1.0, 0.0) for p in points if p.avg_exit_layer < 1.9)

@@ -77,6 +77,7 @@ def test_dact_layer_loss_weight_adds_every_layers_nll():
     model, tok, cfg = tiny_dact()
     b = demo_batch(tok)
     t = {"label": b["targets"]["class_label"]}
+    model.cfg.layer_loss_weight = 0.0  # the paper's loss (the library default is 1)
     spec = model(b["input_ids"], b["attention_mask"], t)
     assert "layer_nll" not in spec.extras
     model.cfg.layer_loss_weight = 0.7
@@ -173,6 +174,7 @@ def test_dact_model_loss_is_nll_of_log_a_N_plus_lambda_mean_sum_p(start_at_one):
     model, b, _ = _mixed_exit_model()
     model.cfg.ponder_lambda = 0.3
     model.cfg.ponder_start_at_one = start_at_one
+    model.cfg.layer_loss_weight = 0.0  # exactly the spec's loss
     target = b["targets"]["class_label"]
     out = model(b["input_ids"], b["attention_mask"], {"label": target})
     y, h = out.extras["y"], out.extras["h"]
