@@ -178,23 +178,7 @@ def rule_cost(model, items):
     return 1e3 * statistics.median(lay), 1e3 * statistics.median(rule)
 
 
-def front(points):
-    from dact_lib.evaluate import pareto_front
-
-    return pareto_front(points, "avg_exit_layer", "accuracy")
-
-
-def interp_at(points, x):
-    f = front(points)
-    if not f or x < f[0]["avg_exit_layer"] - 1e-9:
-        return None
-    for p, q in zip(f, f[1:]):
-        if p["avg_exit_layer"] - 1e-9 <= x <= q["avg_exit_layer"] + 1e-9:
-            dx = q["avg_exit_layer"] - p["avg_exit_layer"]
-            if dx <= 1e-12:
-                return max(p["accuracy"], q["accuracy"])
-            return p["accuracy"] + (x - p["avg_exit_layer"]) / dx * (q["accuracy"] - p["accuracy"])
-    return f[-1]["accuracy"]
+from dact_tradeoff import front, interp_at  # noqa: E402  (bench/ is on sys.path; the same front and interpolation)
 
 
 def run_dataset(name, args, out):

@@ -31,7 +31,7 @@ from .heads import pool
 from .modeling_dact import DactUnits, init_halting_bias
 
 __all__ = ["LayerCache", "HaltingPoint", "layer_cache", "fit_halting", "choose_point", "install_halting",
-           "evaluate_halting", "exit_advice"]
+           "evaluate_halting", "exit_advice", "fit_after_training"]
 
 
 @dataclass
@@ -279,3 +279,31 @@ def exit_advice(run_dir, num_layers: int | None = None, late: float = 0.8) -> st
                     f"{e['avg_exit_layer']:.2f} layers at {100 * e['accuracy']:.1f}%: use it with `predict --policy "
                     f"entropy:{e['threshold']:.3g}` (compare every policy with `evaluate --policies`).")
     return msg
+
+
+def fit_after_training(model, cfg, enc_val, cancel=None) -> dict:
+    """Kind 'dact' with ``model.fit_halting``: fit the halting units alone on the validation split for every λ of
+    ``model.halting_lambdas`` (encoder and classifiers frozen, see halting.py), install the fastest point within
+    ``model.halting_tolerance`` accuracy points of the most accurate one, and return the sweep for the report."""
+    mc = cfg.model
+    t0 = time.perf_counter()
+    cache = layer_cache(model, enc_val)
+    points = fit_halting(model, cache, mc.halting_lambdas, epochs=mc.halting_epochs, seed=cfg.train.seed,
+                         cancel=cancel, calibrate=mc.halting_calibration)
+    chosen = choose_point(points, mc.halting_tolerance)
+    plain = [p for p in points if p.scale == 1.0 and p.shift == 0.0]
+    calibrated_front = [p for p in front_of(points) if (p.scale, p.shift) != (1.0, 0.0)]
+    install_halting(model, chosen)
+    layer_acc = [float((cache.y[:, n].argmax(-1) == cache.targets).float().mean()) for n in range(cache.y.shape[1])]
+    from .evaluate import entropy_thresholds
+
+    entropy_points = []  # the same classifiers under the entropy exit, for the pages' late-exit advice
+    for s in entropy_thresholds(cache.y.shape[2]):
+        r = dact.run_policy_offline(dact.EntropyPolicy(s), cache.y)
+        entropy_points.append({"threshold": s, "avg_exit_layer": dact.average_exit_layer(r.exit_layer),
+                               "accuracy": float((r.probs.argmax(-1) == cache.targets).float().mean())})
+    return {"chosen": chosen.summary(), "points": [p.summary() for p in plain],
+            "calibrated_front": [p.summary() for p in calibrated_front], "rows": len(cache),
+            "entropy_points": entropy_points,
+            "split": "val", "nll_ref": nll_ref_of(cache), "tolerance_points": mc.halting_tolerance,
+            "layer_accuracy": layer_acc, "seconds": time.perf_counter() - t0}

@@ -462,8 +462,16 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         cbs.on_event(state, "restored_best", {"epoch": state.best_epoch, "step": state.extra.get("best_step")})
         halting_report = None
         if cfg.kind == "dact" and cfg.model.fit_halting:
-            halting_report = fit_halting_after_training(model, cfg, enc_val, cancel)
+            from .halting import fit_after_training
+
+            halting_report = fit_after_training(model, cfg, enc_val, cancel)
             cbs.on_event(state, "halting_fit", halting_report)
+            # the validation metrics of the model as it is now saved (the DACT answer a_N and the exits depend on
+            # the halting units): recorded at the last step and kept as the run's best metrics
+            res = evaluate_encoded(model, enc_val, max(tc.batch_size, 64), device, tc.precision)
+            refit = {k: v for k, v in metrics_of(res, "val_").items()}
+            best_metrics = {**best_metrics, **refit}
+            cbs.on_eval(state, refit)
             if run_dir is not None:
                 save_model(run_dir, model, tokenizer, cfg, label_maps)
         if evaluate_test and enc_test is not None:
@@ -508,37 +516,6 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
     return TrainResult(run_id=run_id, status=status, history=history, best_metrics=best_metrics,
                        test_metrics=test_metrics, model=model, tokenizer=tokenizer, label_maps=label_maps,
                        run_dir=run_dir, best_epoch=state.best_epoch, report=report, stop_reason=stop_reason)
-
-
-def fit_halting_after_training(model, cfg: RunConfig, enc_val, cancel: CancelToken | None = None) -> dict:
-    """Kind 'dact' with ``model.fit_halting``: fit the halting units alone on the validation split for every λ of
-    ``model.halting_lambdas`` (encoder and classifiers frozen, see halting.py), install the fastest point within
-    ``model.halting_tolerance`` accuracy points of the most accurate one, and return the sweep for the report."""
-    from .halting import choose_point, fit_halting, front_of, install_halting, layer_cache, nll_ref_of
-
-    mc = cfg.model
-    t0 = time.perf_counter()
-    cache = layer_cache(model, enc_val)
-    points = fit_halting(model, cache, mc.halting_lambdas, epochs=mc.halting_epochs, seed=cfg.train.seed,
-                         cancel=cancel, calibrate=mc.halting_calibration)
-    chosen = choose_point(points, mc.halting_tolerance)
-    plain = [p for p in points if p.scale == 1.0 and p.shift == 0.0]
-    calibrated_front = [p for p in front_of(points) if (p.scale, p.shift) != (1.0, 0.0)]
-    install_halting(model, chosen)
-    layer_acc = [float((cache.y[:, n].argmax(-1) == cache.targets).float().mean()) for n in range(cache.y.shape[1])]
-    from . import dact
-    from .evaluate import entropy_thresholds
-
-    entropy_points = []  # the same classifiers under the entropy exit, for the pages' late-exit advice
-    for s in entropy_thresholds(cache.y.shape[2]):
-        r = dact.run_policy_offline(dact.EntropyPolicy(s), cache.y)
-        entropy_points.append({"threshold": s, "avg_exit_layer": dact.average_exit_layer(r.exit_layer),
-                               "accuracy": float((r.probs.argmax(-1) == cache.targets).float().mean())})
-    return {"chosen": chosen.summary(), "points": [p.summary() for p in plain],
-            "calibrated_front": [p.summary() for p in calibrated_front], "rows": len(cache),
-            "entropy_points": entropy_points,
-            "split": "val", "nll_ref": nll_ref_of(cache), "tolerance_points": mc.halting_tolerance,
-            "layer_accuracy": layer_acc, "seconds": time.perf_counter() - t0}
 
 
 def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSizeManager, cbs, state,

@@ -265,6 +265,8 @@ def test_default_dact_run_on_an_easy_set_exits_before_the_last_layer(tmp_path):
     assert res.test_metrics["test_accuracy"] > 0.95
     assert len(halting["points"]) == len(cfg.model.halting_lambdas)
     assert len(halting["entropy_points"]) == len(entropy_thresholds(2))
+    # the run's validation metrics describe the model with the fitted halting units (what is saved and served)
+    assert res.best_metrics["val_avg_exit_layer"] == pytest.approx(halting["chosen"]["avg_exit_layer"], abs=0.05)
 
 
 def test_pipeline_keeps_its_jointly_trained_halting_units():
