@@ -299,7 +299,7 @@ class DactBert(DactUnits):
             hidden = ad.run_layer(n - 1, hidden, mask)
             steps = self._fast_cache(self._index(n))
             s = summary(hidden)
-            np_ok = "np" in steps  # CPU float32: the small heads in numpy (no torch dispatch per tiny op)
+            np_ok = "np" in steps and s.device.type == "cpu"  # the small heads in numpy (no torch dispatch per op)
             if np_ok:
                 st = steps["np"]
                 x0 = s[0].detach().numpy()
@@ -364,7 +364,8 @@ class DactBert(DactUnits):
     def _fast_cache(self, i: int) -> dict:
         cache = self.__dict__.setdefault("_fast", {})
         clf, halt = self.classifiers[i], self.halters[i]
-        key = (i, id(clf), id(halt))  # modules swapped in (e.g. fitted halting units) get their own entry
+        # modules swapped in (e.g. fitted halting units) and parameters moved or cast (new storage) get a new entry
+        key = (i, id(clf), id(halt), clf[-1].weight.data_ptr(), halt[-1].weight.data_ptr())
         if key not in cache:
             cache[key] = {"clf": self._fast_mlp(clf), "halt": self._fast_mlp(halt)}
             if self.cfg.shared_trunk:

@@ -330,3 +330,17 @@ def test_fit_halting_with_calibration_returns_exactly_measured_variants():
     f = front_of(points)
     assert all(a.avg_exit_layer <= b.avg_exit_layer for a, b in zip(f, f[1:]))
     assert any((p.scale, p.shift) != (1.0, 0.0) for p in points if p.avg_exit_layer < 1.9)
+
+
+def test_fast_path_sees_weights_changed_after_its_first_call():
+    model, _, _ = tiny_dact()
+    ids, am = mixed_batch()
+    one = lambda: model.infer(ids[:1], am[:1], dact.DactPolicy(), trace=False)  # noqa: E731
+    first = one()
+    model.to(torch.float64).to(torch.float32)  # new parameter storage: the cached numpy views are stale
+    with torch.no_grad():
+        for mlp in model.halters:
+            mlp[-1].weight.zero_()
+            mlp[-1].bias.fill_(-30.0)  # h_n = 0: the DACT rule halts at layer 1
+    assert int(first.exit_layer[0]) == 2  # before: the untrained units go on to the last layer
+    assert int(one().exit_layer[0]) == int(model.infer(ids[:1], am[:1], dact.DactPolicy()).exit_layer[0]) == 1
