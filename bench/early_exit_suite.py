@@ -72,6 +72,8 @@ def variant_config(kind, variant, args):
             m.layer_loss_weight, m.distill_weight, m.halting_input, m.fit_halting = 0.0, 0.0, "summary", False
         elif variant == "kd":
             m.distill_weight, m.distill_temperature = 1.0, 2.0
+        elif variant == "thr":
+            m.halting_thresholds = True
         elif variant == "pabee":
             m.depth_weighting = "pabee"
         elif variant != "default":
@@ -225,6 +227,17 @@ def run_dataset(name, args, out):
                 key = f"dact:{hp.lam:g}"
                 pts.append({"family": "dact", "point": f"λ={hp.lam:g}", "avg_exit_layer": x, "accuracy": acc,
                             "key": key})
+                calls[key] = lambda i, a, hs=hs: _with(model, hs, i, a)
+        if variant == "thr":
+            from dact_lib.halting import threshold_points
+
+            for hp in threshold_points(model, val_cache):
+                hs = copy.deepcopy(model.halters)
+                hs.load_state_dict(hp.state)
+                x, acc = offline(dact.DactPolicy(), cache.y, t, halting_h(model, hs, cache))
+                key = f"dact:τ{hp.threshold:g}"
+                pts.append({"family": "dact", "point": f"threshold τ={hp.threshold:g}", "avg_exit_layer": x,
+                            "accuracy": acc, "key": key})
                 calls[key] = lambda i, a, hs=hs: _with(model, hs, i, a)
         lnk = math.log(K)
         for f in ENTROPY_FRACS:

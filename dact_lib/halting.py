@@ -57,10 +57,13 @@ class HaltingPoint:
     fit_s: float = 0.0
     scale: float = 1.0  # calibration of the fitted halting logits: z -> scale * z + shift (1, 0 = as fitted)
     shift: float = 0.0
+    threshold: float | None = None  # set by hand: h_n = sigmoid(s·(g(entropy_n / ln K) − g(τ))), not fitted
+
 
     def summary(self) -> dict:
         return {"lambda": self.lam, "spec_lambda": self.spec_lambda, "avg_exit_layer": self.avg_exit_layer,
-                "accuracy": self.accuracy, "fit_s": self.fit_s, "scale": self.scale, "shift": self.shift}
+                "accuracy": self.accuracy, "fit_s": self.fit_s, "scale": self.scale, "shift": self.shift,
+                "threshold": self.threshold}
 
 
 @torch.no_grad()
@@ -205,6 +208,56 @@ def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, ep
     return points
 
 
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+THRESHOLD_SHARPNESS = 60.0
+
+
+def threshold_state(model, tau: float, sharpness: float = THRESHOLD_SHARPNESS) -> dict:
+    """Halting weights (``halting_input = "confidence"``) that read only the normalised entropy feature:
+    h_n = sigmoid(s · (g(entropy_n / ln K) − g(τ))) with g the MLP's activation (monotone on [0, 1]), so a sample
+    goes on while y_n is less certain than τ and stops (h_n ≈ 0) once it is more certain. Under the DACT rule, which
+    stays exact with respect to a_N, these units make it exit like the entropy policy at S = τ·ln K."""
+    if model.cfg.halting_input != "confidence":
+        raise DactLabError("threshold halting units need model.halting_input = 'confidence'.")
+    ent = list(dact.CONFIDENCE_FEATURES).index("entropy")
+    units = copy.deepcopy(model.halters)
+    with torch.no_grad():
+        for mlp in units:
+            lins = [m for m in mlp if isinstance(m, nn.Linear)]
+            acts = [m for m in mlp if not isinstance(m, (nn.Linear, nn.Dropout))]
+            for lin in lins:
+                lin.weight.zero_()
+                lin.bias.zero_()
+            if len(lins) == 1:
+                lins[0].weight[0, ent] = sharpness
+                lins[0].bias[0] = -sharpness * tau
+                continue
+            lins[0].weight[0, ent] = 1.0  # hidden unit 0 carries the entropy feature through the hidden layers
+            g = torch.tensor([float(tau)])
+            for lin, act in zip(lins[1:-1], acts):
+                lin.weight[0, 0] = 1.0
+                g = act(g)
+            g = acts[len(lins) - 2](g) if len(lins) >= 2 else g
+            lins[-1].weight[0, 0] = sharpness
+            lins[-1].bias[0] = -sharpness * float(g[0])
+    return {k: v.detach().clone() for k, v in units.state_dict().items()}
+
+
+def threshold_points(model, cache: LayerCache, thresholds=THRESHOLDS) -> list[HaltingPoint]:
+    """One point per τ: :func:`threshold_state` measured exactly under the DACT rule on ``cache``."""
+    units = _Halters(model).eval()
+    out = []
+    for tau in thresholds:
+        state = threshold_state(model, tau)
+        units.halters.load_state_dict(state)
+        with torch.no_grad():
+            h, _, _ = units(cache)
+        avg, acc = evaluate_halting(cache.y, h, cache.targets)
+        out.append(HaltingPoint(lam=float("nan"), spec_lambda=float("nan"), avg_exit_layer=avg, accuracy=acc,
+                                state=state, threshold=float(tau)))
+    return out
+
+
 def front_of(points: list[HaltingPoint]) -> list[HaltingPoint]:
     """The points no other point beats on both average exit layer (lower) and accuracy (higher), by exit."""
     out = [p for p in points if not any(q.avg_exit_layer <= p.avg_exit_layer and q.accuracy >= p.accuracy and
@@ -220,7 +273,8 @@ def choose_point(points: list[HaltingPoint], tolerance: float = 0.5) -> HaltingP
         raise DactLabError("choose_point: no fitted halting points to choose from.")
     best = max(p.accuracy for p in points)
     ok = [p for p in points if p.accuracy >= best - tolerance / 100.0 - 1e-12]
-    return min(ok, key=lambda p: (round(p.avg_exit_layer, 9), -p.accuracy, p.lam, p.scale, -p.shift))
+    return min(ok, key=lambda p: (round(p.avg_exit_layer, 9), -p.accuracy, p.threshold is not None,
+                                  p.lam if p.lam == p.lam else 0.0, p.scale, -p.shift))
 
 
 def install_halting(model, point: HaltingPoint) -> None:
@@ -290,7 +344,8 @@ def fit_after_training(model, cfg, enc_val, cancel=None) -> dict:
     cache = layer_cache(model, enc_val)
     points = fit_halting(model, cache, mc.halting_lambdas, epochs=mc.halting_epochs, seed=cfg.train.seed,
                          cancel=cancel, calibrate=mc.halting_calibration)
-    chosen = choose_point(points, mc.halting_tolerance)
+    thresholds = threshold_points(model, cache) if mc.halting_thresholds else []
+    chosen = choose_point(points + thresholds, mc.halting_tolerance)
     plain = [p for p in points if p.scale == 1.0 and p.shift == 0.0]
     calibrated_front = [p for p in front_of(points) if (p.scale, p.shift) != (1.0, 0.0)]
     install_halting(model, chosen)
@@ -303,7 +358,8 @@ def fit_after_training(model, cfg, enc_val, cancel=None) -> dict:
         entropy_points.append({"threshold": s, "avg_exit_layer": dact.average_exit_layer(r.exit_layer),
                                "accuracy": float((r.probs.argmax(-1) == cache.targets).float().mean())})
     return {"chosen": chosen.summary(), "points": [p.summary() for p in plain],
-            "calibrated_front": [p.summary() for p in calibrated_front], "rows": len(cache),
+            "calibrated_front": [p.summary() for p in calibrated_front],
+            "threshold_points": [p.summary() for p in thresholds], "rows": len(cache),
             "entropy_points": entropy_points,
             "split": "val", "nll_ref": nll_ref_of(cache), "tolerance_points": mc.halting_tolerance,
             "layer_accuracy": layer_acc, "seconds": time.perf_counter() - t0}

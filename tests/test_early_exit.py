@@ -344,3 +344,26 @@ def test_fast_path_sees_weights_changed_after_its_first_call():
             mlp[-1].bias.fill_(-30.0)  # h_n = 0: the DACT rule halts at layer 1
     assert int(first.exit_layer[0]) == 2  # before: the untrained units go on to the last layer
     assert int(one().exit_layer[0]) == int(model.infer(ids[:1], am[:1], dact.DactPolicy()).exit_layer[0]) == 1
+
+
+@pytest.mark.parametrize("hidden", [[64], [], [32, 16]])
+def test_threshold_halting_units_make_the_dact_rule_exit_like_entropy(hidden):
+    from dact_lib.config import MLPConfig
+    from dact_lib.halting import _Halters, threshold_points, threshold_state
+
+    model, _, _ = tiny_dact(halting=MLPConfig(hidden_dims=hidden, dropout=0.0))
+    model.num_classes = 2
+    cache = easy_cache()
+    units = _Halters(model).eval()
+    units.halters.load_state_dict(threshold_state(model, 0.5))
+    with torch.no_grad():
+        h, _, _ = units(cache)
+    rule = dact.run_policy_offline(dact.DactPolicy(), cache.y, h)
+    ent = dact.run_policy_offline(dact.EntropyPolicy(0.5 * math.log(2)), cache.y)
+    assert torch.equal(rule.exit_layer, ent.exit_layer)  # confident half at layer 1, the rest at 2
+    assert rule.exit_layer.float().mean() == pytest.approx(1.5)
+    assert float((rule.probs.argmax(-1) == cache.targets).float().mean()) == 1.0
+    pts = threshold_points(model, cache, thresholds=(0.5, 0.999))
+    assert [p.threshold for p in pts] == [0.5, 0.999] and pts[0].avg_exit_layer == pytest.approx(1.5)
+    with pytest.raises(ConfigError, match="halting_thresholds"):
+        RunConfig.from_dict({"kind": "dact", "model": {"halting_thresholds": True, "halting_input": "summary"}})
