@@ -31,7 +31,7 @@ from .heads import pool
 from .modeling_dact import DactUnits, init_halting_bias
 
 __all__ = ["LayerCache", "HaltingPoint", "layer_cache", "fit_halting", "choose_point", "install_halting",
-           "evaluate_halting", "exit_advice", "fit_after_training"]
+           "evaluate_halting", "point_metrics", "exit_advice", "fit_after_training"]
 
 
 @dataclass
@@ -125,6 +125,19 @@ def evaluate_halting(y: torch.Tensor, h: torch.Tensor, targets: torch.Tensor) ->
     """(average exit layer, accuracy) of the DACT rule on stored y [B,N,K], h [B,N] (the online loop, simulated)."""
     res = dact.run_policy_offline(dact.DactPolicy(), y, h)
     return dact.average_exit_layer(res.exit_layer), float((res.probs.argmax(-1) == targets).float().mean())
+
+
+@torch.no_grad()
+def point_metrics(model, cache: LayerCache, state: dict) -> dict[str, float]:
+    """The DACT rule with the halting weights ``state`` on the cached rows: average exit layer, accuracy of its
+    answer, and the NLL of a_N (the quantity the DACT loss trains) — measured exactly as :func:`fit_halting` does."""
+    units = _Halters(model).eval()
+    units.halters.load_state_dict(state)
+    h, a, _ = units(cache)
+    avg, acc = evaluate_halting(cache.y, h, cache.targets)
+    a_N = a[:, -1].clamp(min=1e-8)
+    nll = float(torch.nn.functional.nll_loss(torch.log(a_N), cache.targets))
+    return {"avg_exit_layer": avg, "accuracy": acc, "nll": nll}
 
 
 def nll_ref_of(cache: LayerCache) -> float:

@@ -27,6 +27,11 @@ from .modeling_dact import DactBert
 from .modeling_multitask import MultiTaskModel
 
 MODEL_FILE = "model.safetensors"
+# A DACT run whose halting units were chosen by the user among fitted points (the Pareto explorer): the run keeps
+# its own halting weights in model.safetensors (the pipeline's choice) and names the user's point here; the file
+# it names lives under the run folder (``halting/…``). load_model applies it.
+HALTING_CHOICE_FILE = "halting_choice.json"
+HALTING_DIR = "halting"
 ENCODER_FILE = "encoder.safetensors"
 
 
@@ -126,6 +131,51 @@ def restore_weights(model: nn.Module, run_dir: str | Path) -> None:
     model.load_state_dict(load_file(str(Path(run_dir) / MODEL_FILE)))
 
 
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_halting_file(run_dir: str | Path, name: str, state: dict) -> Path:
+    """Write halting weights (``model.halters`` state) as ``<run_dir>/halting/<name>.safetensors``, atomically."""
+    from safetensors.torch import save as save_bytes
+
+    d = Path(run_dir) / HALTING_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.safetensors"
+    _atomic_bytes(path, save_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}))
+    return path
+
+
+def halting_choice(run_dir: str | Path) -> dict | None:
+    """The user's halting choice of a run (``halting_choice.json``), or None (the run's own halting units)."""
+    path = Path(run_dir) / HALTING_CHOICE_FILE
+    try:
+        got = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise DactLabError(f"{path} is damaged (not JSON): delete it to use the run's own halting units.") from None
+    return got if isinstance(got, dict) and got.get("file") else None
+
+
+def set_halting_choice(run_dir: str | Path, info: dict | None) -> None:
+    """Record (``info`` with ``file`` relative to the run folder, plus trial / λ / exit / accuracy) or clear
+    (None) the user's halting choice of a run. Nothing is retrained: load_model swaps the halting weights."""
+    run_dir = Path(run_dir)
+    path = run_dir / HALTING_CHOICE_FILE
+    if info is None:
+        path.unlink(missing_ok=True)
+        return
+    if not (run_dir / info["file"]).is_file():
+        raise DactLabError(f"{run_dir / info['file']} does not exist: this point's halting weights are missing.")
+    _atomic_bytes(path, json.dumps(info, indent=2).encode("utf-8"))
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -134,6 +184,7 @@ class LoadedModel:
     label_maps: dict[str, list[str]]
     run_dir: Path
     device: torch.device
+    halting: dict | None = None  # the user's halting choice applied (halting_choice.json), or None
 
     @property
     def kind(self) -> str:
@@ -165,9 +216,17 @@ def load_model(run: str | int | Path, home=None, device: str = "auto") -> Loaded
     if unexpected or [m for m in missing if "pooler" not in m]:
         raise DactLabError(f"{run_dir / MODEL_FILE} does not match its config.json (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}): the run folder is damaged; retrain it.")
+    choice = halting_choice(run_dir) if isinstance(model, DactBert) else None
+    if choice is not None:
+        try:
+            model.halters.load_state_dict(load_file(str(run_dir / choice["file"])))
+        except (OSError, RuntimeError) as exc:
+            raise DactLabError(f"The halting point chosen for run {run_dir.name} ({run_dir / choice['file']}) "
+                               f"cannot be loaded ({exc}): choose another point, or delete "
+                               f"{run_dir / HALTING_CHOICE_FILE} to use the run's own halting units.") from None
     dev = pick_device(device)
     model.to(dev).eval()
-    return LoadedModel(model, tokenizer, cfg, label_maps, run_dir, dev)
+    return LoadedModel(model, tokenizer, cfg, label_maps, run_dir, dev, choice)
 
 
 @torch.no_grad()

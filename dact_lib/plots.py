@@ -810,10 +810,12 @@ def pipeline_view(run: dict, events: Sequence[dict]) -> dict[str, Any]:
     * ``sweep`` / ``num_layers`` — the final model's exit-policy sweep rows (summary, else the last
       ``exit_policy_sweep`` event);
     * ``final_run_id``; ``chosen_run_id`` — the model chosen for prediction in the dashboard (last ``chosen``
-      event), or None.
+      event), or None; ``user_choice`` — that choice's payload (trial, λ) when it is another point than the
+      pipeline's own choice, else None.
     """
     summary = run.get("summary") or {}
     trials, front, choice, sweep, num_layers, chosen, final_id = [], None, None, None, None, None, None
+    user = None
     for e in events:
         kind, p = e.get("kind"), e.get("payload") or {}
         if kind == "trial" and p.get("stage") == "stage3" and p.get("state", "complete") == "complete":
@@ -823,19 +825,21 @@ def pipeline_view(run: dict, events: Sequence[dict]) -> dict[str, Any]:
             pt = {"trial": p.get("number"), "lambda": params.get("ponder_lambda", p.get("lambda")),
                   "val_avg_exit_layer": ua.get("val_avg_exit_layer", values[1] if len(values) > 1 else None),
                   "val_accuracy": ua.get("val_accuracy"), "val_nll": ua.get("val_nll"),
-                  "val_loss": ua.get("val_loss"), "run_id": ua.get("run_id"), "params": params}
+                  "val_loss": ua.get("val_loss"), "run_id": ua.get("run_id"), "params": params,
+                  **{k: ua[k] for k in ("halting_file", "spec_lambda") if k in ua}}
             if pt["val_accuracy"] is not None:
                 pt["val_error"] = 1.0 - float(pt["val_accuracy"])
             trials.append(pt)
         elif kind == "pareto_front" and isinstance(p.get("front"), list):
             front = p["front"]
-        elif kind in ("chosen_point", "point_chosen") and isinstance(p.get("point"), dict):
+        elif kind == "chosen_point" and isinstance(p.get("point"), dict):  # the pipeline's rule (never the user's)
             choice = p["point"]
         elif kind == "exit_policy_sweep" and isinstance(p.get("rows"), list):
             sweep, num_layers = p["rows"], p.get("num_layers")
             final_id = p.get("final_run_id", final_id)
         elif kind == "chosen" and p.get("run_id") is not None:
             chosen = p["run_id"]
+            user = dict(p) if p.get("source") != "final" else None
     if isinstance(summary.get("front"), list):
         front = summary["front"]
     if choice is None and isinstance(summary.get("chosen"), dict):
@@ -848,7 +852,8 @@ def pipeline_view(run: dict, events: Sequence[dict]) -> dict[str, Any]:
     return {"trials": [normalize_point(t) for t in trials],
             "front": [normalize_point(p) for p in front] if front is not None else None,
             "pipeline_choice": normalize_point(choice) if choice else None, "sweep": sweep or [],
-            "num_layers": num_layers, "final_run_id": final_id, "chosen_run_id": chosen}
+            "num_layers": num_layers, "final_run_id": final_id, "chosen_run_id": chosen,
+            "user_choice": user if user and user.get("trial") != (choice or {}).get("trial") else None}
 
 
 def chosen_prediction_run(tracker, parent_id: int | None = None) -> int | None:

@@ -388,13 +388,27 @@ def test_tuning_and_pipeline_jobs_from_the_forms(app_home):
     tr = Tracker(app_home)
     assert jobs().wait(tune_id, timeout=120) == "finished", jobs().jobs()
     assert tr.get_run(tune_id)["kind"] == "tune-backbone" and tr.get_run(tune_id)["summary"].get("study_name")
+    # the random tiny encoder on 120 demo rows learns nothing: the guard stops the pipeline after stage 1 and
+    # the job table says why and what to change
+    assert jobs().wait(pipe_id, timeout=120) == "failed", jobs().jobs()
+    run = tr.get_run(pipe_id)
+    assert "not clearly better than always answering the largest class" in run["error"]
+    assert "What to change" in run["error"] and not tr.list_runs(parent_id=pipe_id)
+    at.run()
+    assert any("What to change" in str(v) for df in at.dataframe for v in df.value.get("error", []))
+
+    # with guards = warn it records the failed guard and goes on to the end
+    at.selectbox(key=f"{pre}:pipeline.guards").set_value("warn")
+    at.text_input(key=f"{pre}:pipeline.name").set_value("warned-pipeline")
+    pipe_id = start(at, "dact")
     assert jobs().wait(pipe_id, timeout=120) == "finished", jobs().jobs()
     summary = tr.get_run(pipe_id)["summary"]
+    assert summary["guard_warnings"] and tr.get_events(pipe_id, kinds=["guard_failed"])
     final = tr.get_run(summary["final_run_id"])
     assert final["kind"] == "dact" and final["status"] == "finished"
     # the engines adopt the job's pre-created run: one parent per job, trials and final run under it
     assert final["parent_id"] == pipe_id
-    assert len(tr.list_runs(kind="dact-pipeline")) == 1 and len(tr.list_runs(kind="tune-backbone")) == 1
+    assert len(tr.list_runs(kind="dact-pipeline")) == 2 and len(tr.list_runs(kind="tune-backbone")) == 1
 
 
 def test_home_demo_button_submits_a_dact_job(app_home, monkeypatch):

@@ -1,7 +1,9 @@
-"""The staged DACT tuning pipeline (dact_lib/tuning/dact_pipeline.py) on the tiny encoder and 120 demo rows."""
+"""The staged DACT tuning pipeline (dact_lib/tuning/dact_pipeline.py) on the tiny encoder and 240 easy rows."""
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import optuna
 import pytest
@@ -16,16 +18,22 @@ from dact_lib.features import cached_features
 from dact_lib.models import build_model, load_model
 from dact_lib.modeling_dact import DactBert
 from dact_lib.tracker import Tracker
-from dact_lib.tuning.dact_pipeline import (FeatureDactHeads, PipelineConfig, apply_choice_rule, as_dact_config,
-                                           choose_point, load_pipeline_result, model_from_params, run_pipeline,
-                                           trial_points)
+from dact_lib.tuning.dact_pipeline import (FeatureDactHeads, PipelineConfig, PipelineGuardError, apply_choice_rule,
+                                           as_dact_config, choose_point, load_pipeline_result, model_from_params,
+                                           run_pipeline, train_from_params, trial_points)
+from easydata import easy_csv
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def tiny_cfg():
+EASY_DIR = Path(tempfile.mkdtemp(prefix="dact_easy_"))
+EASY_CSV = easy_csv(EASY_DIR / "easy.csv", n=240)  # a set the tiny encoder learns: the guards let it through
+
+
+def tiny_cfg(path=EASY_CSV):
     cfg = default_config("dact", encoder="tiny")
-    cfg.data.max_rows = 120
+    cfg.data.path = str(path)
+    cfg.data.val_frac, cfg.data.test_frac = 0.2, 0.2
     cfg.data.max_seq_len = 32
     cfg.train.device = "cpu"
     cfg.train.log_every_steps = 2
@@ -33,8 +41,11 @@ def tiny_cfg():
 
 
 def tiny_pipe(name, trials=(3, 2, 3), **kw):
+    # the random tiny encoder needs more steps and a larger head lr than a pretrained one to learn in a test
+    kw = {"stage1_epochs": 15, "epochs_range": (1, 2), "batch_sizes": (16, 32), "min_steps": 80,
+          "head_lr_range": (2e-3, 6e-3), **kw}
     return PipelineConfig(name=name, trials_stage1=trials[0], trials_stage2=trials[1], trials_stage3=trials[2],
-                          stage1_epochs=3, epochs_range=(1, 2), batch_sizes=(16, 32), **kw).validate()
+                          **kw).validate()
 
 
 @pytest.fixture(scope="module")
@@ -90,26 +101,55 @@ def test_parent_run_events_metrics_and_stage_files(done):
     assert any(e["kind"] == "exit_policy_sweep" for e in events)
 
 
-def test_stage3_is_a_two_objective_study_with_linked_runs(done):
+def test_stage3_fits_halting_points_on_the_best_stage2_model(done):
     h, res = done
     study = optuna.load_study(study_name="demo-pipe/stage3", storage=home_mod.optuna_storage_url(h))
-    assert len(study.directions) == 2
+    assert len(study.directions) == 2 and study.metric_names == ["val_nll", "val_avg_exit_layer"]
     trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
     assert len(trials) == 3
     tr = Tracker(h)
+    trunk = json.loads((tr.run_dir(res.parent_run_id) / "stage2.json").read_text())["best_run_id"]
+    assert study.user_attrs["trunk_run_id"] == trunk
     for t in trials:
-        assert 1e-5 <= t.params["ponder_lambda"] <= 1e-1
-        assert 0 <= t.user_attrs["val_accuracy"] <= 1
-        run = tr.get_run(t.user_attrs["run_id"])
-        assert run["parent_id"] == res.parent_run_id and run["tag"] == "stage3" and run["status"] == "finished"
-        assert run["config"]["model"]["ponder_lambda"] == pytest.approx(t.params["ponder_lambda"])
+        assert 1e-2 <= t.params["ponder_lambda"] <= 10
+        assert t.user_attrs["run_id"] == trunk  # one trained model: every point is its weights + a halting file
+        assert (h / t.user_attrs["halting_file"]).is_file()
+        n_ref, N = study.user_attrs["nll_ref"], study.user_attrs["num_layers"]
+        assert t.user_attrs["spec_lambda"] == pytest.approx(t.params["ponder_lambda"] * n_ref / N)
     assert sorted(p["trial"] for p in res.pareto) == sorted(t.number for t in study.best_trials)
     assert res.study_names == {"stage1": "demo-pipe/stage1", "stage2": "demo-pipe/stage2",
                                "stage3": "demo-pipe/stage3"}
     s1 = optuna.load_study(study_name="demo-pipe/stage1", storage=home_mod.optuna_storage_url(h))
     assert len(s1.trials) == 3 and len(s1.directions) == 1
-    # stage 1 ran no training runs: the child runs are the 2 + 3 trials and the final run
-    assert sorted(r["tag"] for r in children(tr, res.parent_run_id)) == ["final"] + ["stage2"] * 2 + ["stage3"] * 3
+    # stages 1 and 3 train no run: the child runs are the 2 stage-2 trials and the final run
+    assert sorted(r["tag"] for r in children(tr, res.parent_run_id)) == ["final"] + ["stage2"] * 2
+    # only the best stage-2 trial keeps its weights
+    kept = [r["id"] for r in children(tr, res.parent_run_id) if r["tag"] == "stage2"
+            and (tr.run_dir(r["id"]) / "model.safetensors").is_file()]
+    assert kept == [trunk]
+
+
+def test_every_stage3_point_reloads_as_a_model_that_reproduces_it(done):
+    """Each front point = the final run + that point's halting file: chosen, reloaded, evaluated on the validation
+    split, it gives the recorded accuracy and average exit layer."""
+    from dact_lib.data import encode, split_dataset
+    from dact_lib.evaluate import evaluate_encoded, metrics_of
+    from dact_lib.tuning.dact_pipeline import choose_for_prediction
+
+    h, res = done
+    tr = Tracker(h)
+    cfg = tiny_cfg()
+    d = cfg.data
+    val = split_dataset(read_csv(d.path), val_frac=d.val_frac, test_frac=d.test_frac, seed=d.split_seed).val
+    try:
+        for p in res.pareto:
+            choose_for_prediction(res.parent_run_id, {**p, "source": "front"}, tracker=tr)
+            loaded = load_model(res.final_run_id, home=h, device="cpu")
+            m = metrics_of(evaluate_encoded(loaded.model, encode(val, loaded.tokenizer, 32)), "val_")
+            assert m["val_accuracy"] == pytest.approx(p["val_accuracy"], abs=1e-6)
+            assert m["val_avg_exit_layer"] == pytest.approx(p["val_avg_exit_layer"], abs=1e-6)
+    finally:
+        choose_for_prediction(res.parent_run_id, {**res.chosen, "source": "front"}, tracker=tr)
 
 
 def test_chosen_point_obeys_the_rule(done):
@@ -117,7 +157,8 @@ def test_chosen_point_obeys_the_rule(done):
     front = res.pareto
     study = optuna.load_study(study_name="demo-pipe/stage3", storage=home_mod.optuna_storage_url(h))
     trials = trial_points(study)  # the rule measures from the most accurate trial, on or off the NLL front
-    assert front and res.chosen in trials
+    assert front and res.chosen["trial"] in {p["trial"] for p in trials}
+    assert res.chosen["run_id"] == res.final_run_id  # after the final stage, every point is the final run
     best_acc = max(p["val_accuracy"] for p in trials)
     ok = [p for p in trials if p["val_accuracy"] >= best_acc - 0.01]
     assert res.chosen["val_avg_exit_layer"] == min(p["val_avg_exit_layer"] for p in ok)
@@ -133,18 +174,44 @@ def test_chosen_point_obeys_the_rule(done):
             choose_point(study, off_front[0])
 
 
-def test_choose_for_prediction_records_the_choice(done):
+def test_choose_for_prediction_records_the_users_choice_next_to_the_pipelines(done):
+    from safetensors.torch import load_file
+
     from dact_lib import plots
+    from dact_lib.models import halting_choice
     from dact_lib.tuning.dact_pipeline import choose_for_prediction
 
     h, res = done
     tr = Tracker(h)
-    point = {**res.pareto[0], "source": "front"}
+    other = [p for p in res.pareto if p["trial"] != res.chosen["trial"]] or \
+        [p for p in trial_points(optuna.load_study(study_name="demo-pipe/stage3",
+                                                   storage=home_mod.optuna_storage_url(h)))
+         if p["trial"] != res.chosen["trial"]]
+    point = {**other[0], "source": "front"}
+    rule_before = tr.get_run(res.parent_run_id)["summary"]["chosen"]
     got = choose_for_prediction(res.parent_run_id, point, tracker=tr)
-    assert got == {"run_id": point["run_id"], "has_model": True}
-    assert plots.chosen_prediction_run(tr, res.parent_run_id) == point["run_id"]  # what a reload restores
-    last = tr.get_events(res.parent_run_id, kinds=["point_chosen"])[-1]["payload"]["point"]
-    assert last["trial"] == point["trial"]  # validated against the stage-3 front and recorded
+    try:
+        assert got["run_id"] == res.final_run_id and got["has_model"] and got["halting"]["trial"] == point["trial"]
+        rd = tr.run_dir(res.final_run_id)
+        assert halting_choice(rd)["trial"] == point["trial"]
+        # it takes effect at once: the loaded model carries that point's halting weights, nothing retrained
+        loaded = load_model(res.final_run_id, home=h, device="cpu")
+        want = load_file(str(h / point["halting_file"]))
+        assert all(torch.equal(v, want[k]) for k, v in loaded.model.halters.state_dict().items())
+        assert loaded.halting["trial"] == point["trial"]
+        assert plots.chosen_prediction_run(tr, res.parent_run_id) == res.final_run_id  # what a reload restores
+        # the pipeline's own choice is kept beside the user's, after a reload too
+        run = tr.get_run(res.parent_run_id)
+        view = plots.pipeline_view(run, tr.get_events(res.parent_run_id))
+        assert run["summary"]["chosen"] == rule_before
+        assert view["pipeline_choice"]["trial"] == res.chosen["trial"]
+        assert view["user_choice"]["trial"] == point["trial"]
+    finally:  # back to the pipeline's choice: the user's choice file goes, the run's own weights stay
+        again = choose_for_prediction(res.parent_run_id, {**res.chosen, "source": "front"}, tracker=tr)
+    assert again["halting"] is None and halting_choice(tr.run_dir(res.final_run_id)) is None
+    loaded = load_model(res.final_run_id, home=h, device="cpu")
+    rule_w = load_file(str(h / res.chosen["halting_file"]))
+    assert all(torch.equal(v, rule_w[k]) for k, v in loaded.model.halters.state_dict().items())
     with pytest.raises(DactLabError, match="no trained run"):
         choose_for_prediction(res.parent_run_id, {"trial": 99, "lambda": 0.1}, tracker=tr)
 
@@ -182,7 +249,10 @@ def test_final_run_is_saved_and_loads(done):
     assert "test_accuracy" in res.test_metrics
     loaded = load_model(res.final_run_id, home=h, device="cpu")
     assert isinstance(loaded.model, DactBert)
-    assert loaded.config.model.ponder_lambda == pytest.approx(res.chosen["lambda"])
+    assert loaded.config.model.ponder_lambda == pytest.approx(res.chosen["spec_lambda"])
+    rep = json.loads((tr.run_dir(res.final_run_id) / "report.json").read_text())
+    assert rep["halting"]["chosen"]["trial"] == res.chosen["trial"] and len(rep["halting"]["points"]) == 3
+    assert all((tr.run_dir(res.final_run_id) / p["file"]).is_file() for p in rep["halting"]["points"])
     assert loaded.config.model.pooling == res.stage_best["stage1"]["pooling"]
     assert loaded.config.train.encoder_lr == pytest.approx(res.stage_best["stage2"]["encoder_lr"])
 
@@ -237,40 +307,44 @@ def test_cancel_then_resume_skips_finished_stages(home):
     assert len(tr.get_events(parent["id"], kinds=["stage1_features"])) == 1
     assert tr.get_events(parent["id"], kinds=["resumed"])[0]["payload"]["stages_done"] == ["stage1"]
     tags = sorted(r["tag"] for r in children(tr, parent["id"]))
-    assert tags == ["final"] + ["stage2"] * 3 + ["stage3"] * 2
+    assert tags == ["final"] + ["stage2"] * 3
 
 
-class CancelInTraining(Callback):
-    """Cancels at the first step of the ``nth`` training run the pipeline starts (1-based)."""
+def test_cancel_in_stage3_then_resume_keeps_stages_1_2_and_the_fitted_points(home, monkeypatch):
+    from dact_lib import halting
 
-    def __init__(self, token, nth):
-        self.token, self.nth, self.starts = token, nth, 0
-
-    def on_start(self, state):
-        self.starts += 1
-
-    def on_step(self, state, logs):
-        if self.starts == self.nth:
-            self.token.cancel(f"test cancels training run {self.nth}")
-
-
-def test_cancel_in_stage3_then_resume_keeps_stages_1_and_2(home):
     tr = Tracker(home)
-    cfg, pipe = tiny_cfg(), tiny_pipe("resume3", trials=(2, 2, 2))
+    cfg, pipe = tiny_cfg(), tiny_pipe("resume3", trials=(2, 2, 4))
     token = CancelToken()
-    with pytest.raises(Cancelled):  # training runs 1-2 are stage 2's trials, run 3 is stage 3's first
-        run_pipeline(cfg, pipeline=pipe, home=home, tracker=tr, cancel=token, callbacks=[CancelInTraining(token, 3)])
+    real, calls = halting.fit_halting, []
+
+    def cancelling_fit(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            token.cancel("test cancels stage 3's third fit")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(halting, "fit_halting", cancelling_fit)
+    with pytest.raises(Cancelled):
+        run_pipeline(cfg, pipeline=pipe, home=home, tracker=tr, cancel=token)
+    monkeypatch.setattr(halting, "fit_halting", real)
     parent = tr.list_runs(kind="dact-pipeline")[0]
     assert parent["status"] == "cancelled" and parent["summary"]["stages_done"] == ["stage1", "stage2"]
     url = home_mod.optuna_storage_url(home)
     stage2_best = parent["summary"]["stage_best"]["stage2"]
+    s3 = optuna.load_study(study_name="resume3/stage3", storage=url)
+    fitted = {t.number: (home / t.user_attrs["halting_file"]).read_bytes()
+              for t in s3.get_trials(states=[optuna.trial.TrialState.COMPLETE])}
+    assert len(fitted) == 2
 
     res = run_pipeline(cfg, pipeline=pipe, home=home, tracker=tr)
     assert res.parent_run_id == parent["id"] and res.resumed_stages == ["stage1", "stage2"]
     assert res.stage_best["stage2"] == stage2_best  # stage 2's choice is reused, not re-searched
     assert len(optuna.load_study(study_name="resume3/stage2", storage=url).trials) == 2  # not re-run
     s3 = optuna.load_study(study_name="resume3/stage3", storage=url)
-    assert sorted(t.state.name for t in s3.trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert sorted(t.state.name for t in s3.trials) == ["COMPLETE"] * 4 + ["FAIL"]
+    for n, data in fitted.items():  # the points fitted before the kill are kept as they were
+        assert (home / s3.trials[n].user_attrs["halting_file"]).read_bytes() == data
     assert tr.get_run(parent["id"])["status"] == "finished" and res.final_run_id is not None
 
 
@@ -286,7 +360,8 @@ def test_already_cancelled_token_marks_parent_cancelled(home):
 
 @pytest.mark.parametrize("field, value, match", [
     ("name", "", "name"), ("trials_stage3", 0, "trials_stage3"), ("timeout_min", -1, "timeout_min"),
-    ("lambda_low", 0.5, "lambda_low"), ("objective3", "nll", "objective3"), ("choice_rule", "knee", "choice_rule"),
+    ("lambda_low", 20.0, "lambda_low"), ("min_steps", -1, "min_steps"), ("guard_margin", 1.5, "guard_margin"),
+    ("final_finetune", "yes", "final_finetune"), ("objective3", "nll", "objective3"), ("choice_rule", "knee", "choice_rule"),
     ("stage1_epochs", 1.5, "stage1_epochs"), ("encoder_lr_range", (1e-3, 1e-4), "encoder_lr_range"),
     ("epochs_range", (0, 2), "epochs_range"), ("poolings", ("max",), "poolings"), ("seed", -1, "seed"),
 ])
@@ -339,6 +414,56 @@ def test_timeout_bounds_the_trials_but_every_stage_runs_one(home):
     counts = [len(optuna.load_study(study_name=f"hurried/{s}", storage=url).get_trials(states=done))
               for s in ("stage1", "stage2", "stage3")]
     assert counts == [1, 1, 1]  # (stage 3 still holds its other queued log-spaced λ values, as WAITING trials)
-    assert res.final_run_id is not None and len(res.pareto) == 1 and res.chosen["lambda"] == pytest.approx(1e-5)
+    assert res.final_run_id is not None and len(res.pareto) == 1 and res.chosen["lambda"] == pytest.approx(1e-2)
     budgets = [e["payload"]["budget_s"] for e in Tracker(home).get_events(res.parent_run_id, kinds=["stage_start"])]
     assert all(b is not None and b <= 0.06 for b in budgets)
+
+
+# --- guards and the collapse --------------------------------------------------------------------------------------
+
+def test_a_model_no_better_than_the_majority_class_stops_the_pipeline(home, tmp_path):
+    """Labels that do not depend on the texts: stage 1 cannot beat always answering the largest class, and the
+    pipeline stops there with an event and a message that says what to change — it never trains on."""
+    import random
+
+    rows = easy_csv(tmp_path / "e.csv", n=240).read_text().splitlines()
+    rng = random.Random(0)
+    labels = [r.rsplit(",", 1)[1] for r in rows[1:]]
+    rng.shuffle(labels)
+    noise = tmp_path / "noise.csv"
+    noise.write_text("\n".join([rows[0]] + [r.rsplit(",", 1)[0] + "," + lab for r, lab in zip(rows[1:], labels)]))
+    tr = Tracker(home)
+    with pytest.raises(PipelineGuardError, match=r"not clearly better than always answering the largest class.*"
+                                                 r"What to change"):
+        run_pipeline(tiny_cfg(noise), pipeline=tiny_pipe("noise"), home=home, tracker=tr)
+    parent = tr.list_runs(kind="dact-pipeline")[0]
+    assert parent["status"] == "failed" and "What to change" in parent["error"]
+    failed = tr.get_events(parent["id"], kinds=["guard_failed"])
+    assert len(failed) == 1 and failed[0]["payload"]["stage"] == "stage1"
+    p = failed[0]["payload"]
+    assert p["accuracy"] < p["majority_baseline"] + p["margin"] and p["rows"] == 48
+    assert not [r for r in tr.list_runs(parent_id=parent["id"])]  # stage 2 never started
+
+
+def test_stage2_trials_on_small_data_get_enough_steps_and_the_single_run_head_lr():
+    """The collapse seen on 400 rows / 1 epoch: stage-2 trials of ~7-25 optimizer steps with head lr 1e-4-4e-4
+    answered only the largest class. Today a trial runs >= min_steps steps and the head-lr range holds 1e-3."""
+    pipe = PipelineConfig(name="x").validate()
+    lo, hi = pipe.head_lr_range
+    assert lo <= default_config("dact").train.head_lr <= hi
+    base = default_config("dact").train
+    for bs in (16, 32, 64):
+        tc = train_from_params({"batch_size": bs, "epochs": 1, "head_lr": lo}, base, n_train=300,
+                               min_steps=pipe.min_steps, max_epochs=pipe.max_epochs)
+        steps = tc.epochs * -(-300 // bs)
+        assert steps >= pipe.min_steps and tc.epochs <= pipe.max_epochs
+    big = train_from_params({"batch_size": 16, "epochs": 2}, base, n_train=6920, min_steps=pipe.min_steps)
+    assert big.epochs == 2  # large data keeps the sampled epochs
+
+
+def test_guard_margin_is_two_standard_errors_or_the_floor():
+    from dact_lib.tuning.dact_pipeline import guard_margin, majority_baseline
+
+    assert majority_baseline([0, 0, 0, 1, 2, 2]) == pytest.approx(0.5)
+    assert guard_margin(0.5, 100, 0.02) == pytest.approx(0.1)  # 2·sqrt(0.25/100)
+    assert guard_margin(0.5, 1_000_000, 0.02) == pytest.approx(0.02)

@@ -56,9 +56,10 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import optuna
 import torch
@@ -74,14 +75,14 @@ from . import studies
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "choose_point", "load_pipeline_result",
            "pareto_points", "trial_points", "apply_choice_rule", "as_dact_config", "FeatureDactHeads",
            "fit_heads_on_features", "HeadFit", "model_from_params", "train_from_params", "PIPELINE_KIND", "STAGES",
-           "CHOICE_RULES"]
+           "CHOICE_RULES", "PipelineGuardError", "majority_baseline", "guard_margin"]
 
 PIPELINE_KIND = "dact-pipeline"
 STAGES = ("stage1", "stage2", "stage3", "final")
 OBJECTIVES3 = ("loss", "error")
 CHOICE_RULES = ("lowest_exit_within_1pt", "best_objective")
 LAYOUT_CHOICES = ("constant", "pyramidal", "inverted", "bowtie")  # "constant" = explicit [width] * depth
-_STAGE_WEIGHTS = {"stage1": 1.0, "stage2": 4.0, "stage3": 4.0, "final": 1.0}
+_STAGE_WEIGHTS = {"stage1": 1.0, "stage2": 8.0, "stage3": 1.0, "final": 1.0}
 _PREFIX = {"classifier": "cls", "halting": "halt"}
 
 
@@ -105,11 +106,13 @@ class PipelineConfig:
     name: str
     trials_stage1: int = 20
     trials_stage2: int = 6
-    trials_stage3: int = 10
+    trials_stage3: int = 32  # halting fits on one trained model: seconds each
     timeout_min: float | None = None  # the whole pipeline (one call); None = no limit
     stage1_epochs: int = 15  # epochs of head training over the cached features, per stage-1 trial
-    lambda_low: float = 1e-5
-    lambda_high: float = 1e-1
+    # stage 3's λ range, on the normalised scale of dact.spec_lambda (λ_spec = λ · NLL_ref / N): one range for
+    # every dataset; λ = 1 means "running all N layers costs as much as the deepest classifier's NLL"
+    lambda_low: float = 1e-2
+    lambda_high: float = 10.0
     objective3: str = "loss"  # first objective of stage 3: "loss" (validation NLL) or "error" (1 - accuracy)
     choice_rule: str = "lowest_exit_within_1pt"
     choice_tolerance: float = 0.01
@@ -128,11 +131,24 @@ class PipelineConfig:
     search_share_weights: bool = True
     # stage 2 search space
     encoder_lr_range: tuple[float, float] = (1e-5, 1e-4)
-    head_lr_range: tuple[float, float] = (1e-4, 1e-2)
+    # contains the single runs' head lr (1e-3); the seed's (1e-4, 1e-2) drew 1e-4-4e-4 heads that, on a few
+    # hundred rows and one epoch, never left the majority class
+    head_lr_range: tuple[float, float] = (3e-4, 3e-3)
     batch_sizes: tuple[int, ...] = (16, 32, 64)
-    epochs_range: tuple[int, int] = (1, 4)
+    epochs_range: tuple[int, int] = (1, 3)
     weight_decay_range: tuple[float, float] = (0.0, 0.1)
     warmup_range: tuple[float, float] = (0.0, 0.2)
+    # a stage-2 trial runs at least this many optimizer steps: on small data its epochs are raised (at most
+    # max_epochs) so that 1 epoch of 400 rows at batch 64 (7 steps) cannot be a trial
+    min_steps: int = 150
+    max_epochs: int = 50
+    # guards: a stage's best model must beat the majority-class baseline by max(guard_margin, 2 standard errors
+    # of the baseline on the validation rows), or the pipeline stops and says what to change
+    guard_margin: float = 0.02
+    guards: Literal["stop", "warn"] = "stop"  # "warn": record the failed guard (event, log) and go on
+    # optionally fine-tune the final model end to end at the chosen point's λ (measured against the fitted point)
+    final_finetune: bool = False
+    finetune_epochs: int = 1
     # final model: time the exit-policy sweep (real early-exit passes) or only simulate it
     sweep_timed: bool = True
 
@@ -142,7 +158,8 @@ class PipelineConfig:
 
         if not isinstance(self.name, str) or not self.name.strip():
             raise bad("name", self.name, "give a non-empty name (the studies are called <name>/stage1 ...)")
-        for fld in ("trials_stage1", "trials_stage2", "trials_stage3", "stage1_epochs", "stage1_batch_size"):
+        for fld in ("trials_stage1", "trials_stage2", "trials_stage3", "stage1_epochs", "stage1_batch_size",
+                    "max_epochs", "finetune_epochs"):
             v = getattr(self, fld)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(fld, v, "expected an integer >= 1")
@@ -151,6 +168,15 @@ class PipelineConfig:
         if not (_num(self.lambda_low) and _num(self.lambda_high) and 0 < self.lambda_low < self.lambda_high):
             raise bad("lambda_low/lambda_high", (self.lambda_low, self.lambda_high),
                       "λ is searched on a log scale: need 0 < lambda_low < lambda_high")
+        if self.guards not in ("stop", "warn"):
+            raise bad("guards", self.guards, "choose 'stop' (the default) or 'warn'")
+        if not isinstance(self.min_steps, int) or isinstance(self.min_steps, bool) or self.min_steps < 0:
+            raise bad("min_steps", self.min_steps, "expected an integer >= 0 (0 = no minimum)")
+        if not (_num(self.guard_margin) and 0 <= self.guard_margin < 1):
+            raise bad("guard_margin", self.guard_margin, "expected an accuracy margin in [0, 1)")
+        for fld in ("final_finetune", "sweep_timed", "search_share_weights"):
+            if not isinstance(getattr(self, fld), bool):
+                raise bad(fld, getattr(self, fld), "expected true or false")
         if self.objective3 not in OBJECTIVES3:
             raise bad("objective3", self.objective3, f"choose one of {OBJECTIVES3}")
         if self.choice_rule not in CHOICE_RULES:
@@ -405,16 +431,51 @@ def suggest_training(trial: optuna.Trial, pipe: PipelineConfig) -> dict[str, Any
 _TRAIN_KEYS = ("encoder_lr", "head_lr", "batch_size", "epochs", "weight_decay", "warmup_ratio")
 
 
-def train_from_params(params: dict[str, Any], base: TrainConfig) -> TrainConfig:
-    """The TrainConfig of stage-2 ``params`` (missing keys keep ``base``'s values)."""
+def train_from_params(params: dict[str, Any], base: TrainConfig, *, n_train: int | None = None,
+                      min_steps: int = 0, max_epochs: int = 50) -> TrainConfig:
+    """The TrainConfig of stage-2 ``params`` (missing keys keep ``base``'s values). With ``n_train`` (training
+    rows) and ``min_steps``, the epochs are raised (to at most ``max_epochs``) until the run makes at least
+    ``min_steps`` optimizer steps: a trial on a few hundred rows is then still a real training."""
     t = copy.deepcopy(base)
     for k in _TRAIN_KEYS:
         if k in params:
             setattr(t, k, type(getattr(base, k))(params[k]))
     if t.batch_size > t.max_batch_size:
         t.max_batch_size = t.batch_size
+    if n_train and min_steps:
+        per_epoch = max(1, math.ceil(n_train / t.batch_size))
+        t.epochs = max(t.epochs, min(int(max_epochs), math.ceil(min_steps / per_epoch)))
     t.validate()
     return t
+
+
+def majority_baseline(targets) -> float:
+    """The accuracy of always answering the most frequent class of ``targets``."""
+    t = torch.as_tensor(targets).long()
+    return float(torch.bincount(t).max()) / max(1, int(t.numel()))
+
+
+def guard_margin(baseline: float, n: int, margin: float) -> float:
+    """How much a stage's accuracy must exceed the majority baseline: max(margin, 2 standard errors of the
+    baseline's accuracy on n rows)."""
+    return max(float(margin), 2.0 * math.sqrt(max(baseline * (1.0 - baseline), 0.0) / max(1, n)))
+
+
+class PipelineGuardError(DactLabError):
+    """A stage's best model is not clearly better than always answering the majority class."""
+
+
+_GUARD_ADVICE = {
+    "stage1": ("the heads on the frozen encoder's features learned nothing: check that the labels match the texts "
+               "(Data page preview), give more rows, or raise pipeline.stage1_epochs / stage1_lr"),
+    "stage2": ("no training-parameter trial trained a useful model: raise pipeline.min_steps (optimizer steps per "
+               "trial) or pipeline.epochs_range, widen pipeline.head_lr_range towards 1e-3 (the single runs' "
+               "value), or give more rows"),
+    "stage3": ("every fitted halting point answers no better than the majority class: the stage-2 model itself "
+               "is too weak — see its accuracy on the Runs page"),
+    "final": ("the final model answers no better than the majority class on the test split: the validation "
+              "split may be too small to select on; give more rows or a larger data.val_frac"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,7 +487,8 @@ def _point(t: FrozenTrial, objective3: str) -> dict[str, Any]:
     return {"trial": t.number, "lambda": float(t.params["ponder_lambda"]), "objective": first,
             first: float(t.values[0]), "val_avg_exit_layer": float(t.values[1]),
             "val_accuracy": float(ua.get("val_accuracy", float("nan"))),
-            "val_nll": float(ua.get("val_nll", float("nan"))), "run_id": ua.get("run_id")}
+            "val_nll": float(ua.get("val_nll", float("nan"))), "run_id": ua.get("run_id"),
+            **{k: ua[k] for k in ("spec_lambda", "halting_file") if k in ua}}
 
 
 def pareto_points(study: optuna.Study) -> list[dict[str, Any]]:
@@ -495,31 +557,69 @@ def choose_point(parent_or_study: int | optuna.Study, trial_number: int, *, home
     point = dict(front[int(trial_number)])
     point["params"] = dict(study.trials[int(trial_number)].params)
     if parent is not None and tracker is not None:
+        final = (tracker.get_run(parent).get("summary") or {}).get("final_run_id")
+        if final is not None and point.get("halting_file"):  # fitted points: the final run + this halting file
+            point["run_id"] = int(final)
         tracker.log_event(parent, "point_chosen", {"point": point, "by": "user"})
     return point
 
 
 def choose_for_prediction(parent_id: int, point: dict[str, Any], *, tracker, by: str = "dashboard"
                           ) -> dict[str, Any]:
-    """Make a pipeline point's model the one used for prediction: ``point`` is a point of the Pareto explorer
-    (``run_id``, ``trial``, ``lambda``, ``source``: "front" or "final"). A stage-3 front point is validated and
-    recorded by :func:`choose_point` (``point_chosen``) when the pipeline has its study; every choice is recorded as
-    a ``chosen`` event on the pipeline run (what :func:`dact_lib.plots.chosen_prediction_run` reads back after a
-    reload). Returns ``run_id`` and ``has_model`` (False when the run's model file is missing). Raises DactLabError
-    for a point without a trained run."""
+    """Make a pipeline point the one used for prediction, at once and without training. ``point`` is a point of
+    the Pareto explorer (``trial``, ``lambda``, ``run_id``, ``source``: "front" or "final").
+
+    A pipeline whose stage 3 fitted halting units on one model (points carry ``halting_file``): the point's
+    halting weights are copied into the final run (or, before the final stage, the stage-2 model's run) and named
+    in its ``halting_choice.json`` — the run's own halting units (the pipeline's rule choice) stay in its
+    model.safetensors; choosing the pipeline's own point (or "final") clears the user's choice. Older pipelines
+    (one trained run per λ): the point's run becomes the prediction model.
+
+    Every choice is recorded as a ``point_chosen`` (front points) and a ``chosen`` event on the pipeline run; the
+    pipeline's recorded choice (``chosen_point``, summary ``chosen``) is never changed. Returns ``run_id``,
+    ``has_model`` and ``halting`` (the user's halting choice now in effect, or None)."""
+    import shutil
+
+    from ..models import HALTING_DIR, MODEL_FILE, set_halting_choice
+
     rid = point.get("run_id")
     if rid is None:
         raise DactLabError(f"Trial {point.get('trial')} has no trained run to predict with: choose another point.")
     rid = int(rid)
-    if point.get("trial") is not None and point.get("source") != "final":
+    parent = tracker.get_run(int(parent_id))
+    summary = parent.get("summary") or {}
+    rule = summary.get("chosen") or {}
+    trial = point.get("trial")
+    fitted = bool(point.get("halting_file") or rule.get("halting_file"))
+    if trial is not None and point.get("source") != "final":
         try:
-            choose_point(parent_id, int(point["trial"]), tracker=tracker)
+            choose_point(parent_id, int(trial), tracker=tracker)
         except (DactLabError, KeyError, ValueError):  # an older run without a stage-3 study: 'chosen' still records it
             pass
-    tracker.log_event(parent_id, "chosen", {"run_id": rid, "trial": point.get("trial"), "lambda": point.get("lambda"),
-                                            "source": point.get("source", "front"), "by": by})
-    run_dir = Path(tracker.get_run(rid).get("run_dir") or tracker.run_dir(rid))
-    return {"run_id": rid, "has_model": (run_dir / "model.safetensors").is_file()}
+    halting = None
+    if fitted:
+        rid = int(summary.get("final_run_id") or rid)
+        run_dir = tracker.run_dir(rid)
+        if point.get("source") == "final" or trial is None or trial == rule.get("trial"):
+            set_halting_choice(run_dir, None)
+        else:
+            name = f"{HALTING_DIR}/trial_{int(trial)}.safetensors"
+            if not (run_dir / name).is_file():
+                src = tracker.home / str(point.get("halting_file") or "")
+                if not src.is_file():
+                    raise DactLabError(f"Trial {trial}'s halting weights ({src}) are missing: choose another point.")
+                (run_dir / HALTING_DIR).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, run_dir / name)
+            halting = {"file": name, "trial": int(trial), "lambda": point.get("lambda"),
+                       "val_avg_exit_layer": point.get("val_avg_exit_layer"),
+                       "val_accuracy": point.get("val_accuracy"), "by": by, "at": time.time()}
+            set_halting_choice(run_dir, halting)
+    else:
+        run_dir = Path(tracker.get_run(rid).get("run_dir") or tracker.run_dir(rid))
+    tracker.log_event(parent_id, "chosen", {"run_id": rid, "trial": trial, "lambda": point.get("lambda"),
+                                            "source": point.get("source", "front"), "by": by,
+                                            "halting": halting is not None})
+    return {"run_id": rid, "has_model": (run_dir / MODEL_FILE).is_file(), "halting": halting}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -680,6 +780,39 @@ class _Pipeline:
         self.tracker.log_event(self.parent, "stage_start", {"stage": stage, "trials": trials,
                                                             "budget_s": None if budget is None else round(budget, 1)})
 
+    def guard(self, stage: str, accuracy: float | None, *, split: str = "val", previous: tuple[str, float] | None
+              = None) -> dict:
+        """Compare ``stage``'s best accuracy with the majority-class baseline of ``split`` (and with the stage
+        before, ``previous`` = (stage, accuracy)): a ``guard`` event either way; raises PipelineGuardError (after a
+        ``guard_failed`` event) when the model is not clearly better than the baseline."""
+        part = self.split.val if split == "val" else self.split.test
+        targets = part.targets[self.task]
+        base = majority_baseline(targets)
+        need = guard_margin(base, len(targets), self.pipe.guard_margin)
+        acc = float("nan") if accuracy is None else float(accuracy)
+        info = {"stage": stage, "split": split, "accuracy": acc, "majority_baseline": base, "margin": need,
+                "rows": len(targets), "passed": bool(acc == acc and acc >= base + need)}
+        if previous is not None and previous[1] is not None and previous[1] == previous[1]:
+            info["previous"] = {"stage": previous[0], "accuracy": float(previous[1]),
+                                "change": acc - float(previous[1])}
+            if acc < float(previous[1]) - need:
+                info["warning"] = (f"{stage}'s best {split} accuracy {acc:.3f} is below {previous[0]}'s "
+                                   f"{float(previous[1]):.3f}")
+        self.tracker.log_event(self.parent, "guard", info)
+        if not info["passed"]:
+            msg = (f"Pipeline stopped after {stage}: its best model reaches {acc:.1%} {split} accuracy, not clearly "
+                   f"better than always answering the largest class ({base:.1%}; needed ≥ {base + need:.1%} on "
+                   f"{len(targets)} rows). What to change: {_GUARD_ADVICE[stage]}.")
+            info["message"] = msg
+            self.tracker.log_event(self.parent, "guard_failed", info)
+            if self.pipe.guards == "stop":
+                raise PipelineGuardError(msg)
+            import logging
+
+            logging.getLogger(__name__).warning("%s (pipeline.guards = 'warn': going on)", msg)
+            self.summary.setdefault("guard_warnings", []).append(msg)
+        return info
+
     # -- optuna helpers -------------------------------------------------------------------------------------
     def trial_logger(self, stage: str) -> Callable[[optuna.Study, FrozenTrial], None]:
         def log(study: optuna.Study, t: FrozenTrial) -> None:
@@ -721,7 +854,7 @@ class _Pipeline:
         return c.validate()
 
     def train_child(self, run_cfg: RunConfig, extra_callbacks: list[Callback], trial: optuna.Trial | None = None,
-                    save: bool = True):
+                    save: bool = True, model=None, tokenizer=None):
         from ..train import train
 
         run_id = self.tracker.create_run("dact", run_cfg.to_dict(), name=run_cfg.name, tag=run_cfg.tag,
@@ -732,7 +865,7 @@ class _Pipeline:
             with studies.live_run(run_id):
                 return train(run_cfg, data=self.split, home=self.home, tracker=self.tracker,
                              callbacks=[*extra_callbacks, *self.callbacks], cancel=self.cancel, run_id=run_id,
-                             parent_id=self.parent, save=save)
+                             parent_id=self.parent, save=save, model=model, tokenizer=tokenizer)
         finally:  # train() takes the dataset id from the config; this run's data is the pipeline's split
             self.tracker.update_run(run_id, dataset_id=self.dataset_id)
 
@@ -787,6 +920,11 @@ class _Pipeline:
             user_attrs={"pipeline": pipe.name, "stage": "stage1", "parent_run_id": self.parent,
                         "objective": "val_loss (DACT loss at stage1_lambda, heads on cached features)"})
 
+        # at least pipe.min_steps optimizer steps per trial (small data: more epochs over the cached features)
+        per_epoch = max(1, math.ceil(len(self.split.train) / pipe.stage1_batch_size))
+        epochs1 = max(pipe.stage1_epochs, min(max(pipe.max_epochs, pipe.stage1_epochs),
+                                              math.ceil(pipe.min_steps / per_epoch)))
+
         def objective(trial: optuna.Trial) -> float:
             self.cancel.check()
             params = suggest_architecture(trial, pipe)
@@ -798,7 +936,7 @@ class _Pipeline:
                     raise optuna.TrialPruned(f"pruned at epoch {step + 1} (val_loss = {value:.5g})")
 
             fit = fit_heads_on_features(model_cfg, self.num_classes, feats["train"][model_cfg.pooling], y_tr,
-                                        feats["val"][model_cfg.pooling], y_va, epochs=pipe.stage1_epochs,
+                                        feats["val"][model_cfg.pooling], y_va, epochs=epochs1,
                                         lr=pipe.stage1_lr, batch_size=pipe.stage1_batch_size,
                                         weight_decay=cfg.train.weight_decay, seed=pipe.seed + trial.number,
                                         report=report, cancel=self.cancel, num_threads=pipe.stage1_threads)
@@ -810,6 +948,7 @@ class _Pipeline:
         self.optimize(study, objective, pipe.trials_stage1, None if budget is None else
                       max(0.0, budget - (time.monotonic() - t0)), "stage1")
         best = study.best_trial
+        self.guard("stage1", best.user_attrs.get("val_accuracy"))
         model_cfg = model_from_params(best.params, cfg.model, ponder_lambda=pipe.stage1_lambda)
         self.finish_stage("stage1", {"best_params": best.params, "best_value": best.value, "best_trial": best.number,
                                      "best_user_attrs": best.user_attrs, "model": dataclasses.asdict(model_cfg),
@@ -820,7 +959,36 @@ class _Pipeline:
         return from_dict(DactModelConfig, self.state["stage1"]["model"], "model")
 
     def train_cfg(self) -> TrainConfig:
-        return train_from_params(self.state["stage2"]["best_params"], self.cfg.train)
+        return self.trial_train_cfg(self.state["stage2"]["best_params"])
+
+    def trial_train_cfg(self, params: dict[str, Any]) -> TrainConfig:
+        return train_from_params(params, self.cfg.train, n_train=len(self.split.train),
+                                 min_steps=self.pipe.min_steps, max_epochs=self.pipe.max_epochs)
+
+    def keep_if_best(self, study: optuna.Study, trial: optuna.Trial, value: float, res, run_cfg: RunConfig) -> None:
+        """Stage 2 keeps the weights of its best trial only (stage 3 and the final model are built on them): a
+        trial better than every complete one so far is saved in its run folder and the previous best's model file
+        is removed (its run keeps config, metrics and events)."""
+        from ..models import MODEL_FILE, save_model
+
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if done and min(t.value for t in done) <= value:
+            return
+        run_dir = self.tracker.run_dir(res.run_id)
+        save_model(run_dir, res.model, res.tokenizer, run_cfg, res.label_maps)
+        (run_dir / "report.json").write_text(json.dumps(_jsonable({"best": res.best_metrics, "test": {},
+                                                                   "stop_reason": res.stop_reason})),
+                                             encoding="utf-8")
+        self.tracker.update_run(res.run_id, run_dir=str(run_dir))
+        self.tracker.add_artifact(res.run_id, str(run_dir / MODEL_FILE), "model")
+        trial.set_user_attr("model_saved", True)
+        for t in done:
+            rid = t.user_attrs.get("run_id")
+            if t.user_attrs.get("model_saved") and rid is not None:
+                old = self.tracker.run_dir(int(rid)) / MODEL_FILE
+                old.unlink(missing_ok=True)
+                self.tracker.update_run(int(rid), summary={"model_removed": f"stage-2 trial {trial.number} is "
+                                                           "better; only the best trial's weights are kept"})
 
     def stage2(self) -> None:
         t0 = time.monotonic()
@@ -839,59 +1007,97 @@ class _Pipeline:
         def objective(trial: optuna.Trial) -> float:
             self.cancel.check()
             params = suggest_training(trial, pipe)
-            run_cfg = self.child_config(model_cfg, train_from_params(params, self.cfg.train),
-                                        f"{pipe.name}/stage2/trial{trial.number}", "stage2")
-            # stage-2 trials only score training parameters: their weights are not kept
+            tc = self.trial_train_cfg(params)
+            trial.set_user_attr("epochs_run", tc.epochs)
+            run_cfg = self.child_config(model_cfg, tc, f"{pipe.name}/stage2/trial{trial.number}", "stage2")
             res = self.train_child(run_cfg, [studies.PruningCallback(trial, "val_loss")], trial, save=False)
             for k in ("val_accuracy", "val_nll", "val_avg_exit_layer"):
                 if k in res.best_metrics:
                     trial.set_user_attr(k, res.best_metrics[k])
-            return float(res.best_metrics["val_loss"])
+            value = float(res.best_metrics["val_loss"])
+            if math.isfinite(value):
+                self.keep_if_best(study, trial, value, res, run_cfg)
+            return value
 
         self.optimize(study, objective, pipe.trials_stage2, budget, "stage2")
         best = study.best_trial
+        s1 = self.state["stage1"].get("best_user_attrs", {}).get("val_accuracy")
+        guard = self.guard("stage2", best.user_attrs.get("val_accuracy"), previous=("stage1", s1))
         self.finish_stage("stage2", {"best_params": best.params, "best_value": best.value, "best_trial": best.number,
                                      "best_run_id": best.user_attrs.get("run_id"),
-                                     "train": dataclasses.asdict(train_from_params(best.params, self.cfg.train)),
+                                     "best_user_attrs": best.user_attrs, "guard": guard,
+                                     "train": dataclasses.asdict(self.trial_train_cfg(best.params)),
                                      "n_trials": _counted(study)}, time.monotonic() - t0)
 
+    def trunk(self):
+        """The best stage-2 model (encoder + classifiers trained; the halting units get fitted in stage 3)."""
+        from ..models import load_model
+
+        rid = self.state["stage2"].get("best_run_id")
+        if rid is None or not (self.tracker.run_dir(int(rid)) / "model.safetensors").is_file():
+            raise DactLabError(f"The best stage-2 model (run {rid}) has no saved weights: stage 3 needs them. Start "
+                               "the pipeline again under a new name.")
+        return int(rid), load_model(self.tracker.run_dir(int(rid)), device=str(self.device))
+
     def stage3(self) -> None:
+        from safetensors.torch import load_file
+
+        from ..data import encode
+        from ..halting import fit_halting, layer_cache, nll_ref_of, point_metrics
+        from ..models import save_halting_file
+
         t0 = time.monotonic()
         budget = self.budget.share("stage3")
         pipe = self.pipe
         self.start_stage("stage3", pipe.trials_stage3, budget)
-        model_cfg, train_cfg = self.model_cfg(), self.train_cfg()
+        trunk_id, loaded = self.trunk()
+        model = loaded.model
+        mc = model.cfg
+        cache = layer_cache(model, encode(self.split.val, loaded.tokenizer, self.cfg.data.max_seq_len))
+        nll_ref = nll_ref_of(cache)
         first = "val_nll" if pipe.objective3 == "loss" else "val_error"
         study = studies.create_study(
             self.names["stage3"], directions=["minimize", "minimize"], home=self.home,
             sampler=optuna.samplers.TPESampler(seed=pipe.seed + 3,
-                                               n_startup_trials=min(pipe.trials_stage3, 4)),
+                                               n_startup_trials=min(pipe.trials_stage3, 8)),
             user_attrs={"pipeline": pipe.name, "stage": "stage3", "parent_run_id": self.parent,
-                        "objectives": [first, "val_avg_exit_layer"], "objective3": pipe.objective3})
-        if not study.trials:  # a fresh study: start with λ log-spaced over the range (the reference's sweep)
-            k = min(pipe.trials_stage3, 4)
+                        "objectives": [first, "val_avg_exit_layer"], "objective3": pipe.objective3,
+                        "trunk_run_id": trunk_id, "nll_ref": nll_ref, "num_layers": model.num_layers,
+                        "lambda_scale": "normalised: λ_spec = λ · nll_ref / N (dact.spec_lambda)",
+                        "method": "halting units fitted alone per λ on the validation split (halting.fit_halting)"})
+        with warnings.catch_warnings():  # experimental in Optuna, read by optuna-dashboard
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([first, "val_avg_exit_layer"])
+        if not study.trials:  # a fresh study: start with λ log-spaced over the range, then TPE fills the front
+            k = min(pipe.trials_stage3, 12)
             lo, hi = math.log(pipe.lambda_low), math.log(pipe.lambda_high)
             for i in range(k):
                 x = (lo + hi) / 2 if k == 1 else lo + (hi - lo) * i / (k - 1)
                 lam = min(max(float(f"{math.exp(x):.4g}"), pipe.lambda_low), pipe.lambda_high)
                 study.enqueue_trial({"ponder_lambda": lam})
+        parent_dir = self.tracker.run_dir(self.parent)
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:
             self.cancel.check()
             lam = trial.suggest_float("ponder_lambda", pipe.lambda_low, pipe.lambda_high, log=True)
-            m = copy.deepcopy(model_cfg)
-            m.ponder_lambda = lam
-            run_cfg = self.child_config(m, train_cfg, f"{pipe.name}/stage3/trial{trial.number}", "stage3")
-            res = self.train_child(run_cfg, [], trial)
-            bm = res.best_metrics
-            for k in ("val_accuracy", "val_nll", "val_avg_exit_layer", "val_loss"):
-                trial.set_user_attr(k, float(bm[k]))
-            obj = float(bm["val_nll"]) if pipe.objective3 == "loss" else 1.0 - float(bm["val_accuracy"])
-            return obj, float(bm["val_avg_exit_layer"])
+            [pt] = fit_halting(model, cache, [lam], epochs=mc.halting_epochs, seed=pipe.seed, cancel=self.cancel)
+            m = point_metrics(model, cache, pt.state)
+            path = save_halting_file(parent_dir, f"trial_{trial.number}", pt.state)
+            attrs = {"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_avg_exit_layer": m["avg_exit_layer"],
+                     "spec_lambda": pt.spec_lambda, "fit_s": round(pt.fit_s, 3), "run_id": trunk_id,
+                     "halting_file": str(path.relative_to(self.home))}
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            obj = m["nll"] if pipe.objective3 == "loss" else 1.0 - m["accuracy"]
+            return obj, m["avg_exit_layer"]
 
         self.optimize(study, objective, pipe.trials_stage3, budget, "stage3")
         front = pareto_points(study)
         chosen = apply_choice_rule(front, pipe.choice_rule, pipe.choice_tolerance, trials=trial_points(study))
+        s2 = self.state["stage2"].get("best_user_attrs", {}).get("val_accuracy")
+        guard = self.guard("stage3", chosen.get("val_accuracy"), previous=("stage2", s2))
+        # the chosen point's weights must load back (a damaged file fails here, not in the final stage)
+        load_file(str(self.home / chosen["halting_file"]))
         self.tracker.log_event(self.parent, "pareto_front", {"objectives": [first, "val_avg_exit_layer"],
                                                              "front": front, "study_name": self.names["stage3"]})
         self.tracker.log_event(self.parent, "chosen_point", {"rule": pipe.choice_rule,
@@ -899,30 +1105,109 @@ class _Pipeline:
         self.summary.update(front=front, chosen=chosen)
         self.finish_stage("stage3", {"best_params": {"ponder_lambda": chosen["lambda"]}, "front": front,
                                      "chosen": chosen, "objectives": [first, "val_avg_exit_layer"],
+                                     "trunk_run_id": trunk_id, "nll_ref": nll_ref, "guard": guard,
                                      "n_trials": _counted(study)}, time.monotonic() - t0)
 
     def final(self) -> None:
+        """The final model: the stage-2 weights with the chosen stage-3 halting units, saved as its own run (every
+        stage-3 point's halting file beside it, so any point can be chosen later without training), evaluated on
+        the validation and test splits; optionally fine-tuned end to end at the chosen λ and compared."""
+        import shutil
+
+        from safetensors.torch import load_file
+
         from ..data import encode
-        from ..evaluate import exit_policy_sweep
+        from ..evaluate import evaluate_encoded, exit_policy_sweep, full_report, metrics_of
+        from ..models import HALTING_DIR, MODEL_FILE, save_model
 
         t0 = time.monotonic()
         self.start_stage("final", None, self.budget.share("final"))
-        m = self.model_cfg()
-        m.ponder_lambda = float(self.state["stage3"]["chosen"]["lambda"])
+        st3 = self.state["stage3"]
+        chosen = st3["chosen"]
+        trunk_id, loaded = self.trunk()
+        model = loaded.model
+        model.halters.load_state_dict(load_file(str(self.home / chosen["halting_file"])))
+        m = copy.deepcopy(model.cfg)
+        m.ponder_lambda = float(chosen.get("spec_lambda", m.ponder_lambda))
         run_cfg = self.child_config(m, self.train_cfg(), f"{self.pipe.name}/final", "final")
-        res = self.train_child(run_cfg, [])
-        enc_val = encode(self.split.val, res.tokenizer, run_cfg.data.max_seq_len)
-        sweep = exit_policy_sweep(res.model, enc_val, batch_size=max(run_cfg.train.batch_size, 64),
-                                  timed=self.pipe.sweep_timed)
-        payload = {"split": "val", "timed": self.pipe.sweep_timed, "num_layers": res.model.num_layers,
-                   "rows": sweep, "final_run_id": res.run_id}
-        self.tracker.log_event(self.parent, "exit_policy_sweep", payload)
-        self.tracker.log_event(res.run_id, "exit_policy_sweep", payload)
-        self.summary.update(final_run_id=res.run_id, final_test=res.test_metrics, exit_policy_sweep=sweep)
-        self.finish_stage("final", {"final_run_id": res.run_id, "test_metrics": res.test_metrics,
-                                    "best_metrics": res.best_metrics, "exit_policy_sweep": sweep,
-                                    "model": dataclasses.asdict(m), "train": dataclasses.asdict(run_cfg.train)},
-                          time.monotonic() - t0)
+        tr = self.tracker
+        rid = tr.create_run("dact", run_cfg.to_dict(), name=run_cfg.name, tag="final", parent_id=self.parent,
+                            dataset_id=self.dataset_id, status="running")
+        run_dir = tr.run_dir(rid)
+        tr.update_run(rid, run_dir=str(run_dir))
+        save_model(run_dir, model, loaded.tokenizer, run_cfg, loaded.label_maps)
+        study = optuna.load_study(study_name=self.names["stage3"], storage=studies.storage(self.home))
+        points = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            src = t.user_attrs.get("halting_file")
+            if src and (self.home / src).is_file():
+                (run_dir / HALTING_DIR).mkdir(exist_ok=True)
+                shutil.copyfile(self.home / src, run_dir / HALTING_DIR / f"trial_{t.number}.safetensors")
+                points.append({"trial": t.number, "lambda": float(t.params["ponder_lambda"]),
+                               "spec_lambda": t.user_attrs.get("spec_lambda"),
+                               "avg_exit_layer": t.user_attrs.get("val_avg_exit_layer"),
+                               "accuracy": t.user_attrs.get("val_accuracy"),
+                               "file": f"{HALTING_DIR}/trial_{t.number}.safetensors"})
+        bs = max(run_cfg.train.batch_size, 64)
+        enc_val = encode(self.split.val, loaded.tokenizer, run_cfg.data.max_seq_len)
+        val = metrics_of(evaluate_encoded(model, enc_val, bs, self.device, run_cfg.train.precision), "val_")
+        test, report = {}, {}
+        if self.split.test is not None and len(self.split.test):
+            enc_test = encode(self.split.test, loaded.tokenizer, run_cfg.data.max_seq_len)
+            res = evaluate_encoded(model, enc_test, bs, self.device, run_cfg.train.precision)
+            test, report = metrics_of(res, "test_"), full_report(res, loaded.label_maps)
+        halting = {"chosen": {"lambda": chosen["lambda"], "spec_lambda": chosen.get("spec_lambda"),
+                              "avg_exit_layer": chosen["val_avg_exit_layer"], "accuracy": chosen["val_accuracy"],
+                              "trial": chosen["trial"]},
+                   "points": points, "rows": len(self.split.val), "split": "val", "source": "pipeline stage 3",
+                   "tolerance_points": 100 * self.pipe.choice_tolerance, "trunk_run_id": trunk_id}
+        (run_dir / "report.json").write_text(json.dumps(_jsonable(
+            {"best": val, "test": test, "report": report, "history": [], "stop_reason": None,
+             "halting": halting, "built_from": {"trunk_run_id": trunk_id, "stage3_trial": chosen["trial"]}}),
+            indent=2), encoding="utf-8")
+        tr.log_metrics(rid, {**val, **test}, step=0)
+        for name, kind in ((MODEL_FILE, "model"), ("config.json", "config"), ("label_maps.json", "label_map"),
+                           ("report.json", "report")):
+            tr.add_artifact(rid, str(run_dir / name), kind)
+        tr.set_status(rid, "finished", summary={"best": val, "test": test, "halting": halting,
+                                                "built_from": {"trunk_run_id": trunk_id,
+                                                               "stage3_trial": chosen["trial"]}})
+        tr.log_event(rid, "built_from_pipeline", {"parent": self.parent, "trunk_run_id": trunk_id,
+                                                  "stage3_trial": chosen["trial"], "points": len(points)})
+        if test:
+            guard = self.guard("final", test.get("test_accuracy"), split="test")
+        else:
+            guard = None
+        finetune = self.finetune(model, loaded, chosen, enc_val) if self.pipe.final_finetune else None
+        sweep = exit_policy_sweep(model, enc_val, batch_size=bs, timed=self.pipe.sweep_timed)
+        payload = {"split": "val", "timed": self.pipe.sweep_timed, "num_layers": model.num_layers,
+                   "rows": sweep, "final_run_id": rid}
+        tr.log_event(self.parent, "exit_policy_sweep", payload)
+        tr.log_event(rid, "exit_policy_sweep", payload)
+        front = [dict(p, run_id=rid) for p in st3["front"]]  # every front point is the final run + its halting file
+        self.summary.update(final_run_id=rid, final_test=test, exit_policy_sweep=sweep, front=front,
+                            chosen=dict(chosen, run_id=rid))
+        self.finish_stage("final", {"final_run_id": rid, "test_metrics": test, "best_metrics": val,
+                                    "exit_policy_sweep": sweep, "guard": guard, "finetune": finetune,
+                                    "front": front, "chosen": dict(chosen, run_id=rid), "model": dataclasses.asdict(m),
+                                    "train": dataclasses.asdict(run_cfg.train)}, time.monotonic() - t0)
+
+    def finetune(self, model, loaded, chosen: dict, enc_val) -> dict:
+        """End-to-end fine-tuning of the final model at the chosen point's λ (spec scale), as a child run, measured
+        against the fitted point on the validation split. The final model stays the fitted one."""
+        m = copy.deepcopy(model.cfg)
+        m.ponder_lambda = float(chosen.get("spec_lambda", m.ponder_lambda))
+        m.fit_halting = False
+        tc = copy.deepcopy(self.train_cfg())
+        tc.epochs = self.pipe.finetune_epochs
+        run_cfg = self.child_config(m, tc, f"{self.pipe.name}/finetune", "finetune")
+        t0 = time.monotonic()
+        res = self.train_child(run_cfg, [], model=copy.deepcopy(model), tokenizer=loaded.tokenizer)
+        out = {"run_id": res.run_id, "seconds": round(time.monotonic() - t0, 3),
+               "fitted": {"val_accuracy": chosen["val_accuracy"], "val_avg_exit_layer": chosen["val_avg_exit_layer"]},
+               "finetuned": {k: res.best_metrics.get(k) for k in ("val_accuracy", "val_avg_exit_layer", "val_nll")}}
+        self.tracker.log_event(self.parent, "finetune_compared", out)
+        return out
 
     def result(self, status: str = "finished") -> PipelineResult:
         st = self.state
@@ -930,8 +1215,8 @@ class _Pipeline:
         fin = st.get("final", {})
         return PipelineResult(
             parent_run_id=int(self.parent), final_run_id=fin.get("final_run_id"), stage_best=stage_best,
-            pareto=st.get("stage3", {}).get("front", []), chosen=st.get("stage3", {}).get("chosen", {}),
-            study_names=dict(self.names), status=status, resumed_stages=list(self.resumed),
+            pareto=fin.get("front") or st.get("stage3", {}).get("front", []),
+            chosen=fin.get("chosen") or st.get("stage3", {}).get("chosen", {}), study_names=dict(self.names), status=status, resumed_stages=list(self.resumed),
             feature_cache=st.get("stage1", {}).get("feature_cache", {}), test_metrics=fin.get("test_metrics", {}),
             exit_policy_sweep=fin.get("exit_policy_sweep", []), model_config=fin.get("model", {}),
             train_config=fin.get("train", {}))
@@ -964,8 +1249,8 @@ def run_pipeline(cfg: RunConfig, *, pipeline: PipelineConfig, home=None, tracker
 
     pipeline.validate()
     cfg = copy.deepcopy(as_dact_config(cfg))
-    # stage 3 tunes λ by training one model per λ: the post-training halting fit (train() for kind 'dact') would
-    # replace exactly what that study measures, so the pipeline's runs keep their jointly trained halting units
+    # stage 3 fits the halting units per λ on the best stage-2 model itself: its trials skip train()'s own
+    # post-training halting fit (kind 'dact', model.fit_halting)
     cfg.model.fit_halting = False
     tracker = tracker or Tracker(home)
     cancel = cancel or CancelToken()
@@ -1017,8 +1302,8 @@ def load_pipeline_result(parent_or_name: int | str, *, home=None, tracker=None) 
     return PipelineResult(
         parent_run_id=int(run["id"]), final_run_id=fin.get("final_run_id"),
         stage_best={s: state[s]["best_params"] for s in ("stage1", "stage2", "stage3") if s in state},
-        pareto=state.get("stage3", {}).get("front", []), chosen=state.get("stage3", {}).get("chosen", {}),
-        study_names=names, status=run["status"], resumed_stages=list(state),
+        pareto=fin.get("front") or state.get("stage3", {}).get("front", []),
+        chosen=fin.get("chosen") or state.get("stage3", {}).get("chosen", {}), study_names=names, status=run["status"], resumed_stages=list(state),
         feature_cache=state.get("stage1", {}).get("feature_cache", {}), test_metrics=fin.get("test_metrics", {}),
         exit_policy_sweep=fin.get("exit_policy_sweep", []), model_config=fin.get("model", {}),
         train_config=fin.get("train", {}))
