@@ -8,8 +8,9 @@ For each dataset (from ``--data-dir``, default ../shared/data):
 * reference: kind "backbone" (library defaults), its accuracy and batch-1 latency;
 * each DACT variant (``--variants``): ``today`` (the defaults before this change: no per-layer loss, halting MLP
   on the layer summary, no halting fit), ``default`` (the library defaults for kind "dact": ``train --kind dact``
-  with no flags), ``kd`` (defaults + self-distillation, weight 1, T = 2), ``pabee`` (defaults + PABEE depth
-  weighting). Policies: the DACT rule at every fitted λ (halting units fitted alone on the validation split,
+  with no flags), ``nothr`` (defaults without the threshold halting units), ``thr`` (defaults with them: the
+  default since they measured better), ``kd`` (defaults + self-distillation, weight 1, T = 2), ``pabee``
+  (defaults + PABEE depth weighting). Policies: the DACT rule at every fitted λ and every threshold τ (halting units fitted alone on the validation split,
   ``dact_lib.halting``), the entropy sweep (thresholds × ln K), patience t = 1..N-1, fixed depth 1..N;
 * every point: average exit layer and accuracy on the whole evaluation split (offline simulation = the online
   loop), batch-1 latency on a seeded sample of ``--latency-rows`` sentences with real early exit
@@ -70,6 +71,8 @@ def variant_config(kind, variant, args):
         m = cfg.model
         if variant == "today":
             m.layer_loss_weight, m.distill_weight, m.halting_input, m.fit_halting = 0.0, 0.0, "summary", False
+        elif variant == "nothr":  # the defaults before halting_thresholds was on
+            m.halting_thresholds = False
         elif variant == "kd":
             m.distill_weight, m.distill_temperature = 1.0, 2.0
         elif variant == "thr":
@@ -228,7 +231,7 @@ def run_dataset(name, args, out):
                 pts.append({"family": "dact", "point": f"λ={hp.lam:g}", "avg_exit_layer": x, "accuracy": acc,
                             "key": key})
                 calls[key] = lambda i, a, hs=hs: _with(model, hs, i, a)
-        if variant == "thr":
+        if cfg.model.halting_thresholds and cfg.model.halting_input == "confidence":
             from dact_lib.halting import threshold_points
 
             for hp in threshold_points(model, val_cache):

@@ -179,9 +179,11 @@ class DactModelConfig:
     # also try every fitted λ's halting logits calibrated (scaled ×1/2/4, shifted 0…−4) on the validation split;
     # off by default: on SST-2 it gave a deeper default point (5.77 vs 5.52 layers), docs/benchmarks.md
     halting_calibration: bool = False
-    # also try halting units set by hand to a confidence threshold τ (halting.threshold_state; needs
-    # halting_input "confidence"): the DACT rule then exits like the entropy policy. Off until measured on all sets.
-    halting_thresholds: bool = False
+    # also try halting units set by hand to a confidence threshold τ (halting.threshold_state), measured exactly
+    # under the DACT rule like every fitted λ: the rule then exits like the entropy policy. On by default: on all
+    # four sets of bench/early_exit_suite.py it gave the faster no-flags point (docs/benchmarks.md). Only used with
+    # halting_input "confidence" (the units read the entropy feature); ignored otherwise.
+    halting_thresholds: bool = True
 
     def validate(self, name: str = "model") -> None:
         _check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
@@ -212,10 +214,8 @@ class DactModelConfig:
         _check_int(f"{name}.halting_epochs", self.halting_epochs, 1, 10000)
         _check(isinstance(self.halting_calibration, bool), f"{name}.halting_calibration", self.halting_calibration,
                "expected true/false")
-        _check(isinstance(self.halting_thresholds, bool) and not (self.halting_thresholds and
-                                                                  self.halting_input != "confidence"),
-               f"{name}.halting_thresholds", self.halting_thresholds,
-               "expected true/false; true needs halting_input 'confidence'")
+        _check(isinstance(self.halting_thresholds, bool), f"{name}.halting_thresholds", self.halting_thresholds,
+               "expected true/false")
 
 
 @dataclass

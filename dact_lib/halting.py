@@ -357,7 +357,8 @@ def fit_after_training(model, cfg, enc_val, cancel=None) -> dict:
     cache = layer_cache(model, enc_val)
     points = fit_halting(model, cache, mc.halting_lambdas, epochs=mc.halting_epochs, seed=cfg.train.seed,
                          cancel=cancel, calibrate=mc.halting_calibration)
-    thresholds = threshold_points(model, cache) if mc.halting_thresholds else []
+    thresholds = threshold_points(model, cache) if mc.halting_thresholds and mc.halting_input == "confidence" \
+        else []
     chosen = choose_point(points + thresholds, mc.halting_tolerance)
     plain = [p for p in points if p.scale == 1.0 and p.shift == 0.0]
     calibrated_front = [p for p in front_of(points) if (p.scale, p.shift) != (1.0, 0.0)]

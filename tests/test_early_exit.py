@@ -9,7 +9,7 @@ import torch
 from dact_lib import dact
 from dact_lib.config import RunConfig, default_config
 from dact_lib.data import DatasetSplit, TextDataset, encode
-from dact_lib.errors import ConfigError
+from dact_lib.errors import ConfigError, DactLabError
 from dact_lib.evaluate import entropy_thresholds
 from dact_lib.halting import LayerCache, choose_point, fit_halting, install_halting, layer_cache, nll_ref_of
 from dact_lib.models import build_model
@@ -366,4 +366,6 @@ def test_threshold_halting_units_make_the_dact_rule_exit_like_entropy(hidden):
     pts = threshold_points(model, cache, thresholds=(0.5, 0.999))
     assert [p.threshold for p in pts] == [0.5, 0.999] and pts[0].avg_exit_layer == pytest.approx(1.5)
     with pytest.raises(ConfigError, match="halting_thresholds"):
-        RunConfig.from_dict({"kind": "dact", "model": {"halting_thresholds": True, "halting_input": "summary"}})
+        RunConfig.from_dict({"kind": "dact", "model": {"halting_thresholds": "yes"}})
+    with pytest.raises(DactLabError, match="confidence"):
+        threshold_state(tiny_dact(halting_input="summary")[0], 0.5)
