@@ -319,7 +319,8 @@ def exit_advice(run_dir, num_layers: int | None = None, late: float = 0.8) -> st
                 "trained with the model only (model.fit_halting off). Retrain with model.fit_halting on (the "
                 "default; CLI without --no-fit-halting): the halting units are then fitted per λ on the validation "
                 "split and the fastest point within model.halting_tolerance points is kept.")
-    pts = (halting.get("points") or []) + (halting.get("calibrated_front") or [])
+    pts = (halting.get("points") or []) + (halting.get("calibrated_front") or []) + \
+        (halting.get("threshold_points") or [])
     n = num_layers or (len(halting.get("layer_accuracy") or []) or 6)
     chosen = halting.get("chosen") or {}
     if not pts or chosen.get("avg_exit_layer", 0) <= late * n:
@@ -331,13 +332,17 @@ def exit_advice(run_dir, num_layers: int | None = None, late: float = 0.8) -> st
         return (f"This run exits after {chosen['avg_exit_layer']:.2f} of {n} layers on average: no fitted λ exits "
                 "earlier on its validation split (its early classifiers are not confident enough). More epochs or "
                 "model.distill_weight > 0 make them stronger.")
-    opts = "; ".join(f"λ = {p['lambda']:g}: {p['avg_exit_layer']:.2f} layers at {100 * p['accuracy']:.1f}% "
+    def name(p: dict) -> str:
+        lam, tau = p.get("lambda"), p.get("threshold")
+        return f"τ = {tau:g}" if tau is not None else f"λ = {lam:g}" if lam is not None and lam == lam else "?"
+
+    opts = "; ".join(f"{name(p)}: {p['avg_exit_layer']:.2f} layers at {100 * p['accuracy']:.1f}% "
                      f"({100 * (p['accuracy'] - top):+.1f} points)" for p in sorted(faster, key=lambda p: p["avg_exit_layer"]))
     need = max(100 * (top - p["accuracy"]) for p in faster[:1]) + 0.05
     msg = (f"This run exits after {chosen['avg_exit_layer']:.2f} of {n} layers on average: within its tolerance of "
            f"{halting.get('tolerance_points', 0.5):g} points no fitted λ exits earlier. Measured on its validation "
            f"split ({halting.get('rows', '?')} rows): {opts}. Retrain with model.halting_tolerance ≥ {need:.1f} "
-           f"(CLI --halting-tolerance) to take λ = {faster[0]['lambda']:g}.")
+           f"(CLI --halting-tolerance) to take {name(faster[0])}.")
     ent = [p for p in halting.get("entropy_points") or [] if p["accuracy"] >= top - 0.01]
     if ent:
         e = min(ent, key=lambda p: p["avg_exit_layer"])

@@ -55,7 +55,7 @@ def done(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("DACT_LAB_CACHE", str(h / "cache"))  # a private feature cache: stage 1 is a miss, deterministically
     try:
-        res = run_pipeline(tiny_cfg(), pipeline=tiny_pipe("demo-pipe"), home=h)
+        res = run_pipeline(tiny_cfg(), pipeline=tiny_pipe("demo-pipe", trials=(3, 2, 14)), home=h)
         yield h, res
     finally:
         mp.undo()
@@ -82,10 +82,10 @@ def test_parent_run_events_metrics_and_stage_files(done):
     assert feat[0]["build_s"] > 0 and set(feat[0]["keys"]) == {"train", "val"}
     assert set(feat[0]["keys"]["train"]) == {"cls", "mean"} and "cached" in feat[0]["message"]
     trials = [e["payload"] for e in events if e["kind"] == "trial"]
-    assert [sum(t["stage"] == s for t in trials) for s in ("stage1", "stage2", "stage3")] == [3, 2, 3]
+    assert [sum(t["stage"] == s for t in trials) for s in ("stage1", "stage2", "stage3")] == [3, 2, 14]
     m = tr.get_metrics(res.parent_run_id)
     assert sorted(m[m.name == "stage1_value"]["step"]) == [0, 1, 2]
-    assert len(m[m.name == "stage3_avg_exit_layer"]) == 3
+    assert len(m[m.name == "stage3_avg_exit_layer"]) == 14
     rd = tr.run_dir(res.parent_run_id)
     for stage in ("stage1", "stage2", "stage3", "final"):
         saved = json.loads((rd / f"{stage}.json").read_text())
@@ -106,16 +106,22 @@ def test_stage3_fits_halting_points_on_the_best_stage2_model(done):
     study = optuna.load_study(study_name="demo-pipe/stage3", storage=home_mod.optuna_storage_url(h))
     assert len(study.directions) == 2 and study.metric_names == ["val_nll", "val_avg_exit_layer"]
     trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
-    assert len(trials) == 3
+    assert len(trials) == 14
+    # 12 fitted λ log-spaced over [0.01, 10], then the first threshold units of the τ grid
+    assert [t.params["halting"] for t in trials] == ["fitted"] * 12 + ["threshold"] * 2
+    assert [t.params["tau"] for t in trials[12:]] == [0.1, 0.2]
     tr = Tracker(h)
     trunk = json.loads((tr.run_dir(res.parent_run_id) / "stage2.json").read_text())["best_run_id"]
     assert study.user_attrs["trunk_run_id"] == trunk
     for t in trials:
-        assert 1e-2 <= t.params["ponder_lambda"] <= 10
         assert t.user_attrs["run_id"] == trunk  # one trained model: every point is its weights + a halting file
         assert (h / t.user_attrs["halting_file"]).is_file()
-        n_ref, N = study.user_attrs["nll_ref"], study.user_attrs["num_layers"]
-        assert t.user_attrs["spec_lambda"] == pytest.approx(t.params["ponder_lambda"] * n_ref / N)
+        if t.params["halting"] == "fitted":
+            assert 1e-2 <= t.params["ponder_lambda"] <= 10
+            n_ref, N = study.user_attrs["nll_ref"], study.user_attrs["num_layers"]
+            assert t.user_attrs["spec_lambda"] == pytest.approx(t.params["ponder_lambda"] * n_ref / N)
+        else:
+            assert t.user_attrs["spec_lambda"] is None
     assert sorted(p["trial"] for p in res.pareto) == sorted(t.number for t in study.best_trials)
     assert res.study_names == {"stage1": "demo-pipe/stage1", "stage2": "demo-pipe/stage2",
                                "stage3": "demo-pipe/stage3"}
@@ -165,7 +171,10 @@ def test_chosen_point_obeys_the_rule(done):
     assert res.stage_best["stage3"] == {"ponder_lambda": res.chosen["lambda"]}
     # a user picks a front point later
     other = choose_point(res.parent_run_id, front[-1]["trial"], home=h)
-    assert other["params"] == {"ponder_lambda": front[-1]["lambda"]} and other["run_id"] == front[-1]["run_id"]
+    want = {"halting": "fitted", "ponder_lambda": front[-1]["lambda"]} if front[-1]["lambda"] is not None else \
+        {"halting": "threshold", "tau": front[-1]["tau"]}
+    assert other["params"] == want
+    assert other["run_id"] == front[-1]["run_id"]
     assert Tracker(h).get_events(res.parent_run_id, kinds=["point_chosen"])
     study = optuna.load_study(study_name="demo-pipe/stage3", storage=home_mod.optuna_storage_url(h))
     off_front = [t.number for t in study.trials if t.number not in {p["trial"] for p in front}]
@@ -249,9 +258,12 @@ def test_final_run_is_saved_and_loads(done):
     assert "test_accuracy" in res.test_metrics
     loaded = load_model(res.final_run_id, home=h, device="cpu")
     assert isinstance(loaded.model, DactBert)
-    assert loaded.config.model.ponder_lambda == pytest.approx(res.chosen["spec_lambda"])
+    # a fitted point: the run's λ is that point's spec-scale λ; a threshold point keeps the training λ
+    want = res.chosen["spec_lambda"] if res.chosen["spec_lambda"] is not None else \
+        json.loads((tr.run_dir(res.parent_run_id) / "stage1.json").read_text())["model"]["ponder_lambda"]
+    assert loaded.config.model.ponder_lambda == pytest.approx(want)
     rep = json.loads((tr.run_dir(res.final_run_id) / "report.json").read_text())
-    assert rep["halting"]["chosen"]["trial"] == res.chosen["trial"] and len(rep["halting"]["points"]) == 3
+    assert rep["halting"]["chosen"]["trial"] == res.chosen["trial"] and len(rep["halting"]["points"]) == 14
     assert all((tr.run_dir(res.final_run_id) / p["file"]).is_file() for p in rep["halting"]["points"])
     assert loaded.config.model.pooling == res.stage_best["stage1"]["pooling"]
     assert loaded.config.train.encoder_lr == pytest.approx(res.stage_best["stage2"]["encoder_lr"])

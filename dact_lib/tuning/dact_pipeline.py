@@ -113,6 +113,9 @@ class PipelineConfig:
     # every dataset; λ = 1 means "running all N layers costs as much as the deepest classifier's NLL"
     lambda_low: float = 1e-2
     lambda_high: float = 10.0
+    # stage 3 also tries halting units set to a confidence threshold τ (halting.threshold_state; models with
+    # halting_input "confidence"): the exact DACT rule then exits like the entropy policy (docs/benchmarks.md)
+    stage3_thresholds: bool = True
     objective3: str = "loss"  # first objective of stage 3: "loss" (validation NLL) or "error" (1 - accuracy)
     choice_rule: str = "lowest_exit_within_1pt"
     choice_tolerance: float = 0.01
@@ -141,6 +144,9 @@ class PipelineConfig:
     # a stage-2 trial runs at least this many optimizer steps: on small data its epochs are raised (at most
     # max_epochs) so that 1 epoch of 400 rows at batch 64 (7 steps) cannot be a trial
     min_steps: int = 150
+    # multi-fidelity stage 2: "halving" = successive halving over epochs (a trial goes on after epoch 1, 3, … only
+    # when it is in the best third of the trials at that epoch), "median" = MedianPruner, "none"
+    stage2_pruner: Literal["halving", "median", "none"] = "halving"
     max_epochs: int = 50
     # guards: a stage's best model must beat the majority-class baseline by max(guard_margin, 2 standard errors
     # of the baseline on the validation rows), or the pipeline stops and says what to change
@@ -168,13 +174,15 @@ class PipelineConfig:
         if not (_num(self.lambda_low) and _num(self.lambda_high) and 0 < self.lambda_low < self.lambda_high):
             raise bad("lambda_low/lambda_high", (self.lambda_low, self.lambda_high),
                       "λ is searched on a log scale: need 0 < lambda_low < lambda_high")
+        if self.stage2_pruner not in ("halving", "median", "none"):
+            raise bad("stage2_pruner", self.stage2_pruner, "choose 'halving', 'median' or 'none'")
         if self.guards not in ("stop", "warn"):
             raise bad("guards", self.guards, "choose 'stop' (the default) or 'warn'")
         if not isinstance(self.min_steps, int) or isinstance(self.min_steps, bool) or self.min_steps < 0:
             raise bad("min_steps", self.min_steps, "expected an integer >= 0 (0 = no minimum)")
         if not (_num(self.guard_margin) and 0 <= self.guard_margin < 1):
             raise bad("guard_margin", self.guard_margin, "expected an accuracy margin in [0, 1)")
-        for fld in ("final_finetune", "sweep_timed", "search_share_weights"):
+        for fld in ("final_finetune", "sweep_timed", "search_share_weights", "stage3_thresholds"):
             if not isinstance(getattr(self, fld), bool):
                 raise bad(fld, getattr(self, fld), "expected true or false")
         if self.objective3 not in OBJECTIVES3:
@@ -484,10 +492,12 @@ _GUARD_ADVICE = {
 def _point(t: FrozenTrial, objective3: str) -> dict[str, Any]:
     ua = t.user_attrs
     first = f"val_{'nll' if objective3 == 'loss' else 'error'}"
-    return {"trial": t.number, "lambda": float(t.params["ponder_lambda"]), "objective": first,
+    lam = t.params.get("ponder_lambda")
+    return {"trial": t.number, "lambda": None if lam is None else float(lam), "objective": first,
             first: float(t.values[0]), "val_avg_exit_layer": float(t.values[1]),
             "val_accuracy": float(ua.get("val_accuracy", float("nan"))),
             "val_nll": float(ua.get("val_nll", float("nan"))), "run_id": ua.get("run_id"),
+            "halting": t.params.get("halting", "fitted"), "tau": t.params.get("tau"),
             **{k: ua[k] for k in ("spec_lambda", "halting_file") if k in ua}}
 
 
@@ -824,7 +834,7 @@ class _Pipeline:
                 return
             if stage == "stage3":
                 metrics = {"stage3_objective": t.values[0], "stage3_avg_exit_layer": t.values[1],
-                           "stage3_lambda": t.params["ponder_lambda"],
+                           "stage3_lambda": t.params.get("ponder_lambda"),
                            "stage3_val_accuracy": t.user_attrs.get("val_accuracy")}
             else:
                 metrics = {f"{stage}_value": t.value,
@@ -1000,9 +1010,11 @@ class _Pipeline:
             self.names["stage2"], directions=["minimize"], home=self.home,
             sampler=optuna.samplers.TPESampler(seed=pipe.seed + 2,
                                                n_startup_trials=min(10, max(2, pipe.trials_stage2 // 2))),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+            pruner={"halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+                    "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+                    "none": optuna.pruners.NopPruner}[pipe.stage2_pruner](),
             user_attrs={"pipeline": pipe.name, "stage": "stage2", "parent_run_id": self.parent,
-                        "objective": "val_loss"})
+                        "objective": "val_loss", "pruner": pipe.stage2_pruner})
 
         def objective(trial: optuna.Trial) -> float:
             self.cancel.check()
@@ -1043,7 +1055,7 @@ class _Pipeline:
         from safetensors.torch import load_file
 
         from ..data import encode
-        from ..halting import fit_halting, layer_cache, nll_ref_of, point_metrics
+        from ..halting import THRESHOLDS, fit_halting, layer_cache, nll_ref_of, point_metrics, threshold_state
         from ..models import save_halting_file
 
         t0 = time.monotonic()
@@ -1068,23 +1080,34 @@ class _Pipeline:
         with warnings.catch_warnings():  # experimental in Optuna, read by optuna-dashboard
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([first, "val_avg_exit_layer"])
-        if not study.trials:  # a fresh study: start with λ log-spaced over the range, then TPE fills the front
+        kinds = ["fitted", "threshold"] if pipe.stage3_thresholds and mc.halting_input == "confidence" else ["fitted"]
+        if not study.trials:  # a fresh study: λ log-spaced over the range (and the τ grid), then TPE fills the front
             k = min(pipe.trials_stage3, 12)
             lo, hi = math.log(pipe.lambda_low), math.log(pipe.lambda_high)
             for i in range(k):
                 x = (lo + hi) / 2 if k == 1 else lo + (hi - lo) * i / (k - 1)
                 lam = min(max(float(f"{math.exp(x):.4g}"), pipe.lambda_low), pipe.lambda_high)
-                study.enqueue_trial({"ponder_lambda": lam})
+                study.enqueue_trial({"halting": "fitted", "ponder_lambda": lam})
+            if "threshold" in kinds:
+                for tau in THRESHOLDS[:max(0, min(len(THRESHOLDS), pipe.trials_stage3 - k))]:
+                    study.enqueue_trial({"halting": "threshold", "tau": tau})
         parent_dir = self.tracker.run_dir(self.parent)
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:
             self.cancel.check()
-            lam = trial.suggest_float("ponder_lambda", pipe.lambda_low, pipe.lambda_high, log=True)
-            [pt] = fit_halting(model, cache, [lam], epochs=mc.halting_epochs, seed=pipe.seed, cancel=self.cancel)
-            m = point_metrics(model, cache, pt.state)
-            path = save_halting_file(parent_dir, f"trial_{trial.number}", pt.state)
+            kind = trial.suggest_categorical("halting", kinds)
+            if kind == "fitted":
+                lam = trial.suggest_float("ponder_lambda", pipe.lambda_low, pipe.lambda_high, log=True)
+                [pt] = fit_halting(model, cache, [lam], epochs=mc.halting_epochs, seed=pipe.seed,
+                                   cancel=self.cancel)
+                state, spec, fit_s = pt.state, pt.spec_lambda, pt.fit_s
+            else:  # halting units set to a confidence threshold τ: the DACT rule exits like entropy at τ·ln K
+                tau = trial.suggest_float("tau", 0.05, 0.99)
+                state, spec, fit_s = threshold_state(model, tau), None, 0.0
+            m = point_metrics(model, cache, state)
+            path = save_halting_file(parent_dir, f"trial_{trial.number}", state)
             attrs = {"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_avg_exit_layer": m["avg_exit_layer"],
-                     "spec_lambda": pt.spec_lambda, "fit_s": round(pt.fit_s, 3), "run_id": trunk_id,
+                     "spec_lambda": spec, "fit_s": round(fit_s, 3), "run_id": trunk_id,
                      "halting_file": str(path.relative_to(self.home))}
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)
@@ -1128,7 +1151,8 @@ class _Pipeline:
         model = loaded.model
         model.halters.load_state_dict(load_file(str(self.home / chosen["halting_file"])))
         m = copy.deepcopy(model.cfg)
-        m.ponder_lambda = float(chosen.get("spec_lambda", m.ponder_lambda))
+        if chosen.get("spec_lambda") is not None:  # a fitted λ point (a threshold point keeps the training λ)
+            m.ponder_lambda = float(chosen["spec_lambda"])
         run_cfg = self.child_config(m, self.train_cfg(), f"{self.pipe.name}/final", "final")
         tr = self.tracker
         rid = tr.create_run("dact", run_cfg.to_dict(), name=run_cfg.name, tag="final", parent_id=self.parent,
@@ -1143,7 +1167,8 @@ class _Pipeline:
             if src and (self.home / src).is_file():
                 (run_dir / HALTING_DIR).mkdir(exist_ok=True)
                 shutil.copyfile(self.home / src, run_dir / HALTING_DIR / f"trial_{t.number}.safetensors")
-                points.append({"trial": t.number, "lambda": float(t.params["ponder_lambda"]),
+                points.append({"trial": t.number, "lambda": t.params.get("ponder_lambda"),
+                               "threshold": t.params.get("tau"),
                                "spec_lambda": t.user_attrs.get("spec_lambda"),
                                "avg_exit_layer": t.user_attrs.get("val_avg_exit_layer"),
                                "accuracy": t.user_attrs.get("val_accuracy"),
@@ -1157,6 +1182,7 @@ class _Pipeline:
             res = evaluate_encoded(model, enc_test, bs, self.device, run_cfg.train.precision)
             test, report = metrics_of(res, "test_"), full_report(res, loaded.label_maps)
         halting = {"chosen": {"lambda": chosen["lambda"], "spec_lambda": chosen.get("spec_lambda"),
+                              "threshold": chosen.get("tau"),
                               "avg_exit_layer": chosen["val_avg_exit_layer"], "accuracy": chosen["val_accuracy"],
                               "trial": chosen["trial"]},
                    "points": points, "rows": len(self.split.val), "split": "val", "source": "pipeline stage 3",
@@ -1196,7 +1222,8 @@ class _Pipeline:
         """End-to-end fine-tuning of the final model at the chosen point's λ (spec scale), as a child run, measured
         against the fitted point on the validation split. The final model stays the fitted one."""
         m = copy.deepcopy(model.cfg)
-        m.ponder_lambda = float(chosen.get("spec_lambda", m.ponder_lambda))
+        if chosen.get("spec_lambda") is not None:
+            m.ponder_lambda = float(chosen["spec_lambda"])
         m.fit_halting = False
         tc = copy.deepcopy(self.train_cfg())
         tc.epochs = self.pipe.finetune_epochs
