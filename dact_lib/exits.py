@@ -24,8 +24,9 @@ CACHE_VERSION = 1
 
 
 def _model_key(run_dir: Path) -> str:
-    st = (run_dir / "model.safetensors").stat()
-    return f"v{CACHE_VERSION}-{st.st_mtime_ns}-{st.st_size}"
+    from .models import model_version
+
+    return f"v{CACHE_VERSION}-{model_version(run_dir)}"  # the weights and the user's halting choice
 
 
 def _cache_paths(run_dir: Path, split: str) -> tuple[Path, Path]:

@@ -151,6 +151,15 @@ def save_halting_file(run_dir: str | Path, name: str, state: dict) -> Path:
     return path
 
 
+def model_version(run_dir: str | Path) -> str:
+    """What a cache of a run's model must be keyed by: the weights file and the user's halting choice."""
+    run_dir = Path(run_dir)
+    st = (run_dir / MODEL_FILE).stat()
+    choice = run_dir / HALTING_CHOICE_FILE
+    extra = f"-h{choice.stat().st_mtime_ns}" if choice.is_file() else ""
+    return f"{st.st_mtime_ns}-{st.st_size}{extra}"
+
+
 def halting_choice(run_dir: str | Path) -> dict | None:
     """The user's halting choice of a run (``halting_choice.json``), or None (the run's own halting units)."""
     path = Path(run_dir) / HALTING_CHOICE_FILE

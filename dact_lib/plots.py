@@ -636,13 +636,21 @@ def front_mask(points: Sequence[dict], x: str = "val_avg_exit_layer", y: str = "
     return out
 
 
+_SWEEP_STYLE = {"entropy": ("#d62728", "diamond"), "patience": ("#2ca02c", "square"), "fixed": ("#7f7f7f", "x")}
+
+
 def lambda_pareto_figure(points: Sequence[dict], front: Sequence[dict] | None = None, *,
-                         chosen_run_id: Any = None, height: int = 460) -> go.Figure:
+                         chosen_run_id: Any = None, height: int = 460, chosen_trial: Any = None,
+                         pipeline_trial: Any = None, sweep: Sequence[dict] | None = None) -> go.Figure:
     """Stage-3 λ trials: average exit layer (x, lower = faster) vs validation accuracy (y), coloured by log10 λ.
     The Pareto front — ``front`` when given (matched on trial number / run id), else the non-dominated points —
     is drawn as a second trace with outlined markers joined by a line. Hover shows the trial, λ, loss and params.
     ``customdata`` of both traces is ``[trial, run_id]`` (for selection events); the front trace is named
-    "Pareto front". ``chosen_run_id`` marks the chosen model with a star."""
+    "Pareto front". ``chosen_run_id`` marks the chosen model with a star (older pipelines: one run per point);
+    ``chosen_trial`` marks the point used for prediction (a star) and ``pipeline_trial`` the pipeline's own choice
+    (a ring) — points that share one model's weights. ``sweep``: exit-policy rows of the same weights (entropy,
+    patience, fixed depth; ``avg_exit_layer``, ``accuracy`` in 0..1) drawn on the same axes. The y axis fits the
+    data."""
     pts = [normalize_point(p) for p in points]
     pts = [p for p in pts if p["val_avg_exit_layer"] is not None and p["val_accuracy"] is not None]
     if not pts:
@@ -667,7 +675,8 @@ def lambda_pareto_figure(points: Sequence[dict], front: Sequence[dict] | None = 
 
     def hover(p: dict) -> str:
         parts = [f"trial {p['trial']}" if p["trial"] is not None else "trial ?",
-                 f"λ = {p['lambda']:.3g}" if p["lambda"] is not None else "λ = ?",
+                 f"λ = {p['lambda']:.3g}" if p["lambda"] is not None else
+                 f"threshold τ = {_num(p, 'tau'):.3g}" if _num(p, "tau") is not None else "λ = ?",
                  f"avg exit layer {p['val_avg_exit_layer']:.3f}", f"val accuracy {p['val_accuracy']:.4f}"]
         if p["val_loss"] is not None:
             parts.append(f"val loss {p['val_loss']:.4f}")
@@ -701,7 +710,39 @@ def lambda_pareto_figure(points: Sequence[dict], front: Sequence[dict] | None = 
                     line=dict(color="black", width=2.5)),
         customdata=[cd(p) for p in fr_pts], hovertext=["<b>on the front</b><br>" + hover(p) for p in fr_pts],
         hoverinfo="text"))
-    if chosen_run_id is not None:
+    ys, xs = [p["val_accuracy"] for p in pts], [p["val_avg_exit_layer"] for p in pts]
+    for fam in ("entropy", "patience", "fixed"):
+        rows = sorted((r for r in sweep or () if r.get("policy") == fam and r.get("avg_exit_layer") is not None
+                       and r.get("accuracy") is not None), key=lambda r: r["avg_exit_layer"])
+        if not rows:
+            continue
+        color, symbol = _SWEEP_STYLE[fam]
+        ys += [r["accuracy"] for r in rows]
+        xs += [r["avg_exit_layer"] for r in rows]
+        fig.add_trace(go.Scatter(
+            x=[r["avg_exit_layer"] for r in rows], y=[r["accuracy"] for r in rows], mode="lines+markers",
+            name=f"{fam} (same weights)", line=dict(color=color, width=1), marker=dict(symbol=symbol, size=7,
+                                                                                      color=color),
+            hovertext=[f"{fam} {_fmt(r.get('value'))}<br>avg exit layer {r['avg_exit_layer']:.3f}<br>"
+                       f"accuracy {r['accuracy']:.4f}" for r in rows], hoverinfo="text", opacity=0.8))
+    marks = []
+    if pipeline_trial is not None:
+        marks.append(("pipeline's choice", pipeline_trial, dict(symbol="circle-open", size=26,
+                                                                 color="black", line=dict(width=2.5))))
+    if chosen_trial is not None:
+        marks.append(("used for prediction", chosen_trial, dict(symbol="star", size=22, color="gold",
+                                                                 line=dict(color="black", width=1))))
+    for label, trial, mk in marks:
+        ch = [p for p in pts if p["trial"] is not None and str(p["trial"]) == str(trial)]
+        if ch:
+            fig.add_trace(go.Scatter(x=[ch[0]["val_avg_exit_layer"]], y=[ch[0]["val_accuracy"]], mode="markers",
+                                     name=label, marker=mk, customdata=[cd(ch[0])],
+                                     hovertext=[f"{label}: " + hover(ch[0])], hoverinfo="text"))
+    lo, hi = min(ys), max(ys)
+    pad = max(0.01, 0.08 * (hi - lo))
+    fig.update_yaxes(range=[max(0.0, lo - pad), min(1.0, hi + pad) if hi < 1.0 else 1.0 + pad / 4])
+    fig.update_xaxes(range=[max(0.0, min(xs) - 0.3), max(xs) + 0.3])
+    if chosen_run_id is not None and chosen_trial is None:
         ch = [p for p in pts if p["run_id"] is not None and str(p["run_id"]) == str(chosen_run_id)]
         if ch:
             fig.add_trace(go.Scatter(x=[ch[0]["val_avg_exit_layer"]], y=[ch[0]["val_accuracy"]], mode="markers",
@@ -826,7 +867,7 @@ def pipeline_view(run: dict, events: Sequence[dict]) -> dict[str, Any]:
                   "val_avg_exit_layer": ua.get("val_avg_exit_layer", values[1] if len(values) > 1 else None),
                   "val_accuracy": ua.get("val_accuracy"), "val_nll": ua.get("val_nll"),
                   "val_loss": ua.get("val_loss"), "run_id": ua.get("run_id"), "params": params,
-                  **{k: ua[k] for k in ("halting_file", "spec_lambda") if k in ua}}
+                  "tau": params.get("tau"), **{k: ua[k] for k in ("halting_file", "spec_lambda") if k in ua}}
             if pt["val_accuracy"] is not None:
                 pt["val_error"] = 1.0 - float(pt["val_accuracy"])
             trials.append(pt)

@@ -14,6 +14,7 @@ import streamlit as st  # noqa: E402
 from dact_lib import plots  # noqa: E402
 from dact_lib.exits import filter_exits, per_sample_exits  # noqa: E402
 from dact_lib.halting import exit_advice  # noqa: E402
+from dact_lib.models import halting_choice, model_version  # noqa: E402
 from ui.state import tracker  # noqa: E402
 from ui.nav import through_app  # noqa: E402
 
@@ -45,14 +46,14 @@ split = c2.radio("Split", ["test", "val"], horizontal=True, key="early_split")
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _exits(run_dir: str, split: str, model_mtime: int):
+def _exits(run_dir: str, split: str, version: str):
     return per_sample_exits(run_dir, split=split)
 
 
 run_dir = Path(by_id[run_id].get("run_dir") or tr.run_dir(run_id))
 try:
     with st.spinner("Running the model over the split (cached in the run folder afterwards)…"):
-        df = _exits(str(run_dir), split, (run_dir / "model.safetensors").stat().st_mtime_ns)
+        df = _exits(str(run_dir), split, model_version(run_dir))
 except Exception as exc:  # noqa: BLE001 - show the library's message, keep the page alive
     st.error(f"Could not compute per-sample exits of run {run_id}: {exc}")
     st.stop()
@@ -71,7 +72,11 @@ m1.metric("sentences", f"{len(df):,}")
 m2.metric("accuracy", f"{df['correct'].mean():.1%}")
 m3.metric("average exit layer", f"{avg:.2f} / {n_layers}")
 m4.metric("layer speed-up", f"{n_layers / avg:.2f}×")
-advice = exit_advice(run_dir, n_layers)
+hc = halting_choice(run_dir)
+if hc:
+    st.caption(f"Halting units: trial {hc.get('trial')} of the pipeline's stage 3, chosen on the Pareto explorer "
+               "(the run's own units are the pipeline's choice).")
+advice = exit_advice(run_dir, n_layers) if not hc else None
 if advice:
     st.info(advice)
 

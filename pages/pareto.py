@@ -26,7 +26,7 @@ tr = tracker()
 pipes = tr.list_runs(kind="dact-pipeline")
 if not pipes:
     st.info("No DACT pipeline runs yet. Run the staged DACT tuning (DACT pipeline page or "
-            "`python -m dact_lib pipeline`); its λ trade-off and exit-policy comparison show up here.")
+            "`python -m dact_lib dact-pipeline --name NAME`); its λ trade-off and exit-policy comparison show up here.")
     st.stop()
 
 if st.session_state.get("predict_run_id") is None:  # a reload: restore the persisted choice
@@ -54,10 +54,25 @@ def choose(parent_id: int, point: dict | None) -> None:
         return
     rid = got["run_id"]
     st.session_state["predict_run_id"] = rid
+    what = _point_name(point)
+    if got.get("halting"):
+        text = (f"Trial {point.get('trial')} ({what}) is now used for prediction: run #{rid} with that point's "
+                "halting units (swapped in, nothing retrained). The pipeline's own choice stays recorded.")
+    elif point.get("halting_file") or point.get("source") == "final":
+        text = f"Run #{rid} with the pipeline's own choice of halting units is now used for prediction."
+    else:
+        text = f"Run #{rid} (trial {point.get('trial')}, {what}) is now the model used on the Predict page."
     st.session_state["_pareto_msg"] = (
         "success" if got["has_model"] else "warning",
-        f"Run #{rid} (trial {point.get('trial')}, λ = {point.get('lambda')}) is now the model used on the Predict "
-        "page." + ("" if got["has_model"] else " Its model file is missing, so prediction will fail: choose another."))
+        text + ("" if got["has_model"] else " Its model file is missing, so prediction will fail: choose another."))
+
+
+def _point_name(p: dict | None) -> str:
+    if not p:
+        return "?"
+    if p.get("tau") is not None:
+        return f"threshold τ = {p['tau']:.3g}"
+    return f"λ = {p['lambda']:.3g}" if p.get("lambda") is not None else f"trial {p.get('trial')}"
 
 
 def _on_select_box(parent_id: int, options: dict) -> None:
@@ -87,12 +102,23 @@ def explorer(parent_id: int) -> None:
     done = ", ".join(summary.get("stages_done") or []) or "none"
     pc = view["pipeline_choice"]
     st.caption(f"status **{run['status']}** · stages done: {done}"
-               + (f" · pipeline's choice: trial {pc['trial']} (λ = {pc['lambda']:.3g})" if pc and pc.get("lambda")
-                  is not None else "")
+               + (f" · pipeline's choice: trial {pc['trial']} ({_point_name(pc)})" if pc else "")
                + (f" · final model: run #{view['final_run_id']}" if view["final_run_id"] else ""))
+    for g in (e["payload"] for e in tr.get_events(parent_id, kinds=["guard_failed"])):
+        st.error(g.get("message") or f"{g.get('stage')}: the model is no better than the majority class.")
     current = st.session_state.get("predict_run_id")
-    st.info(f"Model used for prediction: **run #{current}**" if current is not None else
-            "No model chosen for prediction yet: pick a front point below (or click one on the chart).")
+    fitted = any(p.get("halting_file") for p in view["trials"] + (view["front"] or []))
+    uc = view["user_choice"]
+    on_final = current is not None and view["final_run_id"] is not None and int(current) == int(view["final_run_id"])
+    active = (uc or {}).get("trial") if on_final and uc else (pc or {}).get("trial") if on_final else None
+    if current is None:
+        st.info("No model chosen for prediction yet: pick a front point below (or click one on the chart).")
+    elif fitted and on_final:
+        st.info(f"Model used for prediction: **run #{current}** with the halting units of **trial {active}**"
+                + (" (your choice; the pipeline's choice is trial "
+                   f"{pc['trial'] if pc else '?'})" if uc else " (the pipeline's choice)"))
+    else:
+        st.info(f"Model used for prediction: **run #{current}**")
     msg = st.session_state.pop("_pareto_msg", None)
     if msg:
         getattr(st, msg[0])(msg[1])
@@ -103,7 +129,10 @@ def explorer(parent_id: int) -> None:
     by_run = {p["run_id"]: p for p in trials + (front or []) if p["run_id"] is not None}
 
     key = f"pareto_chart_{parent_id}"
-    fig = plots.lambda_pareto_figure(trials, front, chosen_run_id=current)
+    fig = plots.lambda_pareto_figure(trials, front, chosen_run_id=None if fitted else current,
+                                     chosen_trial=active if fitted else None,
+                                     pipeline_trial=(pc or {}).get("trial") if fitted else None,
+                                     sweep=view["sweep"] if fitted else None)
     st.plotly_chart(fig, key=key, on_select=functools.partial(_on_chart_select, parent_id, key, by_trial, by_run),
                     selection_mode="points")
     if front is None and trials:
@@ -112,13 +141,14 @@ def explorer(parent_id: int) -> None:
     options: dict[str, dict] = {}
     if view["final_run_id"] is not None:
         lam = pc.get("lambda") if pc else None
-        options[f"final model · run #{view['final_run_id']}" + (f" · λ = {lam:.3g}" if lam is not None else "")] = {
+        options[f"final model · run #{view['final_run_id']} · the pipeline's choice ({_point_name(pc)})"] = {
             "run_id": view["final_run_id"], "trial": pc.get("trial") if pc else None, "lambda": lam,
             "source": "final"}
     for p in sorted(front_pts, key=lambda p: p["val_avg_exit_layer"] or 0):
-        label = (f"trial {p['trial']} · λ = {p['lambda']:.3g} · exit {p['val_avg_exit_layer']:.2f} · "
-                 f"acc {p['val_accuracy']:.3f}" if p["lambda"] is not None else f"trial {p['trial']}")
-        label += f" · run #{p['run_id']}" if p["run_id"] is not None else " · no run"
+        label = (f"trial {p['trial']} · {_point_name(p)} · exit {p['val_avg_exit_layer']:.2f} · "
+                 f"acc {p['val_accuracy']:.3f}" if p["val_avg_exit_layer"] is not None else f"trial {p['trial']}")
+        if not fitted:
+            label += f" · run #{p['run_id']}" if p["run_id"] is not None else " · no run"
         options[label] = {**p, "source": "front"}
     if options:
         st.selectbox("Use for prediction", list(options), index=None, placeholder="choose a front point…",
@@ -127,15 +157,22 @@ def explorer(parent_id: int) -> None:
     if front_pts:
         st.subheader("Pareto front")
         st.dataframe(pd.DataFrame([{
-            "trial": p["trial"], "λ": p["lambda"], "val NLL": p.get("val_nll"), "val error": p.get("val_error"),
+            "trial": p["trial"], "λ": p["lambda"], "τ": p.get("tau"), "val NLL": p.get("val_nll"),
+            "val error": p.get("val_error"),
             "val accuracy": p["val_accuracy"], "val avg exit layer": p["val_avg_exit_layer"], "run": p["run_id"],
             "pipeline's choice": bool(pc and p["trial"] == pc.get("trial")),
-            "for prediction": current is not None and p["run_id"] is not None and int(p["run_id"]) == int(current),
+            "for prediction": (p["trial"] == active) if fitted else
+            (current is not None and p["run_id"] is not None and int(p["run_id"]) == int(current)),
         } for p in sorted(front_pts, key=lambda p: p["val_avg_exit_layer"] or 0)]), hide_index=True,
             column_config={"λ": st.column_config.NumberColumn(format="%.3g")})
 
     st.subheader("Exit policies on the final model")
-    if view["sweep"]:
+    if view["sweep"] and fitted:
+        st.caption("Every λ / τ point above and the entropy, patience and fixed-depth curves on the chart run the "
+                   "same weights (the final model): only the exit rule differs.")
+        with st.expander("Sweep rows"):
+            st.dataframe(pd.DataFrame(view["sweep"]), hide_index=True)
+    elif view["sweep"]:
         st.plotly_chart(plots.exit_policy_figure(view["sweep"], view["num_layers"]), key=f"pareto_sweep_{parent_id}")
         with st.expander("Sweep rows"):
             st.dataframe(pd.DataFrame(view["sweep"]), hide_index=True)

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dact_lib.errors import DactLabError
-from dact_lib.models import MODEL_FILE, load_model, predict
+from dact_lib.models import MODEL_FILE, halting_choice, load_model, model_version, predict
 from ui import state
 from ui.nav import through_app
 
@@ -23,7 +23,7 @@ st.markdown("Pick a finished run with a saved model, type one sentence per line 
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def _load(run_dir: str, mtime: float):
+def _load(run_dir: str, version: str):
     """One loaded model per run folder and checkpoint version (the mtime of model.safetensors)."""
     return load_model(run_dir)
 
@@ -105,13 +105,26 @@ else:
     if st.session_state.get("predict:run") not in by_id:
         st.session_state["predict:run"] = runs[0]["id"]
     run_id = st.selectbox("Model", list(by_id), format_func=lambda i: _label(by_id[i]), key="predict:run")
+    try:
+        hc = halting_choice(Path(by_id[run_id]["run_dir"]))
+    except Exception as exc:  # noqa: BLE001 - a damaged choice file: say so, predict still reports the error
+        st.warning(str(exc))
+        hc = None
+    if hc:
+        what = f"τ = {hc['tau']:g}" if hc.get("tau") is not None else \
+            f"λ = {hc['lambda']:.3g}" if hc.get("lambda") is not None else ""
+        st.caption(f"Halting units: trial {hc.get('trial')} {what} — chosen on the Pareto explorer"
+                   + (f" (validation: exit {hc['val_avg_exit_layer']:.2f} layers, accuracy "
+                      f"{hc['val_accuracy']:.1%})" if hc.get("val_avg_exit_layer") is not None and
+                      hc.get("val_accuracy") is not None else "")
+                   + "; the run's own halting units are the pipeline's choice.")
     st.session_state.setdefault("predict:text", "The waiter was friendly and the pasta was delicious.")
     text = st.text_area("Text (one per line)", key="predict:text", height=120)
     if st.button("Predict", type="primary", key="predict:go", icon=":material/psychology:"):
         texts = [t.strip() for t in text.splitlines() if t.strip()]
         run_dir = Path(by_id[run_id]["run_dir"])
         try:
-            loaded = _load(str(run_dir), (run_dir / MODEL_FILE).stat().st_mtime)
+            loaded = _load(str(run_dir), model_version(run_dir))
             results = predict(loaded, texts)
         except DactLabError as exc:
             st.error(str(exc))

@@ -620,7 +620,7 @@ def choose_for_prediction(parent_id: int, point: dict[str, Any], *, tracker, by:
                     raise DactLabError(f"Trial {trial}'s halting weights ({src}) are missing: choose another point.")
                 (run_dir / HALTING_DIR).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, run_dir / name)
-            halting = {"file": name, "trial": int(trial), "lambda": point.get("lambda"),
+            halting = {"file": name, "trial": int(trial), "lambda": point.get("lambda"), "tau": point.get("tau"),
                        "val_avg_exit_layer": point.get("val_avg_exit_layer"),
                        "val_accuracy": point.get("val_accuracy"), "by": by, "at": time.time()}
             set_halting_choice(run_dir, halting)
