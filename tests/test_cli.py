@@ -235,3 +235,46 @@ def test_dact_early_exit_flags_and_predict_policy(home, capsys):
     assert Tracker(home).get_run(last_run_id(out))["config"]["model"]["fit_halting"] is False
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", 1, "--halting-input", "both", "--home", home)
     assert code == 2 and "only applies to --kind dact" in err
+
+
+def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
+    """A real `dact-pipeline` run on the tiny encoder (easy keyword data), then `--choose` of another stage-3 point:
+    its halting units are used for prediction without training."""
+    import random
+
+    from easydata import easy_csv
+
+    from dact_lib.models import halting_choice
+
+    data = easy_csv(tmp_path / "easy.csv", n=240)
+    small = ["--encoder", "tiny", "--device", "cpu", "--data", data, "--home", home, "--trials", 2,
+             "--lambdas-trials", 14, "--min-steps", 40, "--name", "cli-pipe"]
+    code, out, err = run_cli(capsys, "dact-pipeline", *small, "--guards", "warn")
+    assert code == 0, err
+    final = last_run_id(out)
+    assert "chosen " in err and "final test" in err
+    tr = Tracker(home)
+    parent = tr.get_run(final)["parent_id"]
+    chosen = tr.get_run(parent)["summary"]["chosen"]["trial"]
+    from dact_lib.tuning.dact_pipeline import pareto_points, _load_stage3
+
+    front = [p["trial"] for p in pareto_points(_load_stage3(parent, tracker=tr)[0])]
+    other = next((t for t in front if t != chosen), None)
+    if other is not None:
+        code, out, err = run_cli(capsys, "dact-pipeline", "--home", home, "--name", "cli-pipe", "--choose", other)
+        assert code == 0 and f"trial {other}'s halting units" in err, err
+        assert halting_choice(tr.run_dir(final))["trial"] == other and last_run_id(out) == final
+    code, out, err = run_cli(capsys, "predict", "--run", final, "--home", home, "--json", "sunny rain today")
+    assert code == 0 and "exit_layer" in out
+    code, out, err = run_cli(capsys, "dact-pipeline", "--home", home, "--name", "cli-pipe", "--choose", 999)
+    assert code == 2 and "not on the Pareto front" in err
+
+    # labels that do not depend on the text: the guard stops the pipeline and says what to change
+    rows = data.read_text().splitlines()
+    labels = [r.rsplit(",", 1)[1] for r in rows[1:]]
+    random.Random(0).shuffle(labels)
+    noise = tmp_path / "noise.csv"
+    noise.write_text("\n".join([rows[0]] + [r.rsplit(",", 1)[0] + "," + lab for r, lab in zip(rows[1:], labels)]))
+    code, out, err = run_cli(capsys, "dact-pipeline", *[a if a != data else noise for a in small[:-1]], "noise")
+    assert code == 2 and "not clearly better than always answering the largest class" in err
+    assert "What to change" in err

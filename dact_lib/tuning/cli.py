@@ -33,8 +33,17 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
 
     p = sub.add_parser("dact-pipeline", help="staged DACT tuning: heads, training parameters, λ (Pareto), final run")
     data_args(p)
-    p.add_argument("--trials", type=int, default=None, help="trials per stage")
-    p.add_argument("--lambdas-trials", type=int, default=None, help="trials of the λ stage")
+    p.add_argument("--trials", type=int, default=None, help="trials of stages 1 and 2")
+    p.add_argument("--lambdas-trials", type=int, default=None,
+                   help="trials of the λ stage (halting fits on one model, seconds each; default 32)")
+    p.add_argument("--min-steps", type=int, default=None, help="optimizer steps per stage-2 trial at least (150)")
+    p.add_argument("--guards", choices=("stop", "warn"), default=None,
+                   help="a stage no better than the majority class stops the pipeline (stop, default) or not")
+    p.add_argument("--final-finetune", action="store_true",
+                   help="also fine-tune the final model end to end at the chosen λ and compare")
+    p.add_argument("--choose", type=int, default=None, metavar="TRIAL",
+                   help="with --name of a finished pipeline: use stage-3 trial TRIAL's halting units for "
+                        "prediction (nothing is trained; the pipeline's own choice stays recorded)")
     p.add_argument("--timeout-min", type=float, default=None, help="time budget of the whole pipeline")
     p.add_argument("--name", default=None, help="name of the pipeline (and prefix of its studies)")
     common(p)
@@ -182,9 +191,27 @@ def cmd_dact_pipeline(args) -> int:
     dp = _engine("dact_pipeline")
     _quiet_optuna(args)
     cfg = _base_config(args, "dact")
+    if args.choose is not None:
+        if not args.name:
+            raise DactLabError("--choose needs --name NAME of the pipeline whose stage-3 point to use.")
+        tr = Tracker(args.home)
+        parent = dp.load_pipeline_result(args.name, tracker=tr).parent_run_id
+        point = dp.choose_point(parent, args.choose, tracker=tr)
+        got = dp.choose_for_prediction(parent, {**point, "source": "front"}, tracker=tr, by="cli")
+        what = "its own (the pipeline's choice)" if got["halting"] is None else f"trial {args.choose}'s"
+        _err(args, f"run {got['run_id']} now predicts with {what} halting units: validation exit "
+                   f"{_fmt(point.get('val_avg_exit_layer'))} layers, accuracy {_fmt(point.get('val_accuracy'))}")
+        _print_ids(parent, got["run_id"])
+        return 0
     settings: dict[str, Any] = {"name": args.name or time.strftime("dact-pipeline-%Y%m%d-%H%M%S")}
     if args.trials is not None:
-        settings.update(trials_stage1=args.trials, trials_stage2=args.trials, trials_stage3=args.trials)
+        settings.update(trials_stage1=args.trials, trials_stage2=args.trials)
+    if args.min_steps is not None:
+        settings["min_steps"] = args.min_steps
+    if args.guards is not None:
+        settings["guards"] = args.guards
+    if args.final_finetune:
+        settings["final_finetune"] = True
     if args.lambdas_trials is not None:
         settings["trials_stage3"] = args.lambdas_trials
     if args.timeout_min is not None:
@@ -195,7 +222,9 @@ def cmd_dact_pipeline(args) -> int:
                           callbacks=[ProgressPrinter(args.verbosity)])
     chosen = res.chosen or {}
     if chosen:
-        _err(args, f"chosen λ {_fmt(chosen.get('lambda'))} (trial {chosen.get('trial')}): val accuracy "
+        what = f"threshold τ {_fmt(chosen['tau'])}" if chosen.get("tau") is not None else \
+            f"λ {_fmt(chosen.get('lambda'))}"
+        _err(args, f"chosen {what} (trial {chosen.get('trial')}): val accuracy "
                    f"{_fmt(chosen.get('val_accuracy'))}, average exit layer {_fmt(chosen.get('val_avg_exit_layer'))}; "
                    f"{len(res.pareto)} Pareto-optimal points")
     if res.test_metrics:

@@ -12,24 +12,39 @@
    gets a ``stage1_features`` event (cache keys, hit or not, the time to build the cache) so the dashboard can say
    that cached features were used. With ``RunConfig.init_from_run`` the features come from that backbone run's
    encoder weights.
-2. **Training parameters** (``<name>/stage2``, minimise validation loss, MedianPruner via
-   :class:`~dact_lib.tuning.studies.PruningCallback`): encoder lr, head lr (both log), batch size, epochs, weight
-   decay, warmup ratio; each trial is a real :func:`dact_lib.train.train` of DactBert with the stage-1 heads
-   (child run, tag ``stage2``).
-3. **λ** (``<name>/stage3``, TWO objectives, both minimised: validation NLL — or 1 − accuracy with
-   ``objective3="error"`` — and the validation average exit layer). λ is log-uniform in [lambda_low, lambda_high]
-   (the first min(n, 4) trials are log-spaced over the range, then the seeded multi-objective TPE sampler). Each
-   trial is a real ``train()`` (tag ``stage3``); user attrs ``run_id``, ``val_accuracy``, ``val_nll``,
-   ``val_avg_exit_layer``. The Pareto front is ``study.best_trials``; the default point is picked by
-   ``choice_rule``; :func:`choose_point` picks another later.
-4. **Final** training with everything chosen (child run kind ``dact``, tag ``final``): ``train()`` evaluates the
-   test split and saves config + weights + metrics; the exit-policy sweep of the final model on the validation
-   split (DACT vs patience vs entropy vs fixed depth, timed) goes to a parent event and the parent summary.
+2. **Training parameters** (``<name>/stage2``, minimise validation loss; successive halving over epochs by
+   default, ``stage2_pruner``): encoder lr, head lr (both log; the head-lr range holds the single runs' 1e-3),
+   batch size, epochs, weight decay, warmup ratio; each trial is a real :func:`dact_lib.train.train` of DactBert
+   with the stage-1 heads (child run, tag ``stage2``) of at least ``min_steps`` optimizer steps (small data: more
+   epochs, at most ``max_epochs``). Only the best trial's weights are kept (its run folder); stage 3 and the final
+   model are built on them.
+3. **λ** (``<name>/stage3``, TWO objectives, both minimised: validation NLL of a_N — or 1 − accuracy with
+   ``objective3="error"`` — and the validation average exit layer; names set with ``study.set_metric_names``).
+   On ONE model — the best stage-2 model, encoder and classifiers frozen — each trial fits fresh halting units
+   with the unchanged DACT loss on cached per-layer outputs of the validation split
+   (:func:`dact_lib.halting.fit_halting`, seconds per trial): λ log-uniform in [lambda_low, lambda_high] on the
+   normalised scale (λ_spec = λ·NLL_ref/N); with ``stage3_thresholds`` a trial may instead set the units to a
+   confidence threshold τ (:func:`dact_lib.halting.threshold_state`). The first trials are λ log-spaced over the
+   range and the τ grid, then the seeded multi-objective TPE sampler. Each trial's halting weights are a small
+   file (``runs/<parent>/halting/trial_<n>.safetensors``; user attr ``halting_file``); user attrs ``run_id`` (the
+   stage-2 model), ``val_accuracy``, ``val_nll``, ``val_avg_exit_layer``, ``spec_lambda``. The default point is
+   picked by ``choice_rule``; :func:`choose_point` / :func:`choose_for_prediction` pick another later.
+4. **Final** (child run kind ``dact``, tag ``final``, no training): the stage-2 weights with the chosen halting
+   units, saved as a run with every stage-3 point's halting file beside it (``halting/``), evaluated on the
+   validation and test splits; the exit-policy sweep on the validation split (DACT vs patience vs entropy vs fixed
+   depth over the same weights) goes to a parent event and the summary. ``final_finetune`` also fine-tunes that
+   model end to end at the chosen λ (child run ``finetune``) and records it against the fitted point.
+
+**Guards.** Each stage compares its best model's accuracy with the majority-class baseline (validation; the final
+model on test) and with the stage before: ``guard`` events; a model not better than the baseline by
+max(``guard_margin``, 2 standard errors) records ``guard_failed`` and stops the pipeline with
+:class:`PipelineGuardError`, whose message says what to change (``guards="warn"``: recorded, and it goes on).
 
 Records (all on the parent run): events ``pipeline_start``, ``stage_start``/``stage_end`` (payload ``stage``),
 ``trial`` (one per finished trial: stage, number, state, params, values, user_attrs), ``stage_trials``,
-``stage1_features``, ``pareto_front``, ``chosen_point``, ``exit_policy_sweep``, ``pipeline_end``, and
-``resumed`` / ``cancelled`` / ``point_chosen`` (:func:`choose_point`) when they happen;
+``stage1_features``, ``guard`` / ``guard_failed``, ``pareto_front``, ``chosen_point`` (the rule's choice),
+``exit_policy_sweep``, ``pipeline_end``, and ``resumed`` / ``cancelled`` / ``point_chosen`` / ``chosen`` (a
+user's choice) / ``finetune_compared`` when they happen;
 metric rows at step = trial number: ``stage1_value``, ``stage2_value``, ``stage3_objective``,
 ``stage3_avg_exit_layer``, ``stage3_lambda``, ``stage3_val_accuracy``; one JSON file per finished stage in the
 parent's run dir (``stage1.json`` … ``final.json``); the summary holds ``study_names``, ``stages_done``,
@@ -43,7 +58,7 @@ and PRUNED trials count, FAIL ones — e.g. a cancelled trial — do not). A fin
 result and trains nothing. To search again, use a new name.
 
 **Time budget.** ``timeout_min`` bounds one call: at the start of each stage the remaining time is split over the
-stages still to run in the ratio stage1 : stage2 : stage3 : final = 1 : 4 : 4 : 1, and the stage's share is the
+stages still to run in the ratio stage1 : stage2 : stage3 : final = 1 : 8 : 1 : 1, and the stage's share is the
 ``timeout`` of its ``optimize`` call (trials are not interrupted; each stage runs at least one trial, and the final
 training always runs). **Cancellation**: the token is checked between trials, every stage-1 epoch and every
 training step; the parent is then recorded 'cancelled' and :class:`~dact_lib.errors.Cancelled` is raised.
