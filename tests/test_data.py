@@ -429,3 +429,27 @@ def test_csv_header_offers_the_column_names_and_never_raises():
     assert csv_header("sentence,class_label\n".encode("utf-16")) == ["sentence", "class_label"]
     assert csv_header(b"justonecolumn\nx\n") == [] and csv_header(b"") == []
     assert csv_header(b"PK\x03\x04binary") == []  # a zip / xlsx: read_csv explains, the header is just empty
+
+
+def test_non_utf8_files_decode_as_windows_1252_not_latin1():
+    """cp1252's smart quotes and dashes (0x93, 0x94, 0x97) are C1 control characters in Latin-1."""
+    from dact_lib.data import read_csv as _read
+
+    raw = "text,label\n“Smart” quotes — fine,pos\nplain,neg\n".encode("cp1252")
+    raw += b"".join(f"row {i},{'pos' if i % 2 else 'neg'}\n".encode() for i in range(12))
+    ds = _read(raw)
+    assert ds.texts[0] == "“Smart” quotes — fine"
+    assert not any(0x80 <= ord(c) <= 0x9F for c in ds.texts[0])
+    assert any("Windows-1252" in w for w in ds.warnings)
+
+
+def test_a_header_holding_two_delimiters_splits_on_the_one_the_rows_use():
+    """`review, in short;label`: the header holds ',' and ';'; csv.Sniffer on the rows says ';'."""
+    from dact_lib.data import read_csv as _read
+
+    rows = ["review, in short;label"] + [f"{t};{lab}" for t, lab in [
+        ("a fine film, truly", "pos"), ("dull, slow and long", "neg"), ("loved it", "pos"),
+        ("hated it, sadly", "neg")] * 5]
+    ds = _read("\n".join(rows).encode(), columns={"text": "review, in short"})
+    assert ds.texts[:2] == ["a fine film, truly", "dull, slow and long"]
+    assert ds.label_maps == {"label": ["neg", "pos"]} and len(ds) == 20

@@ -197,6 +197,12 @@ def test_run_pbt_end_to_end_and_replay(home):
         assert set(x["old"]) == set(x["new"]) == set(EXPLORED) and x["time"] > 0 and x["step"] > 0
     for x in explores:
         assert set(x["changes"]) == set(EXPLORED) and PBTSpace().contains(x["new"])
+        # explore perturbs the DONOR's hyperparameters (just copied by exploit), not the recipient's own
+        for k, ch in x["changes"].items():
+            assert ch["old"] == pytest.approx(x["old"][k]) and ch["new"] == pytest.approx(x["new"][k])
+            if ch["how"] == "perturb" and not ch["clipped"]:
+                assert ch["new"] == pytest.approx(x["old"][k] * ch["factor"])
+    assert any(x["old"] != x["recipient_old"] for x in explores)  # the two differ, so the check above can fail
     rec_run = exploits[0]["recipient_run_id"]
     assert {"pbt_exploit", "pbt_explore"} <= {e["kind"] for e in tracker.get_events(rec_run)}
 

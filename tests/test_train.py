@@ -403,3 +403,17 @@ def test_untracked_weights_when_save_is_false(home):
     assert res.run_dir is None
     assert not (home / "runs" / str(res.run_id) / "model.safetensors").exists()
     assert tracker.get_run(res.run_id)["status"] == "finished"
+
+
+def test_train_stops_early_when_the_rule_says_so(home):
+    """The loop acts on the early-stopping rule: with min_delta larger than any possible gain the run stops after
+    1 + patience evaluations, records why and keeps the first epoch's checkpoint."""
+    cfg = tiny_cfg("backbone", epochs=6)
+    es = cfg.train.early_stopping
+    es.enabled, es.patience, es.min_delta, es.regression, es.trend_window = True, 2, 1e6, 1e6, 50
+    tr = Tracker(home)
+    res = train(cfg, tracker=tr, home=home)
+    assert len(res.history) == 3 and res.history[-1]["epoch"] == 3  # epochs 4-6 never ran
+    assert res.stop_reason and "patience 2" in res.stop_reason
+    stops = tr.get_events(res.run_id, kinds=["early_stop"])
+    assert len(stops) == 1 and stops[0]["payload"]["epoch"] == 3
