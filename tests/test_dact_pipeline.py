@@ -501,6 +501,7 @@ def test_pareto_explorer_choice_takes_effect_and_survives_a_reload(done, monkeyp
         at = AppTest.from_file(app, default_timeout=60)
         at.run()
         at.switch_page("pages/pareto.py").run()
+        at.selectbox(key="pareto_parent").set_value(res.parent_run_id).run()
         assert not at.exception, at.exception
         assert any("pipeline's choice" in c.value for c in at.caption)
         pick = at.selectbox(key=f"pareto_pick_{res.parent_run_id}")
@@ -513,6 +514,7 @@ def test_pareto_explorer_choice_takes_effect_and_survives_a_reload(done, monkeyp
         again = AppTest.from_file(app, default_timeout=60)  # a reload: a new session
         again.run()
         again.switch_page("pages/pareto.py").run()
+        again.selectbox(key="pareto_parent").set_value(res.parent_run_id).run()
         assert any(f"trial {other['trial']}** (your choice" in i.value for i in again.info)
         table = again.dataframe[0].value
         assert list(table[table["for prediction"]]["trial"]) == [other["trial"]]

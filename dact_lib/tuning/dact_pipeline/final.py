@@ -1,0 +1,121 @@
+"""The final model: the stage-2 weights with the chosen halting units, saved as its own run; optional end-to-end fine-
+tune."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import studies
+from .record import _jsonable
+
+
+def run(pl) -> None:
+    """The final model: the stage-2 weights with the chosen stage-3 halting units, saved as its own run (every
+    stage-3 point's halting file beside it, so any point can be chosen later without training), evaluated on
+    the validation and test splits; optionally fine-tuned end to end at the chosen λ and compared."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ...data import encode
+    from ...evaluate import evaluate_encoded, exit_policy_sweep, full_report, metrics_of
+    from ...models import HALTING_DIR, MODEL_FILE, save_model
+
+    t0 = time.monotonic()
+    pl.start_stage("final", None, pl.budget.share("final"))
+    st3 = pl.state["stage3"]
+    chosen = st3["chosen"]
+    trunk_id, loaded = pl.trunk()
+    model = loaded.model
+    model.halters.load_state_dict(load_file(str(pl.home / chosen["halting_file"])))
+    m = copy.deepcopy(model.cfg)
+    if chosen.get("spec_lambda") is not None:  # a fitted λ point (a threshold point keeps the training λ)
+        m.ponder_lambda = float(chosen["spec_lambda"])
+    run_cfg = pl.child_config(m, pl.train_cfg(), f"{pl.pipe.name}/final", "final")
+    tr = pl.tracker
+    rid = tr.create_run("dact", run_cfg.to_dict(), name=run_cfg.name, tag="final", parent_id=pl.parent,
+                        dataset_id=pl.dataset_id, status="running")
+    run_dir = tr.run_dir(rid)
+    tr.update_run(rid, run_dir=str(run_dir))
+    save_model(run_dir, model, loaded.tokenizer, run_cfg, loaded.label_maps)
+    study = optuna.load_study(study_name=pl.names["stage3"], storage=studies.storage(pl.home))
+    points = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        src = t.user_attrs.get("halting_file")
+        if src and (pl.home / src).is_file():
+            (run_dir / HALTING_DIR).mkdir(exist_ok=True)
+            shutil.copyfile(pl.home / src, run_dir / HALTING_DIR / f"trial_{t.number}.safetensors")
+            points.append({"trial": t.number, "lambda": t.params.get("ponder_lambda"),
+                           "threshold": t.params.get("tau"),
+                           "spec_lambda": t.user_attrs.get("spec_lambda"),
+                           "avg_exit_layer": t.user_attrs.get("val_avg_exit_layer"),
+                           "accuracy": t.user_attrs.get("val_accuracy"),
+                           "file": f"{HALTING_DIR}/trial_{t.number}.safetensors"})
+    bs = max(run_cfg.train.batch_size, 64)
+    enc_val = encode(pl.split.val, loaded.tokenizer, run_cfg.data.max_seq_len)
+    val = metrics_of(evaluate_encoded(model, enc_val, bs, pl.device, run_cfg.train.precision), "val_")
+    test, report = {}, {}
+    if pl.split.test is not None and len(pl.split.test):
+        enc_test = encode(pl.split.test, loaded.tokenizer, run_cfg.data.max_seq_len)
+        res = evaluate_encoded(model, enc_test, bs, pl.device, run_cfg.train.precision)
+        test, report = metrics_of(res, "test_"), full_report(res, loaded.label_maps)
+    halting = {"chosen": {"lambda": chosen["lambda"], "spec_lambda": chosen.get("spec_lambda"),
+                          "threshold": chosen.get("tau"),
+                          "avg_exit_layer": chosen["val_avg_exit_layer"], "accuracy": chosen["val_accuracy"],
+                          "trial": chosen["trial"]},
+               "points": points, "rows": len(pl.split.val), "split": "val", "source": "pipeline stage 3",
+               "tolerance_points": 100 * pl.pipe.choice_tolerance, "trunk_run_id": trunk_id}
+    (run_dir / "report.json").write_text(json.dumps(_jsonable(
+        {"best": val, "test": test, "report": report, "history": [], "stop_reason": None,
+         "halting": halting, "built_from": {"trunk_run_id": trunk_id, "stage3_trial": chosen["trial"]}}),
+        indent=2), encoding="utf-8")
+    tr.log_metrics(rid, {**val, **test}, step=0)
+    for name, kind in ((MODEL_FILE, "model"), ("config.json", "config"), ("label_maps.json", "label_map"),
+                       ("report.json", "report")):
+        tr.add_artifact(rid, str(run_dir / name), kind)
+    tr.set_status(rid, "finished", summary={"best": val, "test": test, "halting": halting,
+                                            "built_from": {"trunk_run_id": trunk_id,
+                                                           "stage3_trial": chosen["trial"]}})
+    tr.log_event(rid, "built_from_pipeline", {"parent": pl.parent, "trunk_run_id": trunk_id,
+                                              "stage3_trial": chosen["trial"], "points": len(points)})
+    if test:
+        guard = pl.guard("final", test.get("test_accuracy"), split="test")
+    else:
+        guard = None
+    finetune = pl.finetune(model, loaded, chosen, enc_val) if pl.pipe.final_finetune else None
+    sweep = exit_policy_sweep(model, enc_val, batch_size=bs, timed=pl.pipe.sweep_timed)
+    payload = {"split": "val", "timed": pl.pipe.sweep_timed, "num_layers": model.num_layers,
+               "rows": sweep, "final_run_id": rid}
+    tr.log_event(pl.parent, "exit_policy_sweep", payload)
+    tr.log_event(rid, "exit_policy_sweep", payload)
+    front = [dict(p, run_id=rid) for p in st3["front"]]  # every front point is the final run + its halting file
+    pl.summary.update(final_run_id=rid, final_test=test, exit_policy_sweep=sweep, front=front,
+                        chosen=dict(chosen, run_id=rid))
+    pl.finish_stage("final", {"final_run_id": rid, "test_metrics": test, "best_metrics": val,
+                                "exit_policy_sweep": sweep, "guard": guard, "finetune": finetune,
+                                "front": front, "chosen": dict(chosen, run_id=rid), "model": dataclasses.asdict(m),
+                                "train": dataclasses.asdict(run_cfg.train)}, time.monotonic() - t0)
+
+
+def finetune(pl, model, loaded, chosen: dict, enc_val) -> dict:
+    """End-to-end fine-tuning of the final model at the chosen point's λ (spec scale), as a child run, measured
+    against the fitted point on the validation split. The final model stays the fitted one."""
+    m = copy.deepcopy(model.cfg)
+    if chosen.get("spec_lambda") is not None:
+        m.ponder_lambda = float(chosen["spec_lambda"])
+    m.fit_halting = False
+    tc = copy.deepcopy(pl.train_cfg())
+    tc.epochs = pl.pipe.finetune_epochs
+    run_cfg = pl.child_config(m, tc, f"{pl.pipe.name}/finetune", "finetune")
+    t0 = time.monotonic()
+    res = pl.train_child(run_cfg, [], model=copy.deepcopy(model), tokenizer=loaded.tokenizer)
+    out = {"run_id": res.run_id, "seconds": round(time.monotonic() - t0, 3),
+           "fitted": {"val_accuracy": chosen["val_accuracy"], "val_avg_exit_layer": chosen["val_avg_exit_layer"]},
+           "finetuned": {k: res.best_metrics.get(k) for k in ("val_accuracy", "val_avg_exit_layer", "val_nll")}}
+    pl.tracker.log_event(pl.parent, "finetune_compared", out)
+    return out

@@ -1,0 +1,71 @@
+"""Guards: every stage's best model against the majority-class baseline and the stage before."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...errors import DactLabError
+
+
+def majority_baseline(targets) -> float:
+    """The accuracy of always answering the most frequent class of ``targets``."""
+    t = torch.as_tensor(targets).long()
+    return float(torch.bincount(t).max()) / max(1, int(t.numel()))
+
+
+def guard_margin(baseline: float, n: int, margin: float) -> float:
+    """How much a stage's accuracy must exceed the majority baseline: max(margin, 2 standard errors of the
+    baseline's accuracy on n rows)."""
+    return max(float(margin), 2.0 * math.sqrt(max(baseline * (1.0 - baseline), 0.0) / max(1, n)))
+
+
+class PipelineGuardError(DactLabError):
+    """A stage's best model is not clearly better than always answering the majority class."""
+
+
+_GUARD_ADVICE = {
+    "stage1": ("the heads on the frozen encoder's features learned nothing: check that the labels match the texts "
+               "(Data page preview), give more rows, or raise pipeline.stage1_epochs / stage1_lr"),
+    "stage2": ("no training-parameter trial trained a useful model: raise pipeline.min_steps (optimizer steps per "
+               "trial) or pipeline.epochs_range, widen pipeline.head_lr_range towards 1e-3 (the single runs' "
+               "value), or give more rows"),
+    "stage3": ("every fitted halting point answers no better than the majority class: the stage-2 model itself "
+               "is too weak — see its accuracy on the Runs page"),
+    "final": ("the final model answers no better than the majority class on the test split: the validation "
+              "split may be too small to select on; give more rows or a larger data.val_frac"),
+}
+
+
+def check(pl, stage: str, accuracy: float | None, *, split: str = "val", previous: tuple[str, float] | None
+          = None) -> dict:
+    """Compare ``stage``'s best accuracy with the majority-class baseline of ``split`` (and with the stage
+    before, ``previous`` = (stage, accuracy)): a ``guard`` event either way; raises PipelineGuardError (after a
+    ``guard_failed`` event) when the model is not clearly better than the baseline."""
+    part = pl.split.val if split == "val" else pl.split.test
+    targets = part.targets[pl.task]
+    base = majority_baseline(targets)
+    need = guard_margin(base, len(targets), pl.pipe.guard_margin)
+    acc = float("nan") if accuracy is None else float(accuracy)
+    info = {"stage": stage, "split": split, "accuracy": acc, "majority_baseline": base, "margin": need,
+            "rows": len(targets), "passed": bool(acc == acc and acc >= base + need)}
+    if previous is not None and previous[1] is not None and previous[1] == previous[1]:
+        info["previous"] = {"stage": previous[0], "accuracy": float(previous[1]),
+                            "change": acc - float(previous[1])}
+        if acc < float(previous[1]) - need:
+            info["warning"] = (f"{stage}'s best {split} accuracy {acc:.3f} is below {previous[0]}'s "
+                               f"{float(previous[1]):.3f}")
+    pl.tracker.log_event(pl.parent, "guard", info)
+    if not info["passed"]:
+        msg = (f"Pipeline stopped after {stage}: its best model reaches {acc:.1%} {split} accuracy, not clearly "
+               f"better than always answering the largest class ({base:.1%}; needed ≥ {base + need:.1%} on "
+               f"{len(targets)} rows). What to change: {_GUARD_ADVICE[stage]}.")
+        info["message"] = msg
+        pl.tracker.log_event(pl.parent, "guard_failed", info)
+        if pl.pipe.guards == "stop":
+            raise PipelineGuardError(msg)
+        import logging
+
+        logging.getLogger(__name__).warning("%s (pipeline.guards = 'warn': going on)", msg)
+        pl.summary.setdefault("guard_warnings", []).append(msg)
+    return info

@@ -1,0 +1,161 @@
+"""The pipeline's record: the parent run, its stage files, resume (``open_parent``) and :func:`load_pipeline_result` —
+the one reader of a stored pipeline."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import studies
+from ...config import RunConfig
+from ...errors import ConfigError, DactLabError
+from .settings import PIPELINE_KIND, PipelineResult, STAGES, _STAGE_WEIGHTS
+
+
+class _Budget:
+    def __init__(self, minutes: float | None) -> None:
+        self.deadline = None if minutes is None else time.monotonic() + 60.0 * float(minutes)
+
+    def share(self, stage: str) -> float | None:
+        """Seconds for ``stage``: the remaining time split over the stages still to run."""
+        if self.deadline is None:
+            return None
+        rest = STAGES[STAGES.index(stage):]
+        remaining = self.deadline - time.monotonic()
+        return max(0.0, remaining * _STAGE_WEIGHTS[stage] / sum(_STAGE_WEIGHTS[s] for s in rest))
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _counted(study: optuna.Study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def _n_complete(study: optuna.Study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
+
+
+def _parent_runs(tracker, name: str) -> list[dict]:
+    """This engine's parent runs named ``name``, newest first (not a job manager's run of the same kind and name:
+    only parents carry the ``{"run", "pipeline"}`` config)."""
+    out = []
+    for r in tracker.list_runs(kind=PIPELINE_KIND):
+        conf = r.get("config") or {}
+        if r["name"] == name and isinstance(conf, dict) and isinstance(conf.get("pipeline"), dict) \
+                and conf["pipeline"].get("name") == name:
+            out.append(r)
+    return out
+
+
+def _run_config_key(cfg: RunConfig) -> dict:
+    d = _jsonable(cfg.to_dict())
+    d.pop("name", None)
+    d.pop("tag", None)
+    return d
+
+
+def load_pipeline_result(parent_or_name: int | str, *, home=None, tracker=None) -> PipelineResult:
+    """The stored result of a pipeline (by parent run id or pipeline name) from its stage JSON files; stages not
+    finished yet are missing from it. Trains nothing."""
+    from ...tracker import Tracker
+
+    tracker = tracker or Tracker(home)
+    if isinstance(parent_or_name, str) and not parent_or_name.isdigit():
+        runs = _parent_runs(tracker, parent_or_name)
+        if not runs:
+            raise DactLabError(f"No DACT pipeline named {parent_or_name!r} in {tracker.db_path}.")
+        run = runs[0]
+    else:
+        run = tracker.get_run(int(parent_or_name))
+    if run["kind"] != PIPELINE_KIND:
+        raise DactLabError(f"run {run['id']} is not a DACT pipeline run (kind {run['kind']!r}).")
+    rd = tracker.run_dir(run["id"])
+    state = {s: json.loads((rd / f"{s}.json").read_text(encoding="utf-8")) for s in STAGES
+             if (rd / f"{s}.json").is_file()}
+    names = (run.get("summary") or {}).get("study_names") or {s: f"{run['name']}/{s}" for s in STAGES[:3]}
+    fin = state.get("final", {})
+    return PipelineResult(
+        parent_run_id=int(run["id"]), final_run_id=fin.get("final_run_id"),
+        stage_best={s: state[s]["best_params"] for s in ("stage1", "stage2", "stage3") if s in state},
+        pareto=fin.get("front") or state.get("stage3", {}).get("front", []),
+        chosen=fin.get("chosen") or state.get("stage3", {}).get("chosen", {}), study_names=names, status=run["status"], resumed_stages=list(state),
+        feature_cache=state.get("stage1", {}).get("feature_cache", {}), test_metrics=fin.get("test_metrics", {}),
+        exit_policy_sweep=fin.get("exit_policy_sweep", []), model_config=fin.get("model", {}),
+        train_config=fin.get("train", {}))
+
+
+def open_parent(pl, run_id: int | None = None) -> None:
+    """Create the parent run (or adopt ``run_id``, pre-created by a job manager), or find the earlier run of
+    this pipeline name to resume (then ``run_id``, if given, records a link to it)."""
+    tr, pipe = pl.tracker, pl.pipe
+    previous = [r for r in _parent_runs(tr, pipe.name) if r["id"] != run_id]
+    config = {"run": _jsonable(pl.cfg.to_dict()), "pipeline": pipe.to_dict()}
+    if previous and run_id is not None:
+        tr.update_run(run_id, summary={"engine_run_id": int(previous[0]["id"]), "resumes": pipe.name})
+        tr.log_event(run_id, "resumes", {"pipeline": pipe.name, "run_id": int(previous[0]["id"])})
+    if not previous:
+        if run_id is None:
+            pl.parent = tr.create_run(PIPELINE_KIND, config, name=pipe.name, tag="pipeline",
+                                        dataset_id=pl.dataset_id, status="running")
+        else:
+            pl.parent = int(run_id)
+            tr.update_run(pl.parent, config=config, name=pipe.name, tag="pipeline", dataset_id=pl.dataset_id)
+            tr.set_status(pl.parent, "running")
+        pl.summary = {"pipeline": pipe.name, "study_names": pl.names, "stages_done": [], "stage_best": {},
+                        "study_name": pl.names["stage3"], "storage_url": studies.storage_url(pl.home)}
+        tr.update_run(pl.parent, summary=pl.summary)
+        tr.log_event(pl.parent, "pipeline_start", {"name": pipe.name, "study_names": pl.names,
+                                                     "pipeline": pipe.to_dict()})
+        return
+    run = previous[0]
+    stored = (run.get("config") or {}).get("run")
+    if isinstance(stored, dict):
+        stored = dict(stored)
+        stored.pop("name", None)
+        stored.pop("tag", None)
+    if stored != _run_config_key(pl.cfg):
+        raise ConfigError(f"A DACT pipeline named {pipe.name!r} already exists (run {run['id']}) with a different "
+                          "run config; resuming needs the same config. Use a new pipeline name, or delete run "
+                          f"{run['id']} first.")
+    from ...tracker import _pid_alive
+
+    if run["status"] in ("queued", "running") and run.get("pid") not in (None, os.getpid()) \
+            and _pid_alive(int(run["pid"])):
+        raise DactLabError(f"Pipeline {pipe.name!r} (run {run['id']}) is running in process {run['pid']}: wait "
+                           "for it or cancel it before resuming.")
+    from ...tracker import live_run_ids
+
+    if run["status"] in ("queued", "running") and run.get("pid") == os.getpid() and run["id"] in live_run_ids:
+        raise DactLabError(f"Pipeline {pipe.name!r} (run {run['id']}) is already running in this process: wait "
+                           "for it or cancel it before resuming.")
+    pl.parent = int(run["id"])
+    pl.summary = dict(run.get("summary") or {})
+    rd = tr.run_dir(pl.parent)
+    for stage in STAGES:
+        path = rd / f"{stage}.json"
+        if not path.is_file():
+            break
+        pl.state[stage] = json.loads(path.read_text(encoding="utf-8"))
+        pl.resumed.append(stage)
+    pl.summary.update(study_names=pl.names, stages_done=list(pl.resumed))
+    pl.already_finished = len(pl.resumed) == len(STAGES) and run["status"] == "finished"
+    if not pl.already_finished:
+        from ...tracker import _hostname
+
+        tr.set_status(pl.parent, "running", pid=os.getpid(), host=_hostname(), summary=pl.summary)
+        tr.update_run(pl.parent, error=None)
+        tr.log_event(pl.parent, "resumed", {"stages_done": list(pl.resumed),
+                                              "previous_status": run["status"]})

@@ -1,0 +1,233 @@
+"""The pipeline run: :func:`run_pipeline` drives the stages of :class:`_Pipeline` in order, with cancellation and
+status."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .. import studies
+from ...callbacks import Callback, CancelToken
+from ...config import DactModelConfig, RunConfig, TrainConfig, from_dict
+from ...errors import Cancelled, ConfigError, DactLabError
+from . import final, guards, record, stage1, stage2, stage3
+from .record import _Budget, _counted, _jsonable, _n_complete, _write_json
+from .settings import PipelineConfig, PipelineResult, STAGES
+from .stage2 import train_from_params
+
+
+class _Pipeline:
+    def __init__(self, cfg: RunConfig, pipe: PipelineConfig, tracker, cancel: CancelToken,
+                 callbacks: list[Callback], data) -> None:
+        from ...models import model_task, pick_device
+        from ...train import load_split
+
+        self.cfg, self.pipe, self.tracker = cfg, pipe, tracker
+        self.home = tracker.home
+        self.cancel = cancel
+        self.callbacks = list(callbacks)
+        self.names = pipe.study_names()
+        self.budget = _Budget(pipe.timeout_min)
+        self.split, self.dataset_id = load_split(cfg, tracker, data)
+        if self.split.val is None or len(self.split.val) == 0:
+            raise DactLabError("The pipeline needs validation data: set data.val_frac > 0 or give data.val_path.")
+        self.label_maps = self.split.train.label_maps
+        self.task = model_task(cfg, self.label_maps)
+        self.num_classes = len(self.label_maps[self.task])
+        self.device = pick_device(cfg.train.device)
+        self.parent: int | None = None
+        self.already_finished = False  # set by open_parent: a finished pipeline of this name exists
+        self.state: dict[str, dict] = {}  # stage -> its saved JSON
+        self.summary: dict[str, Any] = {}
+        self.resumed: list[str] = []
+
+    # -- parent run and resume ------------------------------------------------------------------------------
+    def open_parent(self, run_id: int | None = None) -> None:
+        record.open_parent(self, run_id)
+
+    def finish_stage(self, stage: str, data: dict, seconds: float) -> None:
+        data = _jsonable({"stage": stage, "seconds": round(seconds, 3), "finished": time.time(), **data})
+        self.state[stage] = data
+        _write_json(self.tracker.run_dir(self.parent) / f"{stage}.json", data)
+        self.summary.setdefault("stages_done", [])
+        if stage not in self.summary["stages_done"]:
+            self.summary["stages_done"].append(stage)
+        if "best_params" in data:
+            self.summary.setdefault("stage_best", {})[stage] = data["best_params"]
+        self.tracker.update_run(self.parent, summary=self.summary)
+        self.tracker.log_event(self.parent, "stage_end", {k: v for k, v in data.items() if k != "trials_detail"})
+
+    def start_stage(self, stage: str, trials: int | None, budget: float | None) -> None:
+        self.tracker.log_event(self.parent, "stage_start", {"stage": stage, "trials": trials,
+                                                            "budget_s": None if budget is None else round(budget, 1)})
+
+    def guard(self, stage: str, accuracy: float | None, *, split: str = "val", previous: tuple[str, float] | None
+              = None) -> dict:
+        return guards.check(self, stage, accuracy, split=split, previous=previous)
+
+    # -- optuna helpers -------------------------------------------------------------------------------------
+    def trial_logger(self, stage: str) -> Callable[[optuna.Study, FrozenTrial], None]:
+        def log(study: optuna.Study, t: FrozenTrial) -> None:
+            payload = {"stage": stage, "number": t.number, "state": t.state.name.lower(), "params": t.params,
+                       "values": t.values, "user_attrs": t.user_attrs,
+                       "duration_s": t.duration.total_seconds() if t.duration else None}
+            self.tracker.log_event(self.parent, "trial", _jsonable(payload))
+            if t.state != TrialState.COMPLETE:
+                return
+            if stage == "stage3":
+                metrics = {"stage3_objective": t.values[0], "stage3_avg_exit_layer": t.values[1],
+                           "stage3_lambda": t.params.get("ponder_lambda"),
+                           "stage3_val_accuracy": t.user_attrs.get("val_accuracy")}
+            else:
+                metrics = {f"{stage}_value": t.value,
+                           f"{stage}_val_accuracy": t.user_attrs.get("val_accuracy")}
+            self.tracker.log_metrics(self.parent, metrics, step=t.number)
+        return log
+
+    def optimize(self, study: optuna.Study, objective, n_total: int, budget: float | None, stage: str) -> None:
+        start = time.monotonic()
+        todo = n_total - _counted(study)
+        if todo > 0:
+            self.cancel.check()
+            study.optimize(objective, n_trials=todo, timeout=budget, callbacks=[self.trial_logger(stage)])
+        while _n_complete(study) == 0 and _counted(study) < n_total + 3:
+            # the budget ran out (or every trial was pruned) before any trial completed: a stage needs one result
+            self.cancel.check()
+            study.optimize(objective, n_trials=1, callbacks=[self.trial_logger(stage)])
+        if _n_complete(study) == 0:
+            raise DactLabError(f"{stage}: no trial completed (all pruned); raise the trials or the time budget.")
+        self.tracker.log_event(self.parent, "stage_trials", {"stage": stage, "trials": _counted(study),
+                                                             "seconds": round(time.monotonic() - start, 3)})
+
+    def child_config(self, model_cfg: DactModelConfig, train_cfg: TrainConfig, name: str, tag: str) -> RunConfig:
+        c = copy.deepcopy(self.cfg)
+        c.model, c.train = copy.deepcopy(model_cfg), copy.deepcopy(train_cfg)
+        c.name, c.tag = name, tag
+        return c.validate()
+
+    def train_child(self, run_cfg: RunConfig, extra_callbacks: list[Callback], trial: optuna.Trial | None = None,
+                    save: bool = True, model=None, tokenizer=None):
+        from ...train import train
+
+        run_id = self.tracker.create_run("dact", run_cfg.to_dict(), name=run_cfg.name, tag=run_cfg.tag,
+                                         parent_id=self.parent, dataset_id=self.dataset_id, status="queued")
+        if trial is not None:
+            studies.link_trial(trial, run_id, self.parent)
+        try:
+            with studies.live_run(run_id):
+                return train(run_cfg, data=self.split, home=self.home, tracker=self.tracker,
+                             callbacks=[*extra_callbacks, *self.callbacks], cancel=self.cancel, run_id=run_id,
+                             parent_id=self.parent, save=save, model=model, tokenizer=tokenizer)
+        finally:  # train() takes the dataset id from the config; this run's data is the pipeline's split
+            self.tracker.update_run(run_id, dataset_id=self.dataset_id)
+
+    # -- stages ---------------------------------------------------------------------------------------------
+    def stage1(self) -> None:
+        stage1.run(self)
+
+    def model_cfg(self) -> DactModelConfig:
+        return from_dict(DactModelConfig, self.state["stage1"]["model"], "model")
+
+    def train_cfg(self) -> TrainConfig:
+        return self.trial_train_cfg(self.state["stage2"]["best_params"])
+
+    def trial_train_cfg(self, params: dict[str, Any]) -> TrainConfig:
+        return train_from_params(params, self.cfg.train, n_train=len(self.split.train),
+                                 min_steps=self.pipe.min_steps, max_epochs=self.pipe.max_epochs)
+
+    def keep_if_best(self, study: optuna.Study, trial: optuna.Trial, value: float, res, run_cfg: RunConfig) -> None:
+        stage2.keep_if_best(self, study, trial, value, res, run_cfg)
+
+    def stage2(self) -> None:
+        stage2.run(self)
+
+    def trunk(self):
+        """The best stage-2 model (encoder + classifiers trained; the halting units get fitted in stage 3)."""
+        from ...models import load_model
+
+        rid = self.state["stage2"].get("best_run_id")
+        if rid is None or not (self.tracker.run_dir(int(rid)) / "model.safetensors").is_file():
+            raise DactLabError(f"The best stage-2 model (run {rid}) has no saved weights: stage 3 needs them. Start "
+                               "the pipeline again under a new name.")
+        return int(rid), load_model(self.tracker.run_dir(int(rid)), device=str(self.device))
+
+    def stage3(self) -> None:
+        stage3.run(self)
+
+    def final(self) -> None:
+        final.run(self)
+
+    def finetune(self, model, loaded, chosen: dict, enc_val) -> dict:
+        return final.finetune(self, model, loaded, chosen, enc_val)
+
+    def result(self, status: str = "finished") -> PipelineResult:
+        st = self.state
+        stage_best = {s: st[s]["best_params"] for s in ("stage1", "stage2", "stage3") if s in st}
+        fin = st.get("final", {})
+        return PipelineResult(
+            parent_run_id=int(self.parent), final_run_id=fin.get("final_run_id"), stage_best=stage_best,
+            pareto=fin.get("front") or st.get("stage3", {}).get("front", []),
+            chosen=fin.get("chosen") or st.get("stage3", {}).get("chosen", {}), study_names=dict(self.names), status=status, resumed_stages=list(self.resumed),
+            feature_cache=st.get("stage1", {}).get("feature_cache", {}), test_metrics=fin.get("test_metrics", {}),
+            exit_policy_sweep=fin.get("exit_policy_sweep", []), model_config=fin.get("model", {}),
+            train_config=fin.get("train", {}))
+
+
+def as_dact_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` validated, as a 'dact' config: a 'backbone' config keeps its encoder, data, training settings,
+    ``init_from_run`` and pooling, with default DACT heads (stage 1 searches them anyway)."""
+    cfg.validate()
+    if cfg.kind == "dact":
+        return cfg
+    if cfg.kind != "backbone":
+        raise ConfigError(f"kind = {cfg.kind!r} is invalid for the DACT pipeline: it tunes single-task DACT models; "
+                          "use a config of kind 'dact' (or 'backbone').")
+    out = copy.deepcopy(cfg)
+    out.kind = "dact"
+    out.model = DactModelConfig(pooling=cfg.model.pooling)
+    return out.validate()
+
+
+def run_pipeline(cfg: RunConfig, *, pipeline: PipelineConfig, home=None, tracker=None,
+                 cancel: CancelToken | None = None, callbacks: list[Callback] | None = None,
+                 data=None, run_id: int | None = None) -> PipelineResult:
+    """Run (or resume) the staged DACT tuning of ``cfg`` (kind 'dact'; a 'backbone' config is converted by
+    :func:`as_dact_config`); see the module docstring. ``data``: an
+    optional ``TextDataset``/``DatasetSplit`` instead of ``cfg.data`` (as for ``train()``); ``callbacks`` are
+    passed to every ``train()`` the pipeline runs. Raises :class:`Cancelled` (parent 'cancelled') when ``cancel``
+    is set. ``run_id``: a pre-created parent run (the dashboard's job manager) to use for a new pipeline."""
+    from ...tracker import Tracker
+
+    pipeline.validate()
+    cfg = copy.deepcopy(as_dact_config(cfg))
+    # stage 3 fits the halting units per λ on the best stage-2 model itself: its trials skip train()'s own
+    # post-training halting fit (kind 'dact', model.fit_halting)
+    cfg.model.fit_halting = False
+    tracker = tracker or Tracker(home)
+    cancel = cancel or CancelToken()
+    run = _Pipeline(cfg, pipeline, tracker, cancel, callbacks or [], data)
+    run.open_parent(run_id)
+    if run.already_finished:
+        return run.result()
+    with studies.live_run(run.parent):
+        try:
+            for stage in STAGES:
+                if stage not in run.state:
+                    cancel.check()
+                    getattr(run, stage)()
+        except Cancelled as exc:
+            tracker.set_status(run.parent, "cancelled", error=str(exc) or "cancelled", summary=run.summary)
+            tracker.log_event(run.parent, "cancelled", {"reason": str(exc), "stages_done": list(run.state)})
+            raise
+        except KeyboardInterrupt:
+            tracker.set_status(run.parent, "interrupted", error="KeyboardInterrupt", summary=run.summary)
+            raise
+        except BaseException as exc:
+            tracker.set_status(run.parent, "failed", error=f"{type(exc).__name__}: {exc}", summary=run.summary)
+            raise
+    tracker.set_status(run.parent, "finished", summary=run.summary)
+    tracker.log_event(run.parent, "pipeline_end", {"final_run_id": run.state["final"]["final_run_id"]})
+    return run.result()

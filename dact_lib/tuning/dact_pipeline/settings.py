@@ -1,0 +1,208 @@
+"""Settings and result of the staged DACT pipeline: :class:`PipelineConfig` (validated once), :class:`PipelineResult`,
+the stage names."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ...config import POOLINGS
+from ...errors import ConfigError
+from .guards import guard_margin
+
+
+PIPELINE_KIND = "dact-pipeline"
+
+
+STAGES = ("stage1", "stage2", "stage3", "final")
+
+
+OBJECTIVES3 = ("loss", "error")
+
+
+CHOICE_RULES = ("lowest_exit_within_1pt", "best_objective")
+
+
+LAYOUT_CHOICES = ("constant", "pyramidal", "inverted", "bowtie")  # "constant" = explicit [width] * depth
+
+
+_STAGE_WEIGHTS = {"stage1": 1.0, "stage2": 8.0, "stage3": 1.0, "final": 1.0}
+
+
+_PREFIX = {"classifier": "cls", "halting": "halt"}
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of one staged tuning pipeline. The study names derive from ``name``: ``f"{name}/stage1"`` …
+
+    ``choice_rule``: ``"lowest_exit_within_1pt"`` — among the stage-3 trials, the lowest validation average
+    exit layer whose validation accuracy is within ``choice_tolerance`` (0.01 = 1 point) of the best validation
+    accuracy of any trial (ties: higher accuracy, then lower trial number) — a point of the accuracy/exit front,
+    which with ``objective3="loss"`` need not be on the NLL/exit front; ``"best_objective"`` — the front point
+    with the lowest first objective (validation NLL or error)."""
+
+    name: str
+    trials_stage1: int = 20
+    trials_stage2: int = 6
+    trials_stage3: int = 32  # halting fits on one trained model: seconds each
+    timeout_min: float | None = None  # the whole pipeline (one call); None = no limit
+    stage1_epochs: int = 15  # epochs of head training over the cached features, per stage-1 trial
+    # stage 3's λ range, on the normalised scale of dact.spec_lambda (λ_spec = λ · NLL_ref / N): one range for
+    # every dataset; λ = 1 means "running all N layers costs as much as the deepest classifier's NLL"
+    lambda_low: float = 1e-2
+    lambda_high: float = 10.0
+    # stage 3 also tries halting units set to a confidence threshold τ (halting.threshold_state; models with
+    # halting_input "confidence"): the exact DACT rule then exits like the entropy policy (docs/benchmarks.md)
+    stage3_thresholds: bool = True
+    objective3: str = "loss"  # first objective of stage 3: "loss" (validation NLL) or "error" (1 - accuracy)
+    choice_rule: str = "lowest_exit_within_1pt"
+    choice_tolerance: float = 0.01
+    seed: int = 0
+    # stage 1: fixed training of the heads on cached features, and the architecture search space
+    stage1_lambda: float = 1e-3
+    stage1_lr: float = 1e-3
+    stage1_batch_size: int = 64
+    # torch threads while the heads train on cached features (restored after each trial). The heads are small
+    # matmuls: on a shared 2-core machine one thread measured ~10x cheaper than two (bench/stage1_cache.py).
+    # None = leave the process setting alone.
+    stage1_threads: int | None = 1
+    max_depth: int = 3
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    poolings: tuple[str, ...] = ("cls", "mean")
+    search_share_weights: bool = True
+    # stage 2 search space
+    encoder_lr_range: tuple[float, float] = (1e-5, 1e-4)
+    # contains the single runs' head lr (1e-3); the seed's (1e-4, 1e-2) drew 1e-4-4e-4 heads that, on a few
+    # hundred rows and one epoch, never left the majority class
+    head_lr_range: tuple[float, float] = (3e-4, 3e-3)
+    batch_sizes: tuple[int, ...] = (16, 32, 64)
+    epochs_range: tuple[int, int] = (1, 3)
+    weight_decay_range: tuple[float, float] = (0.0, 0.1)
+    warmup_range: tuple[float, float] = (0.0, 0.2)
+    # a stage-2 trial runs at least this many optimizer steps: on small data its epochs are raised (at most
+    # max_epochs) so that 1 epoch of 400 rows at batch 64 (7 steps) cannot be a trial
+    min_steps: int = 150
+    # multi-fidelity stage 2: "halving" = successive halving over epochs (a trial goes on after epoch 1, 3, … only
+    # when it is in the best third of the trials at that epoch), "median" = MedianPruner, "none"
+    stage2_pruner: Literal["halving", "median", "none"] = "halving"
+    max_epochs: int = 50
+    # guards: a stage's best model must beat the majority-class baseline by max(guard_margin, 2 standard errors
+    # of the baseline on the validation rows), or the pipeline stops and says what to change
+    guard_margin: float = 0.02
+    guards: Literal["stop", "warn"] = "stop"  # "warn": record the failed guard (event, log) and go on
+    # optionally fine-tune the final model end to end at the chosen point's λ (measured against the fitted point)
+    final_finetune: bool = False
+    finetune_epochs: int = 1
+    # final model: time the exit-policy sweep (real early-exit passes) or only simulate it
+    sweep_timed: bool = True
+
+    def validate(self) -> "PipelineConfig":
+        def bad(fld: str, value: Any, allowed: str) -> ConfigError:
+            return ConfigError(f"pipeline.{fld} = {value!r} is invalid: {allowed}.")
+
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise bad("name", self.name, "give a non-empty name (the studies are called <name>/stage1 ...)")
+        for fld in ("trials_stage1", "trials_stage2", "trials_stage3", "stage1_epochs", "stage1_batch_size",
+                    "max_epochs", "finetune_epochs"):
+            v = getattr(self, fld)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(fld, v, "expected an integer >= 1")
+        if self.timeout_min is not None and not (_num(self.timeout_min) and self.timeout_min > 0):
+            raise bad("timeout_min", self.timeout_min, "expected a positive number of minutes or None")
+        if not (_num(self.lambda_low) and _num(self.lambda_high) and 0 < self.lambda_low < self.lambda_high):
+            raise bad("lambda_low/lambda_high", (self.lambda_low, self.lambda_high),
+                      "λ is searched on a log scale: need 0 < lambda_low < lambda_high")
+        if self.stage2_pruner not in ("halving", "median", "none"):
+            raise bad("stage2_pruner", self.stage2_pruner, "choose 'halving', 'median' or 'none'")
+        if self.guards not in ("stop", "warn"):
+            raise bad("guards", self.guards, "choose 'stop' (the default) or 'warn'")
+        if not isinstance(self.min_steps, int) or isinstance(self.min_steps, bool) or self.min_steps < 0:
+            raise bad("min_steps", self.min_steps, "expected an integer >= 0 (0 = no minimum)")
+        if not (_num(self.guard_margin) and 0 <= self.guard_margin < 1):
+            raise bad("guard_margin", self.guard_margin, "expected an accuracy margin in [0, 1)")
+        for fld in ("final_finetune", "sweep_timed", "search_share_weights", "stage3_thresholds"):
+            if not isinstance(getattr(self, fld), bool):
+                raise bad(fld, getattr(self, fld), "expected true or false")
+        if self.objective3 not in OBJECTIVES3:
+            raise bad("objective3", self.objective3, f"choose one of {OBJECTIVES3}")
+        if self.choice_rule not in CHOICE_RULES:
+            raise bad("choice_rule", self.choice_rule, f"choose one of {CHOICE_RULES}")
+        if not (_num(self.choice_tolerance) and 0 <= self.choice_tolerance < 1):
+            raise bad("choice_tolerance", self.choice_tolerance, "expected an accuracy difference in [0, 1)")
+        if self.stage1_threads is not None and (not isinstance(self.stage1_threads, int)
+                                                or isinstance(self.stage1_threads, bool) or self.stage1_threads < 1):
+            raise bad("stage1_threads", self.stage1_threads, "expected an integer >= 1 or None")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise bad("seed", self.seed, "expected an integer >= 0")
+        for fld in ("stage1_lambda", "stage1_lr"):
+            v = getattr(self, fld)
+            if not (_num(v) and v >= 0 and (fld != "stage1_lr" or 0 < v < 1)):
+                raise bad(fld, v, "expected a non-negative number (a learning rate in (0, 1))")
+        if not isinstance(self.max_depth, int) or isinstance(self.max_depth, bool) or not 0 <= self.max_depth <= 8:
+            raise bad("max_depth", self.max_depth, "expected an integer in 0..8")
+        if not self.widths or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                                      for w in self.widths):
+            raise bad("widths", self.widths, "expected a non-empty list of positive integers")
+        if not self.poolings or not all(p in POOLINGS for p in self.poolings):
+            raise bad("poolings", self.poolings, f"expected a non-empty subset of {POOLINGS}")
+        for fld in ("encoder_lr_range", "head_lr_range"):
+            lo, hi = self._pair(fld)
+            if not (0 < lo <= hi < 1):
+                raise bad(fld, getattr(self, fld), "expected (low, high) with 0 < low <= high < 1 (log scale)")
+        for fld in ("weight_decay_range", "warmup_range"):
+            lo, hi = self._pair(fld)
+            if not (0 <= lo <= hi and (fld != "warmup_range" or hi < 1)):
+                raise bad(fld, getattr(self, fld), "expected (low, high) with 0 <= low <= high"
+                          + (" < 1" if fld == "warmup_range" else ""))
+        lo, hi = self._pair("epochs_range")
+        if not (float(lo).is_integer() and float(hi).is_integer() and 1 <= lo <= hi <= 1000):
+            raise bad("epochs_range", self.epochs_range, "expected integers (low, high) with 1 <= low <= high")
+        if not self.batch_sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                           for b in self.batch_sizes):
+            raise bad("batch_sizes", self.batch_sizes, "expected a non-empty list of positive integers")
+        return self
+
+    def _pair(self, fld: str) -> tuple[float, float]:
+        v = getattr(self, fld)
+        if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_num(x) for x in v)):
+            raise ConfigError(f"pipeline.{fld} = {v!r} is invalid: expected a pair of numbers (low, high).")
+        return float(v[0]), float(v[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PipelineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"Unknown pipeline setting(s) {unknown}: allowed are {sorted(names)}.")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs).validate()
+
+    def study_names(self) -> dict[str, str]:
+        return {s: f"{self.name}/{s}" for s in STAGES[:3]}
+
+
+@dataclass
+class PipelineResult:
+    parent_run_id: int
+    final_run_id: int | None
+    stage_best: dict[str, dict]  # stage -> its best params (stage3: the chosen point's params)
+    pareto: list[dict]  # the stage-3 front, sorted by average exit layer
+    chosen: dict  # the front point picked by the choice rule
+    study_names: dict[str, str]
+    status: str = "finished"
+    resumed_stages: list[str] = field(default_factory=list)  # stages taken from an earlier call (not re-run)
+    feature_cache: dict = field(default_factory=dict)
+    test_metrics: dict = field(default_factory=dict)
+    exit_policy_sweep: list[dict] = field(default_factory=list)
+    model_config: dict = field(default_factory=dict)  # the final DactModelConfig
+    train_config: dict = field(default_factory=dict)  # the final TrainConfig

@@ -1,0 +1,123 @@
+"""Stage 2 — the training parameters: real trainings of DactBert with the stage-1 heads (min steps, successive
+halving); only the best trial's weights are kept."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import studies
+from ...config import RunConfig, TrainConfig
+from .record import _counted, _jsonable
+from .settings import PipelineConfig
+
+
+def suggest_training(trial: optuna.Trial, pipe: PipelineConfig) -> dict[str, Any]:
+    """Stage 2's search space; returns the trial's params (TrainConfig field names)."""
+    lo, hi = pipe._pair("encoder_lr_range")
+    trial.suggest_float("encoder_lr", lo, hi, log=True)
+    lo, hi = pipe._pair("head_lr_range")
+    trial.suggest_float("head_lr", lo, hi, log=True)
+    trial.suggest_categorical("batch_size", list(pipe.batch_sizes))
+    lo, hi = pipe._pair("epochs_range")
+    trial.suggest_int("epochs", int(lo), int(hi))
+    lo, hi = pipe._pair("weight_decay_range")
+    trial.suggest_float("weight_decay", lo, hi)
+    lo, hi = pipe._pair("warmup_range")
+    trial.suggest_float("warmup_ratio", lo, hi)
+    return dict(trial.params)
+
+
+_TRAIN_KEYS = ("encoder_lr", "head_lr", "batch_size", "epochs", "weight_decay", "warmup_ratio")
+
+
+def train_from_params(params: dict[str, Any], base: TrainConfig, *, n_train: int | None = None,
+                      min_steps: int = 0, max_epochs: int = 50) -> TrainConfig:
+    """The TrainConfig of stage-2 ``params`` (missing keys keep ``base``'s values). With ``n_train`` (training
+    rows) and ``min_steps``, the epochs are raised (to at most ``max_epochs``) until the run makes at least
+    ``min_steps`` optimizer steps: a trial on a few hundred rows is then still a real training."""
+    t = copy.deepcopy(base)
+    for k in _TRAIN_KEYS:
+        if k in params:
+            setattr(t, k, type(getattr(base, k))(params[k]))
+    if t.batch_size > t.max_batch_size:
+        t.max_batch_size = t.batch_size
+    if n_train and min_steps:
+        per_epoch = max(1, math.ceil(n_train / t.batch_size))
+        t.epochs = max(t.epochs, min(int(max_epochs), math.ceil(min_steps / per_epoch)))
+    t.validate()
+    return t
+
+
+def run(pl) -> None:
+    t0 = time.monotonic()
+    budget = pl.budget.share("stage2")
+    pipe = pl.pipe
+    pl.start_stage("stage2", pipe.trials_stage2, budget)
+    model_cfg = pl.model_cfg()
+    study = studies.create_study(
+        pl.names["stage2"], directions=["minimize"], home=pl.home,
+        sampler=optuna.samplers.TPESampler(seed=pipe.seed + 2,
+                                           n_startup_trials=min(10, max(2, pipe.trials_stage2 // 2))),
+        pruner={"halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+                "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+                "none": optuna.pruners.NopPruner}[pipe.stage2_pruner](),
+        user_attrs={"pipeline": pipe.name, "stage": "stage2", "parent_run_id": pl.parent,
+                    "objective": "val_loss", "pruner": pipe.stage2_pruner})
+
+    def objective(trial: optuna.Trial) -> float:
+        pl.cancel.check()
+        params = suggest_training(trial, pipe)
+        tc = pl.trial_train_cfg(params)
+        trial.set_user_attr("epochs_run", tc.epochs)
+        run_cfg = pl.child_config(model_cfg, tc, f"{pipe.name}/stage2/trial{trial.number}", "stage2")
+        res = pl.train_child(run_cfg, [studies.PruningCallback(trial, "val_loss")], trial, save=False)
+        for k in ("val_accuracy", "val_nll", "val_avg_exit_layer"):
+            if k in res.best_metrics:
+                trial.set_user_attr(k, res.best_metrics[k])
+        value = float(res.best_metrics["val_loss"])
+        if math.isfinite(value):
+            pl.keep_if_best(study, trial, value, res, run_cfg)
+        return value
+
+    pl.optimize(study, objective, pipe.trials_stage2, budget, "stage2")
+    best = study.best_trial
+    s1 = pl.state["stage1"].get("best_user_attrs", {}).get("val_accuracy")
+    guard = pl.guard("stage2", best.user_attrs.get("val_accuracy"), previous=("stage1", s1))
+    pl.finish_stage("stage2", {"best_params": best.params, "best_value": best.value, "best_trial": best.number,
+                                 "best_run_id": best.user_attrs.get("run_id"),
+                                 "best_user_attrs": best.user_attrs, "guard": guard,
+                                 "train": dataclasses.asdict(pl.trial_train_cfg(best.params)),
+                                 "n_trials": _counted(study)}, time.monotonic() - t0)
+
+
+def keep_if_best(pl, study: optuna.Study, trial: optuna.Trial, value: float, res, run_cfg: RunConfig) -> None:
+    """Stage 2 keeps the weights of its best trial only (stage 3 and the final model are built on them): a
+    trial better than every complete one so far is saved in its run folder and the previous best's model file
+    is removed (its run keeps config, metrics and events)."""
+    from ...models import MODEL_FILE, save_model
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if done and min(t.value for t in done) <= value:
+        return
+    run_dir = pl.tracker.run_dir(res.run_id)
+    save_model(run_dir, res.model, res.tokenizer, run_cfg, res.label_maps)
+    (run_dir / "report.json").write_text(json.dumps(_jsonable({"best": res.best_metrics, "test": {},
+                                                               "stop_reason": res.stop_reason})),
+                                         encoding="utf-8")
+    pl.tracker.update_run(res.run_id, run_dir=str(run_dir))
+    pl.tracker.add_artifact(res.run_id, str(run_dir / MODEL_FILE), "model")
+    trial.set_user_attr("model_saved", True)
+    for t in done:
+        rid = t.user_attrs.get("run_id")
+        if t.user_attrs.get("model_saved") and rid is not None:
+            old = pl.tracker.run_dir(int(rid)) / MODEL_FILE
+            old.unlink(missing_ok=True)
+            pl.tracker.update_run(int(rid), summary={"model_removed": f"stage-2 trial {trial.number} is "
+                                                       "better; only the best trial's weights are kept"})

@@ -1,0 +1,140 @@
+"""Stage 3 — the λ / τ front on ONE model: halting units fitted alone per trial on cached per-layer outputs; the front
+and the choice rule."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .. import studies
+from ...errors import ConfigError, DactLabError
+from .record import _counted
+from .settings import CHOICE_RULES
+
+
+def _point(t: FrozenTrial, objective3: str) -> dict[str, Any]:
+    ua = t.user_attrs
+    first = f"val_{'nll' if objective3 == 'loss' else 'error'}"
+    lam = t.params.get("ponder_lambda")
+    return {"trial": t.number, "lambda": None if lam is None else float(lam), "objective": first,
+            first: float(t.values[0]), "val_avg_exit_layer": float(t.values[1]),
+            "val_accuracy": float(ua.get("val_accuracy", float("nan"))),
+            "val_nll": float(ua.get("val_nll", float("nan"))), "run_id": ua.get("run_id"),
+            "halting": t.params.get("halting", "fitted"), "tau": t.params.get("tau"),
+            **{k: ua[k] for k in ("spec_lambda", "halting_file") if k in ua}}
+
+
+def pareto_points(study: optuna.Study) -> list[dict[str, Any]]:
+    """The stage-3 Pareto front (``study.best_trials``) as dicts, sorted by average exit layer then trial."""
+    objective3 = study.user_attrs.get("objective3", "loss")
+    pts = [_point(t, objective3) for t in study.best_trials]
+    return sorted(pts, key=lambda p: (p["val_avg_exit_layer"], p["trial"]))
+
+
+def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every complete stage-3 trial as a point (the same dicts as :func:`pareto_points`), by trial number."""
+    objective3 = study.user_attrs.get("objective3", "loss")
+    return [_point(t, objective3) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def apply_choice_rule(front: list[dict[str, Any]], rule: str = "lowest_exit_within_1pt",
+                      tolerance: float = 0.01, *, trials: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Pick one point (see :class:`PipelineConfig` for the rules). ``trials``: every complete trial — the
+    accuracy rule then measures "within 1 point" from the best accuracy of ANY trial and picks among all of them
+    (with the NLL objective the most accurate trial can be off the NLL/exit front); without it, the front only."""
+    if not front:
+        raise DactLabError("The Pareto front is empty: stage 3 finished no trial (raise timeout_min or "
+                           "trials_stage3).")
+    if rule == "lowest_exit_within_1pt":
+        pool = [p for p in (trials or front) if p["val_accuracy"] == p["val_accuracy"]] or front  # drop NaN
+        best_acc = max(p["val_accuracy"] for p in pool)
+        ok = [p for p in pool if p["val_accuracy"] >= best_acc - tolerance - 1e-12]
+        return dict(min(ok, key=lambda p: (p["val_avg_exit_layer"], -p["val_accuracy"], p["trial"])))
+    if rule == "best_objective":
+        return dict(min(front, key=lambda p: (p[p["objective"]], p["val_avg_exit_layer"], p["trial"])))
+    raise ConfigError(f"choice_rule = {rule!r} is invalid: choose one of {CHOICE_RULES}.")
+
+
+def run(pl) -> None:
+    from safetensors.torch import load_file
+
+    from ...data import encode
+    from ...halting import THRESHOLDS, fit_halting, layer_cache, nll_ref_of, point_metrics, threshold_state
+    from ...models import save_halting_file
+
+    t0 = time.monotonic()
+    budget = pl.budget.share("stage3")
+    pipe = pl.pipe
+    pl.start_stage("stage3", pipe.trials_stage3, budget)
+    trunk_id, loaded = pl.trunk()
+    model = loaded.model
+    mc = model.cfg
+    cache = layer_cache(model, encode(pl.split.val, loaded.tokenizer, pl.cfg.data.max_seq_len))
+    nll_ref = nll_ref_of(cache)
+    first = "val_nll" if pipe.objective3 == "loss" else "val_error"
+    study = studies.create_study(
+        pl.names["stage3"], directions=["minimize", "minimize"], home=pl.home,
+        sampler=optuna.samplers.TPESampler(seed=pipe.seed + 3,
+                                           n_startup_trials=min(pipe.trials_stage3, 8)),
+        user_attrs={"pipeline": pipe.name, "stage": "stage3", "parent_run_id": pl.parent,
+                    "objectives": [first, "val_avg_exit_layer"], "objective3": pipe.objective3,
+                    "trunk_run_id": trunk_id, "nll_ref": nll_ref, "num_layers": model.num_layers,
+                    "lambda_scale": "normalised: λ_spec = λ · nll_ref / N (dact.spec_lambda)",
+                    "method": "halting units fitted alone per λ on the validation split (halting.fit_halting)"})
+    with warnings.catch_warnings():  # experimental in Optuna, read by optuna-dashboard
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([first, "val_avg_exit_layer"])
+    kinds = ["fitted", "threshold"] if pipe.stage3_thresholds and mc.halting_input == "confidence" else ["fitted"]
+    if not study.trials:  # a fresh study: λ log-spaced over the range (and the τ grid), then TPE fills the front
+        k = min(pipe.trials_stage3, 12)
+        lo, hi = math.log(pipe.lambda_low), math.log(pipe.lambda_high)
+        for i in range(k):
+            x = (lo + hi) / 2 if k == 1 else lo + (hi - lo) * i / (k - 1)
+            lam = min(max(float(f"{math.exp(x):.4g}"), pipe.lambda_low), pipe.lambda_high)
+            study.enqueue_trial({"halting": "fitted", "ponder_lambda": lam})
+        if "threshold" in kinds:
+            for tau in THRESHOLDS[:max(0, min(len(THRESHOLDS), pipe.trials_stage3 - k))]:
+                study.enqueue_trial({"halting": "threshold", "tau": tau})
+    parent_dir = pl.tracker.run_dir(pl.parent)
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        pl.cancel.check()
+        kind = trial.suggest_categorical("halting", kinds)
+        if kind == "fitted":
+            lam = trial.suggest_float("ponder_lambda", pipe.lambda_low, pipe.lambda_high, log=True)
+            [pt] = fit_halting(model, cache, [lam], epochs=mc.halting_epochs, seed=pipe.seed,
+                               cancel=pl.cancel)
+            state, spec, fit_s = pt.state, pt.spec_lambda, pt.fit_s
+        else:  # halting units set to a confidence threshold τ: the DACT rule exits like entropy at τ·ln K
+            tau = trial.suggest_float("tau", 0.05, 0.99)
+            state, spec, fit_s = threshold_state(model, tau), None, 0.0
+        m = point_metrics(model, cache, state)
+        path = save_halting_file(parent_dir, f"trial_{trial.number}", state)
+        attrs = {"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_avg_exit_layer": m["avg_exit_layer"],
+                 "spec_lambda": spec, "fit_s": round(fit_s, 3), "run_id": trunk_id,
+                 "halting_file": str(path.relative_to(pl.home))}
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        obj = m["nll"] if pipe.objective3 == "loss" else 1.0 - m["accuracy"]
+        return obj, m["avg_exit_layer"]
+
+    pl.optimize(study, objective, pipe.trials_stage3, budget, "stage3")
+    front = pareto_points(study)
+    chosen = apply_choice_rule(front, pipe.choice_rule, pipe.choice_tolerance, trials=trial_points(study))
+    s2 = pl.state["stage2"].get("best_user_attrs", {}).get("val_accuracy")
+    guard = pl.guard("stage3", chosen.get("val_accuracy"), previous=("stage2", s2))
+    # the chosen point's weights must load back (a damaged file fails here, not in the final stage)
+    load_file(str(pl.home / chosen["halting_file"]))
+    pl.tracker.log_event(pl.parent, "pareto_front", {"objectives": [first, "val_avg_exit_layer"],
+                                                         "front": front, "study_name": pl.names["stage3"]})
+    pl.tracker.log_event(pl.parent, "chosen_point", {"rule": pipe.choice_rule,
+                                                         "tolerance": pipe.choice_tolerance, "point": chosen})
+    pl.summary.update(front=front, chosen=chosen)
+    pl.finish_stage("stage3", {"best_params": {"ponder_lambda": chosen["lambda"]}, "front": front,
+                                 "chosen": chosen, "objectives": [first, "val_avg_exit_layer"],
+                                 "trunk_run_id": trunk_id, "nll_ref": nll_ref, "guard": guard,
+                                 "n_trials": _counted(study)}, time.monotonic() - t0)
