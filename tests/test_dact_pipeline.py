@@ -526,3 +526,18 @@ def test_pareto_explorer_choice_takes_effect_and_survives_a_reload(done, monkeyp
 
         choose_for_prediction(res.parent_run_id, {**res.chosen, "source": "front"}, tracker=Tracker(h))
         st.cache_resource.clear()
+
+
+def test_stage1_heads_come_back_at_their_best_epoch():
+    """fit_heads_on_features keeps a COPY of the best epoch's weights and returns the heads restored to it: on
+    noisy features with a large lr the validation loss is lowest early, and the returned heads reproduce it."""
+    from dact_lib.tuning.dact_pipeline import fit_heads_on_features
+    from dact_lib.tuning.dact_pipeline.stage1 import _eval_heads
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 2, 16, generator=g), torch.randint(0, 3, (96,), generator=g)
+    vx, vy = torch.randn(48, 2, 16, generator=g), torch.randint(0, 3, (48,), generator=g)
+    cfg = tiny_cfg().model
+    fit = fit_heads_on_features(cfg, 3, x, y, vx, vy, epochs=25, lr=0.05, batch_size=16)
+    assert fit.best_epoch < 25  # training went on (and got worse) after the best epoch
+    assert _eval_heads(fit.heads, vx, vy, cfg.ponder_lambda)["val_loss"] == pytest.approx(fit.val_loss, rel=1e-6)

@@ -417,3 +417,31 @@ def test_train_stops_early_when_the_rule_says_so(home):
     assert res.stop_reason and "patience 2" in res.stop_reason
     stops = tr.get_events(res.run_id, kinds=["early_stop"])
     assert len(stops) == 1 and stops[0]["payload"]["epoch"] == 3
+
+
+def test_without_saving_the_best_state_is_a_copy_and_is_restored():
+    """save=False keeps the best checkpoint in memory: it must be a copy of the weights at that evaluation (not
+    references to the live parameters, which training goes on changing), and it is what train() returns."""
+    import copy as _copy
+
+    from dact_lib.callbacks import Callback
+
+    class Snap(Callback):
+        def __init__(self):
+            self.best, self.last = None, None
+
+        def on_event(self, state, kind, payload):
+            if kind == "checkpoint":
+                self.best = _copy.deepcopy(state.extra["model"].state_dict())
+
+        def on_epoch_end(self, state, logs):
+            self.last = _copy.deepcopy(state.extra["model"].state_dict())
+
+    cfg = tiny_cfg("backbone", epochs=4)
+    cfg.train.early_stopping.enabled = False
+    cfg.train.early_stopping.metric = "val_accuracy"
+    snap = Snap()
+    res = train(cfg, save=False, callbacks=[snap])
+    got = res.model.state_dict()
+    assert any(not torch.equal(snap.last[k], snap.best[k]) for k in got)  # training went on after the best
+    assert all(torch.equal(got[k], snap.best[k]) for k in got)
