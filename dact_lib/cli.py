@@ -271,11 +271,14 @@ def cmd_runs(args) -> int:
         return 0
     import datetime as dt
 
-    print(f"{'id':>4}  {'kind':<14}{'status':<12}{'started':<17}{'best val acc':>13}  tag")
+    width = min(32, max([4] + [len(r.get("name") or "") for r in runs]))
+    print(f"{'id':>4}  {'name':<{width}}  {'kind':<14}{'status':<12}{'started':<17}{'best val acc':>13}  tag")
     for r in runs:
         best = ((r.get("summary") or {}).get("best") or {}).get("val_accuracy")
         started = dt.datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M") if r.get("started") else "-"
-        print(f"{r['id']:>4}  {r['kind']:<14}{r['status']:<12}{started:<17}"
+        name = r.get("name") or "-"
+        name = name if len(name) <= width else name[:width - 1] + "…"
+        print(f"{r['id']:>4}  {name:<{width}}  {r['kind']:<14}{r['status']:<12}{started:<17}"
               f"{(f'{best:.4f}' if best is not None else '-'):>13}  {r.get('tag') or ''}")
     return 0
 

@@ -37,6 +37,7 @@ def test_train_predict_runs_evaluate_report(home, capsys, tmp_path):
     code, out, _ = run_cli(capsys, "train", *TINY, "--epochs", 1, "--home", home)
     assert code == 0
     run = last_run_id(out)
+    Tracker(home).update_run(run, name="first-try")
 
     code, out, _ = run_cli(capsys, "predict", "--run", run, "--json", "--home", home, "great food", "rude staff")
     rows = [json.loads(line) for line in out.strip().splitlines()]
@@ -48,6 +49,8 @@ def test_train_predict_runs_evaluate_report(home, capsys, tmp_path):
     assert code == 0 and [r["id"] for r in json.loads(out)] == [run]
     code, out, _ = run_cli(capsys, "runs", "--home", home)
     assert code == 0 and "backbone" in out and "finished" in out
+    header, row = out.splitlines()[:2]
+    assert header.split()[:2] == ["id", "name"] and row.split()[:2] == [str(run), "first-try"]
 
     code, out, _ = run_cli(capsys, "evaluate", "--run", run, "--json", "--home", home)
     rep = json.loads(out)
