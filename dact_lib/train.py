@@ -362,8 +362,11 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         memory = BatchSizeManager(tc.batch_size, tc.min_batch_size, tc.max_batch_size)
         stopper = EarlyStopping(tc.early_stopping)
         cbs.on_start(state)
+        from .evaluate import resolve_precision
+
         cbs.on_event(state, "start", {"train": len(enc_train), "val": len(enc_val),
                                       "test": len(enc_test) if enc_test is not None else 0, "device": str(device),
+                                      "precision": resolve_precision(tc.precision, device),
                                       "steps": total, "labels": label_maps})
 
         def evaluate_and_checkpoint() -> bool:
@@ -495,6 +498,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                         tracker.add_artifact(run_id, str(run_dir / name), kind)
         status = "finished"
         state.extra["summary"] = {"best": best_metrics, "test": test_metrics, "best_epoch": state.best_epoch,
+                                  "precision": resolve_precision(tc.precision, device),
                                   "stop_reason": stop_reason, "halting": halting_report}
         report = {**report, "halting": halting_report} if halting_report else report
     except Cancelled as exc:

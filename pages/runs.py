@@ -248,6 +248,12 @@ def live(ids: list[int], was_active: bool) -> None:
                 st.warning(f"Run {focus} is not a job of this dashboard process (started elsewhere, e.g. the CLI, "
                            "or already ended): stop it where it runs.")
     run_dir = Path(run.get("run_dir") or tr.run_dir(focus))
+    prec = (run.get("summary") or {}).get("precision") or ((run.get("config") or {}).get("train") or {}).get(
+        "precision")
+    if prec:
+        st.caption(f"precision: **{prec}**" + (" (train.precision = auto)" if
+                                               ((run.get("config") or {}).get("train") or {}).get("precision")
+                                               == "auto" else ""))
     if run["kind"] == "dact" and run["status"] == "finished":
         advice = exit_advice(run_dir)
         if advice:

@@ -445,3 +445,18 @@ def test_without_saving_the_best_state_is_a_copy_and_is_restored():
     got = res.model.state_dict()
     assert any(not torch.equal(snap.last[k], snap.best[k]) for k in got)  # training went on after the best
     assert all(torch.equal(got[k], snap.best[k]) for k in got)
+
+
+def test_precision_auto_resolves_by_hardware_and_is_recorded(home, monkeypatch):
+    from dact_lib import evaluate
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(evaluate, "native_bf16", lambda device: True)
+    assert evaluate.resolve_precision("auto", cpu) == "bf16" and evaluate.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(evaluate, "native_bf16", lambda device: False)
+    assert evaluate.resolve_precision("auto", cpu) == "fp32" and evaluate.resolve_precision("bf16", cpu) == "bf16"
+    tr = Tracker(home)
+    res = train(tiny_cfg("backbone", epochs=1, precision="auto"), tracker=tr, home=home)
+    run = tr.get_run(res.run_id)
+    assert run["summary"]["precision"] == "fp32"
+    assert tr.get_events(res.run_id, kinds=["start"])[0]["payload"]["precision"] == "fp32"
