@@ -1,6 +1,6 @@
 """The per-layer feature cache: sentence summaries of every layer of a FROZEN pretrained encoder, computed once.
 
-Tuning stage 1 (the DACT sub-model architecture study, ``tuning/dact_pipeline.py``) trains only the classifier and
+Tuning stage 1 (the DACT sub-model architecture study, ``tuning/dact_pipeline/stage1.py``) trains only the classifier and
 halting MLPs. With the encoder frozen, their inputs — the per-layer summaries c_n (the [CLS] vector or the masked
 mean, ``heads.pool``) — are the same in every trial, so they are computed once per
 (dataset content, encoder weights, pooling, max_seq_len) and stored as safetensors::

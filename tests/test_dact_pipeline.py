@@ -1,4 +1,4 @@
-"""The staged DACT tuning pipeline (dact_lib/tuning/dact_pipeline.py) on the tiny encoder and 240 easy rows."""
+"""The staged DACT tuning pipeline (dact_lib/tuning/dact_pipeline/) on the tiny encoder and 240 easy rows."""
 from __future__ import annotations
 
 import json
