@@ -574,3 +574,32 @@ def test_tracker_callback_on_step_is_cheap(tr):
     assert len(tr.get_metrics(rid)) == n * len(logs)
     # 2 % of a 0.1 s training step is 2 ms; the buffered path (flushes included, every 50 ms here) is far below
     assert per_step < 0.5e-3, per_step
+
+
+def test_pid_liveness_zombies_are_dead_and_other_users_processes_alive(monkeypatch):
+    """A zombie (exited, not reaped) counts as dead; a process of another user (kill -> EPERM) counts as alive."""
+    import os
+    import subprocess
+    import sys
+    import time as _time
+
+    from dact_lib import tracker as tr_mod
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = _time.monotonic() + 20
+    while _time.monotonic() < deadline:  # wait until it has exited; it stays a zombie until waited for
+        with open(f"/proc/{child.pid}/stat", "rb") as fh:
+            if b") Z" in fh.read():
+                break
+        _time.sleep(0.05)
+    try:
+        assert tr_mod._pid_alive(child.pid) is False
+    finally:
+        child.wait()
+    assert tr_mod._pid_alive(os.getpid()) is True
+
+    def eperm(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tr_mod.os, "kill", eperm)
+    assert tr_mod._pid_alive(1) is True
