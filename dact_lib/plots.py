@@ -852,7 +852,8 @@ def pipeline_view(run: dict, events: Sequence[dict]) -> dict[str, Any]:
       ``exit_policy_sweep`` event);
     * ``final_run_id``; ``chosen_run_id`` — the model chosen for prediction in the dashboard (last ``chosen``
       event), or None; ``user_choice`` — that choice's payload (trial, λ) when it is another point than the
-      pipeline's own choice, else None.
+      pipeline's own choice, else None; ``fitted`` — the points share one model (stage 3 fitted halting units per
+      point), so a choice swaps halting files instead of runs.
     """
     summary = run.get("summary") or {}
     trials, front, choice, sweep, num_layers, chosen, final_id = [], None, None, None, None, None, None
@@ -894,7 +895,28 @@ def pipeline_view(run: dict, events: Sequence[dict]) -> dict[str, Any]:
             "front": [normalize_point(p) for p in front] if front is not None else None,
             "pipeline_choice": normalize_point(choice) if choice else None, "sweep": sweep or [],
             "num_layers": num_layers, "final_run_id": final_id, "chosen_run_id": chosen,
-            "user_choice": user if user and user.get("trial") != (choice or {}).get("trial") else None}
+            "user_choice": user if user and user.get("trial") != (choice or {}).get("trial") else None,
+            "fitted": any(p.get("halting_file") for p in trials + list(front or []))}
+
+
+def point_name(p: dict | None) -> str:
+    """How a stage-3 point is named on the pages: ``threshold τ = …``, ``λ = …`` or ``trial n``."""
+    if not p:
+        return "?"
+    if p.get("tau") is not None:
+        return f"threshold τ = {p['tau']:.3g}"
+    return f"λ = {p['lambda']:.3g}" if p.get("lambda") is not None else f"trial {p.get('trial')}"
+
+
+def prediction_trial(view: dict, current_run_id: Any) -> Any:
+    """The stage-3 trial whose halting units the model ``current_run_id`` predicts with, for a pipeline whose
+    points share one model (``view["fitted"]``): the user's choice if any, else the pipeline's; None when
+    ``current_run_id`` is not the pipeline's final run."""
+    final = view.get("final_run_id")
+    if current_run_id is None or final is None or int(current_run_id) != int(final):
+        return None
+    chosen = view.get("user_choice") or view.get("pipeline_choice") or {}
+    return chosen.get("trial")
 
 
 def chosen_prediction_run(tracker, parent_id: int | None = None) -> int | None:

@@ -54,7 +54,7 @@ def choose(parent_id: int, point: dict | None) -> None:
         return
     rid = got["run_id"]
     st.session_state["predict_run_id"] = rid
-    what = _point_name(point)
+    what = plots.point_name(point)
     if got.get("halting"):
         text = (f"Trial {point.get('trial')} ({what}) is now used for prediction: run #{rid} with that point's "
                 "halting units (swapped in, nothing retrained). The pipeline's own choice stays recorded.")
@@ -65,14 +65,6 @@ def choose(parent_id: int, point: dict | None) -> None:
     st.session_state["_pareto_msg"] = (
         "success" if got["has_model"] else "warning",
         text + ("" if got["has_model"] else " Its model file is missing, so prediction will fail: choose another."))
-
-
-def _point_name(p: dict | None) -> str:
-    if not p:
-        return "?"
-    if p.get("tau") is not None:
-        return f"threshold τ = {p['tau']:.3g}"
-    return f"λ = {p['lambda']:.3g}" if p.get("lambda") is not None else f"trial {p.get('trial')}"
 
 
 def _on_select_box(parent_id: int, options: dict) -> None:
@@ -102,18 +94,16 @@ def explorer(parent_id: int) -> None:
     done = ", ".join(summary.get("stages_done") or []) or "none"
     pc = view["pipeline_choice"]
     st.caption(f"status **{run['status']}** · stages done: {done}"
-               + (f" · pipeline's choice: trial {pc['trial']} ({_point_name(pc)})" if pc else "")
+               + (f" · pipeline's choice: trial {pc['trial']} ({plots.point_name(pc)})" if pc else "")
                + (f" · final model: run #{view['final_run_id']}" if view["final_run_id"] else ""))
     for g in (e["payload"] for e in tr.get_events(parent_id, kinds=["guard_failed"])):
         st.error(g.get("message") or f"{g.get('stage')}: the model is no better than the majority class.")
     current = st.session_state.get("predict_run_id")
-    fitted = any(p.get("halting_file") for p in view["trials"] + (view["front"] or []))
-    uc = view["user_choice"]
-    on_final = current is not None and view["final_run_id"] is not None and int(current) == int(view["final_run_id"])
-    active = (uc or {}).get("trial") if on_final and uc else (pc or {}).get("trial") if on_final else None
+    fitted, uc = view["fitted"], view["user_choice"]
+    active = plots.prediction_trial(view, current)
     if current is None:
         st.info("No model chosen for prediction yet: pick a front point below (or click one on the chart).")
-    elif fitted and on_final:
+    elif fitted and active is not None:
         st.info(f"Model used for prediction: **run #{current}** with the halting units of **trial {active}**"
                 + (" (your choice; the pipeline's choice is trial "
                    f"{pc['trial'] if pc else '?'})" if uc else " (the pipeline's choice)"))
@@ -141,11 +131,11 @@ def explorer(parent_id: int) -> None:
     options: dict[str, dict] = {}
     if view["final_run_id"] is not None:
         lam = pc.get("lambda") if pc else None
-        options[f"final model · run #{view['final_run_id']} · the pipeline's choice ({_point_name(pc)})"] = {
+        options[f"final model · run #{view['final_run_id']} · the pipeline's choice ({plots.point_name(pc)})"] = {
             "run_id": view["final_run_id"], "trial": pc.get("trial") if pc else None, "lambda": lam,
             "source": "final"}
     for p in sorted(front_pts, key=lambda p: p["val_avg_exit_layer"] or 0):
-        label = (f"trial {p['trial']} · {_point_name(p)} · exit {p['val_avg_exit_layer']:.2f} · "
+        label = (f"trial {p['trial']} · {plots.point_name(p)} · exit {p['val_avg_exit_layer']:.2f} · "
                  f"acc {p['val_accuracy']:.3f}" if p["val_avg_exit_layer"] is not None else f"trial {p['trial']}")
         if not fitted:
             label += f" · run #{p['run_id']}" if p["run_id"] is not None else " · no run"

@@ -111,8 +111,9 @@ else:
         st.warning(str(exc))
         hc = None
     if hc:
-        what = f"τ = {hc['tau']:g}" if hc.get("tau") is not None else \
-            f"λ = {hc['lambda']:.3g}" if hc.get("lambda") is not None else ""
+        from dact_lib.plots import point_name
+
+        what = point_name(hc)
         st.caption(f"Halting units: trial {hc.get('trial')} {what} — chosen on the Pareto explorer"
                    + (f" (validation: exit {hc['val_avg_exit_layer']:.2f} layers, accuracy "
                       f"{hc['val_accuracy']:.1%})" if hc.get("val_avg_exit_layer") is not None and
