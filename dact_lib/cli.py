@@ -1,8 +1,8 @@
 """``python -m dact_lib`` — everything the dashboard does, without a browser.
 
 Commands: train, evaluate, predict, runs, report (+ the tuning engines: tune-backbone, dact-pipeline, pbt,
-multitask, studies). Every command takes ``--home``, ``--verbosity 0|1|2``, ``--device auto|cpu|cuda`` and
-``--tag``.
+multitask, studies). Every command takes ``--home`` and ``--verbosity 0|1|2``; commands that run a model take
+``--device auto|cpu|cuda`` and those that create a run take ``--tag`` (a flag is accepted only where it does something).
 """
 from __future__ import annotations
 
@@ -26,12 +26,17 @@ def command(name: str):
     return deco
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, device: bool = True, tag: bool = True) -> None:
+    """--home and --verbosity everywhere; --device only where a model runs, --tag only where a run is created."""
     p.add_argument("--home", default=None, help="DACT Lab home (experiments.db, runs/); default $DACT_LAB_HOME or the project root")
     p.add_argument("--verbosity", type=int, choices=(0, 1, 2), default=1,
                    help="0: warnings only, 1: progress, 2: debug detail")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--tag", default=None, help="a label stored with the run")
+    if device:
+        # default None: a --config file's train.device stays unless the flag is given
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                       help="where the model runs (default: the config's train.device, else auto)")
+    if tag:
+        p.add_argument("--tag", default=None, help="a label stored with the run")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="CSV to evaluate on (default: the run's test split)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--policies", action="store_true", help="DACT: also sweep the exit policies")
-    _common(p)
+    _common(p, tag=False)
 
     p = sub.add_parser("predict", help="predict one or more sentences with a saved run")
     p.add_argument("--run", required=True)
@@ -84,17 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None,
                    help="DACT: exit policy NAME[:VALUE] — dact (default), entropy:S, patience:T, fixed:K")
     p.add_argument("text", nargs="+")
-    _common(p)
+    _common(p, tag=False)
 
     p = sub.add_parser("runs", help="the run table")
     p.add_argument("--kind", default=None)
     p.add_argument("--json", action="store_true")
-    _common(p)
+    _common(p, device=False, tag=False)
 
     p = sub.add_parser("report", help="a self-contained HTML page of a run's curves and config")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
-    _common(p)
+    _common(p, device=False, tag=False)
 
     try:
         from .tuning import cli as tuning_cli
@@ -114,13 +119,17 @@ def _setup(args) -> None:
         os.environ["DACT_LAB_HOME"] = str(args.home)
 
 
-def config_from_args(args, kind_default: str = "backbone"):
-    """A RunConfig from --config (if given) with the command-line flags applied on top."""
-    from .config import RunConfig, default_config, load_mapping
+def config_and_options(args, kind_default: str = "backbone"):
+    """``(RunConfig, engine options)`` from --config (a RunConfig file, or a dashboard download
+    ``{"config": ..., "options": ...}``) with the command-line flags applied on top of the config; the engine
+    commands apply their own flags on top of the options."""
+    from .config import RunConfig, default_config, load_mapping, split_config_document
 
     kind = getattr(args, "kind", None)
+    options: dict = {}
     if args.config:
-        raw = load_mapping(args.config)
+        raw, options = split_config_document(load_mapping(args.config), str(args.config))
+        raw = dict(raw)
         if kind:
             raw["kind"] = kind
         cfg = RunConfig.from_dict(raw)
@@ -157,10 +166,22 @@ def config_from_args(args, kind_default: str = "backbone"):
         cfg.model.fit_halting = False
     if getattr(args, "init_from_run", None):
         cfg.init_from_run = args.init_from_run
-    cfg.train.device = args.device
-    if args.tag:
+    if getattr(args, "device", None):  # only when given: a config file's device is kept otherwise
+        cfg.train.device = args.device
+    if getattr(args, "tag", None):
         cfg.tag = args.tag
-    return cfg.validate()
+    return cfg.validate(), options
+
+
+def config_from_args(args, kind_default: str = "backbone"):
+    """A RunConfig from --config (if given) with the command-line flags applied on top. A file with engine
+    options (a Backbone-tuning, Pipeline or PBT download) is refused with the command that runs it."""
+    cfg, options = config_and_options(args, kind_default)
+    if options:
+        raise DactLabError(f"{args.config} holds engine options ({', '.join(sorted(options))}) as downloaded from "
+                           "an engine page: run it with the engine's command, e.g. `tune-backbone --config FILE`, "
+                           "`dact-pipeline --config FILE` or `pbt --config FILE`.")
+    return cfg
 
 
 @command("train")
@@ -189,7 +210,7 @@ def cmd_evaluate(args) -> int:
     from .models import load_model
     from .train import load_split
 
-    loaded = load_model(args.run, args.home, args.device)
+    loaded = load_model(args.run, args.home, args.device or "auto")
     if args.data:
         ds = read_csv(args.data, columns=loaded.config.data.columns, label_maps=loaded.label_maps)
     else:
@@ -225,7 +246,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .models import load_model, predict
 
-    loaded = load_model(args.run, args.home, args.device)
+    loaded = load_model(args.run, args.home, args.device or "auto")
     policy = None
     if args.policy:
         from .dact import make_policy

@@ -438,6 +438,20 @@ def parse_mapping(text: str, suffix: str = ".json", where: str = "config") -> di
     return data
 
 
+def split_config_document(data: dict[str, Any], where: str = "the config") -> tuple[dict[str, Any], dict[str, Any]]:
+    """A config download is the RunConfig mapping alone, or ``{"config": ..., "options": ...}`` for the engines
+    (tuning, pipeline, PBT): return ``(config mapping, engine options)`` — ``{}`` options for a plain config."""
+    if not ("config" in data and isinstance(data.get("config"), dict)):
+        return data, {}
+    unknown = sorted(set(data) - {"config", "options"})
+    if unknown:
+        raise ConfigError(f"Unknown top-level key(s) {unknown} in {where}: expected 'config' and 'options'.")
+    options = data.get("options") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"'options' in {where} must be a mapping of engine settings.")
+    return data["config"], options
+
+
 def from_dict(cls: type, data: Any, path: str) -> Any:
     """Build dataclass ``cls`` from ``data`` recursively; unknown keys raise ConfigError naming them."""
     if data is None:

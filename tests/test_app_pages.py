@@ -479,3 +479,47 @@ def test_predict_restores_the_pareto_choice_after_a_reload(populated):
         assert at.selectbox(key="predict:run").value == ids["dact"]
     finally:
         tr.delete_run(parent, force=True)
+
+
+def doc_epochs(doc: dict) -> int:
+    return (doc.get("config") or doc)["train"]["epochs"]
+
+
+@pytest.mark.parametrize("page, path, mode, kind", [
+    ("backbone", "pages/backbone.py", "Single run", "backbone"),
+    ("backbone", "pages/backbone.py", "Optuna tuning", "backbone"),
+    ("dact", "pages/dact_pipeline.py", "Single DACT run", "dact"),
+    ("dact", "pages/dact_pipeline.py", "Full pipeline", "dact"),
+    ("pbt", "pages/pbt.py", None, "dact"),
+    ("multitask", "pages/multitask.py", None, "multitask"),
+])
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_every_page_download_uploads_back_unchanged(app_home, page, path, mode, kind, fmt):
+    """Bug: a download from the Backbone-tuning, Pipeline or PBT page ({"config", "options"}) was refused when
+    uploaded back. What the page offers is uploaded into a fresh session: same config, same options, same mode."""
+    from ui.forms import config_download_texts
+
+    at = goto(open_app(), path)
+    if mode:
+        at.radio(key=f"{page}:mode").set_value(mode).run()
+    if page == "pbt":
+        at.selectbox(key="pbt:kind").set_value(kind).run()
+    pre = f"{page}/{kind}"
+    at.number_input(key=f"{pre}:train.epochs").set_value(4)  # a change the file must carry
+    at.button(key=f"FormSubmitter:{page}:form-Check config").click().run()
+    assert doc_epochs(at.session_state[f"{page}:{kind}:download-doc"]) == 4
+    doc = at.session_state[f"{page}:{kind}:download-doc"]
+    engine = "options" in doc
+    assert engine == (mode not in ("Single run", "Single DACT run") and page != "multitask")
+
+    back = goto(open_app(), path)
+    back.file_uploader(key=f"{page}:upload").upload(f"cfg.{fmt}", config_download_texts(doc)[fmt].encode(),
+                                                    "application/octet-stream")
+    back.run()
+    assert not errors(back), errors(back)
+    assert any("Loaded" in s for s in successes(back))
+    assert back.number_input(key=f"{pre}:train.epochs").value == 4
+    if mode:
+        assert back.radio(key=f"{page}:mode").value == mode
+    again = back.session_state[f"{page}:{kind}:download-doc"]
+    assert again == doc  # the form offers the same document again: nothing lost on the way

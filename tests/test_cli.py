@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import types
 
 import pytest
 
@@ -143,44 +142,98 @@ def test_errors_exit_2_with_a_clear_message(home, capsys, tmp_path):
     assert Tracker(home).list_runs() == []
 
 
-def test_dact_pipeline_command_builds_the_pipeline_config(home, capsys, monkeypatch):
-    dp = pytest.importorskip("dact_lib.tuning.dact_pipeline")
-    calls = {}
+def parse(*argv):
+    from dact_lib.cli import build_parser
 
-    def run_pipeline(cfg, *, pipeline, home=None, tracker=None, cancel=None, callbacks=None):
-        calls["args"] = (cfg, pipeline)
-        return types.SimpleNamespace(parent_run_id=11, final_run_id=12, chosen={}, pareto=[], test_metrics={})
+    return build_parser().parse_args([str(a) for a in argv])
 
-    monkeypatch.setattr(dp, "run_pipeline", run_pipeline)
-    code, out, err = run_cli(capsys, "dact-pipeline", *TINY, "--trials", 3, "--lambdas-trials", 4, "--timeout-min", 2,
-                             "--name", "p", "--home", home)
-    assert code == 0 and out.splitlines() == ["parent run id: 11", "run id: 12"]
-    cfg, pipeline = calls["args"]
+
+def test_dact_pipeline_flags_build_the_pipeline_config():
+    from dact_lib.tuning.cli import pipeline_arguments
+
+    cfg, pipeline = pipeline_arguments(parse("dact-pipeline", *TINY, "--trials", 3, "--lambdas-trials", 4,
+                                             "--timeout-min", 2, "--min-steps", 50, "--guards", "warn", "--name", "p"))
     assert cfg.kind == "dact" and cfg.encoder == "tiny" and cfg.data.max_rows == 120
     assert (pipeline.name, pipeline.trials_stage1, pipeline.trials_stage2, pipeline.trials_stage3,
-            pipeline.timeout_min) == ("p", 3, 3, 4, 2.0)
-    code, out, err = run_cli(capsys, "dact-pipeline", *TINY, "--home", home)
-    assert code == 0 and calls["args"][1].name.startswith("dact-pipeline-")  # a new pipeline unless --name
-    assert calls["args"][1].trials_stage1 == dp.PipelineConfig(name="x").trials_stage1
+            pipeline.timeout_min, pipeline.min_steps, pipeline.guards) == ("p", 3, 3, 4, 2.0, 50, "warn")
+    _, pipeline = pipeline_arguments(parse("dact-pipeline", *TINY))
+    assert pipeline.name.startswith("dact-pipeline-")  # a new pipeline unless --name
+    # the documented defaults (README / PipelineConfig docstring), written out, not read from the code
+    assert (pipeline.trials_stage1, pipeline.trials_stage2, pipeline.trials_stage3, pipeline.guards) == (20, 6, 32, "stop")
 
 
-def test_pbt_command_builds_the_pbt_config(home, capsys, monkeypatch):
-    pbt = pytest.importorskip("dact_lib.tuning.pbt")
-    calls = {}
+def test_pbt_flags_build_the_pbt_config():
+    from dact_lib.tuning.cli import pbt_arguments
 
-    def run_pbt(cfg, *, pbt, home=None, tracker=None, cancel=None, callbacks=None):
-        calls["args"] = (cfg, pbt)
-        return types.SimpleNamespace(parent_run_id=21, best_run_id=23, best_member=1, best_score=0.5, members=[
-            {"member": 0, "run_id": 22, "status": "finished", "best_score": 0.4, "exploits": 1}])
-
-    monkeypatch.setattr(pbt, "run_pbt", run_pbt)
-    code, out, err = run_cli(capsys, "pbt", "--kind", "dact", *TINY, "--population", 3, "--epochs", 2, "--home", home)
-    assert code == 0 and out.splitlines() == ["parent run id: 21", "run id: 23"]
-    cfg, settings = calls["args"]
+    cfg, settings = pbt_arguments(parse("pbt", "--kind", "dact", *TINY, "--population", 3, "--epochs", 2))
     assert (settings.population, settings.epochs) == (3, 2) and cfg.train.epochs == 2 and cfg.kind == "dact"
-    assert "member 0 (run 22): finished" in err
+    _, settings = pbt_arguments(parse("pbt", *TINY))
+    assert settings.population == 4  # the documented default
+
+
+def test_pbt_command_for_real(home, capsys):
+    code, out, err = run_cli(capsys, "pbt", *TINY, "--population", 2, "--epochs", 1, "--home", home)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("parent run id: ")
+    parent, best = int(lines[0].split(": ")[1]), last_run_id(out)
+    tr = Tracker(home)
+    members = tr.list_runs(parent_id=parent)
+    assert tr.get_run(parent)["kind"] == "pbt" and tr.get_run(parent)["status"] == "finished"
+    assert sorted(m["id"] for m in members) == sorted(int(x) for x in re.findall(r"\(run (\d+)\)", err))
+    assert best in {m["id"] for m in members} and {m["status"] for m in members} == {"finished"}
+    assert re.search(r"best member \d: val_accuracy [0-9.]+\n", err)
     code, out, err = run_cli(capsys, "pbt", *TINY, "--population", 1, "--home", home)
-    assert code == 2 and "population" in err
+    assert code == 2 and "pbt.population = 1" in err
+
+
+def write_download(tmp_path, doc: dict, suffix: str) -> str:
+    """The file a user gets from a page's config download (the same texts as ui.forms.config_downloads)."""
+    import yaml
+
+    path = tmp_path / f"download{suffix}"
+    path.write_text(json.dumps(doc, indent=2) if suffix == ".json" else yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_engine_page_downloads_round_trip_through_the_cli(tmp_path, suffix):
+    """Bug: a config downloaded from the Backbone-tuning, Pipeline or PBT page was refused by the CLI."""
+    from dact_lib.config import default_config
+    from dact_lib.tuning.cli import backbone_arguments, pbt_arguments, pipeline_arguments
+
+    base = default_config("dact", encoder="tiny").to_dict()
+    base["train"]["epochs"] = 3
+    doc = {"config": base, "options": {"pipeline": {"name": "from-page", "trials_stage3": 5, "min_steps": 40}}}
+    cfg, pipeline = pipeline_arguments(parse("dact-pipeline", "--config", write_download(tmp_path, doc, suffix)))
+    assert (cfg.encoder, cfg.train.epochs, pipeline.name, pipeline.trials_stage3, pipeline.min_steps) == \
+        ("tiny", 3, "from-page", 5, 40)
+    cfg, pipeline = pipeline_arguments(parse("dact-pipeline", "--config", write_download(tmp_path, doc, suffix),
+                                             "--lambdas-trials", 7, "--name", "mine"))
+    assert (pipeline.name, pipeline.trials_stage3, pipeline.min_steps) == ("mine", 7, 40)  # flags win when given
+
+    doc = {"config": base, "options": {"pbt": {"population": 3, "quantile": 0.5}}}
+    cfg, settings = pbt_arguments(parse("pbt", "--config", write_download(tmp_path, doc, suffix)))
+    assert (cfg.kind, settings.population, settings.quantile) == ("dact", 3, 0.5)
+
+    bb = default_config("backbone", encoder="tiny").to_dict()
+    doc = {"config": bb, "options": {"trials": 3, "timeout_min": None, "study_name": "s1", "final": False,
+                                     "space": {"epochs": [1, 2]}}}
+    cfg, kw = backbone_arguments(parse("tune-backbone", "--config", write_download(tmp_path, doc, suffix)))
+    assert (kw["trials"], kw["study_name"], kw["final"], kw["space"].epochs) == (3, "s1", False, [1, 2])
+    cfg, kw = backbone_arguments(parse("tune-backbone", "--config", write_download(tmp_path, doc, suffix),
+                                       "--trials", 5))
+    assert kw["trials"] == 5
+
+    # an engine download given to `train` says which command runs it; a bad option names itself
+    from dact_lib.cli import config_from_args
+    from dact_lib.errors import ConfigError, DactLabError
+
+    with pytest.raises(DactLabError, match="dact-pipeline --config FILE"):
+        config_from_args(parse("train", "--config", write_download(tmp_path, doc, suffix)))
+    doc = {"config": base, "options": {"pbt": {"population": 3}, "bogus": 1}}
+    with pytest.raises(ConfigError, match="bogus"):
+        pbt_arguments(parse("pbt", "--config", write_download(tmp_path, doc, suffix)))
 
 
 def test_member_printer_tags_lines_with_the_run(capsys):
@@ -281,3 +334,42 @@ def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
     code, out, err = run_cli(capsys, "dact-pipeline", *[a if a != data else noise for a in small[:-1]], "noise")
     assert code == 2 and "not clearly better than always answering the largest class" in err
     assert "What to change" in err
+
+
+def test_config_file_device_is_kept_unless_the_flag_is_given(tmp_path):
+    """Bug: cli wrote the --device default ('auto') over a config's "device": "cpu"."""
+    import argparse
+
+    from dact_lib.cli import build_parser, config_from_args
+
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps({"kind": "backbone", "encoder": "tiny", "train": {"device": "cpu"}}))
+    args = build_parser().parse_args(["train", "--config", str(cfg_file)])
+    assert config_from_args(args).train.device == "cpu"
+    args = build_parser().parse_args(["train", "--config", str(cfg_file), "--device", "auto"])
+    assert config_from_args(args).train.device == "auto"
+    assert isinstance(args, argparse.Namespace)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["runs", "--tag", "x"], "--tag"), (["runs", "--device", "cpu"], "--device"),
+    (["report", "--run", "1", "--out", "r.html", "--tag", "x"], "--tag"),
+    (["report", "--run", "1", "--out", "r.html", "--device", "cpu"], "--device"),
+    (["evaluate", "--run", "1", "--tag", "x"], "--tag"), (["predict", "--run", "1", "--tag", "x", "hi"], "--tag"),
+    (["studies", "--tag", "x"], "--tag"), (["studies", "--device", "cpu"], "--device"),
+])
+def test_flags_are_accepted_only_where_they_do_something(argv, flag, capsys):
+    from dact_lib.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "--device", "cpu", "--tag", "t"], ["evaluate", "--run", "1", "--device", "cpu"],
+                                  ["predict", "--run", "1", "--device", "cpu", "hi"],
+                                  ["pbt", "--device", "cpu", "--tag", "t"], ["dact-pipeline", "--tag", "t"]])
+def test_flags_that_do_something_are_accepted(argv):
+    from dact_lib.cli import build_parser
+
+    build_parser().parse_args(argv)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from dact_lib.config import DEFAULT_ENCODER, TINY_ENCODER, RunConfig, default_config, parse_mapping
+from dact_lib.config import DEFAULT_ENCODER, TINY_ENCODER, RunConfig, default_config, parse_mapping, split_config_document
 from dact_lib.errors import ConfigError, DactLabError
 
 from . import state
@@ -286,29 +286,27 @@ def config_document(cfg: dict, options: dict | None = None) -> dict:
 
 def parse_config_document(text: str, suffix: str) -> tuple[RunConfig, dict]:
     """Parse a downloaded config back: ``(RunConfig, engine options)``. Raises ConfigError."""
-    data = parse_mapping(text, suffix, "the uploaded config")
-    options: dict = {}
-    if "config" in data and isinstance(data.get("config"), dict):
-        unknown = sorted(set(data) - {"config", "options"})
-        if unknown:
-            raise ConfigError(f"Unknown top-level key(s) {unknown} in the uploaded config: expected 'config' and "
-                              "'options'.")
-        options = data.get("options") or {}
-        if not isinstance(options, dict):
-            raise ConfigError("'options' in the uploaded config must be a mapping of engine settings.")
-        data = data["config"]
+    data, options = split_config_document(parse_mapping(text, suffix, "the uploaded config"), "the uploaded config")
     return RunConfig.from_dict(data), options
 
 
-def config_downloads(doc: dict, basename: str, key: str) -> None:
-    """Two download buttons: the config as JSON and as YAML."""
+def config_download_texts(doc: dict) -> dict[str, str]:
+    """The exact texts of the two config downloads (JSON and YAML)."""
     import yaml
 
+    return {"json": json.dumps(doc, indent=2), "yaml": yaml.safe_dump(doc, sort_keys=False)}
+
+
+def config_downloads(doc: dict, basename: str, key: str) -> None:
+    """Two download buttons: the config as JSON and as YAML (the document offered is kept in the session state
+    under ``<key>:download-doc``, so a test can upload exactly what a user downloads)."""
+    texts = config_download_texts(doc)
+    st.session_state[f"{key}:download-doc"] = doc
     c1, c2 = st.columns(2)
-    c1.download_button("Download config (JSON)", json.dumps(doc, indent=2), file_name=f"{basename}.json",
+    c1.download_button("Download config (JSON)", texts["json"], file_name=f"{basename}.json",
                        mime="application/json", key=f"{key}:dl-json", on_click="ignore",
                        icon=":material/download:")
-    c2.download_button("Download config (YAML)", yaml.safe_dump(doc, sort_keys=False), file_name=f"{basename}.yaml",
+    c2.download_button("Download config (YAML)", texts["yaml"], file_name=f"{basename}.yaml",
                        mime="application/x-yaml", key=f"{key}:dl-yaml", on_click="ignore",
                        icon=":material/download:")
 

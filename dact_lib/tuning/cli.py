@@ -23,7 +23,7 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     """Add the tuning subcommands to ``sub`` and register their handlers with ``command(name)``."""
     p = sub.add_parser("tune-backbone", help="Optuna study of the backbone's training parameters, then a final run")
     data_args(p)
-    p.add_argument("--trials", type=int, default=10, help="number of trials (default 10)")
+    p.add_argument("--trials", type=int, default=None, help="number of trials (default 10)")
     p.add_argument("--timeout-min", type=float, default=None, help="start no trial after this many minutes")
     p.add_argument("--study-name", default=None, help="study name (an existing one gets more trials)")
     p.add_argument("--space", default=None, help="search space as JSON/YAML (see BackboneSpace); default the seed's")
@@ -52,7 +52,7 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     p = sub.add_parser("pbt", help="population-based training")
     p.add_argument("--kind", choices=("backbone", "dact", "multitask"), default=None)
     data_args(p)
-    p.add_argument("--population", type=int, default=4, help="population size (default 4)")
+    p.add_argument("--population", type=int, default=None, help="population size (default 4)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--timeout-min", dest="time_limit_min", type=float, default=None,
                    help="stop every member after this many minutes (each keeps its best checkpoint)")
@@ -73,7 +73,7 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
 
     p = sub.add_parser("studies", help="every Optuna study of the home")
     p.add_argument("--json", action="store_true")
-    common(p)
+    common(p, device=False, tag=False)
     command("studies")(cmd_studies)
 
 
@@ -114,6 +114,32 @@ def _base_config(args, kind: str):
 
     args.kind = kind
     return config_from_args(args, kind)
+
+
+def _engine_call(args, fn: Callable, kind: str | None,
+                 base: dict[str, dict] | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(RunConfig, keyword arguments of engine fn)``: --config may be a dashboard download with engine options;
+    they become ``fn``'s arguments exactly as the job manager builds them (settings objects validated). The
+    handler then applies the flags that were given on top."""
+    from ..cli import config_and_options
+    from ..jobs import engine_kwargs
+
+    if kind is not None:
+        args.kind = kind
+    cfg, options = config_and_options(args, kind or "backbone")
+    for key, defaults in (base or {}).items():  # defaults under a settings object the file may hold
+        given = options.get(key)
+        if given is None or isinstance(given, dict):
+            options[key] = {**defaults, **(given or {})}
+    return cfg, engine_kwargs(fn, options)
+
+
+def _with_flags(settings: Any, **flags: Any) -> Any:
+    """A copy of settings dataclass with the given (not None) flag values, validated."""
+    import dataclasses
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    return dataclasses.replace(settings, **given).validate() if given else settings
 
 
 class MemberPrinter(Callback):
@@ -157,19 +183,31 @@ def _print_ids(parent: Any, run: Any) -> None:
 # --- handlers ---------------------------------------------------------------------------------------------------
 
 
-def cmd_tune_backbone(args) -> int:
-    from ..callbacks import ProgressPrinter
+def backbone_arguments(args) -> tuple[Any, dict[str, Any]]:
+    """``(RunConfig, tune_backbone keyword arguments)`` from the parsed flags (and a --config download)."""
     from ..config import load_mapping
-    from ..tracker import Tracker
     from .backbone import BackboneSpace, tune_backbone
 
+    cfg, kw = _engine_call(args, tune_backbone, "backbone")
+    if args.space:
+        kw["space"] = BackboneSpace.from_dict(load_mapping(args.space))
+    for flag in ("trials", "timeout_min", "study_name"):
+        if getattr(args, flag) is not None:
+            kw[flag] = getattr(args, flag)
+    if args.no_final:
+        kw["final"] = False
+    return cfg, kw
+
+
+def cmd_tune_backbone(args) -> int:
+    from ..callbacks import ProgressPrinter
+    from ..tracker import Tracker
+    from .backbone import tune_backbone
+
     _quiet_optuna(args)
-    cfg = _base_config(args, "backbone")
-    space = BackboneSpace.from_dict(load_mapping(args.space)) if args.space else None
-    res = tune_backbone(cfg, trials=args.trials, timeout_min=args.timeout_min, space=space,
-                        study_name=args.study_name, home=args.home, tracker=Tracker(args.home),
-                        callbacks=[ProgressPrinter(args.verbosity)], final=not args.no_final,
-                        on_trial=_trial_printer(args))
+    cfg, kw = backbone_arguments(args)
+    res = tune_backbone(cfg, **kw, home=args.home, tracker=Tracker(args.home),
+                        callbacks=[ProgressPrinter(args.verbosity)], on_trial=_trial_printer(args))
     _err(args, f"study {res.study_name} ({res.storage_url})")
     if res.stop_reason:
         _err(args, f"stopped early: {res.stop_reason}")
@@ -184,26 +222,13 @@ def cmd_tune_backbone(args) -> int:
     return 0
 
 
-def cmd_dact_pipeline(args) -> int:
-    from ..callbacks import ProgressPrinter
-    from ..tracker import Tracker
-
+def pipeline_arguments(args) -> tuple[Any, Any]:
+    """``(RunConfig, PipelineConfig)`` from the parsed flags (and a --config download, which keeps its pipeline
+    name unless --name is given; otherwise a new pipeline is named by the time)."""
     dp = _engine("dact_pipeline")
-    _quiet_optuna(args)
-    cfg = _base_config(args, "dact")
-    if args.choose is not None:
-        if not args.name:
-            raise DactLabError("--choose needs --name NAME of the pipeline whose stage-3 point to use.")
-        tr = Tracker(args.home)
-        parent = dp.load_pipeline_result(args.name, tracker=tr).parent_run_id
-        point = dp.choose_point(parent, args.choose, tracker=tr)
-        got = dp.choose_for_prediction(parent, {**point, "source": "front"}, tracker=tr, by="cli")
-        what = "its own (the pipeline's choice)" if got["halting"] is None else f"trial {args.choose}'s"
-        _err(args, f"run {got['run_id']} now predicts with {what} halting units: validation exit "
-                   f"{_fmt(point.get('val_avg_exit_layer'))} layers, accuracy {_fmt(point.get('val_accuracy'))}")
-        _print_ids(parent, got["run_id"])
-        return 0
-    settings: dict[str, Any] = {"name": args.name or time.strftime("dact-pipeline-%Y%m%d-%H%M%S")}
+    fresh = {"name": time.strftime("dact-pipeline-%Y%m%d-%H%M%S")}
+    cfg, kw = _engine_call(args, dp.run_pipeline, "dact", base={"pipeline": fresh})
+    settings: dict[str, Any] = {"name": args.name}
     if args.trials is not None:
         settings.update(trials_stage1=args.trials, trials_stage2=args.trials)
     if args.min_steps is not None:
@@ -216,7 +241,28 @@ def cmd_dact_pipeline(args) -> int:
         settings["trials_stage3"] = args.lambdas_trials
     if args.timeout_min is not None:
         settings["timeout_min"] = args.timeout_min
-    pipeline = dp.PipelineConfig(**settings).validate()
+    return cfg, _with_flags(kw["pipeline"], **settings)
+
+
+def cmd_dact_pipeline(args) -> int:
+    from ..callbacks import ProgressPrinter
+    from ..tracker import Tracker
+
+    dp = _engine("dact_pipeline")
+    _quiet_optuna(args)
+    if args.choose is not None:
+        if not args.name:
+            raise DactLabError("--choose needs --name NAME of the pipeline whose stage-3 point to use.")
+        tr = Tracker(args.home)
+        parent = dp.load_pipeline_result(args.name, tracker=tr).parent_run_id
+        point = dp.choose_point(parent, args.choose, tracker=tr)
+        got = dp.choose_for_prediction(parent, {**point, "source": "front"}, tracker=tr, by="cli")
+        what = "its own (the pipeline's choice)" if got["halting"] is None else f"trial {args.choose}'s"
+        _err(args, f"run {got['run_id']} now predicts with {what} halting units: validation exit "
+                   f"{_fmt(point.get('val_avg_exit_layer'))} layers, accuracy {_fmt(point.get('val_accuracy'))}")
+        _print_ids(parent, got["run_id"])
+        return 0
+    cfg, pipeline = pipeline_arguments(args)
     _err(args, f"pipeline {pipeline.name} (run it again with --name {pipeline.name} to resume it)")
     res = dp.run_pipeline(cfg, pipeline=pipeline, home=args.home, tracker=Tracker(args.home),
                           callbacks=[ProgressPrinter(args.verbosity)])
@@ -234,13 +280,19 @@ def cmd_dact_pipeline(args) -> int:
     return 0
 
 
+def pbt_arguments(args) -> tuple[Any, Any]:
+    """``(RunConfig, PBTConfig)`` from the parsed flags (and a --config download)."""
+    pbt = _engine("pbt")
+    cfg, kw = _engine_call(args, pbt.run_pbt, None)
+    return cfg, _with_flags(kw.get("pbt") or pbt.PBTConfig().validate(), population=args.population,
+                            epochs=args.epochs)
+
+
 def cmd_pbt(args) -> int:
-    from ..cli import config_from_args
     from ..tracker import Tracker
 
     pbt = _engine("pbt")
-    cfg = config_from_args(args, "backbone")
-    settings = pbt.PBTConfig(population=args.population, epochs=args.epochs).validate()
+    cfg, settings = pbt_arguments(args)
     res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=Tracker(args.home),
                       callbacks=[MemberPrinter(args.verbosity)])
     for m in res.members:
