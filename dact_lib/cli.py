@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DACT: keep the jointly trained halting units (no halting fit after training)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                    help="auto: bf16 where the hardware has native bf16, else fp32")
-    p.add_argument("--init-from-run", default=None, help="start the encoder from this backbone run's weights")
+    p.add_argument("--init-from-run", type=int, default=None, help="start the encoder from this backbone run's weights")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-limit-min", type=float, default=None,
                    help="stop training after this many minutes, keeping the best checkpoint (train.time_limit_min)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,26 @@ def _check_pos(name: str, value: Any, *, allow_zero=False) -> None:
     _check(ok, name, value, "expected a " + ("non-negative" if allow_zero else "positive") + " number")
 
 
+#: bounds on a head's shape: wider than the widest encoders' hidden size (8192) only wastes memory
+MAX_HEAD_WIDTH = 8192
+MAX_HEAD_LAYERS = 8
+#: the encoder width and depth assumed by the memory estimate before the encoder is loaded (BERT-large's)
+ESTIMATE_HIDDEN, ESTIMATE_LAYERS = 1024, 24
+
+
+def mlp_params(dims: list[int], d_in: int, d_out: int) -> int:
+    """Weights + biases of an MLP d_in -> dims... -> d_out."""
+    sizes = [d_in, *dims, d_out]
+    return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 @dataclass
 class MLPConfig:
     """Shape of a small MLP head. ``layout='explicit'`` uses ``hidden_dims`` as given (``[]`` = one linear
@@ -80,10 +102,12 @@ class MLPConfig:
 
     def validate(self, name: str = "mlp") -> None:
         _check(self.layout in LAYOUTS, f"{name}.layout", self.layout, f"choose one of {LAYOUTS}")
-        _check(isinstance(self.hidden_dims, list) and all(isinstance(x, int) and x > 0 for x in self.hidden_dims),
-               f"{name}.hidden_dims", self.hidden_dims, "expected a list of positive integers, e.g. [256, 64]")
+        _check(isinstance(self.hidden_dims, list) and len(self.hidden_dims) <= MAX_HEAD_LAYERS and all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 < x <= MAX_HEAD_WIDTH for x in self.hidden_dims),
+            f"{name}.hidden_dims", self.hidden_dims, f"expected at most {MAX_HEAD_LAYERS} integers in "
+            f"[1, {MAX_HEAD_WIDTH}], e.g. [256, 64]")
         _check_int(f"{name}.depth", self.depth, 0, 8)
-        _check_int(f"{name}.width", self.width, 1, 8192)
+        _check_int(f"{name}.width", self.width, 1, MAX_HEAD_WIDTH)
         _check(self.activation in ACTIVATIONS, f"{name}.activation", self.activation, f"choose one of {ACTIVATIONS}")
         _check_frac(f"{name}.dropout", self.dropout, 0.0, 1.0)
 
@@ -94,7 +118,7 @@ class DataConfig:
     dataset. ``val_path``/``test_path`` give explicit held-out files instead of splitting them off."""
 
     path: str | None = None
-    dataset_id: str | None = None
+    dataset_id: int | None = None
     columns: dict[str, str] | None = None
     max_rows: int | None = None
     val_frac: float = 0.1
@@ -351,13 +375,18 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str | None = None
     tag: str | None = None
-    init_from_run: str | None = None
+    init_from_run: int | None = None
 
     def __post_init__(self) -> None:
         if self.model is None and self.kind in MODEL_CONFIGS:
             self.model = MODEL_CONFIGS[self.kind]()
 
     def validate(self) -> "RunConfig":
+        for id_field, holder in (("init_from_run", self), ("dataset_id", self.data)):
+            v = getattr(holder, id_field)
+            if isinstance(v, str) and v.strip().isdigit():  # "3" from a flag or a form: the id 3
+                setattr(holder, id_field, int(v))
+        check_types(self)
         _check(self.kind in KINDS, "kind", self.kind, f"choose one of {KINDS}")
         _check(isinstance(self.encoder, str) and self.encoder.strip() != "", "encoder", self.encoder,
                f"give a Hugging Face model name, a local directory, '{DEFAULT_ENCODER}' or '{TINY_ENCODER}'")
@@ -367,7 +396,29 @@ class RunConfig:
         self.data.validate()
         self.model.validate()
         self.train.validate()
+        self._check_head_memory()
         return self
+
+    def estimated_head_params(self, hidden: int = ESTIMATE_HIDDEN, layers: int = ESTIMATE_LAYERS,
+                              classes: int = 64) -> int:
+        """Parameters of the heads on a ``hidden``-wide, ``layers``-deep encoder (DACT: one classifier and one
+        halting unit per layer unless shared)."""
+        m = self.model
+        if self.kind == "dact":
+            copies = 1 if m.share_weights else layers
+            return copies * (mlp_params(m.classifier.resolved_dims(), hidden, classes)
+                             + mlp_params(m.halting.resolved_dims(), hidden + 8, 1))
+        return mlp_params(m.head.resolved_dims(), hidden, classes) * (2 if self.kind == "multitask" else 1)
+
+    def _check_head_memory(self) -> None:
+        """Refuse heads whose weights, gradients and AdamW moments (16 bytes a parameter) would need more than
+        half of this machine's memory, before anything is allocated."""
+        ram = physical_memory_bytes()
+        need = 16 * self.estimated_head_params()
+        if ram and need > ram // 2:
+            raise ConfigError(f"The heads of this config need about {need / 2**30:.1f} GiB for weights, gradients "
+                              f"and optimizer state (more than half of this machine's {ram / 2**30:.0f} GiB): use "
+                              "smaller hidden_dims / width / depth.")
 
     # -- round trips -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -402,7 +453,9 @@ class RunConfig:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         text = self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json()
-        path.write_text(text, encoding="utf-8")
+        from .files import atomic_write_text
+
+        atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
@@ -473,6 +526,84 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
         else:
             kwargs[key] = _coerce(value, hint, sub)
     return cls(**kwargs)
+
+
+#: bounds on free-form strings of a config (a name or tag is a label, not a document)
+MAX_TEXT_FIELD = 200
+MAX_LIST_ITEMS = 64
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is list:
+        (arg,) = typing.get_args(hint) or (Any,)
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}
+        return f"a list of at most {MAX_LIST_ITEMS} {plural.get(arg, 'items')}"
+    if origin is dict:
+        return "a mapping"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(hint, getattr(
+        hint, "__name__", str(hint)))
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if hint is Any or hint is None:
+        return True
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(hint))
+    if origin is list:
+        (arg,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and len(value) <= MAX_LIST_ITEMS and all(_type_ok(v, arg) for v in value)
+    if origin is dict:
+        args = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1])
+                                               for k, v in value.items())
+    if origin is tuple:
+        return isinstance(value, (tuple, list))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str) and len(value) <= 4096
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def check_types(obj: Any, path: str = "") -> None:
+    """Every field of config dataclass ``obj`` (recursively) has a value of its annotated type: a wrong type
+    (``tag: [a, b]``, ``epochs: "3"``) raises :class:`ConfigError` naming the field, the value and the type,
+    before anything uses it. ``name`` and ``tag`` are at most MAX_TEXT_FIELD characters."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        sub = f"{path}.{f.name}" if path else f.name
+        hint = hints.get(f.name, Any)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_types(value, sub)
+            continue
+        if not _type_ok(value, hint):
+            raise ConfigError(f"{sub} = {_short(value)} is invalid: expected {_type_name(hint)}.")
+        if f.name in ("name", "tag") and isinstance(value, str) and len(value) > MAX_TEXT_FIELD:
+            raise ConfigError(f"{sub} is {len(value)} characters long: keep it under {MAX_TEXT_FIELD}.")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:

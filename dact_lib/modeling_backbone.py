@@ -36,5 +36,6 @@ class BackboneClassifier(nn.Module):
         """Write the encoder's weights as safetensors (what a DACT run starts from)."""
         path = Path(path)
         state = {k: v.detach().contiguous().cpu() for k, v in self.encoder.state_dict().items()}
-        save_file(state, str(path))
-        return path
+        from .files import atomic_write
+
+        return atomic_write(path, lambda tmp: save_file(state, str(tmp)))

@@ -8,7 +8,6 @@ runs, ``encoder.safetensors`` (the encoder weights a DACT run can start from).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 from . import dact
 from .config import RunConfig
 from .encoders import encoder_from_config, load_encoder
+from .files import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from .errors import ConfigError, DactLabError
 from .home import resolve_home, runs_dir
 from .modeling_backbone import BackboneClassifier
@@ -86,15 +86,13 @@ def build_model(cfg: RunConfig, label_maps: dict[str, list[str]], home=None):
 
 def save_model(run_dir: str | Path, model: nn.Module, tokenizer, cfg: RunConfig,
                label_maps: dict[str, list[str]]) -> Path:
-    """Write the model checkpoint + config + label map atomically (temp file, then rename)."""
+    """Write the model checkpoint + config + label map, each atomically (temp file, fsync, rename: files.py)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = run_dir / (MODEL_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"kind": cfg.kind})
-    os.replace(tmp, run_dir / MODEL_FILE)
-    (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
-    (run_dir / "label_maps.json").write_text(json.dumps(label_maps, indent=2), encoding="utf-8")
+    atomic_write(run_dir / MODEL_FILE, lambda tmp: save_file(state, str(tmp), metadata={"kind": cfg.kind}))
+    atomic_write_text(run_dir / "config.json", cfg.to_json())
+    atomic_write_json(run_dir / "label_maps.json", label_maps)
     enc_dir = run_dir / "encoder"
     if not (enc_dir / "config.json").exists():
         model.encoder.config.save_pretrained(enc_dir)
@@ -131,15 +129,6 @@ def restore_weights(model: nn.Module, run_dir: str | Path) -> None:
     model.load_state_dict(load_file(str(Path(run_dir) / MODEL_FILE)))
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_halting_file(run_dir: str | Path, name: str, state: dict) -> Path:
     """Write halting weights (``model.halters`` state) as ``<run_dir>/halting/<name>.safetensors``, atomically."""
     from safetensors.torch import save as save_bytes
@@ -147,7 +136,7 @@ def save_halting_file(run_dir: str | Path, name: str, state: dict) -> Path:
     d = Path(run_dir) / HALTING_DIR
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.safetensors"
-    _atomic_bytes(path, save_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}))
+    atomic_write_bytes(path, save_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}))
     return path
 
 
@@ -182,7 +171,7 @@ def set_halting_choice(run_dir: str | Path, info: dict | None) -> None:
         return
     if not (run_dir / info["file"]).is_file():
         raise DactLabError(f"{run_dir / info['file']} does not exist: this point's halting weights are missing.")
-    _atomic_bytes(path, json.dumps(info, indent=2).encode("utf-8"))
+    atomic_write_json(path, info)
 
 
 @dataclass
@@ -215,13 +204,29 @@ def load_model(run: str | int | Path, home=None, device: str = "auto") -> Loaded
     from transformers import AutoTokenizer
 
     run_dir = resolve_run_dir(run, home)
-    cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
-    label_maps = json.loads((run_dir / "label_maps.json").read_text(encoding="utf-8"))
+    cfg = RunConfig.from_dict(read_json(run_dir / "config.json", "config"))
+    label_maps = read_json(run_dir / "label_maps.json", "label map")
+    if not (isinstance(label_maps, dict) and label_maps and
+            all(isinstance(v, list) and v for v in label_maps.values())):
+        raise DactLabError(f"{run_dir / 'label_maps.json'} is damaged (expected task -> list of labels): retrain "
+                           "the run.")
     enc_dir = run_dir / "encoder"
-    encoder = encoder_from_config(enc_dir)
-    tokenizer = AutoTokenizer.from_pretrained(enc_dir)
+    try:
+        encoder = encoder_from_config(enc_dir)
+        tokenizer = AutoTokenizer.from_pretrained(enc_dir)
+    except DactLabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a missing/damaged encoder/ folder becomes one clear error
+        raise DactLabError(f"{enc_dir} (the run's encoder config and tokenizer) cannot be loaded "
+                           f"({type(exc).__name__}: {str(exc)[:200]}): the run folder is damaged; retrain the run.") \
+            from None
     model = wrap_encoder(encoder, cfg, label_maps)
-    missing, unexpected = model.load_state_dict(load_file(str(run_dir / MODEL_FILE)), strict=False)
+    try:
+        weights = load_file(str(run_dir / MODEL_FILE))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: a truncated weights file
+        raise DactLabError(f"{run_dir / MODEL_FILE} is damaged ({str(exc)[:200]}): retrain the run, or resume it "
+                           "if it was interrupted.") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [m for m in missing if "pooler" not in m]:
         raise DactLabError(f"{run_dir / MODEL_FILE} does not match its config.json (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}): the run folder is damaged; retrain it.")

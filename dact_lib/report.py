@@ -57,5 +57,7 @@ def write_report(run_id: int, out: str | Path, home=None) -> Path:
             + "\n".join(parts) + "</body></html>")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    from .files import atomic_write_text
+
+    atomic_write_text(out, page)
     return out

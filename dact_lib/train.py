@@ -485,11 +485,11 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         if run_dir is not None:
             if cfg.kind == "backbone":
                 model.export_encoder(run_dir / ENCODER_FILE)
-            import json
+            from .files import atomic_write_json
 
-            (run_dir / "report.json").write_text(json.dumps(
-                {"best": best_metrics, "test": test_metrics, "report": report, "history": history,
-                 "stop_reason": stop_reason, "halting": halting_report}, indent=2), encoding="utf-8")
+            atomic_write_json(run_dir / "report.json",
+                              {"best": best_metrics, "test": test_metrics, "report": report, "history": history,
+                               "stop_reason": stop_reason, "halting": halting_report})
             if tracker is not None:
                 for name, kind in (("model.safetensors", "model"), ("config.json", "config"),
                                    ("label_maps.json", "label_map"), ("report.json", "report"),

@@ -52,6 +52,9 @@ class BackboneSpace:
 
     def validate(self) -> "BackboneSpace":
         """Raise ConfigError naming the first bad entry; returns self."""
+        from ..config import check_types
+
+        check_types(self, "space")
         limits = {"lr": (0.0, 1.0, False), "head_lr": (0.0, 1.0, False), "weight_decay": (0.0, 1.0, True),
                   "val_frac": (0.0, 0.9, False), "dropout": (0.0, 1.0, False), "epochs": (1, 1000, True)}
         for name, (lo_lim, hi_lim, hi_closed) in limits.items():

@@ -182,6 +182,9 @@ class PBTConfig:
     dropout_scope: Literal["head", "all"] = "head"
 
     def validate(self, name: str = "pbt") -> "PBTConfig":
+        from ..config import check_types
+
+        check_types(self, name)
         _check_int(f"{name}.population", self.population, 2, 64)
         _check(self.ready_every_steps is not None or self.ready_every_epochs is not None, f"{name}.ready_every_steps",
                None, "set ready_every_steps (an integer >= 1) or ready_every_epochs (a fraction of an epoch > 0)")

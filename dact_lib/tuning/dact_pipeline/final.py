@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 
 import optuna
@@ -70,10 +69,11 @@ def run(pl) -> None:
                           "trial": chosen["trial"]},
                "points": points, "rows": len(pl.split.val), "split": "val", "source": "pipeline stage 3",
                "tolerance_points": 100 * pl.pipe.choice_tolerance, "trunk_run_id": trunk_id}
-    (run_dir / "report.json").write_text(json.dumps(_jsonable(
+    from ...files import atomic_write_json
+
+    atomic_write_json(run_dir / "report.json", _jsonable(
         {"best": val, "test": test, "report": report, "history": [], "stop_reason": None,
-         "halting": halting, "built_from": {"trunk_run_id": trunk_id, "stage3_trial": chosen["trial"]}}),
-        indent=2), encoding="utf-8")
+         "halting": halting, "built_from": {"trunk_run_id": trunk_id, "stage3_trial": chosen["trial"]}}))
     tr.log_metrics(rid, {**val, **test}, step=0)
     for name, kind in ((MODEL_FILE, "model"), ("config.json", "config"), ("label_maps.json", "label_map"),
                        ("report.json", "report")):

@@ -35,9 +35,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    from ...files import atomic_write_json
+
+    atomic_write_json(path, _jsonable(data))
 
 
 def _counted(study: optuna.Study) -> int:

@@ -107,6 +107,9 @@ class PipelineConfig:
         def bad(fld: str, value: Any, allowed: str) -> ConfigError:
             return ConfigError(f"pipeline.{fld} = {value!r} is invalid: {allowed}.")
 
+        from ...config import check_types
+
+        check_types(self, "pipeline")
         if not isinstance(self.name, str) or not self.name.strip():
             raise bad("name", self.name, "give a non-empty name (the studies are called <name>/stage1 ...)")
         for fld in ("trials_stage1", "trials_stage2", "trials_stage3", "stage1_epochs", "stage1_batch_size",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from typing import Any
@@ -108,9 +107,10 @@ def keep_if_best(pl, study: optuna.Study, trial: optuna.Trial, value: float, res
         return
     run_dir = pl.tracker.run_dir(res.run_id)
     save_model(run_dir, res.model, res.tokenizer, run_cfg, res.label_maps)
-    (run_dir / "report.json").write_text(json.dumps(_jsonable({"best": res.best_metrics, "test": {},
-                                                               "stop_reason": res.stop_reason})),
-                                         encoding="utf-8")
+    from ...files import atomic_write_json
+
+    atomic_write_json(run_dir / "report.json", _jsonable({"best": res.best_metrics, "test": {},
+                                                          "stop_reason": res.stop_reason}))
     pl.tracker.update_run(res.run_id, run_dir=str(run_dir))
     pl.tracker.add_artifact(res.run_id, str(run_dir / MODEL_FILE), "model")
     trial.set_user_attr("model_saved", True)

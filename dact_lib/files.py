@@ -1,0 +1,112 @@
+"""Crash-safe files of a run folder: every write goes to a temporary file in the same folder, is fsynced, then
+renamed over the target (and the folder fsynced), so a kill at any moment leaves either the old file or the new one,
+never an empty or half-written one. :func:`read_json` turns a damaged file into an error that says what to do.
+
+Temporary files are named ``.<name>.<pid>.tmp``; :func:`clean_stale_temp` removes those left by a dead process.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import DactLabError
+
+TMP_SUFFIX = ".tmp"
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file next to ``path``, fsync it and rename it onto ``path``.
+    On any error the temporary file is removed and ``path`` is unchanged."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any, **dump_kwargs: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, **{"indent": 2, **dump_kwargs}))
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Read a JSON file of a run folder; a missing, empty or damaged one raises :class:`DactLabError` naming the
+    file and the fix (not a JSONDecodeError traceback)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DactLabError(f"{path} is missing: the run folder {path.parent} is incomplete (the run did not "
+                           f"finish writing its {what}). Retrain it, or resume it if it was interrupted.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DactLabError(f"{path} cannot be read ({exc}): the run folder is damaged; retrain the run.") from None
+    try:
+        return json.loads(text)
+    except ValueError:
+        state = "empty" if not text.strip() else "damaged (not JSON)"
+        raise DactLabError(f"{path} is {state}: the run's {what} was not written completely (a crash or kill while "
+                           f"it was saved). Retrain the run, or resume it if it was interrupted.") from None
+
+
+def _pid_of_tmp(name: str) -> int | None:
+    parts = name[: -len(TMP_SUFFIX)].rsplit(".", 1)
+    try:
+        return int(parts[1]) if len(parts) == 2 else None
+    except ValueError:
+        return None
+
+
+def clean_stale_temp(folder: str | Path) -> list[Path]:
+    """Remove temporary files (``.<name>.<pid>.tmp``, and the older ``<name>.tmp``) that no live process of this
+    host is writing, in ``folder`` and its subfolders. Returns the removed paths."""
+    from .tracker import _pid_alive
+
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.rglob(f"*{TMP_SUFFIX}"):
+        if not p.is_file():
+            continue
+        pid = _pid_of_tmp(p.name) if p.name.startswith(".") else None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            continue
+        if pid == os.getpid():
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
