@@ -109,7 +109,7 @@ def test_tune_backbone_then_studies(home, capsys, space_file):
 
     code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--init-from-run", final,
                            "--home", home)
-    assert code == 0 and tracker.get_run(last_run_id(out))["config"]["init_from_run"] == str(final)
+    assert code == 0 and tracker.get_run(last_run_id(out))["config"]["init_from_run"] == final
 
 
 def test_multitask_flags(home, capsys):

@@ -87,7 +87,7 @@ def test_study_trials_final_run_and_dact_from_it(home):
         if name in weights:
             assert torch.equal(tensor, weights[name]), name
     out = train(dcfg, tracker=tracker, home=home)
-    assert out.status == "finished" and tracker.get_run(out.run_id)["config"]["init_from_run"] == str(res.final_run_id)
+    assert out.status == "finished" and tracker.get_run(out.run_id)["config"]["init_from_run"] == res.final_run_id  # "3" is the run id 3
 
 
 def test_pruned_trials_are_recorded(home):
