@@ -10,12 +10,22 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from typing import Callable
 
 from .errors import DactLabError
 
 COMMANDS: dict[str, Callable] = {}
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def term(text: object, keep_newlines: bool = False) -> str:
+    """User text (labels, names, tags, sentences) for the terminal: control characters (escape sequences that
+    could move the cursor, retitle the window or hide output) shown as U+FFFD; tabs and newlines as spaces."""
+    out = _CONTROL.sub("\ufffd", str(text)).replace("\t", " ")
+    return out if keep_newlines else out.replace("\n", " ")
 
 
 def command(name: str):
@@ -226,10 +236,10 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
-    print(f"run {args.run} on {len(ds)} rows")
+    print(f"run {term(args.run)} on {len(ds)} rows")
     for task, r in rep["tasks"].items():
         print(f"[{task}] accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}")
-        names = r["labels"]
+        names = [term(n) for n in r["labels"]]
         width = max(len(n) for n in names) + 2
         print("confusion matrix (rows: true, columns: predicted)")
         print(" " * width + "".join(n[:8].rjust(9) for n in names))
@@ -271,12 +281,12 @@ def cmd_predict(args) -> int:
                 keep["tasks"] = res["tasks"]
             print(json.dumps(keep))
         else:
-            line = f"{res['label']}  p={res['probability']:.3f}"
+            line = f"{term(res['label'])}  p={res['probability']:.3f}"
             if "exit_layer" in res:
                 line += f"  exit layer {res['exit_layer']}/{res['num_layers']}"
             for task, r in res.get("tasks", {}).items():
-                line += f"  [{task}: {r['label']} {r['probability']:.3f}]"
-            print(f"{line}  <- {text}")
+                line += f"  [{term(task)}: {term(r['label'])} {r['probability']:.3f}]"
+            print(f"{line}  <- {term(text)}")
     return 0
 
 
@@ -293,15 +303,15 @@ def cmd_runs(args) -> int:
         return 0
     import datetime as dt
 
-    width = min(32, max([4] + [len(r.get("name") or "") for r in runs]))
+    width = min(32, max([4] + [len(term(r.get("name") or "")) for r in runs]))
     print(f"{'id':>4}  {'name':<{width}}  {'kind':<14}{'status':<12}{'started':<17}{'best val acc':>13}  tag")
     for r in runs:
         best = ((r.get("summary") or {}).get("best") or {}).get("val_accuracy")
         started = dt.datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M") if r.get("started") else "-"
-        name = r.get("name") or "-"
+        name = term(r.get("name") or "-")
         name = name if len(name) <= width else name[:width - 1] + "…"
         print(f"{r['id']:>4}  {name:<{width}}  {r['kind']:<14}{r['status']:<12}{started:<17}"
-              f"{(f'{best:.4f}' if best is not None else '-'):>13}  {r.get('tag') or ''}")
+              f"{(f'{best:.4f}' if best is not None else '-'):>13}  {term(r.get('tag') or '')}")
     return 0
 
 
@@ -326,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except DactLabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {term(exc, keep_newlines=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -465,27 +465,81 @@ class RunConfig:
 def load_mapping(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML file into a dict, with a clear error when it is neither."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist: check the path.")
-    text = path.read_text(encoding="utf-8")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {path.stat().st_size / 1024:.0f} KiB: a config is at most "
+                          f"{MAX_CONFIG_BYTES // 1024} KiB. Check that this is the right file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: a config is a JSON or YAML text file.") from None
     return parse_mapping(text, path.suffix.lower(), str(path))
 
 
+#: limits on a config document, checked before anything expands it (a few KB is a big config)
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_CONFIG_DEPTH = 16
+
+
+def _check_yaml_events(text: str, where: str) -> None:
+    """Refuse YAML aliases/anchors (the "billion laughs" expansion) and over-deep nesting by reading the event
+    stream, which costs O(size) and expands nothing."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ConfigError(f"{where} uses YAML anchors/aliases (&name / *name): write every value out instead.")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(f"{where} is nested more than {MAX_CONFIG_DEPTH} levels deep: a config is a few "
+                                  "levels of settings; fix the file.")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def _depth(value: Any, limit: int) -> int:
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def parse_mapping(text: str, suffix: str = ".json", where: str = "config") -> dict[str, Any]:
+    """Parse a JSON or YAML config document, refusing oversized (> MAX_CONFIG_BYTES), over-deep and YAML-alias
+    documents before anything expands them."""
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is {size / 1024:.0f} KiB: a config is at most {MAX_CONFIG_BYTES // 1024} KiB. "
+                          "Check that this is the right file.")
     try:
         if suffix in (".yaml", ".yml"):
             import yaml
 
+            _check_yaml_events(text, where)
             data = yaml.safe_load(text)
         else:
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 import yaml
 
+                _check_yaml_events(text, where)
                 data = yaml.safe_load(text)
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - both parsers' errors become one ConfigError
-        raise ConfigError(f"{where} is neither valid JSON nor YAML ({exc}): fix the syntax.") from exc
+        raise ConfigError(f"{where} is neither valid JSON nor YAML ({str(exc)[:300]}): fix the syntax.") from None
+    if _depth(data, MAX_CONFIG_DEPTH) > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"{where} is nested more than {MAX_CONFIG_DEPTH} levels deep: a config is a few levels of "
+                          "settings; fix the file.")
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a mapping of settings (a JSON object), not {type(data).__name__}.")
     return data

@@ -128,6 +128,25 @@ class TextDataset:
         return self.to_frame().to_csv(index=False, lineterminator="\n").encode("utf-8")
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def spreadsheet_safe_csv(csv_bytes: bytes) -> bytes:
+    """A CSV for download: every cell that a spreadsheet would run as a formula (it starts with = + - @, a tab or
+    a carriage return, and is not a plain number such as -1) gets a leading ``'`` (OWASP's CSV-injection
+    advice), so opening the file runs nothing. The stored dataset is unchanged."""
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(csv_bytes.decode("utf-8"), newline="")))
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator="\n")
+    for row in rows:
+        writer.writerow(["'" + c if c.startswith(_FORMULA_START) and not _NUMBER.match(c) else c for c in row])
+    return out.getvalue().encode("utf-8")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -135,6 +136,36 @@ def _build_dataclass(cls: type, value: Any, name: str) -> Any:
     return obj
 
 
+def check_untrusted(cfg: RunConfig, home: Path) -> None:
+    """What a config from a browser may name: datasets of the database (``data.dataset_id``) or the demo, runs of
+    this home by id (``init_from_run``), encoders by model name (the bundled one, the tiny one, a Hugging Face
+    name) or a folder inside the home. Server file paths are refused: a config must not read files of the
+    machine the dashboard runs on."""
+    from .config import DEFAULT_ENCODER, TINY_ENCODER
+
+    for fld in ("path", "val_path", "test_path"):
+        if getattr(cfg.data, fld):
+            raise ConfigError(f"data.{fld} = {getattr(cfg.data, fld)!r}: a config from the dashboard cannot read "
+                              "files of the server. Upload the CSV on the Data page and pick it as the dataset "
+                              f"(data.dataset_id), and set data.{fld} to null.")
+    if cfg.init_from_run is not None and not (isinstance(cfg.init_from_run, int) and cfg.init_from_run > 0):
+        raise ConfigError(f"init_from_run = {cfg.init_from_run!r}: give the id of a backbone run of this home.")
+    enc = cfg.encoder
+    if enc in (DEFAULT_ENCODER, TINY_ENCODER):
+        return
+    p = Path(enc).expanduser()
+    looks_like_path = enc.startswith(("/", "~", ".", "\\")) or ".." in Path(enc).parts or p.exists()
+    if looks_like_path:
+        try:
+            inside = p.resolve().is_relative_to(Path(home).resolve())
+        except OSError:
+            inside = False
+        if not inside:
+            raise ConfigError(f"encoder = {enc!r}: a config from the dashboard may name an encoder by its model name "
+                              f"({DEFAULT_ENCODER!r}, {TINY_ENCODER!r} or a Hugging Face name such as "
+                              "'bert-base-uncased') or a folder inside the DACT Lab home, not a server path.")
+
+
 def engine_kwargs(fn: Callable, options: dict | None) -> dict:
     """Turn job ``options`` into keyword arguments of engine ``fn``.
 
@@ -193,7 +224,9 @@ def engine_kwargs(fn: Callable, options: dict | None) -> dict:
 class JobManager:
     """Runs training and tuning jobs in background threads of this process; see the module docstring."""
 
-    def __init__(self, home=None, max_concurrent: int = 1) -> None:
+    def __init__(self, home=None, max_concurrent: int = 1, *, untrusted_configs: bool = False) -> None:
+        """``untrusted_configs``: configs come from browsers (the dashboard): they may name only datasets stored in
+        the database, runs of this home and encoders by name — no server file path (:func:`check_untrusted`)."""
         from .tracker import Tracker
 
         if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool) or max_concurrent < 1:
@@ -201,11 +234,12 @@ class JobManager:
         self.tracker = Tracker(home)
         self.home = self.tracker.home
         self.max_concurrent = max_concurrent
+        self.untrusted_configs = bool(untrusted_configs)
         self._lock = threading.RLock()
         self._jobs: dict[int, Job] = {}
         self._queue: list[int] = []
         self._closed = False
-        self.interrupted: list[int] = self._mark_interrupted()
+        self.interrupted: list[int] = sorted(set(self.tracker.interrupted_at_open) | set(self._mark_interrupted()))
 
     def __repr__(self) -> str:
         return f"JobManager({str(self.home)!r}, max_concurrent={self.max_concurrent})"
@@ -251,6 +285,8 @@ class JobManager:
         if kind in ENGINE_KINDS and cfg.kind not in _ENGINES[kind][2]:
             raise ConfigError(f"kind = {cfg.kind!r} cannot be used for a {kind!r} job: use one of "
                               f"{_ENGINES[kind][2]}.")
+        if self.untrusted_configs:
+            check_untrusted(cfg, self.home)
         if cfg.data.dataset_id is not None:
             try:
                 self.tracker.get_dataset(int(cfg.data.dataset_id))

@@ -190,9 +190,17 @@ class LoadedModel:
 
 
 def resolve_run_dir(run: str | int | Path, home=None) -> Path:
-    path = Path(str(run))
-    if not path.is_dir():
-        path = runs_dir(home) / str(run)
+    """A run id (``5``, ``"5"``) is always ``<home>/runs/5`` — never a folder ``./5`` that happens to exist; anything
+    else is a run folder path (e.g. an unpacked model zip)."""
+    text = str(run).strip()
+    if isinstance(run, int) or text.isdigit():
+        path = runs_dir(home) / str(int(text))
+    else:
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            raise DactLabError(f"Run {run!r} is neither a run id of {resolve_home(home)} nor a run folder: give "
+                               f"the id shown by `python -m dact_lib runs --home {resolve_home(home)}` or the "
+                               "path of a folder holding model.safetensors.")
     if not (path / MODEL_FILE).exists():
         raise DactLabError(f"Run {run!r} has no saved model ({path / MODEL_FILE} is missing): pick a finished "
                            f"run from `python -m dact_lib runs --home {resolve_home(home)}`.")

@@ -245,6 +245,13 @@ class Tracker:
         self.db_path: Path = _home.db_path(self.home)
         self._local = threading.local()
         self._ensure_schema()
+        # Any process that opens the tracker (CLI, dashboard, engines) marks runs whose process died — a CLI run
+        # killed with -9 does not stay 'running' for ever. This process's own runs are the job manager's call.
+        self.interrupted_at_open: list[int] = []
+        try:
+            self.interrupted_at_open = self.mark_interrupted(other_processes_only=True)
+        except sqlite3.Error as exc:  # a busy or read-only database must not stop a reader
+            log.warning("could not mark interrupted runs in %s: %s", self.db_path, exc)
 
     def __repr__(self) -> str:
         return f"Tracker({str(self.home)!r})"
@@ -488,9 +495,7 @@ class Tracker:
                 [row[c] for c in cols],
             )
             run_id = int(cur.lastrowid)
-            conn.execute(
-                "UPDATE runs SET run_dir = ? WHERE id = ?", (str(self.home / "runs" / str(run_id)), run_id)
-            )
+            conn.execute("UPDATE runs SET run_dir = ? WHERE id = ?", (f"runs/{run_id}", run_id))
         return run_id
 
     @staticmethod
@@ -507,6 +512,8 @@ class Tracker:
             self._check_status(fields["status"])
         if "config" in fields and fields["config"] is not None:
             fields = dict(fields, config=_config_to_dict(fields["config"]))
+        if fields.get("run_dir"):
+            fields = dict(fields, run_dir=self.rel_path(fields["run_dir"]))
         if not fields:
             if not conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
                 raise self._missing_run(run_id)
@@ -549,12 +556,36 @@ class Tracker:
             upd.update(fields)
             self._update(conn, run_id, upd)
 
-    @staticmethod
-    def _decode_run(row: dict) -> dict:
+    def _decode_run(self, row: dict) -> dict:
         for c in _RUN_JSON:
             if c in row:
                 row[c] = _loads(row[c], {})
+        if row.get("run_dir"):
+            row["run_dir"] = str(self.abs_path(row["run_dir"], row.get("id")))
         return row
+
+    # ------------------------------------------------------------------ paths (stored relative to the home)
+    def rel_path(self, path: Any) -> str:
+        """How a path is stored: relative to the home when inside it (``runs/5``), so a moved or copied home
+        serves its own models; absolute otherwise."""
+        p = Path(str(path))
+        if not p.is_absolute():
+            return p.as_posix()
+        try:
+            return p.resolve().relative_to(self.home).as_posix()
+        except ValueError:
+            return str(p)
+
+    def abs_path(self, stored: Any, run_id: Any = None) -> Path:
+        """A stored path as an absolute one. Relative ones are under this home; an absolute ``…/runs/<id>[/…]``
+        written by an older version in another (moved) home maps to this home's ``runs/<id>``."""
+        p = Path(str(stored))
+        if not p.is_absolute():
+            return self.home / p
+        if p.exists() or "runs" not in p.parts:
+            return p
+        i = len(p.parts) - 1 - p.parts[::-1].index("runs")
+        return self.home.joinpath(*p.parts[i:]) if i < len(p.parts) - 1 else p
 
     def get_run(self, run_id: int) -> dict:
         rows = self._rows("SELECT * FROM runs WHERE id = ?", (int(run_id),))
@@ -637,13 +668,14 @@ class Tracker:
         for i in ids:
             shutil.rmtree(runs_root / str(i), ignore_errors=True)
 
-    def mark_interrupted(self, *, grace_s: float = 0.0) -> list[int]:
+    def mark_interrupted(self, *, grace_s: float = 0.0, other_processes_only: bool = False) -> list[int]:
         """Mark 'running'/'queued' runs of this host whose process is gone as 'interrupted'.
 
         A run is dead when its pid is not alive (or a zombie), or when its pid is *this* process but its id is not
         in :data:`live_run_ids` (the job manager of this process does not run it). ``grace_s`` spares this
         process's runs created less than that many seconds ago (the window between ``create_run`` and
-        registering the id in ``live_run_ids``). Returns the ids marked."""
+        registering the id in ``live_run_ids``); ``other_processes_only`` leaves this process's runs alone (what
+        every Tracker() does when it opens the database). Returns the ids marked."""
         host, me, now = _hostname(), os.getpid(), _time.time()
         live = set(live_run_ids)
         rows = self._rows(
@@ -655,7 +687,7 @@ class Tracker:
         for r in rows:
             pid = int(r["pid"])
             if pid == me:
-                if r["id"] in live or now - (r["created"] or 0) < grace_s:
+                if other_processes_only or r["id"] in live or now - (r["created"] or 0) < grace_s:
                     continue
                 dead.append((r["id"], f"this process ({pid}) no longer runs it (the job was lost)"))
             elif not _pid_alive(pid):
@@ -816,11 +848,14 @@ class Tracker:
         with self._write() as conn:
             conn.execute(
                 'INSERT INTO artifacts ("run_id", "path", "kind", "created") VALUES (?, ?, ?, ?)',
-                (int(run_id), str(path), str(kind), _time.time()),
+                (int(run_id), self.rel_path(path), str(kind), _time.time()),
             )
 
     def get_artifacts(self, run_id: int) -> list[dict]:
-        return self._rows("SELECT * FROM artifacts WHERE run_id = ? ORDER BY id", (int(run_id),))
+        rows = self._rows("SELECT * FROM artifacts WHERE run_id = ? ORDER BY id", (int(run_id),))
+        for r in rows:
+            r["path"] = str(self.abs_path(r["path"], run_id))
+        return rows
 
 
 # --------------------------------------------------------------------------------------------- callback

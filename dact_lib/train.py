@@ -50,8 +50,6 @@ def load_split(cfg: RunConfig, tracker=None, data: DatasetSplit | TextDataset | 
             data = load_demo_dataset()
             if d.max_rows:
                 data = read_csv(data.to_csv_bytes(), max_rows=d.max_rows, name=data.name, seed=d.split_seed)
-    if tracker is not None and dataset_id is None:
-        dataset_id = tracker.add_dataset(data, name=data.name)  # dedupes on content: cheap when already stored
     val_frac = 0.0 if d.val_path else d.val_frac
     test_frac = 0.0 if d.test_path else d.test_frac
     if val_frac or test_frac:
@@ -62,6 +60,9 @@ def load_split(cfg: RunConfig, tracker=None, data: DatasetSplit | TextDataset | 
         split.val = read_csv(d.val_path, columns=d.columns, label_maps=data.label_maps)
     if d.test_path:
         split.test = read_csv(d.test_path, columns=d.columns, label_maps=data.label_maps)
+    if tracker is not None and dataset_id is None:
+        # stored only once the data has been accepted (split, held-out files read): a refused file adds nothing
+        dataset_id = tracker.add_dataset(data, name=data.name)  # dedupes on content: cheap when already stored
     return split, dataset_id
 
 

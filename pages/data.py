@@ -10,9 +10,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dact_lib.data import DataError, csv_header, read_csv, split_dataset
+from dact_lib.data import DataError, csv_header, read_csv, split_dataset, spreadsheet_safe_csv
 from dact_lib.errors import DactLabError
 from ui import state
+from ui.safe import plain
 from ui.forms import SPLIT_KEY
 from ui.nav import through_app
 
@@ -59,9 +60,9 @@ def column_mapping(header: list[str]) -> dict[str, str] | None:
 
 def show_dataset(ds) -> None:
     for w in ds.warnings:
-        st.warning(w)
+        st.warning(plain(w))
     tasks = ", ".join(f"`{t}` ({ds.num_classes(t)} classes)" for t in ds.tasks)
-    st.success(f"{len(ds)} rows, task(s) {tasks}.")
+    st.success(f"{len(ds)} rows, task(s) {plain(tasks)}.")
     st.dataframe(ds.to_frame().head(20), hide_index=True, width="stretch")
     cols = st.columns(len(ds.tasks) + 1)
     for c, task in zip(cols, ds.tasks):
@@ -85,7 +86,7 @@ def split_preview(ds) -> None:
     try:
         split = split_dataset(ds, val_frac=float(val), test_frac=float(test), seed=int(seed))
     except DataError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         return
     # a split that works here becomes the training forms' default (ui.forms.SPLIT_KEY; the forms apply a change once)
     st.session_state[SPLIT_KEY] = {"val_frac": float(val), "test_frac": float(test), "split_seed": int(seed)}
@@ -102,7 +103,7 @@ if up is not None:
     default_name = Path(up.name).stem or "dataset"
     ds, error = parse_upload(raw, mapping, default_name)
     if error is not None:
-        st.error(error)
+        st.error(plain(error))
     else:
         show_dataset(ds)
         split_preview(ds)
@@ -145,6 +146,6 @@ else:
     labels = {d["id"]: f"#{d['id']} {d['name']}" for d in datasets}
     c1, c2, c3 = st.columns([2, 1, 1])
     pick = c1.selectbox("Dataset", list(labels), format_func=labels.get, key="data:pick")
-    c2.download_button("Download CSV", tr.get_dataset_csv(pick), file_name=f"{labels[pick]}.csv",
+    c2.download_button("Download CSV", spreadsheet_safe_csv(tr.get_dataset_csv(pick)), file_name=f"{labels[pick]}.csv",
                        mime="text/csv", key="data:download", on_click="ignore", icon=":material/download:")
     c3.button("Delete", key="data:delete", icon=":material/delete:", on_click=delete_dataset, args=(pick,))

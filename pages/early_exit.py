@@ -15,6 +15,7 @@ from dact_lib import plots  # noqa: E402
 from dact_lib.exits import filter_exits, per_sample_exits  # noqa: E402
 from dact_lib.halting import exit_advice  # noqa: E402
 from dact_lib.models import halting_choice, model_version  # noqa: E402
+from ui.safe import plain  # noqa: E402
 from ui.state import tracker  # noqa: E402
 from ui.nav import through_app  # noqa: E402
 
@@ -55,7 +56,7 @@ try:
     with st.spinner("Running the model over the split (cached in the run folder afterwards)…"):
         df = _exits(str(run_dir), split, model_version(run_dir))
 except Exception as exc:  # noqa: BLE001 - show the library's message, keep the page alive
-    st.error(f"Could not compute per-sample exits of run {run_id}: {exc}")
+    st.error(f"Could not compute per-sample exits of run {run_id}: {plain(exc)}")
     st.stop()
 
 n_layers = int(df.attrs.get("num_layers") or (df["exit_layer"].max() if len(df) else 1))

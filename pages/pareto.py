@@ -16,6 +16,7 @@ import streamlit as st  # noqa: E402
 
 from dact_lib import plots  # noqa: E402
 from dact_lib.tracker import ACTIVE_STATUSES  # noqa: E402
+from ui.safe import plain  # noqa: E402
 from ui.state import tracker  # noqa: E402
 from ui.nav import through_app  # noqa: E402
 
@@ -97,7 +98,7 @@ def explorer(parent_id: int) -> None:
                + (f" · pipeline's choice: trial {pc['trial']} ({plots.point_name(pc)})" if pc else "")
                + (f" · final model: run #{view['final_run_id']}" if view["final_run_id"] else ""))
     for g in (e["payload"] for e in tr.get_events(parent_id, kinds=["guard_failed"])):
-        st.error(g.get("message") or f"{g.get('stage')}: the model is no better than the majority class.")
+        st.error(plain(g.get("message")) if g.get("message") else f"{g.get('stage')}: the model is no better than the majority class.")
     current = st.session_state.get("predict_run_id")
     fitted, uc = view["fitted"], view["user_choice"]
     active = plots.prediction_trial(view, current)

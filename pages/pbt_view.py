@@ -15,6 +15,7 @@ import streamlit as st  # noqa: E402
 
 from dact_lib import plots  # noqa: E402
 from dact_lib.tracker import ACTIVE_STATUSES  # noqa: E402
+from ui.safe import plain  # noqa: E402
 from ui.state import tracker  # noqa: E402
 from ui.nav import through_app  # noqa: E402
 
@@ -49,7 +50,7 @@ def population(pid: int, was_active: bool) -> None:
                + (f" · best member run #{parent['summary'].get('best_run_id')}"
                   if (parent.get("summary") or {}).get("best_run_id") else ""))
     if parent.get("error"):
-        st.error(parent["error"])
+        st.error(plain(parent["error"]))
     if not members:
         st.info("The population has not been created yet.")
         return

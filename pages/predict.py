@@ -10,6 +10,7 @@ import streamlit as st
 from dact_lib.errors import DactLabError
 from dact_lib.models import MODEL_FILE, halting_choice, load_model, model_version, predict
 from ui import state
+from ui.safe import plain
 from ui.nav import through_app
 
 through_app()
@@ -75,10 +76,10 @@ def show(res: dict, i: int) -> None:
         cols = st.columns(len(res["tasks"]))
         for c, (task, r) in zip(cols, res["tasks"].items()):
             with c:
-                st.metric(task, r["label"], f"{r['probability']:.1%}", delta_color="off")
+                st.metric(plain(task), plain(r["label"]), f"{r['probability']:.1%}", delta_color="off")
                 prob_chart(r["probabilities"], task, key=f"predict:probs-{i}-{task}")
         return
-    st.metric(res.get("task") or "label", res["label"], f"{res['probability']:.1%}", delta_color="off")
+    st.metric(plain(res.get("task") or "label"), plain(res["label"]), f"{res['probability']:.1%}", delta_color="off")
     if "layers" in res:
         c1, c2 = st.columns(2)
         with c1:
@@ -108,7 +109,7 @@ else:
     try:
         hc = halting_choice(Path(by_id[run_id]["run_dir"]))
     except Exception as exc:  # noqa: BLE001 - a damaged choice file: say so, predict still reports the error
-        st.warning(str(exc))
+        st.warning(plain(exc))
         hc = None
     if hc:
         from dact_lib.plots import point_name
@@ -128,7 +129,7 @@ else:
             loaded = _load(str(run_dir), model_version(run_dir))
             results = predict(loaded, texts)
         except DactLabError as exc:
-            st.error(str(exc))
+            st.error(plain(exc))
         else:
             st.session_state["predict:results"] = (run_id, texts, results)
     stored = st.session_state.get("predict:results")
@@ -140,5 +141,5 @@ else:
                                        for t, r in zip(texts, results)]), hide_index=True, width="stretch")
         for i, (t, r) in enumerate(zip(texts[:5], results[:5])):  # details of the first five
             if len(results) > 1:
-                st.markdown(f"**{t}**")
+                st.markdown(f"**{plain(t)}**")
             show(r, i)

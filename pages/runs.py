@@ -24,6 +24,7 @@ from dact_lib.halting import exit_advice  # noqa: E402
 from dact_lib.jobs import ENGINE_KINDS  # noqa: E402  (parent runs of the tuning engines: no training curves)
 from dact_lib.models import zip_model  # noqa: E402
 from dact_lib.tracker import ACTIVE_STATUSES, STATUSES  # noqa: E402
+from ui.safe import plain  # noqa: E402
 from ui.state import tracker  # noqa: E402
 from ui.nav import through_app  # noqa: E402
 
@@ -238,7 +239,7 @@ def live(ids: list[int], was_active: bool) -> None:
                 owner = jobs().cancel_owner(focus)
             except Exception as exc:  # noqa: BLE001 - show, never crash the page
                 owner = None
-                st.error(f"Could not cancel run {focus}: {exc}")
+                st.error(f"Could not cancel run {focus}: {plain(exc)}")
             if owner == focus:
                 st.success(f"Cancellation of run {focus} requested: it stops at its next step.")
             elif owner is not None:
@@ -264,7 +265,7 @@ def live(ids: list[int], was_active: bool) -> None:
     else:
         c2.caption("No saved model yet (a checkpoint is written at the first evaluation).")
     if run.get("error"):
-        st.error(run["error"])
+        st.error(plain(run["error"]))
     ev = events_of.get(focus, [])
     st.subheader("Event log")
     if ev:

@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from dact_lib.tuning import studies  # noqa: E402
+from ui.safe import plain
 from ui.state import tracker  # noqa: E402
 from ui.nav import through_app  # noqa: E402
 
@@ -81,7 +82,7 @@ def _plot(title: str, make) -> None:
             warnings.simplefilter("ignore")  # Optuna's experimental / evaluator notices
             fig = make()
     except Exception as exc:  # noqa: BLE001 - Optuna raises for studies a plot does not fit
-        st.caption(f"{title}: not available for this study ({type(exc).__name__}: {exc}).")
+        st.caption(f"{title}: not available for this study ({type(exc).__name__}: {plain(exc)}).")
         return
     st.plotly_chart(fig, key=f"studies_{title}")
 
@@ -94,7 +95,7 @@ try:
     study = _load(url, name)
     trials = study.get_trials(deepcopy=False)
 except Exception as exc:  # noqa: BLE001
-    st.error(f"Could not open study {name!r}: {exc}")
+    st.error(f"Could not open study {plain(repr(name))}: {plain(exc)}")
     st.stop()
 
 complete = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -106,12 +106,19 @@ def goto(at: AppTest, page: str) -> AppTest:
     return at
 
 
+def shown(markdown: str) -> str:
+    """The text a user reads: user text is backslash-escaped markdown (ui.safe.plain)."""
+    import re
+
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
 def errors(at: AppTest) -> list[str]:
-    return [e.value for e in at.error]
+    return [shown(e.value) for e in at.error]
 
 
 def successes(at: AppTest) -> list[str]:
-    return [s.value for s in at.success]
+    return [shown(s.value) for s in at.success]
 
 
 def jobs():
@@ -441,15 +448,15 @@ def test_predict_shows_a_prediction(populated):
     at.button(key="predict:go").click().run()
     assert not at.exception and not errors(at), errors(at)
     (metric,) = at.metric
-    assert metric.value in labels["class_label"]
+    assert shown(metric.value) in labels["class_label"]
     assert len(at.get("plotly_chart")) == 2  # probabilities + the per-layer trace
     trace = at.dataframe[-1].value
     assert list(trace.columns[:2]) == ["layer", "label"] and 1 <= len(trace) <= 2
 
     at.selectbox(key="predict:run").set_value(ids["multitask"])
     at.button(key="predict:go").click().run()
-    assert [m.label for m in at.metric] == ["class_label", "sentiment_label"]
-    assert at.metric[1].value in labels["sentiment_label"]
+    assert [shown(m.label) for m in at.metric] == ["class_label", "sentiment_label"]
+    assert shown(at.metric[1].value) in labels["sentiment_label"]
 
     at.text_area(key="predict:text").set_value("first line\nsecond line")
     at.selectbox(key="predict:run").set_value(ids["backbone"])

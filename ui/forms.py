@@ -19,6 +19,8 @@ import streamlit as st
 from dact_lib.config import DEFAULT_ENCODER, TINY_ENCODER, RunConfig, default_config, parse_mapping, split_config_document
 from dact_lib.errors import ConfigError, DactLabError
 
+from ui.safe import plain
+
 from . import state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,7 +257,7 @@ def dataset_choices(*, two_task_only: bool = False) -> dict[Any, str]:
     try:
         datasets = state.tracker().list_datasets()
     except Exception as exc:  # noqa: BLE001
-        st.warning(f"Could not list the saved datasets: {exc}")
+        st.warning(f"Could not list the saved datasets: {plain(exc)}")
         datasets = []
     for d in datasets:
         tasks = d.get("tasks") or []
@@ -320,7 +322,7 @@ def config_upload(prefix: str, apply: Callable[[RunConfig, dict], None], *, kind
     marker = f"{prefix}:upload-applied"
     ident = (up.file_id, up.name, up.size)
     if st.session_state.get(marker) == ident:
-        st.caption(f"Loaded {up.name}.")
+        st.caption(f"Loaded {plain(up.name)}.")
         return
     try:
         cfg, options = parse_config_document(up.getvalue().decode("utf-8", errors="replace"),
@@ -330,10 +332,10 @@ def config_upload(prefix: str, apply: Callable[[RunConfig, dict], None], *, kind
                               f"{' or '.join(repr(k) for k in kinds)}.")
         apply(cfg, options)
     except ConfigError as exc:
-        st.error(f"{up.name}: {exc}")
+        st.error(f"{plain(up.name)}: {plain(exc)}")
         return
     st.session_state[marker] = ident
-    st.success(f"Loaded {up.name} into the form.")
+    st.success(f"Loaded {plain(up.name)} into the form.")
 
 
 # --------------------------------------------------------------------------------------------- launching
@@ -350,12 +352,25 @@ def page_link(path: str, label: str, icon: str | None = None) -> None:
     st.caption(label)
 
 
+def unexpected(exc: BaseException, what: str) -> None:
+    """An exception dact_lib did not raise on purpose: one st.error line (no traceback on the page), the
+    traceback in the server log."""
+    import logging
+
+    logging.getLogger("dact_lab.ui").exception("%s", what)
+    st.error(f"{what}: {plain(type(exc).__name__)}: {plain(str(exc)[:300])}. This is a bug in DACT Lab (the server "
+             "log has the details); nothing was started.")
+
+
 def submit_job(kind: str, cfg: RunConfig | dict, *, options: dict | None = None, name: str | None = None) -> int | None:
     """Submit to the job manager; st.success with the id and a link to Runs, or st.error (nothing submitted)."""
     try:
         run_id = state.jobs().submit(kind, cfg, options=options, name=name)
     except DactLabError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
+        return None
+    except Exception as exc:  # noqa: BLE001 - never a traceback on the page: say what happened, log the rest
+        unexpected(exc, "The job was not submitted")
         return None
     st.session_state["last_run_id"] = run_id
     st.success(f"Started job **#{run_id}** ({kind}). It runs in the background; follow it on the Runs page.")
@@ -562,13 +577,17 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
         try:
             cfg, options = build()
         except ConfigError as exc:
-            st.error(str(exc))
+            st.error(plain(exc))
+        except Exception as exc:  # noqa: BLE001 - never a traceback on the page
+            unexpected(exc, "The form could not be read")
         else:
             if check:
                 try:  # the same checks as Start (engine settings included), nothing submitted
                     state.jobs().check(mode.job_kind or cfg.kind, cfg, options)
                 except DactLabError as exc:
-                    st.error(str(exc))
+                    st.error(plain(exc))
+                except Exception as exc:  # noqa: BLE001
+                    unexpected(exc, "The config could not be checked")
                 else:
                     st.success("The config is valid.")
             else:
@@ -576,7 +595,7 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
 
     try:
         cfg, options = build()
-    except ConfigError:
+    except Exception:  # noqa: BLE001 - ConfigError or worse: Check config / Start show it
         st.caption("Fix the form (Check config shows the problem) to download its config.")
     else:
         config_downloads(config_document(cfg.to_dict(), options), f"{page}-{mode.job_kind or cfg.kind}",

@@ -22,7 +22,8 @@ def _tracker(home_dir: str) -> Tracker:
 @st.cache_resource(show_spinner=False)
 def _jobs(home_dir: str) -> JobManager:
     # One job manager per server process: marks runs left 'running' by a dead process as 'interrupted'.
-    return JobManager(home_dir, max_concurrent=int(os.environ.get("DACT_LAB_MAX_JOBS", "1")))
+    return JobManager(home_dir, max_concurrent=int(os.environ.get("DACT_LAB_MAX_JOBS", "1")),
+                      untrusted_configs=True)  # configs come from browsers: no server file paths
 
 
 def tracker() -> Tracker:
