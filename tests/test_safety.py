@@ -1,0 +1,397 @@
+"""Issue "Nothing lost, nobody in": one test per reliability (R) and security (S) finding, each failing on the code
+that had the finding."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dact_lib.cli import main
+from dact_lib.config import RunConfig, default_config, parse_mapping
+from dact_lib.errors import ConfigError, DactLabError
+from dact_lib.files import atomic_write, atomic_write_text, clean_stale_temp, read_json
+from dact_lib.models import load_model, resolve_run_dir
+from dact_lib.tracker import Tracker
+from dact_lib.train import train
+
+
+def tiny_cfg(kind: str = "backbone") -> RunConfig:
+    cfg = default_config(kind, encoder="tiny")
+    cfg.data.max_rows, cfg.data.max_seq_len = 120, 32
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 1, 16, "cpu"
+    return cfg.validate()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A home with one finished tiny backbone run."""
+    h = tmp_path_factory.mktemp("safety")
+    run_id = train(tiny_cfg(), tracker=Tracker(h), home=h).run_id
+    return h, run_id
+
+
+def copy_run(trained, tmp_path) -> Path:
+    import shutil
+
+    h, run_id = trained
+    dst = tmp_path / "run"
+    shutil.copytree(h / "runs" / str(run_id), dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- R1 atomic files
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "config.json"
+    atomic_write_text(target, '{"old": 1}')
+
+    def half_then_crash(tmp: Path) -> None:
+        tmp.write_text('{"new": ')
+        raise KeyboardInterrupt  # a kill between the write and the rename
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_then_crash)
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("name, damage, match", [
+    ("config.json", "", "config.json is empty"),
+    ("config.json", '{"kind": "backb', "config.json is damaged"),
+    ("label_maps.json", "[]", "label_maps.json is damaged"),
+    ("model.safetensors", "garbage", "model.safetensors is damaged"),
+])
+def test_a_damaged_run_folder_is_a_clear_error(trained, tmp_path, name, damage, match):
+    run = copy_run(trained, tmp_path)
+    (run / name).write_text(damage)
+    with pytest.raises(DactLabError, match=match):
+        load_model(run)
+
+
+def test_damaged_run_in_the_cli_exits_2_without_traceback(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    (run / "config.json").write_text("")
+    assert main(["predict", "--run", str(run), "hello"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json is empty" in err and "Traceback" not in err
+
+
+def test_read_json_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(DactLabError, match="is missing.*Retrain"):
+        read_json(tmp_path / "report.json", "report")
+
+
+def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".model.safetensors.{dead.pid}.tmp"
+    old_style = tmp_path / "model.safetensors.tmp"
+    mine = tmp_path / f".config.json.{os.getpid()}.tmp"  # this process may be writing it right now
+    for p in (stale, old_style, mine):
+        p.write_text("x")
+    assert sorted(p.name for p in clean_stale_temp(tmp_path)) == sorted([stale.name, old_style.name])
+    assert mine.exists() and not stale.exists()
+
+
+def test_training_writes_no_temp_files(trained):
+    h, run_id = trained
+    leftovers = [p.name for p in (h / "runs" / str(run_id)).rglob("*.tmp")]
+    assert leftovers == []
+
+
+def test_kill_while_the_checkpoint_is_written_leaves_a_loadable_run(trained, tmp_path):
+    """kill -9 in the middle of save_model (an injected pause between writing the new weights and renaming):
+    the run folder still loads, with the previous files."""
+    run = copy_run(trained, tmp_path)
+    before = (run / "config.json").read_text()
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+import dact_lib.files as files
+real = files.os.replace
+def slow_replace(a, b):
+    print("writing", flush=True)
+    time.sleep(60)
+    real(a, b)
+files.os.replace = slow_replace
+from dact_lib.models import load_model, save_model
+m = load_model({str(run)!r})
+m.config.name = "changed"
+save_model({str(run)!r}, m.model, m.tokenizer, m.config, m.label_maps)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "DACT_LAB_CACHE": os.environ.get("DACT_LAB_CACHE", "")})
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    assert (run / "config.json").read_text() == before
+    loaded = load_model(run)  # every file is the old one or the new one: loads
+    assert loaded.config.name != "changed"
+    clean_stale_temp(run)
+    assert list(run.rglob("*.tmp")) == []
+
+
+# ---------------------------------------------------------------------------------------------- R2 dead CLI runs
+
+
+def test_a_killed_cli_run_is_interrupted_for_the_next_cli_command(home, capsys):
+    tr = Tracker(home)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    rid = tr.create_run("backbone", {}, status="running")
+    tr.update_run(rid, pid=dead.pid)  # as a CLI `train` killed with -9 leaves it
+    assert main(["runs", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "interrupted" in out.splitlines()[1]
+    assert Tracker(home).get_run(rid)["status"] == "interrupted"
+
+
+def test_opening_the_tracker_leaves_live_processes_runs_alone(home):
+    tr = Tracker(home)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        rid = tr.create_run("backbone", {}, status="running")
+        tr.update_run(rid, pid=alive.pid)
+        mine = tr.create_run("backbone", {}, status="running")  # this process: the job manager's call
+        Tracker(home)
+        assert tr.get_run(rid)["status"] == "running" and tr.get_run(mine)["status"] == "running"
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+# ---------------------------------------------------------------------------------------------- R3 moved home
+
+
+def test_a_moved_home_serves_its_own_models(trained, tmp_path):
+    import shutil
+
+    h, run_id = trained
+    moved = tmp_path / "moved-home"
+    shutil.copytree(h, moved)
+    tr = Tracker(moved)
+    run = tr.get_run(run_id)
+    assert Path(run["run_dir"]) == moved / "runs" / str(run_id)
+    stored = tr._rows("SELECT run_dir FROM runs WHERE id = ?", (run_id,))[0]["run_dir"]
+    assert stored == f"runs/{run_id}"  # relative in the database
+    assert all(Path(a["path"]).is_relative_to(moved) for a in tr.get_artifacts(run_id))
+    assert load_model(run_id, moved).run_dir == moved / "runs" / str(run_id)
+
+
+def test_an_old_absolute_run_dir_maps_into_the_moved_home(home):
+    tr = Tracker(home)
+    rid = tr.create_run("backbone", {}, status="finished")
+    with tr._write() as conn:
+        conn.execute("UPDATE runs SET run_dir = ? WHERE id = ?", (f"/gone/old-home/runs/{rid}", rid))
+    assert Path(tr.get_run(rid)["run_dir"]) == tr.home / "runs" / str(rid)
+
+
+# ---------------------------------------------------------------------------------------------- R4 --run N
+
+
+def test_run_id_is_looked_up_in_the_home_not_the_working_directory(trained, tmp_path, monkeypatch):
+    h, run_id = trained
+    decoy = tmp_path / str(run_id)
+    decoy.mkdir()
+    (decoy / "model.safetensors").write_text("a different model")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_dir(str(run_id), h) == h / "runs" / str(run_id)
+    assert resolve_run_dir(run_id, h) == h / "runs" / str(run_id)
+    assert resolve_run_dir(f"./{run_id}", h) == Path(f"./{run_id}")  # a path is a path
+    with pytest.raises(DactLabError, match="neither a run id"):
+        resolve_run_dir("no-such-folder", h)
+
+
+# ---------------------------------------------------------------------------------------------- R5 refused files
+
+
+def test_a_refused_file_adds_no_dataset_row(home, tmp_path):
+    csv = tmp_path / "few.csv"
+    csv.write_text("text,label\n" + "".join(f"sentence {i},{'ab'[i % 2]}\n" for i in range(12)))
+    cfg = tiny_cfg()
+    cfg.data.path, cfg.data.max_rows = str(csv), None
+    cfg.data.val_frac = cfg.data.test_frac = 0.05  # a split that cannot hold both classes
+    tr = Tracker(home)
+    with pytest.raises(DactLabError):
+        train(cfg, tracker=tr, home=home)
+    assert tr.list_datasets() == [] and tr.list_runs() == []
+
+
+# ---------------------------------------------------------------------------------------------- R6 types
+
+
+@pytest.mark.parametrize("path, value, match", [
+    (("tag",), ["a", "b"], r"tag = \['a', 'b'\] is invalid: expected a string or null"),
+    (("name",), {"x": 1}, "name = .* expected a string"),
+    (("name",), "n" * 500, "name is 500 characters long"),
+    (("train", "epochs"), "3", "train.epochs = '3' is invalid: expected an integer"),
+    (("train", "early_stopping", "enabled"), "yes", "expected true/false"),
+    (("data", "columns"), {"text": 5}, "data.columns"),
+    (("model", "head", "hidden_dims"), [1000000000], r"hidden_dims = \[1000000000\] is invalid"),
+    (("init_from_run",), "../../x/runs/1", "init_from_run = '../../x/runs/1' is invalid: expected an integer"),
+])
+def test_every_field_is_type_checked(path, value, match):
+    d = default_config("backbone").to_dict()
+    node = d
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_dict(d)
+
+
+def test_bad_tag_in_the_cli_is_exit_2_not_a_traceback(home, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("kind: backbone\nencoder: tiny\ntag: [a, b]\n")
+    assert main(["train", "--config", str(cfg), "--home", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert "tag = ['a', 'b'] is invalid" in err and "Traceback" not in err
+    assert Tracker(home).list_runs() == []
+
+
+# ---------------------------------------------------------------------------------------------- S1 server files
+
+
+def test_browser_configs_cannot_name_server_files(home, tmp_path):
+    from dact_lib.jobs import JobManager
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("text,label\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(40)))
+    jm = JobManager(home, untrusted_configs=True)
+    try:
+        for fld in ("path", "val_path", "test_path"):
+            cfg = tiny_cfg()
+            setattr(cfg.data, fld, str(secret))
+            with pytest.raises(ConfigError, match=f"data.{fld} .* cannot read files of the server"):
+                jm.submit("backbone", cfg)
+        cfg = tiny_cfg()
+        cfg.encoder = str(tmp_path)
+        with pytest.raises(ConfigError, match="not a server path"):
+            jm.check("backbone", cfg)
+        assert Tracker(home).list_runs() == [] and Tracker(home).list_datasets() == []
+        # the CLI and the library (trusted) still read files
+        cfg = tiny_cfg()
+        cfg.data.path = str(secret)
+        JobManager(home).check("backbone", cfg)
+    finally:
+        jm.shutdown() if hasattr(jm, "shutdown") else None
+
+
+def test_init_from_run_cannot_leave_the_home():
+    d = default_config("dact").to_dict()
+    d["init_from_run"] = "../../x/runs/1"
+    with pytest.raises(ConfigError, match="init_from_run"):
+        RunConfig.from_dict(d)
+    d["init_from_run"] = "7"  # a form or flag gives the id as text: it is the id 7
+    assert RunConfig.from_dict(d).init_from_run == 7
+
+
+def test_the_app_job_manager_is_untrusted():
+    import inspect
+
+    from ui import state
+
+    assert "untrusted_configs=True" in inspect.getsource(state._jobs)
+
+
+# ---------------------------------------------------------------------------------------------- S2 YAML bombs
+
+BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")])
+
+
+@pytest.mark.parametrize("text, suffix, match", [
+    (BOMB, ".yaml", "anchors/aliases"),
+    (BOMB, ".json", "anchors/aliases"),
+    ("a: " + "[" * 40 + "]" * 40, ".yaml", "nested more than"),
+    ("[" * 50000, ".json", "nested more than"),
+    ("x: " + "y" * 300_000, ".yaml", "at most 256 KiB"),
+])
+def test_config_bombs_are_refused_at_once(text, suffix, match):
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match=match):
+        parse_mapping(text, suffix, "the uploaded config")
+    assert time.perf_counter() - t < 2.0  # the bomb took 204 s and 5.7 GB before
+
+
+def test_config_bomb_upload_on_a_page_is_refused(home, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("pages/backbone.py").run()
+    at.file_uploader(key="backbone:upload").upload("bomb.yaml", BOMB.encode(), "application/x-yaml")
+    at.run()
+    assert not at.exception and any("anchors" in e.value for e in at.error)
+    st.cache_resource.clear()
+
+
+# ---------------------------------------------------------------------------------------------- S4 markdown
+
+
+def test_user_text_is_shown_as_text():
+    from ui.safe import plain
+
+    assert plain("![x](http://evil.example/i.png)") == r"\!\[x\]\(http\:\/\/evil\.example\/i\.png\)".replace(
+        r"\/", "/")
+    assert plain(":red[boom] **b**") == r"\:red\[boom\] \*\*b\*\*"
+
+
+def test_a_markdown_header_in_a_csv_error_is_not_rendered(home):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("pages/data.py").run()
+    at.file_uploader(key="data:upload").upload("x.csv", b"![x](http://evil.example/i.png)\nhello\n", "text/csv")
+    at.run()
+    (err,) = [e.value for e in at.error]
+    assert "![x](" not in err and r"\!\[x\]\(" in err
+    st.cache_resource.clear()
+
+
+# ---------------------------------------------------------------------------------------------- S5 formulas
+
+
+def test_formula_cells_are_escaped_in_downloads():
+    from dact_lib.data import read_csv, spreadsheet_safe_csv
+
+    ds = read_csv(b"text,label\n\"=cmd|' /C calc'!A0\",-1\n@SUM(A1),+2\nplain text,3\n\"-2+3\",4\n")
+    out = spreadsheet_safe_csv(ds.to_csv_bytes()).decode()
+    rows = out.splitlines()
+    assert rows[0] == "text,label"
+    assert "'=cmd|' /C calc'!A0" in out and "'@SUM(A1)" in out and "'-2+3" in out
+    assert ",-1" in out and ",+2" in out and "plain text,3" in out  # numbers and plain text untouched
+    assert "=cmd" not in out.replace("'=cmd", "")
+
+
+# ---------------------------------------------------------------------------------------------- S6 sizes
+
+
+def test_heads_too_big_for_this_machine_are_refused_before_allocating():
+    d = default_config("dact").to_dict()
+    d["model"]["classifier"]["hidden_dims"] = [8192] * 8
+    with pytest.raises(ConfigError, match="GiB .* smaller hidden_dims"):
+        RunConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------- S7 terminal
+
+
+def test_cli_output_strips_control_characters(home, capsys):
+    tr = Tracker(home)
+    rid = tr.create_run("backbone", {}, name="evil\x1b]0;owned\x07name", tag="t\x1b[2J", status="finished")
+    assert main(["runs", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\ufffd" in out
+    assert str(rid) in out
