@@ -395,3 +395,123 @@ def test_cli_output_strips_control_characters(home, capsys):
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\ufffd" in out
     assert str(rid) in out
+
+
+# ---------------------------------------------------------------------------------------------- S3 / R7 dashboard
+
+
+def _request(port: int, method: str, path: str, host: str, origin: str | None = None) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Host": host}
+    if origin:
+        headers["Origin"] = origin
+    conn.request(method, path, headers=headers)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_optuna_dashboard_refuses_foreign_hosts_and_origins(home):
+    import optuna
+
+    from dact_lib.home import optuna_storage_url
+    from dact_lib.tuning import studies
+
+    optuna.create_study(study_name="keep-me", storage=optuna_storage_url(home))
+    srv = studies.start_dashboard(home, wait_s=30)
+    try:
+        assert srv["up"], Path(srv["log"]).read_text()[-2000:]
+        port = srv["port"]
+        me = f"127.0.0.1:{port}"
+        assert _request(port, "GET", "/api/studies", me) == 200
+        assert _request(port, "GET", "/api/studies", f"localhost:{port}") == 200
+        assert _request(port, "GET", "/api/studies", "evil.example") == 403  # DNS rebinding
+        assert _request(port, "DELETE", "/api/studies/1", "evil.example") == 403
+        assert _request(port, "DELETE", "/api/studies/1", me, origin="http://evil.example") == 403
+        assert [s.study_name for s in optuna.get_all_study_summaries(optuna_storage_url(home))] == ["keep-me"]
+    finally:
+        studies._stop_dashboards()
+
+
+def test_optuna_dashboard_stops_when_the_app_is_killed(home, tmp_path):
+    """The app process is killed with -9 (no atexit): its dashboard server goes too."""
+    import optuna
+
+    from dact_lib.home import optuna_storage_url
+
+    optuna.create_study(study_name="s", storage=optuna_storage_url(home))
+    out = tmp_path / "child.txt"
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from dact_lib.tuning import studies
+srv = studies.start_dashboard({str(home)!r}, wait_s=30)
+open({str(out)!r}, "w").write(str(srv["proc"].pid) + " " + str(srv["up"]))
+import time
+time.sleep(120)
+"""
+    app = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out.exists() and out.read_text()):
+        time.sleep(0.2)
+    pid, up = out.read_text().split()
+    assert up == "True"
+    app.kill()
+    app.wait()
+    from dact_lib.tracker import _pid_alive
+
+    deadline = time.time() + 10
+    while time.time() < deadline and _pid_alive(int(pid)):
+        time.sleep(0.2)
+    assert not _pid_alive(int(pid)), "optuna-dashboard outlived the app"
+
+
+def test_trials_left_running_by_a_killed_process_fail_on_resume(home):
+    from optuna.trial import TrialState
+
+    from dact_lib.tuning import studies
+
+    tr = Tracker(home)
+    parent = tr.create_run("dact-pipeline", {}, status="running")
+    study = studies.create_study("p/stage2", directions=["minimize"], home=home,
+                                 user_attrs={"parent_run_id": parent})
+    linked, unlinked = study.ask(), study.ask()
+    child = tr.create_run("dact", {}, parent_id=parent, status="running")
+    studies.link_trial(linked, child, parent)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for rid in (parent, child):
+        tr.update_run(rid, pid=dead.pid)  # the pipeline process was killed with -9
+    # another process resumes: it takes over the parent, then reopens the stage's study
+    again = Tracker(home)
+    assert again.get_run(child)["status"] == "interrupted"
+    again.set_status(parent, "running", pid=os.getpid())
+    study = studies.create_study("p/stage2", directions=["minimize"], home=home)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states == {linked.number: TrialState.FAIL, unlinked.number: TrialState.FAIL}
+
+
+def test_trials_of_a_live_process_stay_running(home):
+    from optuna.trial import TrialState
+
+    from dact_lib.tuning import studies
+
+    tr = Tracker(home)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        parent = tr.create_run("dact-pipeline", {}, status="running")
+        tr.update_run(parent, pid=alive.pid)
+        study = studies.create_study("q/stage2", directions=["minimize"], home=home,
+                                     user_attrs={"parent_run_id": parent})
+        trial = study.ask()
+        child = tr.create_run("dact", {}, parent_id=parent, status="running")
+        tr.update_run(child, pid=alive.pid)
+        studies.link_trial(trial, child, parent)
+        study.ask()  # no run yet, but the parent's live process owns it
+        study = studies.create_study("q/stage2", directions=["minimize"], home=home)
+        assert {t.state for t in study.get_trials(deepcopy=False)} == {TrialState.RUNNING}
+    finally:
+        alive.kill()
+        alive.wait()

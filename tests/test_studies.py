@@ -33,8 +33,8 @@ def test_list_single_objective_study(home):
     t.report(5.0, 0)
     study.tell(t, state=TrialState.PRUNED)
     study.tell(study.ask(), state=TrialState.FAIL)
-    study.ask()  # left running
     again = create_study("single", directions=["minimize"], home=home)  # load_if_exists
+    again.ask()  # left running (reopening the study now would fail it: its parent run 7 is not active)
     assert len(again.trials) == 7
 
     (row,) = list_studies(home)

@@ -51,7 +51,53 @@ def create_study(name: str, *, directions: list[str], home=None, sampler: optuna
                                 pruner=pruner, load_if_exists=load_if_exists)
     for key, value in (user_attrs or {}).items():
         study.set_user_attr(key, value)
+    fail_stale_trials(study, home)
     return study
+
+
+def fail_stale_trials(study: optuna.Study, home=None) -> list[int]:
+    """Trials left RUNNING by a killed process become FAIL, so a resumed study does not count or wait on them:
+    a RUNNING trial whose tracker run (user attr ``run_id``) is no longer queued/running — opening the tracker
+    marks runs of dead processes 'interrupted' first — or, with no run, whose study's parent run is not active
+    (only the process running the parent adds trials to its studies). Returns the trial numbers failed."""
+    from ..tracker import Tracker
+
+    running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    if not running:
+        return []
+    tracker = Tracker(home)
+
+    def active(run_id: Any) -> bool:
+        if run_id is None:
+            return False
+        try:
+            return tracker.get_run(int(run_id))["status"] in ("queued", "running") and \
+                int(run_id) not in tracker.interrupted_at_open
+        except Exception:  # noqa: BLE001 - a deleted run: not active
+            return False
+
+    parent_active = active(study.user_attrs.get("parent_run_id"))
+    failed = []
+    for t in running:
+        run_id = t.user_attrs.get("run_id")
+        alive = active(run_id) if run_id is not None else parent_active and _owned_by_other_process(tracker, study)
+        if not alive:
+            study._storage.set_trial_system_attr(t._trial_id, "fail_reason",
+                                                 "stale: its process died while the trial was running")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            failed.append(t.number)
+    return failed
+
+
+def _owned_by_other_process(tracker, study: optuna.Study) -> bool:
+    """True when the study's parent run is run by another live process (then its RUNNING trials are that
+    process's); False when it is this process resuming it (its RUNNING trials are leftovers)."""
+    parent = study.user_attrs.get("parent_run_id")
+    try:
+        pid = tracker.get_run(int(parent)).get("pid")
+    except Exception:  # noqa: BLE001
+        return False
+    return pid is not None and int(pid) != os.getpid()
 
 
 class PruningCallback(Callback):
@@ -267,10 +313,13 @@ def start_dashboard(home=None, wait_s: float = 15.0) -> dict[str, Any]:
             port = _free_port()
             log = _home.resolve_home(home) / ".optuna_dashboard.log"
             fh = open(log, "ab")  # noqa: SIM115 - owned by the child process
-            # optuna_dashboard has no __main__ module; its CLI module is what the `optuna-dashboard` script runs
-            proc = subprocess.Popen([sys.executable, "-m", "optuna_dashboard._cli", url, "--host", "127.0.0.1",
-                                     "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            # optuna-dashboard's WSGI app behind a Host/Origin guard, stopping when this process is gone
+            # (dashboard_server.py): no DNS-rebinding access, no orphan server after a kill -9 of the app
+            # (run by file path: it imports only optuna_dashboard, so it starts whatever the working directory)
+            server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_server.py")
+            proc = subprocess.Popen([sys.executable, server, url,
+                                     "--port", str(port), "--parent-pid", str(os.getpid())], stdout=fh,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             srv = {"proc": proc, "port": port, "url": f"http://127.0.0.1:{port}/dashboard/", "log": str(log),
                    "started": time.time()}
             _dashboards[url] = srv

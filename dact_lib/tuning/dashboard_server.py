@@ -1,0 +1,117 @@
+"""optuna-dashboard behind a guard, as the child process the dashboard app starts (``studies.start_dashboard``).
+
+``python -m dact_lib.tuning.dashboard_server STORAGE_URL --port P --parent-pid PID``
+
+* **Host and Origin checked** (:class:`LocalOnly`): optuna-dashboard itself answers any Host and any Origin
+  without authentication, so a web page the user visits could reach it through DNS rebinding and delete studies.
+  Here a request is served only when its Host header is ``127.0.0.1:P`` / ``localhost:P`` (or ``[::1]:P``), and a
+  request that changes anything (not GET/HEAD/OPTIONS) only when its Origin, if sent, is that same host. Anything
+  else gets 403.
+* **It stops with its parent** (:func:`watch_parent`): the server exits when the process that started it is gone
+  (checked every second, plus Linux's parent-death signal), instead of relying on ``atexit`` (which a kill -9 of the
+  app never runs).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+class LocalOnly:
+    """WSGI middleware: serve ``app`` only to requests addressed to this machine's loopback name on ``port``."""
+
+    def __init__(self, app: Callable, port: int) -> None:
+        self.app = app
+        self.hosts = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+
+    def allowed(self, environ: dict[str, Any]) -> tuple[bool, str]:
+        host = (environ.get("HTTP_HOST") or "").strip().lower()
+        if host not in self.hosts:
+            return False, f"Host {host!r} is not this dashboard's address"
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        origin = (environ.get("HTTP_ORIGIN") or "").strip().lower()
+        if method not in SAFE_METHODS and origin and origin not in {f"http://{h}" for h in self.hosts}:
+            return False, f"cross-origin {method} from {origin!r}"
+        return True, ""
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        ok, why = self.allowed(environ)
+        if not ok:
+            body = f"403 Forbidden: {why}. Open the dashboard at http://127.0.0.1 on its port.\n".encode()
+            start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8"),
+                                             ("Content-Length", str(len(body)))])
+            return [body]
+        return self.app(environ, start_response)
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: SIGTERM this process when its parent thread dies (best effort; the poll below covers the rest)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def watch_parent(parent_pid: int, interval_s: float = 1.0) -> threading.Thread:
+    """A daemon thread that ends this process once ``parent_pid`` is no longer its parent (the parent died)."""
+
+    def loop() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(0)
+            time.sleep(interval_s)
+
+    t = threading.Thread(target=loop, name="parent-watch", daemon=True)
+    t.start()
+    return t
+
+
+def make_app(storage_url: str, port: int) -> Callable:
+    import optuna_dashboard
+
+    return LocalOnly(optuna_dashboard.wsgi(storage_url), port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dact_lib.tuning.dashboard_server")
+    p.add_argument("storage")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--parent-pid", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.parent_pid:
+        _set_parent_death_signal()
+        if os.getppid() != args.parent_pid:  # the parent died before we got here
+            return 0
+        watch_parent(args.parent_pid)
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *a: Any) -> None:  # noqa: A002 - the stdlib's name
+            sys.stderr.write("%s - %s\n" % (self.address_string(), format % a))
+
+    httpd = make_server("127.0.0.1", args.port, make_app(args.storage, args.port), server_class=Server,
+                        handler_class=Quiet)
+    print(f"Listening on http://127.0.0.1:{args.port}/ (Host/Origin checked)", file=sys.stderr, flush=True)
+    httpd.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
