@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-limit-min", type=float, default=None,
                    help="stop training after this many minutes, keeping the best checkpoint (train.time_limit_min)")
+    p.add_argument("--resume", type=int, default=None, metavar="RUN",
+                   help="continue interrupted (or cancelled / failed) run RUN from its last checkpoint, appending "
+                        "to its metrics; no other setting may be given")
     _common(p)
 
     p = sub.add_parser("evaluate", help="accuracy, macro-F1, confusion matrix (and exit layers) of a run")
@@ -200,9 +203,24 @@ def cmd_train(args) -> int:
     from .tracker import Tracker
     from .train import train
 
-    cfg = config_from_args(args)
     tracker = Tracker(args.home)
-    result = train(cfg, tracker=tracker, home=args.home, callbacks=[ProgressPrinter(args.verbosity)])
+    if args.resume is not None:
+        from .train import resume_config, resume_info
+
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                 if k not in ("resume", "home", "verbosity", "command") and v not in (None, False)]
+        if given:
+            raise DactLabError(f"--resume continues run {args.resume} with the settings it was started with: "
+                               f"drop {', '.join(given)}.")
+        info = resume_info(tracker, args.resume)
+        if not info["ok"]:
+            raise DactLabError(f"Cannot resume: {info['why']}.")
+        cfg = resume_config(tracker, args.resume)
+        result = train(cfg, tracker=tracker, home=args.home, run_id=args.resume, resume=True,
+                       callbacks=[ProgressPrinter(args.verbosity)])
+    else:
+        cfg = config_from_args(args)
+        result = train(cfg, tracker=tracker, home=args.home, callbacks=[ProgressPrinter(args.verbosity)])
     best = {k: round(v, 4) for k, v in result.best_metrics.items() if isinstance(v, float)}
     test = {k: round(v, 4) for k, v in result.test_metrics.items()}
     if args.verbosity >= 1:

@@ -312,6 +312,9 @@ class TrainConfig:
     time_limit_min: float | None = None
     eval_every_steps: int | None = None  # None = evaluate at the end of every epoch
     log_every_steps: int = 10
+    # a resume checkpoint (weights, optimizer, step, early stopping, RNG) at every evaluation of a saved run:
+    # ``train --resume RUN`` continues an interrupted run from it; deleted when the run finishes
+    resume_checkpoints: bool = True
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = None

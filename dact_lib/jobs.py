@@ -71,6 +71,7 @@ class Job:
     result: Any = None
     engine_run_id: int | None = None
     token: CancelToken = field(default_factory=CancelToken)
+    resume: bool = False  # continue the run from its resume checkpoint (JobManager.resume)
     done: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -353,6 +354,31 @@ class JobManager:
         self._schedule()
         return run_id
 
+    def resume(self, run_id: int) -> int:
+        """Queue an interrupted, cancelled or failed single / multi-task run to continue from its last resume
+        checkpoint (the same run: metrics are appended). Raises DactLabError saying why when it cannot."""
+        from .train import resume_config, resume_info
+
+        run_id = int(run_id)
+        info = resume_info(self.tracker, run_id)
+        if not info["ok"]:
+            raise DactLabError(f"Cannot resume: {info['why']}.")
+        cfg = resume_config(self.tracker, run_id)
+        run = self.tracker.get_run(run_id)
+        with self._lock:
+            if self._closed:
+                raise DactLabError("the job manager is shut down: restart the app to run jobs.")
+            if run_id in self._jobs and self._jobs[run_id].state in ("queued", "running"):
+                raise DactLabError(f"run {run_id} is already queued or running.")
+            self.tracker.set_status(run_id, "queued", pid=os.getpid(), host=socket.gethostname())
+            _tracker_mod.live_run_ids.add(run_id)
+            job = Job(run_id=run_id, kind=run["kind"], config=cfg, options={}, name=run.get("name"), resume=True)
+            self._jobs[run_id] = job
+            self._queue.append(run_id)
+        self.tracker.log_event(run_id, "job_submitted", {"kind": run["kind"], "resume": True})
+        self._schedule()
+        return run_id
+
     # ------------------------------------------------------------------ scheduling
     def _running(self) -> int:
         return sum(1 for j in self._jobs.values() if j.state == "running")
@@ -436,7 +462,8 @@ class JobManager:
         from .train import train
 
         self._mark_running(job)
-        train(job.config, tracker=self.tracker, home=self.home, run_id=job.run_id, cancel=job.token)
+        train(job.config, tracker=self.tracker, home=self.home, run_id=job.run_id, cancel=job.token,
+              resume=job.resume)
 
     def _run_engine(self, job: Job) -> None:
         self._call_engine(job, self._engine(job.kind))

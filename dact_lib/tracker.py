@@ -716,6 +716,12 @@ class Tracker:
                 out.append((int(run_id), int(step), None if epoch is None else int(epoch), str(name), v, t))
         return out
 
+    def delete_metrics_after(self, run_id: int, step: int) -> int:
+        """Drop a run's metric rows logged after ``step`` (a resumed run logs them again). Returns how many."""
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (int(run_id), int(step)))
+            return int(cur.rowcount or 0)
+
     def _insert_metrics(self, tuples: list[tuple]) -> None:
         if not tuples:
             return

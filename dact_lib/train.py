@@ -282,6 +282,76 @@ class TrainResult:
     stop_reason: str | None = None
 
 
+RESUME_FILE = "resume.pt"
+RESUMABLE = ("interrupted", "cancelled", "failed")
+
+
+def rng_state() -> dict:
+    out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def write_resume_state(run_dir: Path, state: dict) -> None:
+    """``<run>/resume.pt``, atomically (a kill while it is written leaves the previous one)."""
+    from .files import atomic_write
+
+    cpu = dict(state, model={k: v.detach().cpu() for k, v in state["model"].items()})
+    atomic_write(run_dir / RESUME_FILE, lambda tmp: torch.save(cpu, tmp))
+
+
+def resume_info(tracker, run_id, check_status: bool = True) -> dict:
+    """Whether run ``run_id`` can be resumed: ``{"ok": bool, "why": str}`` (``check_status``: it must be
+    interrupted, cancelled or failed — the job manager has already queued it when train() checks)."""
+    run = tracker.get_run(int(run_id))
+    path = Path(run.get("run_dir") or tracker.run_dir(run_id)) / RESUME_FILE
+    if run["kind"] not in ("backbone", "dact", "multitask"):
+        return {"ok": False, "why": f"a {run['kind']} run is resumed by running its engine again"}
+    if check_status and run["status"] not in RESUMABLE:
+        return {"ok": False, "why": f"run {run_id} is {run['status']}: only an interrupted, cancelled or failed run "
+                                    "can be resumed"}
+    if not path.is_file():
+        return {"ok": False, "why": f"run {run_id} has no resume checkpoint ({path}): it stopped before its first "
+                                    "evaluation, or was trained with train.resume_checkpoints = false; train it "
+                                    "again"}
+    return {"ok": True, "why": ""}
+
+
+def load_resume_state(tracker, run_id) -> dict:
+    if tracker is None or run_id is None:
+        raise DactLabError("resume=True needs the run id and the tracker of the run to resume.")
+    info = resume_info(tracker, run_id, check_status=False)
+    if not info["ok"]:
+        raise DactLabError(f"Cannot resume: {info['why']}.")
+    path = Path(tracker.get_run(int(run_id))["run_dir"]) / RESUME_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is a clear error
+        raise DactLabError(f"{path} is damaged ({str(exc)[:200]}): the run cannot be resumed; train it again.") \
+            from None
+
+
+def resume_config(tracker, run_id) -> RunConfig:
+    """The config a run was trained with (its run folder's config.json, else the tracker's copy)."""
+    from .files import read_json
+
+    run = tracker.get_run(int(run_id))
+    path = Path(run.get("run_dir") or tracker.run_dir(run_id)) / "config.json"
+    raw = read_json(path, "config") if path.is_file() else run.get("config")
+    if not raw or "kind" not in raw:
+        raise DactLabError(f"run {run_id} has no training config to resume from.")
+    return RunConfig.from_dict(raw)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -291,10 +361,15 @@ def seed_everything(seed: int) -> None:
 def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, home=None, tracker=None,
           callbacks: list[Callback] | None = None, cancel: CancelToken | None = None, run_id: Any = None,
           parent_id: Any = None, save: bool = True, evaluate_test: bool = True, model: nn.Module | None = None,
-          tokenizer=None) -> TrainResult:
+          tokenizer=None, resume: bool = False) -> TrainResult:
     """Train one model described by ``cfg``; see the module docstring. With a ``tracker`` the run, its metrics,
     events and artefacts are recorded (a run row is created unless ``run_id`` is given). Raises
-    :class:`Cancelled` when ``cancel`` is set (after recording status 'cancelled')."""
+    :class:`Cancelled` when ``cancel`` is set (after recording status 'cancelled').
+
+    ``resume=True`` (with the ``run_id`` of an interrupted, cancelled or failed run and its tracker) continues
+    that run from its last resume checkpoint (:data:`RESUME_FILE`, written at every evaluation): weights, optimizer,
+    step, epoch, early-stopping state, best metrics and RNG state are restored, the metrics it logged after that
+    checkpoint are dropped, and training carries on as if it had not stopped (same batches, same dropout masks)."""
     cfg.validate()
     tc = cfg.train
     cancel = cancel or CancelToken()
@@ -310,6 +385,9 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
 
     cbs = CallbackList(list(callbacks or []))
     run_dir = None
+    resumed: dict | None = None
+    if resume:
+        resumed = load_resume_state(tracker, run_id)
     if tracker is not None:
         from .tracker import TrackerCallback, live_run_ids
 
@@ -326,6 +404,14 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         if save:
             run_dir = tracker.run_dir(run_id)
             tracker.update_run(run_id, run_dir=str(run_dir))
+            from .files import clean_stale_temp
+
+            clean_stale_temp(run_dir)  # temp files a killed writer left behind
+        if resumed is not None:
+            dropped = tracker.delete_metrics_after(run_id, resumed["step"])
+            tracker.update_run(run_id, error=None, ended=None)
+            tracker.log_event(run_id, "resumed", {"step": resumed["step"], "epoch": resumed["epoch"] + 1,
+                                                  "batch": resumed["batch"], "metrics_dropped": dropped})
         cbs.callbacks.insert(0, TrackerCallback(tracker, run_id))
     elif save and home is not None:
         from .home import run_dir as make_run_dir
@@ -362,6 +448,21 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                            config=cfg, label_maps=label_maps, train_size=len(enc_train))
         memory = BatchSizeManager(tc.batch_size, tc.min_batch_size, tc.max_batch_size)
         stopper = EarlyStopping(tc.early_stopping)
+        start_epoch, skip_batches, stop = 0, 0, False
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            state.step, state.samples_seen = resumed["step"], resumed["samples_seen"]
+            state.best_metric, state.best_epoch = resumed["best_metric"], resumed["best_epoch"]
+            state.extra["best_step"] = resumed["best_step"]
+            for k, v in resumed["stopper"].items():
+                setattr(stopper, k, v)
+            history[:] = resumed["history"]
+            best_metrics = dict(resumed["best_metrics"])
+            memory.micro = resumed["micro_batch"]
+            start_epoch, skip_batches, stop = resumed["epoch"], resumed["batch"], resumed["stop"]
+            stop_reason = resumed["stop_reason"]
+            apply_freezing(model, tc, epoch=start_epoch)
         cbs.on_start(state)
         from .evaluate import resolve_precision
 
@@ -369,6 +470,18 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                                       "test": len(enc_test) if enc_test is not None else 0, "device": str(device),
                                       "precision": resolve_precision(tc.precision, device),
                                       "steps": total, "labels": label_maps})
+
+        def save_resume(epoch: int, batch: int, stopping: bool) -> None:
+            """The resume checkpoint: what the loop needs to go on with batch ``batch`` of epoch ``epoch``."""
+            if run_dir is None or not tc.resume_checkpoints:
+                return
+            write_resume_state(run_dir, {
+                "step": state.step, "epoch": epoch, "batch": batch, "stop": stopping, "stop_reason": stop_reason,
+                "samples_seen": state.samples_seen, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+                "best_step": state.extra.get("best_step"), "best_metrics": best_metrics, "history": history,
+                "stopper": {k: getattr(stopper, k) for k in ("raw", "smoothed", "best", "best_index", "bad")},
+                "micro_batch": memory.micro, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": rng_state(), "config": cfg.to_dict()})
 
         def evaluate_and_checkpoint() -> bool:
             """Validation, callbacks, early stopping, best checkpoint. Returns True when training should stop."""
@@ -398,7 +511,6 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 return True
             return False
 
-        stop = False
         model.train()
         loss_acc = torch.zeros((), device=device)  # summed on device: no host sync per step
         task_acc: dict[str, torch.Tensor] = {}  # multi-task: per-task training loss, summed on device
@@ -406,13 +518,21 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         stats: dict[str, torch.Tensor] = {}  # right answers / exit layers since the last log (on the device)
         deadline = time.monotonic() + 60.0 * tc.time_limit_min if tc.time_limit_min else None
         out_of_time = False
-        for epoch in range(tc.epochs):
+        if resumed is not None:
+            set_rng_state(resumed["rng"])  # last: building the model above drew from the RNG
+        for epoch in range(start_epoch, tc.epochs if not stop else start_epoch):
             state.epoch = epoch
-            if epoch > 0 and tc.gradual_unfreeze and tc.freeze_layers:
+            if epoch > start_epoch and tc.gradual_unfreeze and tc.freeze_layers:
                 frozen = apply_freezing(model, tc, epoch)  # the released layers are already in the optimizer
                 cbs.on_event(state, "unfreeze", {"epoch": epoch + 1, "frozen_layers": frozen})
+            skip = skip_batches if epoch == start_epoch else 0
+            done_in_epoch = 0
             for batch in iter_batches(enc_train, tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch,
                                       group_by_length=tc.group_by_length, pad_to=tc.pad_to):
+                if done_in_epoch < skip:  # resumed: these batches were trained before the interruption
+                    done_in_epoch += 1
+                    continue
+                done_in_epoch += 1
                 cancel.check()
                 optimizer = state.extra["optimizer"]  # a callback (PBT exploit) may swap it
                 model = state.extra["model"]
@@ -443,6 +563,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 evaluated = bool(tc.eval_every_steps and state.step % tc.eval_every_steps == 0)
                 if evaluated:
                     stop = evaluate_and_checkpoint()
+                    save_resume(epoch, done_in_epoch, stop)
                 if deadline is not None and not stop and time.monotonic() >= deadline:
                     out_of_time = True
                     if not evaluated:
@@ -455,6 +576,9 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             if not stop and not out_of_time and not tc.eval_every_steps:
                 stop = evaluate_and_checkpoint()
             cbs.on_epoch_end(state, history[-1] if history else {})
+            last = stop or out_of_time or bool(tc.max_steps and state.step >= tc.max_steps) or epoch + 1 == tc.epochs
+            if not tc.eval_every_steps or last:
+                save_resume(epoch + 1, 0, last)
             if stop or out_of_time or (tc.max_steps and state.step >= tc.max_steps):
                 break
 
@@ -498,6 +622,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                     if (run_dir / name).exists():
                         tracker.add_artifact(run_id, str(run_dir / name), kind)
         status = "finished"
+        if run_dir is not None:
+            (run_dir / RESUME_FILE).unlink(missing_ok=True)  # a finished run needs no resume checkpoint
         state.extra["summary"] = {"best": best_metrics, "test": test_metrics, "best_epoch": state.best_epoch,
                                   "precision": resolve_precision(tc.precision, device),
                                   "stop_reason": stop_reason, "halting": halting_report}

@@ -1,0 +1,147 @@
+"""Resume: a run killed with -9 (during an epoch, at an epoch's end, during a checkpoint write) continues from its
+last resume checkpoint and ends with the same metrics as the same run trained without interruption."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dact_lib.cli import main
+from dact_lib.config import default_config
+from dact_lib.errors import DactLabError
+from dact_lib.models import load_model
+from dact_lib.tracker import Tracker
+from dact_lib.train import RESUME_FILE, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TOL = 1e-5  # same seed, same batches, same dropout masks: equal up to float summation order
+
+
+def cfg_for(kind: str = "backbone", epochs: int = 4):
+    cfg = default_config(kind, encoder="tiny")
+    cfg.data.max_rows, cfg.data.max_seq_len = 120, 32
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.num_threads = epochs, 16, "cpu", 1
+    cfg.train.early_stopping.enabled = False
+    if kind == "dact":
+        cfg.model.fit_halting = False
+    return cfg.validate()
+
+
+KILLER = """
+import sys, time, json
+sys.path.insert(0, {root!r})
+from dact_lib.callbacks import Callback
+from dact_lib.config import RunConfig
+from dact_lib.tracker import Tracker
+from dact_lib.train import train
+
+where, at = {where!r}, {at!r}
+class Pause(Callback):
+    def on_step(self, state, logs):
+        if where == "step" and state.step == at:
+            print("ready", flush=True); time.sleep(120)
+    def on_epoch_end(self, state, logs):
+        if where == "epoch" and state.epoch == at:
+            print("ready", flush=True); time.sleep(120)
+cfg = RunConfig.from_dict(json.loads({cfg!r}))
+tr = Tracker({home!r})
+train(cfg, tracker=tr, home={home!r}, callbacks=[Pause()])
+"""
+
+
+def kill_during(home: Path, cfg, where: str, at: int) -> int:
+    """Start the training in a child process, kill -9 it at ``where`` (step/epoch) ``at``; returns the run id."""
+    script = KILLER.format(root=str(ROOT), where=where, at=at, cfg=json.dumps(cfg.to_dict()), home=str(home))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()
+        proc.wait()
+    (run,) = Tracker(home).list_runs()
+    return run["id"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted runs, one per kind."""
+    out = {}
+    for kind in ("backbone", "dact"):
+        h = tmp_path_factory.mktemp(f"ref-{kind}")
+        res = train(cfg_for(kind), tracker=Tracker(h), home=h)
+        out[kind] = (h, res)
+    return out
+
+
+def val_losses(tr: Tracker, run_id: int) -> list[tuple[int, float]]:
+    df = tr.get_metrics(run_id, names=["val_loss"])
+    return [(int(s), float(v)) for s, v in zip(df["step"], df["value"])]
+
+
+@pytest.mark.parametrize("kind, where, at", [("backbone", "epoch", 1), ("backbone", "step", 12), ("dact", "step", 20)])
+def test_a_killed_run_resumes_to_the_same_metrics(reference, home, kind, where, at, capsys):
+    ref_home, ref = reference[kind]
+    cfg = cfg_for(kind)
+    rid = kill_during(home, cfg, where, at)
+    tr = Tracker(home)  # opening the tracker marks the dead run
+    run = tr.get_run(rid)
+    assert run["status"] == "interrupted"
+    assert (Path(run["run_dir"]) / RESUME_FILE).is_file()
+    # the interrupted run's best checkpoint is usable for prediction
+    assert load_model(rid, home).model is not None
+
+    assert main(["train", "--resume", str(rid), "--home", str(home)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"run id: {rid}"
+    run = tr.get_run(rid)
+    assert run["status"] == "finished" and not run.get("error")
+    got, want = val_losses(tr, rid), val_losses(Tracker(ref_home), ref.run_id)
+    assert [s for s, _ in got] == [s for s, _ in want]  # no step twice, none missing
+    assert all(abs(a - b) <= TOL for (_, a), (_, b) in zip(got, want)), (got, want)
+    best = run["summary"]["best"]
+    for k, v in ref.best_metrics.items():
+        if isinstance(v, float):
+            assert abs(best[k] - v) <= TOL, k
+    assert any(e["kind"] == "resumed" for e in tr.get_events(rid))
+    assert not (Path(run["run_dir"]) / RESUME_FILE).exists()  # a finished run keeps no resume checkpoint
+
+
+def test_resume_refuses_what_it_cannot_do(reference, home, capsys):
+    ref_home, ref = reference["backbone"]
+    assert main(["train", "--resume", str(ref.run_id), "--home", str(ref_home)]) == 2
+    assert "is finished: only an interrupted" in capsys.readouterr().err
+    tr = Tracker(home)
+    rid = tr.create_run("backbone", cfg_for().to_dict(), status="interrupted")
+    assert main(["train", "--resume", str(rid), "--home", str(home)]) == 2
+    assert "no resume checkpoint" in capsys.readouterr().err
+    assert main(["train", "--resume", str(rid), "--epochs", "9", "--home", str(home)]) == 2
+    assert "drop --epochs" in capsys.readouterr().err
+
+
+def test_job_manager_resumes_a_cancelled_run(home):
+    from dact_lib.jobs import JobManager
+
+    tr = Tracker(home)
+    jm = JobManager(home)
+    cfg = cfg_for(epochs=30)
+    rid = jm.submit("backbone", cfg)
+    import time
+
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait for the first resume checkpoint
+        run = tr.get_run(rid)
+        if (Path(run["run_dir"]) / RESUME_FILE).is_file():
+            break
+        time.sleep(0.05)
+    jm.cancel(rid)
+    assert jm.wait(rid, 60) == "cancelled"
+    steps_before = tr.last_steps([rid])[rid]
+    assert jm.resume(rid) == rid
+    assert jm.wait(rid, 120) == "finished"
+    assert tr.get_run(rid)["status"] == "finished"
+    assert tr.last_steps([rid])[rid] > steps_before
+    with pytest.raises(DactLabError, match="is finished"):
+        jm.resume(rid)
