@@ -31,7 +31,8 @@ def _load(run_dir: str, version: str):
 
 def model_runs() -> list[dict]:
     out = []
-    for r in state.tracker().list_runs(status="finished"):
+    # an interrupted (or cancelled) run's best checkpoint predicts too
+    for r in state.tracker().list_runs(status=["finished", "interrupted", "cancelled"]):
         d = r.get("run_dir")
         if d and (Path(d) / MODEL_FILE).is_file():
             out.append(r)
@@ -42,7 +43,8 @@ def _label(r: dict) -> str:
     best = (r.get("summary") or {}).get("best") or {}
     acc = best.get("val_accuracy")
     extra = f", val acc {acc:.3f}" if isinstance(acc, (int, float)) else ""
-    return f"#{r['id']} {r['kind']}{' ' + r['name'] if r.get('name') else ''}{extra}"
+    status = "" if r.get("status") == "finished" else f" ({r['status']}: its best checkpoint)"
+    return f"#{r['id']} {r['kind']}{' ' + r['name'] if r.get('name') else ''}{extra}{status}"
 
 
 def prob_chart(probs: dict[str, float], title: str, key: str) -> None:

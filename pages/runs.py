@@ -248,6 +248,23 @@ def live(ids: list[int], was_active: bool) -> None:
             else:
                 st.warning(f"Run {focus} is not a job of this dashboard process (started elsewhere, e.g. the CLI, "
                            "or already ended): stop it where it runs.")
+    if run["status"] in ("interrupted", "cancelled", "failed") and run["kind"] in ("backbone", "dact", "multitask"):
+        from dact_lib.train import resume_info
+
+        info = resume_info(tr, focus)
+        if info["ok"]:
+            if c1.button("Resume run", key=f"runs_resume_{focus}", type="primary", icon=":material/replay:",
+                         help="Continue this run from its last checkpoint (same run; metrics are appended)."):
+                try:
+                    from ui.state import jobs
+
+                    jobs().resume(focus)
+                except Exception as exc:  # noqa: BLE001 - show, never crash the page
+                    st.error(f"Could not resume run {focus}: {plain(exc)}")
+                else:
+                    st.success(f"Run {focus} is queued to resume from its last checkpoint.")
+        else:
+            c1.caption(f"Not resumable: {plain(info['why'])}.")
     run_dir = Path(run.get("run_dir") or tr.run_dir(focus))
     prec = (run.get("summary") or {}).get("precision") or ((run.get("config") or {}).get("train") or {}).get(
         "precision")

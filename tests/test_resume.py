@@ -145,3 +145,39 @@ def test_job_manager_resumes_a_cancelled_run(home):
     assert tr.last_steps([rid])[rid] > steps_before
     with pytest.raises(DactLabError, match="is finished"):
         jm.resume(rid)
+
+
+def test_resume_button_on_the_runs_page_and_predict_from_an_interrupted_run(home):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    rid = kill_during(home, cfg_for(), "epoch", 1)
+    st.cache_resource.clear()
+    try:
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+        at.run()
+        # Predict offers the interrupted run's best checkpoint
+        at.switch_page("pages/predict.py").run()
+        assert not at.exception
+        pick = at.selectbox(key="predict:run")
+        assert any(f"#{rid}" in str(o) and "interrupted: its best checkpoint" in str(o) for o in pick.options), \
+            pick.options
+        at.switch_page("pages/runs.py").run()
+        assert not at.exception
+        at.selectbox(key="runs_focus").set_value(rid).run()
+        at.button(key=f"runs_resume_{rid}").click().run()
+        assert not at.exception and any("queued to resume" in s.value for s in at.success)
+        from ui import state
+
+        assert state.jobs().wait(rid, 120) == "finished"
+        assert Tracker(home).get_run(rid)["status"] == "finished"
+        at.run()
+        assert not any(b.key == f"runs_resume_{rid}" for b in at.button)  # a finished run offers no resume
+    finally:
+        from ui import state
+
+        try:
+            state.jobs().shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+        st.cache_resource.clear()

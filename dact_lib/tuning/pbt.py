@@ -627,6 +627,7 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
 
     def work(i: int) -> None:
         model, tokenizer = built[i]
+        cfgs[i].train.resume_checkpoints = False  # a member's state lives in the population: PBT restarts whole
         try:
             res = train(cfgs[i], data=split, home=home, tracker=tracker, run_id=member_ids[i],
                         callbacks=[member_cbs[i], *(callbacks or [])], cancel=cancel, model=model,

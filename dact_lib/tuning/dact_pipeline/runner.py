@@ -116,6 +116,7 @@ class _Pipeline:
                                          parent_id=self.parent, dataset_id=self.dataset_id, status="queued")
         if trial is not None:
             studies.link_trial(trial, run_id, self.parent)
+        run_cfg.train.resume_checkpoints = False  # a trial is re-run, not resumed (the pipeline resumes by stage)
         try:
             with studies.live_run(run_id):
                 return train(run_cfg, data=self.split, home=self.home, tracker=self.tracker,
