@@ -181,3 +181,85 @@ def test_resume_button_on_the_runs_page_and_predict_from_an_interrupted_run(home
         except Exception:  # noqa: BLE001
             pass
         st.cache_resource.clear()
+
+
+def integrity_ok(home: Path) -> bool:
+    import sqlite3
+
+    con = sqlite3.connect(str(home / "experiments.db"))
+    try:
+        return con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        con.close()
+
+
+def test_kill_during_a_dataset_insert_leaves_the_database_whole(home):
+    """kill -9 while a process stores datasets in a loop: every stored dataset reads back whole, and the
+    database passes its integrity check."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from dact_lib.data import read_csv
+from dact_lib.tracker import Tracker
+tr = Tracker({str(home)!r})
+rows = "".join(f"sentence number {{i}} with some words,{{'abc'[i % 3]}}\\n" for i in range(20000))
+i = 0
+while True:
+    tr.add_dataset(read_csv(("text,label\\n" + rows + f"last {{i}},a\\n").encode()), name=f"d{{i}}")
+    if i == 1:
+        print("ready", flush=True)
+    i += 1
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        import time
+
+        time.sleep(0.3)  # somewhere inside the next inserts
+    finally:
+        proc.kill()
+        proc.wait()
+    assert integrity_ok(home)
+    tr = Tracker(home)
+    stored = tr.list_datasets()
+    assert len(stored) >= 2
+    for d in stored:
+        ds = tr.load_dataset(d["id"])
+        assert len(ds) == 20001  # whole, never half a dataset
+
+
+def test_a_pipeline_killed_between_stages_resumes_and_finishes(home, capsys):
+    from optuna.trial import TrialState
+
+    from dact_lib.tuning import studies
+
+    argv = ["dact-pipeline", "--encoder", "tiny", "--max-rows", "150", "--trials", "2", "--lambdas-trials", "3",
+            "--min-steps", "10", "--guards", "warn", "--name", "kp", "--device", "cpu", "--home", str(home)]
+    proc = subprocess.Popen([sys.executable, "-m", "dact_lib", *argv], cwd=str(ROOT), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not list((home / "runs").glob("*/stage1.json")):
+            assert proc.poll() is None, "the pipeline ended before stage 1 was recorded"
+            time.sleep(0.05)
+        assert list((home / "runs").glob("*/stage1.json")), "stage 1 never finished"
+    finally:
+        proc.kill()  # right after stage 1: inside stage 2's first trial, or between the stages
+        proc.wait()
+    assert integrity_ok(home)
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    tr = Tracker(home)
+    (parent,) = tr.list_runs(kind="dact-pipeline")
+    assert parent["status"] == "finished"
+    resumed = [e["payload"] for e in tr.get_events(parent["id"]) if e["kind"] == "resumed"]
+    assert resumed and "stage1" in resumed[-1]["stages_done"]  # stage 1 was not run again
+    for stage in ("stage2", "stage3"):
+        import optuna
+
+        study = optuna.load_study(study_name=f"kp/{stage}", storage=studies.storage(home))
+        assert not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    assert not [r for r in tr.list_runs() if r["status"] in ("running", "queued")]
+    assert f"run id: " in out.out
