@@ -31,3 +31,18 @@ def home(tmp_path, monkeypatch) -> Path:
     h.mkdir()
     monkeypatch.setenv("DACT_LAB_HOME", str(h))
     return h
+
+
+@pytest.fixture(autouse=True)
+def _live_run_ids_restored():
+    """``dact_lib.tracker.live_run_ids`` (the runs this process executes) is module-global: whatever a test adds or
+    removes — a job it left running, a run it marked live by hand — is undone after it, so no test sees another
+    test's ids. The set object itself is kept (modules hold references to it); so is a rebinding undone."""
+    from dact_lib import tracker
+
+    live = tracker.live_run_ids
+    saved = set(live)
+    yield
+    tracker.live_run_ids = live
+    live.clear()
+    live.update(saved)

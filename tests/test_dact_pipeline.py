@@ -65,6 +65,88 @@ def children(tracker, parent):
     return tracker.list_runs(parent_id=parent)
 
 
+# --- the exit rules of the DACT spec, written out per row in plain Python (independent of dact_lib.dact) ----------
+
+def spec_dact_exit(y, h):
+    """(exit layer 1..N, answer a_n) of one row under the DACT rule: a_n = p_{n-1} y_n + (1 - p_{n-1}) a_{n-1},
+    p_n = h_n p_{n-1} (a_0 = 0, p_0 = 1); halt at the first n with best(a_n) (1 - p_n)^d > runner-up(a_n) + p_n d,
+    d = N - n (d = 0 always halts)."""
+    N, a, p = len(y), [0.0] * len(y[0]), 1.0
+    for n in range(1, N + 1):
+        a = [p * yk + (1.0 - p) * ak for yk, ak in zip(y[n - 1], a)]
+        p = h[n - 1] * p
+        d = N - n
+        best, runner = sorted(a, reverse=True)[:2]
+        if d == 0 or best * (1.0 - p) ** d > runner + p * d:
+            return n, a
+    raise AssertionError("unreachable")
+
+
+def spec_policy_exit(name, value, y, h):
+    """(exit layer, answer) of one row under a policy: 'dact' (above), 'entropy' (the first n with H(y_n) < S nats),
+    'patience' (t consecutive layers whose argmax y_n equals the previous layer's), 'fixed' (layer k); the last
+    layer always halts; the answer is y_n except for 'dact' (a_n)."""
+    import math
+
+    N = len(y)
+    if name == "dact":
+        return spec_dact_exit(y, h)
+    if name == "fixed":
+        return value, y[value - 1]
+    prev, count = None, 0
+    for n in range(1, N + 1):
+        yn = y[n - 1]
+        if name == "entropy" and -sum(v * math.log(v) for v in yn if v > 0) < value:
+            return n, yn
+        if name == "patience":
+            arg = max(range(len(yn)), key=yn.__getitem__)
+            count = count + 1 if arg == prev else 0
+            prev = arg
+            if count >= value:
+                return n, yn
+    return N, y[N - 1]
+
+
+@torch.no_grad()
+def layer_outputs(model, tokenizer, ds):
+    """Every layer's y_n [B][N][K] and h_n [B][N] (the model run to the end, eval mode) and the targets, as lists."""
+    from dact_lib.data import encode, iter_batches
+
+    model.eval()
+    enc = encode(ds, tokenizer, 32)
+    y = [None] * len(enc)
+    h = [None] * len(enc)
+    for batch in iter_batches(enc, 64, shuffle=False):
+        out = model(batch["input_ids"], batch["attention_mask"]).extras
+        for i, yi, hi in zip(batch["index"].tolist(), out["y"].double().tolist(), out["h"].double().tolist()):
+            y[i], h[i] = yi, hi
+    return y, h, [int(t) for t in ds.targets[model.task]]
+
+
+def spec_metrics(name, value, y, h, targets):
+    """(per-row exit layers, average exit layer, accuracy) of a policy, from :func:`spec_policy_exit`."""
+    rows = [spec_policy_exit(name, value, yi, hi) for yi, hi in zip(y, h)]
+    exits = [n for n, _ in rows]
+    right = [max(range(len(a)), key=a.__getitem__) == t for (_, a), t in zip(rows, targets)]
+    return exits, sum(exits) / len(exits), sum(right) / len(right)
+
+
+def val_split():
+    from dact_lib.data import split_dataset
+
+    d = tiny_cfg().data
+    return split_dataset(read_csv(d.path), val_frac=d.val_frac, test_frac=d.test_frac, seed=d.split_seed).val
+
+
+def final_model_with(h, res, halting_file):
+    """The pipeline's final run with the halting units of one stage-3 trial (a file under the home)."""
+    from safetensors.torch import load_file
+
+    loaded = load_model(res.final_run_id, home=h, device="cpu")
+    loaded.model.halters.load_state_dict(load_file(str(h / halting_file)))
+    return loaded
+
+
 # --- a full run ------------------------------------------------------------------------------------------------
 
 def test_parent_run_events_metrics_and_stage_files(done):
@@ -97,7 +179,16 @@ def test_parent_run_events_metrics_and_stage_files(done):
     assert summary["feature_cache"]["used_cached_features"] is True
     sweep = summary["exit_policy_sweep"]
     assert {r["policy"] for r in sweep} == {"dact", "patience", "entropy", "fixed"}
-    assert all("wall_s" in r and 1 <= r["avg_exit_layer"] <= 2 for r in sweep)
+    assert all("wall_s" in r for r in sweep)
+    # every row is what the rule computes on the final model's own per-layer outputs (validation split)
+    loaded = final_model_with(h, res, res.chosen["halting_file"])
+    y, hh, targets = layer_outputs(loaded.model, loaded.tokenizer, val_split())
+    for r in sweep:
+        _, avg, acc = spec_metrics(r["policy"], r["value"], y, hh, targets)
+        assert (r["avg_exit_layer"], r["accuracy"]) == (pytest.approx(avg, abs=1e-6), pytest.approx(acc, abs=1e-6)), r
+    fixed = {r["value"]: r["avg_exit_layer"] for r in sweep if r["policy"] == "fixed"}
+    assert fixed == {1: 1.0, 2: 2.0}
+    assert len({round(r["avg_exit_layer"], 6) for r in sweep}) >= 3  # the policies do not all exit alike
     assert any(e["kind"] == "exit_policy_sweep" for e in events)
 
 
@@ -113,15 +204,26 @@ def test_stage3_fits_halting_points_on_the_best_stage2_model(done):
     tr = Tracker(h)
     trunk = json.loads((tr.run_dir(res.parent_run_id) / "stage2.json").read_text())["best_run_id"]
     assert study.user_attrs["trunk_run_id"] == trunk
+    # the 12 λ: log-spaced from 0.01 to 10 (4 significant digits)
+    assert [t.params["ponder_lambda"] for t in trials[:12]] == \
+        [float(f"{10 ** (-2 + 3 * i / 11):.4g}") for i in range(12)]
+    val = val_split()
     for t in trials:
         assert t.user_attrs["run_id"] == trunk  # one trained model: every point is its weights + a halting file
         assert (h / t.user_attrs["halting_file"]).is_file()
+        # each trial's recorded exits and accuracy: the DACT rule, per row, on that model with that halting file
+        loaded = final_model_with(h, res, t.user_attrs["halting_file"])
+        y, hh, targets = layer_outputs(loaded.model, loaded.tokenizer, val)
+        _, avg, acc = spec_metrics("dact", None, y, hh, targets)
+        assert t.user_attrs["val_avg_exit_layer"] == pytest.approx(avg, abs=1e-6) == t.values[1]
+        assert t.user_attrs["val_accuracy"] == pytest.approx(acc, abs=1e-6)
         if t.params["halting"] == "fitted":
-            assert 1e-2 <= t.params["ponder_lambda"] <= 10
             n_ref, N = study.user_attrs["nll_ref"], study.user_attrs["num_layers"]
             assert t.user_attrs["spec_lambda"] == pytest.approx(t.params["ponder_lambda"] * n_ref / N)
         else:
             assert t.user_attrs["spec_lambda"] is None
+    exits = sorted({round(t.user_attrs["val_avg_exit_layer"], 6) for t in trials})
+    assert len(exits) >= 2 and exits[0] < 1.5  # real early exits: the trials differ, some exit mostly at layer 1
     assert sorted(p["trial"] for p in res.pareto) == sorted(t.number for t in study.best_trials)
     assert res.study_names == {"stage1": "demo-pipe/stage1", "stage2": "demo-pipe/stage2",
                                "stage3": "demo-pipe/stage3"}
@@ -151,9 +253,14 @@ def test_every_stage3_point_reloads_as_a_model_that_reproduces_it(done):
         for p in res.pareto:
             choose_for_prediction(res.parent_run_id, {**p, "source": "front"}, tracker=tr)
             loaded = load_model(res.final_run_id, home=h, device="cpu")
-            m = metrics_of(evaluate_encoded(loaded.model, encode(val, loaded.tokenizer, 32)), "val_")
+            ev = evaluate_encoded(loaded.model, encode(val, loaded.tokenizer, 32))
+            m = metrics_of(ev, "val_")
             assert m["val_accuracy"] == pytest.approx(p["val_accuracy"], abs=1e-6)
             assert m["val_avg_exit_layer"] == pytest.approx(p["val_avg_exit_layer"], abs=1e-6)
+            # row by row, the exits are the DACT rule's on the reloaded model's per-layer outputs
+            y, hh, targets = layer_outputs(loaded.model, loaded.tokenizer, val)
+            assert ev.exit_layer.tolist() == spec_metrics("dact", None, y, hh, targets)[0]
+        assert min(p["val_avg_exit_layer"] for p in res.pareto) < 1.5  # the front holds points that exit early
     finally:
         choose_for_prediction(res.parent_run_id, {**res.chosen, "source": "front"}, tracker=tr)
 

@@ -1,12 +1,18 @@
-"""AppTest of the Watch & explore pages (Runs, PBT view, Pareto explorer, Early exit, Studies) on an empty home and a
-populated one. The populated home (built once per module) holds two tiny trained DACT runs, a small Optuna study
-pair (single- and multi-objective) in the home's storage, and PBT / DACT-pipeline parent runs recorded with the
-payload shapes of ``dact_lib.tuning.pbt`` and ``dact_lib.tuning.dact_pipeline`` (training those engines for real
-takes too long for a page test)."""
+"""AppTest of the Watch & explore pages (Runs, PBT view, Pareto explorer, Early exit, Studies), opened through app.py,
+on an empty home and on the records of real engine runs.
+
+The populated home is ``records.engine_records``: two DACT ``train`` runs, a ``run_pbt`` population, a
+``tune_backbone`` study and a ``run_pipeline`` DACT pipeline, made once per test session on the tiny encoder.
+Every value a test expects on a page is read from that home's tracker or Optuna storage. Tests that change
+records (a choice on the Pareto explorer) work on a private copy of the home; the cancel tests start real jobs
+through the app's job manager (``ui.state.jobs()``) in a fresh home."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,94 +23,20 @@ import optuna  # noqa: E402
 import streamlit as st  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from dact_lib import home as _home  # noqa: E402
-from dact_lib.config import default_config  # noqa: E402
+from dact_lib.config import RunConfig, default_config  # noqa: E402
+from dact_lib.home import optuna_storage_url  # noqa: E402
+from dact_lib.jobs import ENGINE_KINDS  # noqa: E402
 from dact_lib.tracker import Tracker  # noqa: E402
-from dact_lib.train import train  # noqa: E402
+from records import copy_home, engine_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["pages/runs.py", "pages/pbt_view.py", "pages/pareto.py", "pages/early_exit.py", "pages/studies.py"]
 TIMEOUT = 60
 
 
-def _tiny_cfg(seed: int = 0, lam: float | None = None):
-    cfg = default_config("dact", encoder="tiny")
-    cfg.data.max_rows, cfg.data.max_seq_len, cfg.train.epochs, cfg.train.seed = 120, 32, 1, seed
-    if lam is not None:
-        cfg.model.ponder_lambda = lam
-    return cfg
-
-
-def populate(home: Path) -> dict:
-    tr = Tracker(home)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # two tiny trained DACT runs (real training loop, real models)
-    a = train(_tiny_cfg(0, 1e-3), tracker=tr, home=home).run_id
-    b = train(_tiny_cfg(1, 1e-2), tracker=tr, home=home).run_id
-
-    # a DACT pipeline parent with its stage-3 trials (two point at the real runs) and the final sweep
-    parent = tr.create_run("dact-pipeline", {"run": {}, "pipeline": {"name": "pipe"}}, name="pipe", tag="pipeline")
-    tr.update_run(a, parent_id=parent)
-    tr.update_run(b, parent_id=parent)
-    c = tr.create_run("dact", {}, name="pipe/stage3/trial2", tag="stage3", parent_id=parent, status="finished")
-    trials = [(0, 1e-4, a, 0.80, 1.9), (1, 1e-2, b, 0.70, 1.2), (2, 1e-3, c, 0.60, 1.95)]
-    for n, lam, rid, acc, ex in trials:
-        tr.log_event(parent, "trial", {"stage": "stage3", "number": n, "state": "complete",
-                                       "params": {"ponder_lambda": lam}, "values": [1.0 - acc, ex],
-                                       "user_attrs": {"run_id": rid, "val_accuracy": acc, "val_nll": 1.0 - acc,
-                                                      "val_avg_exit_layer": ex, "val_loss": 1.1 - acc}})
-    front = [{"trial": n, "lambda": lam, "objective": "val_nll", "val_nll": 1.0 - acc, "val_avg_exit_layer": ex,
-              "val_accuracy": acc, "run_id": rid} for n, lam, rid, acc, ex in trials[:2]]
-    tr.log_event(parent, "pareto_front", {"objectives": ["val_nll", "val_avg_exit_layer"], "front": front})
-    tr.log_event(parent, "chosen_point", {"rule": "lowest_exit_within_1pt", "point": front[1]})
-    sweep = [{"policy": "dact", "value": None, "avg_exit_layer": 1.6, "accuracy": 0.78, "wall_s": 0.1}]
-    sweep += [{"policy": "fixed", "value": k, "avg_exit_layer": float(k), "accuracy": 0.6 + 0.1 * k, "wall_s": 0.1}
-              for k in (1, 2)]
-    sweep += [{"policy": "entropy", "value": s, "avg_exit_layer": 1 + s, "accuracy": 0.7 + s / 10, "wall_s": 0.1}
-              for s in (0.1, 0.5)]
-    sweep += [{"policy": "patience", "value": 1, "avg_exit_layer": 1.5, "accuracy": 0.75, "wall_s": 0.1}]
-    tr.log_event(parent, "exit_policy_sweep", {"split": "val", "num_layers": 2, "rows": sweep, "final_run_id": a})
-    tr.set_status(parent, "finished", summary={"front": front, "chosen": front[1], "final_run_id": a,
-                                               "exit_policy_sweep": sweep, "stages_done": ["stage3", "final"]})
-
-    # a PBT parent with two members, hp trajectories and one exploit/explore pair (parent AND recipient, as pbt.py)
-    pbt = tr.create_run("pbt", {"pbt": {"metric": "val_accuracy"}}, name="pbt")
-    members = [tr.create_run("pbt-member", {}, name=f"pbt · member {i}", parent_id=pbt) for i in range(2)]
-    tr.log_event(pbt, "pbt_start", {"members": [{"member": i, "run_id": m} for i, m in enumerate(members)]})
-    for i, m in enumerate(members):
-        for step in (0, 3, 6, 9):
-            lr = 1e-3 * (i + 1) if not (i == 1 and step >= 6) else 8e-4
-            tr.log_metrics(m, {"hp/lr": lr, "hp/weight_decay": 0.01, "hp/dropout": 0.1, "hp/warmup_ratio": 0.1},
-                           step=step)
-            if step:
-                tr.log_metrics(m, {"val_accuracy": 0.5 + 0.05 * step / 3 - 0.1 * i, "train_loss": 1.0 / step},
-                               step=step)
-        tr.set_status(m, "finished")
-    common = {"step": 6, "epoch": 0, "progress": 1.0, "recipient": 1, "recipient_run_id": members[1], "donor": 0,
-              "donor_run_id": members[0], "donor_step": 6, "metric": "val_accuracy", "score": 0.5,
-              "donor_score": 0.6, "time": time.time()}
-    for rid in (pbt, members[1]):
-        tr.log_event(rid, "pbt_exploit", {**common, "old": {"lr": 2e-3}, "new": {"lr": 1e-3}})
-        tr.log_event(rid, "pbt_explore", {**common, "old": {"lr": 1e-3}, "new": {"lr": 8e-4}})
-    tr.set_status(pbt, "finished", summary={"best_run_id": members[0], "members": [
-        {"member": i, "run_id": m, "best_score": 0.6 - 0.1 * i, "exploits": i, "final": {"lr": 1e-3}}
-        for i, m in enumerate(members)]})
-
-    # Optuna studies in the home's storage: one single-objective, one two-objective
-    url = _home.optuna_storage_url(home)
-    s1 = optuna.create_study(study_name="demo/single", storage=url, direction="minimize")
-    s1.optimize(lambda t: (t.suggest_float("x", -2, 2) - 1) ** 2 + t.suggest_int("k", 0, 3), n_trials=6)
-    s2 = optuna.create_study(study_name="demo/stage3", storage=url, directions=["minimize", "minimize"])
-    s2.optimize(lambda t: (t.suggest_float("ponder_lambda", 1e-4, 1e-1, log=True) * 10,
-                           1.0 / (1 + t.params["ponder_lambda"] * 100)), n_trials=5)
-    return {"a": a, "b": b, "c": c, "pipeline": parent, "pbt": pbt, "members": members}
-
-
 @pytest.fixture(scope="module")
-def populated(tmp_path_factory):
-    h = tmp_path_factory.mktemp("populated") / "home"
-    h.mkdir()
-    return h, populate(h)
+def records(tmp_path_factory):
+    return engine_records(tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)
@@ -117,93 +49,231 @@ def _fresh_caches():
 
 
 @pytest.fixture
-def pop_home(populated, monkeypatch):
-    h, ids = populated
-    monkeypatch.setenv("DACT_LAB_HOME", str(h))
-    return h, ids
+def pop_home(records, monkeypatch):
+    monkeypatch.setenv("DACT_LAB_HOME", str(records.home))
+    return records
 
 
-def _app(page: str) -> AppTest:
-    return AppTest.from_file(str(ROOT / page), default_timeout=TIMEOUT)
+@pytest.fixture
+def app_jobs():
+    """The app's job manager of the test's home (ui.state.jobs()); its jobs are cancelled and joined afterwards."""
+    from ui import state
+
+    st.cache_resource.clear()
+    jm = state.jobs()
+    yield jm
+    jm.shutdown(cancel=True, timeout=60)
+
+
+def _open(page: str, **state) -> AppTest:
+    """app.py, then ``page`` through its navigation (``state``: session state set before the page runs)."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.switch_page(page)
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    assert not _errors(at), _errors(at)
+    return at
 
 
 def _errors(at: AppTest) -> list[str]:
     return [e.value for e in at.exception] + [e.value for e in at.error]
 
 
+def _table(at: AppTest, *columns: str):
+    """The page's dataframe that has ``columns``."""
+    found = [d.value for d in at.dataframe if set(columns) <= set(d.value.columns)]
+    assert len(found) == 1, [list(d.value.columns) for d in at.dataframe]
+    return found[0]
+
+
+def _chart(at: AppTest, title_part: str) -> dict:
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    found = [s for s in specs if title_part in ((s["layout"].get("title") or {}).get("text") or "")]
+    assert len(found) == 1, [(s["layout"].get("title") or {}).get("text") for s in specs]
+    return found[0]
+
+
+def _same(a, b) -> bool:
+    """Equal numbers, or both missing (None / NaN)."""
+    missing = [x is None or (isinstance(x, float) and x != x) for x in (a, b)]
+    return all(missing) if any(missing) else a == pytest.approx(b)
+
+
+def _wait(cond, timeout: float = 60.0, what: str = "") -> None:
+    """Poll ``cond`` until it holds (a job's progress is asynchronous); fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 # ------------------------------------------------------------------------------------------------ empty home
+
+EMPTY_HINTS = {
+    "pages/runs.py": "No runs yet. Train a model (Train page or `python -m dact_lib train`) and it shows up here, live.",
+    "pages/pbt_view.py": "No PBT runs yet. Start Population Based Training on the PBT page (or `python -m dact_lib "
+                         "pbt`); its members, their hyperparameters and who copied whom show up here.",
+    "pages/pareto.py": "No DACT pipeline runs yet. Run the staged DACT tuning (DACT pipeline page or `python -m "
+                       "dact_lib dact-pipeline --name NAME`); its λ trade-off and exit-policy comparison show up here.",
+    "pages/early_exit.py": "No finished DACT run with a saved model yet. Train one (DACT pipeline, or kind 'dact' on "
+                           "the Train pages); this page then shows how many layers each test sentence needed.",
+    "pages/studies.py": "No Optuna studies in this home yet. Backbone tuning and the DACT pipeline create them (the "
+                        "pipeline runs three: stage 1 architecture, stage 2 training parameters, stage 3 λ). "
+                        "Storage: `{url}`",
+}
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_page_renders_on_empty_home(home, page):
-    at = _app(page).run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert at.info, "an empty home shows a hint"
+def test_page_on_an_empty_home_shows_only_its_hint(home, page):
+    at = _open(page)
+    assert [i.value for i in at.main.info] == [EMPTY_HINTS[page].format(url=optuna_storage_url(home))]
+    assert not at.dataframe and not at.get("plotly_chart") and not at.selectbox
 
 
 def test_studies_page_does_not_create_optuna_tables_on_empty_home(home):
     import sqlite3
 
-    _app("pages/studies.py").run()
+    _open("pages/studies.py")
     con = sqlite3.connect(home / "experiments.db")
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     con.close()
     assert "studies" not in tables
 
 
-# ------------------------------------------------------------------------------------------------ populated home
+# ------------------------------------------------------------------------------------------------ Runs
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_page_renders_on_populated_home(pop_home, page):
-    at = _app(page).run()
-    assert not _errors(at), _errors(at)
+def test_runs_page_lists_every_engine_run_with_its_recorded_scores(pop_home):
+    rec = pop_home
+    tr = Tracker(rec.home)
+    runs = tr.list_runs()
+    at = _open("pages/runs.py")
+    assert at.main.caption[0].value == f"home: `{rec.home}`"
+    table = _table(at, "id", "kind", "val_accuracy")
+    assert list(table["id"]) == [r["id"] for r in runs]
+    assert {rec.pbt, *rec.members, rec.tune, rec.pipeline, rec.pipeline_final, *rec.dact} <= set(table["id"])
+    assert list(table["kind"]) == [r["kind"] for r in runs]
+    assert list(table["status"]) == [r["status"] for r in runs]
+    assert list(table["name"]) == [r["name"] or "" for r in runs]
+    for row, r in zip(table.to_dict("records"), runs):
+        best = (r.get("summary") or {}).get("best") or {}
+        test = (r.get("summary") or {}).get("test") or {}
+        assert _same(row["val_accuracy"], best.get("val_accuracy")), r["id"]
+        assert _same(row["val_avg_exit_layer"], best.get("val_avg_exit_layer")), r["id"]
+        assert _same(row["test_accuracy"], test.get("test_accuracy")), r["id"]
+    assert {r["kind"] for r in runs} >= {"dact", "pbt", "pbt-member", "tune-backbone", "backbone", "dact-pipeline"}
+
+    # nothing is active: the newest run that trains a model is shown (engine parents have no curves)
+    newest = next(r for r in runs if r["kind"] not in ENGINE_KINDS)
+    assert at.multiselect(key="runs_selected").value == [newest["id"]]
+    events = _table(at, "time", "kind", "payload")
+    assert list(events["kind"]) == [e["kind"] for e in tr.get_events(newest["id"])]
+    assert at.get("progress")[0].proto.text.startswith(f"#{newest['id']} {newest['status']} · ")
 
 
 def test_runs_page_compares_selected_runs_and_offers_downloads(pop_home):
-    _, ids = pop_home
-    at = _app("pages/runs.py")
-    at.session_state["runs_selected"] = [ids["a"], ids["b"]]
-    at.run()
-    assert not _errors(at), _errors(at)
-    charts = at.get("plotly_chart")
-    assert charts, "the curves chart is drawn"
-    import json
-
-    spec = json.loads(charts[0].proto.spec)
+    rec = pop_home
+    a, b = rec.dact
+    at = _open("pages/runs.py", runs_selected=[a, b])
+    spec = _chart(at, "training curves")
     names = {t.get("name", "") for t in spec["data"]}
-    assert any(n.startswith(f"#{ids['a']} ") for n in names) and any(n.startswith(f"#{ids['b']} ") for n in names)
+    tr = Tracker(rec.home)
+    for rid in (a, b):  # the run's logged losses, scores and exit layer, named after the run
+        drawn = {n.split(" · ", 1)[1] for n in names if n.startswith(f"#{rid} ")}
+        assert {"train_loss", "val_loss", "val_accuracy", "val_avg_exit_layer"} <= drawn <= set(tr.metric_names([rid]))
     labels = [b.proto.label for b in at.get("download_button")]
     assert "Download metrics (CSV)" in labels and "Download model (zip)" in labels
-    assert at.get("progress"), "a progress bar with the step / ETA text"
+    status = _table(at, "run", "status", "progress")
+    assert list(status["status"]) == [tr.get_run(a)["status"], tr.get_run(b)["status"]] == ["finished"] * 2
 
 
 def test_runs_page_kind_filter_empty_lists_every_kind_and_narrows_when_set(pop_home):
-    h, ids = pop_home
-    n_all = len(Tracker(h).list_runs())
-    at = _app("pages/runs.py").run()
+    tr = Tracker(pop_home.home)
+    n_all = len(tr.list_runs())
+    at = _open("pages/runs.py")
     kind = next(m for m in at.multiselect if m.label == "kind")
     assert kind.value == [] and len(at.dataframe[0].value) == n_all
     kind.set_value(["pbt"]).run()
     table = at.dataframe[0].value
-    assert 0 < len(table) < n_all and set(table["kind"]) == {"pbt"}
+    assert list(table["id"]) == [r["id"] for r in tr.list_runs(kind="pbt")] == [pop_home.pbt]
 
 
-def test_runs_page_live_run_shows_progress_eta_and_cancel(home):
+def _long_job_config(kind: str = "backbone"):
+    cfg = default_config(kind, encoder="tiny")
+    cfg.data.max_rows, cfg.data.max_seq_len = 400, 32
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 300, 16, "cpu"
+    cfg.train.early_stopping.enabled = False
+    return cfg.validate()
+
+
+def test_runs_page_cancels_a_running_job_of_this_process(home, app_jobs):
+    tr = Tracker(home)
+    rid = app_jobs.submit("backbone", _long_job_config())
+    _wait(lambda: tr.last_steps([rid]).get(rid, -1) >= 1, what="the job's first logged step")
+    assert app_jobs.status(rid) == "running" and tr.get_run(rid)["status"] == "running"
+
+    at = _open("pages/runs.py")
+    assert at.multiselect(key="runs_selected").value == [rid]  # active runs are selected by default
+    button = at.button(key=f"runs_cancel_{rid}")
+    assert button.label == "Cancel run"
+    button.click().run()
+    assert not _errors(at), _errors(at)
+    assert [s.value for s in at.success] == [f"Cancellation of run {rid} requested: it stops at its next step."]
+    assert not at.warning
+    assert app_jobs.wait(rid, 60) == "cancelled"
+    assert tr.get_run(rid)["status"] == "cancelled" and app_jobs.get(rid)["state"] == "cancelled"
+
+
+def test_runs_page_cancels_the_engine_job_that_runs_a_member(home, app_jobs):
+    tr = Tracker(home)
+    cfg = _long_job_config()
+    pbt = app_jobs.submit("pbt", cfg, options={"population": 2, "ready_every_epochs": None,
+                                               "ready_every_steps": 2, "seed": 0})
+    members = lambda: [r["id"] for r in tr.list_runs(parent_id=pbt)]  # noqa: E731
+    _wait(lambda: len(members()) == 2 and all(tr.last_steps(members()).get(m, -1) >= 1 for m in members()),
+          what="both PBT members training")
+    member = min(members())
+
+    at = _open("pages/runs.py", runs_selected=[member])
+    button = at.button(key=f"runs_cancel_{member}")
+    assert button.label == "Cancel (the job that runs it)"
+    button.click().run()
+    assert not _errors(at), _errors(at)
+    assert [s.value for s in at.success] == [
+        f"Run {member} is part of job #{pbt} (pbt): cancellation of job #{pbt} requested; it and its runs stop at "
+        "their next step."]
+    assert app_jobs.wait(pbt, 60) == "cancelled"
+    assert tr.get_run(pbt)["status"] == "cancelled"
+    assert {tr.get_run(m)["status"] for m in members()} == {"cancelled"}
+
+
+def test_runs_page_cancel_of_another_process_run_says_where_to_stop_it(home):
     tr = Tracker(home)
     rid = tr.create_run("dact", {"train": {"epochs": 1}}, name="live", status="running")
-    tr.log_event(rid, "start", {"steps": 100})
-    now = time.time()
-    tr.log_metrics_many([{"run_id": rid, "step": s, "epoch": 0, "name": "train_loss", "value": 1.0 / s,
-                          "time": now - 40 + s} for s in range(1, 41)])
-    at = _app("pages/runs.py").run()
-    assert not _errors(at), _errors(at)
-    assert at.multiselect(key="runs_selected").value == [rid]  # active runs are selected by default
-    text = at.get("progress")[0].proto.text
-    assert "step 40 / 100" in text and "ETA" in text
-    at.button(key=f"runs_cancel_{rid}").click().run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert at.warning or at.success  # not a job of this process: the page says where to stop it
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # e.g. a CLI run
+    try:
+        tr.set_status(rid, "running", pid=other.pid, host=socket.gethostname())
+        tr.log_event(rid, "start", {"steps": 100})
+        now = time.time()
+        tr.log_metrics_many([{"run_id": rid, "step": s, "epoch": 0, "name": "train_loss", "value": 1.0 / s,
+                              "time": now - 40 + s} for s in range(1, 41)])
+        at = _open("pages/runs.py")
+        assert at.multiselect(key="runs_selected").value == [rid]  # active runs are selected by default
+        text = at.get("progress")[0].proto.text
+        assert "step 40 / 100" in text and "ETA" in text
+        at.button(key=f"runs_cancel_{rid}").click().run()
+        assert not _errors(at), _errors(at)
+        assert [w.value for w in at.warning] == [
+            f"Run {rid} is not a job of this dashboard process (started elsewhere, e.g. the CLI, or already ended): "
+            "stop it where it runs."]
+        assert not at.success
+        assert tr.get_run(rid)["status"] == "running"  # left to the process that runs it
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_zip_model_holds_the_model_files_and_loads_back(pop_home, tmp_path):
@@ -213,74 +283,245 @@ def test_zip_model_holds_the_model_files_and_loads_back(pop_home, tmp_path):
     from dact_lib.errors import DactLabError
     from dact_lib.models import load_model, zip_model
 
-    h, ids = pop_home
-    data = zip_model(Path(h) / "runs" / str(ids["a"]))
+    rec = pop_home
+    data = zip_model(Path(rec.home) / "runs" / str(rec.dact[0]))
     zf = zipfile.ZipFile(io.BytesIO(data))
     names = set(zf.namelist())
     assert {"model.safetensors", "config.json", "label_maps.json"} <= names
     assert any(n.startswith("encoder/") for n in names)
     zf.extractall(tmp_path / "unzipped")
-    assert load_model(tmp_path / "unzipped").kind == load_model(ids["a"], home=h).kind
+    assert load_model(tmp_path / "unzipped").kind == load_model(rec.dact[0], home=rec.home).kind
     with pytest.raises(DactLabError, match="no model.safetensors"):
         zip_model(tmp_path)
 
 
 def test_tracker_metric_names_and_last_steps(pop_home):
-    h, ids = pop_home
-    tr = Tracker(h)
-    df = tr.get_metrics([ids["a"], ids["b"]])
-    assert tr.metric_names([ids["a"], ids["b"]]) == sorted(set(df["name"]))
-    assert tr.last_steps([ids["a"], ids["b"]]) == {int(r): int(s) for r, s in df.groupby("run_id")["step"].max().items()}
+    tr = Tracker(pop_home.home)
+    ids = list(pop_home.dact)
+    df = tr.get_metrics(ids)
+    assert tr.metric_names(ids) == sorted(set(df["name"]))
+    assert tr.last_steps(ids) == {int(r): int(s) for r, s in df.groupby("run_id")["step"].max().items()}
     assert tr.metric_names([]) == [] and tr.last_steps([]) == {}
 
 
-def test_pareto_choice_sets_and_persists_predict_run_id(pop_home):
-    h, ids = pop_home
+# ------------------------------------------------------------------------------------------------ PBT view
+
+
+def test_pbt_view_shows_the_population_its_exploits_and_lineage(pop_home):
+    rec = pop_home
+    tr = Tracker(rec.home)
+    parent = tr.get_run(rec.pbt)
+    summary = parent["summary"]
+    members = sorted(tr.list_runs(parent_id=rec.pbt), key=lambda m: m["id"])
+    assert [m["id"] for m in members] == sorted(rec.members)
+    label = {m["id"]: f"{m['name']} (#{m['id']})" for m in members}
+    events = tr.get_events(rec.pbt)
+    exploits = [e["payload"] for e in events if e["kind"] == "pbt_exploit"]
+    explores = {(e["payload"]["recipient_run_id"], e["payload"]["step"]): e["payload"]["new"]
+                for e in events if e["kind"] == "pbt_explore"}
+    assert exploits, "the tiny population exploited at least once"
+
+    at = _open("pages/pbt_view.py")
+    assert at.main.caption[0].value == (f"status **{parent['status']}** · {len(members)} members · best member run "
+                                   f"#{summary['best_run_id']}")
+    assert [s.value for s in at.subheader][0] == f"Exploit / explore ({len(exploits)})"
+    table = _table(at, "recipient", "donor", "copied")
+    assert list(table["step"]) == [x["step"] for x in exploits]
+    assert list(table["recipient"]) == [label[x["recipient_run_id"]] for x in exploits]
+    assert list(table["donor"]) == [label[x["donor_run_id"]] for x in exploits]
+    assert list(table["score"]) == pytest.approx([x["score"] for x in exploits])
+    assert list(table["donor score"]) == pytest.approx([x["donor_score"] for x in exploits])
+    assert [json.loads(c) for c in table["copied"]] == [x["new"] for x in exploits]
+    assert [json.loads(c) for c in table["explored"]] == [explores[(x["recipient_run_id"], x["step"])]
+                                                          for x in exploits]
+
+    mtable = _table(at, "run", "best score", "exploits")
+    by_run = {m["run_id"]: m for m in summary["members"]}
+    assert list(mtable["run"]) == [m["id"] for m in members]
+    assert list(mtable["best score"]) == pytest.approx([by_run[m["id"]]["best_score"] for m in members])
+    assert list(mtable["exploits"]) == [by_run[m["id"]]["exploits"] for m in members]
+    assert list(mtable["lr"]) == pytest.approx([by_run[m["id"]]["final"]["lr"] for m in members])
+    assert list(mtable["last step"]) == [tr.last_steps([m["id"]])[m["id"]] for m in members]
+    assert sum(mtable["exploits"]) == len(exploits)
+
+    lineage = _chart(at, "lineage")
+    row = {m["id"]: i for i, m in enumerate(members)}
+    arrows = [(a["x"], a["y"], a["ay"]) for a in lineage["layout"].get("annotations", [])]
+    assert arrows == [(x["step"], row[x["recipient_run_id"]], row[x["donor_run_id"]]) for x in exploits]
+    assert lineage["layout"]["yaxis"]["ticktext"] == [label[m["id"]] for m in members]
+    curves = _chart(at, "members · ")
+    assert [t["name"] for t in curves["data"]] == [label[m["id"]] for m in members]
+    assert at.selectbox(key="pbt_metric").value == parent["config"]["pbt"]["metric"]
+
+
+# ------------------------------------------------------------------------------------------------ Pareto explorer
+
+
+def _stage3_trials(home: Path) -> list:
+    study = optuna.load_study(study_name="pipe/stage3", storage=optuna_storage_url(home))
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def test_pareto_explorer_shows_the_pipelines_front_choice_and_sweep(pop_home):
+    rec = pop_home
+    tr = Tracker(rec.home)
+    run = tr.get_run(rec.pipeline)
+    summary = run["summary"]
+    rule, final = summary["chosen"], summary["final_run_id"]
+    front = sorted(summary["front"], key=lambda p: p["val_avg_exit_layer"])
+    assert final == rec.pipeline_final
+
+    at = _open("pages/pareto.py")
+    assert at.main.caption[0].value == (
+        f"status **{run['status']}** · stages done: {', '.join(summary['stages_done'])} · pipeline's choice: trial "
+        f"{rule['trial']} (λ = {rule['lambda']:.3g}) · final model: run #{final}")
+    assert [i.value for i in at.main.info] == [
+        "No model chosen for prediction yet: pick a front point below (or click one on the chart)."]
+
+    table = _table(at, "trial", "val accuracy", "pipeline's choice")
+    assert list(table["trial"]) == [p["trial"] for p in front]
+    assert list(table["val accuracy"]) == pytest.approx([p["val_accuracy"] for p in front])
+    assert list(table["val avg exit layer"]) == pytest.approx([p["val_avg_exit_layer"] for p in front])
+    assert list(table["λ"]) == pytest.approx([p["lambda"] for p in front])
+    assert list(table["pipeline's choice"]) == [p["trial"] == rule["trial"] for p in front]
+    assert not any(table["for prediction"])
+
+    sweep = _table(at, "policy", "avg_exit_layer", "accuracy")
+    assert list(sweep["policy"]) == [r["policy"] for r in summary["exit_policy_sweep"]]
+    assert list(sweep["avg_exit_layer"]) == pytest.approx([r["avg_exit_layer"] for r in summary["exit_policy_sweep"]])
+
+    options = at.selectbox(key=f"pareto_pick_{rec.pipeline}").options
+    assert options == [f"final model · run #{final} · the pipeline's choice (λ = {rule['lambda']:.3g})"] + [
+        f"trial {p['trial']} · λ = {p['lambda']:.3g} · exit {p['val_avg_exit_layer']:.2f} · acc "
+        f"{p['val_accuracy']:.3f}" for p in front]
+
+    chart = _chart(at, "λ trade-off")
+    traces = {t["name"]: t for t in chart["data"]}
+    trials = _stage3_trials(rec.home)  # every complete stage-3 trial of the study is a point
+    assert sorted(cd[0] for cd in traces["λ trials"]["customdata"]) == sorted(t.number for t in trials)
+    points = {cd[0]: (x, y) for cd, x, y in zip(traces["λ trials"]["customdata"], traces["λ trials"]["x"],
+                                                traces["λ trials"]["y"])}
+    for t in trials:
+        assert points[t.number] == pytest.approx((t.user_attrs["val_avg_exit_layer"], t.user_attrs["val_accuracy"]))
+    assert [cd[0] for cd in traces["Pareto front"]["customdata"]] == [p["trial"] for p in front]
+    assert traces["pipeline's choice"]["customdata"][0][0] == rule["trial"]
+
+
+def test_pareto_choice_swaps_in_the_points_halting_units_and_persists(pop_home, tmp_path, monkeypatch):
+    from dact_lib.models import halting_choice
+
+    rec = pop_home
+    h = copy_home(rec, tmp_path / "home")  # the choice writes records: a private copy
+    monkeypatch.setenv("DACT_LAB_HOME", str(h))
     tr = Tracker(h)
-    at = _app("pages/pareto.py").run()
+    summary = tr.get_run(rec.pipeline)["summary"]
+    rule, final = summary["chosen"], summary["final_run_id"]
+    others = [p for p in summary["front"] if p["trial"] != rule["trial"]]
+    assert others, "the tiny pipeline's front holds a point besides the rule's choice"
+    point = others[0]
+
+    at = _open("pages/pareto.py")
+    pick = at.selectbox(key=f"pareto_pick_{rec.pipeline}")
+    pick.select(next(o for o in pick.options if o.startswith(f"trial {point['trial']} "))).run()
     assert not _errors(at), _errors(at)
-    pick = at.selectbox(key=f"pareto_pick_{ids['pipeline']}")
-    label = next(o for o in pick.options if o.startswith("trial 1 "))
-    pick.select(label).run()
-    assert not _errors(at), _errors(at)
-    assert at.session_state["predict_run_id"] == ids["b"]
-    chosen = tr.get_events(ids["pipeline"], kinds=["chosen"])
-    assert chosen and chosen[-1]["payload"]["run_id"] == ids["b"]
+    assert at.session_state["predict_run_id"] == final  # one model: its halting units are swapped
+    assert [s.value for s in at.success] == [
+        f"Trial {point['trial']} (λ = {point['lambda']:.3g}) is now used for prediction: run #{final} with that "
+        "point's halting units (swapped in, nothing retrained). The pipeline's own choice stays recorded."]
+    chosen = [e["payload"] for e in tr.get_events(rec.pipeline, kinds=["chosen"])]
+    assert [(c["run_id"], c["trial"], c["source"], c["halting"]) for c in chosen] == [
+        (final, point["trial"], "front", True)]
+    hc = halting_choice(tr.run_dir(final))
+    assert hc["trial"] == point["trial"] and (tr.run_dir(final) / hc["file"]).is_file()
+    assert tr.get_run(rec.pipeline)["summary"]["chosen"] == rule  # the pipeline's record is unchanged
+    shown = (f"Model used for prediction: **run #{final}** with the halting units of **trial {point['trial']}** "
+             f"(your choice; the pipeline's choice is trial {rule['trial']})")
+    assert [i.value for i in at.main.info] == [shown]
     # a reload (new session) restores the persisted choice
     st.cache_resource.clear()
-    at2 = _app("pages/pareto.py").run()
-    assert at2.session_state["predict_run_id"] == ids["b"]
+    at2 = _open("pages/pareto.py")
+    assert at2.session_state["predict_run_id"] == final
+    assert [i.value for i in at2.main.info] == [shown]
+    assert list(_table(at2, "trial", "for prediction")["for prediction"]) == [
+        p["trial"] == point["trial"] for p in sorted(summary["front"], key=lambda p: p["val_avg_exit_layer"])]
 
 
-def test_early_exit_filter_all_layers(pop_home):
-    _, ids = pop_home
-    at = _app("pages/early_exit.py")
-    at.session_state["early_run"] = ids["a"]
-    at.run()
-    assert not _errors(at), _errors(at)
-    assert len(at.get("plotly_chart")) == 2
+# ------------------------------------------------------------------------------------------------ Early exit
+
+
+def test_early_exit_shows_the_final_models_recorded_test_metrics_and_filters_by_layer(pop_home):
+    from dact_lib.train import load_split
+
+    rec = pop_home
+    tr = Tracker(rec.home)
+    final = tr.get_run(rec.pipeline_final)
+    test = final["summary"]["test"]
+    n = len(load_split(RunConfig.from_dict(final["config"]))[0].test)
+    layers = tr.get_events(rec.pipeline, kinds=["exit_policy_sweep"])[-1]["payload"]["num_layers"]
+    avg = test["test_avg_exit_layer"]
+    assert layers == 2  # the tiny encoder: every row exits at layer 1 or 2, so the average gives the counts
+    at_last = round((avg - 1) * n)
+    assert 0 < at_last < n, "the pipeline's model exits early on some rows and late on others"
+
+    at = _open("pages/early_exit.py", early_run=rec.pipeline_final)
+    assert {m.label: m.value for m in at.metric} == {
+        "sentences": f"{n:,}", "accuracy": f"{test['test_accuracy']:.1%}",
+        "average exit layer": f"{avg:.2f} / {layers}", "layer speed-up": f"{layers / avg:.2f}×"}
+    hist = _chart(at, "exit layer per sample")
+    assert hist["data"][0]["y"] == [n - at_last, at_last]
+    assert at.main.caption[-1].value == f"{n:,} of {n:,} sentences"
+
     at.button(key="early_all_btn").click().run()
     assert not _errors(at), _errors(at)
-    assert at.slider(key="early_layers").value == (2, 2)
-    df = at.dataframe[-1].value
-    assert len(df) == 0 or (df["exit_layer"] == 2).all()
+    assert at.slider(key="early_layers").value == (layers, layers)
+    assert at.main.caption[-1].value == f"{at_last:,} of {n:,} sentences"
+    df = _table(at, "text", "exit_layer")
+    assert len(df) == at_last and (df["exit_layer"] == layers).all()
 
 
-def test_pbt_view_draws_lineage(pop_home):
-    import json
+# ------------------------------------------------------------------------------------------------ Studies
 
-    at = _app("pages/pbt_view.py").run()
+
+def test_studies_page_lists_the_engines_studies_with_trial_counts_and_best_values(pop_home):
+    from optuna.trial import TrialState
+
+    rec = pop_home
+    url = optuna_storage_url(rec.home)
+    at = _open("pages/studies.py")
+    table = _table(at, "study", "trials", "best")
+    assert sorted(table["study"]) == rec.studies == sorted([rec.tune_study, "pipe/stage1", "pipe/stage2",
+                                                            "pipe/stage3"])
+    for row in table.to_dict("records"):
+        study = optuna.load_study(study_name=row["study"], storage=url)
+        states = [t.state for t in study.trials]
+        assert row["trials"] == len(study.trials) > 0
+        assert (row["complete"], row["pruned"], row["failed"]) == (
+            states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED), states.count(TrialState.FAIL))
+        assert row["directions"] == " / ".join(d.name.lower() for d in study.directions)
+        if len(study.directions) == 1:
+            assert row["best"] == f"{study.best_value:.5g}"
+        else:
+            assert row["best"] == f"{len(study.best_trials)} Pareto-optimal"
+        assert row["parent run"] == (rec.tune if row["study"] == rec.tune_study else rec.pipeline)
+
+    at.selectbox(key="studies_pick").select(rec.tune_study).run()
     assert not _errors(at), _errors(at)
-    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    lineage = next(s for s in specs if "lineage" in s["layout"]["title"]["text"])
-    assert len(lineage["layout"].get("annotations", [])) == 1, "one exploit arrow (parent + member copies deduped)"
+    study = optuna.load_study(study_name=rec.tune_study, storage=url)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    caption = next(c.value for c in at.main.caption if " trials (" in c.value)
+    assert caption.startswith(f"{len(study.trials)} trials ({len(complete)} complete) · 1 objective(s): ")
+    assert caption.endswith(" · minimize")
+    history = _chart(at, "Optimization History")
+    assert sorted(history["data"][0]["y"]) == pytest.approx(sorted(t.value for t in complete))
+    trials = _table(at, "number", "state")
+    assert list(trials["number"]) == [t.number for t in study.trials]
+    assert list(trials["state"]) == [t.state.name for t in study.trials]
 
 
 def test_studies_dashboard_button_starts_a_server(pop_home):
     import signal
 
-    at = _app("pages/studies.py").run()
-    assert not _errors(at), _errors(at)
+    at = _open("pages/studies.py")
     at.button(key="studies_dashboard").click().run(timeout=TIMEOUT)
     pid = at.session_state["studies_dashboard_pid"] if "studies_dashboard_pid" in at.session_state else None
     try:

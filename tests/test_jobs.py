@@ -92,8 +92,9 @@ def test_queue_limit_second_job_waits(home, manager, monkeypatch):
     a = jm.submit("backbone", tiny_cfg())
     b = jm.submit("backbone", tiny_cfg().to_dict())  # a dict config is accepted too
     assert gate.running.wait(10)
-    time.sleep(0.1)
     tr = Tracker(home)
+    # no sleep needed: the scheduler sets a job's state when it is submitted and when a job ends (not in a thread
+    # later), so b's state already says whether it was started next to a
     assert jm.status(a) == "running" and jm.status(b) == "queued"
     assert tr.get_run(b)["status"] == "queued" and gate.started == [a]
     assert jm.active_count() == 2
@@ -109,9 +110,9 @@ def test_max_concurrent_two_runs_both(home, manager, monkeypatch):
     monkeypatch.setattr("dact_lib.train.train", gate)
     jm = manager(max_concurrent=2)
     ids = [jm.submit("backbone", tiny_cfg()) for _ in range(3)]
-    assert wait_for(lambda: len(gate.started) == 2)
-    time.sleep(0.1)
+    assert wait_for(lambda: len(gate.started) == 2)  # the condition itself, with a deadline (no fixed sleep)
     assert [jm.status(i) for i in ids] == ["running", "running", "queued"]
+    assert sorted(gate.started) == ids[:2]
     gate.release.set()
     assert [jm.wait(i, 10) for i in ids] == ["finished"] * 3
 

@@ -70,7 +70,7 @@ def kill_during(home: Path, cfg, where: str, at: int) -> int:
 def reference(tmp_path_factory):
     """The uninterrupted runs, one per kind."""
     out = {}
-    for kind in ("backbone", "dact"):
+    for kind in ("backbone", "dact", "multitask"):
         h = tmp_path_factory.mktemp(f"ref-{kind}")
         res = train(cfg_for(kind), tracker=Tracker(h), home=h)
         out[kind] = (h, res)
@@ -82,7 +82,8 @@ def val_losses(tr: Tracker, run_id: int) -> list[tuple[int, float]]:
     return [(int(s), float(v)) for s, v in zip(df["step"], df["value"])]
 
 
-@pytest.mark.parametrize("kind, where, at", [("backbone", "epoch", 1), ("backbone", "step", 12), ("dact", "step", 20)])
+@pytest.mark.parametrize("kind, where, at", [("backbone", "epoch", 1), ("backbone", "step", 12), ("dact", "step", 20),
+                                                ("multitask", "epoch", 2)])
 def test_a_killed_run_resumes_to_the_same_metrics(reference, home, kind, where, at, capsys):
     ref_home, ref = reference[kind]
     cfg = cfg_for(kind)

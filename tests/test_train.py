@@ -210,10 +210,34 @@ def test_batch_size_manager_bounds():
 
 # --- the loop end to end on the tiny encoder ---------------------------------------------------------------
 
+@torch.no_grad()
+def accuracy_by_hand(loaded, ds) -> float:
+    """The test accuracy of a saved run recomputed from its reloaded model: argmax of each task's answer against the
+    labels, row by row (the mean over tasks for a multi-task model), without dact_lib.evaluate."""
+    enc = tokenize_rows(loaded, ds)
+    out = loaded.model(enc["input_ids"], enc["attention_mask"])
+    accs = [float((out.probs[t].argmax(-1) == torch.as_tensor(ds.targets[t])).double().mean()) for t in out.probs]
+    return sum(accs) / len(accs)
+
+
+def tokenize_rows(loaded, ds):
+    return loaded.tokenizer(list(ds.texts), truncation=True, max_length=loaded.config.data.max_seq_len,
+                            padding=True, return_tensors="pt")
+
+
 @pytest.mark.parametrize("kind", ["backbone", "dact", "multitask"])
 def test_each_kind_trains_and_records(home, kind):
+    from dact_lib.models import load_model
+    from dact_lib.train import load_split
+
     tracker = Tracker(home)
-    res = train(tiny_cfg(kind, epochs=2), tracker=tracker, home=home)
+    cfg = tiny_cfg(kind, epochs=2)
+    if kind == "dact":
+        # every halting unit starts at h_n = sigmoid(-20 + small) ~ 1e-8 and the fit after training is off, so at
+        # n = 1 (d = 1, a_1 = y_1, p_1 = h_1) the rule best·(1 - p_1) > runner-up + p_1 halts every row: exit 1
+        cfg.model.halting_bias_init = -20.0
+        cfg.model.fit_halting = False
+    res = train(cfg.validate(), tracker=tracker, home=home)
     run = tracker.get_run(res.run_id)
     assert run["status"] == "finished" and run["kind"] == kind
     m = tracker.get_metrics(res.run_id)
@@ -226,27 +250,34 @@ def test_each_kind_trains_and_records(home, kind):
     assert ((acc >= 0) & (acc <= 1)).all()
     # the head trains at its own rate, both on the same schedule (the tiny backbone freezes both of its layers)
     assert ("lr_head" in names) == (kind != "backbone")
-    if kind == "backbone":
-        return
-    lr, lr_head = (m[m.name == n].set_index("step")["value"] for n in ("lr", "lr_head"))
-    cfg = tiny_cfg(kind)
-    lr, lr_head = lr[lr > 0], lr_head[lr > 0]  # the schedule ends at 0
-    assert len(lr) and (lr_head / lr).round(6).eq(round(cfg.train.head_lr / cfg.train.encoder_lr, 6)).all()
+    if kind != "backbone":
+        lr, lr_head = (m[m.name == n].set_index("step")["value"] for n in ("lr", "lr_head"))
+        lr, lr_head = lr[lr > 0], lr_head[lr > 0]  # the schedule ends at 0
+        assert len(lr) and (lr_head / lr).round(6).eq(round(cfg.train.head_lr / cfg.train.encoder_lr, 6)).all()
+    assert ("train_avg_exit_layer" in names) == ("val_avg_exit_layer" in names) == (kind == "dact")
     if kind == "dact":
+        # exactly layer 1 (1-based), for every logged training window, every evaluation and the test split
         tr_ex = m[m.name == "train_avg_exit_layer"]["value"]
-        assert len(tr_ex) and ((tr_ex >= 1) & (tr_ex <= 2)).all()
-        assert "val_avg_exit_layer" in names
+        assert len(tr_ex) == len(m[m.name == "train_loss"]) and (tr_ex == 1.0).all()
         ex = m[m.name == "val_avg_exit_layer"]["value"]
-        assert ((ex >= 1) & (ex <= 2)).all()  # tiny encoder has 2 layers; exit layers are 1-based
+        assert len(ex) == cfg.train.epochs and (ex == 1.0).all()
+        assert res.test_metrics["test_avg_exit_layer"] == 1.0
+        assert res.report["exit_histogram"] == {1: 12}
+        assert res.test_metrics["test_ponder"] == pytest.approx(0.0, abs=1e-6)  # rho = p_1 + p_2 ~ 0
     if kind == "multitask":
         assert {"val_accuracy/class_label", "val_accuracy/sentiment_label"} <= names
     rd = res.run_dir
     assert (rd / "model.safetensors").exists() and (rd / "config.json").exists()
     assert json.loads((rd / "label_maps.json").read_text()) == res.label_maps
     assert (rd / "encoder.safetensors").exists() == (kind == "backbone")
-    assert res.test_metrics["test_accuracy"] >= 0.0
+    # the recorded test accuracy is the saved model's, recomputed by hand on the run's own test split
+    split, _ = load_split(cfg)
+    loaded = load_model(res.run_id, home, device="cpu")
+    assert res.test_metrics["test_accuracy"] == pytest.approx(accuracy_by_hand(loaded, split.test), abs=1e-9)
+    assert run["summary"]["test"]["test_accuracy"] == res.test_metrics["test_accuracy"]
     kinds = {a["kind"] for a in tracker.get_artifacts(res.run_id)}
     assert {"model", "config", "label_map"} <= kinds
+    assert ("encoder" in kinds) == (kind == "backbone")
 
 
 def test_deterministic_under_seed(home):
