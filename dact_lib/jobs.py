@@ -355,16 +355,24 @@ class JobManager:
         return run_id
 
     def resume(self, run_id: int) -> int:
-        """Queue an interrupted, cancelled or failed single / multi-task run to continue from its last resume
-        checkpoint (the same run: metrics are appended). Raises DactLabError saying why when it cannot."""
+        """Queue an interrupted, cancelled or failed single / multi-task run — or PBT parent run — to continue from
+        its last resume checkpoint(s) (the same run: metrics are appended). Raises DactLabError saying why when
+        it cannot."""
         from .train import resume_config, resume_info
 
         run_id = int(run_id)
-        info = resume_info(self.tracker, run_id)
-        if not info["ok"]:
-            raise DactLabError(f"Cannot resume: {info['why']}.")
-        cfg = resume_config(self.tracker, run_id)
         run = self.tracker.get_run(run_id)
+        options: dict = {}
+        if run["kind"] == "pbt":
+            from .tuning.pbt import resumable_pbt
+
+            cfg, settings = resumable_pbt(self.tracker, run_id)
+            options = {"pbt": settings.to_dict()}
+        else:
+            info = resume_info(self.tracker, run_id)
+            if not info["ok"]:
+                raise DactLabError(f"Cannot resume: {info['why']}.")
+            cfg = resume_config(self.tracker, run_id)
         with self._lock:
             if self._closed:
                 raise DactLabError("the job manager is shut down: restart the app to run jobs.")
@@ -372,7 +380,8 @@ class JobManager:
                 raise DactLabError(f"run {run_id} is already queued or running.")
             self.tracker.set_status(run_id, "queued", pid=os.getpid(), host=socket.gethostname())
             _tracker_mod.live_run_ids.add(run_id)
-            job = Job(run_id=run_id, kind=run["kind"], config=cfg, options={}, name=run.get("name"), resume=True)
+            job = Job(run_id=run_id, kind=run["kind"], config=cfg, options=options, name=run.get("name"),
+                      resume=True)
             self._jobs[run_id] = job
             self._queue.append(run_id)
         self.tracker.log_event(run_id, "job_submitted", {"kind": run["kind"], "resume": True})
@@ -474,6 +483,10 @@ class JobManager:
         for key, value in common.items():
             if _accepts(fn, key):
                 kwargs[key] = value
+        if job.resume:
+            if not _accepts(fn, "resume"):
+                raise DactLabError(f"the {job.kind!r} engine cannot resume a run.")
+            kwargs["resume"] = True
         self._mark_running(job)
         if _accepts(fn, "run_id"):
             result = fn(job.config, run_id=job.run_id, **kwargs)

@@ -877,6 +877,7 @@ class TrackerCallback(Callback):
     def __init__(self, tracker: Tracker, run_id: int, flush_every_s: float = 2.0) -> None:
         self.tracker = tracker
         self.run_id = int(run_id)
+        self._epoch_step: int | None = None
         self.flush_every_s = float(flush_every_s)
         self._buffer: list[tuple] = []
         self._last_flush = _time.monotonic()
@@ -889,6 +890,10 @@ class TrackerCallback(Callback):
         step, epoch, rid, buf = int(state.step), state.epoch, self.run_id, self._buffer
         epoch = None if epoch is None else int(epoch)
         for name, value in logs.items():
+            if name == "epoch":  # step logs and eval logs both carry it: one row per step
+                if self._epoch_step == step:
+                    continue
+                self._epoch_step = step
             if type(value) is not float:
                 value = _to_float(value)
                 if value is None:

@@ -6,6 +6,7 @@ Everything it reports goes through the callbacks (``callbacks.py``): tracker, pr
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -314,7 +315,7 @@ def resume_info(tracker, run_id, check_status: bool = True) -> dict:
     interrupted, cancelled or failed — the job manager has already queued it when train() checks)."""
     run = tracker.get_run(int(run_id))
     path = Path(run.get("run_dir") or tracker.run_dir(run_id)) / RESUME_FILE
-    if run["kind"] not in ("backbone", "dact", "multitask"):
+    if check_status and run["kind"] not in ("backbone", "dact", "multitask"):
         return {"ok": False, "why": f"a {run['kind']} run is resumed by running its engine again"}
     if check_status and run["status"] not in RESUMABLE:
         return {"ok": False, "why": f"run {run_id} is {run['status']}: only an interrupted, cancelled or failed run "
@@ -463,6 +464,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             start_epoch, skip_batches, stop = resumed["epoch"], resumed["batch"], resumed["stop"]
             stop_reason = resumed["stop_reason"]
             apply_freezing(model, tc, epoch=start_epoch)
+            state.extra["resumed_extra"] = resumed.get("callbacks") or {}  # read by callbacks in on_start
         cbs.on_start(state)
         from .evaluate import resolve_precision
 
@@ -481,7 +483,9 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 "best_step": state.extra.get("best_step"), "best_metrics": best_metrics, "history": history,
                 "stopper": {k: getattr(stopper, k) for k in ("raw", "smoothed", "best", "best_index", "bad")},
                 "micro_batch": memory.micro, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng_state(), "config": cfg.to_dict()})
+                "rng": rng_state(), "config": cfg.to_dict(),
+                # what callbacks keep across a resume (PBT: the member's hyperparameters and schedule)
+                "callbacks": copy.deepcopy(state.extra.get("resume_extra") or {})})
 
         def evaluate_and_checkpoint() -> bool:
             """Validation, callbacks, early stopping, best checkpoint. Returns True when training should stop."""

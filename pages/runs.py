@@ -248,10 +248,20 @@ def live(ids: list[int], was_active: bool) -> None:
             else:
                 st.warning(f"Run {focus} is not a job of this dashboard process (started elsewhere, e.g. the CLI, "
                            "or already ended): stop it where it runs.")
-    if run["status"] in ("interrupted", "cancelled", "failed") and run["kind"] in ("backbone", "dact", "multitask"):
+    if run["status"] in ("interrupted", "cancelled", "failed") and run["kind"] in ("backbone", "dact", "multitask",
+                                                                                  "pbt"):
         from dact_lib.train import resume_info
 
-        info = resume_info(tr, focus)
+        if run["kind"] == "pbt":
+            try:
+                from dact_lib.tuning.pbt import resumable_pbt
+
+                resumable_pbt(tr, focus)
+                info = {"ok": True, "why": ""}
+            except Exception as exc:  # noqa: BLE001 - why not, as text
+                info = {"ok": False, "why": str(exc).removeprefix("Cannot resume: ").rstrip(".")}
+        else:
+            info = resume_info(tr, focus)
         if info["ok"]:
             if c1.button("Resume run", key=f"runs_resume_{focus}", type="primary", icon=":material/replay:",
                          help="Continue this run from its last checkpoint (same run; metrics are appended)."):

@@ -264,3 +264,49 @@ def test_a_pipeline_killed_between_stages_resumes_and_finishes(home, capsys):
         assert not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     assert not [r for r in tr.list_runs() if r["status"] in ("running", "queued")]
     assert f"run id: " in out.out
+
+
+def test_a_killed_pbt_run_resumes_its_members(home, capsys):
+    """kill -9 a PBT run once members have checkpoints; `pbt --resume P` finishes every member, continuing the
+    checkpointed ones (their steps go on from the checkpoint: no metric step twice), and records the lineage."""
+    argv = ["pbt", "--encoder", "tiny", "--max-rows", "160", "--population", "2", "--epochs", "6",
+            "--device", "cpu", "--home", str(home)]
+    proc = subprocess.Popen([sys.executable, "-m", "dact_lib", *argv], cwd=str(ROOT), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and len(list((home / "runs").glob(f"*/{RESUME_FILE}"))) < 2:
+            assert proc.poll() is None, "PBT ended before its members wrote checkpoints"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    tr = Tracker(home)
+    (parent,) = tr.list_runs(kind="pbt")
+    assert parent["status"] == "interrupted"
+    members = tr.list_runs(parent_id=parent["id"])
+    checkpoints = {m["id"]: torch_load_step(Path(m["run_dir"]) / RESUME_FILE) for m in members
+                   if (Path(m["run_dir"]) / RESUME_FILE).is_file()}
+    assert checkpoints and all(s > 0 for s in checkpoints.values())
+
+    assert main(["pbt", "--resume", str(parent["id"]), "--home", str(home)]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines()[0] == f"parent run id: {parent['id']}"
+    assert tr.get_run(parent["id"])["status"] == "finished"
+    for m in tr.list_runs(parent_id=parent["id"]):
+        assert m["status"] == "finished"
+        df = tr.get_metrics(m["id"])
+        assert not df.duplicated(["step", "name"]).any()  # continued, not logged twice
+        if m["id"] in checkpoints:
+            ev = [e["payload"] for e in tr.get_events(m["id"]) if e["kind"] == "resumed"]
+            assert ev and ev[0]["step"] == checkpoints[m["id"]]
+    assert main(["pbt", "--resume", str(parent["id"]), "--home", str(home)]) == 2
+    assert "is finished" in capsys.readouterr().err
+
+
+def torch_load_step(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])

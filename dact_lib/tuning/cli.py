@@ -56,6 +56,9 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--timeout-min", dest="time_limit_min", type=float, default=None,
                    help="stop every member after this many minutes (each keeps its best checkpoint)")
+    p.add_argument("--resume", type=int, default=None, metavar="RUN",
+                   help="continue interrupted PBT run RUN (its parent run id): finished members kept, the others "
+                        "continue from their last checkpoint")
     common(p)
     command("pbt")(cmd_pbt)
 
@@ -292,9 +295,20 @@ def cmd_pbt(args) -> int:
     from ..tracker import Tracker
 
     pbt = _engine("pbt")
-    cfg, settings = pbt_arguments(args)
-    res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=Tracker(args.home),
-                      callbacks=[MemberPrinter(args.verbosity)])
+    tracker = Tracker(args.home)
+    if args.resume is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                 if k not in ("resume", "home", "verbosity", "command") and v not in (None, False)]
+        if given:
+            raise DactLabError(f"--resume continues PBT run {args.resume} with its own settings: drop "
+                               f"{', '.join(given)}.")
+        cfg, settings = pbt.resumable_pbt(tracker, args.resume)
+        res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=tracker, run_id=args.resume, resume=True,
+                          callbacks=[MemberPrinter(args.verbosity)])
+    else:
+        cfg, settings = pbt_arguments(args)
+        res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=tracker,
+                          callbacks=[MemberPrinter(args.verbosity)])
     for m in res.members:
         _err(args, f"member {m['member']} (run {m['run_id']}): {m['status']}, best {settings.metric} "
                    f"{_fmt(m.get('best_score'))}, {m.get('exploits', 0)} exploit(s)")

@@ -68,12 +68,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import os
 import random
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -83,6 +85,8 @@ from ..callbacks import Callback, CancelToken, LoopState
 from ..config import ACTIVATIONS, RunConfig, _check, _check_frac, _check_int, from_dict
 from ..errors import Cancelled, ConfigError, DactLabError
 from ..heads import set_dropout
+
+log = logging.getLogger(__name__)
 
 #: The hyperparameters that exploit/explore change during training.
 EXPLORED = ("lr", "weight_decay", "dropout", "warmup_ratio")
@@ -346,6 +350,11 @@ def apply_hparams(model: nn.Module, optimizer: torch.optim.Optimizer, hp: dict[s
     return factor
 
 
+def _tuplify(v: Any) -> Any:
+    """random.Random state back from a checkpoint (lists where tuples were)."""
+    return tuple(_tuplify(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
 def _hp_public(hp: dict[str, Any]) -> dict[str, float]:
     return {k: float(hp[k]) for k in EXPLORED}
 
@@ -436,8 +445,17 @@ class PBTMemberCallback(Callback):
 
     def on_start(self, state: LoopState) -> None:
         state.extra["pbt_member"] = self.member
+        kept = (state.extra.get("resumed_extra") or {}).get("pbt")
+        if kept:  # a resumed member: its hyperparameters, schedule and RNG as at its last checkpoint
+            self.hp, self.schedule, self.last_score = dict(kept["hp"]), list(kept["schedule"]), kept["last_score"]
+            self.rng.setstate(_tuplify(kept["rng"]))
+            state.extra["lr_factor"] = apply_hparams(state.extra["model"], state.extra["optimizer"], self.hp,
+                                                     total_steps=state.total_steps, step=state.step,
+                                                     encoder_lr_ratio=self.ratio,
+                                                     dropout_scope=self.c.pbt.dropout_scope)
+        self._keep(state)
         self.steps_per_epoch = max(1, math.ceil(int(state.extra.get("train_size", 1)) / max(1, state.batch_size)))
-        if self.tracker is not None and state.run_id is not None:
+        if self.tracker is not None and state.run_id is not None and not kept:  # (resumed: logged already)
             if self.dataset_id is not None:
                 self.tracker.update_run(state.run_id, dataset_id=self.dataset_id)
             self.tracker.log_metrics(state.run_id, {**_hp_metrics(self.hp), "hp/batch_size": state.batch_size},
@@ -459,6 +477,13 @@ class PBTMemberCallback(Callback):
             self._exploit_explore(state, donor, score, progress)
         if self.tracker is not None and state.run_id is not None:
             self.tracker.log_metrics(state.run_id, _hp_metrics(self.hp), step=state.step, epoch=state.epoch)
+        self._keep(state)
+
+    def _keep(self, state: LoopState) -> None:
+        """What the member's resume checkpoint must hold besides the loop's own state."""
+        state.extra.setdefault("resume_extra", {})["pbt"] = {
+            "hp": dict(self.hp), "schedule": [dict(e) for e in self.schedule], "last_score": self.last_score,
+            "rng": self.rng.getstate()}
 
     def _exploit_explore(self, state: LoopState, donor: Snapshot, score: float, progress: float) -> None:
         model, optimizer = state.extra["model"], state.extra["optimizer"]
@@ -484,9 +509,53 @@ class PBTMemberCallback(Callback):
     def on_end(self, state: LoopState, status: str) -> None:
         if status != "finished":
             self.c.mark_dead(self.member)
+        elif self.tracker is not None and state.run_id is not None:  # what a resumed PBT reads of a finished member
+            try:
+                summary = self.tracker.get_run(state.run_id).get("summary") or {}
+                summary.update(pbt_hp=_hp_public(self.hp), pbt_schedule=self.schedule, pbt_last_score=self.last_score)
+                self.tracker.update_run(state.run_id, summary=summary)
+            except Exception as exc:  # noqa: BLE001 - informative only
+                log.warning("could not record member %s's schedule: %s", self.member, exc)
 
 
 # --- run_pbt ---------------------------------------------------------------------------------------------------
+
+
+def resumable_pbt(tracker, run_id: int) -> tuple[RunConfig, "PBTConfig"]:
+    """The base config and PBT settings of PBT parent run ``run_id`` when it can be resumed (interrupted, cancelled
+    or failed, with its members recorded); else a DactLabError saying why."""
+    from ..train import RESUMABLE
+
+    run = tracker.get_run(int(run_id))
+    if run["kind"] != "pbt":
+        raise DactLabError(f"run {run_id} is a {run['kind']} run, not a PBT run: resume it with `train --resume`.")
+    if run["status"] not in RESUMABLE:
+        raise DactLabError(f"Cannot resume: PBT run {run_id} is {run['status']}: only an interrupted, cancelled or "
+                           "failed PBT run can be resumed.")
+    conf = run.get("config") or {}
+    if "run" not in conf or "pbt" not in conf:
+        raise DactLabError(f"Cannot resume: PBT run {run_id} has no recorded config (it failed before it started).")
+    if not tracker.list_runs(parent_id=int(run_id)):
+        raise DactLabError(f"Cannot resume: PBT run {run_id} has no members yet; start a new PBT run.")
+    return RunConfig.from_dict(conf["run"]), PBTConfig.from_dict(conf["pbt"])
+
+
+def _finished_member(tracker, run_id: int, cb: "PBTMemberCallback"):
+    """A member that finished before a PBT run was interrupted, as run_pbt's summary needs it (best metrics,
+    history, run folder) — and its callback set to its final hyperparameters and schedule."""
+    import types
+
+    from ..files import read_json
+
+    run = tracker.get_run(run_id)
+    summary = run.get("summary") or {}
+    run_dir = Path(run["run_dir"]) if run.get("run_dir") else None
+    report = read_json(run_dir / "report.json", "report") if run_dir and (run_dir / "report.json").is_file() else {}
+    cb.hp = {**cb.hp, **(summary.get("pbt_hp") or {})}
+    cb.schedule = summary.get("pbt_schedule") or cb.schedule
+    cb.last_score = summary.get("pbt_last_score")
+    return types.SimpleNamespace(status="finished", best_metrics=summary.get("best") or {},
+                                 history=report.get("history") or [], run_dir=run_dir)
 
 
 @dataclass
@@ -548,17 +617,23 @@ def _default_threads() -> int:
 
 def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=None,
             cancel: CancelToken | None = None, callbacks: list[Callback] | None = None,
-            run_id: int | None = None) -> PBTResult:
+            run_id: int | None = None, resume: bool = False) -> PBTResult:
     """Population Based Training of ``cfg`` (see the module docstring). ``run_id``: a pre-created parent run
     (e.g. queued by the dashboard's job manager) to use instead of creating one. Records a parent run (kind ``pbt``) and a
     child run per member (kind ``pbt-member``); returns the winner, its schedule and a summary of every member.
     ``callbacks`` are given to EVERY member's loop (shared across threads: they must be thread-safe;
     ``state.run_id`` / ``state.extra['pbt_member']`` tell the members apart). Raises :class:`Cancelled` (after
     recording the parent 'cancelled') when ``cancel`` is set; a failing member is recorded 'failed' and the others
-    go on; when no member finishes the parent is 'failed' and a :class:`DactLabError` is raised."""
+    go on; when no member finishes the parent is 'failed' and a :class:`DactLabError` is raised.
+
+    ``resume=True`` with ``run_id`` = an interrupted (or cancelled / failed) PBT parent run continues it: the same
+    population (the seed draws the same architecture, hyperparameters and batch sizes), finished members are kept,
+    members with a resume checkpoint continue from it (weights, optimizer, step, their explored hyperparameters,
+    schedule and RNG), the others start again. The population's latest scores are rebuilt as members reach their
+    next ready point."""
     from ..models import build_model
     from ..tracker import Tracker
-    from ..train import load_split, train
+    from ..train import RESUME_FILE, load_split, train
 
     pbt = (pbt or PBTConfig()).validate()
     cfg.validate()
@@ -583,6 +658,15 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
     ratio = cfg.train.encoder_lr / cfg.train.head_lr
 
     parent_config = {"run": cfg.to_dict(), "pbt": pbt.to_dict()}
+    previous: list[dict] = []
+    if resume:
+        if run_id is None:
+            raise DactLabError("resume=True needs run_id: the PBT parent run to continue.")
+        previous = sorted(tracker.list_runs(parent_id=run_id), key=lambda r: r["id"])
+        if len(previous) != n:
+            raise DactLabError(f"PBT run {run_id} has {len(previous)} members, this config {n}: resume it with the "
+                               "settings it was started with (python -m dact_lib pbt --resume RUN).")
+        tracker.log_event(run_id, "resumed", {"members": {r["id"]: r["status"] for r in previous}})
     if run_id is None:
         parent_id = tracker.create_run("pbt", parent_config, name=cfg.name or "pbt", tag=cfg.tag,
                                        dataset_id=dataset_id, status="running")
@@ -596,8 +680,14 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
         cfgs = [member_config(cfg, pbt, i, members_hp[i], batch_sizes[i], architecture, train_size=train_size)
                 for i in range(n)]
         for i, mc in enumerate(cfgs):
+            if previous:
+                member_ids[i] = previous[i]["id"]
+                continue
             member_ids[i] = tracker.create_run("pbt-member", mc.to_dict(), name=mc.name, tag=cfg.tag,
                                                parent_id=parent_id, dataset_id=dataset_id, status="queued")
+        kept = {i for i in range(n) if previous and previous[i]["status"] == "finished"}
+        resumable = {i for i in range(n) if previous and i not in kept
+                     and (Path(previous[i]["run_dir"] or tracker.run_dir(member_ids[i])) / RESUME_FILE).is_file()}
         total_threads = pbt.num_threads or cfg.train.num_threads or _default_threads()
         per_member = max(1, total_threads // n)
         threads_info = {"total_threads": total_threads, "torch_threads": per_member, "population": n,
@@ -611,7 +701,8 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
                          **_hp_public(members_hp[i]), "eval_every_steps": cfgs[i].train.eval_every_steps}
                         for i in range(n)]})
         # models are built here, one after the other: deterministic initialisation, no concurrent extraction
-        built = [build_model(mc, split.train.label_maps, home) for mc in cfgs]
+        built = [build_model(mc, split.train.label_maps, home) if i not in kept else (None, None)
+                 for i, mc in enumerate(cfgs)]
     except BaseException as exc:
         for rid in member_ids.values():
             tracker.set_status(rid, "failed", f"PBT setup failed: {type(exc).__name__}: {exc}")
@@ -620,6 +711,10 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
         raise
 
     controller = PBTController(pbt, member_ids, tracker=tracker, parent_id=parent_id)
+    if previous:  # exploits so far, from the lineage on the parent run
+        for e in tracker.get_events(parent_id, kinds=["pbt_exploit"]):
+            r = e["payload"].get("recipient")
+            controller.exploits[r] = controller.exploits.get(r, 0) + 1
     member_cbs = [PBTMemberCallback(controller, i, members_hp[i], space=pbt.space, encoder_lr_ratio=ratio,
                                     rng=random.Random(seed * 1000 + 1 + i), dataset_id=dataset_id)
                   for i in range(n)]
@@ -627,11 +722,15 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
 
     def work(i: int) -> None:
         model, tokenizer = built[i]
-        cfgs[i].train.resume_checkpoints = False  # a member's state lives in the population: PBT restarts whole
+        if i in kept:  # finished before the interruption: its record stands
+            outcomes[i].update(status="finished", result=_finished_member(tracker, member_ids[i], member_cbs[i]))
+            return
+        if previous and i not in resumable:
+            tracker.delete_metrics_after(member_ids[i], -1)  # starts again: its old curve goes
         try:
             res = train(cfgs[i], data=split, home=home, tracker=tracker, run_id=member_ids[i],
                         callbacks=[member_cbs[i], *(callbacks or [])], cancel=cancel, model=model,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, resume=i in resumable)
             outcomes[i].update(status=res.status, result=res)
         except Cancelled as exc:
             outcomes[i].update(status="cancelled", error=str(exc))
