@@ -10,23 +10,13 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from typing import Callable
 
+from .cli_args import common_args as _common, config_and_options, config_from_args, data_args as _data_args, term  # noqa: F401 - re-exported
 from .errors import DactLabError
 
 COMMANDS: dict[str, Callable] = {}
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def term(text: object, keep_newlines: bool = False) -> str:
-    """User text (labels, names, tags, sentences) for the terminal: control characters (escape sequences that
-    could move the cursor, retitle the window or hide output) shown as U+FFFD; tabs and newlines as spaces."""
-    out = _CONTROL.sub("\ufffd", str(text)).replace("\t", " ")
-    return out if keep_newlines else out.replace("\n", " ")
-
 
 def command(name: str):
     def deco(fn):
@@ -34,26 +24,6 @@ def command(name: str):
         return fn
 
     return deco
-
-
-def _common(p: argparse.ArgumentParser, device: bool = True, tag: bool = True) -> None:
-    """--home and --verbosity everywhere; --device only where a model runs, --tag only where a run is created."""
-    p.add_argument("--home", default=None, help="DACT Lab home (experiments.db, runs/); default $DACT_LAB_HOME or the project root")
-    p.add_argument("--verbosity", type=int, choices=(0, 1, 2), default=1,
-                   help="0: warnings only, 1: progress, 2: debug detail")
-    if device:
-        # default None: a --config file's train.device stays unless the flag is given
-        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                       help="where the model runs (default: the config's train.device, else auto)")
-    if tag:
-        p.add_argument("--tag", default=None, help="a label stored with the run")
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="CSV file (default: the bundled demo dataset)")
-    p.add_argument("--max-rows", type=int, default=None, help="use a stratified sample of this many rows")
-    p.add_argument("--encoder", default=None, help="HF model name or local path (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--config", default=None, help="a RunConfig as JSON or YAML; flags override it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,12 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _common(p, device=False, tag=False)
 
-    try:
-        from .tuning import cli as tuning_cli
+    from .tuning import cli as tuning_cli
 
-        tuning_cli.add_commands(sub, _common, _data_args, command)
-    except ImportError:  # the tuning engines are optional at import time
-        pass
+    tuning_cli.add_commands(sub, _common, _data_args, command)
     return parser
 
 
@@ -130,71 +97,6 @@ def _setup(args) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.home:
         os.environ["DACT_LAB_HOME"] = str(args.home)
-
-
-def config_and_options(args, kind_default: str = "backbone"):
-    """``(RunConfig, engine options)`` from --config (a RunConfig file, or a dashboard download
-    ``{"config": ..., "options": ...}``) with the command-line flags applied on top of the config; the engine
-    commands apply their own flags on top of the options."""
-    from .config import RunConfig, default_config, load_mapping, split_config_document
-
-    kind = getattr(args, "kind", None)
-    options: dict = {}
-    if args.config:
-        raw, options = split_config_document(load_mapping(args.config), str(args.config))
-        raw = dict(raw)
-        if kind:
-            raw["kind"] = kind
-        cfg = RunConfig.from_dict(raw)
-    else:
-        cfg = default_config(kind or kind_default)
-    if args.data:
-        cfg.data.path = args.data
-    if args.max_rows:
-        cfg.data.max_rows = args.max_rows
-    if args.encoder:
-        cfg.encoder = args.encoder
-    for flag, target in (("epochs", "epochs"), ("batch_size", "batch_size"), ("precision", "precision"),
-                         ("max_steps", "max_steps"), ("time_limit_min", "time_limit_min")):
-        v = getattr(args, flag, None)
-        if v is not None:
-            setattr(cfg.train, target, v)
-    if getattr(args, "ponder_lambda", None) is not None:
-        if cfg.kind != "dact":
-            raise DactLabError("--ponder-lambda only applies to --kind dact.")
-        cfg.model.ponder_lambda = args.ponder_lambda
-    if getattr(args, "layer_loss_weight", None) is not None:
-        if cfg.kind != "dact":
-            raise DactLabError("--layer-loss-weight only applies to --kind dact.")
-        cfg.model.layer_loss_weight = args.layer_loss_weight
-    for flag, field in (("distill_weight", "distill_weight"), ("halting_input", "halting_input"),
-                        ("halting_tolerance", "halting_tolerance")):
-        if getattr(args, flag, None) is not None:
-            if cfg.kind != "dact":
-                raise DactLabError(f"--{flag.replace('_', '-')} only applies to --kind dact.")
-            setattr(cfg.model, field, getattr(args, flag))
-    if getattr(args, "no_fit_halting", False):
-        if cfg.kind != "dact":
-            raise DactLabError("--no-fit-halting only applies to --kind dact.")
-        cfg.model.fit_halting = False
-    if getattr(args, "init_from_run", None):
-        cfg.init_from_run = args.init_from_run
-    if getattr(args, "device", None):  # only when given: a config file's device is kept otherwise
-        cfg.train.device = args.device
-    if getattr(args, "tag", None):
-        cfg.tag = args.tag
-    return cfg.validate(), options
-
-
-def config_from_args(args, kind_default: str = "backbone"):
-    """A RunConfig from --config (if given) with the command-line flags applied on top. A file with engine
-    options (a Backbone-tuning, Pipeline or PBT download) is refused with the command that runs it."""
-    cfg, options = config_and_options(args, kind_default)
-    if options:
-        raise DactLabError(f"{args.config} holds engine options ({', '.join(sorted(options))}) as downloaded from "
-                           "an engine page: run it with the engine's command, e.g. `tune-backbone --config FILE`, "
-                           "`dact-pipeline --config FILE` or `pbt --config FILE`.")
-    return cfg
 
 
 @command("train")

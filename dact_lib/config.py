@@ -29,28 +29,28 @@ PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has nativ
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+def check(cond: bool, name: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{name} = {value!r} is invalid: {allowed}.")
 
 
-def _check_frac(name: str, value: float, lo: float = 0.0, hi: float = 1.0, *, lo_open=False, hi_open=True) -> None:
+def check_frac(name: str, value: float, lo: float = 0.0, hi: float = 1.0, *, lo_open=False, hi_open=True) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     lo_b = "(" if lo_open else "["
     hi_b = ")" if hi_open else "]"
-    _check(ok, name, value, f"expected a number in {lo_b}{lo}, {hi}{hi_b}")
+    check(ok, name, value, f"expected a number in {lo_b}{lo}, {hi}{hi_b}")
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
-    _check(ok, name, value, f"expected an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+    check(ok, name, value, f"expected an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
 
 
-def _check_pos(name: str, value: Any, *, allow_zero=False) -> None:
+def check_pos(name: str, value: Any, *, allow_zero=False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
-    _check(ok, name, value, "expected a " + ("non-negative" if allow_zero else "positive") + " number")
+    check(ok, name, value, "expected a " + ("non-negative" if allow_zero else "positive") + " number")
 
 
 #: bounds on a head's shape: wider than the widest encoders' hidden size (8192) only wastes memory
@@ -101,15 +101,15 @@ class MLPConfig:
         return half
 
     def validate(self, name: str = "mlp") -> None:
-        _check(self.layout in LAYOUTS, f"{name}.layout", self.layout, f"choose one of {LAYOUTS}")
-        _check(isinstance(self.hidden_dims, list) and len(self.hidden_dims) <= MAX_HEAD_LAYERS and all(
+        check(self.layout in LAYOUTS, f"{name}.layout", self.layout, f"choose one of {LAYOUTS}")
+        check(isinstance(self.hidden_dims, list) and len(self.hidden_dims) <= MAX_HEAD_LAYERS and all(
             isinstance(x, int) and not isinstance(x, bool) and 0 < x <= MAX_HEAD_WIDTH for x in self.hidden_dims),
             f"{name}.hidden_dims", self.hidden_dims, f"expected at most {MAX_HEAD_LAYERS} integers in "
             f"[1, {MAX_HEAD_WIDTH}], e.g. [256, 64]")
-        _check_int(f"{name}.depth", self.depth, 0, 8)
-        _check_int(f"{name}.width", self.width, 1, MAX_HEAD_WIDTH)
-        _check(self.activation in ACTIVATIONS, f"{name}.activation", self.activation, f"choose one of {ACTIVATIONS}")
-        _check_frac(f"{name}.dropout", self.dropout, 0.0, 1.0)
+        check_int(f"{name}.depth", self.depth, 0, 8)
+        check_int(f"{name}.width", self.width, 1, MAX_HEAD_WIDTH)
+        check(self.activation in ACTIVATIONS, f"{name}.activation", self.activation, f"choose one of {ACTIVATIONS}")
+        check_frac(f"{name}.dropout", self.dropout, 0.0, 1.0)
 
 
 @dataclass
@@ -131,17 +131,17 @@ class DataConfig:
 
     def validate(self, name: str = "data") -> None:
         if self.max_rows is not None:
-            _check_int(f"{name}.max_rows", self.max_rows, 10)
-        _check_frac(f"{name}.val_frac", self.val_frac, 0.0, 0.9)
-        _check_frac(f"{name}.test_frac", self.test_frac, 0.0, 0.9)
-        _check(self.val_frac + self.test_frac < 0.95, f"{name}.val_frac + test_frac",
+            check_int(f"{name}.max_rows", self.max_rows, 10)
+        check_frac(f"{name}.val_frac", self.val_frac, 0.0, 0.9)
+        check_frac(f"{name}.test_frac", self.test_frac, 0.0, 0.9)
+        check(self.val_frac + self.test_frac < 0.95, f"{name}.val_frac + test_frac",
                self.val_frac + self.test_frac, "the held-out fractions must leave data to train on (sum < 0.95)")
-        _check(self.val_frac > 0 or self.val_path is not None, f"{name}.val_frac", self.val_frac,
+        check(self.val_frac > 0 or self.val_path is not None, f"{name}.val_frac", self.val_frac,
                "a validation set is needed: use val_frac > 0 or give val_path")
-        _check_int(f"{name}.split_seed", self.split_seed, 0)
-        _check_int(f"{name}.max_seq_len", self.max_seq_len, 8, 4096)
+        check_int(f"{name}.split_seed", self.split_seed, 0)
+        check_int(f"{name}.max_seq_len", self.max_seq_len, 8, 4096)
         if self.columns is not None:
-            _check(isinstance(self.columns, dict) and all(isinstance(k, str) and isinstance(v, str)
+            check(isinstance(self.columns, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                           for k, v in self.columns.items()),
                    f"{name}.columns", self.columns, "expected a mapping like {'text': 'review', 'label': 'stars'}")
 
@@ -154,7 +154,7 @@ class BackboneModelConfig:
     head: MLPConfig = field(default_factory=MLPConfig)
 
     def validate(self, name: str = "model") -> None:
-        _check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
+        check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
         self.head.validate(f"{name}.head")
 
 
@@ -210,35 +210,35 @@ class DactModelConfig:
     halting_thresholds: bool = True
 
     def validate(self, name: str = "model") -> None:
-        _check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
+        check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
         self.classifier.validate(f"{name}.classifier")
         self.halting.validate(f"{name}.halting")
-        _check(isinstance(self.share_weights, bool), f"{name}.share_weights", self.share_weights, "expected true/false")
-        _check_pos(f"{name}.ponder_lambda", self.ponder_lambda, allow_zero=True)
-        _check_pos(f"{name}.layer_loss_weight", self.layer_loss_weight, allow_zero=True)
-        _check_pos(f"{name}.distill_weight", self.distill_weight, allow_zero=True)
-        _check_pos(f"{name}.distill_temperature", self.distill_temperature)
-        _check(self.depth_weighting in DEPTH_WEIGHTINGS, f"{name}.depth_weighting", self.depth_weighting,
+        check(isinstance(self.share_weights, bool), f"{name}.share_weights", self.share_weights, "expected true/false")
+        check_pos(f"{name}.ponder_lambda", self.ponder_lambda, allow_zero=True)
+        check_pos(f"{name}.layer_loss_weight", self.layer_loss_weight, allow_zero=True)
+        check_pos(f"{name}.distill_weight", self.distill_weight, allow_zero=True)
+        check_pos(f"{name}.distill_temperature", self.distill_temperature)
+        check(self.depth_weighting in DEPTH_WEIGHTINGS, f"{name}.depth_weighting", self.depth_weighting,
                f"choose one of {DEPTH_WEIGHTINGS}")
-        _check(self.halting_input in HALTING_INPUTS, f"{name}.halting_input", self.halting_input,
+        check(self.halting_input in HALTING_INPUTS, f"{name}.halting_input", self.halting_input,
                f"choose one of {HALTING_INPUTS}")
-        _check(isinstance(self.shared_trunk, bool), f"{name}.shared_trunk", self.shared_trunk, "expected true/false")
-        _check(not (self.shared_trunk and not self.classifier.resolved_dims()), f"{name}.shared_trunk",
+        check(isinstance(self.shared_trunk, bool), f"{name}.shared_trunk", self.shared_trunk, "expected true/false")
+        check(not (self.shared_trunk and not self.classifier.resolved_dims()), f"{name}.shared_trunk",
                self.shared_trunk, "a shared trunk needs a classifier with at least one hidden layer "
                "(classifier.hidden_dims non-empty)")
         ok = isinstance(self.halting_bias_init, (int, float)) and not isinstance(self.halting_bias_init, bool) \
             and math.isfinite(self.halting_bias_init) and abs(self.halting_bias_init) <= 20
-        _check(ok, f"{name}.halting_bias_init", self.halting_bias_init, "expected a number in [-20, 20]")
-        _check(isinstance(self.fit_halting, bool), f"{name}.fit_halting", self.fit_halting, "expected true/false")
-        _check(isinstance(self.halting_lambdas, list) and len(self.halting_lambdas) > 0 and all(
+        check(ok, f"{name}.halting_bias_init", self.halting_bias_init, "expected a number in [-20, 20]")
+        check(isinstance(self.fit_halting, bool), f"{name}.fit_halting", self.fit_halting, "expected true/false")
+        check(isinstance(self.halting_lambdas, list) and len(self.halting_lambdas) > 0 and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
             for x in self.halting_lambdas), f"{name}.halting_lambdas", self.halting_lambdas,
             "expected a non-empty list of numbers >= 0, e.g. [0, 0.1, 0.5, 1, 2]")
-        _check_pos(f"{name}.halting_tolerance", self.halting_tolerance, allow_zero=True)
-        _check_int(f"{name}.halting_epochs", self.halting_epochs, 1, 10000)
-        _check(isinstance(self.halting_calibration, bool), f"{name}.halting_calibration", self.halting_calibration,
+        check_pos(f"{name}.halting_tolerance", self.halting_tolerance, allow_zero=True)
+        check_int(f"{name}.halting_epochs", self.halting_epochs, 1, 10000)
+        check(isinstance(self.halting_calibration, bool), f"{name}.halting_calibration", self.halting_calibration,
                "expected true/false")
-        _check(isinstance(self.halting_thresholds, bool), f"{name}.halting_thresholds", self.halting_thresholds,
+        check(isinstance(self.halting_thresholds, bool), f"{name}.halting_thresholds", self.halting_thresholds,
                "expected true/false")
 
 
@@ -252,10 +252,10 @@ class MultiTaskModelConfig:
     task_weights: dict[str, float] | None = None  # None = 1.0 for every task
 
     def validate(self, name: str = "model") -> None:
-        _check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
+        check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
         self.head.validate(f"{name}.head")
         if self.task_weights is not None:
-            _check(isinstance(self.task_weights, dict) and all(
+            check(isinstance(self.task_weights, dict) and all(
                 isinstance(v, (int, float)) and v >= 0 for v in self.task_weights.values()),
                 f"{name}.task_weights", self.task_weights, "expected {task: non-negative weight}")
 
@@ -277,12 +277,12 @@ class EarlyStoppingConfig:
     min_epochs: int = 1
 
     def validate(self, name: str = "train.early_stopping") -> None:
-        _check_int(f"{name}.patience", self.patience, 1)
-        _check_pos(f"{name}.min_delta", self.min_delta, allow_zero=True)
-        _check_pos(f"{name}.regression", self.regression)
-        _check_int(f"{name}.trend_window", self.trend_window, 2)
-        _check_int(f"{name}.smoothing", self.smoothing, 1)
-        _check_int(f"{name}.min_epochs", self.min_epochs, 0)
+        check_int(f"{name}.patience", self.patience, 1)
+        check_pos(f"{name}.min_delta", self.min_delta, allow_zero=True)
+        check_pos(f"{name}.regression", self.regression)
+        check_int(f"{name}.trend_window", self.trend_window, 2)
+        check_int(f"{name}.smoothing", self.smoothing, 1)
+        check_int(f"{name}.min_epochs", self.min_epochs, 0)
 
 
 @dataclass
@@ -323,34 +323,34 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def validate(self, name: str = "train") -> None:
-        _check_int(f"{name}.epochs", self.epochs, 1, 1000)
-        _check_int(f"{name}.batch_size", self.batch_size, 1, 4096)
-        _check_pos(f"{name}.encoder_lr", self.encoder_lr, allow_zero=True)
-        _check_pos(f"{name}.head_lr", self.head_lr)
-        _check(self.encoder_lr < 1 and self.head_lr < 1, f"{name}.lr", (self.encoder_lr, self.head_lr),
+        check_int(f"{name}.epochs", self.epochs, 1, 1000)
+        check_int(f"{name}.batch_size", self.batch_size, 1, 4096)
+        check_pos(f"{name}.encoder_lr", self.encoder_lr, allow_zero=True)
+        check_pos(f"{name}.head_lr", self.head_lr)
+        check(self.encoder_lr < 1 and self.head_lr < 1, f"{name}.lr", (self.encoder_lr, self.head_lr),
                "learning rates must be below 1")
-        _check_pos(f"{name}.weight_decay", self.weight_decay, allow_zero=True)
-        _check_frac(f"{name}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _check_pos(f"{name}.max_grad_norm", self.max_grad_norm, allow_zero=True)
-        _check_int(f"{name}.freeze_layers", self.freeze_layers, 0)
-        _check(self.precision in PRECISIONS, f"{name}.precision", self.precision, f"choose one of {PRECISIONS}")
+        check_pos(f"{name}.weight_decay", self.weight_decay, allow_zero=True)
+        check_frac(f"{name}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_pos(f"{name}.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        check_int(f"{name}.freeze_layers", self.freeze_layers, 0)
+        check(self.precision in PRECISIONS, f"{name}.precision", self.precision, f"choose one of {PRECISIONS}")
         if self.encoder_dropout is not None:
-            _check_frac(f"{name}.encoder_dropout", self.encoder_dropout, 0.0, 1.0)
+            check_frac(f"{name}.encoder_dropout", self.encoder_dropout, 0.0, 1.0)
         if self.pad_to is not None:
-            _check_int(f"{name}.pad_to", self.pad_to, 8, 4096)
+            check_int(f"{name}.pad_to", self.pad_to, 8, 4096)
         if self.max_steps is not None:
-            _check_int(f"{name}.max_steps", self.max_steps, 1)
+            check_int(f"{name}.max_steps", self.max_steps, 1)
         if self.time_limit_min is not None:
-            _check_pos(f"{name}.time_limit_min", self.time_limit_min)
+            check_pos(f"{name}.time_limit_min", self.time_limit_min)
         if self.eval_every_steps is not None:
-            _check_int(f"{name}.eval_every_steps", self.eval_every_steps, 1)
-        _check_int(f"{name}.log_every_steps", self.log_every_steps, 1)
-        _check_int(f"{name}.seed", self.seed, 0)
-        _check(self.device in DEVICES, f"{name}.device", self.device, f"choose one of {DEVICES}")
+            check_int(f"{name}.eval_every_steps", self.eval_every_steps, 1)
+        check_int(f"{name}.log_every_steps", self.log_every_steps, 1)
+        check_int(f"{name}.seed", self.seed, 0)
+        check(self.device in DEVICES, f"{name}.device", self.device, f"choose one of {DEVICES}")
         if self.num_threads is not None:
-            _check_int(f"{name}.num_threads", self.num_threads, 1, 512)
-        _check_int(f"{name}.min_batch_size", self.min_batch_size, 1)
-        _check_int(f"{name}.max_batch_size", self.max_batch_size, self.min_batch_size)
+            check_int(f"{name}.num_threads", self.num_threads, 1, 512)
+        check_int(f"{name}.min_batch_size", self.min_batch_size, 1)
+        check_int(f"{name}.max_batch_size", self.max_batch_size, self.min_batch_size)
         self.early_stopping.validate(f"{name}.early_stopping")
 
 
@@ -390,11 +390,11 @@ class RunConfig:
             if isinstance(v, str) and v.strip().isdigit():  # "3" from a flag or a form: the id 3
                 setattr(holder, id_field, int(v))
         check_types(self)
-        _check(self.kind in KINDS, "kind", self.kind, f"choose one of {KINDS}")
-        _check(isinstance(self.encoder, str) and self.encoder.strip() != "", "encoder", self.encoder,
+        check(self.kind in KINDS, "kind", self.kind, f"choose one of {KINDS}")
+        check(isinstance(self.encoder, str) and self.encoder.strip() != "", "encoder", self.encoder,
                f"give a Hugging Face model name, a local directory, '{DEFAULT_ENCODER}' or '{TINY_ENCODER}'")
         expected = MODEL_CONFIGS[self.kind]
-        _check(isinstance(self.model, expected), "model", type(self.model).__name__,
+        check(isinstance(self.model, expected), "model", type(self.model).__name__,
                f"kind {self.kind!r} needs a {expected.__name__}")
         self.data.validate()
         self.model.validate()
@@ -440,7 +440,7 @@ class RunConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"A run config must be a mapping, got {type(data).__name__}: write it as a JSON object.")
         kind = data.get("kind", "backbone")
-        _check(kind in KINDS, "kind", kind, f"choose one of {KINDS}")
+        check(kind in KINDS, "kind", kind, f"choose one of {KINDS}")
         data = dict(data)
         defaults = KIND_TRAIN_DEFAULTS.get(kind)
         if defaults:
@@ -685,7 +685,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
 
 def default_config(kind: str = "backbone", **overrides: Any) -> RunConfig:
     """A validated default config for ``kind``; ``overrides`` set top-level fields (e.g. ``encoder='tiny'``)."""
-    _check(kind in KINDS, "kind", kind, f"choose one of {KINDS}")
+    check(kind in KINDS, "kind", kind, f"choose one of {KINDS}")
     cfg = RunConfig.from_dict({"kind": kind})
     for key, value in overrides.items():
         if not hasattr(cfg, key):

@@ -93,7 +93,7 @@ def _pid_of_tmp(name: str) -> int | None:
 def clean_stale_temp(folder: str | Path) -> list[Path]:
     """Remove temporary files (``.<name>.<pid>.tmp``, and the older ``<name>.tmp``) that no live process of this
     host is writing, in ``folder`` and its subfolders. Returns the removed paths."""
-    from .tracker import _pid_alive
+    from .tracker import pid_alive
 
     folder = Path(folder)
     removed = []
@@ -103,7 +103,7 @@ def clean_stale_temp(folder: str | Path) -> list[Path]:
         if not p.is_file():
             continue
         pid = _pid_of_tmp(p.name) if p.name.startswith(".") else None
-        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+        if pid is not None and pid != os.getpid() and pid_alive(pid):
             continue
         if pid == os.getpid():
             continue

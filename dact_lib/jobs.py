@@ -81,17 +81,11 @@ class Job:
                 "engine_run_id": self.engine_run_id}
 
 
-def _import_engine(module: str, func: str) -> Callable | None:
-    """The engine function, or None when its module is not there (yet)."""
+def _import_engine(module: str, func: str) -> Callable:
+    """The engine function (imported when a job needs it: the app starts without loading every engine)."""
     import importlib
 
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
-            return None
-        raise
-    return getattr(mod, func, None)
+    return getattr(importlib.import_module(module), func)
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -255,7 +249,7 @@ class JobManager:
         try:
             while frontier:
                 marks = ", ".join("?" for _ in frontier)
-                rows = self.tracker._rows(f"SELECT id FROM runs WHERE parent_id IN ({marks})",
+                rows = self.tracker.query(f"SELECT id FROM runs WHERE parent_id IN ({marks})",
                                           [int(i) for i in frontier])
                 new = {int(r["id"]) for r in rows} - live - extra
                 extra |= new
@@ -303,10 +297,7 @@ class JobManager:
 
     def _engine(self, kind: str) -> Callable:
         module, func, _ = _ENGINES[kind]
-        fn = _import_engine(module, func)
-        if fn is None:
-            raise ConfigError(f"the {kind!r} engine ({module}.{func}) is not available in this installation.")
-        return fn
+        return _import_engine(module, func)
 
     def check(self, kind: str, config: RunConfig | dict, options: dict | None = None) -> tuple[RunConfig, dict]:
         """Every check :meth:`submit` makes, without creating anything: the validated config and, for engine
@@ -320,9 +311,8 @@ class JobManager:
         elif options:
             raise ConfigError(f"kind {kind!r} takes no options, got {sorted(options)}.")
         if kind == "multitask":
-            check = _import_engine(*_MULTITASK_CHECK)
-            if check is not None:  # a one-task dataset is refused now, with the multi-task engine's message
-                check(cfg, self.tracker)
+            # a one-task dataset is refused now, with the multi-task engine's message
+            _import_engine(*_MULTITASK_CHECK)(cfg, self.tracker)
         return cfg, kwargs
 
     def submit(self, kind: str, config: RunConfig | dict, *, options: dict | None = None,

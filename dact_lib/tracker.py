@@ -193,7 +193,7 @@ def _encode_field(value: Any) -> Any:
     return value
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True when a process with this pid exists on this host and is not a zombie."""
     if pid is None or pid <= 0:
         return False
@@ -216,7 +216,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _hostname() -> str:
+def hostname() -> str:
     return socket.gethostname()
 
 
@@ -310,7 +310,7 @@ class Tracker:
                     conn.execute("ROLLBACK")
                 raise
 
-    def _rows(self, sql: str, params: Iterable | dict = ()) -> list[dict]:
+    def query(self, sql: str, params: Iterable | dict = ()) -> list[dict]:
         cur = self.db.conn.execute(sql, params)
         keys = [d[0] for d in cur.description]
         return [dict(zip(keys, r)) for r in cur.fetchall()]
@@ -366,7 +366,7 @@ class Tracker:
 
         csv_bytes = bytes(ds.to_csv_bytes())
         content_hash = hashlib.sha256(csv_bytes).hexdigest()
-        existing = self._rows("SELECT id FROM datasets WHERE content_hash = ?", (content_hash,))
+        existing = self.query("SELECT id FROM datasets WHERE content_hash = ?", (content_hash,))
         if existing:
             return int(existing[0]["id"])
         tasks = getattr(ds, "tasks", None)
@@ -408,11 +408,11 @@ class Tracker:
     def list_datasets(self) -> list[dict]:
         """All datasets, newest first, without the CSV blob."""
         cols = ", ".join(_q(c) for c in _DATASET_COLS)
-        return [self._decode_dataset(r) for r in self._rows(f"SELECT {cols} FROM datasets ORDER BY id DESC")]
+        return [self._decode_dataset(r) for r in self.query(f"SELECT {cols} FROM datasets ORDER BY id DESC")]
 
     def get_dataset(self, dataset_id: int) -> dict:
         cols = ", ".join(_q(c) for c in _DATASET_COLS)
-        rows = self._rows(f"SELECT {cols} FROM datasets WHERE id = ?", (int(dataset_id),))
+        rows = self.query(f"SELECT {cols} FROM datasets WHERE id = ?", (int(dataset_id),))
         if not rows:
             raise DactLabError(
                 f"dataset {dataset_id} is not in {self.db_path}; list the stored ones with list_datasets()."
@@ -421,7 +421,7 @@ class Tracker:
 
     def get_dataset_csv(self, dataset_id: int) -> bytes:
         """The stored canonical CSV bytes of a dataset."""
-        rows = self._rows("SELECT csv FROM datasets WHERE id = ?", (int(dataset_id),))
+        rows = self.query("SELECT csv FROM datasets WHERE id = ?", (int(dataset_id),))
         if not rows:
             raise DactLabError(
                 f"dataset {dataset_id} is not in {self.db_path}; list the stored ones with list_datasets()."
@@ -486,7 +486,7 @@ class Tracker:
             "started": now if status == "running" else None,
             "ended": now if status in TERMINAL_STATUSES else None,
             "pid": os.getpid(),
-            "host": _hostname(),
+            "host": hostname(),
         }
         cols = list(row)
         with self._write() as conn:
@@ -588,7 +588,7 @@ class Tracker:
         return self.home.joinpath(*p.parts[i:]) if i < len(p.parts) - 1 else p
 
     def get_run(self, run_id: int) -> dict:
-        rows = self._rows("SELECT * FROM runs WHERE id = ?", (int(run_id),))
+        rows = self.query("SELECT * FROM runs WHERE id = ?", (int(run_id),))
         if not rows:
             raise self._missing_run(run_id)
         return self._decode_run(rows[0])
@@ -627,7 +627,7 @@ class Tracker:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))
-        return [self._decode_run(r) for r in self._rows(sql, params)]
+        return [self._decode_run(r) for r in self.query(sql, params)]
 
     def run_dir(self, run_id: int) -> Path:
         """``<home>/runs/<id>/`` (created)."""
@@ -676,9 +676,9 @@ class Tracker:
         process's runs created less than that many seconds ago (the window between ``create_run`` and
         registering the id in ``live_run_ids``); ``other_processes_only`` leaves this process's runs alone (what
         every Tracker() does when it opens the database). Returns the ids marked."""
-        host, me, now = _hostname(), os.getpid(), _time.time()
+        host, me, now = hostname(), os.getpid(), _time.time()
         live = set(live_run_ids)
-        rows = self._rows(
+        rows = self.query(
             "SELECT id, pid, status, created FROM runs WHERE status IN ('queued', 'running') AND host = ? "
             "AND pid IS NOT NULL ORDER BY id",
             (host,),
@@ -690,7 +690,7 @@ class Tracker:
                 if other_processes_only or r["id"] in live or now - (r["created"] or 0) < grace_s:
                     continue
                 dead.append((r["id"], f"this process ({pid}) no longer runs it (the job was lost)"))
-            elif not _pid_alive(pid):
+            elif not pid_alive(pid):
                 dead.append((r["id"], f"its process {pid} on {host} is gone"))
         marked: list[int] = []
         if not dead:
@@ -845,7 +845,7 @@ class Tracker:
         if kinds is not None:
             sql += f" AND kind IN ({', '.join('?' for _ in kinds)})" if kinds else " AND 0"
             params += list(kinds)
-        rows = self._rows(sql + " ORDER BY id", params)
+        rows = self.query(sql + " ORDER BY id", params)
         for r in rows:
             r["payload"] = _loads(r["payload"], {})
         return rows
@@ -858,7 +858,7 @@ class Tracker:
             )
 
     def get_artifacts(self, run_id: int) -> list[dict]:
-        rows = self._rows("SELECT * FROM artifacts WHERE run_id = ? ORDER BY id", (int(run_id),))
+        rows = self.query("SELECT * FROM artifacts WHERE run_id = ? ORDER BY id", (int(run_id),))
         for r in rows:
             r["path"] = str(self.abs_path(r["path"], run_id))
         return rows
@@ -924,7 +924,7 @@ class TrackerCallback(Callback):
     def on_start(self, state: LoopState) -> None:
         self._last_flush = _time.monotonic()
         self._safe(
-            "marking the start", self.tracker.set_status, self.run_id, "running", pid=os.getpid(), host=_hostname()
+            "marking the start", self.tracker.set_status, self.run_id, "running", pid=os.getpid(), host=hostname()
         )
 
     def on_step(self, state: LoopState, logs: dict[str, float]) -> None:

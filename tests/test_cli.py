@@ -312,9 +312,9 @@ def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
     tr = Tracker(home)
     parent = tr.get_run(final)["parent_id"]
     chosen = tr.get_run(parent)["summary"]["chosen"]["trial"]
-    from dact_lib.tuning.dact_pipeline import pareto_points, _load_stage3
+    from dact_lib.tuning.dact_pipeline import pareto_points, load_stage3
 
-    front = [p["trial"] for p in pareto_points(_load_stage3(parent, tracker=tr)[0])]
+    front = [p["trial"] for p in pareto_points(load_stage3(parent, tracker=tr)[0])]
     other = next((t for t in front if t != chosen), None)
     if other is not None:
         code, out, err = run_cli(capsys, "dact-pipeline", "--home", home, "--name", "cli-pipe", "--choose", other)

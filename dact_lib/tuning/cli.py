@@ -113,7 +113,7 @@ def _trial_printer(args) -> Callable[[dict], None]:
 
 
 def _base_config(args, kind: str):
-    from ..cli import config_from_args
+    from ..cli_args import config_from_args
 
     args.kind = kind
     return config_from_args(args, kind)
@@ -124,7 +124,7 @@ def _engine_call(args, fn: Callable, kind: str | None,
     """``(RunConfig, keyword arguments of engine fn)``: --config may be a dashboard download with engine options;
     they become ``fn``'s arguments exactly as the job manager builds them (settings objects validated). The
     handler then applies the flags that were given on top."""
-    from ..cli import config_and_options
+    from ..cli_args import config_and_options
     from ..jobs import engine_kwargs
 
     if kind is not None:
@@ -166,15 +166,10 @@ class MemberPrinter(Callback):
 
 
 def _engine(module: str):
+    """The engine module (imported here, not at the top: ``--help`` stays fast)."""
     import importlib
 
-    try:
-        return importlib.import_module(f"dact_lib.tuning.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"dact_lib.tuning.{module}":
-            raise
-        raise DactLabError(f"The engine dact_lib/tuning/{module}.py is not installed in this copy of DACT Lab: "
-                           "update it (git pull).") from None
+    return importlib.import_module(f"dact_lib.tuning.{module}")
 
 
 def _print_ids(parent: Any, run: Any) -> None:

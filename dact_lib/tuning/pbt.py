@@ -82,7 +82,7 @@ import torch
 from torch import nn
 
 from ..callbacks import Callback, CancelToken, LoopState
-from ..config import ACTIVATIONS, RunConfig, _check, _check_frac, _check_int, from_dict
+from ..config import ACTIVATIONS, RunConfig, check, check_frac, check_int, from_dict
 from ..errors import Cancelled, ConfigError, DactLabError
 from ..heads import set_dropout
 
@@ -107,7 +107,7 @@ def _check_range(name: str, value: Any, lo: float, hi: float, *, positive: bool 
         ok = all(isinstance(x, kinds) and not isinstance(x, bool) and math.isfinite(x) for x in (a, b))
         ok = ok and lo <= a <= b <= hi and (not positive or a > 0)
     what = "integers" if integer else ("positive numbers" if positive else "numbers")
-    _check(ok, name, value, f"expected [low, high] {what} with {lo} <= low <= high <= {hi}")
+    check(ok, name, value, f"expected [low, high] {what} with {lo} <= low <= high <= {hi}")
 
 
 @dataclass
@@ -125,7 +125,7 @@ class PBTSpace:
 
     def validate(self, name: str = "pbt.space") -> "PBTSpace":
         bs = self.batch_sizes
-        _check(isinstance(bs, (list, tuple)) and len(bs) > 0 and all(
+        check(isinstance(bs, (list, tuple)) and len(bs) > 0 and all(
             isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 4096 for b in bs),
             f"{name}.batch_sizes", bs,
             "expected a non-empty list of batch sizes (integers 1..4096), e.g. [8, 16, 32, 64]")
@@ -135,7 +135,7 @@ class PBTSpace:
         _check_range(f"{name}.weight_decay", self.weight_decay, 0.0, 1.0, positive=True)
         _check_range(f"{name}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         acts = self.activations
-        _check(isinstance(acts, (list, tuple)) and len(acts) > 0 and all(a in ACTIVATIONS for a in acts),
+        check(isinstance(acts, (list, tuple)) and len(acts) > 0 and all(a in ACTIVATIONS for a in acts),
                f"{name}.activations", acts, f"expected a non-empty list from {list(ACTIVATIONS)}")
         return self
 
@@ -189,36 +189,36 @@ class PBTConfig:
         from ..config import check_types
 
         check_types(self, name)
-        _check_int(f"{name}.population", self.population, 2, 64)
-        _check(self.ready_every_steps is not None or self.ready_every_epochs is not None, f"{name}.ready_every_steps",
+        check_int(f"{name}.population", self.population, 2, 64)
+        check(self.ready_every_steps is not None or self.ready_every_epochs is not None, f"{name}.ready_every_steps",
                None, "set ready_every_steps (an integer >= 1) or ready_every_epochs (a fraction of an epoch > 0)")
-        _check(self.ready_every_steps is None or self.ready_every_epochs is None, f"{name}.ready_every_epochs",
+        check(self.ready_every_steps is None or self.ready_every_epochs is None, f"{name}.ready_every_epochs",
                self.ready_every_epochs,
                "set either ready_every_steps or ready_every_epochs, not both (set one to None)")
         if self.ready_every_steps is not None:
-            _check_int(f"{name}.ready_every_steps", self.ready_every_steps, 1)
+            check_int(f"{name}.ready_every_steps", self.ready_every_steps, 1)
         if self.ready_every_epochs is not None:
             r = self.ready_every_epochs
-            _check(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and 0 < r <= 100,
+            check(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and 0 < r <= 100,
                    f"{name}.ready_every_epochs", r, "expected a number of epochs in (0, 100], e.g. 0.5")
         q = self.quantile
-        _check(isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q <= 0.5, f"{name}.quantile", q,
+        check(isinstance(q, (int, float)) and not isinstance(q, bool) and 0 < q <= 0.5, f"{name}.quantile", q,
                "expected a fraction in (0, 0.5]: the bottom and top quantiles must not overlap")
-        _check(self.metric in METRICS, f"{name}.metric", self.metric, f"choose one of {list(METRICS)}")
-        _check_frac(f"{name}.resample_prob", self.resample_prob, 0.0, 1.0, hi_open=False)
+        check(self.metric in METRICS, f"{name}.metric", self.metric, f"choose one of {list(METRICS)}")
+        check_frac(f"{name}.resample_prob", self.resample_prob, 0.0, 1.0, hi_open=False)
         pf = self.perturb_factors
-        _check(isinstance(pf, (list, tuple)) and len(pf) > 0 and all(
+        check(isinstance(pf, (list, tuple)) and len(pf) > 0 and all(
             isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0 for f in pf),
             f"{name}.perturb_factors", pf, "expected a non-empty list of positive factors, e.g. [0.8, 1.2]")
         if self.epochs is not None:
-            _check_int(f"{name}.epochs", self.epochs, 1, 1000)
+            check_int(f"{name}.epochs", self.epochs, 1, 1000)
         if self.seed is not None:
-            _check_int(f"{name}.seed", self.seed, 0)
-        _check(isinstance(self.space, PBTSpace), f"{name}.space", type(self.space).__name__, "expected a PBTSpace")
+            check_int(f"{name}.seed", self.seed, 0)
+        check(isinstance(self.space, PBTSpace), f"{name}.space", type(self.space).__name__, "expected a PBTSpace")
         self.space.validate(f"{name}.space")
         if self.num_threads is not None:
-            _check_int(f"{name}.num_threads", self.num_threads, 1, 512)
-        _check(self.dropout_scope in DROPOUT_SCOPES, f"{name}.dropout_scope", self.dropout_scope,
+            check_int(f"{name}.num_threads", self.num_threads, 1, 512)
+        check(self.dropout_scope in DROPOUT_SCOPES, f"{name}.dropout_scope", self.dropout_scope,
                f"choose one of {list(DROPOUT_SCOPES)}")
         return self
 
@@ -637,7 +637,7 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
 
     pbt = (pbt or PBTConfig()).validate()
     cfg.validate()
-    _check(not (cfg.train.gradual_unfreeze and cfg.train.freeze_layers), "train.gradual_unfreeze",
+    check(not (cfg.train.gradual_unfreeze and cfg.train.freeze_layers), "train.gradual_unfreeze",
            cfg.train.gradual_unfreeze, "PBT copies optimizer state between members, which needs the same trainable "
            "parameters in every member at every step: set gradual_unfreeze false (or freeze_layers 0) for PBT")
     if tracker is None:
@@ -869,8 +869,8 @@ def replay_schedule(cfg: RunConfig | dict, schedule: list[dict], *, home=None, t
                           "warmup_ratio} changes of a PBT run (PBTResult.schedule).")
     for i, e in enumerate(schedule):
         missing = [k for k in ("step", *EXPLORED) if k not in e]
-        _check(not missing, f"schedule[{i}]", e, f"each change needs the keys step, {', '.join(EXPLORED)}")
-    _check(dropout_scope in DROPOUT_SCOPES, "dropout_scope", dropout_scope, f"choose one of {list(DROPOUT_SCOPES)}")
+        check(not missing, f"schedule[{i}]", e, f"each change needs the keys step, {', '.join(EXPLORED)}")
+    check(dropout_scope in DROPOUT_SCOPES, "dropout_scope", dropout_scope, f"choose one of {list(DROPOUT_SCOPES)}")
     cfg = copy.deepcopy(cfg)
     ratio = cfg.train.encoder_lr / cfg.train.head_lr
     changes = sorted(schedule, key=lambda e: e["step"])

@@ -82,9 +82,7 @@ def fail_stale_trials(study: optuna.Study, home=None) -> list[int]:
         run_id = t.user_attrs.get("run_id")
         alive = active(run_id) if run_id is not None else parent_active and _owned_by_other_process(tracker, study)
         if not alive:
-            study._storage.set_trial_system_attr(t._trial_id, "fail_reason",
-                                                 "stale: its process died while the trial was running")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.tell(t.number, state=TrialState.FAIL)  # its process died while the trial was running
             failed.append(t.number)
     return failed
 

@@ -70,7 +70,7 @@ training step; the parent is then recorded 'cancelled' and :class:`~dact_lib.err
 """
 from __future__ import annotations
 
-from .choice import _load_stage3, choose_for_prediction, choose_point  # noqa: F401
+from .choice import load_stage3, choose_for_prediction, choose_point  # noqa: F401
 from .guards import PipelineGuardError, guard_margin, majority_baseline
 from .record import load_pipeline_result
 from .runner import as_dact_config, run_pipeline
@@ -78,7 +78,7 @@ from .settings import (CHOICE_RULES, LAYOUT_CHOICES, OBJECTIVES3, PIPELINE_KIND,
                        PipelineConfig, PipelineResult)
 from .stage1 import FeatureDactHeads, HeadFit, fit_heads_on_features, model_from_params, suggest_architecture
 from .stage2 import suggest_training, train_from_params
-from .stage3 import _point, apply_choice_rule, pareto_points, trial_points  # noqa: F401
+from .stage3 import point_record, apply_choice_rule, pareto_points, trial_points  # noqa: F401
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "choose_point", "choose_for_prediction",
            "load_pipeline_result", "pareto_points", "trial_points", "apply_choice_rule", "as_dact_config",

@@ -14,7 +14,7 @@ from .settings import PIPELINE_KIND
 from .stage3 import pareto_points
 
 
-def _load_stage3(target: Any, home=None, tracker=None) -> tuple[optuna.Study, int | None, Any]:
+def load_stage3(target: Any, home=None, tracker=None) -> tuple[optuna.Study, int | None, Any]:
     if isinstance(target, optuna.Study):
         parent = target.user_attrs.get("parent_run_id")
         return target, (int(parent) if parent is not None else None), tracker
@@ -41,7 +41,7 @@ def choose_point(parent_or_study: int | optuna.Study, trial_number: int, *, home
     ``{"ponder_lambda": λ}``). The trial's run (``run_id``) holds a trained model of that point. Given a parent run
     id, the choice is recorded as a ``point_chosen`` event on it. Raises DactLabError for a point not on the
     front."""
-    study, parent, tracker = _load_stage3(parent_or_study, home, tracker)
+    study, parent, tracker = load_stage3(parent_or_study, home, tracker)
     front = {p["trial"]: p for p in pareto_points(study)}
     if int(trial_number) not in front:
         raise DactLabError(f"trial {trial_number} is not on the Pareto front of study {study.study_name!r}: pick "

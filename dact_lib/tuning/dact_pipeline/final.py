@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import studies
-from .record import _jsonable
+from .record import jsonable
 
 
 def run(pl) -> None:
@@ -71,7 +71,7 @@ def run(pl) -> None:
                "tolerance_points": 100 * pl.pipe.choice_tolerance, "trunk_run_id": trunk_id}
     from ...files import atomic_write_json
 
-    atomic_write_json(run_dir / "report.json", _jsonable(
+    atomic_write_json(run_dir / "report.json", jsonable(
         {"best": val, "test": test, "report": report, "history": [], "stop_reason": None,
          "halting": halting, "built_from": {"trunk_run_id": trunk_id, "stage3_trial": chosen["trial"]}}))
     tr.log_metrics(rid, {**val, **test}, step=0)

@@ -14,10 +14,10 @@ from optuna.trial import TrialState
 from .. import studies
 from ...config import RunConfig
 from ...errors import ConfigError, DactLabError
-from .settings import PIPELINE_KIND, PipelineResult, STAGES, _STAGE_WEIGHTS
+from .settings import PIPELINE_KIND, PipelineResult, STAGES, STAGE_WEIGHTS
 
 
-class _Budget:
+class Budget:
     def __init__(self, minutes: float | None) -> None:
         self.deadline = None if minutes is None else time.monotonic() + 60.0 * float(minutes)
 
@@ -27,24 +27,24 @@ class _Budget:
             return None
         rest = STAGES[STAGES.index(stage):]
         remaining = self.deadline - time.monotonic()
-        return max(0.0, remaining * _STAGE_WEIGHTS[stage] / sum(_STAGE_WEIGHTS[s] for s in rest))
+        return max(0.0, remaining * STAGE_WEIGHTS[stage] / sum(STAGE_WEIGHTS[s] for s in rest))
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     from ...files import atomic_write_json
 
-    atomic_write_json(path, _jsonable(data))
+    atomic_write_json(path, jsonable(data))
 
 
-def _counted(study: optuna.Study) -> int:
+def counted(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
 
 
-def _n_complete(study: optuna.Study) -> int:
+def n_complete(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
 
 
@@ -61,7 +61,7 @@ def _parent_runs(tracker, name: str) -> list[dict]:
 
 
 def _run_config_key(cfg: RunConfig) -> dict:
-    d = _jsonable(cfg.to_dict())
+    d = jsonable(cfg.to_dict())
     d.pop("name", None)
     d.pop("tag", None)
     return d
@@ -102,7 +102,7 @@ def open_parent(pl, run_id: int | None = None) -> None:
     this pipeline name to resume (then ``run_id``, if given, records a link to it)."""
     tr, pipe = pl.tracker, pl.pipe
     previous = [r for r in _parent_runs(tr, pipe.name) if r["id"] != run_id]
-    config = {"run": _jsonable(pl.cfg.to_dict()), "pipeline": pipe.to_dict()}
+    config = {"run": jsonable(pl.cfg.to_dict()), "pipeline": pipe.to_dict()}
     if previous and run_id is not None:
         tr.update_run(run_id, summary={"engine_run_id": int(previous[0]["id"]), "resumes": pipe.name})
         tr.log_event(run_id, "resumes", {"pipeline": pipe.name, "run_id": int(previous[0]["id"])})
@@ -130,10 +130,10 @@ def open_parent(pl, run_id: int | None = None) -> None:
         raise ConfigError(f"A DACT pipeline named {pipe.name!r} already exists (run {run['id']}) with a different "
                           "run config; resuming needs the same config. Use a new pipeline name, or delete run "
                           f"{run['id']} first.")
-    from ...tracker import _pid_alive
+    from ...tracker import pid_alive
 
     if run["status"] in ("queued", "running") and run.get("pid") not in (None, os.getpid()) \
-            and _pid_alive(int(run["pid"])):
+            and pid_alive(int(run["pid"])):
         raise DactLabError(f"Pipeline {pipe.name!r} (run {run['id']}) is running in process {run['pid']}: wait "
                            "for it or cancel it before resuming.")
     from ...tracker import live_run_ids
@@ -153,9 +153,9 @@ def open_parent(pl, run_id: int | None = None) -> None:
     pl.summary.update(study_names=pl.names, stages_done=list(pl.resumed))
     pl.already_finished = len(pl.resumed) == len(STAGES) and run["status"] == "finished"
     if not pl.already_finished:
-        from ...tracker import _hostname
+        from ...tracker import hostname
 
-        tr.set_status(pl.parent, "running", pid=os.getpid(), host=_hostname(), summary=pl.summary)
+        tr.set_status(pl.parent, "running", pid=os.getpid(), host=hostname(), summary=pl.summary)
         tr.update_run(pl.parent, error=None)
         tr.log_event(pl.parent, "resumed", {"stages_done": list(pl.resumed),
                                               "previous_status": run["status"]})

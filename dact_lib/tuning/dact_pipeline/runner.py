@@ -14,7 +14,7 @@ from ...callbacks import Callback, CancelToken
 from ...config import DactModelConfig, RunConfig, TrainConfig, from_dict
 from ...errors import Cancelled, ConfigError, DactLabError
 from . import final, guards, record, stage1, stage2, stage3
-from .record import _Budget, _counted, _jsonable, _n_complete, _write_json
+from .record import Budget, counted, jsonable, n_complete, write_json
 from .settings import PipelineConfig, PipelineResult, STAGES
 from .stage2 import train_from_params
 
@@ -30,7 +30,7 @@ class _Pipeline:
         self.cancel = cancel
         self.callbacks = list(callbacks)
         self.names = pipe.study_names()
-        self.budget = _Budget(pipe.timeout_min)
+        self.budget = Budget(pipe.timeout_min)
         self.split, self.dataset_id = load_split(cfg, tracker, data)
         if self.split.val is None or len(self.split.val) == 0:
             raise DactLabError("The pipeline needs validation data: set data.val_frac > 0 or give data.val_path.")
@@ -49,9 +49,9 @@ class _Pipeline:
         record.open_parent(self, run_id)
 
     def finish_stage(self, stage: str, data: dict, seconds: float) -> None:
-        data = _jsonable({"stage": stage, "seconds": round(seconds, 3), "finished": time.time(), **data})
+        data = jsonable({"stage": stage, "seconds": round(seconds, 3), "finished": time.time(), **data})
         self.state[stage] = data
-        _write_json(self.tracker.run_dir(self.parent) / f"{stage}.json", data)
+        write_json(self.tracker.run_dir(self.parent) / f"{stage}.json", data)
         self.summary.setdefault("stages_done", [])
         if stage not in self.summary["stages_done"]:
             self.summary["stages_done"].append(stage)
@@ -74,7 +74,7 @@ class _Pipeline:
             payload = {"stage": stage, "number": t.number, "state": t.state.name.lower(), "params": t.params,
                        "values": t.values, "user_attrs": t.user_attrs,
                        "duration_s": t.duration.total_seconds() if t.duration else None}
-            self.tracker.log_event(self.parent, "trial", _jsonable(payload))
+            self.tracker.log_event(self.parent, "trial", jsonable(payload))
             if t.state != TrialState.COMPLETE:
                 return
             if stage == "stage3":
@@ -89,17 +89,17 @@ class _Pipeline:
 
     def optimize(self, study: optuna.Study, objective, n_total: int, budget: float | None, stage: str) -> None:
         start = time.monotonic()
-        todo = n_total - _counted(study)
+        todo = n_total - counted(study)
         if todo > 0:
             self.cancel.check()
             study.optimize(objective, n_trials=todo, timeout=budget, callbacks=[self.trial_logger(stage)])
-        while _n_complete(study) == 0 and _counted(study) < n_total + 3:
+        while n_complete(study) == 0 and counted(study) < n_total + 3:
             # the budget ran out (or every trial was pruned) before any trial completed: a stage needs one result
             self.cancel.check()
             study.optimize(objective, n_trials=1, callbacks=[self.trial_logger(stage)])
-        if _n_complete(study) == 0:
+        if n_complete(study) == 0:
             raise DactLabError(f"{stage}: no trial completed (all pruned); raise the trials or the time budget.")
-        self.tracker.log_event(self.parent, "stage_trials", {"stage": stage, "trials": _counted(study),
+        self.tracker.log_event(self.parent, "stage_trials", {"stage": stage, "trials": counted(study),
                                                              "seconds": round(time.monotonic() - start, 3)})
 
     def child_config(self, model_cfg: DactModelConfig, train_cfg: TrainConfig, name: str, tag: str) -> RunConfig:

@@ -28,10 +28,10 @@ CHOICE_RULES = ("lowest_exit_within_1pt", "best_objective")
 LAYOUT_CHOICES = ("constant", "pyramidal", "inverted", "bowtie")  # "constant" = explicit [width] * depth
 
 
-_STAGE_WEIGHTS = {"stage1": 1.0, "stage2": 8.0, "stage3": 1.0, "final": 1.0}
+STAGE_WEIGHTS = {"stage1": 1.0, "stage2": 8.0, "stage3": 1.0, "final": 1.0}
 
 
-_PREFIX = {"classifier": "cls", "halting": "halt"}
+STUDY_PREFIX = {"classifier": "cls", "halting": "halt"}
 
 
 def _num(x: Any) -> bool:
@@ -156,15 +156,15 @@ class PipelineConfig:
         if not self.poolings or not all(p in POOLINGS for p in self.poolings):
             raise bad("poolings", self.poolings, f"expected a non-empty subset of {POOLINGS}")
         for fld in ("encoder_lr_range", "head_lr_range"):
-            lo, hi = self._pair(fld)
+            lo, hi = self.pair(fld)
             if not (0 < lo <= hi < 1):
                 raise bad(fld, getattr(self, fld), "expected (low, high) with 0 < low <= high < 1 (log scale)")
         for fld in ("weight_decay_range", "warmup_range"):
-            lo, hi = self._pair(fld)
+            lo, hi = self.pair(fld)
             if not (0 <= lo <= hi and (fld != "warmup_range" or hi < 1)):
                 raise bad(fld, getattr(self, fld), "expected (low, high) with 0 <= low <= high"
                           + (" < 1" if fld == "warmup_range" else ""))
-        lo, hi = self._pair("epochs_range")
+        lo, hi = self.pair("epochs_range")
         if not (float(lo).is_integer() and float(hi).is_integer() and 1 <= lo <= hi <= 1000):
             raise bad("epochs_range", self.epochs_range, "expected integers (low, high) with 1 <= low <= high")
         if not self.batch_sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
@@ -172,7 +172,7 @@ class PipelineConfig:
             raise bad("batch_sizes", self.batch_sizes, "expected a non-empty list of positive integers")
         return self
 
-    def _pair(self, fld: str) -> tuple[float, float]:
+    def pair(self, fld: str) -> tuple[float, float]:
         v = getattr(self, fld)
         if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_num(x) for x in v)):
             raise ConfigError(f"pipeline.{fld} = {v!r} is invalid: expected a pair of numbers (low, high).")

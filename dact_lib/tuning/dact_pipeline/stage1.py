@@ -17,8 +17,8 @@ from ...callbacks import CancelToken
 from ...config import ACTIVATIONS, DactModelConfig, MLPConfig
 from ...errors import ConfigError
 from ...modeling_dact import DactUnits, loss_terms
-from .record import _counted
-from .settings import LAYOUT_CHOICES, PipelineConfig, _PREFIX
+from .record import counted
+from .settings import LAYOUT_CHOICES, PipelineConfig, STUDY_PREFIX
 
 
 class FeatureDactHeads(DactUnits):
@@ -124,7 +124,7 @@ def fit_heads_on_features(cfg: DactModelConfig, num_classes: int, train_x: torch
 
 
 def _suggest_mlp(trial: optuna.Trial, which: str, pipe: PipelineConfig) -> None:
-    pre = _PREFIX[which]
+    pre = STUDY_PREFIX[which]
     depth = trial.suggest_int(f"{pre}_depth", 0, pipe.max_depth)
     if depth >= 1:
         trial.suggest_categorical(f"{pre}_width", list(pipe.widths))
@@ -145,7 +145,7 @@ def suggest_architecture(trial: optuna.Trial, pipe: PipelineConfig) -> dict[str,
 
 
 def _mlp_from_params(params: dict[str, Any], which: str, base: MLPConfig) -> MLPConfig:
-    pre = _PREFIX[which]
+    pre = STUDY_PREFIX[which]
     depth = int(params[f"{pre}_depth"])
     width = int(params.get(f"{pre}_width", base.width))
     layout = params.get(f"{pre}_layout", "constant")
@@ -257,5 +257,5 @@ def run(pl) -> None:
     model_cfg = model_from_params(best.params, cfg.model, ponder_lambda=pipe.stage1_lambda)
     pl.finish_stage("stage1", {"best_params": best.params, "best_value": best.value, "best_trial": best.number,
                                  "best_user_attrs": best.user_attrs, "model": dataclasses.asdict(model_cfg),
-                                 "feature_cache": pl.summary["feature_cache"], "n_trials": _counted(study)},
+                                 "feature_cache": pl.summary["feature_cache"], "n_trials": counted(study)},
                       time.monotonic() - t0)

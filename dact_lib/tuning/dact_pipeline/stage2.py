@@ -13,22 +13,22 @@ from optuna.trial import TrialState
 
 from .. import studies
 from ...config import RunConfig, TrainConfig
-from .record import _counted, _jsonable
+from .record import counted, jsonable
 from .settings import PipelineConfig
 
 
 def suggest_training(trial: optuna.Trial, pipe: PipelineConfig) -> dict[str, Any]:
     """Stage 2's search space; returns the trial's params (TrainConfig field names)."""
-    lo, hi = pipe._pair("encoder_lr_range")
+    lo, hi = pipe.pair("encoder_lr_range")
     trial.suggest_float("encoder_lr", lo, hi, log=True)
-    lo, hi = pipe._pair("head_lr_range")
+    lo, hi = pipe.pair("head_lr_range")
     trial.suggest_float("head_lr", lo, hi, log=True)
     trial.suggest_categorical("batch_size", list(pipe.batch_sizes))
-    lo, hi = pipe._pair("epochs_range")
+    lo, hi = pipe.pair("epochs_range")
     trial.suggest_int("epochs", int(lo), int(hi))
-    lo, hi = pipe._pair("weight_decay_range")
+    lo, hi = pipe.pair("weight_decay_range")
     trial.suggest_float("weight_decay", lo, hi)
-    lo, hi = pipe._pair("warmup_range")
+    lo, hi = pipe.pair("warmup_range")
     trial.suggest_float("warmup_ratio", lo, hi)
     return dict(trial.params)
 
@@ -93,7 +93,7 @@ def run(pl) -> None:
                                  "best_run_id": best.user_attrs.get("run_id"),
                                  "best_user_attrs": best.user_attrs, "guard": guard,
                                  "train": dataclasses.asdict(pl.trial_train_cfg(best.params)),
-                                 "n_trials": _counted(study)}, time.monotonic() - t0)
+                                 "n_trials": counted(study)}, time.monotonic() - t0)
 
 
 def keep_if_best(pl, study: optuna.Study, trial: optuna.Trial, value: float, res, run_cfg: RunConfig) -> None:
@@ -109,7 +109,7 @@ def keep_if_best(pl, study: optuna.Study, trial: optuna.Trial, value: float, res
     save_model(run_dir, res.model, res.tokenizer, run_cfg, res.label_maps)
     from ...files import atomic_write_json
 
-    atomic_write_json(run_dir / "report.json", _jsonable({"best": res.best_metrics, "test": {},
+    atomic_write_json(run_dir / "report.json", jsonable({"best": res.best_metrics, "test": {},
                                                           "stop_reason": res.stop_reason}))
     pl.tracker.update_run(res.run_id, run_dir=str(run_dir))
     pl.tracker.add_artifact(res.run_id, str(run_dir / MODEL_FILE), "model")

@@ -12,11 +12,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import studies
 from ...errors import ConfigError, DactLabError
-from .record import _counted
+from .record import counted
 from .settings import CHOICE_RULES
 
 
-def _point(t: FrozenTrial, objective3: str) -> dict[str, Any]:
+def point_record(t: FrozenTrial, objective3: str) -> dict[str, Any]:
     ua = t.user_attrs
     first = f"val_{'nll' if objective3 == 'loss' else 'error'}"
     lam = t.params.get("ponder_lambda")
@@ -31,14 +31,14 @@ def _point(t: FrozenTrial, objective3: str) -> dict[str, Any]:
 def pareto_points(study: optuna.Study) -> list[dict[str, Any]]:
     """The stage-3 Pareto front (``study.best_trials``) as dicts, sorted by average exit layer then trial."""
     objective3 = study.user_attrs.get("objective3", "loss")
-    pts = [_point(t, objective3) for t in study.best_trials]
+    pts = [point_record(t, objective3) for t in study.best_trials]
     return sorted(pts, key=lambda p: (p["val_avg_exit_layer"], p["trial"]))
 
 
 def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
     """Every complete stage-3 trial as a point (the same dicts as :func:`pareto_points`), by trial number."""
     objective3 = study.user_attrs.get("objective3", "loss")
-    return [_point(t, objective3) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return [point_record(t, objective3) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
 def apply_choice_rule(front: list[dict[str, Any]], rule: str = "lowest_exit_within_1pt",
@@ -137,4 +137,4 @@ def run(pl) -> None:
     pl.finish_stage("stage3", {"best_params": {"ponder_lambda": chosen["lambda"]}, "front": front,
                                  "chosen": chosen, "objectives": [first, "val_avg_exit_layer"],
                                  "trunk_run_id": trunk_id, "nll_ref": nll_ref, "guard": guard,
-                                 "n_trials": _counted(study)}, time.monotonic() - t0)
+                                 "n_trials": counted(study)}, time.monotonic() - t0)
