@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test install bench clean-home
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .   # the dact_lib package + the dact-lab command
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -27,7 +27,8 @@ def command(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dact_lib", description=__doc__.split("\n")[0])
+    prog = "dact-lab" if os.path.basename(sys.argv[0]) == "dact-lab" else "python -m dact_lib"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model (backbone, dact or multitask)")

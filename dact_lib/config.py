@@ -363,6 +363,15 @@ KIND_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "multitask": {"encoder_lr": 1e-5, "head_lr": 1e-4, "early_stopping": {"patience": 2}},
 }
 
+def train_defaults(kind: str) -> TrainConfig:
+    """The training settings a run of ``kind`` starts from: TrainConfig's defaults with KIND_TRAIN_DEFAULTS."""
+    extra = dict(KIND_TRAIN_DEFAULTS.get(kind, {}))
+    es = extra.pop("early_stopping", {})
+    tc = TrainConfig(**extra)
+    tc.early_stopping = dataclasses.replace(tc.early_stopping, **es)
+    return tc
+
+
 MODEL_CONFIGS = {"backbone": BackboneModelConfig, "dact": DactModelConfig, "multitask": MultiTaskModelConfig}
 
 
@@ -375,7 +384,7 @@ class RunConfig:
     encoder: str = DEFAULT_ENCODER
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = None  # BackboneModelConfig | DactModelConfig | MultiTaskModelConfig, chosen by kind
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = None  # type: ignore[assignment] - None: the kind's training defaults (train_defaults)
     name: str | None = None
     tag: str | None = None
     init_from_run: int | None = None
@@ -383,6 +392,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model is None and self.kind in MODEL_CONFIGS:
             self.model = MODEL_CONFIGS[self.kind]()
+        if self.train is None:  # one place for the per-kind defaults: RunConfig(kind=k) == default_config(k)
+            self.train = train_defaults(self.kind)
 
     def validate(self) -> "RunConfig":
         for id_field, holder in (("init_from_run", self), ("dataset_id", self.data)):
@@ -442,12 +453,12 @@ class RunConfig:
         kind = data.get("kind", "backbone")
         check(kind in KINDS, "kind", kind, f"choose one of {KINDS}")
         data = dict(data)
-        defaults = KIND_TRAIN_DEFAULTS.get(kind)
-        if defaults:
-            given = dict(data.get("train") or {})
-            es = {**defaults.get("early_stopping", {}), **(given.get("early_stopping") or {})}
-            data["train"] = {**{k: v for k, v in defaults.items() if k != "early_stopping"}, **given,
-                             "early_stopping": es}
+        defaults = dataclasses.asdict(train_defaults(kind))  # a file's train settings go over the kind's defaults
+        if not isinstance(data.get("train") or {}, dict):
+            raise ConfigError(f"train must be a mapping, got {data.get('train')!r}.")
+        given = dict(data.get("train") or {})
+        es = {**defaults.pop("early_stopping"), **(given.get("early_stopping") or {})}
+        data["train"] = {**defaults, **given, "early_stopping": es}
         model = data.pop("model", None)
         cfg = from_dict(cls, data, "")
         cfg.model = from_dict(MODEL_CONFIGS[kind], model or {}, "model")

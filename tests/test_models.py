@@ -236,7 +236,7 @@ def test_save_load_predict_round_trip(home):
         assert r["probability"] == max(r["probabilities"].values())
     with pytest.raises(DactLabError, match="non-empty"):
         predict(loaded, ["  "])
-    with pytest.raises(DactLabError, match="no saved model"):
+    with pytest.raises(DactLabError, match="neither a run id .* nor a run folder"):
         load_model(home / "nope")
 
 

@@ -178,7 +178,7 @@ def test_a_moved_home_serves_its_own_models(trained, tmp_path):
     tr = Tracker(moved)
     run = tr.get_run(run_id)
     assert Path(run["run_dir"]) == moved / "runs" / str(run_id)
-    stored = tr._rows("SELECT run_dir FROM runs WHERE id = ?", (run_id,))[0]["run_dir"]
+    stored = tr.query("SELECT run_dir FROM runs WHERE id = ?", (run_id,))[0]["run_dir"]
     assert stored == f"runs/{run_id}"  # relative in the database
     assert all(Path(a["path"]).is_relative_to(moved) for a in tr.get_artifacts(run_id))
     assert load_model(run_id, moved).run_dir == moved / "runs" / str(run_id)
@@ -460,12 +460,12 @@ time.sleep(120)
     assert up == "True"
     app.kill()
     app.wait()
-    from dact_lib.tracker import _pid_alive
+    from dact_lib.tracker import pid_alive
 
     deadline = time.time() + 10
-    while time.time() < deadline and _pid_alive(int(pid)):
+    while time.time() < deadline and pid_alive(int(pid)):
         time.sleep(0.2)
-    assert not _pid_alive(int(pid)), "optuna-dashboard outlived the app"
+    assert not pid_alive(int(pid)), "optuna-dashboard outlived the app"
 
 
 def test_trials_left_running_by_a_killed_process_fail_on_resume(home):
@@ -515,3 +515,11 @@ def test_trials_of_a_live_process_stay_running(home):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_one_place_for_the_kind_defaults():
+    """Bug (house): RunConfig(kind="backbone") froze 0 layers, default_config("backbone") 2."""
+    for kind in ("backbone", "dact", "multitask"):
+        assert RunConfig(kind=kind).to_dict() == default_config(kind).to_dict()
+    assert RunConfig(kind="backbone").train.freeze_layers == 2
+    assert RunConfig(kind="multitask").train.early_stopping.patience == 2
