@@ -51,6 +51,15 @@ class LoopState:
     best_epoch: int | None = None
     batch_size: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: step -> learning-rate factor (warm-up then linear decay); replace it with :meth:`set_lr_schedule` only
+    lr_schedule: Any = None
+
+    def set_lr_schedule(self, schedule) -> None:
+        """Replace the learning-rate factor schedule from the next step on — the one way a callback changes the
+        loop's optimisation (PBT's explore sets a new warm-up). The model and optimizer are the loop's own
+        objects: a callback changes their state in place (``load_state_dict``), never swaps them."""
+        self.lr_schedule = schedule
+        self.extra["lr_factor"] = schedule
 
     @property
     def progress(self) -> float:

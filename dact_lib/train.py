@@ -444,9 +444,10 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             total = min(total, tc.max_steps)
         set_lr_factor(optimizer, warmup_linear(total, tc.warmup_ratio)(0))
         state.total_steps = total
-        # Callbacks may swap these between steps (PBT's exploit/explore): the loop re-reads them every step.
-        state.extra.update(model=model, optimizer=optimizer, lr_factor=warmup_linear(total, tc.warmup_ratio),
-                           config=cfg, label_maps=label_maps, train_size=len(enc_train))
+        # read-only views for callbacks; a callback changes the schedule only through state.set_lr_schedule
+        state.extra.update(model=model, optimizer=optimizer, config=cfg, label_maps=label_maps,
+                           train_size=len(enc_train))
+        state.set_lr_schedule(warmup_linear(total, tc.warmup_ratio))
         memory = BatchSizeManager(tc.batch_size, tc.min_batch_size, tc.max_batch_size)
         stopper = EarlyStopping(tc.early_stopping)
         start_epoch, skip_batches, stop = 0, 0, False
@@ -538,8 +539,6 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                     continue
                 done_in_epoch += 1
                 cancel.check()
-                optimizer = state.extra["optimizer"]  # a callback (PBT exploit) may swap it
-                model = state.extra["model"]
                 loss, task_losses = train_step(model, optimizer, batch, device, tc, memory, cbs, state, stats)
                 loss_acc += loss
                 if len(task_losses) > 1:
@@ -549,7 +548,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 samples_log += batch["input_ids"].shape[0]
                 state.step += 1
                 state.samples_seen += batch["input_ids"].shape[0]
-                set_lr_factor(optimizer, state.extra["lr_factor"](state.step))
+                set_lr_factor(optimizer, state.lr_schedule(state.step))
                 if state.step % tc.log_every_steps == 0 or state.step == total:
                     now = time.perf_counter()
                     logs = {"train_loss": float(loss_acc) / n_acc, **group_lrs(optimizer),

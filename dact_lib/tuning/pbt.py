@@ -23,7 +23,7 @@ How it runs
   (:func:`apply_hparams`) — the restored optimizer state otherwise silently keeps the donor's values: every param
   group's ``initial_lr`` and current ``lr`` (the encoder/head ratio of the base config is kept), the weight decay of
   the decay groups (no-decay groups stay at 0), the rate of every head Dropout module and a new warm-up/linear-decay
-  ``state.extra["lr_factor"]`` for the new warm-up ratio (over the member's own total steps).
+  schedule (``state.set_lr_schedule``) for the new warm-up ratio (over the member's own total steps).
 * Every exploit and explore is an event (``pbt_exploit``, ``pbt_explore``) on the parent run AND the recipient's
   run, with time, step, recipient, donor, old → new hyperparameters and both scores: the lineage. Each member logs
   its hyperparameters as metrics ``hp/lr``, ``hp/weight_decay``, ``hp/dropout``, ``hp/warmup_ratio`` at its start
@@ -335,7 +335,7 @@ def apply_hparams(model: nn.Module, optimizer: torch.optim.Optimizer, hp: dict[s
     """Make ``hp`` take effect now: on EVERY param group ``initial_lr`` = lr (× ``encoder_lr_ratio`` on encoder
     groups) and the current ``lr`` = that × the new schedule's factor at ``step``; ``weight_decay`` = the new
     value on decay groups, 0 on no-decay groups; every Dropout's rate (of :func:`dropout_targets`). Returns the
-    new warm-up/linear-decay factor function, to be put in ``state.extra["lr_factor"]``."""
+    new warm-up/linear-decay factor function, to be given to ``state.set_lr_schedule``."""
     from ..train import warmup_linear
 
     factor = warmup_linear(int(total_steps), float(hp["warmup_ratio"]))
@@ -449,10 +449,10 @@ class PBTMemberCallback(Callback):
         if kept:  # a resumed member: its hyperparameters, schedule and RNG as at its last checkpoint
             self.hp, self.schedule, self.last_score = dict(kept["hp"]), list(kept["schedule"]), kept["last_score"]
             self.rng.setstate(_tuplify(kept["rng"]))
-            state.extra["lr_factor"] = apply_hparams(state.extra["model"], state.extra["optimizer"], self.hp,
+            state.set_lr_schedule(apply_hparams(state.extra["model"], state.extra["optimizer"], self.hp,
                                                      total_steps=state.total_steps, step=state.step,
                                                      encoder_lr_ratio=self.ratio,
-                                                     dropout_scope=self.c.pbt.dropout_scope)
+                                                     dropout_scope=self.c.pbt.dropout_scope))
         self._keep(state)
         self.steps_per_epoch = max(1, math.ceil(int(state.extra.get("train_size", 1)) / max(1, state.batch_size)))
         if self.tracker is not None and state.run_id is not None and not kept:  # (resumed: logged already)
@@ -491,9 +491,9 @@ class PBTMemberCallback(Callback):
         exploit(model, optimizer, donor)
         new, changes = explore(donor.hparams, self.space, self.rng, resample_prob=self.c.pbt.resample_prob,
                                perturb_factors=self.c.pbt.perturb_factors)
-        state.extra["lr_factor"] = apply_hparams(model, optimizer, new, total_steps=state.total_steps,
+        state.set_lr_schedule(apply_hparams(model, optimizer, new, total_steps=state.total_steps,
                                                  step=state.step, encoder_lr_ratio=self.ratio,
-                                                 dropout_scope=self.c.pbt.dropout_scope)
+                                                 dropout_scope=self.c.pbt.dropout_scope))
         self.hp = new
         inherited = [dict(e) for e in donor.schedule if e["progress"] <= progress + 1e-9]
         self.schedule = inherited + [{"step": state.step, "progress": progress, **_hp_public(new),
@@ -845,9 +845,9 @@ class ScheduleCallback(Callback):
         while self._next < len(self.changes) and self.changes[self._next]["step"] <= state.step:
             e = self.changes[self._next]
             self._next += 1
-            state.extra["lr_factor"] = apply_hparams(
+            state.set_lr_schedule(apply_hparams(
                 state.extra["model"], state.extra["optimizer"], e, total_steps=state.total_steps, step=state.step,
-                encoder_lr_ratio=self.ratio, dropout_scope=self.scope)
+                encoder_lr_ratio=self.ratio, dropout_scope=self.scope))
             self.applied.append({"step": state.step, **_hp_public(e)})
             if self.tracker is not None and state.run_id is not None:
                 self.tracker.log_event(state.run_id, "pbt_replay_change", {"step": state.step, **_hp_public(e)})
