@@ -571,6 +571,15 @@ class JobManager:
         except DactLabError:
             return None
 
+    def ahead(self, run_id: int) -> int | None:
+        """How many jobs run or wait before queued job ``run_id`` starts (the running ones plus those queued
+        before it); None when it is not queued."""
+        with self._lock:
+            job = self._jobs.get(int(run_id))
+            if job is None or job.state != "queued" or int(run_id) not in self._queue:
+                return None
+            return self._running() + self._queue.index(int(run_id))
+
     def jobs(self) -> list[dict]:
         """All jobs of this manager, newest first: run_id, kind, name, state, submitted, started, ended, error."""
         with self._lock:

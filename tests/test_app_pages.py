@@ -244,8 +244,11 @@ def fill_tiny(at: AppTest, pre: str, *, epochs: int = 1, max_rows: int = 120) ->
 def start(at: AppTest, page: str) -> int:
     at.button(key=f"FormSubmitter:{page}:form-Start").click().run()
     assert not at.exception and not errors(at), (at.exception, errors(at))
-    (msg,) = [s for s in successes(at) if "Started job" in s]
-    return int(msg.split("#")[1].split("*")[0])
+    import re
+
+    (msg,) = [s for s in successes(at) if re.match(r"(Started|Queued) job", s)]
+    at.session_state["test:last-start-message"] = msg
+    return int(re.search(r"#(\d+)", msg).group(1))
 
 
 def test_form_job_runs_to_the_end(app_home):
@@ -309,7 +312,10 @@ def test_cancel_queued_and_running_jobs_from_the_jobs_panel(app_home):
     fill_tiny(at, BB, epochs=300, max_rows=400)
     at.checkbox(key=f"{BB}:train.early_stopping.enabled").uncheck()
     first = start(at, "backbone")
+    assert at.session_state["test:last-start-message"].startswith(f"Started job **#{first}** (backbone)")
     second = start(at, "backbone")
+    # bug: a queued job was announced as "Started job #N"
+    assert at.session_state["test:last-start-message"].startswith(f"Queued job **#{second}** (backbone, 1 ahead)")
     jm = jobs()
     assert jm.status(first) == "running" and jm.status(second) == "queued"  # one job at a time
     goto(at, "pages/home.py")

@@ -294,10 +294,3 @@ def test_engine_failure_is_recorded(home, manager, monkeypatch, with_run_id):
     assert jm.wait(rid, 10) == "failed"
     run = Tracker(home).get_run(rid)
     assert run["status"] == "failed" and "member exploded" in run["error"]
-
-
-def test_missing_engine_is_a_config_error(home, manager, monkeypatch):
-    monkeypatch.setattr(jobs_mod, "_import_engine", lambda module, func: None)
-    jm = manager()
-    with pytest.raises(ConfigError, match="not available"):
-        jm.submit("tune-backbone", tiny_cfg(), options={"trials": 2})

@@ -605,13 +605,13 @@ def test_pid_liveness_zombies_are_dead_and_other_users_processes_alive(monkeypat
                 break
         _time.sleep(0.05)
     try:
-        assert tr_mod._pid_alive(child.pid) is False
+        assert tr_mod.pid_alive(child.pid) is False
     finally:
         child.wait()
-    assert tr_mod._pid_alive(os.getpid()) is True
+    assert tr_mod.pid_alive(os.getpid()) is True
 
     def eperm(pid, sig):
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(tr_mod.os, "kill", eperm)
-    assert tr_mod._pid_alive(1) is True
+    assert tr_mod.pid_alive(1) is True

@@ -373,7 +373,13 @@ def submit_job(kind: str, cfg: RunConfig | dict, *, options: dict | None = None,
         unexpected(exc, "The job was not submitted")
         return None
     st.session_state["last_run_id"] = run_id
-    st.success(f"Started job **#{run_id}** ({kind}). It runs in the background; follow it on the Runs page.")
+    ahead = state.jobs().ahead(run_id)
+    if ahead is not None:
+        st.success(f"Queued job **#{run_id}** ({kind}, {ahead} ahead): it starts when the "
+                   f"{'job' if ahead == 1 else 'jobs'} before it end{'s' if ahead == 1 else ''}. Follow it on "
+                   "the Runs page.")
+    else:
+        st.success(f"Started job **#{run_id}** ({kind}). It runs in the background; follow it on the Runs page.")
     page_link("pages/runs.py", f"Watch run #{run_id} on Runs", ":material/monitoring:")
     return run_id
 
