@@ -39,6 +39,21 @@ def model_runs() -> list[dict]:
     return out
 
 
+def summary_row(text: str, res: dict) -> dict:
+    """One row of the several-sentences table: every task's label and probability (multi-task), the exit layer
+    (DACT)."""
+    row: dict = {"text": text}
+    tasks = res.get("tasks")
+    if tasks:
+        for task, r in tasks.items():
+            row[task], row[f"{task} probability"] = r["label"], r["probability"]
+    else:
+        row["label"], row["probability"] = res["label"], res["probability"]
+    if "exit_layer" in res:
+        row["exit layer"] = res["exit_layer"]
+    return row
+
+
 def _label(r: dict) -> str:
     best = (r.get("summary") or {}).get("best") or {}
     acc = best.get("val_accuracy")
@@ -138,9 +153,8 @@ else:
     if stored and stored[0] == run_id:
         _, texts, results = stored
         if len(results) > 1:
-            st.dataframe(pd.DataFrame([{"text": t, "label": r["label"], "probability": r["probability"],
-                                        **({"exit layer": r["exit_layer"]} if "exit_layer" in r else {})}
-                                       for t, r in zip(texts, results)]), hide_index=True, width="stretch")
+            st.dataframe(pd.DataFrame([summary_row(t, r) for t, r in zip(texts, results)]), hide_index=True,
+                         width="stretch")
         for i, (t, r) in enumerate(zip(texts[:5], results[:5])):  # details of the first five
             if len(results) > 1:
                 st.markdown(f"**{plain(t)}**")

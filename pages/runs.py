@@ -52,13 +52,35 @@ def _best(r: dict, key: str):
     return None
 
 
+def _task_keys(runs: list[dict]) -> list[str]:
+    """Per-task score keys (``val_accuracy/<task>``, ``val_macro_f1/<task>``, ``test_accuracy/<task>``) any run
+    has: a multi-task run shows each task, not only the mean."""
+    keys = set()
+    for r in runs:
+        s = r.get("summary") or {}
+        for part in ("best", "test"):
+            for k in (s.get(part) or {}) if isinstance(s.get(part), dict) else ():
+                if "/" in k and k.split("/", 1)[0] in ("val_accuracy", "val_macro_f1", "test_accuracy",
+                                                       "test_macro_f1"):
+                    keys.add(k)
+    return sorted(keys, key=lambda k: (k.split("/", 1)[1], k))
+
+
 def _runs_table(runs: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([{
-        "id": r["id"], "kind": r["kind"], "name": r.get("name") or "", "tag": r.get("tag") or "",
-        "status": r["status"], "parent": r.get("parent_id"), "created": _ts(r.get("created")),
-        "val_accuracy": _best(r, "val_accuracy"), "test_accuracy": _best(r, "test_accuracy"),
-        "val_avg_exit_layer": _best(r, "val_avg_exit_layer"), "error": (r.get("error") or "")[:120],
-    } for r in runs])
+    per_task = _task_keys(runs)
+    rows = []
+    for r in runs:
+        multi = r["kind"] == "multitask"
+        row = {"id": r["id"], "kind": r["kind"], "name": r.get("name") or "", "tag": r.get("tag") or "",
+               "status": r["status"], "parent": r.get("parent_id"), "created": _ts(r.get("created")),
+               # a multi-task run's plain val_accuracy is the mean over its tasks: say so
+               ("val_accuracy (mean of tasks)" if multi else "val_accuracy"): _best(r, "val_accuracy"),
+               "val_macro_f1": _best(r, "val_macro_f1"), "test_accuracy": _best(r, "test_accuracy"),
+               "val_avg_exit_layer": _best(r, "val_avg_exit_layer")}
+        row.update({k: _best(r, k) for k in per_task})
+        row["error"] = (r.get("error") or "")[:120]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -161,6 +183,8 @@ by_id = {r["id"]: r for r in all_runs}
 
 st.dataframe(_runs_table(runs), hide_index=True, height=min(400, 38 + 35 * len(runs)),
              column_config={"val_accuracy": st.column_config.NumberColumn(format="%.4f"),
+                            "val_accuracy (mean of tasks)": st.column_config.NumberColumn(format="%.4f"),
+                            "val_macro_f1": st.column_config.NumberColumn(format="%.4f"),
                             "test_accuracy": st.column_config.NumberColumn(format="%.4f"),
                             "val_avg_exit_layer": st.column_config.NumberColumn(format="%.2f")})
 

@@ -465,9 +465,15 @@ def test_predict_shows_a_prediction(populated):
     assert shown(at.metric[1].value) in labels["sentiment_label"]
 
     at.text_area(key="predict:text").set_value("first line\nsecond line")
+    at.button(key="predict:go").click().run()
+    table = at.dataframe[0].value  # bug: the several-sentences table showed only the first task
+    assert list(table.columns) == ["text", "class_label", "class_label probability", "sentiment_label",
+                                   "sentiment_label probability"]
+    assert set(table["sentiment_label"]) <= set(labels["sentiment_label"])
     at.selectbox(key="predict:run").set_value(ids["backbone"])
     at.button(key="predict:go").click().run()
     assert len(at.dataframe[0].value) == 2 and len(at.metric) == 2
+    assert list(at.dataframe[0].value.columns) == ["text", "label", "probability"]
 
 
 def test_predict_defaults_to_the_chosen_run(populated):
@@ -536,3 +542,19 @@ def test_every_page_download_uploads_back_unchanged(app_home, page, path, mode, 
         assert back.radio(key=f"{page}:mode").value == mode
     again = back.session_state[f"{page}:{kind}:download-doc"]
     assert again == doc  # the form offers the same document again: nothing lost on the way
+
+
+def test_runs_table_shows_each_tasks_scores(populated):
+    """Bug: multi-task runs showed one unlabeled val_accuracy (the mean of the two tasks)."""
+    h, ids, _ = populated
+    at = goto(open_app(), "pages/runs.py")
+    table = at.dataframe[0].value
+    for col in ("val_accuracy/class_label", "val_accuracy/sentiment_label", "val_macro_f1/class_label",
+                "val_macro_f1/sentiment_label", "test_accuracy/class_label", "val_accuracy (mean of tasks)"):
+        assert col in table.columns, list(table.columns)
+    best = Tracker(h).get_run(ids["multitask"])["summary"]["best"]
+    row = table[table["id"] == ids["multitask"]].iloc[0]
+    assert row["val_accuracy/sentiment_label"] == pytest.approx(best["val_accuracy/sentiment_label"])
+    assert row["val_accuracy (mean of tasks)"] == pytest.approx(best["val_accuracy"])
+    single = table[table["id"] == ids["backbone"]].iloc[0]
+    assert single["val_accuracy"] == pytest.approx(Tracker(h).get_run(ids["backbone"])["summary"]["best"]["val_accuracy"])
