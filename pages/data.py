@@ -28,6 +28,14 @@ ONE_TASK = ("text", "label")
 TWO_TASKS = ("sentence", "class_label", "sentiment_label")
 
 
+
+def download_name(dataset_id: int, name: str) -> str:
+    """``dataset-4-reviews.csv``: the id and the name, in characters every file system takes."""
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:60]
+    return f"dataset-{dataset_id}{'-' + safe if safe else ''}.csv"
+
 def parse_upload(raw: bytes, columns: dict[str, str] | None, name: str):
     """read_csv with a per-session cache: (TextDataset, None) or (None, error message)."""
     key = (hashlib.sha256(raw).hexdigest(), json.dumps(columns, sort_keys=True), name)
@@ -144,8 +152,9 @@ else:
         "created": _dt.datetime.fromtimestamp(d["created"]).strftime("%Y-%m-%d %H:%M") if d["created"] else "",
     } for d in datasets]), hide_index=True, width="stretch")
     labels = {d["id"]: f"#{d['id']} {d['name']}" for d in datasets}
+    by_id_name = {d["id"]: d["name"] or "" for d in datasets}
     c1, c2, c3 = st.columns([2, 1, 1])
     pick = c1.selectbox("Dataset", list(labels), format_func=labels.get, key="data:pick")
-    c2.download_button("Download CSV", spreadsheet_safe_csv(tr.get_dataset_csv(pick)), file_name=f"{labels[pick]}.csv",
+    c2.download_button("Download CSV", spreadsheet_safe_csv(tr.get_dataset_csv(pick)), file_name=download_name(pick, by_id_name.get(pick, "")),
                        mime="text/csv", key="data:download", on_click="ignore", icon=":material/download:")
     c3.button("Delete", key="data:delete", icon=":material/delete:", on_click=delete_dataset, args=(pick,))

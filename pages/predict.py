@@ -93,10 +93,12 @@ def show(res: dict, i: int) -> None:
         cols = st.columns(len(res["tasks"]))
         for c, (task, r) in zip(cols, res["tasks"].items()):
             with c:
-                st.metric(plain(task), plain(r["label"]), f"{r['probability']:.1%}", delta_color="off")
+                st.metric(plain(task), plain(r["label"]), f"p = {r['probability']:.1%}", delta_color="off",
+                          delta_arrow="off")
                 prob_chart(r["probabilities"], task, key=f"predict:probs-{i}-{task}")
         return
-    st.metric(plain(res.get("task") or "label"), plain(res["label"]), f"{res['probability']:.1%}", delta_color="off")
+    st.metric(plain(res.get("task") or "label"), plain(res["label"]), f"p = {res['probability']:.1%}",
+              delta_color="off", delta_arrow="off")  # a probability, not a change: no arrow
     if "layers" in res:
         c1, c2 = st.columns(2)
         with c1:

@@ -455,6 +455,7 @@ def test_predict_shows_a_prediction(populated):
     assert not at.exception and not errors(at), errors(at)
     (metric,) = at.metric
     assert shown(metric.value) in labels["class_label"]
+    assert metric.delta.startswith("p = ")  # bug: a bare "26.5%" delta read like an increase
     assert len(at.get("plotly_chart")) == 2  # probabilities + the per-layer trace
     trace = at.dataframe[-1].value
     assert list(trace.columns[:2]) == ["layer", "label"] and 1 <= len(trace) <= 2
