@@ -11,22 +11,41 @@ from plotly.subplots import make_subplots
 from .tracker import Tracker
 
 
+PANELS = ("loss", "accuracy · macro-F1", "average exit layer")
+
+
+def panel_of(name: str) -> int | None:
+    """Which panel (1-3) a metric is drawn in — quantities with different units never share a y-axis."""
+    if "exit_layer" in name:
+        return 3
+    if name.endswith("loss") or "/loss" in name or name.startswith("val_loss"):
+        return 1
+    if "accuracy" in name or "f1" in name:
+        return 2
+    return None
+
+
 def curves_figure(metrics, title: str = "") -> go.Figure:
-    """Loss (left) and accuracy / F1 / exit layer (right) against step, from a long-format metrics frame."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy · macro-F1 · exit layer"))
+    """Loss, accuracy / F1 (0-1) and the exit layer (1-N) against step, each on its own y-axis."""
+    names = [n for n in metrics["name"].unique() if panel_of(n)]
+    panels = sorted({panel_of(n) for n in names}) or [1]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[PANELS[p - 1] for p in panels])
     for name, part in metrics.groupby("name"):
-        part = part.sort_values("step")
-        if name.endswith("loss") or "/loss" in name or name.startswith("val_loss"):
-            col = 1
-        elif "accuracy" in name or "f1" in name or "exit_layer" in name:
-            col = 2
-        else:
+        col = panel_of(name)
+        if col is None:
             continue
+        part = part.sort_values("step")
         fig.add_trace(go.Scatter(x=part["step"], y=part["value"], mode="lines+markers" if len(part) < 30 else "lines",
-                                 name=name), row=1, col=col)
+                                 name=name), row=1, col=panels.index(col) + 1)
     fig.update_xaxes(title_text="step")
     fig.update_layout(title=title, height=420, margin=dict(l=40, r=20, t=60, b=40))
     return fig
+
+
+def _when(t: float | None) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
 
 def write_report(run_id: int, out: str | Path, home=None) -> Path:
@@ -48,7 +67,7 @@ def write_report(run_id: int, out: str | Path, home=None) -> Path:
     parts.append("<h2>Config</h2><pre>" + html.escape(json.dumps(run.get("config"), indent=2)) + "</pre>")
     events = tracker.get_events(run_id)
     if events:
-        rows = "".join(f"<tr><td>{e['time']:.0f}</td><td>{html.escape(e['kind'])}</td><td><code>"
+        rows = "".join(f"<tr><td>{_when(e['time'])}</td><td>{html.escape(e['kind'])}</td><td><code>"
                        f"{html.escape(json.dumps(e['payload'])[:300])}</code></td></tr>" for e in events[:500])
         parts.append(f"<h2>Events</h2><table border=1 cellpadding=3><tr><th>time</th><th>kind</th><th>payload</th>"
                      f"</tr>{rows}</table>")

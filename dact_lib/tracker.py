@@ -801,6 +801,14 @@ class Tracker:
             {"run_id": "int64", "step": "int64", "epoch": "Int64", "value": "float64", "time": "float64"}
         )
 
+    def metrics_csv(self, run_ids: list[int]) -> bytes:
+        """The metrics of runs as CSV for download: run_id, step, epoch (1-based, as the ``epoch`` metric and the
+        progress bar count it), name, value, time."""
+        df = self.get_metrics(list(run_ids))
+        if len(df):
+            df["epoch"] = df["epoch"] + 1
+        return df.to_csv(index=False).encode("utf-8")
+
     def metric_names(self, run_ids: list[int]) -> list[str]:
         """The distinct metric names logged by any of ``run_ids``, sorted."""
         ids = [int(i) for i in run_ids]

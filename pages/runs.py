@@ -148,11 +148,10 @@ def run_metrics(tr, runs: list[dict]) -> dict[int, pd.DataFrame]:
 # ---------------------------------------------------------------------------------------- downloads
 
 
-def _csv_bytes(tr, ids: list[int]):
-    def make() -> bytes:
-        return tr.get_metrics(ids).to_csv(index=False).encode("utf-8")
-
-    return make
+def _csv_bytes(tr, ids: list[int]) -> bytes:
+    # the bytes themselves, not a deferred callable: a deferred download whose page rerun in between (the live
+    # fragment) was answered "MediaFileStorageError: Deferred file not found"
+    return tr.metrics_csv(ids)
 
 
 def _zip_bytes(run_dir: Path):

@@ -523,3 +523,37 @@ def test_one_place_for_the_kind_defaults():
         assert RunConfig(kind=kind).to_dict() == default_config(kind).to_dict()
     assert RunConfig(kind="backbone").train.freeze_layers == 2
     assert RunConfig(kind="multitask").train.early_stopping.patience == 2
+
+
+def test_html_report_keeps_units_apart_and_shows_dates(home, tmp_path):
+    """Bug (dashboard issue): accuracy (0-1) and exit layer (1-6) shared one y-axis; events showed unix times."""
+    import re
+
+    import pandas as pd
+
+    from dact_lib.report import curves_figure, write_report
+
+    metrics = pd.DataFrame({"run_id": 1, "step": [1, 2, 1, 2, 1, 2], "epoch": 0, "time": 0.0,
+                            "name": ["val_loss"] * 2 + ["val_accuracy"] * 2 + ["val_avg_exit_layer"] * 2,
+                            "value": [1.0, 0.8, 0.5, 0.6, 5.0, 4.0]})
+    fig = curves_figure(metrics)
+    axis_of = {t.name: t.yaxis for t in fig.data}
+    assert len({axis_of["val_loss"], axis_of["val_accuracy"], axis_of["val_avg_exit_layer"]}) == 3
+    tr = Tracker(home)
+    rid = tr.create_run("dact", {}, status="finished")
+    tr.log_event(rid, "note", {"a": 1})
+    page = write_report(rid, tmp_path / "r.html", home).read_text()
+    assert re.search(r"<td>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d</td><td>note</td>", page)
+
+
+def test_metrics_csv_counts_epochs_from_one(home):
+    """Bug (dashboard issue): the metrics CSV's epoch column said 0 where the epoch metric said 1."""
+    import io
+
+    import pandas as pd
+
+    tr = Tracker(home)
+    rid = tr.create_run("backbone", {}, status="finished")
+    tr.log_metrics(rid, {"epoch": 1.0, "val_loss": 0.5}, step=10, epoch=0)
+    df = pd.read_csv(io.BytesIO(tr.metrics_csv([rid])))
+    assert set(df["epoch"]) == {1} and df.loc[df["name"] == "epoch", "value"].item() == 1.0
