@@ -128,6 +128,15 @@ class TextDataset:
         return self.to_frame().to_csv(index=False, lineterminator="\n").encode("utf-8")
 
 
+class IncompleteRowsError(DataError):
+    """Rows with an empty text or label cell. ``rows``: their line numbers (the header is line 1) — the Data page
+    offers to leave them out (``read_csv(..., drop_incomplete=True)``)."""
+
+    def __init__(self, message: str, rows: list[int]) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
@@ -261,6 +270,18 @@ def csv_header(raw: bytes) -> list[str]:
         return []
 
 
+def csv_rows(raw: bytes, rows: Sequence[int], limit: int = 50) -> pd.DataFrame:
+    """The data rows of a CSV at the given row numbers (the header is row 1, as :class:`IncompleteRowsError`
+    counts them), parsed the way :func:`read_csv` parses — to show a user the rows a fix would drop."""
+    text = _decode(raw, []).replace("\r\n", "\n").lstrip("\n")
+    header, body = _parse(text, _sniff_delimiter(text))
+    body.columns = header
+    keep = [r - 2 for r in list(rows)[:limit] if 0 <= r - 2 < len(body)]
+    out = body.iloc[keep].copy()
+    out.insert(0, "row", [r + 2 for r in keep])
+    return out.reset_index(drop=True)
+
+
 def _parse(text: str, sep: str) -> tuple[list[str], pd.DataFrame]:
     """Header names and the data rows (all strings) of a CSV text."""
     try:
@@ -385,12 +406,14 @@ def _stratified_sample(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows: int | None = None,
              name: str | None = None, max_bytes: int = MAX_BYTES, label_maps: dict[str, list[str]] | None = None,
-             seed: int = 0) -> TextDataset:
+             seed: int = 0, drop_incomplete: bool = False) -> TextDataset:
     """Read and validate a labelled CSV (path, bytes or file object) into a :class:`TextDataset`.
 
     ``columns`` maps canonical names (text|label or sentence|class_label|sentiment_label) to the file's columns;
     ``label_maps`` fixes the classes (labels outside them are an error); ``max_rows`` keeps a seeded stratified
-    sample of that many rows in file order.
+    sample of that many rows in file order. Rows with an empty text or label cell are an error
+    (:class:`IncompleteRowsError`, which names them) unless ``drop_incomplete``: then they are left out and a
+    warning names them.
     """
     raw, default_name = _read_source(source, max_bytes)
     if not raw.strip():
@@ -415,11 +438,24 @@ def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows:
         raise DataError("The file has a header but no data rows: add at least one row of text and label.")
 
     text_col = col_names.get("text", col_names.get("sentence"))
+    if drop_incomplete:
+        cells = [body[pos[k]].astype(str).str.strip().eq("").to_numpy() for k in ("text", *tasks)]
+        incomplete = np.logical_or.reduce(cells)
+        if incomplete.any():
+            warnings.append(f"left out {int(incomplete.sum())} row(s) with an empty text or label cell at "
+                            f"{_rows_text(file_pos[incomplete])} (counting the header as row 1).")
+            body, file_pos = body.iloc[~incomplete], file_pos[~incomplete]
+            if len(body) == 0:
+                raise DataError("Every row has an empty text or label cell: nothing is left to train on.")
+    # every row with an empty text or label cell (what drop_incomplete would leave out), for the error
+    all_incomplete = [int(r) + 2 for r in file_pos[np.logical_or.reduce(
+        [body[pos[k]].astype(str).str.strip().eq("").to_numpy() for k in ("text", *tasks)])]]
     texts_s = body[pos["text"]].astype(str).str.strip()
     empty = file_pos[texts_s.eq("").to_numpy()]
     if len(empty):
-        raise DataError(f"The text column {text_col!r} has empty cells at {_rows_text(empty)} (counting the header "
-                        "as row 1): fill in the text or delete those rows.")
+        raise IncompleteRowsError(
+            f"The text column {text_col!r} has empty cells at {_rows_text(empty)} (counting the header as row 1): "
+            "fill in the text or delete those rows.", rows=all_incomplete)
     numeric = file_pos[texts_s.str.fullmatch(_NUMERIC_TEXT).to_numpy()]
     if len(numeric):
         if len(numeric) > NUMERIC_TEXT_MAX_SHARE * len(body):
@@ -433,8 +469,9 @@ def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows:
         lab = body[pos[task]].astype(str).str.strip()
         bad = file_pos[lab.eq("").to_numpy()]
         if len(bad):
-            raise DataError(f"The label column {col_names[task]!r} has empty cells at {_rows_text(bad)} (counting "
-                            "the header as row 1): give every row a class or delete those rows.")
+            raise IncompleteRowsError(
+                f"The label column {col_names[task]!r} has empty cells at {_rows_text(bad)} (counting the header as "
+                "row 1): give every row a class or delete those rows.", rows=all_incomplete)
         labels[task] = lab.to_numpy(dtype=object)
 
     maps: dict[str, list[str]] = {}

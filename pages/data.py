@@ -10,7 +10,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dact_lib.data import DataError, csv_header, read_csv, split_dataset, spreadsheet_safe_csv
+from dact_lib.data import (DataError, IncompleteRowsError, csv_header, csv_rows, read_csv, split_dataset,
+                           spreadsheet_safe_csv)
 from dact_lib.errors import DactLabError
 from ui import state
 from ui.safe import plain
@@ -36,16 +37,16 @@ def download_name(dataset_id: int, name: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:60]
     return f"dataset-{dataset_id}{'-' + safe if safe else ''}.csv"
 
-def parse_upload(raw: bytes, columns: dict[str, str] | None, name: str):
-    """read_csv with a per-session cache: (TextDataset, None) or (None, error message)."""
-    key = (hashlib.sha256(raw).hexdigest(), json.dumps(columns, sort_keys=True), name)
+def parse_upload(raw: bytes, columns: dict[str, str] | None, name: str, drop_incomplete: bool = False):
+    """read_csv with a per-session cache: (TextDataset, None) or (None, the DataError)."""
+    key = (hashlib.sha256(raw).hexdigest(), json.dumps(columns, sort_keys=True), name, drop_incomplete)
     cached = st.session_state.get("data:parsed")
     if cached and cached[0] == key:
         return cached[1]
     try:
-        result = (read_csv(raw, columns=columns, name=name), None)
+        result = (read_csv(raw, columns=columns, name=name, drop_incomplete=drop_incomplete), None)
     except DataError as exc:
-        result = (None, str(exc))
+        result = (None, exc)
     st.session_state["data:parsed"] = (key, result)
     return result
 
@@ -109,9 +110,24 @@ if up is not None:
     raw = up.getvalue()
     mapping = column_mapping(csv_header(raw))
     default_name = Path(up.name).stem or "dataset"
-    ds, error = parse_upload(raw, mapping, default_name)
+    file_key = hashlib.sha256(raw).hexdigest()
+    drop = st.session_state.get("data:drop-incomplete") == file_key
+    ds, error = parse_upload(raw, mapping, default_name, drop_incomplete=drop)
     if error is not None:
         st.error(plain(error))
+        if isinstance(error, IncompleteRowsError):  # a way on: leave those rows out, keep the rest
+            try:
+                full = parse_upload(raw, mapping, default_name, drop_incomplete=True)[0]
+            except Exception:  # noqa: BLE001 - no offer when the rest is not usable either
+                full = None
+            if full is not None:
+                bad = [r for r in error.rows]
+                st.dataframe(csv_rows(raw, bad), hide_index=True, width="stretch")
+                dropped = next((w for w in full.warnings if w.startswith("left out")), "")
+                if st.button(f"Leave out the rows with empty cells and use the other {len(full):,}",
+                             key="data:drop", icon=":material/playlist_remove:", help=plain(dropped) or None):
+                    st.session_state["data:drop-incomplete"] = file_key
+                    st.rerun()
     else:
         show_dataset(ds)
         split_preview(ds)

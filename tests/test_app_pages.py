@@ -559,3 +559,25 @@ def test_runs_table_shows_each_tasks_scores(populated):
     assert row["val_accuracy (mean of tasks)"] == pytest.approx(best["val_accuracy"])
     single = table[table["id"] == ids["backbone"]].iloc[0]
     assert single["val_accuracy"] == pytest.approx(Tracker(h).get_run(ids["backbone"])["summary"]["best"]["val_accuracy"])
+
+
+def test_rows_with_empty_cells_can_be_left_out_in_the_browser(app_home):
+    """Friction: a file with 2 empty cells was refused with no way on; now the page shows those rows and offers
+    to leave them out, and the rest is saved."""
+    rows = [f"sentence number {i} is here,{'abc'[i % 3]}" for i in range(30)]
+    rows[4] = ",b"          # empty text
+    rows[9] = "no label here,"  # empty label
+    raw = ("text,label\n" + "\n".join(rows) + "\n").encode()
+    at = goto(open_app(), "pages/data.py")
+    at.file_uploader(key="data:upload").upload("gaps.csv", raw, "text/csv")
+    at.run()
+    assert any("empty cells at row 6" in e for e in errors(at))
+    shown_rows = at.dataframe[0].value
+    assert list(shown_rows["row"]) == [6, 11] and list(shown_rows["text"]) == ["", "no label here"]
+    assert Tracker(app_home).list_datasets() == []
+    at.button(key="data:drop").click().run()
+    assert not errors(at), errors(at)
+    assert any("left out 2 row(s)" in shown(w.value) for w in at.warning)
+    at.button(key="data:save").click().run()
+    (d,) = Tracker(app_home).list_datasets()
+    assert d["rows"] == 28
