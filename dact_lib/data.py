@@ -128,6 +128,15 @@ class TextDataset:
         return self.to_frame().to_csv(index=False, lineterminator="\n").encode("utf-8")
 
 
+class ColumnError(DataError):
+    """The text or label column cannot be found (or is ambiguous). ``problem`` says what; the message adds the
+    library's fix (a ``columns=`` mapping); the Data page gives its own (its column-mapping widgets)."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem} {fix}")
+        self.problem = problem
+
+
 class IncompleteRowsError(DataError):
     """Rows with an empty text or label cell. ``rows``: their line numbers (the header is line 1) — the Data page
     offers to leave them out (``read_csv(..., drop_incomplete=True)``)."""
@@ -363,12 +372,12 @@ def _resolve_columns(header: list[str], columns: dict[str, str] | None) -> tuple
         example = "{'text': ..., 'label': ...}" if key in ("text", "label") else \
             "{'sentence': ..., 'class_label': ..., 'sentiment_label': ...}"
         if not hits:
-            raise DataError(f"No {key} column found. The file's columns are {found}; accepted names for the {key} "
-                            f"column are {', '.join(names)}. Rename the column or pass a column mapping, e.g. "
-                            f"columns={example}.")
+            raise ColumnError(f"No {key} column found. The file's columns are {found}; accepted names for the {key} "
+                              f"column are {', '.join(names)}.",
+                              f"Rename the column or pass a column mapping, e.g. columns={example}.")
         which = ", ".join(repr(header[i]) for i in hits)
-        raise DataError(f"Ambiguous {key} column: the file has {which}. Say which one to use with a column "
-                        f"mapping, e.g. columns={{'{key}': {header[hits[0]]!r}}}.")
+        raise ColumnError(f"Ambiguous {key} column: the file has {which}.",
+                          f"Say which one to use with a column mapping, e.g. columns={{'{key}': {header[hits[0]]!r}}}.")
 
     resolved: dict[str, int] = {"text": explicit["text"] if "text" in explicit else guess("text", TEXT_NAMES)}
     for task in tasks:

@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dact_lib.data import (DataError, IncompleteRowsError, csv_header, csv_rows, read_csv, split_dataset,
+from dact_lib.data import (ColumnError, DataError, IncompleteRowsError, csv_header, csv_rows, read_csv, split_dataset,
                            spreadsheet_safe_csv)
 from dact_lib.errors import DactLabError
 from ui import state
@@ -114,7 +114,11 @@ if up is not None:
     drop = st.session_state.get("data:drop-incomplete") == file_key
     ds, error = parse_upload(raw, mapping, default_name, drop_incomplete=drop)
     if error is not None:
-        st.error(plain(error))
+        if isinstance(error, ColumnError):  # the page's own fix, not the library's columns={...} hint
+            st.error(plain(f"{error.problem} Tick “Map the columns myself” above and choose which column is the "
+                           "text and which the label."))
+        else:
+            st.error(plain(error))
         if isinstance(error, IncompleteRowsError):  # a way on: leave those rows out, keep the rest
             try:
                 full = parse_upload(raw, mapping, default_name, drop_incomplete=True)[0]

@@ -581,3 +581,14 @@ def test_rows_with_empty_cells_can_be_left_out_in_the_browser(app_home):
     at.button(key="data:save").click().run()
     (d,) = Tracker(app_home).list_datasets()
     assert d["rows"] == 28
+
+
+def test_wrong_columns_point_at_the_mapping_widgets(app_home):
+    """Friction: the wrong-columns message showed a Python hint (columns={...}) on the Data page."""
+    at = goto(open_app(), "pages/data.py")
+    at.file_uploader(key="data:upload").upload("odd.csv", csv_bytes(header="review,stars"), "text/csv")
+    at.run()
+    (err,) = errors(at)
+    assert "No text column found" in err and "Map the columns myself" in err and "columns={" not in err
+    at.checkbox(key="data:map").check().run()
+    assert not errors(at)  # the mapping picks review -> text, stars -> label
