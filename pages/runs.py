@@ -176,8 +176,24 @@ with st.expander("Filter the run list", expanded=False):
     sel_kinds = c1.multiselect("kind", kinds, default=[], key="runs_kinds", placeholder="all kinds")
     sel_status = c2.multiselect("status", statuses, default=statuses, key="runs_status")
     top_only = c3.checkbox("top-level runs only (hide trials / PBT members)", value=False, key="runs_top")
+query = st.text_input("Search runs", key="runs_search", placeholder="id, name, kind, tag, status or dataset — "
+                      "every word must match, e.g. 'dact finished sst2'")
+datasets = {d["id"]: d.get("name") or "" for d in tr.list_datasets()}
+
+
+def matches(r: dict, words: list[str]) -> bool:
+    hay = " ".join(str(x) for x in (f"#{r['id']}", r["id"], r.get("name") or "", r["kind"], r.get("tag") or "",
+                                    r["status"], f"dataset:{r.get('dataset_id')}",
+                                    datasets.get(r.get("dataset_id"), ""))).lower()
+    return all(w in hay for w in words)
+
+
+words = query.lower().split()
 runs = [r for r in all_runs if (not sel_kinds or r["kind"] in sel_kinds) and r["status"] in sel_status
-        and (not top_only or r.get("parent_id") is None)]
+        and (not top_only or r.get("parent_id") is None) and matches(r, words)]
+if words and not runs:
+    st.info(f"No run matches {plain(query)!s}.")
+    st.stop()
 by_id = {r["id"]: r for r in all_runs}
 
 st.dataframe(_runs_table(runs), hide_index=True, height=min(400, 38 + 35 * len(runs)),

@@ -592,3 +592,15 @@ def test_wrong_columns_point_at_the_mapping_widgets(app_home):
     assert "No text column found" in err and "Map the columns myself" in err and "columns={" not in err
     at.checkbox(key="data:map").check().run()
     assert not errors(at)  # the mapping picks review -> text, stars -> label
+
+
+def test_every_run_is_findable_by_search(populated):
+    h, ids, ds_id = populated
+    at = goto(open_app(), "pages/runs.py")
+    at.text_input(key="runs_search").set_value("multitask").run()
+    assert list(at.dataframe[0].value["id"]) == [ids["multitask"]]
+    assert at.multiselect(key="runs_selected").options == [f"#{ids['multitask']} multitask · finished"]
+    at.text_input(key="runs_search").set_value(f"dataset:{ds_id} backbone").run()
+    assert list(at.dataframe[0].value["id"]) == [ids["stored"]]
+    at.text_input(key="runs_search").set_value("no-such-run").run()
+    assert not at.exception and any("No run matches" in i.value for i in at.info)
