@@ -48,7 +48,7 @@ _ENGINES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 #: the multi-task engine's data check, run at submit time for kind 'multitask' (the job itself runs the loop with
 #: the pre-created run id, as ``train_multitask`` would after the same check)
-_MULTITASK_CHECK = ("dact_lib.tuning.multitask", "check_multitask_data")
+_MULTITASK_CHECK = ("dact_lib.multitask", "check_multitask_data")
 
 JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")
 _ACTIVE = ("queued", "running")

@@ -7,7 +7,7 @@ import torch
 from dact_lib.config import default_config
 from dact_lib.errors import ConfigError, DataError
 from dact_lib.tracker import Tracker
-from dact_lib.tuning.multitask import parse_task_weights, train_multitask
+from dact_lib.multitask import parse_task_weights, train_multitask
 
 
 def tiny_cfg(epochs=2, **model_kw):

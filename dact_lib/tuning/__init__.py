@@ -1,7 +1,8 @@
-"""The tuning engines: backbone study (seed 000), DACT staged pipeline, PBT, multi-task training (seed 003).
+"""The tuning engines: backbone study (seed 000), DACT staged pipeline, PBT, and the Optuna study helpers.
+(Multi-task training is not tuning: it is ``dact_lib.multitask``.)
 
 Entry points are imported lazily (``from dact_lib.tuning import tune_backbone``), so importing this package is
-cheap and does not fail while an engine module is missing.
+cheap.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from typing import Any
 
 _EXPORTS = {
     "tune_backbone": "backbone", "BackboneSpace": "backbone", "TuneResult": "backbone",
-    "train_multitask": "multitask",
     "run_pipeline": "dact_pipeline", "PipelineConfig": "dact_pipeline", "PipelineResult": "dact_pipeline",
     "run_pbt": "pbt", "PBTConfig": "pbt", "PBTResult": "pbt",
     "list_studies": "studies", "create_study": "studies", "storage": "studies", "PruningCallback": "studies",

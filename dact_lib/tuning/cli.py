@@ -315,7 +315,7 @@ def cmd_pbt(args) -> int:
 def cmd_multitask(args) -> int:
     from ..callbacks import ProgressPrinter
     from ..tracker import Tracker
-    from .multitask import parse_task_weights, train_multitask
+    from ..multitask import parse_task_weights, train_multitask
 
     cfg = _base_config(args, "multitask")
     if args.pooling:

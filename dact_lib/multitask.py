@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import copy
 
-from ..callbacks import Callback, CancelToken
-from ..config import RunConfig, default_config
-from ..data import DatasetSplit, TextDataset
-from ..errors import ConfigError, DataError
-from ..tracker import Tracker
-from ..train import TrainResult, load_split, train
+from .callbacks import Callback, CancelToken
+from .config import RunConfig, default_config
+from .data import DatasetSplit, TextDataset
+from .errors import ConfigError, DataError
+from .tracker import Tracker
+from .train import TrainResult, load_split, train
 
 TASKS = ("class_label", "sentiment_label")
 
