@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui.forms import Field, Mode, dataclass_fields, dataclass_values, launch_page
+from ui.forms import Mode, make_field, dataclass_fields, dataclass_values, launch_page
 from ui.nav import through_app
 
 through_app()
@@ -21,21 +21,13 @@ def _space_cls():
     return BackboneSpace
 
 
-def _unavailable() -> str | None:
-    try:
-        _space_cls()
-    except Exception as exc:  # noqa: BLE001 - the page still shows the single-run form
-        return f"The tuning engine is not available in this installation ({exc})."
-    return None
-
-
 def _tune_fields() -> list[Field]:
     return [
-        Field("trials", "Trials", "int", help="Number of Optuna trials (each is one training run)."),
-        Field("timeout_min", "Time limit in minutes (0 = none)", "optfloat",
+        make_field("trials", "Trials", "int", help="Number of Optuna trials (each is one training run)."),
+        make_field("timeout_min", "Time limit in minutes (0 = none)", "optfloat",
               help="Checked before each trial: no new trial starts after the limit."),
-        Field("study_name", "Study name (optional; an existing study gets more trials)", "text"),
-        Field("final", "Train the best settings as a final run", "bool"),
+        make_field("study_name", "Study name (optional; an existing study gets more trials)", "text"),
+        make_field("final", "Train the best settings as a final run", "bool"),
     ] + dataclass_fields(_space_cls(), "space")
 
 
@@ -46,6 +38,6 @@ def _tune_defaults() -> dict:
 
 launch_page("backbone", kinds=("backbone",), modes=[
     Mode("Single run", None),
-    Mode("Optuna tuning", "tune-backbone", _tune_fields, _tune_defaults, _unavailable,
+    Mode("Optuna tuning", "tune-backbone", _tune_fields, _tune_defaults, None,
          help="Optuna tuning runs several trials (TPE sampler, median pruner) and records them as a study."),
 ])

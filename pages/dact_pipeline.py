@@ -25,16 +25,17 @@ def _cfg_cls():
     return PipelineConfig
 
 
-def _unavailable() -> str | None:
-    try:
-        _cfg_cls()
-    except Exception as exc:  # noqa: BLE001 - the page still shows the single-run form
-        return f"The DACT pipeline engine is not available in this installation ({exc})."
-    return None
-
-
 def _fields():
-    return dataclass_fields(_cfg_cls(), "pipeline")
+    # the pipeline's name is the run name field (one name: Jobs, Runs and the resume key agree)
+    return dataclass_fields(_cfg_cls(), "pipeline", skip=("name",))
+
+
+def _name_from_run(cfg, options: dict) -> dict:
+    """The pipeline is named by the form's run name (starting a pipeline again with the same name resumes it);
+    without one, the loaded config's pipeline name, else a fresh name for this session."""
+    pipe = dict(options.get("pipeline") or {})
+    pipe["name"] = cfg.name or pipe.get("name") or st.session_state["dact:pipeline-name"]
+    return {**options, "pipeline": pipe}
 
 
 def _defaults() -> dict:
@@ -45,5 +46,6 @@ def _defaults() -> dict:
 
 launch_page("dact", kinds=("dact",), modes=[
     Mode("Single DACT run", None),
-    Mode("Full pipeline", "dact-pipeline", _fields, _defaults, _unavailable),
+    Mode("Full pipeline", "dact-pipeline", _fields, _defaults, None, prepare_options=_name_from_run,
+         help="Give the pipeline a run name to resume it later by that name."),
 ])

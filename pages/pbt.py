@@ -21,16 +21,9 @@ def _cfg_cls():
     return PBTConfig
 
 
-def _unavailable() -> str | None:
-    try:
-        _cfg_cls()
-    except Exception as exc:  # noqa: BLE001 - the page still shows the single-run form
-        return f"The PBT engine is not available in this installation ({exc})."
-    return None
-
-
 def _fields():
-    return dataclass_fields(_cfg_cls(), "pbt")
+    # epochs: the run settings' Epochs (one field, not two)
+    return dataclass_fields(_cfg_cls(), "pbt", skip=("epochs",))
 
 
 def _defaults() -> dict:
@@ -38,4 +31,4 @@ def _defaults() -> dict:
 
 
 launch_page("pbt", kinds=("backbone", "dact", "multitask"), kind_label="Member model kind",
-            modes=[Mode("PBT", "pbt", _fields, _defaults, _unavailable)])
+            modes=[Mode("PBT", "pbt", _fields, _defaults)])

@@ -385,7 +385,8 @@ def test_tuning_and_pipeline_jobs_from_the_forms(app_home):
     fill_tiny(at, BB)
     at.number_input(key=f"{BB}:trials").set_value(1)
     at.checkbox(key=f"{BB}:final").uncheck()
-    at.text_input(key=f"{BB}:space.epochs").set_value("[1, 1]")
+    at.number_input(key=f"{BB}:space.epochs:low").set_value(1)
+    at.number_input(key=f"{BB}:space.epochs:high").set_value(1)
     tune_id = start(at, "backbone")
 
     goto(at, "pages/dact_pipeline.py")
@@ -394,7 +395,8 @@ def test_tuning_and_pipeline_jobs_from_the_forms(app_home):
     fill_tiny(at, pre)
     for stage in ("trials_stage1", "trials_stage2", "trials_stage3", "stage1_epochs"):
         at.number_input(key=f"{pre}:pipeline.{stage}").set_value(1)
-    at.text_input(key=f"{pre}:pipeline.epochs_range").set_value("[1, 1]")
+    at.number_input(key=f"{pre}:pipeline.epochs_range:low").set_value(1)
+    at.number_input(key=f"{pre}:pipeline.epochs_range:high").set_value(1)
     at.checkbox(key=f"{pre}:pipeline.sweep_timed").uncheck()
     pipe_id = start(at, "dact")
 
@@ -412,7 +414,7 @@ def test_tuning_and_pipeline_jobs_from_the_forms(app_home):
 
     # with guards = warn it records the failed guard and goes on to the end
     at.selectbox(key=f"{pre}:pipeline.guards").set_value("warn")
-    at.text_input(key=f"{pre}:pipeline.name").set_value("warned-pipeline")
+    at.text_input(key=f"{pre}:name").set_value("warned-pipeline")  # the run name names the pipeline
     pipe_id = start(at, "dact")
     assert jobs().wait(pipe_id, timeout=120) == "finished", jobs().jobs()
     summary = tr.get_run(pipe_id)["summary"]
@@ -604,3 +606,28 @@ def test_every_run_is_findable_by_search(populated):
     assert list(at.dataframe[0].value["id"]) == [ids["stored"]]
     at.text_input(key="runs_search").set_value("no-such-run").run()
     assert not at.exception and any("No run matches" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("path, page, mode, prefix", [("pages/dact_pipeline.py", "dact", "Full pipeline", "pipeline"),
+                                                      ("pages/pbt.py", "pbt", None, "pbt"),
+                                                      ("pages/backbone.py", "backbone", "Optuna tuning", "space")])
+def test_engine_forms_have_human_labels_and_proper_widgets(app_home, path, page, mode, prefix):
+    """Friction: the pipeline and PBT forms were raw JSON fields with code labels ("objective3", "ready every
+    steps (JSON) = null"), PBT had "Epochs" and "epochs (JSON)", the pipeline two name fields."""
+    at = goto(open_app(), path)
+    if mode:
+        at.radio(key=f"{page}:mode").set_value(mode).run()
+    widgets = [w for kind in ("number_input", "text_input", "selectbox", "multiselect", "checkbox")
+               for w in at.get(kind) if f":{prefix}." in str(getattr(w, "key", ""))]
+    assert len(widgets) >= 5
+    labels = [w.label for w in widgets]
+    assert not [lab for lab in labels if "(JSON)" in lab or "_" in lab], labels
+    assert not [w for w in at.get("text_input") if f":{prefix}." in str(w.key)
+                and str(w.key).endswith(("_range", ".lr", ".dropout"))]  # ranges are two numbers
+    if page == "dact":
+        assert not any(str(w.key).endswith(":pipeline.name") for w in at.get("text_input"))  # one name
+        assert at.number_input(key="dact/dact:pipeline.head_lr_range:low").value == pytest.approx(3e-4)
+        assert at.selectbox(key="dact/dact:pipeline.stage2_pruner").label == "Stage 2 pruning"
+    if page == "pbt":
+        assert not any(str(w.key).endswith(":pbt.epochs") for w in widgets)  # one Epochs field
+        assert at.multiselect(key="pbt/backbone:pbt.space.activations").value

@@ -19,6 +19,7 @@ import streamlit as st
 from dact_lib.config import DEFAULT_ENCODER, TINY_ENCODER, RunConfig, default_config, parse_mapping, split_config_document
 from dact_lib.errors import ConfigError, DactLabError
 
+from ui.fields import Field, make_field, settings_fields  # noqa: F401 - Field re-exported
 from ui.safe import plain
 
 from . import state
@@ -27,86 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------------------------- fields
-
-
-@dataclass
-class Field:
-    """One form widget bound to a dotted path of a mapping.
-
-    ``kind``: text | int | float | sci (small float, scientific format) | bool | select | dims (list of ints as
-    "256, 64") | optint (0 = None) | optfloat (0 = None) | json (any value as JSON text) | dataset."""
-
-    path: str
-    label: str
-    kind: str = "text"
-    options: tuple = ()
-    help: str | None = None
-
-    # value <-> widget value ---------------------------------------------------
-    def to_widget(self, value: Any) -> Any:
-        k = self.kind
-        if k == "dims":
-            return ", ".join(str(v) for v in (value or []))
-        if k == "optint":
-            return 0 if value is None else int(value)
-        if k == "optfloat":
-            return 0.0 if value is None else float(value)
-        if k == "int":
-            return int(value) if value is not None else 0
-        if k in ("float", "sci"):
-            return float(value) if value is not None else 0.0
-        if k == "bool":
-            return bool(value)
-        if k == "json":
-            return json.dumps(value)
-        if k == "text":
-            return "" if value is None else str(value)
-        return value
-
-    def from_widget(self, value: Any) -> Any:
-        k = self.kind
-        if k == "dims":
-            text = str(value or "").strip().strip("[]")
-            try:
-                return [int(x) for x in text.replace(";", ",").split(",") if x.strip()]
-            except ValueError:
-                raise ConfigError(f"{self.path} = {value!r} is invalid: write layer widths separated by commas, "
-                                  "e.g. 256, 64 (empty = one linear layer).") from None
-        if k == "optint":
-            return None if not value else int(value)
-        if k == "optfloat":
-            return None if not value else float(value)
-        if k == "int":
-            return int(value)
-        if k in ("float", "sci"):
-            return float(value)
-        if k == "json":
-            try:
-                return json.loads(value) if str(value).strip() else None
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{self.path} = {value!r} is invalid JSON ({exc.msg}): write e.g. 0.5, [1, 4], "
-                                  "\"text\" or null.") from None
-        if k == "text":
-            return str(value).strip() or None
-        return value
-
-    # drawing ------------------------------------------------------------------
-    def draw(self, key: str) -> None:
-        k, label, help_ = self.kind, self.label, self.help
-        if k == "bool":
-            st.checkbox(label, key=key, help=help_)
-        elif k == "select":
-            st.selectbox(label, list(self.options), key=key, help=help_)
-        elif k in ("int", "optint"):
-            st.number_input(label, key=key, step=1, help=help_)
-        elif k == "float" or k == "optfloat":
-            st.number_input(label, key=key, step=0.05, format="%.3f", help=help_)
-        elif k == "sci":
-            st.number_input(label, key=key, step=1e-5, format="%.2e", help=help_)
-        elif k == "dataset":
-            dataset_picker(key, two_task_only="two_task" in self.options, label=label, help_=help_)
-        else:
-            st.text_input(label, key=key, help=help_)
 
 
 def get_path(mapping: dict, path: str) -> Any:
@@ -155,8 +76,8 @@ def fill_state(prefix: str, fields: list[Field], values: dict, *, overwrite: boo
     """Write ``values`` (a nested mapping) into the widgets' session-state keys."""
     for f in fields:
         key = _skey(prefix, f.path)
-        if overwrite or key not in st.session_state:
-            st.session_state[key] = f.to_widget(get_path(values, f.path))
+        if overwrite or not f.has_state(key):
+            f.write(key, get_path(values, f.path))
 
 
 def draw_fields(prefix: str, fields: list[Field], columns: int = 3) -> None:
@@ -170,40 +91,13 @@ def collect(prefix: str, fields: list[Field], base: dict) -> dict:
     """``base`` (deep-copied) with every field's current widget value set; ConfigError for an unparsable value."""
     out = json.loads(json.dumps(base, default=list))
     for f in fields:
-        set_path(out, f.path, f.from_widget(st.session_state.get(_skey(prefix, f.path))))
+        set_path(out, f.path, f.read(_skey(prefix, f.path)))
     return out
 
 
 def dataclass_fields(cls: type, path: str = "", skip: tuple[str, ...] = ()) -> list[Field]:
-    """Generic fields for an engine's settings dataclass (PBTConfig, PipelineConfig, ...): bool → checkbox,
-    int/float → number, Literal → select, str → text, anything else (optional values, lists) → JSON text;
-    nested dataclasses are flattened (``space.lr``)."""
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001
-        hints = {}
-    out: list[Field] = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        hint = hints.get(f.name, f.type)
-        p = f"{path}.{f.name}" if path else f.name
-        label = f.name.replace("_", " ")
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            out += dataclass_fields(hint, p)
-        elif hint is bool:
-            out.append(Field(p, label, "bool"))
-        elif hint is int:
-            out.append(Field(p, label, "int"))
-        elif hint is float:
-            out.append(Field(p, label, "float"))
-        elif typing.get_origin(hint) is typing.Literal:
-            out.append(Field(p, label, "select", tuple(typing.get_args(hint))))
-        elif hint is str:
-            out.append(Field(p, label, "text"))
-        else:
-            out.append(Field(p, label + " (JSON)", "json"))
-    return out
+    """Fields for an engine's settings dataclass (PBTConfig, PipelineConfig, ...): see ui.fields.settings_fields."""
+    return settings_fields(cls, path, skip)
 
 
 def dataclass_values(obj: Any) -> dict:
@@ -219,28 +113,28 @@ def dataclass_values(obj: Any) -> dict:
 def run_fields(kind: str) -> list[Field]:
     """The RunConfig settings every launch form shows (the model's own fields are added by each page)."""
     return [
-        Field("encoder", "Encoder", "text",
+        make_field("encoder", "Encoder", "text",
               help=f"'{DEFAULT_ENCODER}' (bundled, no download), '{TINY_ENCODER}' (a tiny random encoder for quick "
                    "checks), a Hugging Face model name or a local folder."),
-        Field("data.dataset_id", "Dataset", "dataset", ("two_task",) if kind == "multitask" else (),
+        make_field("data.dataset_id", "Dataset", "dataset", ("two_task",) if kind == "multitask" else (),
               help="A dataset saved on the Data page, or the bundled demo data."
                    + (" Multi-task training needs a two-task dataset." if kind == "multitask" else "")),
-        Field("data.max_rows", "Max rows (0 = all)", "optint",
+        make_field("data.max_rows", "Max rows (0 = all)", "optint",
               help="Train on a stratified sample of this many rows."),
-        Field("data.val_frac", "Validation fraction", "float"),
-        Field("data.test_frac", "Test fraction", "float"),
-        Field("data.split_seed", "Split seed", "int"),
-        Field("data.max_seq_len", "Max tokens per text", "int"),
-        Field("train.epochs", "Epochs", "int"),
-        Field("train.batch_size", "Batch size", "int"),
-        Field("train.encoder_lr", "Encoder learning rate", "sci"),
-        Field("train.head_lr", "Head learning rate", "sci"),
-        Field("train.weight_decay", "Weight decay", "sci"),
-        Field("train.seed", "Seed", "int"),
-        Field("train.time_limit_min", "Time limit in minutes (0 = none)", "optfloat",
+        make_field("data.val_frac", "Validation fraction", "float"),
+        make_field("data.test_frac", "Test fraction", "float"),
+        make_field("data.split_seed", "Split seed", "int"),
+        make_field("data.max_seq_len", "Max tokens per text", "int"),
+        make_field("train.epochs", "Epochs", "int"),
+        make_field("train.batch_size", "Batch size", "int"),
+        make_field("train.encoder_lr", "Encoder learning rate", "sci"),
+        make_field("train.head_lr", "Head learning rate", "sci"),
+        make_field("train.weight_decay", "Weight decay", "sci"),
+        make_field("train.seed", "Seed", "int"),
+        make_field("train.time_limit_min", "Time limit in minutes (0 = none)", "optfloat",
               help="Stop after this long, keep the best checkpoint (PBT: every member; multi-task: the run)."),
-        Field("train.early_stopping.enabled", "Early stopping", "bool"),
-        Field("train.device", "Device", "select", ("auto", "cpu", "cuda")),
+        make_field("train.early_stopping.enabled", "Early stopping", "bool"),
+        make_field("train.device", "Device", "select", ("auto", "cpu", "cuda")),
     ]
 
 
@@ -434,44 +328,44 @@ def model_fields(kind: str) -> list[Field]:
     """The model settings a launch form shows for ``kind``."""
     if kind == "dact":
         return [
-            Field("model.pooling", "Pooling", "select", POOLING),
-            Field("model.classifier.hidden_dims", "Classifier hidden layers", "dims",
+            make_field("model.pooling", "Pooling", "select", POOLING),
+            make_field("model.classifier.hidden_dims", "Classifier hidden layers", "dims",
                   help="Widths of the per-layer classifier MLP, e.g. 128 (empty = linear)."),
-            Field("model.halting.hidden_dims", "Halting hidden layers", "dims"),
-            Field("model.ponder_lambda", "Ponder cost λ", "sci",
+            make_field("model.halting.hidden_dims", "Halting hidden layers", "dims"),
+            make_field("model.ponder_lambda", "Ponder cost λ", "sci",
                   help="Weight of the ponder (computation) cost: larger = earlier exits."),
-            Field("model.layer_loss_weight", "Per-layer classifier loss weight", "float",
+            make_field("model.layer_loss_weight", "Per-layer classifier loss weight", "float",
                   help="0 = the DACT paper's loss. > 0 also trains every layer's classifier on its own "
                        "(as PABEE/DeeBERT do): much better early-layer classifiers, which the patience and "
                        "entropy exits and the per-layer charts use."),
-            Field("model.distill_weight", "Self-distillation weight", "float",
+            make_field("model.distill_weight", "Self-distillation weight", "float",
                   help="> 0 distils every exit from the deepest one (KL, temperature model.distill_temperature)."),
-            Field("model.halting_input", "Halting units read", "select", ("confidence", "summary", "both"),
+            make_field("model.halting_input", "Halting units read", "select", ("confidence", "summary", "both"),
                   help="confidence: max, margin, entropy of y_n and agreement with a_(n-1); summary: the layer "
                        "summary (the paper); both: concatenated."),
-            Field("model.fit_halting", "Fit the halting units after training (λ sweep on validation)", "bool",
+            make_field("model.fit_halting", "Fit the halting units after training (λ sweep on validation)", "bool",
                   help="Encoder and classifiers stay as trained; the halting units are refitted per λ and the "
                        "fastest point within the tolerance below is kept."),
-            Field("model.halting_tolerance", "Halting tolerance (accuracy points)", "float",
+            make_field("model.halting_tolerance", "Halting tolerance (accuracy points)", "float",
                   help="Keep the fastest fitted λ whose validation accuracy is within this many points of the "
                        "best one: larger = earlier exits."),
-            Field("model.share_weights", "Share classifier/halting weights across layers", "bool"),
+            make_field("model.share_weights", "Share classifier/halting weights across layers", "bool"),
         ]
     if kind == "multitask":
         return [
-            Field("model.pooling", "Pooling", "select", POOLING),
-            Field("model.normalize", "L2-normalise the sentence vector", "bool"),
-            Field("model.head.hidden_dims", "Head hidden layers", "dims"),
-            Field("model.head.activation", "Head activation", "select", ACTIVATION),
-            Field("model.head.dropout", "Head dropout", "float"),
-            Field("model.task_weights", "Task weights (JSON; null = 1 each)", "json",
+            make_field("model.pooling", "Pooling", "select", POOLING),
+            make_field("model.normalize", "L2-normalise the sentence vector", "bool"),
+            make_field("model.head.hidden_dims", "Head hidden layers", "dims"),
+            make_field("model.head.activation", "Head activation", "select", ACTIVATION),
+            make_field("model.head.dropout", "Head dropout", "float"),
+            make_field("model.task_weights", "Task weights (JSON; null = 1 each)", "json",
                   help='e.g. {"class_label": 1.0, "sentiment_label": 0.5}'),
         ]
     return [
-        Field("model.pooling", "Pooling", "select", POOLING),
-        Field("model.head.hidden_dims", "Head hidden layers", "dims", help="e.g. 256, 64 (empty = linear)."),
-        Field("model.head.activation", "Head activation", "select", ACTIVATION),
-        Field("model.head.dropout", "Head dropout", "float"),
+        make_field("model.pooling", "Pooling", "select", POOLING),
+        make_field("model.head.hidden_dims", "Head hidden layers", "dims", help="e.g. 256, 64 (empty = linear)."),
+        make_field("model.head.activation", "Head activation", "select", ACTIVATION),
+        make_field("model.head.dropout", "Head dropout", "float"),
     ]
 
 
@@ -486,6 +380,8 @@ class Mode:
     unavailable: Callable[[], str | None] | None = None  # a reason the engine cannot be used, or None
     help: str | None = None
     unavailable_reason: str | None = None
+    #: (RunConfig, options) -> options, after the form is read: e.g. the pipeline takes the run's name
+    prepare_options: Callable[[RunConfig, dict], dict] | None = None
 
 
 def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_label: str = "Model kind") -> None:
@@ -499,7 +395,7 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
         return f"{page}/{kind}"
 
     def fields_for(kind: str) -> list[Field]:
-        return run_fields(kind) + model_fields(kind) + [Field("name", "Run name (optional)", "text")]
+        return run_fields(kind) + model_fields(kind) + [make_field("name", "Run name (optional)", "text")]
 
     def init(kind: str) -> None:
         base_key = f"{state_prefix(kind)}:base"
@@ -577,6 +473,8 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
         if opt_fields:
             base_opts = st.session_state.get(f"{pre}:{mode.label}:options_base") or mode.option_defaults()
             options = collect(pre, opt_fields, base_opts)
+            if mode.prepare_options is not None:
+                options = mode.prepare_options(cfg, options)
         return cfg, options
 
     if start or check:
