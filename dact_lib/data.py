@@ -5,6 +5,7 @@ how to fix it. Row numbers in messages count the header as row 1 (as a spreadshe
 """
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import io
@@ -157,6 +158,7 @@ def spreadsheet_safe_csv(csv_bytes: bytes) -> bytes:
     import csv
     import io
 
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_BYTES + 1))  # a cell may be as big as a file may be
     rows = list(csv.reader(io.StringIO(csv_bytes.decode("utf-8"), newline="")))
     out = io.StringIO(newline="")
     writer = csv.writer(out, lineterminator="\n")
@@ -173,7 +175,10 @@ def _fmt_size(n: int) -> str:
 
 
 def _too_big(size: int, max_bytes: int) -> DataError:
-    return DataError(f"The file is {_fmt_size(size)}, over the limit of {_fmt_size(max_bytes)}: sample the file "
+    got, limit = _fmt_size(size), _fmt_size(max_bytes)
+    if got == limit:  # "50.0 MiB, over the limit of 50.0 MiB" reads as a contradiction: give the bytes
+        got, limit = f"{size:,} bytes", f"{max_bytes:,} bytes"
+    return DataError(f"The file is {got}, over the limit of {limit}: sample the file "
                      "(keep fewer rows) before uploading, or raise the limit (max_bytes).")
 
 
@@ -216,14 +221,19 @@ def _read_source(source: Source, max_bytes: int) -> tuple[bytes, str]:
 
 
 def _decode(raw: bytes, warnings: list[str]) -> str:
-    """UTF-8 (BOM stripped), UTF-16 with a BOM, else Latin-1 (Windows-1252) with a warning."""
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        try:
-            return raw.decode("utf-16")
-        except UnicodeDecodeError:
-            pass
-    head = raw[:65536]
-    if b"\x00" in head or raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0", b"%PDF")):
+    """UTF-8 (BOM stripped), UTF-32 / UTF-16 with a BOM, else Latin-1 (Windows-1252) with a warning. A NUL byte
+    anywhere (outside a UTF-16/32 file) means a binary file."""
+    for bom, enc in ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+                     (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if raw.startswith(bom):
+            try:
+                text = raw.decode(enc)
+            except UnicodeDecodeError:
+                break
+            if "\x00" in text:
+                break
+            return text
+    if b"\x00" in raw or raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0", b"%PDF")):
         raise DataError("The file looks like a binary file (an Excel .xlsx/.xls, a zip or a PDF?), not a text CSV: "
                         "open it in its program and export (Save As) a CSV (UTF-8) file.")
     try:
@@ -325,11 +335,27 @@ def _rows_text(rows: Sequence[int]) -> str:
     return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
 
 
+#: more columns than this is not a labelled-text CSV (and reading them would stall the server)
+MAX_COLUMNS = 1000
+
+
+def _names_text(header: Sequence[str], limit: int = 20, width: int = 60) -> str:
+    """The file's column names for a message: each cut to ``width`` characters, at most ``limit`` of them."""
+    shown = [repr(h if len(h) <= width else h[:width] + "…") for h in header[:limit]]
+    more = f" and {len(header) - limit:,} more" if len(header) > limit else ""
+    return ", ".join(shown) + more
+
+
 def _resolve_columns(header: list[str], columns: dict[str, str] | None) -> tuple[list[str], dict[str, int]]:
     """(tasks, canonical name -> column position). Canonical text key is 'text' here."""
-    found = ", ".join(repr(h) for h in header)
+    if len(header) > MAX_COLUMNS:
+        raise DataError(f"The file has {len(header):,} columns: a labelled-text CSV has a few (text and label, or "
+                        f"sentence, class_label and sentiment_label), at most {MAX_COLUMNS:,}. Check the delimiter, "
+                        "or keep only the columns you need.")
+    found = _names_text(header)
     norm = [_norm(h) for h in header]
-    dupes = sorted({n for n in norm if n and norm.count(n) > 1})  # unnamed columns (trailing delimiters) are ok
+    counts = collections.Counter(norm)
+    dupes = sorted(n for n, c in counts.items() if n and c > 1)  # unnamed columns (trailing delimiters) are ok
     if dupes:
         where = "; ".join(f"{d!r} (columns {', '.join(str(i + 1) for i, n in enumerate(norm) if n == d)})"
                           for d in dupes)
@@ -375,7 +401,7 @@ def _resolve_columns(header: list[str], columns: dict[str, str] | None) -> tuple
             raise ColumnError(f"No {key} column found. The file's columns are {found}; accepted names for the {key} "
                               f"column are {', '.join(names)}.",
                               f"Rename the column or pass a column mapping, e.g. columns={example}.")
-        which = ", ".join(repr(header[i]) for i in hits)
+        which = _names_text([header[i] for i in hits])
         raise ColumnError(f"Ambiguous {key} column: the file has {which}.",
                           f"Say which one to use with a column mapping, e.g. columns={{'{key}': {header[hits[0]]!r}}}.")
 
@@ -440,7 +466,7 @@ def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows:
     col_names = {("sentence" if len(tasks) > 1 and k == "text" else k): header[i] for k, i in pos.items()}
 
     # Fully blank rows (empty lines) are dropped; positions stay those of the file for row numbers.
-    blank = body.apply(lambda col: col.str.strip().eq("")).all(axis=1).to_numpy() if len(body) else np.zeros(0, bool)
+    blank = (np.char.strip(body.to_numpy(dtype=str)) == "").all(axis=1) if len(body) else np.zeros(0, bool)
     file_pos = np.flatnonzero(~blank)
     body = body.iloc[file_pos]
     if len(body) == 0:
