@@ -296,7 +296,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    freeze_embeddings: bool = True  # keep the (30k x hidden) word-embedding matrix fixed: cheaper, same accuracy
+    freeze_embeddings: bool = True  # keep the whole embeddings module (word, position, token-type, LayerNorm) fixed: cheaper, same accuracy
     freeze_layers: int = 0  # freeze the lowest k encoder layers ...
     gradual_unfreeze: bool = False  # ... and unfreeze one more (top-down) at the start of every epoch
     # "bf16" autocast, or "auto" (evaluate.resolve_precision: bf16 on hardware with native bf16 — CUDA with bf16,

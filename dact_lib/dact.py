@@ -1,6 +1,6 @@
 """All DACT maths of DACT Lab: accumulation, ponder cost, loss, the halting rule and the exit policies.
 
-Pure tensor functions (no model code, no I/O). Notation of docs/dact_spec.md:
+Pure tensor functions (no model code, no I/O). Notation of ../shared/docs/dact_spec.md (outside the repository, shared with every developer and CI):
 
 * ``y`` — per-layer class probabilities y_n (softmax already applied), shape [B, N, K];
 * ``h`` — per-layer halting probabilities h_n in (0, 1), the probability of *going on*, shape [B, N];

@@ -1,7 +1,8 @@
 """Tests of dact_lib.dact — every expected number below is worked out by hand in the comments.
 
-Notation (docs/dact_spec.md): p_0 = 1, a_0 = 0;  a_n = p_{n-1} y_n + (1 - p_{n-1}) a_{n-1};  p_n = h_n p_{n-1};
-rho = sum_n p_n;  halt at n iff best (1 - p_n)^d > runner_up + p_n d with d = N - n.
+Notation of the spec, ../shared/docs/dact_spec.md (outside the repo: shared with every developer and CI):
+p_0 = 1, a_0 = 0;  a_n = p_{n-1} y_n + (1 - p_{n-1}) a_{n-1};  p_n = h_n p_{n-1};  rho = sum_n p_n;
+halt at n iff best (1 - p_n)^d > runner_up + p_n d with d = N - n.
 The tests named test_mistake_* each fail on one of the spec's six mistakes.
 """
 from __future__ import annotations
