@@ -141,3 +141,44 @@ def test_has_studies_is_read_only_and_start_dashboard_serves_the_home(home):
         srv["proc"].terminate()
         srv["proc"].wait(timeout=10)
     assert studies.dashboard(home) is None
+
+
+# --- the studies the tiny engines made (tests/records.py, built once per session) --------------------------------
+
+
+def test_engine_studies_are_listed_with_their_counts_best_values_and_runs(tmp_path_factory):
+    from records import engine_records
+
+    rec = engine_records(tmp_path_factory)
+    tracker = Tracker(rec.home)
+    url = optuna_storage_url(rec.home)
+    rows = {r["name"]: r for r in list_studies(rec.home)}
+    assert sorted(rows) == rec.studies == sorted([rec.tune_study, "pipe/stage1", "pipe/stage2", "pipe/stage3"])
+    for name, row in rows.items():
+        study = optuna.load_study(study_name=name, storage=url)
+        states = [t.state.name.lower() for t in study.trials]
+        assert row["n_trials"] == len(study.trials) > 0
+        assert {k: v for k, v in row["trials"].items() if v} == {s: states.count(s) for s in set(states)}
+        assert row["parent_run_id"] == (rec.tune if name == rec.tune_study else rec.pipeline)
+
+    # backbone tuning: one objective; every trial is a child run of the tuning run, tagged with its number
+    study = optuna.load_study(study_name=rec.tune_study, storage=url)
+    tune = rows[rec.tune_study]
+    assert tune["best_value"] == pytest.approx(study.best_value) and tune["best_trial"] == study.best_trial.number
+    assert tune["best_run_id"] == study.best_trial.user_attrs["run_id"] and tune["best_params"] == study.best_params
+    links = trial_runs(rec.tune_study, rec.home)
+    children = {r["id"]: r for r in tracker.list_runs(parent_id=rec.tune)}
+    assert sorted(links) == [t.number for t in study.trials]
+    assert {n: (children[rid]["tag"], children[rid]["status"]) for n, rid in links.items()} == {
+        t.number: (f"trial {t.number}", {"COMPLETE": "finished", "PRUNED": "pruned"}[t.state.name])
+        for t in study.trials}
+    assert study_of_run(tracker, rec.tune) == rec.tune_study == study_of_run(tracker, links[0])
+
+    # the pipeline's stage 3: two objectives, its Pareto-optimal trials (they share the stage-2 model's run)
+    stage3 = optuna.load_study(study_name="pipe/stage3", storage=url)
+    s3 = rows["pipe/stage3"]
+    assert s3["directions"] == ["minimize", "minimize"] and s3["best_value"] is None
+    assert s3["n_pareto"] == len(stage3.best_trials) >= 1
+    assert [(p["number"], p["values"], p["run_id"]) for p in s3["pareto"]] == [
+        (t.number, t.values, t.user_attrs["run_id"]) for t in sorted(stage3.best_trials, key=lambda t: t.number)]
+    assert study_of_run(tracker, rec.pipeline) == "pipe/stage3"
