@@ -629,6 +629,33 @@ class Tracker:
             params.append(int(limit))
         return [self._decode_run(r) for r in self.query(sql, params)]
 
+    def organise(self, run_id: int, *, name: Any = None, tag: Any = None, note: Any = None) -> None:
+        """Rename, tag and annotate a run (``""`` clears a field; None leaves it). The note is kept in the run's
+        summary (``note``). Bad types or over-long text are a DactLabError saying so."""
+        run_id = int(run_id)
+        fields: dict[str, Any] = {}
+        for label, value, limit in (("name", name, 200), ("tag", tag, 200), ("note", note, 5000)):
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise DactLabError(f"{label} = {value!r} is invalid: expected text.")
+            if len(value) > limit:
+                raise DactLabError(f"the {label} is {len(value)} characters long: keep it under {limit}.")
+            if label != "note":
+                fields[label] = value.strip() or None
+        with self._write() as conn:
+            if note is not None:
+                row = conn.execute("SELECT summary FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if row is None:
+                    raise self._missing_run(run_id)
+                summary = _loads(row[0], {}) or {}
+                if note.strip():
+                    summary["note"] = note.strip()
+                else:
+                    summary.pop("note", None)
+                fields["summary"] = summary
+            self._update(conn, run_id, fields)
+
     def run_dir(self, run_id: int) -> Path:
         """``<home>/runs/<id>/`` (created)."""
         return _home.run_dir(str(int(run_id)), self.home)

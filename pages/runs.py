@@ -342,9 +342,66 @@ def live(ids: list[int], was_active: bool) -> None:
         st.caption("No events yet.")
     with st.expander("Config / summary"):
         st.json({"config": run.get("config"), "summary": run.get("summary")}, expanded=False)
-
+    test_report(run_dir)
+    organise(run)
     if was_active and not active_now:
         st.rerun()  # every selected run ended: one full rerun turns the timer off
+
+
+def test_report(run_dir: Path) -> None:
+    """The test split's confusion matrix and per-class report of every task (report.json of the run)."""
+    path = run_dir / "report.json"
+    if not path.is_file():
+        return
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8")).get("report") or {}
+    except ValueError:
+        return
+    tasks = rep.get("tasks") or {}
+    if not tasks:
+        return
+    with st.expander("Test split: confusion matrix and per-class report", icon=":material/grid_on:"):
+        for task, r in tasks.items():
+            names = [str(n) for n in r["labels"]]
+            st.markdown(f"**{plain(task)}** — accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}")
+            cm = pd.DataFrame(r["confusion_matrix"], index=[f"true {n}" for n in names],
+                              columns=[f"predicted {n}" for n in names])
+            st.dataframe(cm, key=f"runs_cm_{run_dir.name}_{task}")
+            per = r.get("per_class") or {}
+            rows = [{"class": n, "precision": per[n]["precision"], "recall": per[n]["recall"],
+                     "f1": per[n]["f1-score"], "rows": int(per[n]["support"])} for n in names if n in per]
+            if rows:
+                st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"runs_pc_{run_dir.name}_{task}")
+
+
+def organise(run: dict) -> None:
+    """Rename, tag, annotate or delete the run (what every tracker lets you do)."""
+    rid = run["id"]
+    with st.expander("Rename, tag, note or delete", icon=":material/edit:"):
+        with st.form(f"runs_org_{rid}"):
+            name = st.text_input("Name", value=run.get("name") or "", key=f"runs_org_name_{rid}")
+            tag = st.text_input("Tag", value=run.get("tag") or "", key=f"runs_org_tag_{rid}")
+            note = st.text_area("Note", value=(run.get("summary") or {}).get("note") or "",
+                                key=f"runs_org_note_{rid}")
+            if st.form_submit_button("Save", icon=":material/save:"):
+                try:
+                    tracker().organise(rid, name=name, tag=tag, note=note)
+                except Exception as exc:  # noqa: BLE001 - show, never crash the page
+                    st.error(plain(exc))
+                else:
+                    st.success(f"Saved run {rid}.")
+        active = run["status"] in ACTIVE_STATUSES
+        sure = st.checkbox(f"Delete run {rid}, its child runs, metrics and files", key=f"runs_del_sure_{rid}",
+                           disabled=active, help="Cancel it first." if active else None)
+        if st.button("Delete run", key=f"runs_del_{rid}", disabled=not sure or active, icon=":material/delete:"):
+            try:
+                tracker().delete_run(rid)
+            except Exception as exc:  # noqa: BLE001
+                st.error(plain(exc))
+            else:
+                st.session_state.pop("runs_selected", None)
+                st.session_state.pop("runs_focus", None)
+                st.rerun()
 
 
 live(list(selected), any_active)

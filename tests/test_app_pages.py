@@ -2,6 +2,7 @@
 start / cancel jobs from the forms, load a config file, predict."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -631,3 +632,31 @@ def test_engine_forms_have_human_labels_and_proper_widgets(app_home, path, page,
     if page == "pbt":
         assert not any(str(w.key).endswith(":pbt.epochs") for w in widgets)  # one Epochs field
         assert at.multiselect(key="pbt/backbone:pbt.space.activations").value
+
+
+def test_runs_page_organises_runs_and_shows_the_test_report(app_home):
+    """Every tracker lets you rename, tag, note and delete runs, and shows the test confusion matrix."""
+    tr = Tracker(app_home)
+    keep = train(tiny_cfg("backbone"), tracker=tr, home=app_home).run_id
+    gone = train(tiny_cfg("backbone"), tracker=tr, home=app_home).run_id
+    at = goto(open_app(), "pages/runs.py")
+    at.multiselect(key="runs_selected").set_value([keep, gone]).run()
+    at.selectbox(key="runs_focus").set_value(keep).run()
+    (rep,) = json.loads((app_home / "runs" / str(keep) / "report.json").read_text())["report"]["tasks"].values()
+    (cm,) = [d.value for d in at.dataframe if list(d.value.columns) == [f"predicted {n}" for n in rep["labels"]]]
+    assert cm.to_numpy().tolist() == rep["confusion_matrix"]
+    at.text_input(key=f"runs_org_name_{keep}").set_value("my best")
+    at.text_input(key=f"runs_org_tag_{keep}").set_value("keep")
+    at.text_area(key=f"runs_org_note_{keep}").set_value("lr 1e-3 looked better")
+    at.button(key=f"FormSubmitter:runs_org_{keep}-Save").click().run()
+    assert not errors(at), errors(at)
+    run = tr.get_run(keep)
+    assert (run["name"], run["tag"], run["summary"]["note"]) == ("my best", "keep", "lr 1e-3 looked better")
+    assert run["summary"]["best"]  # the rest of the summary is kept
+
+    at.selectbox(key="runs_focus").set_value(gone).run()
+    assert at.button(key=f"runs_del_{gone}").disabled  # not before the box is ticked
+    at.checkbox(key=f"runs_del_sure_{gone}").check().run()
+    at.button(key=f"runs_del_{gone}").click().run()
+    assert not at.exception
+    assert [r["id"] for r in tr.list_runs()] == [keep] and not (app_home / "runs" / str(gone)).exists()
