@@ -7,6 +7,8 @@ so spikes survive), which keeps the page fast however long a run was.
 """
 from __future__ import annotations
 
+import json
+
 import math
 import time as _time
 from typing import Any, Iterable, Sequence
@@ -148,10 +150,12 @@ def curve_metric(name: str) -> bool:
 
 def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = None, *,
                   names: Sequence[str] | None = None, max_points: int = MAX_POINTS, title: str = "",
-                  height: int | None = None) -> go.Figure:
+                  height: int | None = None, smoothing: float = 0.0, log_y: bool = False) -> go.Figure:
     """Training curves of one or several runs on shared axes: loss (train/val), validation accuracy / macro-F1
     (per task too) and, for DACT runs, the validation average exit layer. One colour per run, one dash per metric.
-    ``names`` restricts the metric names drawn. Each trace has at most ``max_points`` points.
+    ``names`` restricts the metric names drawn. Each trace has at most ``max_points`` points. ``smoothing``
+    (0 … <1): an exponential moving average of every curve (:func:`ema`, the TensorBoard slider); ``log_y``: log
+    scale on the loss panel.
 
     Built as plain trace dicts (no per-trace validation): comparing 50 runs means ~200 traces, and plotly's
     validating constructors would cost more than everything else on the page."""
@@ -169,6 +173,8 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
     several = len(run_ids) > 1
     traces = []
     for (rid, name), (x, v) in sorted(series.items()):
+        if smoothing:
+            v = ema(v, smoothing)
         i = panels.index(_panel_of(name))
         sfx = "" if i == 0 else str(i + 1)
         label = (run_labels or {}).get(rid, f"run {rid}")
@@ -181,9 +187,45 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
             "hovertemplate": f"{label}<br>{name}<br>step %{{x}}<br>%{{y:.4g}}<extra></extra>",
         })
     layout = _panels_layout([titles[p] for p in panels])
+    if log_y and "loss" in panels:
+        layout["yaxis" + ("" if panels.index("loss") == 0 else str(panels.index("loss") + 1))]["type"] = "log"
     layout.update(title={"text": title}, height=height or 420, margin={"l": 40, "r": 20, "t": 60, "b": 40},
                   legend={"orientation": "h", "y": -0.2})
     return go.Figure(data=traces, layout=layout, _validate=False)
+
+
+def ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """Exponential moving average with TensorBoard's debiasing: s_t = w·s_{t-1} + (1-w)·v_t, divided by
+    1 - w^t, so the first point is the first value (not pulled towards 0)."""
+    w = float(weight)
+    if not 0.0 <= w < 1.0:
+        raise ValueError(f"smoothing = {weight!r}: expected a number in [0, 1).")
+    out = np.empty(len(values), dtype=np.float64)
+    s = 0.0
+    for t, v in enumerate(np.asarray(values, dtype=np.float64), start=1):
+        s = w * s + (1 - w) * v
+        out[t - 1] = s / (1 - w ** t)
+    return out
+
+
+def config_diff(configs: dict[Any, dict]) -> pd.DataFrame:
+    """Only the settings that differ between runs: one row per dotted key, one column per run."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    flats = {rid: flat(c or {}) for rid, c in configs.items()}
+    keys = sorted(set().union(*[set(f) for f in flats.values()])) if flats else []
+    rows = []
+    for k in keys:
+        vals = [flats[r].get(k) for r in flats]
+        if len({json.dumps(v, sort_keys=True, default=str) for v in vals}) > 1:
+            rows.append({"setting": k, **{f"run {r}": json.dumps(flats[r].get(k), default=str) for r in flats}})
+    return pd.DataFrame(rows, columns=["setting", *[f"run {r}" for r in flats]])
 
 
 def metric_figure(metrics: pd.DataFrame, name: str, run_labels: dict[int, str] | None = None, *,

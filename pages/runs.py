@@ -252,7 +252,9 @@ def live(ids: list[int], was_active: bool) -> None:
                                                                              format="percent")})
 
     labels = {r["id"]: f"#{r['id']} {r['kind']}" for r in current}
-    fig = plots.curves_figure(metrics, labels, title="training curves" + (" (live)" if active_now else ""))
+    fig = plots.curves_figure(metrics, labels, title="training curves" + (" (live)" if active_now else ""),
+                              smoothing=float(st.session_state.get("runs_smoothing", 0.0)),
+                              log_y=bool(st.session_state.get("runs_log_y", False)))
     st.plotly_chart(fig, key="runs_curves")
 
     st.download_button("Download metrics (CSV)", _csv_bytes(tr, [r["id"] for r in current]),
@@ -404,4 +406,15 @@ def organise(run: dict) -> None:
                 st.rerun()
 
 
+c1, c2 = st.columns([3, 1])
+c1.slider("Smoothing (exponential moving average)", 0.0, 0.99, 0.0, 0.01, key="runs_smoothing",
+          help="0 = raw values; 0.9 averages over about the last 10 points (TensorBoard's slider).")
+c2.checkbox("Loss on a log scale", key="runs_log_y")
+if len(selected) > 1:
+    with st.expander(f"Config differences of the {len(selected)} runs", icon=":material/difference:"):
+        diff = plots.config_diff({i: by_id[i].get("config") for i in selected})
+        if len(diff):
+            st.dataframe(diff, hide_index=True, key="runs_config_diff")
+        else:
+            st.caption("The runs have the same config.")
 live(list(selected), any_active)

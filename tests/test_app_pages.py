@@ -660,3 +660,17 @@ def test_runs_page_organises_runs_and_shows_the_test_report(app_home):
     at.button(key=f"runs_del_{gone}").click().run()
     assert not at.exception
     assert [r["id"] for r in tr.list_runs()] == [keep] and not (app_home / "runs" / str(gone)).exists()
+
+
+def test_runs_page_compares_configs_and_smooths_curves(populated):
+    h, ids, _ = populated
+    at = goto(open_app(), "pages/runs.py")
+    at.multiselect(key="runs_selected").set_value([ids["backbone"], ids["stored"]]).run()
+    (diff,) = [d.value for d in at.dataframe if list(d.value.columns)[:1] == ["setting"]]
+    assert "data.dataset_id" in set(diff["setting"]) and "kind" not in set(diff["setting"])  # only what differs
+    before = [t for t in at.get("plotly_chart")]
+    at.slider(key="runs_smoothing").set_value(0.9).run()
+    at.checkbox(key="runs_log_y").check().run()
+    assert not at.exception and len(at.get("plotly_chart")) == len(before)
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert fig["layout"]["yaxis"]["type"] == "log"

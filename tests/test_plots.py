@@ -452,3 +452,24 @@ def test_chosen_prediction_run(tmp_path):
     tr.log_event(p1, "chosen", {"run_id": 5})
     assert plots.chosen_prediction_run(tr) == 5
     assert plots.chosen_prediction_run(tr, p2) == 4
+
+
+def test_ema_smoothing_is_debiased_and_exact():
+    import numpy as np
+
+    from dact_lib.plots import ema
+
+    v = np.array([1.0, 0.0, 0.0])
+    # s1 = 0.5·0 + 0.5·1 = 0.5 → /0.5 = 1; s2 = 0.25 → /0.75 = 1/3; s3 = 0.125 → /0.875 = 1/7
+    assert np.allclose(ema(v, 0.5), [1.0, 1 / 3, 1 / 7])
+    assert np.array_equal(ema(v, 0.0), v)
+
+
+def test_config_diff_keeps_only_differing_settings():
+    from dact_lib.plots import config_diff
+
+    a = {"train": {"epochs": 2, "lr": 1e-3}, "kind": "dact"}
+    b = {"train": {"epochs": 3, "lr": 1e-3}, "kind": "dact", "tag": "x"}
+    diff = config_diff({1: a, 2: b})
+    assert diff.to_dict("records") == [{"setting": "tag", "run 1": "null", "run 2": '"x"'},
+                                       {"setting": "train.epochs", "run 1": "2", "run 2": "3"}]
