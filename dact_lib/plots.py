@@ -292,10 +292,16 @@ def progress_eta(run: dict, metrics: pd.DataFrame | None = None, events: Iterabl
             eta = max(0.0, elapsed / done * (total - done))
     elif status is not None:
         eta = 0.0
+    phase = None
+    for e in events or []:
+        if e.get("kind") == "phase" and isinstance(e.get("payload"), dict):
+            phase = e["payload"].get("phase")  # the latest
     if total:
         text = f"step {done:,} / {total:,}"
     else:
         text = f"step {done:,}"
+    if status == "running" and not done and phase and phase != "training":
+        text = f"{phase}… · " + text  # before the first step: say what it is doing
     if eta is not None and status in ("running", "queued"):
         text += f" · ETA {format_seconds(eta)}"
     if elapsed is not None:

@@ -426,15 +426,20 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
     test_metrics: dict[str, float] = {}
     report: dict = {}
     try:
+        # what happens before the first step, as "phase" events: the Runs page shows the phase until step 1
+        n_rows = len(split.train) + len(split.val) + (len(split.test) if split.test is not None else 0)
         if model is None:
+            cbs.on_event(state, "phase", {"phase": "loading the encoder", "encoder": cfg.encoder})
             model, tokenizer = build_model(cfg, label_maps, home)
         model.to(device)
         if run_dir is not None:
             cfg.save(run_dir / "config.json")
 
+        cbs.on_event(state, "phase", {"phase": f"tokenising {n_rows:,} rows", "rows": n_rows})
         enc_train = encode(split.train, tokenizer, cfg.data.max_seq_len)
         enc_val = encode(split.val, tokenizer, cfg.data.max_seq_len)
         enc_test = encode(split.test, tokenizer, cfg.data.max_seq_len) if split.test is not None else None
+        cbs.on_event(state, "phase", {"phase": "training"})
 
         apply_freezing(model, tc, epoch=0)
         optimizer = make_optimizer(model, tc)
@@ -549,7 +554,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 state.step += 1
                 state.samples_seen += batch["input_ids"].shape[0]
                 set_lr_factor(optimizer, state.lr_schedule(state.step))
-                if state.step % tc.log_every_steps == 0 or state.step == total:
+                if state.step % tc.log_every_steps == 0 or state.step == total or state.step == 1:  # 1: feedback at once
                     now = time.perf_counter()
                     logs = {"train_loss": float(loss_acc) / n_acc, **group_lrs(optimizer),
                             "samples_per_s": samples_log / max(now - t_log, 1e-9), "epoch": epoch + 1}

@@ -557,3 +557,18 @@ def test_metrics_csv_counts_epochs_from_one(home):
     tr.log_metrics(rid, {"epoch": 1.0, "val_loss": 0.5}, step=10, epoch=0)
     df = pd.read_csv(io.BytesIO(tr.metrics_csv([rid])))
     assert set(df["epoch"]) == {1} and df.loc[df["name"] == "epoch", "value"].item() == 1.0
+
+
+def test_a_run_says_what_it_does_before_its_first_step(home):
+    """Friction (dashboard issue): a cold first run sat at 'step 0 / 22, ETA ?' for a minute."""
+    from dact_lib.plots import progress_eta
+
+    tr = Tracker(home)
+    rid = train(tiny_cfg(), tracker=tr, home=home).run_id
+    phases = [e["payload"]["phase"] for e in tr.get_events(rid, kinds=["phase"])]
+    assert phases[0] == "loading the encoder" and phases[1].startswith("tokenising ") and phases[-1] == "training"
+    assert 1 in set(tr.get_metrics(rid, names=["train_loss"])["step"])  # the first step is logged at once
+    run = dict(tr.get_run(rid), status="running", summary={})
+    text = progress_eta(run, None, [{"kind": "phase", "payload": {"phase": "tokenising 120 rows"}}],
+                        steps_done=0)["text"]
+    assert text.startswith("tokenising 120 rows… · step 0")
