@@ -705,12 +705,16 @@ def lambda_pareto_figure(points: Sequence[dict], front: Sequence[dict] | None = 
         return _empty("λ trade-off", "no stage-3 λ trials yet", height)
     if front is not None:
         fr = [normalize_point(p) for p in front]
-        keys = {("t", p["trial"]) for p in fr if p["trial"] is not None} | {
-            ("r", p["run_id"]) for p in fr if p["run_id"] is not None}
-        on = [("t", p["trial"]) in keys or ("r", p["run_id"]) in keys for p in pts]
-        known = {(p["trial"], p["run_id"]) for p in pts}
+        # a point is matched on its trial number when it has one (a fitted pipeline's front names the final run,
+        # its trials the stage-2 run), on its run id only when it has no trial number
+        def key(p: dict) -> tuple:
+            return ("t", p["trial"]) if p["trial"] is not None else ("r", p["run_id"])
+
+        keys = {key(p) for p in fr}
+        on = [key(p) in keys for p in pts]
+        known = {key(p) for p in pts}
         for p in fr:  # front points that are not among the trials: add them
-            if (p["trial"], p["run_id"]) not in known and p["val_avg_exit_layer"] is not None \
+            if key(p) not in known and p["val_avg_exit_layer"] is not None \
                     and p["val_accuracy"] is not None:
                 pts.append(p)
                 on.append(True)

@@ -427,9 +427,6 @@ def test_pipeline_view_after_choices_on_the_explorer(records, tmp_path):
     assert view["user_choice"] is None and plots.prediction_trial(view, final) == rule["trial"]
 
 
-@pytest.mark.xfail(strict=True, reason="lambda_pareto_figure matches front points to trials on (trial, run_id): a "
-                   "fitted pipeline's front names the final run, its trials the stage-2 run, so every front point is "
-                   "drawn a second time (dact_lib/plots.py; fix: match on the trial number when a point has one)")
 def test_lambda_pareto_figure_of_a_real_pipeline_draws_each_trial_once(records):
     _, run, events = _pipeline(records.home, records)
     view = plots.pipeline_view(run, events)
