@@ -2,42 +2,36 @@
 
 Builds the navigation (pages grouped as Start / Train / Watch & explore) and the sidebar (the home folder and the
 job queue). Every page is a thin view over ``dact_lib``; training runs in background jobs (``dact_lib.jobs``).
-A page whose file is missing is skipped, so the app runs while pages are still being written.
+The page scripts live in ``app_pages/`` (not ``app_pages/``, which Streamlit would also run on its own as a
+folder-based app): every page, deep links included, runs inside this navigation.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import streamlit as st  # noqa: E402
+import streamlit as st
 
 st.set_page_config(page_title="DACT Lab", page_icon=":material/neurology:", layout="wide")
 
-from ui import state  # noqa: E402
+from ui import state  # noqa: E402 - after set_page_config
 
 #: section -> [(path, title, icon)]
 PAGES: dict[str, list[tuple[str, str, str]]] = {
     "Start": [
-        ("pages/home.py", "Home", ":material/home:"),
-        ("pages/data.py", "Data", ":material/table:"),
+        ("app_pages/home.py", "Home", ":material/home:"),
+        ("app_pages/data.py", "Data", ":material/table:"),
     ],
     "Train": [
-        ("pages/backbone.py", "Backbone", ":material/model_training:"),
-        ("pages/dact_pipeline.py", "DACT pipeline", ":material/alt_route:"),
-        ("pages/pbt.py", "PBT", ":material/groups:"),
-        ("pages/multitask.py", "Multi-task", ":material/call_split:"),
+        ("app_pages/backbone.py", "Backbone", ":material/model_training:"),
+        ("app_pages/dact_pipeline.py", "DACT pipeline", ":material/alt_route:"),
+        ("app_pages/pbt.py", "PBT", ":material/groups:"),
+        ("app_pages/multitask.py", "Multi-task", ":material/call_split:"),
     ],
     "Watch & explore": [
-        ("pages/runs.py", "Runs", ":material/monitoring:"),
-        ("pages/pbt_view.py", "PBT view", ":material/account_tree:"),
-        ("pages/pareto.py", "Pareto explorer", ":material/scatter_plot:"),
-        ("pages/early_exit.py", "Early exit", ":material/exit_to_app:"),
-        ("pages/studies.py", "Studies", ":material/science:"),
-        ("pages/predict.py", "Predict", ":material/psychology:"),
+        ("app_pages/runs.py", "Runs", ":material/monitoring:"),
+        ("app_pages/pbt_view.py", "PBT view", ":material/account_tree:"),
+        ("app_pages/pareto.py", "Pareto explorer", ":material/scatter_plot:"),
+        ("app_pages/early_exit.py", "Early exit", ":material/exit_to_app:"),
+        ("app_pages/studies.py", "Studies", ":material/science:"),
+        ("app_pages/predict.py", "Predict", ":material/psychology:"),
     ],
 }
 
@@ -45,10 +39,8 @@ PAGES: dict[str, list[tuple[str, str, str]]] = {
 def build_navigation() -> dict[str, list]:
     nav: dict[str, list] = {}
     for section, pages in PAGES.items():
-        entries = [st.Page(path, title=title, icon=icon, default=(path == "pages/home.py"))
-                   for path, title, icon in pages if (ROOT / path).is_file()]
-        if entries:
-            nav[section] = entries
+        nav[section] = [st.Page(path, title=title, icon=icon, default=(path == "app_pages/home.py"))
+                        for path, title, icon in pages]
     return nav
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 import streamlit as st
 
 from ui.forms import Mode, make_field, dataclass_fields, dataclass_values, launch_page
-from ui.nav import through_app
-
-through_app()
 
 st.title("Backbone")
 st.markdown("Fine-tune an encoder with an MLP classification head on a dataset — a single run with the settings "

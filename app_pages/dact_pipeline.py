@@ -6,9 +6,6 @@ import datetime as _dt
 import streamlit as st
 
 from ui.forms import Mode, dataclass_fields, dataclass_values, launch_page
-from ui.nav import through_app
-
-through_app()
 
 st.title("DACT pipeline")
 st.markdown("**DACT-BERT** adds a classifier and a halting unit after every encoder layer; at inference a text "

@@ -16,9 +16,6 @@ from dact_lib.errors import DactLabError
 from ui import state
 from ui.safe import plain
 from ui.forms import SPLIT_KEY
-from ui.nav import through_app
-
-through_app()
 
 st.title("Data")
 st.markdown("Upload a CSV with a text column and one label column (`text,label`) or two "

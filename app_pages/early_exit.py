@@ -2,24 +2,17 @@
 accuracy per exit layer, and a filterable table of sentences with their exit layer and confidence."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
-import streamlit as st  # noqa: E402
+import streamlit as st
 
-from dact_lib import plots  # noqa: E402
-from dact_lib.exits import filter_exits, per_sample_exits  # noqa: E402
-from dact_lib.halting import exit_advice  # noqa: E402
-from dact_lib.models import halting_choice, model_version  # noqa: E402
-from ui.safe import plain  # noqa: E402
-from ui.state import tracker  # noqa: E402
-from ui.nav import through_app  # noqa: E402
-
-through_app()
+from dact_lib import plots
+from dact_lib.exits import filter_exits, per_sample_exits
+from dact_lib.halting import exit_advice
+from dact_lib.models import halting_choice, model_version
+from ui.safe import plain
+from ui.state import tracker
 
 st.title("Early exit")
 tr = tracker()

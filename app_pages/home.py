@@ -8,9 +8,6 @@ import streamlit as st
 
 from dact_lib.config import default_config
 from ui import forms, state
-from ui.nav import through_app
-
-through_app()
 
 st.title("DACT Lab")
 st.markdown(
@@ -33,9 +30,9 @@ if st.button("Train a DACT model on the demo data", type="primary", key="home:de
     forms.submit_job("dact", cfg, name="demo DACT")
 c1, c2 = st.columns(2)
 with c1:
-    forms.page_link("pages/runs.py", "Watch runs", ":material/monitoring:")
+    forms.page_link("app_pages/runs.py", "Watch runs", ":material/monitoring:")
 with c2:
-    forms.page_link("pages/predict.py", "Try a model on Predict", ":material/psychology:")
+    forms.page_link("app_pages/predict.py", "Try a model on Predict", ":material/psychology:")
 
 
 def _time(t) -> str:

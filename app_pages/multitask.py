@@ -4,9 +4,6 @@ from __future__ import annotations
 import streamlit as st
 
 from ui.forms import Mode, launch_page
-from ui.nav import through_app
-
-through_app()
 
 st.title("Multi-task")
 st.markdown("Train **one encoder with two heads** — topic (`class_label`) and sentiment (`sentiment_label`) — on "

@@ -4,9 +4,6 @@ from __future__ import annotations
 import streamlit as st
 
 from ui.forms import Mode, dataclass_fields, dataclass_values, launch_page
-from ui.nav import through_app
-
-through_app()
 
 st.title("Population Based Training")
 st.markdown("Train a **population** of models at once: at every ready point the weakest members copy the weights "

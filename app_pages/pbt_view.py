@@ -2,24 +2,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from datetime import datetime
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
+import pandas as pd
+import streamlit as st
 
-from dact_lib import plots  # noqa: E402
-from dact_lib.tracker import ACTIVE_STATUSES  # noqa: E402
-from ui.safe import plain  # noqa: E402
-from ui.state import tracker  # noqa: E402
-from ui.nav import through_app  # noqa: E402
-
-through_app()
+from dact_lib import plots
+from dact_lib.tracker import ACTIVE_STATUSES
+from ui.safe import plain
+from ui.state import tracker
 
 st.title("PBT view")
 tr = tracker()

@@ -11,9 +11,6 @@ from dact_lib.errors import DactLabError
 from dact_lib.models import MODEL_FILE, halting_choice, load_model, model_version, predict
 from ui import state
 from ui.safe import plain
-from ui.nav import through_app
-
-through_app()
 
 st.title("Predict")
 st.markdown("Pick a finished run with a saved model, type one sentence per line and press **Predict**. A DACT "

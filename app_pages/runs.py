@@ -7,28 +7,21 @@ each plotted series is thinned to <= 2,000 points.
 from __future__ import annotations
 
 import json
-import sys
 from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
+import pandas as pd
+import streamlit as st
 
-from dact_lib import plots  # noqa: E402
-from dact_lib.halting import exit_advice  # noqa: E402
-from dact_lib.jobs import ENGINE_KINDS  # noqa: E402  (parent runs of the tuning engines: no training curves)
-from dact_lib.models import zip_model  # noqa: E402
-from dact_lib.tracker import ACTIVE_STATUSES, STATUSES  # noqa: E402
-from ui.safe import plain  # noqa: E402
-from ui.state import tracker  # noqa: E402
-from ui.nav import through_app  # noqa: E402
-
-through_app()
+from dact_lib import plots
+from dact_lib.halting import exit_advice
+from dact_lib.jobs import ENGINE_KINDS  # (parent runs of the tuning engines: no training curves)
+from dact_lib.models import zip_model
+from dact_lib.tracker import ACTIVE_STATUSES, STATUSES
+from ui.safe import plain
+from ui.state import tracker
 
 REFRESH_S = 2.0
 MAX_EVENTS_SHOWN = 500

@@ -2,22 +2,15 @@
 button that starts optuna-dashboard on the home's storage (127.0.0.1, a free port, one server per process)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
+import pandas as pd
+import streamlit as st
 
-from dact_lib.tuning import studies  # noqa: E402
+from dact_lib.tuning import studies
 from ui.safe import plain
-from ui.state import tracker  # noqa: E402
-from ui.nav import through_app  # noqa: E402
-
-through_app()
+from ui.state import tracker
 
 st.title("Studies")
 tr = tracker()

@@ -2,7 +2,7 @@
 
 1. **Runs page render** — a temporary home with 50 runs (48 finished, 2 running halfway) and ~104,000 metric rows
    (2,120 per finished run: train_loss / lr / samples_per_s at each of 680 steps + 16 evaluations x 5 metrics),
-   events (start with total steps, checkpoints). ``AppTest.from_file("pages/runs.py").run()`` is timed in this
+   events (start with total steps, checkpoints). ``AppTest.from_file("app_pages/runs.py").run()`` is timed in this
    process with the page's default selection (the active runs: the 2 running ones), 10 and all 50 runs selected —
    every run is a fresh session (no per-session metric cache), after one warm-up run; median of ``--reps``.
    Target: < 1.5 s with all 50 runs (100k points) selected.
@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, describe_machine, machine_info, markdown_table, save_json, set_threads  # noqa: E402
 
-PAGE = str(ROOT / "pages" / "runs.py")
+PAGE = str(ROOT / "app_pages" / "runs.py")
 
 
 # --------------------------------------------------------------------------------------------- part 1: render

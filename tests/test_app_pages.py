@@ -21,8 +21,8 @@ from dact_lib.tracker import Tracker  # noqa: E402
 from dact_lib.train import train  # noqa: E402
 
 APP = ROOT / "app.py"
-MY_PAGES = ["pages/home.py", "pages/data.py", "pages/backbone.py", "pages/dact_pipeline.py", "pages/pbt.py",
-            "pages/multitask.py", "pages/predict.py"]
+MY_PAGES = ["app_pages/home.py", "app_pages/data.py", "app_pages/backbone.py", "app_pages/dact_pipeline.py", "app_pages/pbt.py",
+            "app_pages/multitask.py", "app_pages/predict.py"]
 TIMEOUT = 60
 
 
@@ -138,7 +138,7 @@ def test_pages_render_on_an_empty_home(app_home):
     for page in MY_PAGES:
         goto(at, page)
         assert not errors(at), (page, errors(at))
-    goto(at, "pages/predict.py")
+    goto(at, "app_pages/predict.py")
     assert any("No finished run" in i.value for i in at.info)
 
 
@@ -148,13 +148,13 @@ def test_pages_render_on_a_populated_home(populated):
     for page in MY_PAGES:
         goto(at, page)
         assert not errors(at), (page, errors(at))
-    goto(at, "pages/home.py")
+    goto(at, "app_pages/home.py")
     table = at.dataframe[0].value
     assert set(ids.values()) <= set(table["id"]) and "reviews" in set(table["dataset"])
     assert table.loc[table["id"] == ids["dact"], "best val accuracy"].notna().all()
-    goto(at, "pages/data.py")
+    goto(at, "app_pages/data.py")
     assert "reviews" in set(at.dataframe[-1].value["name"])
-    goto(at, "pages/predict.py")
+    goto(at, "app_pages/predict.py")
     assert len(at.selectbox(key="predict:run").options) == 4  # the four runs with a model
 
 
@@ -163,7 +163,7 @@ def test_pages_render_on_a_populated_home(populated):
 
 def test_uploaded_csv_is_stored_and_bad_one_is_not(app_home):
     tr = Tracker(app_home)
-    at = goto(open_app(), "pages/data.py")
+    at = goto(open_app(), "app_pages/data.py")
     at.file_uploader(key="data:upload").upload("broken.csv", b"just one column\nand no labels\n", "text/csv")
     at.run()
     assert errors(at) and "delimiter" in errors(at)[0]
@@ -200,25 +200,25 @@ def test_uploaded_csv_is_stored_and_bad_one_is_not(app_home):
 
 
 def test_split_chosen_on_the_data_page_becomes_the_forms_default(app_home):
-    at = goto(open_app(), "pages/data.py")
+    at = goto(open_app(), "app_pages/data.py")
     at.file_uploader(key="data:upload").upload("reviews.csv", csv_bytes(), "text/csv")
     at.run()
     at.number_input(key="data:val").set_value(0.2)
     at.number_input(key="data:seed").set_value(7)
     at.run()
-    goto(at, "pages/backbone.py")
+    goto(at, "app_pages/backbone.py")
     assert at.number_input(key=f"{BB}:data.val_frac").value == pytest.approx(0.2)
     assert at.number_input(key=f"{BB}:data.split_seed").value == 7
     assert at.number_input(key=f"{BB}:data.test_frac").value == pytest.approx(0.1)
     # the split reaches every form and survives page switches
-    goto(at, "pages/home.py")
-    goto(at, "pages/dact_pipeline.py")
+    goto(at, "app_pages/home.py")
+    goto(at, "app_pages/dact_pipeline.py")
     assert at.number_input(key="dact/dact:data.split_seed").value == 7
 
 
 def test_column_mapping(app_home):
     tr = Tracker(app_home)
-    at = goto(open_app(), "pages/data.py")
+    at = goto(open_app(), "app_pages/data.py")
     at.file_uploader(key="data:upload").upload("odd.csv", csv_bytes(header="review;stars", sep=";"), "text/csv")
     at.run()
     assert errors(at) and "No text column" in errors(at)[0]
@@ -253,7 +253,7 @@ def start(at: AppTest, page: str) -> int:
 
 
 def test_form_job_runs_to_the_end(app_home):
-    at = goto(open_app(), "pages/backbone.py")
+    at = goto(open_app(), "app_pages/backbone.py")
     fill_tiny(at, BB)
     at.text_input(key=f"{BB}:name").set_value("from the form")
     run_id = start(at, "backbone")
@@ -261,18 +261,18 @@ def test_form_job_runs_to_the_end(app_home):
     run = Tracker(app_home).get_run(run_id)
     assert run["status"] == "finished" and run["name"] == "from the form" and run["config"]["encoder"] == "tiny"
     assert (app_home / "runs" / str(run_id) / "model.safetensors").exists()
-    goto(at, "pages/predict.py")  # the new model is offered at once
+    goto(at, "app_pages/predict.py")  # the new model is offered at once
     assert at.selectbox(key="predict:run").value == run_id
 
 
 def test_dataset_picker_shows_the_demo_by_name(app_home):
-    at = goto(open_app(), "pages/backbone.py")
+    at = goto(open_app(), "app_pages/backbone.py")
     pick = at.selectbox(key=f"{BB}:data.dataset_id")
     assert pick.value is None and pick.proto.placeholder.startswith("Demo dataset")
 
 
 def test_multitask_form_job(app_home):
-    at = goto(open_app(), "pages/multitask.py")
+    at = goto(open_app(), "app_pages/multitask.py")
     pre = "multitask/multitask"
     fill_tiny(at, pre)
     at.text_input(key=f"{pre}:model.task_weights").set_value('{"class_label": 1.0, "sentiment_label": 0.5}')
@@ -283,7 +283,7 @@ def test_multitask_form_job(app_home):
 
 
 def test_invalid_form_values_show_an_error_and_submit_nothing(app_home):
-    at = goto(open_app(), "pages/backbone.py")
+    at = goto(open_app(), "app_pages/backbone.py")
     fill_tiny(at, BB, epochs=0)
     at.button(key="FormSubmitter:backbone:form-Start").click().run()
     assert any("train.epochs" in e for e in errors(at))
@@ -295,7 +295,7 @@ def test_invalid_form_values_show_an_error_and_submit_nothing(app_home):
 
 
 def test_check_config_validates_the_engine_settings_too(app_home):
-    at = goto(open_app(), "pages/pbt.py")
+    at = goto(open_app(), "app_pages/pbt.py")
     pre = "pbt/backbone"
     fill_tiny(at, pre)
     at.number_input(key=f"{pre}:pbt.population").set_value(0)
@@ -309,7 +309,7 @@ def test_check_config_validates_the_engine_settings_too(app_home):
 
 
 def test_cancel_queued_and_running_jobs_from_the_jobs_panel(app_home):
-    at = goto(open_app(), "pages/backbone.py")
+    at = goto(open_app(), "app_pages/backbone.py")
     fill_tiny(at, BB, epochs=300, max_rows=400)
     at.checkbox(key=f"{BB}:train.early_stopping.enabled").uncheck()
     first = start(at, "backbone")
@@ -319,7 +319,7 @@ def test_cancel_queued_and_running_jobs_from_the_jobs_panel(app_home):
     assert at.session_state["test:last-start-message"].startswith(f"Queued job **#{second}** (backbone, 1 ahead)")
     jm = jobs()
     assert jm.status(first) == "running" and jm.status(second) == "queued"  # one job at a time
-    goto(at, "pages/home.py")
+    goto(at, "app_pages/home.py")
     at.selectbox(key="home:jobs:cancel-pick").set_value(second)
     at.button(key="home:jobs:cancel").click().run()
     assert not at.exception
@@ -331,7 +331,7 @@ def test_cancel_queued_and_running_jobs_from_the_jobs_panel(app_home):
 
 
 def test_config_download_and_upload_fill_the_form(app_home):
-    at = goto(open_app(), "pages/backbone.py")
+    at = goto(open_app(), "app_pages/backbone.py")
     assert len(at.get("download_button")) == 2
     cfg = tiny_cfg("backbone")
     cfg.train.epochs = 7
@@ -357,7 +357,7 @@ def test_config_download_and_upload_fill_the_form(app_home):
 
 
 def test_engine_config_upload_switches_mode(app_home):
-    at = goto(open_app(), "pages/pbt.py")
+    at = goto(open_app(), "app_pages/pbt.py")
     doc = {"config": tiny_cfg("dact").to_dict(), "options": {"pbt": {"population": 3}}}
     at.file_uploader(key="pbt:upload").upload("pbt.json", yaml.safe_dump(doc).encode(), "application/json")
     at.run()
@@ -367,7 +367,7 @@ def test_engine_config_upload_switches_mode(app_home):
 
 
 def test_pbt_job_from_the_form(app_home):
-    at = goto(open_app(), "pages/pbt.py")
+    at = goto(open_app(), "app_pages/pbt.py")
     pre = "pbt/backbone"
     fill_tiny(at, pre)
     at.number_input(key=f"{pre}:pbt.population").set_value(2)
@@ -381,7 +381,7 @@ def test_pbt_job_from_the_form(app_home):
 
 
 def test_tuning_and_pipeline_jobs_from_the_forms(app_home):
-    at = goto(open_app(), "pages/backbone.py")
+    at = goto(open_app(), "app_pages/backbone.py")
     at.radio(key="backbone:mode").set_value("Optuna tuning").run()
     fill_tiny(at, BB)
     at.number_input(key=f"{BB}:trials").set_value(1)
@@ -390,7 +390,7 @@ def test_tuning_and_pipeline_jobs_from_the_forms(app_home):
     at.number_input(key=f"{BB}:space.epochs:high").set_value(1)
     tune_id = start(at, "backbone")
 
-    goto(at, "pages/dact_pipeline.py")
+    goto(at, "app_pages/dact_pipeline.py")
     at.radio(key="dact:mode").set_value("Full pipeline").run()
     pre = "dact/dact"
     fill_tiny(at, pre)
@@ -450,7 +450,7 @@ def test_home_demo_button_submits_a_dact_job(app_home, monkeypatch):
 
 def test_predict_shows_a_prediction(populated):
     h, ids, _ = populated
-    at = goto(open_app(), "pages/predict.py")
+    at = goto(open_app(), "app_pages/predict.py")
     labels = load_demo_dataset().label_maps
     at.selectbox(key="predict:run").set_value(ids["dact"])
     at.text_area(key="predict:text").set_value("The soup was cold.")
@@ -484,7 +484,7 @@ def test_predict_defaults_to_the_chosen_run(populated):
     h, ids, _ = populated
     at = open_app()
     at.session_state["predict_run_id"] = ids["backbone"]
-    goto(at, "pages/predict.py")
+    goto(at, "app_pages/predict.py")
     assert at.selectbox(key="predict:run").value == ids["backbone"]
     at.text_area(key="predict:text").set_value("   ")
     at.button(key="predict:go").click().run()
@@ -498,7 +498,7 @@ def test_predict_restores_the_pareto_choice_after_a_reload(populated):
     tr.log_event(parent, "chosen", {"run_id": ids["dact"]})
     try:
         at = open_app()  # a fresh session: nothing in session_state
-        goto(at, "pages/predict.py")
+        goto(at, "app_pages/predict.py")
         assert at.selectbox(key="predict:run").value == ids["dact"]
     finally:
         tr.delete_run(parent, force=True)
@@ -509,12 +509,12 @@ def doc_epochs(doc: dict) -> int:
 
 
 @pytest.mark.parametrize("page, path, mode, kind", [
-    ("backbone", "pages/backbone.py", "Single run", "backbone"),
-    ("backbone", "pages/backbone.py", "Optuna tuning", "backbone"),
-    ("dact", "pages/dact_pipeline.py", "Single DACT run", "dact"),
-    ("dact", "pages/dact_pipeline.py", "Full pipeline", "dact"),
-    ("pbt", "pages/pbt.py", None, "dact"),
-    ("multitask", "pages/multitask.py", None, "multitask"),
+    ("backbone", "app_pages/backbone.py", "Single run", "backbone"),
+    ("backbone", "app_pages/backbone.py", "Optuna tuning", "backbone"),
+    ("dact", "app_pages/dact_pipeline.py", "Single DACT run", "dact"),
+    ("dact", "app_pages/dact_pipeline.py", "Full pipeline", "dact"),
+    ("pbt", "app_pages/pbt.py", None, "dact"),
+    ("multitask", "app_pages/multitask.py", None, "multitask"),
 ])
 @pytest.mark.parametrize("fmt", ["json", "yaml"])
 def test_every_page_download_uploads_back_unchanged(app_home, page, path, mode, kind, fmt):
@@ -551,7 +551,7 @@ def test_every_page_download_uploads_back_unchanged(app_home, page, path, mode, 
 def test_runs_table_shows_each_tasks_scores(populated):
     """Bug: multi-task runs showed one unlabeled val_accuracy (the mean of the two tasks)."""
     h, ids, _ = populated
-    at = goto(open_app(), "pages/runs.py")
+    at = goto(open_app(), "app_pages/runs.py")
     table = at.dataframe[0].value
     for col in ("val_accuracy/class_label", "val_accuracy/sentiment_label", "val_macro_f1/class_label",
                 "val_macro_f1/sentiment_label", "test_accuracy/class_label", "val_accuracy (mean of tasks)"):
@@ -571,7 +571,7 @@ def test_rows_with_empty_cells_can_be_left_out_in_the_browser(app_home):
     rows[4] = ",b"          # empty text
     rows[9] = "no label here,"  # empty label
     raw = ("text,label\n" + "\n".join(rows) + "\n").encode()
-    at = goto(open_app(), "pages/data.py")
+    at = goto(open_app(), "app_pages/data.py")
     at.file_uploader(key="data:upload").upload("gaps.csv", raw, "text/csv")
     at.run()
     assert any("empty cells at row 6" in e for e in errors(at))
@@ -588,7 +588,7 @@ def test_rows_with_empty_cells_can_be_left_out_in_the_browser(app_home):
 
 def test_wrong_columns_point_at_the_mapping_widgets(app_home):
     """Friction: the wrong-columns message showed a Python hint (columns={...}) on the Data page."""
-    at = goto(open_app(), "pages/data.py")
+    at = goto(open_app(), "app_pages/data.py")
     at.file_uploader(key="data:upload").upload("odd.csv", csv_bytes(header="review,stars"), "text/csv")
     at.run()
     (err,) = errors(at)
@@ -599,7 +599,7 @@ def test_wrong_columns_point_at_the_mapping_widgets(app_home):
 
 def test_every_run_is_findable_by_search(populated):
     h, ids, ds_id = populated
-    at = goto(open_app(), "pages/runs.py")
+    at = goto(open_app(), "app_pages/runs.py")
     at.text_input(key="runs_search").set_value("multitask").run()
     assert list(at.dataframe[0].value["id"]) == [ids["multitask"]]
     assert at.multiselect(key="runs_selected").options == [f"#{ids['multitask']} multitask · finished"]
@@ -609,9 +609,9 @@ def test_every_run_is_findable_by_search(populated):
     assert not at.exception and any("No run matches" in i.value for i in at.info)
 
 
-@pytest.mark.parametrize("path, page, mode, prefix", [("pages/dact_pipeline.py", "dact", "Full pipeline", "pipeline"),
-                                                      ("pages/pbt.py", "pbt", None, "pbt"),
-                                                      ("pages/backbone.py", "backbone", "Optuna tuning", "space")])
+@pytest.mark.parametrize("path, page, mode, prefix", [("app_pages/dact_pipeline.py", "dact", "Full pipeline", "pipeline"),
+                                                      ("app_pages/pbt.py", "pbt", None, "pbt"),
+                                                      ("app_pages/backbone.py", "backbone", "Optuna tuning", "space")])
 def test_engine_forms_have_human_labels_and_proper_widgets(app_home, path, page, mode, prefix):
     """Friction: the pipeline and PBT forms were raw JSON fields with code labels ("objective3", "ready every
     steps (JSON) = null"), PBT had "Epochs" and "epochs (JSON)", the pipeline two name fields."""
@@ -639,7 +639,7 @@ def test_runs_page_organises_runs_and_shows_the_test_report(app_home):
     tr = Tracker(app_home)
     keep = train(tiny_cfg("backbone"), tracker=tr, home=app_home).run_id
     gone = train(tiny_cfg("backbone"), tracker=tr, home=app_home).run_id
-    at = goto(open_app(), "pages/runs.py")
+    at = goto(open_app(), "app_pages/runs.py")
     at.multiselect(key="runs_selected").set_value([keep, gone]).run()
     at.selectbox(key="runs_focus").set_value(keep).run()
     (rep,) = json.loads((app_home / "runs" / str(keep) / "report.json").read_text())["report"]["tasks"].values()
@@ -664,7 +664,7 @@ def test_runs_page_organises_runs_and_shows_the_test_report(app_home):
 
 def test_runs_page_compares_configs_and_smooths_curves(populated):
     h, ids, _ = populated
-    at = goto(open_app(), "pages/runs.py")
+    at = goto(open_app(), "app_pages/runs.py")
     at.multiselect(key="runs_selected").set_value([ids["backbone"], ids["stored"]]).run()
     (diff,) = [d.value for d in at.dataframe if list(d.value.columns)[:1] == ["setting"]]
     assert "data.dataset_id" in set(diff["setting"]) and "kind" not in set(diff["setting"])  # only what differs

@@ -281,8 +281,8 @@ def test_upload_train_watch_predict(chromium_exe, server, tmp_path):
 def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     from playwright.sync_api import expect
 
-    # ---- A deep link as the server's very first request still opens inside app.py's navigation (Streamlit would
-    # otherwise run pages/data.py alone, with a menu of file names: ui/nav.py)
+    # ---- A deep link as the server's very first request still opens inside app.py's navigation (with the pages
+    # in app_pages/, not pages/, Streamlit has no folder-based mode to fall into)
     page.goto(server + "/data", wait_until="domcontentloaded")
     expect(page.get_by_role("heading", name="Data", exact=True).first).to_be_visible()
     nav = page.get_by_test_id("stSidebarNav")

@@ -607,7 +607,7 @@ def test_pareto_explorer_choice_takes_effect_and_survives_a_reload(done, monkeyp
     try:
         at = AppTest.from_file(app, default_timeout=60)
         at.run()
-        at.switch_page("pages/pareto.py").run()
+        at.switch_page("app_pages/pareto.py").run()
         at.selectbox(key="pareto_parent").set_value(res.parent_run_id).run()
         assert not at.exception, at.exception
         assert any("pipeline's choice" in c.value for c in at.caption)
@@ -620,7 +620,7 @@ def test_pareto_explorer_choice_takes_effect_and_survives_a_reload(done, monkeyp
         assert any(f"halting units of **trial {other['trial']}** (your choice" in i.value for i in at.info)
         again = AppTest.from_file(app, default_timeout=60)  # a reload: a new session
         again.run()
-        again.switch_page("pages/pareto.py").run()
+        again.switch_page("app_pages/pareto.py").run()
         again.selectbox(key="pareto_parent").set_value(res.parent_run_id).run()
         assert any(f"trial {other['trial']}** (your choice" in i.value for i in again.info)
         table = again.dataframe[0].value

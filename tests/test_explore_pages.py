@@ -30,7 +30,7 @@ from dact_lib.tracker import Tracker  # noqa: E402
 from records import copy_home, engine_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["pages/runs.py", "pages/pbt_view.py", "pages/pareto.py", "pages/early_exit.py", "pages/studies.py"]
+PAGES = ["app_pages/runs.py", "app_pages/pbt_view.py", "app_pages/pareto.py", "app_pages/early_exit.py", "app_pages/studies.py"]
 TIMEOUT = 60
 
 
@@ -124,14 +124,14 @@ def _wait(cond, timeout: float = 60.0, what: str = "") -> None:
 # ------------------------------------------------------------------------------------------------ empty home
 
 EMPTY_HINTS = {
-    "pages/runs.py": "No runs yet. Train a model (Train page or `python -m dact_lib train`) and it shows up here, live.",
-    "pages/pbt_view.py": "No PBT runs yet. Start Population Based Training on the PBT page (or `python -m dact_lib "
+    "app_pages/runs.py": "No runs yet. Train a model (Train page or `python -m dact_lib train`) and it shows up here, live.",
+    "app_pages/pbt_view.py": "No PBT runs yet. Start Population Based Training on the PBT page (or `python -m dact_lib "
                          "pbt`); its members, their hyperparameters and who copied whom show up here.",
-    "pages/pareto.py": "No DACT pipeline runs yet. Run the staged DACT tuning (DACT pipeline page or `python -m "
+    "app_pages/pareto.py": "No DACT pipeline runs yet. Run the staged DACT tuning (DACT pipeline page or `python -m "
                        "dact_lib dact-pipeline --name NAME`); its λ trade-off and exit-policy comparison show up here.",
-    "pages/early_exit.py": "No finished DACT run with a saved model yet. Train one (DACT pipeline, or kind 'dact' on "
+    "app_pages/early_exit.py": "No finished DACT run with a saved model yet. Train one (DACT pipeline, or kind 'dact' on "
                            "the Train pages); this page then shows how many layers each test sentence needed.",
-    "pages/studies.py": "No Optuna studies in this home yet. Backbone tuning and the DACT pipeline create them (the "
+    "app_pages/studies.py": "No Optuna studies in this home yet. Backbone tuning and the DACT pipeline create them (the "
                         "pipeline runs three: stage 1 architecture, stage 2 training parameters, stage 3 λ). "
                         "Storage: `{url}`",
 }
@@ -147,7 +147,7 @@ def test_page_on_an_empty_home_shows_only_its_hint(home, page):
 def test_studies_page_does_not_create_optuna_tables_on_empty_home(home):
     import sqlite3
 
-    _open("pages/studies.py")
+    _open("app_pages/studies.py")
     con = sqlite3.connect(home / "experiments.db")
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     con.close()
@@ -161,7 +161,7 @@ def test_runs_page_lists_every_engine_run_with_its_recorded_scores(pop_home):
     rec = pop_home
     tr = Tracker(rec.home)
     runs = tr.list_runs()
-    at = _open("pages/runs.py")
+    at = _open("app_pages/runs.py")
     assert at.main.caption[0].value == f"home: `{rec.home}`"
     table = _table(at, "id", "kind", "val_accuracy")
     assert list(table["id"]) == [r["id"] for r in runs]
@@ -189,7 +189,7 @@ def test_runs_page_lists_every_engine_run_with_its_recorded_scores(pop_home):
 def test_runs_page_compares_selected_runs_and_offers_downloads(pop_home):
     rec = pop_home
     a, b = rec.dact
-    at = _open("pages/runs.py", runs_selected=[a, b])
+    at = _open("app_pages/runs.py", runs_selected=[a, b])
     spec = _chart(at, "training curves")
     names = {t.get("name", "") for t in spec["data"]}
     tr = Tracker(rec.home)
@@ -205,7 +205,7 @@ def test_runs_page_compares_selected_runs_and_offers_downloads(pop_home):
 def test_runs_page_kind_filter_empty_lists_every_kind_and_narrows_when_set(pop_home):
     tr = Tracker(pop_home.home)
     n_all = len(tr.list_runs())
-    at = _open("pages/runs.py")
+    at = _open("app_pages/runs.py")
     kind = next(m for m in at.multiselect if m.label == "kind")
     assert kind.value == [] and len(at.dataframe[0].value) == n_all
     kind.set_value(["pbt"]).run()
@@ -227,7 +227,7 @@ def test_runs_page_cancels_a_running_job_of_this_process(home, app_jobs):
     _wait(lambda: tr.last_steps([rid]).get(rid, -1) >= 1, what="the job's first logged step")
     assert app_jobs.status(rid) == "running" and tr.get_run(rid)["status"] == "running"
 
-    at = _open("pages/runs.py")
+    at = _open("app_pages/runs.py")
     assert at.multiselect(key="runs_selected").value == [rid]  # active runs are selected by default
     button = at.button(key=f"runs_cancel_{rid}")
     assert button.label == "Cancel run"
@@ -249,7 +249,7 @@ def test_runs_page_cancels_the_engine_job_that_runs_a_member(home, app_jobs):
           what="both PBT members training")
     member = min(members())
 
-    at = _open("pages/runs.py", runs_selected=[member])
+    at = _open("app_pages/runs.py", runs_selected=[member])
     button = at.button(key=f"runs_cancel_{member}")
     assert button.label == "Cancel (the job that runs it)"
     button.click().run()
@@ -272,7 +272,7 @@ def test_runs_page_cancel_of_another_process_run_says_where_to_stop_it(home):
         now = time.time()
         tr.log_metrics_many([{"run_id": rid, "step": s, "epoch": 0, "name": "train_loss", "value": 1.0 / s,
                               "time": now - 40 + s} for s in range(1, 41)])
-        at = _open("pages/runs.py")
+        at = _open("app_pages/runs.py")
         assert at.multiselect(key="runs_selected").value == [rid]  # active runs are selected by default
         text = at.get("progress")[0].proto.text
         assert "step 40 / 100" in text and "ETA" in text
@@ -333,7 +333,7 @@ def test_pbt_view_shows_the_population_its_exploits_and_lineage(pop_home):
                 for e in events if e["kind"] == "pbt_explore"}
     assert exploits, "the tiny population exploited at least once"
 
-    at = _open("pages/pbt_view.py")
+    at = _open("app_pages/pbt_view.py")
     assert at.main.caption[0].value == (f"status **{parent['status']}** · {len(members)} members · best member run "
                                    f"#{summary['best_run_id']}")
     assert [s.value for s in at.subheader][0] == f"Exploit / explore ({len(exploits)})"
@@ -383,7 +383,7 @@ def test_pareto_explorer_shows_the_pipelines_front_choice_and_sweep(pop_home):
     front = sorted(summary["front"], key=lambda p: p["val_avg_exit_layer"])
     assert final == rec.pipeline_final
 
-    at = _open("pages/pareto.py")
+    at = _open("app_pages/pareto.py")
     assert at.main.caption[0].value == (
         f"status **{run['status']}** · stages done: {', '.join(summary['stages_done'])} · pipeline's choice: trial "
         f"{rule['trial']} (λ = {rule['lambda']:.3g}) · final model: run #{final}")
@@ -433,7 +433,7 @@ def test_pareto_choice_swaps_in_the_points_halting_units_and_persists(pop_home, 
     assert others, "the tiny pipeline's front holds a point besides the rule's choice"
     point = others[0]
 
-    at = _open("pages/pareto.py")
+    at = _open("app_pages/pareto.py")
     pick = at.selectbox(key=f"pareto_pick_{rec.pipeline}")
     pick.select(next(o for o in pick.options if o.startswith(f"trial {point['trial']} "))).run()
     assert not _errors(at), _errors(at)
@@ -452,7 +452,7 @@ def test_pareto_choice_swaps_in_the_points_halting_units_and_persists(pop_home, 
     assert [i.value for i in at.main.info] == [shown]
     # a reload (new session) restores the persisted choice
     st.cache_resource.clear()
-    at2 = _open("pages/pareto.py")
+    at2 = _open("app_pages/pareto.py")
     assert at2.session_state["predict_run_id"] == final
     assert [i.value for i in at2.main.info] == [shown]
     assert list(_table(at2, "trial", "for prediction")["for prediction"]) == [
@@ -476,7 +476,7 @@ def test_early_exit_shows_the_final_models_recorded_test_metrics_and_filters_by_
     at_last = round((avg - 1) * n)
     assert 0 < at_last < n, "the pipeline's model exits early on some rows and late on others"
 
-    at = _open("pages/early_exit.py", early_run=rec.pipeline_final)
+    at = _open("app_pages/early_exit.py", early_run=rec.pipeline_final)
     assert {m.label: m.value for m in at.metric} == {
         "sentences": f"{n:,}", "accuracy": f"{test['test_accuracy']:.1%}",
         "average exit layer": f"{avg:.2f} / {layers}", "layer speed-up": f"{layers / avg:.2f}×"}
@@ -500,7 +500,7 @@ def test_studies_page_lists_the_engines_studies_with_trial_counts_and_best_value
 
     rec = pop_home
     url = optuna_storage_url(rec.home)
-    at = _open("pages/studies.py")
+    at = _open("app_pages/studies.py")
     table = _table(at, "study", "trials", "best")
     assert sorted(table["study"]) == rec.studies == sorted([rec.tune_study, "pipe/stage1", "pipe/stage2",
                                                             "pipe/stage3"])
@@ -534,7 +534,7 @@ def test_studies_page_lists_the_engines_studies_with_trial_counts_and_best_value
 def test_studies_dashboard_button_starts_a_server(pop_home):
     import signal
 
-    at = _open("pages/studies.py")
+    at = _open("app_pages/studies.py")
     at.button(key="studies_dashboard").click().run(timeout=TIMEOUT)
     pid = at.session_state["studies_dashboard_pid"] if "studies_dashboard_pid" in at.session_state else None
     try:

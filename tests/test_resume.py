@@ -158,12 +158,12 @@ def test_resume_button_on_the_runs_page_and_predict_from_an_interrupted_run(home
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
         at.run()
         # Predict offers the interrupted run's best checkpoint
-        at.switch_page("pages/predict.py").run()
+        at.switch_page("app_pages/predict.py").run()
         assert not at.exception
         pick = at.selectbox(key="predict:run")
         assert any(f"#{rid}" in str(o) and "interrupted: its best checkpoint" in str(o) for o in pick.options), \
             pick.options
-        at.switch_page("pages/runs.py").run()
+        at.switch_page("app_pages/runs.py").run()
         assert not at.exception
         at.selectbox(key="runs_focus").set_value(rid).run()
         at.button(key=f"runs_resume_{rid}").click().run()

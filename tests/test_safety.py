@@ -327,7 +327,7 @@ def test_config_bomb_upload_on_a_page_is_refused(home, monkeypatch):
     st.cache_resource.clear()
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
     at.run()
-    at.switch_page("pages/backbone.py").run()
+    at.switch_page("app_pages/backbone.py").run()
     at.file_uploader(key="backbone:upload").upload("bomb.yaml", BOMB.encode(), "application/x-yaml")
     at.run()
     assert not at.exception and any("anchors" in e.value for e in at.error)
@@ -352,7 +352,7 @@ def test_a_markdown_header_in_a_csv_error_is_not_rendered(home):
     st.cache_resource.clear()
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
     at.run()
-    at.switch_page("pages/data.py").run()
+    at.switch_page("app_pages/data.py").run()
     at.file_uploader(key="data:upload").upload("x.csv", b"![x](http://evil.example/i.png)\nhello\n", "text/csv")
     at.run()
     (err,) = [e.value for e in at.error]

@@ -1,1 +1,1 @@
-"""Streamlit-side helpers shared by the pages (the only package besides pages/ and app.py that imports streamlit)."""
+"""Streamlit-side helpers shared by the pages (the only package besides app_pages/ and app.py that imports streamlit)."""

@@ -274,7 +274,7 @@ def submit_job(kind: str, cfg: RunConfig | dict, *, options: dict | None = None,
                    "the Runs page.")
     else:
         st.success(f"Started job **#{run_id}** ({kind}). It runs in the background; follow it on the Runs page.")
-    page_link("pages/runs.py", f"Watch run #{run_id} on Runs", ":material/monitoring:")
+    page_link("app_pages/runs.py", f"Watch run #{run_id} on Runs", ":material/monitoring:")
     return run_id
 
 

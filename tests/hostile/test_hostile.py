@@ -320,7 +320,7 @@ def test_data_page_upload(name, hostile, page_home):
     raw = hostile[name].read_bytes()
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
     at.run()
-    at.switch_page("pages/data.py").run()
+    at.switch_page("app_pages/data.py").run()
     assert not at.exception, at.exception
     at.file_uploader(key="data:upload").upload(_upload_name(name), raw, "text/csv")
     at.run()
