@@ -67,8 +67,8 @@ def column_mapping(header: list[str]) -> dict[str, str] | None:
 def show_dataset(ds) -> None:
     for w in ds.warnings:
         st.warning(plain(w))
-    tasks = ", ".join(f"`{t}` ({ds.num_classes(t)} classes)" for t in ds.tasks)
-    st.success(f"{len(ds)} rows, task(s) {plain(tasks)}.")
+    tasks = ", ".join(f"{plain(t)} ({ds.num_classes(t)} classes)" for t in ds.tasks)
+    st.success(f"{len(ds)} rows, task(s) {tasks}.")
     st.dataframe(ds.to_frame().head(20), hide_index=True, width="stretch")
     cols = st.columns(len(ds.tasks) + 1)
     for c, task in zip(cols, ds.tasks):
