@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Callable
 
+from .cli_args import refuse_flags_with_resume
 from .cli_args import common_args as _common, config_and_options, config_from_args, data_args as _data_args, term  # noqa: F401 - re-exported
 from .errors import DactLabError
 
@@ -110,11 +111,7 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         from .train import resume_config, resume_info
 
-        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                 if k not in ("resume", "home", "verbosity", "command") and v not in (None, False)]
-        if given:
-            raise DactLabError(f"--resume continues run {args.resume} with the settings it was started with: "
-                               f"drop {', '.join(given)}.")
+        refuse_flags_with_resume(args, f"run {args.resume}")
         info = resume_info(tracker, args.resume)
         if not info["ok"]:
             raise DactLabError(f"Cannot resume: {info['why']}.")

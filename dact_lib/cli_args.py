@@ -101,3 +101,13 @@ def config_from_args(args, kind_default: str = "backbone"):
                            "an engine page: run it with the engine's command, e.g. `tune-backbone --config FILE`, "
                            "`dact-pipeline --config FILE` or `pbt --config FILE`.")
     return cfg
+
+
+def refuse_flags_with_resume(args, what: str) -> None:
+    """``--resume`` continues a run with the settings it was started with: any other setting flag is an error
+    naming the flags to drop."""
+    given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+             if k not in ("resume", "home", "verbosity", "command") and v not in (None, False)]
+    if given:
+        raise DactLabError(f"--resume continues {what} with the settings it was started with: drop "
+                           f"{', '.join(given)}.")

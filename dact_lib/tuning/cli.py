@@ -292,11 +292,9 @@ def cmd_pbt(args) -> int:
     pbt = _engine("pbt")
     tracker = Tracker(args.home)
     if args.resume is not None:
-        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                 if k not in ("resume", "home", "verbosity", "command") and v not in (None, False)]
-        if given:
-            raise DactLabError(f"--resume continues PBT run {args.resume} with its own settings: drop "
-                               f"{', '.join(given)}.")
+        from ..cli_args import refuse_flags_with_resume
+
+        refuse_flags_with_resume(args, f"PBT run {args.resume}")
         cfg, settings = pbt.resumable_pbt(tracker, args.resume)
         res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=tracker, run_id=args.resume, resume=True,
                           callbacks=[MemberPrinter(args.verbosity)])
