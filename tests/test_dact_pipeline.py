@@ -648,3 +648,13 @@ def test_stage1_heads_come_back_at_their_best_epoch():
     fit = fit_heads_on_features(cfg, 3, x, y, vx, vy, epochs=25, lr=0.05, batch_size=16)
     assert fit.best_epoch < 25  # training went on (and got worse) after the best epoch
     assert _eval_heads(fit.heads, vx, vy, cfg.ponder_lambda)["val_loss"] == pytest.approx(fit.val_loss, rel=1e-6)
+
+
+def test_choice_rule_tie_break_prefers_the_more_accurate_of_equal_exits():
+    """Mutation (issue 12): the tie-break preferring the less accurate of two equal-exit points must fail here."""
+    lo = {"trial": 0, "val_accuracy": 0.895, "val_avg_exit_layer": 3.0, "val_nll": 0.3, "objective": "val_nll"}
+    hi = {"trial": 1, "val_accuracy": 0.900, "val_avg_exit_layer": 3.0, "val_nll": 0.3, "objective": "val_nll"}
+    assert apply_choice_rule([lo, hi])["trial"] == 1
+    assert apply_choice_rule([hi, lo])["trial"] == 1  # whatever the order
+    same = {**hi, "trial": 2}
+    assert apply_choice_rule([same, hi])["trial"] == 1  # equal exit and accuracy: the lower trial number
