@@ -31,9 +31,9 @@ def _ts(t) -> str:
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
 
 
-def _label(r: dict) -> str:
+def _label(r: dict, status: bool = True) -> str:
     name = f" {r['name']}" if r.get("name") else ""
-    return f"#{r['id']} {r['kind']}{name} · {r['status']}"
+    return f"#{r['id']} {r['kind']}{name}" + (f" · {r['status']}" if status else "")
 
 
 def _best(r: dict, key: str):
@@ -174,6 +174,11 @@ query = st.text_input("Search runs", key="runs_search", placeholder="id, name, k
 datasets = {d["id"]: d.get("name") or "" for d in tr.list_datasets()}
 
 
+def filtered(all_runs: list[dict], words: list[str]) -> list[dict]:
+    return [r for r in all_runs if (not sel_kinds or r["kind"] in sel_kinds) and r["status"] in sel_status
+            and (not top_only or r.get("parent_id") is None) and matches(r, words)]
+
+
 def matches(r: dict, words: list[str]) -> bool:
     hay = " ".join(str(x) for x in (f"#{r['id']}", r["id"], r.get("name") or "", r["kind"], r.get("tag") or "",
                                     r["status"], f"dataset:{r.get('dataset_id')}",
@@ -182,19 +187,26 @@ def matches(r: dict, words: list[str]) -> bool:
 
 
 words = query.lower().split()
-runs = [r for r in all_runs if (not sel_kinds or r["kind"] in sel_kinds) and r["status"] in sel_status
-        and (not top_only or r.get("parent_id") is None) and matches(r, words)]
+runs = filtered(all_runs, words)
 if words and not runs:
     st.info(f"No run matches {plain(query)!s}.")
     st.stop()
 by_id = {r["id"]: r for r in all_runs}
 
-st.dataframe(_runs_table(runs), hide_index=True, height=min(400, 38 + 35 * len(runs)),
-             column_config={"val_accuracy": st.column_config.NumberColumn(format="%.4f"),
-                            "val_accuracy (mean of tasks)": st.column_config.NumberColumn(format="%.4f"),
-                            "val_macro_f1": st.column_config.NumberColumn(format="%.4f"),
-                            "test_accuracy": st.column_config.NumberColumn(format="%.4f"),
-                            "val_avg_exit_layer": st.column_config.NumberColumn(format="%.2f")})
+@st.fragment(run_every=REFRESH_S if any(r["status"] in ACTIVE_STATUSES for r in all_runs) else None)
+def run_table() -> None:
+    """The run table, re-read on the same 2 s timer as the live part while any run is active: every status on
+    the page changes together (it used to say 'running' above a finished progress bar)."""
+    rows = filtered(tracker().list_runs(), words)
+    st.dataframe(_runs_table(rows), hide_index=True, height=min(400, 38 + 35 * len(rows)),
+                 column_config={"val_accuracy": st.column_config.NumberColumn(format="%.4f"),
+                                "val_accuracy (mean of tasks)": st.column_config.NumberColumn(format="%.4f"),
+                                "val_macro_f1": st.column_config.NumberColumn(format="%.4f"),
+                                "test_accuracy": st.column_config.NumberColumn(format="%.4f"),
+                                "val_avg_exit_layer": st.column_config.NumberColumn(format="%.2f")})
+
+
+run_table()
 
 options = [r["id"] for r in runs]
 if "runs_selected" in st.session_state:  # drop ids that are no longer listed (deleted / filtered out)
@@ -204,8 +216,9 @@ else:
     active = [r["id"] for r in runs if r["status"] in ACTIVE_STATUSES and r["kind"] not in ENGINE_KINDS]
     trained = [r["id"] for r in runs if r["kind"] not in ENGINE_KINDS]
     st.session_state["runs_selected"] = active[:5] or trained[:1] or options[:1]
+# the chips name the run without its status (a status here would go stale; the table and the live part show it)
 selected = st.multiselect("Runs to show (several are compared on one chart)", options, key="runs_selected",
-                          format_func=lambda i: _label(by_id[i]))
+                          format_func=lambda i: _label(by_id[i], status=False))
 if not selected:
     st.info("Choose one or more runs above.")
     st.stop()
