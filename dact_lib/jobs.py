@@ -134,8 +134,9 @@ def _build_dataclass(cls: type, value: Any, name: str) -> Any:
 def check_untrusted(cfg: RunConfig, home: Path) -> None:
     """What a config from a browser may name: datasets of the database (``data.dataset_id``) or the demo, runs of
     this home by id (``init_from_run``), encoders by model name (the bundled one, the tiny one, a Hugging Face
-    name) or a folder inside the home. Server file paths are refused: a config must not read files of the
-    machine the dashboard runs on."""
+    name) or by the folder of a saved model (a directory holding ``config.json``, as ``save_pretrained`` writes
+    it — what "a local path must work" needs). Other server paths are refused: a config must not read files of
+    the machine the dashboard runs on."""
     from .config import DEFAULT_ENCODER, TINY_ENCODER
 
     for fld in ("path", "val_path", "test_path"):
@@ -152,13 +153,14 @@ def check_untrusted(cfg: RunConfig, home: Path) -> None:
     looks_like_path = enc.startswith(("/", "~", ".", "\\")) or ".." in Path(enc).parts or p.exists()
     if looks_like_path:
         try:
-            inside = p.resolve().is_relative_to(Path(home).resolve())
+            model_folder = p.is_dir() and (p / "config.json").is_file()
         except OSError:
-            inside = False
-        if not inside:
+            model_folder = False
+        if not model_folder:
             raise ConfigError(f"encoder = {enc!r}: a config from the dashboard may name an encoder by its model name "
                               f"({DEFAULT_ENCODER!r}, {TINY_ENCODER!r} or a Hugging Face name such as "
-                              "'bert-base-uncased') or a folder inside the DACT Lab home, not a server path.")
+                              "'bert-base-uncased') or a saved model's folder (holding config.json), not another "
+                              "server path.")
 
 
 def engine_kwargs(fn: Callable, options: dict | None) -> dict:

@@ -270,10 +270,17 @@ def test_browser_configs_cannot_name_server_files(home, tmp_path):
             setattr(cfg.data, fld, str(secret))
             with pytest.raises(ConfigError, match=f"data.{fld} .* cannot read files of the server"):
                 jm.submit("backbone", cfg)
+        for bad in (str(tmp_path), str(secret), "../../etc"):  # a folder that is no model, a file, a path up
+            cfg = tiny_cfg()
+            cfg.encoder = bad
+            with pytest.raises(ConfigError, match="not another server path"):
+                jm.check("backbone", cfg)
+        model_dir = tmp_path / "my-model"  # a saved model's folder works from the browser too
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text("{}")
         cfg = tiny_cfg()
-        cfg.encoder = str(tmp_path)
-        with pytest.raises(ConfigError, match="not a server path"):
-            jm.check("backbone", cfg)
+        cfg.encoder = str(model_dir)
+        jm._validate("backbone", cfg)
         assert Tracker(home).list_runs() == [] and Tracker(home).list_datasets() == []
         # the CLI and the library (trusted) still read files
         cfg = tiny_cfg()
