@@ -42,9 +42,9 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "app_pages/pbt_view.py", '"donor": labels.get(e["donor"], e["donor"])',
         '"donor": labels.get(e["recipient"], e["recipient"])',
         [f"{EXPLORE}::test_pbt_view_shows_the_population_its_exploits_and_lineage"]),
-    "pbt-view-best-score-is-last-score": (
-        "app_pages/pbt_view.py", '(summ.get(m["id"]) or {}).get("best_score")',
-        '(summ.get(m["id"]) or {}).get("last_score")',
+    "pbt-view-exploits-column-shows-member-index": (
+        "app_pages/pbt_view.py", '"exploits": (summ.get(m["id"]) or {}).get("exploits")',
+        '"exploits": (summ.get(m["id"]) or {}).get("member")',
         [f"{EXPLORE}::test_pbt_view_shows_the_population_its_exploits_and_lineage"]),
     "plots-explored-not-matched": (
         "dact_lib/plots.py", 'explored[(ref(p, "recipient"), p.get("step"))] = p.get("new")',
