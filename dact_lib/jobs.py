@@ -131,7 +131,7 @@ def _build_dataclass(cls: type, value: Any, name: str) -> Any:
     return obj
 
 
-def check_untrusted(cfg: RunConfig, home: Path) -> None:
+def check_untrusted(cfg: RunConfig) -> None:
     """What a config from a browser may name: datasets of the database (``data.dataset_id``) or the demo, runs of
     this home by id (``init_from_run``), encoders by model name (the bundled one, the tiny one, a Hugging Face
     name) or by the folder of a saved model (a directory holding ``config.json``, as ``save_pretrained`` writes
@@ -283,7 +283,7 @@ class JobManager:
             raise ConfigError(f"kind = {cfg.kind!r} cannot be used for a {kind!r} job: use one of "
                               f"{_ENGINES[kind][2]}.")
         if self.untrusted_configs:
-            check_untrusted(cfg, self.home)
+            check_untrusted(cfg)
         if cfg.data.dataset_id is not None:
             try:
                 self.tracker.get_dataset(int(cfg.data.dataset_id))

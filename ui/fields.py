@@ -338,13 +338,8 @@ def settings_fields(cls: type, path: str = "", skip: tuple[str, ...] = ()) -> li
         hints = typing.get_type_hints(cls)
     except Exception:  # noqa: BLE001
         hints = {}
-    defaults = {}
-    try:
-        obj = cls() if all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-                           for f in dataclasses.fields(cls)) else None
-        defaults = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)} if obj is not None else {}
-    except Exception:  # noqa: BLE001
-        defaults = {}
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls)}  # MISSING for a required field (PipelineConfig.name)
     out: list[Field] = []
     for f in dataclasses.fields(cls):
         if f.name in skip:
