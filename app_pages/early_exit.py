@@ -56,6 +56,11 @@ n_layers = int(df.attrs.get("num_layers") or (df["exit_layer"].max() if len(df) 
 used = df.attrs.get("split", split)
 if used != split:
     st.caption(f"Run {run_id} has no {split} split: showing the {used} split.")
+_data = (by_id[run_id].get("config") or {}).get("data") or {}
+_frac = _data.get("test_frac" if used == "test" else "val_frac")
+st.caption(f"The run's own {used} split: {len(df):,} rows"
+           + (f" ({_frac:.0%} of its dataset, split seed {_data.get('split_seed', 0)})" if _frac else "")
+           + " — the rows the run was evaluated on, not a new sample.")
 if not len(df):
     st.info("The split is empty.")
     st.stop()

@@ -479,6 +479,8 @@ def test_early_exit_shows_the_final_models_recorded_test_metrics_and_filters_by_
     assert {m.label: m.value for m in at.metric} == {
         "sentences": f"{n:,}", "accuracy": f"{test['test_accuracy']:.1%}",
         "average exit layer": f"{avg:.2f} / {layers}", "layer speed-up": f"{layers / avg:.2f}×"}
+    # bug (dashboard issue): the page evaluated another sample than the run's own split; it says which rows
+    assert any(c.value.startswith(f"The run's own test split: {n:,} rows") for c in at.main.caption)
     hist = _chart(at, "exit layer per sample")
     assert _values(hist["data"][0]["x"]) == [1, 2] and _values(hist["data"][0]["y"]) == [n - at_last, at_last]
     assert at.main.caption[-1].value == f"{n:,} of {n:,} sentences"
