@@ -439,6 +439,14 @@ def _stratified_sample(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.sort(np.asarray(idx, dtype=np.int64))
 
 
+def stratified_subset(ds: TextDataset, k: int, seed: int = 0) -> TextDataset:
+    """``k`` rows of ``ds`` (all of them when ``k >= len(ds)``), stratified on the first task's classes when
+    possible, in file order."""
+    if k >= len(ds):
+        return ds
+    return ds.subset(_stratified_sample(ds.targets[ds.tasks[0]], int(k), seed))
+
+
 def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows: int | None = None,
              name: str | None = None, max_bytes: int = MAX_BYTES, label_maps: dict[str, list[str]] | None = None,
              seed: int = 0, drop_incomplete: bool = False) -> TextDataset:

@@ -435,7 +435,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         if run_dir is not None:
             cfg.save(run_dir / "config.json")
 
-        cbs.on_event(state, "phase", {"phase": f"tokenising {n_rows:,} rows", "rows": n_rows})
+        cbs.on_event(state, "phase", {"phase": f"tokenising {n_rows:,} rows", "rows": n_rows,
+                                      "train_rows": len(split.train)})
         enc_train = encode(split.train, tokenizer, cfg.data.max_seq_len)
         enc_val = encode(split.val, tokenizer, cfg.data.max_seq_len)
         enc_test = encode(split.test, tokenizer, cfg.data.max_seq_len) if split.test is not None else None

@@ -658,3 +658,51 @@ def test_choice_rule_tie_break_prefers_the_more_accurate_of_equal_exits():
     assert apply_choice_rule([hi, lo])["trial"] == 1  # whatever the order
     same = {**hi, "trial": 2}
     assert apply_choice_rule([same, hi])["trial"] == 1  # equal exit and accuracy: the lower trial number
+
+
+def test_stage2_trials_on_a_fraction_of_the_rows_then_the_best_params_train_on_all(home):
+    """Multi-fidelity over rows: trials see a stratified share of the training rows, the best trial's parameters
+    train once on every row, and that refit (not a trial) is the model stages 3 and final build on."""
+    tr = Tracker(home)
+    pipe = tiny_pipe("refit", trials=(2, 2, 2), stage2_fraction=0.5, stage2_min_rows=10)
+    res = run_pipeline(tiny_cfg(), pipeline=pipe, home=home, tracker=tr)
+    st2 = json.loads((tr.run_dir(res.parent_run_id) / "stage2.json").read_text())
+    n_train = st2["train_rows"]
+    assert st2["trial_rows"] == -(-n_train // 2) < n_train
+    runs = {r["name"]: r for r in children(tr, res.parent_run_id)}
+    refit = runs["refit/stage2/refit"]
+    assert st2["best_run_id"] == st2["refit"]["run_id"] == refit["id"]
+    assert (tr.run_dir(refit["id"]) / "model.safetensors").is_file()
+    trial_runs = [r for n, r in runs.items() if "/stage2/trial" in n]
+    assert len(trial_runs) == 2 and not any((tr.run_dir(r["id"]) / "model.safetensors").is_file()
+                                            for r in trial_runs)
+
+    def rows_seen(rid):
+        return [e["payload"]["train_rows"] for e in tr.get_events(rid, kinds=["phase"]) if "rows" in e["payload"]]
+
+    assert all(rows_seen(r["id"]) == [st2["trial_rows"]] for r in trial_runs)
+    assert rows_seen(refit["id"]) == [n_train]
+    final = json.loads((tr.run_dir(res.final_run_id) / "report.json").read_text())
+    assert final["built_from"]["trunk_run_id"] == refit["id"]
+    # trial 0 started from the run config's own training values (clipped to the search ranges)
+    s2 = optuna.load_study(study_name="refit/stage2", storage=home_mod.optuna_storage_url(home))
+    t0 = s2.trials[0]
+    base = tiny_cfg().train
+    assert t0.params["encoder_lr"] == base.encoder_lr and t0.params["epochs"] == min(base.epochs, 2)
+    assert t0.params["head_lr"] == pipe.head_lr_range[0]  # 1e-3 clipped into the test's (2e-3, 6e-3)
+
+
+def test_stage2_uses_every_row_when_the_fraction_would_be_below_the_minimum():
+    from types import SimpleNamespace
+
+    from dact_lib.tuning.dact_pipeline.stage2 import trial_rows
+
+    ds = read_csv(EASY_CSV)
+    split = SimpleNamespace(train=ds, val=ds, test=None)
+    pl = SimpleNamespace(split=split, pipe=PipelineConfig(name="x", stage2_fraction=0.5).validate())
+    assert trial_rows(pl) is split  # 240 rows < stage2_min_rows: no subset, no refit
+    pl.pipe = PipelineConfig(name="x", stage2_fraction=0.25, stage2_min_rows=100).validate()
+    sub = trial_rows(pl).train
+    assert len(sub) == 100 and set(sub.texts) <= set(ds.texts)
+    counts = list(sub.class_counts().values())
+    assert max(counts) - min(counts) <= 1  # stratified on the balanced easy set

@@ -293,6 +293,11 @@ SETTING_TEXT: dict[str, tuple[str, str]] = {
     "min_steps": ("Minimum optimizer steps per trial", "On small data a trial's epochs are raised to reach this."),
     "stage2_pruner": ("Stage 2 pruning", "halving: successive halving over epochs; median: Optuna's median pruner."),
     "max_epochs": ("Most epochs a trial may be raised to", ""),
+    "stage2_fraction": ("Stage 2: fraction of the training rows per trial", "Trials train on this stratified "
+                        "share (at least the minimum rows); the best parameters then train once on every row."),
+    "stage2_min_rows": ("Stage 2: minimum rows per trial", "Smaller training sets use every row in every trial."),
+    "stage2_start_from_config": ("Stage 2: first trial = this form's training values", "The search starts from "
+                                 "what a single run would do."),
     "guard_margin": ("Guard margin over the majority class", "A stage's best model must beat always answering the "
                      "largest class by this much (or 2 standard errors)."),
     "guards": ("When a stage is no better than the majority class", "stop: stop and say what to change; warn: "

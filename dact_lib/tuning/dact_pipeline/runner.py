@@ -109,7 +109,7 @@ class _Pipeline:
         return c.validate()
 
     def train_child(self, run_cfg: RunConfig, extra_callbacks: list[Callback], trial: optuna.Trial | None = None,
-                    save: bool = True, model=None, tokenizer=None):
+                    save: bool = True, model=None, tokenizer=None, data=None):
         from ...train import train
 
         run_id = self.tracker.create_run("dact", run_cfg.to_dict(), name=run_cfg.name, tag=run_cfg.tag,
@@ -119,7 +119,7 @@ class _Pipeline:
         run_cfg.train.resume_checkpoints = False  # a trial is re-run, not resumed (the pipeline resumes by stage)
         try:
             with studies.live_run(run_id):
-                return train(run_cfg, data=self.split, home=self.home, tracker=self.tracker,
+                return train(run_cfg, data=data or self.split, home=self.home, tracker=self.tracker,
                              callbacks=[*extra_callbacks, *self.callbacks], cancel=self.cancel, run_id=run_id,
                              parent_id=self.parent, save=save, model=model, tokenizer=tokenizer)
         finally:  # train() takes the dataset id from the config; this run's data is the pipeline's split
@@ -135,8 +135,8 @@ class _Pipeline:
     def train_cfg(self) -> TrainConfig:
         return self.trial_train_cfg(self.state["stage2"]["best_params"])
 
-    def trial_train_cfg(self, params: dict[str, Any]) -> TrainConfig:
-        return train_from_params(params, self.cfg.train, n_train=len(self.split.train),
+    def trial_train_cfg(self, params: dict[str, Any], n_train: int | None = None) -> TrainConfig:
+        return train_from_params(params, self.cfg.train, n_train=n_train or len(self.split.train),
                                  min_steps=self.pipe.min_steps, max_epochs=self.pipe.max_epochs)
 
     def keep_if_best(self, study: optuna.Study, trial: optuna.Trial, value: float, res, run_cfg: RunConfig) -> None:

@@ -92,6 +92,14 @@ class PipelineConfig:
     # multi-fidelity stage 2: "halving" = successive halving over epochs (a trial goes on after epoch 1, 3, … only
     # when it is in the best third of the trials at that epoch), "median" = MedianPruner, "none"
     stage2_pruner: Literal["halving", "median", "none"] = "halving"
+    # multi-fidelity over rows: stage-2 trials train on this fraction of the training rows (stratified, at least
+    # stage2_min_rows), then the best trial's parameters train once on all of them — the model stages 3 and final
+    # build on. 1.0 = trials on every row, the best trial's own model is kept (bench/pipeline_time.py)
+    stage2_fraction: float = 0.34
+    stage2_min_rows: int = 1500
+    # trial 0 of stage 2 = the run config's own training values (the single-run defaults, clipped to the ranges):
+    # the search starts from what a single run would do
+    stage2_start_from_config: bool = True
     max_epochs: int = 50
     # guards: a stage's best model must beat the majority-class baseline by max(guard_margin, 2 standard errors
     # of the baseline on the validation rows), or the pipeline stops and says what to change
@@ -130,7 +138,13 @@ class PipelineConfig:
             raise bad("min_steps", self.min_steps, "expected an integer >= 0 (0 = no minimum)")
         if not (_num(self.guard_margin) and 0 <= self.guard_margin < 1):
             raise bad("guard_margin", self.guard_margin, "expected an accuracy margin in [0, 1)")
-        for fld in ("final_finetune", "sweep_timed", "search_share_weights", "stage3_thresholds"):
+        if not (_num(self.stage2_fraction) and 0 < self.stage2_fraction <= 1):
+            raise bad("stage2_fraction", self.stage2_fraction, "expected a fraction of the training rows in (0, 1]")
+        if not isinstance(self.stage2_min_rows, int) or isinstance(self.stage2_min_rows, bool) \
+                or self.stage2_min_rows < 1:
+            raise bad("stage2_min_rows", self.stage2_min_rows, "expected an integer >= 1")
+        for fld in ("final_finetune", "sweep_timed", "search_share_weights", "stage3_thresholds",
+                    "stage2_start_from_config"):
             if not isinstance(getattr(self, fld), bool):
                 raise bad(fld, getattr(self, fld), "expected true or false")
         if self.objective3 not in OBJECTIVES3:

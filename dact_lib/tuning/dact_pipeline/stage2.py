@@ -54,12 +54,44 @@ def train_from_params(params: dict[str, Any], base: TrainConfig, *, n_train: int
     return t
 
 
+def trial_rows(pl):
+    """The split stage-2 trials train on: a stratified ``stage2_fraction`` of the training rows (at least
+    ``stage2_min_rows``; validation and test unchanged), or the pipeline's own split when that is every row."""
+    from ...data import DatasetSplit, stratified_subset
+
+    pipe, n = pl.pipe, len(pl.split.train)
+    k = min(n, max(int(pipe.stage2_min_rows), math.ceil(pipe.stage2_fraction * n)))
+    if k >= n:
+        return pl.split
+    return DatasetSplit(train=stratified_subset(pl.split.train, k, pipe.seed), val=pl.split.val,
+                        test=pl.split.test)
+
+
+def start_params(pipe: PipelineConfig, base: TrainConfig) -> dict[str, Any]:
+    """The run config's own training values as a stage-2 trial (each clipped to its search range)."""
+    def clip(v, rng):
+        lo, hi = rng
+        return min(max(v, lo), hi)
+
+    sizes = list(pipe.batch_sizes)
+    lo, hi = pipe.pair("epochs_range")
+    return {"encoder_lr": clip(base.encoder_lr, pipe.pair("encoder_lr_range")),
+            "head_lr": clip(base.head_lr, pipe.pair("head_lr_range")),
+            "batch_size": min(sizes, key=lambda b: (abs(b - base.batch_size), b)),
+            "epochs": int(clip(base.epochs, (int(lo), int(hi)))),
+            "weight_decay": clip(base.weight_decay, pipe.pair("weight_decay_range")),
+            "warmup_ratio": clip(base.warmup_ratio, pipe.pair("warmup_range"))}
+
+
 def run(pl) -> None:
     t0 = time.monotonic()
     budget = pl.budget.share("stage2")
     pipe = pl.pipe
     pl.start_stage("stage2", pipe.trials_stage2, budget)
     model_cfg = pl.model_cfg()
+    rows = trial_rows(pl)
+    n_rows = len(rows.train)
+    refit = n_rows < len(pl.split.train)
     study = studies.create_study(
         pl.names["stage2"], directions=["minimize"], home=pl.home,
         sampler=optuna.samplers.TPESampler(seed=pipe.seed + 2,
@@ -68,51 +100,74 @@ def run(pl) -> None:
                 "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
                 "none": optuna.pruners.NopPruner}[pipe.stage2_pruner](),
         user_attrs={"pipeline": pipe.name, "stage": "stage2", "parent_run_id": pl.parent,
-                    "objective": "val_loss", "pruner": pipe.stage2_pruner})
+                    "objective": "val_loss", "pruner": pipe.stage2_pruner, "train_rows": n_rows})
+    if pipe.stage2_start_from_config and not study.trials:
+        study.enqueue_trial(start_params(pipe, pl.cfg.train), user_attrs={"start": "run config"})
 
     def objective(trial: optuna.Trial) -> float:
         pl.cancel.check()
         params = suggest_training(trial, pipe)
-        tc = pl.trial_train_cfg(params)
+        tc = pl.trial_train_cfg(params, n_train=n_rows)
         trial.set_user_attr("epochs_run", tc.epochs)
+        trial.set_user_attr("train_rows", n_rows)
         run_cfg = pl.child_config(model_cfg, tc, f"{pipe.name}/stage2/trial{trial.number}", "stage2")
-        res = pl.train_child(run_cfg, [studies.PruningCallback(trial, "val_loss")], trial, save=False)
+        res = pl.train_child(run_cfg, [studies.PruningCallback(trial, "val_loss")], trial, save=False, data=rows)
         for k in ("val_accuracy", "val_nll", "val_avg_exit_layer"):
             if k in res.best_metrics:
                 trial.set_user_attr(k, res.best_metrics[k])
         value = float(res.best_metrics["val_loss"])
-        if math.isfinite(value):
+        if math.isfinite(value) and not refit:
             pl.keep_if_best(study, trial, value, res, run_cfg)
         return value
 
     pl.optimize(study, objective, pipe.trials_stage2, budget, "stage2")
     best = study.best_trial
     s1 = pl.state["stage1"].get("best_user_attrs", {}).get("val_accuracy")
-    guard = pl.guard("stage2", best.user_attrs.get("val_accuracy"), previous=("stage1", s1))
-    pl.finish_stage("stage2", {"best_params": best.params, "best_value": best.value, "best_trial": best.number,
-                                 "best_run_id": best.user_attrs.get("run_id"),
-                                 "best_user_attrs": best.user_attrs, "guard": guard,
-                                 "train": dataclasses.asdict(pl.trial_train_cfg(best.params)),
-                                 "n_trials": counted(study)}, time.monotonic() - t0)
+    out = {"best_params": best.params, "best_value": best.value, "best_trial": best.number,
+           "best_run_id": best.user_attrs.get("run_id"), "best_user_attrs": best.user_attrs,
+           "trial_rows": n_rows, "train_rows": len(pl.split.train)}
+    trunk_acc = best.user_attrs.get("val_accuracy")
+    if refit:  # the best parameters, trained once on every training row: the trunk of stages 3 and final
+        t1 = time.monotonic()
+        tc = pl.trial_train_cfg(best.params)
+        run_cfg = pl.child_config(model_cfg, tc, f"{pipe.name}/stage2/refit", "stage2")
+        pl.tracker.log_event(pl.parent, "stage2_refit", {"trial": best.number, "rows": len(pl.split.train),
+                                                         "trial_rows": n_rows, "epochs": tc.epochs})
+        res = pl.train_child(run_cfg, [], save=False)
+        save_trunk(pl, res, run_cfg)
+        trunk_acc = res.best_metrics.get("val_accuracy")
+        out.update(best_run_id=res.run_id, refit={"run_id": res.run_id, "seconds": round(time.monotonic() - t1, 3),
+                                                   "epochs": tc.epochs, "best_metrics": res.best_metrics})
+    out["trunk_val_accuracy"] = trunk_acc
+    out["guard"] = pl.guard("stage2", trunk_acc, previous=("stage1", s1))
+    out["train"] = dataclasses.asdict(pl.trial_train_cfg(best.params))
+    out["n_trials"] = counted(study)
+    pl.finish_stage("stage2", out, time.monotonic() - t0)
+
+
+def save_trunk(pl, res, run_cfg: RunConfig) -> None:
+    """Save a stage-2 model in its run folder (stage 3 and the final model load it from there)."""
+    from ...files import atomic_write_json
+    from ...models import MODEL_FILE, save_model
+
+    run_dir = pl.tracker.run_dir(res.run_id)
+    save_model(run_dir, res.model, res.tokenizer, run_cfg, res.label_maps)
+    atomic_write_json(run_dir / "report.json", jsonable({"best": res.best_metrics, "test": {},
+                                                          "stop_reason": res.stop_reason}))
+    pl.tracker.update_run(res.run_id, run_dir=str(run_dir))
+    pl.tracker.add_artifact(res.run_id, str(run_dir / MODEL_FILE), "model")
 
 
 def keep_if_best(pl, study: optuna.Study, trial: optuna.Trial, value: float, res, run_cfg: RunConfig) -> None:
     """Stage 2 keeps the weights of its best trial only (stage 3 and the final model are built on them): a
     trial better than every complete one so far is saved in its run folder and the previous best's model file
     is removed (its run keeps config, metrics and events)."""
-    from ...models import MODEL_FILE, save_model
+    from ...models import MODEL_FILE
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if done and min(t.value for t in done) <= value:
         return
-    run_dir = pl.tracker.run_dir(res.run_id)
-    save_model(run_dir, res.model, res.tokenizer, run_cfg, res.label_maps)
-    from ...files import atomic_write_json
-
-    atomic_write_json(run_dir / "report.json", jsonable({"best": res.best_metrics, "test": {},
-                                                          "stop_reason": res.stop_reason}))
-    pl.tracker.update_run(res.run_id, run_dir=str(run_dir))
-    pl.tracker.add_artifact(res.run_id, str(run_dir / MODEL_FILE), "model")
+    save_trunk(pl, res, run_cfg)
     trial.set_user_attr("model_saved", True)
     for t in done:
         rid = t.user_attrs.get("run_id")

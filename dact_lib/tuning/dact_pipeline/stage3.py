@@ -125,7 +125,8 @@ def run(pl) -> None:
     pl.optimize(study, objective, pipe.trials_stage3, budget, "stage3")
     front = pareto_points(study)
     chosen = apply_choice_rule(front, pipe.choice_rule, pipe.choice_tolerance, trials=trial_points(study))
-    s2 = pl.state["stage2"].get("best_user_attrs", {}).get("val_accuracy")
+    st2 = pl.state["stage2"]
+    s2 = st2.get("trunk_val_accuracy", st2.get("best_user_attrs", {}).get("val_accuracy"))
     guard = pl.guard("stage3", chosen.get("val_accuracy"), previous=("stage2", s2))
     # the chosen point's weights must load back (a damaged file fails here, not in the final stage)
     load_file(str(pl.home / chosen["halting_file"]))
