@@ -35,6 +35,6 @@ def _tune_defaults() -> dict:
 
 launch_page("backbone", kinds=("backbone",), modes=[
     Mode("Single run", None),
-    Mode("Optuna tuning", "tune-backbone", _tune_fields, _tune_defaults, None,
+    Mode("Optuna tuning", "tune-backbone", _tune_fields, _tune_defaults,
          help="Optuna tuning runs several trials (TPE sampler, median pruner) and records them as a study."),
 ])

@@ -43,6 +43,6 @@ def _defaults() -> dict:
 
 launch_page("dact", kinds=("dact",), modes=[
     Mode("Single DACT run", None),
-    Mode("Full pipeline", "dact-pipeline", _fields, _defaults, None, prepare_options=_name_from_run,
+    Mode("Full pipeline", "dact-pipeline", _fields, _defaults, prepare_options=_name_from_run,
          help="Give the pipeline a run name to resume it later by that name."),
 ])

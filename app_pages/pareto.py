@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dact_lib import plots
+from dact_lib import events as ev, plots
 from dact_lib.tracker import ACTIVE_STATUSES
+from dact_lib.tuning.dact_pipeline.view import chosen_prediction_run, pipeline_view, point_name, prediction_trial
 from ui.safe import plain
 from ui.state import tracker
 
@@ -24,7 +25,7 @@ if not pipes:
     st.stop()
 
 if st.session_state.get("predict_run_id") is None:  # a reload: restore the persisted choice
-    restored = plots.chosen_prediction_run(tr)
+    restored = chosen_prediction_run(tr)
     if restored is not None:
         st.session_state["predict_run_id"] = restored
 
@@ -48,7 +49,7 @@ def choose(parent_id: int, point: dict | None) -> None:
         return
     rid = got["run_id"]
     st.session_state["predict_run_id"] = rid
-    what = plots.point_name(point)
+    what = point_name(point)
     if got.get("halting"):
         text = (f"Trial {point.get('trial')} ({what}) is now used for prediction: run #{rid} with that point's "
                 "halting units (swapped in, nothing retrained). The pipeline's own choice stays recorded.")
@@ -83,18 +84,18 @@ def _on_chart_select(parent_id: int, key: str, by_trial: dict, by_run: dict) -> 
 @st.fragment(run_every=5.0 if active else None)
 def explorer(parent_id: int) -> None:
     run = tr.get_run(parent_id)
-    view = plots.pipeline_view(run, tr.get_events(parent_id))
+    view = pipeline_view(run, tr.get_events(parent_id))
     summary = run.get("summary") or {}
     done = ", ".join(summary.get("stages_done") or []) or "none"
     pc = view["pipeline_choice"]
     st.caption(f"status **{run['status']}** · stages done: {done}"
-               + (f" · pipeline's choice: trial {pc['trial']} ({plots.point_name(pc)})" if pc else "")
+               + (f" · pipeline's choice: trial {pc['trial']} ({point_name(pc)})" if pc else "")
                + (f" · final model: run #{view['final_run_id']}" if view["final_run_id"] else ""))
-    for g in (e["payload"] for e in tr.get_events(parent_id, kinds=["guard_failed"])):
+    for g in (e["payload"] for e in tr.get_events(parent_id, kinds=[ev.GUARD_FAILED])):
         st.error(plain(g.get("message")) if g.get("message") else f"{g.get('stage')}: the model is no better than the majority class.")
     current = st.session_state.get("predict_run_id")
     fitted, uc = view["fitted"], view["user_choice"]
-    active = plots.prediction_trial(view, current)
+    active = prediction_trial(view, current)
     if current is None:
         st.info("No model chosen for prediction yet: pick a front point below (or click one on the chart).")
     elif fitted and active is not None:
@@ -125,11 +126,11 @@ def explorer(parent_id: int) -> None:
     options: dict[str, dict] = {}
     if view["final_run_id"] is not None:
         lam = pc.get("lambda") if pc else None
-        options[f"final model · run #{view['final_run_id']} · the pipeline's choice ({plots.point_name(pc)})"] = {
+        options[f"final model · run #{view['final_run_id']} · the pipeline's choice ({point_name(pc)})"] = {
             "run_id": view["final_run_id"], "trial": pc.get("trial") if pc else None, "lambda": lam,
             "source": "final"}
     for p in sorted(front_pts, key=lambda p: p["val_avg_exit_layer"] or 0):
-        label = (f"trial {p['trial']} · {plots.point_name(p)} · exit {p['val_avg_exit_layer']:.2f} · "
+        label = (f"trial {p['trial']} · {point_name(p)} · exit {p['val_avg_exit_layer']:.2f} · "
                  f"acc {p['val_accuracy']:.3f}" if p["val_avg_exit_layer"] is not None else f"trial {p['trial']}")
         if not fitted:
             label += f" · run #{p['run_id']}" if p["run_id"] is not None else " · no run"

@@ -113,7 +113,7 @@ else:
     by_id = {r["id"]: r for r in runs}
     wanted = st.session_state.get("predict_run_id")
     if wanted is None:  # after a reload: the point last chosen on the Pareto explorer (stored as an event)
-        from dact_lib.plots import chosen_prediction_run
+        from dact_lib.tuning.dact_pipeline.view import chosen_prediction_run
 
         wanted = chosen_prediction_run(state.tracker())
     if wanted is not None and int(wanted) in by_id and st.session_state.get("predict:run-from") != wanted:
@@ -128,7 +128,7 @@ else:
         st.warning(plain(exc))
         hc = None
     if hc:
-        from dact_lib.plots import point_name
+        from dact_lib.tuning.dact_pipeline.view import point_name
 
         what = point_name(hc)
         st.caption(f"Halting units: trial {hc.get('trial')} {what} — chosen on the Pareto explorer"

@@ -16,6 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from dact_lib import plots
+from dact_lib import progress
 from dact_lib.halting import exit_advice
 from dact_lib.jobs import ENGINE_KINDS  # (parent runs of the tuning engines: no training curves)
 from dact_lib.models import zip_model
@@ -249,9 +250,9 @@ def live(ids: list[int], was_active: bool) -> None:
     for r in current:
         ev = tr.get_events(r["id"])
         events_of[r["id"]] = ev
-        pr = plots.run_progress(tr, r, per_run.get(r["id"]), ev, steps_done=steps_now.get(r["id"]))
+        pr = progress.run_progress(tr, r, per_run.get(r["id"]), ev, steps_done=steps_now.get(r["id"]))
         rows.append({"run": _label(r), "status": r["status"], "progress": pr["fraction"] or 0.0,
-                     "steps": pr["text"], "ETA": plots.format_seconds(pr["eta_s"]) if r["status"] in
+                     "steps": pr["text"], "ETA": progress.format_seconds(pr["eta_s"]) if r["status"] in
                      ACTIVE_STATUSES else "", "error": (r.get("error") or "")[:160], "_pr": pr})
     st.dataframe(pd.DataFrame(rows).drop(columns="_pr"), hide_index=True,
                  column_config={"progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dact_lib.tuning import studies
+from dact_lib.tuning import dashboard_server, studies
 from ui.safe import plain
 from ui.state import tracker
 
@@ -48,13 +48,13 @@ with c2:
     st.write("")
     if st.button("Open in optuna-dashboard", key="studies_dashboard"):
         with st.spinner("Starting optuna-dashboard…"):
-            srv = studies.start_dashboard(tr.home)
+            srv = dashboard_server.start_dashboard(tr.home)
         st.session_state["studies_dashboard_port"] = srv["port"] if srv.get("up") else None
         st.session_state["studies_dashboard_pid"] = srv["proc"].pid
         if not srv.get("up"):
             st.error(f"optuna-dashboard did not start; see {srv['log']}.")
     port = st.session_state.get("studies_dashboard_port")
-    srv = studies.dashboard(tr.home)
+    srv = dashboard_server.dashboard(tr.home)
     if port and srv and srv["port"] == port:
         st.link_button(f"optuna-dashboard at 127.0.0.1:{port}", srv["url"])
         st.caption(f"or run `optuna-dashboard {url}` yourself")

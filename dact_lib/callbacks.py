@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import events as ev
 from .errors import Cancelled
 
 
@@ -154,7 +155,7 @@ class ProgressPrinter(Callback):
             (self._bar.write if self._bar is not None else print)(f"[eval epoch {state.epoch + 1}] {msg}")
 
     def on_event(self, state, kind, payload):
-        if self.verbosity >= 2 or (self.verbosity >= 1 and kind in ("early_stop", "oom_retry", "restored_best")):
+        if self.verbosity >= 2 or (self.verbosity >= 1 and kind in (ev.EARLY_STOP, ev.OOM_RETRY, ev.RESTORED_BEST)):
             text = f"[{kind}] {payload}"
             (self._bar.write if self._bar is not None else print)(text)
 

@@ -250,9 +250,14 @@ class MultiTaskModelConfig:
     normalize: bool = False
     head: MLPConfig = field(default_factory=lambda: MLPConfig(hidden_dims=[256]))
     task_weights: dict[str, float] | None = None  # None = 1.0 for every task
+    # "balanced": each task's cross-entropy weights class k by n / (K · n_k) on the training split (clipped to
+    # [0.1, 10]), so a rare class costs as much in total as a frequent one; "none": plain cross-entropy
+    class_weighting: Literal["none", "balanced"] = "none"
 
     def validate(self, name: str = "model") -> None:
         check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
+        check(self.class_weighting in ("none", "balanced"), f"{name}.class_weighting", self.class_weighting,
+              "choose 'none' or 'balanced'")
         self.head.validate(f"{name}.head")
         if self.task_weights is not None:
             check(isinstance(self.task_weights, dict) and all(

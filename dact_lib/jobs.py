@@ -17,43 +17,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import logging
 import os
 import socket
 import threading
 import time
 import traceback
-import typing
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from . import tracker as _tracker_mod
+from .tracker import liveness
 from .callbacks import CancelToken
-from .config import RunConfig, from_dict as _dc_from_dict
+from .config import RunConfig
+from .engines import ENGINE_KINDS, TRAIN_KINDS, EngineContext, get_engine
 from .errors import Cancelled, ConfigError, DactLabError
+from . import events as ev
 
 log = logging.getLogger(__name__)
 
-TRAIN_KINDS = ("backbone", "dact", "multitask")
-ENGINE_KINDS = ("tune-backbone", "dact-pipeline", "pbt")
 KINDS = TRAIN_KINDS + ENGINE_KINDS
-
-#: engine kind -> (module, function, the RunConfig kinds it accepts)
-_ENGINES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "tune-backbone": ("dact_lib.tuning.backbone", "tune_backbone", ("backbone",)),
-    "dact-pipeline": ("dact_lib.tuning.dact_pipeline", "run_pipeline", ("dact", "backbone")),
-    "pbt": ("dact_lib.tuning.pbt", "run_pbt", TRAIN_KINDS),
-}
-#: the multi-task engine's data check, run at submit time for kind 'multitask' (the job itself runs the loop with
-#: the pre-created run id, as ``train_multitask`` would after the same check)
-_MULTITASK_CHECK = ("dact_lib.multitask", "check_multitask_data")
 
 JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")
 _ACTIVE = ("queued", "running")
-#: result attributes of the engines copied into the parent run's summary
-_RESULT_KEYS = ("final_run_id", "best_run_id", "parent_run_id", "best_value", "best_params", "study_name")
 
 
 @dataclass
@@ -72,6 +58,7 @@ class Job:
     engine_run_id: int | None = None
     token: CancelToken = field(default_factory=CancelToken)
     resume: bool = False  # continue the run from its resume checkpoint (JobManager.resume)
+    settings: Any = None  # an engine job's validated settings (dact_lib.engines)
     done: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -79,56 +66,6 @@ class Job:
         return {"run_id": self.run_id, "kind": self.kind, "name": self.name, "state": self.state,
                 "submitted": self.submitted, "started": self.started, "ended": self.ended, "error": self.error,
                 "engine_run_id": self.engine_run_id}
-
-
-def _import_engine(module: str, func: str) -> Callable:
-    """The engine function (imported when a job needs it: the app starts without loading every engine)."""
-    import importlib
-
-    return getattr(importlib.import_module(module), func)
-
-
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def _dataclass_params(fn: Callable) -> dict[str, type]:
-    """Keyword parameters of ``fn`` annotated with a dataclass type (PipelineConfig, PBTConfig, ...)."""
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: no conversion
-        hints = {}
-    out = {}
-    for name, hint in hints.items():
-        cands = [hint] + list(typing.get_args(hint))
-        for c in cands:
-            if isinstance(c, type) and dataclasses.is_dataclass(c):
-                out[name] = c
-                break
-    return out
-
-
-def _build_dataclass(cls: type, value: Any, name: str) -> Any:
-    try:
-        if isinstance(value, cls):
-            obj = copy.deepcopy(value)
-        else:
-            if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                value = dataclasses.asdict(value)
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"{name} must be a mapping of settings, got {value!r}.")
-            maker = getattr(cls, "from_dict", None)
-            obj = maker(value or {}) if callable(maker) else _dc_from_dict(cls, value or {}, name)
-    except TypeError as exc:  # e.g. a required setting without a default (PipelineConfig.name)
-        raise ConfigError(f"{name}: {exc}; give it in the options.") from None
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
-    return obj
 
 
 def check_untrusted(cfg: RunConfig) -> None:
@@ -163,61 +100,6 @@ def check_untrusted(cfg: RunConfig) -> None:
                               "server path.")
 
 
-def engine_kwargs(fn: Callable, options: dict | None) -> dict:
-    """Turn job ``options`` into keyword arguments of engine ``fn``.
-
-    Options naming a parameter pass through (a dict for a dataclass-typed parameter such as ``pbt`` or
-    ``pipeline`` is converted and validated); options naming a *field* of such a dataclass are folded into it
-    (``{"population": 4}`` -> ``pbt=PBTConfig(population=4)``). Anything else raises :class:`ConfigError`."""
-    options = dict(options or {})
-    params = inspect.signature(fn).parameters
-    reserved = {"cfg", "config", "home", "tracker", "cancel", "callbacks", "run_id"}
-    dc_params = _dataclass_params(fn)
-    kwargs: dict[str, Any] = {}
-    folded: dict[str, dict] = {}
-    for key, value in options.items():
-        if key in reserved:
-            raise ConfigError(f"option {key!r} is set by the job manager; remove it from the options.")
-        if key in params:
-            kwargs[key] = value
-            continue
-        owner = next((p for p, cls in dc_params.items()
-                      if key in {f.name for f in dataclasses.fields(cls)}), None)
-        if owner is None:
-            allowed = sorted([p for p in params if p not in reserved and p != "self"] +
-                             [f.name for cls in dc_params.values() for f in dataclasses.fields(cls)])
-            raise ConfigError(f"Unknown option {key!r} for {fn.__name__}: allowed are {allowed}.")
-        folded.setdefault(owner, {})[key] = value
-    for owner, fields_ in folded.items():
-        base = kwargs.get(owner)
-        if base is None:
-            base = {}
-        elif dataclasses.is_dataclass(base) and not isinstance(base, type):
-            base = dataclasses.asdict(base)
-        kwargs[owner] = {**dict(base), **fields_}
-    for name, cls in dc_params.items():
-        if name in kwargs:
-            kwargs[name] = _build_dataclass(cls, kwargs[name], name)
-    for key in ("trials", "population", "generations"):
-        if key in kwargs:
-            v = kwargs[key]
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{key} = {v!r} is invalid: expected an integer >= 1.")
-    if "timeout_min" in kwargs and kwargs["timeout_min"] is not None:
-        v = kwargs["timeout_min"]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"timeout_min = {v!r} is invalid: expected a positive number of minutes (or None).")
-    missing = [n for n, p in params.items()
-               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
-               and n not in reserved and n not in kwargs]
-    for name in missing:  # a required dataclass parameter gets its defaults
-        if name in dc_params:
-            kwargs[name] = _build_dataclass(dc_params[name], {}, name)
-        else:
-            raise ConfigError(f"{fn.__name__} needs option {name!r}: add it to the job options.")
-    return kwargs
-
-
 class JobManager:
     """Runs training and tuning jobs in background threads of this process; see the module docstring."""
 
@@ -245,7 +127,7 @@ class JobManager:
     def _mark_interrupted(self) -> list[int]:
         """Runs left active by a dead process -> 'interrupted'. Descendants of runs another job manager of this
         process is executing (study trials, PBT members) count as live too."""
-        live = _tracker_mod.live_run_ids
+        live = liveness.live_ids()
         extra: set[int] = set()
         frontier = set(live)
         try:
@@ -279,9 +161,8 @@ class JobManager:
         if kind in TRAIN_KINDS and cfg.kind != kind:
             raise ConfigError(f"kind = {cfg.kind!r} in the config does not match the job kind {kind!r}: set the "
                               f"config's kind to {kind!r}.")
-        if kind in ENGINE_KINDS and cfg.kind not in _ENGINES[kind][2]:
-            raise ConfigError(f"kind = {cfg.kind!r} cannot be used for a {kind!r} job: use one of "
-                              f"{_ENGINES[kind][2]}.")
+        if kind in ENGINE_KINDS:
+            get_engine(kind).check_config(cfg)
         if self.untrusted_configs:
             check_untrusted(cfg)
         if cfg.data.dataset_id is not None:
@@ -297,50 +178,47 @@ class JobManager:
                                   "give the id of a finished backbone run.")
         return cfg
 
-    def _engine(self, kind: str) -> Callable:
-        module, func, _ = _ENGINES[kind]
-        return _import_engine(module, func)
-
-    def check(self, kind: str, config: RunConfig | dict, options: dict | None = None) -> tuple[RunConfig, dict]:
+    def check(self, kind: str, config: RunConfig | dict, options: dict | None = None) -> tuple[RunConfig, Any]:
         """Every check :meth:`submit` makes, without creating anything: the validated config and, for engine
-        kinds, the engine's keyword arguments built from ``options`` (engine settings validated too). Raises
+        kinds, the engine's validated settings object built from ``options`` (None for training kinds). Raises
         :class:`ConfigError` / :class:`DataError` with the message ``submit`` would give."""
         cfg = self._validate(kind, config)
-        options = dict(options or {})
-        kwargs: dict = {}
+        settings = None
         if kind in ENGINE_KINDS:
-            kwargs = engine_kwargs(self._engine(kind), options)  # raises ConfigError for bad options
+            settings = get_engine(kind).settings(options)  # raises ConfigError for bad options
         elif options:
             raise ConfigError(f"kind {kind!r} takes no options, got {sorted(options)}.")
         if kind == "multitask":
             # a one-task dataset is refused now, with the multi-task engine's message
-            _import_engine(*_MULTITASK_CHECK)(cfg, self.tracker)
-        return cfg, kwargs
+            from .multitask import check_multitask_data
+
+            check_multitask_data(cfg, self.tracker)
+        return cfg, settings
 
     def submit(self, kind: str, config: RunConfig | dict, *, options: dict | None = None,
                name: str | None = None) -> int:
         """Validate ``config`` (and ``options`` for engine kinds) now, create the job's run (status 'queued') and
         return its id. Raises :class:`ConfigError` (or :class:`DataError` for a multi-task job on a one-task
         dataset) when the job cannot run; nothing is created then."""
-        cfg, kwargs = self.check(kind, config, options)
+        cfg, settings = self.check(kind, config, options)
         options = dict(options or {})
         record: dict = cfg.to_dict()
         if kind in ENGINE_KINDS:
             # the engines' own parent runs record {"run": RunConfig, <engine settings>}: so does the job's run
-            record = {"run": record, **{k: _jsonable(v) for k, v in kwargs.items()}}
-            name = name or cfg.name or getattr(kwargs.get("pipeline"), "name", None)
+            record = {"run": record, **_jsonable(get_engine(kind).options(settings))}
+            name = name or cfg.name or getattr(settings, "name", None)
         name = name or cfg.name
         with self._lock:
             if self._closed:
                 raise DactLabError("the job manager is shut down: restart the app to run jobs.")
             run_id = self.tracker.create_run(kind, record, name=name, tag=cfg.tag, status="queued",
                                              dataset_id=cfg.data.dataset_id)
-            _tracker_mod.live_run_ids.add(run_id)
-            job = Job(run_id=run_id, kind=kind, config=cfg, options=options, name=name)
+            liveness.mark_live(run_id)
+            job = Job(run_id=run_id, kind=kind, config=cfg, options=options, name=name, settings=settings)
             self._jobs[run_id] = job
             self._queue.append(run_id)
         try:
-            self.tracker.log_event(run_id, "job_submitted", {"kind": kind, "options": _jsonable(options)})
+            self.tracker.log_event(run_id, ev.JOB_SUBMITTED, {"kind": kind, "options": _jsonable(options)})
         except Exception as exc:  # noqa: BLE001 - the record is informative only
             log.warning("could not log the submission of job %s: %s", run_id, exc)
         self._schedule()
@@ -355,11 +233,16 @@ class JobManager:
         run_id = int(run_id)
         run = self.tracker.get_run(run_id)
         options: dict = {}
-        if run["kind"] == "pbt":
+        settings = None
+        if run["kind"] in ENGINE_KINDS:
+            if not get_engine(run["kind"]).resumable:
+                raise DactLabError(f"Cannot resume a {run['kind']!r} run here: "
+                                   + ("start the pipeline again under its name." if run["kind"] == "dact-pipeline"
+                                      else "start the study again with the same study name."))
             from .tuning.pbt import resumable_pbt
 
             cfg, settings = resumable_pbt(self.tracker, run_id)
-            options = {"pbt": settings.to_dict()}
+            options = get_engine("pbt").options(settings)
         else:
             info = resume_info(self.tracker, run_id)
             if not info["ok"]:
@@ -371,12 +254,12 @@ class JobManager:
             if run_id in self._jobs and self._jobs[run_id].state in ("queued", "running"):
                 raise DactLabError(f"run {run_id} is already queued or running.")
             self.tracker.set_status(run_id, "queued", pid=os.getpid(), host=socket.gethostname())
-            _tracker_mod.live_run_ids.add(run_id)
+            liveness.mark_live(run_id)
             job = Job(run_id=run_id, kind=run["kind"], config=cfg, options=options, name=run.get("name"),
-                      resume=True)
+                      resume=True, settings=settings)
             self._jobs[run_id] = job
             self._queue.append(run_id)
-        self.tracker.log_event(run_id, "job_submitted", {"kind": run["kind"], "resume": True})
+        self.tracker.log_event(run_id, ev.JOB_SUBMITTED, {"kind": run["kind"], "resume": True})
         self._schedule()
         return run_id
 
@@ -416,14 +299,14 @@ class JobManager:
             job.error = f"{type(exc).__name__}: {exc}"
             self._ensure_terminal(job, "failed", job.error)
             try:
-                tr.log_event(job.run_id, "job_error", {"error": job.error, "traceback": traceback.format_exc()})
+                tr.log_event(job.run_id, ev.JOB_ERROR, {"error": job.error, "traceback": traceback.format_exc()})
             except Exception:  # noqa: BLE001
                 pass
             log.warning("job %s (%s) failed: %s", job.run_id, job.kind, job.error)
         finally:
             job.ended = time.time()
             with self._lock:
-                _tracker_mod.live_run_ids.discard(job.run_id)
+                liveness.mark_done(job.run_id)
                 job.done.set()
                 self._schedule()
             try:
@@ -467,53 +350,27 @@ class JobManager:
               resume=job.resume)
 
     def _run_engine(self, job: Job) -> None:
-        self._call_engine(job, self._engine(job.kind))
-
-    def _call_engine(self, job: Job, fn: Callable) -> None:
-        kwargs = engine_kwargs(fn, job.options)
-        common = {"home": self.home, "tracker": self.tracker, "cancel": job.token, "callbacks": []}
-        for key, value in common.items():
-            if _accepts(fn, key):
-                kwargs[key] = value
-        if job.resume:
-            if not _accepts(fn, "resume"):
-                raise DactLabError(f"the {job.kind!r} engine cannot resume a run.")
-            kwargs["resume"] = True
+        engine = get_engine(job.kind)
+        settings = job.settings if job.settings is not None else engine.settings(job.options)
+        ctx = EngineContext(tracker=self.tracker, cancel=job.token, run_id=job.run_id, resume=job.resume)
         self._mark_running(job)
-        if _accepts(fn, "run_id"):
-            result = fn(job.config, run_id=job.run_id, **kwargs)
-            job.result = result
-            self._record_result(job, result, linked=False)
-        else:  # the engine creates its own parent run: link it from ours
-            result = fn(job.config, **kwargs)
-            job.result = result
-            self._record_result(job, result, linked=True)
+        job.result = engine.run(job.config, settings, ctx)
+        self._record_result(job, job.result.summary())
         job.token.check()
 
-    def _record_result(self, job: Job, result: Any, linked: bool) -> None:
-        summary: dict[str, Any] = {}
-        for key in _RESULT_KEYS:
-            value = getattr(result, key, None) if not isinstance(result, dict) else result.get(key)
-            if value is not None and isinstance(value, (int, float, str, dict, list)):
-                summary[key] = value
-        run_id_attr = getattr(result, "run_id", None)
-        if isinstance(run_id_attr, int) and "final_run_id" not in summary:
-            summary["final_run_id"] = run_id_attr  # train_multitask may return a TrainResult
-        if linked:
-            parent = summary.get("parent_run_id", run_id_attr)
-            if parent is not None:
-                job.engine_run_id = int(parent)
-                summary["engine_run_id"] = int(parent)
+    def _record_result(self, job: Job, result: dict[str, Any]) -> None:
+        """The engine result's ids and best values in the job's run summary (the engine's own summary wins)."""
+        summary = {k: v for k, v in result.items() if v is not None and isinstance(v, (int, float, str, dict, list))}
+        parent = summary.get("parent_run_id")
+        if parent is not None and int(parent) != job.run_id:  # e.g. a pipeline that resumed an earlier run
+            job.engine_run_id = int(parent)
+            summary["engine_run_id"] = int(parent)
         if not summary:
             return
-        run = self.tracker.get_run(job.run_id)
-        current = run.get("summary") or {}
+        current = self.tracker.get_run(job.run_id).get("summary") or {}
         if not isinstance(current, dict):
             current = {"previous": current}
-        merged = {**summary, **current}  # the engine's own summary wins
-        if linked:
-            merged["engine_run_id"] = summary.get("engine_run_id")
-        self.tracker.update_run(job.run_id, summary=merged)
+        self.tracker.update_run(job.run_id, summary={**summary, **current})
 
     # ------------------------------------------------------------------ control
     def cancel(self, run_id: int) -> bool:
@@ -529,7 +386,7 @@ class JobManager:
                 if run_id in self._queue:
                     self._queue.remove(run_id)
                 job.state, job.ended, job.error = "cancelled", time.time(), "cancelled by user before it started"
-                _tracker_mod.live_run_ids.discard(run_id)
+                liveness.mark_done(run_id)
                 try:
                     self.tracker.set_status(run_id, "cancelled", job.error)
                 finally:

@@ -24,6 +24,18 @@ class MultiTaskModel(nn.Module):
 
             raise ConfigError(f"model.task_weights names unknown task(s) {sorted(unknown)}: the tasks are {self.tasks}.")
         self.task_weights = {t: float(weights.get(t, 1.0)) for t in self.tasks}
+        for t, names in label_maps.items():  # per-class loss weights (1 = plain cross-entropy); not saved
+            self.register_buffer(f"class_weight_{t}", torch.ones(len(names)), persistent=False)
+        self.class_weighted = False
+
+    def set_class_counts(self, counts: dict[str, "torch.Tensor | list[int]"]) -> None:
+        """Balanced class weights from the training split's class counts: w_k = n / (K · n_k), clipped to
+        [0.1, 10] (a class absent from the split gets the largest weight)."""
+        for t in self.tasks:
+            c = torch.as_tensor(counts[t], dtype=torch.float32)
+            w = c.sum() / (len(c) * c.clamp(min=1.0))
+            getattr(self, f"class_weight_{t}").copy_(w.clamp(0.1, 10.0))
+        self.class_weighted = True
 
     def forward(self, input_ids, attention_mask, targets: dict[str, torch.Tensor] | None = None) -> ModelOutput:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -36,7 +48,8 @@ class MultiTaskModel(nn.Module):
             logits = head(sentence).float()
             probs[task] = logits.softmax(-1)
             if targets is not None:
-                task_losses[task] = F.cross_entropy(logits, targets[task])
+                weight = getattr(self, f"class_weight_{task}") if self.class_weighted else None
+                task_losses[task] = F.cross_entropy(logits, targets[task], weight=weight)
         if targets is not None:
             loss = sum(self.task_weights[t] * task_losses[t] for t in self.tasks)
         return ModelOutput(loss=loss, probs=probs, task_losses=task_losses)

@@ -7,7 +7,6 @@ Everything it reports goes through the callbacks (``callbacks.py``): tracker, pr
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 import traceback
@@ -25,6 +24,7 @@ from .data import DatasetSplit, TextDataset, encode, iter_batches, load_demo_dat
 from .errors import Cancelled, DactLabError
 from .evaluate import autocast_for, evaluate_encoded, full_report, metrics_of
 from .models import build_model, pick_device, restore_weights, save_model, ENCODER_FILE
+from . import events as ev
 
 # --- data ------------------------------------------------------------------------------------------------------
 
@@ -390,7 +390,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
     if resume:
         resumed = load_resume_state(tracker, run_id)
     if tracker is not None:
-        from .tracker import TrackerCallback, live_run_ids
+        from .tracker import TrackerCallback, liveness
 
         if run_id is None:
             run_id = tracker.create_run(cfg.kind, cfg.to_dict(), name=cfg.name, tag=cfg.tag, parent_id=parent_id,
@@ -401,7 +401,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 fields["dataset_id"] = dataset_id
             tracker.update_run(run_id, **fields)
             tracker.set_status(run_id, "running")
-        live_run_ids.add(run_id)  # this process runs it: the dashboard must not mark it 'interrupted'
+        liveness.mark_live(run_id)  # this process runs it: the dashboard must not mark it 'interrupted'
         if save:
             run_dir = tracker.run_dir(run_id)
             tracker.update_run(run_id, run_dir=str(run_dir))
@@ -411,7 +411,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         if resumed is not None:
             dropped = tracker.delete_metrics_after(run_id, resumed["step"])
             tracker.update_run(run_id, error=None, ended=None)
-            tracker.log_event(run_id, "resumed", {"step": resumed["step"], "epoch": resumed["epoch"] + 1,
+            tracker.log_event(run_id, ev.RESUMED, {"step": resumed["step"], "epoch": resumed["epoch"] + 1,
                                                   "batch": resumed["batch"], "metrics_dropped": dropped})
         cbs.callbacks.insert(0, TrackerCallback(tracker, run_id))
     elif save and home is not None:
@@ -429,18 +429,21 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         # what happens before the first step, as "phase" events: the Runs page shows the phase until step 1
         n_rows = len(split.train) + len(split.val) + (len(split.test) if split.test is not None else 0)
         if model is None:
-            cbs.on_event(state, "phase", {"phase": "loading the encoder", "encoder": cfg.encoder})
+            cbs.on_event(state, ev.PHASE, {"phase": "loading the encoder", "encoder": cfg.encoder})
             model, tokenizer = build_model(cfg, label_maps, home)
+        if cfg.kind == "multitask" and cfg.model.class_weighting == "balanced":
+            model.set_class_counts({t: np.bincount(y, minlength=len(label_maps[t]))
+                                    for t, y in split.train.targets.items()})
         model.to(device)
         if run_dir is not None:
             cfg.save(run_dir / "config.json")
 
-        cbs.on_event(state, "phase", {"phase": f"tokenising {n_rows:,} rows", "rows": n_rows,
+        cbs.on_event(state, ev.PHASE, {"phase": f"tokenising {n_rows:,} rows", "rows": n_rows,
                                       "train_rows": len(split.train)})
         enc_train = encode(split.train, tokenizer, cfg.data.max_seq_len)
         enc_val = encode(split.val, tokenizer, cfg.data.max_seq_len)
         enc_test = encode(split.test, tokenizer, cfg.data.max_seq_len) if split.test is not None else None
-        cbs.on_event(state, "phase", {"phase": "training"})
+        cbs.on_event(state, ev.PHASE, {"phase": "training"})
 
         apply_freezing(model, tc, epoch=0)
         optimizer = make_optimizer(model, tc)
@@ -475,7 +478,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         cbs.on_start(state)
         from .evaluate import resolve_precision
 
-        cbs.on_event(state, "start", {"train": len(enc_train), "val": len(enc_val),
+        cbs.on_event(state, ev.START, {"train": len(enc_train), "val": len(enc_val),
                                       "test": len(enc_test) if enc_test is not None else 0, "device": str(device),
                                       "precision": resolve_precision(tc.precision, device),
                                       "steps": total, "labels": label_maps})
@@ -514,11 +517,11 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                     save_model(run_dir, model, tokenizer, cfg, label_maps)
                 else:
                     state.extra["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                cbs.on_event(state, "checkpoint", {"epoch": state.epoch + 1, "step": state.step, metric: logs[metric]})
+                cbs.on_event(state, ev.CHECKPOINT, {"epoch": state.epoch + 1, "step": state.step, metric: logs[metric]})
             cbs.on_eval(state, logs)
             if reason:
                 stop_reason = reason
-                cbs.on_event(state, "early_stop", {"reason": reason, "epoch": state.epoch + 1, "step": state.step})
+                cbs.on_event(state, ev.EARLY_STOP, {"reason": reason, "epoch": state.epoch + 1, "step": state.step})
                 return True
             return False
 
@@ -535,7 +538,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             state.epoch = epoch
             if epoch > start_epoch and tc.gradual_unfreeze and tc.freeze_layers:
                 frozen = apply_freezing(model, tc, epoch)  # the released layers are already in the optimizer
-                cbs.on_event(state, "unfreeze", {"epoch": epoch + 1, "frozen_layers": frozen})
+                cbs.on_event(state, ev.UNFREEZE, {"epoch": epoch + 1, "frozen_layers": frozen})
             skip = skip_batches if epoch == start_epoch else 0
             done_in_epoch = 0
             for batch in iter_batches(enc_train, tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch,
@@ -578,7 +581,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                     if not evaluated:
                         stop = evaluate_and_checkpoint()
                     stop_reason = stop_reason or f"time limit of {tc.time_limit_min:g} min reached"
-                    cbs.on_event(state, "time_limit", {"step": state.step, "minutes": tc.time_limit_min})
+                    cbs.on_event(state, ev.TIME_LIMIT, {"step": state.step, "minutes": tc.time_limit_min})
                     break
                 if stop or (tc.max_steps and state.step >= tc.max_steps):
                     break
@@ -596,13 +599,13 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             restore_weights(model, run_dir)
         elif "best_state" in state.extra:
             model.load_state_dict(state.extra["best_state"])
-        cbs.on_event(state, "restored_best", {"epoch": state.best_epoch, "step": state.extra.get("best_step")})
+        cbs.on_event(state, ev.RESTORED_BEST, {"epoch": state.best_epoch, "step": state.extra.get("best_step")})
         halting_report = None
         if cfg.kind == "dact" and cfg.model.fit_halting:
             from .halting import fit_after_training
 
             halting_report = fit_after_training(model, cfg, enc_val, cancel)
-            cbs.on_event(state, "halting_fit", halting_report)
+            cbs.on_event(state, ev.HALTING_FIT, halting_report)
             # the validation metrics of the model as it is now saved (the DACT answer a_N and the exits depend on
             # the halting units): recorded at the last step and kept as the run's best metrics
             res = evaluate_encoded(model, enc_val, max(tc.batch_size, 64), device, tc.precision)
@@ -650,9 +653,9 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         cbs.on_end(state, status)
         state.extra.pop("best_state", None)
         if tracker is not None:
-            from .tracker import live_run_ids
+            from .tracker import liveness
 
-            live_run_ids.discard(run_id)
+            liveness.mark_done(run_id)
     return TrainResult(run_id=run_id, status=status, history=history, best_metrics=best_metrics,
                        test_metrics=test_metrics, model=model, tokenizer=tokenizer, label_maps=label_maps,
                        run_dir=run_dir, best_epoch=state.best_epoch, report=report, stop_reason=stop_reason)
@@ -699,7 +702,7 @@ def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSi
             new = memory.shrink()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            cbs.on_event(state, "oom_retry", {"step": state.step, "micro_batch": new, "was": old})
+            cbs.on_event(state, ev.OOM_RETRY, {"step": state.step, "micro_batch": new, "was": old})
     if stats is not None:
         for k, v in step_stats.items():
             stats[k] = stats.get(k, 0) + v

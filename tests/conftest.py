@@ -35,14 +35,11 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(autouse=True)
 def _live_run_ids_restored():
-    """``dact_lib.tracker.live_run_ids`` (the runs this process executes) is module-global: whatever a test adds or
-    removes — a job it left running, a run it marked live by hand — is undone after it, so no test sees another
-    test's ids. The set object itself is kept (modules hold references to it); so is a rebinding undone."""
-    from dact_lib import tracker
+    """``dact_lib.tracker.liveness`` (the runs this process executes) is one registry per process: whatever a test
+    adds or removes — a job it left running, a run it marked live by hand — is undone after it, so no test sees
+    another test's ids."""
+    from dact_lib.tracker import liveness
 
-    live = tracker.live_run_ids
-    saved = set(live)
+    saved = liveness.live_ids()
     yield
-    tracker.live_run_ids = live
-    live.clear()
-    live.update(saved)
+    liveness.restore(saved)

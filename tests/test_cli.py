@@ -220,10 +220,10 @@ def test_engine_page_downloads_round_trip_through_the_cli(tmp_path, suffix):
     doc = {"config": bb, "options": {"trials": 3, "timeout_min": None, "study_name": "s1", "final": False,
                                      "space": {"epochs": [1, 2]}}}
     cfg, kw = backbone_arguments(parse("tune-backbone", "--config", write_download(tmp_path, doc, suffix)))
-    assert (kw["trials"], kw["study_name"], kw["final"], kw["space"].epochs) == (3, "s1", False, [1, 2])
+    assert (kw.trials, kw.study_name, kw.final, kw.space.epochs) == (3, "s1", False, [1, 2])
     cfg, kw = backbone_arguments(parse("tune-backbone", "--config", write_download(tmp_path, doc, suffix),
                                        "--trials", 5))
-    assert kw["trials"] == 5
+    assert kw.trials == 5
 
     # an engine download given to `train` says which command runs it; a bad option names itself
     from dact_lib.cli import config_from_args

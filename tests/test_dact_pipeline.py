@@ -293,7 +293,7 @@ def test_chosen_point_obeys_the_rule(done):
 def test_choose_for_prediction_records_the_users_choice_next_to_the_pipelines(done):
     from safetensors.torch import load_file
 
-    from dact_lib import plots
+    from dact_lib.tuning.dact_pipeline.view import chosen_prediction_run, pipeline_view
     from dact_lib.models import halting_choice
     from dact_lib.tuning.dact_pipeline import choose_for_prediction
 
@@ -315,10 +315,10 @@ def test_choose_for_prediction_records_the_users_choice_next_to_the_pipelines(do
         want = load_file(str(h / point["halting_file"]))
         assert all(torch.equal(v, want[k]) for k, v in loaded.model.halters.state_dict().items())
         assert loaded.halting["trial"] == point["trial"]
-        assert plots.chosen_prediction_run(tr, res.parent_run_id) == res.final_run_id  # what a reload restores
+        assert chosen_prediction_run(tr, res.parent_run_id) == res.final_run_id  # what a reload restores
         # the pipeline's own choice is kept beside the user's, after a reload too
         run = tr.get_run(res.parent_run_id)
-        view = plots.pipeline_view(run, tr.get_events(res.parent_run_id))
+        view = pipeline_view(run, tr.get_events(res.parent_run_id))
         assert run["summary"]["chosen"] == rule_before
         assert view["pipeline_choice"]["trial"] == res.chosen["trial"]
         assert view["user_choice"]["trial"] == point["trial"]
@@ -672,6 +672,8 @@ def test_stage2_trials_on_a_fraction_of_the_rows_then_the_best_params_train_on_a
     runs = {r["name"]: r for r in children(tr, res.parent_run_id)}
     refit = runs["refit/stage2/refit"]
     assert st2["best_run_id"] == st2["refit"]["run_id"] == refit["id"]
+    # the refit trains as long as the epochs range allows (stage2_refit_epochs "max"), recorded as the trunk's
+    assert st2["refit"]["epochs"] == st2["train"]["epochs"] >= pipe.epochs_range[1]
     assert (tr.run_dir(refit["id"]) / "model.safetensors").is_file()
     trial_runs = [r for n, r in runs.items() if "/stage2/trial" in n]
     assert len(trial_runs) == 2 and not any((tr.run_dir(r["id"]) / "model.safetensors").is_file()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -73,13 +74,13 @@ def wait_for(pred, timeout=20.0):
 def test_tiny_job_runs_to_the_end(home, manager):
     jm = manager()
     rid = jm.submit("dact", tiny_cfg("dact"), name="tiny-dact")
-    assert rid in tracker_mod.live_run_ids
+    assert tracker_mod.liveness.is_live(rid)
     assert jm.wait(rid, timeout=120) == "finished"
     run = Tracker(home).get_run(rid)
     assert run["status"] == "finished" and run["kind"] == "dact" and run["name"] == "tiny-dact"
     assert (home / "runs" / str(rid) / "model.safetensors").exists()
     assert "val_accuracy" in run["summary"]["best"]
-    assert rid not in tracker_mod.live_run_ids
+    assert not tracker_mod.liveness.is_live(rid)
     assert jm.active_count() == 0
     (job,) = jm.jobs()
     assert job["run_id"] == rid and job["state"] == "finished" and job["started"] and job["ended"]
@@ -132,7 +133,7 @@ def test_cancel_queued_and_running(home, manager, monkeypatch):
     assert tr.get_run(a)["status"] == "cancelled"
     assert gate.started == [a]  # the cancelled queued job never started
     assert jm.cancel(a) is False and jm.cancel(12345) is False
-    assert a not in tracker_mod.live_run_ids and b not in tracker_mod.live_run_ids
+    assert not tracker_mod.liveness.is_live(a) and not tracker_mod.liveness.is_live(b)
 
 
 def test_cancel_running_real_training(home, manager):
@@ -166,8 +167,8 @@ def test_cancel_owner_finds_the_job_that_runs_a_child_run(home, manager, monkeyp
 
 def test_check_validates_engine_options_without_creating_runs(home, manager):
     jm = manager()
-    cfg, kwargs = jm.check("pbt", tiny_cfg(), {"population": 2})
-    assert cfg.kind == "backbone" and kwargs["pbt"].population == 2
+    cfg, settings = jm.check("pbt", tiny_cfg(), {"population": 2})
+    assert cfg.kind == "backbone" and settings.population == 2
     with pytest.raises(ConfigError, match="population"):
         jm.check("pbt", tiny_cfg(), {"population": 0})
     with pytest.raises(ConfigError, match="takes no options"):
@@ -234,6 +235,14 @@ class FakePBTConfig:
     def validate(self):
         if self.population < 2:
             raise ConfigError("pbt.population must be >= 2")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(**data).validate()
 
 
 @dataclass
@@ -241,33 +250,41 @@ class FakeResult:
     parent_run_id: int
     best_run_id: int
 
+    def summary(self):
+        return {"parent_run_id": self.parent_run_id, "best_run_id": self.best_run_id}
 
-def _fake_engine(with_run_id: bool, fail: bool = False):
+
+def _fake_engine(monkeypatch, adopt: bool, fail: bool = False):
+    """A fake engine module behind the real engine interface: it adopts the job's run as its parent (as every
+    engine does), or — as a pipeline resuming an earlier run of its name — records another parent run."""
+    import types
+
+    from dact_lib import engines
+
     calls = {}
 
-    def run_pbt_with(cfg, *, pbt: FakePBTConfig, home, tracker, cancel, callbacks, run_id=None):
-        calls.update(pbt=pbt, run_id=run_id)
-        child = tracker.create_run(cfg.kind, cfg.to_dict(), parent_id=run_id, status="finished")
-        if fail:
-            raise RuntimeError("member exploded")
-        return FakeResult(parent_run_id=run_id, best_run_id=child)
-
-    def run_pbt_without(cfg, *, pbt: FakePBTConfig, home, tracker, cancel, callbacks):
-        calls.update(pbt=pbt, run_id=None)
-        parent = tracker.create_run("pbt", cfg.to_dict(), status="running")
+    def run_engine(cfg, settings, ctx):
+        calls.update(pbt=settings, run_id=ctx.run_id)
+        tracker = ctx.tracker
+        parent = ctx.run_id if adopt else tracker.create_run("pbt", cfg.to_dict(), status="running")
         child = tracker.create_run(cfg.kind, cfg.to_dict(), parent_id=parent, status="finished")
         if fail:
             raise RuntimeError("member exploded")
-        tracker.set_status(parent, "finished")
+        if not adopt:
+            tracker.set_status(parent, "finished")
         return FakeResult(parent_run_id=parent, best_run_id=child)
 
-    return (run_pbt_with if with_run_id else run_pbt_without), calls
+    module = types.ModuleType("fake_pbt_engine")
+    module.run_engine, module.FakePBTConfig = run_engine, FakePBTConfig
+    monkeypatch.setitem(sys.modules, "fake_pbt_engine", module)
+    monkeypatch.setitem(engines.ENGINES, "pbt", dataclasses.replace(
+        engines.ENGINES["pbt"], module="fake_pbt_engine", settings_class="FakePBTConfig"))
+    return calls
 
 
-@pytest.mark.parametrize("with_run_id", [True, False])
-def test_engine_job_links_runs(home, manager, monkeypatch, with_run_id):
-    fn, calls = _fake_engine(with_run_id)
-    monkeypatch.setattr(jobs_mod, "_import_engine", lambda module, func: fn if func == "run_pbt" else None)
+@pytest.mark.parametrize("adopt", [True, False])
+def test_engine_job_links_runs(home, manager, monkeypatch, adopt):
+    calls = _fake_engine(monkeypatch, adopt)
     jm = manager()
     with pytest.raises(ConfigError, match="population"):
         jm.submit("pbt", tiny_cfg(), options={"population": 1})
@@ -275,20 +292,19 @@ def test_engine_job_links_runs(home, manager, monkeypatch, with_run_id):
         jm.submit("pbt", tiny_cfg(), options={"bogus": 1})
     rid = jm.submit("pbt", tiny_cfg(), options={"population": 3})
     assert jm.wait(rid, 10) == "finished"
-    assert calls["pbt"] == FakePBTConfig(population=3, generations=1)
+    assert calls["pbt"] == FakePBTConfig(population=3, generations=1) and calls["run_id"] == rid
     run = Tracker(home).get_run(rid)
     assert run["status"] == "finished" and run["kind"] == "pbt"
     assert run["config"]["pbt"] == {"population": 3, "generations": 1} and run["config"]["run"]["kind"] == "backbone"
-    if with_run_id:
-        assert calls["run_id"] == rid and run["summary"]["best_run_id"] == rid + 1
+    if adopt:
+        assert run["summary"]["best_run_id"] == rid + 1 and "engine_run_id" not in run["summary"]
     else:
         assert run["summary"]["engine_run_id"] == rid + 1 and run["summary"]["best_run_id"] == rid + 2
 
 
-@pytest.mark.parametrize("with_run_id", [True, False])
-def test_engine_failure_is_recorded(home, manager, monkeypatch, with_run_id):
-    fn, _ = _fake_engine(with_run_id, fail=True)
-    monkeypatch.setattr(jobs_mod, "_import_engine", lambda module, func: fn if func == "run_pbt" else None)
+@pytest.mark.parametrize("adopt", [True, False])
+def test_engine_failure_is_recorded(home, manager, monkeypatch, adopt):
+    _fake_engine(monkeypatch, adopt, fail=True)
     jm = manager()
     rid = jm.submit("pbt", tiny_cfg())
     assert jm.wait(rid, 10) == "failed"

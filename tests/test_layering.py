@@ -153,3 +153,14 @@ def test_the_graph_check_sees_a_cycle_and_a_private_name(tmp_path, monkeypatch):
     graph, private = import_graph()
     assert "dact_lib.b" in graph["dact_lib.a"] and "dact_lib.a" in graph["dact_lib.b"]
     assert private == [("dact_lib.b", "from dact_lib.sub.c import _secret")]
+
+
+def test_event_kinds_are_named_constants():
+    """Every event the library records names its kind through dact_lib.events (values unique: one meaning each)."""
+    from dact_lib import events
+
+    assert len(events.ALL) == len(set(events.ALL)) and "chosen_point" in events.ALL
+    literal = re.compile(r"(log_event\((?:[^,()]+,\s*)?|on_event\(state,\s*)\"[a-z_0-9]+\"")
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "dact_lib").rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert offenders == []

@@ -90,3 +90,29 @@ def test_parse_task_weights():
     for bad in ("class_label", "=1", "class_label=x", "", "a=-1"):
         with pytest.raises(ConfigError):
             parse_task_weights(bad)
+
+
+def test_balanced_class_weighting_weights_each_class_by_its_inverse_frequency():
+    """w_k = n / (K · n_k) on the training counts (clipped to [0.1, 10]); the loss is the weighted mean of the
+    per-row cross-entropies; unweighted by default, and the weights are not saved with the model."""
+    from dact_lib.config import MultiTaskModelConfig
+    from dact_lib.encoders import load_encoder
+    from dact_lib.modeling_multitask import MultiTaskModel
+
+    enc, _ = load_encoder("tiny")
+    maps = {"class_label": ["a", "b", "c"], "sentiment_label": ["neg", "pos"]}
+    model = MultiTaskModel(enc, MultiTaskModelConfig(class_weighting="balanced"), maps).eval()
+    ids = torch.randint(5, 100, (4, 7))
+    mask = torch.ones_like(ids)
+    y = {"class_label": torch.tensor([0, 0, 1, 2]), "sentiment_label": torch.tensor([0, 1, 1, 1])}
+    plain = model(ids, mask, y)
+    model.set_class_counts({"class_label": [6, 3, 1], "sentiment_label": [1000, 1]})
+    torch.testing.assert_close(model.class_weight_class_label, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
+    torch.testing.assert_close(model.class_weight_sentiment_label, torch.tensor([0.5005, 10.0]))  # 500.5 → 10
+    out = model(ids, mask, y)
+    logp = torch.log(plain.probs["class_label"])
+    w = torch.tensor([10 / 18, 10 / 18, 10 / 9, 10 / 3])
+    per_row = -logp[torch.arange(4), y["class_label"]]
+    torch.testing.assert_close(out.task_losses["class_label"], (w * per_row).sum() / w.sum())
+    torch.testing.assert_close(plain.task_losses["class_label"], per_row.mean())
+    assert not any("class_weight" in k for k in model.state_dict())

@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 
 from dact_lib import plots
+from dact_lib import progress
+from dact_lib.tuning.dact_pipeline.view import pipeline_view, prediction_trial, chosen_prediction_run
 
 
 def _metrics(rows):
@@ -106,7 +108,7 @@ def test_progress_eta_running_run():
     run = {"status": "running", "started": 1000.0, "config": {}, "summary": {}}
     events = [{"kind": "start", "payload": {"steps": 100}}]
     df = _metrics([(1, s, "train_loss", 1.0, 1000.0 + s) for s in range(10, 26)])
-    p = plots.progress_eta(run, df, events, now=1010.0)
+    p = progress.progress_eta(run, df, events, now=1010.0)
     assert p["steps_done"] == 25 and p["total_steps"] == 100 and p["fraction"] == pytest.approx(0.25)
     assert p["eta_s"] == pytest.approx(10.0 / 25 * 75)  # elapsed / done * remaining
     assert "25 / 100" in p["text"] and "ETA" in p["text"]
@@ -115,10 +117,10 @@ def test_progress_eta_running_run():
 def test_progress_eta_finished_and_config_fallback():
     run = {"status": "finished", "started": 0.0, "ended": 50.0, "summary": {"steps": 40},
            "config": {"train": {"max_steps": 40}}}
-    p = plots.progress_eta(run, None, [])
+    p = progress.progress_eta(run, None, [])
     assert p["total_steps"] == 40 and p["steps_done"] == 40 and p["fraction"] == 1.0 and p["eta_s"] == 0.0
     assert p["elapsed_s"] == 50.0
-    q = plots.progress_eta({"status": "queued", "config": {}}, None, [])
+    q = progress.progress_eta({"status": "queued", "config": {}}, None, [])
     assert q["fraction"] is None and q["eta_s"] is None
 
 
@@ -130,14 +132,14 @@ def test_engine_progress_backbone_tuning_counts_trials_and_the_final_run():
     run = {"kind": "tune-backbone", "status": "running", "started": 1000.0,
            "config": {"run": {}, "trials": 4, "final": True}}
     events = [_ev("study"), _ev("trial", number=0), _ev("trial", number=1)]
-    p = plots.engine_progress(run, events, now=1100.0)
+    p = progress.engine_progress(run, events, now=1100.0)
     assert p["steps_done"] == 2 and p["total_steps"] == 5 and p["fraction"] == pytest.approx(0.4)
     assert p["eta_s"] == pytest.approx(100.0 / 2 * 3)  # elapsed / trials done * (trials + final left)
     assert p["text"].startswith("trial 2 / 4") and "ETA" in p["text"]
     # a timeout ends the trials early: the final run is what is left
-    p = plots.engine_progress(run, events + [_ev("timeout", trials_run=2)], now=1100.0)
+    p = progress.engine_progress(run, events + [_ev("timeout", trials_run=2)], now=1100.0)
     assert p["total_steps"] == 3 and "final training" in p["text"]
-    done = plots.engine_progress({**run, "status": "finished", "ended": 1300.0}, events)
+    done = progress.engine_progress({**run, "status": "finished", "ended": 1300.0}, events)
     assert done["fraction"] == 1.0 and done["eta_s"] == 0.0 and done["elapsed_s"] == 300.0
 
 
@@ -147,26 +149,26 @@ def test_engine_progress_pipeline_by_stage_without_an_eta():
     events = [_ev("pipeline_start"), _ev("stage_start", stage="stage1")]
     events += [_ev("trial", stage="stage1", number=i) for i in range(4)] + [_ev("stage_end", stage="stage1")]
     events += [_ev("stage_start", stage="stage2"), _ev("trial", stage="stage2", number=0)]
-    p = plots.engine_progress(run, events, now=60.0)
+    p = progress.engine_progress(run, events, now=60.0)
     assert p["steps_done"] == 5 and p["total_steps"] == 10 and p["fraction"] == pytest.approx(0.5)
     assert p["eta_s"] is None and p["text"].startswith("stage2: trial 1 / 2")
     # a resumed pipeline counts the stages it skips; a stage ended early by its time budget counts as done
     resumed = [_ev("resumed", stages_done=["stage1", "stage2"]), _ev("stage_start", stage="stage3"),
                _ev("trial", stage="stage3", number=0), _ev("stage_end", stage="stage3"),
                _ev("stage_start", stage="final")]
-    p = plots.engine_progress(run, resumed, now=60.0)
+    p = progress.engine_progress(run, resumed, now=60.0)
     assert p["steps_done"] == 9 and p["text"].startswith("final training")
-    p = plots.engine_progress(run, resumed + [_ev("stage_end", stage="final"), _ev("pipeline_end")], now=60.0)
+    p = progress.engine_progress(run, resumed + [_ev("stage_end", stage="final"), _ev("pipeline_end")], now=60.0)
     assert p["fraction"] == 1.0
 
 
 def test_engine_progress_pbt_sums_its_members():
     run = {"kind": "pbt", "status": "running", "started": 0.0, "config": {"pbt": {"population": 2}}}
     members = [{"steps_done": 30, "total_steps": 100}, {"steps_done": 10, "total_steps": 100}]
-    p = plots.engine_progress(run, [], members, now=40.0)
+    p = progress.engine_progress(run, [], members, now=40.0)
     assert p["fraction"] == pytest.approx(0.2) and p["eta_s"] == pytest.approx(40.0 / 40 * 160)
     assert p["text"].startswith("2 members · step 40 / 200")
-    unknown = plots.engine_progress(run, [], [{"steps_done": 5, "total_steps": None}], now=40.0)
+    unknown = progress.engine_progress(run, [], [{"steps_done": 5, "total_steps": None}], now=40.0)
     assert unknown["fraction"] is None and unknown["eta_s"] is None
 
 
@@ -179,12 +181,12 @@ def test_run_progress_reads_pbt_members_from_the_tracker(home):
         kid = tr.create_run("pbt-member", {"train": {}}, parent_id=parent, status="running")
         tr.log_event(kid, "start", {"steps": 80})
         tr.log_metrics(kid, {"train_loss": 1.0}, step=done)
-    p = plots.run_progress(tr, tr.get_run(parent))
+    p = progress.run_progress(tr, tr.get_run(parent))
     assert p["steps_done"] == 80 and p["total_steps"] == 160 and p["fraction"] == pytest.approx(0.5)
     plain = tr.create_run("backbone", {"train": {}}, status="running")
     tr.log_event(plain, "start", {"steps": 10})
     tr.log_metrics(plain, {"train_loss": 1.0}, step=4)
-    assert plots.run_progress(tr, tr.get_run(plain))["fraction"] == pytest.approx(0.4)
+    assert progress.run_progress(tr, tr.get_run(plain))["fraction"] == pytest.approx(0.4)
 
 
 # ------------------------------------------------------------------------------------------------ λ Pareto
@@ -381,7 +383,7 @@ def _stage3_complete(home):
 def test_pipeline_view_of_a_real_pipeline_reads_its_events_and_summary(records):
     _, run, events = _pipeline(records.home, records)
     summary = run["summary"]
-    view = plots.pipeline_view(run, events)
+    view = pipeline_view(run, events)
     trials = _stage3_complete(records.home)
     assert {e["payload"]["stage"] for e in events if e["kind"] == "trial"} == {"stage1", "stage2", "stage3"}
     assert [p["trial"] for p in view["trials"]] == [t.number for t in trials]  # stage 3 only
@@ -398,13 +400,13 @@ def test_pipeline_view_of_a_real_pipeline_reads_its_events_and_summary(records):
     assert view["final_run_id"] == summary["final_run_id"] == records.pipeline_final
     assert view["fitted"] is True  # stage 3 fitted halting units on one model: points carry halting files
     assert view["chosen_run_id"] is None and view["user_choice"] is None
-    assert plots.prediction_trial(view, records.pipeline_final) == summary["chosen"]["trial"]
+    assert prediction_trial(view, records.pipeline_final) == summary["chosen"]["trial"]
 
     # a stage-3 trial that did not complete is no point
     first = next(i for i, e in enumerate(events) if e["kind"] == "trial" and e["payload"]["stage"] == "stage3")
     pruned = list(events)
     pruned[first] = {**events[first], "payload": {**events[first]["payload"], "state": "pruned"}}
-    assert [p["trial"] for p in plots.pipeline_view(run, pruned)["trials"]] == [t.number for t in trials[1:]]
+    assert [p["trial"] for p in pipeline_view(run, pruned)["trials"]] == [t.number for t in trials[1:]]
 
 
 def test_pipeline_view_after_choices_on_the_explorer(records, tmp_path):
@@ -416,20 +418,20 @@ def test_pipeline_view_after_choices_on_the_explorer(records, tmp_path):
     rule, final = run["summary"]["chosen"], run["summary"]["final_run_id"]
     point = next(p for p in run["summary"]["front"] if p["trial"] != rule["trial"])
     choose_for_prediction(records.pipeline, {**point, "source": "front"}, tracker=tr)
-    view = plots.pipeline_view(tr.get_run(records.pipeline), tr.get_events(records.pipeline))
+    view = pipeline_view(tr.get_run(records.pipeline), tr.get_events(records.pipeline))
     assert view["chosen_run_id"] == final and view["user_choice"]["trial"] == point["trial"]
-    assert plots.prediction_trial(view, final) == point["trial"]
-    assert plots.prediction_trial(view, view["trials"][0]["run_id"]) is None  # not the final model
-    assert plots.chosen_prediction_run(tr) == plots.chosen_prediction_run(tr, records.pipeline) == final
+    assert prediction_trial(view, final) == point["trial"]
+    assert prediction_trial(view, view["trials"][0]["run_id"]) is None  # not the final model
+    assert chosen_prediction_run(tr) == chosen_prediction_run(tr, records.pipeline) == final
     # choosing the pipeline's own point again: no user choice any more
     choose_for_prediction(records.pipeline, {**rule, "source": "front"}, tracker=tr)
-    view = plots.pipeline_view(tr.get_run(records.pipeline), tr.get_events(records.pipeline))
-    assert view["user_choice"] is None and plots.prediction_trial(view, final) == rule["trial"]
+    view = pipeline_view(tr.get_run(records.pipeline), tr.get_events(records.pipeline))
+    assert view["user_choice"] is None and prediction_trial(view, final) == rule["trial"]
 
 
 def test_lambda_pareto_figure_of_a_real_pipeline_draws_each_trial_once(records):
     _, run, events = _pipeline(records.home, records)
-    view = plots.pipeline_view(run, events)
+    view = pipeline_view(run, events)
     fig = plots.lambda_pareto_figure(view["trials"], view["front"], pipeline_trial=view["pipeline_choice"]["trial"])
     trials, front = fig.data[0], fig.data[1]
     assert sorted(cd[0] for cd in trials.customdata) == [t.number for t in _stage3_complete(records.home)]
@@ -441,14 +443,14 @@ def test_chosen_prediction_run(tmp_path):
     from dact_lib.tracker import Tracker
 
     tr = Tracker(tmp_path)
-    assert plots.chosen_prediction_run(tr) is None
+    assert chosen_prediction_run(tr) is None
     p1 = tr.create_run("dact-pipeline", {})
     p2 = tr.create_run("dact-pipeline", {})
     tr.log_event(p1, "chosen", {"run_id": 3})
     tr.log_event(p2, "chosen", {"run_id": 4})
     tr.log_event(p1, "chosen", {"run_id": 5})
-    assert plots.chosen_prediction_run(tr) == 5
-    assert plots.chosen_prediction_run(tr, p2) == 4
+    assert chosen_prediction_run(tr) == 5
+    assert chosen_prediction_run(tr, p2) == 4
 
 
 def test_ema_smoothing_is_debiased_and_exact():

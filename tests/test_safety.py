@@ -424,10 +424,10 @@ def test_optuna_dashboard_refuses_foreign_hosts_and_origins(home):
     import optuna
 
     from dact_lib.home import optuna_storage_url
-    from dact_lib.tuning import studies
+    from dact_lib.tuning import dashboard_server
 
     optuna.create_study(study_name="keep-me", storage=optuna_storage_url(home))
-    srv = studies.start_dashboard(home, wait_s=30)
+    srv = dashboard_server.start_dashboard(home, wait_s=30)
     try:
         assert srv["up"], Path(srv["log"]).read_text()[-2000:]
         port = srv["port"]
@@ -439,7 +439,7 @@ def test_optuna_dashboard_refuses_foreign_hosts_and_origins(home):
         assert _request(port, "DELETE", "/api/studies/1", me, origin="http://evil.example") == 403
         assert [s.study_name for s in optuna.get_all_study_summaries(optuna_storage_url(home))] == ["keep-me"]
     finally:
-        studies._stop_dashboards()
+        dashboard_server.stop_dashboards()
 
 
 def test_optuna_dashboard_stops_when_the_app_is_killed(home, tmp_path):
@@ -453,8 +453,8 @@ def test_optuna_dashboard_stops_when_the_app_is_killed(home, tmp_path):
     script = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-from dact_lib.tuning import studies
-srv = studies.start_dashboard({str(home)!r}, wait_s=30)
+from dact_lib.tuning import dashboard_server
+srv = dashboard_server.start_dashboard({str(home)!r}, wait_s=30)
 open({str(out)!r}, "w").write(str(srv["proc"].pid) + " " + str(srv["up"]))
 import time
 time.sleep(120)
@@ -568,7 +568,7 @@ def test_metrics_csv_counts_epochs_from_one(home):
 
 def test_a_run_says_what_it_does_before_its_first_step(home):
     """Friction (dashboard issue): a cold first run sat at 'step 0 / 22, ETA ?' for a minute."""
-    from dact_lib.plots import progress_eta
+    from dact_lib.progress import progress_eta
 
     tr = Tracker(home)
     rid = train(tiny_cfg(), tracker=tr, home=home).run_id

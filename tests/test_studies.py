@@ -125,22 +125,22 @@ def test_has_studies_is_read_only_and_start_dashboard_serves_the_home(home):
     import urllib.request
 
     from dact_lib.home import db_path
-    from dact_lib.tuning import studies
+    from dact_lib.tuning import dashboard_server, studies
 
     assert not studies.has_studies(home) and not db_path(home).exists()  # asking created nothing
     studies.create_study("probe", directions=["minimize"], home=home)
     assert studies.has_studies(home)
-    srv = studies.start_dashboard(home, wait_s=30)
+    srv = dashboard_server.start_dashboard(home, wait_s=30)
     try:
         assert srv["up"], open(srv["log"]).read()[-2000:]
-        assert studies.start_dashboard(home)["proc"] is srv["proc"]  # one server per process and storage
-        assert studies.dashboard(home) is srv
+        assert dashboard_server.start_dashboard(home)["proc"] is srv["proc"]  # one server per process and storage
+        assert dashboard_server.dashboard(home) is srv
         with urllib.request.urlopen(f"http://127.0.0.1:{srv['port']}/api/studies", timeout=10) as r:
             assert b"probe" in r.read()
     finally:
         srv["proc"].terminate()
         srv["proc"].wait(timeout=10)
-    assert studies.dashboard(home) is None
+    assert dashboard_server.dashboard(home) is None
 
 
 # --- the studies the tiny engines made (tests/records.py, built once per session) --------------------------------

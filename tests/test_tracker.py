@@ -15,7 +15,6 @@ import types
 import numpy as np
 import pytest
 
-from dact_lib import tracker as tracker_mod
 from dact_lib.callbacks import LoopState
 from dact_lib.errors import DactLabError
 from dact_lib.tracker import Tracker, TrackerCallback
@@ -274,7 +273,9 @@ def test_mark_interrupted(tr, monkeypatch):
     tr.set_status(finished, "finished")
     mine_live = tr.create_run("backbone")
     mine_lost = tr.create_run("backbone")
-    monkeypatch.setattr(tracker_mod, "live_run_ids", {mine_live})
+    from dact_lib.tracker import liveness
+
+    liveness.restore({mine_live})  # conftest restores the registry after the test
 
     assert tr.mark_interrupted(grace_s=3600) == [dead, dead_q]  # the grace spares this process's fresh run
     assert sorted(tr.mark_interrupted()) == [mine_lost]
@@ -563,10 +564,12 @@ def test_tracker_callback_on_step_only_buffers_and_flushes_once_per_interval(tr,
     clock = {"t": 1024.0}  # binary fractions below: the interval arithmetic is exact
     fake_time = types.SimpleNamespace(monotonic=lambda: clock["t"], time=time.time, sleep=time.sleep,
                                       perf_counter=time.perf_counter)
-    monkeypatch.setattr(tracker_mod, "_time", fake_time)
+    from dact_lib.tracker import callback as callback_mod
+
+    monkeypatch.setattr(callback_mod, "_time", fake_time)
     writes = []
-    real_insert = tr._insert_metrics
-    monkeypatch.setattr(tr, "_insert_metrics", lambda rows: writes.append(len(rows)) or real_insert(rows))
+    real_insert = tr.insert_metric_rows
+    monkeypatch.setattr(tr, "insert_metric_rows", lambda rows: writes.append(len(rows)) or real_insert(rows))
     rid = tr.create_run("backbone")
     cb = TrackerCallback(tr, rid, flush_every_s=1 / 16)
     state = LoopState(run_id=rid)
@@ -595,7 +598,7 @@ def test_pid_liveness_zombies_are_dead_and_other_users_processes_alive(monkeypat
     import sys
     import time as _time
 
-    from dact_lib import tracker as tr_mod
+    from dact_lib.tracker import liveness as tr_mod
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = _time.monotonic() + 20

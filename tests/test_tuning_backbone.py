@@ -140,17 +140,17 @@ def test_timeout_ends_the_study_after_the_running_trial(home):
 
 
 def test_an_existing_run_becomes_the_parent(home):
-    from dact_lib.tracker import live_run_ids
+    from dact_lib.tracker import liveness
 
     tracker = Tracker(home)
     job = tracker.create_run("tune-backbone", {"queued": True}, status="queued")
-    live_run_ids.add(job)  # as the job manager does
+    liveness.mark_live(job)  # as the job manager does
     try:
         res = tune_backbone(tiny_cfg(), trials=1, space=BackboneSpace(epochs=[1, 1], batch_size=[32]), home=home,
                             tracker=tracker, final=False, run_id=job)
-        assert job in live_run_ids  # still the job manager's to release
+        assert liveness.is_live(job)  # still the job manager's to release
     finally:
-        live_run_ids.discard(job)
+        liveness.mark_done(job)
     assert res.parent_run_id == job and res.study_name == f"tune-backbone-{job}"
     run = tracker.get_run(job)
     assert run["status"] == "finished" and run["config"]["trials"] == 1 and run["dataset_id"] is not None

@@ -296,6 +296,8 @@ SETTING_TEXT: dict[str, tuple[str, str]] = {
     "stage2_fraction": ("Stage 2: fraction of the training rows per trial", "Trials train on this stratified "
                         "share (at least the minimum rows); the best parameters then train once on every row."),
     "stage2_min_rows": ("Stage 2: minimum rows per trial", "Smaller training sets use every row in every trial."),
+    "stage2_refit_epochs": ("Stage 2: epochs of the refit on every row", "max: the top of the epochs range (best "
+                            "validation checkpoint kept); trial: the best trial's own."),
     "stage2_start_from_config": ("Stage 2: first trial = this form's training values", "The search starts from "
                                  "what a single run would do."),
     "guard_margin": ("Guard margin over the majority class", "A stage's best model must beat always answering the "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,6 +52,52 @@ def _skey(prefix: str, path: str) -> str:
     return f"{prefix}:{path}"
 
 
+@dataclass(frozen=True)
+class FormKeys:
+    """Every session-state key of one launch page, in one place. A page's state is per config kind (switching
+    the kind keeps each kind's edits): ``prefix(kind)`` namespaces the widgets (``field``), the form's base config
+    (``base``: what the widgets do not show is kept), an engine mode's base options and the Data page's split once
+    applied."""
+
+    page: str
+
+    @property
+    def kind(self) -> str:
+        return f"{self.page}:kind"
+
+    @property
+    def mode(self) -> str:
+        return f"{self.page}:mode"
+
+    @property
+    def form(self) -> str:
+        return f"{self.page}:form"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.page}:jobs"
+
+    def prefix(self, kind: str) -> str:
+        return f"{self.page}/{kind}"
+
+    def field(self, kind: str, path: str) -> str:
+        return _skey(self.prefix(kind), path)
+
+    def base(self, kind: str) -> str:
+        return base_key(self.prefix(kind))
+
+    def options_base(self, kind: str, mode_label: str) -> str:
+        return f"{self.prefix(kind)}:{mode_label}:options_base"
+
+    def downloads(self, kind: str) -> str:
+        return f"{self.page}:{kind}"
+
+
+def base_key(prefix: str) -> str:
+    """The session key of a form's base config (the full RunConfig dict its widgets edit)."""
+    return f"{prefix}:base"
+
+
 #: session key where the Data page leaves the split the user previewed ({val_frac, test_frac, split_seed})
 SPLIT_KEY = "data:split_settings"
 _SPLIT_FIELDS = ("data.val_frac", "data.test_frac", "data.split_seed")
@@ -66,7 +111,7 @@ def apply_data_split(prefix: str, fields: list[Field]) -> None:
         return
     chosen = [f for f in fields if f.path in _SPLIT_FIELDS]
     fill_state(prefix, chosen, {"data": split}, overwrite=True)
-    base = st.session_state.get(f"{prefix}:base")
+    base = st.session_state.get(base_key(prefix))
     if isinstance(base, dict):  # the form's base config too, so the split survives a page switch
         base.setdefault("data", {}).update(split)
     st.session_state[applied] = dict(split)
@@ -360,6 +405,9 @@ def model_fields(kind: str) -> list[Field]:
             make_field("model.head.dropout", "Head dropout", "float"),
             make_field("model.task_weights", "Task weights (JSON; null = 1 each)", "json",
                   help='e.g. {"class_label": 1.0, "sentiment_label": 0.5}'),
+            make_field("model.class_weighting", "Class weighting of each task's loss", "select",
+                       ("none", "balanced"), help="balanced: rare classes weigh as much in total as frequent ones "
+                       "(for imbalanced tasks)."),
         ]
     return [
         make_field("model.pooling", "Pooling", "select", POOLING),
@@ -377,46 +425,38 @@ class Mode:
     job_kind: str | None  # None: the config's own kind (a single training run)
     option_fields: Callable[[], list[Field]] | None = None
     option_defaults: Callable[[], dict] | None = None
-    unavailable: Callable[[], str | None] | None = None  # a reason the engine cannot be used, or None
     help: str | None = None
-    unavailable_reason: str | None = None
     #: (RunConfig, options) -> options, after the form is read: e.g. the pipeline takes the run's name
     prepare_options: Callable[[RunConfig, dict], dict] | None = None
 
 
 def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_label: str = "Model kind") -> None:
     """The body of a launch page: config upload, mode/kind choice, one st.form, validation, submit, downloads."""
-    kind_key, mode_key = f"{page}:kind", f"{page}:mode"
+    keys = FormKeys(page)
+    kind_key, mode_key, state_prefix = keys.kind, keys.mode, keys.prefix
     st.session_state.setdefault(kind_key, kinds[0])
     labels = [m.label for m in modes]
     st.session_state.setdefault(mode_key, labels[0])
-
-    def state_prefix(kind: str) -> str:
-        return f"{page}/{kind}"
 
     def fields_for(kind: str) -> list[Field]:
         return run_fields(kind) + model_fields(kind) + [make_field("name", "Run name (optional)", "text")]
 
     def init(kind: str) -> None:
-        base_key = f"{state_prefix(kind)}:base"
-        if base_key not in st.session_state:
-            st.session_state[base_key] = default_config(kind).to_dict()
-        fill_state(state_prefix(kind), fields_for(kind), st.session_state[base_key], overwrite=False)
+        if keys.base(kind) not in st.session_state:
+            st.session_state[keys.base(kind)] = default_config(kind).to_dict()
+        fill_state(state_prefix(kind), fields_for(kind), st.session_state[keys.base(kind)], overwrite=False)
         apply_data_split(state_prefix(kind), fields_for(kind))
         for m in modes:
-            if m.option_fields is not None and m.unavailable_reason is None:
+            if m.option_fields is not None:
                 fill_state(state_prefix(kind), m.option_fields(), m.option_defaults(), overwrite=False)
-
-    for m in modes:
-        m.unavailable_reason = m.unavailable() if m.unavailable else None
 
     # --- load a config file into the form -------------------------------------------------------------------
     def apply(cfg: RunConfig, options: dict) -> None:
         pre = state_prefix(cfg.kind)
         st.session_state[kind_key] = cfg.kind
-        st.session_state[f"{pre}:base"] = cfg.to_dict()
+        st.session_state[keys.base(cfg.kind)] = cfg.to_dict()
         fill_state(pre, fields_for(cfg.kind), cfg.to_dict(), overwrite=True)
-        engine_modes = [m for m in modes if m.option_fields is not None and m.unavailable_reason is None]
+        engine_modes = [m for m in modes if m.option_fields is not None]
         if options and engine_modes:
             m = engine_modes[0]
             merged = m.option_defaults()
@@ -426,7 +466,7 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
                 else:
                     merged[key] = value
             fill_state(pre, m.option_fields(), merged, overwrite=True)
-            st.session_state[f"{pre}:{m.label}:options_base"] = merged  # keys the form does not show are kept
+            st.session_state[keys.options_base(cfg.kind, m.label)] = merged  # keys the form does not show are kept
             st.session_state[mode_key] = m.label
         elif not options:
             st.session_state[mode_key] = next((m.label for m in modes if m.job_kind is None), labels[0])
@@ -445,12 +485,10 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
     kind = st.session_state[kind_key]
     init(kind)
     pre = state_prefix(kind)
-    if mode.unavailable_reason:
-        st.warning(mode.unavailable_reason)
 
     common, model = run_fields(kind), model_fields(kind)
-    opt_fields = mode.option_fields() if (mode.option_fields and not mode.unavailable_reason) else []
-    with st.form(f"{page}:form"):
+    opt_fields = mode.option_fields() if mode.option_fields else []
+    with st.form(keys.form):
         st.markdown("**Run settings**")
         draw_fields(pre, common, columns=3)
         st.markdown("**Model**")
@@ -458,20 +496,19 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
         if opt_fields:
             st.markdown(f"**{mode.label} settings**")
             draw_fields(pre, opt_fields, columns=3)
-        st.text_input("Run name (optional)", key=_skey(pre, "name"))
+        st.text_input("Run name (optional)", key=keys.field(kind, "name"))
         b1, b2 = st.columns([1, 1])
-        start = b1.form_submit_button("Start", type="primary", icon=":material/play_arrow:",
-                                      disabled=bool(mode.unavailable_reason))
+        start = b1.form_submit_button("Start", type="primary", icon=":material/play_arrow:")
         check = b2.form_submit_button("Check config", icon=":material/fact_check:")
 
     def build() -> tuple[RunConfig, dict | None]:
-        base = st.session_state[f"{pre}:base"]
+        base = st.session_state[keys.base(kind)]
         if base.get("kind") != kind:
             base = default_config(kind).to_dict()
         cfg = RunConfig.from_dict(collect(pre, fields_for(kind), base))
         options = None
         if opt_fields:
-            base_opts = st.session_state.get(f"{pre}:{mode.label}:options_base") or mode.option_defaults()
+            base_opts = st.session_state.get(keys.options_base(kind, mode.label)) or mode.option_defaults()
             options = collect(pre, opt_fields, base_opts)
             if mode.prepare_options is not None:
                 options = mode.prepare_options(cfg, options)
@@ -503,8 +540,8 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
         st.caption("Fix the form (Check config shows the problem) to download its config.")
     else:
         config_downloads(config_document(cfg.to_dict(), options), f"{page}-{mode.job_kind or cfg.kind}",
-                         key=f"{page}:{kind}")
+                         key=keys.downloads(kind))
 
     st.divider()
     st.subheader("Jobs")
-    jobs_panel(key=f"{page}:jobs")
+    jobs_panel(key=keys.jobs)

@@ -21,10 +21,11 @@ from optuna.trial import TrialState
 from ..callbacks import Callback, CancelToken
 from ..config import RunConfig, from_dict
 from ..data import DatasetSplit, TextDataset
-from ..errors import Cancelled, ConfigError
+from ..errors import Cancelled, ConfigError, DactLabError
 from ..tracker import Tracker, TrackerCallback
 from ..train import load_split, train
 from .studies import PruningCallback, create_study, link_study, link_trial, live_run, storage_url
+from .. import events as ev
 
 ENGINE = "tune-backbone"
 
@@ -133,6 +134,42 @@ class BackboneSpace:
 
 
 @dataclass
+class BackboneTuneConfig:
+    """The settings of one backbone study (the engine's settings object; :func:`tune_backbone` takes them as
+    keywords). ``study_name`` None = ``tune-backbone-<parent run id>``; ``final``: train the best parameters as
+    the final run."""
+
+    trials: int = 10
+    timeout_min: float | None = None
+    space: BackboneSpace = field(default_factory=BackboneSpace)
+    study_name: str | None = None
+    final: bool = True
+
+    def validate(self) -> "BackboneTuneConfig":
+        from ..config import check_types
+
+        check_types(self)
+        if not isinstance(self.trials, int) or isinstance(self.trials, bool) or self.trials < 1:
+            raise ConfigError(f"trials = {self.trials!r} is invalid: expected an integer >= 1.")
+        if self.timeout_min is not None and not (_is_num(self.timeout_min) and self.timeout_min > 0):
+            raise ConfigError(f"timeout_min = {self.timeout_min!r} is invalid: expected a positive number of "
+                              "minutes (or None).")
+        self.space.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`tune_backbone` these settings stand for."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "BackboneTuneConfig":
+        return from_dict(cls, data or {}, "").validate()
+
+
+@dataclass
 class TuneResult:
     parent_run_id: int
     study_name: str
@@ -144,6 +181,11 @@ class TuneResult:
     best_trial_run_id: int | None = None
     trials: list[dict[str, Any]] = field(default_factory=list)  # this call's: number, state, value, params, run_id
     stop_reason: str | None = None  # 'timeout' when the time budget ended the study early
+
+    def summary(self) -> dict[str, Any]:
+        """What the job manager records in the parent run's summary."""
+        return {"parent_run_id": self.parent_run_id, "final_run_id": self.final_run_id,
+                "best_value": self.best_value, "best_params": self.best_params, "study_name": self.study_name}
 
 
 def source_data(cfg: RunConfig, tracker: Tracker | None,
@@ -178,13 +220,10 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
     recorded 'cancelled' and :class:`~dact_lib.errors.Cancelled` raised. ``run_id``: an existing run row (e.g. a
     queued job's) to use as the parent run instead of creating one; its config is replaced by the study's."""
     cfg = copy.deepcopy(cfg).validate()
+    BackboneTuneConfig(trials=trials, timeout_min=timeout_min).validate()
     if cfg.kind != "backbone":
         raise ConfigError(f"kind = {cfg.kind!r}: tune_backbone tunes backbone runs; start from "
                           "default_config('backbone').")
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise ConfigError(f"trials = {trials!r} is invalid: expected an integer >= 1.")
-    if timeout_min is not None and not (_is_num(timeout_min) and timeout_min > 0):
-        raise ConfigError(f"timeout_min = {timeout_min!r} is invalid: expected a positive number of minutes or None.")
     space = copy.deepcopy(space) if space is not None else BackboneSpace()
     space.validate()
     tracker = tracker if tracker is not None else Tracker(home)
@@ -197,11 +236,8 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
         space.val_frac = None  # the validation set is given: nothing to split off
     space.check_against(cfg)
 
-    if run_id is None:
-        parent = tracker.create_run(ENGINE, None, name=cfg.name, tag=cfg.tag, dataset_id=dataset_id)
-    else:
-        parent = int(run_id)
-        tracker.set_status(parent, "running", dataset_id=dataset_id)
+    parent = tracker.open_run(ENGINE, None, run_id, dataset_id=dataset_id,
+                              **({"name": cfg.name, "tag": cfg.tag} if run_id is None else {}))
     name = study_name or f"{ENGINE}-{parent}"
     url = storage_url(home)
     tracker.update_run(parent, config={"run": cfg.to_dict(), "space": space.to_dict(), "trials": trials,
@@ -229,7 +265,7 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
                                             parent_id=parent, dataset_id=dataset_id)
                 tracker.update_run(run_id, run_dir=None)  # metrics only: trial weights are never saved
                 link_trial(trial, run_id, parent)
-                tracker.log_event(run_id, "trial", {"study_name": name, "number": trial.number, "params": params})
+                tracker.log_event(run_id, ev.TRIAL, {"study_name": name, "number": trial.number, "params": params})
                 t0 = time.perf_counter()
                 cbs = [TrackerCallback(tracker, run_id), *user_cbs, PruningCallback(trial, "val_loss")]
                 with live_run(run_id):
@@ -251,7 +287,7 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
                 row = {"number": frozen.number, "state": frozen.state.name.lower(), "value": value,
                        "params": dict(frozen.params), "run_id": run_id, "seconds": round(seconds, 3)}
                 rows.append(row)
-                tracker.log_event(parent, "trial", row)
+                tracker.log_event(parent, ev.TRIAL, row)
                 logs = {"trial_value": value} if value is not None and math.isfinite(value) else {}
                 try:
                     logs["best_value"] = study.best_value
@@ -266,7 +302,7 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
                 cancel.check()
                 if i and deadline is not None and time.monotonic() >= deadline:  # like optimize(timeout=...)
                     stop_reason = "timeout"
-                    tracker.log_event(parent, "timeout", {"timeout_min": timeout_min, "trials_run": len(rows)})
+                    tracker.log_event(parent, ev.TIMEOUT, {"timeout_min": timeout_min, "trials_run": len(rows)})
                     break
                 run_trial(study.ask())
 
@@ -291,11 +327,11 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
                 best_trial_run_id=best.user_attrs.get("run_id") if best else None, trials=rows,
                 stop_reason=stop_reason)
             if best is None:
-                tracker.log_event(parent, "warning", {"message": "no trial completed"})
+                tracker.log_event(parent, ev.WARNING, {"message": "no trial completed"})
             _finish(tracker, parent, "finished", rows, result=result)
             return result
         except Cancelled as exc:
-            tracker.log_event(parent, "cancelled", {"reason": str(exc), "trials_run": len(rows)})
+            tracker.log_event(parent, ev.CANCELLED, {"reason": str(exc), "trials_run": len(rows)})
             _finish(tracker, parent, "cancelled", rows, error=str(exc))
             raise
         except BaseException as exc:  # noqa: BLE001 - recorded then re-raised
@@ -313,3 +349,12 @@ def _finish(tracker: Tracker, parent: int, status: str, rows: list[dict], *, err
                        best_trial_run_id=result.best_trial_run_id, final_run_id=result.final_run_id,
                        stop_reason=result.stop_reason)
     tracker.set_status(parent, status, error, summary=summary)
+
+
+def run_engine(cfg: RunConfig, settings: BackboneTuneConfig, ctx) -> TuneResult:
+    """The engine interface (:mod:`dact_lib.engines`): :func:`tune_backbone` with ``settings``."""
+    if ctx.resume:
+        raise DactLabError("a backbone study cannot resume a run: start it again with the same study name to add "
+                           "trials to the study.")
+    return tune_backbone(cfg, **settings.as_kwargs(), home=ctx.home, tracker=ctx.tracker, cancel=ctx.cancel,
+                         callbacks=ctx.callbacks, run_id=ctx.run_id)

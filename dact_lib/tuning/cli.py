@@ -119,22 +119,22 @@ def _base_config(args, kind: str):
     return config_from_args(args, kind)
 
 
-def _engine_call(args, fn: Callable, kind: str | None,
-                 base: dict[str, dict] | None = None) -> tuple[Any, dict[str, Any]]:
-    """``(RunConfig, keyword arguments of engine fn)``: --config may be a dashboard download with engine options;
-    they become ``fn``'s arguments exactly as the job manager builds them (settings objects validated). The
-    handler then applies the flags that were given on top."""
+def _engine_call(args, kind: str, run_kind: str | None,
+                 base: dict[str, dict] | None = None) -> tuple[Any, Any]:
+    """``(RunConfig, the engine's validated settings)``: --config may be a dashboard download with engine options;
+    they become the settings exactly as the job manager builds them (:meth:`dact_lib.engines.Engine.settings`).
+    The handler then applies the flags that were given on top."""
     from ..cli_args import config_and_options
-    from ..jobs import engine_kwargs
+    from ..engines import get_engine
 
-    if kind is not None:
-        args.kind = kind
-    cfg, options = config_and_options(args, kind or "backbone")
+    if run_kind is not None:
+        args.kind = run_kind
+    cfg, options = config_and_options(args, run_kind or "backbone")
     for key, defaults in (base or {}).items():  # defaults under a settings object the file may hold
         given = options.get(key)
         if given is None or isinstance(given, dict):
             options[key] = {**defaults, **(given or {})}
-    return cfg, engine_kwargs(fn, options)
+    return cfg, get_engine(kind).settings(options)
 
 
 def _with_flags(settings: Any, **flags: Any) -> Any:
@@ -181,20 +181,18 @@ def _print_ids(parent: Any, run: Any) -> None:
 # --- handlers ---------------------------------------------------------------------------------------------------
 
 
-def backbone_arguments(args) -> tuple[Any, dict[str, Any]]:
-    """``(RunConfig, tune_backbone keyword arguments)`` from the parsed flags (and a --config download)."""
+def backbone_arguments(args) -> tuple[Any, Any]:
+    """``(RunConfig, BackboneTuneConfig)`` from the parsed flags (and a --config download)."""
     from ..config import load_mapping
-    from .backbone import BackboneSpace, tune_backbone
+    from .backbone import BackboneSpace
 
-    cfg, kw = _engine_call(args, tune_backbone, "backbone")
+    cfg, settings = _engine_call(args, "tune-backbone", "backbone")
+    flags = {flag: getattr(args, flag) for flag in ("trials", "timeout_min", "study_name")}
     if args.space:
-        kw["space"] = BackboneSpace.from_dict(load_mapping(args.space))
-    for flag in ("trials", "timeout_min", "study_name"):
-        if getattr(args, flag) is not None:
-            kw[flag] = getattr(args, flag)
+        flags["space"] = BackboneSpace.from_dict(load_mapping(args.space))
     if args.no_final:
-        kw["final"] = False
-    return cfg, kw
+        flags["final"] = False
+    return cfg, _with_flags(settings, **flags)
 
 
 def cmd_tune_backbone(args) -> int:
@@ -203,8 +201,8 @@ def cmd_tune_backbone(args) -> int:
     from .backbone import tune_backbone
 
     _quiet_optuna(args)
-    cfg, kw = backbone_arguments(args)
-    res = tune_backbone(cfg, **kw, home=args.home, tracker=Tracker(args.home),
+    cfg, settings = backbone_arguments(args)
+    res = tune_backbone(cfg, **settings.as_kwargs(), home=args.home, tracker=Tracker(args.home),
                         callbacks=[ProgressPrinter(args.verbosity)], on_trial=_trial_printer(args))
     _err(args, f"study {res.study_name} ({res.storage_url})")
     if res.stop_reason:
@@ -223,9 +221,8 @@ def cmd_tune_backbone(args) -> int:
 def pipeline_arguments(args) -> tuple[Any, Any]:
     """``(RunConfig, PipelineConfig)`` from the parsed flags (and a --config download, which keeps its pipeline
     name unless --name is given; otherwise a new pipeline is named by the time)."""
-    dp = _engine("dact_pipeline")
     fresh = {"name": time.strftime("dact-pipeline-%Y%m%d-%H%M%S")}
-    cfg, kw = _engine_call(args, dp.run_pipeline, "dact", base={"pipeline": fresh})
+    cfg, pipeline = _engine_call(args, "dact-pipeline", "dact", base={"pipeline": fresh})
     settings: dict[str, Any] = {"name": args.name}
     if args.trials is not None:
         settings.update(trials_stage1=args.trials, trials_stage2=args.trials)
@@ -239,7 +236,7 @@ def pipeline_arguments(args) -> tuple[Any, Any]:
         settings["trials_stage3"] = args.lambdas_trials
     if args.timeout_min is not None:
         settings["timeout_min"] = args.timeout_min
-    return cfg, _with_flags(kw["pipeline"], **settings)
+    return cfg, _with_flags(pipeline, **settings)
 
 
 def cmd_dact_pipeline(args) -> int:
@@ -280,10 +277,8 @@ def cmd_dact_pipeline(args) -> int:
 
 def pbt_arguments(args) -> tuple[Any, Any]:
     """``(RunConfig, PBTConfig)`` from the parsed flags (and a --config download)."""
-    pbt = _engine("pbt")
-    cfg, kw = _engine_call(args, pbt.run_pbt, None)
-    return cfg, _with_flags(kw.get("pbt") or pbt.PBTConfig().validate(), population=args.population,
-                            epochs=args.epochs)
+    cfg, settings = _engine_call(args, "pbt", None)
+    return cfg, _with_flags(settings, population=args.population, epochs=args.epochs)
 
 
 def cmd_pbt(args) -> int:

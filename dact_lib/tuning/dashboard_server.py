@@ -1,4 +1,5 @@
-"""optuna-dashboard behind a guard, as the child process the dashboard app starts (``studies.start_dashboard``).
+"""optuna-dashboard for a home: :func:`start_dashboard` (the app's launcher: one server per process and storage,
+127.0.0.1, a free port) and the guarded child process it runs,
 
 ``python -m dact_lib.tuning.dashboard_server STORAGE_URL --port P --parent-pid PID``
 
@@ -83,6 +84,80 @@ def make_app(storage_url: str, port: int) -> Callable:
     import optuna_dashboard
 
     return LocalOnly(optuna_dashboard.wsgi(storage_url), port)
+
+
+# ------------------------------------------------------------------------------------------ the launcher
+_dashboards: dict[str, dict[str, Any]] = {}
+_dashboards_lock = threading.Lock()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop_dashboards() -> None:
+    """Stop every optuna-dashboard this process started."""
+    for srv in _dashboards.values():
+        if srv["proc"].poll() is None:
+            srv["proc"].terminate()
+
+
+def dashboard(home=None) -> dict[str, Any] | None:
+    """The running optuna-dashboard of this process for the home's storage (``proc``, ``port``, ``url``, ``log``),
+    or None."""
+    from ..home import optuna_storage_url
+
+    srv = _dashboards.get(optuna_storage_url(home))
+    return srv if srv is not None and srv["proc"].poll() is None else None
+
+
+def start_dashboard(home=None, wait_s: float = 15.0) -> dict[str, Any]:
+    """Start optuna-dashboard on the home's storage at 127.0.0.1 on a free port — or reuse the one this process
+    already runs — and wait up to ``wait_s`` until it listens. Returns ``proc``, ``port``, ``url`` (the dashboard
+    page), ``log`` (its output, in the home) and ``up``. Every server is stopped when the process exits."""
+    import atexit
+    import subprocess
+    import sys
+    import time
+
+    from ..home import optuna_storage_url, resolve_home
+
+    url = optuna_storage_url(home)
+    with _dashboards_lock:
+        srv = _dashboards.get(url)
+        if srv is None or srv["proc"].poll() is not None:
+            if not _dashboards:
+                atexit.register(stop_dashboards)
+            port = _free_port()
+            log = resolve_home(home) / ".optuna_dashboard.log"
+            fh = open(log, "ab")  # noqa: SIM115 - owned by the child process
+            # optuna-dashboard's WSGI app behind a Host/Origin guard, stopping when this process is gone
+            # (dashboard_server.py): no DNS-rebinding access, no orphan server after a kill -9 of the app
+            # (run by file path: it imports only optuna_dashboard, so it starts whatever the working directory)
+            server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_server.py")
+            proc = subprocess.Popen([sys.executable, server, url,
+                                     "--port", str(port), "--parent-pid", str(os.getpid())], stdout=fh,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            srv = {"proc": proc, "port": port, "url": f"http://127.0.0.1:{port}/dashboard/", "log": str(log),
+                   "started": time.time()}
+            _dashboards[url] = srv
+    deadline = time.time() + wait_s
+    while time.time() < deadline and srv["proc"].poll() is None and not _listening(srv["port"]):
+        time.sleep(0.2)
+    srv["up"] = srv["proc"].poll() is None and _listening(srv["port"])
+    return srv
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,7 @@ from ..callbacks import Callback, CancelToken, LoopState
 from ..config import ACTIVATIONS, RunConfig, check, check_frac, check_int, from_dict
 from ..errors import Cancelled, ConfigError, DactLabError
 from ..heads import set_dropout
+from .. import events as ev
 
 log = logging.getLogger(__name__)
 
@@ -502,8 +503,8 @@ class PBTMemberCallback(Callback):
                   "recipient": self.member, "recipient_run_id": state.run_id, "donor": donor.member,
                   "donor_run_id": donor.run_id, "donor_step": donor.step, "donor_progress": donor.progress,
                   "metric": self.c.pbt.metric, "score": score, "donor_score": donor.score}
-        self.c.log_event("pbt_exploit", {**common, "old": old, "new": _hp_public(donor.hparams)}, state.run_id)
-        self.c.log_event("pbt_explore", {**common, "old": _hp_public(donor.hparams), "new": _hp_public(new),
+        self.c.log_event(ev.PBT_EXPLOIT, {**common, "old": old, "new": _hp_public(donor.hparams)}, state.run_id)
+        self.c.log_event(ev.PBT_EXPLORE, {**common, "old": _hp_public(donor.hparams), "new": _hp_public(new),
                                          "recipient_old": old, "changes": changes}, state.run_id)
 
     def on_end(self, state: LoopState, status: str) -> None:
@@ -569,6 +570,11 @@ class PBTResult:
     architecture: dict[str, Any] = field(default_factory=dict)  # shared by the population (see module docstring)
     best_config: dict[str, Any] | None = None  # the winner's RunConfig as a dict (for replay_schedule)
     status: str = "finished"
+
+    def summary(self) -> dict[str, Any]:
+        """What the job manager records in the parent run's summary."""
+        return {"parent_run_id": self.parent_run_id, "best_run_id": self.best_run_id,
+                "best_value": self.best_score}
 
 
 def head_mlp_config(cfg: RunConfig):
@@ -666,14 +672,9 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
         if len(previous) != n:
             raise DactLabError(f"PBT run {run_id} has {len(previous)} members, this config {n}: resume it with the "
                                "settings it was started with (python -m dact_lib pbt --resume RUN).")
-        tracker.log_event(run_id, "resumed", {"members": {r["id"]: r["status"] for r in previous}})
-    if run_id is None:
-        parent_id = tracker.create_run("pbt", parent_config, name=cfg.name or "pbt", tag=cfg.tag,
-                                       dataset_id=dataset_id, status="running")
-    else:
-        parent_id = run_id
-        tracker.update_run(parent_id, config=parent_config, dataset_id=dataset_id)
-        tracker.set_status(parent_id, "running")
+        tracker.log_event(run_id, ev.RESUMED, {"members": {r["id"]: r["status"] for r in previous}})
+    parent_id = tracker.open_run("pbt", parent_config, run_id, dataset_id=dataset_id,
+                                 **({"name": cfg.name or "pbt", "tag": cfg.tag} if run_id is None else {}))
     member_ids: dict[int, Any] = {}
     prev_threads = torch.get_num_threads()
     try:
@@ -694,8 +695,8 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
                         "concurrent_members": n, "cpu_cores": _default_threads(),
                         "policy": "members run concurrently in Python threads; torch.set_num_threads is "
                                   "process-global, so the total is split: max(1, total // population) each"}
-        tracker.log_event(parent_id, "pbt_threads", threads_info)
-        tracker.log_event(parent_id, "pbt_start", {
+        tracker.log_event(parent_id, ev.PBT_THREADS, threads_info)
+        tracker.log_event(parent_id, ev.PBT_START, {
             "architecture": architecture, "metric": pbt.metric,
             "members": [{"member": i, "run_id": member_ids[i], "batch_size": batch_sizes[i],
                          **_hp_public(members_hp[i]), "eval_every_steps": cfgs[i].train.eval_every_steps}
@@ -712,7 +713,7 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
 
     controller = PBTController(pbt, member_ids, tracker=tracker, parent_id=parent_id)
     if previous:  # exploits so far, from the lineage on the parent run
-        for e in tracker.get_events(parent_id, kinds=["pbt_exploit"]):
+        for e in tracker.get_events(parent_id, kinds=[ev.PBT_EXPLOIT]):
             r = e["payload"].get("recipient")
             controller.exploits[r] = controller.exploits.get(r, 0) + 1
     member_cbs = [PBTMemberCallback(controller, i, members_hp[i], space=pbt.space, encoder_lr_ratio=ratio,
@@ -736,7 +737,7 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
             outcomes[i].update(status="cancelled", error=str(exc))
         except BaseException as exc:  # noqa: BLE001 - recorded by train(); the other members go on
             outcomes[i].update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            controller.log_event("pbt_member_failed", {"member": i, "run_id": member_ids[i],
+            controller.log_event(ev.PBT_MEMBER_FAILED, {"member": i, "run_id": member_ids[i],
                                                         "error": outcomes[i]["error"]})
         finally:
             if outcomes[i]["status"] != "finished":
@@ -799,7 +800,7 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
                "best_score": winner["best_score"], "schedule": schedule, "architecture": architecture,
                "dropout_scope": pbt.dropout_scope, "threads": threads_info, "members": members,
                "best_config": best_config}
-    tracker.log_event(parent_id, "pbt_schedule", {"member": w, "run_id": member_ids[w], "schedule": schedule})
+    tracker.log_event(parent_id, ev.PBT_SCHEDULE, {"member": w, "run_id": member_ids[w], "schedule": schedule})
     tracker.set_status(parent_id, "finished", summary=summary)
     return PBTResult(parent_run_id=parent_id, best_run_id=member_ids[w], best_member=w,
                      best_score=winner["best_score"], schedule=schedule, members=members, architecture=architecture,
@@ -850,7 +851,7 @@ class ScheduleCallback(Callback):
                 encoder_lr_ratio=self.ratio, dropout_scope=self.scope))
             self.applied.append({"step": state.step, **_hp_public(e)})
             if self.tracker is not None and state.run_id is not None:
-                self.tracker.log_event(state.run_id, "pbt_replay_change", {"step": state.step, **_hp_public(e)})
+                self.tracker.log_event(state.run_id, ev.PBT_REPLAY_CHANGE, {"step": state.step, **_hp_public(e)})
                 self.tracker.log_metrics(state.run_id, _hp_metrics(e), step=state.step, epoch=state.epoch)
 
 
@@ -889,3 +890,9 @@ def replay_schedule(cfg: RunConfig | dict, schedule: list[dict], *, home=None, t
     cb = ScheduleCallback(changes, encoder_lr_ratio=ratio, dropout_scope=dropout_scope, tracker=tracker)
     return train(cfg, data=data, home=home, tracker=tracker, callbacks=[cb, *(callbacks or [])], cancel=cancel,
                  save=save, parent_id=parent_id)
+
+
+def run_engine(cfg: RunConfig, settings: PBTConfig, ctx) -> PBTResult:
+    """The engine interface (:mod:`dact_lib.engines`): :func:`run_pbt` with ``settings``."""
+    return run_pbt(cfg, pbt=settings, home=ctx.home, tracker=ctx.tracker, cancel=ctx.cancel,
+                   callbacks=ctx.callbacks, run_id=ctx.run_id, resume=ctx.resume)

@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import home as _home
 from ..callbacks import Callback, LoopState
+from .. import events as ev
 
 #: SQLite busy timeout of the Optuna connections (seconds), the same as the tracker's.
 STORAGE_TIMEOUT_S = 30
@@ -144,7 +145,7 @@ def link_study(tracker, parent_run_id: int, study: optuna.Study, home=None) -> N
     summary = tracker.get_run(parent_run_id).get("summary") or {}
     summary.update(study_name=study.study_name, storage_url=url)
     tracker.update_run(parent_run_id, summary=summary)
-    tracker.log_event(parent_run_id, "study", {"study_name": study.study_name, "storage_url": url})
+    tracker.log_event(parent_run_id, ev.STUDY, {"study_name": study.study_name, "storage_url": url})
 
 
 def trial_runs(study: optuna.Study | str, home=None) -> dict[int, int]:
@@ -168,19 +169,18 @@ def study_of_run(tracker, run_id: int) -> str | None:
 
 @contextlib.contextmanager
 def live_run(run_id: int) -> Iterator[int]:
-    """Mark a run this process creates and executes as alive (``tracker.live_run_ids``), so that
+    """Mark a run this process creates and executes as alive (``tracker.liveness``), so that
     ``Tracker.mark_interrupted`` in the same process (the dashboard) does not take it for a lost job. A run that
     was already marked (by the job manager) stays marked afterwards."""
-    from ..tracker import live_run_ids
+    from ..tracker import liveness
 
     run_id = int(run_id)
-    owner = run_id not in live_run_ids
-    live_run_ids.add(run_id)
+    owner = liveness.mark_live(run_id)
     try:
         yield run_id
     finally:
         if owner:
-            live_run_ids.discard(run_id)
+            liveness.mark_done(run_id)
 
 
 # --- listing ----------------------------------------------------------------------------------------------------
@@ -257,72 +257,3 @@ def has_studies(home=None) -> bool:
             con.close()
     except sqlite3.Error:
         return False
-
-
-# ------------------------------------------------------------------------------------------ optuna-dashboard
-_dashboards: dict[str, dict[str, Any]] = {}
-_dashboards_lock = threading.Lock()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _stop_dashboards() -> None:
-    for srv in _dashboards.values():
-        if srv["proc"].poll() is None:
-            srv["proc"].terminate()
-
-
-def dashboard(home=None) -> dict[str, Any] | None:
-    """The running optuna-dashboard of this process for the home's storage (``proc``, ``port``, ``url``, ``log``),
-    or None."""
-    srv = _dashboards.get(storage_url(home))
-    return srv if srv is not None and srv["proc"].poll() is None else None
-
-
-def start_dashboard(home=None, wait_s: float = 15.0) -> dict[str, Any]:
-    """Start optuna-dashboard on the home's storage at 127.0.0.1 on a free port — or reuse the one this process
-    already runs — and wait up to ``wait_s`` until it listens. Returns ``proc``, ``port``, ``url`` (the dashboard
-    page), ``log`` (its output, in the home) and ``up``. Every server is stopped when the process exits."""
-    import atexit
-    import subprocess
-    import sys
-    import time
-
-    url = storage_url(home)
-    with _dashboards_lock:
-        srv = _dashboards.get(url)
-        if srv is None or srv["proc"].poll() is not None:
-            if not _dashboards:
-                atexit.register(_stop_dashboards)
-            port = _free_port()
-            log = _home.resolve_home(home) / ".optuna_dashboard.log"
-            fh = open(log, "ab")  # noqa: SIM115 - owned by the child process
-            # optuna-dashboard's WSGI app behind a Host/Origin guard, stopping when this process is gone
-            # (dashboard_server.py): no DNS-rebinding access, no orphan server after a kill -9 of the app
-            # (run by file path: it imports only optuna_dashboard, so it starts whatever the working directory)
-            server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_server.py")
-            proc = subprocess.Popen([sys.executable, server, url,
-                                     "--port", str(port), "--parent-pid", str(os.getpid())], stdout=fh,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            srv = {"proc": proc, "port": port, "url": f"http://127.0.0.1:{port}/dashboard/", "log": str(log),
-                   "started": time.time()}
-            _dashboards[url] = srv
-    deadline = time.time() + wait_s
-    while time.time() < deadline and srv["proc"].poll() is None and not _listening(srv["port"]):
-        time.sleep(0.2)
-    srv["up"] = srv["proc"].poll() is None and _listening(srv["port"])
-    return srv

@@ -189,7 +189,7 @@ def test_wide_header_is_refused_at_once_and_a_wide_file_reads_fast():
     start = time.perf_counter()
     with pytest.raises(DactLabError, match=f"40,002 columns.*at most {MAX_COLUMNS:,}"):
         read_csv(raw)
-    assert time.perf_counter() - start < 5.0
+    assert time.perf_counter() - start < 15.0  # ~40 s when quadratic; a few s on a loaded 2-core box
     ds = read_csv(wide_csv(MAX_COLUMNS - 2))  # text, label + the rest: exactly MAX_COLUMNS
     assert len(ds) == 4
 

@@ -73,7 +73,7 @@ from __future__ import annotations
 from .choice import load_stage3, choose_for_prediction, choose_point  # noqa: F401
 from .guards import PipelineGuardError, guard_margin, majority_baseline
 from .record import load_pipeline_result
-from .runner import as_dact_config, run_pipeline
+from .runner import as_dact_config, run_engine, run_pipeline  # noqa: F401
 from .settings import (CHOICE_RULES, LAYOUT_CHOICES, OBJECTIVES3, PIPELINE_KIND, STAGES,  # noqa: F401
                        PipelineConfig, PipelineResult)
 from .stage1 import FeatureDactHeads, HeadFit, fit_heads_on_features, model_from_params, suggest_architecture

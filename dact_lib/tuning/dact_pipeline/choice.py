@@ -12,6 +12,7 @@ from .. import studies
 from ...errors import DactLabError
 from .settings import PIPELINE_KIND
 from .stage3 import pareto_points
+from ... import events as ev
 
 
 def load_stage3(target: Any, home=None, tracker=None) -> tuple[optuna.Study, int | None, Any]:
@@ -52,7 +53,7 @@ def choose_point(parent_or_study: int | optuna.Study, trial_number: int, *, home
         final = (tracker.get_run(parent).get("summary") or {}).get("final_run_id")
         if final is not None and point.get("halting_file"):  # fitted points: the final run + this halting file
             point["run_id"] = int(final)
-        tracker.log_event(parent, "point_chosen", {"point": point, "by": "user"})
+        tracker.log_event(parent, ev.USER_POINT_CHOICE, {"point": point, "by": "user"})
     return point
 
 
@@ -108,7 +109,7 @@ def choose_for_prediction(parent_id: int, point: dict[str, Any], *, tracker, by:
             set_halting_choice(run_dir, halting)
     else:
         run_dir = Path(tracker.get_run(rid).get("run_dir") or tracker.run_dir(rid))
-    tracker.log_event(parent_id, "chosen", {"run_id": rid, "trial": trial, "lambda": point.get("lambda"),
+    tracker.log_event(parent_id, ev.PREDICTION_CHOICE, {"run_id": rid, "trial": trial, "lambda": point.get("lambda"),
                                             "source": point.get("source", "front"), "by": by,
                                             "halting": halting is not None})
     return {"run_id": rid, "has_model": (run_dir / MODEL_FILE).is_file(), "halting": halting}

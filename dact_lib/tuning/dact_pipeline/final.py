@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from .. import studies
 from .record import jsonable
+from ... import events as ev
 
 
 def run(pl) -> None:
@@ -81,7 +82,7 @@ def run(pl) -> None:
     tr.set_status(rid, "finished", summary={"best": val, "test": test, "halting": halting,
                                             "built_from": {"trunk_run_id": trunk_id,
                                                            "stage3_trial": chosen["trial"]}})
-    tr.log_event(rid, "built_from_pipeline", {"parent": pl.parent, "trunk_run_id": trunk_id,
+    tr.log_event(rid, ev.BUILT_FROM_PIPELINE, {"parent": pl.parent, "trunk_run_id": trunk_id,
                                               "stage3_trial": chosen["trial"], "points": len(points)})
     if test:
         guard = pl.guard("final", test.get("test_accuracy"), split="test")
@@ -91,8 +92,8 @@ def run(pl) -> None:
     sweep = exit_policy_sweep(model, enc_val, batch_size=bs, timed=pl.pipe.sweep_timed)
     payload = {"split": "val", "timed": pl.pipe.sweep_timed, "num_layers": model.num_layers,
                "rows": sweep, "final_run_id": rid}
-    tr.log_event(pl.parent, "exit_policy_sweep", payload)
-    tr.log_event(rid, "exit_policy_sweep", payload)
+    tr.log_event(pl.parent, ev.EXIT_POLICY_SWEEP, payload)
+    tr.log_event(rid, ev.EXIT_POLICY_SWEEP, payload)
     front = [dict(p, run_id=rid) for p in st3["front"]]  # every front point is the final run + its halting file
     pl.summary.update(final_run_id=rid, final_test=test, exit_policy_sweep=sweep, front=front,
                         chosen=dict(chosen, run_id=rid))
@@ -117,5 +118,5 @@ def finetune(pl, model, loaded, chosen: dict, enc_val) -> dict:
     out = {"run_id": res.run_id, "seconds": round(time.monotonic() - t0, 3),
            "fitted": {"val_accuracy": chosen["val_accuracy"], "val_avg_exit_layer": chosen["val_avg_exit_layer"]},
            "finetuned": {k: res.best_metrics.get(k) for k in ("val_accuracy", "val_avg_exit_layer", "val_nll")}}
-    pl.tracker.log_event(pl.parent, "finetune_compared", out)
+    pl.tracker.log_event(pl.parent, ev.FINETUNE_COMPARED, out)
     return out

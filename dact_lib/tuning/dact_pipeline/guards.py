@@ -6,6 +6,7 @@ import math
 import torch
 
 from ...errors import DactLabError
+from ... import events as ev
 
 
 def majority_baseline(targets) -> float:
@@ -55,13 +56,13 @@ def check(pl, stage: str, accuracy: float | None, *, split: str = "val", previou
         if acc < float(previous[1]) - need:
             info["warning"] = (f"{stage}'s best {split} accuracy {acc:.3f} is below {previous[0]}'s "
                                f"{float(previous[1]):.3f}")
-    pl.tracker.log_event(pl.parent, "guard", info)
+    pl.tracker.log_event(pl.parent, ev.GUARD, info)
     if not info["passed"]:
         msg = (f"Pipeline stopped after {stage}: its best model reaches {acc:.1%} {split} accuracy, not clearly "
                f"better than always answering the largest class ({base:.1%}; needed ≥ {base + need:.1%} on "
                f"{len(targets)} rows). What to change: {_GUARD_ADVICE[stage]}.")
         info["message"] = msg
-        pl.tracker.log_event(pl.parent, "guard_failed", info)
+        pl.tracker.log_event(pl.parent, ev.GUARD_FAILED, info)
         if pl.pipe.guards == "stop":
             raise PipelineGuardError(msg)
         import logging

@@ -15,6 +15,7 @@ from .. import studies
 from ...config import RunConfig
 from ...errors import ConfigError, DactLabError
 from .settings import PIPELINE_KIND, PipelineResult, STAGES, STAGE_WEIGHTS
+from ... import events as ev
 
 
 class Budget:
@@ -105,19 +106,14 @@ def open_parent(pl, run_id: int | None = None) -> None:
     config = {"run": jsonable(pl.cfg.to_dict()), "pipeline": pipe.to_dict()}
     if previous and run_id is not None:
         tr.update_run(run_id, summary={"engine_run_id": int(previous[0]["id"]), "resumes": pipe.name})
-        tr.log_event(run_id, "resumes", {"pipeline": pipe.name, "run_id": int(previous[0]["id"])})
+        tr.log_event(run_id, ev.RESUMES, {"pipeline": pipe.name, "run_id": int(previous[0]["id"])})
     if not previous:
-        if run_id is None:
-            pl.parent = tr.create_run(PIPELINE_KIND, config, name=pipe.name, tag="pipeline",
-                                        dataset_id=pl.dataset_id, status="running")
-        else:
-            pl.parent = int(run_id)
-            tr.update_run(pl.parent, config=config, name=pipe.name, tag="pipeline", dataset_id=pl.dataset_id)
-            tr.set_status(pl.parent, "running")
+        pl.parent = tr.open_run(PIPELINE_KIND, config, run_id, name=pipe.name, tag="pipeline",
+                                dataset_id=pl.dataset_id)
         pl.summary = {"pipeline": pipe.name, "study_names": pl.names, "stages_done": [], "stage_best": {},
                         "study_name": pl.names["stage3"], "storage_url": studies.storage_url(pl.home)}
         tr.update_run(pl.parent, summary=pl.summary)
-        tr.log_event(pl.parent, "pipeline_start", {"name": pipe.name, "study_names": pl.names,
+        tr.log_event(pl.parent, ev.PIPELINE_START, {"name": pipe.name, "study_names": pl.names,
                                                      "pipeline": pipe.to_dict()})
         return
     run = previous[0]
@@ -136,9 +132,9 @@ def open_parent(pl, run_id: int | None = None) -> None:
             and pid_alive(int(run["pid"])):
         raise DactLabError(f"Pipeline {pipe.name!r} (run {run['id']}) is running in process {run['pid']}: wait "
                            "for it or cancel it before resuming.")
-    from ...tracker import live_run_ids
+    from ...tracker import liveness
 
-    if run["status"] in ("queued", "running") and run.get("pid") == os.getpid() and run["id"] in live_run_ids:
+    if run["status"] in ("queued", "running") and run.get("pid") == os.getpid() and liveness.is_live(run["id"]):
         raise DactLabError(f"Pipeline {pipe.name!r} (run {run['id']}) is already running in this process: wait "
                            "for it or cancel it before resuming.")
     pl.parent = int(run["id"])
@@ -157,5 +153,5 @@ def open_parent(pl, run_id: int | None = None) -> None:
 
         tr.set_status(pl.parent, "running", pid=os.getpid(), host=hostname(), summary=pl.summary)
         tr.update_run(pl.parent, error=None)
-        tr.log_event(pl.parent, "resumed", {"stages_done": list(pl.resumed),
+        tr.log_event(pl.parent, ev.RESUMED, {"stages_done": list(pl.resumed),
                                               "previous_status": run["status"]})

@@ -17,6 +17,7 @@ from . import final, guards, record, stage1, stage2, stage3
 from .record import Budget, counted, jsonable, n_complete, write_json
 from .settings import PipelineConfig, PipelineResult, STAGES
 from .stage2 import train_from_params
+from ... import events as ev
 
 
 class _Pipeline:
@@ -58,10 +59,10 @@ class _Pipeline:
         if "best_params" in data:
             self.summary.setdefault("stage_best", {})[stage] = data["best_params"]
         self.tracker.update_run(self.parent, summary=self.summary)
-        self.tracker.log_event(self.parent, "stage_end", {k: v for k, v in data.items() if k != "trials_detail"})
+        self.tracker.log_event(self.parent, ev.STAGE_END, {k: v for k, v in data.items() if k != "trials_detail"})
 
     def start_stage(self, stage: str, trials: int | None, budget: float | None) -> None:
-        self.tracker.log_event(self.parent, "stage_start", {"stage": stage, "trials": trials,
+        self.tracker.log_event(self.parent, ev.STAGE_START, {"stage": stage, "trials": trials,
                                                             "budget_s": None if budget is None else round(budget, 1)})
 
     def guard(self, stage: str, accuracy: float | None, *, split: str = "val", previous: tuple[str, float] | None
@@ -74,7 +75,7 @@ class _Pipeline:
             payload = {"stage": stage, "number": t.number, "state": t.state.name.lower(), "params": t.params,
                        "values": t.values, "user_attrs": t.user_attrs,
                        "duration_s": t.duration.total_seconds() if t.duration else None}
-            self.tracker.log_event(self.parent, "trial", jsonable(payload))
+            self.tracker.log_event(self.parent, ev.TRIAL, jsonable(payload))
             if t.state != TrialState.COMPLETE:
                 return
             if stage == "stage3":
@@ -99,7 +100,7 @@ class _Pipeline:
             study.optimize(objective, n_trials=1, callbacks=[self.trial_logger(stage)])
         if n_complete(study) == 0:
             raise DactLabError(f"{stage}: no trial completed (all pruned); raise the trials or the time budget.")
-        self.tracker.log_event(self.parent, "stage_trials", {"stage": stage, "trials": counted(study),
+        self.tracker.log_event(self.parent, ev.STAGE_TRIALS, {"stage": stage, "trials": counted(study),
                                                              "seconds": round(time.monotonic() - start, 3)})
 
     def child_config(self, model_cfg: DactModelConfig, train_cfg: TrainConfig, name: str, tag: str) -> RunConfig:
@@ -133,7 +134,13 @@ class _Pipeline:
         return from_dict(DactModelConfig, self.state["stage1"]["model"], "model")
 
     def train_cfg(self) -> TrainConfig:
-        return self.trial_train_cfg(self.state["stage2"]["best_params"])
+        """How the trunk (the model stages 3 and final build on) was trained."""
+        st2 = self.state["stage2"]
+        if isinstance(st2.get("train"), dict):
+            tc = from_dict(TrainConfig, st2["train"], "train")
+            tc.validate()
+            return tc
+        return self.trial_train_cfg(st2["best_params"])
 
     def trial_train_cfg(self, params: dict[str, Any], n_train: int | None = None) -> TrainConfig:
         return train_from_params(params, self.cfg.train, n_train=n_train or len(self.split.train),
@@ -221,7 +228,7 @@ def run_pipeline(cfg: RunConfig, *, pipeline: PipelineConfig, home=None, tracker
                     getattr(run, stage)()
         except Cancelled as exc:
             tracker.set_status(run.parent, "cancelled", error=str(exc) or "cancelled", summary=run.summary)
-            tracker.log_event(run.parent, "cancelled", {"reason": str(exc), "stages_done": list(run.state)})
+            tracker.log_event(run.parent, ev.CANCELLED, {"reason": str(exc), "stages_done": list(run.state)})
             raise
         except KeyboardInterrupt:
             tracker.set_status(run.parent, "interrupted", error="KeyboardInterrupt", summary=run.summary)
@@ -230,5 +237,14 @@ def run_pipeline(cfg: RunConfig, *, pipeline: PipelineConfig, home=None, tracker
             tracker.set_status(run.parent, "failed", error=f"{type(exc).__name__}: {exc}", summary=run.summary)
             raise
     tracker.set_status(run.parent, "finished", summary=run.summary)
-    tracker.log_event(run.parent, "pipeline_end", {"final_run_id": run.state["final"]["final_run_id"]})
+    tracker.log_event(run.parent, ev.PIPELINE_END, {"final_run_id": run.state["final"]["final_run_id"]})
     return run.result()
+
+
+def run_engine(cfg: RunConfig, settings: PipelineConfig, ctx) -> PipelineResult:
+    """The engine interface (:mod:`dact_lib.engines`): :func:`run_pipeline` with ``settings``. A pipeline resumes
+    by its name (run it again under the same name), not by ``resume``."""
+    if ctx.resume:
+        raise DactLabError(f"a DACT pipeline resumes by its name: start it again with name {settings.name!r}.")
+    return run_pipeline(cfg, pipeline=settings, home=ctx.home, tracker=ctx.tracker, cancel=ctx.cancel,
+                        callbacks=ctx.callbacks, run_id=ctx.run_id)

@@ -97,6 +97,9 @@ class PipelineConfig:
     # build on. 1.0 = trials on every row, the best trial's own model is kept (bench/pipeline_time.py)
     stage2_fraction: float = 0.34
     stage2_min_rows: int = 1500
+    # epochs of that refit: "trial" = the best trial's own; "max" = the top of epochs_range, the best validation
+    # checkpoint kept (early stopping on) — the trunk trains as long as a single run would
+    stage2_refit_epochs: Literal["trial", "max"] = "max"
     # trial 0 of stage 2 = the run config's own training values (the single-run defaults, clipped to the ranges):
     # the search starts from what a single run would do
     stage2_start_from_config: bool = True
@@ -140,6 +143,8 @@ class PipelineConfig:
             raise bad("guard_margin", self.guard_margin, "expected an accuracy margin in [0, 1)")
         if not (_num(self.stage2_fraction) and 0 < self.stage2_fraction <= 1):
             raise bad("stage2_fraction", self.stage2_fraction, "expected a fraction of the training rows in (0, 1]")
+        if self.stage2_refit_epochs not in ("trial", "max"):
+            raise bad("stage2_refit_epochs", self.stage2_refit_epochs, "choose 'trial' or 'max'")
         if not isinstance(self.stage2_min_rows, int) or isinstance(self.stage2_min_rows, bool) \
                 or self.stage2_min_rows < 1:
             raise bad("stage2_min_rows", self.stage2_min_rows, "expected an integer >= 1")
@@ -223,3 +228,8 @@ class PipelineResult:
     exit_policy_sweep: list[dict] = field(default_factory=list)
     model_config: dict = field(default_factory=dict)  # the final DactModelConfig
     train_config: dict = field(default_factory=dict)  # the final TrainConfig
+
+    def summary(self) -> dict[str, Any]:
+        """What the job manager records in the parent run's summary."""
+        return {"parent_run_id": self.parent_run_id, "final_run_id": self.final_run_id,
+                "study_name": self.study_names.get("stage3")}

@@ -19,6 +19,7 @@ from ...errors import ConfigError
 from ...modeling_dact import DactUnits, loss_terms
 from .record import counted
 from .settings import LAYOUT_CHOICES, PipelineConfig, STUDY_PREFIX
+from ... import events as ev
 
 
 class FeatureDactHeads(DactUnits):
@@ -212,7 +213,7 @@ def run(pl) -> None:
              "message": ("Stage 1 trained the DACT heads on cached per-layer features of the frozen encoder "
                          + ("(loaded from the cache)" if all(hits) else
                             f"(computed once in {build_s:.1f} s, then reused by every trial)"))}
-    pl.tracker.log_event(pl.parent, "stage1_features", cache)
+    pl.tracker.log_event(pl.parent, ev.STAGE1_FEATURES, cache)
     pl.summary["feature_cache"] = {k: v for k, v in cache.items() if k != "splits"}
     y_tr = torch.as_tensor(pl.split.train.targets[pl.task]).to(pl.device)
     y_va = torch.as_tensor(pl.split.val.targets[pl.task]).to(pl.device)

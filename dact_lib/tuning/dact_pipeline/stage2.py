@@ -15,6 +15,7 @@ from .. import studies
 from ...config import RunConfig, TrainConfig
 from .record import counted, jsonable
 from .settings import PipelineConfig
+from ... import events as ev
 
 
 def suggest_training(trial: optuna.Trial, pipe: PipelineConfig) -> dict[str, Any]:
@@ -127,11 +128,15 @@ def run(pl) -> None:
            "best_run_id": best.user_attrs.get("run_id"), "best_user_attrs": best.user_attrs,
            "trial_rows": n_rows, "train_rows": len(pl.split.train)}
     trunk_acc = best.user_attrs.get("val_accuracy")
+    trunk_train = pl.trial_train_cfg(best.params)
     if refit:  # the best parameters, trained once on every training row: the trunk of stages 3 and final
         t1 = time.monotonic()
-        tc = pl.trial_train_cfg(best.params)
+        params = dict(best.params)
+        if pipe.stage2_refit_epochs == "max":
+            params["epochs"] = max(int(params.get("epochs", 1)), int(pipe.pair("epochs_range")[1]))
+        tc = trunk_train = pl.trial_train_cfg(params)
         run_cfg = pl.child_config(model_cfg, tc, f"{pipe.name}/stage2/refit", "stage2")
-        pl.tracker.log_event(pl.parent, "stage2_refit", {"trial": best.number, "rows": len(pl.split.train),
+        pl.tracker.log_event(pl.parent, ev.STAGE2_REFIT, {"trial": best.number, "rows": len(pl.split.train),
                                                          "trial_rows": n_rows, "epochs": tc.epochs})
         res = pl.train_child(run_cfg, [], save=False)
         save_trunk(pl, res, run_cfg)
@@ -140,7 +145,7 @@ def run(pl) -> None:
                                                    "epochs": tc.epochs, "best_metrics": res.best_metrics})
     out["trunk_val_accuracy"] = trunk_acc
     out["guard"] = pl.guard("stage2", trunk_acc, previous=("stage1", s1))
-    out["train"] = dataclasses.asdict(pl.trial_train_cfg(best.params))
+    out["train"] = dataclasses.asdict(trunk_train)  # how the trunk of stages 3 and final was trained
     out["n_trials"] = counted(study)
     pl.finish_stage("stage2", out, time.monotonic() - t0)
 

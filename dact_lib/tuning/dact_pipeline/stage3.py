@@ -14,6 +14,7 @@ from .. import studies
 from ...errors import ConfigError, DactLabError
 from .record import counted
 from .settings import CHOICE_RULES
+from ... import events as ev
 
 
 def point_record(t: FrozenTrial, objective3: str) -> dict[str, Any]:
@@ -130,9 +131,9 @@ def run(pl) -> None:
     guard = pl.guard("stage3", chosen.get("val_accuracy"), previous=("stage2", s2))
     # the chosen point's weights must load back (a damaged file fails here, not in the final stage)
     load_file(str(pl.home / chosen["halting_file"]))
-    pl.tracker.log_event(pl.parent, "pareto_front", {"objectives": [first, "val_avg_exit_layer"],
+    pl.tracker.log_event(pl.parent, ev.PARETO_FRONT, {"objectives": [first, "val_avg_exit_layer"],
                                                          "front": front, "study_name": pl.names["stage3"]})
-    pl.tracker.log_event(pl.parent, "chosen_point", {"rule": pipe.choice_rule,
+    pl.tracker.log_event(pl.parent, ev.RULE_CHOICE, {"rule": pipe.choice_rule,
                                                          "tolerance": pipe.choice_tolerance, "point": chosen})
     pl.summary.update(front=front, chosen=chosen)
     pl.finish_stage("stage3", {"best_params": {"ponder_lambda": chosen["lambda"]}, "front": front,

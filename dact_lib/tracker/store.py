@@ -1,4 +1,4 @@
-"""The experiment tracker: ``experiments.db`` in the home, through sqlite-utils.
+"""The experiment tracker's database: ``experiments.db`` in the home, through sqlite-utils.
 
 Tables: ``datasets`` (with the canonical CSV bytes), ``runs``, ``metrics`` (long format), ``events`` and
 ``artifacts``. Optuna's RDB storage lives in the same SQLite file (see :func:`dact_lib.home.optuna_storage_url`);
@@ -19,13 +19,10 @@ Timestamps are float unix seconds. JSON columns (``config``, ``summary``, ``payl
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import os
 import shutil
-import socket
 import sqlite3
 import threading
 import time as _time
@@ -34,207 +31,21 @@ from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
-from . import home as _home
-from .callbacks import Callback, LoopState
-from .errors import DactLabError
+from .. import home as _home
+from ..errors import DactLabError
+from . import liveness
+from .liveness import hostname, pid_alive
+from .schema import (DATASET_COLS, DATASET_JSON, INDEXES, RUN_JSON, SCHEMA, config_to_dict, count_classes, dumps,
+                     encode_field, loads, quote, to_float)
 
 log = logging.getLogger(__name__)
-
-#: Run ids that a job manager in *this* process is currently executing. :meth:`Tracker.mark_interrupted`
-#: treats a 'running'/'queued' run whose pid is this process but whose id is not in this set as dead.
-live_run_ids: set[int] = set()
 
 BUSY_TIMEOUT_S = 30.0
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "interrupted", "pruned")
 ACTIVE_STATUSES = ("queued", "running")
 TERMINAL_STATUSES = ("finished", "failed", "cancelled", "interrupted", "pruned")
-
-# table -> ordered {column: declaration}; the first column's declaration carries the primary key.
-_SCHEMA: dict[str, dict[str, str]] = {
-    "datasets": {
-        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
-        "name": "TEXT",
-        "content_hash": "TEXT UNIQUE",
-        "rows": "INTEGER",
-        "columns": "TEXT",
-        "tasks": "TEXT",
-        "label_maps": "TEXT",
-        "class_counts": "TEXT",
-        "created": "REAL",
-        "csv": "BLOB",
-    },
-    "runs": {
-        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
-        "kind": "TEXT",
-        "name": "TEXT",
-        "tag": "TEXT",
-        "status": "TEXT",
-        "config": "TEXT",
-        "dataset_id": "INTEGER",
-        "parent_id": "INTEGER",
-        "created": "REAL",
-        "started": "REAL",
-        "ended": "REAL",
-        "error": "TEXT",
-        "pid": "INTEGER",
-        "host": "TEXT",
-        "summary": "TEXT",
-        "run_dir": "TEXT",
-    },
-    "metrics": {
-        "run_id": "INTEGER",
-        "step": "INTEGER",
-        "epoch": "INTEGER",
-        "name": "TEXT",
-        "value": "REAL",
-        "time": "REAL",
-    },
-    "events": {
-        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
-        "run_id": "INTEGER",
-        "time": "REAL",
-        "kind": "TEXT",
-        "payload": "TEXT",
-    },
-    "artifacts": {
-        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
-        "run_id": "INTEGER",
-        "path": "TEXT",
-        "kind": "TEXT",
-        "created": "REAL",
-    },
-}
-
-_INDEXES = {
-    "idx_metrics_run_name_step": ("metrics", ("run_id", "name", "step")),
-    "idx_events_run": ("events", ("run_id",)),
-    "idx_artifacts_run": ("artifacts", ("run_id",)),
-    "idx_runs_parent": ("runs", ("parent_id",)),
-    "idx_runs_status": ("runs", ("status",)),
-    "idx_runs_dataset": ("runs", ("dataset_id",)),
-}
-
-_RUN_JSON = ("config", "summary")
-_DATASET_JSON = ("columns", "tasks", "label_maps", "class_counts")
-_DATASET_COLS = [c for c in _SCHEMA["datasets"] if c != "csv"]
 METRIC_COLUMNS = ["run_id", "step", "epoch", "name", "value", "time"]
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, (set, frozenset, tuple)):
-        return list(o)
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return dataclasses.asdict(o)
-    if hasattr(o, "tolist"):  # numpy arrays / scalars, torch tensors
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, default=_json_default)
-
-
-def _loads(text: Any, empty: Any = None) -> Any:
-    if text is None or text == "":
-        return empty
-    if isinstance(text, (bytes, bytearray)):
-        text = text.decode("utf-8")
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return text
-
-
-def _to_float(value: Any) -> float | None:
-    """A metric value as float, or None when it is not a number (such values are skipped)."""
-    if isinstance(value, (bool, int, float)):
-        return float(value)
-    try:
-        if hasattr(value, "item"):
-            value = value.item()
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-
-
-def _config_to_dict(config: Any) -> dict | None:
-    if config is None:
-        return None
-    if isinstance(config, dict):
-        return config
-    for attr in ("to_dict", "as_dict"):
-        fn = getattr(config, attr, None)
-        if callable(fn):
-            return fn()
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return dataclasses.asdict(config)
-    raise DactLabError(f"run config must be a dict or a config dataclass, got {type(config).__name__}.")
-
-
-def _encode_field(value: Any) -> Any:
-    if isinstance(value, (dict, list, tuple, set, frozenset)) or (
-        dataclasses.is_dataclass(value) and not isinstance(value, type)
-    ):
-        return _dumps(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists on this host and is not a zombie."""
-    if pid is None or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    try:  # Linux: an exited but unreaped child is a zombie — dead for our purposes
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-        state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-        if state in (b"Z", b"X"):
-            return False
-    except OSError:
-        pass
-    return True
-
-
-def hostname() -> str:
-    return socket.gethostname()
-
-
-def _class_counts(targets: dict, label_maps: dict) -> dict:
-    out: dict[str, dict[str, int]] = {}
-    for task, arr in (targets or {}).items():
-        names = list((label_maps or {}).get(task, []))
-        counts: dict[str, int] = {str(n): 0 for n in names}
-        values = arr.tolist() if hasattr(arr, "tolist") else list(arr)
-        for v in values:
-            v = int(v)
-            key = str(names[v]) if 0 <= v < len(names) else str(v)
-            counts[key] = counts.get(key, 0) + 1
-        out[task] = counts
-    return out
-
-
-# --------------------------------------------------------------------------------------------- tracker
 
 
 class Tracker:
@@ -319,8 +130,8 @@ class Tracker:
     def _missing_schema(self) -> tuple[dict[str, list[str]], list[str]]:
         conn = self.db.conn
         missing_cols: dict[str, list[str]] = {}
-        for table, cols in _SCHEMA.items():
-            have = {r[1] for r in conn.execute(f"PRAGMA table_info({_q(table)})").fetchall()}
+        for table, cols in SCHEMA.items():
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({quote(table)})").fetchall()}
             if not have:
                 missing_cols[table] = list(cols)  # the whole table
             else:
@@ -328,7 +139,7 @@ class Tracker:
                 if lacking:
                     missing_cols[table] = lacking
         have_idx = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()}
-        missing_idx = [i for i in _INDEXES if i not in have_idx]
+        missing_idx = [i for i in INDEXES if i not in have_idx]
         return missing_cols, missing_idx
 
     def _ensure_schema(self) -> None:
@@ -336,18 +147,18 @@ class Tracker:
         if not missing_cols and not missing_idx:
             return
         with self._write() as conn:
-            for table, cols in _SCHEMA.items():
-                have = {r[1] for r in conn.execute(f"PRAGMA table_info({_q(table)})").fetchall()}
+            for table, cols in SCHEMA.items():
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({quote(table)})").fetchall()}
                 if not have:
-                    body = ", ".join(f"{_q(c)} {decl}" for c, decl in cols.items())
-                    conn.execute(f"CREATE TABLE IF NOT EXISTS {_q(table)} ({body})")
+                    body = ", ".join(f"{quote(c)} {decl}" for c, decl in cols.items())
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS {quote(table)} ({body})")
                     continue
                 for col, decl in cols.items():
                     if col not in have:  # forward compatibility: add the column without its constraints
-                        conn.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(col)} {decl.split()[0]}")
-            for idx, (table, cols) in _INDEXES.items():
+                        conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(col)} {decl.split()[0]}")
+            for idx, (table, cols) in INDEXES.items():
                 conn.execute(
-                    f"CREATE INDEX IF NOT EXISTS {_q(idx)} ON {_q(table)} ({', '.join(_q(c) for c in cols)})"
+                    f"CREATE INDEX IF NOT EXISTS {quote(idx)} ON {quote(table)} ({', '.join(quote(c) for c in cols)})"
                 )
 
     def journal_mode(self) -> str:
@@ -380,10 +191,10 @@ class Tracker:
             "name": name or getattr(ds, "name", None) or f"dataset-{content_hash[:8]}",
             "content_hash": content_hash,
             "rows": int(len(ds)),
-            "columns": _dumps(columns if isinstance(columns, dict) else list(columns or [])),
-            "tasks": _dumps(list(tasks)),
-            "label_maps": _dumps(label_maps),
-            "class_counts": _dumps(_class_counts(getattr(ds, "targets", {}) or {}, label_maps)),
+            "columns": dumps(columns if isinstance(columns, dict) else list(columns or [])),
+            "tasks": dumps(list(tasks)),
+            "label_maps": dumps(label_maps),
+            "class_counts": dumps(count_classes(getattr(ds, "targets", {}) or {}, label_maps)),
             "created": _time.time(),
             "csv": sqlite3.Binary(csv_bytes),
         }
@@ -393,25 +204,25 @@ class Tracker:
             if found:  # added by another writer meanwhile
                 return int(found[0])
             cur = conn.execute(
-                f"INSERT INTO datasets ({', '.join(_q(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                f"INSERT INTO datasets ({', '.join(quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
                 [row[c] for c in cols],
             )
             return int(cur.lastrowid)
 
     @staticmethod
     def _decode_dataset(row: dict) -> dict:
-        for c in _DATASET_JSON:
+        for c in DATASET_JSON:
             if c in row:
-                row[c] = _loads(row[c], [] if c == "tasks" else {})
+                row[c] = loads(row[c], [] if c == "tasks" else {})
         return row
 
     def list_datasets(self) -> list[dict]:
         """All datasets, newest first, without the CSV blob."""
-        cols = ", ".join(_q(c) for c in _DATASET_COLS)
+        cols = ", ".join(quote(c) for c in DATASET_COLS)
         return [self._decode_dataset(r) for r in self.query(f"SELECT {cols} FROM datasets ORDER BY id DESC")]
 
     def get_dataset(self, dataset_id: int) -> dict:
-        cols = ", ".join(_q(c) for c in _DATASET_COLS)
+        cols = ", ".join(quote(c) for c in DATASET_COLS)
         rows = self.query(f"SELECT {cols} FROM datasets WHERE id = ?", (int(dataset_id),))
         if not rows:
             raise DactLabError(
@@ -432,7 +243,7 @@ class Tracker:
         """The stored dataset as a ``data.TextDataset`` (parsed back from its stored CSV copy)."""
         meta = self.get_dataset(dataset_id)
         blob = self.get_dataset_csv(dataset_id)
-        from .data import read_csv
+        from ..data import read_csv
 
         return read_csv(blob, name=meta["name"])
 
@@ -479,7 +290,7 @@ class Tracker:
             "name": name,
             "tag": tag,
             "status": status,
-            "config": None if config is None else _dumps(_config_to_dict(config)),
+            "config": None if config is None else dumps(config_to_dict(config)),
             "dataset_id": None if dataset_id is None else int(dataset_id),
             "parent_id": None if parent_id is None else int(parent_id),
             "created": now,
@@ -491,12 +302,24 @@ class Tracker:
         cols = list(row)
         with self._write() as conn:
             cur = conn.execute(
-                f"INSERT INTO runs ({', '.join(_q(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                f"INSERT INTO runs ({', '.join(quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
                 [row[c] for c in cols],
             )
             run_id = int(cur.lastrowid)
             conn.execute("UPDATE runs SET run_dir = ? WHERE id = ?", (f"runs/{run_id}", run_id))
         return run_id
+
+    def open_run(self, kind: str, config: dict | None, run_id: int | None = None, *, name: str | None = None,
+                 tag: str | None = None, dataset_id: int | None = None) -> int:
+        """An engine's parent run, 'running': a new row, or — with ``run_id`` (a row a job manager queued) — that
+        row, given this config, name, tag and dataset. Returns its id."""
+        if run_id is None:
+            return self.create_run(kind, config, name=name, tag=tag, dataset_id=dataset_id, status="running")
+        fields = {k: v for k, v in (("config", config), ("name", name), ("tag", tag), ("dataset_id", dataset_id))
+                  if v is not None}
+        self.update_run(int(run_id), **fields)
+        self.set_status(int(run_id), "running")
+        return int(run_id)
 
     @staticmethod
     def _check_status(status: str) -> None:
@@ -504,23 +327,23 @@ class Tracker:
             raise DactLabError(f"run status {status!r} is invalid: expected one of {', '.join(STATUSES)}.")
 
     def _update(self, conn: sqlite3.Connection, run_id: int, fields: dict) -> None:
-        allowed = set(_SCHEMA["runs"]) - {"id"}
+        allowed = set(SCHEMA["runs"]) - {"id"}
         bad = [k for k in fields if k not in allowed]
         if bad:
             raise DactLabError(f"unknown run field(s) {bad}; allowed: {', '.join(sorted(allowed))}.")
         if "status" in fields:
             self._check_status(fields["status"])
         if "config" in fields and fields["config"] is not None:
-            fields = dict(fields, config=_config_to_dict(fields["config"]))
+            fields = dict(fields, config=config_to_dict(fields["config"]))
         if fields.get("run_dir"):
             fields = dict(fields, run_dir=self.rel_path(fields["run_dir"]))
         if not fields:
             if not conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
                 raise self._missing_run(run_id)
             return
-        sets = ", ".join(f"{_q(k)} = ?" for k in fields)
+        sets = ", ".join(f"{quote(k)} = ?" for k in fields)
         cur = conn.execute(
-            f"UPDATE runs SET {sets} WHERE id = ?", [_encode_field(v) for v in fields.values()] + [run_id]
+            f"UPDATE runs SET {sets} WHERE id = ?", [encode_field(v) for v in fields.values()] + [run_id]
         )
         if cur.rowcount == 0:
             raise self._missing_run(run_id)
@@ -556,10 +379,22 @@ class Tracker:
             upd.update(fields)
             self._update(conn, run_id, upd)
 
+    def end_run(self, run_id: int, status: str, error: str | None, summary_update: dict) -> None:
+        """A run's end in one transaction: ``summary_update`` merged into its summary, then :meth:`set_status`."""
+        with self._write() as conn:
+            row = conn.execute("SELECT summary FROM runs WHERE id = ?", (int(run_id),)).fetchone()
+            if row is None:
+                raise self._missing_run(run_id)
+            summary = loads(row[0], {}) or {}
+            if not isinstance(summary, dict):
+                summary = {"previous": summary}
+            summary.update(summary_update)
+            self.set_status(run_id, status, error, summary=summary)
+
     def _decode_run(self, row: dict) -> dict:
-        for c in _RUN_JSON:
+        for c in RUN_JSON:
             if c in row:
-                row[c] = _loads(row[c], {})
+                row[c] = loads(row[c], {})
         if row.get("run_dir"):
             row["run_dir"] = str(self.abs_path(row["run_dir"], row.get("id")))
         return row
@@ -610,7 +445,7 @@ class Tracker:
             if val is None:
                 continue
             vals = [val] if isinstance(val, str) else list(val)
-            where.append(f"{_q(col)} IN ({', '.join('?' for _ in vals)})")
+            where.append(f"{quote(col)} IN ({', '.join('?' for _ in vals)})")
             params += vals
         if parent_id is not None:
             where.append("parent_id = ?")
@@ -648,7 +483,7 @@ class Tracker:
                 row = conn.execute("SELECT summary FROM runs WHERE id = ?", (run_id,)).fetchone()
                 if row is None:
                     raise self._missing_run(run_id)
-                summary = _loads(row[0], {}) or {}
+                summary = loads(row[0], {}) or {}
                 if note.strip():
                     summary["note"] = note.strip()
                 else:
@@ -699,12 +534,12 @@ class Tracker:
         """Mark 'running'/'queued' runs of this host whose process is gone as 'interrupted'.
 
         A run is dead when its pid is not alive (or a zombie), or when its pid is *this* process but its id is not
-        in :data:`live_run_ids` (the job manager of this process does not run it). ``grace_s`` spares this
+        in :func:`liveness.live_ids` (the job manager of this process does not run it). ``grace_s`` spares this
         process's runs created less than that many seconds ago (the window between ``create_run`` and
-        registering the id in ``live_run_ids``); ``other_processes_only`` leaves this process's runs alone (what
+        registering the id with ``liveness.mark_live``); ``other_processes_only`` leaves this process's runs alone (what
         every Tracker() does when it opens the database). Returns the ids marked."""
         host, me, now = hostname(), os.getpid(), _time.time()
-        live = set(live_run_ids)
+        live = liveness.live_ids()
         rows = self.query(
             "SELECT id, pid, status, created FROM runs WHERE status IN ('queued', 'running') AND host = ? "
             "AND pid IS NOT NULL ORDER BY id",
@@ -738,7 +573,7 @@ class Tracker:
     def _metric_tuples(run_id, metrics: dict, step, epoch, t) -> list[tuple]:
         out = []
         for name, value in metrics.items():
-            v = _to_float(value)
+            v = to_float(value)
             if v is not None:
                 out.append((int(run_id), int(step), None if epoch is None else int(epoch), str(name), v, t))
         return out
@@ -749,7 +584,7 @@ class Tracker:
             cur = conn.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (int(run_id), int(step)))
             return int(cur.rowcount or 0)
 
-    def _insert_metrics(self, tuples: list[tuple]) -> None:
+    def insert_metric_rows(self, tuples: list[tuple]) -> None:
         if not tuples:
             return
         with self._write() as conn:
@@ -769,14 +604,14 @@ class Tracker:
     ) -> None:
         """One row per metric name at ``step``. Non-numeric values are skipped; NaN is stored as NULL."""
         t = _time.time() if time is None else float(time)
-        self._insert_metrics(self._metric_tuples(run_id, metrics, step, epoch, t))
+        self.insert_metric_rows(self._metric_tuples(run_id, metrics, step, epoch, t))
 
     def log_metrics_many(self, rows: list[dict]) -> None:
         """Insert many metric rows (dicts with run_id, step, epoch, name, value, time) in one transaction."""
         now = _time.time()
         tuples = []
         for r in rows:
-            v = _to_float(r.get("value"))
+            v = to_float(r.get("value"))
             if v is None:
                 continue
             epoch = r.get("epoch")
@@ -791,7 +626,7 @@ class Tracker:
                     now if t is None else float(t),
                 )
             )
-        self._insert_metrics(tuples)
+        self.insert_metric_rows(tuples)
 
     def get_metrics(
         self,
@@ -869,7 +704,7 @@ class Tracker:
         with self._write() as conn:
             conn.execute(
                 'INSERT INTO events ("run_id", "time", "kind", "payload") VALUES (?, ?, ?, ?)',
-                (int(run_id), _time.time(), str(kind), _dumps(payload if payload is not None else {})),
+                (int(run_id), _time.time(), str(kind), dumps(payload if payload is not None else {})),
             )
 
     def get_events(self, run_id: int, kinds: list[str] | None = None) -> list[dict]:
@@ -882,7 +717,7 @@ class Tracker:
             params += list(kinds)
         rows = self.query(sql + " ORDER BY id", params)
         for r in rows:
-            r["payload"] = _loads(r["payload"], {})
+            r["payload"] = loads(r["payload"], {})
         return rows
 
     def add_artifact(self, run_id: int, path, kind: str) -> None:
@@ -900,112 +735,3 @@ class Tracker:
 
 
 # --------------------------------------------------------------------------------------------- callback
-
-
-class TrackerCallback(Callback):
-    """Records a training loop into the tracker.
-
-    ``on_step`` only appends to an in-memory buffer (a few microseconds); the buffer is written in one
-    transaction once ``flush_every_s`` has passed, and at every eval / epoch end / the end. A database
-    failure while flushing is logged and the rows are kept for the next flush — it never stops training."""
-
-    def __init__(self, tracker: Tracker, run_id: int, flush_every_s: float = 2.0) -> None:
-        self.tracker = tracker
-        self.run_id = int(run_id)
-        self._epoch_step: int | None = None
-        self.flush_every_s = float(flush_every_s)
-        self._buffer: list[tuple] = []
-        self._last_flush = _time.monotonic()
-
-    # buffering -----------------------------------------------------------
-    def _buffer_logs(self, state: LoopState, logs: dict) -> None:
-        if not logs:
-            return
-        t = _time.time()
-        step, epoch, rid, buf = int(state.step), state.epoch, self.run_id, self._buffer
-        epoch = None if epoch is None else int(epoch)
-        for name, value in logs.items():
-            if name == "epoch":  # step logs and eval logs both carry it: one row per step
-                if self._epoch_step == step:
-                    continue
-                self._epoch_step = step
-            if type(value) is not float:
-                value = _to_float(value)
-                if value is None:
-                    continue
-            buf.append((rid, step, epoch, name, value, t))
-
-    def flush(self) -> bool:
-        """Write the buffered rows now. Returns False (rows kept) when the database could not be written."""
-        self._last_flush = _time.monotonic()
-        if not self._buffer:
-            return True
-        rows, self._buffer = self._buffer, []
-        try:
-            self.tracker._insert_metrics(rows)
-        except sqlite3.Error as exc:
-            self._buffer = rows + self._buffer
-            log.warning("tracker: could not write %d metric rows of run %s (will retry): %s", len(rows), self.run_id, exc)
-            return False
-        return True
-
-    def _safe(self, what: str, fn, *args, **kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except sqlite3.Error as exc:
-            log.warning("tracker: %s of run %s failed: %s", what, self.run_id, exc)
-
-    # Callback interface --------------------------------------------------
-    def on_start(self, state: LoopState) -> None:
-        self._last_flush = _time.monotonic()
-        self._safe(
-            "marking the start", self.tracker.set_status, self.run_id, "running", pid=os.getpid(), host=hostname()
-        )
-
-    def on_step(self, state: LoopState, logs: dict[str, float]) -> None:
-        self._buffer_logs(state, logs)
-        if _time.monotonic() - self._last_flush >= self.flush_every_s:
-            self.flush()
-
-    def on_eval(self, state: LoopState, logs: dict[str, float]) -> None:
-        self._buffer_logs(state, logs)
-        self.flush()
-
-    def on_epoch_end(self, state: LoopState, logs: dict[str, float]) -> None:
-        self.flush()  # the epoch's validation metrics already came through on_eval
-
-    def on_event(self, state: LoopState, kind: str, payload: dict[str, Any]) -> None:
-        self._safe(f"event {kind!r}", self.tracker.log_event, self.run_id, kind, payload)
-
-    def on_end(self, state: LoopState, status: str) -> None:
-        if not self.flush():
-            self.flush()  # one retry; the rows are lost only if that fails too
-        extra = getattr(state, "extra", None) or {}
-        error = extra.get("error") if status != "finished" else None
-
-        def finish() -> None:
-            tr = self.tracker
-            with tr._write() as conn:
-                row = conn.execute("SELECT summary FROM runs WHERE id = ?", (self.run_id,)).fetchone()
-                if row is None:
-                    raise tr._missing_run(self.run_id)
-                summary = _loads(row[0], {}) or {}
-                if not isinstance(summary, dict):
-                    summary = {"previous": summary}
-                summary.update(
-                    {
-                        "best_metric": state.best_metric,
-                        "best_epoch": state.best_epoch,
-                        "steps": state.step,
-                        "samples_seen": state.samples_seen,
-                    }
-                )
-                summary.update(extra.get("summary") or {})
-                tr.set_status(
-                    self.run_id,
-                    status if status in STATUSES else "failed",
-                    None if error is None else str(error),
-                    summary=summary,
-                )
-
-        self._safe("recording the end", finish)

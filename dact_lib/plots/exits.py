@@ -1,0 +1,47 @@
+"""Per-sample exit depth: the histogram of exit layers and accuracy per exit layer."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from .base import empty_figure
+
+
+def exit_histogram(exit_layers: Sequence[int] | np.ndarray, num_layers: int | None = None,
+                   height: int = 340) -> go.Figure:
+    """Number of samples per exit layer (1..N, zero bars included)."""
+    e = np.asarray(exit_layers, dtype=np.int64)
+    if e.size == 0:
+        return empty_figure("exit layers", "no samples", height)
+    n = int(num_layers or e.max())
+    layers = np.arange(1, n + 1)
+    counts = np.bincount(e, minlength=n + 1)[1:n + 1]
+    fig = go.Figure(go.Bar(x=layers, y=counts, text=[f"{c} ({c / e.size:.0%})" for c in counts],
+                           textposition="auto", marker_color="#1f77b4",
+                           hovertemplate="exit layer %{x}<br>%{y} samples<extra></extra>"))
+    fig.update_layout(title=f"exit layer per sample (average {e.mean():.2f} of {n})", height=height,
+                      xaxis=dict(title="exit layer (layers run)", tickmode="linear", dtick=1),
+                      yaxis_title="samples", margin=dict(l=50, r=20, t=50, b=40))
+    return fig
+
+
+def accuracy_per_layer(df: pd.DataFrame, num_layers: int | None = None, height: int = 340) -> go.Figure:
+    """Accuracy of the samples that exited at each layer (``exit_layer``, ``correct`` columns); hover gives
+    the count. Layers where nobody exited have no bar."""
+    if df is None or len(df) == 0:
+        return empty_figure("accuracy per exit layer", "no samples", height)
+    g = df.groupby("exit_layer")["correct"].agg(["mean", "size"]).reset_index()
+    n = int(num_layers or g["exit_layer"].max())
+    fig = go.Figure(go.Bar(x=g["exit_layer"], y=g["mean"], customdata=g["size"],
+                           text=[f"{m:.0%}" for m in g["mean"]], textposition="auto", marker_color="#2ca02c",
+                           hovertemplate="exit layer %{x}<br>accuracy %{y:.3f}<br>%{customdata} samples"
+                                         "<extra></extra>"))
+    overall = float(df["correct"].mean())
+    fig.add_hline(y=overall, line_dash="dash", line_color="black", annotation_text=f"overall {overall:.1%}")
+    fig.update_layout(title="accuracy per exit layer", height=height,
+                      xaxis=dict(title="exit layer", tickmode="linear", dtick=1, range=[0.5, n + 0.5]),
+                      yaxis=dict(title="accuracy", range=[0, 1.05]), margin=dict(l=50, r=20, t=50, b=40))
+    return fig

@@ -1,0 +1,102 @@
+"""The training loop's link to the tracker: metrics buffered and written in batches, events, the run's end."""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time as _time
+from typing import Any
+
+from ..callbacks import Callback, LoopState
+from .liveness import hostname
+from .schema import to_float
+from .store import STATUSES, Tracker
+
+log = logging.getLogger(__name__)
+
+
+class TrackerCallback(Callback):
+    """Records a training loop into the tracker.
+
+    ``on_step`` only appends to an in-memory buffer (a few microseconds); the buffer is written in one
+    transaction once ``flush_every_s`` has passed, and at every eval / epoch end / the end. A database
+    failure while flushing is logged and the rows are kept for the next flush — it never stops training."""
+
+    def __init__(self, tracker: Tracker, run_id: int, flush_every_s: float = 2.0) -> None:
+        self.tracker = tracker
+        self.run_id = int(run_id)
+        self._epoch_step: int | None = None
+        self.flush_every_s = float(flush_every_s)
+        self._buffer: list[tuple] = []
+        self._last_flush = _time.monotonic()
+
+    # buffering -----------------------------------------------------------
+    def _buffer_logs(self, state: LoopState, logs: dict) -> None:
+        if not logs:
+            return
+        t = _time.time()
+        step, epoch, rid, buf = int(state.step), state.epoch, self.run_id, self._buffer
+        epoch = None if epoch is None else int(epoch)
+        for name, value in logs.items():
+            if name == "epoch":  # step logs and eval logs both carry it: one row per step
+                if self._epoch_step == step:
+                    continue
+                self._epoch_step = step
+            if type(value) is not float:
+                value = to_float(value)
+                if value is None:
+                    continue
+            buf.append((rid, step, epoch, name, value, t))
+
+    def flush(self) -> bool:
+        """Write the buffered rows now. Returns False (rows kept) when the database could not be written."""
+        self._last_flush = _time.monotonic()
+        if not self._buffer:
+            return True
+        rows, self._buffer = self._buffer, []
+        try:
+            self.tracker.insert_metric_rows(rows)
+        except sqlite3.Error as exc:
+            self._buffer = rows + self._buffer
+            log.warning("tracker: could not write %d metric rows of run %s (will retry): %s", len(rows), self.run_id, exc)
+            return False
+        return True
+
+    def _safe(self, what: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except sqlite3.Error as exc:
+            log.warning("tracker: %s of run %s failed: %s", what, self.run_id, exc)
+
+    # Callback interface --------------------------------------------------
+    def on_start(self, state: LoopState) -> None:
+        self._last_flush = _time.monotonic()
+        self._safe(
+            "marking the start", self.tracker.set_status, self.run_id, "running", pid=os.getpid(), host=hostname()
+        )
+
+    def on_step(self, state: LoopState, logs: dict[str, float]) -> None:
+        self._buffer_logs(state, logs)
+        if _time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def on_eval(self, state: LoopState, logs: dict[str, float]) -> None:
+        self._buffer_logs(state, logs)
+        self.flush()
+
+    def on_epoch_end(self, state: LoopState, logs: dict[str, float]) -> None:
+        self.flush()  # the epoch's validation metrics already came through on_eval
+
+    def on_event(self, state: LoopState, kind: str, payload: dict[str, Any]) -> None:
+        self._safe(f"event {kind!r}", self.tracker.log_event, self.run_id, kind, payload)
+
+    def on_end(self, state: LoopState, status: str) -> None:
+        if not self.flush():
+            self.flush()  # one retry; the rows are lost only if that fails too
+        extra = getattr(state, "extra", None) or {}
+        error = extra.get("error") if status != "finished" else None
+
+        update = {"best_metric": state.best_metric, "best_epoch": state.best_epoch, "steps": state.step,
+                  "samples_seen": state.samples_seen, **(extra.get("summary") or {})}
+        self._safe("recording the end", self.tracker.end_run, self.run_id, status if status in STATUSES else "failed",
+                   None if error is None else str(error), update)
