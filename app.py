@@ -44,16 +44,21 @@ def build_navigation() -> dict[str, list]:
     return nav
 
 
+def job_counts() -> None:
+    try:
+        counts = state.jobs().counts()
+    except Exception as exc:  # noqa: BLE001 - the sidebar never breaks a page
+        st.caption(f"Jobs: unavailable ({exc})")
+        return
+    running, queued = counts.get("running", 0), counts.get("queued", 0)
+    st.caption(f"Jobs: **{running}** running, **{queued}** queued")
+
+
 def sidebar() -> None:
     with st.sidebar:
         st.caption(f"Home: `{state.home()}`")
-        try:
-            counts = state.jobs().counts()
-        except Exception as exc:  # noqa: BLE001 - the sidebar never breaks a page
-            st.caption(f"Jobs: unavailable ({exc})")
-            return
-        running, queued = counts.get("running", 0), counts.get("queued", 0)
-        st.caption(f"Jobs: **{running}** running, **{queued}** queued")
+        # on the pages' one status timer: the counts change together with the run tables
+        st.fragment(job_counts, run_every=state.refresh_every())()
 
 
 page = st.navigation(build_navigation())

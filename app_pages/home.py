@@ -75,8 +75,8 @@ def runs_table() -> None:
 
 
 st.subheader("Runs")
-# refreshes itself while this server runs jobs
-st.fragment(runs_table, run_every=3.0 if state.jobs().active_count() else None)()
+# re-read on the pages' one status timer (with the sidebar's job counts): statuses change together
+st.fragment(runs_table, run_every=state.refresh_every())()
 
 st.subheader("Jobs of this server")
 forms.jobs_panel(key="home:jobs")

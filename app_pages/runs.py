@@ -22,9 +22,9 @@ from dact_lib.jobs import ENGINE_KINDS  # (parent runs of the tuning engines: no
 from dact_lib.models import zip_model
 from dact_lib.tracker import ACTIVE_STATUSES, STATUSES
 from ui.safe import plain
-from ui.state import tracker
+from ui.state import ACTIVE_REFRESH_S, refresh_every, tracker
 
-REFRESH_S = 2.0
+REFRESH_S = ACTIVE_REFRESH_S
 MAX_EVENTS_SHOWN = 500
 
 
@@ -194,10 +194,11 @@ if words and not runs:
     st.stop()
 by_id = {r["id"]: r for r in all_runs}
 
-@st.fragment(run_every=REFRESH_S if any(r["status"] in ACTIVE_STATUSES for r in all_runs) else None)
+@st.fragment(run_every=refresh_every())
 def run_table() -> None:
-    """The run table, re-read on the same 2 s timer as the live part while any run is active: every status on
-    the page changes together (it used to say 'running' above a finished progress bar)."""
+    """The run table, re-read on the pages' one status timer (the live part's while a run is active, as the
+    sidebar's job counts): every status on the page changes together (it used to say 'running' above a finished
+    progress bar); while nothing runs it still polls slowly, so a run started elsewhere appears."""
     rows = filtered(tracker().list_runs(), words)
     st.dataframe(_runs_table(rows), hide_index=True, height=min(400, 38 + 35 * len(rows)),
                  column_config={"val_accuracy": st.column_config.NumberColumn(format="%.4f"),

@@ -359,8 +359,7 @@ def jobs_panel(key: str = "jobs") -> None:
                 else:
                     st.warning(f"Job #{pick} has already ended.")
 
-    active_now = jm.active_count() > 0
-    st.fragment(body, run_every=2.0 if active_now else None)()
+    st.fragment(body, run_every=state.refresh_every())()  # the pages' one status timer
 
 
 # --------------------------------------------------------------------------------------------- launch pages

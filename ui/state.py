@@ -32,3 +32,22 @@ def tracker() -> Tracker:
 
 def jobs() -> JobManager:
     return _jobs(home())
+
+
+#: seconds between re-reads of what shows a status (run tables, the sidebar's job counts): every such part of a
+#: page uses this one timer, so they change together; IDLE_REFRESH_S while nothing runs (a run started from
+#: another tab or the CLI still appears without a reload)
+ACTIVE_REFRESH_S = 2.0
+IDLE_REFRESH_S = 10.0
+
+
+def refresh_every() -> float:
+    """The status timer of this rerun: ACTIVE_REFRESH_S while a job of this server or any run of the home is
+    queued or running, else IDLE_REFRESH_S."""
+    from dact_lib.tracker import ACTIVE_STATUSES
+
+    try:
+        active = jobs().active_count() > 0 or bool(tracker().list_runs(status=list(ACTIVE_STATUSES), limit=1))
+    except Exception:  # noqa: BLE001 - a busy database must not break a page
+        active = False
+    return ACTIVE_REFRESH_S if active else IDLE_REFRESH_S

@@ -61,8 +61,8 @@ class PipelineConfig:
     # stage 3 also tries halting units set to a confidence threshold τ (halting.threshold_state; models with
     # halting_input "confidence"): the exact DACT rule then exits like the entropy policy (docs/benchmarks.md)
     stage3_thresholds: bool = True
-    objective3: str = "loss"  # first objective of stage 3: "loss" (validation NLL) or "error" (1 - accuracy)
-    choice_rule: str = "lowest_exit_within_1pt"
+    objective3: Literal["loss", "error"] = "loss"  # stage 3: validation NLL or 1 - accuracy
+    choice_rule: Literal["lowest_exit_within_1pt", "best_objective"] = "lowest_exit_within_1pt"
     choice_tolerance: float = 0.01
     seed: int = 0
     # stage 1: fixed training of the heads on cached features, and the architecture search space
