@@ -83,16 +83,28 @@ def load_pipeline_result(parent_or_name: int | str, *, home=None, tracker=None) 
         run = tracker.get_run(int(parent_or_name))
     if run["kind"] != PIPELINE_KIND:
         raise DactLabError(f"run {run['id']} is not a DACT pipeline run (kind {run['kind']!r}).")
-    rd = tracker.run_dir(run["id"])
-    state = {s: json.loads((rd / f"{s}.json").read_text(encoding="utf-8")) for s in STAGES
-             if (rd / f"{s}.json").is_file()}
+    state = read_stages(tracker.run_dir(run["id"]))
     names = (run.get("summary") or {}).get("study_names") or {s: f"{run['name']}/{s}" for s in STAGES[:3]}
+    return result_of(int(run["id"]), state, names, run["status"], resumed=list(state))
+
+
+def read_stages(run_dir) -> dict[str, dict]:
+    """The stage JSON files of a pipeline's parent run folder: stage -> its saved record (finished stages only)."""
+    return {s: json.loads((run_dir / f"{s}.json").read_text(encoding="utf-8")) for s in STAGES
+            if (run_dir / f"{s}.json").is_file()}
+
+
+def result_of(parent: int, state: dict[str, dict], study_names: dict[str, str], status: str,
+              resumed: list[str]) -> PipelineResult:
+    """The one reading of a pipeline's stage records as a :class:`PipelineResult` (a running pipeline's and a
+    stored one's alike)."""
     fin = state.get("final", {})
+    st3 = state.get("stage3", {})
     return PipelineResult(
-        parent_run_id=int(run["id"]), final_run_id=fin.get("final_run_id"),
+        parent_run_id=int(parent), final_run_id=fin.get("final_run_id"),
         stage_best={s: state[s]["best_params"] for s in ("stage1", "stage2", "stage3") if s in state},
-        pareto=fin.get("front") or state.get("stage3", {}).get("front", []),
-        chosen=fin.get("chosen") or state.get("stage3", {}).get("chosen", {}), study_names=names, status=run["status"], resumed_stages=list(state),
+        pareto=fin.get("front") or st3.get("front", []), chosen=fin.get("chosen") or st3.get("chosen", {}),
+        study_names=dict(study_names), status=status, resumed_stages=list(resumed),
         feature_cache=state.get("stage1", {}).get("feature_cache", {}), test_metrics=fin.get("test_metrics", {}),
         exit_policy_sweep=fin.get("exit_policy_sweep", []), model_config=fin.get("model", {}),
         train_config=fin.get("train", {}))
@@ -139,12 +151,11 @@ def open_parent(pl, run_id: int | None = None) -> None:
                            "for it or cancel it before resuming.")
     pl.parent = int(run["id"])
     pl.summary = dict(run.get("summary") or {})
-    rd = tr.run_dir(pl.parent)
-    for stage in STAGES:
-        path = rd / f"{stage}.json"
-        if not path.is_file():
+    stored = read_stages(tr.run_dir(pl.parent))
+    for stage in STAGES:  # the finished stages in order (a later file without the one before it is not used)
+        if stage not in stored:
             break
-        pl.state[stage] = json.loads(path.read_text(encoding="utf-8"))
+        pl.state[stage] = stored[stage]
         pl.resumed.append(stage)
     pl.summary.update(study_names=pl.names, stages_done=list(pl.resumed))
     pl.already_finished = len(pl.resumed) == len(STAGES) and run["status"] == "finished"

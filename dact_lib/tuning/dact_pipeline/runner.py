@@ -172,16 +172,7 @@ class _Pipeline:
         return final.finetune(self, model, loaded, chosen, enc_val)
 
     def result(self, status: str = "finished") -> PipelineResult:
-        st = self.state
-        stage_best = {s: st[s]["best_params"] for s in ("stage1", "stage2", "stage3") if s in st}
-        fin = st.get("final", {})
-        return PipelineResult(
-            parent_run_id=int(self.parent), final_run_id=fin.get("final_run_id"), stage_best=stage_best,
-            pareto=fin.get("front") or st.get("stage3", {}).get("front", []),
-            chosen=fin.get("chosen") or st.get("stage3", {}).get("chosen", {}), study_names=dict(self.names), status=status, resumed_stages=list(self.resumed),
-            feature_cache=st.get("stage1", {}).get("feature_cache", {}), test_metrics=fin.get("test_metrics", {}),
-            exit_policy_sweep=fin.get("exit_policy_sweep", []), model_config=fin.get("model", {}),
-            train_config=fin.get("train", {}))
+        return record.result_of(int(self.parent), self.state, self.names, status, self.resumed)
 
 
 def as_dact_config(cfg: RunConfig) -> RunConfig:
