@@ -25,6 +25,20 @@ from ui.safe import plain
 from ui.state import ACTIVE_REFRESH_S, refresh_every, tracker
 
 REFRESH_S = ACTIVE_REFRESH_S
+X_CHOICES = {"step": "step", "epoch": "epoch", "wall time": "time"}
+
+
+def _steps_per_epoch(run: dict, events: list[dict]) -> float | None:
+    """Optimizer steps per epoch of a run: its 'start' event's (newer runs), else planned steps / epochs."""
+    for e in reversed(events):
+        p = e.get("payload") if e.get("kind") == "start" else None
+        if isinstance(p, dict):
+            if p.get("steps_per_epoch"):
+                return float(p["steps_per_epoch"])
+            epochs = ((run.get("config") or {}).get("train") or {}).get("epochs")
+            if p.get("steps") and epochs and not ((run.get("config") or {}).get("train") or {}).get("max_steps"):
+                return float(p["steps"]) / float(epochs)
+    return None
 MAX_EVENTS_SHOWN = 500
 
 
@@ -262,7 +276,9 @@ def live(ids: list[int], was_active: bool) -> None:
     labels = {r["id"]: f"#{r['id']} {r['kind']}" for r in current}
     fig = plots.curves_figure(metrics, labels, title="training curves" + (" (live)" if active_now else ""),
                               smoothing=float(st.session_state.get("runs_smoothing", 0.0)),
-                              log_y=bool(st.session_state.get("runs_log_y", False)))
+                              log_y=bool(st.session_state.get("runs_log_y", False)),
+                              x_axis=X_CHOICES[st.session_state.get("runs_x_axis", "step")],
+                              steps_per_epoch={r["id"]: _steps_per_epoch(r, events_of[r["id"]]) for r in current})
     st.plotly_chart(fig, key="runs_curves")
 
     st.download_button("Download metrics (CSV)", _csv_bytes(tr, [r["id"] for r in current]),
@@ -414,10 +430,12 @@ def organise(run: dict) -> None:
                 st.rerun()
 
 
-c1, c2 = st.columns([3, 1])
+c1, c2, c3 = st.columns([3, 2, 1])
 c1.slider("Smoothing (exponential moving average)", 0.0, 0.99, 0.0, 0.01, key="runs_smoothing",
           help="0 = raw values; 0.9 averages over about the last 10 points (TensorBoard's slider).")
-c2.checkbox("Loss on a log scale", key="runs_log_y")
+c2.radio("x axis", list(X_CHOICES), key="runs_x_axis", horizontal=True,
+         help="Optimizer steps, epochs (fractional) or wall time since each run started.")
+c3.checkbox("Loss on a log scale", key="runs_log_y")
 if len(selected) > 1:
     with st.expander(f"Config differences of the {len(selected)} runs", icon=":material/difference:"):
         diff = plots.config_diff({i: by_id[i].get("config") for i in selected})

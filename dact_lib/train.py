@@ -481,7 +481,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         cbs.on_event(state, ev.START, {"train": len(enc_train), "val": len(enc_val),
                                       "test": len(enc_test) if enc_test is not None else 0, "device": str(device),
                                       "precision": resolve_precision(tc.precision, device),
-                                      "steps": total, "labels": label_maps})
+                                      "steps": total, "steps_per_epoch": steps_per_epoch, "labels": label_maps})
 
         def save_resume(epoch: int, batch: int, stopping: bool) -> None:
             """The resume checkpoint: what the loop needs to go on with batch ``batch`` of epoch ``epoch``."""

@@ -675,3 +675,19 @@ def test_runs_page_compares_configs_and_smooths_curves(populated):
     assert not at.exception and len(at.get("plotly_chart")) == len(before)
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert fig["layout"]["yaxis"]["type"] == "log"
+    assert fig["layout"]["xaxis"]["title"]["text"] == "step"
+    at.radio(key="runs_x_axis").set_value("epoch").run()
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert not at.exception and fig["layout"]["xaxis"]["title"]["text"] == "epoch"
+    def values(x):  # plotly's JSON holds arrays as {"dtype", "bdata"} (base64)
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(x["bdata"]), dtype=x["dtype"]) if isinstance(x, dict) else x
+
+    xs = [float(v) for t in fig["data"] for v in values(t.get("x") or [])]
+    assert xs and 0 < max(xs) <= 3.0 + 1e-9  # runs of at most 3 epochs, in epochs now (not hundreds of steps)
+    at.radio(key="runs_x_axis").set_value("wall time").run()
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert fig["layout"]["xaxis"]["title"]["text"].startswith("minutes")

@@ -472,3 +472,26 @@ def test_config_diff_keeps_only_differing_settings():
     diff = config_diff({1: a, 2: b})
     assert diff.to_dict("records") == [{"setting": "tag", "run 1": "null", "run 2": '"x"'},
                                        {"setting": "train.epochs", "run 1": "2", "run 2": "3"}]
+
+
+def test_curves_x_axis_step_epoch_or_wall_time():
+    """The x axis: steps; fractional epochs (steps / steps per epoch, or read off the logged epoch metric);
+    minutes since the run's first row (interpolated between logged steps)."""
+    import numpy as np
+
+    rows = []
+    for step, t in ((10, 1000.0), (20, 1030.0), (40, 1090.0)):
+        rows.append({"run_id": 1, "step": step, "epoch": 0, "name": "train_loss", "value": 1.0 / step, "time": t})
+    rows += [{"run_id": 1, "step": 20, "epoch": 0, "name": "epoch", "value": 1.0, "time": 1030.0},
+             {"run_id": 1, "step": 40, "epoch": 1, "name": "epoch", "value": 2.0, "time": 1090.0}]
+    df = pd.DataFrame(rows)
+    by_step = plots.curves_figure(df)
+    assert list(by_step.data[0].x) == [10, 20, 40] and by_step.layout.xaxis.title.text == "step"
+    by_epoch = plots.curves_figure(df, x_axis="epoch", steps_per_epoch={1: 20})
+    assert np.allclose(by_epoch.data[0].x, [0.5, 1.0, 2.0]) and by_epoch.layout.xaxis.title.text == "epoch"
+    read_off = plots.curves_figure(df, x_axis="epoch")  # no steps per epoch: the logged epoch metric
+    assert np.allclose(read_off.data[0].x, [1.0, 1.0, 2.0])
+    by_time = plots.curves_figure(df, x_axis="time")
+    assert np.allclose(by_time.data[0].x, [0.0, 0.5, 1.5]) and by_time.layout.xaxis.title.text.startswith("minutes")
+    with pytest.raises(ValueError, match="x axis 'bogus'"):
+        plots.curves_figure(df, x_axis="bogus")

@@ -16,7 +16,41 @@ SCORE_PREFIXES = ("val_accuracy", "val_macro_f1", "train_accuracy")
 EXIT_NAME = "val_avg_exit_layer"
 
 
-def _panels_layout(titles: Sequence[str], gap: float = 0.07) -> dict:
+#: what the curves' x axis can show, and its title
+X_AXES = {"step": "step", "epoch": "epoch", "time": "minutes since the run started"}
+
+
+def x_axis_maps(metrics: pd.DataFrame, how: str, steps_per_epoch: dict[int, float] | None = None
+                ) -> dict[int, Any]:
+    """Per run id, a function from optimizer steps to the x axis ``how``: ``"epoch"`` — fractional epochs, step /
+    steps per epoch (``steps_per_epoch[run]``, e.g. from the run's 'start' event; else read off its logged
+    ``epoch`` metric); ``"time"`` — minutes since the run's first logged row, interpolated between logged steps.
+    ``"step"``: no maps (steps are the x axis)."""
+    if how not in X_AXES:
+        raise ValueError(f"x axis {how!r}: choose one of {list(X_AXES)}.")
+    out: dict[int, Any] = {}
+    if how == "step" or metrics is None or len(metrics) == 0:
+        return out
+    for rid, df in metrics.groupby("run_id"):
+        rid = int(rid)
+        if how == "epoch":
+            spe = (steps_per_epoch or {}).get(rid)
+            if spe:
+                out[rid] = lambda s, spe=float(spe): np.asarray(s, dtype=np.float64) / spe
+                continue
+            ep = df[df["name"] == "epoch"].sort_values("step")
+            if len(ep):
+                xs, ys = ep["step"].to_numpy(np.float64), ep["value"].to_numpy(np.float64)
+                out[rid] = lambda s, xs=xs, ys=ys: np.interp(np.asarray(s, dtype=np.float64), xs, ys)
+        else:
+            t = df.groupby("step")["time"].min().sort_index()
+            xs = t.index.to_numpy(np.float64)
+            ys = (t.to_numpy(np.float64) - float(np.nanmin(t.to_numpy(np.float64)))) / 60.0
+            out[rid] = lambda s, xs=xs, ys=ys: np.interp(np.asarray(s, dtype=np.float64), xs, ys)
+    return out
+
+
+def _panels_layout(titles: Sequence[str], gap: float = 0.07, x_title: str = "step") -> dict:
     """A plain layout dict for ``len(titles)`` side-by-side panels (axes x/y, x2/y2, ...), titles as annotations."""
     n = len(titles)
     width = (1 - gap * (n - 1)) / n
@@ -24,7 +58,7 @@ def _panels_layout(titles: Sequence[str], gap: float = 0.07) -> dict:
     for i, title in enumerate(titles):
         sfx = "" if i == 0 else str(i + 1)
         lo = i * (width + gap)
-        layout[f"xaxis{sfx}"] = {"domain": [lo, lo + width], "anchor": f"y{sfx}", "title": {"text": "step"}}
+        layout[f"xaxis{sfx}"] = {"domain": [lo, lo + width], "anchor": f"y{sfx}", "title": {"text": x_title}}
         layout[f"yaxis{sfx}"] = {"domain": [0, 1], "anchor": f"x{sfx}"}
         layout["annotations"].append({"text": title, "x": lo + width / 2, "y": 1.0, "xref": "paper",
                                       "yref": "paper", "xanchor": "center", "yanchor": "bottom",
@@ -52,12 +86,14 @@ def curve_metric(name: str) -> bool:
 
 def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = None, *,
                   names: Sequence[str] | None = None, max_points: int = MAX_POINTS, title: str = "",
-                  height: int | None = None, smoothing: float = 0.0, log_y: bool = False) -> go.Figure:
+                  height: int | None = None, smoothing: float = 0.0, log_y: bool = False, x_axis: str = "step",
+                  steps_per_epoch: dict[int, float] | None = None) -> go.Figure:
     """Training curves of one or several runs on shared axes: loss (train/val), validation accuracy / macro-F1
     (per task too) and, for DACT runs, the validation average exit layer. One colour per run, one dash per metric.
     ``names`` restricts the metric names drawn. Each trace has at most ``max_points`` points. ``smoothing``
     (0 … <1): an exponential moving average of every curve (:func:`ema`, the TensorBoard slider); ``log_y``: log
-    scale on the loss panel.
+    scale on the loss panel; ``x_axis``: ``"step"``, ``"epoch"`` (fractional, ``steps_per_epoch`` per run when
+    known) or ``"time"`` (minutes since each run started), see :func:`x_axis_maps`.
 
     Built as plain trace dicts (no per-trace validation): comparing 50 runs means ~200 traces, and plotly's
     validating constructors would cost more than everything else on the page."""
@@ -73,10 +109,15 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
     dashes = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
     name_dash = {n: dashes[i % len(dashes)] for i, n in enumerate(names_sorted)}
     several = len(run_ids) > 1
+    x_maps = x_axis_maps(metrics, x_axis, steps_per_epoch)
+    x_name = X_AXES[x_axis]
+    x_fmt = "" if x_axis == "step" else ":.3g"
     traces = []
     for (rid, name), (x, v) in sorted(series.items()):
         if smoothing:
             v = ema(v, smoothing)
+        if rid in x_maps:
+            x = x_maps[rid](x)
         i = panels.index(_panel_of(name))
         sfx = "" if i == 0 else str(i + 1)
         label = (run_labels or {}).get(rid, f"run {rid}")
@@ -86,9 +127,9 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
             "line": {"color": run_colour[rid] if several else colour(names_sorted.index(name)),
                      "dash": name_dash[name] if several else "solid"},
             "xaxis": f"x{sfx}", "yaxis": f"y{sfx}",
-            "hovertemplate": f"{label}<br>{name}<br>step %{{x}}<br>%{{y:.4g}}<extra></extra>",
+            "hovertemplate": f"{label}<br>{name}<br>{x_axis} %{{x{x_fmt}}}<br>%{{y:.4g}}<extra></extra>",
         })
-    layout = _panels_layout([titles[p] for p in panels])
+    layout = _panels_layout([titles[p] for p in panels], x_title=x_name)
     if log_y and "loss" in panels:
         layout["yaxis" + ("" if panels.index("loss") == 0 else str(panels.index("loss") + 1))]["type"] = "log"
     layout.update(title={"text": title}, height=height or 420, margin={"l": 40, "r": 20, "t": 60, "b": 40},
