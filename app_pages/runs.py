@@ -443,4 +443,15 @@ if len(selected) > 1:
             st.dataframe(diff, hide_index=True, key="runs_config_diff")
         else:
             st.caption("The runs have the same config.")
+    with st.expander("Parallel coordinates and seeds", icon=":material/stacked_line_chart:"):
+        chosen = [by_id[i] for i in selected]
+        st.plotly_chart(plots.parallel_coordinates_figure(plots.compare_table(chosen)), key="runs_parcoords")
+        groups = plots.seed_groups(chosen)
+        if any(len(ids) > 1 for ids in groups.values()):
+            names = [n for n in ("val_accuracy", "val_loss") if n in set(tr.metric_names(list(selected)))]
+            seed_metrics = tr.get_metrics(list(selected), names=names)
+            st.plotly_chart(plots.grouped_curves_figure(seed_metrics, groups, names), key="runs_seed_groups")
+        else:
+            st.caption("No two selected runs differ only in their seeds (train.seed, data.split_seed): nothing to "
+                       "group as mean ± spread.")
 live(list(selected), any_active)

@@ -663,6 +663,12 @@ def test_runs_page_organises_runs_and_shows_the_test_report(app_home):
     assert [r["id"] for r in tr.list_runs()] == [keep] and not (app_home / "runs" / str(gone)).exists()
 
 
+def curves_spec(at) -> dict:
+    """The Runs page's training-curves figure (the chart whose title says so)."""
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    return next(sp for sp in specs if "training curves" in json.dumps(sp.get("layout", {}).get("title", "")))
+
+
 def test_runs_page_compares_configs_and_smooths_curves(populated):
     h, ids, _ = populated
     at = goto(open_app(), "app_pages/runs.py")
@@ -673,11 +679,14 @@ def test_runs_page_compares_configs_and_smooths_curves(populated):
     at.slider(key="runs_smoothing").set_value(0.9).run()
     at.checkbox(key="runs_log_y").check().run()
     assert not at.exception and len(at.get("plotly_chart")) == len(before)
-    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    (pc,) = [d for sp in specs for d in sp["data"] if d.get("type") == "parcoords"]
+    assert any(d["label"] == "data.dataset_id" for d in pc["dimensions"])  # the setting the two runs differ in
+    fig = curves_spec(at)
     assert fig["layout"]["yaxis"]["type"] == "log"
     assert fig["layout"]["xaxis"]["title"]["text"] == "step"
     at.radio(key="runs_x_axis").set_value("epoch").run()
-    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    fig = curves_spec(at)
     assert not at.exception and fig["layout"]["xaxis"]["title"]["text"] == "epoch"
     def values(x):  # plotly's JSON holds arrays as {"dtype", "bdata"} (base64)
         import base64
@@ -689,5 +698,5 @@ def test_runs_page_compares_configs_and_smooths_curves(populated):
     xs = [float(v) for t in fig["data"] for v in values(t.get("x") or [])]
     assert xs and 0 < max(xs) <= 3.0 + 1e-9  # runs of at most 3 epochs, in epochs now (not hundreds of steps)
     at.radio(key="runs_x_axis").set_value("wall time").run()
-    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    fig = curves_spec(at)
     assert fig["layout"]["xaxis"]["title"]["text"].startswith("minutes")

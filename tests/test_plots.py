@@ -495,3 +495,34 @@ def test_curves_x_axis_step_epoch_or_wall_time():
     assert np.allclose(by_time.data[0].x, [0.0, 0.5, 1.5]) and by_time.layout.xaxis.title.text.startswith("minutes")
     with pytest.raises(ValueError, match="x axis 'bogus'"):
         plots.curves_figure(df, x_axis="bogus")
+
+
+def _run(rid, seed, lr, acc, kind="backbone"):
+    return {"id": rid, "kind": kind, "config": {"kind": kind, "name": f"r{rid}", "train": {"seed": seed, "encoder_lr": lr,
+            "epochs": 3}, "data": {"split_seed": 0}}, "summary": {"best": {"val_accuracy": acc, "val_loss": 1 - acc}}}
+
+
+def test_compare_table_keeps_only_differing_settings_and_the_results():
+    runs = [_run(1, 0, 1e-5, 0.8), _run(2, 1, 1e-5, 0.82), _run(3, 0, 5e-5, 0.9)]
+    t = plots.compare_table(runs)
+    assert list(t.columns) == ["run", "train.encoder_lr", "train.seed", "val_accuracy", "val_loss"]
+    assert t["train.encoder_lr"].tolist() == [1e-5, 1e-5, 5e-5] and t["val_accuracy"].tolist() == [0.8, 0.82, 0.9]
+    fig = plots.parallel_coordinates_figure(t)
+    (pc,) = fig.data
+    assert [d.label for d in pc.dimensions] == ["train.encoder_lr", "train.seed", "val_accuracy", "val_loss"]
+    assert list(pc.line.color) == [0.8, 0.82, 0.9]
+    cats = plots.parallel_coordinates_figure(pd.DataFrame({"run": [1, 2], "model.pooling": ["mean", "cls"]}))
+    assert list(cats.data[0].dimensions[0].ticktext) == ["cls", "mean"] and list(cats.data[0].dimensions[0].values) == [1, 0]
+    assert not plots.parallel_coordinates_figure(t.head(1)).data  # one run: the empty state
+
+
+def test_seed_groups_and_their_mean_and_spread():
+    runs = [_run(1, 0, 1e-5, 0.8), _run(2, 1, 1e-5, 0.82), _run(3, 0, 5e-5, 0.9), _run(4, 0, 1e-5, 0.7, kind="dact")]
+    groups = plots.seed_groups(runs)
+    assert groups == {"#1 ×2": [1, 2], "#3 ×1": [3], "#4 ×1": [4]}  # seeds ignored; kind and lr are not
+    df = pd.DataFrame([{"run_id": rid, "step": s, "epoch": 0, "name": "val_accuracy", "value": v, "time": 0.0}
+                       for rid, vals in ((1, (0.5, 0.7)), (2, (0.7, 0.9))) for s, v in zip((10, 20), vals)])
+    fig = plots.grouped_curves_figure(df, {"#1 ×2": [1, 2]}, ["val_accuracy"])
+    high, low, mean = fig.data
+    assert list(mean.x) == [10, 20] and np.allclose(mean.y, [0.6, 0.8])
+    assert np.allclose(low.y, [0.5, 0.7]) and np.allclose(high.y, [0.7, 0.9]) and mean.name == "#1 ×2 (n=2)"

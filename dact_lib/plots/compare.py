@@ -1,0 +1,140 @@
+"""Comparing runs: the settings and results of several runs side by side (a table and its parallel-coordinates
+drawing), and runs that differ only in their seeds grouped into one mean ± spread curve."""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from .base import MAX_POINTS, colour, empty_figure, metric_series
+
+#: settings that tell repeated runs apart without changing what is trained
+SEED_KEYS = ("train.seed", "data.split_seed", "name", "tag")
+RESULT_KEYS = ("val_accuracy", "val_macro_f1", "val_loss", "val_avg_exit_layer")
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (``train.lr``)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _config(run: dict) -> dict:
+    cfg = run.get("config") or {}
+    return cfg.get("run", cfg) if isinstance(cfg.get("run"), dict) else cfg  # an engine parent: its RunConfig
+
+
+def compare_table(runs: Sequence[dict]) -> pd.DataFrame:
+    """One row per run: ``run`` (id), the settings that differ between the runs (dotted keys; lists and
+    mappings as JSON text) and the best validation results of its summary (:data:`RESULT_KEYS`)."""
+    flats = {int(r["id"]): flatten(_config(r)) for r in runs}
+    keys = sorted(set().union(*[set(f) for f in flats.values()])) if flats else []
+    varying = [k for k in keys if k not in ("name", "tag") and len(
+        {json.dumps(f.get(k), sort_keys=True, default=str) for f in flats.values()}) > 1]
+    rows = []
+    for r in runs:
+        f = flats[int(r["id"])]
+        best = (r.get("summary") or {}).get("best") or {}
+        row: dict[str, Any] = {"run": int(r["id"])}
+        for k in varying:
+            v = f.get(k)
+            row[k] = json.dumps(v, default=str) if isinstance(v, (list, dict)) else v
+        for k in RESULT_KEYS:
+            if isinstance(best.get(k), (int, float)):
+                row[k] = float(best[k])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def parallel_coordinates_figure(table: pd.DataFrame, color: str = "val_accuracy", height: int = 420) -> go.Figure:
+    """Parallel coordinates of :func:`compare_table`: one axis per differing setting (categories as ticks) and per
+    result, one line per run, coloured by ``color``."""
+    dims = []
+    cols = [c for c in table.columns if c != "run" and table[c].notna().any()]
+    for c in cols:
+        col = table[c]
+        if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+            vals = col.astype(float)
+            dims.append({"label": c, "values": vals.fillna(vals.min() if vals.notna().any() else 0.0)})
+        else:
+            cats = sorted({str(v) for v in col})
+            idx = {v: i for i, v in enumerate(cats)}
+            dims.append({"label": c, "values": [idx[str(v)] for v in col], "tickvals": list(range(len(cats))),
+                         "ticktext": cats})
+    if len(table) < 2 or not dims:
+        return empty_figure("parallel coordinates", "choose two or more runs that differ in a setting")
+    line: dict[str, Any] = {"color": colour(0)}
+    if color in table.columns and table[color].notna().any():
+        line = {"color": table[color].astype(float).fillna(table[color].min()), "colorscale": "Viridis",
+                "showscale": True, "colorbar": {"title": {"text": color}}}
+    fig = go.Figure(go.Parcoords(line=line, dimensions=dims))
+    fig.update_layout(height=height, margin={"l": 60, "r": 60, "t": 60, "b": 30},
+                      title={"text": "settings and results of the selected runs"})
+    return fig
+
+
+def seed_groups(runs: Sequence[dict]) -> dict[str, list[int]]:
+    """Runs whose configs are equal but for their seeds (:data:`SEED_KEYS`): label -> run ids, in id order. A
+    label names the group's first run and its size."""
+    groups: dict[str, list[int]] = {}
+    for r in sorted(runs, key=lambda r: int(r["id"])):
+        f = {k: v for k, v in flatten(_config(r)).items() if k not in SEED_KEYS}
+        key = f"{r.get('kind')}|" + json.dumps(f, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(int(r["id"]))
+    return {f"#{ids[0]} ×{len(ids)}": ids for ids in groups.values()}
+
+
+def grouped_curves_figure(metrics: pd.DataFrame, groups: dict[str, list[int]], names: Sequence[str], *,
+                          max_points: int = MAX_POINTS, height: int = 380) -> go.Figure:
+    """Per group of seeds and metric: the mean over the group's runs at every step that all of them logged, and
+    a band from the lowest to the highest run (mean ± spread). One panel per metric."""
+    series = metric_series(metrics, max_points, keep=lambda n: n in set(names))
+    names = [n for n in names if any(k[1] == n for k in series)]
+    if not names:
+        return empty_figure("seeds grouped", "no metrics logged yet")
+    fig = go.Figure()
+    n = len(names)
+    gap, width = 0.07, (1 - 0.07 * (n - 1)) / n
+    layout: dict[str, Any] = {"annotations": []}
+    for i, name in enumerate(names):
+        sfx = "" if i == 0 else str(i + 1)
+        lo = i * (width + gap)
+        layout[f"xaxis{sfx}"] = {"domain": [lo, lo + width], "anchor": f"y{sfx}", "title": {"text": "step"}}
+        layout[f"yaxis{sfx}"] = {"anchor": f"x{sfx}"}
+        layout["annotations"].append({"text": name, "x": lo + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
+                                      "xanchor": "center", "yanchor": "bottom", "showarrow": False})
+        for g, (label, ids) in enumerate(groups.items()):
+            runs = [series[(rid, name)] for rid in ids if (rid, name) in series]
+            if not runs:
+                continue
+            common = sorted(set.intersection(*[set(x.tolist()) for x, _ in runs]))
+            if not common:
+                continue
+            mat = np.array([[dict(zip(x.tolist(), v.tolist()))[s] for s in common] for x, v in runs])
+            mean, low, high = mat.mean(0), mat.min(0), mat.max(0)
+            c = colour(g)
+            band = {"xaxis": f"x{sfx}", "yaxis": f"y{sfx}", "legendgroup": label, "showlegend": False,
+                    "hoverinfo": "skip", "line": {"width": 0}, "mode": "lines"}
+            fig.add_trace(go.Scatter(x=common, y=high, **band))
+            fig.add_trace(go.Scatter(x=common, y=low, fill="tonexty", fillcolor=_rgba(c, 0.2), **band))
+            fig.add_trace(go.Scatter(x=common, y=mean, name=f"{label} (n={len(runs)})", legendgroup=label,
+                                     showlegend=i == 0, line={"color": c}, mode="lines",
+                                     xaxis=f"x{sfx}", yaxis=f"y{sfx}"))
+    layout.update(height=height, margin={"l": 40, "r": 20, "t": 50, "b": 40}, legend={"orientation": "h", "y": -0.25},
+                  title={"text": "seeds grouped: mean and the range of the runs"})
+    fig.update_layout(**layout)
+    return fig
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    h = hex_colour.lstrip("#")
+    if len(h) != 6:
+        return f"rgba(99,110,250,{alpha})"
+    return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{alpha})"
