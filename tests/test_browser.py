@@ -2,7 +2,8 @@
 
 The test starts ``streamlit run app.py`` on a free port of 127.0.0.1 with a fresh home (DACT_LAB_HOME), then in
 the browser: uploads a CSV on **Data** and saves it, starts a single DACT run with the tiny encoder on the
-**DACT pipeline** page, watches its curves on **Runs** until it has finished, and predicts a sentence on **Predict**
+**DACT pipeline** page and a second one behind it (announced as queued; the sidebar's job counts go from
+"1 queued" to "0 queued" without a reload), watches the curves on **Runs** until they have finished, and predicts a sentence on **Predict**
 (label + DACT per-layer trace). A screenshot of every stage goes to ``tmp_path/shots``; with
 ``DACT_LAB_SCREENSHOTS=1`` the Data and DACT pipeline ones also go to ``docs/screenshots/`` (README images).
 
@@ -247,7 +248,7 @@ def server(tmp_path):
 
 
 @pytest.mark.browser
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_upload_train_watch_predict(chromium_exe, server, tmp_path):
     from playwright.sync_api import expect
 
@@ -269,10 +270,12 @@ def test_upload_train_watch_predict(chromium_exe, server, tmp_path):
     tr = Tracker(tmp_path / "home")
     (ds,) = tr.list_datasets()
     assert ds["name"] == "browser_e2e" and ds["rows"] == 60
-    (run,) = tr.list_runs()
-    assert run["kind"] == "dact" and run["status"] == "finished" and run["dataset_id"] == ds["id"]
-    assert (tmp_path / "home" / "runs" / str(run["id"]) / "model.safetensors").is_file()
-    assert {"train_loss", "val_accuracy", "val_avg_exit_layer"} <= set(tr.get_metrics(run["id"])["name"])
+    runs = sorted(tr.list_runs(), key=lambda r: r["id"])
+    assert [(r["name"], r["status"]) for r in runs] == [("browser e2e", "finished"), ("browser e2e queued", "finished")]
+    for run in runs:
+        assert run["kind"] == "dact" and run["dataset_id"] == ds["id"]
+        assert (tmp_path / "home" / "runs" / str(run["id"]) / "model.safetensors").is_file()
+        assert {"train_loss", "val_accuracy", "val_avg_exit_layer"} <= set(tr.get_metrics(run["id"])["name"])
     assert sorted(p.stem for p in (tmp_path / "shots").glob("*.png")) == sorted(
         ["e2e-home", "data", "e2e-data-saved", "train", "e2e-train-started", "e2e-runs-live", "e2e-runs-finished",
          "e2e-predict"])
@@ -332,6 +335,14 @@ def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     page.get_by_role("button", name=re.compile("Start")).click()
     expect(page.get_by_text(re.compile(r"Started job #\d+ \(dact\)"))).to_be_visible()
     shot(page, "e2e-train-started")
+    # a second job waits behind the first (one job at a time here): announced as queued, and the sidebar's
+    # counts follow it from "queued" to "running" without a reload (the pages' one status timer)
+    page.get_by_label("Run name (optional)", exact=True).fill("browser e2e queued")
+    page.get_by_role("button", name=re.compile("Start")).click()
+    expect(page.get_by_text(re.compile(r"Queued job #2 \(dact, 1 ahead\)"))).to_be_visible()
+    counts = page.get_by_test_id("stSidebar").get_by_text(re.compile(r"^Jobs:"))
+    expect(counts).to_have_text(re.compile(r"1 running, 1 queued"))
+    expect(counts).to_have_text(re.compile(r"1 running, 0 queued"), timeout=TRAIN_TIMEOUT_MS)  # #1 ended, #2 runs
 
     # ---- Runs: the live curve, then the run finishes
     goto_page(page, "Runs")
@@ -341,15 +352,20 @@ def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     expect(chart.locator(".scatterlayer .trace").first).to_be_attached(timeout=TRAIN_TIMEOUT_MS)
     shot(page, "e2e-runs-live")
     progress = page.get_by_test_id("stProgress")
-    expect(progress).to_contain_text(re.compile(r"#1 (finished|failed|cancelled|interrupted)"),
+    # the page shows the active run (#2, the queued one, now running) until it finishes
+    expect(progress).to_contain_text(re.compile(r"#2 (finished|failed|cancelled|interrupted)"),
                                      timeout=TRAIN_TIMEOUT_MS)
-    expect(progress).to_contain_text("#1 finished")  # not failed: the page shows the error below otherwise
+    expect(progress).to_contain_text("#2 finished")  # not failed: the page shows the error below otherwise
     settle(page)
     expect(chart.locator(".scatterlayer .trace").first).to_be_attached()
     shot(page, "e2e-runs-finished")
 
     # ---- Predict: a sentence, a label, the DACT per-layer trace
+    expect(page.get_by_test_id("stSidebar").get_by_text(re.compile(r"^Jobs:"))).to_have_text(
+        re.compile(r"0 running, 0 queued"), timeout=TRAIN_TIMEOUT_MS)  # the queued job has run too
+
     goto_page(page, "Predict")
+    choose(page, "Model", re.compile(r"#1 dact browser e2e"))
     expect(page.get_by_role("combobox", name="Model")).to_have_value(re.compile(r"#1 dact browser e2e"))
     text = page.get_by_label("Text (one per line)")
     text.fill("the striker scored a late goal in the final")
