@@ -110,3 +110,13 @@ def fmt_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (``train.lr``)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out

@@ -9,21 +9,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .base import MAX_POINTS, colour, empty_figure, metric_series
+from .base import MAX_POINTS, colour, empty_figure, flatten, metric_series
 
 #: settings that tell repeated runs apart without changing what is trained
 SEED_KEYS = ("train.seed", "data.split_seed", "name", "tag")
 RESULT_KEYS = ("val_accuracy", "val_macro_f1", "val_loss", "val_avg_exit_layer")
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config as dotted keys (``train.lr``)."""
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _config(run: dict) -> dict:

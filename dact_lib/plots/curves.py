@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .base import MAX_POINTS, colour, empty_figure, metric_series
+from .base import MAX_POINTS, colour, empty_figure, flatten, metric_series
 
 LOSS_NAMES = ("train_loss", "val_loss")
 SCORE_PREFIXES = ("val_accuracy", "val_macro_f1", "train_accuracy")
@@ -153,15 +153,7 @@ def ema(values: np.ndarray, weight: float) -> np.ndarray:
 
 def config_diff(configs: dict[Any, dict]) -> pd.DataFrame:
     """Only the settings that differ between runs: one row per dotted key, one column per run."""
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix: d}
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-
-    flats = {rid: flat(c or {}) for rid, c in configs.items()}
+    flats = {rid: flatten(c or {}) for rid, c in configs.items()}
     keys = sorted(set().union(*[set(f) for f in flats.values()])) if flats else []
     rows = []
     for k in keys:
