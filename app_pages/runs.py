@@ -278,6 +278,7 @@ def live(ids: list[int], was_active: bool) -> None:
                               smoothing=float(st.session_state.get("runs_smoothing", 0.0)),
                               log_y=bool(st.session_state.get("runs_log_y", False)),
                               x_axis=X_CHOICES[st.session_state.get("runs_x_axis", "step")],
+                              per_task=bool(st.session_state.get("runs_per_task", False)),
                               steps_per_epoch={r["id"]: _steps_per_epoch(r, events_of[r["id"]]) for r in current})
     st.plotly_chart(fig, key="runs_curves")
 
@@ -436,6 +437,8 @@ c1.slider("Smoothing (exponential moving average)", 0.0, 0.99, 0.0, 0.01, key="r
 c2.radio("x axis", list(X_CHOICES), key="runs_x_axis", horizontal=True,
          help="Optimizer steps, epochs (fractional) or wall time since each run started.")
 c3.checkbox("Loss on a log scale", key="runs_log_y")
+c3.checkbox("A panel per task", key="runs_per_task", help="Multi-task runs: each task's accuracy and macro-F1 in "
+            "its own panel.")
 if len(selected) > 1:
     with st.expander(f"Config differences of the {len(selected)} runs", icon=":material/difference:"):
         diff = plots.config_diff({i: by_id[i].get("config") for i in selected})

@@ -700,3 +700,5 @@ def test_runs_page_compares_configs_and_smooths_curves(populated):
     at.radio(key="runs_x_axis").set_value("wall time").run()
     fig = curves_spec(at)
     assert fig["layout"]["xaxis"]["title"]["text"].startswith("minutes")
+    at.checkbox(key="runs_per_task").check().run()
+    assert not at.exception and curves_spec(at)

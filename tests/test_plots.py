@@ -526,3 +526,19 @@ def test_seed_groups_and_their_mean_and_spread():
     high, low, mean = fig.data
     assert list(mean.x) == [10, 20] and np.allclose(mean.y, [0.6, 0.8])
     assert np.allclose(low.y, [0.5, 0.7]) and np.allclose(high.y, [0.7, 0.9]) and mean.name == "#1 ×2 (n=2)"
+
+
+def test_curves_per_task_small_multiples():
+    rows = [{"run_id": 1, "step": s, "epoch": 0, "name": n, "value": 0.5, "time": 0.0} for s in (1, 2)
+            for n in ("val_loss", "val_accuracy", "val_accuracy/class_label", "val_macro_f1/class_label",
+                      "val_accuracy/sentiment_label")]
+    df = pd.DataFrame(rows)
+    one = plots.curves_figure(df)
+    assert [a.text for a in one.layout.annotations] == ["loss", "validation accuracy · macro-F1"]
+    split = plots.curves_figure(df, per_task=True)
+    assert [a.text for a in split.layout.annotations] == [
+        "loss", "validation accuracy · macro-F1", "class_label: accuracy · macro-F1",
+        "sentiment_label: accuracy · macro-F1"]
+    axis_of = {t.name: t.xaxis for t in split.data}
+    assert axis_of["val_accuracy/class_label"] == axis_of["val_macro_f1/class_label"] == "x3"
+    assert axis_of["val_accuracy/sentiment_label"] == "x4" and axis_of["val_accuracy"] == "x2"

@@ -87,13 +87,15 @@ def curve_metric(name: str) -> bool:
 def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = None, *,
                   names: Sequence[str] | None = None, max_points: int = MAX_POINTS, title: str = "",
                   height: int | None = None, smoothing: float = 0.0, log_y: bool = False, x_axis: str = "step",
-                  steps_per_epoch: dict[int, float] | None = None) -> go.Figure:
+                  steps_per_epoch: dict[int, float] | None = None, per_task: bool = False) -> go.Figure:
     """Training curves of one or several runs on shared axes: loss (train/val), validation accuracy / macro-F1
     (per task too) and, for DACT runs, the validation average exit layer. One colour per run, one dash per metric.
     ``names`` restricts the metric names drawn. Each trace has at most ``max_points`` points. ``smoothing``
     (0 … <1): an exponential moving average of every curve (:func:`ema`, the TensorBoard slider); ``log_y``: log
     scale on the loss panel; ``x_axis``: ``"step"``, ``"epoch"`` (fractional, ``steps_per_epoch`` per run when
-    known) or ``"time"`` (minutes since each run started), see :func:`x_axis_maps`.
+    known) or ``"time"`` (minutes since each run started), see :func:`x_axis_maps`; ``per_task``: small
+    multiples — one score panel per task of a multi-task run (``val_accuracy/<task>``, ``val_macro_f1/<task>``)
+    instead of every task's lines on one.
 
     Built as plain trace dicts (no per-trace validation): comparing 50 runs means ~200 traces, and plotly's
     validating constructors would cost more than everything else on the page."""
@@ -101,8 +103,16 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
     series = metric_series(metrics, max_points, keep=lambda n: curve_metric(n) and (wanted is None or n in wanted))
     if not series:
         return empty_figure(title or "training curves", "no loss / accuracy metrics logged yet")
-    panels = [p for p in ("loss", "score", "exit") if any(_panel_of(k[1]) == p for k in series)]
-    titles = {"loss": "loss", "score": "validation accuracy · macro-F1", "exit": "validation avg exit layer"}
+    def panel(name: str) -> str | None:
+        p = _panel_of(name)
+        if per_task and p == "score" and "/" in name:
+            return f"score/{name.split('/', 1)[1]}"
+        return p
+
+    tasks = sorted({panel(k[1]) for k in series if (panel(k[1]) or "").startswith("score/")})
+    panels = [p for p in ("loss", "score", *tasks, "exit") if any(panel(k[1]) == p for k in series)]
+    titles = {"loss": "loss", "score": "validation accuracy · macro-F1", "exit": "validation avg exit layer",
+              **{t: f"{t.split('/', 1)[1]}: accuracy · macro-F1" for t in tasks}}
     run_ids = sorted({k[0] for k in series})
     run_colour = {rid: colour(i) for i, rid in enumerate(run_ids)}
     names_sorted = sorted({k[1] for k in series})
@@ -118,7 +128,7 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
             v = ema(v, smoothing)
         if rid in x_maps:
             x = x_maps[rid](x)
-        i = panels.index(_panel_of(name))
+        i = panels.index(panel(name))
         sfx = "" if i == 0 else str(i + 1)
         label = (run_labels or {}).get(rid, f"run {rid}")
         traces.append({
