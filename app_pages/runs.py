@@ -27,18 +27,6 @@ from ui.state import ACTIVE_REFRESH_S, refresh_every, tracker
 REFRESH_S = ACTIVE_REFRESH_S
 X_CHOICES = {"step": "step", "epoch": "epoch", "wall time": "time"}
 
-
-def _steps_per_epoch(run: dict, events: list[dict]) -> float | None:
-    """Optimizer steps per epoch of a run: its 'start' event's (newer runs), else planned steps / epochs."""
-    for e in reversed(events):
-        p = e.get("payload") if e.get("kind") == "start" else None
-        if isinstance(p, dict):
-            if p.get("steps_per_epoch"):
-                return float(p["steps_per_epoch"])
-            epochs = ((run.get("config") or {}).get("train") or {}).get("epochs")
-            if p.get("steps") and epochs and not ((run.get("config") or {}).get("train") or {}).get("max_steps"):
-                return float(p["steps"]) / float(epochs)
-    return None
 MAX_EVENTS_SHOWN = 500
 
 
@@ -279,7 +267,8 @@ def live(ids: list[int], was_active: bool) -> None:
                               log_y=bool(st.session_state.get("runs_log_y", False)),
                               x_axis=X_CHOICES[st.session_state.get("runs_x_axis", "step")],
                               per_task=bool(st.session_state.get("runs_per_task", False)),
-                              steps_per_epoch={r["id"]: _steps_per_epoch(r, events_of[r["id"]]) for r in current})
+                              steps_per_epoch={r["id"]: progress.steps_per_epoch(r, events_of[r["id"]])
+                                               for r in current})
     st.plotly_chart(fig, key="runs_curves")
 
     st.download_button("Download metrics (CSV)", _csv_bytes(tr, [r["id"] for r in current]),

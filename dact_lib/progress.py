@@ -191,3 +191,17 @@ def format_seconds(s: float | None) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def steps_per_epoch(run: dict, events: Iterable[dict]) -> float | None:
+    """Optimizer steps per epoch of a training run: its 'start' event's (runs of this version), else its planned
+    steps / epochs (older runs without ``train.max_steps``), else None."""
+    for e in reversed(list(events or [])):
+        p = e.get("payload") if e.get("kind") == ev.START else None
+        if isinstance(p, dict):
+            if p.get("steps_per_epoch"):
+                return float(p["steps_per_epoch"])
+            tc = (run.get("config") or {}).get("train") or {}
+            if p.get("steps") and tc.get("epochs") and not tc.get("max_steps"):
+                return float(p["steps"]) / float(tc["epochs"])
+    return None

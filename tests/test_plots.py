@@ -542,3 +542,12 @@ def test_curves_per_task_small_multiples():
     axis_of = {t.name: t.xaxis for t in split.data}
     assert axis_of["val_accuracy/class_label"] == axis_of["val_macro_f1/class_label"] == "x3"
     assert axis_of["val_accuracy/sentiment_label"] == "x4" and axis_of["val_accuracy"] == "x2"
+
+
+def test_steps_per_epoch_from_the_start_event_or_the_plan():
+    run = {"config": {"train": {"epochs": 3, "max_steps": None}}}
+    assert progress.steps_per_epoch(run, [{"kind": "start", "payload": {"steps": 60, "steps_per_epoch": 21}}]) == 21
+    assert progress.steps_per_epoch(run, [{"kind": "start", "payload": {"steps": 60}}]) == 20  # an older run
+    capped = {"config": {"train": {"epochs": 3, "max_steps": 50}}}
+    assert progress.steps_per_epoch(capped, [{"kind": "start", "payload": {"steps": 50}}]) is None
+    assert progress.steps_per_epoch(run, []) is None
