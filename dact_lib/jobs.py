@@ -351,10 +351,9 @@ class JobManager:
 
     def _run_engine(self, job: Job) -> None:
         engine = get_engine(job.kind)
-        settings = job.settings if job.settings is not None else engine.settings(job.options)
         ctx = EngineContext(tracker=self.tracker, cancel=job.token, run_id=job.run_id, resume=job.resume)
         self._mark_running(job)
-        job.result = engine.run(job.config, settings, ctx)
+        job.result = engine.run(job.config, job.settings, ctx)  # validated when the job was submitted
         self._record_result(job, job.result.summary())
         job.token.check()
 

@@ -3,7 +3,7 @@ formatting."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -120,3 +120,19 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
+
+
+def panels_layout(titles: Sequence[str], gap: float = 0.07, x_title: str = "step") -> dict:
+    """A plain layout dict for ``len(titles)`` side-by-side panels (axes x/y, x2/y2, ...), titles as annotations."""
+    n = len(titles)
+    width = (1 - gap * (n - 1)) / n
+    layout: dict[str, Any] = {"annotations": []}
+    for i, title in enumerate(titles):
+        sfx = "" if i == 0 else str(i + 1)
+        lo = i * (width + gap)
+        layout[f"xaxis{sfx}"] = {"domain": [lo, lo + width], "anchor": f"y{sfx}", "title": {"text": x_title}}
+        layout[f"yaxis{sfx}"] = {"domain": [0, 1], "anchor": f"x{sfx}"}
+        layout["annotations"].append({"text": title, "x": lo + width / 2, "y": 1.0, "xref": "paper",
+                                      "yref": "paper", "xanchor": "center", "yanchor": "bottom",
+                                      "showarrow": False, "font": {"size": 14}})
+    return layout

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .base import MAX_POINTS, colour, empty_figure, flatten, metric_series
+from .base import MAX_POINTS, colour, empty_figure, flatten, metric_series, panels_layout
 
 #: settings that tell repeated runs apart without changing what is trained
 SEED_KEYS = ("train.seed", "data.split_seed", "name", "tag")
@@ -85,21 +85,15 @@ def grouped_curves_figure(metrics: pd.DataFrame, groups: dict[str, list[int]], n
                           max_points: int = MAX_POINTS, height: int = 380) -> go.Figure:
     """Per group of seeds and metric: the mean over the group's runs at every step that all of them logged, and
     a band from the lowest to the highest run (mean ± spread). One panel per metric."""
-    series = metric_series(metrics, max_points, keep=lambda n: n in set(names))
+    wanted = set(names)
+    series = metric_series(metrics, max_points, keep=lambda n: n in wanted)
     names = [n for n in names if any(k[1] == n for k in series)]
     if not names:
         return empty_figure("seeds grouped", "no metrics logged yet")
     fig = go.Figure()
-    n = len(names)
-    gap, width = 0.07, (1 - 0.07 * (n - 1)) / n
-    layout: dict[str, Any] = {"annotations": []}
+    layout = panels_layout(names)
     for i, name in enumerate(names):
         sfx = "" if i == 0 else str(i + 1)
-        lo = i * (width + gap)
-        layout[f"xaxis{sfx}"] = {"domain": [lo, lo + width], "anchor": f"y{sfx}", "title": {"text": "step"}}
-        layout[f"yaxis{sfx}"] = {"anchor": f"x{sfx}"}
-        layout["annotations"].append({"text": name, "x": lo + width / 2, "y": 1.0, "xref": "paper", "yref": "paper",
-                                      "xanchor": "center", "yanchor": "bottom", "showarrow": False})
         for g, (label, ids) in enumerate(groups.items()):
             runs = [series[(rid, name)] for rid in ids if (rid, name) in series]
             if not runs:
@@ -107,7 +101,8 @@ def grouped_curves_figure(metrics: pd.DataFrame, groups: dict[str, list[int]], n
             common = sorted(set.intersection(*[set(x.tolist()) for x, _ in runs]))
             if not common:
                 continue
-            mat = np.array([[dict(zip(x.tolist(), v.tolist()))[s] for s in common] for x, v in runs])
+            by_step = [dict(zip(x.tolist(), v.tolist())) for x, v in runs]
+            mat = np.array([[d[s] for s in common] for d in by_step])
             mean, low, high = mat.mean(0), mat.min(0), mat.max(0)
             c = colour(g)
             band = {"xaxis": f"x{sfx}", "yaxis": f"y{sfx}", "legendgroup": label, "showlegend": False,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .base import MAX_POINTS, colour, empty_figure, flatten, metric_series
+from .base import MAX_POINTS, colour, empty_figure, flatten, metric_series, panels_layout
 
 LOSS_NAMES = ("train_loss", "val_loss")
 SCORE_PREFIXES = ("val_accuracy", "val_macro_f1", "train_accuracy")
@@ -48,22 +48,6 @@ def x_axis_maps(metrics: pd.DataFrame, how: str, steps_per_epoch: dict[int, floa
             ys = (t.to_numpy(np.float64) - float(np.nanmin(t.to_numpy(np.float64)))) / 60.0
             out[rid] = lambda s, xs=xs, ys=ys: np.interp(np.asarray(s, dtype=np.float64), xs, ys)
     return out
-
-
-def _panels_layout(titles: Sequence[str], gap: float = 0.07, x_title: str = "step") -> dict:
-    """A plain layout dict for ``len(titles)`` side-by-side panels (axes x/y, x2/y2, ...), titles as annotations."""
-    n = len(titles)
-    width = (1 - gap * (n - 1)) / n
-    layout: dict[str, Any] = {"annotations": []}
-    for i, title in enumerate(titles):
-        sfx = "" if i == 0 else str(i + 1)
-        lo = i * (width + gap)
-        layout[f"xaxis{sfx}"] = {"domain": [lo, lo + width], "anchor": f"y{sfx}", "title": {"text": x_title}}
-        layout[f"yaxis{sfx}"] = {"domain": [0, 1], "anchor": f"x{sfx}"}
-        layout["annotations"].append({"text": title, "x": lo + width / 2, "y": 1.0, "xref": "paper",
-                                      "yref": "paper", "xanchor": "center", "yanchor": "bottom",
-                                      "showarrow": False, "font": {"size": 14}})
-    return layout
 
 
 # ----------------------------------------------------------------------------------------------- training curves
@@ -139,7 +123,7 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
             "xaxis": f"x{sfx}", "yaxis": f"y{sfx}",
             "hovertemplate": f"{label}<br>{name}<br>{x_axis} %{{x{x_fmt}}}<br>%{{y:.4g}}<extra></extra>",
         })
-    layout = _panels_layout([titles[p] for p in panels], x_title=x_name)
+    layout = panels_layout([titles[p] for p in panels], x_title=x_name)
     if log_y and "loss" in panels:
         layout["yaxis" + ("" if panels.index("loss") == 0 else str(panels.index("loss") + 1))]["type"] = "log"
     layout.update(title={"text": title}, height=height or 420, margin={"l": 40, "r": 20, "t": 60, "b": 40},
