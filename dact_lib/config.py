@@ -208,6 +208,14 @@ class DactModelConfig:
     # four sets of bench/early_exit_suite.py it gave the faster no-flags point (docs/benchmarks.md). Only used with
     # halting_input "confidence" (the units read the entropy feature); ignored otherwise.
     halting_thresholds: bool = True
+    # after training, train the classifiers of layers 1..N-1 again on their layers' cached summaries of the training
+    # rows (encoder and deepest classifier unchanged; exit_refit.py), this many epochs (0 = off), before the halting
+    # fit. On by default: the shallow exits of a short training are far from what their layers give
+    # (docs/benchmarks.md, "exit refit").
+    exit_refit_epochs: int = 30
+    exit_refit_lr: float = 1e-3
+    exit_refit_max_rows: int = 20000  # a seeded sample of the training rows above this (memory: rows × N × hidden)
+    exit_refit_distill: float = 0.0  # weight of T²·KL(y_N^T ‖ y_n^T) in the refit (T = distill_temperature)
 
     def validate(self, name: str = "model") -> None:
         check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
@@ -238,6 +246,11 @@ class DactModelConfig:
         check_int(f"{name}.halting_epochs", self.halting_epochs, 1, 10000)
         check(isinstance(self.halting_calibration, bool), f"{name}.halting_calibration", self.halting_calibration,
                "expected true/false")
+        check_int(f"{name}.exit_refit_epochs", self.exit_refit_epochs, 0, 1000)
+        check_pos(f"{name}.exit_refit_lr", self.exit_refit_lr)
+        check(self.exit_refit_lr < 1, f"{name}.exit_refit_lr", self.exit_refit_lr, "expected a learning rate < 1")
+        check_int(f"{name}.exit_refit_max_rows", self.exit_refit_max_rows, 100)
+        check_pos(f"{name}.exit_refit_distill", self.exit_refit_distill, allow_zero=True)
         check(isinstance(self.halting_thresholds, bool), f"{name}.halting_thresholds", self.halting_thresholds,
                "expected true/false")
 

@@ -15,6 +15,7 @@ WARNING = "warning"
 RESUMED = "resumed"  # a run (or pipeline, PBT population) continued from its checkpoints / stage files
 CANCELLED = "cancelled"
 HALTING_FIT = "halting_fit"  # halting units fitted per λ after a DACT training
+EXIT_REFIT = "exit_refit"  # the classifiers of layers 1..N-1 trained again on cached summaries after a DACT training
 BUILT_FROM_PIPELINE = "built_from_pipeline"
 
 # --- jobs ---------------------------------------------------------------------------------------------------------

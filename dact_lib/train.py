@@ -600,14 +600,20 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         elif "best_state" in state.extra:
             model.load_state_dict(state.extra["best_state"])
         cbs.on_event(state, ev.RESTORED_BEST, {"epoch": state.best_epoch, "step": state.extra.get("best_step")})
-        halting_report = None
+        halting_report = exit_report = None
+        if cfg.kind == "dact" and cfg.model.exit_refit_epochs > 0:
+            from .exit_refit import refit_after_training
+
+            exit_report = refit_after_training(model, cfg, enc_train, enc_val, cancel)
+            cbs.on_event(state, ev.EXIT_REFIT, exit_report)
         if cfg.kind == "dact" and cfg.model.fit_halting:
             from .halting import fit_after_training
 
             halting_report = fit_after_training(model, cfg, enc_val, cancel)
             cbs.on_event(state, ev.HALTING_FIT, halting_report)
+        if exit_report is not None or halting_report is not None:
             # the validation metrics of the model as it is now saved (the DACT answer a_N and the exits depend on
-            # the halting units): recorded at the last step and kept as the run's best metrics
+            # the classifiers and the halting units): recorded at the last step and kept as the run's best metrics
             res = evaluate_encoded(model, enc_val, max(tc.batch_size, 64), device, tc.precision)
             refit = {k: v for k, v in metrics_of(res, "val_").items()}
             best_metrics = {**best_metrics, **refit}
@@ -626,7 +632,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
 
             atomic_write_json(run_dir / "report.json",
                               {"best": best_metrics, "test": test_metrics, "report": report, "history": history,
-                               "stop_reason": stop_reason, "halting": halting_report})
+                               "stop_reason": stop_reason, "halting": halting_report,
+                               "exit_refit": exit_report})
             if tracker is not None:
                 for name, kind in (("model.safetensors", "model"), ("config.json", "config"),
                                    ("label_maps.json", "label_map"), ("report.json", "report"),
@@ -638,8 +645,10 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             (run_dir / RESUME_FILE).unlink(missing_ok=True)  # a finished run needs no resume checkpoint
         state.extra["summary"] = {"best": best_metrics, "test": test_metrics, "best_epoch": state.best_epoch,
                                   "precision": resolve_precision(tc.precision, device),
-                                  "stop_reason": stop_reason, "halting": halting_report}
+                                  "stop_reason": stop_reason, "halting": halting_report,
+                                  "exit_refit": exit_report}
         report = {**report, "halting": halting_report} if halting_report else report
+        report = {**report, "exit_refit": exit_report} if exit_report else report
     except Cancelled as exc:
         status, error = "cancelled", str(exc)
         raise

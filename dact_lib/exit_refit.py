@@ -1,0 +1,137 @@
+"""Refitting the internal classifiers after training (kind 'dact', ``model.exit_refit_epochs``).
+
+One or a few epochs of joint training leave the shallow classifiers far from what their layers can give: the
+encoder moves under them and they see each training row once or twice. Measured on TREC-6 after 1 epoch
+(docs/benchmarks.md, "exit refit"): layer 1 at 58 % test accuracy, layer 2 at 73 %; the same layers' summaries read
+by classifiers trained to convergence give 88 % and 92 %. So after training, every classifier of layers 1..N-1 is
+trained again — on its layer's cached summaries of the training rows (encoder frozen, one forward pass in eval
+mode), cross-entropy on the labels, AdamW, the epoch with the best mean validation accuracy of those layers kept.
+The deepest classifier is left as trained (the model's full-depth answer and its accuracy do not change) and the
+encoder is not touched; the halting units are fitted afterwards on the refitted classifiers (``halting.py``).
+This is FastBERT's second phase (student classifiers trained with the backbone fixed) without its distillation
+term by default: measured, distilling from y_N made the entropy front of the refitted exits less aggressive
+(``distill_weight`` > 0 enables it, T² · KL(y_N^T ‖ y_n^T) as in training).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .heads import pool
+
+__all__ = ["summary_cache", "refit_exits", "refit_after_training"]
+
+
+@torch.no_grad()
+def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = None):
+    """(summaries [n, N, D] of every layer, deepest-classifier probabilities [n, K], targets [n]) of the rows of
+    ``enc`` (an EncodedDataset; ``rows`` a subset of its indices), model in eval mode."""
+    from .data import iter_batches
+
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ad, N = model.adapter, model.num_layers
+    enc = enc.subset(rows) if rows is not None else enc
+    n = len(enc)
+    summ = torch.zeros(n, N, ad.hidden_size)
+    y_deep = torch.zeros(n, model.num_classes)
+    for b in iter_batches(enc, batch_size, shuffle=False):
+        ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
+        hid = ad.embed(ids, am)
+        mask = ad.prepare_mask(am, hid.dtype)
+        for i in range(N):
+            hid = ad.run_layer(i, hid, mask)
+            summ[b["index"], i] = pool(hid, am, model.cfg.pooling).float().cpu()
+        y_deep[b["index"]] = model.classify(N, summ[b["index"], N - 1].to(device).to(hid.dtype))[0].float().cpu()
+    model.train(was)
+    return summ, y_deep, torch.as_tensor(enc.targets[model.task]).long().clone()
+
+
+def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64,
+                weight_decay: float = 0.01, distill_weight: float = 0.0, temperature: float = 2.0, seed: int = 0,
+                cancel=None) -> dict:
+    """Train the classifiers of layers 1..N-1 of ``model`` again on cached summaries (:func:`summary_cache` of
+    the training rows; ``val_cache`` of the validation rows picks the epoch), in place. The deepest classifier,
+    the encoder and the halting units stay bit-identical. With ``share_weights`` (one classifier for every layer)
+    there is nothing to refit without changing the deepest answer: returns ``{"skipped": ...}``."""
+    if model.cfg.share_weights:
+        return {"skipped": "share_weights: the one classifier is also the deepest one"}
+    N = model.num_layers
+    layers = list(range(N - 1))
+    summ, y_deep, targets = train_cache
+    v_summ, _, v_targets = val_cache
+    clfs = [copy.deepcopy(model.classifiers[i]).float() for i in layers]
+    params = [p for c in clfs for p in c.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    teacher = (y_deep.clamp_min(1e-9).log() / temperature).softmax(-1) if distill_weight > 0 else None
+
+    def val_acc() -> list[float]:
+        with torch.no_grad():
+            return [float((c(v_summ[:, i]).argmax(-1) == v_targets).float().mean()) for c, i in zip(clfs, layers)]
+
+    for c in clfs:
+        c.eval()
+    before = val_acc()
+    best, best_epoch, best_state = float(np.mean(before)), 0, [copy.deepcopy(c.state_dict()) for c in clfs]
+    n = len(targets)
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        for epoch in range(1, epochs + 1):
+            for c in clfs:
+                c.train()
+            perm = torch.randperm(n, generator=gen)
+            for s in range(0, n, batch_size):
+                if cancel is not None:
+                    cancel.check()
+                idx = perm[s:s + batch_size]
+                loss = summ.new_zeros(())
+                for c, i in zip(clfs, layers):
+                    logits = c(summ[idx, i])
+                    loss = loss + F.cross_entropy(logits, targets[idx])
+                    if teacher is not None:
+                        loss = loss + distill_weight * temperature ** 2 * F.kl_div(
+                            F.log_softmax(logits / temperature, -1), teacher[idx], reduction="batchmean")
+                opt.zero_grad(set_to_none=True)
+                (loss / len(layers)).backward()
+                opt.step()
+            for c in clfs:
+                c.eval()
+            acc = float(np.mean(val_acc()))
+            if acc > best:
+                best, best_epoch, best_state = acc, epoch, [copy.deepcopy(c.state_dict()) for c in clfs]
+    with torch.no_grad():
+        for c, i, state in zip(clfs, layers, best_state):
+            c.load_state_dict(state)
+            target = model.classifiers[i]
+            for dst, src in zip(target.parameters(), c.parameters()):
+                dst.copy_(src.to(dst.dtype))
+    after = val_acc()
+    model.__dict__.pop("_fast", None)  # the fast inference path's copies of the classifier weights
+    return {"layers": [i + 1 for i in layers], "rows": n, "epochs": epochs, "best_epoch": best_epoch,
+            "val_accuracy_before": before, "val_accuracy_after": after, "seconds": time.perf_counter() - t0}
+
+
+def refit_after_training(model, cfg, enc_train, enc_val, cancel=None) -> dict:
+    """Kind 'dact' with ``model.exit_refit_epochs`` > 0: :func:`refit_exits` on the training rows (at most
+    ``model.exit_refit_max_rows``, a seeded sample) and the validation split; returns the report."""
+    mc = cfg.model
+    t0 = time.perf_counter()
+    rows = None
+    if len(enc_train) > mc.exit_refit_max_rows:
+        rows = np.sort(np.random.default_rng(cfg.train.seed).choice(len(enc_train), mc.exit_refit_max_rows,
+                                                                    replace=False))
+    train_cache = summary_cache(model, enc_train, rows=rows)
+    val_cache = summary_cache(model, enc_val)
+    cache_s = time.perf_counter() - t0
+    out = refit_exits(model, train_cache, val_cache, epochs=mc.exit_refit_epochs, lr=mc.exit_refit_lr,
+                      distill_weight=mc.exit_refit_distill, temperature=mc.distill_temperature, seed=cfg.train.seed,
+                      cancel=cancel)
+    return {**out, "cache_s": cache_s, "seconds": time.perf_counter() - t0}
