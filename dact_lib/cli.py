@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--halting-tolerance", type=float, default=None,
                    help="DACT: after training, keep the fastest fitted halting point within this many accuracy "
                         "points of the most accurate one on the validation split (default 0.5)")
+    p.add_argument("--exit-refit-epochs", type=int, default=None,
+                   help="DACT: after training, train the classifiers of layers 1..N-1 again on cached layer "
+                        "summaries for this many epochs (default 30; 0 = off)")
     p.add_argument("--no-fit-halting", action="store_true",
                    help="DACT: keep the jointly trained halting units (no halting fit after training)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,

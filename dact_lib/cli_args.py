@@ -74,7 +74,7 @@ def config_and_options(args, kind_default: str = "backbone"):
             raise DactLabError("--layer-loss-weight only applies to --kind dact.")
         cfg.model.layer_loss_weight = args.layer_loss_weight
     for flag, field in (("distill_weight", "distill_weight"), ("halting_input", "halting_input"),
-                        ("halting_tolerance", "halting_tolerance")):
+                        ("halting_tolerance", "halting_tolerance"), ("exit_refit_epochs", "exit_refit_epochs")):
         if getattr(args, flag, None) is not None:
             if cfg.kind != "dact":
                 raise DactLabError(f"--{flag.replace('_', '-')} only applies to --kind dact.")

@@ -82,6 +82,7 @@ def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 
     before = val_acc()
     best, best_epoch, best_state = float(np.mean(before)), 0, [copy.deepcopy(c.state_dict()) for c in clfs]
     n = len(targets)
+    history = []  # mean validation accuracy of the refitted layers after every epoch
     t0 = time.perf_counter()
     with torch.enable_grad():
         for epoch in range(1, epochs + 1):
@@ -105,6 +106,7 @@ def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 
             for c in clfs:
                 c.eval()
             acc = float(np.mean(val_acc()))
+            history.append(acc)
             if acc > best:
                 best, best_epoch, best_state = acc, epoch, [copy.deepcopy(c.state_dict()) for c in clfs]
     with torch.no_grad():
@@ -116,7 +118,7 @@ def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 
     after = val_acc()
     model.__dict__.pop("_fast", None)  # the fast inference path's copies of the classifier weights
     return {"layers": [i + 1 for i in layers], "rows": n, "epochs": epochs, "best_epoch": best_epoch,
-            "val_accuracy_before": before, "val_accuracy_after": after, "seconds": time.perf_counter() - t0}
+            "val_history": history, "val_accuracy_before": before, "val_accuracy_after": after, "seconds": time.perf_counter() - t0}
 
 
 def refit_after_training(model, cfg, enc_train, enc_val, cancel=None) -> dict:

@@ -264,6 +264,8 @@ def test_default_dact_run_on_an_easy_set_exits_before_the_last_layer(tmp_path):
     assert res.test_metrics["test_avg_exit_layer"] < N - 0.5
     assert res.test_metrics["test_accuracy"] > 0.95
     assert len(halting["points"]) == len(cfg.model.halting_lambdas)
+    refit = res.report["exit_refit"]  # the shallow classifiers were trained again before the halting fit
+    assert refit["layers"] == list(range(1, N)) and refit["rows"] == len(split_dataset(ds, 0.2, 0.2, 0).train)
     assert len(halting["entropy_points"]) == len(entropy_thresholds(2))
     # the run's validation metrics describe the model with the fitted halting units (what is saved and served)
     assert res.best_metrics["val_avg_exit_layer"] == pytest.approx(halting["chosen"]["avg_exit_layer"], abs=0.05)
@@ -369,3 +371,82 @@ def test_threshold_halting_units_make_the_dact_rule_exit_like_entropy(hidden):
         RunConfig.from_dict({"kind": "dact", "model": {"halting_thresholds": "yes"}})
     with pytest.raises(DactLabError, match="confidence"):
         threshold_state(tiny_dact(halting_input="summary")[0], 0.5)
+
+
+# --- exit refit (exit_refit.py) ------------------------------------------------------------------------------------
+def _separable_cache(model, n, seed):
+    """(summaries [n,N,D], y_N [n,K], targets) where every layer's summary carries the class on its first three
+    coordinates (scaled down, so the untrained classifiers start near chance)."""
+    g = torch.Generator().manual_seed(seed)
+    N, D, K = model.num_layers, model.adapter.hidden_size, model.num_classes
+    t = torch.randint(0, K, (n,), generator=g)
+    x = 0.3 * torch.randn(n, N, D, generator=g)
+    x[:, :, :K] += 2.0 * torch.nn.functional.one_hot(t, K).float().unsqueeze(1)
+    return x, torch.full((n, K), 1.0 / K), t
+
+
+def test_refit_exits_trains_the_shallow_classifiers_and_leaves_the_rest_bit_identical():
+    from dact_lib.exit_refit import refit_exits
+
+    model, _, _ = tiny_dact()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    N = model.num_layers
+    out = refit_exits(model, _separable_cache(model, 600, 0), _separable_cache(model, 200, 1), epochs=15, lr=3e-3)
+    assert out["layers"] == list(range(1, N))
+    assert min(out["val_accuracy_after"]) > 0.95 > max(out["val_accuracy_before"])
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in after if k.startswith("classifiers.") and int(k.split(".")[1]) < N - 1}
+    # the model's own classifiers now give the refitted answers (eval mode, no dropout)
+    v_summ, _, v_t = _separable_cache(model, 200, 1)
+    with torch.no_grad():
+        acc = float((model.classify(1, v_summ[:, 0])[0].argmax(-1) == v_t).float().mean())
+    assert acc == pytest.approx(out["val_accuracy_after"][0])
+
+
+def test_refit_exits_keeps_the_epoch_best_on_validation():
+    from dact_lib.exit_refit import refit_exits
+
+    model, _, _ = tiny_dact()
+    train_c = _separable_cache(model, 300, 0)
+    noisy = (train_c[0], train_c[1], torch.where(torch.arange(300) % 3 == 0, (train_c[2] + 1) % 3, train_c[2]))
+    out = refit_exits(model, noisy, _separable_cache(model, 100, 1), epochs=6, lr=1e-2)
+    hist = out["val_history"]
+    assert len(hist) == 6
+    best = max([float(np.mean(out["val_accuracy_before"]))] + hist)
+    assert float(np.mean(out["val_accuracy_after"])) == pytest.approx(best)
+    assert out["best_epoch"] == (hist.index(best) + 1 if best in hist and best > np.mean(out["val_accuracy_before"])
+                                 else 0)
+
+
+def test_refit_exits_skips_shared_classifiers():
+    from dact_lib.exit_refit import refit_exits
+
+    model, _, _ = tiny_dact(share_weights=True)
+    out = refit_exits(model, _separable_cache(model, 50, 0), _separable_cache(model, 20, 1), epochs=2)
+    assert "skipped" in out
+
+
+def test_summary_cache_matches_layer_cache_and_samples_rows():
+    from dact_lib.exit_refit import summary_cache
+
+    model, tok, _ = tiny_dact()
+    ds = TextDataset(texts=["good film", "bad film here", "fine", "awful awful"],
+                     targets={"label": np.array([0, 1, 2, 1])}, label_maps={"label": ["a", "b", "c"]})
+    enc = encode(ds, tok, 32)
+    summ, y_deep, t = summary_cache(model, enc)
+    cache = layer_cache(model, enc)
+    assert torch.allclose(summ, cache.base, atol=1e-6)  # halting input "confidence": base = the summary c_n
+    assert torch.allclose(y_deep, cache.y[:, -1], atol=1e-6) and t.tolist() == [0, 1, 2, 1]
+    s2, _, t2 = summary_cache(model, enc, rows=np.array([1, 3]))
+    assert torch.allclose(s2, summ[[1, 3]], atol=1e-6) and t2.tolist() == [1, 1]
+
+
+def test_exit_refit_config_checks():
+    assert default_config("dact").model.exit_refit_epochs > 0
+    with pytest.raises(ConfigError, match="exit_refit_epochs"):
+        RunConfig.from_dict({"kind": "dact", "model": {"exit_refit_epochs": -1}})
+    with pytest.raises(ConfigError, match="exit_refit_lr"):
+        RunConfig.from_dict({"kind": "dact", "model": {"exit_refit_lr": 2.0}})
+    with pytest.raises(ConfigError, match="exit_refit_max_rows"):
+        RunConfig.from_dict({"kind": "dact", "model": {"exit_refit_max_rows": 5}})

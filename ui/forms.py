@@ -387,6 +387,10 @@ def model_fields(kind: str) -> list[Field]:
             make_field("model.halting_input", "Halting units read", "select", ("confidence", "summary", "both"),
                   help="confidence: max, margin, entropy of y_n and agreement with a_(n-1); summary: the layer "
                        "summary (the paper); both: concatenated."),
+            make_field("model.exit_refit_epochs", "Refit the early exits after training (epochs, 0 = off)", "int",
+                  help="Trains the classifiers of layers 1..N-1 again on their layers' cached summaries of the "
+                       "training rows (encoder and last classifier unchanged): after a short training the "
+                       "shallow exits are far from what their layers give. Takes about a third of an epoch."),
             make_field("model.fit_halting", "Fit the halting units after training (λ sweep on validation)", "bool",
                   help="Encoder and classifiers stay as trained; the halting units are refitted per λ and the "
                        "fastest point within the tolerance below is kept."),

@@ -93,6 +93,11 @@ def run(pl) -> None:
     rows = trial_rows(pl)
     n_rows = len(rows.train)
     refit = n_rows < len(pl.split.train)
+    # trials on a fraction of the rows skip train()'s exit refit (exit_refit.py): only the trunk, trained on every
+    # row, keeps its refitted shallow classifiers; when every row is used, a trial can be the trunk and keeps it
+    trial_model_cfg = copy.deepcopy(model_cfg)
+    if refit:
+        trial_model_cfg.exit_refit_epochs = 0
     study = studies.create_study(
         pl.names["stage2"], directions=["minimize"], home=pl.home,
         sampler=optuna.samplers.TPESampler(seed=pipe.seed + 2,
@@ -111,7 +116,7 @@ def run(pl) -> None:
         tc = pl.trial_train_cfg(params, n_train=n_rows)
         trial.set_user_attr("epochs_run", tc.epochs)
         trial.set_user_attr("train_rows", n_rows)
-        run_cfg = pl.child_config(model_cfg, tc, f"{pipe.name}/stage2/trial{trial.number}", "stage2")
+        run_cfg = pl.child_config(trial_model_cfg, tc, f"{pipe.name}/stage2/trial{trial.number}", "stage2")
         res = pl.train_child(run_cfg, [studies.PruningCallback(trial, "val_loss")], trial, save=False, data=rows)
         for k in ("val_accuracy", "val_nll", "val_avg_exit_layer"):
             if k in res.best_metrics:
