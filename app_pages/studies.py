@@ -14,7 +14,7 @@ from ui.state import tracker
 
 st.title("Studies")
 tr = tracker()
-url = studies.storage_url(tr.home)
+url = studies.shown_url(tr.home)
 
 
 # ---------------------------------------------------------------------------------------- page

@@ -1,6 +1,6 @@
 """``python -m dact_lib`` — everything the dashboard does, without a browser.
 
-Commands: train, evaluate, predict, runs, report (+ the tuning engines: tune-backbone, dact-pipeline, pbt,
+Commands: train, evaluate, predict, runs, report, worker, db (+ the tuning engines: tune-backbone, dact-pipeline, pbt,
 multitask, studies). Every command takes ``--home`` and ``--verbosity 0|1|2``; commands that run a model take
 ``--device auto|cpu|cuda`` and those that create a run take ``--tag`` (a flag is accepted only where it does something).
 """
@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _common(p, device=False, tag=False)
 
+    p = sub.add_parser("worker", help="join a running study (on the same --db) and run its trials")
+    p.add_argument("--study", required=True, metavar="NAME", help="the study's name (see the studies command)")
+    p.add_argument("--max-trials", type=int, default=None, help="stop after this many trials of this worker")
+    p.add_argument("--wait-s", type=float, default=60.0,
+                   help="wait this long for the study to appear (a worker started before the study; default 60)")
+    _common(p, device=False, tag=False)
+
+    p = sub.add_parser("db", help="the tracker's database: where it is, its schema (migrated when needed)")
+    p.add_argument("--json", action="store_true")
+    _common(p, device=False, tag=False)
+
     from .tuning import cli as tuning_cli
 
     tuning_cli.add_commands(sub, _common, _data_args, command)
@@ -102,6 +113,21 @@ def _setup(args) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.home:
         os.environ["DACT_LAB_HOME"] = str(args.home)
+
+
+def _setup_db(args) -> None:
+    """``--db URL`` / ``--artifacts DIR``: for every tracker and study of this process (as $DACT_LAB_DB /
+    $DACT_LAB_ARTIFACTS)."""
+    if getattr(args, "db", None):  # every tracker and study of this process: one database
+        from .tracker.db import ENV_VAR, dialect
+
+        if "://" in args.db:
+            dialect(args.db)  # an unsupported URL is refused here, with the supported forms
+        os.environ[ENV_VAR] = str(args.db)
+    if getattr(args, "artifacts", None):
+        from .home import ARTIFACTS_ENV
+
+        os.environ[ARTIFACTS_ENV] = str(args.artifacts)
 
 
 @command("train")
@@ -236,6 +262,39 @@ def cmd_runs(args) -> int:
     return 0
 
 
+@command("worker")
+def cmd_worker(args) -> int:
+    from .tuning.worker import run_worker
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING if args.verbosity < 2 else optuna.logging.INFO)
+    res = run_worker(args.study, home=args.home, max_trials=args.max_trials, wait_s=args.wait_s)
+    for r in res["trials"]:
+        value = "-" if r["value"] is None else f"{r['value']:.5g}"
+        print(f"trial {r['number']}: {r['state']} value {value} run {r['run_id']} ({r['seconds']:.1f} s)")
+    print(f"worker {res['worker']} on study {res['study_name']}: {len(res['trials'])} trial(s); stopped: "
+          f"{res['stop_reason']}", file=sys.stderr)
+    return 0
+
+
+@command("db")
+def cmd_db(args) -> int:
+    from .tracker import Tracker
+
+    tr = Tracker(args.home)  # opening it creates what is missing (the migration step)
+    info = {"url": str(tr.db_path), "dialect": tr.dialect, "artifacts": str(tr.artifacts),
+            "tables": {t: int(tr.query(f'SELECT COUNT(*) AS n FROM "{t}"')[0]["n"])
+                       for t in ("datasets", "runs", "metrics", "events", "artifacts")}}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"database: {info['url']} ({info['dialect']}); run folders under {info['artifacts']}")
+        for t, n in info["tables"].items():
+            print(f"  {t:<10}{n:>10} rows")
+    return 0
+
+
 @command("report")
 def cmd_report(args) -> int:
     from .report import write_report
@@ -255,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup(args)
     try:
+        _setup_db(args)
         return COMMANDS[args.command](args)
     except DactLabError as exc:
         print(f"error: {term(exc, keep_newlines=True)}", file=sys.stderr)

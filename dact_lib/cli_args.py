@@ -21,6 +21,12 @@ def term(text: object, keep_newlines: bool = False) -> str:
 def common_args(p: argparse.ArgumentParser, device: bool = True, tag: bool = True) -> None:
     """--home and --verbosity everywhere; --device only where a model runs, --tag only where a run is created."""
     p.add_argument("--home", default=None, help="DACT Lab home (experiments.db, runs/); default $DACT_LAB_HOME or the project root")
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="the tracker's and the studies' database, e.g. postgresql://user@host/dactlab (default "
+                        "$DACT_LAB_DB, else the home's experiments.db)")
+    p.add_argument("--artifacts", default=None, metavar="DIR",
+                   help="where run folders (weights, reports) live: a directory every machine sees (default "
+                        "$DACT_LAB_ARTIFACTS, else the home)")
     p.add_argument("--verbosity", type=int, choices=(0, 1, 2), default=1,
                    help="0: warnings only, 1: progress, 2: debug detail")
     if device:

@@ -3,6 +3,10 @@
 The home holds ``experiments.db`` (the tracker and, in the same file, Optuna's studies), ``runs/<id>/``
 (weights, configs, label maps) and ``.dact_cache/`` (the extracted bundled encoder, cached features).
 Resolution order: explicit argument > ``$DACT_LAB_HOME`` > the project root (the folder holding ``dact_lib``).
+
+Beyond one machine: ``$DACT_LAB_DB`` (``--db URL``) puts the tracker and the studies in a server database instead
+of experiments.db (:mod:`dact_lib.tracker.db`), and ``$DACT_LAB_ARTIFACTS`` (``--artifacts DIR``) puts the run
+folders (``runs/<id>/``) in a directory every machine sees (default: the home).
 """
 from __future__ import annotations
 
@@ -25,8 +29,21 @@ def db_path(home: str | os.PathLike | None = None) -> Path:
     return resolve_home(home) / DB_NAME
 
 
+ARTIFACTS_ENV = "DACT_LAB_ARTIFACTS"
+
+
+def artifacts_root(home: str | os.PathLike | None = None) -> Path:
+    """Where run folders live: ``$DACT_LAB_ARTIFACTS`` (``--artifacts DIR``) or the home."""
+    shared = os.environ.get(ARTIFACTS_ENV)
+    if shared:
+        path = Path(shared).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return resolve_home(home)
+
+
 def runs_dir(home: str | os.PathLike | None = None) -> Path:
-    path = resolve_home(home) / "runs"
+    path = artifacts_root(home) / "runs"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -45,6 +62,16 @@ def cache_dir(home: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def db_url(home: str | os.PathLike | None = None) -> str:
+    """The tracker's database: ``$DACT_LAB_DB`` (``--db URL``) or ``sqlite:///<home>/experiments.db``."""
+    from .tracker.db import resolve_url
+
+    return resolve_url(None, resolve_home(home))
+
+
 def optuna_storage_url(home: str | os.PathLike | None = None) -> str:
-    """Optuna RDB storage URL of the home (the same SQLite file as the tracker)."""
-    return f"sqlite:///{db_path(home)}"
+    """Optuna RDB storage URL of the home: the tracker's database (the same SQLite file, or the same server
+    database through SQLAlchemy's psycopg driver)."""
+    from .tracker.db import optuna_url
+
+    return optuna_url(db_url(home))

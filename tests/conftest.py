@@ -43,3 +43,39 @@ def _live_run_ids_restored():
     saved = liveness.live_ids()
     yield
     liveness.restore(saved)
+
+
+# --- a real PostgreSQL server for the tests of "beyond one machine" ---------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throw-away PostgreSQL cluster for the test session (tests/pg_server.py). Skips with the reason where
+    PostgreSQL or psycopg is missing — except in CI ($CI set), where that is a failure."""
+    import pg_server as pgs
+
+    reason = pgs.missing_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
+        pytest.skip(reason)
+    srv = pgs.start()
+    yield srv
+    pgs.stop(srv)
+
+
+@pytest.fixture
+def pg_url(pg_server, monkeypatch) -> str:
+    """A fresh PostgreSQL database for one test, set as the tracker's and the studies' ($DACT_LAB_DB)."""
+    import uuid
+
+    url = pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    monkeypatch.setenv("DACT_LAB_DB", url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request) -> str:
+    """Run a test on the embedded SQLite database and on a PostgreSQL server ($DACT_LAB_DB): one code path."""
+    if request.param == "postgresql":
+        request.getfixturevalue("pg_url")
+        return "postgresql"
+    return "sqlite"

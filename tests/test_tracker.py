@@ -67,8 +67,10 @@ def toy(n=12, name="toy", salt=""):
 
 
 @pytest.fixture
-def tr(home):
+def tr(home, any_db):
+    """A tracker on SQLite and (a second run of every test using it) on a PostgreSQL server."""
     t = Tracker(home)
+    assert t.dialect == any_db
     yield t
     t.close()
 
@@ -444,8 +446,9 @@ def test_optuna_shares_the_sqlite_file(tr):
     from dact_lib import home as home_mod
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = home_mod.optuna_storage_url(tr.home)
     storage = optuna.storages.RDBStorage(
-        home_mod.optuna_storage_url(tr.home), engine_kwargs={"connect_args": {"timeout": 30}}
+        url, engine_kwargs={"connect_args": {"timeout": 30} if tr.dialect == "sqlite" else {}}
     )
     study = optuna.create_study(study_name="shared", storage=storage, direction="minimize")
     errors: list[BaseException] = []
@@ -487,8 +490,13 @@ def test_optuna_shares_the_sqlite_file(tr):
     assert not errors, errors
     assert len(study.trials) == 20
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    assert tr.journal_mode() == "wal"  # Optuna's connections did not undo WAL
-    names = set(tr.db.table_names())
+    if tr.dialect == "sqlite":
+        assert tr.journal_mode() == "wal"  # Optuna's connections did not undo WAL
+        names = set(tr.db.table_names())
+    else:  # the same server database: Optuna's tables next to the tracker's
+        assert url.startswith("postgresql+psycopg://")
+        names = {r["table_name"] for r in tr.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
     assert {"studies", "trials", "runs", "metrics"} <= names
     for r in runs:
         assert len(tr.get_metrics(r)) >= 100

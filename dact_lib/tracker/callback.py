@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time as _time
 from typing import Any
 
@@ -56,7 +55,7 @@ class TrackerCallback(Callback):
         rows, self._buffer = self._buffer, []
         try:
             self.tracker.insert_metric_rows(rows)
-        except sqlite3.Error as exc:
+        except self.tracker.errors as exc:
             self._buffer = rows + self._buffer
             log.warning("tracker: could not write %d metric rows of run %s (will retry): %s", len(rows), self.run_id, exc)
             return False
@@ -65,7 +64,7 @@ class TrackerCallback(Callback):
     def _safe(self, what: str, fn, *args, **kwargs) -> None:
         try:
             fn(*args, **kwargs)
-        except sqlite3.Error as exc:
+        except self.tracker.errors as exc:
             log.warning("tracker: %s of run %s failed: %s", what, self.run_id, exc)
 
     # Callback interface --------------------------------------------------

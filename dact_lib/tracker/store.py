@@ -1,14 +1,17 @@
-"""The experiment tracker's database: ``experiments.db`` in the home, through sqlite-utils.
+"""The experiment tracker's database: ``experiments.db`` in the home (SQLite, through sqlite-utils), or a server
+database given by ``--db URL`` / ``$DACT_LAB_DB`` (PostgreSQL) — one code path, see :mod:`dact_lib.tracker.db`.
 
 Tables: ``datasets`` (with the canonical CSV bytes), ``runs``, ``metrics`` (long format), ``events`` and
-``artifacts``. Optuna's RDB storage lives in the same SQLite file (see :func:`dact_lib.home.optuna_storage_url`);
-its tables have different names.
+``artifacts``. Optuna's RDB storage lives in the same database (see :func:`dact_lib.home.optuna_storage_url`);
+its tables have different names. Run folders (weights, reports) are files under the artifacts root (the home, or
+``--artifacts DIR`` / ``$DACT_LAB_ARTIFACTS``: a directory every machine of a study sees).
 
 Concurrency model
 -----------------
-* The database is in WAL mode: readers never block writers and vice versa; writers are serialised by SQLite.
+* SQLite is in WAL mode: readers never block writers and vice versa; writers are serialised by SQLite.
+  PostgreSQL: many writers, row locks.
 * One connection **per thread** (and per process: a forked child opens its own), busy timeout 30 s.
-* Every write runs in one ``BEGIN IMMEDIATE`` transaction: the write lock is taken up front, so a
+* Every write runs in one transaction that takes the write lock up front (SQLite ``BEGIN IMMEDIATE``), so a
   transaction never has to upgrade a read snapshot to a write (the upgrade is what fails at once with
   "database is locked" whatever the busy timeout). Multi-row writes are therefore all-or-nothing.
 * Reads are single statements, fetched completely, so no read snapshot is held open.
@@ -23,16 +26,14 @@ import logging
 import math
 import os
 import shutil
-import sqlite3
 import threading
 import time as _time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import sqlite_utils
-
 from .. import home as _home
 from ..errors import DactLabError
+from . import db as _db
 from . import liveness
 from .liveness import hostname, pid_alive
 from .schema import (DATASET_COLS, DATASET_JSON, INDEXES, RUN_JSON, SCHEMA, config_to_dict, count_classes, dumps,
@@ -40,7 +41,7 @@ from .schema import (DATASET_COLS, DATASET_JSON, INDEXES, RUN_JSON, SCHEMA, conf
 
 log = logging.getLogger(__name__)
 
-BUSY_TIMEOUT_S = 30.0
+BUSY_TIMEOUT_S = _db.BUSY_TIMEOUT_S
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "interrupted", "pruned")
 ACTIVE_STATUSES = ("queued", "running")
@@ -51,9 +52,14 @@ METRIC_COLUMNS = ["run_id", "step", "epoch", "name", "value", "time"]
 class Tracker:
     """Experiments database of one home. Safe to share between threads (each thread gets its own connection)."""
 
-    def __init__(self, home=None) -> None:
+    def __init__(self, home=None, db: str | os.PathLike | None = None) -> None:
         self.home: Path = _home.resolve_home(home)
-        self.db_path: Path = _home.db_path(self.home)
+        self.db_url: str = _db.resolve_url(db, self.home)
+        self.dialect: str = _db.dialect(self.db_url)
+        # where the database is, for messages: the SQLite file, or the server URL without its password
+        self.db_path = _db.sqlite_path(self.db_url) if self.dialect == "sqlite" else _db.mask(self.db_url)
+        self.artifacts: Path = _home.artifacts_root(self.home)
+        self.errors = _db.db_errors()
         self._local = threading.local()
         self._ensure_schema()
         # Any process that opens the tracker (CLI, dashboard, engines) marks runs whose process died — a CLI run
@@ -61,94 +67,83 @@ class Tracker:
         self.interrupted_at_open: list[int] = []
         try:
             self.interrupted_at_open = self.mark_interrupted(other_processes_only=True)
-        except sqlite3.Error as exc:  # a busy or read-only database must not stop a reader
+        except self.errors as exc:  # a busy or read-only database must not stop a reader
             log.warning("could not mark interrupted runs in %s: %s", self.db_path, exc)
 
     def __repr__(self) -> str:
-        return f"Tracker({str(self.home)!r})"
+        return f"Tracker({str(self.home)!r})" if self.db_url == _db.resolve_url(None, self.home) and \
+            self.dialect == "sqlite" else f"Tracker({str(self.home)!r}, db={_db.mask(self.db_url)!r})"
 
     # ------------------------------------------------------------------ connections
-    def _connect(self) -> sqlite_utils.Database:
-        conn = sqlite3.connect(str(self.db_path), timeout=BUSY_TIMEOUT_S)
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        if str(mode).lower() != "wal":
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                log.warning("could not switch %s to WAL mode (got %r)", self.db_path, mode)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        return sqlite_utils.Database(conn)
-
     @property
-    def db(self) -> sqlite_utils.Database:
+    def conn(self) -> _db.Connection:
         """This thread's connection (opened on first use; a forked child process opens its own)."""
         loc = self._local
-        db = getattr(loc, "db", None)
-        if db is None or getattr(loc, "pid", None) != os.getpid():
-            db = self._connect()
-            loc.db = db
+        conn = getattr(loc, "conn", None)
+        if conn is None or getattr(loc, "pid", None) != os.getpid():
+            conn = _db.Connection(self.db_url)
+            loc.conn = conn
             loc.pid = os.getpid()
-        return db
+        return conn
+
+    @property
+    def db(self):
+        """The embedded database as a ``sqlite_utils.Database`` (this thread's connection), for ad-hoc use."""
+        conn = self.conn
+        if conn.sqlite_utils is None:
+            raise DactLabError(f"tracker.db is the embedded SQLite database; {self.db_path} is a {self.dialect} "
+                               "database: use tracker.query(sql, params) instead.")
+        return conn.sqlite_utils
 
     def close(self) -> None:
         """Close this thread's connection (other threads' connections close when their threads end)."""
-        db = getattr(self._local, "db", None)
-        if db is not None and getattr(self._local, "pid", None) == os.getpid():
-            db.close()
-        self._local.db = None
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            conn.close()
+        self._local.conn = None
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on this thread's connection (``BEGIN IMMEDIATE``; nested calls use savepoints)."""
-        db = self.db
-        conn = db.conn
-        if conn.in_transaction:
-            with db.atomic():
-                yield conn
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+    def _write(self) -> Iterator[_db.Connection]:
+        """One write transaction on this thread's connection (the write lock up front; nested calls: savepoints)."""
+        with self.conn.transaction() as conn:
             yield conn
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        else:
-            try:
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
 
     def query(self, sql: str, params: Iterable | dict = ()) -> list[dict]:
-        cur = self.db.conn.execute(sql, params)
-        keys = [d[0] for d in cur.description]
-        return [dict(zip(keys, r)) for r in cur.fetchall()]
+        """Rows of one statement as dicts (``?`` placeholders on every database)."""
+        return self.conn.query(sql, params)
 
     # ------------------------------------------------------------------ schema
     def _missing_schema(self) -> tuple[dict[str, list[str]], list[str]]:
-        conn = self.db.conn
+        conn = self.conn
         missing_cols: dict[str, list[str]] = {}
-        for table, cols in SCHEMA.items():
-            have = {r[1] for r in conn.execute(f"PRAGMA table_info({quote(table)})").fetchall()}
+        for table, cols in self._schema().items():
+            have = conn.table_columns(table)
             if not have:
                 missing_cols[table] = list(cols)  # the whole table
             else:
                 lacking = [c for c in cols if c not in have]
                 if lacking:
                     missing_cols[table] = lacking
-        have_idx = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()}
+        have_idx = conn.index_names()
         missing_idx = [i for i in INDEXES if i not in have_idx]
         return missing_cols, missing_idx
 
+    def _schema(self) -> dict[str, dict[str, str]]:
+        """SCHEMA in this database's column types (PostgreSQL: ``metrics`` also gets its insertion-order column)."""
+        out = {t: {c: _db.column_type(d, self.dialect) for c, d in cols.items()} for t, cols in SCHEMA.items()}
+        if self.dialect != "sqlite":
+            out["metrics"][self.conn.order_column] = "BIGSERIAL"
+        return out
+
     def _ensure_schema(self) -> None:
+        """The migration step: create what is missing — tables, columns an older version lacked, indexes — on any
+        database (run by every Tracker(); idempotent)."""
         missing_cols, missing_idx = self._missing_schema()
         if not missing_cols and not missing_idx:
             return
         with self._write() as conn:
-            for table, cols in SCHEMA.items():
-                have = {r[1] for r in conn.execute(f"PRAGMA table_info({quote(table)})").fetchall()}
+            for table, cols in self._schema().items():
+                have = conn.table_columns(table)
                 if not have:
                     body = ", ".join(f"{quote(c)} {decl}" for c, decl in cols.items())
                     conn.execute(f"CREATE TABLE IF NOT EXISTS {quote(table)} ({body})")
@@ -162,7 +157,10 @@ class Tracker:
                 )
 
     def journal_mode(self) -> str:
-        return str(self.db.conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+        """SQLite's journal mode (``wal``); ``"server"`` on a server database."""
+        if self.dialect != "sqlite":
+            return "server"
+        return str(self.conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
 
     # ------------------------------------------------------------------ datasets
     def add_dataset(self, ds, name: str | None = None) -> int:
@@ -196,7 +194,7 @@ class Tracker:
             "label_maps": dumps(label_maps),
             "class_counts": dumps(count_classes(getattr(ds, "targets", {}) or {}, label_maps)),
             "created": _time.time(),
-            "csv": sqlite3.Binary(csv_bytes),
+            "csv": self.conn.binary(csv_bytes),
         }
         cols = list(row)
         with self._write() as conn:
@@ -204,10 +202,11 @@ class Tracker:
             if found:  # added by another writer meanwhile
                 return int(found[0])
             cur = conn.execute(
-                f"INSERT INTO datasets ({', '.join(quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                f"INSERT INTO datasets ({', '.join(quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+                "RETURNING id",
                 [row[c] for c in cols],
             )
-            return int(cur.lastrowid)
+            return int(cur.fetchone()[0])
 
     @staticmethod
     def _decode_dataset(row: dict) -> dict:
@@ -302,10 +301,11 @@ class Tracker:
         cols = list(row)
         with self._write() as conn:
             cur = conn.execute(
-                f"INSERT INTO runs ({', '.join(quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                f"INSERT INTO runs ({', '.join(quote(c) for c in cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+                "RETURNING id",
                 [row[c] for c in cols],
             )
-            run_id = int(cur.lastrowid)
+            run_id = int(cur.fetchone()[0])
             conn.execute("UPDATE runs SET run_dir = ? WHERE id = ?", (f"runs/{run_id}", run_id))
         return run_id
 
@@ -326,7 +326,7 @@ class Tracker:
         if status not in STATUSES:
             raise DactLabError(f"run status {status!r} is invalid: expected one of {', '.join(STATUSES)}.")
 
-    def _update(self, conn: sqlite3.Connection, run_id: int, fields: dict) -> None:
+    def _update(self, conn: _db.Connection, run_id: int, fields: dict) -> None:
         allowed = set(SCHEMA["runs"]) - {"id"}
         bad = [k for k in fields if k not in allowed]
         if bad:
@@ -407,7 +407,7 @@ class Tracker:
         if not p.is_absolute():
             return p.as_posix()
         try:
-            return p.resolve().relative_to(self.home).as_posix()
+            return p.resolve().relative_to(self.artifacts).as_posix()
         except ValueError:
             return str(p)
 
@@ -416,11 +416,11 @@ class Tracker:
         written by an older version in another (moved) home maps to this home's ``runs/<id>``."""
         p = Path(str(stored))
         if not p.is_absolute():
-            return self.home / p
+            return self.artifacts / p
         if p.exists() or "runs" not in p.parts:
             return p
         i = len(p.parts) - 1 - p.parts[::-1].index("runs")
-        return self.home.joinpath(*p.parts[i:]) if i < len(p.parts) - 1 else p
+        return self.artifacts.joinpath(*p.parts[i:]) if i < len(p.parts) - 1 else p
 
     def get_run(self, run_id: int) -> dict:
         rows = self.query("SELECT * FROM runs WHERE id = ?", (int(run_id),))
@@ -505,7 +505,7 @@ class Tracker:
             ids = [
                 r[0]
                 for r in conn.execute(
-                    "WITH RECURSIVE tree(id) AS (SELECT ? UNION SELECT runs.id FROM runs JOIN tree "
+                    "WITH RECURSIVE tree(id) AS (SELECT CAST(? AS BIGINT) UNION SELECT runs.id FROM runs JOIN tree "
                     "ON runs.parent_id = tree.id) SELECT id FROM tree",
                     (run_id,),
                 ).fetchall()
@@ -526,7 +526,7 @@ class Tracker:
             for table in ("metrics", "events", "artifacts"):
                 conn.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
             conn.execute(f"DELETE FROM runs WHERE id IN ({marks})", ids)
-        runs_root = self.home / "runs"
+        runs_root = self.artifacts / "runs"
         for i in ids:
             shutil.rmtree(runs_root / str(i), ignore_errors=True)
 
@@ -643,18 +643,18 @@ class Tracker:
         ]
         if isinstance(names, str):
             names = [names]
-        where = [f"run_id IN ({', '.join('?' for _ in ids)})"] if ids else ["0"]
+        where = [f"run_id IN ({', '.join('?' for _ in ids)})"] if ids else ["1 = 0"]
         params: list[Any] = list(ids)
         if names is not None:
-            where.append(f"name IN ({', '.join('?' for _ in names)})" if names else "0")
+            where.append(f"name IN ({', '.join('?' for _ in names)})" if names else "1 = 0")
             params += list(names)
         if since_step is not None:
             where.append("step > ?")
             params.append(int(since_step))
-        cur = self.db.conn.execute(
+        cur = self.conn.execute(
             'SELECT "run_id", "step", "epoch", "name", "value", "time" FROM metrics WHERE '
             + " AND ".join(where)
-            + " ORDER BY run_id, step, rowid",
+            + f" ORDER BY run_id, step, {self.conn.order_column}",
             params,
         )
         data = cur.fetchall()
@@ -676,7 +676,7 @@ class Tracker:
         ids = [int(i) for i in run_ids]
         if not ids:
             return []
-        rows = self.db.conn.execute(
+        rows = self.conn.execute(
             f"SELECT DISTINCT name FROM metrics WHERE run_id IN ({', '.join('?' for _ in ids)})", ids).fetchall()
         return sorted(n for (n,) in rows)
 
@@ -685,16 +685,17 @@ class Tracker:
         ids = [int(i) for i in run_ids]
         if not ids:
             return {}
-        rows = self.db.conn.execute(
+        rows = self.conn.execute(
             f"SELECT run_id, MAX(step) FROM metrics WHERE run_id IN ({', '.join('?' for _ in ids)}) GROUP BY run_id",
             ids).fetchall()
         return {int(r): int(st) for r, st in rows}
 
     def latest_metrics(self, run_id: int) -> dict[str, float]:
         """The last logged value (highest step, then latest insert) of each metric name of a run."""
-        rows = self.db.conn.execute(
+        rows = self.conn.execute(
             "SELECT name, value FROM (SELECT name, value, ROW_NUMBER() OVER (PARTITION BY name "
-            "ORDER BY step DESC, rowid DESC) AS rn FROM metrics WHERE run_id = ?) WHERE rn = 1 ORDER BY name",
+            f"ORDER BY step DESC, {self.conn.order_column} DESC) AS rn FROM metrics WHERE run_id = ?) AS latest "
+            "WHERE rn = 1 ORDER BY name",
             (int(run_id),),
         ).fetchall()
         return {n: (math.nan if v is None else float(v)) for n, v in rows}
@@ -713,7 +714,7 @@ class Tracker:
             kinds = [kinds]
         sql, params = "SELECT * FROM events WHERE run_id = ?", [int(run_id)]
         if kinds is not None:
-            sql += f" AND kind IN ({', '.join('?' for _ in kinds)})" if kinds else " AND 0"
+            sql += f" AND kind IN ({', '.join('?' for _ in kinds)})" if kinds else " AND 1 = 0"
             params += list(kinds)
         rows = self.query(sql + " ORDER BY id", params)
         for r in rows:

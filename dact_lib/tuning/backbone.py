@@ -24,7 +24,7 @@ from ..data import DatasetSplit, TextDataset
 from ..errors import Cancelled, ConfigError, DactLabError
 from ..tracker import Tracker, TrackerCallback
 from ..train import load_split, train
-from .studies import PruningCallback, create_study, link_study, link_trial, live_run, storage_url
+from .studies import PruningCallback, create_study, link_study, link_trial, live_run, shown_url
 from .. import events as ev
 
 ENGINE = "tune-backbone"
@@ -203,13 +203,80 @@ def source_data(cfg: RunConfig, tracker: Tracker | None,
     return split.train, dataset_id
 
 
+@dataclass
+class StudyTrials:
+    """What one trial of a backbone study needs, on the machine that runs the study or on a worker
+    (:mod:`dact_lib.tuning.worker` rebuilds it from the study's parent run: config, space, stored dataset)."""
+
+    cfg: RunConfig
+    space: BackboneSpace
+    source: Any  # TextDataset (each trial splits it) or DatasetSplit
+    dataset_id: int | None
+    parent: int
+    study_name: str
+    tracker: Tracker
+    home: Any
+    cancel: CancelToken
+    callbacks: list[Callback] = field(default_factory=list)
+
+    def train_trial(self, trial: optuna.Trial):
+        """Train one trial as a child run of the parent (metrics only); returns the train() result. Raises
+        ``optuna.TrialPruned`` when the pruner stops it (the run is recorded 'pruned')."""
+        params = self.space.suggest(trial)
+        tcfg = self.space.apply(self.cfg, params)
+        tcfg.tag = f"trial {trial.number}"
+        tr = self.tracker
+        run_id = tr.create_run(tcfg.kind, tcfg.to_dict(), name=tcfg.name, tag=tcfg.tag, parent_id=self.parent,
+                               dataset_id=self.dataset_id)
+        tr.update_run(run_id, run_dir=None)  # metrics only: trial weights are never saved
+        link_trial(trial, run_id, self.parent)
+        tr.log_event(run_id, ev.TRIAL, {"study_name": self.study_name, "number": trial.number, "params": params})
+        cbs = [TrackerCallback(tr, run_id), *self.callbacks, PruningCallback(trial, "val_loss")]
+        with live_run(run_id):
+            return train(tcfg, data=self.source, home=self.home, callbacks=cbs, cancel=self.cancel, run_id=run_id,
+                         save=False, evaluate_test=False)
+
+    def record(self, study: optuna.Study, frozen, seconds: float | None = None) -> dict[str, Any]:
+        """A finished trial on the parent run: a 'trial' event and the trial_value / best_value metrics."""
+        value = frozen.value if frozen.values else None
+        if seconds is None:
+            seconds = frozen.duration.total_seconds() if frozen.duration is not None else 0.0
+        row = {"number": frozen.number, "state": frozen.state.name.lower(), "value": value,
+               "params": dict(frozen.params), "run_id": frozen.user_attrs.get("run_id"),
+               "seconds": round(seconds, 3)}
+        if frozen.user_attrs.get("worker"):
+            row["worker"] = frozen.user_attrs["worker"]
+        self.tracker.log_event(self.parent, ev.TRIAL, row)
+        logs = {"trial_value": value} if value is not None and math.isfinite(value) else {}
+        try:
+            logs["best_value"] = study.best_value
+        except ValueError:  # no complete trial yet
+            pass
+        self.tracker.log_metrics(self.parent, logs, step=frozen.number)
+        return row
+
+
+#: the trial states a study's trial budget counts (a FAIL is retried or raised, a WAITING one is still to run)
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials run or running, by any process of the study: what the budget ``trials`` is compared with."""
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
 def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None = None,
                   space: BackboneSpace | None = None, study_name: str | None = None, home=None,
                   tracker: Tracker | None = None, cancel: CancelToken | None = None,
                   callbacks: list[Callback] | None = None, final: bool = True,
                   sampler: optuna.samplers.BaseSampler | None = None, pruner: optuna.pruners.BasePruner | None = None,
                   data: DatasetSplit | TextDataset | None = None,
-                  on_trial: Callable[[dict[str, Any]], None] | None = None, run_id: int | None = None) -> TuneResult:
+                  on_trial: Callable[[dict[str, Any]], None] | None = None, run_id: int | None = None,
+                  local_trials: int | None = None, poll_s: float = 2.0) -> TuneResult:
     """Run ``trials`` trials of a TPE study (seeded with ``cfg.train.seed``; MedianPruner(2, 0) unless ``pruner``
     is given) minimising the best validation loss; fewer when ``timeout_min`` has passed as the next one would
     start (at least one runs, as with ``optimize(timeout=...)``). Then, with ``final=True`` and at least one
@@ -218,12 +285,19 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
     training (trials and final); ``on_trial(row)`` is called after each trial with its number, state, value,
     params, run_id and seconds. Cancelling ``cancel`` stops the current trial and the study: the parent run is
     recorded 'cancelled' and :class:`~dact_lib.errors.Cancelled` raised. ``run_id``: an existing run row (e.g. a
-    queued job's) to use as the parent run instead of creating one; its config is replaced by the study's."""
+    queued job's) to use as the parent run instead of creating one; its config is replaced by the study's.
+
+    Workers (``python -m dact_lib worker --study NAME``, other processes or machines on the same database) may
+    run trials of the study too: ``trials`` counts every process's trials (run or running), and this process runs
+    trials while fewer than that are counted — at most ``local_trials`` of them (None: no limit; 0: none, it
+    only waits, polling every ``poll_s`` s, until the workers have finished them) — before the final run."""
     cfg = copy.deepcopy(cfg).validate()
     BackboneTuneConfig(trials=trials, timeout_min=timeout_min).validate()
     if cfg.kind != "backbone":
         raise ConfigError(f"kind = {cfg.kind!r}: tune_backbone tunes backbone runs; start from "
                           "default_config('backbone').")
+    if local_trials is not None and (not isinstance(local_trials, int) or local_trials < 0):
+        raise ConfigError(f"local_trials = {local_trials!r} is invalid: expected None or an integer >= 0.")
     space = copy.deepcopy(space) if space is not None else BackboneSpace()
     space.validate()
     tracker = tracker if tracker is not None else Tracker(home)
@@ -239,7 +313,7 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
     parent = tracker.open_run(ENGINE, None, run_id, dataset_id=dataset_id,
                               **({"name": cfg.name, "tag": cfg.tag} if run_id is None else {}))
     name = study_name or f"{ENGINE}-{parent}"
-    url = storage_url(home)
+    url = shown_url(home)
     tracker.update_run(parent, config={"run": cfg.to_dict(), "space": space.to_dict(), "trials": trials,
                                        "timeout_min": timeout_min, "final": final, "study_name": name,
                                        "storage_url": url}, run_dir=None)
@@ -250,61 +324,49 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
             study = create_study(name, directions=["minimize"], home=home,
                                  sampler=sampler or optuna.samplers.TPESampler(seed=cfg.train.seed),
                                  pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-                                 user_attrs={"engine": ENGINE, "metric": "val_loss", "space": space.to_dict()})
+                                 user_attrs={"engine": ENGINE, "metric": "val_loss", "space": space.to_dict(),
+                                             "trials": trials})
             if study.directions != [optuna.study.StudyDirection.MINIMIZE]:
                 raise ConfigError(f"study {name!r} exists with directions {[d.name for d in study.directions]}: "
                                   "a backbone study minimises one value; choose another --study-name.")
             link_study(tracker, parent, study, home)
             deadline = time.monotonic() + 60.0 * timeout_min if timeout_min else None
+            ctx = StudyTrials(cfg, space, source, dataset_id, parent, name, tracker, home, cancel, user_cbs)
+            target = counted_trials(study) + trials  # a reopened study adds ``trials`` to what it has
 
             def run_trial(trial: optuna.Trial) -> dict[str, Any]:
-                params = space.suggest(trial)
-                tcfg = space.apply(cfg, params)
-                tcfg.tag = f"trial {trial.number}"
-                run_id = tracker.create_run(tcfg.kind, tcfg.to_dict(), name=tcfg.name, tag=tcfg.tag,
-                                            parent_id=parent, dataset_id=dataset_id)
-                tracker.update_run(run_id, run_dir=None)  # metrics only: trial weights are never saved
-                link_trial(trial, run_id, parent)
-                tracker.log_event(run_id, ev.TRIAL, {"study_name": name, "number": trial.number, "params": params})
                 t0 = time.perf_counter()
-                cbs = [TrackerCallback(tracker, run_id), *user_cbs, PruningCallback(trial, "val_loss")]
-                with live_run(run_id):
-                    try:
-                        res = train(tcfg, data=source, home=home, callbacks=cbs, cancel=cancel, run_id=run_id,
-                                    save=False, evaluate_test=False)
-                    except optuna.TrialPruned:
-                        frozen = study.tell(trial, state=TrialState.PRUNED)
-                    except BaseException:
-                        frozen = study.tell(trial, state=TrialState.FAIL)
-                        record(frozen, run_id, time.perf_counter() - t0)
-                        raise
-                    else:
-                        frozen = study.tell(trial, res.best_metrics.get("val_loss", math.nan))
-                return record(frozen, run_id, time.perf_counter() - t0)
-
-            def record(frozen, run_id: int, seconds: float) -> dict[str, Any]:
-                value = frozen.value if frozen.values else None
-                row = {"number": frozen.number, "state": frozen.state.name.lower(), "value": value,
-                       "params": dict(frozen.params), "run_id": run_id, "seconds": round(seconds, 3)}
-                rows.append(row)
-                tracker.log_event(parent, ev.TRIAL, row)
-                logs = {"trial_value": value} if value is not None and math.isfinite(value) else {}
                 try:
-                    logs["best_value"] = study.best_value
-                except ValueError:  # no complete trial yet
-                    pass
-                tracker.log_metrics(parent, logs, step=frozen.number)
+                    res = ctx.train_trial(trial)
+                except optuna.TrialPruned:
+                    frozen = study.tell(trial, state=TrialState.PRUNED)
+                except BaseException:
+                    frozen = study.tell(trial, state=TrialState.FAIL)
+                    rows.append(ctx.record(study, frozen, time.perf_counter() - t0))
+                    raise
+                else:
+                    frozen = study.tell(trial, res.best_metrics.get("val_loss", math.nan))
+                row = ctx.record(study, frozen, time.perf_counter() - t0)
+                rows.append(row)
                 if on_trial is not None:
                     on_trial(row)
                 return row
 
-            for i in range(trials):
+            local = 0
+            while counted_trials(study) < target:
                 cancel.check()
-                if i and deadline is not None and time.monotonic() >= deadline:  # like optimize(timeout=...)
+                if local and deadline is not None and time.monotonic() >= deadline:  # like optimize(timeout=...)
                     stop_reason = "timeout"
                     tracker.log_event(parent, ev.TIMEOUT, {"timeout_min": timeout_min, "trials_run": len(rows)})
                     break
+                if local_trials is not None and local >= local_trials:
+                    time.sleep(poll_s)  # the rest is the workers' (their trials count as they start)
+                    continue
                 run_trial(study.ask())
+                local += 1
+            while counted_trials(study) > finished_trials(study) and stop_reason is None:
+                cancel.check()  # wait for the workers' running trials before choosing the best
+                time.sleep(poll_s)
 
             best = None
             if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
@@ -320,6 +382,7 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
                           run_id=final_run_id)
                 if tracker.get_run(final_run_id).get("dataset_id") is None and dataset_id is not None:
                     tracker.update_run(final_run_id, dataset_id=dataset_id)  # train() drops it for given data
+            rows = study_rows(study, rows, parent)
             result = TuneResult(
                 parent_run_id=parent, study_name=name, storage_url=url,
                 best_params=dict(best.params) if best else None, best_value=best.value if best else None,
@@ -337,6 +400,21 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
         except BaseException as exc:  # noqa: BLE001 - recorded then re-raised
             _finish(tracker, parent, "failed", rows, error=f"{type(exc).__name__}: {exc}")
             raise
+
+
+def study_rows(study: optuna.Study, own: list[dict[str, Any]], parent: int) -> list[dict[str, Any]]:
+    """This process's trial rows plus the other finished trials of the study run for the same parent run (the
+    workers'), by number."""
+    mine = {r["number"]: r for r in own}
+    for t in study.get_trials(deepcopy=False):
+        if t.number in mine or t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) \
+                or t.user_attrs.get("parent_run_id") != parent:
+            continue
+        mine[t.number] = {"number": t.number, "state": t.state.name.lower(), "value": t.value if t.values else None,
+                          "params": dict(t.params), "run_id": t.user_attrs.get("run_id"),
+                          "seconds": round(t.duration.total_seconds(), 3) if t.duration is not None else None,
+                          **({"worker": t.user_attrs["worker"]} if t.user_attrs.get("worker") else {})}
+    return [mine[k] for k in sorted(mine)]
 
 
 def _finish(tracker: Tracker, parent: int, status: str, rows: list[dict], *, error: str | None = None,

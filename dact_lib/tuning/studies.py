@@ -1,7 +1,9 @@
 """Optuna plumbing shared by the tuning engines (backbone study, DACT pipeline, PBT).
 
-Studies live in the home's ``experiments.db`` next to the tracker's tables (:func:`dact_lib.home.optuna_storage_url`),
-so ``optuna-dashboard sqlite:///<home>/experiments.db`` shows them. Trials and tracker runs are linked both ways: a
+Studies live in the tracker's database next to its tables (:func:`dact_lib.home.optuna_storage_url`): the home's
+``experiments.db``, so ``optuna-dashboard sqlite:///<home>/experiments.db`` shows them, or the server database of
+``--db URL`` / ``$DACT_LAB_DB``. On a server database the storage runs Optuna's heartbeat and retries a trial whose
+process died (``RetryFailedTrialCallback``): workers on other machines (``python -m dact_lib worker``) share a study. Trials and tracker runs are linked both ways: a
 trial's user attr ``run_id`` names its tracker run, the study's user attr ``parent_run_id`` names the engine's
 parent run, and the parent run's summary carries ``study_name`` (:func:`link_study`).
 """
@@ -20,26 +22,54 @@ from .. import home as _home
 from ..callbacks import Callback, LoopState
 from .. import events as ev
 
-#: SQLite busy timeout of the Optuna connections (seconds), the same as the tracker's.
+#: SQLite busy timeout / server connect timeout of the Optuna connections (seconds), the same as the tracker's.
 STORAGE_TIMEOUT_S = 30
+#: On a server database: seconds between a running trial's heartbeats, and how long without one before another
+#: process fails the trial and enqueues its retry ($DACT_LAB_HEARTBEAT_S / $DACT_LAB_GRACE_S override them).
+HEARTBEAT_S = 10
+GRACE_S = 60
+#: How often a trial whose process died is retried.
+MAX_RETRY = 2
 
 _storages: dict[tuple[int, str], optuna.storages.RDBStorage] = {}
 _storages_lock = threading.Lock()
 
 
 def storage_url(home=None) -> str:
-    """``sqlite:///<home>/experiments.db``."""
+    """Optuna's URL of the tracker's database: ``sqlite:///<home>/experiments.db`` or ``postgresql+psycopg://…``."""
     return _home.optuna_storage_url(home)
 
 
+def shown_url(home=None) -> str:
+    """:func:`storage_url` without a password: what is recorded and shown."""
+    from ..tracker.db import mask
+
+    return mask(storage_url(home))
+
+
+def is_server(url: str) -> bool:
+    return not url.startswith("sqlite")
+
+
 def storage(home=None) -> optuna.storages.RDBStorage:
-    """The Optuna RDB storage of the home's experiments.db (30 s busy timeout); one per process and URL."""
-    url = storage_url(home)
+    """The Optuna RDB storage of the tracker's database; one per process and URL. SQLite: 30 s busy timeout.
+    A server database: heartbeats every ``HEARTBEAT_S`` s, a trial silent for ``GRACE_S`` s is failed and retried
+    up to ``MAX_RETRY`` times (by whichever process of the study starts its next trial)."""
+    url = shown_url(home)
     key = (os.getpid(), url)  # an SQLAlchemy engine must not cross a fork
     with _storages_lock:
         st = _storages.get(key)
         if st is None:
-            st = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": STORAGE_TIMEOUT_S}})
+            if is_server(url):
+                hb = int(os.environ.get("DACT_LAB_HEARTBEAT_S", HEARTBEAT_S))
+                grace = int(os.environ.get("DACT_LAB_GRACE_S", GRACE_S))
+                st = optuna.storages.RDBStorage(
+                    url, engine_kwargs={"pool_pre_ping": True,
+                                        "connect_args": {"connect_timeout": STORAGE_TIMEOUT_S}},
+                    heartbeat_interval=hb, grace_period=grace,
+                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY))
+            else:
+                st = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": STORAGE_TIMEOUT_S}})
             _storages[key] = st
         return st
 
@@ -140,7 +170,7 @@ def link_trial(trial: optuna.Trial, run_id: int, parent_run_id: int | None = Non
 def link_study(tracker, parent_run_id: int, study: optuna.Study, home=None) -> None:
     """Record the study on the engine's parent run (summary ``study_name``/``storage_url`` + a 'study' event) and the
     parent run on the study (user attr ``parent_run_id``)."""
-    url = storage_url(home if home is not None else tracker.home)
+    url = shown_url(home if home is not None else tracker.home)
     study.set_user_attr("parent_run_id", int(parent_run_id))
     summary = tracker.get_run(parent_run_id).get("summary") or {}
     summary.update(study_name=study.study_name, storage_url=url)
@@ -229,7 +259,7 @@ def list_studies(home=None) -> list[dict[str, Any]]:
     fail, running, waiting), the best value/params/trial/run (single objective) or the Pareto-optimal trials
     (``n_pareto``, ``pareto``: number, values, params, run_id), user attrs and ``parent_run_id``."""
     st = storage(home)
-    url = storage_url(home)
+    url = shown_url(home)
     out = []
     for frozen in st.get_all_studies():
         study = optuna.load_study(study_name=frozen.study_name, storage=st)
@@ -239,15 +269,31 @@ def list_studies(home=None) -> list[dict[str, Any]]:
 
 def dashboard_hint(home=None) -> str:
     """The command that opens the home's studies in optuna-dashboard."""
-    return f"optuna-dashboard {storage_url(home)}"
+    return f"optuna-dashboard {shown_url(home)}"
 
 
 def has_studies(home=None) -> bool:
-    """True when the home's experiments.db holds Optuna's tables — checked read-only, so asking never creates them
-    (:func:`list_studies` would, through the storage)."""
+    """True when the tracker's database holds Optuna's tables — checked read-only on SQLite, so asking never
+    creates them (:func:`list_studies` would, through the storage)."""
     import sqlite3
 
-    db = _home.db_path(home)
+    url = _home.db_url(home)
+    if is_server(url):
+        from ..tracker.db import Connection, db_errors
+
+        try:
+            con = Connection(url)
+        except Exception:  # noqa: BLE001 - an unreachable server: no studies to show
+            return False
+        try:
+            return con.has_table("studies")
+        except db_errors():
+            return False
+        finally:
+            con.close()
+    from ..tracker.db import sqlite_path
+
+    db = sqlite_path(url)
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
         try:

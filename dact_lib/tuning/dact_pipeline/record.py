@@ -123,7 +123,7 @@ def open_parent(pl, run_id: int | None = None) -> None:
         pl.parent = tr.open_run(PIPELINE_KIND, config, run_id, name=pipe.name, tag="pipeline",
                                 dataset_id=pl.dataset_id)
         pl.summary = {"pipeline": pipe.name, "study_names": pl.names, "stages_done": [], "stage_best": {},
-                        "study_name": pl.names["stage3"], "storage_url": studies.storage_url(pl.home)}
+                        "study_name": pl.names["stage3"], "storage_url": studies.shown_url(pl.home)}
         tr.update_run(pl.parent, summary=pl.summary)
         tr.log_event(pl.parent, ev.PIPELINE_START, {"name": pipe.name, "study_names": pl.names,
                                                      "pipeline": pipe.to_dict()})

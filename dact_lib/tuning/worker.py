@@ -1,0 +1,144 @@
+"""A worker: another process — on this machine or another one — that joins a running study and runs its trials.
+
+``python -m dact_lib worker --db postgresql://user@host/dactlab --study NAME`` (or :func:`run_worker`) is Optuna's
+own RDB distribution: ``load_study`` + ``optimize`` on the shared database. Everything a trial needs comes from the
+database — the study's parent run holds the run config and the search space, its dataset is stored in the tracker
+— so a worker needs no files from the machine that started the study, only the same encoder (the bundled one, or
+the same model name/path) and, for runs that write weights, the shared ``--artifacts DIR``. Each trial is a child
+run of the study's parent run (tracker rows in the same database, so the dashboard on any machine shows every
+worker's runs live), recorded with the worker's host and pid.
+
+On a server database the storage sends a heartbeat for every running trial (:func:`studies.storage`): when a
+worker dies mid-trial, the next trial any process of the study starts fails the silent trial and enqueues its
+retry (``RetryFailedTrialCallback``), which the next free worker runs with the same parameters. The dead worker's
+tracker run becomes 'interrupted' when a tracker on its host next opens the database.
+
+A worker stops when the study's trial budget (``trials`` of its parent run, counting every process's trials run or
+running) is reached, when the parent run is no longer running (finished, cancelled, failed), after
+``max_trials`` of its own, or when cancelled. Studies that can be spread this way: the backbone study
+(``tune-backbone``). The DACT pipeline's stages run in the process that started the pipeline.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ..callbacks import CancelToken
+from ..config import RunConfig
+from ..errors import Cancelled, DactLabError
+from . import studies
+from .backbone import ENGINE as BACKBONE, BackboneSpace, StudyTrials, counted_trials
+
+SUPPORTED = (BACKBONE,)
+
+
+def _load(study_name: str, home) -> optuna.Study:
+    st = studies.storage(home)
+    names = [s.study_name for s in st.get_all_studies()]
+    if study_name not in names:
+        shown = ", ".join(names[-10:]) or "none"
+        raise DactLabError(f"no study named {study_name!r} in {studies.shown_url(home)} (studies there: {shown}); "
+                           "start it first (e.g. tune-backbone --study-name NAME on the same --db), or check --db.")
+    return optuna.load_study(study_name=study_name, storage=st)
+
+
+def study_trials(study: optuna.Study, tracker, home, cancel: CancelToken, callbacks=None) -> StudyTrials:
+    """The :class:`StudyTrials` of a backbone study, rebuilt from its parent run in the tracker."""
+    from .backbone import source_data
+
+    engine = study.user_attrs.get("engine")
+    if engine not in SUPPORTED:
+        raise DactLabError(f"study {study.study_name!r} belongs to {engine or 'an unknown engine'!r}: workers run "
+                           f"the trials of {', '.join(SUPPORTED)} studies (the DACT pipeline's stages run in the "
+                           "process that started the pipeline).")
+    parent = study.user_attrs.get("parent_run_id")
+    if parent is None:
+        raise DactLabError(f"study {study.study_name!r} has no parent run yet: wait until its engine has started.")
+    run = tracker.get_run(int(parent))
+    conf = run.get("config") or {}
+    if not isinstance(conf, dict) or "run" not in conf:
+        raise DactLabError(f"run {parent} (the parent of study {study.study_name!r}) records no run config: it was "
+                           "started by an older version; start the study again.")
+    cfg = RunConfig.from_dict(conf["run"]).validate()
+    space = BackboneSpace.from_dict(conf.get("space"))
+    if run.get("dataset_id") is not None:  # the stored copy: the same rows on every machine
+        source = tracker.load_dataset(int(run["dataset_id"]))
+        cfg.data.dataset_id = int(run["dataset_id"])
+        cfg.data.path = None
+        source, _ = source_data(cfg, tracker, source)
+    else:
+        source, _ = source_data(cfg, tracker)
+    return StudyTrials(cfg, space, source, run.get("dataset_id"), int(parent), study.study_name, tracker, home,
+                       cancel, list(callbacks or []))
+
+
+def run_worker(study_name: str, *, home=None, tracker=None, max_trials: int | None = None,
+               cancel: CancelToken | None = None, callbacks=None, wait_s: float = 0.0) -> dict[str, Any]:
+    """Run trials of the study ``study_name`` until its budget is reached (see the module docstring). ``wait_s``:
+    how long to wait for the study to appear (a worker started before the study). Returns what this worker did:
+    ``trials`` (rows: number, state, value, params, run_id, seconds) and ``stop_reason``."""
+    from ..tracker import Tracker
+
+    tracker = tracker if tracker is not None else Tracker(home)
+    home = tracker.home
+    cancel = cancel or CancelToken()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            study = _load(study_name, home)
+            ctx = study_trials(study, tracker, home, cancel, callbacks)
+            break
+        except DactLabError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
+    budget = int(study.user_attrs.get("trials") or (tracker.get_run(ctx.parent).get("config") or {}).get("trials")
+                 or 0)
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    rows: list[dict[str, Any]] = []
+    reason = {"why": None}
+
+    def parent_running() -> bool:
+        return tracker.get_run(ctx.parent)["status"] in ("queued", "running")
+
+    def should_stop() -> str | None:
+        if cancel.cancelled:
+            return "cancelled"
+        if not parent_running():
+            return "the study's parent run is no longer running"
+        if budget and counted_trials(study) >= budget:
+            return "the study's trial budget is reached"
+        if max_trials is not None and len(rows) >= max_trials:
+            return f"{max_trials} trial(s) run by this worker"
+        return None
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", me)
+        res = ctx.train_trial(trial)
+        value = float(res.best_metrics.get("val_loss", math.nan))
+        return value
+
+    def after(study: optuna.Study, frozen) -> None:
+        rows.append(ctx.record(study, frozen))
+        why = should_stop()
+        if why:
+            reason["why"] = why
+            study.stop()
+
+    reason["why"] = should_stop()
+    if reason["why"] is None:
+        try:
+            # catch: a failing trial is recorded FAIL and the worker goes on with the next one
+            study.optimize(objective, callbacks=[after], catch=(Exception,), gc_after_trial=True)
+        except Cancelled:
+            reason["why"] = "cancelled"
+    states = [r["state"] for r in rows]
+    return {"study_name": study_name, "parent_run_id": ctx.parent, "worker": me, "trials": rows,
+            "counts": {s: states.count(s) for s in dict.fromkeys(states)}, "stop_reason": reason["why"],
+            "complete": sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)}
