@@ -129,7 +129,10 @@ def test_cancellation_stops_the_trial_and_the_study(home):
     runs = sorted(tracker.list_runs(parent_id=parent["id"]), key=lambda r: r["id"])
     assert [r["status"] for r in runs] == ["finished", "cancelled"]  # no third trial, no final run
     study = optuna.load_study(study_name=parent["config"]["study_name"], storage=optuna_storage_url(home))
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    ran = [t for t in study.trials if "skipped" not in t.user_attrs]
+    assert [t.state for t in ran] == [TrialState.COMPLETE, TrialState.FAIL]
+    # the budget's other slots are closed (FAIL, skipped: cancelled), so no worker runs them
+    assert [(t.state, t.user_attrs["skipped"]) for t in study.trials[2:]] == [(TrialState.FAIL, "cancelled")] * 2
 
 
 def test_timeout_ends_the_study_after_the_running_trial(home):

@@ -9,6 +9,7 @@ MedianPruner stops poor trials from the per-epoch ``val_loss`` (:class:`~dact_li
 from __future__ import annotations
 
 import copy
+import logging
 import dataclasses
 import math
 import time
@@ -24,10 +25,12 @@ from ..data import DatasetSplit, TextDataset
 from ..errors import Cancelled, ConfigError, DactLabError
 from ..tracker import Tracker, TrackerCallback
 from ..train import load_split, train
+from . import studies
 from .studies import PruningCallback, create_study, link_study, link_trial, live_run, shown_url
 from .. import events as ev
 
 ENGINE = "tune-backbone"
+log = logging.getLogger(__name__)
 
 
 def _is_num(x: Any) -> bool:
@@ -256,17 +259,33 @@ class StudyTrials:
         return row
 
 
-#: the trial states a study's trial budget counts (a FAIL is retried or raised, a WAITING one is still to run)
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+def waiting(study: optuna.Study) -> list:
+    """The study's trials still to run: the slots its engine enqueued and the retries of dead processes' trials."""
+    return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
 
-def counted_trials(study: optuna.Study) -> int:
-    """Trials run or running, by any process of the study: what the budget ``trials`` is compared with."""
-    return len(study.get_trials(deepcopy=False, states=COUNTED))
+def running(study: optuna.Study) -> list:
+    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
-def finished_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+def enqueue_slots(study: optuna.Study, n: int, parent: int) -> None:
+    """The study's budget as ``n`` WAITING trials (no parameters fixed: the sampler chooses them when a process
+    takes one). Whoever runs trials — this process, workers — takes a slot (``study.ask()`` pops them
+    atomically on the database), so together they run exactly ``n``."""
+    for _ in range(n):
+        study.enqueue_trial({}, user_attrs={"slot_of": int(parent)})
+
+
+def drop_slots(study: optuna.Study, why: str) -> int:
+    """The slots no process has taken yet become FAIL (``skipped``: why), so no worker runs them. Returns how
+    many."""
+    n = 0
+    for _ in waiting(study):
+        trial = study.ask()
+        trial.set_user_attr("skipped", why)
+        study.tell(trial, state=TrialState.FAIL)
+        n += 1
+    return n
 
 
 def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None = None,
@@ -288,9 +307,10 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
     queued job's) to use as the parent run instead of creating one; its config is replaced by the study's.
 
     Workers (``python -m dact_lib worker --study NAME``, other processes or machines on the same database) may
-    run trials of the study too: ``trials`` counts every process's trials (run or running), and this process runs
-    trials while fewer than that are counted — at most ``local_trials`` of them (None: no limit; 0: none, it
-    only waits, polling every ``poll_s`` s, until the workers have finished them) — before the final run."""
+    run trials of the study too: the budget is ``trials`` slots (WAITING trials) that any process takes, so all
+    together run exactly ``trials``; this process runs slots too — at most ``local_trials`` of them (None: no
+    limit; 0: none, it only waits, polling every ``poll_s`` s) — and waits for the workers' running trials (a dead
+    worker's trial is retried, :func:`studies.storage`) before the final run."""
     cfg = copy.deepcopy(cfg).validate()
     BackboneTuneConfig(trials=trials, timeout_min=timeout_min).validate()
     if cfg.kind != "backbone":
@@ -324,15 +344,15 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
             study = create_study(name, directions=["minimize"], home=home,
                                  sampler=sampler or optuna.samplers.TPESampler(seed=cfg.train.seed),
                                  pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-                                 user_attrs={"engine": ENGINE, "metric": "val_loss", "space": space.to_dict(),
-                                             "trials": trials})
+                                 user_attrs={"engine": ENGINE, "metric": "val_loss", "space": space.to_dict()})
             if study.directions != [optuna.study.StudyDirection.MINIMIZE]:
                 raise ConfigError(f"study {name!r} exists with directions {[d.name for d in study.directions]}: "
                                   "a backbone study minimises one value; choose another --study-name.")
-            link_study(tracker, parent, study, home)
+            drop_slots(study, "left by an earlier run of the study")
+            enqueue_slots(study, trials, parent)  # the budget; workers take slots too (tuning/worker.py) ...
+            link_study(tracker, parent, study, home)  # ... once the study names its parent run
             deadline = time.monotonic() + 60.0 * timeout_min if timeout_min else None
             ctx = StudyTrials(cfg, space, source, dataset_id, parent, name, tracker, home, cancel, user_cbs)
-            target = counted_trials(study) + trials  # a reopened study adds ``trials`` to what it has
 
             def run_trial(trial: optuna.Trial) -> dict[str, Any]:
                 t0 = time.perf_counter()
@@ -353,20 +373,21 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
                 return row
 
             local = 0
-            while counted_trials(study) < target:
+            # run slots while there are any (at most local_trials of them here); then wait for the workers'
+            # running trials — one whose process dies comes back as a retry (a slot), after its grace period
+            while waiting(study) or running(study):
                 cancel.check()
-                if local and deadline is not None and time.monotonic() >= deadline:  # like optimize(timeout=...)
-                    stop_reason = "timeout"
+                if (local or local_trials == 0) and deadline is not None and time.monotonic() >= deadline:
+                    stop_reason = "timeout"  # like optimize(timeout=...): no new trial after the budget
+                    drop_slots(study, f"time budget of {timeout_min:g} min reached")
                     tracker.log_event(parent, ev.TIMEOUT, {"timeout_min": timeout_min, "trials_run": len(rows)})
                     break
-                if local_trials is not None and local >= local_trials:
-                    time.sleep(poll_s)  # the rest is the workers' (their trials count as they start)
+                if waiting(study) and (local_trials is None or local < local_trials):
+                    run_trial(study.ask())
+                    local += 1
                     continue
-                run_trial(study.ask())
-                local += 1
-            while counted_trials(study) > finished_trials(study) and stop_reason is None:
-                cancel.check()  # wait for the workers' running trials before choosing the best
                 time.sleep(poll_s)
+                studies.fail_dead_trials(study)  # a dead worker's trial -> FAIL + its retry
 
             best = None
             if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
@@ -394,12 +415,23 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
             _finish(tracker, parent, "finished", rows, result=result)
             return result
         except Cancelled as exc:
+            _drop_slots_quietly(locals().get("study"), "cancelled")
             tracker.log_event(parent, ev.CANCELLED, {"reason": str(exc), "trials_run": len(rows)})
             _finish(tracker, parent, "cancelled", rows, error=str(exc))
             raise
         except BaseException as exc:  # noqa: BLE001 - recorded then re-raised
+            _drop_slots_quietly(locals().get("study"), f"the study failed: {type(exc).__name__}")
             _finish(tracker, parent, "failed", rows, error=f"{type(exc).__name__}: {exc}")
             raise
+
+
+def _drop_slots_quietly(study, why: str) -> None:
+    if study is None:
+        return
+    try:
+        drop_slots(study, why)
+    except Exception as exc:  # noqa: BLE001 - the original error is what the user needs
+        log.warning("could not drop the study's remaining slots: %s", exc)
 
 
 def study_rows(study: optuna.Study, own: list[dict[str, Any]], parent: int) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 Studies live in the tracker's database next to its tables (:func:`dact_lib.home.optuna_storage_url`): the home's
 ``experiments.db``, so ``optuna-dashboard sqlite:///<home>/experiments.db`` shows them, or the server database of
 ``--db URL`` / ``$DACT_LAB_DB``. On a server database the storage runs Optuna's heartbeat and retries a trial whose
-process died (``RetryFailedTrialCallback``): workers on other machines (``python -m dact_lib worker``) share a study. Trials and tracker runs are linked both ways: a
+process died (``RetryHeartbeatStaleTrialCallback``): workers on other machines (``python -m dact_lib worker``) share a study. Trials and tracker runs are linked both ways: a
 trial's user attr ``run_id`` names its tracker run, the study's user attr ``parent_run_id`` names the engine's
 parent run, and the parent run's summary carries ``study_name`` (:func:`link_study`).
 """
@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import threading
+import warnings
 from typing import Any, Iterator
 
 import optuna
@@ -63,11 +64,13 @@ def storage(home=None) -> optuna.storages.RDBStorage:
             if is_server(url):
                 hb = int(os.environ.get("DACT_LAB_HEARTBEAT_S", HEARTBEAT_S))
                 grace = int(os.environ.get("DACT_LAB_GRACE_S", GRACE_S))
-                st = optuna.storages.RDBStorage(
-                    url, engine_kwargs={"pool_pre_ping": True,
-                                        "connect_args": {"connect_timeout": STORAGE_TIMEOUT_S}},
-                    heartbeat_interval=hb, grace_period=grace,
-                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY))
+                with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna (since 2.8)
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+                    st = optuna.storages.RDBStorage(
+                        url, engine_kwargs={"pool_pre_ping": True,
+                                            "connect_args": {"connect_timeout": STORAGE_TIMEOUT_S}},
+                        heartbeat_interval=hb, grace_period=grace, heartbeat_stale_trial_callback=retry)
             else:
                 st = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": STORAGE_TIMEOUT_S}})
             _storages[key] = st
@@ -303,3 +306,11 @@ def has_studies(home=None) -> bool:
             con.close()
     except sqlite3.Error:
         return False
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Optuna's heartbeat check (``optuna.storages.fail_stale_trials``): RUNNING trials of a heartbeat storage
+    whose process has been silent for the grace period -> FAIL, and their retries enqueued. No-op on SQLite."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)

@@ -13,8 +13,10 @@ worker dies mid-trial, the next trial any process of the study starts fails the 
 retry (``RetryFailedTrialCallback``), which the next free worker runs with the same parameters. The dead worker's
 tracker run becomes 'interrupted' when a tracker on its host next opens the database.
 
-A worker stops when the study's trial budget (``trials`` of its parent run, counting every process's trials run or
-running) is reached, when the parent run is no longer running (finished, cancelled, failed), after
+The study's budget is a number of slots (WAITING trials the engine enqueued; :func:`backbone.enqueue_slots`): every
+process takes slots until none is left, so together they run exactly that many trials. A worker stops when no
+slot is left and no other process's trial is still running (one that dies comes back as a retry), when the parent
+run is no longer running (finished, cancelled, failed), after
 ``max_trials`` of its own, or when cancelled. Studies that can be spread this way: the backbone study
 (``tune-backbone``). The DACT pipeline's stages run in the process that started the pipeline.
 """
@@ -33,9 +35,13 @@ from ..callbacks import CancelToken
 from ..config import RunConfig
 from ..errors import Cancelled, DactLabError
 from . import studies
-from .backbone import ENGINE as BACKBONE, BackboneSpace, StudyTrials, counted_trials
+from .backbone import ENGINE as BACKBONE, BackboneSpace, StudyTrials, running, waiting
 
 SUPPORTED = (BACKBONE,)
+
+
+class _NoSlot(Exception):
+    """A trial asked for when every slot of the study was already taken (recorded FAIL, ``skipped``)."""
 
 
 def _load(study_name: str, home) -> optuna.Study:
@@ -79,7 +85,8 @@ def study_trials(study: optuna.Study, tracker, home, cancel: CancelToken, callba
 
 
 def run_worker(study_name: str, *, home=None, tracker=None, max_trials: int | None = None,
-               cancel: CancelToken | None = None, callbacks=None, wait_s: float = 0.0) -> dict[str, Any]:
+               cancel: CancelToken | None = None, callbacks=None, wait_s: float = 0.0,
+               poll_s: float = 1.0) -> dict[str, Any]:
     """Run trials of the study ``study_name`` until its budget is reached (see the module docstring). ``wait_s``:
     how long to wait for the study to appear (a worker started before the study). Returns what this worker did:
     ``trials`` (rows: number, state, value, params, run_id, seconds) and ``stop_reason``."""
@@ -98,8 +105,6 @@ def run_worker(study_name: str, *, home=None, tracker=None, max_trials: int | No
             if time.monotonic() >= deadline:
                 raise
             time.sleep(1.0)
-    budget = int(study.user_attrs.get("trials") or (tracker.get_run(ctx.parent).get("config") or {}).get("trials")
-                 or 0)
     me = f"{socket.gethostname()}:{os.getpid()}"
     rows: list[dict[str, Any]] = []
     reason = {"why": None}
@@ -108,24 +113,33 @@ def run_worker(study_name: str, *, home=None, tracker=None, max_trials: int | No
         return tracker.get_run(ctx.parent)["status"] in ("queued", "running")
 
     def should_stop() -> str | None:
-        if cancel.cancelled:
-            return "cancelled"
-        if not parent_running():
-            return "the study's parent run is no longer running"
-        if budget and counted_trials(study) >= budget:
-            return "the study's trial budget is reached"
-        if max_trials is not None and len(rows) >= max_trials:
-            return f"{max_trials} trial(s) run by this worker"
-        return None
+        """None while there is work: a slot (or a retry) is waiting, or another process's trial is still running
+        (it may die and come back as a retry: wait for it, polling)."""
+        while True:
+            if cancel.cancelled:
+                return "cancelled"
+            if not parent_running():
+                return "the study's parent run is no longer running"
+            if max_trials is not None and len(rows) >= max_trials:
+                return f"{max_trials} trial(s) run by this worker"
+            studies.fail_dead_trials(study)  # a dead process's trial -> FAIL + its retry (WAITING)
+            if waiting(study):
+                return None
+            if not running(study):
+                return "every trial of the study has run"
+            time.sleep(poll_s)
 
     def objective(trial: optuna.Trial) -> float:
+        if "slot_of" not in trial.user_attrs:  # another process took the last slot between our check and ask()
+            trial.set_user_attr("skipped", "no slot left")
+            raise _NoSlot("no slot left: the study's budget is taken")
         trial.set_user_attr("worker", me)
         res = ctx.train_trial(trial)
-        value = float(res.best_metrics.get("val_loss", math.nan))
-        return value
+        return float(res.best_metrics.get("val_loss", math.nan))
 
     def after(study: optuna.Study, frozen) -> None:
-        rows.append(ctx.record(study, frozen))
+        if not frozen.user_attrs.get("skipped"):
+            rows.append(ctx.record(study, frozen))
         why = should_stop()
         if why:
             reason["why"] = why
