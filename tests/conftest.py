@@ -49,12 +49,13 @@ def _live_run_ids_restored():
 @pytest.fixture(scope="session")
 def pg_server():
     """A throw-away PostgreSQL cluster for the test session (tests/pg_server.py). Skips with the reason where
-    PostgreSQL or psycopg is missing — except in CI ($CI set), where that is a failure."""
+    PostgreSQL or psycopg is missing — except in CI ($DACT_LAB_REQUIRE_SERVERS, set by .ci/run), where that is a
+    failure."""
     import pg_server as pgs
 
     reason = pgs.missing_reason()
     if reason:
-        if os.environ.get("CI"):
+        if os.environ.get("DACT_LAB_REQUIRE_SERVERS"):
             pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
         pytest.skip(reason)
     srv = pgs.start()

@@ -3,8 +3,8 @@
 :func:`start` runs ``initdb`` in a temporary directory (as the ``postgres`` user when the tests run as root:
 PostgreSQL refuses to run as root), starts the server on 127.0.0.1 and a free port, creates a database and returns
 its URL; :func:`stop` shuts it down and removes the directory. Nothing outside the temporary directory is touched.
-Where PostgreSQL is not installed the tests that need it skip with the reason — except in CI (``$CI`` set, as
-``.ci/run`` sets it), where a missing server is a failure.
+Where PostgreSQL is not installed the tests that need it skip with the reason — except in CI
+(``$DACT_LAB_REQUIRE_SERVERS``, set by ``.ci/run``), where a missing server is a failure.
 """
 from __future__ import annotations
 

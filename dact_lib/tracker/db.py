@@ -136,7 +136,7 @@ class Connection:
                 import psycopg
             except ImportError as exc:
                 raise DactLabError(f"{mask(url)} is a PostgreSQL database: install its driver with "
-                                   "pip install \"psycopg[binary]\" (or pip install -e '.[scale]').") from exc
+                                   "pip install \"psycopg[binary]\" (or pip install -e '.[postgres]').") from exc
             try:
                 self.raw = psycopg.connect(libpq_url(url), autocommit=True, connect_timeout=int(BUSY_TIMEOUT_S))
             except psycopg.OperationalError as exc:
