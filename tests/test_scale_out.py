@@ -206,3 +206,49 @@ def test_server_url_without_the_server_says_what_to_check(home):
         Tracker(home, db="postgresql://nobody:secret@127.0.0.1:1/none")
     except DactLabError as exc:
         assert "secret" not in str(exc)  # the password is never shown
+
+
+def test_database_url_resolution_masking_and_types(home, monkeypatch):
+    from dact_lib.tracker import db
+
+    monkeypatch.delenv("DACT_LAB_DB", raising=False)
+    assert db.resolve_url(None, home) == f"sqlite:///{home / 'experiments.db'}"
+    monkeypatch.setenv("DACT_LAB_DB", "postgresql://u:pw@h:5433/x")
+    assert db.resolve_url(None, home) == "postgresql://u:pw@h:5433/x"
+    assert db.resolve_url("postgres://u@h/x", home) == "postgres://u@h/x" and db.dialect("postgres://u@h/x") == "postgresql"
+    assert db.mask("postgresql://u:pw@h:5433/x") == "postgresql://u:***@h:5433/x"
+    assert db.optuna_url("postgresql://u@h/x") == "postgresql+psycopg://u@h/x"
+    assert db.libpq_url("postgresql+psycopg://u@h/x") == "postgresql://u@h/x"
+    assert db.column_type("INTEGER PRIMARY KEY AUTOINCREMENT", "postgresql") == "BIGSERIAL PRIMARY KEY"
+    assert db.column_type("REAL", "postgresql") == "DOUBLE PRECISION"  # not float4: timestamps keep their µs
+    assert db.column_type("TEXT UNIQUE", "postgresql") == "TEXT UNIQUE" and db.column_type("BLOB", "postgresql") == "BYTEA"
+    assert db.column_type("REAL", "sqlite") == "REAL"
+
+
+def test_home_studies_and_artifacts_follow_the_database(home, pg_url, tmp_path, monkeypatch):
+    from dact_lib import home as home_mod
+    from dact_lib.tuning import studies
+
+    assert home_mod.optuna_storage_url(home).startswith("postgresql+psycopg://")
+    assert not studies.has_studies(home)
+    studies.create_study("s1", directions=["minimize"], home=home)
+    assert studies.has_studies(home) and [r["name"] for r in studies.list_studies(home)] == ["s1"]
+    shared = tmp_path / "shared-artifacts"
+    monkeypatch.setenv("DACT_LAB_ARTIFACTS", str(shared))
+    tr = Tracker(home)
+    rid = tr.create_run("backbone", None)
+    assert tr.run_dir(rid) == shared / "runs" / str(rid) and tr.get_run(rid)["run_dir"] == str(shared / "runs" / str(rid))
+    tr.delete_run(rid, force=True)
+    assert not (shared / "runs" / str(rid)).exists()
+
+
+def test_cli_db_command_on_postgresql(home, pg_url, capsys):
+    from dact_lib.cli import main
+
+    assert main(["db", "--home", str(home), "--db", pg_url, "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert info["dialect"] == "postgresql" and info["tables"]["runs"] == 0
+    assert main(["db", "--home", str(home), "--db", "mysql://x/y"]) == 2
+    assert "postgresql://user@host" in capsys.readouterr().err
