@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DB_NAME = "experiments.db"
+DB_NAME = "experiments.db"  # = tracker.db.DB_NAME (tests/test_scale_out.py checks they agree)
 
 
 def resolve_home(home: str | os.PathLike | None = None) -> Path:

@@ -50,6 +50,7 @@ def dact_run(tmp_path_factory):
     cfg.data.max_rows, cfg.data.max_seq_len, cfg.train.epochs = 120, 32, 1
     cfg.train.freeze_layers = 1
     cfg.model.fit_halting = False
+    cfg.model.exit_refit_epochs = 0  # the refit after training would retrain the frozen layer-1 classifier
     cfg.model.halting.hidden_dims = []
     cfg.validate()
     split, _ = load_split(cfg, None, None)

@@ -212,7 +212,10 @@ def test_database_url_resolution_masking_and_types(home, monkeypatch):
     from dact_lib.tracker import db
 
     monkeypatch.delenv("DACT_LAB_DB", raising=False)
-    assert db.resolve_url(None, home) == f"sqlite:///{home / 'experiments.db'}"
+    from dact_lib import home as home_mod
+
+    assert db.resolve_url(None, home) == f"sqlite:///{home_mod.db_path(home)}"  # the same file the home names
+    assert db.DB_NAME == home_mod.DB_NAME
     monkeypatch.setenv("DACT_LAB_DB", "postgresql://u:pw@h:5433/x")
     assert db.resolve_url(None, home) == "postgresql://u:pw@h:5433/x"
     assert db.resolve_url("postgres://u@h/x", home) == "postgres://u@h/x" and db.dialect("postgres://u@h/x") == "postgresql"

@@ -260,7 +260,9 @@ def test_each_kind_trains_and_records(home, kind):
         tr_ex = m[m.name == "train_avg_exit_layer"]["value"]
         assert len(tr_ex) == len(m[m.name == "train_loss"]) and (tr_ex == 1.0).all()
         ex = m[m.name == "val_avg_exit_layer"]["value"]
-        assert len(ex) == cfg.train.epochs and (ex == 1.0).all()
+        # one evaluation per epoch, and one more of the model as saved after the refit of the exits
+        assert cfg.model.exit_refit_epochs > 0 and res.report["exit_refit"]
+        assert len(ex) == cfg.train.epochs + 1 and (ex == 1.0).all()
         assert res.test_metrics["test_avg_exit_layer"] == 1.0
         assert res.report["exit_histogram"] == {1: 12}
         assert res.test_metrics["test_ponder"] == pytest.approx(0.0, abs=1e-6)  # rho = p_1 + p_2 ~ 0

@@ -28,14 +28,13 @@ from urllib.parse import urlsplit, urlunsplit
 from ..errors import DactLabError
 
 ENV_VAR = "DACT_LAB_DB"
+DB_NAME = "experiments.db"  # the home's database file (dact_lib.home.DB_NAME is this name)
 DIALECTS = ("sqlite", "postgresql")
 BUSY_TIMEOUT_S = 30.0
 
 
 def resolve_url(db: str | os.PathLike | None, home: Path) -> str:
     """The database URL: ``db`` > ``$DACT_LAB_DB`` > the home's experiments.db. A bare file path means SQLite."""
-    from ..home import DB_NAME
-
     raw = str(db) if db not in (None, "") else os.environ.get(ENV_VAR, "")
     if not raw:
         return f"sqlite:///{Path(home) / DB_NAME}"
@@ -69,7 +68,7 @@ def mask(url: str) -> str:
         return url
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     return url
 
 
