@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("backbone", "dact", "multitask"), default=None)
     _data_args(p)
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--evals-per-epoch", default=None, metavar="N|auto",
+                   help="validations per epoch (default auto: one more per 500 steps of a long epoch)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--ponder-lambda", type=float, default=None, help="DACT ponder penalty λ")
     p.add_argument("--layer-loss-weight", type=float, default=None,

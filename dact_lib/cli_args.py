@@ -71,6 +71,10 @@ def config_and_options(args, kind_default: str = "backbone"):
         v = getattr(args, flag, None)
         if v is not None:
             setattr(cfg.train, target, v)
+    per_epoch = getattr(args, "evals_per_epoch", None)
+    if per_epoch is not None:
+        cfg.train.evals_per_epoch = per_epoch if per_epoch == "auto" else \
+            int(per_epoch) if str(per_epoch).isdigit() else per_epoch  # validate() names a bad value
     if getattr(args, "ponder_lambda", None) is not None:
         if cfg.kind != "dact":
             raise DactLabError("--ponder-lambda only applies to --kind dact.")

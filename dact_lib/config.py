@@ -328,7 +328,12 @@ class TrainConfig:
     # best checkpoint and finishes with stop_reason "time limit". PBT members and multi-task runs use it as their
     # timeout. None = no limit.
     time_limit_min: float | None = None
-    eval_every_steps: int | None = None  # None = evaluate at the end of every epoch
+    eval_every_steps: int | None = None  # every this many steps instead of per epoch (PBT's ready interval)
+    # without eval_every_steps: validation this many times per epoch, evenly spaced, the last at the epoch's end.
+    # "auto" = once per epoch up to AUTO_EVAL_STEPS steps per epoch, then one more per AUTO_EVAL_STEPS steps (at
+    # most 10): long epochs show validation points early. Early stopping's patience, trend window and
+    # min_epochs stay counted in epochs (× the evaluations per epoch).
+    evals_per_epoch: int | str = "auto"
     log_every_steps: int = 10
     # a resume checkpoint (weights, optimizer, step, early stopping, RNG) at every evaluation of a saved run:
     # ``train --resume RUN`` continues an interrupted run from it; deleted when the run finishes
@@ -362,6 +367,9 @@ class TrainConfig:
             check_pos(f"{name}.time_limit_min", self.time_limit_min)
         if self.eval_every_steps is not None:
             check_int(f"{name}.eval_every_steps", self.eval_every_steps, 1)
+        v = self.evals_per_epoch
+        check(v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100),
+              f"{name}.evals_per_epoch", v, "expected 'auto' or a whole number from 1 to 100")
         check_int(f"{name}.log_every_steps", self.log_every_steps, 1)
         check_int(f"{name}.seed", self.seed, 0)
         check(self.device in DEVICES, f"{name}.device", self.device, f"choose one of {DEVICES}")
@@ -712,6 +720,18 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         except ValueError:
             raise ConfigError(f"{path} = {value!r} is invalid: expected a number.") from None
     return value
+
+
+AUTO_EVAL_STEPS = 500  # train.evals_per_epoch = "auto": one validation per this many steps of a long epoch
+
+
+def evals_per_epoch(tc: "TrainConfig", steps_per_epoch: int) -> int:
+    """How many validations an epoch of ``steps_per_epoch`` steps gets (1 with ``eval_every_steps``)."""
+    if tc.eval_every_steps:
+        return 1
+    if tc.evals_per_epoch == "auto":
+        return int(min(10, max(1, math.ceil(steps_per_epoch / AUTO_EVAL_STEPS))))
+    return int(min(tc.evals_per_epoch, max(1, steps_per_epoch)))
 
 
 def default_config(kind: str = "backbone", **overrides: Any) -> RunConfig:

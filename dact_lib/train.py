@@ -7,6 +7,7 @@ Everything it reports goes through the callbacks (``callbacks.py``): tracker, pr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 import traceback
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .callbacks import Callback, CallbackList, CancelToken, LoopState
-from .config import EarlyStoppingConfig, RunConfig, TrainConfig
+from .config import EarlyStoppingConfig, RunConfig, TrainConfig, evals_per_epoch
 from .data import DatasetSplit, TextDataset, encode, iter_batches, load_demo_dataset, num_batches, read_csv, split_dataset
 from .errors import Cancelled, DactLabError
 from .evaluate import autocast_for, evaluate_encoded, full_report, metrics_of
@@ -201,8 +202,15 @@ class EarlyStopping:
     a negative trend (every one of the last ``trend_window`` values worse than the one before). Never stops
     before ``min_epochs`` evaluations have been made."""
 
-    def __init__(self, cfg: EarlyStoppingConfig) -> None:
+    def __init__(self, cfg: EarlyStoppingConfig, per_epoch: int = 1) -> None:
+        """``per_epoch`` validations per epoch: patience, trend window and min_epochs count epochs, so they are
+        multiplied by it."""
+        if per_epoch > 1:
+            cfg = dataclasses.replace(cfg, patience=cfg.patience * per_epoch,
+                                      trend_window=cfg.trend_window * per_epoch,
+                                      min_epochs=cfg.min_epochs * per_epoch)
         self.cfg = cfg
+        self.per_epoch = per_epoch
         self.minimise = lower_is_better(cfg.metric)
         self.raw: list[float] = []
         self.smoothed: list[float] = []
@@ -362,7 +370,7 @@ def seed_everything(seed: int) -> None:
 def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, home=None, tracker=None,
           callbacks: list[Callback] | None = None, cancel: CancelToken | None = None, run_id: Any = None,
           parent_id: Any = None, save: bool = True, evaluate_test: bool = True, model: nn.Module | None = None,
-          tokenizer=None, resume: bool = False) -> TrainResult:
+          tokenizer=None, resume: bool = False, resume_state: dict | None = None) -> TrainResult:
     """Train one model described by ``cfg``; see the module docstring. With a ``tracker`` the run, its metrics,
     events and artefacts are recorded (a run row is created unless ``run_id`` is given). Raises
     :class:`Cancelled` when ``cancel`` is set (after recording status 'cancelled').
@@ -370,7 +378,11 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
     ``resume=True`` (with the ``run_id`` of an interrupted, cancelled or failed run and its tracker) continues
     that run from its last resume checkpoint (:data:`RESUME_FILE`, written at every evaluation): weights, optimizer,
     step, epoch, early-stopping state, best metrics and RNG state are restored, the metrics it logged after that
-    checkpoint are dropped, and training carries on as if it had not stopped (same batches, same dropout masks)."""
+    checkpoint are dropped, and training carries on as if it had not stopped (same batches, same dropout masks).
+
+    ``resume_state`` (a dict in the :data:`RESUME_FILE` format, held in memory) continues from that state instead
+    of a run's resume checkpoint, with or without a tracker: PBT on Ray (``tuning/pbt_ray.py``) restores a member
+    from a Ray checkpoint this way — its own, or a donor's weights and optimizer at the member's own step."""
     cfg.validate()
     tc = cfg.train
     cancel = cancel or CancelToken()
@@ -387,7 +399,9 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
     cbs = CallbackList(list(callbacks or []))
     run_dir = None
     resumed: dict | None = None
-    if resume:
+    if resume_state is not None:
+        resumed = resume_state
+    elif resume:
         resumed = load_resume_state(tracker, run_id)
     if tracker is not None:
         from .tracker import TrackerCallback, liveness
@@ -458,7 +472,10 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                            train_size=len(enc_train))
         state.set_lr_schedule(warmup_linear(total, tc.warmup_ratio))
         memory = BatchSizeManager(tc.batch_size, tc.min_batch_size, tc.max_batch_size)
-        stopper = EarlyStopping(tc.early_stopping)
+        per_epoch = evals_per_epoch(tc, steps_per_epoch)
+        # mid-epoch validations (evals_per_epoch > 1): after these batches of every epoch; the last is its end
+        mid_evals = {round(j * steps_per_epoch / per_epoch) for j in range(1, per_epoch)}
+        stopper = EarlyStopping(tc.early_stopping, per_epoch)
         start_epoch, skip_batches, stop = 0, 0, False
         if resumed is not None:
             model.load_state_dict(resumed["model"])
@@ -481,7 +498,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         cbs.on_event(state, ev.START, {"train": len(enc_train), "val": len(enc_val),
                                       "test": len(enc_test) if enc_test is not None else 0, "device": str(device),
                                       "precision": resolve_precision(tc.precision, device),
-                                      "steps": total, "steps_per_epoch": steps_per_epoch, "labels": label_maps})
+                                      "steps": total, "steps_per_epoch": steps_per_epoch, "labels": label_maps,
+                                      "evals_per_epoch": per_epoch})
 
         def save_resume(epoch: int, batch: int, stopping: bool) -> None:
             """The resume checkpoint: what the loop needs to go on with batch ``batch`` of epoch ``epoch``."""
@@ -572,7 +590,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                     cbs.on_step(state, logs)
                 else:
                     cbs.on_step(state, {})
-                evaluated = bool(tc.eval_every_steps and state.step % tc.eval_every_steps == 0)
+                evaluated = bool(tc.eval_every_steps and state.step % tc.eval_every_steps == 0) or \
+                    done_in_epoch in mid_evals
                 if evaluated:
                     stop = evaluate_and_checkpoint()
                     save_resume(epoch, done_in_epoch, stop)

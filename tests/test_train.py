@@ -494,3 +494,39 @@ def test_precision_auto_resolves_by_hardware_and_is_recorded(home, monkeypatch):
     run = tr.get_run(res.run_id)
     assert run["summary"]["precision"] == "fp32"
     assert tr.get_events(res.run_id, kinds=["start"])[0]["payload"]["precision"] == "fp32"
+
+
+# --- validations per epoch -------------------------------------------------------------------------------
+
+def test_evals_per_epoch_resolves_auto_by_epoch_length():
+    from dact_lib.config import AUTO_EVAL_STEPS, evals_per_epoch
+
+    tc = default_config("backbone").train
+    assert tc.evals_per_epoch == "auto"
+    assert evals_per_epoch(tc, 40) == 1 and evals_per_epoch(tc, AUTO_EVAL_STEPS) == 1  # short epochs: once
+    assert evals_per_epoch(tc, AUTO_EVAL_STEPS + 1) == 2 and evals_per_epoch(tc, 3 * AUTO_EVAL_STEPS) == 3
+    assert evals_per_epoch(tc, 10 ** 6) == 10  # at most 10 a epoch
+    tc.evals_per_epoch = 4
+    assert evals_per_epoch(tc, 40) == 4 and evals_per_epoch(tc, 3) == 3  # never more than the epoch's steps
+    tc.eval_every_steps = 7
+    assert evals_per_epoch(tc, 40) == 1  # eval_every_steps decides instead
+    for bad in (0, 101, "often", 2.5, True):
+        with pytest.raises(DactLabError, match=r"train.evals_per_epoch = .* is invalid: expected"):
+            tiny_cfg(evals_per_epoch=bad)
+
+
+def test_evals_per_epoch_validates_mid_epoch_and_counts_patience_in_epochs(home):
+    tracker = Tracker(home)
+    cfg = tiny_cfg(epochs=2, evals_per_epoch=3)
+    res = train(cfg, tracker=tracker, home=home)
+    start = tracker.get_events(res.run_id, kinds=["start"])[0]["payload"]
+    spe = start["steps_per_epoch"]
+    assert start["evals_per_epoch"] == 3 and spe >= 3
+    steps = sorted(tracker.get_metrics(res.run_id).query("name == 'val_loss'")["step"])
+    per_epoch = [round(spe / 3), round(2 * spe / 3), spe]
+    assert steps == per_epoch + [spe + s for s in per_epoch]  # evenly spaced, the last at each epoch's end
+    # patience, trend window and min_epochs stay counted in epochs: ×3 evaluations
+    es = EarlyStopping(EarlyStoppingConfig(patience=2, trend_window=3, min_epochs=1, regression=10.0), per_epoch=3)
+    assert (es.cfg.patience, es.cfg.trend_window, es.cfg.min_epochs) == (6, 9, 3)
+    stops = [es.update(v)[1] for v in [1.0] + [2.0] * 6]
+    assert stops[:6] == [None] * 6 and "patience 6" in stops[6]  # 5 bad evaluations do not stop it, 6 do

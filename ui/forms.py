@@ -178,6 +178,9 @@ def run_fields(kind: str) -> list[Field]:
         make_field("train.seed", "Seed", "int"),
         make_field("train.time_limit_min", "Time limit in minutes (0 = none)", "optfloat",
               help="Stop after this long, keep the best checkpoint (PBT: every member; multi-task: the run)."),
+        make_field("train.evals_per_epoch", "Validations per epoch", "select", ("auto", 1, 2, 3, 4, 5, 10),
+              help="How often the validation split is scored within an epoch (curves, best checkpoint, early "
+                   "stopping). 'auto': once per epoch, plus one per 500 training steps on long epochs."),
         make_field("train.early_stopping.enabled", "Early stopping", "bool"),
         make_field("train.device", "Device", "select", ("auto", "cpu", "cuda")),
     ]
