@@ -372,10 +372,20 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
                     on_trial(row)
                 return row
 
-            local = 0
+            local, settled = 0, False
             # run slots while there are any (at most local_trials of them here); then wait for the workers'
             # running trials — one whose process dies comes back as a retry (a slot), after its grace period
-            while waiting(study) or running(study):
+            while True:
+                if not (waiting(study) or running(study)):
+                    # on a server database another process may have just failed a dead worker's trial and not
+                    # yet enqueued its retry (two writes): done only when a second look, a poll later, agrees
+                    if settled or tracker.dialect == "sqlite":
+                        break
+                    settled = True
+                    time.sleep(poll_s)
+                    studies.fail_dead_trials(study)
+                    continue
+                settled = False
                 cancel.check()
                 if (local or local_trials == 0) and deadline is not None and time.monotonic() >= deadline:
                     stop_reason = "timeout"  # like optimize(timeout=...): no new trial after the budget

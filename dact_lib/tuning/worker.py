@@ -115,6 +115,7 @@ def run_worker(study_name: str, *, home=None, tracker=None, max_trials: int | No
     def should_stop() -> str | None:
         """None while there is work: a slot (or a retry) is waiting, or another process's trial is still running
         (it may die and come back as a retry: wait for it, polling)."""
+        settled = False
         while True:
             if cancel.cancelled:
                 return "cancelled"
@@ -126,7 +127,13 @@ def run_worker(study_name: str, *, home=None, tracker=None, max_trials: int | No
             if waiting(study):
                 return None
             if not running(study):
-                return "every trial of the study has run"
+                # another process may have just failed a dead trial and not yet enqueued its retry (two
+                # writes): done only when a second look, a poll later, agrees
+                if settled:
+                    return "every trial of the study has run"
+                settled = True
+            else:
+                settled = False
             time.sleep(poll_s)
 
     def objective(trial: optuna.Trial) -> float:
