@@ -59,7 +59,9 @@ def autocast_for(device: torch.device, precision: str):
 @torch.no_grad()
 def evaluate_encoded(model, enc: EncodedDataset, batch_size: int = 64, device: torch.device | None = None,
                      precision: str = "fp32") -> EvalResult:
-    """Run ``model`` (eval mode) over ``enc`` in file order; return losses, probabilities and (DACT) exit layers."""
+    """Run ``model`` (eval mode) over ``enc``; return losses, probabilities and (DACT) exit layers in file order.
+    Batches are cut from rows of similar length (``group_by_length``: 2.0–2.4× faster than file-order batches on
+    SST-2, docs/benchmarks.md) and the outputs put back in file order."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -68,7 +70,9 @@ def evaluate_encoded(model, enc: EncodedDataset, batch_size: int = 64, device: t
     probs: dict[str, list] = {}
     exits: list[torch.Tensor] = []
     ponder_sum = 0.0
-    for batch in iter_batches(enc, batch_size, shuffle=False):
+    order: list[torch.Tensor] = []
+    for batch in iter_batches(enc, batch_size, shuffle=False, group_by_length=True):
+        order.append(batch["index"])
         ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         targets = {t: v.to(device) for t, v in batch["targets"].items()}
         with autocast_for(device, precision):
@@ -84,14 +88,22 @@ def evaluate_encoded(model, enc: EncodedDataset, batch_size: int = 64, device: t
             exits.append(out.extras["exit_layer"].cpu())
             ponder_sum += float(out.extras["ponder"].sum())
     model.train(was_training)
+    rows = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+
+    def in_file_order(parts: list[torch.Tensor]) -> np.ndarray:
+        out = torch.cat(parts)
+        placed = torch.empty_like(out)
+        placed[rows] = out
+        return placed.numpy()
+
     res = EvalResult(
         loss=loss_sum / max(n_total, 1),
         task_losses={t: v / max(n_total, 1) for t, v in task_loss_sum.items()},
-        probs={t: torch.cat(v).numpy() for t, v in probs.items()},
+        probs={t: in_file_order(v) for t, v in probs.items()},
         targets={t: enc.targets[t].numpy() for t in probs},
     )
     if exits:
-        res.exit_layer = torch.cat(exits).numpy()
+        res.exit_layer = in_file_order(exits)
         res.extras["ponder"] = ponder_sum / max(n_total, 1)
     return res
 
@@ -177,7 +189,7 @@ def exit_policy_sweep(model, enc: EncodedDataset, points=None, batch_size: int =
     device = device or next(model.parameters()).device
     points = points or default_sweep(model.num_layers, model.num_classes)
     ys, hs, targets = [], [], []
-    for batch in iter_batches(enc, batch_size):
+    for batch in iter_batches(enc, batch_size, group_by_length=True):  # y, h and targets in the same order
         out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         ys.append(out.extras["y"].cpu())
         hs.append(out.extras["h"].cpu())

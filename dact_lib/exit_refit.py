@@ -40,7 +40,7 @@ def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = No
     n = len(enc)
     summ = torch.zeros(n, N, ad.hidden_size)
     y_deep = torch.zeros(n, model.num_classes)
-    for b in iter_batches(enc, batch_size, shuffle=False):
+    for b in iter_batches(enc, batch_size, shuffle=False, group_by_length=True):  # rows placed by index
         ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
         hid = ad.embed(ids, am)
         mask = ad.prepare_mask(am, hid.dtype)

@@ -79,7 +79,7 @@ def layer_cache(model, enc, batch_size: int = 64, device=None) -> LayerCache:
     n = len(enc)
     base = torch.zeros(n, N, base_dim)
     y = torch.zeros(n, N, model.num_classes)
-    for b in iter_batches(enc, batch_size, shuffle=False):
+    for b in iter_batches(enc, batch_size, shuffle=False, group_by_length=True):  # rows placed by index
         ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
         hid = ad.embed(ids, am)
         mask = ad.prepare_mask(am, hid.dtype)

@@ -255,3 +255,40 @@ def test_init_from_backbone_run(home):
     dc.init_from_run = "8"
     with pytest.raises(ConfigError, match="does not exist"):
         build_model(dc, ds.label_maps, home)
+
+
+def test_evaluation_batches_rows_of_similar_length_and_answers_in_file_order():
+    """evaluate_encoded, the exits of a split and the halting / refit caches cut batches from rows of similar
+    length (much less padding); every output must still belong to its own row, in file order."""
+    import numpy as np
+
+    from dact_lib import exit_refit, halting
+    from dact_lib.data import TextDataset
+    from dact_lib.evaluate import evaluate_encoded
+
+    model, tok, _ = tiny_dact()
+    with torch.no_grad():
+        for h in model.halters:
+            h[-1].bias.fill_(-3.0)  # exits vary between rows
+    words = "the quick brown fox jumps over a lazy dog and runs away".split()
+    lengths = [30, 1, 25, 2, 18, 3, 12, 28, 4, 9, 22, 5, 16, 7]  # long and short rows interleaved
+    texts = [" ".join(words[(i + j) % len(words)] for j in range(n)) for i, n in enumerate(lengths)]
+    ds = TextDataset(texts=texts, targets={"label": np.arange(len(texts)) % 3}, label_maps={"label": ["a", "b", "c"]})
+    enc = encode(ds, tok, 64)
+    res = evaluate_encoded(model, enc, batch_size=4)
+    summ, _, _ = exit_refit.summary_cache(model, enc, batch_size=4)
+    cache = halting.layer_cache(model, enc, batch_size=4)
+    for i in range(len(texts)):  # each row alone: no padding at all
+        one = next(iter_batches(enc.subset([i]), 1))
+        with torch.no_grad():
+            out = model(one["input_ids"], one["attention_mask"])
+        np.testing.assert_allclose(res.probs["label"][i], out.probs["label"][0].numpy(), atol=1e-5)
+        assert res.exit_layer[i] == int(out.extras["exit_layer"][0])
+        np.testing.assert_allclose(cache.y[i].numpy(), out.extras["y"][0].numpy(), atol=1e-5)
+        with torch.no_grad():
+            hid = model.adapter.embed(one["input_ids"], one["attention_mask"])
+            mask = model.adapter.prepare_mask(one["attention_mask"], hid.dtype)
+            for layer in range(model.num_layers):
+                hid = model.adapter.run_layer(layer, hid, mask)
+        np.testing.assert_allclose(summ[i, -1].numpy(), pool(hid, one["attention_mask"], model.cfg.pooling)[0].numpy(),
+                                   atol=1e-5)
