@@ -28,6 +28,9 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     p.add_argument("--study-name", default=None, help="study name (an existing one gets more trials)")
     p.add_argument("--space", default=None, help="search space as JSON/YAML (see BackboneSpace); default the seed's")
     p.add_argument("--no-final", action="store_true", help="skip the final training with the best parameters")
+    p.add_argument("--local-trials", type=int, default=None, metavar="N",
+                   help="run at most N of the trials in this process (0: only workers run them, see `worker`); "
+                        "default all that no worker has taken")
     common(p)
     command("tune-backbone")(cmd_tune_backbone)
 
@@ -59,6 +62,20 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     p.add_argument("--resume", type=int, default=None, metavar="RUN",
                    help="continue interrupted PBT run RUN (its parent run id): finished members kept, the others "
                         "continue from their last checkpoint")
+    p.add_argument("--backend", choices=("threads", "ray"), default=None,
+                   help="threads: the members side by side in this process (default); ray: each member a Ray Tune "
+                        "trial under Ray's PopulationBasedTraining, on a local Ray or the cluster at --address")
+    p.add_argument("--address", default=None,
+                   help="with --backend ray: a running Ray cluster ('auto', host:6379, ray://host:10001); default "
+                        "a local Ray started for this run")
+    p.add_argument("--scheduler", choices=("pbt", "pb2"), default=None,
+                   help="with --backend ray: Ray's PopulationBasedTraining (pbt) or PB2 (a GP bandit, needs "
+                        "scikit-learn)")
+    p.add_argument("--cpus-per-member", type=float, default=None,
+                   help="with --backend ray: the CPUs (torch threads) each member gets")
+    p.add_argument("--storage-path", default=None,
+                   help="with --backend ray: where Ray keeps the members' checkpoints (a cluster of several "
+                        "machines needs a folder every node sees); default a temporary folder")
     common(p)
     command("pbt")(cmd_pbt)
 
@@ -202,9 +219,12 @@ def cmd_tune_backbone(args) -> int:
 
     _quiet_optuna(args)
     cfg, settings = backbone_arguments(args)
+    from ..tracker.db import mask
+
     res = tune_backbone(cfg, **settings.as_kwargs(), home=args.home, tracker=Tracker(args.home),
-                        callbacks=[ProgressPrinter(args.verbosity)], on_trial=_trial_printer(args))
-    _err(args, f"study {res.study_name} ({res.storage_url})")
+                        callbacks=[ProgressPrinter(args.verbosity)], on_trial=_trial_printer(args),
+                        local_trials=args.local_trials)
+    _err(args, f"study {res.study_name} ({mask(res.storage_url)})")
     if res.stop_reason:
         _err(args, f"stopped early: {res.stop_reason}")
     if res.best_params is None:
@@ -286,7 +306,24 @@ def cmd_pbt(args) -> int:
 
     pbt = _engine("pbt")
     tracker = Tracker(args.home)
-    if args.resume is not None:
+    ray_flags = [f for f, given in (("--address", args.address is not None),
+                                     ("--scheduler", args.scheduler is not None),
+                                     ("--cpus-per-member", args.cpus_per_member is not None),
+                                     ("--storage-path", args.storage_path is not None)) if given]
+    if args.backend != "ray" and ray_flags:
+        raise DactLabError(f"{', '.join(ray_flags)} only apply to PBT on Ray: add --backend ray, or drop them.")
+    if args.backend == "ray":
+        if args.resume is not None:
+            raise DactLabError("a PBT run on Ray cannot be resumed (Ray keeps its own checkpoints only while it "
+                               "runs): start it again, or drop --backend ray to resume a threaded PBT run.")
+        from .pbt_ray import run_pbt_ray
+
+        cfg, settings = pbt_arguments(args)
+        res = run_pbt_ray(cfg, pbt=settings, home=args.home, tracker=tracker, address=args.address,
+                          scheduler=args.scheduler or "pbt", cpus_per_member=args.cpus_per_member or 1.0,
+                          storage_path=args.storage_path,
+                          progress=(lambda line: _err(args, line)) if args.verbosity else None)
+    elif args.resume is not None:
         from ..cli_args import refuse_flags_with_resume
 
         refuse_flags_with_resume(args, f"PBT run {args.resume}")
@@ -329,7 +366,7 @@ def cmd_multitask(args) -> int:
 
 
 def cmd_studies(args) -> int:
-    from .studies import dashboard_hint, list_studies, storage_url
+    from .studies import dashboard_hint, list_studies, shown_url
 
     rows = list_studies(args.home)
     if args.json:
@@ -352,6 +389,6 @@ def cmd_studies(args) -> int:
             for t in r.get("pareto") or []:  # a two-objective study: its front, one line per trial
                 values = ", ".join("nan" if v is None else f"{v:.5g}" for v in t["values"])
                 print(f"{'':<4}trial {t['number']}: ({values}) {t['params']}")
-        print(f"storage: {storage_url(args.home)}")
+        print(f"storage: {shown_url(args.home)}")
     print(dashboard_hint(args.home))
     return 0

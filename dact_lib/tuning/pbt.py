@@ -820,6 +820,13 @@ def _normalise_schedule(schedule: list[dict]) -> list[dict]:
     return out
 
 
+
+#: The helpers the Ray backend (:mod:`dact_lib.tuning.pbt_ray`) shares with this engine, under public names: a
+#: member's explored hyperparameters as floats, as its ``hp/...`` metrics, and a schedule sorted and deduplicated.
+hp_public = _hp_public
+hp_metrics = _hp_metrics
+normalise_schedule = _normalise_schedule
+
 # --- replay ----------------------------------------------------------------------------------------------------
 
 
