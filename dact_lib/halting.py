@@ -161,6 +161,72 @@ def calibrated(state: dict, scale: float, shift: float) -> dict:
     return out
 
 
+def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, lr: float = 3e-3,
+                        batch_size: int = 64, seed: int = 0, cancel=None, batched: bool = True) -> list[dict]:
+    """Fresh halting units of ``model``'s shape trained with the spec's DACT loss (λ on the spec's scale, one set
+    of units per λ in ``spec_lambdas``) on the cached rows; returns one halting state dict per λ.
+
+    Every set starts from the same seeded initialisation and sees the same seeded batches, each with its own
+    AdamW (weight decay 0). ``batched`` trains them side by side as one stacked model (``torch.func.vmap`` over
+    the sets, the summed loss: the sets share no parameter, and AdamW's update is elementwise, so each set gets
+    exactly its own loss's update) — one Python step per batch for all λ instead of one per λ: the same result as
+    ``batched=False`` (the sets one after another) up to float rounding, ~10× faster for the default 15 λ."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    def fresh() -> _Halters:
+        torch.manual_seed(seed)
+        return _Halters(model)
+
+    lams = [float(x) for x in spec_lambdas]
+    states = []
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        if not batched or len(lams) <= 1:
+            for lam in lams:
+                units = fresh().train()
+                opt = torch.optim.AdamW(units.parameters(), lr=lr, weight_decay=0.0)
+                gen = torch.Generator().manual_seed(seed)
+                for _ in range(epochs):
+                    for idx in torch.randperm(len(cache), generator=gen).split(batch_size):
+                        if cancel is not None:
+                            cancel.check()
+                        part = cache.subset(idx)
+                        _, a, p = units(part)
+                        loss = dact.dact_loss(a[:, -1], p, part.targets, lam).loss
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                states.append({k: v.detach().clone() for k, v in units.halters.state_dict().items()})
+            return states
+        copies = [fresh().train() for _ in lams]
+        params, buffers = stack_module_state(copies)
+        runner = copies[0]
+        lam_t = torch.tensor(lams)
+
+        def terms(prm, buf, base, y, targets):
+            _, a, p = functional_call(runner, (prm, buf), (LayerCache(base, y, targets),))
+            out = dact.dact_loss(a[:, -1], p, targets, 0.0)  # the spec's loss; λ · ponder added per set below
+            return out.nll, out.ponder
+
+        per_set = vmap(terms, in_dims=(0, 0, None, None, None), randomness="different")
+        opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(cache), generator=gen).split(batch_size):
+                if cancel is not None:
+                    cancel.check()
+                part = cache.subset(idx)
+                nll, ponder = per_set(params, buffers, part.base, part.y, part.targets)
+                loss = (nll + lam_t * ponder).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        prefix = "halters."
+        for j in range(len(lams)):
+            states.append({k[len(prefix):]: v[j].detach().clone() for k, v in params.items()
+                           if k.startswith(prefix)})
+    return states
+
+
 def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, epochs: int | None = None,
                 lr: float = 3e-3, batch_size: int = 64, seed: int = 0, cancel=None,
                 calibrate: bool = False) -> list[HaltingPoint]:
@@ -179,33 +245,21 @@ def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, ep
     epochs = int(epochs or getattr(model.cfg, "halting_epochs", 40))
     N = cache.y.shape[1]
     nll_ref = nll_ref_of(cache)
+    lam_specs = [dact.spec_lambda(lam, N, nll_ref) for lam in lambdas]
+    t0 = time.perf_counter()
+    states = train_halting_units(model, cache, lam_specs, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                 cancel=cancel)
+    fit_s = (time.perf_counter() - t0) / max(len(lam_specs), 1)  # side by side: each λ's share of the fit
+    units = _Halters(model)
     points = []
-    for lam in lambdas:
-        if cancel is not None:
-            cancel.check()
-        lam_spec = dact.spec_lambda(lam, N, nll_ref)
-        t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.manual_seed(seed)
-            units = _Halters(model)
-            units.train()
-            opt = torch.optim.AdamW(units.parameters(), lr=lr, weight_decay=0.0)
-            gen = torch.Generator().manual_seed(seed)
-            for _ in range(epochs):
-                for idx in torch.randperm(len(cache), generator=gen).split(batch_size):
-                    part = cache.subset(idx)
-                    _, a, p = units(part)
-                    loss = dact.dact_loss(a[:, -1], p, part.targets, lam_spec).loss
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+    for lam, lam_spec, state in zip(lambdas, lam_specs, states):
+        units.halters.load_state_dict(state)
         units.eval()
         with torch.no_grad():
             h, _, _ = units(ev)
         avg, acc = evaluate_halting(ev.y, h, ev.targets)
-        state = {k: v.detach().clone() for k, v in units.halters.state_dict().items()}
         points.append(HaltingPoint(lam=float(lam), spec_lambda=lam_spec, avg_exit_layer=avg, accuracy=acc,
-                                   state=state, fit_s=time.perf_counter() - t0))
+                                   state=state, fit_s=fit_s))
         if calibrate:
             for sc in CALIBRATION_SCALES:
                 for sh in CALIBRATION_SHIFTS:

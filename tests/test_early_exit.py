@@ -213,6 +213,26 @@ def test_fit_halting_trades_layers_for_lambda_and_leaves_the_model_bit_identical
     assert changed and all(k.startswith("halters.") for k in changed)  # encoder and classifiers bit-identical
 
 
+@pytest.mark.parametrize("halting_input", ["confidence", "both"])
+def test_halting_units_trained_side_by_side_equal_one_after_another(halting_input):
+    """The stacked (vmap) fit of every λ gives each λ the weights of its own sequential fit; a wrong stacking
+    (shared optimiser state, the λ of another set, a summed gradient) would not."""
+    from dact_lib.halting import train_halting_units
+
+    model, _, _ = tiny_dact(halting_input=halting_input)
+    model.num_classes = 2
+    cache = easy_cache(n=96)
+    lams = [0.0, 0.05, 2.0]
+    one = train_halting_units(model, cache, lams, epochs=4, batch_size=32, batched=False)
+    many = train_halting_units(model, cache, lams, epochs=4, batch_size=32, batched=True)
+    assert len(many) == 3 and many[0].keys() == one[0].keys()
+    for a, b in zip(one, many):
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5), k
+    # the λ matter: the sets differ from each other
+    assert not torch.allclose(many[0]["0.1.weight"], many[2]["0.1.weight"], atol=1e-3)
+
+
 def test_choose_point_picks_the_fastest_within_tolerance():
     from dact_lib.halting import HaltingPoint
 
