@@ -329,6 +329,10 @@ SETTING_TEXT: dict[str, tuple[str, str]] = {
     "batch_size": ("Batch sizes to try (empty = the run's)", "Comma-separated, e.g. 8, 16, 32."),
 }
 
+# settings the forms do not show: where 0 and None mean different things (0 = every trial runs on workers,
+# None = no limit) and the setting is for more than one machine (the CLI's --stage2-local-trials; README)
+_NOT_ON_FORMS = {"stage2_local_trials"}
+
 _SCI = {"lambda_low", "lambda_high", "stage1_lambda", "stage1_lr", "lr", "weight_decay", "head_lr",
         "encoder_lr_range", "head_lr_range"}
 _OPTIONS = {"poolings": ("cls", "mean"), "activations": None}
@@ -349,7 +353,7 @@ def settings_fields(cls: type, path: str = "", skip: tuple[str, ...] = ()) -> li
                 for f in dataclasses.fields(cls)}  # MISSING for a required field (PipelineConfig.name)
     out: list[Field] = []
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or f.name in _NOT_ON_FORMS:
             continue
         hint = hints.get(f.name, f.type)
         p = f"{path}.{f.name}" if path else f.name

@@ -26,7 +26,8 @@ from ..errors import Cancelled, ConfigError, DactLabError
 from ..tracker import Tracker, TrackerCallback
 from ..train import load_split, train
 from . import studies
-from .studies import PruningCallback, create_study, link_study, link_trial, live_run, shown_url
+from .studies import (PruningCallback, create_study, drop_slots, enqueue_slots, link_study, link_trial, live_run,
+                      run_slots, running, shown_url, waiting)  # noqa: F401 (waiting, running: worker.py)
 from .. import events as ev
 
 ENGINE = "tune-backbone"
@@ -239,6 +240,10 @@ class StudyTrials:
             return train(tcfg, data=self.source, home=self.home, callbacks=cbs, cancel=self.cancel, run_id=run_id,
                          save=False, evaluate_test=False)
 
+    def run_trial(self, trial: optuna.Trial) -> float:
+        """:meth:`train_trial`; returns the trial's best validation loss (what the study minimises)."""
+        return float(self.train_trial(trial).best_metrics.get("val_loss", math.nan))
+
     def record(self, study: optuna.Study, frozen, seconds: float | None = None) -> dict[str, Any]:
         """A finished trial on the parent run: a 'trial' event and the trial_value / best_value metrics."""
         value = frozen.value if frozen.values else None
@@ -257,35 +262,6 @@ class StudyTrials:
             pass
         self.tracker.log_metrics(self.parent, logs, step=frozen.number)
         return row
-
-
-def waiting(study: optuna.Study) -> list:
-    """The study's trials still to run: the slots its engine enqueued and the retries of dead processes' trials."""
-    return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-
-
-def running(study: optuna.Study) -> list:
-    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-
-
-def enqueue_slots(study: optuna.Study, n: int, parent: int) -> None:
-    """The study's budget as ``n`` WAITING trials (no parameters fixed: the sampler chooses them when a process
-    takes one). Whoever runs trials — this process, workers — takes a slot (``study.ask()`` pops them
-    atomically on the database), so together they run exactly ``n``."""
-    for _ in range(n):
-        study.enqueue_trial({}, user_attrs={"slot_of": int(parent)})
-
-
-def drop_slots(study: optuna.Study, why: str) -> int:
-    """The slots no process has taken yet become FAIL (``skipped``: why), so no worker runs them. Returns how
-    many."""
-    n = 0
-    for _ in waiting(study):
-        trial = study.ask()
-        trial.set_user_attr("skipped", why)
-        study.tell(trial, state=TrialState.FAIL)
-        n += 1
-    return n
 
 
 def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None = None,
@@ -372,32 +348,14 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
                     on_trial(row)
                 return row
 
-            local, settled = 0, False
+            def timed_out() -> None:
+                tracker.log_event(parent, ev.TIMEOUT, {"timeout_min": timeout_min, "trials_run": len(rows)})
+
             # run slots while there are any (at most local_trials of them here); then wait for the workers'
             # running trials — one whose process dies comes back as a retry (a slot), after its grace period
-            while True:
-                if not (waiting(study) or running(study)):
-                    # on a server database another process may have just failed a dead worker's trial and not
-                    # yet enqueued its retry (two writes): done only when a second look, a poll later, agrees
-                    if settled or tracker.dialect == "sqlite":
-                        break
-                    settled = True
-                    time.sleep(poll_s)
-                    studies.fail_dead_trials(study)
-                    continue
-                settled = False
-                cancel.check()
-                if (local or local_trials == 0) and deadline is not None and time.monotonic() >= deadline:
-                    stop_reason = "timeout"  # like optimize(timeout=...): no new trial after the budget
-                    drop_slots(study, f"time budget of {timeout_min:g} min reached")
-                    tracker.log_event(parent, ev.TIMEOUT, {"timeout_min": timeout_min, "trials_run": len(rows)})
-                    break
-                if waiting(study) and (local_trials is None or local < local_trials):
-                    run_trial(study.ask())
-                    local += 1
-                    continue
-                time.sleep(poll_s)
-                studies.fail_dead_trials(study)  # a dead worker's trial -> FAIL + its retry
+            stop_reason = run_slots(study, run_trial, local_trials=local_trials, deadline=deadline, cancel=cancel,
+                                    server=tracker.dialect != "sqlite", poll_s=poll_s,
+                                    timeout_why=f"time budget of {timeout_min or 0:g} min reached", on_timeout=timed_out)
 
             best = None
             if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):

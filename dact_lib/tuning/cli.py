@@ -48,6 +48,9 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
                    help="with --name of a finished pipeline: use stage-3 trial TRIAL's halting units for "
                         "prediction (nothing is trained; the pipeline's own choice stays recorded)")
     p.add_argument("--timeout-min", type=float, default=None, help="time budget of the whole pipeline")
+    p.add_argument("--stage2-local-trials", type=int, default=None, metavar="N",
+                   help="run at most N of the stage-2 trials in this process (0: only workers run them: `worker "
+                        "--study NAME/stage2`); default all that no worker has taken")
     p.add_argument("--name", default=None, help="name of the pipeline (and prefix of its studies)")
     common(p)
     command("dact-pipeline")(cmd_dact_pipeline)
@@ -256,6 +259,8 @@ def pipeline_arguments(args) -> tuple[Any, Any]:
         settings["trials_stage3"] = args.lambdas_trials
     if args.timeout_min is not None:
         settings["timeout_min"] = args.timeout_min
+    if args.stage2_local_trials is not None:
+        settings["stage2_local_trials"] = args.stage2_local_trials
     return cfg, _with_flags(pipeline, **settings)
 
 

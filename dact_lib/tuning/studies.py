@@ -314,3 +314,71 @@ def fail_dead_trials(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+# --- slots: a study's budget as WAITING trials that any process takes (the engine's, workers') -----------------
+def waiting(study: optuna.Study) -> list:
+    """The study's trials still to run: the slots its engine enqueued and the retries of dead processes' trials."""
+    return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+
+def running(study: optuna.Study) -> list:
+    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def enqueue_slots(study: optuna.Study, n: int, parent: int, params: dict[str, Any] | None = None,
+                  user_attrs: dict[str, Any] | None = None) -> None:
+    """The study's budget as ``n`` WAITING trials (no parameters fixed unless ``params``: the sampler chooses
+    them when a process takes one). Whoever runs trials — this process, workers — takes a slot (``study.ask()``
+    pops them atomically on the database), so together they run exactly ``n``."""
+    for _ in range(n):
+        study.enqueue_trial(dict(params or {}), user_attrs={"slot_of": int(parent), **(user_attrs or {})})
+
+
+def drop_slots(study: optuna.Study, why: str) -> int:
+    """The slots no process has taken yet become FAIL (``skipped``: why), so no worker runs them. Returns how
+    many."""
+    n = 0
+    for _ in waiting(study):
+        trial = study.ask()
+        trial.set_user_attr("skipped", why)
+        study.tell(trial, state=TrialState.FAIL)
+        n += 1
+    return n
+
+
+def run_slots(study: optuna.Study, run_trial, *, local_trials: int | None, deadline: float | None, cancel,
+              server: bool, poll_s: float = 2.0, timeout_why: str = "time budget reached",
+              on_timeout=None) -> str | None:
+    """The engine's side of a slotted study: run slots here with ``run_trial(study.ask())`` while any are
+    waiting (at most ``local_trials``; None: no limit, 0: none), then wait, polling every ``poll_s`` s, for the
+    trials other processes are running; a dead worker's trial comes back as a retry slot
+    (:func:`fail_dead_trials`). Past ``deadline`` (``time.monotonic()``; checked before each new trial, at least
+    one having run here or ``local_trials`` being 0) the slots left are dropped, ``on_timeout()`` is called and
+    "timeout" returned; otherwise None once no trial is waiting or running."""
+    import time
+
+    local, settled = 0, False
+    while True:
+        if not (waiting(study) or running(study)):
+            # on a server database another process may have just failed a dead worker's trial and not yet
+            # enqueued its retry (two writes): done only when a second look, a poll later, agrees
+            if settled or not server:
+                return None
+            settled = True
+            time.sleep(poll_s)
+            fail_dead_trials(study)
+            continue
+        settled = False
+        cancel.check()
+        if (local or local_trials == 0) and deadline is not None and time.monotonic() >= deadline:
+            drop_slots(study, timeout_why)  # like optimize(timeout=...): no new trial after the budget
+            if on_timeout is not None:
+                on_timeout()
+            return "timeout"
+        if waiting(study) and (local_trials is None or local < local_trials):
+            run_trial(study.ask())
+            local += 1
+            continue
+        time.sleep(poll_s)
+        fail_dead_trials(study)  # a dead worker's trial -> FAIL + its retry

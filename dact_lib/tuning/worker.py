@@ -13,16 +13,17 @@ worker dies mid-trial, the next trial any process of the study starts fails the 
 retry (``RetryFailedTrialCallback``), which the next free worker runs with the same parameters. The dead worker's
 tracker run becomes 'interrupted' when a tracker on its host next opens the database.
 
-The study's budget is a number of slots (WAITING trials the engine enqueued; :func:`backbone.enqueue_slots`): every
+The study's budget is a number of slots (WAITING trials the engine enqueued; :func:`studies.enqueue_slots`): every
 process takes slots until none is left, so together they run exactly that many trials. A worker stops when no
 slot is left and no other process's trial is still running (one that dies comes back as a retry), when the parent
 run is no longer running (finished, cancelled, failed), after
 ``max_trials`` of its own, or when cancelled. Studies that can be spread this way: the backbone study
-(``tune-backbone``). The DACT pipeline's stages run in the process that started the pipeline.
+(``tune-backbone``) and the DACT pipeline's stage 2 (``<pipeline name>/stage2``: real trainings of DactBert, the
+pipeline's expensive stage). Stage 1 (heads on cached features, seconds per trial) and stage 3 (halting units
+fitted on one model's cached outputs, about a second per trial) run in the pipeline's process.
 """
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -35,9 +36,11 @@ from ..callbacks import CancelToken
 from ..config import RunConfig
 from ..errors import Cancelled, DactLabError
 from . import studies
-from .backbone import ENGINE as BACKBONE, BackboneSpace, StudyTrials, running, waiting
+from .backbone import ENGINE as BACKBONE, BackboneSpace, StudyTrials
+from .studies import running, waiting
 
-SUPPORTED = (BACKBONE,)
+STAGE2 = "dact-pipeline/stage2"  # dact_pipeline.stage2.ENGINE (imported lazily: the pipeline imports studies)
+SUPPORTED = (BACKBONE, STAGE2)
 
 
 class _NoSlot(Exception):
@@ -54,18 +57,24 @@ def _load(study_name: str, home) -> optuna.Study:
     return optuna.load_study(study_name=study_name, storage=st)
 
 
-def study_trials(study: optuna.Study, tracker, home, cancel: CancelToken, callbacks=None) -> StudyTrials:
-    """The :class:`StudyTrials` of a backbone study, rebuilt from its parent run in the tracker."""
+def study_trials(study: optuna.Study, tracker, home, cancel: CancelToken, callbacks=None):
+    """What runs one trial of the study (``run_trial(trial) -> value``, ``record(study, frozen) -> row``,
+    ``parent``), rebuilt from its parent run in the tracker: a backbone study's :class:`StudyTrials`, or a DACT
+    pipeline's stage-2 trials (:func:`dact_pipeline.runner.worker_trials`)."""
     from .backbone import source_data
 
     engine = study.user_attrs.get("engine")
     if engine not in SUPPORTED:
         raise DactLabError(f"study {study.study_name!r} belongs to {engine or 'an unknown engine'!r}: workers run "
-                           f"the trials of {', '.join(SUPPORTED)} studies (the DACT pipeline's stages run in the "
-                           "process that started the pipeline).")
+                           f"the trials of {' and '.join(SUPPORTED)} studies (a DACT pipeline's stage 2 is "
+                           "'<name>/stage2'; its stages 1 and 3 run in the pipeline's process).")
     parent = study.user_attrs.get("parent_run_id")
     if parent is None:
         raise DactLabError(f"study {study.study_name!r} has no parent run yet: wait until its engine has started.")
+    if engine == STAGE2:
+        from .dact_pipeline.runner import worker_trials
+
+        return worker_trials(study, tracker, cancel, callbacks)
     run = tracker.get_run(int(parent))
     conf = run.get("config") or {}
     if not isinstance(conf, dict) or "run" not in conf:
@@ -141,8 +150,7 @@ def run_worker(study_name: str, *, home=None, tracker=None, max_trials: int | No
             trial.set_user_attr("skipped", "no slot left")
             raise _NoSlot("no slot left: the study's budget is taken")
         trial.set_user_attr("worker", me)
-        res = ctx.train_trial(trial)
-        return float(res.best_metrics.get("val_loss", math.nan))
+        return ctx.run_trial(trial)
 
     def after(study: optuna.Study, frozen) -> None:
         if not frozen.user_attrs.get("skipped"):

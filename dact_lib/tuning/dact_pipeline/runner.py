@@ -232,6 +232,39 @@ def run_pipeline(cfg: RunConfig, *, pipeline: PipelineConfig, home=None, tracker
     return run.result()
 
 
+def worker_trials(study: optuna.Study, tracker, cancel, callbacks) -> stage2.Stage2Trials:
+    """The :class:`~.stage2.Stage2Trials` of a pipeline's stage-2 study, rebuilt from the pipeline's parent run: its
+    run and pipeline configs, its stored dataset (the same rows and split on every machine) and stage 1's record
+    in the parent's run folder (on another machine: the shared ``--artifacts DIR``)."""
+    parent = int(study.user_attrs["parent_run_id"])
+    run = tracker.get_run(parent)
+    conf = run.get("config") or {}
+    if not isinstance(conf, dict) or not isinstance(conf.get("run"), dict) or not isinstance(conf.get("pipeline"),
+                                                                                               dict):
+        raise DactLabError(f"run {parent} (the parent of study {study.study_name!r}) records no pipeline config.")
+    cfg = RunConfig.from_dict(conf["run"]).validate()
+    pipe = PipelineConfig.from_dict(conf["pipeline"]).validate()
+    data = None
+    if run.get("dataset_id") is not None:  # the stored copy: the same rows on every machine
+        data = tracker.load_dataset(int(run["dataset_id"]))
+        cfg.data.path, cfg.data.dataset_id = None, int(run["dataset_id"])
+    pl = _Pipeline(cfg, pipe, tracker, cancel, list(callbacks or []), data)
+    pl.parent = parent
+    pl.state = record.read_stages(tracker.run_dir(parent))
+    if "stage1" not in pl.state:
+        raise DactLabError(f"stage 1's record (stage1.json) of pipeline {pipe.name!r} is not in "
+                           f"{tracker.run_dir(parent)}: on another machine, give the workers the pipeline's "
+                           "artifacts directory (--artifacts DIR, shared), or wait until stage 1 has finished.")
+    sizes = study.user_attrs.get("split")
+    mine = [len(pl.split.train), len(pl.split.val)]
+    if sizes is not None and list(sizes) != mine:
+        raise DactLabError(f"this worker's split of pipeline {pipe.name!r} has {mine[0]} training / {mine[1]} "
+                           f"validation rows, the pipeline's has {sizes[0]} / {sizes[1]}: its data was not "
+                           "stored as one dataset (e.g. given in memory or with a separate validation file); "
+                           "run that pipeline's stage 2 in its own process (stage2_local_trials = None).")
+    return stage2.Stage2Trials(pl, study)
+
+
 def run_engine(cfg: RunConfig, settings: PipelineConfig, ctx) -> PipelineResult:
     """The engine interface (:mod:`dact_lib.engines`): :func:`run_pipeline` with ``settings``. A pipeline resumes
     by its name (run it again under the same name), not by ``resume``."""

@@ -103,6 +103,10 @@ class PipelineConfig:
     # trial 0 of stage 2 = the run config's own training values (the single-run defaults, clipped to the ranges):
     # the search starts from what a single run would do
     stage2_start_from_config: bool = True
+    # workers (``python -m dact_lib worker --study <name>/stage2``, other processes or machines on the same
+    # database) take stage-2 trials too: the budget is trials_stage2 slots any process takes. This process runs
+    # at most this many of them (None: no limit; 0: none, it waits for the workers)
+    stage2_local_trials: int | None = None
     max_epochs: int = 50
     # guards: a stage's best model must beat the majority-class baseline by max(guard_margin, 2 standard errors
     # of the baseline on the validation rows), or the pipeline stops and says what to change
@@ -145,6 +149,10 @@ class PipelineConfig:
             raise bad("stage2_fraction", self.stage2_fraction, "expected a fraction of the training rows in (0, 1]")
         if self.stage2_refit_epochs not in ("trial", "max"):
             raise bad("stage2_refit_epochs", self.stage2_refit_epochs, "choose 'trial' or 'max'")
+        if self.stage2_local_trials is not None and (not isinstance(self.stage2_local_trials, int) or isinstance(
+                self.stage2_local_trials, bool) or self.stage2_local_trials < 0):
+            raise bad("stage2_local_trials", self.stage2_local_trials,
+                      "expected None (no limit) or an integer >= 0 (0: workers run every stage-2 trial)")
         if not isinstance(self.stage2_min_rows, int) or isinstance(self.stage2_min_rows, bool) \
                 or self.stage2_min_rows < 1:
             raise bad("stage2_min_rows", self.stage2_min_rows, "expected an integer >= 1")

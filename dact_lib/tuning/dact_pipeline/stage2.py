@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 
 from .. import studies
 from ...config import RunConfig, TrainConfig
-from .record import counted, jsonable
+from ...errors import DactLabError
+from .record import counted, jsonable, n_complete
 from .settings import PipelineConfig
 from ... import events as ev
 
@@ -84,20 +85,62 @@ def start_params(pipe: PipelineConfig, base: TrainConfig) -> dict[str, Any]:
             "warmup_ratio": clip(base.warmup_ratio, pipe.pair("warmup_range"))}
 
 
+ENGINE = "dact-pipeline/stage2"  # the study's "engine" attribute: what a worker (tuning/worker.py) runs
+POLL_S = 2.0  # how often the pipeline looks at the trials other processes run
+
+
+class Stage2Trials:
+    """What one stage-2 trial needs, in the pipeline's process or in a worker's (``runner.worker_trials``
+    rebuilds it from the pipeline's parent run): the pipeline (config, split, stage-1 heads), the trial rows and
+    the model config of the trials."""
+
+    def __init__(self, pl, study: optuna.Study) -> None:
+        self.pl, self.study, self.parent = pl, study, pl.parent
+        self.rows = trial_rows(pl)
+        self.n_rows = len(self.rows.train)
+        self.refit = self.n_rows < len(pl.split.train)
+        # trials on a fraction of the rows skip train()'s exit refit (exit_refit.py): only the trunk, trained on
+        # every row, keeps its refitted shallow classifiers; when every row is used, a trial can be the trunk
+        self.model_cfg = copy.deepcopy(pl.model_cfg())
+        if self.refit:
+            self.model_cfg.exit_refit_epochs = 0
+        self.logger = pl.trial_logger("stage2")
+
+    def run_trial(self, trial: optuna.Trial) -> float:
+        """Train one trial as a child run of the parent; returns its best validation loss (raises
+        ``optuna.TrialPruned`` when the pruner stops it)."""
+        pl, pipe = self.pl, self.pl.pipe
+        pl.cancel.check()
+        params = suggest_training(trial, pipe)
+        tc = pl.trial_train_cfg(params, n_train=self.n_rows)
+        trial.set_user_attr("epochs_run", tc.epochs)
+        trial.set_user_attr("train_rows", self.n_rows)
+        run_cfg = pl.child_config(self.model_cfg, tc, f"{pipe.name}/stage2/trial{trial.number}", "stage2")
+        res = pl.train_child(run_cfg, [studies.PruningCallback(trial, "val_loss")], trial, save=False,
+                             data=self.rows)
+        for k in ("val_accuracy", "val_nll", "val_avg_exit_layer"):
+            if k in res.best_metrics:
+                trial.set_user_attr(k, res.best_metrics[k])
+        value = float(res.best_metrics["val_loss"])
+        if math.isfinite(value) and not self.refit:
+            pl.keep_if_best(self.study, trial, value, res, run_cfg)
+        return value
+
+    def record(self, study: optuna.Study, frozen) -> dict[str, Any]:
+        """A finished trial on the parent run (the pipeline's 'trial' event and stage-2 metrics)."""
+        self.logger(study, frozen)
+        return {"number": frozen.number, "state": frozen.state.name.lower(),
+                "value": frozen.value if frozen.values else None, "params": dict(frozen.params),
+                "run_id": frozen.user_attrs.get("run_id"), "worker": frozen.user_attrs.get("worker"),
+                "seconds": round(frozen.duration.total_seconds(), 3) if frozen.duration is not None else 0.0}
+
+
 def run(pl) -> None:
     t0 = time.monotonic()
     budget = pl.budget.share("stage2")
     pipe = pl.pipe
     pl.start_stage("stage2", pipe.trials_stage2, budget)
     model_cfg = pl.model_cfg()
-    rows = trial_rows(pl)
-    n_rows = len(rows.train)
-    refit = n_rows < len(pl.split.train)
-    # trials on a fraction of the rows skip train()'s exit refit (exit_refit.py): only the trunk, trained on every
-    # row, keeps its refitted shallow classifiers; when every row is used, a trial can be the trunk and keeps it
-    trial_model_cfg = copy.deepcopy(model_cfg)
-    if refit:
-        trial_model_cfg.exit_refit_epochs = 0
     study = studies.create_study(
         pl.names["stage2"], directions=["minimize"], home=pl.home,
         sampler=optuna.samplers.TPESampler(seed=pipe.seed + 2,
@@ -105,28 +148,53 @@ def run(pl) -> None:
         pruner={"halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
                 "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
                 "none": optuna.pruners.NopPruner}[pipe.stage2_pruner](),
-        user_attrs={"pipeline": pipe.name, "stage": "stage2", "parent_run_id": pl.parent,
-                    "objective": "val_loss", "pruner": pipe.stage2_pruner, "train_rows": n_rows})
-    if pipe.stage2_start_from_config and not study.trials:
-        study.enqueue_trial(start_params(pipe, pl.cfg.train), user_attrs={"start": "run config"})
+        user_attrs={"pipeline": pipe.name, "stage": "stage2", "engine": ENGINE, "parent_run_id": pl.parent,
+                    "objective": "val_loss", "pruner": pipe.stage2_pruner, "train_rows": len(trial_rows(pl).train),
+                    "split": [len(pl.split.train), len(pl.split.val)]})
+    ctx = Stage2Trials(pl, study)
+    n_rows, refit = ctx.n_rows, ctx.refit
+    # the budget as slots that this process and workers take (tuning/worker.py): together they run exactly
+    # trials_stage2 (a resumed stage: the ones still missing)
+    fresh = not study.trials
+    studies.drop_slots(study, "left by an earlier run of the pipeline")
+    todo = max(0, pipe.trials_stage2 - counted(study))
+    if fresh and todo and pipe.stage2_start_from_config:
+        studies.enqueue_slots(study, 1, pl.parent, params=start_params(pipe, pl.cfg.train),
+                              user_attrs={"start": "run config"})
+        todo -= 1
+    studies.enqueue_slots(study, todo, pl.parent)
 
-    def objective(trial: optuna.Trial) -> float:
-        pl.cancel.check()
-        params = suggest_training(trial, pipe)
-        tc = pl.trial_train_cfg(params, n_train=n_rows)
-        trial.set_user_attr("epochs_run", tc.epochs)
-        trial.set_user_attr("train_rows", n_rows)
-        run_cfg = pl.child_config(trial_model_cfg, tc, f"{pipe.name}/stage2/trial{trial.number}", "stage2")
-        res = pl.train_child(run_cfg, [studies.PruningCallback(trial, "val_loss")], trial, save=False, data=rows)
-        for k in ("val_accuracy", "val_nll", "val_avg_exit_layer"):
-            if k in res.best_metrics:
-                trial.set_user_attr(k, res.best_metrics[k])
-        value = float(res.best_metrics["val_loss"])
-        if math.isfinite(value) and not refit:
-            pl.keep_if_best(study, trial, value, res, run_cfg)
-        return value
+    def run_trial(trial: optuna.Trial) -> None:
+        try:
+            value = ctx.run_trial(trial)
+        except optuna.TrialPruned:
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+        except BaseException:
+            ctx.record(study, study.tell(trial, state=TrialState.FAIL))
+            raise
+        else:
+            frozen = study.tell(trial, value if math.isfinite(value) else None,
+                                state=None if math.isfinite(value) else TrialState.FAIL)
+        ctx.record(study, frozen)
 
-    pl.optimize(study, objective, pipe.trials_stage2, budget, "stage2")
+    start = time.monotonic()
+    try:
+        studies.run_slots(study, run_trial, local_trials=pipe.stage2_local_trials,
+                          deadline=None if budget is None else start + budget, cancel=pl.cancel,
+                          server=pl.tracker.dialect != "sqlite", poll_s=POLL_S,
+                          timeout_why="the stage's time budget is used up")
+        while n_complete(study) == 0 and counted(study) < pipe.trials_stage2 + 3:
+            # the budget ran out (or every trial was pruned) before any trial completed: a stage needs one result
+            pl.cancel.check()
+            studies.enqueue_slots(study, 1, pl.parent)
+            run_trial(study.ask())
+    except BaseException:
+        studies.drop_slots(study, "the pipeline stopped")  # no worker goes on with this stage
+        raise
+    if n_complete(study) == 0:
+        raise DactLabError("stage2: no trial completed (all pruned); raise the trials or the time budget.")
+    pl.tracker.log_event(pl.parent, ev.STAGE_TRIALS, {"stage": "stage2", "trials": counted(study),
+                                                     "seconds": round(time.monotonic() - start, 3)})
     best = study.best_trial
     s1 = pl.state["stage1"].get("best_user_attrs", {}).get("val_accuracy")
     out = {"best_params": best.params, "best_value": best.value, "best_trial": best.number,
