@@ -7,6 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from dact_lib import plots
 from dact_lib.errors import DactLabError
 from dact_lib.models import MODEL_FILE, halting_choice, load_model, model_version, predict
 from ui import state
@@ -67,19 +68,9 @@ def prob_chart(probs: dict[str, float], title: str, key: str) -> None:
 
 
 def dact_chart(res: dict, key: str) -> None:
-    layers = res["layers"]
-    xs = [lay["layer"] for lay in layers]
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=xs, y=[lay["y"].get(res["label"], 0.0) for lay in layers], mode="lines+markers",
-                             name=f"yₙ: p({res['label']})"))
-    fig.add_trace(go.Scatter(x=xs, y=[lay["h"] for lay in layers], mode="lines+markers", name="hₙ go on"))
-    fig.add_trace(go.Bar(x=xs, y=[lay["p"] for lay in layers], name="pₙ = h₁⋯hₙ", opacity=0.4))
-    fig.add_vline(x=res["exit_layer"], line_dash="dash", line_color="red",
-                  annotation_text=f"exit at layer {res['exit_layer']} of {res['num_layers']}")
-    fig.update_layout(title="Per-layer trace", height=340, margin=dict(l=10, r=10, t=40, b=10),
-                      xaxis=dict(title="layer", dtick=1, range=[0.5, res["num_layers"] + 0.5]),
-                      yaxis=dict(range=[0, 1.05]))
+    fig = plots.trace_figure(res)
     st.plotly_chart(fig, width="stretch", key=key)
+    layers = res["layers"]
     st.dataframe(pd.DataFrame([{"layer": lay["layer"], "label": lay["label"], "y (pred. class)":
                                 lay["y"].get(res["label"], 0.0), "h": lay["h"], "p": lay["p"]} for lay in layers]),
                  hide_index=True)

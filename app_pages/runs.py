@@ -150,8 +150,11 @@ def _csv_bytes(tr, ids: list[int]) -> bytes:
     return tr.metrics_csv(ids)
 
 
-def _zip_bytes(run_dir: Path):
-    return lambda: zip_model(run_dir)
+@st.cache_data(max_entries=2, show_spinner="Zipping the model…")
+def _zip_bytes(run_dir: str, version: float) -> bytes:
+    # bytes, kept for the next reruns: the button sits in the live part, which reruns every 2 s while a run is
+    # active, and a deferred download (a callable) registered by an earlier rerun is gone when it is clicked
+    return zip_model(Path(run_dir))
 
 
 # ---------------------------------------------------------------------------------------- page
@@ -342,8 +345,15 @@ def live(ids: list[int], was_active: bool) -> None:
         if advice:
             st.info(advice)
     if (run_dir / "model.safetensors").is_file():
-        c2.download_button("Download model (zip)", _zip_bytes(run_dir), file_name=f"dact_lab_run_{focus}.zip",
-                           mime="application/zip", on_click="ignore", key=f"runs_dl_zip_{focus}")
+        ready = f"runs_zip_ready_{focus}"
+        if st.session_state.get(ready) or c2.button(
+                "Prepare the model download (zip)", key=f"runs_zip_prep_{focus}",
+                help="Zips the model, its config and tokenizer (a few seconds for a large encoder)."):
+            st.session_state[ready] = True
+            c2.download_button("Download model (zip)",
+                               _zip_bytes(str(run_dir), (run_dir / "model.safetensors").stat().st_mtime),
+                               file_name=f"dact_lab_run_{focus}.zip", mime="application/zip", on_click="ignore",
+                               key=f"runs_dl_zip_{focus}", icon=":material/download:")
     else:
         c2.caption("No saved model yet (a checkpoint is written at the first evaluation).")
     if run.get("error"):

@@ -199,6 +199,35 @@ def test_uploaded_csv_is_stored_and_bad_one_is_not(app_home):
     assert tr.list_datasets() == []
 
 
+@pytest.fixture
+def served(monkeypatch):
+    """What the pages handed Streamlit's media storage: {download file name: bytes} (AppTest's media storage is
+    gone after a run, so it is recorded as it is filled)."""
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    files: dict[str, bytes] = {}
+    real = MemoryMediaFileStorage.load_and_get_id
+
+    def spy(self, path_or_data, mimetype, kind, filename=None):
+        files[filename] = path_or_data
+        return real(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", spy)
+    return files
+
+
+def test_a_downloaded_dataset_is_named_by_its_id_and_name(app_home, served):
+    """Bug: the file was called "#4 name.csv" (the picker's label): a '#' and spaces in a file name."""
+    tr = Tracker(app_home)
+    ds_id = tr.add_dataset(read_csv(csv_bytes(), name="reviews"), name="my reviews (v2)")
+    at = goto(open_app(), "app_pages/data.py")
+    assert not errors(at), errors(at)
+    [btn] = [b for b in at.get("download_button") if b.proto.label == "Download CSV"]
+    assert btn.proto.url and not btn.proto.deferred_file_id  # the bytes are served, not a deferred callable
+    name = f"dataset-{ds_id}-my-reviews-v2.csv"
+    assert name in served and b"text,label" in served[name].replace(b"\r", b"")[:40]
+
+
 def test_split_chosen_on_the_data_page_becomes_the_forms_default(app_home):
     at = goto(open_app(), "app_pages/data.py")
     at.file_uploader(key="data:upload").upload("reviews.csv", csv_bytes(), "text/csv")

@@ -196,8 +196,16 @@ def test_runs_page_compares_selected_runs_and_offers_downloads(pop_home):
     for rid in (a, b):  # the run's logged losses, scores and exit layer, named after the run
         drawn = {n.split(" · ", 1)[1] for n in names if n.startswith(f"#{rid} ")}
         assert {"train_loss", "val_loss", "val_accuracy", "val_avg_exit_layer"} <= drawn <= set(tr.metric_names([rid]))
-    labels = [b.proto.label for b in at.get("download_button")]
-    assert "Download metrics (CSV)" in labels and "Download model (zip)" in labels
+    buttons = {b.proto.label: b.proto for b in at.get("download_button")}
+    # bytes, never a deferred callable: the live part reruns every 2 s while a run is active, and a deferred file
+    # registered by an earlier rerun was "not found" when clicked (MediaFileStorageError)
+    assert buttons["Download metrics (CSV)"].url and not buttons["Download metrics (CSV)"].deferred_file_id
+    assert "Download model (zip)" not in buttons  # zipped on request: not on every rerun
+    focus = at.selectbox(key="runs_focus").value
+    at.button(key=f"runs_zip_prep_{focus}").click().run()
+    buttons = {b.proto.label: b.proto for b in at.get("download_button")}
+    zipped = buttons["Download model (zip)"]
+    assert zipped.url and not zipped.deferred_file_id
     status = _table(at, "run", "status", "progress")
     assert list(status["status"]) == [tr.get_run(a)["status"], tr.get_run(b)["status"]] == ["finished"] * 2
 

@@ -551,3 +551,18 @@ def test_steps_per_epoch_from_the_start_event_or_the_plan():
     capped = {"config": {"train": {"epochs": 3, "max_steps": 50}}}
     assert progress.steps_per_epoch(capped, [{"kind": "start", "payload": {"steps": 50}}]) is None
     assert progress.steps_per_epoch(run, []) is None
+
+
+def test_trace_figure_keeps_the_legend_off_the_exit_label():
+    """Bug: the Predict trace's "exit at layer n" label sat under its legend (both at the top right)."""
+    res = {"label": "pos", "exit_layer": 2, "num_layers": 3,
+           "layers": [{"layer": n, "y": {"pos": 0.5 + 0.1 * n}, "h": 0.9 - 0.3 * n, "p": 0.5 ** n}
+                      for n in (1, 2, 3)]}
+    fig = plots.trace_figure(res)
+    assert [t.name for t in fig.data] == ["yₙ: p(pos)", "hₙ go on", "pₙ = h₁⋯hₙ"]
+    assert list(fig.data[0].y) == pytest.approx([0.6, 0.7, 0.8]) and list(fig.data[2].y) == [0.5, 0.25, 0.125]
+    [note] = fig.layout.annotations
+    assert note.text == "exit at layer 2 of 3" and note.x == 2
+    # the legend is laid out below the plotting area (paper y < 0), the label inside it (top): no overlap
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0 and fig.layout.legend.yanchor == "top"
+    assert note.y >= 0.9

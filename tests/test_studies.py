@@ -1,6 +1,8 @@
 """Shared Optuna plumbing: storage in the home, listing studies, the pruning callback, trial <-> run links."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -133,6 +135,8 @@ def test_has_studies_is_read_only_and_start_dashboard_serves_the_home(home):
     srv = dashboard_server.start_dashboard(home, wait_s=30)
     try:
         assert srv["up"], open(srv["log"]).read()[-2000:]
+        # its log is kept in the home (it used to be written to the working directory, the project root)
+        assert Path(srv["log"]) == Path(home) / ".optuna_dashboard.log" and Path(srv["log"]).is_file()
         assert dashboard_server.start_dashboard(home)["proc"] is srv["proc"]  # one server per process and storage
         assert dashboard_server.dashboard(home) is srv
         with urllib.request.urlopen(f"http://127.0.0.1:{srv['port']}/api/studies", timeout=10) as r:

@@ -1,4 +1,4 @@
-"""Per-sample exit depth: the histogram of exit layers and accuracy per exit layer."""
+"""Per-sample exit depth: the histogram of exit layers, accuracy per exit layer, and one sentence's per-layer trace."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -44,4 +44,24 @@ def accuracy_per_layer(df: pd.DataFrame, num_layers: int | None = None, height: 
     fig.update_layout(title="accuracy per exit layer", height=height,
                       xaxis=dict(title="exit layer", tickmode="linear", dtick=1, range=[0.5, n + 0.5]),
                       yaxis=dict(title="accuracy", range=[0, 1.05]), margin=dict(l=50, r=20, t=50, b=40))
+    return fig
+
+
+def trace_figure(res: dict, height: int = 360) -> go.Figure:
+    """One sentence through a DACT model (``models.predict``'s result with ``layers``): y_n of the predicted class,
+    h_n, p_n per layer and the exit layer. The legend sits below the plot, so it never covers the exit label
+    (it used to: both at the top right)."""
+    layers = res["layers"]
+    xs = [lay["layer"] for lay in layers]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=xs, y=[lay["y"].get(res["label"], 0.0) for lay in layers], mode="lines+markers",
+                             name=f"yₙ: p({res['label']})"))
+    fig.add_trace(go.Scatter(x=xs, y=[lay["h"] for lay in layers], mode="lines+markers", name="hₙ go on"))
+    fig.add_trace(go.Bar(x=xs, y=[lay["p"] for lay in layers], name="pₙ = h₁⋯hₙ", opacity=0.4))
+    fig.add_vline(x=res["exit_layer"], line_dash="dash", line_color="red", annotation_position="top",
+                  annotation_text=f"exit at layer {res['exit_layer']} of {res['num_layers']}")
+    fig.update_layout(title="Per-layer trace", height=height, margin=dict(l=10, r=10, t=40, b=10),
+                      xaxis=dict(title="layer", dtick=1, range=[0.5, res["num_layers"] + 0.5]),
+                      yaxis=dict(range=[0, 1.12]),
+                      legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0))
     return fig
