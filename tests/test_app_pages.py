@@ -662,6 +662,14 @@ def test_engine_forms_have_human_labels_and_proper_widgets(app_home, path, page,
     if page == "pbt":
         assert not any(str(w.key).endswith(":pbt.epochs") for w in widgets)  # one Epochs field
         assert at.multiselect(key="pbt/backbone:pbt.space.activations").value
+        factors = at.text_input(key="pbt/backbone:pbt.perturb_factors")  # numbers, not JSON
+        assert factors.value == "0.8, 1.2"
+    # every field of the form says what it does (help text), the run's fields included
+    every = [w for kind in ("number_input", "text_input", "selectbox", "multiselect", "checkbox", "text_area")
+             for w in at.get(kind) if ":" in str(getattr(w, "key", "")) and "." in str(getattr(w, "key", ""))
+             and not str(w.key).endswith((":low", ":high"))]
+    assert len(every) > len(widgets)
+    assert not [(w.key, w.label) for w in every if not (w.help or "").strip()]
 
 
 def test_runs_page_organises_runs_and_shows_the_test_report(app_home):

@@ -152,6 +152,21 @@ class DimsField(Field):
                               "e.g. 256, 64.") from None
 
 
+class NumbersField(Field):
+    """A list of numbers written "0.8, 1.2" (e.g. PBT's perturbation factors)."""
+
+    def to_widget(self, value: Any) -> Any:
+        return ", ".join(f"{v:g}" for v in (value or []))
+
+    def from_widget(self, value: Any) -> Any:
+        text = str(value or "").strip().strip("[]()")
+        try:
+            return [float(x) for x in text.replace(";", ",").split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"{self.path} ({self.label}) = {value!r} is invalid: write numbers separated by commas, "
+                              "e.g. 0.8, 1.2.") from None
+
+
 class OptDimsField(DimsField):
     """Comma-separated whole numbers, empty = None (keep the base config's value)."""
 
@@ -278,21 +293,22 @@ SETTING_TEXT: dict[str, tuple[str, str]] = {
     "seed": ("Seed", "Seeds the samplers (and PBT's draws)."),
     "stage1_lambda": ("Stage 1 ponder cost λ", "Fixed while architectures are compared."),
     "stage1_lr": ("Stage 1 learning rate", "Of the heads on cached features."),
-    "stage1_batch_size": ("Stage 1 batch size", ""),
+    "stage1_batch_size": ("Stage 1 batch size", "Rows per step of the heads on cached features."),
     "stage1_threads": ("Stage 1 torch threads (0 = leave as is)", "One thread measured fastest for the small heads."),
     "max_depth": ("Deepest head MLP", "Hidden layers stage 1 may try."),
     "widths": ("Head widths to try", "Comma-separated, e.g. 32, 64, 128."),
     "poolings": ("Poolings to try", "How a layer's tokens become one vector."),
-    "search_share_weights": ("Also try one head shared by all layers", ""),
+    "search_share_weights": ("Also try one head shared by all layers", "Stage 1 then also tries one classifier and one "
+                             "halting unit for every layer."),
     "encoder_lr_range": ("Encoder learning rate range", "Stage 2 samples it log-uniformly."),
     "head_lr_range": ("Head learning rate range", "Stage 2 samples it log-uniformly; contains the single runs' 1e-3."),
     "batch_sizes": ("Batch sizes to try", "Comma-separated, e.g. 16, 32, 64."),
     "epochs_range": ("Epochs range", "Stage 2's epochs per trial (raised on small data to reach the minimum steps)."),
-    "weight_decay_range": ("Weight decay range", ""),
-    "warmup_range": ("Warm-up fraction range", ""),
+    "weight_decay_range": ("Weight decay range", "Stage 2 samples AdamW's weight decay uniformly in it."),
+    "warmup_range": ("Warm-up fraction range", "Share of the steps with a rising learning rate; stage 2 samples it."),
     "min_steps": ("Minimum optimizer steps per trial", "On small data a trial's epochs are raised to reach this."),
     "stage2_pruner": ("Stage 2 pruning", "halving: successive halving over epochs; median: Optuna's median pruner."),
-    "max_epochs": ("Most epochs a trial may be raised to", ""),
+    "max_epochs": ("Most epochs a trial may be raised to", "A cap on the epochs added to reach the minimum steps."),
     "stage2_fraction": ("Stage 2: fraction of the training rows per trial", "Trials train on this stratified "
                         "share (at least the minimum rows); the best parameters then train once on every row."),
     "stage2_min_rows": ("Stage 2: minimum rows per trial", "Smaller training sets use every row in every trial."),
@@ -305,27 +321,27 @@ SETTING_TEXT: dict[str, tuple[str, str]] = {
     "guards": ("When a stage is no better than the majority class", "stop: stop and say what to change; warn: "
                "record it and go on."),
     "final_finetune": ("Also fine-tune the final model end to end", "At the chosen λ, compared with the fitted point."),
-    "finetune_epochs": ("Fine-tuning epochs", ""),
+    "finetune_epochs": ("Fine-tuning epochs", "Of the optional end-to-end fine-tuning at the chosen λ."),
     "sweep_timed": ("Time the exit-policy sweep", "Real early-exit passes (slower) instead of a simulation."),
     "population": ("Population size", "Members trained side by side."),
     "ready_every_steps": ("Ready every N steps (0 = use epochs)", "How often a member may exploit / explore."),
     "ready_every_epochs": ("Ready every fraction of an epoch (0 = use steps)", "The same data progress for every "
                            "batch size."),
     "quantile": ("Bottom / top fraction", "The bottom fraction copies a member of the top fraction."),
-    "metric": ("Metric members are ranked by", ""),
+    "metric": ("Metric members are ranked by", "Their latest validation value; the bottom fraction copies the top."),
     "resample_prob": ("Chance of resampling a value", "Instead of perturbing it ×0.8 / ×1.2."),
-    "perturb_factors": ("Perturbation factors", "Comma-separated, e.g. 0.8, 1.2 (JSON list)."),
+    "perturb_factors": ("Perturbation factors", "Explore multiplies a value by one of these, e.g. 0.8, 1.2."),
     "num_threads": ("Torch threads in all (0 = the CPU cores)", "Split among the members."),
     "dropout_scope": ("Dropout that PBT explores", "head: the heads' dropout; all: every dropout, encoder included."),
     "hidden_layers": ("Hidden layers of the head (range)", "Drawn once for the whole population."),
-    "dropout": ("Dropout range", ""),
+    "dropout": ("Dropout range", "Sampled uniformly for each member or trial."),
     "lr": ("Learning rate range", "Log-uniform."),
     "weight_decay": ("Weight decay range", "Log-uniform."),
-    "warmup_ratio": ("Warm-up fraction range", ""),
-    "activations": ("Activations to try", ""),
+    "warmup_ratio": ("Warm-up fraction range", "Share of the steps with a rising learning rate."),
+    "activations": ("Activations to try", "Of the head's hidden layers, drawn once for the whole population."),
     "head_lr": ("Head learning rate range", "Log-uniform."),
-    "val_frac": ("Validation fraction range", ""),
-    "epochs": ("Epochs range", ""),
+    "val_frac": ("Validation fraction range", "Each trial holds out a fraction of the rows drawn from it."),
+    "epochs": ("Epochs range", "Each trial trains for a whole number of epochs drawn from it."),
     "batch_size": ("Batch sizes to try (empty = the run's)", "Comma-separated, e.g. 8, 16, 32."),
 }
 
@@ -389,6 +405,8 @@ def settings_fields(cls: type, path: str = "", skip: tuple[str, ...] = ()) -> li
             out.append(RangeField(p, label, help_, integer=args[0] is int, sci=sci))
         elif origin in (tuple, list) and args and args[0] is int:
             out.append(DimsField(p, label, help_))
+        elif origin in (tuple, list) and args and args[0] is float:
+            out.append(NumbersField(p, label, help_))
         elif origin in (tuple, list) and args and args[0] is str:
             options = _OPTIONS.get(f.name) or (tuple(ACTIVATIONS) if f.name == "activations" else
                                                 tuple(default or ()))

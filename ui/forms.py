@@ -166,23 +166,35 @@ def run_fields(kind: str) -> list[Field]:
                    + (" Multi-task training needs a two-task dataset." if kind == "multitask" else "")),
         make_field("data.max_rows", "Max rows (0 = all)", "optint",
               help="Train on a stratified sample of this many rows."),
-        make_field("data.val_frac", "Validation fraction", "float"),
-        make_field("data.test_frac", "Test fraction", "float"),
-        make_field("data.split_seed", "Split seed", "int"),
-        make_field("data.max_seq_len", "Max tokens per text", "int"),
-        make_field("train.epochs", "Epochs", "int"),
-        make_field("train.batch_size", "Batch size", "int"),
-        make_field("train.encoder_lr", "Encoder learning rate", "sci"),
-        make_field("train.head_lr", "Head learning rate", "sci"),
-        make_field("train.weight_decay", "Weight decay", "sci"),
-        make_field("train.seed", "Seed", "int"),
+        make_field("data.val_frac", "Validation fraction", "float",
+              help="Share of the rows held out (stratified) to pick the best checkpoint and stop early."),
+        make_field("data.test_frac", "Test fraction", "float",
+              help="Share of the rows never trained on nor used for choices: the run's final test scores."),
+        make_field("data.split_seed", "Split seed", "int",
+              help="The same seed gives the same train / validation / test rows."),
+        make_field("data.max_seq_len", "Max tokens per text", "int",
+              help="Longer texts are cut; shorter ones are not padded beyond their batch's longest."),
+        make_field("train.epochs", "Epochs", "int",
+              help="Passes over the training rows (at most: early stopping may end sooner)."),
+        make_field("train.batch_size", "Batch size", "int",
+              help="Rows per optimizer step (halved automatically when memory runs out)."),
+        make_field("train.encoder_lr", "Encoder learning rate", "sci",
+              help="Of the pretrained encoder's weights (small: 1e-5 to 1e-4)."),
+        make_field("train.head_lr", "Head learning rate", "sci",
+              help="Of the new heads (classifiers, halting units): larger than the encoder's."),
+        make_field("train.weight_decay", "Weight decay", "sci",
+              help="AdamW's decoupled weight decay (not applied to biases and LayerNorms)."),
+        make_field("train.seed", "Seed", "int",
+              help="Seeds the heads' initialisation, dropout and the batch order."),
         make_field("train.time_limit_min", "Time limit in minutes (0 = none)", "optfloat",
               help="Stop after this long, keep the best checkpoint (PBT: every member; multi-task: the run)."),
         make_field("train.evals_per_epoch", "Validations per epoch", "select", ("auto", 1, 2, 3, 4, 5, 10),
               help="How often the validation split is scored within an epoch (curves, best checkpoint, early "
                    "stopping). 'auto': once per epoch, plus one per 500 training steps on long epochs."),
-        make_field("train.early_stopping.enabled", "Early stopping", "bool"),
-        make_field("train.device", "Device", "select", ("auto", "cpu", "cuda")),
+        make_field("train.early_stopping.enabled", "Early stopping", "bool",
+              help="Stop when the validation metric has not improved for a while; the best checkpoint is kept."),
+        make_field("train.device", "Device", "select", ("auto", "cpu", "cuda"),
+              help="auto: a GPU when there is one, else the CPU."),
     ]
 
 
@@ -369,16 +381,18 @@ def jobs_panel(key: str = "jobs") -> None:
 
 POOLING = ("mean", "cls")
 ACTIVATION = ("relu", "gelu", "silu", "tanh")
+POOLING_HELP = "How a layer's token vectors become one sentence vector: their mean (masked) or the [CLS] token's."
 
 
 def model_fields(kind: str) -> list[Field]:
     """The model settings a launch form shows for ``kind``."""
     if kind == "dact":
         return [
-            make_field("model.pooling", "Pooling", "select", POOLING),
+            make_field("model.pooling", "Pooling", "select", POOLING, help=POOLING_HELP),
             make_field("model.classifier.hidden_dims", "Classifier hidden layers", "dims",
                   help="Widths of the per-layer classifier MLP, e.g. 128 (empty = linear)."),
-            make_field("model.halting.hidden_dims", "Halting hidden layers", "dims"),
+            make_field("model.halting.hidden_dims", "Halting hidden layers", "dims",
+                  help="Widths of the per-layer halting MLP that gives h_n, e.g. 64 (empty = linear)."),
             make_field("model.ponder_lambda", "Ponder cost λ", "sci",
                   help="Weight of the ponder (computation) cost: larger = earlier exits."),
             make_field("model.layer_loss_weight", "Per-layer classifier loss weight", "float",
@@ -400,15 +414,20 @@ def model_fields(kind: str) -> list[Field]:
             make_field("model.halting_tolerance", "Halting tolerance (accuracy points)", "float",
                   help="Keep the fastest fitted λ whose validation accuracy is within this many points of the "
                        "best one: larger = earlier exits."),
-            make_field("model.share_weights", "Share classifier/halting weights across layers", "bool"),
+            make_field("model.share_weights", "Share classifier/halting weights across layers", "bool",
+                  help="One classifier and one halting unit for every layer instead of one per layer."),
         ]
     if kind == "multitask":
         return [
-            make_field("model.pooling", "Pooling", "select", POOLING),
-            make_field("model.normalize", "L2-normalise the sentence vector", "bool"),
-            make_field("model.head.hidden_dims", "Head hidden layers", "dims"),
-            make_field("model.head.activation", "Head activation", "select", ACTIVATION),
-            make_field("model.head.dropout", "Head dropout", "float"),
+            make_field("model.pooling", "Pooling", "select", POOLING, help=POOLING_HELP),
+            make_field("model.normalize", "L2-normalise the sentence vector", "bool",
+                       help="As sentence-transformers does for all-MiniLM; the heads then see unit vectors."),
+            make_field("model.head.hidden_dims", "Head hidden layers", "dims",
+                       help="Widths of each task head's MLP, e.g. 256 (empty = linear)."),
+            make_field("model.head.activation", "Head activation", "select", ACTIVATION,
+                   help="Between the head's hidden layers."),
+            make_field("model.head.dropout", "Head dropout", "float",
+                   help="Dropout rate before each of the head's layers (0 to 1)."),
             make_field("model.task_weights", "Task weights (JSON; null = 1 each)", "json",
                   help='e.g. {"class_label": 1.0, "sentiment_label": 0.5}'),
             make_field("model.class_weighting", "Class weighting of each task's loss", "select",
@@ -416,10 +435,12 @@ def model_fields(kind: str) -> list[Field]:
                        "(for imbalanced tasks)."),
         ]
     return [
-        make_field("model.pooling", "Pooling", "select", POOLING),
+        make_field("model.pooling", "Pooling", "select", POOLING, help=POOLING_HELP),
         make_field("model.head.hidden_dims", "Head hidden layers", "dims", help="e.g. 256, 64 (empty = linear)."),
-        make_field("model.head.activation", "Head activation", "select", ACTIVATION),
-        make_field("model.head.dropout", "Head dropout", "float"),
+        make_field("model.head.activation", "Head activation", "select", ACTIVATION,
+                   help="Between the head's hidden layers."),
+        make_field("model.head.dropout", "Head dropout", "float",
+                   help="Dropout rate before each of the head's layers (0 to 1)."),
     ]
 
 
