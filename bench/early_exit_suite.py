@@ -449,6 +449,38 @@ def summarize(results: list[dict]) -> str:
     return markdown_table(rows, cols)
 
 
+def train_time(args) -> None:
+    """Training time of each variant, ``--epochs`` epochs, the variants of a dataset one after another in one
+    process: the whole run (tokenising, epochs, validations, exit refit, halting fit, the last validation) per
+    epoch, and each phase."""
+    info = machine_info(args.threads)
+    print(f"# Training time per epoch — {describe_machine(info)}; epochs {args.epochs}", flush=True)
+    rows, out = [], {"machine": info, "args": vars(args), "runs": []}
+    for name in args.datasets.split(","):
+        train_ds, val_ds, _ = load(name, args.data_dir, args.max_rows)
+        base = None
+        for variant in args.variants.split(","):
+            t0 = time.perf_counter()
+            _, _, _, rest_s, fit_s = train_one("dact", variant, train_ds, val_ds, args)
+            total = time.perf_counter() - t0
+            refit_s = args.last_refit_s
+            per_epoch = total / args.epochs
+            base = base or per_epoch
+            run = {"dataset": name, "variant": variant, "train_rows": len(train_ds), "epochs": args.epochs,
+                   "total_s": total, "epochs_s": rest_s, "exit_refit_s": refit_s, "halting_fit_s": fit_s,
+                   "per_epoch_s": per_epoch, "vs_first": per_epoch / base}
+            out["runs"].append(run)
+            rows.append([name, variant, f"{len(train_ds):,}", str(args.epochs), f"{total:.0f}",
+                         f"{rest_s / args.epochs:.0f}", f"{refit_s:.0f}", f"{fit_s:.0f}", f"{per_epoch:.0f}",
+                         f"{per_epoch / base:.2f}×"])
+            print(rows[-1], flush=True)
+            save_json(args.out, out)
+    head = ["dataset", "variant", "train rows", "epochs", "whole run, s", "per epoch without refit and fit, s",
+            "exit refit, s", "halting fit, s", "per epoch, all in, s", f"vs {args.variants.split(',')[0]}"]
+    print("\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                    + ["| " + " | ".join(r) + " |" for r in rows]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default="sst2,ag_news,trec6,sst5")
@@ -464,6 +496,9 @@ def main():
     ap.add_argument("--summarize", nargs="*", default=None, help="print the summary table of these JSON files")
     ap.add_argument("--overhead", action="store_true", help="only time the fast path's own cost (see overhead())")
     ap.add_argument("--overhead-reps", type=int, default=3)
+    ap.add_argument("--train-time", action="store_true",
+                    help="only time training (every variant of --variants, --epochs each, early stopping off): "
+                         "per-epoch time of the whole run, the exit refit and the halting fit included")
     args = ap.parse_args()
     if args.summarize:
         import json
@@ -482,6 +517,9 @@ def main():
     set_threads(args.threads)
     if args.overhead:
         overhead(args)
+        return
+    if args.train_time:
+        train_time(args)
         return
     info = machine_info(args.threads)
     print(f"# Early-exit suite — {describe_machine(info)}; epochs {args.epochs}", flush=True)
