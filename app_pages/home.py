@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dact_lib.config import default_config
+from dact_lib.tracker import run_scores
 from ui import forms, state
 
 st.title("DACT Lab")
@@ -51,6 +52,17 @@ def _best_val_accuracy(summary) -> float | None:
     return None
 
 
+def _val_scores(run: dict) -> dict:
+    """Best validation accuracy and macro-F1; for a multi-task run each task's, its mean labelled as such."""
+    out = {}
+    for k, v in run_scores(run).items():
+        if k.startswith("val_"):
+            out["best " + k.replace("val_accuracy", "val accuracy").replace("val_macro_f1", "val macro-F1")] = v
+    if out.get("best val accuracy") is None and run["kind"] != "multitask":
+        out["best val accuracy"] = _best_val_accuracy(run["summary"])  # engine parents record it elsewhere
+    return out
+
+
 def runs_table() -> None:
     tr = state.tracker()
     runs = tr.list_runs()
@@ -64,13 +76,14 @@ def runs_table() -> None:
         "name": r["name"] or "",
         "status": r["status"],
         "dataset": names.get(r["dataset_id"], "" if r["dataset_id"] is None else f"#{r['dataset_id']} (deleted)"),
-        "best val accuracy": _best_val_accuracy(r["summary"]),
+        **_val_scores(r),
         "parent": r["parent_id"],
         "started": _time(r["started"]),
         "ended": _time(r["ended"]),
     } for r in runs])
+    scores = [c for c in table.columns if c.startswith("best val")]
     st.dataframe(table, hide_index=True, width="stretch",
-                 column_config={"best val accuracy": st.column_config.NumberColumn(format="%.3f"),
+                 column_config={**{c: st.column_config.NumberColumn(format="%.3f") for c in scores},
                                 "parent": st.column_config.NumberColumn(format="%d")})
 
 

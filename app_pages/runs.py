@@ -20,7 +20,8 @@ from dact_lib import progress
 from dact_lib.halting import exit_advice
 from dact_lib.jobs import ENGINE_KINDS  # (parent runs of the tuning engines: no training curves)
 from dact_lib.models import zip_model
-from dact_lib.tracker import ACTIVE_STATUSES, STATUSES
+from dact_lib.tracker import ACTIVE_STATUSES, STATUSES, run_scores
+from dact_lib.tracker.store import SCORE_KEYS
 from ui.safe import plain
 from ui.state import ACTIVE_REFRESH_S, refresh_every, tracker
 
@@ -48,32 +49,14 @@ def _best(r: dict, key: str):
     return None
 
 
-def _task_keys(runs: list[dict]) -> list[str]:
-    """Per-task score keys (``val_accuracy/<task>``, ``val_macro_f1/<task>``, ``test_accuracy/<task>``) any run
-    has: a multi-task run shows each task, not only the mean."""
-    keys = set()
-    for r in runs:
-        s = r.get("summary") or {}
-        for part in ("best", "test"):
-            for k in (s.get(part) or {}) if isinstance(s.get(part), dict) else ():
-                if "/" in k and k.split("/", 1)[0] in ("val_accuracy", "val_macro_f1", "test_accuracy",
-                                                       "test_macro_f1"):
-                    keys.add(k)
-    return sorted(keys, key=lambda k: (k.split("/", 1)[1], k))
-
-
 def _runs_table(runs: list[dict]) -> pd.DataFrame:
-    per_task = _task_keys(runs)
     rows = []
     for r in runs:
-        multi = r["kind"] == "multitask"
         row = {"id": r["id"], "kind": r["kind"], "name": r.get("name") or "", "tag": r.get("tag") or "",
-               "status": r["status"], "parent": r.get("parent_id"), "created": _ts(r.get("created")),
-               # a multi-task run's plain val_accuracy is the mean over its tasks: say so
-               ("val_accuracy (mean of tasks)" if multi else "val_accuracy"): _best(r, "val_accuracy"),
-               "val_macro_f1": _best(r, "val_macro_f1"), "test_accuracy": _best(r, "test_accuracy"),
-               "val_avg_exit_layer": _best(r, "val_avg_exit_layer")}
-        row.update({k: _best(r, k) for k in per_task})
+               "status": r["status"], "parent": r.get("parent_id"), "created": _ts(r.get("created"))}
+        # accuracy and macro-F1 of each task of a multi-task run; its plain scores are labelled as the mean
+        row.update(run_scores(r))
+        row["val_avg_exit_layer"] = _best(r, "val_avg_exit_layer")
         row["error"] = (r.get("error") or "")[:120]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -205,11 +188,10 @@ def run_table() -> None:
     sidebar's job counts): every status on the page changes together (it used to say 'running' above a finished
     progress bar); while nothing runs it still polls slowly, so a run started elsewhere appears."""
     rows = filtered(tracker().list_runs(), words)
-    st.dataframe(_runs_table(rows), hide_index=True, height=min(400, 38 + 35 * len(rows)),
-                 column_config={"val_accuracy": st.column_config.NumberColumn(format="%.4f"),
-                                "val_accuracy (mean of tasks)": st.column_config.NumberColumn(format="%.4f"),
-                                "val_macro_f1": st.column_config.NumberColumn(format="%.4f"),
-                                "test_accuracy": st.column_config.NumberColumn(format="%.4f"),
+    table = _runs_table(rows)
+    scores = [c for c in table.columns if c.split("/")[0].split(" (")[0] in SCORE_KEYS]
+    st.dataframe(table, hide_index=True, height=min(400, 38 + 35 * len(rows)),
+                 column_config={**{c: st.column_config.NumberColumn(format="%.4f") for c in scores},
                                 "val_avg_exit_layer": st.column_config.NumberColumn(format="%.2f")})
 
 

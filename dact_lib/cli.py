@@ -241,7 +241,7 @@ def cmd_predict(args) -> int:
 
 @command("runs")
 def cmd_runs(args) -> int:
-    from .tracker import Tracker
+    from .tracker import Tracker, run_scores
 
     runs = Tracker(args.home).list_runs(kind=args.kind)
     if args.json:
@@ -253,15 +253,30 @@ def cmd_runs(args) -> int:
     import datetime as dt
 
     width = min(32, max([4] + [len(term(r.get("name") or "")) for r in runs]))
-    print(f"{'id':>4}  {'name':<{width}}  {'kind':<14}{'status':<12}{'started':<17}{'best val acc':>13}  tag")
+    print(f"{'id':>4}  {'name':<{width}}  {'kind':<14}{'status':<12}{'started':<17}{'best val acc':>13}"
+          f"{'val F1':>8}  tag / per task")
     for r in runs:
-        best = ((r.get("summary") or {}).get("best") or {}).get("val_accuracy")
+        sc = run_scores(r)
+        multi = r["kind"] == "multitask"
+        best = sc["val_accuracy (mean of tasks)" if multi else "val_accuracy"]
+        f1 = sc["val_macro_f1 (mean of tasks)" if multi else "val_macro_f1"]
         started = dt.datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M") if r.get("started") else "-"
         name = term(r.get("name") or "-")
         name = name if len(name) <= width else name[:width - 1] + "…"
+        # a multi-task run: its columns are the mean over tasks (marked *), each task's accuracy / F1 follows
+        tasks = sorted({k.split("/", 1)[1] for k in sc if k.startswith("val_accuracy/")})
+        per_task = "; ".join(f"{term(t)} {_f(sc.get(f'val_accuracy/{t}'))} / F1 {_f(sc.get(f'val_macro_f1/{t}'))}"
+                             for t in tasks)
+        extra = "  ".join(x for x in (term(r.get("tag") or ""), per_task) if x)
         print(f"{r['id']:>4}  {name:<{width}}  {r['kind']:<14}{r['status']:<12}{started:<17}"
-              f"{(f'{best:.4f}' if best is not None else '-'):>13}  {term(r.get('tag') or '')}")
+              f"{_f(best) + ('*' if multi and best is not None else ''):>13}{_f(f1):>8}  {extra}")
+    if any(r["kind"] == "multitask" for r in runs):
+        print("* multi-task: the mean over its tasks (each task's accuracy / macro-F1 on the right)")
     return 0
+
+
+def _f(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
 
 
 @command("worker")

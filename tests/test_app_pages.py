@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import streamlit as st
 import yaml
@@ -152,6 +153,14 @@ def test_pages_render_on_a_populated_home(populated):
     table = at.dataframe[0].value
     assert set(ids.values()) <= set(table["id"]) and "reviews" in set(table["dataset"])
     assert table.loc[table["id"] == ids["dact"], "best val accuracy"].notna().all()
+    # a multi-task run: each task's accuracy and macro-F1, its mean labelled (it was one unlabelled mean)
+    best = Tracker(h).get_run(ids["multitask"])["summary"]["best"]
+    row = table[table["id"] == ids["multitask"]].iloc[0]
+    assert row["best val accuracy (mean of tasks)"] == pytest.approx(best["val_accuracy"])
+    assert pd.isna(row["best val accuracy"])
+    for task in ("class_label", "sentiment_label"):
+        assert row[f"best val accuracy/{task}"] == pytest.approx(best[f"val_accuracy/{task}"])
+        assert row[f"best val macro-F1/{task}"] == pytest.approx(best[f"val_macro_f1/{task}"])
     goto(at, "app_pages/data.py")
     assert "reviews" in set(at.dataframe[-1].value["name"])
     goto(at, "app_pages/predict.py")

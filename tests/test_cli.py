@@ -123,6 +123,14 @@ def test_multitask_flags(home, capsys):
     assert model["task_weights"] == {"class_label": 1.0, "sentiment_label": 0.5}
     assert run["config"]["train"]["encoder_lr"] == 5e-5  # the measured multi-task defaults
     assert "val_loss" in err
+    # `runs` shows each task's accuracy and macro-F1, and marks the mean (it used to print only the mean, unlabelled)
+    best = run["summary"]["best"]
+    code, out, _ = run_cli(capsys, "runs", "--home", home)
+    row = next(line for line in out.splitlines() if line.split()[:1] == [str(run["id"])])
+    assert f"{best['val_accuracy']:.4f}*" in row
+    for task in ("class_label", "sentiment_label"):
+        assert f"{task} {best[f'val_accuracy/{task}']:.4f} / F1 {best[f'val_macro_f1/{task}']:.4f}" in row
+    assert "* multi-task: the mean over its tasks" in out
 
 
 def test_errors_exit_2_with_a_clear_message(home, capsys, tmp_path):

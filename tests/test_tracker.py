@@ -626,3 +626,21 @@ def test_pid_liveness_zombies_are_dead_and_other_users_processes_alive(monkeypat
 
     monkeypatch.setattr(tr_mod.os, "kill", eperm)
     assert tr_mod.pid_alive(1) is True
+
+
+def test_run_scores_shows_each_task_and_labels_the_mean():
+    from dact_lib.tracker import run_scores
+
+    multi = {"kind": "multitask", "summary": {
+        "best": {"val_accuracy": 0.8, "val_macro_f1": 0.6, "val_accuracy/topic": 0.9, "val_macro_f1/topic": 0.7,
+                 "val_accuracy/sentiment": 0.7, "val_loss": 0.3},
+        "test": {"test_accuracy/topic": 0.85, "test_accuracy": 0.75}}}
+    assert run_scores(multi) == {
+        "val_accuracy (mean of tasks)": 0.8, "val_macro_f1 (mean of tasks)": 0.6,
+        "test_accuracy (mean of tasks)": 0.75, "test_macro_f1 (mean of tasks)": None,
+        "val_accuracy/sentiment": 0.7, "val_accuracy/topic": 0.9, "val_macro_f1/topic": 0.7,
+        "test_accuracy/topic": 0.85}
+    single = {"kind": "dact", "summary": {"best": {"val_accuracy": 0.9}, "test": {"test_macro_f1": 0.5}}}
+    assert run_scores(single) == {"val_accuracy": 0.9, "val_macro_f1": None, "test_accuracy": None,
+                                  "test_macro_f1": 0.5}
+    assert run_scores({"kind": "backbone", "summary": None})["val_accuracy"] is None

@@ -10,7 +10,8 @@ from __future__ import annotations
 from . import liveness
 from .callback import TrackerCallback
 from .liveness import hostname, pid_alive
-from .store import ACTIVE_STATUSES, BUSY_TIMEOUT_S, METRIC_COLUMNS, STATUSES, TERMINAL_STATUSES, Tracker
+from .store import (ACTIVE_STATUSES, BUSY_TIMEOUT_S, METRIC_COLUMNS, STATUSES, TERMINAL_STATUSES, Tracker,
+                    run_scores)
 
 __all__ = ["Tracker", "TrackerCallback", "liveness", "pid_alive", "hostname", "STATUSES", "ACTIVE_STATUSES",
-           "TERMINAL_STATUSES", "METRIC_COLUMNS", "BUSY_TIMEOUT_S"]
+           "TERMINAL_STATUSES", "METRIC_COLUMNS", "BUSY_TIMEOUT_S", "run_scores"]

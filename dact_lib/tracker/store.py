@@ -736,3 +736,26 @@ class Tracker:
 
 
 # --------------------------------------------------------------------------------------------- callback
+
+
+# --- what a run table shows of a run's scores ----------------------------------------------------------------------
+SCORE_KEYS = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")
+
+
+def run_scores(run: dict) -> dict[str, float | None]:
+    """The scores a run table shows, from the run's summary (best checkpoint, then test): ``val_accuracy``,
+    ``val_macro_f1``, ``test_accuracy``, ``test_macro_f1`` and, for a multi-task run, the same per task
+    (``val_accuracy/<task>`` …). A multi-task run's plain keys are the mean over its tasks: they are returned as
+    ``<key> (mean of tasks)``, so no table shows a mean under a single task's name."""
+    s = run.get("summary") or {}
+    parts = [s.get(p) for p in ("best", "test") if isinstance(s.get(p), dict)]
+    multi = run.get("kind") == "multitask"
+    out: dict[str, float | None] = {}
+    for key in SCORE_KEYS:
+        value = next((d[key] for d in parts if d.get(key) is not None), None)
+        out[f"{key} (mean of tasks)" if multi else key] = value
+    per_task = sorted({k for d in parts for k in d if "/" in k and k.split("/", 1)[0] in SCORE_KEYS},
+                      key=lambda k: (k.split("/", 1)[1], SCORE_KEYS.index(k.split("/", 1)[0])))
+    for k in per_task:
+        out[k] = next((d[k] for d in parts if d.get(k) is not None), None)
+    return out
