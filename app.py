@@ -52,13 +52,16 @@ def job_counts() -> None:
         return
     running, queued = counts.get("running", 0), counts.get("queued", 0)
     st.caption(f"Jobs: **{running}** running, **{queued}** queued")
+    state.watch_status()
 
 
 def sidebar() -> None:
     with st.sidebar:
         st.caption(f"Home: `{state.home()}`")
-        # on the pages' one status timer: the counts change together with the run tables
-        st.fragment(job_counts, run_every=state.refresh_every())()
+        # every ACTIVE_REFRESH_S (the counts are in memory): when work starts or ends, the whole page reruns so
+        # that every status on it — tables, pickers, progress, these counts — changes together
+        state.refresh_every()
+        st.fragment(job_counts, run_every=state.ACTIVE_REFRESH_S)()
 
 
 page = st.navigation(build_navigation())

@@ -85,6 +85,7 @@ def runs_table() -> None:
     st.dataframe(table, hide_index=True, width="stretch",
                  column_config={**{c: st.column_config.NumberColumn(format="%.3f") for c in scores},
                                 "parent": st.column_config.NumberColumn(format="%d")})
+    forms.active_runs_caption(runs)
 
 
 st.subheader("Runs")

@@ -22,6 +22,7 @@ from dact_lib.jobs import ENGINE_KINDS  # (parent runs of the tuning engines: no
 from dact_lib.models import zip_model
 from dact_lib.tracker import ACTIVE_STATUSES, STATUSES, run_scores
 from dact_lib.tracker.store import SCORE_KEYS
+from ui.forms import active_runs_caption
 from ui.safe import plain
 from ui.state import ACTIVE_REFRESH_S, refresh_every, tracker
 
@@ -144,6 +145,8 @@ def _zip_bytes(run_dir: str, version: float) -> bytes:
 
 st.title("Runs")
 tr = tracker()
+if st.session_state.get("runs_flash"):
+    st.success(st.session_state.pop("runs_flash"))
 st.caption(f"home: `{tr.home}`")
 all_runs = tr.list_runs()
 if not all_runs:
@@ -193,6 +196,7 @@ def run_table() -> None:
     st.dataframe(table, hide_index=True, height=min(400, 38 + 35 * len(rows)),
                  column_config={**{c: st.column_config.NumberColumn(format="%.4f") for c in scores},
                                 "val_avg_exit_layer": st.column_config.NumberColumn(format="%.2f")})
+    active_runs_caption(rows)
 
 
 run_table()
@@ -312,7 +316,9 @@ def live(ids: list[int], was_active: bool) -> None:
                 except Exception as exc:  # noqa: BLE001 - show, never crash the page
                     st.error(f"Could not resume run {focus}: {plain(exc)}")
                 else:
-                    st.success(f"Run {focus} is queued to resume from its last checkpoint.")
+                    # the whole page reruns: the live part's timer, the run table and the pickers follow the run
+                    st.session_state["runs_flash"] = f"Run {focus} is queued to resume from its last checkpoint."
+                    st.rerun()
         else:
             c1.caption(f"Not resumable: {plain(info['why'])}.")
     run_dir = Path(run.get("run_dir") or tr.run_dir(focus))

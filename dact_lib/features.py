@@ -159,8 +159,9 @@ def _save(path: Path, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
 
 @torch.no_grad()
 def _compute(model, tokenizer, dataset: TextDataset, poolings: Sequence[str], max_seq_len: int, batch_size: int,
-             device: str) -> dict[str, torch.Tensor]:
-    """Run the frozen encoder (eval mode, no grad) through its layer adapter once; pool every layer each way."""
+             device: str, on_rows=None) -> dict[str, torch.Tensor]:
+    """Run the frozen encoder (eval mode, no grad) through its layer adapter once; pool every layer each way.
+    ``on_rows(n)`` after each batch of n rows."""
     ad = layer_adapter(model)
     n, layers, hidden = len(dataset), ad.num_layers, ad.hidden_size
     out = {p: torch.zeros(n, layers, hidden, dtype=torch.float32) for p in poolings}
@@ -176,15 +177,19 @@ def _compute(model, tokenizer, dataset: TextDataset, poolings: Sequence[str], ma
             h = ad.run_layer(i, h, mask)
             for p in poolings:
                 out[p][rows, i] = pool(h, am, p).float().cpu()
+        if on_rows is not None:
+            on_rows(len(rows))
     return out
 
 
 def cached_features_many(encoder_name: str, datasets: Mapping[str, TextDataset], *,
                          poolings: Sequence[str] = ("mean",), max_seq_len: int = 128, home=None,
                          batch_size: int = 64, device: str = "cpu", seed: int = 0,
-                         encoder_weights: str | os.PathLike | None = None) -> dict[str, dict[str, FeatureCache]]:
+                         encoder_weights: str | os.PathLike | None = None,
+                         on_progress=None) -> dict[str, dict[str, FeatureCache]]:
     """:func:`cached_features` for several datasets (e.g. ``{"train": ..., "val": ...}``), loading the encoder at
-    most once. Returns {dataset name: {pooling: FeatureCache}}."""
+    most once. Returns {dataset name: {pooling: FeatureCache}}. ``on_progress(rows_done, rows_to_compute)`` is
+    called as the missing features are computed (not at all when every one is in the cache)."""
     poolings = list(dict.fromkeys(_check_pooling(p) for p in poolings))
     if not poolings:
         raise ConfigError("poolings is empty: give at least one of " + ", ".join(POOLINGS) + ".")
@@ -207,6 +212,14 @@ def cached_features_many(encoder_name: str, datasets: Mapping[str, TextDataset],
         return loaded[0]
 
     out: dict[str, dict[str, FeatureCache]] = {}
+    to_compute = sum(len(d) for d in datasets.values())  # an upper bound: parts found in the cache are skipped
+    progress = {"done": 0}
+
+    def rows_done(n: int) -> None:
+        progress["done"] += n
+        if on_progress is not None:
+            on_progress(progress["done"], to_compute)
+
     for part, dataset in datasets.items():
         if len(dataset) == 0:
             raise DactLabError(f"Cannot compute features of an empty dataset ({part!r}): give at least one row.")
@@ -227,7 +240,8 @@ def cached_features_many(encoder_name: str, datasets: Mapping[str, TextDataset],
         if missing:
             t0 = time.perf_counter()
             model, tokenizer = encoder()
-            computed = _compute(model, tokenizer, dataset, [m[0] for m in missing], max_seq_len, batch_size, device)
+            computed = _compute(model, tokenizer, dataset, [m[0] for m in missing], max_seq_len, batch_size, device,
+                                rows_done)
             build_s = (time.perf_counter() - t0) / len(missing)
             for p, key, path in missing:
                 _save(path, computed[p], {"encoder": _encoder_id(encoder_name, home, seed, encoder_weights),

@@ -145,7 +145,11 @@ def engine_progress(run: dict, events: Iterable[dict] | None = None, members: It
             e.get("payload"), dict) and e["payload"].get("stage") == "final") for e in events)
         done = sum(min(per_stage[s], planned[s]) for s in _STAGES) + int(final_done)
         total = sum(planned.values()) + 1 if any(planned.values()) else None
-        if current in planned:
+        phase = next((e["payload"].get("phase") for e in reversed(events) if e.get("kind") == ev.PHASE
+                      and isinstance(e.get("payload"), dict)), None)
+        if current == "stage1" and per_stage["stage1"] == 0 and phase and active:
+            text = f"stage1: {phase}"  # before its first trial: the feature cache (rows done)
+        elif current in planned:
             text = f"{current}: trial {per_stage[current]} / {planned[current]}"
         elif current == "final":
             text = "final training"

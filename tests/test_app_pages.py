@@ -748,3 +748,27 @@ def test_runs_page_compares_configs_and_smooths_curves(populated):
     assert fig["layout"]["xaxis"]["title"]["text"].startswith("minutes")
     at.checkbox(key="runs_per_task").check().run()
     assert not at.exception and curves_spec(at)
+
+
+def test_the_page_reruns_when_work_starts_or_ends_so_every_status_changes_together(app_home, monkeypatch):
+    """Defect: parts of a page went stale while others updated (the sidebar drawn before a submit kept its idle
+    timer; a page's pickers never re-read when the last job ended). The sidebar's 2-s watch reruns the whole page
+    when work starts or ends since the page set up its timers — and only then."""
+    from ui import state
+
+    at = open_app()
+    assert at.session_state[state.TIMERS_ACTIVE] is False  # nothing runs: the page set up idle timers
+    reruns = []
+    monkeypatch.setattr(state.st, "rerun", lambda *a, **k: reruns.append(1))
+    monkeypatch.setattr(state.st, "session_state", {state.TIMERS_ACTIVE: False})
+    state.watch_status()
+    assert reruns == []  # nothing changed
+    Tracker(app_home).create_run("backbone", {}, status="running")  # a run started elsewhere (CLI, another tab)
+    state.watch_status()
+    assert reruns == [1] and state.st.session_state[state.TIMERS_ACTIVE] is True
+    state.watch_status()
+    assert reruns == [1]  # once per change
+    # a job submitted on this page: its timers are already the active ones (set by submit_job), no rerun
+    monkeypatch.setattr(state.st, "session_state", {state.TIMERS_ACTIVE: True})
+    state.watch_status()
+    assert reruns == [1]

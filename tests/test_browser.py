@@ -342,10 +342,15 @@ def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     expect(page.get_by_text(re.compile(r"Queued job #2 \(dact, 1 ahead\)"))).to_be_visible()
     counts = page.get_by_test_id("stSidebar").get_by_text(re.compile(r"^Jobs:"))
     expect(counts).to_have_text(re.compile(r"1 running, 1 queued"))
-    expect(counts).to_have_text(re.compile(r"1 running, 0 queued"), timeout=TRAIN_TIMEOUT_MS)  # #1 ended, #2 runs
 
-    # ---- Runs: the live curve, then the run finishes
+    # ---- Runs: the run table says #2 is queued, then running, without a reload (the pages' status timer)
     goto_page(page, "Runs")
+    active = page.get_by_text(re.compile(r"^Active: "))
+    expect(active).to_contain_text(re.compile(r"#2 dact browser e2e queued queued"))
+    expect(active).to_contain_text(re.compile(r"#2 dact browser e2e queued running"), timeout=TRAIN_TIMEOUT_MS)
+    expect(counts).to_have_text(re.compile(r"1 running, 0 queued"))  # #1 ended, #2 runs: the sidebar agrees
+
+    # ---- the live curve, then the run finishes
     chart = page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first
     expect(chart).to_be_visible()
     # a curve has points: at least one plotted trace

@@ -163,6 +163,13 @@ def test_parent_run_events_metrics_and_stage_files(done):
     assert len(feat) == 1 and feat[0]["used_cached_features"] is True and feat[0]["cache_hit"] is False
     assert feat[0]["build_s"] > 0 and set(feat[0]["keys"]) == {"train", "val"}
     assert set(feat[0]["keys"]["train"]) == {"cls", "mean"} and "cached" in feat[0]["message"]
+    # the feature cache reports its phase and rows done (Runs shows it before stage 1's first trial)
+    phases = [e["payload"] for e in events if e["kind"] == "phase"]
+    assert phases[0]["phase"].startswith("caching features of") and phases[0]["rows_done"] == 0
+    rows = phases[0]["rows"]
+    done = [p["rows_done"] for p in phases if "rows_done" in p]
+    assert done == sorted(done) and done[-1] == rows and 2 <= len(done) <= 12
+    assert phases[-1]["phase"] == "stage 1: training heads on the cached features"
     trials = [e["payload"] for e in events if e["kind"] == "trial"]
     assert [sum(t["stage"] == s for t in trials) for s in ("stage1", "stage2", "stage3")] == [3, 2, 14]
     m = tr.get_metrics(res.parent_run_id)

@@ -160,6 +160,13 @@ def test_engine_progress_pipeline_by_stage_without_an_eta():
     assert p["steps_done"] == 9 and p["text"].startswith("final training")
     p = progress.engine_progress(run, resumed + [_ev("stage_end", stage="final"), _ev("pipeline_end")], now=60.0)
     assert p["fraction"] == 1.0
+    # before stage 1's first trial: the feature cache's phase, rows done (it used to say "trial 0 / 4" for minutes)
+    caching = [_ev("pipeline_start"), _ev("stage_start", stage="stage1"),
+               _ev("phase", phase="caching features: 640 / 1,280 rows")]
+    assert progress.engine_progress(run, caching, now=60.0)["text"].startswith(
+        "stage1: caching features: 640 / 1,280 rows")
+    first = caching + [_ev("phase", phase="stage 1: training heads"), _ev("trial", stage="stage1", number=0)]
+    assert progress.engine_progress(run, first, now=60.0)["text"].startswith("stage1: trial 1 / 4")
 
 
 def test_engine_progress_pbt_sums_its_members():

@@ -327,6 +327,7 @@ def submit_job(kind: str, cfg: RunConfig | dict, *, options: dict | None = None,
         unexpected(exc, "The job was not submitted")
         return None
     st.session_state["last_run_id"] = run_id
+    st.session_state[state.TIMERS_ACTIVE] = True  # this page's timers follow from here; no rerun to announce it
     ahead = state.jobs().ahead(run_id)
     if ahead is not None:
         st.success(f"Queued job **#{run_id}** ({kind}, {ahead} ahead): it starts when the "
@@ -336,6 +337,17 @@ def submit_job(kind: str, cfg: RunConfig | dict, *, options: dict | None = None,
         st.success(f"Started job **#{run_id}** ({kind}). It runs in the background; follow it on the Runs page.")
     page_link("app_pages/runs.py", f"Watch run #{run_id} on Runs", ":material/monitoring:")
     return run_id
+
+
+def active_runs_caption(runs: list[dict]) -> None:
+    """A text line under a run table naming its queued and running runs (the table is a canvas grid: this is what
+    a reader — or a browser test — can follow as statuses change)."""
+    active = [r for r in runs if r.get("status") in ("queued", "running")]
+    if not active:
+        st.caption("No run is queued or running.")
+        return
+    st.caption("Active: " + "; ".join(f"#{r['id']} {r['kind']}{' ' + plain(r['name']) if r.get('name') else ''} "
+                                      f"**{r['status']}**" for r in active))
 
 
 def _fmt_time(t: float | None) -> str:

@@ -41,13 +41,34 @@ ACTIVE_REFRESH_S = 2.0
 IDLE_REFRESH_S = 10.0
 
 
-def refresh_every() -> float:
-    """The status timer of this rerun: ACTIVE_REFRESH_S while a job of this server or any run of the home is
-    queued or running, else IDLE_REFRESH_S."""
+#: session key: whether this page's timers were set up for active work (refresh_every's answer at the last full
+#: rerun, or a job submitted since): the sidebar's watch compares it with now
+TIMERS_ACTIVE = "status_timers_active"
+
+
+def anything_active() -> bool:
+    """A job of this server or any run of the home is queued or running."""
     from dact_lib.tracker import ACTIVE_STATUSES
 
     try:
-        active = jobs().active_count() > 0 or bool(tracker().list_runs(status=list(ACTIVE_STATUSES), limit=1))
+        return jobs().active_count() > 0 or bool(tracker().list_runs(status=list(ACTIVE_STATUSES), limit=1))
     except Exception:  # noqa: BLE001 - a busy database must not break a page
-        active = False
+        return False
+
+
+def refresh_every() -> float:
+    """The status timer of this rerun: ACTIVE_REFRESH_S while a job of this server or any run of the home is
+    queued or running, else IDLE_REFRESH_S. Recorded for :func:`watch_status`."""
+    active = anything_active()
+    st.session_state[TIMERS_ACTIVE] = active
     return ACTIVE_REFRESH_S if active else IDLE_REFRESH_S
+
+
+def watch_status() -> None:
+    """Called every ACTIVE_REFRESH_S by the sidebar: when work started or ended since the page set up its timers
+    (a job submitted on another page or tab, a run started from the CLI, the last job finished), rerun the whole
+    page, so every part that shows a status — run tables, pickers, progress, counts — switches together."""
+    active = anything_active()
+    if active != st.session_state.get(TIMERS_ACTIVE, active):
+        st.session_state[TIMERS_ACTIVE] = active
+        st.rerun()

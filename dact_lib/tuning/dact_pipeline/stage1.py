@@ -195,12 +195,26 @@ def run(pl) -> None:
                               "a finished backbone run.")
     if cfg.train.num_threads:  # the one encoder pass runs at the run's thread count; restored after it
         torch.set_num_threads(cfg.train.num_threads)
+    n_rows = len(pl.split.train) + len(pl.split.val)
+    shown = {"tenth": -1}
+
+    def on_progress(done: int, total: int) -> None:  # a phase event per tenth of the rows (the Runs page shows it)
+        tenth = 10 * done // max(total, 1)
+        if tenth > shown["tenth"]:
+            shown["tenth"] = tenth
+            pl.tracker.log_event(pl.parent, ev.PHASE, {"phase": f"caching features: {done:,} / {total:,} rows",
+                                                       "rows_done": done, "rows": total})
+
+    pl.tracker.log_event(pl.parent, ev.PHASE, {"phase": f"caching features of {n_rows:,} rows (once per encoder "
+                                                         "and data)", "rows_done": 0, "rows": n_rows})
     try:
         got_all = cached_features_many(cfg.encoder, {"train": pl.split.train, "val": pl.split.val},
                                        poolings=pipe.poolings, max_seq_len=cfg.data.max_seq_len, home=pl.home,
-                                       device=str(pl.device), seed=cfg.train.seed, encoder_weights=weights)
+                                       device=str(pl.device), seed=cfg.train.seed, encoder_weights=weights,
+                                       on_progress=on_progress)
     finally:
         torch.set_num_threads(previous_threads)
+    pl.tracker.log_event(pl.parent, ev.PHASE, {"phase": "stage 1: training heads on the cached features"})
     feats = {part: {p: c.features.to(pl.device) for p, c in got.items()} for part, got in got_all.items()}
     info = {part: {p: c.info() for p, c in got.items()} for part, got in got_all.items()}
     build_s = sum(c.build_s for got in got_all.values() for c in got.values())
