@@ -20,7 +20,7 @@ from dact_lib import progress
 from dact_lib.halting import exit_advice
 from dact_lib.jobs import ENGINE_KINDS  # (parent runs of the tuning engines: no training curves)
 from dact_lib.models import zip_model
-from dact_lib.tracker import ACTIVE_STATUSES, STATUSES, run_scores
+from dact_lib.tracker import ACTIVE_STATUSES, STATUSES, run_params, run_scores
 from dact_lib.tracker.store import SCORE_KEYS
 from ui.forms import active_runs_caption
 from ui.safe import plain
@@ -58,6 +58,7 @@ def _runs_table(runs: list[dict]) -> pd.DataFrame:
         # accuracy and macro-F1 of each task of a multi-task run; its plain scores are labelled as the mean
         row.update(run_scores(r))
         row["val_avg_exit_layer"] = _best(r, "val_avg_exit_layer")
+        row.update(run_params(r))  # the main settings as columns (searchable as key=value)
         row["error"] = (r.get("error") or "")[:120]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -161,8 +162,8 @@ with st.expander("Filter the run list", expanded=False):
     sel_kinds = c1.multiselect("kind", kinds, default=[], key="runs_kinds", placeholder="all kinds")
     sel_status = c2.multiselect("status", statuses, default=statuses, key="runs_status")
     top_only = c3.checkbox("top-level runs only (hide trials / PBT members)", value=False, key="runs_top")
-query = st.text_input("Search runs", key="runs_search", placeholder="id, name, kind, tag, status or dataset — "
-                      "every word must match, e.g. 'dact finished sst2'")
+query = st.text_input("Search runs", key="runs_search", placeholder="id, name, kind, tag, status, dataset or "
+                      "setting=value — every word must match, e.g. 'dact finished sst2 epochs=3'")
 datasets = {d["id"]: d.get("name") or "" for d in tr.list_datasets()}
 
 
@@ -175,7 +176,20 @@ def matches(r: dict, words: list[str]) -> bool:
     hay = " ".join(str(x) for x in (f"#{r['id']}", r["id"], r.get("name") or "", r["kind"], r.get("tag") or "",
                                     r["status"], f"dataset:{r.get('dataset_id')}",
                                     datasets.get(r.get("dataset_id"), ""))).lower()
-    return all(w in hay for w in words)
+    params = {k: v for k, v in run_params(r).items() if v is not None}
+    hay += " " + " ".join(f"{k}={v}" for k, v in params.items()).lower()
+    return all(w in hay or _param_match(w, params) for w in words)
+
+
+def _param_match(word: str, params: dict) -> bool:
+    """``head_lr=1e-3`` matches 0.001: a number is compared as a number."""
+    key, sep, want = word.partition("=")
+    if not sep or key not in params:
+        return False
+    try:
+        return float(params[key]) == float(want)
+    except (TypeError, ValueError):
+        return str(params[key]).lower() == want
 
 
 words = query.lower().split()

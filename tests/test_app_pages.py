@@ -646,6 +646,22 @@ def test_every_run_is_findable_by_search(populated):
     assert list(at.dataframe[0].value["id"]) == [ids["stored"]]
     at.text_input(key="runs_search").set_value("no-such-run").run()
     assert not at.exception and any("No run matches" in i.value for i in at.info)
+    # settings are columns and searchable as key=value (a number matches as a number: 1.23e-03 == 0.00123)
+    tr = Tracker(h)
+    cfg = tiny_cfg("dact")
+    cfg.train.head_lr = 0.00123
+    odd = tr.create_run("dact", cfg.to_dict(), name="odd lr", status="failed")
+    try:
+        at.text_input(key="runs_search").set_value("head_lr=1.23e-03").run()
+        table = at.dataframe[0].value
+        assert list(table["id"]) == [odd]
+        assert {"encoder", "epochs", "batch_size", "encoder_lr", "head_lr", "seed", "ponder_lambda"} <= set(
+            table.columns)
+        assert list(table["head_lr"]) == [0.00123] and list(table["encoder"]) == [cfg.encoder]
+        at.text_input(key="runs_search").set_value(f"epochs={cfg.train.epochs} odd").run()
+        assert list(at.dataframe[0].value["id"]) == [odd]
+    finally:
+        tr.delete_run(odd)
 
 
 @pytest.mark.parametrize("path, page, mode, prefix", [("app_pages/dact_pipeline.py", "dact", "Full pipeline", "pipeline"),

@@ -11,7 +11,7 @@ from . import liveness
 from .callback import TrackerCallback
 from .liveness import hostname, pid_alive
 from .store import (ACTIVE_STATUSES, BUSY_TIMEOUT_S, METRIC_COLUMNS, STATUSES, TERMINAL_STATUSES, Tracker,
-                    run_scores)
+                    run_params, run_scores)
 
 __all__ = ["Tracker", "TrackerCallback", "liveness", "pid_alive", "hostname", "STATUSES", "ACTIVE_STATUSES",
-           "TERMINAL_STATUSES", "METRIC_COLUMNS", "BUSY_TIMEOUT_S", "run_scores"]
+           "TERMINAL_STATUSES", "METRIC_COLUMNS", "BUSY_TIMEOUT_S", "run_scores", "run_params"]

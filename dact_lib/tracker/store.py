@@ -759,3 +759,24 @@ def run_scores(run: dict) -> dict[str, float | None]:
     for k in per_task:
         out[k] = next((d[k] for d in parts if d.get(k) is not None), None)
     return out
+
+
+#: the settings a run table shows as columns (and a search can match as ``key=value``): from the run's config
+PARAM_KEYS = (("encoder", ("encoder",)), ("epochs", ("train", "epochs")), ("batch_size", ("train", "batch_size")),
+              ("encoder_lr", ("train", "encoder_lr")), ("head_lr", ("train", "head_lr")),
+              ("seed", ("train", "seed")), ("ponder_lambda", ("model", "ponder_lambda")))
+
+
+def run_params(run: dict) -> dict[str, object]:
+    """The main settings of a run from its config (missing ones are None): encoder, epochs, batch size, learning
+    rates, seed and, for DACT, the ponder λ; an engine parent's run config sits under ``config["run"]``."""
+    cfg = run.get("config") or {}
+    if isinstance(cfg, dict) and isinstance(cfg.get("run"), dict):
+        cfg = cfg["run"]
+    out: dict[str, object] = {}
+    for name, path in PARAM_KEYS:
+        v = cfg
+        for p in path:
+            v = v.get(p) if isinstance(v, dict) else None
+        out[name] = v
+    return out
