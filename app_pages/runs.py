@@ -449,7 +449,10 @@ if len(selected) > 1:
             st.caption("The runs have the same config.")
     with st.expander("Parallel coordinates and seeds", icon=":material/stacked_line_chart:"):
         chosen = [by_id[i] for i in selected]
-        st.plotly_chart(plots.parallel_coordinates_figure(plots.compare_table(chosen)), key="runs_parcoords")
+        hp_names = [n for n in tr.metric_names(list(selected)) if n.startswith("hp/")]
+        # PBT members: where exploit / explore left their hyperparameters (their config has the start values)
+        latest = plots.latest_values(tr.get_metrics(list(selected), names=hp_names)) if hp_names else {}
+        st.plotly_chart(plots.parallel_coordinates_figure(plots.compare_table(chosen, latest)), key="runs_parcoords")
         groups = plots.seed_groups(chosen)
         if any(len(ids) > 1 for ids in groups.values()):
             names = [n for n in ("val_accuracy", "val_loss") if n in set(tr.metric_names(list(selected)))]

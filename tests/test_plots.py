@@ -523,6 +523,24 @@ def test_compare_table_keeps_only_differing_settings_and_the_results():
     assert not plots.parallel_coordinates_figure(t.head(1)).data  # one run: the empty state
 
 
+def test_parallel_coordinates_of_pbt_members_show_where_explore_left_them():
+    """PBT members start from the same config; exploit / explore change their hyperparameters, which are logged
+    as hp/... metrics: the compare table (and its parallel coordinates) shows their last values."""
+    members = [_run(5, 0, 1e-5, 0.7), _run(6, 0, 1e-5, 0.75)]
+    df = pd.DataFrame([{"run_id": rid, "step": s, "epoch": 0, "name": n, "value": v, "time": 0.0}
+                       for rid, n, s, v in ((5, "hp/lr", 10, 1e-5), (5, "hp/lr", 20, 1.2e-5), (6, "hp/lr", 10, 1e-5),
+                                            (6, "hp/lr", 30, 0.8e-5), (6, "hp/dropout", 30, 0.12),
+                                            (6, "val_accuracy", 30, 0.75))])
+    latest = plots.latest_values(df)
+    assert latest == {5: {"hp/lr": 1.2e-5}, 6: {"hp/lr": 0.8e-5, "hp/dropout": 0.12}}
+    t = plots.compare_table(members, latest)
+    assert t["hp/lr (last)"].tolist() == [1.2e-5, 0.8e-5]  # the config alone has 1e-5 for both: no axis at all
+    assert "train.encoder_lr" not in t.columns
+    labels = [d.label for d in plots.parallel_coordinates_figure(t).data[0].dimensions]
+    assert "hp/lr (last)" in labels and "hp/dropout (last)" in labels
+    assert plots.latest_values(df.iloc[0:0]) == {}
+
+
 def test_seed_groups_and_their_mean_and_spread():
     runs = [_run(1, 0, 1e-5, 0.8), _run(2, 1, 1e-5, 0.82), _run(3, 0, 5e-5, 0.9), _run(4, 0, 1e-5, 0.7, kind="dact")]
     groups = plots.seed_groups(runs)

@@ -13,14 +13,16 @@ page fast however long a run was.
 from __future__ import annotations
 
 from .base import MAX_POINTS, POLICY_COLOURS, POLICY_LABELS, colour, downsample, downsample_index
-from .compare import compare_table, grouped_curves_figure, parallel_coordinates_figure, seed_groups
+from .compare import (compare_table, grouped_curves_figure, latest_values, parallel_coordinates_figure,
+                      seed_groups)
 from .curves import EXIT_NAME, LOSS_NAMES, config_diff, curve_metric, curves_figure, ema, metric_figure
 from .exits import accuracy_per_layer, exit_histogram, trace_figure
 from .pareto import exit_policy_figure, front_mask, lambda_pareto_figure, normalize_point
 from .pbt import (HP_NAMES, exploit_edges, hp_trajectories, lineage_figure, member_labels,
                   pbt_member_curves, resolve_member)
 
-__all__ = ["compare_table", "grouped_curves_figure", "parallel_coordinates_figure", "seed_groups", "MAX_POINTS",
+__all__ = ["compare_table", "latest_values", "grouped_curves_figure", "parallel_coordinates_figure", "seed_groups",
+           "MAX_POINTS",
            "POLICY_COLOURS", "POLICY_LABELS", "colour", "downsample", "downsample_index", "EXIT_NAME",
            "LOSS_NAMES", "config_diff", "curve_metric", "curves_figure", "ema", "metric_figure", "accuracy_per_layer",
            "exit_histogram", "exit_policy_figure", "front_mask", "lambda_pareto_figure", "normalize_point", "HP_NAMES",

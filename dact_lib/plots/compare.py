@@ -21,9 +21,25 @@ def _config(run: dict) -> dict:
     return cfg.get("run", cfg) if isinstance(cfg.get("run"), dict) else cfg  # an engine parent: its RunConfig
 
 
-def compare_table(runs: Sequence[dict]) -> pd.DataFrame:
+def latest_values(metrics: pd.DataFrame, prefix: str = "hp/") -> dict[int, dict[str, float]]:
+    """{run id: {name: its last logged value}} of the metrics whose name starts with ``prefix`` (a tracker metrics
+    frame: run_id, name, step, value): PBT members log their hyperparameters as ``hp/...`` metrics, and the last
+    value is where exploit / explore left them (their config holds only the starting values)."""
+    if metrics is None or not len(metrics):
+        return {}
+    m = metrics[metrics["name"].astype(str).str.startswith(prefix)].sort_values(["run_id", "name", "step"])
+    last = m.groupby(["run_id", "name"], sort=False)["value"].last()
+    out: dict[int, dict[str, float]] = {}
+    for (rid, name), v in last.items():
+        out.setdefault(int(rid), {})[str(name)] = float(v)
+    return out
+
+
+def compare_table(runs: Sequence[dict], latest: dict[int, dict[str, float]] | None = None) -> pd.DataFrame:
     """One row per run: ``run`` (id), the settings that differ between the runs (dotted keys; lists and
-    mappings as JSON text) and the best validation results of its summary (:data:`RESULT_KEYS`)."""
+    mappings as JSON text), each run's ``latest`` values (e.g. a PBT member's explored hyperparameters,
+    :func:`latest_values`, as ``hp/lr (last)``) and the best validation results of its summary
+    (:data:`RESULT_KEYS`)."""
     flats = {int(r["id"]): flatten(_config(r)) for r in runs}
     keys = sorted(set().union(*[set(f) for f in flats.values()])) if flats else []
     varying = [k for k in keys if k not in ("name", "tag") and len(
@@ -36,6 +52,8 @@ def compare_table(runs: Sequence[dict]) -> pd.DataFrame:
         for k in varying:
             v = f.get(k)
             row[k] = json.dumps(v, default=str) if isinstance(v, (list, dict)) else v
+        for k, v in sorted(((latest or {}).get(int(r["id"])) or {}).items()):
+            row[f"{k} (last)"] = v
         for k in RESULT_KEYS:
             if isinstance(best.get(k), (int, float)):
                 row[k] = float(best[k])
