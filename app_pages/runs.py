@@ -438,6 +438,8 @@ c1.slider("Smoothing (exponential moving average)", 0.0, 0.99, 0.0, 0.01, key="r
 c2.radio("x axis", list(X_CHOICES), key="runs_x_axis", horizontal=True,
          help="Optimizer steps, epochs (fractional) or wall time since each run started.")
 c3.checkbox("Loss on a log scale", key="runs_log_y")
+if "runs_per_task" not in st.session_state:  # on at first when a multi-task run is shown: no 8-line score panel
+    st.session_state["runs_per_task"] = any(by_id[i]["kind"] == "multitask" for i in selected)
 c3.checkbox("A panel per task", key="runs_per_task", help="Multi-task runs: each task's accuracy and macro-F1 in "
             "its own panel.")
 if len(selected) > 1:

@@ -600,6 +600,15 @@ def test_runs_table_shows_each_tasks_scores(populated):
     assert row["val_accuracy (mean of tasks)"] == pytest.approx(best["val_accuracy"])
     single = table[table["id"] == ids["backbone"]].iloc[0]
     assert single["val_accuracy"] == pytest.approx(Tracker(h).get_run(ids["backbone"])["summary"]["best"]["val_accuracy"])
+    # a multi-task run's curves start as a panel per task (one score panel held 8 lines and a long legend)
+    at = open_app()
+    at.session_state["runs_selected"] = [ids["multitask"]]
+    goto(at, "app_pages/runs.py")
+    assert at.checkbox(key="runs_per_task").value is True
+    spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                if "training curves" in json.dumps(json.loads(c.proto.spec)["layout"].get("title", {})))
+    titles = [a["text"] for a in spec["layout"].get("annotations", [])]
+    assert "class_label: accuracy · macro-F1" in titles and "sentiment_label: accuracy · macro-F1" in titles
 
 
 def test_rows_with_empty_cells_can_be_left_out_in_the_browser(app_home):
@@ -757,7 +766,7 @@ def test_runs_page_compares_configs_and_smooths_curves(populated):
 
         return np.frombuffer(base64.b64decode(x["bdata"]), dtype=x["dtype"]) if isinstance(x, dict) else x
 
-    xs = [float(v) for t in fig["data"] for v in values(t.get("x") or [])]
+    xs = [float(v) for t in fig["data"] if t.get("meta") != "legend" for v in values(t.get("x") or [])]
     assert xs and 0 < max(xs) <= 3.0 + 1e-9  # runs of at most 3 epochs, in epochs now (not hundreds of steps)
     at.radio(key="runs_x_axis").set_value("wall time").run()
     fig = curves_spec(at)

@@ -191,7 +191,7 @@ def test_runs_page_compares_selected_runs_and_offers_downloads(pop_home):
     a, b = rec.dact
     at = _open("app_pages/runs.py", runs_selected=[a, b])
     spec = _chart(at, "training curves")
-    names = {t.get("name", "") for t in spec["data"]}
+    names = {t.get("name", "") for t in spec["data"] if t.get("meta") != "legend"}
     tr = Tracker(rec.home)
     for rid in (a, b):  # the run's logged losses, scores and exit layer, named after the run
         drawn = {n.split(" · ", 1)[1] for n in names if n.startswith(f"#{rid} ")}

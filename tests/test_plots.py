@@ -55,17 +55,23 @@ def test_curves_figure_compares_runs_on_shared_panels():
             rows += [(rid, s, "train_loss", 1.0 / s), (rid, s, "lr", 1e-3)]
         rows += [(rid, 5, "val_loss", 0.5), (rid, 5, "val_accuracy", 0.8), (rid, 5, "val_avg_exit_layer", 3.2)]
     fig = plots.curves_figure(_metrics(rows), {1: "run A", 2: "run B"})
-    names = sorted(t.name for t in fig.data)
-    assert names == sorted(f"{r} · {n}" for r in ("run A", "run B")
-                           for n in ("train_loss", "val_loss", "val_accuracy", "val_avg_exit_layer"))
+    data = [t for t in fig.data if t.meta != "legend"]
+    names = sorted(t.name for t in data)
+    metric_names = ("train_loss", "val_loss", "val_accuracy", "val_avg_exit_layer")
+    assert names == sorted(f"{r} · {n}" for r in ("run A", "run B") for n in metric_names)
     assert "lr" not in " ".join(names)  # not a loss / score metric
     # three panels: loss, score, exit layer; each run keeps one colour across its traces
-    axes = {t.name.split(" · ")[1]: t.xaxis for t in fig.data}
+    axes = {t.name.split(" · ")[1]: t.xaxis for t in data}
     assert axes["train_loss"] == axes["val_loss"] != axes["val_accuracy"] != axes["val_avg_exit_layer"]
-    colours = {t.name.split(" · ")[0]: set() for t in fig.data}
-    for t in fig.data:
+    colours = {t.name.split(" · ")[0]: set() for t in data}
+    for t in data:
         colours[t.name.split(" · ")[0]].add(t.line.color)
     assert all(len(c) == 1 for c in colours.values()) and colours["run A"] != colours["run B"]
+    # the legend: one entry per run (its colour) and one per metric (its dash), not one per run × metric
+    legend = [t for t in fig.data if t.showlegend is not False]
+    assert all(t.meta == "legend" for t in legend)
+    assert [t.name for t in legend] == ["run A", "run B", *sorted(metric_names)]
+    assert legend[0].line.color == next(iter(colours["run A"])) and legend[0].legendgroup == data[0].legendgroup
 
 
 def test_curves_figure_multitask_names_go_to_their_panels():

@@ -107,6 +107,7 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
     x_name = X_AXES[x_axis]
     x_fmt = "" if x_axis == "step" else ":.3g"
     traces = []
+    shown_runs: dict[int, str] = {}
     for (rid, name), (x, v) in sorted(series.items()):
         if smoothing:
             v = ema(v, smoothing)
@@ -115,14 +116,27 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
         i = panels.index(panel(name))
         sfx = "" if i == 0 else str(i + 1)
         label = (run_labels or {}).get(rid, f"run {rid}")
+        shown_runs.setdefault(rid, label)
         traces.append({
             "type": "scatter", "x": x, "y": v, "name": f"{label} · {name}" if several else name,
+            # several runs: the legend has one entry per run (its colour; clicking it hides the run's lines) and
+            # one per metric (its dash), added below — not one per run × metric
+            "showlegend": not several,
             "legendgroup": str(rid), "mode": "lines+markers" if len(x) < 30 else "lines",
             "line": {"color": run_colour[rid] if several else colour(names_sorted.index(name)),
                      "dash": name_dash[name] if several else "solid"},
             "xaxis": f"x{sfx}", "yaxis": f"y{sfx}",
             "hovertemplate": f"{label}<br>{name}<br>{x_axis} %{{x{x_fmt}}}<br>%{{y:.4g}}<extra></extra>",
         })
+    if several:  # legend-only entries (meta "legend"): each run's colour, each metric's dash in grey
+        for rid, label in shown_runs.items():
+            traces.append({"type": "scatter", "x": [None], "y": [None], "name": label, "mode": "lines",
+                           "line": {"color": run_colour[rid]}, "legendgroup": str(rid), "showlegend": True,
+                           "hoverinfo": "skip", "meta": "legend"})
+        for name in names_sorted:
+            traces.append({"type": "scatter", "x": [None], "y": [None], "name": name, "mode": "lines",
+                           "line": {"color": "#888888", "dash": name_dash[name]}, "legendgroup": f"metric:{name}",
+                           "showlegend": True, "hoverinfo": "skip", "meta": "legend"})
     layout = panels_layout([titles[p] for p in panels], x_title=x_name)
     if log_y and "loss" in panels:
         layout["yaxis" + ("" if panels.index("loss") == 0 else str(panels.index("loss") + 1))]["type"] = "log"
