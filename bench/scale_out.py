@@ -41,7 +41,7 @@ def study_config(args):
         cfg.data.path = str(train_csv)
     cfg.data.max_rows = args.max_rows
     cfg.data.max_seq_len = 64
-    cfg.train.seed = 0
+    cfg.train.seed = args.seed
     cfg.name = "scale-out bench"
     return cfg.validate()
 
@@ -55,7 +55,7 @@ def run_one(n_workers: int, url: str, home: Path, args) -> dict:
     threads = args.threads or max(1, (os.cpu_count() or 2) // n_workers)
     cfg = study_config(args)
     cfg.train.num_threads = threads
-    name = f"scale-out-{n_workers}w"
+    name = f"scale-out-{n_workers}w-s{args.seed}"
     space = BackboneSpace(epochs=[1, 1], batch_size=[16, 32])
     out: dict = {}
 
@@ -92,7 +92,9 @@ def run_one(n_workers: int, url: str, home: Path, args) -> dict:
     per_worker = {}
     for t in done:
         per_worker[t.user_attrs.get("worker", "?")] = per_worker.get(t.user_attrs.get("worker", "?"), 0) + 1
-    return {"workers": n_workers, "threads_per_worker": threads, "trials": len(done),
+    values = sorted(t.value for t in done if t.state.name == "COMPLETE")
+    return {"workers": n_workers, "seed": args.seed, "threads_per_worker": threads, "trials": len(done),
+            "trial_values": values, "median_value": statistics.median(values) if values else None,
             "complete": sum(t.state.name == "COMPLETE" for t in done), "wall_s": wall, "trials_span_s": span,
             "trials_per_min": 60.0 * len(done) / span, "best_value": out["res"].best_value,
             "median_trial_s": statistics.median((t.datetime_complete - t.datetime_start).total_seconds()
@@ -109,6 +111,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     ap.add_argument("--server-url", default=None,
                     help="an admin URL of a running PostgreSQL (…/postgres); default: a throw-away cluster")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (TPE's and training's): each configuration "
+                    "once per seed, so the best values' spread across seeds says what 'equal within noise' is")
     ap.add_argument("--out", default="scale_out.json")
     args = ap.parse_args()
     import tempfile
@@ -135,25 +139,31 @@ def main() -> None:
         create = server.create_database
     rows = []
     try:
-        for n in [int(x) for x in args.workers.split(",")]:
-            home = Path(tempfile.mkdtemp(prefix=f"scale-out-{n}w-"))
-            url = create(f"bench_{n}w_{int(time.time())}")
-            r = run_one(n, url, home, args)
-            rows.append(r)
-            print(f"{n} worker(s): {r['trials']} trials in {r['trials_span_s']:.0f} s "
-                  f"({r['trials_per_min']:.2f}/min), best value {r['best_value']:.4f}", flush=True)
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            args.seed = seed
+            for n in [int(x) for x in args.workers.split(",")]:
+                home = Path(tempfile.mkdtemp(prefix=f"scale-out-{n}w-"))
+                url = create(f"bench_{n}w_s{seed}_{int(time.time())}")
+                r = run_one(n, url, home, args)
+                rows.append(r)
+                print(f"seed {seed}, {n} worker(s): {r['trials']} trials in {r['trials_span_s']:.0f} s "
+                      f"({r['trials_per_min']:.2f}/min), best value {r['best_value']:.4f}", flush=True)
     finally:
         if server is not None:
             pg_server.stop(server)
-    base = rows[0]
-    for r in rows:
+    for r in rows:  # against the first configuration of the same seed
+        base = next(b for b in rows if b["seed"] == r["seed"])
         r["wall_ratio_vs_first"] = base["trials_span_s"] / r["trials_span_s"]
     print()
-    print(markdown_table(rows, [("workers", "workers"), ("threads_per_worker", "threads / worker"),
+    print(markdown_table(rows, [("seed", "seed"), ("workers", "workers"), ("threads_per_worker", "threads / worker"),
                                 ("trials", "trials"), ("trials_per_worker", "trials per worker"),
                                 ("trials_span_s", "study wall time, s"), ("wall_ratio_vs_first", "speed-up"),
                                 ("trials_per_min", "trials / min"), ("median_trial_s", "median trial, s"),
-                                ("best_value", "best val_loss")]))
+                                ("best_value", "best val_loss"), ("median_value", "median trial val_loss")]))
+    if len({r["seed"] for r in rows}) > 1:
+        for n in sorted({r["workers"] for r in rows}):
+            best = [r["best_value"] for r in rows if r["workers"] == n]
+            print(f"{n} worker(s): best val_loss over seeds {min(best):.4f} … {max(best):.4f}")
     save_json(args.out, {"machine": info, "args": vars(args), "rows": rows})
 
 
