@@ -278,14 +278,22 @@ def live(ids: list[int], was_active: bool) -> None:
                        file_name=f"metrics_runs_{'_'.join(str(r['id']) for r in current[:10])}.csv",
                        mime="text/csv", on_click="ignore", key="runs_dl_csv")
 
-    # one run in detail: progress bar, cancel, events, model download
-    focus_ids = [r["id"] for r in current]
+    # one run in detail: progress bar, cancel, events, model download — any run of the list (the shown ones first)
+    shown_ids = [r["id"] for r in current]
+    focus_ids = shown_ids + [i for i in options if i not in shown_ids]
     if st.session_state.get("runs_focus") not in focus_ids:
         st.session_state["runs_focus"] = focus_ids[0]
-    focus = st.selectbox("Run details", focus_ids, key="runs_focus",
-                         format_func=lambda i: _label(next(r for r in current if r["id"] == i)))
-    run = next(r for r in current if r["id"] == focus)
-    pr = next(x["_pr"] for x, r in zip(rows, current) if r["id"] == focus)
+    focus = st.selectbox("Run details", focus_ids, key="runs_focus", help="Any run of the list (the runs on the "
+                         "chart first): its progress, events, config and model.",
+                         format_func=lambda i: _label(next((r for r in current if r["id"] == i), by_id.get(i)) or
+                                                      {"id": i, "kind": "?", "status": "?"}))
+    if focus in shown_ids:
+        run = next(r for r in current if r["id"] == focus)
+        pr = next(x["_pr"] for x, r in zip(rows, current) if r["id"] == focus)
+    else:  # a run not on the chart: its record, events and progress read now
+        run = tr.get_run(focus)
+        events_of[focus] = tr.get_events(focus)
+        pr = progress.run_progress(tr, run, run_metrics(tr, [run]).get(focus), events_of[focus])
     st.progress(min(1.0, max(0.0, pr["fraction"] or 0.0)), text=f"#{focus} {run['status']} · {pr['text']}")
     c1, c2 = st.columns(2)
     if run["status"] in ACTIVE_STATUSES:

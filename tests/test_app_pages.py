@@ -600,6 +600,14 @@ def test_runs_table_shows_each_tasks_scores(populated):
     assert row["val_accuracy (mean of tasks)"] == pytest.approx(best["val_accuracy"])
     single = table[table["id"] == ids["backbone"]].iloc[0]
     assert single["val_accuracy"] == pytest.approx(Tracker(h).get_run(ids["backbone"])["summary"]["best"]["val_accuracy"])
+    # Run details for any run of the list, not only the ones on the chart
+    at.multiselect(key="runs_selected").set_value([ids["backbone"]]).run()
+    assert any(o.startswith(f"#{ids['stored']} ") for o in at.selectbox(key="runs_focus").options)
+    at.selectbox(key="runs_focus").set_value(ids["stored"]).run()
+    assert not at.exception
+    assert at.get("progress")[0].proto.text.startswith(f"#{ids['stored']} finished")
+    events = [d.value for d in at.dataframe if list(d.value.columns) == ["time", "kind", "payload"]]
+    assert events and list(events[0]["kind"]) == [e["kind"] for e in Tracker(h).get_events(ids["stored"])]
     # a multi-task run's curves start as a panel per task (one score panel held 8 lines and a long legend)
     at = open_app()
     at.session_state["runs_selected"] = [ids["multitask"]]

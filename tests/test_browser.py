@@ -338,6 +338,10 @@ def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     # a second job waits behind the first (one job at a time here): announced as queued, and the sidebar's
     # counts follow it from "queued" to "running" without a reload (the pages' one status timer)
     page.get_by_label("Run name (optional)", exact=True).fill("browser e2e queued")
+    # long enough to be seen running (2 epochs of 36 rows take under a second once the encoder is loaded)
+    fill_number(page, "Epochs", 60)
+    page.get_by_text("Early stopping", exact=True).click()
+    expect(page.get_by_role("checkbox", name="Early stopping")).not_to_be_checked()
     page.get_by_role("button", name=re.compile("Start")).click()
     expect(page.get_by_text(re.compile(r"Queued job #2 \(dact, 1 ahead\)"))).to_be_visible()
     counts = page.get_by_test_id("stSidebar").get_by_text(re.compile(r"^Jobs:"))
@@ -350,8 +354,9 @@ def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     expect(active).to_contain_text(re.compile(r"#2 dact browser e2e queued running"), timeout=TRAIN_TIMEOUT_MS)
     expect(counts).to_have_text(re.compile(r"1 running, 0 queued"))  # #1 ended, #2 runs: the sidebar agrees
 
-    # ---- the live curve, then the run finishes
-    chart = page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first
+    # ---- the live curve, then the run finishes (#2 in detail: both runs were active when the page opened)
+    choose(page, "Run details", re.compile(r"^#2 dact"))
+    chart = page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot >> visible=true').first
     expect(chart).to_be_visible()
     # a curve has points: at least one plotted trace
     expect(chart.locator(".scatterlayer .trace").first).to_be_attached(timeout=TRAIN_TIMEOUT_MS)
