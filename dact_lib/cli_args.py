@@ -35,6 +35,8 @@ def common_args(p: argparse.ArgumentParser, device: bool = True, tag: bool = Tru
                        help="where the model runs (default: the config's train.device, else auto)")
     if tag:
         p.add_argument("--tag", default=None, help="a label stored with the run")
+        if not any(a.dest == "name" for a in p._actions):  # dact-pipeline: --name names the pipeline and its run
+            p.add_argument("--run-name", default=None, help="the run's name (the run table and the dashboard show it)")
 
 
 def data_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +101,8 @@ def config_and_options(args, kind_default: str = "backbone"):
         cfg.train.device = args.device
     if getattr(args, "tag", None):
         cfg.tag = args.tag
+    if getattr(args, "run_name", None):
+        cfg.name = args.run_name
     return cfg.validate(), options
 
 

@@ -725,6 +725,10 @@ def test_runs_page_organises_runs_and_shows_the_test_report(app_home):
     (rep,) = json.loads((app_home / "runs" / str(keep) / "report.json").read_text())["report"]["tasks"].values()
     (cm,) = [d.value for d in at.dataframe if list(d.value.columns) == [f"predicted {n}" for n in rep["labels"]]]
     assert cm.to_numpy().tolist() == rep["confusion_matrix"]
+    (per,) = [d.value for d in at.dataframe if list(d.value.columns) == ["class", "precision", "recall", "f1", "rows"]]
+    assert list(per["class"]) == [str(n) for n in rep["labels"]]
+    assert list(per["rows"]) == [int(rep["per_class"][str(n)]["support"]) for n in rep["labels"]]
+    assert list(per["f1"]) == pytest.approx([rep["per_class"][str(n)]["f1-score"] for n in rep["labels"]])
     at.text_input(key=f"runs_org_name_{keep}").set_value("my best")
     at.text_input(key=f"runs_org_tag_{keep}").set_value("keep")
     at.text_area(key=f"runs_org_note_{keep}").set_value("lr 1e-3 looked better")

@@ -33,10 +33,10 @@ def space_file(tmp_path):
 
 
 def test_train_predict_runs_evaluate_report(home, capsys, tmp_path):
-    code, out, _ = run_cli(capsys, "train", *TINY, "--epochs", 1, "--home", home)
+    code, out, _ = run_cli(capsys, "train", *TINY, "--epochs", 1, "--run-name", "first-try", "--home", home)
     assert code == 0
     run = last_run_id(out)
-    Tracker(home).update_run(run, name="first-try")
+    assert Tracker(home).get_run(run)["name"] == "first-try"
 
     code, out, _ = run_cli(capsys, "predict", "--run", run, "--json", "--home", home, "great food", "rude staff")
     rows = [json.loads(line) for line in out.strip().splitlines()]
