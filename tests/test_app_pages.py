@@ -809,3 +809,16 @@ def test_the_page_reruns_when_work_starts_or_ends_so_every_status_changes_togeth
     monkeypatch.setattr(state.st, "session_state", {state.TIMERS_ACTIVE: True})
     state.watch_status()
     assert reruns == [1]
+
+
+def test_the_app_resolves_transformers_names_before_any_page_or_job_thread():
+    """Bug (seen on Early exit in a fresh server): "cannot import name 'AutoTokenizer' from 'transformers'" — its
+    lazy module raced between the page's thread and another first use. The app resolves the names at start."""
+    import subprocess
+
+    code = ("import sys\nsys.path.insert(0, '.')\nimport ui.state\n"
+            "print(all(m in sys.modules for m in ('transformers.models.auto.tokenization_auto',"
+            " 'transformers.models.auto.modeling_auto', 'transformers.models.bert.modeling_bert')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"

@@ -321,7 +321,11 @@ def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     enc.fill("tiny")
     choose(page, "Dataset", re.compile(r"#1 browser_e2e \(60 rows"))
     expect(page.get_by_role("combobox", name="Dataset")).to_have_value(re.compile(r"#1 browser_e2e"))
-    fill_number(page, "Epochs", 2)
+    # long enough that the second job below is queued while this one runs, and is seen running itself (2 epochs
+    # of 36 rows take under a second once the encoder is loaded)
+    fill_number(page, "Epochs", 30)
+    page.get_by_text("Early stopping", exact=True).click()
+    expect(page.get_by_role("checkbox", name="Early stopping")).not_to_be_checked()
     fill_number(page, "Batch size", 8)
     fill_number(page, "Max tokens per text", 32)
     choose(page, "Device", "cpu")
@@ -338,10 +342,6 @@ def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     # a second job waits behind the first (one job at a time here): announced as queued, and the sidebar's
     # counts follow it from "queued" to "running" without a reload (the pages' one status timer)
     page.get_by_label("Run name (optional)", exact=True).fill("browser e2e queued")
-    # long enough to be seen running (2 epochs of 36 rows take under a second once the encoder is loaded)
-    fill_number(page, "Epochs", 60)
-    page.get_by_text("Early stopping", exact=True).click()
-    expect(page.get_by_role("checkbox", name="Early stopping")).not_to_be_checked()
     page.get_by_role("button", name=re.compile("Start")).click()
     expect(page.get_by_text(re.compile(r"Queued job #2 \(dact, 1 ahead\)"))).to_be_visible()
     counts = page.get_by_test_id("stSidebar").get_by_text(re.compile(r"^Jobs:"))
@@ -394,7 +394,7 @@ def _walk_through(page, server: str, csv_path: Path, shot) -> None:
 
 
 def readme_shots(home: Path, out: Path = DOCS_SHOTS, *, runs: list[str] = (), pareto: str | None = None,
-                 early: str | None = None, predict: str | None = None) -> list[Path]:
+                 early: str | None = None, predict: str | None = None, text: str | None = None) -> list[Path]:
     """Screenshots of the main pages on a home holding real runs, into docs/screenshots/ (by hand, not a test):
     ``python tests/test_browser.py readme-shots HOME [--runs RE ...] [--pareto RE] [--early RE] [--predict RE]``.
     Each RE (a regex of an option's label) picks what a page shows instead of its default: the runs compared on
@@ -439,6 +439,11 @@ def readme_shots(home: Path, out: Path = DOCS_SHOTS, *, runs: list[str] = (), pa
         goto_page(page, "Predict")
         if predict:
             choose(page, "Model", re.compile(predict))
+        if text:
+            box = page.get_by_label("Text (one per line)")
+            box.fill(text)
+            box.press("Tab")
+            settle(page)
         page.get_by_role("button", name=re.compile("Predict")).click()
         expect(page.locator(".js-plotly-plot .gtitle").filter(has_text="Per-layer trace")).to_be_visible()
         settle(page)
@@ -457,6 +462,8 @@ if __name__ == "__main__":
     ap.add_argument("--pareto", help="regex of the pipeline run to show on the Pareto explorer")
     ap.add_argument("--early", help="regex of the DACT run to show on Early exit")
     ap.add_argument("--predict", help="regex of the model to use on Predict")
+    ap.add_argument("--text", help="the sentence to predict (default: the page's example)")
     a = ap.parse_args()
-    for p in readme_shots(a.home.resolve(), runs=a.runs, pareto=a.pareto, early=a.early, predict=a.predict):
+    for p in readme_shots(a.home.resolve(), runs=a.runs, pareto=a.pareto, early=a.early, predict=a.predict,
+                          text=a.text):
         print(p, p.stat().st_size // 1024, "KB")

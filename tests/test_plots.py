@@ -596,4 +596,6 @@ def test_trace_figure_keeps_the_legend_off_the_exit_label():
     assert note.text == "exit at layer 2 of 3" and note.x == 2
     # the legend is laid out below the plotting area (paper y < 0), the label inside it (top): no overlap
     assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0 and fig.layout.legend.yanchor == "top"
-    assert note.y >= 0.9
+    assert note.y >= 0.9 and note.xanchor == "left"  # layer 2 of 3: the label runs to the right of the line
+    late = plots.trace_figure({**res, "exit_layer": 3})
+    assert late.layout.annotations[0].xanchor == "right"  # the last layer: to the left, inside the plot

@@ -9,6 +9,11 @@ from dact_lib.home import resolve_home
 from dact_lib.jobs import JobManager
 from dact_lib.tracker import Tracker
 
+# transformers' lazy top-level module is not safe to use for the first time from two threads at once (a page's
+# script thread and a job's, or two sessions): "cannot import name 'AutoTokenizer' from 'transformers'" (seen on
+# Early exit in a fresh server). The names the library uses are resolved once, when the app starts.
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel  # noqa: E402,F401
+
 
 def home() -> str:
     return str(resolve_home())

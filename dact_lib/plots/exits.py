@@ -58,7 +58,9 @@ def trace_figure(res: dict, height: int = 360) -> go.Figure:
                              name=f"yₙ: p({res['label']})"))
     fig.add_trace(go.Scatter(x=xs, y=[lay["h"] for lay in layers], mode="lines+markers", name="hₙ go on"))
     fig.add_trace(go.Bar(x=xs, y=[lay["p"] for lay in layers], name="pₙ = h₁⋯hₙ", opacity=0.4))
-    fig.add_vline(x=res["exit_layer"], line_dash="dash", line_color="red", annotation_position="top",
+    # the label on the side of the line with room for it (centred on the last layer it was cut off at the edge)
+    side = "top left" if res["exit_layer"] > (res["num_layers"] + 1) / 2 else "top right"
+    fig.add_vline(x=res["exit_layer"], line_dash="dash", line_color="red", annotation_position=side,
                   annotation_text=f"exit at layer {res['exit_layer']} of {res['num_layers']}")
     fig.update_layout(title="Per-layer trace", height=height, margin=dict(l=10, r=10, t=40, b=10),
                       xaxis=dict(title="layer", dtick=1, range=[0.5, res["num_layers"] + 0.5]),
