@@ -179,22 +179,30 @@ def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, 
 
     lams = [float(x) for x in spec_lambdas]
     states = []
+
+    def fit(parameters, loss_of) -> None:
+        """AdamW (no weight decay) on ``loss_of(batch)`` over the same seeded shuffled batches for every set."""
+        opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(cache), generator=gen).split(batch_size):
+                if cancel is not None:
+                    cancel.check()
+                loss = loss_of(cache.subset(idx))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         if not batched or len(lams) <= 1:
             for lam in lams:
                 units = fresh().train()
-                opt = torch.optim.AdamW(units.parameters(), lr=lr, weight_decay=0.0)
-                gen = torch.Generator().manual_seed(seed)
-                for _ in range(epochs):
-                    for idx in torch.randperm(len(cache), generator=gen).split(batch_size):
-                        if cancel is not None:
-                            cancel.check()
-                        part = cache.subset(idx)
-                        _, a, p = units(part)
-                        loss = dact.dact_loss(a[:, -1], p, part.targets, lam).loss
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
+
+                def loss_of(part, units=units, lam=lam):
+                    _, a, p = units(part)
+                    return dact.dact_loss(a[:, -1], p, part.targets, lam).loss
+
+                fit(units.parameters(), loss_of)
                 states.append({k: v.detach().clone() for k, v in units.halters.state_dict().items()})
             return states
         copies = [fresh().train() for _ in lams]
@@ -208,18 +216,12 @@ def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, 
             return out.nll, out.ponder
 
         per_set = vmap(terms, in_dims=(0, 0, None, None, None), randomness="different")
-        opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            for idx in torch.randperm(len(cache), generator=gen).split(batch_size):
-                if cancel is not None:
-                    cancel.check()
-                part = cache.subset(idx)
-                nll, ponder = per_set(params, buffers, part.base, part.y, part.targets)
-                loss = (nll + lam_t * ponder).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+
+        def summed_loss(part):
+            nll, ponder = per_set(params, buffers, part.base, part.y, part.targets)
+            return (nll + lam_t * ponder).sum()
+
+        fit(list(params.values()), summed_loss)
         prefix = "halters."
         for j in range(len(lams)):
             states.append({k[len(prefix):]: v[j].detach().clone() for k, v in params.items()

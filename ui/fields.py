@@ -140,31 +140,24 @@ class MultiSelectField(Field):
 class DimsField(Field):
     """A list of whole numbers written "256, 64" (layer widths, batch sizes)."""
 
+    number, what, example = int, "whole numbers", "256, 64"
+
     def to_widget(self, value: Any) -> Any:
-        return ", ".join(str(v) for v in (value or []))
+        return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in (value or []))
 
     def from_widget(self, value: Any) -> Any:
         text = str(value or "").strip().strip("[]()")
         try:
-            return [int(x) for x in text.replace(";", ",").split(",") if x.strip()]
+            return [self.number(x) for x in text.replace(";", ",").split(",") if x.strip()]
         except ValueError:
-            raise ConfigError(f"{self.path} ({self.label}) = {value!r} is invalid: write whole numbers separated by commas, "
-                              "e.g. 256, 64.") from None
+            raise ConfigError(f"{self.path} ({self.label}) = {value!r} is invalid: write {self.what} separated by "
+                              f"commas, e.g. {self.example}.") from None
 
 
-class NumbersField(Field):
+class NumbersField(DimsField):
     """A list of numbers written "0.8, 1.2" (e.g. PBT's perturbation factors)."""
 
-    def to_widget(self, value: Any) -> Any:
-        return ", ".join(f"{v:g}" for v in (value or []))
-
-    def from_widget(self, value: Any) -> Any:
-        text = str(value or "").strip().strip("[]()")
-        try:
-            return [float(x) for x in text.replace(";", ",").split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"{self.path} ({self.label}) = {value!r} is invalid: write numbers separated by commas, "
-                              "e.g. 0.8, 1.2.") from None
+    number, what, example = float, "numbers", "0.8, 1.2"
 
 
 class OptDimsField(DimsField):
