@@ -277,7 +277,10 @@ def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, ep
     return points
 
 
-THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+# the normalised-entropy thresholds τ tried after every DACT training (and by stage 3, in this order while its trial
+# budget lasts): every 0.1, then the entropy sweep's low end (0.02, 0.05) and the midpoints, so the DACT rule has a
+# point wherever the entropy sweep has one and between (docs/benchmarks.md, run M)
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.02, 0.05, 0.15, 0.25, 0.35, 0.45)
 THRESHOLD_SHARPNESS = 60.0
 
 
