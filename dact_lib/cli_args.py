@@ -18,7 +18,7 @@ def term(text: object, keep_newlines: bool = False) -> str:
     return out if keep_newlines else out.replace("\n", " ")
 
 
-def common_args(p: argparse.ArgumentParser, device: bool = True, tag: bool = True) -> None:
+def common_args(p: argparse.ArgumentParser, device: bool = True, tag: bool = True, run_name: bool = True) -> None:
     """--home and --verbosity everywhere; --device only where a model runs, --tag only where a run is created."""
     p.add_argument("--home", default=None, help="DACT Lab home (experiments.db, runs/); default $DACT_LAB_HOME or the project root")
     p.add_argument("--db", default=None, metavar="URL",
@@ -35,7 +35,7 @@ def common_args(p: argparse.ArgumentParser, device: bool = True, tag: bool = Tru
                        help="where the model runs (default: the config's train.device, else auto)")
     if tag:
         p.add_argument("--tag", default=None, help="a label stored with the run")
-        if not any(a.dest == "name" for a in p._actions):  # dact-pipeline: --name names the pipeline and its run
+        if run_name:  # not dact-pipeline: its --name names the pipeline and its run
             p.add_argument("--run-name", default=None, help="the run's name (the run table and the dashboard show it)")
 
 

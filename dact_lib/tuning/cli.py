@@ -52,7 +52,7 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
                    help="run at most N of the stage-2 trials in this process (0: only workers run them: `worker "
                         "--study NAME/stage2`); default all that no worker has taken")
     p.add_argument("--name", default=None, help="name of the pipeline (and prefix of its studies)")
-    common(p)
+    common(p, run_name=False)
     command("dact-pipeline")(cmd_dact_pipeline)
 
     p = sub.add_parser("pbt", help="population-based training")
