@@ -288,7 +288,8 @@ def cmd_worker(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING if args.verbosity < 2 else optuna.logging.INFO)
     res = run_worker(args.study, home=args.home, max_trials=args.max_trials, wait_s=args.wait_s)
     for r in res["trials"]:
-        value = "-" if r["value"] is None else f"{r['value']:.5g}"
+        v = r["value"]  # one value, or a two-objective study's pair (pipeline stage 3)
+        value = "-" if v is None else (", ".join(f"{x:.5g}" for x in v) if isinstance(v, list) else f"{v:.5g}")
         print(f"trial {r['number']}: {r['state']} value {value} run {r['run_id']} ({r['seconds']:.1f} s)")
     print(f"worker {res['worker']} on study {res['study_name']}: {len(res['trials'])} trial(s); stopped: "
           f"{res['stop_reason']}", file=sys.stderr)

@@ -471,7 +471,13 @@ def test_cancel_in_stage3_then_resume_keeps_stages_1_2_and_the_fitted_points(hom
     assert res.stage_best["stage2"] == stage2_best  # stage 2's choice is reused, not re-searched
     assert len(optuna.load_study(study_name="resume3/stage2", storage=url).trials) == 2  # not re-run
     s3 = optuna.load_study(study_name="resume3/stage3", storage=url)
-    assert sorted(t.state.name for t in s3.trials) == ["COMPLETE"] * 4 + ["FAIL"]
+    # the cancelled trial, and the grid point no process had taken (dropped at the cancel so no worker runs it),
+    # which the resumed stage enqueued again with its λ: 4 trials complete
+    states = sorted(t.state.name for t in s3.trials)
+    assert states == ["COMPLETE"] * 4 + ["FAIL"] * 2
+    (dropped,) = [t for t in s3.trials if t.user_attrs.get("skipped") == "the pipeline stopped"]
+    (again,) = [t for t in s3.trials if t.user_attrs.get("requeues") == dropped.number]
+    assert again.state.name == "COMPLETE" and again.params == dropped.system_attrs["fixed_params"]
     for n, data in fitted.items():  # the points fitted before the kill are kept as they were
         assert (home / s3.trials[n].user_attrs["halting_file"]).read_bytes() == data
     assert tr.get_run(parent["id"])["status"] == "finished" and res.final_run_id is not None

@@ -183,64 +183,75 @@ def test_worker_refuses_an_unknown_study_and_a_pipeline_stage_it_does_not_run(ho
 
     with pytest.raises(DactLabError, match="no study named 'nope'"):
         run_worker("nope", home=home)
-    studies.create_study("p-stage3", directions=["minimize"], home=home, user_attrs={"stage": "stage3"})
-    with pytest.raises(DactLabError, match="workers run the trials of tune-backbone and dact-pipeline/stage2 "
-                                           "studies"):
-        run_worker("p-stage3", home=home)
+    studies.create_study("p-stage1", directions=["minimize"], home=home, user_attrs={"stage": "stage1"})
+    with pytest.raises(DactLabError, match="workers run the trials of tune-backbone, dact-pipeline/stage2, "
+                                           "dact-pipeline/stage3 studies"):
+        run_worker("p-stage1", home=home)
 
 
 @pytest.mark.timeout(420)
-def test_a_worker_runs_the_pipelines_stage2_trials_on_postgresql(pg_url, home, monkeypatch):
-    """The DACT pipeline with stage2_local_trials = 0: its process runs stages 1 and 3 and the final model, a worker
-    process runs every stage-2 trial (each exactly once), and the pipeline builds on the worker's best trial."""
+def test_workers_run_the_pipelines_stage2_and_stage3_trials_on_postgresql(pg_url, home, monkeypatch):
+    """The DACT pipeline with stage2_local_trials = stage3_local_trials = 0: its process runs stage 1 and the final
+    model, worker processes run every stage-2 and stage-3 trial (each exactly once), and the pipeline builds on
+    the workers' results (stage 2's best trial as the trunk, stage 3's front and choice)."""
     from test_dact_pipeline import tiny_cfg as pipe_cfg, tiny_pipe
 
-    from dact_lib.tuning.dact_pipeline import run_pipeline, stage2
+    from dact_lib.tuning import studies
+    from dact_lib.tuning.dact_pipeline import run_pipeline, stage2, stage3
 
     monkeypatch.setattr(stage2, "POLL_S", 0.3)
+    monkeypatch.setattr(stage3, "POLL_S", 0.3)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name, n2 = "spread-pipe", 3
+    name, n2, n3 = "spread-pipe", 3, 5
     result: dict = {}
 
     def driver():
         try:
-            result["res"] = run_pipeline(pipe_cfg(), pipeline=tiny_pipe(name, trials=(2, n2, 3),
-                                                                        stage2_local_trials=0), home=home)
+            result["res"] = run_pipeline(pipe_cfg(), pipeline=tiny_pipe(name, trials=(2, n2, n3),
+                                                                        stage2_local_trials=0,
+                                                                        stage3_local_trials=0), home=home)
         except BaseException as exc:  # noqa: BLE001
             result["error"] = exc
 
     drv = threading.Thread(target=driver, daemon=True)
     drv.start()
     env = _env(pg_url, home)
-    worker = subprocess.Popen([sys.executable, "-m", "dact_lib", "worker", "--study", f"{name}/stage2",
-                               "--home", str(home), "--db", pg_url, "--wait-s", "240"], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = {stage: subprocess.Popen([sys.executable, "-m", "dact_lib", "worker", "--study", f"{name}/{stage}",
+                                        "--home", str(home), "--db", pg_url, "--wait-s", "300"], env=env, cwd=ROOT,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for stage in ("stage2", "stage3")}
     try:
-        out, err = worker.communicate(timeout=360)
-        assert worker.returncode == 0, err[-3000:]
+        for p in workers.values():
+            out, err = p.communicate(timeout=360)
+            assert p.returncode == 0, err[-3000:]
         drv.join(240)
         assert not drv.is_alive() and "error" not in result, result.get("error")
     finally:
-        if worker.poll() is None:
-            worker.kill()
+        for p in workers.values():
+            if p.poll() is None:
+                p.kill()
     res = result["res"]
-    from dact_lib.tuning import studies
-
-    study = optuna.load_study(study_name=f"{name}/stage2", storage=studies.storage())
-    done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(done) == n2 and not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
-    assert {str(t.user_attrs.get("worker", "")).rsplit(":", 1)[-1] for t in done} == {str(worker.pid)}
-    assert done[0].user_attrs.get("start") == "run config"  # trial 0: the run config's own values, as locally
     tracker = Tracker(home)
-    runs = {r["id"]: r for r in tracker.list_runs(parent_id=res.parent_run_id)}
-    trial_runs = [runs[t.user_attrs["run_id"]] for t in done]
-    assert all(r["pid"] == worker.pid and r["status"] in ("finished", "pruned") for r in trial_runs)
-    # the pipeline's record names the worker's trials (one 'trial' event each) and its best one is the trunk
-    events = [e["payload"] for e in tracker.get_events(res.parent_run_id, ["trial"])
-              if e["payload"].get("stage") == "stage2"]
-    assert sorted(e["number"] for e in events) == sorted(t.number for t in done)
-    st2 = json.loads((tracker.run_dir(res.parent_run_id) / "stage2.json").read_text())
-    assert st2["best_trial"] == study.best_trial.number and st2["best_run_id"] == study.best_trial.user_attrs["run_id"]
+    for stage, n in (("stage2", n2), ("stage3", n3)):
+        study = optuna.load_study(study_name=f"{name}/{stage}", storage=studies.storage())
+        done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(done) == n and not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+        assert {str(t.user_attrs.get("worker", "")).rsplit(":", 1)[-1] for t in done} == {str(workers[stage].pid)}
+        # the pipeline's record names the worker's trials (one 'trial' event each)
+        events = [e["payload"] for e in tracker.get_events(res.parent_run_id, ["trial"])
+                  if e["payload"].get("stage") == stage]
+        assert sorted(e["number"] for e in events) == sorted(t.number for t in done)
+        if stage == "stage2":
+            assert done[0].user_attrs.get("start") == "run config"  # trial 0: the run config's own values
+            runs = {r["id"]: r for r in tracker.list_runs(parent_id=res.parent_run_id)}
+            assert all(runs[t.user_attrs["run_id"]]["pid"] == workers[stage].pid for t in done)
+            st2 = json.loads((tracker.run_dir(res.parent_run_id) / "stage2.json").read_text())
+            assert st2["best_trial"] == study.best_trial.number
+            assert st2["best_run_id"] == study.best_trial.user_attrs["run_id"]
+        else:  # the grid's λ points first (fitted by the worker on its own cache of the trunk's outputs)
+            assert [t.params["halting"] for t in done[:3]] == ["fitted"] * 3
+            assert {t.user_attrs["run_id"] for t in done} == {st2["best_run_id"]}
+            assert res.pareto and res.chosen["trial"] in {t.number for t in done}
     assert tracker.get_run(res.parent_run_id)["status"] == "finished" and res.final_run_id is not None
 
 

@@ -340,7 +340,7 @@ SETTING_TEXT: dict[str, tuple[str, str]] = {
 
 # settings the forms do not show: where 0 and None mean different things (0 = every trial runs on workers,
 # None = no limit) and the setting is for more than one machine (the CLI's --stage2-local-trials; README)
-_NOT_ON_FORMS = {"stage2_local_trials"}
+_NOT_ON_FORMS = {"stage2_local_trials", "stage3_local_trials"}
 
 _SCI = {"lambda_low", "lambda_high", "stage1_lambda", "stage1_lr", "lr", "weight_decay", "head_lr",
         "encoder_lr_range", "head_lr_range"}

@@ -51,6 +51,8 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     p.add_argument("--stage2-local-trials", type=int, default=None, metavar="N",
                    help="run at most N of the stage-2 trials in this process (0: only workers run them: `worker "
                         "--study NAME/stage2`); default all that no worker has taken")
+    p.add_argument("--stage3-local-trials", type=int, default=None, metavar="N",
+                   help="the same for stage 3 (`worker --study NAME/stage3`)")
     p.add_argument("--name", default=None, help="name of the pipeline (and prefix of its studies)")
     common(p, run_name=False)
     command("dact-pipeline")(cmd_dact_pipeline)
@@ -261,6 +263,8 @@ def pipeline_arguments(args) -> tuple[Any, Any]:
         settings["timeout_min"] = args.timeout_min
     if args.stage2_local_trials is not None:
         settings["stage2_local_trials"] = args.stage2_local_trials
+    if args.stage3_local_trials is not None:
+        settings["stage3_local_trials"] = args.stage3_local_trials
     return cfg, _with_flags(pipeline, **settings)
 
 

@@ -382,3 +382,17 @@ def run_slots(study: optuna.Study, run_trial, *, local_trials: int | None, deadl
             continue
         time.sleep(poll_s)
         fail_dead_trials(study)  # a dead worker's trial -> FAIL + its retry
+
+
+def requeue_dropped(study: optuna.Study, parent: int, why: str) -> int:
+    """The slots dropped with ``why`` (:func:`drop_slots`) whose parameters were fixed — a grid point, the run
+    config's own trial — are enqueued again, once each (a resumed stage keeps its grid). Returns how many."""
+    again = {t.user_attrs.get("requeues") for t in study.get_trials(deepcopy=False)}
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        fixed = t.system_attrs.get("fixed_params")
+        if t.user_attrs.get("skipped") == why and fixed and t.number not in again:
+            keep = {k: v for k, v in t.user_attrs.items() if k not in ("skipped", "slot_of", "requeues")}
+            enqueue_slots(study, 1, parent, params=fixed, user_attrs={**keep, "requeues": t.number})
+            n += 1
+    return n

@@ -18,9 +18,10 @@ process takes slots until none is left, so together they run exactly that many t
 slot is left and no other process's trial is still running (one that dies comes back as a retry), when the parent
 run is no longer running (finished, cancelled, failed), after
 ``max_trials`` of its own, or when cancelled. Studies that can be spread this way: the backbone study
-(``tune-backbone``) and the DACT pipeline's stage 2 (``<pipeline name>/stage2``: real trainings of DactBert, the
-pipeline's expensive stage). Stage 1 (heads on cached features, seconds per trial) and stage 3 (halting units
-fitted on one model's cached outputs, about a second per trial) run in the pipeline's process.
+(``tune-backbone``) and the DACT pipeline's stages 2 and 3 (``<pipeline name>/stage2``: real trainings of DactBert,
+the pipeline's expensive stage; ``<pipeline name>/stage3``: halting fits of about a second each on the trunk's
+cached outputs, which a worker computes once). Stage 1 (heads on cached features, seconds per trial, one feature
+cache) runs in the pipeline's process.
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ from . import studies
 from .backbone import ENGINE as BACKBONE, BackboneSpace, StudyTrials
 from .studies import running, waiting
 
-STAGE2 = "dact-pipeline/stage2"  # dact_pipeline.stage2.ENGINE (imported lazily: the pipeline imports studies)
-SUPPORTED = (BACKBONE, STAGE2)
+# dact_pipeline.stage2.ENGINE / stage3.ENGINE (imported lazily: the pipeline imports studies)
+STAGE2, STAGE3 = "dact-pipeline/stage2", "dact-pipeline/stage3"
+SUPPORTED = (BACKBONE, STAGE2, STAGE3)
 
 
 class _NoSlot(Exception):
@@ -60,18 +62,18 @@ def _load(study_name: str, home) -> optuna.Study:
 def study_trials(study: optuna.Study, tracker, home, cancel: CancelToken, callbacks=None):
     """What runs one trial of the study (``run_trial(trial) -> value``, ``record(study, frozen) -> row``,
     ``parent``), rebuilt from its parent run in the tracker: a backbone study's :class:`StudyTrials`, or a DACT
-    pipeline's stage-2 trials (:func:`dact_pipeline.runner.worker_trials`)."""
+    pipeline's stage-2 or stage-3 trials (:func:`dact_pipeline.runner.worker_trials`)."""
     from .backbone import source_data
 
     engine = study.user_attrs.get("engine")
     if engine not in SUPPORTED:
         raise DactLabError(f"study {study.study_name!r} belongs to {engine or 'an unknown engine'!r}: workers run "
-                           f"the trials of {' and '.join(SUPPORTED)} studies (a DACT pipeline's stage 2 is "
-                           "'<name>/stage2'; its stages 1 and 3 run in the pipeline's process).")
+                           f"the trials of {', '.join(SUPPORTED)} studies (a DACT pipeline's stages 2 and 3 are "
+                           "'<name>/stage2' and '<name>/stage3'; its stage 1 runs in the pipeline's process).")
     parent = study.user_attrs.get("parent_run_id")
     if parent is None:
         raise DactLabError(f"study {study.study_name!r} has no parent run yet: wait until its engine has started.")
-    if engine == STAGE2:
+    if engine in (STAGE2, STAGE3):
         from .dact_pipeline.runner import worker_trials
 
         return worker_trials(study, tracker, cancel, callbacks)

@@ -18,6 +18,9 @@ from .settings import PIPELINE_KIND, PipelineResult, STAGES, STAGE_WEIGHTS
 from ... import events as ev
 
 
+STOPPED = "the pipeline stopped"  # why a stage's slots left are dropped when the pipeline stops (cancel, failure)
+
+
 class Budget:
     def __init__(self, minutes: float | None) -> None:
         self.deadline = None if minutes is None else time.monotonic() + 60.0 * float(minutes)

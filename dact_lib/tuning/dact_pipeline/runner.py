@@ -232,10 +232,11 @@ def run_pipeline(cfg: RunConfig, *, pipeline: PipelineConfig, home=None, tracker
     return run.result()
 
 
-def worker_trials(study: optuna.Study, tracker, cancel, callbacks) -> stage2.Stage2Trials:
-    """The :class:`~.stage2.Stage2Trials` of a pipeline's stage-2 study, rebuilt from the pipeline's parent run: its
-    run and pipeline configs, its stored dataset (the same rows and split on every machine) and stage 1's record
-    in the parent's run folder (on another machine: the shared ``--artifacts DIR``)."""
+def worker_trials(study: optuna.Study, tracker, cancel, callbacks):
+    """The :class:`~.stage2.Stage2Trials` or :class:`~.stage3.Stage3Trials` of a pipeline's stage-2 / stage-3
+    study, rebuilt from the pipeline's parent run: its run and pipeline configs, its stored dataset (the same rows
+    and split on every machine) and the earlier stages' records in the parent's run folder (on another machine:
+    the shared ``--artifacts DIR``; stage 3 also loads the trunk from stage 2's run folder there)."""
     parent = int(study.user_attrs["parent_run_id"])
     run = tracker.get_run(parent)
     conf = run.get("config") or {}
@@ -251,18 +252,21 @@ def worker_trials(study: optuna.Study, tracker, cancel, callbacks) -> stage2.Sta
     pl = _Pipeline(cfg, pipe, tracker, cancel, list(callbacks or []), data)
     pl.parent = parent
     pl.state = record.read_stages(tracker.run_dir(parent))
-    if "stage1" not in pl.state:
-        raise DactLabError(f"stage 1's record (stage1.json) of pipeline {pipe.name!r} is not in "
-                           f"{tracker.run_dir(parent)}: on another machine, give the workers the pipeline's "
-                           "artifacts directory (--artifacts DIR, shared), or wait until stage 1 has finished.")
+    stage = study.user_attrs.get("stage", "stage2")
+    needed = ["stage1"] if stage == "stage2" else ["stage1", "stage2"]
+    for s in needed:
+        if s not in pl.state:
+            raise DactLabError(f"{s}'s record ({s}.json) of pipeline {pipe.name!r} is not in "
+                               f"{tracker.run_dir(parent)}: on another machine, give the workers the pipeline's "
+                               f"artifacts directory (--artifacts DIR, shared), or wait until {s} has finished.")
     sizes = study.user_attrs.get("split")
     mine = [len(pl.split.train), len(pl.split.val)]
     if sizes is not None and list(sizes) != mine:
         raise DactLabError(f"this worker's split of pipeline {pipe.name!r} has {mine[0]} training / {mine[1]} "
                            f"validation rows, the pipeline's has {sizes[0]} / {sizes[1]}: its data was not "
                            "stored as one dataset (e.g. given in memory or with a separate validation file); "
-                           "run that pipeline's stage 2 in its own process (stage2_local_trials = None).")
-    return stage2.Stage2Trials(pl, study)
+                           f"run that pipeline's {stage} in its own process ({stage}_local_trials = None).")
+    return stage2.Stage2Trials(pl, study) if stage == "stage2" else stage3.Stage3Trials(pl, study)
 
 
 def run_engine(cfg: RunConfig, settings: PipelineConfig, ctx) -> PipelineResult:

@@ -107,6 +107,9 @@ class PipelineConfig:
     # database) take stage-2 trials too: the budget is trials_stage2 slots any process takes. This process runs
     # at most this many of them (None: no limit; 0: none, it waits for the workers)
     stage2_local_trials: int | None = None
+    # the same for stage 3's trials (``worker --study <name>/stage3``): halting fits of about a second each on the
+    # trunk's cached outputs, which every worker computes once (one pass over the validation split)
+    stage3_local_trials: int | None = None
     max_epochs: int = 50
     # guards: a stage's best model must beat the majority-class baseline by max(guard_margin, 2 standard errors
     # of the baseline on the validation rows), or the pipeline stops and says what to change
@@ -149,10 +152,11 @@ class PipelineConfig:
             raise bad("stage2_fraction", self.stage2_fraction, "expected a fraction of the training rows in (0, 1]")
         if self.stage2_refit_epochs not in ("trial", "max"):
             raise bad("stage2_refit_epochs", self.stage2_refit_epochs, "choose 'trial' or 'max'")
-        if self.stage2_local_trials is not None and (not isinstance(self.stage2_local_trials, int) or isinstance(
-                self.stage2_local_trials, bool) or self.stage2_local_trials < 0):
-            raise bad("stage2_local_trials", self.stage2_local_trials,
-                      "expected None (no limit) or an integer >= 0 (0: workers run every stage-2 trial)")
+        for fld in ("stage2_local_trials", "stage3_local_trials"):
+            v = getattr(self, fld)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise bad(fld, v, f"expected None (no limit) or an integer >= 0 (0: workers run every "
+                                  f"stage-{fld[5]} trial)")
         if not isinstance(self.stage2_min_rows, int) or isinstance(self.stage2_min_rows, bool) \
                 or self.stage2_min_rows < 1:
             raise bad("stage2_min_rows", self.stage2_min_rows, "expected an integer >= 1")

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from .. import studies
 from ...config import RunConfig, TrainConfig
 from ...errors import DactLabError
-from .record import counted, jsonable, n_complete
+from .record import STOPPED, counted, jsonable, n_complete
 from .settings import PipelineConfig
 from ... import events as ev
 
@@ -156,8 +156,10 @@ def run(pl) -> None:
     # the budget as slots that this process and workers take (tuning/worker.py): together they run exactly
     # trials_stage2 (a resumed stage: the ones still missing)
     fresh = not study.trials
-    studies.drop_slots(study, "left by an earlier run of the pipeline")
-    todo = max(0, pipe.trials_stage2 - counted(study))
+    # a resumed stage: slots an earlier run left waiting are still the budget, and the grid points dropped when it
+    # stopped are enqueued again
+    studies.requeue_dropped(study, pl.parent, STOPPED)
+    todo = max(0, pipe.trials_stage2 - counted(study) - len(studies.waiting(study)))
     if fresh and todo and pipe.stage2_start_from_config:
         studies.enqueue_slots(study, 1, pl.parent, params=start_params(pipe, pl.cfg.train),
                               user_attrs={"start": "run config"})
@@ -189,7 +191,7 @@ def run(pl) -> None:
             studies.enqueue_slots(study, 1, pl.parent)
             run_trial(study.ask())
     except BaseException:
-        studies.drop_slots(study, "the pipeline stopped")  # no worker goes on with this stage
+        studies.drop_slots(study, STOPPED)  # no worker goes on with this stage (a resume enqueues them again)
         raise
     if n_complete(study) == 0:
         raise DactLabError("stage2: no trial completed (all pruned); raise the trials or the time budget.")

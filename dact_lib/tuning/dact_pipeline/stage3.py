@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import studies
 from ...errors import ConfigError, DactLabError
-from .record import counted
+from .record import STOPPED, counted
 from .settings import CHOICE_RULES
 from ... import events as ev
 
@@ -60,70 +60,136 @@ def apply_choice_rule(front: list[dict[str, Any]], rule: str = "lowest_exit_with
     raise ConfigError(f"choice_rule = {rule!r} is invalid: choose one of {CHOICE_RULES}.")
 
 
-def run(pl) -> None:
-    from safetensors.torch import load_file
+ENGINE = "dact-pipeline/stage3"  # the study's "engine" attribute: what a worker (tuning/worker.py) runs
+POLL_S = 2.0  # how often the pipeline looks at the trials other processes run
 
-    from ...data import encode
-    from ...halting import THRESHOLDS, fit_halting, layer_cache, nll_ref_of, point_metrics, threshold_state
-    from ...models import save_halting_file
 
-    t0 = time.monotonic()
-    budget = pl.budget.share("stage3")
-    pipe = pl.pipe
-    pl.start_stage("stage3", pipe.trials_stage3, budget)
-    trunk_id, loaded = pl.trunk()
-    model = loaded.model
-    mc = model.cfg
-    cache = layer_cache(model, encode(pl.split.val, loaded.tokenizer, pl.cfg.data.max_seq_len))
-    nll_ref = nll_ref_of(cache)
-    first = "val_nll" if pipe.objective3 == "loss" else "val_error"
-    study = studies.create_study(
-        pl.names["stage3"], directions=["minimize", "minimize"], home=pl.home,
-        sampler=optuna.samplers.TPESampler(seed=pipe.seed + 3,
-                                           n_startup_trials=min(pipe.trials_stage3, 8)),
-        user_attrs={"pipeline": pipe.name, "stage": "stage3", "parent_run_id": pl.parent,
-                    "objectives": [first, "val_avg_exit_layer"], "objective3": pipe.objective3,
-                    "trunk_run_id": trunk_id, "nll_ref": nll_ref, "num_layers": model.num_layers,
-                    "lambda_scale": "normalised: λ_spec = λ · nll_ref / N (dact.spec_lambda)",
-                    "method": "halting units fitted alone per λ on the validation split (halting.fit_halting)"})
-    with warnings.catch_warnings():  # experimental in Optuna, read by optuna-dashboard
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([first, "val_avg_exit_layer"])
-    kinds = ["fitted", "threshold"] if pipe.stage3_thresholds and mc.halting_input == "confidence" else ["fitted"]
-    if not study.trials:  # a fresh study: λ log-spaced over the range (and the τ grid), then TPE fills the front
-        k = min(pipe.trials_stage3, 12)
-        lo, hi = math.log(pipe.lambda_low), math.log(pipe.lambda_high)
-        for i in range(k):
-            x = (lo + hi) / 2 if k == 1 else lo + (hi - lo) * i / (k - 1)
-            lam = min(max(float(f"{math.exp(x):.4g}"), pipe.lambda_low), pipe.lambda_high)
-            study.enqueue_trial({"halting": "fitted", "ponder_lambda": lam})
-        if "threshold" in kinds:
-            for tau in THRESHOLDS[:max(0, min(len(THRESHOLDS), pipe.trials_stage3 - k))]:
-                study.enqueue_trial({"halting": "threshold", "tau": tau})
-    parent_dir = pl.tracker.run_dir(pl.parent)
+class Stage3Trials:
+    """What one stage-3 trial needs, in the pipeline's process or in a worker's (``runner.worker_trials``
+    rebuilds it from the pipeline's parent run): the best stage-2 model (the trunk, from its run folder), the
+    cached per-layer outputs of the validation split, the halting kinds tried."""
 
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    def __init__(self, pl, study: optuna.Study | None = None) -> None:
+        from ...data import encode
+        from ...halting import layer_cache, nll_ref_of
+
+        self.pl, self.study, self.parent = pl, study, pl.parent
+        self.trunk_id, loaded = pl.trunk()
+        self.model = loaded.model
+        self.cache = layer_cache(self.model, encode(pl.split.val, loaded.tokenizer, pl.cfg.data.max_seq_len))
+        self.nll_ref = nll_ref_of(self.cache)
+        self.kinds = ["fitted", "threshold"] if pl.pipe.stage3_thresholds and \
+            self.model.cfg.halting_input == "confidence" else ["fitted"]
+        self.parent_dir = pl.tracker.run_dir(pl.parent)
+        self.logger = pl.trial_logger("stage3")
+
+    def run_trial(self, trial: optuna.Trial) -> tuple[float, float]:
+        """Fit (or set) one trial's halting units on the cached outputs; returns (objective, average exit)."""
+        from ...halting import fit_halting, point_metrics, threshold_state
+        from ...models import save_halting_file
+
+        pl, pipe, model = self.pl, self.pl.pipe, self.model
         pl.cancel.check()
-        kind = trial.suggest_categorical("halting", kinds)
+        kind = trial.suggest_categorical("halting", self.kinds)
         if kind == "fitted":
             lam = trial.suggest_float("ponder_lambda", pipe.lambda_low, pipe.lambda_high, log=True)
-            [pt] = fit_halting(model, cache, [lam], epochs=mc.halting_epochs, seed=pipe.seed,
+            [pt] = fit_halting(model, self.cache, [lam], epochs=model.cfg.halting_epochs, seed=pipe.seed,
                                cancel=pl.cancel)
             state, spec, fit_s = pt.state, pt.spec_lambda, pt.fit_s
         else:  # halting units set to a confidence threshold τ: the DACT rule exits like entropy at τ·ln K
-            tau = trial.suggest_float("tau", 0.05, 0.99)
+            tau = trial.suggest_float("tau", 0.01, 0.99)  # contains every τ of halting.THRESHOLDS
             state, spec, fit_s = threshold_state(model, tau), None, 0.0
-        m = point_metrics(model, cache, state)
-        path = save_halting_file(parent_dir, f"trial_{trial.number}", state)
+        m = point_metrics(model, self.cache, state)
+        path = save_halting_file(self.parent_dir, f"trial_{trial.number}", state)
         attrs = {"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_avg_exit_layer": m["avg_exit_layer"],
-                 "spec_lambda": spec, "fit_s": round(fit_s, 3), "run_id": trunk_id,
+                 "spec_lambda": spec, "fit_s": round(fit_s, 3), "run_id": self.trunk_id,
                  "halting_file": str(path.relative_to(pl.home))}
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         obj = m["nll"] if pipe.objective3 == "loss" else 1.0 - m["accuracy"]
         return obj, m["avg_exit_layer"]
 
-    pl.optimize(study, objective, pipe.trials_stage3, budget, "stage3")
+    def record(self, study: optuna.Study, frozen) -> dict[str, Any]:
+        """A finished trial on the parent run (the pipeline's 'trial' event and stage-3 metrics)."""
+        self.logger(study, frozen)
+        return {"number": frozen.number, "state": frozen.state.name.lower(),
+                "value": list(frozen.values) if frozen.values else None, "params": dict(frozen.params),
+                "run_id": frozen.user_attrs.get("run_id"), "worker": frozen.user_attrs.get("worker"),
+                "seconds": round(frozen.duration.total_seconds(), 3) if frozen.duration is not None else 0.0}
+
+
+def run(pl) -> None:
+    from safetensors.torch import load_file
+
+    from ...halting import THRESHOLDS
+
+    t0 = time.monotonic()
+    budget = pl.budget.share("stage3")
+    pipe = pl.pipe
+    pl.start_stage("stage3", pipe.trials_stage3, budget)
+    ctx = Stage3Trials(pl)
+    trunk_id, nll_ref, kinds, model = ctx.trunk_id, ctx.nll_ref, ctx.kinds, ctx.model
+    first = "val_nll" if pipe.objective3 == "loss" else "val_error"
+    study = studies.create_study(
+        pl.names["stage3"], directions=["minimize", "minimize"], home=pl.home,
+        sampler=optuna.samplers.TPESampler(seed=pipe.seed + 3,
+                                           n_startup_trials=min(pipe.trials_stage3, 8)),
+        user_attrs={"pipeline": pipe.name, "stage": "stage3", "engine": ENGINE, "parent_run_id": pl.parent,
+                    "objectives": [first, "val_avg_exit_layer"], "objective3": pipe.objective3,
+                    "trunk_run_id": trunk_id, "nll_ref": nll_ref, "num_layers": model.num_layers,
+                    "split": [len(pl.split.train), len(pl.split.val)],
+                    "lambda_scale": "normalised: λ_spec = λ · nll_ref / N (dact.spec_lambda)",
+                    "method": "halting units fitted alone per λ on the validation split (halting.fit_halting)"})
+    ctx.study = study
+    with warnings.catch_warnings():  # experimental in Optuna, read by optuna-dashboard
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([first, "val_avg_exit_layer"])
+    # the budget as slots that this process and workers take (tuning/worker.py): a fresh study's first slots are
+    # λ log-spaced over the range and the τ grid, the rest TPE's; a resumed stage adds the ones still missing
+    fresh = not study.trials
+    # a resumed stage: slots an earlier run left waiting are still the budget, and the grid points dropped when it
+    # stopped are enqueued again
+    studies.requeue_dropped(study, pl.parent, STOPPED)
+    todo = max(0, pipe.trials_stage3 - counted(study) - len(studies.waiting(study)))
+    if fresh:
+        k = min(pipe.trials_stage3, 12)
+        lo, hi = math.log(pipe.lambda_low), math.log(pipe.lambda_high)
+        for i in range(k):
+            x = (lo + hi) / 2 if k == 1 else lo + (hi - lo) * i / (k - 1)
+            lam = min(max(float(f"{math.exp(x):.4g}"), pipe.lambda_low), pipe.lambda_high)
+            studies.enqueue_slots(study, 1, pl.parent, params={"halting": "fitted", "ponder_lambda": lam})
+        todo -= k
+        if "threshold" in kinds:
+            taus = THRESHOLDS[:max(0, min(len(THRESHOLDS), pipe.trials_stage3 - k))]
+            for tau in taus:
+                studies.enqueue_slots(study, 1, pl.parent, params={"halting": "threshold", "tau": tau})
+            todo -= len(taus)
+    studies.enqueue_slots(study, max(0, todo), pl.parent)
+
+    def run_trial(trial: optuna.Trial) -> None:
+        try:
+            values = ctx.run_trial(trial)
+        except BaseException:
+            ctx.record(study, study.tell(trial, state=TrialState.FAIL))
+            raise
+        ctx.record(study, study.tell(trial, list(values)))
+
+    start = time.monotonic()
+    try:
+        studies.run_slots(study, run_trial, local_trials=pipe.stage3_local_trials,
+                          deadline=None if budget is None else start + budget, cancel=pl.cancel,
+                          server=pl.tracker.dialect != "sqlite", poll_s=POLL_S,
+                          timeout_why="the stage's time budget is used up")
+        while not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE] \
+                and counted(study) < pipe.trials_stage3 + 3:  # a stage needs one result
+            pl.cancel.check()
+            studies.enqueue_slots(study, 1, pl.parent)
+            run_trial(study.ask())
+    except BaseException:
+        studies.drop_slots(study, STOPPED)  # no worker goes on with this stage (a resume enqueues them again)
+        raise
+    pl.tracker.log_event(pl.parent, ev.STAGE_TRIALS, {"stage": "stage3", "trials": counted(study),
+                                                     "seconds": round(time.monotonic() - start, 3)})
     front = pareto_points(study)
     chosen = apply_choice_rule(front, pipe.choice_rule, pipe.choice_tolerance, trials=trial_points(study))
     st2 = pl.state["stage2"]
