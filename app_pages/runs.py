@@ -21,7 +21,7 @@ from dact_lib.halting import exit_advice
 from dact_lib.jobs import ENGINE_KINDS  # (parent runs of the tuning engines: no training curves)
 from dact_lib.models import zip_model
 from dact_lib.tracker import ACTIVE_STATUSES, STATUSES, run_params, run_scores
-from dact_lib.tracker.store import SCORE_KEYS
+from dact_lib.tracker.store import PARAM_KEYS, SCORE_KEYS
 from ui.forms import active_runs_caption
 from ui.safe import plain
 from ui.state import ACTIVE_REFRESH_S, refresh_every, tracker
@@ -135,7 +135,7 @@ def _csv_bytes(tr, ids: list[int]) -> bytes:
     return tr.metrics_csv(ids)
 
 
-@st.cache_data(max_entries=2, show_spinner="Zipping the model…")
+@st.cache_resource(max_entries=2, show_spinner="Zipping the model…")  # one copy, not one per rerun
 def _zip_bytes(run_dir: str, version: float) -> bytes:
     # bytes, kept for the next reruns: the button sits in the live part, which reruns every 2 s while a run is
     # active, and a deferred download (a callable) registered by an earlier rerun is gone when it is clicked
@@ -177,8 +177,11 @@ def matches(r: dict, words: list[str]) -> bool:
                                     r["status"], f"dataset:{r.get('dataset_id')}",
                                     datasets.get(r.get("dataset_id"), ""))).lower()
     params = {k: v for k, v in run_params(r).items() if v is not None}
-    hay += " " + " ".join(f"{k}={v}" for k, v in params.items()).lower()
-    return all(w in hay or _param_match(w, params) for w in words)
+    # a setting=value word matches that setting only (epochs=3 is not epochs=30); other words anywhere
+    return all(_param_match(w, params) if w.partition("=")[0] in PARAM_NAMES else w in hay for w in words)
+
+
+PARAM_NAMES = {name for name, _ in PARAM_KEYS}
 
 
 def _param_match(word: str, params: dict) -> bool:
@@ -230,7 +233,9 @@ if not selected:
     st.info("Choose one or more runs above.")
     st.stop()
 
-any_active = any(by_id[i]["status"] in ACTIVE_STATUSES for i in selected)
+# the live part's timer: a shown run is active, or the run in detail is (it may be one not on the chart)
+any_active = any(by_id[i]["status"] in ACTIVE_STATUSES for i in selected) or \
+    (by_id.get(st.session_state.get("runs_focus")) or {}).get("status") in ACTIVE_STATUSES
 
 
 @st.fragment(run_every=REFRESH_S if any_active else None)
@@ -291,7 +296,11 @@ def live(ids: list[int], was_active: bool) -> None:
         run = next(r for r in current if r["id"] == focus)
         pr = next(x["_pr"] for x, r in zip(rows, current) if r["id"] == focus)
     else:  # a run not on the chart: its record, events and progress read now
-        run = tr.get_run(focus)
+        try:
+            run = tr.get_run(focus)
+        except Exception:  # noqa: BLE001 - deleted meanwhile
+            st.warning(f"Run {focus} no longer exists.")
+            return
         events_of[focus] = tr.get_events(focus)
         pr = progress.run_progress(tr, run, run_metrics(tr, [run]).get(focus), events_of[focus])
     st.progress(min(1.0, max(0.0, pr["fraction"] or 0.0)), text=f"#{focus} {run['status']} · {pr['text']}")

@@ -666,7 +666,7 @@ def test_every_run_is_findable_by_search(populated):
     # settings are columns and searchable as key=value (a number matches as a number: 1.23e-03 == 0.00123)
     tr = Tracker(h)
     cfg = tiny_cfg("dact")
-    cfg.train.head_lr = 0.00123
+    cfg.train.head_lr, cfg.train.epochs = 0.00123, 12
     odd = tr.create_run("dact", cfg.to_dict(), name="odd lr", status="failed")
     try:
         at.text_input(key="runs_search").set_value("head_lr=1.23e-03").run()
@@ -677,6 +677,9 @@ def test_every_run_is_findable_by_search(populated):
         assert list(table["head_lr"]) == [0.00123] and list(table["encoder"]) == [cfg.encoder]
         at.text_input(key="runs_search").set_value(f"epochs={cfg.train.epochs} odd").run()
         assert list(at.dataframe[0].value["id"]) == [odd]
+        # a setting=value word matches the setting, not a prefix of it: epochs=1 does not find epochs=12
+        at.text_input(key="runs_search").set_value("epochs=1 odd").run()
+        assert any("No run matches" in i.value for i in at.info)
     finally:
         tr.delete_run(odd)
 

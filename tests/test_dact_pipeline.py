@@ -723,3 +723,17 @@ def test_stage2_uses_every_row_when_the_fraction_would_be_below_the_minimum():
     assert len(sub) == 100 and set(sub.texts) <= set(ds.texts)
     counts = list(sub.class_counts().values())
     assert max(counts) - min(counts) <= 1  # stratified on the balanced easy set
+
+
+def test_a_pipeline_with_its_run_folders_outside_the_home(home, tmp_path, monkeypatch):
+    """--artifacts DIR (the shared folder workers on other machines see): stage 3 used to store each trial's halting
+    file relative to the home and failed (ValueError) when the run folders lived elsewhere."""
+    art = tmp_path / "shared-artifacts"
+    monkeypatch.setenv("DACT_LAB_ARTIFACTS", str(art))
+    res = run_pipeline(tiny_cfg(), pipeline=tiny_pipe("elsewhere", trials=(2, 2, 3)), home=home)
+    tr = Tracker(home)
+    assert tr.artifacts == art.resolve() and tr.get_run(res.parent_run_id)["status"] == "finished"
+    files = [p["halting_file"] for p in res.pareto]
+    assert files and all(not Path(f).is_absolute() for f in files)  # stored relative to the artifacts root
+    assert all(tr.abs_path(f).is_file() and art.resolve() in tr.abs_path(f).parents for f in files)
+    assert (tr.run_dir(res.final_run_id) / "model.safetensors").is_file()

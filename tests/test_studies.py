@@ -186,3 +186,37 @@ def test_engine_studies_are_listed_with_their_counts_best_values_and_runs(tmp_pa
     assert [(p["number"], p["values"], p["run_id"]) for p in s3["pareto"]] == [
         (t.number, t.values, t.user_attrs["run_id"]) for t in sorted(stage3.best_trials, key=lambda t: t.number)]
     assert study_of_run(tracker, rec.pipeline) == "pipe/stage3"
+
+
+def test_run_slots_waits_for_foreign_trials_at_timeout_and_never_runs_an_unslotted_trial(monkeypatch):
+    """The engine side of a slotted study (studies.run_slots): past the deadline the slots left are dropped and the
+    trials other processes still run are waited for (a late result could otherwise land after the stage chose its
+    best); a trial ask() creates because a worker took the last slot first is recorded FAIL, not run."""
+    import threading
+    import time
+
+    from dact_lib.callbacks import CancelToken
+    from dact_lib.tuning import studies
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    studies.enqueue_slots(study, 2, parent=1)
+    foreign = study.ask()  # a worker's trial, running
+    threading.Timer(0.6, lambda: study.tell(foreign, 0.5)).start()
+    ran = []
+    why = studies.run_slots(study, lambda t: ran.append(t.number), local_trials=0, deadline=time.monotonic() - 1,
+                            cancel=CancelToken(), server=False, poll_s=0.05)
+    assert why == "timeout" and ran == []
+    states = {t.number: t.state for t in study.trials}
+    assert states[foreign.number] == TrialState.COMPLETE  # waited for, not abandoned
+    assert [t.user_attrs.get("skipped") for t in study.trials if t.number != foreign.number] == ["time budget reached"]
+
+    # the race: waiting() said a slot was there, a worker took it before ask()
+    study = optuna.create_study()
+    real = studies.waiting
+    looks = iter([[object()], [object()]])  # the two looks of one round
+    monkeypatch.setattr(studies, "waiting", lambda s: next(looks, None) or real(s))
+    studies.run_slots(study, lambda t: ran.append(t.number), local_trials=None, deadline=None,
+                      cancel=CancelToken(), server=False, poll_s=0.01)
+    assert ran == [] and [(t.state, t.user_attrs.get("skipped")) for t in study.trials] == [
+        (TrialState.FAIL, "no slot left")]

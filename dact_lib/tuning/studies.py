@@ -354,8 +354,10 @@ def run_slots(study: optuna.Study, run_trial, *, local_trials: int | None, deadl
     waiting (at most ``local_trials``; None: no limit, 0: none), then wait, polling every ``poll_s`` s, for the
     trials other processes are running; a dead worker's trial comes back as a retry slot
     (:func:`fail_dead_trials`). Past ``deadline`` (``time.monotonic()``; checked before each new trial, at least
-    one having run here or ``local_trials`` being 0) the slots left are dropped, ``on_timeout()`` is called and
-    "timeout" returned; otherwise None once no trial is waiting or running."""
+    one having run here or ``local_trials`` being 0) the slots left are dropped, the trials other processes are
+    running are waited for, ``on_timeout()`` is called and "timeout" returned; otherwise None once no trial is
+    waiting or running. A trial ``ask()`` creates because a worker took the last slot first is recorded FAIL
+    (skipped), not run."""
     import time
 
     local, settled = 0, False
@@ -373,11 +375,19 @@ def run_slots(study: optuna.Study, run_trial, *, local_trials: int | None, deadl
         cancel.check()
         if (local or local_trials == 0) and deadline is not None and time.monotonic() >= deadline:
             drop_slots(study, timeout_why)  # like optimize(timeout=...): no new trial after the budget
+            while running(study):  # the trials other processes run still count: wait for their results
+                time.sleep(poll_s)
+                fail_dead_trials(study)
             if on_timeout is not None:
                 on_timeout()
             return "timeout"
         if waiting(study) and (local_trials is None or local < local_trials):
-            run_trial(study.ask())
+            trial = study.ask()
+            if "slot_of" not in trial.user_attrs:  # a worker took the last slot between the look and ask()
+                trial.set_user_attr("skipped", "no slot left")
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            run_trial(trial)
             local += 1
             continue
         time.sleep(poll_s)

@@ -98,7 +98,7 @@ def choose_for_prediction(parent_id: int, point: dict[str, Any], *, tracker, by:
         else:
             name = f"{HALTING_DIR}/trial_{int(trial)}.safetensors"
             if not (run_dir / name).is_file():
-                src = tracker.home / str(point.get("halting_file") or "")
+                src = tracker.abs_path(str(point.get("halting_file") or ""))
                 if not src.is_file():
                     raise DactLabError(f"Trial {trial}'s halting weights ({src}) are missing: choose another point.")
                 (run_dir / HALTING_DIR).mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ def run(pl) -> None:
     chosen = st3["chosen"]
     trunk_id, loaded = pl.trunk()
     model = loaded.model
-    model.halters.load_state_dict(load_file(str(pl.home / chosen["halting_file"])))
+    model.halters.load_state_dict(load_file(str(pl.tracker.abs_path(chosen["halting_file"]))))
     m = copy.deepcopy(model.cfg)
     if chosen.get("spec_lambda") is not None:  # a fitted λ point (a threshold point keeps the training λ)
         m.ponder_lambda = float(chosen["spec_lambda"])
@@ -47,9 +47,9 @@ def run(pl) -> None:
     points = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         src = t.user_attrs.get("halting_file")
-        if src and (pl.home / src).is_file():
+        if src and pl.tracker.abs_path(src).is_file():
             (run_dir / HALTING_DIR).mkdir(exist_ok=True)
-            shutil.copyfile(pl.home / src, run_dir / HALTING_DIR / f"trial_{t.number}.safetensors")
+            shutil.copyfile(pl.tracker.abs_path(src), run_dir / HALTING_DIR / f"trial_{t.number}.safetensors")
             points.append({"trial": t.number, "lambda": t.params.get("ponder_lambda"),
                            "threshold": t.params.get("tau"),
                            "spec_lambda": t.user_attrs.get("spec_lambda"),

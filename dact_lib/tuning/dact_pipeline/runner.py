@@ -245,11 +245,9 @@ def worker_trials(study: optuna.Study, tracker, cancel, callbacks):
         raise DactLabError(f"run {parent} (the parent of study {study.study_name!r}) records no pipeline config.")
     cfg = RunConfig.from_dict(conf["run"]).validate()
     pipe = PipelineConfig.from_dict(conf["pipeline"]).validate()
-    data = None
-    if run.get("dataset_id") is not None:  # the stored copy: the same rows on every machine
-        data = tracker.load_dataset(int(run["dataset_id"]))
+    if run.get("dataset_id") is not None:  # the stored copy: the same rows (and max_rows sample) everywhere
         cfg.data.path, cfg.data.dataset_id = None, int(run["dataset_id"])
-    pl = _Pipeline(cfg, pipe, tracker, cancel, list(callbacks or []), data)
+    pl = _Pipeline(cfg, pipe, tracker, cancel, list(callbacks or []), None)
     pl.parent = parent
     pl.state = record.read_stages(tracker.run_dir(parent))
     stage = study.user_attrs.get("stage", "stage2")
@@ -266,6 +264,8 @@ def worker_trials(study: optuna.Study, tracker, cancel, callbacks):
                            f"validation rows, the pipeline's has {sizes[0]} / {sizes[1]}: its data was not "
                            "stored as one dataset (e.g. given in memory or with a separate validation file); "
                            f"run that pipeline's {stage} in its own process ({stage}_local_trials = None).")
+    if stage == "stage2":  # load_study gives Optuna's default pruner: the stage's own one, as in the pipeline
+        study.pruner = stage2.pruner_of(pipe)
     return stage2.Stage2Trials(pl, study) if stage == "stage2" else stage3.Stage3Trials(pl, study)
 
 

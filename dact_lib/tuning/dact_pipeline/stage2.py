@@ -89,6 +89,13 @@ ENGINE = "dact-pipeline/stage2"  # the study's "engine" attribute: what a worker
 POLL_S = 2.0  # how often the pipeline looks at the trials other processes run
 
 
+def pruner_of(pipe: PipelineConfig) -> optuna.pruners.BasePruner:
+    """Stage 2's pruner (``pipeline.stage2_pruner``), in the pipeline's process and in a worker's."""
+    return {"halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+            "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+            "none": optuna.pruners.NopPruner}[pipe.stage2_pruner]()
+
+
 class Stage2Trials:
     """What one stage-2 trial needs, in the pipeline's process or in a worker's (``runner.worker_trials``
     rebuilds it from the pipeline's parent run): the pipeline (config, split, stage-1 heads), the trial rows and
@@ -145,9 +152,7 @@ def run(pl) -> None:
         pl.names["stage2"], directions=["minimize"], home=pl.home,
         sampler=optuna.samplers.TPESampler(seed=pipe.seed + 2,
                                            n_startup_trials=min(10, max(2, pipe.trials_stage2 // 2))),
-        pruner={"halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
-                "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-                "none": optuna.pruners.NopPruner}[pipe.stage2_pruner](),
+        pruner=pruner_of(pipe),
         user_attrs={"pipeline": pipe.name, "stage": "stage2", "engine": ENGINE, "parent_run_id": pl.parent,
                     "objective": "val_loss", "pruner": pipe.stage2_pruner, "train_rows": len(trial_rows(pl).train),
                     "split": [len(pl.split.train), len(pl.split.val)]})
@@ -185,7 +190,8 @@ def run(pl) -> None:
                           deadline=None if budget is None else start + budget, cancel=pl.cancel,
                           server=pl.tracker.dialect != "sqlite", poll_s=POLL_S,
                           timeout_why="the stage's time budget is used up")
-        while n_complete(study) == 0 and counted(study) < pipe.trials_stage2 + 3:
+        extra = len(study.trials) + 3  # at most 3 more trials (every one may diverge or be pruned)
+        while n_complete(study) == 0 and len(study.trials) < extra:
             # the budget ran out (or every trial was pruned) before any trial completed: a stage needs one result
             pl.cancel.check()
             studies.enqueue_slots(study, 1, pl.parent)

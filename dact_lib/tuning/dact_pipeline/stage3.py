@@ -103,7 +103,7 @@ class Stage3Trials:
         path = save_halting_file(self.parent_dir, f"trial_{trial.number}", state)
         attrs = {"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_avg_exit_layer": m["avg_exit_layer"],
                  "spec_lambda": spec, "fit_s": round(fit_s, 3), "run_id": self.trunk_id,
-                 "halting_file": str(path.relative_to(pl.home))}
+                 "halting_file": pl.tracker.rel_path(path)}  # under the artifacts root (runs/<parent>/…)
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         obj = m["nll"] if pipe.objective3 == "loss" else 1.0 - m["accuracy"]
@@ -180,8 +180,9 @@ def run(pl) -> None:
                           deadline=None if budget is None else start + budget, cancel=pl.cancel,
                           server=pl.tracker.dialect != "sqlite", poll_s=POLL_S,
                           timeout_why="the stage's time budget is used up")
+        extra = len(study.trials) + 3  # a stage needs one result: at most 3 more trials
         while not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE] \
-                and counted(study) < pipe.trials_stage3 + 3:  # a stage needs one result
+                and len(study.trials) < extra:
             pl.cancel.check()
             studies.enqueue_slots(study, 1, pl.parent)
             run_trial(study.ask())
@@ -196,7 +197,7 @@ def run(pl) -> None:
     s2 = st2.get("trunk_val_accuracy", st2.get("best_user_attrs", {}).get("val_accuracy"))
     guard = pl.guard("stage3", chosen.get("val_accuracy"), previous=("stage2", s2))
     # the chosen point's weights must load back (a damaged file fails here, not in the final stage)
-    load_file(str(pl.home / chosen["halting_file"]))
+    load_file(str(pl.tracker.abs_path(chosen["halting_file"])))
     pl.tracker.log_event(pl.parent, ev.PARETO_FRONT, {"objectives": [first, "val_avg_exit_layer"],
                                                          "front": front, "study_name": pl.names["stage3"]})
     pl.tracker.log_event(pl.parent, ev.RULE_CHOICE, {"rule": pipe.choice_rule,
