@@ -103,6 +103,47 @@ class _Pipeline:
         self.tracker.log_event(self.parent, ev.STAGE_TRIALS, {"stage": stage, "trials": counted(study),
                                                              "seconds": round(time.monotonic() - start, 3)})
 
+    def run_slotted(self, study: optuna.Study, stage: str, ctx, local_trials: int | None, budget: float | None,
+                    poll_s: float) -> None:
+        """Run a slotted stage's trials (stages 2 and 3): slots here via ``ctx.run_trial`` (one value, or the two of
+        stage 3) while any wait — at most ``local_trials`` — then wait for the workers' (:func:`studies.run_slots`);
+        at most 3 more trials when none completed (a stage needs one result); the slots left are dropped when the
+        pipeline stops, so no worker goes on with the stage (a resume enqueues their grid points again)."""
+        import math
+
+        def run_trial(trial: optuna.Trial) -> None:
+            try:
+                value = ctx.run_trial(trial)
+            except optuna.TrialPruned:
+                frozen = study.tell(trial, state=TrialState.PRUNED)
+            except BaseException:
+                ctx.record(study, study.tell(trial, state=TrialState.FAIL))
+                raise
+            else:
+                if isinstance(value, (tuple, list)):
+                    frozen = study.tell(trial, list(value))
+                else:
+                    ok = math.isfinite(value)
+                    frozen = study.tell(trial, value if ok else None, state=None if ok else TrialState.FAIL)
+            ctx.record(study, frozen)
+
+        start = time.monotonic()
+        try:
+            studies.run_slots(study, run_trial, local_trials=local_trials,
+                              deadline=None if budget is None else start + budget, cancel=self.cancel,
+                              server=self.tracker.dialect != "sqlite", poll_s=poll_s,
+                              timeout_why="the stage's time budget is used up")
+            extra = len(study.trials) + 3  # at most 3 more trials (every one may diverge or be pruned)
+            while n_complete(study) == 0 and len(study.trials) < extra:
+                self.cancel.check()
+                studies.enqueue_slots(study, 1, self.parent)
+                run_trial(study.ask())
+        except BaseException:
+            studies.drop_slots(study, record.STOPPED)
+            raise
+        self.tracker.log_event(self.parent, ev.STAGE_TRIALS, {"stage": stage, "trials": counted(study),
+                                                             "seconds": round(time.monotonic() - start, 3)})
+
     def child_config(self, model_cfg: DactModelConfig, train_cfg: TrainConfig, name: str, tag: str) -> RunConfig:
         c = copy.deepcopy(self.cfg)
         c.model, c.train = copy.deepcopy(model_cfg), copy.deepcopy(train_cfg)

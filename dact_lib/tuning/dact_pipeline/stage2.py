@@ -171,38 +171,9 @@ def run(pl) -> None:
         todo -= 1
     studies.enqueue_slots(study, todo, pl.parent)
 
-    def run_trial(trial: optuna.Trial) -> None:
-        try:
-            value = ctx.run_trial(trial)
-        except optuna.TrialPruned:
-            frozen = study.tell(trial, state=TrialState.PRUNED)
-        except BaseException:
-            ctx.record(study, study.tell(trial, state=TrialState.FAIL))
-            raise
-        else:
-            frozen = study.tell(trial, value if math.isfinite(value) else None,
-                                state=None if math.isfinite(value) else TrialState.FAIL)
-        ctx.record(study, frozen)
-
-    start = time.monotonic()
-    try:
-        studies.run_slots(study, run_trial, local_trials=pipe.stage2_local_trials,
-                          deadline=None if budget is None else start + budget, cancel=pl.cancel,
-                          server=pl.tracker.dialect != "sqlite", poll_s=POLL_S,
-                          timeout_why="the stage's time budget is used up")
-        extra = len(study.trials) + 3  # at most 3 more trials (every one may diverge or be pruned)
-        while n_complete(study) == 0 and len(study.trials) < extra:
-            # the budget ran out (or every trial was pruned) before any trial completed: a stage needs one result
-            pl.cancel.check()
-            studies.enqueue_slots(study, 1, pl.parent)
-            run_trial(study.ask())
-    except BaseException:
-        studies.drop_slots(study, STOPPED)  # no worker goes on with this stage (a resume enqueues them again)
-        raise
+    pl.run_slotted(study, "stage2", ctx, pipe.stage2_local_trials, budget, POLL_S)
     if n_complete(study) == 0:
         raise DactLabError("stage2: no trial completed (all pruned); raise the trials or the time budget.")
-    pl.tracker.log_event(pl.parent, ev.STAGE_TRIALS, {"stage": "stage2", "trials": counted(study),
-                                                     "seconds": round(time.monotonic() - start, 3)})
     best = study.best_trial
     s1 = pl.state["stage1"].get("best_user_attrs", {}).get("val_accuracy")
     out = {"best_params": best.params, "best_value": best.value, "best_trial": best.number,

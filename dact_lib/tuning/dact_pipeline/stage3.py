@@ -166,31 +166,7 @@ def run(pl) -> None:
             todo -= len(taus)
     studies.enqueue_slots(study, max(0, todo), pl.parent)
 
-    def run_trial(trial: optuna.Trial) -> None:
-        try:
-            values = ctx.run_trial(trial)
-        except BaseException:
-            ctx.record(study, study.tell(trial, state=TrialState.FAIL))
-            raise
-        ctx.record(study, study.tell(trial, list(values)))
-
-    start = time.monotonic()
-    try:
-        studies.run_slots(study, run_trial, local_trials=pipe.stage3_local_trials,
-                          deadline=None if budget is None else start + budget, cancel=pl.cancel,
-                          server=pl.tracker.dialect != "sqlite", poll_s=POLL_S,
-                          timeout_why="the stage's time budget is used up")
-        extra = len(study.trials) + 3  # a stage needs one result: at most 3 more trials
-        while not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE] \
-                and len(study.trials) < extra:
-            pl.cancel.check()
-            studies.enqueue_slots(study, 1, pl.parent)
-            run_trial(study.ask())
-    except BaseException:
-        studies.drop_slots(study, STOPPED)  # no worker goes on with this stage (a resume enqueues them again)
-        raise
-    pl.tracker.log_event(pl.parent, ev.STAGE_TRIALS, {"stage": "stage3", "trials": counted(study),
-                                                     "seconds": round(time.monotonic() - start, 3)})
+    pl.run_slotted(study, "stage3", ctx, pipe.stage3_local_trials, budget, POLL_S)
     front = pareto_points(study)
     chosen = apply_choice_rule(front, pipe.choice_rule, pipe.choice_tolerance, trials=trial_points(study))
     st2 = pl.state["stage2"]
