@@ -281,7 +281,11 @@ def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, ep
 # budget lasts): every 0.1, then the entropy sweep's low end (0.02, 0.05) and the midpoints, so the DACT rule has a
 # point wherever the entropy sweep has one and between (docs/benchmarks.md, run M)
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.02, 0.05, 0.15, 0.25, 0.35, 0.45)
-THRESHOLD_SHARPNESS = 60.0
+# the slope of the threshold units' output logit: h_n is 0 or 1 to float32 except where the normalised entropy lies
+# within ~1e-3 of τ, so under the DACT rule the answer is the exit layer's y_n and the exit the entropy policy's.
+# (It was 60: there h_n stayed between 0 and 1 for entropies within ~0.1 of τ, the rule went on mixing y_n into
+# a_n, and its earliest points sat up to 0.9 point below entropy's at equal exit — docs/benchmarks.md, run O.)
+THRESHOLD_SHARPNESS = 1.0e4
 
 
 def threshold_state(model, tau: float, sharpness: float = THRESHOLD_SHARPNESS) -> dict:

@@ -393,6 +393,43 @@ def test_threshold_halting_units_make_the_dact_rule_exit_like_entropy(hidden):
         threshold_state(tiny_dact(halting_input="summary")[0], 0.5)
 
 
+
+def _q_at_normalised_entropy(e):
+    """q in (0.5, 1) with entropy([q, 1 - q]) / ln 2 == e (bisection)."""
+    lo, hi = 0.5, 1.0 - 1e-12
+    for _ in range(100):
+        q = (lo + hi) / 2
+        h = -(q * math.log(q) + (1 - q) * math.log(1 - q)) / math.log(2)
+        lo, hi = (q, hi) if h > e else (lo, q)
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("hidden", [[64], []])
+def test_threshold_units_are_a_step_so_rows_near_tau_exit_and_answer_as_entropy(hidden):
+    # rows whose y_1 entropy lies just below / just above τ: the units must be 0 / 1, not in between — a soft h_1
+    # keeps the rule from halting at layer 1 below τ, and mixes y_1 into the layer-2 answer above τ (the y_2 here
+    # says the other class, so the mix shows). With the old slope (60) both happened: this test failed.
+    from dact_lib.config import MLPConfig
+    from dact_lib.halting import _Halters, threshold_state
+
+    model, _, _ = tiny_dact(halting=MLPConfig(hidden_dims=hidden, dropout=0.0))
+    model.num_classes = 2
+    tau = 0.5
+    ents = [0.47, 0.48, 0.49, 0.495, 0.505, 0.51, 0.52, 0.53]
+    y1 = torch.tensor([[_q_at_normalised_entropy(e), 1 - _q_at_normalised_entropy(e)] for e in ents])
+    y2 = torch.tensor([[0.3, 0.7]]).expand(len(ents), 2)
+    cache = LayerCache(base=torch.zeros(len(ents), 2, 32), y=torch.stack([y1, y2], 1),
+                       targets=torch.zeros(len(ents), dtype=torch.long))
+    units = _Halters(model).eval()
+    units.halters.load_state_dict(threshold_state(model, tau))
+    with torch.no_grad():
+        h, _, _ = units(cache)
+    assert torch.equal(h[:, 0] < 1e-3, torch.tensor(ents) < tau) and bool((h[4:, 0] > 1 - 1e-3).all())
+    rule = dact.run_policy_offline(dact.DactPolicy(), cache.y, h)
+    ent = dact.run_policy_offline(dact.EntropyPolicy(tau * math.log(2)), cache.y)
+    assert rule.exit_layer.tolist() == ent.exit_layer.tolist() == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert torch.allclose(rule.probs, ent.probs, atol=1e-3)  # the exit layer's y_n, nothing of y_1 mixed in
+
 # --- exit refit (exit_refit.py) ------------------------------------------------------------------------------------
 def _separable_cache(model, n, seed):
     """(summaries [n,N,D], y_N [n,K], targets) where every layer's summary carries the class on its first three
