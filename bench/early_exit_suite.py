@@ -9,7 +9,8 @@ For each dataset (from ``--data-dir``, default ../shared/data):
 * each DACT variant (``--variants``): ``today`` (the defaults before this change: no per-layer loss, halting MLP
   on the layer summary, no halting fit), ``default`` (the library defaults for kind "dact": ``train --kind dact``
   with no flags), ``nothr`` (defaults without the threshold halting units), ``thr`` (defaults with them: the
-  default since they measured better), ``norefit`` (defaults without the exit refit, ``exit_refit.py``), ``kd`` (defaults + self-distillation, weight 1, T = 2), ``pabee``
+  default since they measured better), ``norefit`` (defaults without the exit refit, ``exit_refit.py``), ``temp`` (defaults + temperature-calibrated
+  exits, ``model.exit_temperature``), ``kd`` (defaults + self-distillation, weight 1, T = 2), ``pabee``
   (defaults + PABEE depth weighting). Policies: the DACT rule at every fitted λ and every threshold τ (halting units fitted alone on the validation split,
   ``dact_lib.halting``), the entropy sweep (thresholds × ln K), patience t = 1..N-1, fixed depth 1..N;
 * every point: average exit layer and accuracy on the whole evaluation split (offline simulation = the online
@@ -80,6 +81,8 @@ def variant_config(kind, variant, args):
             m.halting_thresholds = True
         elif variant == "norefit":  # the defaults before exit_refit_epochs was on
             m.exit_refit_epochs = 0
+        elif variant == "temp":  # defaults + temperature-calibrated exits
+            m.exit_temperature = True
         elif variant == "pabee":
             m.depth_weighting = "pabee"
         elif variant != "default":

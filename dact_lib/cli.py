@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-refit-epochs", type=int, default=None,
                    help="DACT: after training, train the classifiers of layers 1..N-1 again on cached layer "
                         "summaries for this many epochs (default 30; 0 = off)")
+    p.add_argument("--exit-temperature", action="store_true",
+                   help="DACT: after training, calibrate every exit with a temperature fitted on the validation "
+                        "split, before the halting fit (model.exit_temperature; off by default)")
     p.add_argument("--no-fit-halting", action="store_true",
                    help="DACT: keep the jointly trained halting units (no halting fit after training)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,

@@ -91,6 +91,10 @@ def config_and_options(args, kind_default: str = "backbone"):
             if cfg.kind != "dact":
                 raise DactLabError(f"--{flag.replace('_', '-')} only applies to --kind dact.")
             setattr(cfg.model, field, getattr(args, flag))
+    if getattr(args, "exit_temperature", False):
+        if cfg.kind != "dact":
+            raise DactLabError("--exit-temperature only applies to --kind dact.")
+        cfg.model.exit_temperature = True
     if getattr(args, "no_fit_halting", False):
         if cfg.kind != "dact":
             raise DactLabError("--no-fit-halting only applies to --kind dact.")

@@ -216,6 +216,10 @@ class DactModelConfig:
     exit_refit_lr: float = 1e-3
     exit_refit_max_rows: int = 20000  # a seeded sample of the training rows above this (memory: rows × N × hidden)
     exit_refit_distill: float = 0.0  # weight of T²·KL(y_N^T ‖ y_n^T) in the refit (T = distill_temperature)
+    # after the refit and before the halting fit, scale every exit's logits by a temperature fitted on the validation
+    # split (exit_refit.temperatures_after_training: argmax unchanged, confidence calibrated per layer, folded into
+    # the classifiers). Off by default: docs/benchmarks.md, "temperature-calibrated exits".
+    exit_temperature: bool = False
 
     def validate(self, name: str = "model") -> None:
         check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
@@ -252,6 +256,8 @@ class DactModelConfig:
         check_int(f"{name}.exit_refit_max_rows", self.exit_refit_max_rows, 100)
         check_pos(f"{name}.exit_refit_distill", self.exit_refit_distill, allow_zero=True)
         check(isinstance(self.halting_thresholds, bool), f"{name}.halting_thresholds", self.halting_thresholds,
+               "expected true/false")
+        check(isinstance(self.exit_temperature, bool), f"{name}.exit_temperature", self.exit_temperature,
                "expected true/false")
 
 

@@ -15,6 +15,7 @@ term by default: measured, distilling from y_N made the entropy front of the ref
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import numpy as np
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 
 from .heads import pool
 
-__all__ = ["summary_cache", "refit_exits", "refit_after_training"]
+__all__ = ["summary_cache", "refit_exits", "refit_after_training", "fit_temperatures", "apply_temperatures",
+           "temperatures_after_training", "TEMPERATURE_GRID"]
 
 
 @torch.no_grad()
@@ -137,3 +139,67 @@ def refit_after_training(model, cfg, enc_train, enc_val, cancel=None) -> dict:
                       distill_weight=mc.exit_refit_distill, temperature=mc.distill_temperature, seed=cfg.train.seed,
                       cancel=cancel)
     return {**out, "cache_s": cache_s, "seconds": time.perf_counter() - t0}
+
+
+# --- temperature-calibrated exits (``model.exit_temperature``) --------------------------------------------------
+# the temperatures tried per layer: 241 log-spaced values from 0.05 to 20, T = 1 among them (the validation NLL is
+# minimised on it: deterministic, exact to ±1.3 % of T, never worse than no scaling)
+TEMPERATURE_GRID = torch.logspace(math.log10(0.05), math.log10(20.0), 241, dtype=torch.float64)
+
+
+def _scaled(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """softmax(log y / T) for probabilities y [..., K] (= softmax(logits / T)); T broadcasts over y[..., 0]."""
+    return (y.double().clamp_min(1e-30).log() / t.unsqueeze(-1)).softmax(-1)
+
+
+def fit_temperatures(y: torch.Tensor, targets: torch.Tensor, shared: bool = False) -> list[float]:
+    """Per layer n, the temperature T_n in :data:`TEMPERATURE_GRID` that minimises the NLL of softmax(log y_n / T_n)
+    on the rows (y [rows, N, K] the layers' class probabilities, targets [rows]); ``shared``: one T for every layer
+    (one classifier shared by all layers). Temperature scaling (Guo et al. 2017) never changes a layer's argmax."""
+    y = y.double()
+    n_layers = y.shape[1]
+    grid = TEMPERATURE_GRID
+    # NLL of every (T, layer): [T, N]
+    logp = torch.stack([_scaled(y, t.expand(n_layers)).clamp_min(1e-300).log() for t in grid])
+    nll = -logp.gather(-1, targets.view(1, -1, 1, 1).expand(len(grid), -1, n_layers, 1)).squeeze(-1).mean(1)
+    if shared:
+        return [round(float(grid[int(nll.mean(1).argmin())]), 6)] * n_layers
+    return [round(float(grid[int(i)]), 6) for i in nll.argmin(0)]
+
+
+@torch.no_grad()
+def apply_temperatures(model, temperatures: list[float]) -> None:
+    """Fold T_n into layer n's classifier: its output layer's weight and bias divided by T_n, so y_n =
+    softmax(logits_n / T_n) on every path (training, ``infer``, the batch-1 fast path, saved models) at no cost."""
+    from torch import nn
+
+    units = model.classifiers
+    temps = temperatures[:1] if model.cfg.share_weights else temperatures
+    if len(temps) != len(units):
+        raise ValueError(f"apply_temperatures: {len(temperatures)} temperatures for {len(units)} classifiers")
+    for clf, t in zip(units, temps):
+        last = [m for m in clf if isinstance(m, nn.Linear)][-1]
+        last.weight.div_(float(t))
+        last.bias.div_(float(t))
+    model.__dict__.pop("_fast", None)  # the fast path's copies of the classifier weights
+
+
+def temperatures_after_training(model, cfg, enc_val) -> dict:
+    """Kind 'dact' with ``model.exit_temperature``: fit one temperature per exit on the validation split
+    (:func:`fit_temperatures`), fold them into the classifiers (:func:`apply_temperatures`) and return the report:
+    the temperatures and every layer's validation NLL before and after (accuracy per layer is unchanged)."""
+    from .halting import layer_cache
+
+    t0 = time.perf_counter()
+    cache = layer_cache(model, enc_val)
+    temps = fit_temperatures(cache.y, cache.targets, shared=model.cfg.share_weights)
+    t = torch.tensor(temps, dtype=torch.float64)
+
+    def nll(y):
+        return [float(-y[:, n].clamp_min(1e-300).log().gather(-1, cache.targets.view(-1, 1)).mean())
+                for n in range(y.shape[1])]
+
+    before, after = nll(cache.y.double()), nll(_scaled(cache.y, t))
+    apply_temperatures(model, temps)
+    return {"temperatures": temps, "val_nll_before": before, "val_nll_after": after, "rows": len(cache),
+            "seconds": time.perf_counter() - t0}

@@ -624,6 +624,11 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             from .exit_refit import refit_after_training
 
             exit_report = refit_after_training(model, cfg, enc_train, enc_val, cancel)
+        if cfg.kind == "dact" and cfg.model.exit_temperature:
+            from .exit_refit import temperatures_after_training
+
+            exit_report = {**(exit_report or {}), "temperature": temperatures_after_training(model, cfg, enc_val)}
+        if exit_report is not None:
             cbs.on_event(state, ev.EXIT_REFIT, exit_report)
         if cfg.kind == "dact" and cfg.model.fit_halting:
             from .halting import fit_after_training

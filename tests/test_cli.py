@@ -295,10 +295,15 @@ def test_dact_early_exit_flags_and_predict_policy(home, capsys):
     code, out, err = run_cli(capsys, "predict", "--run", run, "--policy", "entropy:x", "--home", home, "ok")
     assert code == 2 and "entropy:0.35" in err
     code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--no-fit-halting",
-                           "--home", home)
-    assert Tracker(home).get_run(last_run_id(out))["config"]["model"]["fit_halting"] is False
+                           "--exit-temperature", "--home", home)
+    m = Tracker(home).get_run(last_run_id(out))["config"]["model"]
+    assert m["fit_halting"] is False and m["exit_temperature"] is True
+    rep = json.loads((Tracker(home).run_dir(last_run_id(out)) / "report.json").read_text())
+    assert len(rep["exit_refit"]["temperature"]["temperatures"]) == 2  # calibrated without a halting fit
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", 1, "--halting-input", "both", "--home", home)
     assert code == 2 and "only applies to --kind dact" in err
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", 1, "--exit-temperature", "--home", home)
+    assert code == 2 and "--exit-temperature only applies to --kind dact" in err
 
 
 def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):

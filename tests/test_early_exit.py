@@ -507,3 +507,81 @@ def test_exit_refit_config_checks():
         RunConfig.from_dict({"kind": "dact", "model": {"exit_refit_lr": 2.0}})
     with pytest.raises(ConfigError, match="exit_refit_max_rows"):
         RunConfig.from_dict({"kind": "dact", "model": {"exit_refit_max_rows": 5}})
+
+
+# --- temperature-calibrated exits (exit_refit.fit_temperatures / apply_temperatures) ------------------------------
+def _one_level_layer(p, right, n=200):
+    """n rows of 2 classes, every y = [p, 1 - p] on the predicted class, ``right`` of them correct."""
+    t = torch.zeros(n, dtype=torch.long)
+    t[int(round(right * n)):] = 1  # predicted class 0 everywhere: the first right·n rows are correct
+    return torch.tensor([[p, 1 - p]]).expand(n, 2), t
+
+
+def test_fit_temperatures_matches_the_hand_computed_optimum_per_layer():
+    from dact_lib.exit_refit import fit_temperatures
+
+    # one confidence level p with accuracy r: the NLL-optimal scaled probability is r, so
+    # p^(1/T) / (p^(1/T) + (1-p)^(1/T)) = r  =>  T = ln(p / (1 - p)) / ln(r / (1 - r))
+    y1, t = _one_level_layer(0.99, 0.8)  # over-confident: T = ln 99 / ln 4 = 3.315
+    y2, _ = _one_level_layer(0.6, 0.8)  # under-confident: T = ln 1.5 / ln 4 = 0.2925
+    y = torch.stack([y1, y2], 1)
+    temps = fit_temperatures(y, t)
+    assert temps[0] == pytest.approx(math.log(99) / math.log(4), rel=0.015)
+    assert temps[1] == pytest.approx(math.log(1.5) / math.log(4), rel=0.015)
+    shared = fit_temperatures(y, t, shared=True)  # one T for both layers, between the two
+    assert shared[0] == shared[1] and temps[1] < shared[0] < temps[0]
+
+
+def test_apply_temperatures_folds_into_the_classifiers_on_every_path():
+    from dact_lib.exit_refit import apply_temperatures
+
+    model, _, _ = tiny_dact()
+    ids, am = mixed_batch()
+    before = model.infer(ids, am, dact.FixedDepthPolicy(model.num_layers))
+    fast_before = model.infer(ids[:1, :14], am[:1, :14], dact.EntropyPolicy(0.0), trace=False)  # warm the fast cache
+    temps = [0.5, 2.0, 1.0, 3.0, 0.25, 1.5][:model.num_layers]
+    apply_temperatures(model, temps)
+    after = model.infer(ids, am, dact.FixedDepthPolicy(model.num_layers))
+    t = torch.tensor(temps, dtype=torch.float64)
+    expect = (before.y.double().log() / t.view(1, -1, 1)).softmax(-1)
+    assert torch.allclose(after.y.double(), expect, atol=1e-5)  # y_n = softmax(logits_n / T_n), every layer
+    assert torch.equal(after.y.argmax(-1), before.y.argmax(-1))  # no layer's answer changes
+    fast = model.infer(ids[:1, :14], am[:1, :14], dact.EntropyPolicy(0.0), trace=False)  # the stale copy is dropped
+    assert torch.allclose(fast.probs.double(), expect[0, -1:], atol=1e-5)
+    assert not torch.allclose(fast.probs, fast_before.probs, atol=1e-4)
+    with pytest.raises(ValueError, match="temperatures"):
+        apply_temperatures(model, [1.0])
+    shared, _, _ = tiny_dact(share_weights=True)
+    w = shared.classifiers[0][-1].weight.clone()
+    apply_temperatures(shared, [2.0] * shared.num_layers)  # one classifier: its one temperature
+    assert torch.allclose(shared.classifiers[0][-1].weight, w / 2.0)
+
+
+def test_exit_temperature_option_in_training_reports_and_keeps_accuracy():
+    from dact_lib.data import split_dataset
+    from dact_lib.train import train
+
+    rng = np.random.default_rng(1)
+    words = {0: ["good", "great", "fine", "nice"], 1: ["bad", "awful", "poor", "sad"]}
+    labels = [i % 2 for i in range(120)]
+    ds = TextDataset(texts=[" ".join(rng.choice(words[c], size=4)) for c in labels],
+                     targets={"label": np.array(labels)}, label_maps={"label": ["neg", "pos"]})
+    cfg = default_config("dact", encoder="tiny")
+    assert cfg.model.exit_temperature is False  # an option, off by default
+    cfg.model.exit_temperature, cfg.model.exit_refit_epochs = True, 0
+    cfg.train.epochs, cfg.train.early_stopping.enabled = 1, False
+    res = train(cfg, data=split_dataset(ds, 0.25, 0.0, 0), save=False, evaluate_test=False)
+    rep = res.report["exit_refit"]["temperature"]
+    N = res.model.num_layers
+    assert len(rep["temperatures"]) == N and all(0.05 <= t <= 20 for t in rep["temperatures"])
+    assert all(a <= b + 1e-9 for a, b in zip(rep["val_nll_after"], rep["val_nll_before"]))  # T = 1 is on the grid
+    assert rep["rows"] == 30
+    # the halting fit ran on the calibrated exits: its NLL reference (the deepest exit's validation NLL, which the
+    # temperature changes) is the model's as saved, and the last layer's NLL after calibration
+    val = split_dataset(ds, 0.25, 0.0, 0).val
+    cache = layer_cache(res.model, encode(val, res.tokenizer, cfg.data.max_seq_len))
+    assert res.report["halting"]["nll_ref"] == pytest.approx(nll_ref_of(cache), rel=1e-4)
+    assert nll_ref_of(cache) == pytest.approx(rep["val_nll_after"][-1], rel=1e-4)
+    assert abs(rep["val_nll_after"][-1] - rep["val_nll_before"][-1]) > 1e-4  # (so the check above can tell)
+    with pytest.raises(ConfigError, match="exit_temperature"):
+        RunConfig.from_dict({"kind": "dact", "model": {"exit_temperature": 1}})
