@@ -556,3 +556,34 @@ def test_studies_dashboard_button_starts_a_server(pop_home):
         if pid:  # the server this test started
             os.kill(pid, signal.SIGTERM)
             os.waitpid(pid, 0)
+
+
+def test_a_late_exiting_dact_run_gets_the_advice_with_its_measured_points_on_both_pages(pop_home, tmp_path,
+                                                                                       monkeypatch):
+    # issue "Early exit that pays": when a model exits late, the Runs and Early-exit pages say which setting would
+    # trade accuracy for layers, with the sweep's measured numbers (a run of the records rewritten to exit late)
+    import json
+
+    rec = pop_home
+    h = copy_home(rec, tmp_path / "home")
+    monkeypatch.setenv("DACT_LAB_HOME", str(h))
+    tr = Tracker(h)
+    run = rec.dact[0]
+    path = tr.run_dir(run) / "report.json"
+    rep = json.loads(path.read_text())
+    pts = [{"lambda": 0.0, "avg_exit_layer": 2.0, "accuracy": 0.9}, {"lambda": 2.0, "avg_exit_layer": 1.3,
+                                                                    "accuracy": 0.87}]
+    rep["halting"] = {"points": pts, "chosen": pts[0], "rows": 24, "tolerance_points": 0.5,
+                      "layer_accuracy": [0.8, 0.9], "entropy_points": []}
+    path.write_text(json.dumps(rep))
+    expect = ("This run exits after 2.00 of 2 layers on average: within its tolerance of 0.5 points no fitted λ "
+              "exits earlier. Measured on its validation split (24 rows): λ = 2: 1.30 layers at 87.0% (-3.0 points). "
+              "Retrain with model.halting_tolerance ≥ 3.1 (CLI --halting-tolerance) to take λ = 2.")
+    at = _open("app_pages/early_exit.py", early_run=run)
+    assert [i.value for i in at.main.info] == [expect]
+    at = _open("app_pages/runs.py", runs_focus=run)
+    assert expect in [i.value for i in at.main.info]
+    rep["halting"]["chosen"] = pts[1]  # an early point: no advice
+    path.write_text(json.dumps(rep))
+    at = _open("app_pages/early_exit.py", early_run=run)
+    assert not [i.value for i in at.main.info if "exits after" in i.value]
