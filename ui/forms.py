@@ -420,7 +420,7 @@ def model_fields(kind: str) -> list[Field]:
                   help="Trains the classifiers of layers 1..N-1 again on their layers' cached summaries of the "
                        "training rows (encoder and last classifier unchanged): after a short training the "
                        "shallow exits are far from what their layers give. Takes about a third of an epoch."),
-            make_field("model.exit_temperature", "Calibrate every exit with a temperature (validation split)",
+            make_field("model.exit_temperature", "Calibrate exits (temperature)",
                   "bool",
                   help="Scales each layer's logits by a temperature fitted on the validation split before the "
                        "halting fit: same answers per layer, confidences that match each layer's accuracy, so "
