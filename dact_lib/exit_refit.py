@@ -156,14 +156,13 @@ def fit_temperatures(y: torch.Tensor, targets: torch.Tensor, shared: bool = Fals
     """Per layer n, the temperature T_n in :data:`TEMPERATURE_GRID` that minimises the NLL of softmax(log y_n / T_n)
     on the rows (y [rows, N, K] the layers' class probabilities, targets [rows]); ``shared``: one T for every layer
     (one classifier shared by all layers). Temperature scaling (Guo et al. 2017) never changes a layer's argmax."""
-    y = y.double()
-    n_layers = y.shape[1]
+    logy = y.double().clamp_min(1e-30).log()  # = logits up to a per-row constant
+    own = logy.gather(-1, targets.view(-1, 1, 1).expand(-1, y.shape[1], 1)).squeeze(-1)  # [rows, N]
     grid = TEMPERATURE_GRID
-    # NLL of every (T, layer): [T, N]
-    logp = torch.stack([_scaled(y, t.expand(n_layers)).clamp_min(1e-300).log() for t in grid])
-    nll = -logp.gather(-1, targets.view(1, -1, 1, 1).expand(len(grid), -1, n_layers, 1)).squeeze(-1).mean(1)
+    # validation NLL of every (T, layer), [T, N]: −mean(logit_target / T − logsumexp(logits / T)), one T at a time
+    nll = torch.stack([-(own / t - torch.logsumexp(logy / t, -1)).mean(0) for t in grid])
     if shared:
-        return [round(float(grid[int(nll.mean(1).argmin())]), 6)] * n_layers
+        return [round(float(grid[int(nll.mean(1).argmin())]), 6)] * y.shape[1]
     return [round(float(grid[int(i)]), 6) for i in nll.argmin(0)]
 
 
