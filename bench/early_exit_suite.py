@@ -104,7 +104,8 @@ def train_one(kind, variant, train_ds, val_ds, args):
     total = time.perf_counter() - t0
     rep = res.report or {}
     fit_s = (rep.get("halting") or {}).get("seconds", 0.0)
-    refit_s = (rep.get("exit_refit") or {}).get("seconds", 0.0)
+    refit_s = (rep.get("exit_refit") or {}).get("seconds", 0.0) + \
+        ((rep.get("exit_refit") or {}).get("temperature") or {}).get("seconds", 0.0)  # (variant temp)
     args.last_refit_s = refit_s
     return res.model.eval(), res.tokenizer, cfg, total - fit_s - refit_s, fit_s
 

@@ -218,7 +218,7 @@ class DactModelConfig:
     exit_refit_distill: float = 0.0  # weight of T²·KL(y_N^T ‖ y_n^T) in the refit (T = distill_temperature)
     # after the refit and before the halting fit, scale every exit's logits by a temperature fitted on the validation
     # split (exit_refit.temperatures_after_training: argmax unchanged, confidence calibrated per layer, folded into
-    # the classifiers). Off by default: docs/benchmarks.md, "temperature-calibrated exits".
+    # the classifiers). Needs fit_halting. Off by default: docs/benchmarks.md, runs Q/R.
     exit_temperature: bool = False
 
     def validate(self, name: str = "model") -> None:
@@ -259,6 +259,9 @@ class DactModelConfig:
                "expected true/false")
         check(isinstance(self.exit_temperature, bool), f"{name}.exit_temperature", self.exit_temperature,
                "expected true/false")
+        check(not (self.exit_temperature and not self.fit_halting), f"{name}.exit_temperature", self.exit_temperature,
+               "calibrated exits need halting units fitted on them: turn model.fit_halting on (or exit_temperature "
+               "off) — units trained on the uncalibrated exits would read shifted confidences")
 
 
 @dataclass

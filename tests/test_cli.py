@@ -295,11 +295,16 @@ def test_dact_early_exit_flags_and_predict_policy(home, capsys):
     code, out, err = run_cli(capsys, "predict", "--run", run, "--policy", "entropy:x", "--home", home, "ok")
     assert code == 2 and "entropy:0.35" in err
     code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--no-fit-halting",
-                           "--exit-temperature", "--home", home)
-    m = Tracker(home).get_run(last_run_id(out))["config"]["model"]
-    assert m["fit_halting"] is False and m["exit_temperature"] is True
+                           "--home", home)
+    assert Tracker(home).get_run(last_run_id(out))["config"]["model"]["fit_halting"] is False
+    code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--exit-temperature",
+                           "--exit-refit-epochs", 0, "--home", home)
+    assert Tracker(home).get_run(last_run_id(out))["config"]["model"]["exit_temperature"] is True
     rep = json.loads((Tracker(home).run_dir(last_run_id(out)) / "report.json").read_text())
-    assert len(rep["exit_refit"]["temperature"]["temperatures"]) == 2  # calibrated without a halting fit
+    assert len(rep["exit_refit"]["temperature"]["temperatures"]) == 2  # calibrated, then the halting fit
+    code, _, err = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--exit-temperature",
+                           "--no-fit-halting", "--home", home)
+    assert code == 2 and "turn model.fit_halting on" in err  # units trained on uncalibrated exits: refused
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", 1, "--halting-input", "both", "--home", home)
     assert code == 2 and "only applies to --kind dact" in err
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", 1, "--exit-temperature", "--home", home)

@@ -546,8 +546,8 @@ def test_apply_temperatures_folds_into_the_classifiers_on_every_path():
     expect = (before.y.double().log() / t.view(1, -1, 1)).softmax(-1)
     assert torch.allclose(after.y.double(), expect, atol=1e-5)  # y_n = softmax(logits_n / T_n), every layer
     assert torch.equal(after.y.argmax(-1), before.y.argmax(-1))  # no layer's answer changes
-    fast = model.infer(ids[:1, :14], am[:1, :14], dact.EntropyPolicy(0.0), trace=False)  # the stale copy is dropped
-    assert torch.allclose(fast.probs.double(), expect[0, -1:], atol=1e-5)
+    fast = model.infer(ids[:1, :14], am[:1, :14], dact.EntropyPolicy(0.0), trace=False)  # batch-1 fast path
+    assert torch.allclose(fast.probs.double(), expect[0, -1:], atol=1e-5)  # answers with the calibrated exit
     assert not torch.allclose(fast.probs, fast_before.probs, atol=1e-4)
     with pytest.raises(ValueError, match="temperatures"):
         apply_temperatures(model, [1.0])
@@ -557,7 +557,7 @@ def test_apply_temperatures_folds_into_the_classifiers_on_every_path():
     assert torch.allclose(shared.classifiers[0][-1].weight, w / 2.0)
 
 
-def test_exit_temperature_option_in_training_reports_and_keeps_accuracy():
+def test_exit_temperature_option_in_training_reports_and_feeds_the_halting_fit(tmp_path):
     from dact_lib.data import split_dataset
     from dact_lib.train import train
 
@@ -585,3 +585,9 @@ def test_exit_temperature_option_in_training_reports_and_keeps_accuracy():
     assert abs(rep["val_nll_after"][-1] - rep["val_nll_before"][-1]) > 1e-4  # (so the check above can tell)
     with pytest.raises(ConfigError, match="exit_temperature"):
         RunConfig.from_dict({"kind": "dact", "model": {"exit_temperature": 1}})
+    with pytest.raises(ConfigError, match="turn model.fit_halting on"):
+        RunConfig.from_dict({"kind": "dact", "model": {"exit_temperature": True, "fit_halting": False}})
+    from dact_lib.tuning.dact_pipeline import PipelineConfig, run_pipeline
+
+    with pytest.raises(ConfigError, match="not used by the DACT pipeline"):  # stage 3 fits on its own exits
+        run_pipeline(cfg, pipeline=PipelineConfig(name="p"), home=tmp_path)

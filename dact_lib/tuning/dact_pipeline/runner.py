@@ -243,6 +243,10 @@ def run_pipeline(cfg: RunConfig, *, pipeline: PipelineConfig, home=None, tracker
 
     pipeline.validate()
     cfg = copy.deepcopy(as_dact_config(cfg))
+    if cfg.model.exit_temperature:
+        raise ConfigError("model.exit_temperature is not used by the DACT pipeline: stage 3 fits the halting units on "
+                          "the stage-2 model's own exits. Turn it off for the pipeline (it applies to single DACT "
+                          "runs).")
     # stage 3 fits the halting units per λ on the best stage-2 model itself: its trials skip train()'s own
     # post-training halting fit (kind 'dact', model.fit_halting)
     cfg.model.fit_halting = False
