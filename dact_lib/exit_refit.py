@@ -183,11 +183,12 @@ def apply_temperatures(model, temperatures: list[float]) -> None:
         last.bias.div_(float(t))
 
 
-def temperatures_after_training(model, cfg, enc_val) -> dict:
+def temperatures_after_training(model, cfg, enc_val):
     """Kind 'dact' with ``model.exit_temperature``: fit one temperature per exit on the validation split
-    (:func:`fit_temperatures`), fold them into the classifiers (:func:`apply_temperatures`) and return the report:
-    the temperatures and every layer's validation NLL before and after (accuracy per layer is unchanged)."""
-    from .halting import layer_cache
+    (:func:`fit_temperatures`), fold them into the classifiers (:func:`apply_temperatures`). Returns the report —
+    the temperatures and every layer's validation NLL before and after (accuracy per layer is unchanged) — and the
+    validation split's per-layer cache with the calibrated y_n, for the halting fit that follows (no second pass)."""
+    from .halting import LayerCache, layer_cache
 
     t0 = time.perf_counter()
     cache = layer_cache(model, enc_val)
@@ -198,7 +199,9 @@ def temperatures_after_training(model, cfg, enc_val) -> dict:
         return [float(-y[:, n].clamp_min(1e-300).log().gather(-1, cache.targets.view(-1, 1)).mean())
                 for n in range(y.shape[1])]
 
-    before, after = nll(cache.y.double()), nll(_scaled(cache.y, t))
+    scaled = _scaled(cache.y, t)
+    before, after = nll(cache.y.double()), nll(scaled)
     apply_temperatures(model, temps)
-    return {"temperatures": temps, "val_nll_before": before, "val_nll_after": after, "rows": len(cache),
-            "seconds": time.perf_counter() - t0}
+    report = {"temperatures": temps, "val_nll_before": before, "val_nll_after": after, "rows": len(cache),
+              "seconds": time.perf_counter() - t0}
+    return report, LayerCache(base=cache.base, y=scaled.to(cache.y.dtype), targets=cache.targets)

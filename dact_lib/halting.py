@@ -416,13 +416,14 @@ def exit_advice(run_dir, num_layers: int | None = None, late: float = 0.8) -> st
     return msg
 
 
-def fit_after_training(model, cfg, enc_val, cancel=None) -> dict:
+def fit_after_training(model, cfg, enc_val, cancel=None, cache: LayerCache | None = None) -> dict:
     """Kind 'dact' with ``model.fit_halting``: fit the halting units alone on the validation split for every λ of
     ``model.halting_lambdas`` (encoder and classifiers frozen, see halting.py), install the fastest point within
-    ``model.halting_tolerance`` accuracy points of the most accurate one, and return the sweep for the report."""
+    ``model.halting_tolerance`` accuracy points of the most accurate one, and return the sweep for the report.
+    ``cache``: the validation split's per-layer cache of the model as it is now, when the caller has it."""
     mc = cfg.model
     t0 = time.perf_counter()
-    cache = layer_cache(model, enc_val)
+    cache = cache if cache is not None else layer_cache(model, enc_val)
     points = fit_halting(model, cache, mc.halting_lambdas, epochs=mc.halting_epochs, seed=cfg.train.seed,
                          cancel=cancel, calibrate=mc.halting_calibration)
     thresholds = threshold_points(model, cache) if mc.halting_thresholds and mc.halting_input == "confidence" \

@@ -619,7 +619,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         elif "best_state" in state.extra:
             model.load_state_dict(state.extra["best_state"])
         cbs.on_event(state, ev.RESTORED_BEST, {"epoch": state.best_epoch, "step": state.extra.get("best_step")})
-        halting_report = exit_report = None
+        halting_report = exit_report = val_cache = None
         if cfg.kind == "dact" and cfg.model.exit_refit_epochs > 0:
             from .exit_refit import refit_after_training
 
@@ -627,13 +627,14 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         if cfg.kind == "dact" and cfg.model.exit_temperature:
             from .exit_refit import temperatures_after_training
 
-            exit_report = {**(exit_report or {}), "temperature": temperatures_after_training(model, cfg, enc_val)}
+            temp_report, val_cache = temperatures_after_training(model, cfg, enc_val)  # + the calibrated cache
+            exit_report = {**(exit_report or {}), "temperature": temp_report}
         if exit_report is not None:
             cbs.on_event(state, ev.EXIT_REFIT, exit_report)
         if cfg.kind == "dact" and cfg.model.fit_halting:
             from .halting import fit_after_training
 
-            halting_report = fit_after_training(model, cfg, enc_val, cancel)
+            halting_report = fit_after_training(model, cfg, enc_val, cancel, cache=val_cache)
             cbs.on_event(state, ev.HALTING_FIT, halting_report)
         if exit_report is not None or halting_report is not None:
             # the validation metrics of the model as it is now saved (the DACT answer a_N and the exits depend on

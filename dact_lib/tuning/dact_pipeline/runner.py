@@ -103,6 +103,13 @@ class _Pipeline:
         self.tracker.log_event(self.parent, ev.STAGE_TRIALS, {"stage": stage, "trials": counted(study),
                                                              "seconds": round(time.monotonic() - start, 3)})
 
+    def slots_to_add(self, study: optuna.Study, n_total: int) -> int:
+        """How many new slots a slotted stage still needs for ``n_total`` trials. A resumed stage keeps the slots an
+        earlier run left waiting (they are still the budget) and first enqueues again the grid points dropped when
+        it stopped (:func:`studies.requeue_dropped`)."""
+        studies.requeue_dropped(study, self.parent, record.STOPPED)
+        return max(0, n_total - counted(study) - len(studies.waiting(study)))
+
     def run_slotted(self, study: optuna.Study, stage: str, ctx, local_trials: int | None, budget: float | None,
                     poll_s: float) -> None:
         """Run a slotted stage's trials (stages 2 and 3): slots here via ``ctx.run_trial`` (one value, or the two of

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from .. import studies
 from ...config import RunConfig, TrainConfig
 from ...errors import DactLabError
-from .record import STOPPED, counted, jsonable, n_complete
+from .record import counted, jsonable, n_complete
 from .settings import PipelineConfig
 from ... import events as ev
 
@@ -161,10 +161,7 @@ def run(pl) -> None:
     # the budget as slots that this process and workers take (tuning/worker.py): together they run exactly
     # trials_stage2 (a resumed stage: the ones still missing)
     fresh = not study.trials
-    # a resumed stage: slots an earlier run left waiting are still the budget, and the grid points dropped when it
-    # stopped are enqueued again
-    studies.requeue_dropped(study, pl.parent, STOPPED)
-    todo = max(0, pipe.trials_stage2 - counted(study) - len(studies.waiting(study)))
+    todo = pl.slots_to_add(study, pipe.trials_stage2)
     if fresh and todo and pipe.stage2_start_from_config:
         studies.enqueue_slots(study, 1, pl.parent, params=start_params(pipe, pl.cfg.train),
                               user_attrs={"start": "run config"})

@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import studies
 from ...errors import ConfigError, DactLabError
-from .record import STOPPED, counted
+from .record import counted
 from .settings import CHOICE_RULES
 from ... import events as ev
 
@@ -147,10 +147,7 @@ def run(pl) -> None:
     # the budget as slots that this process and workers take (tuning/worker.py): a fresh study's first slots are
     # λ log-spaced over the range and the τ grid, the rest TPE's; a resumed stage adds the ones still missing
     fresh = not study.trials
-    # a resumed stage: slots an earlier run left waiting are still the budget, and the grid points dropped when it
-    # stopped are enqueued again
-    studies.requeue_dropped(study, pl.parent, STOPPED)
-    todo = max(0, pipe.trials_stage3 - counted(study) - len(studies.waiting(study)))
+    todo = pl.slots_to_add(study, pipe.trials_stage3)
     if fresh:
         k = min(pipe.trials_stage3, 12)
         lo, hi = math.log(pipe.lambda_low), math.log(pipe.lambda_high)
