@@ -33,6 +33,10 @@ MODEL_FILE = "model.safetensors"
 HALTING_CHOICE_FILE = "halting_choice.json"
 HALTING_DIR = "halting"
 ENCODER_FILE = "encoder.safetensors"
+# A Hugging Face export of a run (deploy/hf.py) names itself with this file: the RunConfig, label maps and default
+# exit policy it was exported with; load_model reads a run from such a folder too.
+HF_RUN_FILE = "dact_lab_run.json"
+HF_FORMAT = "dact-lab-hf"
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -183,6 +187,7 @@ class LoadedModel:
     run_dir: Path
     device: torch.device
     halting: dict | None = None  # the user's halting choice applied (halting_choice.json), or None
+    policy: str | None = None  # a Hugging Face export's default exit policy text (dact_lab_run.json); None for a run
 
     @property
     def kind(self) -> str:
@@ -191,7 +196,7 @@ class LoadedModel:
 
 def resolve_run_dir(run: str | int | Path, home=None) -> Path:
     """A run id (``5``, ``"5"``) is always ``<home>/runs/5`` — never a folder ``./5`` that happens to exist; anything
-    else is a run folder path (e.g. an unpacked model zip)."""
+    else is a run folder path (e.g. an unpacked model zip, or a Hugging Face export of a run)."""
     text = str(run).strip()
     if isinstance(run, int) or text.isdigit():
         path = runs_dir(home) / str(int(text))
@@ -207,17 +212,36 @@ def resolve_run_dir(run: str | int | Path, home=None) -> Path:
     return path
 
 
+def hf_export_manifest(folder: str | Path) -> dict | None:
+    """The ``dact_lab_run.json`` of a Hugging Face export folder (deploy/hf.py), or None when ``folder`` is not one."""
+    path = Path(folder) / HF_RUN_FILE
+    if not path.is_file():
+        return None
+    got = read_json(path, "export manifest")
+    if not (isinstance(got, dict) and got.get("format") == HF_FORMAT and isinstance(got.get("config"), dict)):
+        raise DactLabError(f"{path} is damaged (not a DACT Lab export manifest): export the run again.")
+    return got
+
+
 def load_model(run: str | int | Path, home=None, device: str = "auto") -> LoadedModel:
-    """Load a saved run (by id under the home, or by folder) for evaluation or prediction, in eval mode."""
+    """Load a saved run (by id under the home, or by folder — a run folder or a Hugging Face export of one) for
+    evaluation or prediction, in eval mode."""
     from transformers import AutoTokenizer
 
     run_dir = resolve_run_dir(run, home)
-    cfg = RunConfig.from_dict(read_json(run_dir / "config.json", "config"))
-    label_maps = read_json(run_dir / "label_maps.json", "label map")
+    manifest = hf_export_manifest(run_dir)
+    if manifest is not None:
+        cfg = RunConfig.from_dict(manifest["config"])
+        label_maps = manifest.get("label_maps")
+        where = run_dir / HF_RUN_FILE
+    else:
+        cfg = RunConfig.from_dict(read_json(run_dir / "config.json", "config"))
+        label_maps = read_json(run_dir / "label_maps.json", "label map")
+        where = run_dir / "label_maps.json"
     if not (isinstance(label_maps, dict) and label_maps and
             all(isinstance(v, list) and v for v in label_maps.values())):
-        raise DactLabError(f"{run_dir / 'label_maps.json'} is damaged (expected task -> list of labels): retrain "
-                           "the run.")
+        raise DactLabError(f"{where} is damaged (expected task -> list of labels): "
+                           + ("export the run again." if manifest is not None else "retrain the run."))
     enc_dir = run_dir / "encoder"
     try:
         encoder = encoder_from_config(enc_dir)
@@ -238,7 +262,8 @@ def load_model(run: str | int | Path, home=None, device: str = "auto") -> Loaded
     if unexpected or [m for m in missing if "pooler" not in m]:
         raise DactLabError(f"{run_dir / MODEL_FILE} does not match its config.json (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}): the run folder is damaged; retrain it.")
-    choice = halting_choice(run_dir) if isinstance(model, DactBert) else None
+    # an export has its halting units baked in (the choice applied when it was exported)
+    choice = halting_choice(run_dir) if isinstance(model, DactBert) and manifest is None else None
     if choice is not None:
         try:
             model.halters.load_state_dict(load_file(str(run_dir / choice["file"])))
@@ -248,6 +273,9 @@ def load_model(run: str | int | Path, home=None, device: str = "auto") -> Loaded
                                f"{run_dir / HALTING_CHOICE_FILE} to use the run's own halting units.") from None
     dev = pick_device(device)
     model.to(dev).eval()
+    if manifest is not None:
+        return LoadedModel(model, tokenizer, cfg, label_maps, run_dir, dev, manifest.get("halting"),
+                           policy=manifest.get("policy"))
     return LoadedModel(model, tokenizer, cfg, label_maps, run_dir, dev, choice)
 
 
@@ -255,7 +283,12 @@ def load_model(run: str | int | Path, home=None, device: str = "auto") -> Loaded
 def predict(loaded: LoadedModel, texts: list[str] | str, policy: dact.ExitPolicy | None = None) -> list[dict]:
     """Predict each text. Returns one dict per text: ``label``, ``probability``, ``probabilities`` (name → p),
     for multi-task a ``tasks`` dict with the same per task, and for DACT ``exit_layer`` (1-based) and the
-    per-layer trace ``layers`` (y_n as name → p, h_n, p_n) up to the exit."""
+    per-layer trace ``layers`` (y_n as name → p, h_n, p_n) up to the exit. ``policy`` None: the DACT rule, or the
+    default exit policy of a Hugging Face export (``loaded.policy``)."""
+    if policy is None and loaded.policy is not None and isinstance(loaded.model, DactBert):
+        from .deploy.policy import parse_policy
+
+        policy = dact.make_policy(*parse_policy(loaded.policy))
     if isinstance(texts, str):
         texts = [texts]
     if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
