@@ -1,4 +1,5 @@
-"""Predict: run a trained model on your own sentences — label, probabilities and, for DACT, the per-layer exit trace."""
+"""Predict: run a trained model on your own sentences — label, probabilities and, for DACT, the per-layer exit trace —
+or on a whole file of texts (deploy.predict_files), with the predictions as a CSV download."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dact_lib import plots
+from dact_lib.deploy.predict_files import predict_upload
+from dact_lib.deploy.predictor import from_loaded
 from dact_lib.errors import DactLabError
 from dact_lib.models import MODEL_FILE, halting_choice, load_model, model_version, predict
 from ui import state
@@ -149,3 +152,34 @@ else:
             if len(results) > 1:
                 st.markdown(f"**{plain(t)}**")
             show(r, i)
+
+    st.divider()
+    st.subheader("Predict a file")
+    upload = st.file_uploader("A file of texts: .csv / .tsv (a header row with a text column: text or sentence, or "
+                              "one column only), .jsonl (one {\"text\": …} per line) or .txt (one text per line)",
+                              type=["csv", "tsv", "jsonl", "txt"], key="predict:file")
+    if st.button("Predict a file", key="predict:file-go", icon=":material/upload_file:", disabled=upload is None):
+        run_dir = Path(by_id[run_id]["run_dir"])
+        bar = st.progress(0.0, text="Reading the file…")
+
+        def progress(done: int, total: int) -> None:
+            bar.progress(done / total if total else 1.0, text=f"Predicted {done:,} of {total:,} texts")
+
+        try:
+            predictor = from_loaded(_load(str(run_dir), model_version(run_dir)))
+            got = predict_upload(predictor, upload.name, upload.getvalue(), progress=progress)
+        except DactLabError as exc:
+            bar.empty()
+            st.session_state.pop("predict:file-results", None)  # not the predictions of an earlier file
+            st.error(plain(exc))
+        else:
+            bar.empty()
+            st.session_state["predict:file-results"] = (run_id, upload.name, got)
+    done = st.session_state.get("predict:file-results")
+    if done and done[0] == run_id:
+        _, name, got = done
+        st.caption(plain(f"{name}: {got['count']:,} texts in {got['seconds']:.1f} s "
+                         f"({got['rows_per_s']:,.0f} texts/s); the first {min(20, got['count'])} below."))
+        st.dataframe(pd.DataFrame(got["rows"][:20]), hide_index=True, width="stretch")
+        st.download_button("Download the predictions (CSV)", got["csv"], file_name=f"{Path(name).stem}-predictions.csv",
+                           mime="text/csv", key="predict:file-download", icon=":material/download:")

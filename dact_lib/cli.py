@@ -1,8 +1,9 @@
 """``python -m dact_lib`` — everything the dashboard does, without a browser.
 
-Commands: train, evaluate, predict, runs, report, worker, db (+ the tuning engines: tune-backbone, dact-pipeline, pbt,
-multitask, studies). Every command takes ``--home`` and ``--verbosity 0|1|2``; commands that run a model take
-``--device auto|cpu|cuda`` and those that create a run take ``--tag`` (a flag is accepted only where it does something).
+Commands: train, evaluate, runs, report, worker, db (+ the tuning engines: tune-backbone, dact-pipeline, pbt,
+multitask, studies; + deployment, ``deploy/cli.py``: predict, export, serve). Every command takes ``--home`` and
+``--verbosity 0|1|2``; commands that run a model take ``--device auto|cpu|cuda`` and those that create a run take
+``--tag`` (a flag is accepted only where it does something).
 """
 from __future__ import annotations
 
@@ -76,14 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", action="store_true", help="DACT: also sweep the exit policies")
     _common(p, tag=False)
 
-    p = sub.add_parser("predict", help="predict one or more sentences with a saved run")
-    p.add_argument("--run", required=True)
-    p.add_argument("--json", action="store_true", help="print one JSON object per sentence")
-    p.add_argument("--policy", default=None,
-                   help="DACT: exit policy NAME[:VALUE] — dact (default), entropy:S, patience:T, fixed:K")
-    p.add_argument("text", nargs="+")
-    _common(p, tag=False)
-
     p = sub.add_parser("runs", help="the run table")
     p.add_argument("--kind", default=None)
     p.add_argument("--json", action="store_true")
@@ -108,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tuning import cli as tuning_cli
 
     tuning_cli.add_commands(sub, _common, _data_args, command)
+    from .deploy import cli as deploy_cli
+
+    deploy_cli.add_commands(sub, _common, _data_args, command)  # predict, export, serve
     return parser
 
 
@@ -201,44 +197,6 @@ def cmd_evaluate(args) -> int:
         print(f"average exit layer {rep['avg_exit_layer']:.3f}; histogram {rep['exit_histogram']}")
     for row in rep.get("exit_policies", []):
         print(f"  {row['policy']:>9} {str(row['value']):>6}: exit {row['avg_exit_layer']:.2f}  acc {row['accuracy']:.4f}")
-    return 0
-
-
-@command("predict")
-def cmd_predict(args) -> int:
-    from .models import load_model, predict
-
-    loaded = load_model(args.run, args.home, args.device or "auto")
-    policy = None
-    if args.policy:
-        from .dact import make_policy
-
-        if loaded.kind != "dact":
-            raise DactLabError("--policy only applies to DACT runs.")
-        name, _, value = args.policy.partition(":")
-        num = None
-        if value:
-            try:
-                num = float(value)
-            except ValueError:
-                raise DactLabError(f"--policy {args.policy!r}: the value after ':' must be a number, e.g. "
-                                   "entropy:0.35 or patience:2.") from None
-        policy = make_policy(name, num)
-    for text, res in zip(args.text, predict(loaded, list(args.text), policy)):
-        if args.json:
-            keep = {k: res[k] for k in ("label", "probability", "probabilities") if k in res}
-            if "exit_layer" in res:
-                keep["exit_layer"] = res["exit_layer"]
-            if "tasks" in res:
-                keep["tasks"] = res["tasks"]
-            print(json.dumps(keep))
-        else:
-            line = f"{term(res['label'])}  p={res['probability']:.3f}"
-            if "exit_layer" in res:
-                line += f"  exit layer {res['exit_layer']}/{res['num_layers']}"
-            for task, r in res.get("tasks", {}).items():
-                line += f"  [{term(task)}: {term(r['label'])} {r['probability']:.3f}]"
-            print(f"{line}  <- {term(text)}")
     return 0
 
 

@@ -542,6 +542,33 @@ def test_predict_restores_the_pareto_choice_after_a_reload(populated):
         tr.delete_run(parent, force=True)
 
 
+def test_predict_a_file_shows_rows_and_offers_the_csv(populated, served):
+    """The Predict page's file upload (deploy.predict_files.predict_upload): the first rows and a CSV download; a bad
+    file is an error naming its line and the fix, and no stale predictions stay on the page."""
+    h, ids, _ = populated
+    at = goto(open_app(), "app_pages/predict.py")
+    at.selectbox(key="predict:run").set_value(ids["dact"]).run()
+    at.file_uploader(key="predict:file").upload("mine.csv", b"id,text\n1,the soup was cold\n2,=1+1 great match\n",
+                                                "text/csv")
+    at.run()
+    at.button(key="predict:file-go").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    table = at.dataframe[-1].value
+    assert list(table.columns) == ["text", "label", "probability", "exit_layer"]
+    assert list(table["text"]) == ["the soup was cold", "=1+1 great match"] and table["exit_layer"].between(1, 2).all()
+    download = "Download the predictions (CSV)"
+    assert len([b for b in at.get("download_button") if b.proto.label == download]) == 1
+    lines = served["mine-predictions.csv"].decode().splitlines()
+    assert lines[0] == "text,label,probability,exit_layer" and len(lines) == 3
+    assert lines[2].startswith("'=1+1 great match,")  # a formula cell is escaped in the download
+
+    at.file_uploader(key="predict:file").upload("bad.jsonl", b'{"text": "ok"}\n{oops\n', "application/json")
+    at.run()
+    at.button(key="predict:file-go").click().run()
+    assert any("bad.jsonl line 2 is not valid JSON" in e and "one JSON object per line" in e for e in errors(at))
+    assert not [b for b in at.get("download_button") if b.proto.label == download]
+
+
 def doc_epochs(doc: dict) -> int:
     return (doc.get("config") or doc)["train"]["epochs"]
 
