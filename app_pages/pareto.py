@@ -13,6 +13,7 @@ import streamlit as st
 from dact_lib import events as ev, plots
 from dact_lib.tracker import ACTIVE_STATUSES
 from dact_lib.tuning.dact_pipeline.view import chosen_prediction_run, pipeline_view, point_name, prediction_trial
+from ui.deploy import latency_budget_panel
 from ui.safe import plain
 from ui.state import tracker
 
@@ -163,6 +164,16 @@ def explorer(parent_id: int) -> None:
             st.dataframe(pd.DataFrame(view["sweep"]), hide_index=True)
     else:
         st.caption("The exit-policy sweep is recorded when the final training has finished.")
+
+    st.subheader("Latency budget")
+    model_run = current if current is not None else view["final_run_id"]
+    if model_run is None:
+        st.caption("Once the pipeline has a final model: the most accurate exit point within a latency budget, "
+                   "measured on this machine with the runtime that will serve it.")
+    else:
+        st.caption(f"On run #{model_run} (the model used for prediction): the most accurate exit point whose "
+                   "batch-1 latency, measured on this machine with the runtime that will serve it, fits the budget.")
+        latency_budget_panel(int(model_run), Path(tr.run_dir(int(model_run))), key="pareto")
 
 
 explorer(pid)

@@ -375,6 +375,10 @@ def live(ids: list[int], was_active: bool) -> None:
                                key=f"runs_dl_zip_{focus}", icon=":material/download:")
     else:
         c2.caption("No saved model yet (a checkpoint is written at the first evaluation).")
+    if run["status"] in ("finished", "interrupted", "cancelled"):
+        from ui.deploy import deploy_section
+
+        deploy_section(run, run_dir)
     if run.get("error"):
         st.error(plain(run["error"]))
     ev = events_of.get(focus, [])

@@ -102,7 +102,7 @@ def _dataset_of_run(run_dir: Path, home) -> tuple[Any, Any]:
         return tracker, None
 
 
-def _split_texts(loaded, split: str, home) -> tuple[Any, str]:
+def split_of_run(loaded, split: str, home=None) -> tuple[Any, str]:
     """The TextDataset of ``split`` the run was trained with, and the split actually used (test -> val when the
     run had no test split)."""
     import copy
@@ -185,7 +185,7 @@ def per_sample_exits(run_id_or_loaded, split: str = "test", home=None, *, use_ca
             return cached
     if loaded is None:
         loaded = load_model(run_dir, home, device="cpu")
-    ds, used = _split_texts(loaded, split, home)
+    ds, used = split_of_run(loaded, split, home)
     df = compute_exits(loaded, ds, batch_size)
     extra = {"split": used, "num_layers": int(getattr(loaded.model, "num_layers", df["exit_layer"].max())),
              "task": getattr(loaded.model, "task", None), "run_dir": str(run_dir)}
