@@ -280,11 +280,13 @@ def load_model(run: str | int | Path, home=None, device: str = "auto") -> Loaded
 
 
 @torch.no_grad()
-def predict(loaded: LoadedModel, texts: list[str] | str, policy: dact.ExitPolicy | None = None) -> list[dict]:
+def predict(loaded: LoadedModel, texts: list[str] | str, policy: dact.ExitPolicy | None = None, *,
+            trace: bool = True) -> list[dict]:
     """Predict each text. Returns one dict per text: ``label``, ``probability``, ``probabilities`` (name → p),
     for multi-task a ``tasks`` dict with the same per task, and for DACT ``exit_layer`` (1-based) and the
     per-layer trace ``layers`` (y_n as name → p, h_n, p_n) up to the exit. ``policy`` None: the DACT rule, or the
-    default exit policy of a Hugging Face export (``loaded.policy``)."""
+    default exit policy of a Hugging Face export (``loaded.policy``). ``trace=False`` (DACT): no ``layers``, and the
+    untraced early-exit path (``DactBert.infer(trace=False)``: a single sentence takes the batch-1 fast path)."""
     if policy is None and loaded.policy is not None and isinstance(loaded.model, DactBert):
         from .deploy.policy import parse_policy
 
@@ -299,10 +301,14 @@ def predict(loaded: LoadedModel, texts: list[str] | str, policy: dact.ExitPolicy
     model = loaded.model
     results: list[dict] = []
     if isinstance(model, DactBert):
-        out = model.infer(ids, am, policy)
+        out = model.infer(ids, am, policy, trace=trace)
         names = loaded.label_maps[model.task]
         for b in range(len(texts)):
             n_exit = int(out.exit_layer[b])
+            if not trace:
+                results.append({**_top(out.probs[b], names), "exit_layer": n_exit, "num_layers": model.num_layers,
+                                "task": model.task})
+                continue
             y, h = out.y[b, :n_exit], out.h[b, :n_exit]
             _, p = dact.accumulate(y.unsqueeze(0), h.unsqueeze(0))
             layers = [{"layer": n + 1, "y": dict(zip(names, y[n].tolist())), "h": float(h[n]), "p": float(p[0, n]),

@@ -111,3 +111,23 @@ def test_measured_front_on_pytorch_and_the_choice(tiny_dact):
     assert res["policy"] == res["point"]["policy"] and "most accurate point that fits" in res["message"]
     res = budget.choose_for_budget(run_dir, 1e-6, runtime="torch", latency_rows=4)
     assert res["point"] is None and res["policy"] is None and "no point fits" in res["message"]
+
+
+def test_measured_front_on_the_int8_runtime_reads_its_own_answers(tiny_dact):
+    """On ONNX Runtime int8 the points' accuracy and exits are the runtime's own (quantisation moves answers)."""
+    from dact_lib.deploy.predictor import onnx_cache
+    from dact_lib.deploy.runtime import OnnxModel
+    from dact_lib.exits import split_of_run
+    from dact_lib.models import load_model
+
+    home, run_dir = tiny_dact
+    points = budget.measure_front(run_dir, runtime="onnx", int8=True, latency_rows=4)
+    assert {p["runtime"] for p in points} == {"onnxruntime-int8"}
+    ds, _ = split_of_run(load_model(run_dir), "val")
+    model = OnnxModel(onnx_cache(run_dir), int8=True)
+    loaded = load_model(run_dir)
+    gold = [loaded.label_maps[model.tasks[0]][int(t)] for t in ds.targets[model.tasks[0]]]
+    for p in points:
+        preds = model.predict(list(ds.texts), policy=p["policy"])
+        assert p["accuracy"] == sum(x["label"] == g for x, g in zip(preds, gold)) / len(gold)
+        assert p["avg_exit_layer"] == pytest.approx(sum(x["exit_layer"] for x in preds) / len(preds))

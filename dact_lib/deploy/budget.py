@@ -4,9 +4,11 @@ that will serve it, is within the budget.
 The candidate points of a DACT model are exit policies, so they run on every runtime (PyTorch, the ONNX runtime
 fp32 or int8): the DACT rule with the model's installed halting units, the entropy sweep
 (``evaluate.entropy_thresholds``) and the full depth (``fixed:N``). Each point's accuracy and average exit come
-from the run's validation split (every layer's y_n and h_n once, then every policy offline: the same numbers the
-online loop gives); its latency is measured per sentence on a seeded sample of that split, every point
-interleaved per sentence, 1 thread. A backbone or multi-task model has one point, the model itself.
+from the run's validation split (at most ``ACCURACY_ROWS`` rows, seeded) as that runtime answers it: for PyTorch
+every layer's y_n and h_n once, then every policy offline (the same numbers the online loop gives); for ONNX
+Runtime each policy run on the split (int8 moves some answers and exits). Latency is measured per sentence on a
+seeded sample of that split, every point interleaved per sentence, 1 thread. A backbone or multi-task model has one
+point, the model itself.
 
 :func:`pick` is the choice on a measured front (pure); :func:`measure_front` measures; :func:`choose_for_budget`
 does both and says which point it took and its numbers, or that none fits.
@@ -96,6 +98,19 @@ def _offline_points(loaded, ds, policies: list[str], batch_size: int = 64) -> di
     return out
 
 
+def _runtime_points(model, ds, policies: list[str | None], loaded) -> dict:
+    """Accuracy and average exit of each policy on ``ds`` as the ONNX runtime answers (batches of 32)."""
+    task = model.tasks[0]
+    gold = [loaded.label_maps[task][int(t)] for t in ds.targets[task]]
+    out = {}
+    for pol in policies:
+        preds = model.predict(list(ds.texts), policy=pol, batch_size=32)
+        exits = [p["exit_layer"] for p in preds if "exit_layer" in p]
+        out[pol] = {"accuracy": sum(p["label"] == g for p, g in zip(preds, gold)) / len(gold),
+                    "avg_exit_layer": sum(exits) / len(exits) if exits else None}
+    return out
+
+
 def _latencies(callers: dict[str, Callable[[str], Any]], texts: list[str]) -> dict[str, list[float]]:
     """Per-sentence seconds of every caller, interleaved per sentence (the order rotated per sentence)."""
     names = list(callers)
@@ -159,6 +174,7 @@ def measure_front(run, *, runtime: str = "torch", int8: bool = False, home=None,
             model = OnnxModel(onnx_cache(loaded.run_dir), int8=bool(int8), threads=1)
             for pol in policies:
                 callers[pol] = (lambda m, p: (lambda t: m.predict([t], policy=p)))(model, pol)
+            offline = _runtime_points(model, ds, policies, loaded)  # int8 moves answers: measured, not assumed
         lat = _latencies(callers, sample)
     finally:
         torch.set_num_threads(old_threads)

@@ -44,7 +44,7 @@ class Predictor:
 
     def __init__(self, *, kind: str, tasks: list[str], labels: dict[str, list[str]], num_layers: int | None,
                  policy: str | None, runtime: str, source: str, run_dir: Path | None,
-                 predict_batch: Callable[[list[str]], list[dict]], batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+                 predict_batch: Callable[[list[str], bool], list[dict]], batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         self.kind = kind
         self.tasks = list(tasks)
         self.labels = {t: list(v) for t, v in labels.items()}
@@ -74,7 +74,7 @@ class Predictor:
         with self._lock:
             for start in range(0, len(order), size):
                 idx = order[start:start + size]
-                for i, res in zip(idx, self._predict_batch([texts[i] for i in idx])):
+                for i, res in zip(idx, self._predict_batch([texts[i] for i in idx], trace)):
                     results[i] = res if trace else {k: v for k, v in res.items() if k != "layers"}
         return results  # type: ignore[return-value]
 
@@ -271,8 +271,8 @@ def from_loaded(loaded, *, policy: str | None = None, source: str | None = None)
     tasks = list(loaded.label_maps) if kind == "multitask" else [model_task(loaded.config, loaded.label_maps)]
     labels = {t: list(loaded.label_maps[t]) for t in tasks}
 
-    def predict_batch(texts: list[str]) -> list[dict]:
-        return predict(loaded, texts, torch_policy)
+    def predict_batch(texts: list[str], trace: bool = False) -> list[dict]:
+        return predict(loaded, texts, torch_policy, trace=trace)
 
     run_dir = Path(loaded.run_dir)
     return Predictor(kind=kind, tasks=tasks, labels=labels, num_layers=num_layers, policy=text, runtime="pytorch",
@@ -298,7 +298,7 @@ def _onnx_predictor(folder: Path, *, int8: bool | None, threads: int | None, par
         raise DactLabError(f"{folder} has no int8 graphs: export it again with `python -m dact_lib export --format "
                            "onnx --int8`, or drop --int8.")
 
-    def predict_batch(texts: list[str]) -> list[dict]:
+    def predict_batch(texts: list[str], trace: bool = False) -> list[dict]:
         return om.predict(texts, batch_size=max(len(texts), 1))
 
     tasks = list(om.tasks)
