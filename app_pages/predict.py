@@ -174,6 +174,7 @@ else:
             st.error(plain(exc))
         else:
             bar.empty()
+            got["rows"] = got["rows"][:20]  # what is shown; the whole file lives in the CSV bytes only
             st.session_state["predict:file-results"] = (run_id, upload.name, got)
     done = st.session_state.get("predict:file-results")
     if done and done[0] == run_id:

@@ -142,7 +142,7 @@ def compute_exits(loaded, ds, batch_size: int = 64) -> pd.DataFrame:
     pred = np.zeros(n, dtype=np.int64)
     conf = np.zeros(n, dtype=np.float64)
     model.eval()
-    policy = dact.DactPolicy()
+    policy = model.default_policy or dact.DactPolicy()  # an exported folder answers with its own policy
     for batch in iter_batches(enc, batch_size, shuffle=False, group_by_length=True):  # placed by index
         res = model.infer(batch["input_ids"].to(loaded.device), batch["attention_mask"].to(loaded.device), policy)
         idx = batch["index"].numpy()

@@ -157,6 +157,8 @@ class DactBert(DactUnits):
         self.num_layers = self.adapter.num_layers
         self.num_classes = num_classes
         self._build_units(cfg, self.adapter.hidden_size, num_classes, self.num_layers)
+        # the policy infer() uses when none is given (None: the DACT rule); an exported folder sets its own
+        self.default_policy: dact.ExitPolicy | None = None
 
     def forward(self, input_ids, attention_mask, targets: dict[str, torch.Tensor] | None = None) -> ModelOutput:
         ad = self.adapter
@@ -170,8 +172,13 @@ class DactBert(DactUnits):
 
         y, h, a, p = self.run_units(layer, self.num_layers, input_ids.shape[0], hidden.device)
         a_N = a[:, -1]
+        answer = a_N
         with torch.no_grad():
-            exit_layer = dact.run_policy_offline(dact.DactPolicy(), y.detach(), h.detach()).exit_layer
+            if self.default_policy is not None and not self.training:  # an export's policy: its exits and answers
+                res = dact.run_policy_offline(self.default_policy, y.detach(), h.detach())
+                exit_layer, answer = res.exit_layer, res.probs
+            else:
+                exit_layer = dact.run_policy_offline(dact.DactPolicy(), y.detach(), h.detach()).exit_layer
         extras = {"exit_layer": exit_layer, "ponder": dact.ponder_cost(p.detach(), self.cfg.ponder_start_at_one),
                   "y": y.detach(), "h": h.detach(), "p": p.detach()}
         loss, task_losses = None, {}
@@ -186,7 +193,7 @@ class DactBert(DactUnits):
                 extras["layer_nll"] = out.layer_nll.detach()
             if out.distill is not None:
                 extras["distill"] = out.distill.detach()
-        return ModelOutput(loss=loss, probs={self.task: a_N}, task_losses=task_losses, extras=extras)
+        return ModelOutput(loss=loss, probs={self.task: answer}, task_losses=task_losses, extras=extras)
 
     @torch.no_grad()
     def infer(self, input_ids, attention_mask, policy: dact.ExitPolicy | None = None,
@@ -196,7 +203,7 @@ class DactBert(DactUnits):
         ``trace=False`` (or batch size 1 without padding with ``trace=False``) takes the fast path: no per-layer
         bookkeeping, h_n only when the policy reads it, classifiers only where the policy reads them (fixed depth
         k runs k layers and one classifier). Exit layers and answers equal the traced path's."""
-        policy = policy or dact.DactPolicy()
+        policy = policy or self.default_policy or dact.DactPolicy()
         if not trace and input_ids.shape[0] == 1:
             return self._infer_one(input_ids, attention_mask, policy)
         ad, N, K = self.adapter, self.num_layers, self.num_classes

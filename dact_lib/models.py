@@ -274,6 +274,11 @@ def load_model(run: str | int | Path, home=None, device: str = "auto") -> Loaded
     dev = pick_device(device)
     model.to(dev).eval()
     if manifest is not None:
+        if isinstance(model, DactBert) and manifest.get("policy"):
+            from .deploy.policy import parse_policy
+
+            # every path that runs the model (predict, evaluate, exits) answers with the export's policy
+            model.default_policy = dact.make_policy(*parse_policy(manifest["policy"]))
         return LoadedModel(model, tokenizer, cfg, label_maps, run_dir, dev, manifest.get("halting"),
                            policy=manifest.get("policy"))
     return LoadedModel(model, tokenizer, cfg, label_maps, run_dir, dev, choice)

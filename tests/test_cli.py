@@ -343,6 +343,25 @@ def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
     code, out, err = run_cli(capsys, "dact-pipeline", "--home", home, "--name", "cli-pipe", "--choose", 999)
     assert code == 2 and "not on the Pareto front" in err
 
+    # export --point K: the point's halting units baked in and named in the export; the run's choice unchanged
+    point = other if other is not None else chosen
+    before = halting_choice(tr.run_dir(final))
+    code, out, err = run_cli(capsys, "export", "--run", parent, "--point", point, "--out", tmp_path / "pt",
+                             "--home", home)
+    assert code == 0, err
+    import torch
+    from safetensors.torch import load_file
+
+    record = json.loads((tmp_path / "pt" / "dact_lab_run.json").read_text())
+    assert record["halting"]["trial"] == point and halting_choice(tr.run_dir(final)) == before
+    p = {q["trial"]: q for q in pareto_points(load_stage3(parent, tracker=tr)[0])}[point]
+    want = load_file(str(tr.abs_path(p["halting_file"])))
+    got = load_file(str(tmp_path / "pt" / "model.safetensors"))
+    assert all(torch.equal(got[f"halters.{k}"], v) for k, v in want.items())
+    code, out, err = run_cli(capsys, "export", "--run", final, "--point", point, "--out", tmp_path / "pt2",
+                             "--home", home)
+    assert code == 2 and "DACT pipeline" in err and not (tmp_path / "pt2").exists()
+
     # labels that do not depend on the text: the guard stops the pipeline and says what to change
     rows = data.read_text().splitlines()
     labels = [r.rsplit(",", 1)[1] for r in rows[1:]]

@@ -31,9 +31,10 @@ def test_cli_dact_on_sst2_with_bundled_encoder(home, shared_data, capsys):
     assert main(["predict", "--run", str(run_id), "--json", "--home", str(home), "--verbosity", "0",
                  "a gorgeous, witty, moving film"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(res) == {"label", "probability", "probabilities", "exit_layer"}
+    assert set(res) == {"label", "probability", "probabilities", "exit_layer", "layers"}
     assert res["label"] in ("negative", "positive")
     assert 1 <= res["exit_layer"] <= 6
+    assert [layer["layer"] for layer in res["layers"]] == list(range(1, res["exit_layer"] + 1))  # the trace to the exit
     assert abs(sum(res["probabilities"].values()) - 1) < 1e-4
 
 

@@ -497,3 +497,23 @@ def test_other_families_and_unit_shapes_round_trip(env, tmp_path, family, model_
 
     _, info = AutoModel.from_pretrained(out / "encoder", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_evaluate_and_exits_of_an_export_use_its_policy(tmp_path, capsys):
+    """Bug: load_model set an export's policy but evaluate (model.forward) and the Early-exit data (infer with no
+    policy) ran the DACT rule: `evaluate --run EXPORT` said exit 1.0 for an export made with --policy fixed:2."""
+    from deploy_runs import tiny_run
+
+    home, run = tiny_run("dact")
+    out = tmp_path / "fixed2"
+    assert main(["export", "--run", str(run), "--home", str(home), "--out", str(out), "--policy", "fixed:2"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--home", str(home), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["avg_exit_layer"] == 2.0
+    loaded = load_model(out)
+    from dact_lib.exits import compute_exits
+    from dact_lib.exits import split_of_run
+
+    ds, _ = split_of_run(load_model(home / "runs" / str(run)), "test", home)
+    assert set(compute_exits(loaded, ds)["exit_layer"]) == {2}

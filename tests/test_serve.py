@@ -105,6 +105,7 @@ def test_good_requests(dact_client):
     (b'{"texts": []}', 422, "empty list: send at least one text"),
     (b'{"texts": ["ok", ""]}', 422, "texts[1] is empty"),
     (b'{"texts": ["ok", ["nested"]]}', 422, "texts[1] is a list, not a string"),
+    (b'{"text": "bad \\ud800 text"}', 422, "lone surrogate"),  # a tokenizer raised TypeError: a 500
     (b'{"texts": ["a", "b", "c", "d", "e"]}', 422, "over the limit of 4 per request: split the list"),
     (('{"text": "' + "x" * 201 + '"}').encode(), 422, "201 characters, over the limit of 200"),
     (('{"text": "' + "x" * 5000 + '"}').encode(), 413, "over the limit of 4,000 bytes"),
@@ -223,3 +224,38 @@ def test_a_busy_port_is_a_clear_error_before_the_model_loads(capsys):
     assert code == 2 and f"Cannot listen on 127.0.0.1:{port}" in err and "pick another with --port" in err
     code = main(["serve", "--run", "1", "--max-texts", "0"])
     assert code == 2 and "--max-texts 0" in capsys.readouterr().err
+
+
+def test_a_service_started_by_a_process_stops_when_that_process_dies(tmp_path):
+    """Bug: services started from the dashboard (deploy/service.py) outlived it, orphaned, and their logs stayed."""
+    home, run = tiny_run("dact")
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys\n"
+        "from dact_lib.deploy.service import start_service\n"
+        f"svc = start_service({str(home / 'runs' / str(run))!r})\n"
+        "print(svc.pid, svc.url, svc.log_path, flush=True)\n"
+        "os._exit(0)  # no atexit, no cleanup: as a kill -9 would leave it\n")
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pid, url, _log = out.stdout.split()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the condition: the process is gone
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(int(pid), signal.SIGKILL)
+        raise AssertionError("the service outlived the process that started it")
+
+
+def test_stopping_a_service_removes_its_log():
+    from dact_lib.deploy.service import health, start_service, stop_service
+
+    home, run = tiny_run("backbone")
+    svc = start_service(home / "runs" / str(run))
+    assert health(svc.url) and svc.log_path.is_file()
+    assert stop_service(home / "runs" / str(run)) is True
+    assert not svc.alive() and not svc.log_path.exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+import threading
 import time
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from ..errors import ConfigError
 from .policy import format_policy
 
 LATENCY_ROWS = 40
+_MEASURING = threading.Lock()
 ACCURACY_ROWS = 2000
 
 
@@ -60,8 +62,9 @@ def message_for(chosen: dict | None, points: list[dict], budget_ms: float) -> st
     fastest = min(points, key=lambda p: p["latency_ms_p50"]) if points else None
     if fastest is None:
         return f"Latency budget {budget_ms:g} ms: no point was measured."
+    hint = "" if fastest.get("runtime") == "onnxruntime-int8" else ", or measure on the int8 runtime (--format onnx --int8)"
     return (f"Latency budget {budget_ms:g} ms: no point fits — the fastest is {describe(fastest)}. Raise the "
-            f"budget to at least {fastest['latency_ms_p50']:.2f} ms, or use the int8 runtime (--int8).")
+            f"budget to at least {fastest['latency_ms_p50']:.2f} ms{hint}.")
 
 
 def candidate_policies(num_layers: int, num_classes: int) -> list[str]:
@@ -135,6 +138,13 @@ def measure_front(run, *, runtime: str = "torch", int8: bool = False, home=None,
                   accuracy_rows: int = ACCURACY_ROWS, seed: int = 0) -> list[dict]:
     """Every candidate point of ``run`` with its validation accuracy, average exit and batch-1 latency (ms, p50 and
     p90) on ``runtime`` ("torch", or "onnx" with ``int8``). Latency: 1 thread, ``latency_rows`` sentences."""
+    with _MEASURING:  # one measurement at a time per process: it sets torch's thread count for its duration
+        return _measure_front(run, runtime=runtime, int8=int8, home=home, latency_rows=latency_rows,
+                              accuracy_rows=accuracy_rows, seed=seed)
+
+
+def _measure_front(run, *, runtime: str, int8: bool, home, latency_rows: int, accuracy_rows: int,
+                   seed: int) -> list[dict]:
     import torch
 
     from ..exits import split_of_run

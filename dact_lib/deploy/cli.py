@@ -8,6 +8,7 @@ fast and a missing optional package fails only the command that needs it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Callable
@@ -63,7 +64,8 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     pol = p.add_mutually_exclusive_group()
     pol.add_argument("--policy", default=None, help=f"the export's default exit policy ({POLICY_HELP})")
     pol.add_argument("--point", type=int, default=None, metavar="K",
-                     help="DACT: the export's default policy is measured exit point K of the run")
+                     help="a DACT pipeline's stage-3 point K (its trial number; --run is the pipeline's run id): its "
+                          "halting units are baked in, the pipeline's own choice is not changed")
     p.add_argument("--latency-budget-ms", type=float, default=None, metavar="MS",
                    help="DACT: the default policy is the most accurate measured point within MS milliseconds")
     common(p, device=False, tag=False)
@@ -77,6 +79,7 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     _runtime_args(p)
     p.add_argument("--max-texts", type=int, default=64, help="texts per request at most (default 64)")
     p.add_argument("--max-chars", type=int, default=2000, help="characters per text at most (default 2000)")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # the dashboard's: stop with it
     common(p, tag=False)
     command("serve")(cmd_serve)
 
@@ -228,6 +231,11 @@ def cmd_serve(args) -> int:
     for flag, value in (("--max-texts", args.max_texts), ("--max-chars", args.max_chars)):
         if value < 1:
             raise DactLabError(f"{flag} {value}: give a whole number >= 1.")
+    if args.parent_pid:
+        from ..tuning.dashboard_server import stop_with_parent
+
+        if not stop_with_parent(args.parent_pid):
+            return 0
     sock = bind_socket(args.host, args.port)  # a busy port fails before the model loads
     try:
         predictor = _load(args)

@@ -55,16 +55,21 @@ def _pipeline_point(run: Any, point: int, home) -> tuple[int, Any]:
                           f"{sorted(front)} (the Pareto page lists them).")
     p = front[int(point)]
     final = (info.get("summary") or {}).get("final_run_id")
+    halting = None
+    try:
+        if p.get("halting_file"):
+            src = tracker.abs_path(str(p["halting_file"]))
+            if not src.is_file():
+                raise DactLabError(f"point {point}'s halting weights ({src}) are missing: choose another point.")
+            halting = {"weights": load_file(str(src)), "trial": int(point), "lambda": p.get("lambda"),
+                       "tau": p.get("tau"), "val_avg_exit_layer": p.get("val_avg_exit_layer"),
+                       "val_accuracy": p.get("val_accuracy"), "by": "export --point"}
+        elif p.get("run_id") is not None:
+            final = int(p["run_id"])  # an older pipeline: one trained run per λ
+    finally:
+        tracker.close()
     if final is None:
         raise DactLabError(f"pipeline {text} has no final model yet: resume it to the end, then export.")
-    halting = None
-    if p.get("halting_file"):
-        src = tracker.abs_path(str(p["halting_file"]))
-        if not src.is_file():
-            raise DactLabError(f"point {point}'s halting weights ({src}) are missing: choose another point.")
-        halting = load_file(str(src))
-    elif p.get("run_id") is not None:
-        final = int(p["run_id"])  # an older pipeline: one trained run per λ
     return int(final), halting
 
 
@@ -96,8 +101,9 @@ def export_model(run: Any, out_dir: str | Path, *, fmt: str = "hf", int8: bool =
             raise ConfigError(f"--policy chooses where a DACT model exits; run {run} is a {loaded.kind!r} model "
                               "(it always runs every layer): leave --policy out.")
         policy = canonical(policy)
-    if halting is not None:
-        loaded.model.halters.load_state_dict(halting)
+    if halting is not None:  # the point's halting units, and the export's records say so
+        loaded.model.halters.load_state_dict(halting.pop("weights"))
+        loaded.halting = halting
     if fmt == "hf":
         from .card import card_info
         from .hf import export_hf
@@ -109,7 +115,7 @@ def export_model(run: Any, out_dir: str | Path, *, fmt: str = "hf", int8: bool =
         from .onnx_export import export_onnx
 
         path = export_onnx(loaded, out_dir, int8=int8, policy=policy)
-    used = policy if policy is not None else ("dact" if loaded.kind == "dact" else None)
+    used = (policy or loaded.policy or "dact") if loaded.kind == "dact" else None
     return {"path": str(path), "format": fmt, "int8": bool(int8), "policy": used, "budget": budget,
             "point": point, "seconds": time.perf_counter() - t0}
 

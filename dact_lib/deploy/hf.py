@@ -135,7 +135,15 @@ def _write_encoder(loaded: LoadedModel, folder: Path, tokenizer) -> None:
                 param.copy_(torch.eye(param.shape[0], dtype=param.dtype))
             elif name in missing:
                 param.zero_()
-    full.save_pretrained(folder)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars on a CLI user's terminal
+    try:
+        full.save_pretrained(folder)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
 
 

@@ -430,7 +430,9 @@ class _QuietQuantizer(logging.Filter):
     handler)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing before quantization" not in record.getMessage()
+        # and its INFO lines through the root logger, one per tensor ("Quantization parameters for tensor … not
+        # specified"): noise on a CLI user's terminal at --verbosity 1
+        return record.levelno > logging.INFO and "pre-processing before quantization" not in record.getMessage()
 
     def __enter__(self):
         root = logging.getLogger()

@@ -46,7 +46,7 @@ def format_policy(name: str, value: float | int | None = None) -> str:
     if name == "dact" or value is None:
         return name
     if name == "entropy":
-        return f"entropy:{float(value):g}"
+        return f"entropy:{float(value)!r}"  # every digit: the threshold the evaluate sweep used
     return f"{name}:{int(value)}"
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DactLabError
+from .predictor import encodable
 from ..files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,9 @@ def _jsonl_texts(text: str, name: str) -> list[str]:
                                '{"text": "a great film"}.')
         if not value.strip():
             raise DactLabError(f"{where} is an empty text: give it some words or delete the line.")
+        if not encodable(value):
+            raise DactLabError(f"{where} holds a lone surrogate code point (e.g. \\ud800), not text: write it as "
+                               "UTF-8 text.")
         texts.append(value.strip())
     return texts
 

@@ -102,7 +102,19 @@ def check_texts(texts: Any) -> list[str]:
             raise DactLabError(f"Text {i + 1} is a {type(t).__name__}, not a string: give every text as a string.")
         if not t.strip():
             raise DactLabError(f"Text {i + 1} is empty: give every text some words, or leave the empty one out.")
+        if not encodable(t):
+            raise DactLabError(f"Text {i + 1} holds a lone surrogate code point (e.g. \\ud800), not text: send it "
+                               "as UTF-8 text.")
     return list(texts)
+
+
+def encodable(text: str) -> bool:
+    """False for a string a tokenizer cannot take: a lone surrogate (from a JSON escape such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def exit_front(run_dir: str | Path | None) -> list[dict]:

@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import DactLabError
+from .predictor import encodable
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,9 @@ def parse_request(raw: bytes, *, max_texts: int, max_chars: int) -> tuple[list[s
             raise BadRequest(422, f"{where} is a {_type_name(t)}, not a string: send every text as a JSON string.")
         if not t.strip():
             raise BadRequest(422, f"{where} is empty: give every text some words, or leave the empty one out.")
+        if not encodable(t):
+            raise BadRequest(422, f"{where} holds a lone surrogate code point (e.g. \\ud800), not text: send it as "
+                                  "UTF-8 text.")
         if len(t) > max_chars:
             raise BadRequest(422, f"{where} has {len(t):,} characters, over the limit of {max_chars:,}: shorten it "
                                   "or split it into several texts.")

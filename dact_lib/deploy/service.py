@@ -6,6 +6,7 @@ answers — or raises with the end of its log when the process exits first; :fun
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shlex
@@ -85,7 +86,8 @@ def start_service(source, *, host: str = "127.0.0.1", port: int | None = None, p
             return old
         port = int(port) if port else free_port(host)
         log = Path(tempfile.mkstemp(prefix="dact_lab_serve_", suffix=".log")[1])
-        cmd = [sys.executable, "-m", "dact_lib", "serve", "--model", str(source), "--host", host, "--port", str(port)]
+        cmd = [sys.executable, "-m", "dact_lib", "serve", "--model", str(source), "--host", host, "--port", str(port),
+               "--parent-pid", str(os.getpid())]  # it stops when this process dies, however it dies
         if policy:
             cmd += ["--policy", policy]
         if int8:
@@ -96,6 +98,8 @@ def start_service(source, *, host: str = "127.0.0.1", port: int | None = None, p
         with open(log, "wb") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         svc = Service(str(source), host, port, policy, bool(int8), log, proc)
+        if not _SERVICES:
+            atexit.register(stop_all)
         _SERVICES[key] = svc
     deadline = time.monotonic() + wait_s
     while True:  # the condition: it answers, or its process ended
@@ -118,6 +122,7 @@ def service_for(source) -> Service | None:
         svc = _SERVICES.get(_key(source))
         if svc is not None and not svc.alive():
             _SERVICES.pop(_key(source), None)
+            svc.log_path.unlink(missing_ok=True)
             return None
         return svc
 
@@ -126,15 +131,18 @@ def stop_service(source, timeout: float = 10.0) -> bool:
     """Stop the service of ``source``; False when none was running."""
     with _LOCK:
         svc = _SERVICES.pop(_key(source), None)
-    if svc is None or not svc.alive():
+    if svc is None:
         return False
-    svc.process.terminate()
-    try:
-        svc.process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        svc.process.kill()
-        svc.process.wait()
-    return True
+    was_alive = svc.alive()
+    if was_alive:
+        svc.process.terminate()
+        try:
+            svc.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            svc.process.kill()
+            svc.process.wait()
+    svc.log_path.unlink(missing_ok=True)
+    return was_alive
 
 
 def stop_all() -> int:

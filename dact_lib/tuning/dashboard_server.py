@@ -66,6 +66,16 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+def stop_with_parent(parent_pid: int) -> bool:
+    """This process ends when ``parent_pid`` (the process that started it) dies: the parent-death signal and
+    :func:`watch_parent`. False when the parent is already gone (the caller should exit)."""
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid:  # the parent died before we got here
+        return False
+    watch_parent(parent_pid)
+    return True
+
+
 def watch_parent(parent_pid: int, interval_s: float = 1.0) -> threading.Thread:
     """A daemon thread that ends this process once ``parent_pid`` is no longer its parent (the parent died)."""
 
@@ -166,11 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--parent-pid", type=int, default=None)
     args = p.parse_args(argv)
-    if args.parent_pid:
-        _set_parent_death_signal()
-        if os.getppid() != args.parent_pid:  # the parent died before we got here
-            return 0
-        watch_parent(args.parent_pid)
+    if args.parent_pid and not stop_with_parent(args.parent_pid):
+        return 0
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
