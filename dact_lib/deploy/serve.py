@@ -228,7 +228,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise DactLabError(f"--host {host!r} cannot be resolved ({exc.strerror}): give an address of this machine, "
                            "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface).") from None
     family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP. Without it a
+    # keep-alive client waited out Nagle + delayed ACK on every response: 44 ms for a 3 ms prediction (measured).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
