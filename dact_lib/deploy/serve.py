@@ -16,17 +16,18 @@ with its traceback. One prediction runs at a time (a lock around the model); the
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import DactLabError
@@ -151,6 +152,8 @@ def create_app(predictor, *, max_texts: int = 64, max_chars: int = 2000, max_bod
     app = FastAPI(title="DACT Lab model", description=f"{predictor.kind} model ({predictor.runtime}): {ROUTES}",
                   docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN: none offline
     lock = threading.Lock()  # one prediction at a time; the event loop stays free for /health
+    # one worker thread of our own (the lock serialises predictions anyway), not anyio's shared to_thread pool
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dact-lab-predict")
     described: dict[str, Any] = {}
 
     @app.exception_handler(BadRequest)
@@ -203,7 +206,7 @@ def create_app(predictor, *, max_texts: int = 64, max_chars: int = 2000, max_bod
                 return got, time.perf_counter() - start
 
         try:
-            results, model_s = await run_in_threadpool(run)
+            results, model_s = await asyncio.get_running_loop().run_in_executor(worker, run)
         except DactLabError as exc:  # the model refused the input (checked above: should not happen)
             return _error(422, str(exc))
         except Exception:  # noqa: BLE001 - logged with its traceback, answered without it
