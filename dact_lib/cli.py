@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--data", default=None, help="CSV to evaluate on (default: the run's test split)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--policies", action="store_true", help="DACT: also sweep the exit policies")
+    p.add_argument("--policies", action="store_true", help="DACT: also sweep the exit policies (accuracy, exit)")
+    p.add_argument("--timed", action="store_true",
+                   help="with --policies: each policy's batch-1 latency, all policies interleaved per sentence")
+    p.add_argument("--latency-rows", type=int, default=100, metavar="N",
+                   help="with --timed: sentences timed per policy (a seeded sample of the split; default 100)")
     _common(p, tag=False)
 
     p = sub.add_parser("runs", help="the run table")
@@ -179,8 +183,12 @@ def cmd_evaluate(args) -> int:
     enc = encode(ds, loaded.tokenizer, loaded.config.data.max_seq_len)
     res = evaluate_encoded(loaded.model, enc, 64, loaded.device)
     rep = full_report(res, loaded.label_maps)
+    if args.timed and not args.policies:
+        raise DactLabError("--timed times the exit policies: give it with --policies.")
+    if args.latency_rows < 1:
+        raise DactLabError(f"--latency-rows {args.latency_rows}: give a whole number >= 1.")
     if args.policies and loaded.kind == "dact":
-        rep["exit_policies"] = exit_policy_sweep(loaded.model, enc, timed=True)  # with measured wall time
+        rep["exit_policies"] = exit_policy_sweep(loaded.model, enc, timed=args.timed, latency_rows=args.latency_rows)
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
@@ -195,8 +203,18 @@ def cmd_evaluate(args) -> int:
             print(n.ljust(width) + "".join(str(v).rjust(9) for v in row))
     if "avg_exit_layer" in rep:
         print(f"average exit layer {rep['avg_exit_layer']:.3f}; histogram {rep['exit_histogram']}")
-    for row in rep.get("exit_policies", []):
-        print(f"  {row['policy']:>9} {str(row['value']):>6}: exit {row['avg_exit_layer']:.2f}  acc {row['accuracy']:.4f}")
+    sweep = rep.get("exit_policies", [])
+    full = next((r["latency_ms_p50"] for r in sweep if r["policy"] == "fixed" and "latency_ms_p50" in r
+                 and r["value"] == max(x["value"] for x in sweep if x["policy"] == "fixed")), None)
+    for row in sweep:
+        line = f"  {row['policy']:>9} {str(row['value']):>6}: exit {row['avg_exit_layer']:.2f}  acc {row['accuracy']:.4f}"
+        if "latency_ms_p50" in row:
+            line += f"  batch-1 {row['latency_ms_p50']:.2f} ms (p90 {row['latency_ms_p90']:.2f})"
+            if full:
+                line += f"  {full / row['latency_ms_p50']:.2f}× vs full depth"
+        print(line)
+    if sweep and "latency_ms_p50" in sweep[0]:
+        print(f"  (latency: {sweep[0]['latency_rows']} sentences at batch 1, every policy interleaved per sentence)")
     return 0
 
 

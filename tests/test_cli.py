@@ -82,7 +82,14 @@ def test_dact_predict_reports_exit_layer(home, capsys):
     assert code == 0
     assert sorted(r["value"] for r in sweep if r["policy"] == "patience") == [1, 2]  # t = 1..N
     assert sorted(r["value"] for r in sweep if r["policy"] == "fixed") == [1, 2]
-    assert all(r["wall_s"] > 0 and 1 <= r["avg_exit_layer"] <= 2 for r in sweep)  # measured wall time per point
+    assert all(1 <= r["avg_exit_layer"] <= 2 and "latency_ms_p50" not in r for r in sweep)  # untimed unless asked
+    code, out, _ = run_cli(capsys, "evaluate", "--run", run, "--policies", "--timed", "--latency-rows", 5, "--home",
+                           home)
+    assert code == 0 and "batch-1" in out and "× vs full depth" in out and "5 sentences at batch 1" in out
+    code, out, _ = run_cli(capsys, "evaluate", "--run", run, "--policies", "--timed", "--latency-rows", 5, "--json",
+                           "--home", home)
+    sweep = json.loads(out)["exit_policies"]
+    assert all(0 < r["latency_ms_p50"] <= r["latency_ms_p90"] and r["latency_rows"] == 5 for r in sweep)
 
 
 def test_tune_backbone_then_studies(home, capsys, space_file):

@@ -19,8 +19,7 @@ import math
 import random
 import statistics
 import threading
-import time
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ConfigError
 from .policy import format_policy
@@ -114,26 +113,6 @@ def _runtime_points(model, ds, policies: list[str | None], loaded) -> dict:
     return out
 
 
-def _latencies(callers: dict[str, Callable[[str], Any]], texts: list[str]) -> dict[str, list[float]]:
-    """Per-sentence seconds of every caller, interleaved per sentence (the order rotated per sentence)."""
-    names = list(callers)
-    for name in names:  # warm-up
-        callers[name](texts[0])
-    lat: dict[str, list[float]] = {n: [] for n in names}
-    for i, text in enumerate(texts):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            callers[name](text)
-            lat[name].append(time.perf_counter() - t0)
-    return lat
-
-
-def _p(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
 def measure_front(run, *, runtime: str = "torch", int8: bool = False, home=None, latency_rows: int = LATENCY_ROWS,
                   accuracy_rows: int = ACCURACY_ROWS, seed: int = 0) -> list[dict]:
     """Every candidate point of ``run`` with its validation accuracy, average exit and batch-1 latency (ms, p50 and
@@ -147,6 +126,7 @@ def _measure_front(run, *, runtime: str, int8: bool, home, latency_rows: int, ac
                    seed: int) -> list[dict]:
     import torch
 
+    from ..evaluate import interleaved_latencies, quantile_of
     from ..exits import split_of_run
     from ..models import load_model
     from .predictor import load_predictor
@@ -185,14 +165,14 @@ def _measure_front(run, *, runtime: str, int8: bool, home, latency_rows: int, ac
             for pol in policies:
                 callers[pol] = (lambda m, p: (lambda t: m.predict([t], policy=p)))(model, pol)
             offline = _runtime_points(model, ds, policies, loaded)  # int8 moves answers: measured, not assumed
-        lat = _latencies(callers, sample)
+        lat = interleaved_latencies(callers, sample)
     finally:
         torch.set_num_threads(old_threads)
     points = []
     for pol in policies:
         xs = lat[pol]
         points.append({"policy": pol or "full model", **offline[pol], "latency_ms_p50": 1e3 * statistics.median(xs),
-                       "latency_ms_p90": 1e3 * _p(xs, 0.9), "runtime": runtime_name, "latency_rows": len(xs)})
+                       "latency_ms_p90": 1e3 * quantile_of(xs, 0.9), "runtime": runtime_name, "latency_rows": len(xs)})
     return points
 
 

@@ -214,7 +214,9 @@ def exit_policy_figure(rows: Sequence[dict], num_layers: int | None = None, heig
             t += f"<br>avg exit layer {r['avg_exit_layer']:.3f}<br>accuracy {r['accuracy']:.4f}"
             if num_layers:
                 t += f"<br>layer speed-up {num_layers / max(r['avg_exit_layer'], 1e-9):.2f}×"
-            if "wall_s" in part and pd.notna(r.get("wall_s")):
+            if "latency_ms_p50" in part and pd.notna(r.get("latency_ms_p50")):
+                t += f"<br>batch-1 latency {r['latency_ms_p50']:.2f} ms"
+            elif "wall_s" in part and pd.notna(r.get("wall_s")):  # pipelines recorded before interleaved timing
                 t += f"<br>wall {r['wall_s']:.3f}s"
             texts.append(t)
         is_dact = pol == "dact"
