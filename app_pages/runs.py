@@ -366,8 +366,9 @@ def live(ids: list[int], was_active: bool) -> None:
     if (run_dir / "model.safetensors").is_file():
         ready = f"runs_zip_ready_{focus}"
         if st.session_state.get(ready) or c2.button(
-                "Prepare the model download (zip)", key=f"runs_zip_prep_{focus}",
-                help="Zips the model, its config and tokenizer (a few seconds for a large encoder)."):
+                "Prepare the run folder download (zip)", key=f"runs_zip_prep_{focus}",
+                help="The run folder as DACT Lab keeps it (weights, config, tokenizer). To use the model elsewhere "
+                     "(transformers, ONNX Runtime int8, a REST service): 'Take the model out' below."):
             st.session_state[ready] = True
             c2.download_button("Download model (zip)",
                                _zip_bytes(str(run_dir), (run_dir / "model.safetensors").stat().st_mtime),

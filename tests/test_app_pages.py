@@ -554,12 +554,12 @@ def test_predict_a_file_shows_rows_and_offers_the_csv(populated, served):
     at.button(key="predict:file-go").click().run()
     assert not at.exception and not errors(at), errors(at)
     table = at.dataframe[-1].value
-    assert list(table.columns) == ["text", "label", "probability", "exit_layer"]
+    assert list(table.columns) == ["text", "predicted_label", "probability", "exit_layer"]
     assert list(table["text"]) == ["the soup was cold", "=1+1 great match"] and table["exit_layer"].between(1, 2).all()
     download = "Download the predictions (CSV)"
     assert len([b for b in at.get("download_button") if b.proto.label == download]) == 1
     lines = served["mine-predictions.csv"].decode().splitlines()
-    assert lines[0] == "text,label,probability,exit_layer" and len(lines) == 3
+    assert lines[0] == "text,predicted_label,probability,exit_layer" and len(lines) == 3
     assert lines[2].startswith("'=1+1 great match,")  # a formula cell is escaped in the download
 
     at.file_uploader(key="predict:file").upload("bad.jsonl", b'{"text": "ok"}\n{oops\n', "application/json")

@@ -121,7 +121,9 @@ def test_a_file_round_trips_with_the_models_labels(dact, tmp_path, fmt, content,
     if out_fmt == "csv":
         with out.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-        assert list(rows[0]) == ["text", "label", "probability", "exit_layer"]
+        assert list(rows[0]) == ["text", "predicted_label", "probability", "exit_layer"]  # not the gold "label"
+        for r in rows:
+            r["label"] = r.pop("predicted_label")
     else:
         rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
         assert set(rows[0]) == {"text", "label", "probability", "probabilities", "exit_layer"}
@@ -194,10 +196,10 @@ def test_multitask_gets_a_column_pair_per_task(tmp_path):
     predict_file(predictor, inp, out)
     with out.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["text", "class_label", "class_label_probability", "sentiment_label",
+    assert list(rows[0]) == ["text", "class_label_predicted", "class_label_probability", "sentiment_label_predicted",
                              "sentiment_label_probability"] == csv_columns(predictor)
-    assert all(r["class_label"] in predictor.labels["class_label"] and
-               r["sentiment_label"] in predictor.labels["sentiment_label"] for r in rows)
+    assert all(r["class_label_predicted"] in predictor.labels["class_label"] and
+               r["sentiment_label_predicted"] in predictor.labels["sentiment_label"] for r in rows)
     outj = tmp_path / "p.jsonl"
     predict_file(predictor, inp, outj)
     first = json.loads(outj.read_text().splitlines()[0])
@@ -209,7 +211,7 @@ def test_an_upload_gives_rows_and_a_spreadsheet_safe_csv(dact):
     got = predict_upload(predictor, "mine.txt", b"=cmd|' /C calc'!A0\nsunny rain\n")
     assert got["count"] == 2 and [r["text"] for r in got["rows"]] == ["=cmd|' /C calc'!A0", "sunny rain"]
     lines = got["csv"].decode().splitlines()
-    assert lines[0] == "text,label,probability,exit_layer" and lines[1].startswith("'=cmd")  # no formula runs
+    assert lines[0] == "text,predicted_label,probability,exit_layer" and lines[1].startswith("'=cmd")  # no formula runs
     assert rows_csv_bytes([], ["text"]) == b"text\n"
     with pytest.raises(DactLabError, match="mine.csv has no text column"):
         predict_upload(predictor, "mine.csv", b"a,b\n1,2\n")

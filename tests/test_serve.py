@@ -292,3 +292,27 @@ def test_accepted_connections_get_tcp_nodelay():
 
     asyncio.run(main())
     assert seen["nodelay"] != 0
+
+
+def test_a_service_started_from_a_short_lived_thread_keeps_running():
+    """Bug: the parent-death signal fires when the *thread* that started the child ends; a Streamlit page runs in such
+    a thread, so a service started from the Runs page died a second after it first answered."""
+    from dact_lib.deploy.service import health, start_service, stop_service
+
+    home, run = tiny_run("backbone")
+    folder = home / "runs" / str(run)
+    got = {}
+    t = threading.Thread(target=lambda: got.update(svc=start_service(folder)))
+    t.start()
+    t.join()
+    svc = got["svc"]
+    try:
+        # the thread is gone; the child would have been signalled at once — and the parent poll runs every second
+        assert all(health(svc.url) for _ in range(3)) and svc.alive()
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:  # two full parent polls: still alive, still answering
+            assert svc.alive()
+            time.sleep(0.25)
+        assert health(svc.url)
+    finally:
+        stop_service(folder)

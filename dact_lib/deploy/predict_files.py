@@ -18,8 +18,8 @@ is not JSON or a text that is not a string. Texts are stripped of the whitespace
 around them. UTF-8 is expected (a BOM is fine; UTF-16 with a BOM is read; other bytes are read as Windows-1252 with
 a warning in the log).
 
-Output formats, chosen by the output's extension: ``.csv`` — columns ``text, label, probability`` (+ ``exit_layer``
-for DACT; a multi-task model has ``<task>, <task>_probability`` per task instead of label and probability) — or
+Output formats, chosen by the output's extension: ``.csv`` — columns ``text, predicted_label, probability`` (+
+``exit_layer`` for DACT; a multi-task model has ``<task>_predicted, <task>_probability`` per task instead) — or
 ``.jsonl`` — one object per text: ``text, label, probability, probabilities`` (+ ``exit_layer``; multi-task:
 ``tasks``). Rows are in the input's order, one per text.
 """
@@ -256,9 +256,10 @@ def output_format(path: str | Path) -> str:
 
 def csv_columns(predictor) -> list[str]:
     """The output CSV's columns for a predictor (see the module's docstring)."""
+    # "predicted_…", not "label": a predictions file beside a labelled input must not look like its gold labels
     if predictor.kind == "multitask":
-        return ["text"] + [c for t in predictor.tasks for c in (t, f"{t}_probability")]
-    return ["text", "label", "probability"] + (["exit_layer"] if predictor.kind == "dact" else [])
+        return ["text"] + [c for t in predictor.tasks for c in (f"{t}_predicted", f"{t}_probability")]
+    return ["text", "predicted_label", "probability"] + (["exit_layer"] if predictor.kind == "dact" else [])
 
 
 def csv_row(predictor, text: str, res: dict) -> dict:
@@ -267,9 +268,9 @@ def csv_row(predictor, text: str, res: dict) -> dict:
     if predictor.kind == "multitask":
         tasks = res.get("tasks") or {predictor.tasks[0]: res}
         for t in predictor.tasks:
-            row[t], row[f"{t}_probability"] = tasks[t]["label"], round(float(tasks[t]["probability"]), 6)
+            row[f"{t}_predicted"], row[f"{t}_probability"] = tasks[t]["label"], round(float(tasks[t]["probability"]), 6)
         return row
-    row["label"], row["probability"] = res["label"], round(float(res["probability"]), 6)
+    row["predicted_label"], row["probability"] = res["label"], round(float(res["probability"]), 6)
     if predictor.kind == "dact":
         row["exit_layer"] = res.get("exit_layer")
     return row

@@ -9,7 +9,8 @@
   request that changes anything (not GET/HEAD/OPTIONS) only when its Origin, if sent, is that same host. Anything
   else gets 403.
 * **It stops with its parent** (:func:`watch_parent`): the server exits when the process that started it is gone
-  (checked every second, plus Linux's parent-death signal), instead of relying on ``atexit`` (which a kill -9 of the
+  (checked every second; not the parent-death signal, which fires when the starting *thread* ends: a page's script
+  thread), instead of relying on ``atexit`` (which a kill -9 of the
   app never runs).
 """
 from __future__ import annotations
@@ -66,10 +67,15 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-def stop_with_parent(parent_pid: int) -> bool:
+def stop_with_parent(parent_pid: int, *, death_signal: bool = True) -> bool:
     """This process ends when ``parent_pid`` (the process that started it) dies: the parent-death signal and
-    :func:`watch_parent`. False when the parent is already gone (the caller should exit)."""
-    _set_parent_death_signal()
+    :func:`watch_parent`. False when the parent is already gone (the caller should exit).
+
+    ``death_signal=False`` for a child started from a short-lived thread: Linux sends the parent-death signal when
+    the *thread* that forked the child ends, and a Streamlit page runs in a thread that ends with every rerun (a REST
+    service started from the Runs page died a second after it answered). The poll alone then does it."""
+    if death_signal:
+        _set_parent_death_signal()
     if os.getppid() != parent_pid:  # the parent died before we got here
         return False
     watch_parent(parent_pid)
@@ -176,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--parent-pid", type=int, default=None)
     args = p.parse_args(argv)
-    if args.parent_pid and not stop_with_parent(args.parent_pid):
+    # started from the Studies page's script thread, which ends with the rerun: the poll, not the death signal
+    if args.parent_pid and not stop_with_parent(args.parent_pid, death_signal=False):
         return 0
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
