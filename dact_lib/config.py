@@ -53,6 +53,11 @@ def check_pos(name: str, value: Any, *, allow_zero=False) -> None:
     check(ok, name, value, "expected a " + ("non-negative" if allow_zero else "positive") + " number")
 
 
+#: seeds reach numpy's RNG, which takes 0 … 2**32 − 1 (2**64 was a raw "ValueError: Seed must be between …")
+MAX_SEED = 2**32 - 1
+#: run and dataset ids are SQLite INTEGERs (64-bit signed): a larger one was a raw OverflowError
+MAX_ID = 2**63 - 1
+
 #: bounds on a head's shape: wider than the widest encoders' hidden size (8192) only wastes memory
 MAX_HEAD_WIDTH = 8192
 MAX_HEAD_LAYERS = 8
@@ -138,7 +143,7 @@ class DataConfig:
                self.val_frac + self.test_frac, "the held-out fractions must leave data to train on (sum < 0.95)")
         check(self.val_frac > 0 or self.val_path is not None, f"{name}.val_frac", self.val_frac,
                "a validation set is needed: use val_frac > 0 or give val_path")
-        check_int(f"{name}.split_seed", self.split_seed, 0)
+        check_int(f"{name}.split_seed", self.split_seed, 0, MAX_SEED)
         check_int(f"{name}.max_seq_len", self.max_seq_len, 8, 4096)
         if self.columns is not None:
             check(isinstance(self.columns, dict) and all(isinstance(k, str) and isinstance(v, str)
@@ -380,7 +385,7 @@ class TrainConfig:
         check(v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100),
               f"{name}.evals_per_epoch", v, "expected 'auto' or a whole number from 1 to 100")
         check_int(f"{name}.log_every_steps", self.log_every_steps, 1)
-        check_int(f"{name}.seed", self.seed, 0)
+        check_int(f"{name}.seed", self.seed, 0, MAX_SEED)
         check(self.device in DEVICES, f"{name}.device", self.device, f"choose one of {DEVICES}")
         if self.num_threads is not None:
             check_int(f"{name}.num_threads", self.num_threads, 1, 512)
@@ -438,6 +443,10 @@ class RunConfig:
             if isinstance(v, str) and v.strip().isdigit():  # "3" from a flag or a form: the id 3
                 setattr(holder, id_field, int(v))
         check_types(self)
+        for id_field, holder in (("init_from_run", self), ("dataset_id", self.data)):
+            v = getattr(holder, id_field)
+            if v is not None:
+                check_int(f"{'data.' if holder is self.data else ''}{id_field}", v, 1, MAX_ID)
         check(self.kind in KINDS, "kind", self.kind, f"choose one of {KINDS}")
         check(isinstance(self.encoder, str) and self.encoder.strip() != "", "encoder", self.encoder,
                f"give a Hugging Face model name, a local directory, '{DEFAULT_ENCODER}' or '{TINY_ENCODER}'")

@@ -417,3 +417,19 @@ def test_flags_that_do_something_are_accepted(argv):
     from dact_lib.cli import build_parser
 
     build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("cfg, field", [
+    ({"train": {"seed": 2**64}}, "train.seed"),
+    ({"data": {"split_seed": 2**40}}, "data.split_seed"),
+    ({"data": {"dataset_id": 2**70}}, "data.dataset_id"),
+    ({"init_from_run": 2**64}, "init_from_run"),
+])
+def test_out_of_range_config_values_are_refused_with_the_range(home, capsys, tmp_path, cfg, field):
+    """Issue 27: train.seed = 2**64 ended in numpy's "ValueError: Seed must be between 0 and 2**32 - 1", a dataset id
+    beyond 64 bits in "OverflowError: Python int too large to convert to SQLite INTEGER" — tracebacks, not messages."""
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"kind": "backbone", "encoder": "tiny", **cfg}))
+    code, out, err = run_cli(capsys, "train", "--config", path, "--home", home, "--device", "cpu")
+    assert code == 2 and f"{field} = " in err and "expected an integer >= " in err and "<= " in err
+    assert "Traceback" not in err and Tracker(home).list_runs() == []
