@@ -291,8 +291,13 @@ class TrainResult:
     stop_reason: str | None = None
 
 
-RESUME_FILE = "resume.pt"
+RESUME_FILE = "resume.safetensors"
+#: the resume checkpoint of DACT Lab before the safetensors format (a torch pickle): read with the restricted
+#: unpickler only (:func:`load_legacy_resume`), never written
+LEGACY_RESUME_FILE = "resume.pt"
 RESUMABLE = ("interrupted", "cancelled", "failed")
+#: ``format`` in the header of a state file (:func:`save_state_file`)
+STATE_FORMAT = "dact-lab-state/1"
 
 
 def rng_state() -> dict:
@@ -310,29 +315,196 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def write_resume_state(run_dir: Path, state: dict) -> None:
-    """``<run>/resume.pt``, atomically (a kill while it is written leaves the previous one)."""
+# --- state files: checkpoints without pickle ----------------------------------------------------------------------
+# A resume checkpoint (and a Ray PBT member checkpoint) is ONE safetensors file: every tensor of the state (weights,
+# optimizer moments, RNG states) is a tensor of the file, named t0, t1, …; everything else (step, epoch, schedule,
+# early stopping, history, best metrics, Python / numpy RNG states, hyperparameters) is JSON in the file's header
+# metadata ("state"), with each tensor replaced by {"$tensor": name}. JSON cannot say tuple, non-string dict keys
+# or numpy arrays, so those are {"$tuple": [...]}, {"$items": [[k, v], ...]} and {"$ndarray": {dtype, shape, data}}
+# (numeric dtypes only). Reading it runs no code: safetensors parses a length-prefixed JSON header and raw bytes.
+
+_NUMERIC_KINDS = "biuf"  # numpy dtype kinds a state may hold: bool, int, uint, float
+
+
+def _encode_state(obj: Any, tensors: dict[str, torch.Tensor], seen: dict, storages: set, where: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        if t.numel():
+            sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if sig in seen:  # the same tensor twice (tied weights): stored once, both places point to it
+                return {"$tensor": seen[sig]}
+            ptr = sig[0]
+            if ptr in storages:  # a view of a stored tensor's memory: safetensors wants it on its own
+                t = t.clone()
+                sig = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            storages.add(sig[0])
+        else:
+            sig = None
+        name = f"t{len(tensors)}"
+        tensors[name] = t
+        if sig is not None:
+            seen[sig] = name
+        return {"$tensor": name}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in _NUMERIC_KINDS:
+            raise TypeError(f"{where}: a numpy array of dtype {obj.dtype} cannot be stored in a state file")
+        return {"$ndarray": {"dtype": obj.dtype.str, "shape": list(obj.shape), "data": obj.ravel().tolist()}}
+    if isinstance(obj, np.generic):
+        return _encode_state(obj.item(), tensors, seen, storages, where)
+    if isinstance(obj, tuple):
+        return {"$tuple": [_encode_state(v, tensors, seen, storages, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode_state(v, tensors, seen, storages, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in obj):
+            return {k: _encode_state(v, tensors, seen, storages, f"{where}.{k}") for k, v in obj.items()}
+        return {"$items": [[_encode_state(k, tensors, seen, storages, f"{where} key"),
+                            _encode_state(v, tensors, seen, storages, f"{where}[{k!r}]")] for k, v in obj.items()]}
+    raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored in a state file (tensors, numbers, text, "
+                    "lists, tuples, dicts and numeric numpy arrays only)")
+
+
+def _decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode_state(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        (key, value), = obj.items()
+        if key == "$tensor":
+            if value not in tensors:
+                raise ValueError(f"the header names a tensor {str(value)[:40]!r} the file does not hold")
+            return tensors[value]
+        if key == "$tuple":
+            return tuple(_decode_state(v, tensors) for v in value)
+        if key == "$items":
+            return {_decode_state(k, tensors): _decode_state(v, tensors) for k, v in value}
+        if key == "$ndarray":
+            dtype = np.dtype(str(value["dtype"]))
+            if dtype.kind not in _NUMERIC_KINDS:
+                raise ValueError(f"an array of dtype {dtype} is not allowed in a state file")
+            return np.asarray(value["data"], dtype=dtype).reshape([int(n) for n in value["shape"]])
+    if any(k.startswith("$") for k in obj):
+        raise ValueError(f"unknown markers {sorted(k for k in obj if k.startswith('$'))[:3]} in the header")
+    return {k: _decode_state(v, tensors) for k, v in obj.items()}
+
+
+def save_state_file(path: str | Path, state: dict, kind: str = "resume") -> Path:
+    """Write ``state`` (a dict of tensors, numbers, text, lists, tuples, dicts, numeric numpy arrays) as one
+    safetensors file — tensors as tensors, the rest as JSON in its header — atomically (a kill while it is written
+    leaves the previous file). ``kind`` is recorded in the header and checked by :func:`load_state_file`."""
+    import json
+
+    from safetensors.torch import save_file
+
     from .files import atomic_write
 
-    cpu = dict(state, model={k: v.detach().cpu() for k, v in state["model"].items()})
-    atomic_write(run_dir / RESUME_FILE, lambda tmp: torch.save(cpu, tmp))
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode_state(state, tensors, {}, set(), "state")
+    meta = {"format": STATE_FORMAT, "kind": str(kind), "state": json.dumps(skeleton)}
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_state_file(path: str | Path, kind: str = "resume", fix: str = "") -> dict:
+    """The state :func:`save_state_file` wrote to ``path`` (tensors on the CPU). Nothing in the file is executed:
+    it is parsed as safetensors + JSON. A file that is not one (damaged, foreign, another ``kind``, a pickle) raises
+    :class:`DactLabError` naming it, followed by ``fix`` (what the user should do)."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != STATE_FORMAT or meta.get("kind") != kind or "state" not in meta:
+                raise ValueError(f"its header says format {str(meta.get('format'))[:40]!r}, kind "
+                                 f"{str(meta.get('kind'))[:40]!r}; expected {STATE_FORMAT!r}, {kind!r}")
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        state = _decode_state(json.loads(meta["state"]), tensors)
+        if not isinstance(state, dict):
+            raise ValueError("its state is not a mapping")
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, one clear refusal
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DactLabError(f"{path} is not a readable DACT Lab {kind} checkpoint ({reason}); nothing in it was run."
+                           + (f" {fix}" if fix else "")) from None
+    return state
+
+
+def _numpy_pickle_globals() -> list:
+    """What a numpy RNG state (a uint32 array) and numpy scalars in an old ``resume.pt`` pickle refer to: array
+    reconstruction and the numeric dtypes — nothing that calls code of the file's choosing."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    reconstruct, scalar = getattr(multiarray, "_reconstruct"), getattr(multiarray, "scalar")
+    out: list = [np.ndarray, np.dtype]
+    for name in ("multiarray", "_multiarray_umath"):  # pickles name the module of the numpy that wrote them
+        for pkg in ("numpy.core", "numpy._core"):
+            out += [(reconstruct, f"{pkg}.{name}._reconstruct"), (scalar, f"{pkg}.{name}.scalar")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:  # numpy >= 1.25 pickles a dtype with its class
+        out += [type(np.dtype(t)) for t in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                                             "uint32", "uint64", "float16", "float32", "float64")]
+    return out
+
+
+def load_legacy_resume(path: Path) -> dict:
+    """An old ``resume.pt`` (a torch pickle) read with torch's restricted unpickler (``weights_only=True``) and an
+    explicit allowlist of numpy's array and dtype reconstruction (its numpy RNG state): tensors, numbers, text and
+    containers load, anything else is refused before it is built — nothing of the file's choosing runs."""
+    try:
+        with torch.serialization.safe_globals(_numpy_pickle_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError("it does not hold a mapping")
+    except Exception as exc:  # noqa: BLE001 - refused (a foreign object) or damaged: one clear refusal
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DactLabError(
+            f"{path} is a resume checkpoint in the pickle format of an older DACT Lab, and it holds more than "
+            f"weights, numbers and text, or is damaged ({reason}): resume is refused and nothing in it was run. "
+            f"Delete {path} and train the run again.") from None
+    return state
+
+
+def write_resume_state(run_dir: Path, state: dict) -> None:
+    """``<run>/resume.safetensors`` (:func:`save_state_file`), atomically (a kill while it is written leaves the
+    previous one)."""
+    save_state_file(Path(run_dir) / RESUME_FILE, state, "resume")
+    (Path(run_dir) / LEGACY_RESUME_FILE).unlink(missing_ok=True)  # an older DACT Lab's, superseded
+
+
+def resume_path(run_dir: str | Path) -> Path | None:
+    """The resume checkpoint of a run folder: ``resume.safetensors``, else an older DACT Lab's ``resume.pt``."""
+    for name in (RESUME_FILE, LEGACY_RESUME_FILE):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
 
 
 def resume_info(tracker, run_id, check_status: bool = True) -> dict:
     """Whether run ``run_id`` can be resumed: ``{"ok": bool, "why": str}`` (``check_status``: it must be
     interrupted, cancelled or failed — the job manager has already queued it when train() checks)."""
     run = tracker.get_run(int(run_id))
-    path = Path(run.get("run_dir") or tracker.run_dir(run_id)) / RESUME_FILE
+    run_dir = Path(run.get("run_dir") or tracker.run_dir(run_id))
     if check_status and run["kind"] not in ("backbone", "dact", "multitask"):
         return {"ok": False, "why": f"a {run['kind']} run is resumed by running its engine again"}
     if check_status and run["status"] not in RESUMABLE:
         return {"ok": False, "why": f"run {run_id} is {run['status']}: only an interrupted, cancelled or failed run "
                                     "can be resumed"}
-    if not path.is_file():
-        return {"ok": False, "why": f"run {run_id} has no resume checkpoint ({path}): it stopped before its first "
-                                    "evaluation, or was trained with train.resume_checkpoints = false; train it "
-                                    "again"}
+    if resume_path(run_dir) is None:
+        return {"ok": False, "why": f"run {run_id} has no resume checkpoint ({run_dir / RESUME_FILE}): it stopped "
+                                    "before its first evaluation, or was trained with train.resume_checkpoints = "
+                                    "false; train it again"}
     return {"ok": True, "why": ""}
+
+
+#: what a resume checkpoint must hold (the loop reads each of these)
+RESUME_KEYS = ("step", "epoch", "batch", "stop", "stop_reason", "samples_seen", "best_metric", "best_epoch",
+               "best_step", "best_metrics", "history", "stopper", "micro_batch", "model", "optimizer", "rng")
 
 
 def load_resume_state(tracker, run_id) -> dict:
@@ -341,12 +513,17 @@ def load_resume_state(tracker, run_id) -> dict:
     info = resume_info(tracker, run_id, check_status=False)
     if not info["ok"]:
         raise DactLabError(f"Cannot resume: {info['why']}.")
-    path = Path(tracker.get_run(int(run_id))["run_dir"]) / RESUME_FILE
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is a clear error
-        raise DactLabError(f"{path} is damaged ({str(exc)[:200]}): the run cannot be resumed; train it again.") \
-            from None
+    run = tracker.get_run(int(run_id))
+    path = resume_path(run.get("run_dir") or tracker.run_dir(run_id))
+    fix = f"The run cannot be resumed: delete {path} and train the run again."
+    if path.name == LEGACY_RESUME_FILE:
+        state = load_legacy_resume(path)
+    else:
+        state = load_state_file(path, "resume", fix)
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise DactLabError(f"{path} is not a complete resume checkpoint (no {', '.join(missing[:5])}). {fix}")
+    return state
 
 
 def resume_config(tracker, run_id) -> RunConfig:
@@ -667,7 +844,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                         tracker.add_artifact(run_id, str(run_dir / name), kind)
         status = "finished"
         if run_dir is not None:
-            (run_dir / RESUME_FILE).unlink(missing_ok=True)  # a finished run needs no resume checkpoint
+            for name in (RESUME_FILE, LEGACY_RESUME_FILE):  # a finished run needs no resume checkpoint
+                (run_dir / name).unlink(missing_ok=True)
         state.extra["summary"] = {"best": best_metrics, "test": test_metrics, "best_epoch": state.best_epoch,
                                   "precision": resolve_precision(tc.precision, device),
                                   "stop_reason": stop_reason, "halting": halting_report,

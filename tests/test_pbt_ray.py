@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dact_lib.callbacks import Callback
 from dact_lib.errors import DactLabError
@@ -71,7 +70,8 @@ def ray_runtime():
 
 def test_pbt_on_ray_exploits_restore_the_donor_weights_with_new_hyperparameters(ray_runtime, home, tmp_path):
     from dact_lib.tuning.pbt import EXPLORED
-    from dact_lib.tuning.pbt_ray import STATE_FILE, run_pbt_ray
+    from dact_lib.train import load_state_file
+    from dact_lib.tuning.pbt_ray import STATE_FILE, STATE_KIND, run_pbt_ray
 
     tracker = Tracker(home)
     starts = tmp_path / "starts.jsonl"
@@ -95,7 +95,7 @@ def test_pbt_on_ray_exploits_restore_the_donor_weights_with_new_hyperparameters(
         rec = next(r for r in restarted if r["restart"]["donor_checkpoint"] == ex["donor_checkpoint"]
                    and r["member"] == ex["recipient"])
         # the donor's weights: the recipient's loop starts from exactly the donor checkpoint's model
-        donor = torch.load(Path(ex["donor_checkpoint"]) / STATE_FILE, map_location="cpu", weights_only=False)
+        donor = load_state_file(Path(ex["donor_checkpoint"]) / STATE_FILE, STATE_KIND)
         assert int(donor["member"]) == ex["donor"]
         assert rec["weights"] == weights_hash(donor["model"])
         # at its own step, with the explored values in its optimizer (lr on the head group, encoder × ratio)

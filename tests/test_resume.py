@@ -110,6 +110,33 @@ def test_a_killed_run_resumes_to_the_same_metrics(reference, home, kind, where, 
     assert not (Path(run["run_dir"]) / RESUME_FILE).exists()  # a finished run keeps no resume checkpoint
 
 
+def test_a_resume_pt_of_an_older_dact_lab_still_resumes_to_the_same_metrics(reference, home, capsys):
+    """An interrupted run of an older DACT Lab holds resume.pt (a torch pickle of the same state): it resumes —
+    read by torch's restricted unpickler with numpy's arrays allowed — to the uninterrupted run's metrics, and the
+    run then writes (and finally removes) resume.safetensors only."""
+    import numpy as np
+    import torch
+
+    from dact_lib.train import LEGACY_RESUME_FILE, load_state_file
+
+    ref_home, ref = reference["backbone"]
+    rid = kill_during(home, cfg_for("backbone"), "epoch", 1)
+    run_dir = Path(Tracker(home).get_run(rid)["run_dir"])
+    state = load_state_file(run_dir / RESUME_FILE)
+    assert isinstance(state["rng"]["numpy"][1], np.ndarray)  # what an older DACT Lab pickled, numpy array included
+    torch.save(state, run_dir / LEGACY_RESUME_FILE)
+    (run_dir / RESUME_FILE).unlink()
+
+    assert main(["train", "--resume", str(rid), "--home", str(home)]) == 0
+    capsys.readouterr()
+    tr = Tracker(home)
+    assert tr.get_run(rid)["status"] == "finished"
+    got, want = val_losses(tr, rid), val_losses(Tracker(ref_home), ref.run_id)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert all(abs(a - b) <= TOL for (_, a), (_, b) in zip(got, want)), (got, want)
+    assert not (run_dir / LEGACY_RESUME_FILE).exists() and not (run_dir / RESUME_FILE).exists()
+
+
 def test_resume_refuses_what_it_cannot_do(reference, home, capsys):
     ref_home, ref = reference["backbone"]
     assert main(["train", "--resume", str(ref.run_id), "--home", str(ref_home)]) == 2
@@ -307,6 +334,6 @@ def test_a_killed_pbt_run_resumes_its_members(home, capsys):
 
 
 def torch_load_step(path: Path) -> int:
-    import torch
+    from dact_lib.train import load_state_file
 
-    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    return int(load_state_file(path)["step"])

@@ -579,3 +579,199 @@ def test_a_run_says_what_it_does_before_its_first_step(home):
     text = progress_eta(run, None, [{"kind": "phase", "payload": {"phase": "tokenising 120 rows"}}],
                         steps_done=0)["text"]
     assert text.startswith("tokenising 120 rows… · step 0")
+
+
+# ------------------------------------------------------------------ issue 27: no pickle is read from disk anywhere
+
+
+class Plant:
+    """A hostile pickle: loading it with an unrestricted unpickler creates ``marker`` (any code could run)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: Path, how: str) -> None:
+    """Write a hostile ``path``: a torch.save zip or a bare pickle of :class:`Plant`; or, for the safetensors
+    readers, a foreign safetensors file and one whose header asks for an object array."""
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    from dact_lib.train import STATE_FORMAT
+
+    if how == "torch.save":
+        torch.save({"step": 1, "model": {}, "rng": Plant(marker)}, path)
+    elif how == "pickle":
+        path.write_bytes(pickle.dumps({"step": Plant(marker)}, protocol=2))
+    elif how == "foreign safetensors":
+        save_file({"weight": torch.zeros(2)}, str(path))
+    elif how == "object array":
+        state = {"rng": {"$ndarray": {"dtype": "|O", "shape": [1], "data": [str(marker)]}}}
+        save_file({}, str(path), metadata={"format": STATE_FORMAT, "kind": "resume", "state": json.dumps(state)})
+    else:
+        raise AssertionError(how)
+
+
+def test_the_planted_pickle_runs_code_on_an_unrestricted_reader(tmp_path):
+    """The control: the plant below is live (torch.load(weights_only=False), what the code did before, runs it)."""
+    import torch
+
+    plant(tmp_path / "resume.pt", tmp_path / "marker", "torch.save")
+    torch.load(tmp_path / "resume.pt", weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("name, how", [("resume.safetensors", "torch.save"), ("resume.safetensors", "pickle"),
+                                       ("resume.safetensors", "foreign safetensors"),
+                                       ("resume.safetensors", "object array"),
+                                       ("resume.pt", "torch.save"), ("resume.pt", "pickle")])
+def test_a_planted_resume_checkpoint_runs_nothing_and_is_refused_by_name(home, tmp_path, capsys, name, how):
+    """A crafted resume checkpoint in an interrupted run's folder — under today's name or an older DACT Lab's
+    resume.pt — is refused when the run is resumed (CLI and library), naming the file; its code never runs."""
+    tr = Tracker(home)
+    rid = tr.create_run("backbone", tiny_cfg().to_dict(), status="interrupted")
+    run_dir = tr.run_dir(rid)
+    tr.update_run(rid, run_dir=str(run_dir))
+    marker = tmp_path / "marker"
+    path = run_dir / name
+    plant(path, marker, how)
+    assert main(["train", "--resume", str(rid), "--home", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "nothing in it was run" in err and "Traceback" not in err, err
+    assert "delete" in err.lower()
+    with pytest.raises(DactLabError, match="nothing in it was run"):
+        train(tiny_cfg(), tracker=tr, home=home, run_id=rid, resume=True)
+    assert not marker.exists()
+    assert tr.get_run(rid)["status"] == "interrupted"  # refused before anything changed
+
+
+class DirCheckpoint:
+    """A ``ray.tune.Checkpoint`` as :func:`read_member_state` uses it (a local folder), without starting Ray."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = str(folder)
+
+    def as_directory(self):
+        import contextlib
+
+        return contextlib.nullcontext(self.path)
+
+
+@pytest.mark.parametrize("name, how", [("member_state.safetensors", "torch.save"),
+                                       ("member_state.safetensors", "pickle"),
+                                       ("member_state.safetensors", "foreign safetensors"),
+                                       ("member_state.pt", "torch.save")])
+def test_a_planted_ray_member_checkpoint_runs_nothing_and_is_refused_by_name(tmp_path, name, how):
+    from dact_lib.tuning.pbt_ray import STATE_FILE, read_member_state, restart_from
+
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    marker = tmp_path / "marker"
+    plant(folder / name, marker, how)
+    named = str(folder / STATE_FILE) if name == STATE_FILE else str(folder)
+    with pytest.raises(DactLabError) as err:
+        read_member_state(DirCheckpoint(folder))
+    assert named in str(err.value)
+    with pytest.raises(DactLabError):
+        restart_from({}, DirCheckpoint(folder), member=0)  # what a (re)started member's worker calls first
+    assert not marker.exists()
+
+
+def test_a_ray_member_checkpoint_round_trips_without_pickle(tmp_path):
+    import torch
+
+    from dact_lib.train import rng_state, save_state_file
+    from dact_lib.tuning.pbt_ray import STATE_FILE, STATE_KIND, restart_from
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    loop = {"step": 5, "epoch": 1, "batch": 2, "stop": False, "stop_reason": None, "samples_seen": 80,
+            "best_metric": 0.5, "best_epoch": 1, "best_step": 4, "best_metrics": {"val_loss": 0.5},
+            "history": [{"step": 4, "val_loss": 0.5}], "micro_batch": 16,
+            "stopper": {"raw": [0.5], "smoothed": [0.5], "best": 0.5, "best_index": 0, "bad": 0}}
+    save_state_file(tmp_path / STATE_FILE, {"format": 1, "member": 0, "run_id": 3, "step": 5, "progress": 1.2,
+                                            "score": float("nan"), "hp": {"lr": 1e-3}, "loop": loop,
+                                            "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                            "rng": rng_state(), "best_model": None}, STATE_KIND)
+    resume_state, best, info = restart_from({}, DirCheckpoint(tmp_path), member=0)
+    assert info["how"] == "own" and info["step"] == 5
+    assert {k: resume_state[k] for k in loop} == loop
+    assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
+    again = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    again.load_state_dict(resume_state["optimizer"])
+    assert again.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+
+
+def test_state_files_keep_what_a_resume_checkpoint_holds(tmp_path):
+    """Tuples, int and tuple keys, NaN / inf, None, numpy arrays and scalars, tied tensors and views, an AdamW
+    state and every RNG state come back as they were; the RNGs continue with the same draws."""
+    import math
+    import random
+
+    import numpy as np
+    import torch
+
+    from dact_lib.train import load_state_file, rng_state, save_state_file, set_rng_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    tied = torch.arange(6.0)
+    state = {"step": 7, "stop": False, "reason": None, "nan": math.nan, "inf": -math.inf, "f32": np.float32(0.25),
+             "model": model.state_dict(), "optimizer": opt.state_dict(), "tied": [tied, tied, tied[2:4]],
+             "keys": {1: "a", (2, 3): "b", "$odd": [1, (2.5, "x")]}, "rng": rng_state()}
+    draws = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    got = load_state_file(save_state_file(tmp_path / "resume.safetensors", state))
+    set_rng_state(got["rng"])
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == draws
+    assert got["step"] == 7 and got["stop"] is False and got["reason"] is None
+    assert math.isnan(got["nan"]) and got["inf"] == -math.inf and got["f32"] == 0.25
+    assert got["keys"] == {1: "a", (2, 3): "b", "$odd": [1, (2.5, "x")]}
+    assert [t.tolist() for t in got["tied"]] == [tied.tolist(), tied.tolist(), [2.0, 3.0]]
+    assert all(torch.equal(got["model"][k], v) for k, v in model.state_dict().items())
+    want = opt.state_dict()
+    assert got["optimizer"]["param_groups"] == want["param_groups"]  # betas stay a tuple
+    assert all(torch.equal(got["optimizer"]["state"][i][k], v) for i, s in want["state"].items() for k, v in s.items())
+    assert isinstance(got["rng"]["numpy"][1], np.ndarray) and got["rng"]["numpy"][1].dtype == np.uint32
+
+
+def test_an_older_resume_pt_loads_only_tensors_numbers_text_and_numeric_arrays(tmp_path):
+    import numpy as np
+    import torch
+
+    from dact_lib.train import load_legacy_resume
+
+    ok = {"rng": {"numpy": ("MT19937", np.arange(4, dtype=np.uint32), 2, 0, 0.0)}, "loss": np.float64(0.5),
+          "model": {"w": torch.ones(2)}, "betas": (0.9, 0.999)}
+    torch.save(ok, tmp_path / "resume.pt")
+    got = load_legacy_resume(tmp_path / "resume.pt")
+    assert got["rng"]["numpy"][1].tolist() == [0, 1, 2, 3] and got["loss"] == 0.5 and got["betas"] == (0.9, 0.999)
+    marker = tmp_path / "marker"
+    torch.save({"rng": np.array([Plant(marker)], dtype=object)}, tmp_path / "bad.pt")
+    with pytest.raises(DactLabError, match="bad.pt .*nothing in it was run"):
+        load_legacy_resume(tmp_path / "bad.pt")
+    assert not marker.exists()
+
+
+def test_no_library_code_reads_a_pickle():
+    """The static side of the above: no unrestricted pickle reader anywhere in dact_lib; the one torch.load (an older
+    DACT Lab's resume.pt) is weights_only=True."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "dact_lib"
+    banned = re.compile(r"pickle\.loads?\(|weights_only\s*=\s*False|allow_pickle\s*=\s*True|joblib\.load|"
+                        r"read_pickle|torch\.jit\.load|shelve\.open|marshal\.loads?\(")
+    offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if banned.search(line)]
+    assert offenders == []
+    loads = [(p.name, line.strip()) for p in root.rglob("*.py")
+             for line in p.read_text(encoding="utf-8").splitlines() if "torch.load(" in line]
+    assert loads == [("train.py", 'state = torch.load(path, map_location="cpu", weights_only=True)')]

@@ -639,7 +639,7 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
     next ready point."""
     from ..models import build_model
     from ..tracker import Tracker
-    from ..train import RESUME_FILE, load_split, train
+    from ..train import load_split, resume_path, train
 
     pbt = (pbt or PBTConfig()).validate()
     cfg.validate()
@@ -688,7 +688,7 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
                                                parent_id=parent_id, dataset_id=dataset_id, status="queued")
         kept = {i for i in range(n) if previous and previous[i]["status"] == "finished"}
         resumable = {i for i in range(n) if previous and i not in kept
-                     and (Path(previous[i]["run_dir"] or tracker.run_dir(member_ids[i])) / RESUME_FILE).is_file()}
+                     and resume_path(Path(previous[i]["run_dir"] or tracker.run_dir(member_ids[i]))) is not None}
         total_threads = pbt.num_threads or cfg.train.num_threads or _default_threads()
         per_member = max(1, total_threads // n)
         threads_info = {"total_threads": total_threads, "torch_threads": per_member, "population": n,

@@ -14,7 +14,8 @@ How it runs
 * The trial function (:func:`ray_member`, in a Ray worker) builds the member's model and runs ``train()`` with
   ``save=False`` and no tracker, plus a :class:`RayMemberCallback`. A member is *ready* at every evaluation of
   its loop (``eval_every_steps`` from ``ready_every_steps`` / ``ready_every_epochs``, as in the threaded engine).
-  At a ready point the callback writes a checkpoint — ``member_state.pt``: the weights, the optimizer state, the
+  At a ready point the callback writes a checkpoint — ``member_state.safetensors`` (tensors as safetensors, the
+  rest as JSON in its header; read back without pickle): the weights, the optimizer state, the
   RNG, the hyperparameters, the step, the loop's own resume state (epoch, batch, history, early-stopping state,
   best metrics) and the member's best weights when they are not the current ones — and calls
   ``ray.tune.report(metrics, checkpoint=...)``. A Tune function trial blocks inside ``report`` until the driver
@@ -79,8 +80,10 @@ log = logging.getLogger(__name__)
 BACKEND = "ray"
 SCHEDULERS = ("pbt", "pb2")
 INSTALL_HINT = 'pip install "ray[tune]"'
-#: the file of a member checkpoint (a torch pickle)
-STATE_FILE = "member_state.pt"
+#: the file of a member checkpoint (safetensors + JSON header, no pickle: :func:`dact_lib.train.save_state_file`)
+STATE_FILE = "member_state.safetensors"
+#: the ``kind`` in a member checkpoint's header
+STATE_KIND = "pbt-member"
 #: Tune's time attribute: ready points passed, in the member's own steps
 TIME_ATTR = "ready_points"
 #: what a Tune result names its checkpoint folder by (ray.train.constants.CHECKPOINT_DIR_NAME)
@@ -147,15 +150,26 @@ class BufferTracker:
         return rows, events
 
 
+#: what a member checkpoint must hold (:func:`restart_from` reads each of these)
+STATE_KEYS = ("member", "step", "loop", "model", "optimizer", "rng")
+
+
 def read_member_state(checkpoint) -> dict:
-    """The ``member_state.pt`` of a member checkpoint (a ``ray.tune.Checkpoint``), on the CPU."""
-    import torch
+    """The ``member_state.safetensors`` of a member checkpoint (a ``ray.tune.Checkpoint``), on the CPU. Read without
+    pickle (:func:`dact_lib.train.load_state_file`): a damaged or foreign file is a DactLabError naming it."""
+    from ..train import load_state_file
 
     with checkpoint.as_directory() as d:
         path = Path(d) / STATE_FILE
         if not path.is_file():
-            raise DactLabError(f"{checkpoint.path} holds no {STATE_FILE}: not a checkpoint of a DACT Lab PBT member.")
-        return torch.load(path, map_location="cpu", weights_only=False)
+            raise DactLabError(f"{checkpoint.path} holds no {STATE_FILE}: not a checkpoint of a DACT Lab PBT member "
+                               "(or one written by an older DACT Lab): run the PBT again.")
+        fix = "The member cannot restart from it: run the PBT again (a Ray PBT run cannot be resumed)."
+        state = load_state_file(path, STATE_KIND, fix)
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise DactLabError(f"{path} is not a complete PBT member checkpoint (no {', '.join(missing)}). {fix}")
+        return state
 
 
 def restart_from(config: dict, checkpoint, member: int):
@@ -270,10 +284,9 @@ class RayMemberCallback(Callback):
     def on_eval(self, state: LoopState, logs: dict[str, float]) -> None:
         if self.loop_over or self.metric not in logs:  # the final refit / test evaluations: no ready points
             return
-        import torch
         from ray import tune
 
-        from ..train import rng_state
+        from ..train import rng_state, save_state_file
 
         score = float(logs[self.metric])
         self.last_score = score
@@ -299,7 +312,7 @@ class RayMemberCallback(Callback):
                    "best_model": best}
         tmp = tempfile.mkdtemp(prefix="dact-pbt-ckpt-")
         try:
-            torch.save(payload, Path(tmp) / STATE_FILE)
+            save_state_file(Path(tmp) / STATE_FILE, payload, STATE_KIND)
             metrics = {self.metric: score, **self.base_metrics(), "dact_ready": 1}
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         finally:
