@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,3 +112,38 @@ def clean_stale_temp(folder: str | Path) -> list[Path]:
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def check_replaceable_dir(out: Path, recognise, what: str) -> None:
+    """``out`` may receive a new ``what`` (e.g. "DACT Lab export"): it does not exist, is an empty folder, or holds
+    an earlier one — ``recognise(out)`` returns something true and raises no DactLabError. Anything else is refused:
+    other files are never overwritten."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DactLabError(f"{out} is a file: give the path of a new or empty folder for the {what}.")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            earlier = bool(recognise(out))
+        except DactLabError:
+            earlier = False
+        if not earlier:
+            raise DactLabError(f"{out} is not empty and holds no earlier {what}: choose a new or empty folder, or "
+                               f"delete this one first (an earlier {what} there is replaced; other files are never "
+                               "overwritten).")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out`` (beside it, same file system). An earlier ``out`` is renamed aside
+    first, put back if the move fails, and removed after: at every moment ``out`` is the old folder or the new one."""
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -80,3 +80,20 @@ def any_db(request) -> str:
         request.getfixturevalue("pg_url")
         return "postgresql"
     return "sqlite"
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """What the pages handed Streamlit's media storage: {download file name: bytes} (AppTest's media storage is
+    gone after a run, so it is recorded as it is filled)."""
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    files: dict[str, bytes] = {}
+    real = MemoryMediaFileStorage.load_and_get_id
+
+    def spy(self, path_or_data, mimetype, kind, filename=None):
+        files[filename] = path_or_data
+        return real(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", spy)
+    return files

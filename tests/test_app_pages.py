@@ -208,23 +208,6 @@ def test_uploaded_csv_is_stored_and_bad_one_is_not(app_home):
     assert tr.list_datasets() == []
 
 
-@pytest.fixture
-def served(monkeypatch):
-    """What the pages handed Streamlit's media storage: {download file name: bytes} (AppTest's media storage is
-    gone after a run, so it is recorded as it is filled)."""
-    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
-
-    files: dict[str, bytes] = {}
-    real = MemoryMediaFileStorage.load_and_get_id
-
-    def spy(self, path_or_data, mimetype, kind, filename=None):
-        files[filename] = path_or_data
-        return real(self, path_or_data, mimetype, kind, filename)
-
-    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", spy)
-    return files
-
-
 def test_a_downloaded_dataset_is_named_by_its_id_and_name(app_home, served):
     """Bug: the file was called "#4 name.csv" (the picker's label): a '#' and spaces in a file name."""
     tr = Tracker(app_home)

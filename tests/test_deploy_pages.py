@@ -48,22 +48,6 @@ def app(runs_home, monkeypatch):
     st.cache_resource.clear()
 
 
-@pytest.fixture
-def served(monkeypatch):
-    """{download file name: bytes} handed to Streamlit's media storage."""
-    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
-
-    files: dict[str, bytes] = {}
-    real = MemoryMediaFileStorage.load_and_get_id
-
-    def spy(self, path_or_data, mimetype, kind, filename=None):
-        files[filename] = path_or_data
-        return real(self, path_or_data, mimetype, kind, filename)
-
-    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", spy)
-    return files
-
-
 def runs_page(run_id: int) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=300)
     at.run()

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from ..encoders import layer_adapter
 from ..errors import DactLabError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, check_replaceable_dir, replace_dir
 from ..models import HF_FORMAT, HF_RUN_FILE, MODEL_FILE, LoadedModel, hf_export_manifest
 from .card import card_info, model_card, source_run
 from .modeling_dact_lab import DactLabConfig, DactLabForSequenceClassification
@@ -94,20 +94,6 @@ def hf_config(loaded: LoadedModel, policy: str | None) -> DactLabConfig:
     return hf
 
 
-def _check_target(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DactLabError(f"{out_dir} is a file: give a folder path to export into.")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        try:
-            previous = hf_export_manifest(out_dir)
-        except DactLabError:
-            previous = None
-        if previous is None:
-            raise DactLabError(f"{out_dir} is not empty and is not a previous DACT Lab export: choose a new or "
-                               "empty folder (an earlier export there is replaced; other files are never "
-                               "overwritten).")
-
-
 def _clean_stale_partials(parent: Path, name: str) -> None:
     """Remove the temporary folders that exports to ``name`` by dead processes left behind."""
     from ..tracker.liveness import pid_alive
@@ -161,21 +147,6 @@ def _check_keys(hf: DactLabConfig, state: dict) -> None:
                            f"{unexpected}, other shapes {shapes}): this kind of model cannot be exported as 'hf'.")
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_hf(loaded: LoadedModel, out_dir: str | Path, *, policy: str | None = None,
               card: dict | None = None) -> Path:
     """Write ``loaded`` (a ``models.load_model`` result) as a Hugging Face folder ``out_dir`` (see the module doc).
@@ -186,7 +157,7 @@ def export_hf(loaded: LoadedModel, out_dir: str | Path, *, policy: str | None = 
     (replaced). Returns ``out_dir``."""
     policy_text = export_policy(loaded, policy)
     out_dir = Path(out_dir).expanduser().absolute()
-    _check_target(out_dir)
+    check_replaceable_dir(out_dir, hf_export_manifest, "DACT Lab export")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_partials(out_dir.parent, out_dir.name)
     model, cfg = loaded.model, loaded.config
@@ -213,7 +184,7 @@ def export_hf(loaded: LoadedModel, out_dir: str | Path, *, policy: str | None = 
             "label_maps": loaded.label_maps, "policy": policy_text, "source_run": source_run(loaded),
             "halting": loaded.halting})
         (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
-        _swap_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

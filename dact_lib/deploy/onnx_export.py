@@ -37,6 +37,7 @@ from torch import nn
 from .. import dact
 from ..encoders import layer_adapter
 from ..errors import ConfigError, DactLabError
+from ..files import check_replaceable_dir, replace_dir
 from ..heads import pool
 from ..modeling_dact import DactBert
 from .policy import canonical, parse_policy
@@ -213,31 +214,6 @@ class _EagerAttention:
 # ----------------------------------------------------------------------------------------------------------------
 # the folder
 # ----------------------------------------------------------------------------------------------------------------
-def _check_target(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise DactLabError(f"{out} is a file: give the path of a new or empty folder for the ONNX export.")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            read_manifest(out)
-        except DactLabError:
-            raise DactLabError(f"{out} is not empty and holds no earlier ONNX export of DACT Lab: give a new or empty "
-                               "folder, or delete this one first (an earlier export there is replaced).") from None
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.is_dir():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def _policy_text(model: nn.Module, policy: str | None, default: str | None = None) -> str | None:
     """The export's default exit policy, canonical: ``policy``, else the loaded export's own (``default``), else
     ``dact``; None for a model that does not exit early."""
@@ -285,7 +261,7 @@ def export_onnx(loaded, out_dir: str | Path, *, int8: bool = False, policy: str 
     policy_text = _policy_text(model, policy, getattr(loaded, "policy", None))
     opset = int(opset or DEFAULT_OPSET)
     out = Path(out_dir).expanduser().resolve()
-    _check_target(out)
+    check_replaceable_dir(out, read_manifest, "ONNX export of DACT Lab")
     max_len = int(loaded.config.data.max_seq_len)
     tok_info = _tokenizer_info(loaded.tokenizer, max_len)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +288,7 @@ def export_onnx(loaded, out_dir: str | Path, *, int8: bool = False, policy: str 
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         _write_card(loaded, policy_text, tmp)
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp made it 0700
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
