@@ -381,7 +381,7 @@ def _walk_through(page, server: str, csv_path: Path, shot) -> None:
     text.fill("the striker scored a late goal in the final")
     text.press("Tab")
     settle(page)
-    page.get_by_role("button", name=re.compile("Predict")).click()
+    page.get_by_role("button", name="Predict", exact=True).click()
     metric = page.get_by_test_id("stMetric").first
     expect(metric).to_be_visible()
     expect(metric.get_by_test_id("stMetricValue")).to_have_text(re.compile(r"^\s*(sport|food|tech)\s*$"))
@@ -444,7 +444,7 @@ def readme_shots(home: Path, out: Path = DOCS_SHOTS, *, runs: list[str] = (), pa
             box.fill(text)
             box.press("Tab")
             settle(page)
-        page.get_by_role("button", name=re.compile("Predict")).click()
+        page.get_by_role("button", name="Predict", exact=True).click()
         expect(page.locator(".js-plotly-plot .gtitle").filter(has_text="Per-layer trace")).to_be_visible()
         settle(page)
         made.append(shot(page, "predict", height=1200))
