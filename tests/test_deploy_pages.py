@@ -113,4 +113,4 @@ def test_latency_budget_on_the_runs_page(app):
     assert not at.error, [e.value for e in at.error]
     assert any("most accurate point that fits" in s.value for s in at.success)
     (table,) = [d.value for d in at.dataframe if "p50 ms" in d.value.columns]
-    assert table["fits"].all() and len(table) >= 3
+    assert table["fits (p50 ≤ budget)"].all() and len(table) >= 3

@@ -105,7 +105,7 @@ def latency_budget_panel(run_id: int, run_dir: Path, key: str = "dep") -> None:
         (st.success if res["point"] is not None else st.warning)(plain(res["message"]))
         df = pd.DataFrame([{"policy": p["policy"], "val accuracy": p["accuracy"], "avg exit": p["avg_exit_layer"],
                             "p50 ms": p["latency_ms_p50"], "p90 ms": p["latency_ms_p90"],
-                            "fits": p["latency_ms_p50"] <= res["budget_ms"]} for p in res["points"]])
+                            "fits (p50 ≤ budget)": p["latency_ms_p50"] <= res["budget_ms"]} for p in res["points"]])
         st.dataframe(df, hide_index=True)
         if res["policy"]:
             st.caption(f"Export or serve with `--policy {res['policy']}` (or `--latency-budget-ms "
