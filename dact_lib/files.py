@@ -6,6 +6,7 @@ Temporary files are named ``.<name>.<pid>.tmp``; :func:`clean_stale_temp` remove
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -46,11 +47,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and disk_full(exc):
+            raise DactLabError(disk_full_message(path)) from None
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write that failed for want of space: OSError ENOSPC / EDQUOT, or a library's own error saying so (safetensors
+    raises "No space left on device" as a SafetensorError, not an OSError)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "no space left on device" in str(exc).lower() or "disk quota exceeded" in str(exc).lower()
+
+
+def disk_full_message(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path.parent).free
+        where = f"{free / 2**20:,.1f} MiB free on the file system of {path.parent}"
+    except OSError:
+        where = f"the file system of {path.parent}"
+    return (f"No space left on the device while writing {path} ({where}): nothing was half-written — the earlier "
+            f"{path.name}, if any, is unchanged. Free some space (or move the home with DACT_LAB_HOME) and resume or "
+            "start the run again.")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -775,3 +775,54 @@ def test_no_library_code_reads_a_pickle():
     loads = [(p.name, line.strip()) for p in root.rglob("*.py")
              for line in p.read_text(encoding="utf-8").splitlines() if "torch.load(" in line]
     assert loads == [("train.py", 'state = torch.load(path, map_location="cpu", weights_only=True)')]
+
+
+# ------------------------------------------------------------------------------------------------ a full disk
+def test_a_full_disk_is_a_clear_error_and_nothing_is_half_written(tmp_path):
+    """Issue 27: a full disk during a DACT run surfaced safetensors' raw "No space left on device"."""
+    import errno as errno_mod
+
+    from dact_lib.errors import DactLabError
+    from dact_lib.files import atomic_write, atomic_write_bytes
+
+    target = tmp_path / "model.safetensors"
+    atomic_write_bytes(target, b"the earlier weights")
+
+    def full_oserror(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno_mod.ENOSPC, "No space left on device")
+
+    def full_library(tmp):  # how safetensors says it: not an OSError
+        tmp.write_bytes(b"half")
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+
+    for writer in (full_oserror, full_library):
+        with pytest.raises(DactLabError) as exc:
+            atomic_write(target, writer)
+        msg = str(exc.value)
+        assert "No space left" in msg and str(target) in msg and "free" in msg and "nothing was half-written" in msg
+        assert target.read_bytes() == b"the earlier weights"  # the old file, whole
+        assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary left
+    with pytest.raises(ValueError, match="other"):  # any other failure passes through as it is
+        atomic_write(target, lambda tmp: (_ for _ in ()).throw(ValueError("other")))
+
+
+def test_a_full_disk_during_training_fails_the_run_with_the_reason(home, monkeypatch):
+    from dact_lib.config import default_config
+    from dact_lib.errors import DactLabError
+    from dact_lib.tracker import Tracker
+    from dact_lib.train import train
+    import dact_lib.models as models
+
+    def no_space(*a, **k):
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(models, "save_file", no_space)
+    cfg = default_config("dact", encoder="tiny")
+    cfg.data.max_rows, cfg.train.epochs, cfg.train.device = 120, 1, "cpu"
+    tr = Tracker(home)
+    with pytest.raises(DactLabError, match="No space left"):
+        train(cfg.validate(), tracker=tr, home=home)
+    (run,) = tr.list_runs()
+    assert run["status"] == "failed" and "No space left on the device" in run["error"]
+    assert not (Path(run["run_dir"]) / "model.safetensors").exists()
