@@ -352,6 +352,9 @@ class TrainConfig:
     # a resume checkpoint (weights, optimizer, step, early stopping, RNG) at every evaluation of a saved run:
     # ``train --resume RUN`` continues an interrupted run from it; deleted when the run finishes
     resume_checkpoints: bool = True
+    # ... and between evaluations once this many minutes of training have passed since the last one (0 = only at
+    # evaluations): a run killed during a long first epoch loses at most this much, not the whole epoch
+    resume_every_min: float = 10.0
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = None
@@ -385,6 +388,7 @@ class TrainConfig:
         check(v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100),
               f"{name}.evals_per_epoch", v, "expected 'auto' or a whole number from 1 to 100")
         check_int(f"{name}.log_every_steps", self.log_every_steps, 1)
+        check_pos(f"{name}.resume_every_min", self.resume_every_min, allow_zero=True)
         check_int(f"{name}.seed", self.seed, 0, MAX_SEED)
         check(self.device in DEVICES, f"{name}.device", self.device, f"choose one of {DEVICES}")
         if self.num_threads is not None:

@@ -680,8 +680,10 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
 
         def save_resume(epoch: int, batch: int, stopping: bool) -> None:
             """The resume checkpoint: what the loop needs to go on with batch ``batch`` of epoch ``epoch``."""
+            nonlocal last_resume
             if run_dir is None or not tc.resume_checkpoints:
                 return
+            last_resume = time.monotonic()
             write_resume_state(run_dir, {
                 "step": state.step, "epoch": epoch, "batch": batch, "stop": stopping, "stop_reason": stop_reason,
                 "samples_seen": state.samples_seen, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
@@ -690,7 +692,11 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 "micro_batch": memory.micro, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": rng_state(), "config": cfg.to_dict(),
                 # what callbacks keep across a resume (PBT: the member's hyperparameters and schedule)
-                "callbacks": copy.deepcopy(state.extra.get("resume_extra") or {})})
+                "callbacks": copy.deepcopy(state.extra.get("resume_extra") or {}),
+                # the training metrics' running sums since the last log: the resumed run logs the same train_loss
+                "running": {"loss": float(loss_acc), "n": n_acc, "samples": samples_log,
+                            "task": {t: float(v) for t, v in task_acc.items()},
+                            "stats": {k: float(v) for k, v in stats.items()}}})
 
         def evaluate_and_checkpoint() -> bool:
             """Validation, callbacks, early stopping, best checkpoint. Returns True when training should stop."""
@@ -725,6 +731,13 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         task_acc: dict[str, torch.Tensor] = {}  # multi-task: per-task training loss, summed on device
         n_acc, t_log, samples_log = 0, time.perf_counter(), 0
         stats: dict[str, torch.Tensor] = {}  # right answers / exit layers since the last log (on the device)
+        last_resume = time.monotonic()  # when the last resume checkpoint was written (resume_every_min)
+        running = (resumed or {}).get("running")
+        if running:  # the sums the interrupted run had gathered since its last log
+            loss_acc += running["loss"]
+            n_acc, samples_log = int(running["n"]), int(running["samples"])
+            task_acc = {t: torch.tensor(v, device=device) for t, v in running["task"].items()}
+            stats = {k: torch.tensor(v, device=device) for k, v in running["stats"].items()}
         deadline = time.monotonic() + 60.0 * tc.time_limit_min if tc.time_limit_min else None
         out_of_time = False
         if resumed is not None:
@@ -772,6 +785,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                 if evaluated:
                     stop = evaluate_and_checkpoint()
                     save_resume(epoch, done_in_epoch, stop)
+                elif tc.resume_every_min and time.monotonic() - last_resume >= 60.0 * tc.resume_every_min:
+                    save_resume(epoch, done_in_epoch, False)  # between evaluations: lose at most that much
                 if deadline is not None and not stop and time.monotonic() >= deadline:
                     out_of_time = True
                     if not evaluated:

@@ -337,3 +337,43 @@ def torch_load_step(path: Path) -> int:
     from dact_lib.train import load_state_file
 
     return int(load_state_file(path)["step"])
+
+
+def test_a_run_killed_before_its_first_evaluation_resumes_from_a_timed_checkpoint(reference, home, capsys):
+    """Issue 27: a run killed before its first evaluation could not resume ("train it again"): on a long first epoch
+    that was the whole epoch lost. train.resume_every_min writes a resume checkpoint between evaluations; with the
+    training metrics' running sums, so the resumed run logs the same train_loss rows as the uninterrupted one."""
+    ref_home, ref = reference["backbone"]
+    cfg = cfg_for("backbone")
+    cfg.train.resume_every_min = 1e-9  # after every step (the reference: never between evaluations)
+    rid = kill_during(home, cfg, "step", 4)  # an epoch is 6 steps: before the first evaluation
+    tr = Tracker(home)
+    run = tr.get_run(rid)
+    assert run["status"] == "interrupted" and (Path(run["run_dir"]) / RESUME_FILE).is_file()
+    assert val_losses(tr, rid) == []  # no evaluation yet
+    assert main(["train", "--resume", str(rid), "--home", str(home)]) == 0
+    capsys.readouterr()
+    run = tr.get_run(rid)
+    assert run["status"] == "finished"
+    got, want = val_losses(tr, rid), val_losses(Tracker(ref_home), ref.run_id)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert all(abs(a - b) <= TOL for (_, a), (_, b) in zip(got, want)), (got, want)
+
+    def train_losses(t, r):
+        df = t.get_metrics(r, names=["train_loss"])
+        return [(int(s), float(v)) for s, v in zip(df["step"], df["value"])]
+
+    # rows logged after the interruption (the killed process's step-1 row may not have reached the database)
+    got = [(s, v) for s, v in train_losses(tr, rid) if s > 4]
+    want = [(s, v) for s, v in train_losses(Tracker(ref_home), ref.run_id) if s > 4]
+    assert [s for s, _ in got] == [s for s, _ in want] and got
+    assert all(abs(a - b) <= TOL for (_, a), (_, b) in zip(got, want)), (got, want)
+
+
+def test_resume_every_min_is_validated():
+    from dact_lib.errors import ConfigError
+
+    cfg = cfg_for("backbone")
+    cfg.train.resume_every_min = -1
+    with pytest.raises(ConfigError, match="resume_every_min"):
+        cfg.validate()
