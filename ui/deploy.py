@@ -15,7 +15,7 @@ from ui.safe import plain
 RUNTIMES = {"PyTorch": ("torch", False), "ONNX Runtime fp32": ("onnx", False), "ONNX Runtime int8": ("onnx", True)}
 
 
-@st.cache_resource(max_entries=2, show_spinner=False)  # bytes kept for the page's reruns (a live fragment)
+@st.cache_resource(max_entries=1, show_spinner=False)  # the last zip kept for the reruns (an hf zip: ~170 MB)
 def _export_zip(run_dir: str, version: str, fmt: str, int8: bool, policy: str | None) -> tuple[bytes, dict]:
     from dact_lib.deploy.export import export_model, zip_folder
 
