@@ -86,8 +86,9 @@ def train_all(args) -> None:
 
 # ------------------------------------------------------------------------------------------------- measuring
 def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    from dact_lib.evaluate import quantile_of  # the library's percentile (the latency budget uses it too)
+
+    return quantile_of(xs, q)
 
 
 class Row:

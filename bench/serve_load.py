@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+    from dact_lib.evaluate import quantile_of  # the library's percentile (the latency budget uses it too)
+
+    return quantile_of(xs, q) if xs else float("nan")
 
 
 def post(conn: http.client.HTTPConnection, text: str) -> tuple[int, bytes]:

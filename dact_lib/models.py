@@ -290,12 +290,9 @@ def predict(loaded: LoadedModel, texts: list[str] | str, policy: dact.ExitPolicy
     """Predict each text. Returns one dict per text: ``label``, ``probability``, ``probabilities`` (name → p),
     for multi-task a ``tasks`` dict with the same per task, and for DACT ``exit_layer`` (1-based) and the
     per-layer trace ``layers`` (y_n as name → p, h_n, p_n) up to the exit. ``policy`` None: the DACT rule, or the
-    default exit policy of a Hugging Face export (``loaded.policy``). ``trace=False`` (DACT): no ``layers``, and the
-    untraced early-exit path (``DactBert.infer(trace=False)``: a single sentence takes the batch-1 fast path)."""
-    if policy is None and loaded.policy is not None and isinstance(loaded.model, DactBert):
-        from .deploy.policy import parse_policy
-
-        policy = dact.make_policy(*parse_policy(loaded.policy))
+    default exit policy of an export (``DactBert.default_policy``, set by load_model). ``trace=False`` (DACT): no
+    ``layers``, and the untraced early-exit path (``DactBert.infer(trace=False)``: a single sentence takes the batch-1
+    fast path)."""
     if isinstance(texts, str):
         texts = [texts]
     if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):

@@ -73,31 +73,20 @@ def candidate_policies(num_layers: int, num_classes: int) -> list[str]:
             + [format_policy("fixed", num_layers)])
 
 
-def _offline_points(loaded, ds, policies: list[str], batch_size: int = 64) -> dict[str, dict]:
-    """Accuracy and average exit of each policy on ``ds`` (every layer's y_n, h_n once; policies offline)."""
+def _offline_points(loaded, ds, policies: list[str]) -> dict[str, dict]:
+    """Accuracy and average exit of each policy on ``ds``: ``evaluate.exit_policy_sweep`` (every layer's y_n, h_n
+    once, the policies simulated exactly on them), untimed."""
     import torch
 
-    from .. import dact
+    from ..data import encode
+    from ..evaluate import exit_policy_sweep
     from .policy import parse_policy
 
-    model, tok = loaded.model, loaded.tokenizer
-    task = model.task
-    ys, hs = [], []
+    enc = encode(ds, loaded.tokenizer, loaded.config.data.max_seq_len)
     with torch.no_grad():
-        for i in range(0, len(ds.texts), batch_size):
-            enc = tok(ds.texts[i:i + batch_size], truncation=True, max_length=loaded.config.data.max_seq_len,
-                      padding=True, return_tensors="pt")
-            out = model(enc["input_ids"].to(loaded.device), enc["attention_mask"].to(loaded.device))
-            ys.append(out.extras["y"].float().cpu())
-            hs.append(out.extras["h"].float().cpu())
-    y, h = torch.cat(ys), torch.cat(hs)
-    targets = torch.as_tensor(ds.targets[task])
-    out = {}
-    for text in policies:
-        res = dact.run_policy_offline(dact.make_policy(*parse_policy(text)), y, h)
-        out[text] = {"accuracy": float((res.probs.argmax(-1) == targets).float().mean()),
-                     "avg_exit_layer": dact.average_exit_layer(res.exit_layer)}
-    return out
+        rows = exit_policy_sweep(loaded.model, enc, points=[parse_policy(p) for p in policies], timed=False,
+                                 device=loaded.device)
+    return {p: {"accuracy": r["accuracy"], "avg_exit_layer": r["avg_exit_layer"]} for p, r in zip(policies, rows)}
 
 
 def _runtime_points(model, ds, policies: list[str | None], loaded) -> dict:
