@@ -21,6 +21,7 @@ BUILT_FROM_PIPELINE = "built_from_pipeline"
 # --- jobs ---------------------------------------------------------------------------------------------------------
 JOB_SUBMITTED = "job_submitted"
 JOB_ERROR = "job_error"
+JOB_PROCESS = "job_process"  # the worker process that runs a job started: pid, torch threads, its log file
 
 # --- Optuna studies (backbone tuning, the pipeline's stages) ---------------------------------------------------------
 STUDY = "study"  # a run linked to its Optuna study
@@ -42,6 +43,7 @@ PARETO_FRONT = "pareto_front"
 EXIT_POLICY_SWEEP = "exit_policy_sweep"
 FINETUNE_COMPARED = "finetune_compared"
 # three kinds of "a point was chosen", which must not be confused:
+FINAL_CHOICE = "final_choice"  # the final model: stage 3's point or the single run, which won and why
 RULE_CHOICE = "chosen_point"  # the pipeline's choice rule picked this stage-3 point (never the user's)
 USER_POINT_CHOICE = "point_chosen"  # a user chose a front point (choose_point)
 PREDICTION_CHOICE = "chosen"  # the model (run, halting file) a user chose for prediction on the Pareto explorer

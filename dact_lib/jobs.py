@@ -1,25 +1,46 @@
-"""Background jobs of one server process: a queue of training / tuning jobs run in worker threads.
+"""Background jobs of one server process: a queue of training / tuning jobs, each run in its own worker process.
 
-The dashboard (one :class:`JobManager` per server process, see ``ui/state.py``) and the CLI submit jobs here.
-Worker threads never touch the UI: everything a job reports goes to the tracker (experiments.db), which the pages
-read. A job is one tracker run, created at :meth:`JobManager.submit` time with status ``'queued'``; for the engine
-kinds (tuning, DACT pipeline, PBT) it is the engine's parent run.
+The dashboard (one :class:`JobManager` per server process, see ``ui/state.py``) submits jobs here. The manager's
+queue lives in the server process; each job executes in a child process (``python -m dact_lib.job_process``,
+:mod:`dact_lib.job_process`) that writes to the tracker (experiments.db) exactly as the CLI does, so the pages —
+which only read the tracker — never compete with the work for the server's interpreter. A job is one tracker run,
+created at :meth:`JobManager.submit` time with status ``'queued'``; for the engine kinds (tuning, DACT pipeline,
+PBT) it is the engine's parent run.
 
-* ``max_concurrent`` jobs run at a time; the others wait in submission order.
-* :meth:`JobManager.cancel` of a queued job: it never starts (status ``'cancelled'``); of a running job: its
-  :class:`~dact_lib.callbacks.CancelToken` is set and the loop stops at the next step.
-* A job that raises is recorded ``'failed'`` with the error text (and the traceback as an ``job_error`` event).
-* At start the manager marks runs left ``'running'``/``'queued'`` by a dead process as ``'interrupted'``.
+* ``max_concurrent`` jobs run at a time (the dashboard: ``DACT_LAB_MAX_JOBS``, default 1); the others wait in
+  submission order. Each worker gets ``cpus // max_concurrent`` torch threads unless the config sets
+  ``train.num_threads``.
+* The worker is given its job as JSON (``runs/<id>/job/spec.json``: the home, the run id, the kind, the config,
+  the engine options — never pickle), logs to ``runs/<id>/job/log.txt`` and writes its pid and a heartbeat to
+  ``runs/<id>/job/process.json`` every few seconds. It ends when the server process dies (it polls its parent
+  pid) and records its run ``'interrupted'`` then (Resume continues it).
+* :meth:`JobManager.cancel` of a queued job: it never starts (status ``'cancelled'``); of a running job: the worker
+  gets SIGTERM at once (its cancel token is set: the loop stops at its next step), a second SIGTERM after half of
+  ``cancel_grace_s`` (the loop is interrupted where it is), and SIGKILL once ``cancel_grace_s`` has passed; the run
+  is recorded ``'cancelled'`` in every case. :meth:`JobManager.cancelling` says a cancel is under way.
+* A job that raises is recorded ``'failed'`` with the error text (and the traceback as a ``job_error`` event); a
+  worker that dies without recording an end (killed, out of memory, a crash in native code) is recorded
+  ``'failed'`` with how it died and the end of its log.
+* At start the manager marks runs left ``'running'``/``'queued'`` by a dead process as ``'interrupted'``, and
+  adopts the live workers of this host that another manager started (found by pid and a fresh heartbeat): they
+  show as running and can be cancelled.
+* ``processes=False`` runs jobs in threads of this process instead (unit tests that patch the training function
+  in-process use it); nothing else should.
 
 This module never imports streamlit.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -41,12 +62,94 @@ KINDS = TRAIN_KINDS + ENGINE_KINDS
 JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")
 _ACTIVE = ("queued", "running")
 
+#: a job's files in its run folder: runs/<id>/job/{spec.json, process.json, log.txt, result.json}
+JOB_DIR = "job"
+SPEC_FILE, BEAT_FILE, LOG_FILE, RESULT_FILE = "spec.json", "process.json", "log.txt", "result.json"
+HEARTBEAT_S = 2.0  # how often a worker rewrites its process.json
+STALE_AFTER_S = 30.0  # a heartbeat older than this does not make a worker adoptable
+CANCEL_GRACE_S = 4.0  # a cancelled worker still alive after this long is killed
+
+
+def default_max_jobs() -> int:
+    """How many jobs run at once: ``$DACT_LAB_MAX_JOBS`` (default 1)."""
+    raw = os.environ.get("DACT_LAB_MAX_JOBS", "").strip()
+    if not raw:
+        return 1
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"DACT_LAB_MAX_JOBS = {raw!r} is invalid: set it to a whole number >= 1 (how many jobs "
+                          "run at once), or unset it for 1.")
+    return value
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def job_threads(max_concurrent: int) -> int:
+    """Torch threads of one worker: the CPUs this process may use, shared by the jobs that run at once."""
+    return max(1, cpu_count() // max(1, int(max_concurrent)))
+
+
+def job_folder(home, run_id: int) -> Path:
+    return Path(home) / "runs" / str(int(run_id)) / JOB_DIR
+
+
+def read_heartbeat(home, run_id: int) -> dict | None:
+    """The worker's ``process.json`` of a run (pid, parent_pid, time of the last beat), or None."""
+    try:
+        data = json.loads((job_folder(home, run_id) / BEAT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def log_tail(path: Path, chars: int = 2000) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - chars))
+            return fh.read().decode("utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def death_message(pid: int, returncode: int | None, log_path: Path | None) -> str:
+    """Why a worker that ended without recording an end failed, and what to do."""
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        how = f"was ended by {name}"
+        if -returncode == signal.SIGKILL:
+            how += (" (on Linux usually the out-of-memory killer: lower train.batch_size, data.max_rows or "
+                    "data.max_seq_len, or run fewer jobs at once with DACT_LAB_MAX_JOBS)")
+    elif returncode is None:
+        how = "ended"
+    else:
+        how = f"exited with code {returncode}"
+    msg = (f"the job's worker process (pid {pid}) {how} before it recorded an end of the run; Resume continues "
+           "the run from its last checkpoint, if it has one")
+    tail = log_tail(log_path) if log_path is not None else ""
+    if tail:
+        last = [ln for ln in tail.splitlines() if ln.strip()][-3:]
+        msg += f". The end of its log ({log_path}): " + " | ".join(last)
+    return msg
+
 
 @dataclass
 class Job:
     run_id: int
     kind: str
-    config: RunConfig
+    config: RunConfig | None
     options: dict
     name: str | None
     submitted: float = field(default_factory=time.time)
@@ -61,11 +164,23 @@ class Job:
     settings: Any = None  # an engine job's validated settings (dact_lib.engines)
     done: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    # the worker process (JobManager(processes=True))
+    process: subprocess.Popen | None = None
+    pid: int | None = None
+    adopted: bool = False  # a live worker another manager started (found by pid and heartbeat)
+    cancel_sent: float | None = None  # time.monotonic() of the first SIGTERM
+    interrupt_sent: bool = False  # the second SIGTERM (interrupt the loop where it is)
+    killed: bool = False  # SIGKILL after cancel_grace_s
+    wake: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelling(self) -> bool:
+        return self.state == "running" and self.token.cancelled
 
     def as_dict(self) -> dict:
         return {"run_id": self.run_id, "kind": self.kind, "name": self.name, "state": self.state,
                 "submitted": self.submitted, "started": self.started, "ended": self.ended, "error": self.error,
-                "engine_run_id": self.engine_run_id}
+                "engine_run_id": self.engine_run_id, "pid": self.pid, "cancelling": self.cancelling}
 
 
 def check_untrusted(cfg: RunConfig) -> None:
@@ -101,27 +216,36 @@ def check_untrusted(cfg: RunConfig) -> None:
 
 
 class JobManager:
-    """Runs training and tuning jobs in background threads of this process; see the module docstring."""
+    """Runs training and tuning jobs, each in its own worker process; see the module docstring."""
 
-    def __init__(self, home=None, max_concurrent: int = 1, *, untrusted_configs: bool = False) -> None:
+    def __init__(self, home=None, max_concurrent: int = 1, *, untrusted_configs: bool = False,
+                 processes: bool = True, cancel_grace_s: float = CANCEL_GRACE_S) -> None:
         """``untrusted_configs``: configs come from browsers (the dashboard): they may name only datasets stored in
-        the database, runs of this home and encoders by name — no server file path (:func:`check_untrusted`)."""
+        the database, runs of this home and encoders by name — no server file path (:func:`check_untrusted`).
+        ``processes=False``: run jobs in threads of this process (for unit tests that patch the loop in-process).
+        ``cancel_grace_s``: how long a cancelled worker may take to stop before it is killed."""
         from .tracker import Tracker
 
         if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool) or max_concurrent < 1:
             raise ConfigError(f"max_concurrent = {max_concurrent!r} is invalid: expected an integer >= 1.")
+        if not cancel_grace_s > 0:
+            raise ConfigError(f"cancel_grace_s = {cancel_grace_s!r} is invalid: expected seconds > 0.")
         self.tracker = Tracker(home)
         self.home = self.tracker.home
         self.max_concurrent = max_concurrent
         self.untrusted_configs = bool(untrusted_configs)
+        self.processes = bool(processes)
+        self.cancel_grace_s = float(cancel_grace_s)
         self._lock = threading.RLock()
         self._jobs: dict[int, Job] = {}
         self._queue: list[int] = []
         self._closed = False
         self.interrupted: list[int] = sorted(set(self.tracker.interrupted_at_open) | set(self._mark_interrupted()))
+        self.adopted: list[int] = self._adopt_workers() if self.processes else []
 
     def __repr__(self) -> str:
-        return f"JobManager({str(self.home)!r}, max_concurrent={self.max_concurrent})"
+        return (f"JobManager({str(self.home)!r}, max_concurrent={self.max_concurrent}"
+                + ("" if self.processes else ", processes=False") + ")")
 
     # ------------------------------------------------------------------ start-up
     def _mark_interrupted(self) -> list[int]:
@@ -147,6 +271,38 @@ class JobManager:
         except Exception as exc:  # noqa: BLE001 - never stop the app from starting
             log.warning("could not mark interrupted runs in %s: %s", self.tracker.db_path, exc)
             return []
+
+    def _adopt_workers(self) -> list[int]:
+        """Live workers of this host that another manager started (a server restarted in place, a cleared cache):
+        a job's run still active, its recorded pid alive and the pid of a heartbeat younger than STALE_AFTER_S.
+        They are shown as running jobs of this manager and can be cancelled; their end is read from the tracker."""
+        adopted: list[int] = []
+        try:
+            rows = self.tracker.query(
+                "SELECT id, kind, name, pid, created, started FROM runs WHERE status IN ('queued', 'running') "
+                "AND host = ? AND pid IS NOT NULL AND parent_id IS NULL ORDER BY id", (liveness.hostname(),))
+        except Exception as exc:  # noqa: BLE001 - never stop the app from starting
+            log.warning("could not look for running job workers in %s: %s", self.tracker.db_path, exc)
+            return adopted
+        now = time.time()
+        for r in rows:
+            pid, run_id = int(r["pid"]), int(r["id"])
+            if pid == os.getpid() or not liveness.pid_alive(pid):
+                continue
+            beat = read_heartbeat(self.home, run_id)
+            if not beat or beat.get("pid") != pid or now - float(beat.get("time") or 0) > STALE_AFTER_S:
+                continue
+            job = Job(run_id=run_id, kind=str(r["kind"]), config=None, options={}, name=r.get("name"),
+                      state="running", started=r.get("started") or now, pid=pid, adopted=True)
+            with self._lock:
+                if run_id in self._jobs:
+                    continue
+                self._jobs[run_id] = job
+            job.thread = threading.Thread(target=self._supervise, args=(job,), name=f"dact-job-{run_id}",
+                                          daemon=True)
+            job.thread.start()
+            adopted.append(run_id)
+        return adopted
 
     # ------------------------------------------------------------------ submit
     def _validate(self, kind: str, config: RunConfig | dict) -> RunConfig:
@@ -275,101 +431,141 @@ class JobManager:
                 if job.state != "queued":
                     continue
                 job.state, job.started = "running", time.time()
-                job.thread = threading.Thread(target=self._worker, args=(job,), name=f"dact-job-{run_id}",
-                                              daemon=True)
+                target = self._supervise if self.processes else self._worker
+                job.thread = threading.Thread(target=target, args=(job,), name=f"dact-job-{run_id}", daemon=True)
                 job.thread.start()
 
+    def _job_ended(self, job: Job) -> None:
+        job.ended = time.time()
+        with self._lock:
+            liveness.mark_done(job.run_id)
+            job.done.set()
+            self._schedule()
+        try:
+            self.tracker.close()  # this thread's connection
+        except Exception:  # noqa: BLE001
+            pass
+
     def _worker(self, job: Job) -> None:
-        tr = self.tracker
+        """``processes=False``: run the job in this thread."""
         try:
-            if job.token.cancelled:
-                raise Cancelled(job.token.reason or "cancelled")
-            if job.kind in TRAIN_KINDS:
-                self._run_train(job)
-            else:
-                self._run_engine(job)
-            final = self._final_status(job, "finished")
-            job.state = final
-        except Cancelled as exc:
-            job.state = "cancelled"
-            job.error = str(exc) or "cancelled"
-            self._ensure_terminal(job, "cancelled", job.error)
-        except BaseException as exc:  # noqa: BLE001 - a job never kills the server
-            job.state = "failed"
-            job.error = f"{type(exc).__name__}: {exc}"
-            self._ensure_terminal(job, "failed", job.error)
-            try:
-                tr.log_event(job.run_id, ev.JOB_ERROR, {"error": job.error, "traceback": traceback.format_exc()})
-            except Exception:  # noqa: BLE001
-                pass
-            log.warning("job %s (%s) failed: %s", job.run_id, job.kind, job.error)
+            run_job(self.tracker, self.home, job)
         finally:
-            job.ended = time.time()
-            with self._lock:
-                liveness.mark_done(job.run_id)
-                job.done.set()
-                self._schedule()
-            try:
-                tr.close()  # this thread's connection
-            except Exception:  # noqa: BLE001
-                pass
+            self._job_ended(job)
 
-    def _final_status(self, job: Job, default: str) -> str:
-        """After a job returned: its run's terminal status (set by the loop/engine, else ``default``)."""
-        run = self.tracker.get_run(job.run_id)
-        status = run["status"]
-        if status in _ACTIVE:
-            status = "cancelled" if job.token.cancelled else default
-            self.tracker.set_status(job.run_id, status, "cancelled by user" if status == "cancelled" else None)
-        if status == "failed":
-            job.error = run.get("error") or job.error
-        if status not in JOB_STATES:  # interrupted / pruned
-            job.error = run.get("error") or status
-            return "failed"
-        return status
+    # ------------------------------------------------------------------ worker processes
+    def _spec(self, job: Job) -> dict:
+        """What the worker needs, as JSON: never pickle."""
+        options = _jsonable(get_engine(job.kind).options(job.settings)) if job.kind in ENGINE_KINDS else {}
+        return {"version": 1, "home": str(self.home), "run_id": job.run_id, "kind": job.kind, "name": job.name,
+                "config": job.config.to_dict(), "options": options, "resume": bool(job.resume),
+                "parent_pid": os.getpid(), "threads": job_threads(self.max_concurrent)}
 
-    def _ensure_terminal(self, job: Job, status: str, error: str) -> None:
-        """Record ``status`` + ``error`` unless the loop already did (it records failures inside training)."""
-        try:
-            run = self.tracker.get_run(job.run_id)
-            if run["status"] in _ACTIVE:
-                self.tracker.set_status(job.run_id, status, error)
-            elif not run.get("error") and status != "finished":
-                self.tracker.update_run(job.run_id, error=error)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not record the end of job %s: %s", job.run_id, exc)
+    def _spawn(self, job: Job) -> subprocess.Popen:
+        from .files import atomic_write_json
 
-    def _mark_running(self, job: Job) -> None:
-        self.tracker.set_status(job.run_id, "running", pid=os.getpid(), host=socket.gethostname())
+        folder = job_folder(self.home, job.run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in (BEAT_FILE, RESULT_FILE):  # an earlier attempt's (a resumed run)
+            (folder / stale).unlink(missing_ok=True)
+        spec = atomic_write_json(folder / SPEC_FILE, self._spec(job))
+        threads = str(job_threads(self.max_concurrent))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        with open(folder / LOG_FILE, "ab") as fh:
+            # its own session: a Ctrl-C in the server's terminal reaches the server, which then ends the workers
+            return subprocess.Popen([sys.executable, "-m", "dact_lib.job_process", str(spec)], stdin=subprocess.DEVNULL,
+                                    stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
-    def _run_train(self, job: Job) -> None:
-        from .train import train
-
-        self._mark_running(job)
-        train(job.config, tracker=self.tracker, home=self.home, run_id=job.run_id, cancel=job.token,
-              resume=job.resume)
-
-    def _run_engine(self, job: Job) -> None:
-        engine = get_engine(job.kind)
-        ctx = EngineContext(tracker=self.tracker, cancel=job.token, run_id=job.run_id, resume=job.resume)
-        self._mark_running(job)
-        job.result = engine.run(job.config, job.settings, ctx)  # validated when the job was submitted
-        self._record_result(job, job.result.summary())
-        job.token.check()
-
-    def _record_result(self, job: Job, result: dict[str, Any]) -> None:
-        """The engine result's ids and best values in the job's run summary (the engine's own summary wins)."""
-        summary = {k: v for k, v in result.items() if v is not None and isinstance(v, (int, float, str, dict, list))}
-        parent = summary.get("parent_run_id")
-        if parent is not None and int(parent) != job.run_id:  # e.g. a pipeline that resumed an earlier run
-            job.engine_run_id = int(parent)
-            summary["engine_run_id"] = int(parent)
-        if not summary:
+    def _signal(self, job: Job, sig: int) -> None:
+        pid = job.pid
+        if pid is None:
             return
-        current = self.tracker.get_run(job.run_id).get("summary") or {}
-        if not isinstance(current, dict):
-            current = {"previous": current}
-        self.tracker.update_run(job.run_id, summary={**summary, **current})
+        try:
+            if job.process is not None:
+                if job.process.poll() is None:
+                    job.process.send_signal(sig)
+            elif liveness.pid_alive(pid):
+                os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError, OSError) as exc:
+            log.debug("could not signal job %s (pid %s): %s", job.run_id, pid, exc)
+
+    def _alive(self, job: Job) -> bool:
+        if job.process is not None:
+            return job.process.poll() is None
+        return job.pid is not None and liveness.pid_alive(job.pid)
+
+    def _supervise(self, job: Job) -> None:
+        """``processes=True``: start the job's worker (unless adopted), wait for its end, escalate a cancel, and
+        record how it ended when the worker could not."""
+        try:
+            if not job.adopted:
+                if job.token.cancelled:
+                    raise Cancelled(job.token.reason or "cancelled")
+                proc = self._spawn(job)
+                with self._lock:
+                    job.process, job.pid = proc, proc.pid
+                if job.token.cancelled:  # cancelled while it was being started
+                    self._start_cancel(job)
+            while self._alive(job):
+                sent = job.cancel_sent
+                if sent is not None:
+                    waited = time.monotonic() - sent
+                    if waited >= self.cancel_grace_s and not job.killed:
+                        job.killed = True
+                        self._signal(job, signal.SIGKILL)
+                    elif waited >= self.cancel_grace_s / 2 and not job.interrupt_sent:
+                        job.interrupt_sent = True  # the second SIGTERM interrupts the loop where it is
+                        self._signal(job, signal.SIGTERM)
+                job.wake.wait(0.1 if sent is not None else 0.5)
+                job.wake.clear()
+            self._after_exit(job)
+        except Cancelled as exc:
+            job.state, job.error = "cancelled", str(exc) or "cancelled"
+            _ensure_terminal(self.tracker, job, "cancelled", job.error)
+        except BaseException as exc:  # noqa: BLE001 - a job never kills the server
+            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+            _ensure_terminal(self.tracker, job, "failed", job.error)
+            _log_error(self.tracker, job, traceback.format_exc())
+        finally:
+            self._job_ended(job)
+
+    def _after_exit(self, job: Job) -> None:
+        """The worker is gone: its job's state from the run it recorded, or — when it died without recording an
+        end — 'cancelled' (a cancel was under way) or 'failed' with how it died."""
+        tr = self.tracker
+        rc = job.process.returncode if job.process is not None else None
+        log_path = job_folder(self.home, job.run_id) / LOG_FILE
+        run = tr.get_run(job.run_id)
+        status = run["status"]
+        # 'interrupted' here was written by a Tracker that saw the worker's pid gone before this thread reaped it
+        # (a worker records 'interrupted' itself only when the server died — and then this thread is gone too)
+        if status in _ACTIVE or (status == "interrupted" and str(run.get("error") or "").startswith(
+                f"interrupted: its process {job.pid} ")):
+            if job.cancel_sent is not None:
+                status = "cancelled"
+                error = job.token.reason or "cancelled by user"
+                if job.killed:
+                    error += f" (its worker process did not stop within {self.cancel_grace_s:g} s and was ended)"
+            else:
+                status, error = "failed", death_message(job.pid or 0, rc, log_path)
+                _log_error(tr, job, log_tail(log_path, 6000))
+                log.warning("job %s (%s) failed: %s", job.run_id, job.kind, error)
+            tr.set_status(job.run_id, status, error)
+            _end_descendants(tr, job.run_id, job.pid, status, error)
+            run = tr.get_run(job.run_id)
+        summary = run.get("summary") if isinstance(run.get("summary"), dict) else {}
+        if summary.get("engine_run_id") is not None:
+            job.engine_run_id = int(summary["engine_run_id"])
+        try:
+            job.result = json.loads((job_folder(self.home, job.run_id) / RESULT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            job.result = None
+        status = run["status"]
+        if status in ("finished", "cancelled"):
+            job.state, job.error = status, run.get("error") if status == "cancelled" else None
+        else:  # failed, interrupted, pruned
+            job.state, job.error = "failed", run.get("error") or status
 
     # ------------------------------------------------------------------ control
     def cancel(self, run_id: int) -> bool:
@@ -392,7 +588,25 @@ class JobManager:
                     job.done.set()
                 return True
             job.token.cancel("cancelled by user")
+            if self.processes:
+                self._start_cancel(job)
             return True
+
+    def _start_cancel(self, job: Job) -> None:
+        """SIGTERM the worker now (it sets its cancel token); the supervisor escalates (see the module docstring)."""
+        with self._lock:
+            if job.cancel_sent is not None or job.pid is None:
+                return  # already under way, or not started yet (the supervisor sends it once started)
+            job.cancel_sent = time.monotonic()
+        self._signal(job, signal.SIGTERM)
+        job.wake.set()
+
+    def cancelling(self, run_id: int) -> bool:
+        """True while a cancel of the job that runs ``run_id`` (see :meth:`owner`) is under way: the run may still
+        say 'running' in the tracker for up to ``cancel_grace_s`` seconds."""
+        owner = self.owner(run_id)
+        job = self._jobs.get(owner) if owner is not None else None
+        return bool(job is not None and job.cancelling)
 
     def owner(self, run_id: int) -> int | None:
         """The run id of this manager's active job that runs ``run_id``: the run itself when it is a job, else
@@ -486,6 +700,120 @@ class JobManager:
             t = j.thread
             if t is not None and t.is_alive():
                 t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------------------------------- running a job
+def _mark_running(tracker, job: Job) -> None:
+    tracker.set_status(job.run_id, "running", pid=os.getpid(), host=socket.gethostname())
+
+
+def _run_train(tracker, home, job: Job) -> None:
+    from .train import train
+
+    _mark_running(tracker, job)
+    train(job.config, tracker=tracker, home=home, run_id=job.run_id, cancel=job.token, resume=job.resume)
+
+
+def _run_engine(tracker, job: Job) -> None:
+    engine = get_engine(job.kind)
+    ctx = EngineContext(tracker=tracker, cancel=job.token, run_id=job.run_id, resume=job.resume)
+    _mark_running(tracker, job)
+    job.result = engine.run(job.config, job.settings, ctx)  # validated when the job was submitted
+    _record_result(tracker, job, job.result.summary())
+    job.token.check()
+
+
+def _record_result(tracker, job: Job, result: dict[str, Any]) -> None:
+    """The engine result's ids and best values in the job's run summary (the engine's own summary wins)."""
+    summary = {k: v for k, v in result.items() if v is not None and isinstance(v, (int, float, str, dict, list))}
+    parent = summary.get("parent_run_id")
+    if parent is not None and int(parent) != job.run_id:  # e.g. a pipeline that resumed an earlier run
+        job.engine_run_id = int(parent)
+        summary["engine_run_id"] = int(parent)
+    if not summary:
+        return
+    current = tracker.get_run(job.run_id).get("summary") or {}
+    if not isinstance(current, dict):
+        current = {"previous": current}
+    tracker.update_run(job.run_id, summary={**summary, **current})
+
+
+def _final_status(tracker, job: Job, default: str) -> str:
+    """After a job returned: its run's terminal status (set by the loop/engine, else ``default``)."""
+    run = tracker.get_run(job.run_id)
+    status = run["status"]
+    if status in _ACTIVE:
+        status = "cancelled" if job.token.cancelled else default
+        tracker.set_status(job.run_id, status, "cancelled by user" if status == "cancelled" else None)
+    if status == "failed":
+        job.error = run.get("error") or job.error
+    if status not in JOB_STATES:  # interrupted / pruned
+        job.error = run.get("error") or status
+        return "failed"
+    return status
+
+
+def _ensure_terminal(tracker, job: Job, status: str, error: str) -> None:
+    """Record ``status`` + ``error`` unless the loop already did (it records failures inside training)."""
+    try:
+        run = tracker.get_run(job.run_id)
+        if run["status"] in _ACTIVE:
+            tracker.set_status(job.run_id, status, error)
+        elif not run.get("error") and status != "finished":
+            tracker.update_run(job.run_id, error=error)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not record the end of job %s: %s", job.run_id, exc)
+
+
+def _log_error(tracker, job: Job, detail: str) -> None:
+    try:
+        tracker.log_event(job.run_id, ev.JOB_ERROR, {"error": job.error, "traceback": detail})
+    except Exception:  # noqa: BLE001 - the record is informative only
+        pass
+
+
+def _end_descendants(tracker, run_id: int, pid: int | None, status: str, error: str) -> None:
+    """The runs a dead worker created under ``run_id`` (trials, members) and left active: ``status`` too."""
+    if pid is None:
+        return
+    try:
+        frontier = [int(run_id)]
+        while frontier:
+            marks = ", ".join("?" for _ in frontier)
+            rows = tracker.query(f"SELECT id, status, pid FROM runs WHERE parent_id IN ({marks})", frontier)
+            frontier = [int(r["id"]) for r in rows]
+            for r in rows:
+                if r["status"] in _ACTIVE and r["pid"] is not None and int(r["pid"]) == int(pid):
+                    tracker.set_status(int(r["id"]), status, error)
+    except Exception as exc:  # noqa: BLE001 - informative only
+        log.warning("could not end the child runs of job %s: %s", run_id, exc)
+
+
+def run_job(tracker, home, job: Job, around=None) -> str:
+    """Run ``job`` in this thread and record its end: the run's terminal status (set by the loop / engine, else
+    'finished'), 'cancelled' with the reason, or 'failed' with the error text and the traceback as a ``job_error``
+    event. Returns (and sets) the job's state. Used by worker processes (:mod:`dact_lib.job_process`) and by
+    ``JobManager(processes=False)``. ``around``: a context manager around the work itself, not the recording of
+    its end (a worker allows a cancel to interrupt the loop only inside it)."""
+    try:
+        job.token.check()
+        with around if around is not None else contextlib.nullcontext():
+            if job.kind in TRAIN_KINDS:
+                _run_train(tracker, home, job)
+            else:
+                _run_engine(tracker, job)
+        job.state = _final_status(tracker, job, "finished")
+    except Cancelled as exc:
+        job.state = "cancelled"
+        job.error = str(exc) or "cancelled"
+        _ensure_terminal(tracker, job, "cancelled", job.error)
+    except BaseException as exc:  # noqa: BLE001 - a job never kills the server
+        job.state = "failed"
+        job.error = f"{type(exc).__name__}: {exc}"
+        _ensure_terminal(tracker, job, "failed", job.error)
+        _log_error(tracker, job, traceback.format_exc())
+        log.warning("job %s (%s) failed: %s", job.run_id, job.kind, job.error)
+    return job.state
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,11 +1,17 @@
-"""JobManager: queue limit, cancellation (queued and running), failures recorded, interrupted runs at start."""
+"""JobManager: queue limit, cancellation (queued and running), failures recorded, interrupted runs at start; jobs
+run in worker processes (a pid of their own, a fast cancel, a killed worker recorded, ending with the server,
+adopted by a later manager). Tests that patch the loop in-process use ``processes=False``."""
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
@@ -44,7 +50,8 @@ def manager(home):
 
 
 class Gate:
-    """A fake ``train`` that blocks until released (or cancelled), recording which runs started."""
+    """A fake ``train`` that blocks until released (or cancelled), recording which runs started (it lives in this
+    process: the tests that use it run ``JobManager(processes=False)``)."""
 
     def __init__(self):
         self.started: list[int] = []
@@ -78,6 +85,13 @@ def test_tiny_job_runs_to_the_end(home, manager):
     assert jm.wait(rid, timeout=120) == "finished"
     run = Tracker(home).get_run(rid)
     assert run["status"] == "finished" and run["kind"] == "dact" and run["name"] == "tiny-dact"
+    # it ran in a worker process of its own, given its job as JSON, which wrote the run as the CLI does
+    assert run["pid"] != os.getpid() and jm.get(rid)["pid"] == run["pid"]
+    spec = json.loads((home / "runs" / str(rid) / "job" / "spec.json").read_text())
+    assert spec["run_id"] == rid and spec["kind"] == "dact" and spec["parent_pid"] == os.getpid()
+    assert spec["config"]["encoder"] == "tiny" and spec["threads"] >= 1
+    (started,) = [e for e in Tracker(home).get_events(rid) if e["kind"] == "job_process"]
+    assert started["payload"]["pid"] == run["pid"]
     assert (home / "runs" / str(rid) / "model.safetensors").exists()
     assert "val_accuracy" in run["summary"]["best"]
     assert not tracker_mod.liveness.is_live(rid)
@@ -89,7 +103,7 @@ def test_tiny_job_runs_to_the_end(home, manager):
 def test_queue_limit_second_job_waits(home, manager, monkeypatch):
     gate = Gate()
     monkeypatch.setattr("dact_lib.train.train", gate)
-    jm = manager(max_concurrent=1)
+    jm = manager(processes=False, max_concurrent=1)
     a = jm.submit("backbone", tiny_cfg())
     b = jm.submit("backbone", tiny_cfg().to_dict())  # a dict config is accepted too
     assert gate.running.wait(10)
@@ -109,7 +123,7 @@ def test_queue_limit_second_job_waits(home, manager, monkeypatch):
 def test_max_concurrent_two_runs_both(home, manager, monkeypatch):
     gate = Gate()
     monkeypatch.setattr("dact_lib.train.train", gate)
-    jm = manager(max_concurrent=2)
+    jm = manager(processes=False, max_concurrent=2)
     ids = [jm.submit("backbone", tiny_cfg()) for _ in range(3)]
     assert wait_for(lambda: len(gate.started) == 2)  # the condition itself, with a deadline (no fixed sleep)
     assert [jm.status(i) for i in ids] == ["running", "running", "queued"]
@@ -121,7 +135,7 @@ def test_max_concurrent_two_runs_both(home, manager, monkeypatch):
 def test_cancel_queued_and_running(home, manager, monkeypatch):
     gate = Gate()
     monkeypatch.setattr("dact_lib.train.train", gate)
-    jm = manager(max_concurrent=1)
+    jm = manager(processes=False, max_concurrent=1)
     a = jm.submit("backbone", tiny_cfg())
     b = jm.submit("backbone", tiny_cfg())
     assert gate.running.wait(10)
@@ -139,18 +153,125 @@ def test_cancel_queued_and_running(home, manager, monkeypatch):
 def test_cancel_running_real_training(home, manager):
     jm = manager()
     rid = jm.submit("backbone", tiny_cfg(epochs=200, max_rows=400))
+    queued = jm.submit("backbone", tiny_cfg())  # behind it: starts once the cancelled job has stopped
     tr = Tracker(home)
-    assert wait_for(lambda: tr.get_run(rid)["status"] == "running", 60)
+    assert wait_for(lambda: tr.last_steps([rid]).get(rid, 0) >= 1, 120)
+    assert jm.status(queued) == "queued" and jm.ahead(queued) == 1
+    pid = jm.get(rid)["pid"]
+    assert jm.cancel(rid)
+    assert jm.cancelling(rid) or jm.status(rid) == "cancelled"  # shown at once, before the worker has stopped
+    assert jm.wait(rid, 60) == "cancelled"
+    run = tr.get_run(rid)
+    assert run["status"] == "cancelled" and run["ended"] is not None and run["error"] == "cancelled by user"
+    assert not tracker_mod.liveness.pid_alive(pid) and not jm.cancelling(rid)
+    assert jm.wait(queued, 120) == "finished"
+
+
+def test_cancel_kills_a_worker_that_does_not_stop(home, manager):
+    # a worker that cannot react (stopped with SIGSTOP; in life: a step of minutes inside native code) is killed
+    # once cancel_grace_s has passed, and its run is recorded cancelled
+    jm = manager(cancel_grace_s=1.0)
+    rid = jm.submit("backbone", tiny_cfg(epochs=200, max_rows=400))
+    tr = Tracker(home)
+    assert wait_for(lambda: tr.last_steps([rid]).get(rid, 0) >= 1, 120)
+    pid = jm.get(rid)["pid"]
+    os.kill(pid, signal.SIGSTOP)
     assert jm.cancel(rid)
     assert jm.wait(rid, 60) == "cancelled"
     run = tr.get_run(rid)
-    assert run["status"] == "cancelled" and run["ended"] is not None
+    assert run["status"] == "cancelled"
+    assert "did not stop within 1 s and was ended" in run["error"]
+    assert not tracker_mod.liveness.pid_alive(pid)
+
+
+def test_a_killed_worker_is_recorded_failed_with_how_it_died(home, manager):
+    jm = manager()
+    rid = jm.submit("backbone", tiny_cfg(epochs=200, max_rows=400))
+    tr = Tracker(home)
+    assert wait_for(lambda: tr.last_steps([rid]).get(rid, 0) >= 1, 120)
+    pid = jm.get(rid)["pid"]
+    os.kill(pid, signal.SIGKILL)  # the out-of-memory killer, a user's kill -9
+    assert jm.wait(rid, 60) == "failed"
+    run = tr.get_run(rid)
+    assert run["status"] == "failed"
+    assert f"worker process (pid {pid}) was ended by SIGKILL" in run["error"]
+    assert "out-of-memory" in run["error"] and "Resume" in run["error"]
+    assert jm.get(rid)["error"] == run["error"]
+    assert any(e["kind"] == "job_error" for e in tr.get_events(rid))
+
+
+_SERVER = """
+import sys, time
+from dact_lib.jobs import JobManager
+sys.path.insert(0, {tests!r})
+from test_jobs import tiny_cfg
+jm = JobManager({home!r})
+rid = jm.submit("backbone", tiny_cfg(epochs=200, max_rows=400))
+print(rid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_worker_ends_when_the_server_dies(home):
+    # a server (here: a process holding a JobManager) killed with -9 leaves no worker behind: the worker notices
+    # its parent is gone, stops and records its run 'interrupted' (resumable)
+    code = _SERVER.format(tests=str(Path(__file__).parent), home=str(home))
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        rid = int(server.stdout.readline())
+        tr = Tracker(home)
+        assert wait_for(lambda: tr.last_steps([rid]).get(rid, 0) >= 1, 120)
+        worker = tr.get_run(rid)["pid"]
+        assert worker != server.pid and tracker_mod.liveness.pid_alive(worker)
+    finally:
+        server.kill()
+        server.wait()
+    assert wait_for(lambda: not tracker_mod.liveness.pid_alive(worker), 60)
+    run = tr.get_run(rid)
+    assert run["status"] == "interrupted" and f"dashboard server (pid {server.pid}) stopped" in run["error"]
+
+
+def test_a_later_manager_adopts_a_live_worker_and_can_cancel_it(home, manager):
+    first = manager()
+    rid = first.submit("backbone", tiny_cfg(epochs=200, max_rows=400))
+    tr = Tracker(home)
+    assert wait_for(lambda: tr.last_steps([rid]).get(rid, 0) >= 1, 120)
+    assert wait_for(lambda: (jobs_mod.read_heartbeat(home, rid) or {}).get("pid") == first.get(rid)["pid"], 30)
+    # e.g. the dashboard's cached manager re-created in the same server: the live worker is found by pid and
+    # heartbeat — shown running, not marked interrupted
+    later = manager()
+    assert later.adopted == [rid] and rid not in later.interrupted
+    assert later.status(rid) == "running" and later.active_count() == 1
+    assert tr.get_run(rid)["status"] == "running"
+    assert later.cancel(rid)
+    assert later.wait(rid, 60) == "cancelled"
+    assert first.wait(rid, 60) == "cancelled"
+    assert tr.get_run(rid)["status"] == "cancelled"
+
+
+def test_max_jobs_from_the_environment(monkeypatch):
+    monkeypatch.delenv("DACT_LAB_MAX_JOBS", raising=False)
+    assert jobs_mod.default_max_jobs() == 1
+    monkeypatch.setenv("DACT_LAB_MAX_JOBS", "3")
+    assert jobs_mod.default_max_jobs() == 3
+    monkeypatch.setenv("DACT_LAB_MAX_JOBS", "many")
+    with pytest.raises(ConfigError, match="DACT_LAB_MAX_JOBS = 'many' is invalid: set it to a whole number"):
+        jobs_mod.default_max_jobs()
+    assert jobs_mod.job_threads(1) == jobs_mod.cpu_count() and jobs_mod.job_threads(10 ** 6) == 1
+
+
+def test_an_unreadable_job_spec_is_refused_with_the_fix(tmp_path):
+    bad = tmp_path / "spec.json"
+    bad.write_text("{not json")
+    out = subprocess.run([sys.executable, "-m", "dact_lib.job_process", str(bad)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "cannot read the job spec" in out.stderr and "start the job again" in out.stderr
 
 
 def test_cancel_owner_finds_the_job_that_runs_a_child_run(home, manager, monkeypatch):
     gate = Gate()
     monkeypatch.setattr("dact_lib.train.train", gate)
-    jm = manager(max_concurrent=1)
+    jm = manager(processes=False, max_concurrent=1)
     job = jm.submit("backbone", tiny_cfg())
     assert gate.running.wait(10)
     tr = Tracker(home)
@@ -285,7 +406,7 @@ def _fake_engine(monkeypatch, adopt: bool, fail: bool = False):
 @pytest.mark.parametrize("adopt", [True, False])
 def test_engine_job_links_runs(home, manager, monkeypatch, adopt):
     calls = _fake_engine(monkeypatch, adopt)
-    jm = manager()
+    jm = manager(processes=False)  # the fake engine lives in this process
     with pytest.raises(ConfigError, match="population"):
         jm.submit("pbt", tiny_cfg(), options={"population": 1})
     with pytest.raises(ConfigError, match="Unknown option"):
@@ -305,7 +426,7 @@ def test_engine_job_links_runs(home, manager, monkeypatch, adopt):
 @pytest.mark.parametrize("adopt", [True, False])
 def test_engine_failure_is_recorded(home, manager, monkeypatch, adopt):
     _fake_engine(monkeypatch, adopt, fail=True)
-    jm = manager()
+    jm = manager(processes=False)  # the fake engine lives in this process
     rid = jm.submit("pbt", tiny_cfg())
     assert jm.wait(rid, 10) == "failed"
     run = Tracker(home).get_run(rid)

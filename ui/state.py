@@ -1,12 +1,10 @@
 """Per-server-process singletons: the tracker and the job manager (``st.cache_resource``)."""
 from __future__ import annotations
 
-import os
-
 import streamlit as st
 
 from dact_lib.home import resolve_home
-from dact_lib.jobs import JobManager
+from dact_lib.jobs import JobManager, default_max_jobs
 from dact_lib.tracker import Tracker
 
 # transformers' lazy top-level module is not safe to use for the first time from two threads at once (a page's
@@ -26,8 +24,9 @@ def _tracker(home_dir: str) -> Tracker:
 
 @st.cache_resource(show_spinner=False)
 def _jobs(home_dir: str) -> JobManager:
-    # One job manager per server process: marks runs left 'running' by a dead process as 'interrupted'.
-    return JobManager(home_dir, max_concurrent=int(os.environ.get("DACT_LAB_MAX_JOBS", "1")),
+    # One job manager per server process: marks runs left 'running' by a dead process as 'interrupted'. Each job
+    # runs in its own worker process (the pages never compete with it); DACT_LAB_MAX_JOBS of them at once.
+    return JobManager(home_dir, max_concurrent=default_max_jobs(),
                       untrusted_configs=True)  # configs come from browsers: no server file paths
 
 
