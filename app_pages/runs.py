@@ -129,6 +129,16 @@ def run_metrics(tr, runs: list[dict]) -> dict[int, pd.DataFrame]:
 # ---------------------------------------------------------------------------------------- downloads
 
 
+def _cancelling(run_id: int) -> bool:
+    """A cancel of the job that runs ``run_id`` is under way (its worker stops within a few seconds)."""
+    try:
+        from ui.state import jobs
+
+        return jobs().cancelling(run_id)
+    except Exception:  # noqa: BLE001 - never break the page
+        return False
+
+
 def _csv_bytes(tr, ids: list[int]) -> bytes:
     # the bytes themselves, not a deferred callable: a deferred download whose page rerun in between (the live
     # fragment) was answered "MediaFileStorageError: Deferred file not found"
@@ -303,9 +313,10 @@ def live(ids: list[int], was_active: bool) -> None:
             return
         events_of[focus] = tr.get_events(focus)
         pr = progress.run_progress(tr, run, run_metrics(tr, [run]).get(focus), events_of[focus])
-    st.progress(min(1.0, max(0.0, pr["fraction"] or 0.0)), text=f"#{focus} {run['status']} · {pr['text']}")
+    bar = st.empty()  # filled below: a cancel clicked in this rerun already shows as "cancelling"
     c1, c2 = st.columns(2)
-    if run["status"] in ACTIVE_STATUSES:
+    cancelling = run["status"] in ACTIVE_STATUSES and _cancelling(focus)
+    if run["status"] in ACTIVE_STATUSES and not cancelling:
         label = "Cancel run" if run.get("parent_id") is None else "Cancel (the job that runs it)"
         if c1.button(label, key=f"runs_cancel_{focus}", type="primary"):
             try:
@@ -316,13 +327,16 @@ def live(ids: list[int], was_active: bool) -> None:
                 owner = None
                 st.error(f"Could not cancel run {focus}: {plain(exc)}")
             if owner == focus:
-                st.success(f"Cancellation of run {focus} requested: it stops at its next step.")
+                st.success(f"Cancellation of run {focus} requested: it stops within a few seconds.")
             elif owner is not None:
                 st.success(f"Run {focus} is part of job #{owner} ({by_id.get(owner, {}).get('kind', 'engine')}): "
-                           f"cancellation of job #{owner} requested; it and its runs stop at their next step.")
+                           f"cancellation of job #{owner} requested; it and its runs stop within a few seconds.")
             else:
                 st.warning(f"Run {focus} is not a job of this dashboard process (started elsewhere, e.g. the CLI, "
                            "or already ended): stop it where it runs.")
+            cancelling = owner is not None
+    shown_status = "cancelling" if cancelling else run["status"]
+    bar.progress(min(1.0, max(0.0, pr["fraction"] or 0.0)), text=f"#{focus} {shown_status} · {pr['text']}")
     if run["status"] in ("interrupted", "cancelled", "failed") and run["kind"] in ("backbone", "dact", "multitask",
                                                                                   "pbt"):
         from dact_lib.train import resume_info

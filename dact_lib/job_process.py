@@ -119,7 +119,7 @@ class _Worker:
     # ---------------------------------------------------------------- the job
     def run(self) -> int:
         from . import events as ev
-        from .jobs import RESULT_FILE, Job, _ensure_terminal, _jsonable, _log_error, run_job
+        from .jobs import RESULT_FILE, Job, ensure_terminal, jsonable, log_job_error, run_job
         from .tracker import Tracker
 
         spec = self.spec
@@ -141,8 +141,8 @@ class _Worker:
             import traceback
 
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
-            _ensure_terminal(tracker, job, "failed", job.error)
-            _log_error(tracker, job, traceback.format_exc())
+            ensure_terminal(tracker, job, "failed", job.error)
+            log_job_error(tracker, job, traceback.format_exc())
             return 0
         try:
             tracker.log_event(self.run_id, ev.JOB_PROCESS, {"pid": os.getpid(), "threads": threads,
@@ -152,7 +152,7 @@ class _Worker:
         state = run_job(tracker, spec["home"], job, around=self.work())
         if job.result is not None and hasattr(job.result, "summary"):
             try:
-                (self.folder / RESULT_FILE).write_text(json.dumps(_jsonable(job.result.summary()), default=str),
+                (self.folder / RESULT_FILE).write_text(json.dumps(jsonable(job.result.summary()), default=str),
                                                        encoding="utf-8")
             except (OSError, TypeError, ValueError) as exc:
                 print(f"could not write the engine's result: {exc}", file=sys.stderr)

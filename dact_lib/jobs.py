@@ -361,7 +361,7 @@ class JobManager:
         record: dict = cfg.to_dict()
         if kind in ENGINE_KINDS:
             # the engines' own parent runs record {"run": RunConfig, <engine settings>}: so does the job's run
-            record = {"run": record, **_jsonable(get_engine(kind).options(settings))}
+            record = {"run": record, **jsonable(get_engine(kind).options(settings))}
             name = name or cfg.name or getattr(settings, "name", None)
         name = name or cfg.name
         with self._lock:
@@ -374,7 +374,7 @@ class JobManager:
             self._jobs[run_id] = job
             self._queue.append(run_id)
         try:
-            self.tracker.log_event(run_id, ev.JOB_SUBMITTED, {"kind": kind, "options": _jsonable(options)})
+            self.tracker.log_event(run_id, ev.JOB_SUBMITTED, {"kind": kind, "options": jsonable(options)})
         except Exception as exc:  # noqa: BLE001 - the record is informative only
             log.warning("could not log the submission of job %s: %s", run_id, exc)
         self._schedule()
@@ -456,7 +456,7 @@ class JobManager:
     # ------------------------------------------------------------------ worker processes
     def _spec(self, job: Job) -> dict:
         """What the worker needs, as JSON: never pickle."""
-        options = _jsonable(get_engine(job.kind).options(job.settings)) if job.kind in ENGINE_KINDS else {}
+        options = jsonable(get_engine(job.kind).options(job.settings)) if job.kind in ENGINE_KINDS else {}
         return {"version": 1, "home": str(self.home), "run_id": job.run_id, "kind": job.kind, "name": job.name,
                 "config": job.config.to_dict(), "options": options, "resume": bool(job.resume),
                 "parent_pid": os.getpid(), "threads": job_threads(self.max_concurrent)}
@@ -522,11 +522,11 @@ class JobManager:
             self._after_exit(job)
         except Cancelled as exc:
             job.state, job.error = "cancelled", str(exc) or "cancelled"
-            _ensure_terminal(self.tracker, job, "cancelled", job.error)
+            ensure_terminal(self.tracker, job, "cancelled", job.error)
         except BaseException as exc:  # noqa: BLE001 - a job never kills the server
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
-            _ensure_terminal(self.tracker, job, "failed", job.error)
-            _log_error(self.tracker, job, traceback.format_exc())
+            ensure_terminal(self.tracker, job, "failed", job.error)
+            log_job_error(self.tracker, job, traceback.format_exc())
         finally:
             self._job_ended(job)
 
@@ -549,7 +549,7 @@ class JobManager:
                     error += f" (its worker process did not stop within {self.cancel_grace_s:g} s and was ended)"
             else:
                 status, error = "failed", death_message(job.pid or 0, rc, log_path)
-                _log_error(tr, job, log_tail(log_path, 6000))
+                log_job_error(tr, job, log_tail(log_path, 6000))
                 log.warning("job %s (%s) failed: %s", job.run_id, job.kind, error)
             tr.set_status(job.run_id, status, error)
             _end_descendants(tr, job.run_id, job.pid, status, error)
@@ -753,7 +753,7 @@ def _final_status(tracker, job: Job, default: str) -> str:
     return status
 
 
-def _ensure_terminal(tracker, job: Job, status: str, error: str) -> None:
+def ensure_terminal(tracker, job: Job, status: str, error: str) -> None:
     """Record ``status`` + ``error`` unless the loop already did (it records failures inside training)."""
     try:
         run = tracker.get_run(job.run_id)
@@ -765,7 +765,8 @@ def _ensure_terminal(tracker, job: Job, status: str, error: str) -> None:
         log.warning("could not record the end of job %s: %s", job.run_id, exc)
 
 
-def _log_error(tracker, job: Job, detail: str) -> None:
+def log_job_error(tracker, job: Job, detail: str) -> None:
+    """A ``job_error`` event with the job's error and ``detail`` (a traceback, the end of a worker's log)."""
     try:
         tracker.log_event(job.run_id, ev.JOB_ERROR, {"error": job.error, "traceback": detail})
     except Exception:  # noqa: BLE001 - the record is informative only
@@ -806,22 +807,23 @@ def run_job(tracker, home, job: Job, around=None) -> str:
     except Cancelled as exc:
         job.state = "cancelled"
         job.error = str(exc) or "cancelled"
-        _ensure_terminal(tracker, job, "cancelled", job.error)
+        ensure_terminal(tracker, job, "cancelled", job.error)
     except BaseException as exc:  # noqa: BLE001 - a job never kills the server
         job.state = "failed"
         job.error = f"{type(exc).__name__}: {exc}"
-        _ensure_terminal(tracker, job, "failed", job.error)
-        _log_error(tracker, job, traceback.format_exc())
+        ensure_terminal(tracker, job, "failed", job.error)
+        log_job_error(tracker, job, traceback.format_exc())
         log.warning("job %s (%s) failed: %s", job.run_id, job.kind, job.error)
     return job.state
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with dataclasses (settings) turned into dicts and tuples into lists: what json.dumps takes."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         to_dict = getattr(value, "to_dict", None)
-        return _jsonable(to_dict() if callable(to_dict) else dataclasses.asdict(value))
+        return jsonable(to_dict() if callable(to_dict) else dataclasses.asdict(value))
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value

@@ -456,6 +456,12 @@ def test_home_demo_button_submits_a_dact_job(app_home, monkeypatch):
         tracker.set_status(run_id, "finished")
 
     monkeypatch.setattr("dact_lib.train.train", fake_train)
+    # the fake lives in this process: the app's job manager runs its jobs in threads here for this test
+    import functools
+
+    from dact_lib.jobs import JobManager
+
+    monkeypatch.setattr("ui.state.JobManager", functools.partial(JobManager, processes=False))
     at = open_app()
     at.button(key="home:demo").click().run()
     assert not errors(at) and any("Started job" in s for s in successes(at))

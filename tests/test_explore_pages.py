@@ -241,8 +241,10 @@ def test_runs_page_cancels_a_running_job_of_this_process(home, app_jobs):
     assert button.label == "Cancel run"
     button.click().run()
     assert not _errors(at), _errors(at)
-    assert [s.value for s in at.success] == [f"Cancellation of run {rid} requested: it stops at its next step."]
+    assert [s.value for s in at.success] == [f"Cancellation of run {rid} requested: it stops within a few seconds."]
     assert not at.warning
+    # shown at once: the progress of this very rerun says so (the worker may still be stopping)
+    assert at.get("progress")[0].proto.text.startswith(f"#{rid} cancelling")
     assert app_jobs.wait(rid, 60) == "cancelled"
     assert tr.get_run(rid)["status"] == "cancelled" and app_jobs.get(rid)["state"] == "cancelled"
 
@@ -263,8 +265,8 @@ def test_runs_page_cancels_the_engine_job_that_runs_a_member(home, app_jobs):
     button.click().run()
     assert not _errors(at), _errors(at)
     assert [s.value for s in at.success] == [
-        f"Run {member} is part of job #{pbt} (pbt): cancellation of job #{pbt} requested; it and its runs stop at "
-        "their next step."]
+        f"Run {member} is part of job #{pbt} (pbt): cancellation of job #{pbt} requested; it and its runs stop within "
+        "a few seconds."]
     assert app_jobs.wait(pbt, 60) == "cancelled"
     assert tr.get_run(pbt)["status"] == "cancelled"
     assert {tr.get_run(m)["status"] for m in members()} == {"cancelled"}
