@@ -187,11 +187,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     worker.beat()
     threading.Thread(target=worker.watch, name="parent-watch", daemon=True).start()
+    code = 1
     try:
-        return worker.run()
+        code = worker.run()
     finally:
         worker.done.set()
         worker.beat(ended=time.time())
+        # everything is recorded (the tracker commits every write): leave now, without the interpreter's teardown
+        # of torch and transformers (about a second) — a cancel is over when the process is gone
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

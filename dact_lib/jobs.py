@@ -67,7 +67,7 @@ JOB_DIR = "job"
 SPEC_FILE, BEAT_FILE, LOG_FILE, RESULT_FILE = "spec.json", "process.json", "log.txt", "result.json"
 HEARTBEAT_S = 2.0  # how often a worker rewrites its process.json
 STALE_AFTER_S = 30.0  # a heartbeat older than this does not make a worker adoptable
-CANCEL_GRACE_S = 4.0  # a cancelled worker still alive after this long is killed
+CANCEL_GRACE_S = 3.0  # a cancelled worker still alive after this long is killed
 
 
 def default_max_jobs() -> int:
