@@ -30,7 +30,8 @@ from .errors import DactLabError
 from .heads import pool
 from .modeling_dact import DactUnits, init_halting_bias
 
-__all__ = ["LayerCache", "HaltingPoint", "layer_cache", "fit_halting", "choose_point", "install_halting",
+__all__ = ["LayerCache", "HaltingPoint", "layer_cache", "fit_halting", "cross_fit_halting", "fold_indices",
+           "choose_point", "install_halting",
            "evaluate_halting", "point_metrics", "exit_advice", "fit_after_training"]
 
 
@@ -58,12 +59,21 @@ class HaltingPoint:
     scale: float = 1.0  # calibration of the fitted halting logits: z -> scale * z + shift (1, 0 = as fitted)
     shift: float = 0.0
     threshold: float | None = None  # set by hand: h_n = sigmoid(s·(g(entropy_n / ln K) − g(τ))), not fitted
-
+    # cross-fitted (:func:`cross_fit_halting`): avg_exit_layer / accuracy (and nll) above are measured on rows the
+    # units of each fold were not fitted on; these are the same numbers on the rows they were fitted on
+    seen_avg_exit_layer: float | None = None
+    seen_accuracy: float | None = None
+    nll: float | None = None  # out of fold, when asked for (cross_fit_halting(..., nll=True))
 
     def summary(self) -> dict:
-        return {"lambda": self.lam, "spec_lambda": self.spec_lambda, "avg_exit_layer": self.avg_exit_layer,
-                "accuracy": self.accuracy, "fit_s": self.fit_s, "scale": self.scale, "shift": self.shift,
-                "threshold": self.threshold}
+        out = {"lambda": self.lam, "spec_lambda": self.spec_lambda, "avg_exit_layer": self.avg_exit_layer,
+               "accuracy": self.accuracy, "fit_s": self.fit_s, "scale": self.scale, "shift": self.shift,
+               "threshold": self.threshold}
+        if self.seen_accuracy is not None:
+            out.update(seen_avg_exit_layer=self.seen_avg_exit_layer, seen_accuracy=self.seen_accuracy)
+        if self.nll is not None:
+            out["nll"] = self.nll
+        return out
 
 
 @torch.no_grad()
@@ -277,6 +287,59 @@ def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, ep
     return points
 
 
+# below this many validation rows the halting points are measured on the rows they were fitted on (each fold of a
+# 2-fold cross-fit would hold fewer than 20 rows: one row = 5 accuracy points); the report says which
+CROSS_FIT_MIN_ROWS = 40
+CROSS_FIT_FOLDS = 2
+
+
+def fold_indices(targets: torch.Tensor, folds: int, seed: int = 0) -> list[torch.Tensor]:
+    """``folds`` disjoint index sets covering every row, stratified: each class's rows (in a seeded order) are dealt
+    to the folds in turn, the dealing continuing from class to class so the folds' sizes differ by at most one."""
+    gen = torch.Generator().manual_seed(int(seed))
+    parts: list[list[int]] = [[] for _ in range(folds)]
+    k = 0
+    t = torch.as_tensor(targets).long()
+    for c in torch.unique(t).tolist():
+        idx = (t == c).nonzero().flatten()
+        for i in idx[torch.randperm(len(idx), generator=gen)].tolist():
+            parts[k % folds].append(i)
+            k += 1
+    return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
+
+
+def cross_fit_halting(model, cache: LayerCache, lambdas, *, epochs: int | None = None, seed: int = 0, cancel=None,
+                      calibrate: bool = False, folds: int = CROSS_FIT_FOLDS, nll: bool = False
+                      ) -> tuple[list[HaltingPoint], bool]:
+    """:func:`fit_halting` on every row of ``cache`` (the halting weights the points carry), each point's average
+    exit layer and accuracy (and, with ``nll``, the NLL of a_N) measured **out of fold**: for each of ``folds``
+    stratified folds, the same λ (and calibration) fitted on the other folds and run on this one; the folds' numbers
+    pooled by rows. Choosing a point on these numbers does not reward units that fit the choosing rows' noise (the
+    in-sample numbers are kept as ``seen_*``). Returns ``(points, cross_fitted)``; with fewer than
+    :data:`CROSS_FIT_MIN_ROWS` rows the points keep their in-sample numbers and ``cross_fitted`` is False."""
+    points = fit_halting(model, cache, lambdas, epochs=epochs, seed=seed, cancel=cancel, calibrate=calibrate)
+    n = len(cache)
+    if n < CROSS_FIT_MIN_ROWS or folds < 2:
+        return points, False
+    sums = [[0.0, 0.0, 0.0] for _ in points]  # exit, accuracy, nll summed over rows
+    for k, held in enumerate(parts := fold_indices(cache.targets, folds, seed)):
+        rest = torch.cat([q for j, q in enumerate(parts) if j != k])
+        held_cache = cache.subset(held)
+        fold_points = fit_halting(model, cache.subset(rest), lambdas, eval_data=held_cache, epochs=epochs,
+                                  seed=seed, cancel=cancel, calibrate=calibrate)
+        for acc_sum, p in zip(sums, fold_points):
+            acc_sum[0] += p.avg_exit_layer * len(held)
+            acc_sum[1] += p.accuracy * len(held)
+            if nll:
+                acc_sum[2] += point_metrics(model, held_cache, p.state)["nll"] * len(held)
+    for p, (ex, acc, ll) in zip(points, sums):
+        p.seen_avg_exit_layer, p.seen_accuracy = p.avg_exit_layer, p.accuracy
+        p.avg_exit_layer, p.accuracy = ex / n, acc / n
+        if nll:
+            p.nll = ll / n
+    return points, True
+
+
 # the normalised-entropy thresholds τ tried after every DACT training (and by stage 3, in this order while its trial
 # budget lasts): every 0.1, then the entropy sweep's low end (0.02, 0.05) and the midpoints, so the DACT rule has a
 # point wherever the entropy sweep has one and between (docs/benchmarks.md, run M)
@@ -424,8 +487,9 @@ def fit_after_training(model, cfg, enc_val, cancel=None, cache: LayerCache | Non
     mc = cfg.model
     t0 = time.perf_counter()
     cache = cache if cache is not None else layer_cache(model, enc_val)
-    points = fit_halting(model, cache, mc.halting_lambdas, epochs=mc.halting_epochs, seed=cfg.train.seed,
-                         cancel=cancel, calibrate=mc.halting_calibration)
+    # the point is chosen on out-of-fold numbers: units fitted and chosen on the same rows overfit them
+    points, crossed = cross_fit_halting(model, cache, mc.halting_lambdas, epochs=mc.halting_epochs,
+                                        seed=cfg.train.seed, cancel=cancel, calibrate=mc.halting_calibration)
     thresholds = threshold_points(model, cache) if mc.halting_thresholds and mc.halting_input == "confidence" \
         else []
     chosen = choose_point(points + thresholds, mc.halting_tolerance)
@@ -445,4 +509,5 @@ def fit_after_training(model, cfg, enc_val, cancel=None, cache: LayerCache | Non
             "threshold_points": [p.summary() for p in thresholds], "rows": len(cache),
             "entropy_points": entropy_points,
             "split": "val", "nll_ref": nll_ref_of(cache), "tolerance_points": mc.halting_tolerance,
+            "cross_fitted": crossed, "folds": CROSS_FIT_FOLDS if crossed else 1,
             "layer_accuracy": layer_acc, "seconds": time.perf_counter() - t0}

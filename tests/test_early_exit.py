@@ -591,3 +591,48 @@ def test_exit_temperature_option_in_training_reports_and_feeds_the_halting_fit(t
 
     with pytest.raises(ConfigError, match="not used by the DACT pipeline"):  # stage 3 fits on its own exits
         run_pipeline(cfg, pipeline=PipelineConfig(name="p"), home=tmp_path)
+
+
+def test_fold_indices_are_stratified_disjoint_and_cover_every_row():
+    from dact_lib.halting import fold_indices
+
+    t = torch.tensor([0] * 7 + [1] * 5 + [2] * 2)
+    parts = fold_indices(t, 2, seed=3)
+    assert sorted(torch.cat(parts).tolist()) == list(range(14))  # every row once
+    assert abs(len(parts[0]) - len(parts[1])) <= 1
+    for c, n in ((0, 7), (1, 5), (2, 2)):
+        counts = [int((t[p] == c).sum()) for p in parts]
+        assert sum(counts) == n and max(counts) - min(counts) <= 1  # each class split evenly
+    assert [p.tolist() for p in fold_indices(t, 2, seed=3)] == [p.tolist() for p in parts]  # seeded
+
+
+def test_cross_fit_measures_every_point_on_rows_its_units_were_not_fitted_on():
+    """The pooled out-of-fold numbers are exactly the per-fold fits run on the held-out fold; the weights are the
+    fit on every row; the in-sample numbers are kept as seen_*."""
+    from dact_lib.halting import cross_fit_halting, fold_indices, point_metrics
+
+    model, _, _ = tiny_dact()
+    model.num_classes = 2
+    cache = easy_cache(n=120, seed=1)
+    lams = [0.0, 10.0]
+    points, crossed = cross_fit_halting(model, cache, lams, epochs=5, seed=2, nll=True)
+    assert crossed and [p.lam for p in points] == lams
+    full = fit_halting(model, cache, lams, epochs=5, seed=2)
+    parts = fold_indices(cache.targets, 2, seed=2)
+    exp_exit, exp_acc, exp_nll = [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
+    for k in range(2):
+        held, rest = parts[k], parts[1 - k]
+        for i, p in enumerate(fit_halting(model, cache.subset(rest), lams, eval_data=cache.subset(held), epochs=5,
+                                          seed=2)):
+            exp_exit[i] += p.avg_exit_layer * len(held) / len(cache)
+            exp_acc[i] += p.accuracy * len(held) / len(cache)
+            exp_nll[i] += point_metrics(model, cache.subset(held), p.state)["nll"] * len(held) / len(cache)
+    for i, p in enumerate(points):
+        assert p.avg_exit_layer == pytest.approx(exp_exit[i]) and p.accuracy == pytest.approx(exp_acc[i])
+        assert p.nll == pytest.approx(exp_nll[i])
+        assert (p.seen_avg_exit_layer, p.seen_accuracy) == (full[i].avg_exit_layer, full[i].accuracy)
+        assert all(torch.equal(p.state[k], full[i].state[k]) for k in p.state)  # the weights: every row's fit
+    assert "seen_accuracy" in points[0].summary() and "nll" in points[0].summary()
+    # too few rows for folds: the in-sample numbers, and the caller is told
+    small, crossed = cross_fit_halting(model, cache.subset(torch.arange(20)), lams, epochs=2)
+    assert not crossed and small[0].seen_accuracy is None
