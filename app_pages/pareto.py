@@ -92,6 +92,12 @@ def explorer(parent_id: int) -> None:
     st.caption(f"status **{run['status']}** · stages done: {done}"
                + (f" · pipeline's choice: trial {pc['trial']} ({point_name(pc)})" if pc else "")
                + (f" · final model: run #{view['final_run_id']}" if view["final_run_id"] else ""))
+    decision = summary.get("final_choice")
+    if decision:  # which model the pipeline returned: stage 3's point or its single run, and why
+        who = "its single run" if decision.get("winner") == "single run" else "stage 3's point"
+        st.caption(f"Final model = {who}: {plain(decision.get('why'))}.")
+    for w in summary.get("warnings") or []:
+        st.warning(plain(w))
     for g in (e["payload"] for e in tr.get_events(parent_id, kinds=[ev.GUARD_FAILED])):
         st.error(plain(g.get("message")) if g.get("message") else f"{g.get('stage')}: the model is no better than the majority class.")
     current = st.session_state.get("predict_run_id")

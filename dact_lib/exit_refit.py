@@ -56,7 +56,7 @@ def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = No
 
 def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64,
                 weight_decay: float = 0.01, distill_weight: float = 0.0, temperature: float = 2.0, seed: int = 0,
-                cancel=None) -> dict:
+                cancel=None, deadline: float | None = None) -> dict:
     """Train the classifiers of layers 1..N-1 of ``model`` again on cached summaries (:func:`summary_cache` of
     the training rows; ``val_cache`` of the validation rows picks the epoch), in place. The deepest classifier,
     the encoder and the halting units stay bit-identical. With ``share_weights`` (one classifier for every layer)
@@ -84,6 +84,7 @@ def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 
     before = val_acc()
     best, best_epoch, best_state = float(np.mean(before)), 0, [copy.deepcopy(c.state_dict()) for c in clfs]
     n = len(targets)
+    stopped = None
     history = []  # mean validation accuracy of the refitted layers after every epoch
     t0 = time.perf_counter()
     with torch.enable_grad():
@@ -111,6 +112,9 @@ def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 
             history.append(acc)
             if acc > best:
                 best, best_epoch, best_state = acc, epoch, [copy.deepcopy(c.state_dict()) for c in clfs]
+            if deadline is not None and time.monotonic() >= deadline and epoch < epochs:
+                stopped = f"time limit reached after epoch {epoch} of {epochs}"  # the best epoch so far is kept
+                break
     with torch.no_grad():
         for c, i, state in zip(clfs, layers, best_state):
             c.load_state_dict(state)
@@ -119,14 +123,19 @@ def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 
                 dst.copy_(src.to(dst.dtype))
     after = val_acc()
     model.__dict__.pop("_fast", None)  # the fast inference path's copies of the classifier weights
-    return {"layers": [i + 1 for i in layers], "rows": n, "epochs": epochs, "best_epoch": best_epoch,
-            "val_history": history, "val_accuracy_before": before, "val_accuracy_after": after, "seconds": time.perf_counter() - t0}
+    out = {"layers": [i + 1 for i in layers], "rows": n, "epochs": epochs, "best_epoch": best_epoch,
+           "val_history": history, "val_accuracy_before": before, "val_accuracy_after": after,
+           "seconds": time.perf_counter() - t0}
+    return {**out, "stopped": stopped} if stopped else out
 
 
-def refit_after_training(model, cfg, enc_train, enc_val, cancel=None) -> dict:
+def refit_after_training(model, cfg, enc_train, enc_val, cancel=None, deadline: float | None = None) -> dict:
     """Kind 'dact' with ``model.exit_refit_epochs`` > 0: :func:`refit_exits` on the training rows (at most
-    ``model.exit_refit_max_rows``, a seeded sample) and the validation split; returns the report."""
+    ``model.exit_refit_max_rows``, a seeded sample) and the validation split; returns the report. ``deadline``
+    (``time.monotonic()``, the run's ``train.time_limit_min``): no new epoch starts after it."""
     mc = cfg.model
+    if mc.share_weights:  # before the caches (a pass over the training rows) that it would not use
+        return {"skipped": "share_weights: the one classifier is also the deepest one", "seconds": 0.0}
     t0 = time.perf_counter()
     rows = None
     if len(enc_train) > mc.exit_refit_max_rows:
@@ -137,7 +146,7 @@ def refit_after_training(model, cfg, enc_train, enc_val, cancel=None) -> dict:
     cache_s = time.perf_counter() - t0
     out = refit_exits(model, train_cache, val_cache, epochs=mc.exit_refit_epochs, lr=mc.exit_refit_lr,
                       distill_weight=mc.exit_refit_distill, temperature=mc.distill_temperature, seed=cfg.train.seed,
-                      cancel=cancel)
+                      cancel=cancel, deadline=deadline)
     return {**out, "cache_s": cache_s, "seconds": time.perf_counter() - t0}
 
 

@@ -815,7 +815,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         if cfg.kind == "dact" and cfg.model.exit_refit_epochs > 0:
             from .exit_refit import refit_after_training
 
-            exit_report = refit_after_training(model, cfg, enc_train, enc_val, cancel)
+            exit_report = refit_after_training(model, cfg, enc_train, enc_val, cancel, deadline=deadline)
         if cfg.kind == "dact" and cfg.model.exit_temperature:
             from .exit_refit import temperatures_after_training
 

@@ -87,7 +87,10 @@ def build(home: Path) -> EngineRecords:
                         pipeline=PipelineConfig(name=PIPELINE_NAME, trials_stage1=3, trials_stage2=2,
                                                 trials_stage3=6, objective3="error", epochs_range=(1, 2),
                                                 batch_sizes=(16, 32), min_steps=80,
-                                                head_lr_range=(2e-3, 6e-3)).validate(),
+                                                head_lr_range=(2e-3, 6e-3),
+                                                # the random tiny encoder's layer 1 exits with a shared head; the
+                                                # pages read stage 3's points (no single-run candidate)
+                                                search_share_weights=True, single_run=False).validate(),
                         home=home, tracker=tr)
     studies = sorted(s.study_name for s in optuna.get_all_study_summaries(
         storage=f"sqlite:///{home / 'experiments.db'}"))

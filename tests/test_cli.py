@@ -329,7 +329,7 @@ def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
 
     data = easy_csv(tmp_path / "easy.csv", n=240)
     small = ["--encoder", "tiny", "--device", "cpu", "--data", data, "--home", home, "--trials", 2,
-             "--lambdas-trials", 14, "--min-steps", 40, "--name", "cli-pipe"]
+             "--lambdas-trials", 14, "--min-steps", 40, "--no-single-run", "--name", "cli-pipe"]
     code, out, err = run_cli(capsys, "dact-pipeline", *small, "--guards", "warn")
     assert code == 0, err
     final = last_run_id(out)

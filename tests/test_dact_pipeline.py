@@ -42,8 +42,9 @@ def tiny_cfg(path=EASY_CSV):
 
 def tiny_pipe(name, trials=(3, 2, 3), **kw):
     # the random tiny encoder needs more steps and a larger head lr than a pretrained one to learn in a test
+    # single_run off: these tests read stage 3's point as the final model (the single-run candidate has its own)
     kw = {"stage1_epochs": 15, "epochs_range": (1, 2), "batch_sizes": (16, 32), "min_steps": 80,
-          "head_lr_range": (2e-3, 6e-3), **kw}
+          "head_lr_range": (2e-3, 6e-3), "single_run": False, **kw}
     return PipelineConfig(name=name, trials_stage1=trials[0], trials_stage2=trials[1], trials_stage3=trials[2],
                           **kw).validate()
 
@@ -55,7 +56,9 @@ def done(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("DACT_LAB_CACHE", str(h / "cache"))  # a private feature cache: stage 1 is a miss, deterministically
     try:
-        res = run_pipeline(tiny_cfg(), pipeline=tiny_pipe("demo-pipe", trials=(3, 2, 14)), home=h)
+        # one head shared by the layers: the random tiny encoder's layer 1 then learns enough in 240 rows to exit
+        res = run_pipeline(tiny_cfg(), pipeline=tiny_pipe("demo-pipe", trials=(3, 2, 14), search_share_weights=True),
+                           home=h)
         yield h, res
     finally:
         mp.undo()
@@ -158,7 +161,7 @@ def test_parent_run_events_metrics_and_stage_files(done):
     events = tr.get_events(res.parent_run_id)
     starts = [e["payload"]["stage"] for e in events if e["kind"] == "stage_start"]
     ends = [e["payload"]["stage"] for e in events if e["kind"] == "stage_end"]
-    assert starts == ends == ["stage1", "stage2", "stage3", "final"]
+    assert starts == ends == ["stage1", "stage2", "stage3", "single", "final"]
     feat = [e["payload"] for e in events if e["kind"] == "stage1_features"]
     assert len(feat) == 1 and feat[0]["used_cached_features"] is True and feat[0]["cache_hit"] is False
     assert feat[0]["build_s"] > 0 and set(feat[0]["keys"]) == {"train", "val"}
@@ -182,7 +185,8 @@ def test_parent_run_events_metrics_and_stage_files(done):
     assert json.loads((rd / "stage1.json").read_text())["best_params"] == res.stage_best["stage1"]
     summary = parent["summary"]
     assert summary["final_run_id"] == res.final_run_id and summary["chosen"] == res.chosen
-    assert summary["front"] == res.pareto and summary["stages_done"] == ["stage1", "stage2", "stage3", "final"]
+    assert summary["front"] == res.pareto
+    assert summary["stages_done"] == ["stage1", "stage2", "stage3", "single", "final"]
     assert summary["feature_cache"]["used_cached_features"] is True
     sweep = summary["exit_policy_sweep"]
     assert {r["policy"] for r in sweep} == {"dact", "patience", "entropy", "fixed"}
@@ -222,8 +226,12 @@ def test_stage3_fits_halting_points_on_the_best_stage2_model(done):
         loaded = final_model_with(h, res, t.user_attrs["halting_file"])
         y, hh, targets = layer_outputs(loaded.model, loaded.tokenizer, val)
         _, avg, acc = spec_metrics("dact", None, y, hh, targets)
-        assert t.user_attrs["val_avg_exit_layer"] == pytest.approx(avg, abs=1e-6) == t.values[1]
-        assert t.user_attrs["val_accuracy"] == pytest.approx(acc, abs=1e-6)
+        # a fitted point's objectives are cross-fitted (out of fold); on the rows it was fitted on, as reloaded:
+        seen = "seen_" if t.user_attrs.get("cross_fitted") else ""
+        assert t.user_attrs["cross_fitted"] == (t.params["halting"] == "fitted")  # 48 validation rows: 2 folds
+        assert t.user_attrs[f"{seen}val_avg_exit_layer"] == pytest.approx(avg, abs=1e-6)
+        assert t.user_attrs[f"{seen}val_accuracy"] == pytest.approx(acc, abs=1e-6)
+        assert t.user_attrs["val_avg_exit_layer"] == t.values[1]
         if t.params["halting"] == "fitted":
             n_ref, N = study.user_attrs["nll_ref"], study.user_attrs["num_layers"]
             assert t.user_attrs["spec_lambda"] == pytest.approx(t.params["ponder_lambda"] * n_ref / N)
@@ -262,8 +270,9 @@ def test_every_stage3_point_reloads_as_a_model_that_reproduces_it(done):
             loaded = load_model(res.final_run_id, home=h, device="cpu")
             ev = evaluate_encoded(loaded.model, encode(val, loaded.tokenizer, 32))
             m = metrics_of(ev, "val_")
-            assert m["val_accuracy"] == pytest.approx(p["val_accuracy"], abs=1e-6)
-            assert m["val_avg_exit_layer"] == pytest.approx(p["val_avg_exit_layer"], abs=1e-6)
+            seen = "seen_" if p.get("cross_fitted") else ""  # a fitted point's own numbers are out of fold
+            assert m["val_accuracy"] == pytest.approx(p[f"{seen}val_accuracy"], abs=1e-6)
+            assert m["val_avg_exit_layer"] == pytest.approx(p[f"{seen}val_avg_exit_layer"], abs=1e-6)
             # row by row, the exits are the DACT rule's on the reloaded model's per-layer outputs
             y, hh, targets = layer_outputs(loaded.model, loaded.tokenizer, val)
             assert ev.exit_layer.tolist() == spec_metrics("dact", None, y, hh, targets)[0]
@@ -393,7 +402,7 @@ def test_rerun_of_a_finished_pipeline_trains_nothing(done):
     assert len(tr.list_runs()) == before and again.parent_run_id != job
     tr.set_status(job, "finished")
     assert again.final_run_id == res.final_run_id and again.chosen == res.chosen
-    assert again.resumed_stages == ["stage1", "stage2", "stage3", "final"]
+    assert again.resumed_stages == ["stage1", "stage2", "stage3", "single", "final"]
     assert load_pipeline_result("demo-pipe", home=h).pareto == res.pareto
     changed = tiny_cfg()
     changed.data.max_seq_len = 48
@@ -449,8 +458,8 @@ def test_cancel_in_stage3_then_resume_keeps_stages_1_2_and_the_fitted_points(hom
 
     def cancelling_fit(*args, **kw):
         calls.append(1)
-        if len(calls) == 3:
-            token.cancel("test cancels stage 3's third fit")
+        if len(calls) == 7:  # a fitted trial = 3 fits (every row, then 2 cross-fit folds): in the third trial
+            token.cancel("test cancels stage 3's third trial")
         return real(*args, **kw)
 
     monkeypatch.setattr(halting, "fit_halting", cancelling_fit)
@@ -679,7 +688,7 @@ def test_stage2_trials_on_a_fraction_of_the_rows_then_the_best_params_train_on_a
     """Multi-fidelity over rows: trials see a stratified share of the training rows, the best trial's parameters
     train once on every row, and that refit (not a trial) is the model stages 3 and final build on."""
     tr = Tracker(home)
-    pipe = tiny_pipe("refit", trials=(2, 2, 2), stage2_fraction=0.5, stage2_min_rows=10)
+    pipe = tiny_pipe("refit", trials=(2, 2, 2), stage2_fraction=0.5, stage2_min_rows=10, stage2_min_per_class=1)
     res = run_pipeline(tiny_cfg(), pipeline=pipe, home=home, tracker=tr)
     st2 = json.loads((tr.run_dir(res.parent_run_id) / "stage2.json").read_text())
     n_train = st2["train_rows"]
@@ -691,8 +700,9 @@ def test_stage2_trials_on_a_fraction_of_the_rows_then_the_best_params_train_on_a
     assert st2["refit"]["epochs"] == st2["train"]["epochs"] >= pipe.epochs_range[1]
     assert (tr.run_dir(refit["id"]) / "model.safetensors").is_file()
     trial_runs = [r for n, r in runs.items() if "/stage2/trial" in n]
-    assert len(trial_runs) == 2 and not any((tr.run_dir(r["id"]) / "model.safetensors").is_file()
-                                            for r in trial_runs)
+    # the best trial keeps its weights (the trunk had the time left not paid for the refit), the other none
+    assert len(trial_runs) == 2 and sum((tr.run_dir(r["id"]) / "model.safetensors").is_file()
+                                        for r in trial_runs) == 1
 
     def rows_seen(rid):
         return [e["payload"]["train_rows"] for e in tr.get_events(rid, kinds=["phase"]) if "rows" in e["payload"]]
@@ -716,9 +726,9 @@ def test_stage2_uses_every_row_when_the_fraction_would_be_below_the_minimum():
 
     ds = read_csv(EASY_CSV)
     split = SimpleNamespace(train=ds, val=ds, test=None)
-    pl = SimpleNamespace(split=split, pipe=PipelineConfig(name="x", stage2_fraction=0.5).validate())
+    pl = SimpleNamespace(split=split, pipe=PipelineConfig(name="x", stage2_fraction=0.5).validate(), task="label")
     assert trial_rows(pl) is split  # 240 rows < stage2_min_rows: no subset, no refit
-    pl.pipe = PipelineConfig(name="x", stage2_fraction=0.25, stage2_min_rows=100).validate()
+    pl.pipe = PipelineConfig(name="x", stage2_fraction=0.25, stage2_min_rows=100, stage2_min_per_class=1).validate()
     sub = trial_rows(pl).train
     assert len(sub) == 100 and set(sub.texts) <= set(ds.texts)
     counts = list(sub.class_counts().values())
@@ -737,3 +747,169 @@ def test_a_pipeline_with_its_run_folders_outside_the_home(home, tmp_path, monkey
     assert files and all(not Path(f).is_absolute() for f in files)  # stored relative to the artifacts root
     assert all(tr.abs_path(f).is_file() and art.resolve() in tr.abs_path(f).parents for f in files)
     assert (tr.run_dir(res.final_run_id) / "model.safetensors").is_file()
+
+
+# --- issue 27: a pipeline never worse than one run, one criterion, a timeout that is a wall ----------------------
+
+def test_trial_rows_keep_enough_rows_of_the_smallest_class():
+    """34 % of a 77-class set gave ≈35 rows per class; the share is raised until the smallest class has
+    stage2_min_per_class rows (every row when a class has fewer)."""
+    from dact_lib.tuning.dact_pipeline.stage2 import trial_row_count
+
+    assert trial_row_count([500, 500], 0.34, 100, 100) == 340  # the fraction already gives 170 per class
+    assert trial_row_count([130] * 77, 0.34, 1500, 100) == 7700  # 100 of each of 77 classes of 130 rows
+    assert trial_row_count([1000, 100], 0.34, 10, 100) == 1100  # the small class has only 100: every row
+    assert trial_row_count([1000, 300], 0.1, 10, 100) == 434  # ceil(1300 · 100 / 300)
+    assert trial_row_count([1000, 300], 0.1, 10, 1) == 130  # no floor per class: the fraction
+    assert trial_row_count([], 0.5, 10, 100) == 0
+
+
+def test_final_choice_never_keeps_a_point_the_single_run_beats():
+    from dact_lib.tuning.dact_pipeline.single import PIPELINE, SINGLE, final_choice
+
+    pipe = {"trial": 3, "val_accuracy": 0.9021, "val_avg_exit_layer": 3.82}
+    trials = [pipe, {"trial": 4, "val_accuracy": 0.905, "val_avg_exit_layer": 5.0}]
+    # the issue's case: the single run is more accurate and exits earlier
+    single = {"source": SINGLE, "val_accuracy": 0.9042, "val_avg_exit_layer": 1.63}
+    d = final_choice(pipe, single, trials, "lowest_exit_within_1pt", 0.01)
+    assert d["winner"] == SINGLE and "at least as accurate and exits no later" in d["why"]
+    assert d["pipeline"] == pipe and d["single"] == single
+    # slightly less accurate but within the tolerance and earlier: the rule over both picks the single run
+    single2 = {**single, "val_accuracy": 0.899}
+    d = final_choice(pipe, single2, trials, "lowest_exit_within_1pt", 0.01)
+    assert d["winner"] == SINGLE and "exits earlier" in d["why"]
+    # 2 points below the best: the pipeline's point stays (and says why)
+    single3 = {**single, "val_accuracy": 0.884}
+    d = final_choice(pipe, single3, trials, "lowest_exit_within_1pt", 0.01)
+    assert d["winner"] == PIPELINE and "does not beat" in d["why"]
+    # best_objective: only a dominating single run replaces the pipeline's point
+    assert final_choice(pipe, single2, trials, "best_objective", 0.01)["winner"] == PIPELINE
+    assert final_choice(pipe, single, trials, "best_objective", 0.01)["winner"] == SINGLE
+    # equal points: the pipeline's
+    assert final_choice(pipe, {**pipe, "source": SINGLE}, trials, "lowest_exit_within_1pt", 0.01)["winner"] == PIPELINE
+    assert final_choice(pipe, None, trials, "lowest_exit_within_1pt", 0.01)["winner"] == PIPELINE
+
+
+def test_guard_reads_the_metric_the_checkpoint_was_restored_by():
+    """The issue's case, by hand: early stopping on val_loss restores epoch 4 (67.7 %), a later epoch reached
+    74.2 % at a worse loss; the accuracy guard refused the restored model. Judged by the restore's own criterion
+    (its NLL against answering the class frequencies) it passes; a model that learned nothing fails either way."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from dact_lib.config import EarlyStoppingConfig
+    from dact_lib.train import EarlyStopping
+    from dact_lib.tuning.dact_pipeline import guards
+
+    history = [{"val_loss": 0.80, "val_nll": 0.80, "val_accuracy": 0.60},
+               {"val_loss": 0.70, "val_nll": 0.70, "val_accuracy": 0.64},
+               {"val_loss": 0.66, "val_nll": 0.66, "val_accuracy": 0.66},
+               {"val_loss": 0.50, "val_nll": 0.50, "val_accuracy": 0.677},  # epoch 4: the best loss
+               {"val_loss": 0.53, "val_nll": 0.53, "val_accuracy": 0.70},
+               {"val_loss": 0.55, "val_nll": 0.55, "val_accuracy": 0.742},
+               {"val_loss": 0.56, "val_nll": 0.56, "val_accuracy": 0.742}]
+    stopper = EarlyStopping(EarlyStoppingConfig(metric="val_loss", patience=10, regression=1.0, trend_window=10))
+    restored = None
+    for h in history:
+        improved, _ = stopper.update(h["val_loss"])
+        restored = h if improved else restored
+    assert restored["val_accuracy"] == 0.677  # the restore kept epoch 4
+    events = []
+    y_val = np.array([0] * 66 + [1] * 34)  # majority class 66 %: accuracy needs ≥ 68 %
+    y_train = np.array([0] * 660 + [1] * 340)
+    split = SimpleNamespace(val=SimpleNamespace(targets={"label": y_val}), train=SimpleNamespace(
+        targets={"label": y_train}), test=None)
+    pl = SimpleNamespace(split=split, task="label", num_classes=2, parent=1, summary={},
+                         pipe=PipelineConfig(name="g").validate(),
+                         tracker=SimpleNamespace(log_event=lambda rid, kind, payload: events.append((kind, payload))))
+    with pytest.raises(PipelineGuardError, match="67.7% val accuracy"):
+        guards.check(pl, "stage2", restored["val_accuracy"])  # the old criterion: accuracy
+    info = guards.check(pl, "stage2", restored["val_accuracy"], metrics=restored, metric="val_loss")
+    ref, _ = guards.prior_nll(y_train, y_val, 2)
+    assert info["criterion"] == "nll" and info["passed"] and info["prior_nll"] == pytest.approx(ref)
+    assert ref == pytest.approx(-(0.66 * np.log(661 / 1002) + 0.34 * np.log(341 / 1002)))
+    nothing = {"val_nll": ref - 0.001, "val_accuracy": 0.66}  # answers the frequencies: no better than the prior
+    with pytest.raises(PipelineGuardError, match="restored by val_loss"):
+        guards.check(pl, "stage2", 0.66, metrics=nothing, metric="val_loss")
+    assert [k for k, _ in events].count("guard_failed") == 2
+
+
+def test_budget_is_a_wall_split_over_the_stages_left(monkeypatch):
+    from dact_lib.tuning.dact_pipeline import record
+
+    now = [1000.0]
+    monkeypatch.setattr(record.time, "monotonic", lambda: now[0])
+    b = record.Budget(14.0)  # 840 s; weights 1 : 8 : 1 : 3 : 1
+    assert b.share("stage1") == pytest.approx(840 / 14)
+    now[0] += 60
+    assert b.share("stage2") == pytest.approx(780 * 8 / 13)
+    assert record.Budget(14.0, skip=("single",)).share("stage3") == pytest.approx(840 * 1 / 2)  # 1 : 1
+    now[0] += 10_000
+    assert b.left() == 0.0 and b.share("final") == 0.0
+    assert record.Budget.limit_min(0.0) == pytest.approx(1 / 60)  # past the wall: one step, one evaluation
+    assert record.Budget.limit_min(120.0, 1.5) == 1.5 and record.Budget.limit_min(None, 3.0) == 3.0
+    assert record.Budget(None).share("stage2") is None and record.Budget(None).left() is None
+
+
+def test_the_timeout_is_a_wall_for_every_training_and_the_refit(home, monkeypatch):
+    """Every training the pipeline starts runs under a time limit taken from what is left; with the wall already
+    passed at stage 2, the refit is skipped and said, and the pipeline still ends with a model."""
+    from dact_lib import train as train_mod
+    from dact_lib.tuning.dact_pipeline import record
+
+    limits = []
+    real_train = train_mod.train
+
+    def spy(cfg, **kw):
+        limits.append((cfg.tag, cfg.train.time_limit_min))
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    real_share = record.Budget.share
+
+    def share(self, stage):  # stage 1 takes the whole budget: every later phase starts past the wall
+        if stage == "stage2":
+            self.deadline = record.time.monotonic() - 1.0
+        return real_share(self, stage)
+
+    monkeypatch.setattr(record.Budget, "share", share)
+    pipe = tiny_pipe("wall", trials=(2, 2, 2), stage2_fraction=0.5, stage2_min_rows=10, stage2_min_per_class=1,
+                     timeout_min=30.0, single_run=True)
+    tr = Tracker(home)
+    res = run_pipeline(tiny_cfg(), pipeline=pipe, home=home, tracker=tr)
+    assert res.final_run_id is not None and limits
+    assert all(lim is not None and lim <= record.Budget.FLOOR_S / 60 + 1e-9 for _, lim in limits)
+    assert {t for t, _ in limits} == {"stage2", "single"}  # trials and the single run; no refit
+    st2 = json.loads((tr.run_dir(res.parent_run_id) / "stage2.json").read_text())
+    assert "under 25% of the refit" in st2["refit"]["skipped"]
+    assert st2["best_run_id"] == json.loads((tr.run_dir(res.parent_run_id) / "stage2.json").read_text())[
+        "best_user_attrs"]["run_id"]  # the best trial's own model is the trunk
+    assert any("refit skipped" in w for w in tr.get_run(res.parent_run_id)["summary"]["warnings"])
+    sweep = [e["payload"] for e in tr.get_events(res.parent_run_id, kinds=["exit_policy_sweep"])]
+    assert sweep[0]["timed"] is False and "time budget" in sweep[0]["untimed_because"]
+
+
+def test_the_single_run_is_a_candidate_and_the_choice_says_which_won(home):
+    tr = Tracker(home)
+    pipe = tiny_pipe("withsingle", trials=(2, 2, 3), single_run=True)
+    res = run_pipeline(tiny_cfg(), pipeline=pipe, home=home, tracker=tr)
+    parent = tr.get_run(res.parent_run_id)
+    single = [r for r in children(tr, res.parent_run_id) if r["tag"] == "single"]
+    assert len(single) == 1 and single[0]["status"] == "finished"
+    st = json.loads((tr.run_dir(res.parent_run_id) / "single.json").read_text())
+    assert st["run_id"] == single[0]["id"] and st["point"]["source"] == "single run"
+    (choice,) = [e["payload"] for e in tr.get_events(res.parent_run_id, kinds=["final_choice"])]
+    assert choice["winner"] in ("pipeline", "single run") and choice["why"]
+    assert parent["summary"]["final_source"] == choice["winner"]
+    report = json.loads((tr.run_dir(res.final_run_id) / "report.json").read_text())
+    if choice["winner"] == "single run":
+        assert report["built_from"] == {"single_run_id": single[0]["id"]}
+        p = res.pareto[0]
+        with pytest.raises(DactLabError, match="final model is its single run"):
+            from dact_lib.tuning.dact_pipeline import choose_for_prediction
+            choose_for_prediction(res.parent_run_id, {**p, "source": "front"}, tracker=tr)
+    else:
+        assert report["built_from"]["trunk_run_id"] == json.loads(
+            (tr.run_dir(res.parent_run_id) / "stage2.json").read_text())["best_run_id"]
+    assert report["halting"]["final_choice"]["winner"] == choice["winner"]

@@ -305,6 +305,10 @@ SETTING_TEXT: dict[str, tuple[str, str]] = {
     "stage2_fraction": ("Stage 2: fraction of the training rows per trial", "Trials train on this stratified "
                         "share (at least the minimum rows); the best parameters then train once on every row."),
     "stage2_min_rows": ("Stage 2: minimum rows per trial", "Smaller training sets use every row in every trial."),
+    "stage2_min_per_class": ("Stage 2: minimum rows of the smallest class per trial", "The trials' share is raised "
+                             "until the smallest class has this many rows (every row when it has fewer)."),
+    "single_run": ("Compare with a single DACT run", "Also train this form's settings as one single run and keep it "
+                   "when its point is better: the pipeline never returns a model a single run beats."),
     "stage2_refit_epochs": ("Stage 2: epochs of the refit on every row", "max: the top of the epochs range (best "
                             "validation checkpoint kept); trial: the best trial's own."),
     "stage2_start_from_config": ("Stage 2: first trial = this form's training values", "The search starts from "

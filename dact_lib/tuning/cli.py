@@ -44,10 +44,14 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
                    help="a stage no better than the majority class stops the pipeline (stop, default) or not")
     p.add_argument("--final-finetune", action="store_true",
                    help="also fine-tune the final model end to end at the chosen λ and compare")
+    p.add_argument("--no-single-run", action="store_true",
+                   help="do not also train the config as one single run (by default the pipeline does, and returns "
+                        "it when its validation point beats stage 3's)")
     p.add_argument("--choose", type=int, default=None, metavar="TRIAL",
                    help="with --name of a finished pipeline: use stage-3 trial TRIAL's halting units for "
                         "prediction (nothing is trained; the pipeline's own choice stays recorded)")
-    p.add_argument("--timeout-min", type=float, default=None, help="time budget of the whole pipeline")
+    p.add_argument("--timeout-min", type=float, default=None,
+                   help="time budget of the whole pipeline: a wall (every training in it stops at its share)")
     p.add_argument("--stage2-local-trials", type=int, default=None, metavar="N",
                    help="run at most N of the stage-2 trials in this process (0: only workers run them: `worker "
                         "--study NAME/stage2`); default all that no worker has taken")
@@ -257,6 +261,8 @@ def pipeline_arguments(args) -> tuple[Any, Any]:
         settings["guards"] = args.guards
     if args.final_finetune:
         settings["final_finetune"] = True
+    if getattr(args, "no_single_run", False):
+        settings["single_run"] = False
     if args.lambdas_trials is not None:
         settings["trials_stage3"] = args.lambdas_trials
     if args.timeout_min is not None:
@@ -292,11 +298,15 @@ def cmd_dact_pipeline(args) -> int:
                           callbacks=[ProgressPrinter(args.verbosity)])
     chosen = res.chosen or {}
     if chosen:
-        what = f"threshold τ {_fmt(chosen['tau'])}" if chosen.get("tau") is not None else \
-            f"λ {_fmt(chosen.get('lambda'))}"
+        what = "the single run's point" if chosen.get("source") == "single run" else \
+            f"threshold τ {_fmt(chosen['tau'])}" if chosen.get("tau") is not None else f"λ {_fmt(chosen.get('lambda'))}"
         _err(args, f"chosen {what} (trial {chosen.get('trial')}): val accuracy "
                    f"{_fmt(chosen.get('val_accuracy'))}, average exit layer {_fmt(chosen.get('val_avg_exit_layer'))}; "
                    f"{len(res.pareto)} Pareto-optimal points")
+    decision = (Tracker(args.home).get_run(res.parent_run_id).get("summary") or {}).get("final_choice")
+    if decision:
+        _err(args, f"final model: {'the single run' if decision['winner'] == 'single run' else 'stage 3'}'s — "
+                   f"{decision['why']}")
     if res.test_metrics:
         _err(args, "final test: " + str({k: round(v, 4) for k, v in res.test_metrics.items()
                                          if isinstance(v, float)}))

@@ -83,6 +83,9 @@ def choose_for_prediction(parent_id: int, point: dict[str, Any], *, tracker, by:
     summary = parent.get("summary") or {}
     rule = summary.get("chosen") or {}
     trial = point.get("trial")
+    from .single import refuse_stage3_point
+
+    refuse_stage3_point(summary, point)
     fitted = bool(point.get("halting_file") or rule.get("halting_file"))
     if trial is not None and point.get("source") != "final":
         try:

@@ -38,18 +38,47 @@ _GUARD_ADVICE = {
 }
 
 
+def prior_nll(train_targets, targets, num_classes: int | None = None) -> tuple[float, float]:
+    """(mean, standard error) of the NLL on ``targets`` of always answering the training class frequencies (add-one
+    smoothed): the loss-side majority-class baseline — a model that learned nothing from the text scores this."""
+    tr = torch.as_tensor(train_targets).long()
+    t = torch.as_tensor(targets).long()
+    k = int(max(num_classes or 0, int(tr.max()) + 1 if tr.numel() else 0, int(t.max()) + 1 if t.numel() else 0))
+    freq = (torch.bincount(tr, minlength=k).double() + 1.0) / (tr.numel() + k)
+    per_row = -freq.log()[t]
+    n = max(1, int(t.numel()))
+    return float(per_row.mean()), float(per_row.std(unbiased=False)) / math.sqrt(n)
+
+
+def is_loss_metric(metric: str | None) -> bool:
+    """Whether a checkpoint metric is a loss (lower is better): the restore and the guard then read the NLL."""
+    return bool(metric) and any(w in str(metric) for w in ("loss", "nll"))
+
+
 def check(pl, stage: str, accuracy: float | None, *, split: str = "val", previous: tuple[str, float] | None
-          = None) -> dict:
-    """Compare ``stage``'s best accuracy with the majority-class baseline of ``split`` (and with the stage
-    before, ``previous`` = (stage, accuracy)): a ``guard`` event either way; raises PipelineGuardError (after a
-    ``guard_failed`` event) when the model is not clearly better than the baseline."""
+          = None, metrics: dict | None = None, metric: str | None = None) -> dict:
+    """Compare ``stage``'s best model with the majority-class baseline of ``split`` (and with the stage before,
+    ``previous`` = (stage, accuracy)): a ``guard`` event either way; raises PipelineGuardError (after a
+    ``guard_failed`` event) when the model is not clearly better than the baseline.
+
+    One criterion: a model whose checkpoint was restored by a loss (``metric`` = ``val_loss``, the stage-2
+    default) is judged by the same side — its validation NLL (``metrics["val_nll"]``) against the NLL of answering
+    the training class frequencies, by max(``guard_margin`` × that NLL, 2 standard errors). (Reading accuracy there
+    refused a model whose best-loss epoch was at 67.7 % while a later, discarded epoch reached 74.2 %.) Otherwise
+    the accuracy against always answering the largest class, by max(``guard_margin``, 2 standard errors)."""
     part = pl.split.val if split == "val" else pl.split.test
     targets = part.targets[pl.task]
     base = majority_baseline(targets)
     need = guard_margin(base, len(targets), pl.pipe.guard_margin)
     acc = float("nan") if accuracy is None else float(accuracy)
     info = {"stage": stage, "split": split, "accuracy": acc, "majority_baseline": base, "margin": need,
-            "rows": len(targets), "passed": bool(acc == acc and acc >= base + need)}
+            "rows": len(targets), "criterion": "accuracy", "passed": bool(acc == acc and acc >= base + need)}
+    nll = (metrics or {}).get(f"{split}_nll")
+    if is_loss_metric(metric) and nll is not None and nll == nll:
+        ref, se = prior_nll(pl.split.train.targets[pl.task], targets, getattr(pl, "num_classes", None))
+        need_nll = max(pl.pipe.guard_margin * ref, 2.0 * se)
+        info.update(criterion="nll", checkpoint_metric=metric, nll=float(nll), prior_nll=ref, nll_margin=need_nll,
+                    passed=bool(float(nll) <= ref - need_nll))
     if previous is not None and previous[1] is not None and previous[1] == previous[1]:
         info["previous"] = {"stage": previous[0], "accuracy": float(previous[1]),
                             "change": acc - float(previous[1])}
@@ -58,9 +87,15 @@ def check(pl, stage: str, accuracy: float | None, *, split: str = "val", previou
                                f"{float(previous[1]):.3f}")
     pl.tracker.log_event(pl.parent, ev.GUARD, info)
     if not info["passed"]:
-        msg = (f"Pipeline stopped after {stage}: its best model reaches {acc:.1%} {split} accuracy, not clearly "
-               f"better than always answering the largest class ({base:.1%}; needed ≥ {base + need:.1%} on "
-               f"{len(targets)} rows). What to change: {_GUARD_ADVICE[stage]}.")
+        if info["criterion"] == "nll":
+            msg = (f"Pipeline stopped after {stage}: its best model (restored by {metric}) has a {split} NLL of "
+                   f"{info['nll']:.4f}, not clearly better than answering the class frequencies "
+                   f"({info['prior_nll']:.4f}; needed ≤ {info['prior_nll'] - info['nll_margin']:.4f} on "
+                   f"{len(targets)} rows; accuracy {acc:.1%}). What to change: {_GUARD_ADVICE[stage]}.")
+        else:
+            msg = (f"Pipeline stopped after {stage}: its best model reaches {acc:.1%} {split} accuracy, not clearly "
+                   f"better than always answering the largest class ({base:.1%}; needed ≥ {base + need:.1%} on "
+                   f"{len(targets)} rows). What to change: {_GUARD_ADVICE[stage]}.")
         info["message"] = msg
         pl.tracker.log_event(pl.parent, ev.GUARD_FAILED, info)
         if pl.pipe.guards == "stop":

@@ -22,16 +22,36 @@ STOPPED = "the pipeline stopped"  # why a stage's slots left are dropped when th
 
 
 class Budget:
-    def __init__(self, minutes: float | None) -> None:
+    """``timeout_min`` as a wall: every phase gets a share of what is left when it starts, and every training in
+    it (stage-2 trials, the stage-2 refit, the single run) runs under ``train.time_limit_min`` = that share, so it
+    stops at its share with its best checkpoint (:meth:`limit_min`). ``skip``: stages that take no time here
+    (``single`` when ``pipeline.single_run`` is off)."""
+
+    FLOOR_S = 1.0  # a training given no time left still makes one step and one evaluation (a model to go on with)
+
+    def __init__(self, minutes: float | None, skip=()) -> None:
         self.deadline = None if minutes is None else time.monotonic() + 60.0 * float(minutes)
+        self.skip = set(skip)
+
+    def left(self) -> float | None:
+        """Seconds until the wall (0 once past it), None without a timeout."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def share(self, stage: str) -> float | None:
         """Seconds for ``stage``: the remaining time split over the stages still to run."""
         if self.deadline is None:
             return None
-        rest = STAGES[STAGES.index(stage):]
-        remaining = self.deadline - time.monotonic()
-        return max(0.0, remaining * STAGE_WEIGHTS[stage] / sum(STAGE_WEIGHTS[s] for s in rest))
+        rest = [s for s in STAGES[STAGES.index(stage):] if s not in self.skip or s == stage]
+        return self.left() * STAGE_WEIGHTS[stage] / sum(STAGE_WEIGHTS[s] for s in rest)
+
+    @classmethod
+    def limit_min(cls, seconds: float | None, existing: float | None = None) -> float | None:
+        """``train.time_limit_min`` for a training that may take ``seconds`` (the smaller of that and the config's
+        own limit ``existing``)."""
+        if seconds is None:
+            return existing
+        mins = max(float(seconds), cls.FLOOR_S) / 60.0
+        return mins if existing is None else min(mins, float(existing))
 
 
 def jsonable(value: Any) -> Any:
@@ -155,6 +175,8 @@ def open_parent(pl, run_id: int | None = None) -> None:
     pl.parent = int(run["id"])
     pl.summary = dict(run.get("summary") or {})
     stored = read_stages(tr.run_dir(pl.parent))
+    if "final" in stored and "single" not in stored:  # finished before the single-run stage existed
+        stored["single"] = {"stage": "single", "skipped": "recorded before the pipeline had a single-run stage"}
     for stage in STAGES:  # the finished stages in order (a later file without the one before it is not used)
         if stage not in stored:
             break

@@ -13,7 +13,7 @@ from .. import studies
 from ...callbacks import Callback, CancelToken
 from ...config import DactModelConfig, RunConfig, TrainConfig, from_dict
 from ...errors import Cancelled, ConfigError, DactLabError
-from . import final, guards, record, stage1, stage2, stage3
+from . import final, guards, record, single, stage1, stage2, stage3
 from .record import Budget, counted, jsonable, n_complete, write_json
 from .settings import PipelineConfig, PipelineResult, STAGES
 from .stage2 import train_from_params
@@ -31,7 +31,8 @@ class _Pipeline:
         self.cancel = cancel
         self.callbacks = list(callbacks)
         self.names = pipe.study_names()
-        self.budget = Budget(pipe.timeout_min)
+        self.budget = Budget(pipe.timeout_min, skip=() if pipe.single_run else ("single",))
+        self.single_cfg = copy.deepcopy(cfg)  # the run config as a single run trains it (single.py)
         self.split, self.dataset_id = load_split(cfg, tracker, data)
         if self.split.val is None or len(self.split.val) == 0:
             raise DactLabError("The pipeline needs validation data: set data.val_frac > 0 or give data.val_path.")
@@ -66,8 +67,8 @@ class _Pipeline:
                                                             "budget_s": None if budget is None else round(budget, 1)})
 
     def guard(self, stage: str, accuracy: float | None, *, split: str = "val", previous: tuple[str, float] | None
-              = None) -> dict:
-        return guards.check(self, stage, accuracy, split=split, previous=previous)
+              = None, metrics: dict | None = None, metric: str | None = None) -> dict:
+        return guards.check(self, stage, accuracy, split=split, previous=previous, metrics=metrics, metric=metric)
 
     # -- optuna helpers -------------------------------------------------------------------------------------
     def trial_logger(self, stage: str) -> Callable[[optuna.Study, FrozenTrial], None]:
@@ -213,6 +214,9 @@ class _Pipeline:
     def stage3(self) -> None:
         stage3.run(self)
 
+    def single(self) -> None:
+        single.run(self)
+
     def final(self) -> None:
         final.run(self)
 
@@ -254,12 +258,14 @@ def run_pipeline(cfg: RunConfig, *, pipeline: PipelineConfig, home=None, tracker
         raise ConfigError("model.exit_temperature is not used by the DACT pipeline: stage 3 fits the halting units on "
                           "the stage-2 model's own exits. Turn it off for the pipeline (it applies to single DACT "
                           "runs).")
+    single_cfg = copy.deepcopy(cfg)  # the single-run candidate: the config as `train --kind dact` runs it
     # stage 3 fits the halting units per λ on the best stage-2 model itself: its trials skip train()'s own
     # post-training halting fit (kind 'dact', model.fit_halting)
     cfg.model.fit_halting = False
     tracker = tracker or Tracker(home)
     cancel = cancel or CancelToken()
     run = _Pipeline(cfg, pipeline, tracker, cancel, callbacks or [], data)
+    run.single_cfg = single_cfg
     run.open_parent(run_id)
     if run.already_finished:
         return run.result()

@@ -16,7 +16,7 @@ from .guards import guard_margin
 PIPELINE_KIND = "dact-pipeline"
 
 
-STAGES = ("stage1", "stage2", "stage3", "final")
+STAGES = ("stage1", "stage2", "stage3", "single", "final")
 
 
 OBJECTIVES3 = ("loss", "error")
@@ -28,7 +28,7 @@ CHOICE_RULES = ("lowest_exit_within_1pt", "best_objective")
 LAYOUT_CHOICES = ("constant", "pyramidal", "inverted", "bowtie")  # "constant" = explicit [width] * depth
 
 
-STAGE_WEIGHTS = {"stage1": 1.0, "stage2": 8.0, "stage3": 1.0, "final": 1.0}
+STAGE_WEIGHTS = {"stage1": 1.0, "stage2": 8.0, "stage3": 1.0, "single": 3.0, "final": 1.0}
 
 
 STUDY_PREFIX = {"classifier": "cls", "halting": "halt"}
@@ -76,7 +76,10 @@ class PipelineConfig:
     max_depth: int = 3
     widths: tuple[int, ...] = (32, 64, 128, 256)
     poolings: tuple[str, ...] = ("cls", "mean")
-    search_share_weights: bool = True
+    # one classifier shared by every layer leaves nothing for the exit refit to retrain (exit_refit.py): stage 1
+    # scores frozen features, where sharing looks as good, and picked it on a 77-class set whose single run the
+    # refit lifts from 52 % to 88 % at layer 1 — so it is tried only when asked for (and the skipped refit is said)
+    search_share_weights: bool = False
     # stage 2 search space
     encoder_lr_range: tuple[float, float] = (1e-5, 1e-4)
     # contains the single runs' head lr (1e-3); the seed's (1e-4, 1e-2) drew 1e-4-4e-4 heads that, on a few
@@ -97,6 +100,8 @@ class PipelineConfig:
     # build on. 1.0 = trials on every row, the best trial's own model is kept (bench/pipeline_time.py)
     stage2_fraction: float = 0.34
     stage2_min_rows: int = 1500
+    # … and enough rows that the smallest class has this many in the trials' sample (every row when it has fewer)
+    stage2_min_per_class: int = 100
     # epochs of that refit: "trial" = the best trial's own; "max" = the top of epochs_range, the best validation
     # checkpoint kept (early stopping on) — the trunk trains as long as a single run would
     stage2_refit_epochs: Literal["trial", "max"] = "max"
@@ -118,6 +123,9 @@ class PipelineConfig:
     # optionally fine-tune the final model end to end at the chosen point's λ (measured against the fitted point)
     final_finetune: bool = False
     finetune_epochs: int = 1
+    # also train the run config as one single DACT run (what `train --kind dact` gives) and return it instead when
+    # its validation point beats the pipeline's by the choice rule (single.py): never a model a single run beats
+    single_run: bool = True
     # final model: time the exit-policy sweep (real early-exit passes) or only simulate it
     sweep_timed: bool = True
 
@@ -160,7 +168,25 @@ class PipelineConfig:
         if not isinstance(self.stage2_min_rows, int) or isinstance(self.stage2_min_rows, bool) \
                 or self.stage2_min_rows < 1:
             raise bad("stage2_min_rows", self.stage2_min_rows, "expected an integer >= 1")
-        for fld in ("final_finetune", "sweep_timed", "search_share_weights", "stage3_thresholds",
+        from ...config import MAX_HEAD_WIDTH, MAX_SEED, check_int
+
+        # ranges the code can take (a seed beyond 32 bits, a width of 10**9 ... were tracebacks, not messages)
+        check_int("pipeline.stage2_min_per_class", self.stage2_min_per_class, 1)
+        check_int("pipeline.seed", self.seed, 0, MAX_SEED - 16)  # the stages' samplers take seed + 1 … + 3
+        for fld in ("trials_stage1", "trials_stage2", "trials_stage3"):
+            check_int(f"pipeline.{fld}", getattr(self, fld), 1, 100_000)
+        for fld in ("stage1_epochs", "max_epochs", "finetune_epochs"):
+            check_int(f"pipeline.{fld}", getattr(self, fld), 1, 10_000)
+        check_int("pipeline.stage1_batch_size", self.stage1_batch_size, 1, 65_536)
+        check_int("pipeline.min_steps", self.min_steps, 0, 10_000_000)
+        check_int("pipeline.stage2_min_rows", self.stage2_min_rows, 1)
+        for w in self.widths:
+            check_int("pipeline.widths", w, 1, MAX_HEAD_WIDTH)
+        for b in self.batch_sizes:
+            check_int("pipeline.batch_sizes", b, 1, 65_536)
+        if self.timeout_min is not None and self.timeout_min > 60 * 24 * 366:
+            raise bad("timeout_min", self.timeout_min, "expected at most a year of minutes (or None: no limit)")
+        for fld in ("final_finetune", "sweep_timed", "search_share_weights", "stage3_thresholds", "single_run",
                     "stage2_start_from_config"):
             if not isinstance(getattr(self, fld), bool):
                 raise bad(fld, getattr(self, fld), "expected true or false")

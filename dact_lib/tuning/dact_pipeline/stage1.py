@@ -270,6 +270,12 @@ def run(pl) -> None:
     best = study.best_trial
     pl.guard("stage1", best.user_attrs.get("val_accuracy"))
     model_cfg = model_from_params(best.params, cfg.model, ponder_lambda=pipe.stage1_lambda)
+    if model_cfg.share_weights and model_cfg.exit_refit_epochs > 0:  # said, never silent
+        msg = ("stage 1 chose one head shared by every layer: the exit refit (model.exit_refit_epochs) has no "
+               "shallow classifier of its own to retrain and is skipped for this pipeline's models; set "
+               "pipeline.search_share_weights = False to keep it")
+        pl.tracker.log_event(pl.parent, ev.WARNING, {"stage": "stage1", "message": msg})
+        pl.summary.setdefault("warnings", []).append(msg)
     pl.finish_stage("stage1", {"best_params": best.params, "best_value": best.value, "best_trial": best.number,
                                  "best_user_attrs": best.user_attrs, "model": dataclasses.asdict(model_cfg),
                                  "feature_cache": pl.summary["feature_cache"], "n_trials": counted(study)},

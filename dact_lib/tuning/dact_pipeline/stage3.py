@@ -26,7 +26,8 @@ def point_record(t: FrozenTrial, objective3: str) -> dict[str, Any]:
             "val_accuracy": float(ua.get("val_accuracy", float("nan"))),
             "val_nll": float(ua.get("val_nll", float("nan"))), "run_id": ua.get("run_id"),
             "halting": t.params.get("halting", "fitted"), "tau": t.params.get("tau"),
-            **{k: ua[k] for k in ("spec_lambda", "halting_file") if k in ua}}
+            **{k: ua[k] for k in ("spec_lambda", "halting_file", "cross_fitted", "seen_val_accuracy",
+                                  "seen_val_avg_exit_layer") if k in ua}}
 
 
 def pareto_points(study: optuna.Study) -> list[dict[str, Any]]:
@@ -85,23 +86,32 @@ class Stage3Trials:
 
     def run_trial(self, trial: optuna.Trial) -> tuple[float, float]:
         """Fit (or set) one trial's halting units on the cached outputs; returns (objective, average exit)."""
-        from ...halting import fit_halting, point_metrics, threshold_state
+        from ...halting import cross_fit_halting, point_metrics, threshold_state
         from ...models import save_halting_file
 
         pl, pipe, model = self.pl, self.pl.pipe, self.model
         pl.cancel.check()
         kind = trial.suggest_categorical("halting", self.kinds)
+        crossed = False
         if kind == "fitted":
+            # the units kept are fitted on every validation row; the numbers the choice reads are cross-fitted
+            # (each fold's units measured on the rows they were not fitted on): the exit point is not chosen on
+            # the noise the units fitted
             lam = trial.suggest_float("ponder_lambda", pipe.lambda_low, pipe.lambda_high, log=True)
-            [pt] = fit_halting(model, self.cache, [lam], epochs=model.cfg.halting_epochs, seed=pipe.seed,
-                               cancel=pl.cancel)
+            [pt], crossed = cross_fit_halting(model, self.cache, [lam], epochs=model.cfg.halting_epochs,
+                                              seed=pipe.seed, cancel=pl.cancel, nll=True)
             state, spec, fit_s = pt.state, pt.spec_lambda, pt.fit_s
         else:  # halting units set to a confidence threshold τ: the DACT rule exits like entropy at τ·ln K
             tau = trial.suggest_float("tau", 0.01, 0.99)  # contains every τ of halting.THRESHOLDS
             state, spec, fit_s = threshold_state(model, tau), None, 0.0
         m = point_metrics(model, self.cache, state)
+        seen = {}
+        if crossed:
+            seen = {"seen_val_accuracy": m["accuracy"], "seen_val_avg_exit_layer": m["avg_exit_layer"]}
+            m = {"accuracy": pt.accuracy, "avg_exit_layer": pt.avg_exit_layer, "nll": pt.nll}
         path = save_halting_file(self.parent_dir, f"trial_{trial.number}", state)
         attrs = {"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_avg_exit_layer": m["avg_exit_layer"],
+                 "cross_fitted": crossed, **seen,
                  "spec_lambda": spec, "fit_s": round(fit_s, 3), "run_id": self.trunk_id,
                  "halting_file": pl.tracker.rel_path(path)}  # under the artifacts root (runs/<parent>/…)
         for k, v in attrs.items():
@@ -139,7 +149,8 @@ def run(pl) -> None:
                     "trunk_run_id": trunk_id, "nll_ref": nll_ref, "num_layers": model.num_layers,
                     "split": [len(pl.split.train), len(pl.split.val)],
                     "lambda_scale": "normalised: λ_spec = λ · nll_ref / N (dact.spec_lambda)",
-                    "method": "halting units fitted alone per λ on the validation split (halting.fit_halting)"})
+                    "method": "halting units fitted alone per λ on the validation split (halting.fit_halting); "
+                              "the objectives cross-fitted (halting.cross_fit_halting)"})
     ctx.study = study
     with warnings.catch_warnings():  # experimental in Optuna, read by optuna-dashboard
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

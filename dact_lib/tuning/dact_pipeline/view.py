@@ -70,6 +70,8 @@ def point_name(p: dict | None) -> str:
     """How a stage-3 point is named on the pages: ``threshold τ = …``, ``λ = …`` or ``trial n``."""
     if not p:
         return "?"
+    if p.get("source") == "single run":
+        return "the single run"
     if p.get("tau") is not None:
         return f"threshold τ = {p['tau']:.3g}"
     return f"λ = {p['lambda']:.3g}" if p.get("lambda") is not None else f"trial {p.get('trial')}"
