@@ -47,10 +47,20 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     check(ok, name, value, f"expected an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
 
 
-def check_pos(name: str, value: Any, *, allow_zero=False) -> None:
+def check_pos(name: str, value: Any, *, allow_zero=False, hi: float | None = None) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    check(ok, name, value, "expected a " + ("non-negative" if allow_zero else "positive") + " number")
+    ok = ok and (value >= 0 if allow_zero else value > 0) and (hi is None or value <= hi)
+    check(ok, name, value, "expected a " + ("non-negative" if allow_zero else "positive") + " number"
+          + (f" <= {hi:g}" if hi is not None else ""))
+
+
+#: the largest count a step / row / patience field takes (beyond it a value is a typo, and some reach numpy / SQLite
+#: as 64-bit integers: 2**64 was accepted and failed later)
+MAX_COUNT = 10**9
+#: the largest loss weight, temperature or λ (larger ones overflow the loss to inf, then NaN)
+MAX_WEIGHT = 1e4
+#: the largest time in minutes (a year)
+MAX_MINUTES = 60 * 24 * 366
 
 
 #: seeds reach numpy's RNG, which takes 0 … 2**32 − 1 (2**64 was a raw "ValueError: Seed must be between …")
@@ -136,7 +146,7 @@ class DataConfig:
 
     def validate(self, name: str = "data") -> None:
         if self.max_rows is not None:
-            check_int(f"{name}.max_rows", self.max_rows, 10)
+            check_int(f"{name}.max_rows", self.max_rows, 10, MAX_COUNT)
         check_frac(f"{name}.val_frac", self.val_frac, 0.0, 0.9)
         check_frac(f"{name}.test_frac", self.test_frac, 0.0, 0.9)
         check(self.val_frac + self.test_frac < 0.95, f"{name}.val_frac + test_frac",
@@ -231,10 +241,10 @@ class DactModelConfig:
         self.classifier.validate(f"{name}.classifier")
         self.halting.validate(f"{name}.halting")
         check(isinstance(self.share_weights, bool), f"{name}.share_weights", self.share_weights, "expected true/false")
-        check_pos(f"{name}.ponder_lambda", self.ponder_lambda, allow_zero=True)
-        check_pos(f"{name}.layer_loss_weight", self.layer_loss_weight, allow_zero=True)
-        check_pos(f"{name}.distill_weight", self.distill_weight, allow_zero=True)
-        check_pos(f"{name}.distill_temperature", self.distill_temperature)
+        check_pos(f"{name}.ponder_lambda", self.ponder_lambda, allow_zero=True, hi=MAX_WEIGHT)
+        check_pos(f"{name}.layer_loss_weight", self.layer_loss_weight, allow_zero=True, hi=MAX_WEIGHT)
+        check_pos(f"{name}.distill_weight", self.distill_weight, allow_zero=True, hi=MAX_WEIGHT)
+        check_pos(f"{name}.distill_temperature", self.distill_temperature, hi=MAX_WEIGHT)
         check(self.depth_weighting in DEPTH_WEIGHTINGS, f"{name}.depth_weighting", self.depth_weighting,
                f"choose one of {DEPTH_WEIGHTINGS}")
         check(self.halting_input in HALTING_INPUTS, f"{name}.halting_input", self.halting_input,
@@ -251,15 +261,15 @@ class DactModelConfig:
             isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
             for x in self.halting_lambdas), f"{name}.halting_lambdas", self.halting_lambdas,
             "expected a non-empty list of numbers >= 0, e.g. [0, 0.1, 0.5, 1, 2]")
-        check_pos(f"{name}.halting_tolerance", self.halting_tolerance, allow_zero=True)
+        check_pos(f"{name}.halting_tolerance", self.halting_tolerance, allow_zero=True, hi=100.0)
         check_int(f"{name}.halting_epochs", self.halting_epochs, 1, 10000)
         check(isinstance(self.halting_calibration, bool), f"{name}.halting_calibration", self.halting_calibration,
                "expected true/false")
         check_int(f"{name}.exit_refit_epochs", self.exit_refit_epochs, 0, 1000)
         check_pos(f"{name}.exit_refit_lr", self.exit_refit_lr)
         check(self.exit_refit_lr < 1, f"{name}.exit_refit_lr", self.exit_refit_lr, "expected a learning rate < 1")
-        check_int(f"{name}.exit_refit_max_rows", self.exit_refit_max_rows, 100)
-        check_pos(f"{name}.exit_refit_distill", self.exit_refit_distill, allow_zero=True)
+        check_int(f"{name}.exit_refit_max_rows", self.exit_refit_max_rows, 100, MAX_COUNT)
+        check_pos(f"{name}.exit_refit_distill", self.exit_refit_distill, allow_zero=True, hi=MAX_WEIGHT)
         check(isinstance(self.halting_thresholds, bool), f"{name}.halting_thresholds", self.halting_thresholds,
                "expected true/false")
         check(isinstance(self.exit_temperature, bool), f"{name}.exit_temperature", self.exit_temperature,
@@ -309,12 +319,12 @@ class EarlyStoppingConfig:
     min_epochs: int = 1
 
     def validate(self, name: str = "train.early_stopping") -> None:
-        check_int(f"{name}.patience", self.patience, 1)
-        check_pos(f"{name}.min_delta", self.min_delta, allow_zero=True)
-        check_pos(f"{name}.regression", self.regression)
-        check_int(f"{name}.trend_window", self.trend_window, 2)
-        check_int(f"{name}.smoothing", self.smoothing, 1)
-        check_int(f"{name}.min_epochs", self.min_epochs, 0)
+        check_int(f"{name}.patience", self.patience, 1, MAX_COUNT)
+        check_pos(f"{name}.min_delta", self.min_delta, allow_zero=True, hi=MAX_WEIGHT)
+        check_pos(f"{name}.regression", self.regression, hi=MAX_WEIGHT)
+        check_int(f"{name}.trend_window", self.trend_window, 2, MAX_COUNT)
+        check_int(f"{name}.smoothing", self.smoothing, 1, MAX_COUNT)
+        check_int(f"{name}.min_epochs", self.min_epochs, 0, MAX_COUNT)
 
 
 @dataclass
@@ -367,34 +377,34 @@ class TrainConfig:
         check_int(f"{name}.batch_size", self.batch_size, 1, 4096)
         check_pos(f"{name}.encoder_lr", self.encoder_lr, allow_zero=True)
         check_pos(f"{name}.head_lr", self.head_lr)
-        check(self.encoder_lr < 1 and self.head_lr < 1, f"{name}.lr", (self.encoder_lr, self.head_lr),
-               "learning rates must be below 1")
-        check_pos(f"{name}.weight_decay", self.weight_decay, allow_zero=True)
+        check(self.encoder_lr < 1, f"{name}.encoder_lr", self.encoder_lr, "learning rates must be below 1")
+        check(self.head_lr < 1, f"{name}.head_lr", self.head_lr, "learning rates must be below 1")
+        check_pos(f"{name}.weight_decay", self.weight_decay, allow_zero=True, hi=10.0)
         check_frac(f"{name}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        check_pos(f"{name}.max_grad_norm", self.max_grad_norm, allow_zero=True)
-        check_int(f"{name}.freeze_layers", self.freeze_layers, 0)
+        check_pos(f"{name}.max_grad_norm", self.max_grad_norm, allow_zero=True, hi=MAX_WEIGHT)
+        check_int(f"{name}.freeze_layers", self.freeze_layers, 0, 1000)
         check(self.precision in PRECISIONS, f"{name}.precision", self.precision, f"choose one of {PRECISIONS}")
         if self.encoder_dropout is not None:
             check_frac(f"{name}.encoder_dropout", self.encoder_dropout, 0.0, 1.0)
         if self.pad_to is not None:
             check_int(f"{name}.pad_to", self.pad_to, 8, 4096)
         if self.max_steps is not None:
-            check_int(f"{name}.max_steps", self.max_steps, 1)
+            check_int(f"{name}.max_steps", self.max_steps, 1, MAX_COUNT)
         if self.time_limit_min is not None:
-            check_pos(f"{name}.time_limit_min", self.time_limit_min)
+            check_pos(f"{name}.time_limit_min", self.time_limit_min, hi=MAX_MINUTES)
         if self.eval_every_steps is not None:
-            check_int(f"{name}.eval_every_steps", self.eval_every_steps, 1)
+            check_int(f"{name}.eval_every_steps", self.eval_every_steps, 1, MAX_COUNT)
         v = self.evals_per_epoch
         check(v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100),
               f"{name}.evals_per_epoch", v, "expected 'auto' or a whole number from 1 to 100")
-        check_int(f"{name}.log_every_steps", self.log_every_steps, 1)
-        check_pos(f"{name}.resume_every_min", self.resume_every_min, allow_zero=True)
+        check_int(f"{name}.log_every_steps", self.log_every_steps, 1, MAX_COUNT)
+        check_pos(f"{name}.resume_every_min", self.resume_every_min, allow_zero=True, hi=MAX_MINUTES)
         check_int(f"{name}.seed", self.seed, 0, MAX_SEED)
         check(self.device in DEVICES, f"{name}.device", self.device, f"choose one of {DEVICES}")
         if self.num_threads is not None:
             check_int(f"{name}.num_threads", self.num_threads, 1, 512)
-        check_int(f"{name}.min_batch_size", self.min_batch_size, 1)
-        check_int(f"{name}.max_batch_size", self.max_batch_size, self.min_batch_size)
+        check_int(f"{name}.min_batch_size", self.min_batch_size, 1, 4096)
+        check_int(f"{name}.max_batch_size", self.max_batch_size, self.min_batch_size, 65536)
         self.early_stopping.validate(f"{name}.early_stopping")
 
 

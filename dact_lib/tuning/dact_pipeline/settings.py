@@ -171,7 +171,14 @@ class PipelineConfig:
         from ...config import MAX_HEAD_WIDTH, MAX_SEED, check_int
 
         # ranges the code can take (a seed beyond 32 bits, a width of 10**9 ... were tracebacks, not messages)
-        check_int("pipeline.stage2_min_per_class", self.stage2_min_per_class, 1)
+        from ...config import MAX_COUNT, MAX_WEIGHT
+
+        check_int("pipeline.stage2_min_per_class", self.stage2_min_per_class, 1, MAX_COUNT)
+        if self.stage1_threads is not None:
+            check_int("pipeline.stage1_threads", self.stage1_threads, 1, 512)
+        for fld in ("lambda_high", "stage1_lambda"):
+            if _num(getattr(self, fld)) and getattr(self, fld) > MAX_WEIGHT:
+                raise bad(fld, getattr(self, fld), f"expected at most {MAX_WEIGHT:g}")
         check_int("pipeline.seed", self.seed, 0, MAX_SEED - 16)  # the stages' samplers take seed + 1 … + 3
         for fld in ("trials_stage1", "trials_stage2", "trials_stage3"):
             check_int(f"pipeline.{fld}", getattr(self, fld), 1, 100_000)
@@ -179,7 +186,7 @@ class PipelineConfig:
             check_int(f"pipeline.{fld}", getattr(self, fld), 1, 10_000)
         check_int("pipeline.stage1_batch_size", self.stage1_batch_size, 1, 65_536)
         check_int("pipeline.min_steps", self.min_steps, 0, 10_000_000)
-        check_int("pipeline.stage2_min_rows", self.stage2_min_rows, 1)
+        check_int("pipeline.stage2_min_rows", self.stage2_min_rows, 1, MAX_COUNT)
         for w in self.widths:
             check_int("pipeline.widths", w, 1, MAX_HEAD_WIDTH)
         for b in self.batch_sizes:
