@@ -320,8 +320,8 @@ class EarlyStoppingConfig:
 
     def validate(self, name: str = "train.early_stopping") -> None:
         check_int(f"{name}.patience", self.patience, 1, MAX_COUNT)
-        check_pos(f"{name}.min_delta", self.min_delta, allow_zero=True, hi=MAX_WEIGHT)
-        check_pos(f"{name}.regression", self.regression, hi=MAX_WEIGHT)
+        check_pos(f"{name}.min_delta", self.min_delta, allow_zero=True, hi=MAX_COUNT)
+        check_pos(f"{name}.regression", self.regression, hi=MAX_COUNT)
         check_int(f"{name}.trend_window", self.trend_window, 2, MAX_COUNT)
         check_int(f"{name}.smoothing", self.smoothing, 1, MAX_COUNT)
         check_int(f"{name}.min_epochs", self.min_epochs, 0, MAX_COUNT)

@@ -23,7 +23,9 @@ def progress_eta(run: dict, metrics: pd.DataFrame | None = None, events: Iterabl
     """Progress of a run: ``steps_done`` (the highest logged step, or the given ``steps_done``; the summary's
     ``steps`` once ended), ``total_steps`` (from the 'start' event's ``steps``; else the config's
     ``train.max_steps``; else None), ``fraction`` (0..1 or None), ``elapsed_s`` and ``eta_s`` (seconds left at
-    the average pace since the run started; None when unknown; 0 once the run has ended) and a short ``text``."""
+    the pace measured between the first and the last logged step — not since the start, which holds loading and
+    tokenising; None until two steps are logged; 0 once the run has ended) and a short ``text`` (with the latest
+    phase before the first step and after the last one: the exit refit, the halting fit, the test split)."""
     now = _time.time() if now is None else float(now)
     status = run.get("status")
     summary = run.get("summary") or {}
@@ -35,10 +37,17 @@ def progress_eta(run: dict, metrics: pd.DataFrame | None = None, events: Iterabl
         total = _cfg_total_steps(run.get("config"))
     done = 0
     first_t = last_t = None
+    pace = None  # seconds per step, measured between the first and the last logged step
     if metrics is not None and len(metrics):
         done = int(metrics["step"].max())
         t = metrics["time"].to_numpy(dtype=np.float64)
         first_t, last_t = float(np.nanmin(t)), float(np.nanmax(t))
+        by_step = metrics.groupby("step")["time"].min()
+        if len(by_step) >= 2:
+            s0, s1 = int(by_step.index.min()), int(by_step.index.max())
+            t0, t1 = float(by_step.loc[s0]), float(by_step.loc[s1])
+            if s1 > s0 and t1 >= t0:
+                pace = (t1 - t0) / (s1 - s0)
     if steps_done is not None:
         done = max(done, int(steps_done))
     if summary.get("steps") is not None and status not in ("running", "queued"):
@@ -51,8 +60,10 @@ def progress_eta(run: dict, metrics: pd.DataFrame | None = None, events: Iterabl
         fraction = 1.0 if total or done else fraction
     eta = None
     if status in ("running", "queued"):
-        if total and done and elapsed and elapsed > 0:
-            eta = max(0.0, elapsed / done * (total - done))
+        # the pace of the steps themselves: loading the encoder and tokenising before step 1 took minutes, and
+        # elapsed / steps done read 21 h, 51 h, 58 h where minutes were left. No ETA before the pace is measured
+        if total and done and pace is not None:
+            eta = max(0.0, pace * (total - done))
     elif status is not None:
         eta = 0.0
     phase = None
@@ -63,8 +74,8 @@ def progress_eta(run: dict, metrics: pd.DataFrame | None = None, events: Iterabl
         text = f"step {done:,} / {total:,}"
     else:
         text = f"step {done:,}"
-    if status == "running" and not done and phase and phase != "training":
-        text = f"{phase}… · " + text  # before the first step: say what it is doing
+    if status == "running" and phase and phase != "training" and (not done or (total and done >= total)):
+        text = f"{phase}… · " + text  # before the first step or after the last: say what it is doing
     if eta is not None and status in ("running", "queued"):
         text += f" · ETA {format_seconds(eta)}"
     if elapsed is not None:

@@ -812,10 +812,15 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             model.load_state_dict(state.extra["best_state"])
         cbs.on_event(state, ev.RESTORED_BEST, {"epoch": state.best_epoch, "step": state.extra.get("best_step")})
         halting_report = exit_report = val_cache = None
-        if cfg.kind == "dact" and cfg.model.exit_refit_epochs > 0:
+        if cfg.kind == "dact" and cfg.model.exit_refit_epochs > 0 and not cfg.model.share_weights:
             from .exit_refit import refit_after_training
 
+            # the phases after the last step, named (the Runs page showed "step 184/184 · running" for 19 minutes)
+            cbs.on_event(state, ev.PHASE, {"phase": f"refitting the exit classifiers of layers 1–{model.num_layers - 1}"
+                                                    f" ({cfg.model.exit_refit_epochs} epochs on cached summaries)"})
             exit_report = refit_after_training(model, cfg, enc_train, enc_val, cancel, deadline=deadline)
+        elif cfg.kind == "dact" and cfg.model.exit_refit_epochs > 0:  # said, not silent
+            exit_report = {"skipped": "share_weights: the one classifier is also the deepest one"}
         if cfg.kind == "dact" and cfg.model.exit_temperature:
             from .exit_refit import temperatures_after_training
 
@@ -826,6 +831,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         if cfg.kind == "dact" and cfg.model.fit_halting:
             from .halting import fit_after_training
 
+            cbs.on_event(state, ev.PHASE, {"phase": f"fitting the halting units ({len(cfg.model.halting_lambdas)} λ, "
+                                                    "cross-fitted on the validation split)"})
             halting_report = fit_after_training(model, cfg, enc_val, cancel, cache=val_cache)
             cbs.on_event(state, ev.HALTING_FIT, halting_report)
         if exit_report is not None or halting_report is not None:
@@ -838,6 +845,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             if run_dir is not None:
                 save_model(run_dir, model, tokenizer, cfg, label_maps)
         if evaluate_test and enc_test is not None:
+            cbs.on_event(state, ev.PHASE, {"phase": f"evaluating the test split ({len(enc_test):,} rows)"})
             res = evaluate_encoded(model, enc_test, max(tc.batch_size, 64), device, tc.precision)
             test_metrics = metrics_of(res, "test_")
             report = full_report(res, label_maps)

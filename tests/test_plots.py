@@ -114,10 +114,33 @@ def test_progress_eta_running_run():
     run = {"status": "running", "started": 1000.0, "config": {}, "summary": {}}
     events = [{"kind": "start", "payload": {"steps": 100}}]
     df = _metrics([(1, s, "train_loss", 1.0, 1000.0 + s) for s in range(10, 26)])
-    p = progress.progress_eta(run, df, events, now=1010.0)
+    p = progress.progress_eta(run, df, events, now=1030.0)
     assert p["steps_done"] == 25 and p["total_steps"] == 100 and p["fraction"] == pytest.approx(0.25)
-    assert p["eta_s"] == pytest.approx(10.0 / 25 * 75)  # elapsed / done * remaining
+    assert p["eta_s"] == pytest.approx(1.0 * 75)  # the measured pace (1 s / step) × the steps left
     assert "25 / 100" in p["text"] and "ETA" in p["text"]
+
+
+def test_eta_is_the_pace_of_the_steps_not_of_the_loading():
+    """Issue 28: 5 minutes of loading and tokenising before step 1, then 3 s a step: the ETA is 27 minutes, not
+    elapsed / done × left (≈ 5 h); with one logged step the pace is unknown: no ETA rather than a wrong one."""
+    run = {"status": "running", "started": 1000.0, "config": {}, "summary": {}}
+    events = [{"kind": "start", "payload": {"steps": 552}}]
+    one = progress.progress_eta(run, _metrics([(1, 1, "train_loss", 1.0, 1300.0)]), events, now=1310.0)
+    assert one["eta_s"] is None and "ETA" not in one["text"]
+    df = _metrics([(1, 1, "train_loss", 1.0, 1300.0), (1, 10, "train_loss", 0.9, 1327.0)])
+    p = progress.progress_eta(run, df, events, now=1330.0)
+    assert p["eta_s"] == pytest.approx(3.0 * 542) and "ETA 27" in p["text"]
+
+
+def test_the_phase_after_the_last_step_is_shown():
+    run = {"status": "running", "started": 1000.0, "config": {}, "summary": {}}
+    events = [{"kind": "start", "payload": {"steps": 20}}, {"kind": "phase", "payload": {"phase": "training"}},
+              {"kind": "phase", "payload": {"phase": "refitting the exit classifiers"}}]
+    df = _metrics([(1, 10, "train_loss", 1.0, 1010.0), (1, 20, "train_loss", 0.9, 1020.0)])
+    p = progress.progress_eta(run, df, events, now=1100.0)
+    assert p["text"].startswith("refitting the exit classifiers… · step 20 / 20")
+    mid = progress.progress_eta(run, df[df["step"] == 10], events[:2], now=1015.0)
+    assert not mid["text"].startswith("training")
 
 
 def test_progress_eta_finished_and_config_fallback():
