@@ -403,3 +403,14 @@ def test_gradual_unfreeze_is_refused(home):
     cfg.train.freeze_layers, cfg.train.gradual_unfreeze = 1, True
     with pytest.raises(ConfigError, match="train.gradual_unfreeze = True .*same trainable"):
         run_pbt(cfg, pbt=tiny_pbt(), home=home)
+
+
+def test_a_population_too_small_to_exploit_is_refused_naming_the_rule():
+    """Issue 27: population 2 was said to never exploit. The quantile rule keeps at least one member each side, so 2
+    exploits (one copies the other, here the better one); 1 is refused with the rule and the smallest population."""
+    from dact_lib.errors import ConfigError
+
+    assert select_quantiles({"a": 0.4, "b": 0.6}, 0.2) == (["a"], ["b"])
+    with pytest.raises(ConfigError, match=r"floor\(population × quantile\).*2 is the smallest population that exploits"):
+        PBTConfig(population=1).validate()
+    assert PBTConfig(population=2).validate().population == 2

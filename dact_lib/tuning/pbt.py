@@ -190,7 +190,11 @@ class PBTConfig:
         from ..config import check_types
 
         check_types(self, name)
-        check_int(f"{name}.population", self.population, 2, 64)
+        p = self.population
+        check(isinstance(p, int) and not isinstance(p, bool) and 2 <= p <= 64, f"{name}.population", p,
+              "expected 2 to 64 members: each ready point the bottom max(1, floor(population × quantile)) members "
+              "copy a top one, so 2 is the smallest population that exploits (one each side); 4 (the default) "
+              "gives the search room")
         check(self.ready_every_steps is not None or self.ready_every_epochs is not None, f"{name}.ready_every_steps",
                None, "set ready_every_steps (an integer >= 1) or ready_every_epochs (a fraction of an epoch > 0)")
         check(self.ready_every_steps is None or self.ready_every_epochs is None, f"{name}.ready_every_epochs",
