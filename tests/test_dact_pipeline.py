@@ -890,7 +890,22 @@ def test_the_timeout_is_a_wall_for_every_training_and_the_refit(home, monkeypatc
     assert sweep[0]["timed"] is False and "time budget" in sweep[0]["untimed_because"]
 
 
-def test_the_single_run_is_a_candidate_and_the_choice_says_which_won(home):
+def test_the_single_run_is_a_candidate_and_the_choice_says_which_won(home, monkeypatch, tmp_path):
+    """The single run is trained and compared; when it wins (forced here: the rule itself is tested above) the final
+    model is its model, stage 3's points are refused for prediction (they fit the stage-2 model) and an export of
+    one of them carries the stage-2 model it fits."""
+    from dact_lib.deploy.export import _pipeline_point
+    from dact_lib.tuning.dact_pipeline import choose_for_prediction, single as single_mod
+
+    real = single_mod.final_choice
+    seen = []
+
+    def single_wins(chosen, single, trials, rule, tol):
+        d = real(chosen, single, trials, rule, tol)
+        seen.append(d)
+        return {**d, "winner": single_mod.SINGLE, "why": "forced by the test"}
+
+    monkeypatch.setattr(single_mod, "final_choice", single_wins)
     tr = Tracker(home)
     pipe = tiny_pipe("withsingle", trials=(2, 2, 3), single_run=True)
     res = run_pipeline(tiny_cfg(), pipeline=pipe, home=home, tracker=tr)
@@ -899,17 +914,20 @@ def test_the_single_run_is_a_candidate_and_the_choice_says_which_won(home):
     assert len(single) == 1 and single[0]["status"] == "finished"
     st = json.loads((tr.run_dir(res.parent_run_id) / "single.json").read_text())
     assert st["run_id"] == single[0]["id"] and st["point"]["source"] == "single run"
+    assert seen[0]["single"] == st["point"] and seen[0]["winner"] in ("pipeline", "single run") and seen[0]["why"]
     (choice,) = [e["payload"] for e in tr.get_events(res.parent_run_id, kinds=["final_choice"])]
-    assert choice["winner"] in ("pipeline", "single run") and choice["why"]
-    assert parent["summary"]["final_source"] == choice["winner"]
+    assert choice["winner"] == "single run" and parent["summary"]["final_source"] == "single run"
     report = json.loads((tr.run_dir(res.final_run_id) / "report.json").read_text())
-    if choice["winner"] == "single run":
-        assert report["built_from"] == {"single_run_id": single[0]["id"]}
-        p = res.pareto[0]
-        with pytest.raises(DactLabError, match="final model is its single run"):
-            from dact_lib.tuning.dact_pipeline import choose_for_prediction
-            choose_for_prediction(res.parent_run_id, {**p, "source": "front"}, tracker=tr)
-    else:
-        assert report["built_from"]["trunk_run_id"] == json.loads(
-            (tr.run_dir(res.parent_run_id) / "stage2.json").read_text())["best_run_id"]
-    assert report["halting"]["final_choice"]["winner"] == choice["winner"]
+    assert report["built_from"] == {"single_run_id": single[0]["id"]}
+    assert report["halting"]["final_choice"] == {"winner": "single run", "why": "forced by the test"}
+    # the final model's weights are the single run's
+    a = load_model(res.final_run_id, home=home, device="cpu").model.state_dict()
+    b = load_model(single[0]["id"], home=home, device="cpu").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    p = res.pareto[0]
+    trunk = parent["summary"]["trunk_run_id"]
+    assert p["run_id"] == trunk  # stage 3's points are the stage-2 model's
+    with pytest.raises(DactLabError, match="final model is its single run"):
+        choose_for_prediction(res.parent_run_id, {**p, "source": "front"}, tracker=tr)
+    assert _pipeline_point(res.parent_run_id, p["trial"], home)[0] == trunk
+    choose_for_prediction(res.parent_run_id, {**res.chosen, "source": "final"}, tracker=tr)  # its own: fine

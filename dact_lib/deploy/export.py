@@ -54,7 +54,11 @@ def _pipeline_point(run: Any, point: int, home) -> tuple[int, Any]:
         raise ConfigError(f"--point {point}: not a point of pipeline {text}'s front; choose one of trials "
                           f"{sorted(front)} (the Pareto page lists them).")
     p = front[int(point)]
-    final = (info.get("summary") or {}).get("final_run_id")
+    summary = info.get("summary") or {}
+    final = summary.get("final_run_id")
+    if summary.get("final_source") == "single run" and p.get("halting_file"):
+        # the final model is the pipeline's single run: stage 3's units fit the stage-2 model, exported with it
+        final = summary.get("trunk_run_id", final)
     halting = None
     try:
         if p.get("halting_file"):
