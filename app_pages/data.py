@@ -133,7 +133,11 @@ if up is not None:
         show_dataset(ds)
         split_preview(ds)
         c1, c2 = st.columns([3, 1])
-        name = c1.text_input("Dataset name", value=default_name, key="data:name")
+        # the name follows each new file (it kept the first file's name across uploads); an edit is kept for its file
+        if st.session_state.get("data:name-for") != (up.file_id, file_key):
+            st.session_state["data:name-for"] = (up.file_id, file_key)
+            st.session_state["data:name"] = default_name
+        name = c1.text_input("Dataset name", key="data:name")
         if c2.button("Save", type="primary", key="data:save", icon=":material/save:"):
             before = {d["id"] for d in tr.list_datasets()}
             dataset_id = tr.add_dataset(ds, name=name.strip() or default_name)
