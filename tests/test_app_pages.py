@@ -307,11 +307,12 @@ def test_invalid_form_values_show_an_error_and_submit_nothing(app_home):
     at = goto(open_app(), "app_pages/backbone.py")
     fill_tiny(at, BB, epochs=0)
     at.button(key="FormSubmitter:backbone:form-Start").click().run()
-    assert any("train.epochs" in e for e in errors(at))
+    # in the form's words (issue 28): its label, not the config key
+    assert any("“Epochs”" in e for e in errors(at)) and not any("train.epochs" in e for e in errors(at))
     at.number_input(key=f"{BB}:train.epochs").set_value(1)
     at.text_input(key=f"{BB}:model.head.hidden_dims").set_value("256, lots")
     at.button(key="FormSubmitter:backbone:form-Check config").click().run()
-    assert any("hidden_dims" in e for e in errors(at))
+    assert any("“Head hidden layers”" in e for e in errors(at)), errors(at)
     assert Tracker(app_home).list_runs() == [] and jobs().jobs() == []
 
 
@@ -321,7 +322,7 @@ def test_check_config_validates_the_engine_settings_too(app_home):
     fill_tiny(at, pre)
     at.number_input(key=f"{pre}:pbt.population").set_value(0)
     at.button(key="FormSubmitter:pbt:form-Check config").click().run()
-    assert any("population" in e for e in errors(at)), errors(at)
+    assert any("“Population size”" in e for e in errors(at)), errors(at)
     assert not any("valid" in s for s in successes(at))
     at.number_input(key=f"{pre}:pbt.population").set_value(2)
     at.button(key="FormSubmitter:pbt:form-Check config").click().run()
@@ -841,3 +842,94 @@ def test_the_app_resolves_transformers_names_before_any_page_or_job_thread():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+# --------------------------------------------------------------------------------------------- issue 28: forms
+
+
+def _forms(node) -> list:
+    """Every st.form block under ``node`` (the AppTest tree)."""
+    found = []
+    for child in getattr(node, "children", {}).values():
+        if getattr(child, "type", None) == "form":
+            found.append(child)
+        found += _forms(child)
+    return found
+
+
+@pytest.mark.parametrize("path", ["app_pages/backbone.py", "app_pages/dact_pipeline.py", "app_pages/pbt.py",
+                                  "app_pages/multitask.py"])
+def test_enter_in_a_field_does_not_submit_the_launch_form(app_home, path):
+    """Defect (issue 28): Enter in a number or run-name field submitted the form — two jobs started by accident.
+    Only the Start and Check config buttons submit."""
+    at = goto(open_app(), path)
+    forms = _forms(at.main)
+    assert forms, "the launch page draws its form"
+    assert [f.proto.form.enter_to_submit for f in forms] == [False] * len(forms)
+
+
+def test_the_form_keeps_what_the_user_typed_across_pages(app_home):
+    """Defect (issue 28): leaving the DACT pipeline page and coming back reset 12 settings and the dataset to the
+    demo. What the user set (and the mode) is there again after a visit to other pages."""
+    ds_id = Tracker(app_home).add_dataset(read_csv(csv_bytes(), name="reviews"), name="reviews")
+    at = goto(open_app(), "app_pages/dact_pipeline.py")
+    at.radio(key="dact:mode").set_value("Full pipeline").run()
+    pre = "dact/dact"
+    typed = {f"{pre}:train.epochs": 5, f"{pre}:data.max_rows": 800, f"{pre}:pipeline.min_steps": 123,
+             f"{pre}:pipeline.trials_stage2": 4, f"{pre}:pipeline.head_lr_range:low": 1e-4,
+             f"{pre}:train.encoder_lr": 3e-5}
+    at.selectbox(key=f"{pre}:data.dataset_id").set_value(ds_id)
+    for key, value in typed.items():
+        at.number_input(key=key).set_value(value)
+    at.checkbox(key=f"{pre}:pipeline.sweep_timed").uncheck()
+    at.selectbox(key=f"{pre}:pipeline.guards").set_value("warn")
+    at.text_input(key=f"{pre}:name").set_value("financial")
+    at.button(key="FormSubmitter:dact:form-Check config").click().run()
+    assert not errors(at), errors(at)
+
+    for page in ("app_pages/data.py", "app_pages/backbone.py", "app_pages/home.py", "app_pages/dact_pipeline.py"):
+        goto(at, page)
+    assert at.radio(key="dact:mode").value == "Full pipeline"
+    assert at.selectbox(key=f"{pre}:data.dataset_id").value == ds_id
+    for key, value in typed.items():
+        assert at.number_input(key=key).value == pytest.approx(value), key
+    assert at.checkbox(key=f"{pre}:pipeline.sweep_timed").value is False
+    assert at.selectbox(key=f"{pre}:pipeline.guards").value == "warn"
+    assert at.text_input(key=f"{pre}:name").value == "financial"
+    # and the mode's fields survive a switch to the other mode and back
+    at.radio(key="dact:mode").set_value("Single DACT run").run()
+    at.radio(key="dact:mode").set_value("Full pipeline").run()
+    assert at.number_input(key=f"{pre}:pipeline.min_steps").value == 123
+
+
+def test_the_dataset_name_follows_each_uploaded_file(app_home):
+    """Defect (issue 28): the Data page's name field kept the first file's name across three uploads."""
+    at = goto(open_app(), "app_pages/data.py")
+    at.file_uploader(key="data:upload").upload("banking.csv", csv_bytes(), "text/csv")
+    at.run()
+    assert at.text_input(key="data:name").value == "banking"
+    at.text_input(key="data:name").set_value("my banking").run()
+    assert at.text_input(key="data:name").value == "my banking"  # an edit is kept for its file
+    for name, n in (("financial.csv", 16), ("questions.csv", 17)):
+        at.file_uploader(key="data:upload").set_value((name, csv_bytes(n), "text/csv"))
+        at.run()
+        assert not errors(at), errors(at)
+        assert at.text_input(key="data:name").value == name[:-4]
+    at.button(key="data:save").click().run()
+    assert [d["name"] for d in Tracker(app_home).list_datasets()] == ["questions"]
+
+
+def test_messages_name_the_forms_labels_not_config_keys():
+    """Defect (issue 28): the pipeline's guard said "raise pipeline.min_steps …" — words the form does not show."""
+    from dact_lib.tuning.dact_pipeline.guards import _GUARD_ADVICE
+    from ui.forms import form_words
+
+    said = form_words(_GUARD_ADVICE["stage2"])
+    assert "“Minimum optimizer steps per trial”" in said and "“Head learning rate range”" in said
+    assert "pipeline." not in said
+    said = form_words(_GUARD_ADVICE["stage1"])  # "pipeline.stage1_epochs / stage1_lr": both named
+    assert "“Stage 1 epochs per trial” / “Stage 1 learning rate”" in said
+    assert form_words("train.epochs = 0 is invalid; model.classifier.hidden_dims (Classifier hidden layers) = 'x'; "
+                      "data.val_frac too big") == ("“Epochs” = 0 is invalid; “Classifier hidden layers” = 'x'; "
+                                                   "“Validation fraction” too big")
+    assert form_words("pipeline.no_such_setting stays") == "pipeline.no_such_setting stays"  # not on a form

@@ -39,6 +39,10 @@ class Field:
     def has_state(self, key: str) -> bool:
         return key in st.session_state
 
+    def state_keys(self, key: str) -> list[str]:
+        """The session keys this field's widgets use (what a form keeps across page switches)."""
+        return [key]
+
     def read(self, key: str) -> Any:
         return self.from_widget(st.session_state.get(key))
 
@@ -188,6 +192,9 @@ class RangeField(Field):
 
     def has_state(self, key: str) -> bool:
         return f"{key}:low" in st.session_state
+
+    def state_keys(self, key: str) -> list[str]:
+        return [f"{key}:low", f"{key}:high"] + ([f"{key}:on"] if self.optional else [])
 
     def read(self, key: str) -> Any:
         if self.optional and not st.session_state.get(f"{key}:on"):

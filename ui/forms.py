@@ -8,7 +8,9 @@ config (the defaults, or the uploaded file), so settings the form does not show 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -77,6 +79,22 @@ class FormKeys:
     def jobs(self) -> str:
         return f"{self.page}:jobs"
 
+    @property
+    def kept(self) -> str:
+        """What the user set on the page (widget key -> value): widgets' own keys are dropped by Streamlit when
+        the page is left, this plain key is not (:func:`keep_values` / :func:`restore_values`)."""
+        return f"{self.page}:kept"
+
+    @property
+    def drawn(self) -> str:
+        """The widget keys the page's last run drew (their state is the user's, not to be overwritten)."""
+        return f"{self.page}:drawn"
+
+    @property
+    def upload(self) -> str:
+        """The config uploader's widget key (drawn on every run of the page)."""
+        return f"{self.page}:upload"
+
     def prefix(self, kind: str) -> str:
         return f"{self.page}/{kind}"
 
@@ -123,6 +141,31 @@ def fill_state(prefix: str, fields: list[Field], values: dict, *, overwrite: boo
         key = _skey(prefix, f.path)
         if overwrite or not f.has_state(key):
             f.write(key, get_path(values, f.path))
+
+
+def restore_values(keys: "FormKeys") -> None:
+    """Put back what :func:`keep_values` kept, before the widgets are drawn: Streamlit drops the state of every
+    widget a run does not draw (the page was left, or the other mode / kind was shown) and may leave an older
+    value under the same key. Widgets drawn in the page's previous run keep their own state (the user's edits);
+    every other kept value is written again."""
+    entered = keys.upload not in st.session_state  # drawn on every run of the page: absent = the page was left
+    drawn = set() if entered else set(st.session_state.get(keys.drawn) or ())
+    for key, value in (st.session_state.get(keys.kept) or {}).items():
+        if key not in drawn:
+            st.session_state[key] = value
+
+
+def keep_values(keys: "FormKeys", drawn: list[str]) -> None:
+    """Copy the values of the widget keys ``drawn`` in this run into a plain session key (which survives a page
+    switch): a form's values — as last submitted — are its values when the page is drawn again."""
+    kept = dict(st.session_state.get(keys.kept) or {})
+    kept.update({k: st.session_state[k] for k in drawn if k in st.session_state})
+    st.session_state[keys.kept] = kept
+    st.session_state[keys.drawn] = list(drawn)
+
+
+def field_keys(prefix: str, fields: list[Field]) -> list[str]:
+    return [k for f in fields for k in f.state_keys(_skey(prefix, f.path))]
 
 
 def draw_fields(prefix: str, fields: list[Field], columns: int = 3) -> None:
@@ -196,6 +239,58 @@ def run_fields(kind: str) -> list[Field]:
         make_field("train.device", "Device", "select", ("auto", "cpu", "cuda"),
               help="auto: a GPU when there is one, else the CPU."),
     ]
+
+
+@functools.lru_cache(maxsize=1)
+def form_labels() -> dict[str, str]:
+    """Config path -> the label a launch form shows for it (``pipeline.min_steps`` -> "Minimum optimizer steps per
+    trial"), over every kind's run and model fields and the engines' settings."""
+    from dact_lib.tuning.backbone import BackboneSpace
+    from dact_lib.tuning.dact_pipeline import PipelineConfig
+    from dact_lib.tuning.pbt import PBTConfig
+
+    fields = [f for kind in ("backbone", "dact", "multitask") for f in run_fields(kind) + model_fields(kind)]
+    fields += settings_fields(PipelineConfig, "pipeline") + settings_fields(PBTConfig, "pbt")
+    fields += settings_fields(BackboneSpace, "space")
+    out: dict[str, str] = {}
+    for f in fields:
+        out.setdefault(f.path, f.label)
+    return out
+
+
+_MENTION = re.compile(r"\b((?:pipeline|pbt|train|model|data)(?:\.[A-Za-z_][A-Za-z0-9_]*)+)"
+                      r"((?:\s*/\s*[A-Za-z_][A-Za-z0-9_]*(?![A-Za-z0-9_.(]))*)")
+
+
+def form_words(message: str) -> str:
+    """``message`` with every config key it names (``pipeline.min_steps``, ``train.epochs``, ``model.pooling``, and
+    ``pipeline.a / b``) written as the form's label in quotes: what the user sees on the page. A key the forms do
+    not show is left as it is; a label the message already gives in brackets after the key is not repeated."""
+    labels = form_labels()
+
+    def label_of(path: str) -> str | None:
+        if path in labels:
+            return labels[path]
+        if path.startswith("pbt.") and path.replace("pbt.space.", "space.", 1) in labels:
+            return labels[path.replace("pbt.space.", "space.", 1)]
+        return None
+
+    def repl(m: re.Match) -> str:
+        path, rest = m.group(1), m.group(2) or ""
+        label = label_of(path)
+        if label is None:
+            return m.group(0)
+        words = [f"“{label}”"]
+        section = path.rsplit(".", 1)[0]
+        for name in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", rest):
+            other = label_of(f"{section}.{name}")
+            words.append(f"“{other}”" if other else name)
+        return " / ".join(words)
+
+    out = _MENTION.sub(repl, str(message))
+    for label in set(labels.values()):  # "“Label” (Label)" -> "“Label”"
+        out = out.replace(f"“{label}” ({label})", f"“{label}”")
+    return out
 
 
 def encoder_input(key: str, default: str = DEFAULT_ENCODER) -> str:
@@ -321,7 +416,7 @@ def submit_job(kind: str, cfg: RunConfig | dict, *, options: dict | None = None,
     try:
         run_id = state.jobs().submit(kind, cfg, options=options, name=name)
     except DactLabError as exc:
-        st.error(plain(exc))
+        st.error(plain(form_words(str(exc))))
         return None
     except Exception as exc:  # noqa: BLE001 - never a traceback on the page: say what happened, log the rest
         unexpected(exc, "The job was not submitted")
@@ -372,7 +467,7 @@ def jobs_panel(key: str = "jobs") -> None:
 
         df = pd.DataFrame([{"run": r["run_id"], "kind": r["kind"], "name": r["name"] or "", "state": r["state"],
                             "submitted": _fmt_time(r["submitted"]), "started": _fmt_time(r["started"]),
-                            "ended": _fmt_time(r["ended"]), "error": r["error"] or ""} for r in rows])
+                            "ended": _fmt_time(r["ended"]), "error": form_words(r["error"] or "")} for r in rows])
         st.dataframe(df, hide_index=True, width="stretch")
         active = [r for r in rows if r["state"] in ("queued", "running")]
         if active:
@@ -479,6 +574,7 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
     """The body of a launch page: config upload, mode/kind choice, one st.form, validation, submit, downloads."""
     keys = FormKeys(page)
     kind_key, mode_key, state_prefix = keys.kind, keys.mode, keys.prefix
+    restore_values(keys)  # what the user set before leaving the page (or the mode) is drawn again
     st.session_state.setdefault(kind_key, kinds[0])
     labels = [m.label for m in modes]
     st.session_state.setdefault(mode_key, labels[0])
@@ -533,7 +629,8 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
 
     common, model = run_fields(kind), model_fields(kind)
     opt_fields = mode.option_fields() if mode.option_fields else []
-    with st.form(keys.form):
+    # Enter in a field does not submit (two jobs were started by accident): only Start and Check config do
+    with st.form(keys.form, enter_to_submit=False):
         st.markdown("**Run settings**")
         draw_fields(pre, common, columns=3)
         st.markdown("**Model**")
@@ -559,11 +656,13 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
                 options = mode.prepare_options(cfg, options)
         return cfg, options
 
+    keep_values(keys, [kind_key, mode_key] + field_keys(pre, fields_for(kind) + opt_fields))
+
     if start or check:
         try:
             cfg, options = build()
         except ConfigError as exc:
-            st.error(plain(exc))
+            st.error(plain(form_words(str(exc))))
         except Exception as exc:  # noqa: BLE001 - never a traceback on the page
             unexpected(exc, "The form could not be read")
         else:
@@ -571,7 +670,7 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
                 try:  # the same checks as Start (engine settings included), nothing submitted
                     state.jobs().check(mode.job_kind or cfg.kind, cfg, options)
                 except DactLabError as exc:
-                    st.error(plain(exc))
+                    st.error(plain(form_words(str(exc))))
                 except Exception as exc:  # noqa: BLE001
                     unexpected(exc, "The config could not be checked")
                 else:
