@@ -107,7 +107,8 @@ def run(pl) -> None:
                                             "built_from": built_from})
     tr.log_event(rid, ev.BUILT_FROM_PIPELINE, {"parent": pl.parent, **built_from, "points": len(points)})
     if test:
-        guard = pl.guard("final", test.get("test_accuracy"), split="test")
+        guard = pl.guard("final", test.get("test_accuracy"), split="test", metrics=test,
+                         metric=train_cfg.early_stopping.metric)  # the criterion the checkpoint was kept by
     else:
         guard = None
     finetune = pl.finetune(model, loaded, chosen, enc_val) if pl.pipe.final_finetune else None

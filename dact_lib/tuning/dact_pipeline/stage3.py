@@ -179,7 +179,11 @@ def run(pl) -> None:
     chosen = apply_choice_rule(front, pipe.choice_rule, pipe.choice_tolerance, trials=trial_points(study))
     st2 = pl.state["stage2"]
     s2 = st2.get("trunk_val_accuracy", st2.get("best_user_attrs", {}).get("val_accuracy"))
-    guard = pl.guard("stage3", chosen.get("val_accuracy"), previous=("stage2", s2))
+    # one criterion with stage 2's: a loss objective judges the chosen point's (cross-fitted) NLL of a_N against
+    # answering the class frequencies, the error objective its accuracy against the largest class
+    guard = pl.guard("stage3", chosen.get("val_accuracy"), previous=("stage2", s2),
+                     metrics={"val_nll": chosen.get("val_nll")},
+                     metric="val_nll" if pipe.objective3 == "loss" else "val_accuracy")
     # the chosen point's weights must load back (a damaged file fails here, not in the final stage)
     load_file(str(pl.tracker.abs_path(chosen["halting_file"])))
     pl.tracker.log_event(pl.parent, ev.PARETO_FRONT, {"objectives": [first, "val_avg_exit_layer"],
