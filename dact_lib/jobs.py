@@ -502,6 +502,9 @@ class JobManager:
             if not job.adopted:
                 if job.token.cancelled:
                     raise Cancelled(job.token.reason or "cancelled")
+                # 'running' from now, as the job's state says (the worker takes seconds to start; it records its
+                # own pid then): the pages show what the manager does, and a status that changes only once
+                _mark_running(self.tracker, job)
                 proc = self._spawn(job)
                 with self._lock:
                     job.process, job.pid = proc, proc.pid
