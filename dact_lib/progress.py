@@ -162,8 +162,10 @@ def engine_progress(run: dict, events: Iterable[dict] | None = None, members: It
             text = f"stage1: {phase}"  # before its first trial: the feature cache (rows done)
         elif current in planned:
             text = f"{current}: trial {per_stage[current]} / {planned[current]}"
+        elif current == "single":
+            text = "single run (the candidate the pipeline is compared with)"
         elif current == "final":
-            text = "final training"
+            text = "final model"
         else:
             text = "starting"
     fraction = min(1.0, done / total) if total and done is not None else None

@@ -186,7 +186,9 @@ def test_engine_progress_pipeline_by_stage_without_an_eta():
                _ev("trial", stage="stage3", number=0), _ev("stage_end", stage="stage3"),
                _ev("stage_start", stage="final")]
     p = progress.engine_progress(run, resumed, now=60.0)
-    assert p["steps_done"] == 9 and p["text"].startswith("final training")
+    assert p["steps_done"] == 9 and p["text"].startswith("final model")
+    single = progress.engine_progress(run, resumed[:-1] + [_ev("stage_start", stage="single")], now=60.0)
+    assert single["text"].startswith("single run")
     p = progress.engine_progress(run, resumed + [_ev("stage_end", stage="final"), _ev("pipeline_end")], now=60.0)
     assert p["fraction"] == 1.0
     # before stage 1's first trial: the feature cache's phase, rows done (it used to say "trial 0 / 4" for minutes)
