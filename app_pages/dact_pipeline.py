@@ -5,6 +5,7 @@ import datetime as _dt
 
 import streamlit as st
 
+from ui import state
 from ui.forms import Mode, dataclass_fields, dataclass_values, launch_page
 
 st.title("DACT pipeline")
@@ -41,8 +42,32 @@ def _defaults() -> dict:
     return {"pipeline": dataclass_values(_cfg_cls()(name=name))}
 
 
+def _resume_notice(cfg, options: dict | None, run_id: int | None) -> None:
+    """Say which earlier run a pipeline of this name resumes (its stages go on there, not in the job's run), and
+    open the Pareto explorer on it."""
+    from dact_lib.tuning.pipeline_runs import pipeline_to_resume
+
+    name = ((options or {}).get("pipeline") or {}).get("name")
+    try:
+        prev = pipeline_to_resume(state.tracker(), name, new_run_id=run_id)
+    except Exception:  # noqa: BLE001 - a notice never breaks the page
+        return
+    if prev is None:
+        return
+    n = prev["id"]
+    done = ", ".join((prev.get("summary") or {}).get("stages_done") or []) or "none"
+    if run_id is None:
+        st.info(f"A pipeline named “{name}” exists: run #{n} ({prev['status']}; stages done: {done}). Start resumes "
+                f"run #{n} — with the same run settings (other settings are refused: give a new run name to start "
+                "afresh).")
+        return
+    st.session_state["pareto_parent"] = n
+    st.info(f"Job #{run_id} resumes pipeline “{name}”, run #{n} ({prev['status']}; stages done: {done}): its "
+            f"stages, trials and final model are recorded on run #{n}, which the Pareto explorer shows.")
+
+
 launch_page("dact", kinds=("dact",), modes=[
     Mode("Single DACT run", None),
-    Mode("Full pipeline", "dact-pipeline", _fields, _defaults, prepare_options=_name_from_run,
+    Mode("Full pipeline", "dact-pipeline", _fields, _defaults, prepare_options=_name_from_run, notice=_resume_notice,
          help="Give the pipeline a run name to resume it later by that name."),
 ])

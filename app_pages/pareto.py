@@ -12,15 +12,59 @@ import streamlit as st
 
 from dact_lib import events as ev, plots
 from dact_lib.tracker import ACTIVE_STATUSES
+from dact_lib.run_front import run_front
 from dact_lib.tuning.dact_pipeline.view import chosen_prediction_run, pipeline_view, point_name, prediction_trial
+from dact_lib.tuning.pipeline_runs import explorer_runs, since_last_resume
 from ui.deploy import latency_budget_panel
+from ui.forms import form_words
 from ui.safe import plain
 from ui.state import tracker
 
+def single_run_explorer(tr, singles: list[dict]) -> None:
+    """A single DACT run's fitted halting front (report.json): the same chart and table as a pipeline's, read-only
+    (the run keeps the point its halting tolerance chose; another point needs a retraining)."""
+    by_run = {r["id"]: r for r in singles}
+    rid = st.selectbox("Single DACT run", list(by_run), key="pareto_single",
+                       format_func=lambda i: f"#{i} {by_run[i].get('name') or 'dact'}"
+                       + (f" · {by_run[i]['tag']}" if by_run[i].get("tag") else ""))
+    rf = run_front(tr.run_dir(rid))
+    if rf is None:  # its report changed since the list was read
+        st.info(f"Run #{rid} has no fitted halting front.")
+        return
+    chosen = rf["chosen"]
+    st.caption(f"Halting fit on the validation split ({rf['rows'] or '?'} rows"
+               + (", accuracy and exit layer cross-fitted: measured on rows the units were not fitted on"
+                  if rf["cross_fitted"] else "") + ")"
+               + (f" · the run kept {point_name(chosen)}, the fastest point within "
+                  f"{rf['tolerance_points']:g} accuracy points of the best" if chosen and
+                  rf["tolerance_points"] is not None else ""))
+    fig = plots.lambda_pareto_figure(rf["points"], rf["front"], pipeline_trial=(chosen or {}).get("trial"))
+    for trace in fig.data:  # the ring marks the run's own choice here
+        if trace.name == "pipeline's choice":
+            trace.name = "the run's choice"
+    st.plotly_chart(fig, key=f"pareto_single_chart_{rid}")
+    rows = sorted(rf["front"], key=lambda p: p["val_avg_exit_layer"] or 0)
+    if chosen is not None and all(p["trial"] != chosen["trial"] for p in rows):
+        rows.append(chosen)
+    st.subheader("Pareto front")
+    st.dataframe(pd.DataFrame([{
+        "point": point_name(p), "kind": p["family"], "λ": p["lambda"], "τ": p.get("tau"),
+        "val accuracy": p["val_accuracy"], "val avg exit layer": p["val_avg_exit_layer"],
+        "run's choice": chosen is not None and p["trial"] == chosen["trial"]} for p in rows]), hide_index=True,
+        column_config={"λ": st.column_config.NumberColumn(format="%.3g"),
+                       "τ": st.column_config.NumberColumn(format="%.3g")})
+    st.caption("The run predicts with its chosen point. To take another, retrain with the halting tolerance that "
+               "reaches it (DACT pipeline page: “Halting tolerance (accuracy points)”), or run the DACT pipeline, "
+               "whose points can each be used for prediction here.")
+
+
 st.title("Pareto explorer")
 tr = tracker()
-pipes = tr.list_runs(kind="dact-pipeline")
-if not pipes:
+# a job started again under a pipeline's name resumes the earlier run: that run holds the stages, not the job's
+pipes = explorer_runs(tr)
+singles = [r for r in tr.list_runs(kind="dact") if r["status"] == "finished" and r.get("parent_id") is None
+           and run_front(tr.run_dir(r["id"])) is not None]
+if not pipes and not singles:
     st.info("No DACT pipeline runs yet. Run the staged DACT tuning (DACT pipeline page or "
             "`python -m dact_lib dact-pipeline --name NAME`); its λ trade-off and exit-policy comparison show up here.")
     st.stop()
@@ -30,9 +74,30 @@ if st.session_state.get("predict_run_id") is None:  # a reload: restore the pers
     if restored is not None:
         st.session_state["predict_run_id"] = restored
 
+SINGLE = "Single DACT run"
+source = "DACT pipeline" if pipes else SINGLE
+if pipes and singles:
+    source = st.radio("Explore", ["DACT pipeline", SINGLE], horizontal=True, key="pareto_source",
+                      help="A single DACT run's front: the λ and τ points its halting fit measured.")
+if source == SINGLE:
+    single_run_explorer(tr, singles)
+    st.stop()
+
 by_id = {r["id"]: r for r in pipes}
-pid = st.selectbox("DACT pipeline run", list(by_id), key="pareto_parent",
-                   format_func=lambda i: f"#{i} {by_id[i].get('name') or 'pipeline'} · {by_id[i]['status']}")
+asked = st.session_state.get("pareto_parent")
+if asked is not None and asked not in by_id:  # e.g. a job's run that resumed another: open the one it resumed
+    target = next((r["id"] for r in pipes if asked in r["resumed_by"]), None)
+    st.session_state["pareto_parent"] = target if target is not None else pipes[0]["id"]
+
+
+def _pipe_label(i: int) -> str:
+    r = by_id[i]
+    jobs = ", ".join(f"#{j}" for j in r["resumed_by"])
+    return (f"#{i} {r.get('name') or 'pipeline'} · {r['status']}"
+            + (f" · resumed by job {jobs}" if jobs else ""))
+
+
+pid = st.selectbox("DACT pipeline run", list(by_id), key="pareto_parent", format_func=_pipe_label)
 active = by_id[pid]["status"] in ACTIVE_STATUSES
 
 
@@ -82,6 +147,15 @@ def _on_chart_select(parent_id: int, key: str, by_trial: dict, by_run: dict) -> 
             return
 
 
+def _same_point(p: dict, q: dict | None) -> bool:
+    """The same stage-3 point: its trial number when both have one, else its λ / τ and run."""
+    if not q:
+        return False
+    if p.get("trial") is not None and q.get("trial") is not None:
+        return p["trial"] == q["trial"]
+    return (p.get("lambda"), p.get("tau"), p.get("source")) == (q.get("lambda"), q.get("tau"), q.get("source"))
+
+
 @st.fragment(run_every=5.0 if active else None)
 def explorer(parent_id: int) -> None:
     run = tr.get_run(parent_id)
@@ -98,8 +172,20 @@ def explorer(parent_id: int) -> None:
         st.caption(f"Final model = {who}: {plain(decision.get('why'))}.")
     for w in summary.get("warnings") or []:
         st.warning(plain(w))
-    for g in (e["payload"] for e in tr.get_events(parent_id, kinds=[ev.GUARD_FAILED])):
-        st.error(plain(g.get("message")) if g.get("message") else f"{g.get('stage')}: the model is no better than the majority class.")
+    def guard_text(g: dict) -> str:
+        return (plain(form_words(g["message"])) if g.get("message") else
+                f"{g.get('stage')}: the model is no better than the majority class.")
+
+    # a resumed pipeline: the guard that stopped an earlier attempt is history, not this attempt's error
+    earlier, now = since_last_resume(tr.get_events(parent_id, kinds=[ev.GUARD_FAILED, ev.RESUMED]))
+    for g in (e["payload"] for e in now if e["kind"] == ev.GUARD_FAILED):
+        st.error(guard_text(g))
+    old = [e["payload"] for e in earlier if e["kind"] == ev.GUARD_FAILED]
+    if old:
+        with st.expander(f"An earlier attempt stopped ({len(old)} guard message{'s' if len(old) > 1 else ''}); "
+                         "the pipeline was resumed since"):
+            for g in old:
+                st.caption(guard_text(g))
     current = st.session_state.get("predict_run_id")
     fitted, uc = view["fitted"], view["user_choice"]
     active = prediction_trial(view, current)
@@ -146,16 +232,22 @@ def explorer(parent_id: int) -> None:
         st.selectbox("Use for prediction", list(options), index=None, placeholder="choose a front point…",
                      key=f"pareto_pick_{parent_id}", on_change=_on_select_box, args=(parent_id, options))
 
-    if front_pts:
+    table_pts = sorted(front_pts, key=lambda p: p["val_avg_exit_layer"] or 0)
+    if pc and not any(_same_point(p, pc) for p in table_pts):  # the pipeline's choice is always in the table
+        table_pts.append({**pc, "run_id": pc.get("run_id", view["final_run_id"])})
+    if table_pts:
         st.subheader("Pareto front")
+        if pc and not any(_same_point(p, pc) for p in front_pts):
+            st.caption(f"The last row is the pipeline's choice ({point_name(pc)}): it is not on the front above "
+                       "(e.g. the single run, or a point chosen within the accuracy tolerance on other rows).")
         st.dataframe(pd.DataFrame([{
             "trial": p["trial"], "λ": p["lambda"], "τ": p.get("tau"), "val NLL": p.get("val_nll"),
             "val error": p.get("val_error"),
             "val accuracy": p["val_accuracy"], "val avg exit layer": p["val_avg_exit_layer"], "run": p["run_id"],
-            "pipeline's choice": bool(pc and p["trial"] == pc.get("trial")),
-            "for prediction": (p["trial"] == active) if fitted else
+            "pipeline's choice": bool(pc and _same_point(p, pc)),
+            "for prediction": (p["trial"] is not None and p["trial"] == active) if fitted else
             (current is not None and p["run_id"] is not None and int(p["run_id"]) == int(current)),
-        } for p in sorted(front_pts, key=lambda p: p["val_avg_exit_layer"] or 0)]), hide_index=True,
+        } for p in table_pts]), hide_index=True,
             column_config={"λ": st.column_config.NumberColumn(format="%.3g")})
 
     st.subheader("Exit policies on the final model")

@@ -589,3 +589,135 @@ def test_a_late_exiting_dact_run_gets_the_advice_with_its_measured_points_on_bot
     path.write_text(json.dumps(rep))
     at = _open("app_pages/early_exit.py", early_run=run)
     assert not [i.value for i in at.main.info if "exits after" in i.value]
+
+
+# ------------------------------------------------------------------------------------------------ issue 28
+
+
+def _resumed_pipeline(h: Path, name: str = "financial") -> tuple[int, int, dict]:
+    """A pipeline run #a that a guard stopped, then resumed by a job's run #b under the same name (the records
+    ``dact_pipeline.record.open_parent`` writes); its front does not hold its final choice (the single run)."""
+    tr = Tracker(h)
+    cfg = default_config("dact", encoder="tiny").to_dict()
+    front = [{"trial": 3, "lambda": 0.01, "val_avg_exit_layer": 1.4, "val_accuracy": 0.70},
+             {"trial": 5, "lambda": 0.001, "val_avg_exit_layer": 2.0, "val_accuracy": 0.80}]
+    chosen = {"source": "single run", "trial": None, "lambda": 0.02, "val_avg_exit_layer": 1.9, "val_accuracy": 0.78}
+    a = tr.create_run("dact-pipeline", {"run": cfg, "pipeline": {"name": name}}, name=name, status="finished")
+    tr.update_run(a, summary={"stages_done": ["stage1", "stage2", "stage3", "single", "final"], "front": front,
+                              "chosen": chosen, "final_run_id": None})
+    tr.log_event(a, "guard_failed", {"stage": "stage2", "message": "Pipeline stopped after stage2: What to change: "
+                                     "raise pipeline.min_steps (optimizer steps per trial)."})
+    tr.log_event(a, "resumed", {"stages_done": ["stage1"], "previous_status": "failed"})
+    b = tr.create_run("dact-pipeline", {"run": cfg, "pipeline": {"name": name}}, name=name, status="finished")
+    tr.update_run(b, summary={"engine_run_id": a, "resumes": name})
+    tr.log_event(b, "resumes", {"pipeline": name, "run_id": a})
+    return a, b, chosen
+
+
+def test_pareto_explorer_opens_the_run_a_resumed_pipeline_holds_and_lists_its_choice(home):
+    """Defects (issue 28): started again under the same name, the pipeline's job run #10 resumed #7 — the explorer
+    opened #10 ("stages done: none") while #7 still showed the earlier attempt's red guard error; the pipeline's
+    choice was not in the front table; the guard message named config keys."""
+    a, b, chosen = _resumed_pipeline(home)
+    at = _open("app_pages/pareto.py")
+    pick = at.selectbox(key="pareto_parent")
+    assert pick.options == [f"#{a} financial · finished · resumed by job #{b}"] and pick.value == a
+    assert "stages done: stage1, stage2, stage3, single, final" in at.main.caption[0].value
+    assert not at.error  # the earlier attempt's guard is history
+    (old,) = at.expander
+    assert "An earlier attempt stopped" in old.label
+    said = " ".join(c.value for c in old.caption)
+    assert "“Minimum optimizer steps per trial”" in said and "pipeline.min_steps" not in said
+    table = _table(at, "trial", "pipeline's choice")
+    assert list(table["pipeline's choice"]) == [False, False, True]  # the choice: the single run, off the front
+    assert table["val accuracy"].iloc[-1] == pytest.approx(chosen["val_accuracy"])
+    # a session that still points at the job's run opens the run that holds the stages
+    at2 = _open("app_pages/pareto.py", pareto_parent=b)
+    assert at2.selectbox(key="pareto_parent").value == a
+
+
+def test_the_pipeline_page_says_which_run_a_same_name_start_resumes(home, app_jobs):
+    """Defect (issue 28): starting the pipeline again under the same name made a new run that silently resumed
+    the earlier one. The page says so, with the run's number, and the Pareto explorer opens that run."""
+    a, b, _ = _resumed_pipeline(home, name="again")
+    at = _open("app_pages/dact_pipeline.py")
+    at.radio(key="dact:mode").set_value("Full pipeline").run()
+    at.text_input(key="dact/dact:name").set_value("again")
+    at.button(key="FormSubmitter:dact:form-Check config").click().run()
+    assert not _errors(at), _errors(at)
+    assert any(f"Start resumes run #{a}" in i.value for i in at.info), [i.value for i in at.info]
+    at.button(key="FormSubmitter:dact:form-Start").click().run()
+    (job,) = app_jobs.jobs()
+    assert any(i.value.startswith(f"Job #{job['run_id']} resumes pipeline “again”, run #{a} (") for i in at.info), \
+        [i.value for i in at.info]
+    app_jobs.cancel(job["run_id"])
+    assert at.session_state["pareto_parent"] == a  # the Pareto explorer opens the run that holds the stages
+    at.text_input(key="dact/dact:name").set_value("a new name")
+    at.button(key="FormSubmitter:dact:form-Check config").click().run()
+    assert not any("resumes" in i.value for i in at.info)
+
+
+def test_pareto_explorer_shows_a_single_dact_runs_fitted_front(pop_home):
+    """Issue 28 (item 4): the explorer was empty for single DACT runs, though each has a fitted front of λ and τ
+    points (report.json "halting"). It shows them with the pipeline's chart and a front table."""
+    from dact_lib.plots import front_mask
+
+    rec = pop_home
+    tr = Tracker(rec.home)
+    singles = [r for r in tr.list_runs(kind="dact") if r["parent_id"] is None and r["status"] == "finished"]
+    assert singles
+    run = singles[0]  # the newest: the page's default
+    halting = json.loads((tr.run_dir(run["id"]) / "report.json").read_text())["halting"]
+    raw = halting["points"] + halting["calibrated_front"] + halting["threshold_points"]
+    pts = [{"val_avg_exit_layer": p["avg_exit_layer"], "val_accuracy": p["accuracy"]} for p in raw]
+    front = sorted((p for p, on in zip(raw, front_mask(pts)) if on), key=lambda p: p["avg_exit_layer"])
+
+    at = _open("app_pages/pareto.py")
+    at.radio(key="pareto_source").set_value("Single DACT run").run()
+    assert not _errors(at), _errors(at)
+    assert at.selectbox(key="pareto_single").value == run["id"]
+    table = _table(at, "point", "val accuracy", "run's choice")
+    chosen = halting["chosen"]
+    on_front = any(p["avg_exit_layer"] == chosen["avg_exit_layer"] and p["accuracy"] == chosen["accuracy"]
+                   for p in front)
+    assert len(table) == len(front) + (0 if on_front else 1)
+    assert list(table["val avg exit layer"])[:len(front)] == pytest.approx([p["avg_exit_layer"] for p in front])
+    assert list(table["val accuracy"])[:len(front)] == pytest.approx([p["accuracy"] for p in front])
+    (kept,) = table[table["run's choice"]].to_dict("records")
+    assert kept["val accuracy"] == pytest.approx(chosen["accuracy"])
+    chart = _chart(at, "λ trade-off")
+    names = [t["name"] for t in chart["data"]]
+    assert "Pareto front" in names and "the run's choice" in names
+    assert sum(len(t["customdata"]) for t in chart["data"] if t["name"] == "λ trials") == len(raw)
+
+
+def _tiny_dact_on_a_stored_dataset(h: Path, *, rows: int = 240, max_rows: int = 80) -> tuple[int, RunConfig]:
+    from dact_lib.data import read_csv
+    from dact_lib.train import train
+
+    tr = Tracker(h)
+    lines = ["text,label"] + [f"{w} sentence number {i},{w}" for i in range(rows // 3) for w in ("red", "green",
+                                                                                                 "blue")]
+    ds = tr.add_dataset(read_csv(("\n".join(lines) + "\n").encode(), name="colours"), name="colours")
+    cfg = default_config("dact", encoder="tiny")
+    cfg.data.dataset_id, cfg.data.max_rows, cfg.data.max_seq_len = ds, max_rows, 16
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 1, 16, "cpu"
+    cfg.model.exit_refit_epochs = 0
+    return train(cfg.validate(), tracker=tr, home=h).run_id, cfg
+
+
+def test_early_exit_counts_a_row_limited_runs_own_test_split(home):
+    """Defect (issue 28): for a run limited to 800 rows of a saved 2,264-row dataset the page evaluated (and named)
+    a test split of 227 rows — the whole dataset's — instead of the run's own 80."""
+    from dact_lib.train import load_split
+
+    run_id, cfg = _tiny_dact_on_a_stored_dataset(home)
+    tr = Tracker(home)
+    n = len(load_split(cfg, tr)[0].test)
+    whole = len(load_split(RunConfig.from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"],
+                                                                         "max_rows": None}}), tr)[0].test)
+    assert n < whole  # what tells the two apart
+    at = _open("app_pages/early_exit.py", early_run=run_id)
+    assert any(c.value.startswith(f"The run's own test split: {n:,} rows") for c in at.main.caption), \
+        [c.value for c in at.main.caption]
+    assert {m.label: m.value for m in at.metric}["sentences"] == f"{n:,}"

@@ -568,6 +568,9 @@ class Mode:
     help: str | None = None
     #: (RunConfig, options) -> options, after the form is read: e.g. the pipeline takes the run's name
     prepare_options: Callable[[RunConfig, dict], dict] | None = None
+    #: (RunConfig, options, the new job's run id or None after Check config) -> None: says more on the page, e.g.
+    #: that the pipeline of this name is resumed
+    notice: Callable[[RunConfig, dict | None, int | None], None] | None = None
 
 
 def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_label: str = "Model kind") -> None:
@@ -675,8 +678,12 @@ def launch_page(page: str, *, kinds: tuple[str, ...], modes: list[Mode], kind_la
                     unexpected(exc, "The config could not be checked")
                 else:
                     st.success("The config is valid.")
+                    if mode.notice is not None:
+                        mode.notice(cfg, options, None)
             else:
-                submit_job(mode.job_kind or cfg.kind, cfg, options=options, name=cfg.name)
+                run_id = submit_job(mode.job_kind or cfg.kind, cfg, options=options, name=cfg.name)
+                if run_id is not None and mode.notice is not None:
+                    mode.notice(cfg, options, run_id)
 
     try:
         cfg, options = build()
