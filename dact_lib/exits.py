@@ -20,7 +20,7 @@ from .errors import DactLabError
 
 COLUMNS = ["row", "text", "true_label", "pred_label", "correct", "exit_layer", "confidence"]
 SPLITS = ("test", "val", "train")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a row-limited run on a stored dataset is split from its own sample
 
 
 def _model_key(run_dir: Path) -> str:
@@ -111,8 +111,12 @@ def split_of_run(loaded, split: str, home=None) -> tuple[Any, str]:
 
     cfg = copy.deepcopy(loaded.config)
     tracker, stored = _dataset_of_run(Path(loaded.run_dir), home)
-    if stored is not None:
-        # the stored copy is the (max_rows-sampled) dataset the run split: split it again, no re-sampling
+    if stored is not None and cfg.data.dataset_id is not None:
+        # a dataset saved on the Data page: the run read it as train does (its max_rows sample, then the split);
+        # splitting the whole stored dataset gave a row-limited run another, larger test split (227 rows, not 80)
+        parts, _ = load_split(cfg, tracker)
+    elif stored is not None:
+        # a file or the demo data: the stored copy is the (max_rows-sampled) dataset the run split: split it again
         parts, _ = load_split(cfg, None, stored)
     else:
         parts, _ = load_split(cfg, None, None)
