@@ -89,7 +89,10 @@ if "early_layers" not in st.session_state or max(st.session_state["early_layers"
 
 
 def _all_layers() -> None:
+    # every such sentence, as the histogram counts them: the other filters are cleared (it kept "incorrect")
     st.session_state["early_layers"] = (n_layers, n_layers)
+    st.session_state["early_correct"] = "all"
+    st.session_state["early_search"] = ""
 
 
 def _reset() -> None:

@@ -721,3 +721,61 @@ def test_early_exit_counts_a_row_limited_runs_own_test_split(home):
     assert any(c.value.startswith(f"The run's own test split: {n:,} rows") for c in at.main.caption), \
         [c.value for c in at.main.caption]
     assert {m.label: m.value for m in at.metric}["sentences"] == f"{n:,}"
+
+
+def test_needed_all_layers_shows_every_such_sentence_whatever_the_answers_filter(pop_home):
+    """Defect (issue 28): "Sentences that needed all 6 layers" kept the "incorrect" filter: 1 row shown while the
+    histogram said 3."""
+    rec = pop_home
+    at = _open("app_pages/early_exit.py", early_run=rec.pipeline_final)
+    hist = _chart(at, "exit layer per sample")
+    layers, counts = _values(hist["data"][0]["x"]), _values(hist["data"][0]["y"])
+    at.radio(key="early_correct").set_value("incorrect").run()
+    at.text_input(key="early_search").set_value("no sentence holds this").run()
+    at.button(key="early_all_btn").click().run()
+    assert not _errors(at), _errors(at)
+    assert at.radio(key="early_correct").value == "all" and at.text_input(key="early_search").value == ""
+    n_last = counts[layers.index(max(layers))]
+    assert len(_table(at, "text", "exit_layer")) == n_last  # as many as the histogram's last bar
+
+
+def test_a_many_class_label_chart_stays_readable(home):
+    """Defect (issue 28): a 77-class label chart skipped and cut its labels. Many classes: horizontal bars, every
+    label in full, as tall as the classes need."""
+    classes = [f"card_payment_not_recognised_{i:02d}" for i in range(77)]
+    lines = ["text,label"] + [f"my card question number {j} about {c},{c}" for c in classes for j in range(12)]
+    at = _open("app_pages/data.py")
+    at.file_uploader(key="data:upload").upload("banking77.csv", ("\n".join(lines) + "\n").encode(), "text/csv")
+    at.run()
+    assert not _errors(at), _errors(at)
+    chart = _chart(at, "Classes of label")
+    (bars,) = chart["data"]
+    assert bars["orientation"] == "h" and sorted(_values(bars["y"])) == sorted(classes)  # full labels, all of them
+    assert chart["layout"]["yaxis"]["dtick"] == 1 and chart["layout"]["height"] >= 18 * 77
+    # a few classes keep the small vertical chart
+    at.file_uploader(key="data:upload").set_value(("two.csv", b"text,label\n" + b"".join(
+        f"text {i},{'ab'[i % 2]}\n".encode() for i in range(20)), "text/csv"))
+    at.run()
+    assert _chart(at, "Classes of label")["data"][0].get("orientation") in (None, "v")
+
+
+def test_learning_rate_axes_are_readable():
+    """Defect (issue 28): the parallel-coordinates and PBT learning-rate axes were unreadable (every small value at
+    the bottom of a linear axis, ticks 0.0001, 0.0002 …; SI-suffixed log ticks)."""
+    import pandas as pd
+
+    from dact_lib import plots
+
+    table = pd.DataFrame({"run": [1, 2, 3], "encoder_lr": [1e-5, 3e-5, 2e-3], "epochs": [1, 2, 3],
+                          "val_accuracy": [0.5, 0.6, 0.7]})
+    (pc,) = plots.parallel_coordinates_figure(table).to_plotly_json()["data"]
+    dims = {d["label"]: d for d in pc["dimensions"]}
+    lr = dims["encoder_lr"]
+    assert lr["ticktext"] == ["1e-5", "1e-4", "1e-3", "1e-2"] and lr["tickvals"] == [-5, -4, -3, -2]
+    assert _values(lr["values"]) == pytest.approx([-5, -5 + 0.47712, -2.69897], abs=1e-4)  # log10 of the values
+    assert dims["epochs"]["tickformat"] == ".3~g" and "ticktext" not in dims["epochs"]
+
+    metrics = pd.DataFrame({"run_id": [7, 7, 8, 8], "name": ["hp/lr"] * 4, "step": [0, 10, 0, 10],
+                            "value": [1e-5, 2e-5, 3e-5, 1.2e-5]})
+    fig = plots.hp_trajectories(metrics, [{"id": 7, "name": "a"}, {"id": 8, "name": "b"}]).to_plotly_json()
+    assert fig["layout"]["yaxis"]["type"] == "log" and fig["layout"]["yaxis"]["tickformat"] == ".1~e"
