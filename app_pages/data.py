@@ -64,6 +64,26 @@ def column_mapping(header: list[str]) -> dict[str, str] | None:
     return mapping
 
 
+#: more classes than this: horizontal bars, every label written in full, the chart as tall as its classes need
+FEW_CLASSES = 12
+
+
+def class_chart(counts: dict, task: str):
+    """Rows per class: vertical bars for a few classes; for many (a 77-class intent set), horizontal bars sorted
+    by count with every label in full and 18 px per class (labels were skipped and cut)."""
+    if len(counts) <= FEW_CLASSES:
+        fig = px.bar(x=[str(k) for k in counts], y=list(counts.values()), labels={"x": task, "y": "rows"},
+                     title=f"Classes of {task}")
+        fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10))
+        return fig
+    order = sorted(counts.items(), key=lambda kv: (kv[1], str(kv[0])))  # the largest class on top
+    fig = px.bar(x=[v for _, v in order], y=[str(k) for k, _ in order], orientation="h",
+                 labels={"x": "rows", "y": task}, title=f"Classes of {task} ({len(counts)})")
+    fig.update_yaxes(dtick=1, automargin=True, categoryorder="array", categoryarray=[str(k) for k, _ in order])
+    fig.update_layout(height=18 * len(counts) + 90, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
 def show_dataset(ds) -> None:
     for w in ds.warnings:
         st.warning(plain(w))
@@ -73,10 +93,11 @@ def show_dataset(ds) -> None:
     cols = st.columns(len(ds.tasks) + 1)
     for c, task in zip(cols, ds.tasks):
         counts = ds.class_counts(task)
-        fig = px.bar(x=list(counts), y=list(counts.values()), labels={"x": task, "y": "rows"},
-                     title=f"Classes of {task}")
-        fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10))
-        c.plotly_chart(fig, width="stretch", key=f"data:classes-{task}")
+        fig = class_chart(counts, task)
+        if len(counts) > FEW_CLASSES:  # a long chart of its own, at full width
+            st.plotly_chart(fig, width="stretch", key=f"data:classes-{task}")
+        else:
+            c.plotly_chart(fig, width="stretch", key=f"data:classes-{task}")
     lengths = pd.Series([len(t.split()) for t in ds.texts], name="words per text")
     fig = px.histogram(lengths, x="words per text", nbins=40, title="Text length")
     fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
