@@ -61,6 +61,23 @@ def compare_table(runs: Sequence[dict], latest: dict[int, dict[str, float]] | No
     return pd.DataFrame(rows)
 
 
+def _numeric_dimension(label: str, vals: pd.Series) -> dict[str, Any]:
+    """A parcoords axis of numbers. Positive values spanning a decade or more (learning rates, weight decay) are
+    drawn on a log scale, ticks at the decades written 1e-05, 1e-04 (a linear axis put every small value at 0 and
+    wrote 0.0001, 0.0002 …); any other axis gets ticks with 3 significant digits."""
+    import math
+
+    known = vals.dropna()
+    if len(known) >= 2 and (known > 0).all() and known.max() / known.min() >= 10:
+        logs = np.log10(vals.where(vals > 0))
+        lo, hi = math.floor(logs.min()), math.ceil(logs.max())
+        ticks = list(range(lo, hi + 1))
+        return {"label": label, "values": logs.fillna(lo), "tickvals": ticks,
+                "ticktext": [f"{10.0 ** t:.0e}".replace("e-0", "e-").replace("e+0", "e") for t in ticks],
+                "range": [lo, hi]}
+    return {"label": label, "values": vals.fillna(known.min() if len(known) else 0.0), "tickformat": ".3~g"}
+
+
 def parallel_coordinates_figure(table: pd.DataFrame, color: str = "val_accuracy", height: int = 420) -> go.Figure:
     """Parallel coordinates of :func:`compare_table`: one axis per differing setting (categories as ticks) and per
     result, one line per run, coloured by ``color``."""
@@ -69,8 +86,7 @@ def parallel_coordinates_figure(table: pd.DataFrame, color: str = "val_accuracy"
     for c in cols:
         col = table[c]
         if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-            vals = col.astype(float)
-            dims.append({"label": c, "values": vals.fillna(vals.min() if vals.notna().any() else 0.0)})
+            dims.append(_numeric_dimension(c, col.astype(float)))
         else:
             cats = sorted({str(v) for v in col})
             idx = {v: i for i, v in enumerate(cats)}

@@ -56,7 +56,8 @@ def hp_trajectories(metrics: pd.DataFrame, members: Sequence[dict], hp_names: Se
                           row=r, col=1)
         if hp in ("hp/lr", "hp/weight_decay") and all(
                 (series[(rid, hp)][1] > 0).all() for rid in ids if (rid, hp) in series):
-            fig.update_yaxes(type="log", row=r, col=1)
+            # "1e-5", "3e-5", not SI-suffixed ticks ("10µ") nor cut decimals
+            fig.update_yaxes(type="log", tickformat=".1~e", row=r, col=1)
     fig.update_xaxes(title_text="step", row=len(hp_names), col=1)
     fig.update_layout(height=220 * len(hp_names) + 80, margin=dict(l=60, r=20, t=50, b=40),
                       title="hyperparameter trajectories")
