@@ -220,3 +220,32 @@ def test_run_slots_waits_for_foreign_trials_at_timeout_and_never_runs_an_unslott
                       cancel=CancelToken(), server=False, poll_s=0.01)
     assert ran == [] and [(t.state, t.user_attrs.get("skipped")) for t in study.trials] == [
         (TrialState.FAIL, "no slot left")]
+
+
+def test_the_dashboard_survives_the_end_of_the_thread_that_started_it(home):
+    """Defect (issue 28): "Open in optuna-dashboard" was a dead link — the server had Linux's parent-death signal,
+    which fires when the *thread* that started it ends (a Streamlit page's script thread ends with every rerun).
+    Started from a thread that then ends, the server still answers after its parent-pid poll has run."""
+    import threading
+    import time
+    import urllib.request
+
+    from dact_lib.tuning import dashboard_server, studies
+
+    studies.create_study("probe", directions=["minimize"], home=home)
+    started: dict = {}
+    t = threading.Thread(target=lambda: started.update(srv=dashboard_server.start_dashboard(home, wait_s=60)))
+    t.start()
+    t.join()
+    srv = started["srv"]
+    try:
+        assert srv["up"], open(srv["log"]).read()[-2000:]
+        # the death signal is sent at once when the thread ends; the server's parent poll runs every second:
+        # several of its rounds later the server still runs and answers
+        time.sleep(3 * 1.0 + 0.5)
+        assert srv["proc"].poll() is None, open(srv["log"]).read()[-2000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv['port']}/api/studies", timeout=30) as r:
+            assert b"probe" in r.read()
+    finally:
+        srv["proc"].terminate()
+        srv["proc"].wait(timeout=30)

@@ -234,7 +234,7 @@ def cmd_serve(args) -> int:
     if args.parent_pid:
         from ..tuning.dashboard_server import stop_with_parent
 
-        if not stop_with_parent(args.parent_pid, death_signal=False):  # started from a page's thread
+        if not stop_with_parent(args.parent_pid):  # a parent-pid poll: it may be started from a page's thread
             return 0
     sock = bind_socket(args.host, args.port)  # a busy port fails before the model loads
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import threading
 import time
@@ -53,29 +52,13 @@ class LocalOnly:
         return self.app(environ, start_response)
 
 
-def _set_parent_death_signal() -> None:
-    """Linux: SIGTERM this process when its parent thread dies (best effort; the poll below covers the rest)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
+def stop_with_parent(parent_pid: int) -> bool:
+    """This process ends when ``parent_pid`` (the process that started it) dies, by a poll of its parent pid
+    (:func:`watch_parent`). False when the parent is already gone (the caller should exit).
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-def stop_with_parent(parent_pid: int, *, death_signal: bool = True) -> bool:
-    """This process ends when ``parent_pid`` (the process that started it) dies: the parent-death signal and
-    :func:`watch_parent`. False when the parent is already gone (the caller should exit).
-
-    ``death_signal=False`` for a child started from a short-lived thread: Linux sends the parent-death signal when
-    the *thread* that forked the child ends, and a Streamlit page runs in a thread that ends with every rerun (a REST
-    service started from the Runs page died a second after it answered). The poll alone then does it."""
-    if death_signal:
-        _set_parent_death_signal()
+    Not Linux's parent-death signal (PR_SET_PDEATHSIG): it fires when the *thread* that started the child ends, and
+    a Streamlit page runs in a thread that ends with every rerun — "Open in optuna-dashboard" (and a REST service
+    started from the Runs page) died seconds after it started."""
     if os.getppid() != parent_pid:  # the parent died before we got here
         return False
     watch_parent(parent_pid)
@@ -182,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--parent-pid", type=int, default=None)
     args = p.parse_args(argv)
-    # started from the Studies page's script thread, which ends with the rerun: the poll, not the death signal
-    if args.parent_pid and not stop_with_parent(args.parent_pid, death_signal=False):
+    # started from the Studies page's script thread, which ends with the rerun: the parent pid is polled
+    if args.parent_pid and not stop_with_parent(args.parent_pid):
         return 0
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
