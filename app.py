@@ -13,6 +13,8 @@ st.set_page_config(page_title="DACT Lab", page_icon=":material/neurology:", layo
 
 from ui import state  # noqa: E402 - after set_page_config
 
+state.yield_to_jobs()  # the pages run below the jobs' priority: watching never slows the work
+
 #: section -> [(path, title, icon)]
 PAGES: dict[str, list[tuple[str, str, str]]] = {
     "Start": [

@@ -57,6 +57,55 @@ from . import events as ev
 
 log = logging.getLogger(__name__)
 
+
+class Spawner:
+    """Starts worker processes from one long-lived thread. On Linux a new thread and a child process inherit the CPU
+    priority (niceness) of the thread that creates them, and an unprivileged process can only lower it; the
+    dashboard runs its page threads at a lower priority than the work (``ui.state.yield_to_jobs``), so workers
+    started from a page's thread would be lowered too. This thread, started before the pages lower theirs, keeps
+    the server's own priority for every worker it starts."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self._q: "queue.Queue" = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="dact-job-spawner", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, args, box, done = self._q.get()
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            done.set()
+
+    def call(self, fn, *args):
+        """``fn(*args)`` in the spawner's thread (at once when called from it); its result or its exception."""
+        if threading.current_thread() is self.thread:
+            return fn(*args)
+        box: dict = {}
+        done = threading.Event()
+        self._q.put((fn, args, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+
+_spawner: Spawner | None = None
+_spawner_lock = threading.Lock()
+
+
+def start_spawner() -> Spawner:
+    """The process's :class:`Spawner` (started on the first call, in the calling thread's priority)."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = Spawner()
+        return _spawner
+
 KINDS = TRAIN_KINDS + ENGINE_KINDS
 
 JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")
@@ -462,6 +511,11 @@ class JobManager:
                 "parent_pid": os.getpid(), "threads": job_threads(self.max_concurrent)}
 
     def _spawn(self, job: Job) -> subprocess.Popen:
+        if _spawner is not None:  # the workers keep the server's priority, whichever thread asks (Spawner)
+            return _spawner.call(self._spawn_here, job)
+        return self._spawn_here(job)
+
+    def _spawn_here(self, job: Job) -> subprocess.Popen:
         from .files import atomic_write_json
 
         folder = job_folder(self.home, job.run_id)

@@ -8,6 +8,9 @@ torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# page threads at the server's own priority in tests (AppTest runs pages in this process; on a loaded CI machine a
+# niced page thread only slows the test): ui.state.yield_to_jobs is tested on its own
+os.environ.setdefault("DACT_LAB_PAGE_NICE", "0")
 
 # One encoder cache for the whole test session (the bundled checkpoint is extracted once, not per test home).
 _CACHE = Path(__file__).resolve().parent.parent / ".dact_cache"

@@ -13,6 +13,60 @@ from dact_lib.tracker import Tracker
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel  # noqa: E402,F401
 
 
+#: the CPU niceness of the threads that run the pages (scripts, fragments, reruns): above the worker processes' 0, so
+#: on 2 cores a watched Runs page yields to the training it shows (it took 0.3 core per tab at equal priority);
+#: $DACT_LAB_PAGE_NICE changes it, 0 = the server's own priority
+PAGE_NICE = 10
+_PAGE_THREAD = "ScriptRunner"  # Streamlit's name for the threads that run a page script
+
+
+def page_nice() -> int:
+    import os
+
+    try:
+        return max(0, min(19, int(os.environ.get("DACT_LAB_PAGE_NICE", PAGE_NICE))))
+    except ValueError:
+        return PAGE_NICE
+
+
+def lower_this_thread(nice: int | None = None) -> bool:
+    """Raise this thread's niceness to ``nice`` (Linux: per thread, no privilege needed to lower a priority).
+    False where the platform does not allow it (nothing changes)."""
+    import os
+    import threading
+
+    nice = page_nice() if nice is None else nice
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+def _first_call(frame, event, arg):  # a thread's profile hook: runs once, on the thread's first call
+    import sys
+    import threading
+
+    sys.setprofile(None)
+    if threading.current_thread().name.startswith(_PAGE_THREAD):
+        lower_this_thread()
+
+
+def yield_to_jobs() -> None:
+    """From now on every thread Streamlit starts to run a page (a rerun, a fragment's timer) runs at PAGE_NICE,
+    below the jobs' worker processes; the workers are started from the job spawner thread (dact_lib.jobs.Spawner),
+    started here first, so they keep the server's priority. Idempotent."""
+    import threading
+
+    from dact_lib.jobs import start_spawner
+
+    start_spawner()
+    if page_nice() > 0:
+        threading.setprofile(_first_call)
+
+
 def home() -> str:
     return str(resolve_home())
 
