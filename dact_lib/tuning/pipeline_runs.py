@@ -10,6 +10,8 @@ from typing import Any
 
 from .. import events as ev
 
+PIPELINE_KIND = "dact-pipeline"
+
 
 def resumed_run_of(run: dict) -> int | None:
     """The earlier pipeline run that the job's run ``run`` resumes (its ``summary.engine_run_id``), or None when
@@ -20,15 +22,25 @@ def resumed_run_of(run: dict) -> int | None:
     return int(target)
 
 
+def parent_runs(tracker, name: str) -> list[dict]:
+    """The pipeline runs named ``name``, newest first: those whose config is a pipeline's ``{"run", "pipeline"}``
+    with that name (the rule of ``dact_pipeline.record``; a job's run for a pipeline records the same)."""
+    out = []
+    for r in tracker.list_runs(kind=PIPELINE_KIND):
+        conf = r.get("config") or {}
+        if r["name"] == name and isinstance(conf, dict) and isinstance(conf.get("pipeline"), dict) \
+                and conf["pipeline"].get("name") == name:
+            out.append(r)
+    return out
+
+
 def pipeline_to_resume(tracker, name: str | None, *, new_run_id: int | None = None) -> dict | None:
     """The pipeline run that starting a pipeline named ``name`` resumes: the newest earlier parent of that name
     that holds its own stages (``new_run_id`` — the job's run — and earlier jobs' runs that only resumed another
     are passed over), or None when it starts afresh."""
     if not name:
         return None
-    from .dact_pipeline.record import _parent_runs
-
-    previous = [r for r in _parent_runs(tracker, name)
+    previous = [r for r in parent_runs(tracker, name)
                 if (new_run_id is None or r["id"] != new_run_id) and resumed_run_of(r) is None]
     return previous[0] if previous else None
 
@@ -36,7 +48,7 @@ def pipeline_to_resume(tracker, name: str | None, *, new_run_id: int | None = No
 def explorer_runs(tracker) -> list[dict[str, Any]]:
     """The pipeline runs that hold stages (newest first), each with ``resumed_by``: the ids of the job runs that
     resumed it. A job's run that only resumed another is left out (it holds no stage)."""
-    runs = tracker.list_runs(kind="dact-pipeline")
+    runs = tracker.list_runs(kind=PIPELINE_KIND)
     by_id = {r["id"]: dict(r, resumed_by=[]) for r in runs}
     out = []
     for r in runs:
