@@ -848,7 +848,9 @@ def test_budget_is_a_wall_split_over_the_stages_left(monkeypatch):
     now[0] += 10_000
     assert b.left() == 0.0 and b.share("final") == 0.0
     assert record.Budget.limit_min(0.0) == pytest.approx(1 / 60)  # past the wall: one step, one evaluation
-    assert record.Budget.limit_min(120.0, 1.5) == 1.5 and record.Budget.limit_min(None, 3.0) == 3.0
+    # the steps get 60 % of a training's time, the rest is for its evaluation, exit refit and halting fit
+    assert record.Budget.limit_min(300.0) == pytest.approx(3.0)
+    assert record.Budget.limit_min(300.0, 1.5) == 1.5 and record.Budget.limit_min(None, 3.0) == 3.0
     assert record.Budget(None).share("stage2") is None and record.Budget(None).left() is None
 
 

@@ -159,7 +159,7 @@ class _Pipeline:
         return c.validate()
 
     def train_child(self, run_cfg: RunConfig, extra_callbacks: list[Callback], trial: optuna.Trial | None = None,
-                    save: bool = True, model=None, tokenizer=None, data=None):
+                    save: bool = True, model=None, tokenizer=None, data=None, evaluate_test: bool = True):
         from ...train import train
 
         run_id = self.tracker.create_run("dact", run_cfg.to_dict(), name=run_cfg.name, tag=run_cfg.tag,
@@ -171,7 +171,8 @@ class _Pipeline:
             with studies.live_run(run_id):
                 return train(run_cfg, data=data or self.split, home=self.home, tracker=self.tracker,
                              callbacks=[*extra_callbacks, *self.callbacks], cancel=self.cancel, run_id=run_id,
-                             parent_id=self.parent, save=save, model=model, tokenizer=tokenizer)
+                             parent_id=self.parent, save=save, model=model, tokenizer=tokenizer,
+                             evaluate_test=evaluate_test)
         finally:  # train() takes the dataset id from the config; this run's data is the pipeline's split
             self.tracker.update_run(run_id, dataset_id=self.dataset_id)
 

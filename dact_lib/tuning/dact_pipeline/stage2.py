@@ -157,8 +157,9 @@ class Stage2Trials:
         trial.set_user_attr("epochs_run", tc.epochs)
         trial.set_user_attr("train_rows", self.n_rows)
         run_cfg = pl.child_config(self.model_cfg, tc, f"{pipe.name}/stage2/trial{trial.number}", "stage2")
+        # no test split: a trial is judged on validation only (and the final model is evaluated on test)
         res = pl.train_child(run_cfg, [studies.PruningCallback(trial, "val_loss")], trial, save=False,
-                             data=self.rows)
+                             data=self.rows, evaluate_test=False)
         for k in ("val_accuracy", "val_nll", "val_avg_exit_layer"):
             if k in res.best_metrics:
                 trial.set_user_attr(k, res.best_metrics[k])
@@ -240,7 +241,7 @@ def run(pl) -> None:
             pl.tracker.log_event(pl.parent, ev.STAGE2_REFIT, {"trial": best.number, "rows": len(pl.split.train),
                                                              "trial_rows": n_rows, "epochs": tc.epochs,
                                                              "time_limit_min": tc.time_limit_min})
-            res = pl.train_child(run_cfg, [], save=False)
+            res = pl.train_child(run_cfg, [], save=False, evaluate_test=False)
             save_trunk(pl, res, run_cfg)
             trunk_acc, trunk_metrics = res.best_metrics.get("val_accuracy"), dict(res.best_metrics)
             out.update(best_run_id=res.run_id, refit={"run_id": res.run_id,
