@@ -395,7 +395,9 @@ def live(ids: list[int], was_active: bool) -> None:
 
         deploy_section(run, run_dir)
     if run.get("error"):
-        st.error(plain(run["error"]))
+        from ui.forms import form_words
+
+        st.error(plain(form_words(run["error"])))  # the forms' words, not config keys
     ev = events_of.get(focus, [])
     st.subheader("Event log")
     if ev:
@@ -442,7 +444,7 @@ def organise(run: dict) -> None:
     """Rename, tag, annotate or delete the run (what every tracker lets you do)."""
     rid = run["id"]
     with st.expander("Rename, tag, note or delete", icon=":material/edit:"):
-        with st.form(f"runs_org_{rid}"):
+        with st.form(f"runs_org_{rid}", enter_to_submit=False):  # Enter in the name field does not submit
             name = st.text_input("Name", value=run.get("name") or "", key=f"runs_org_name_{rid}")
             tag = st.text_input("Tag", value=run.get("tag") or "", key=f"runs_org_tag_{rid}")
             note = st.text_area("Note", value=(run.get("summary") or {}).get("note") or "",

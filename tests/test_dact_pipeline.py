@@ -830,9 +830,13 @@ def test_guard_reads_the_metric_the_checkpoint_was_restored_by():
     assert info["criterion"] == "nll" and info["passed"] and info["prior_nll"] == pytest.approx(ref)
     assert ref == pytest.approx(-(0.66 * np.log(661 / 1002) + 0.34 * np.log(341 / 1002)))
     nothing = {"val_nll": ref - 0.001, "val_accuracy": 0.66}  # answers the frequencies: no better than the prior
-    with pytest.raises(PipelineGuardError, match="restored by val_loss"):
+    with pytest.raises(PipelineGuardError, match="restored by val_loss") as err:
         guards.check(pl, "stage2", 0.66, metrics=nothing, metric="val_loss")
-    assert [k for k, _ in events].count("guard_failed") == 2
+    assert "head_lr_range" not in str(err.value)  # the range already holds 1e-3: no advice to widen it
+    pl.pipe = PipelineConfig(name="g", head_lr_range=(2e-3, 6e-3)).validate()
+    with pytest.raises(PipelineGuardError, match="widen pipeline.head_lr_range towards 1e-3"):
+        guards.check(pl, "stage2", 0.66, metrics=nothing, metric="val_loss")
+    assert [k for k, _ in events].count("guard_failed") == 3
 
 
 def test_budget_is_a_wall_split_over_the_stages_left(monkeypatch):
@@ -933,3 +937,19 @@ def test_the_single_run_is_a_candidate_and_the_choice_says_which_won(home, monke
         choose_for_prediction(res.parent_run_id, {**p, "source": "front"}, tracker=tr)
     assert _pipeline_point(res.parent_run_id, p["trial"], home)[0] == trunk
     choose_for_prediction(res.parent_run_id, {**res.chosen, "source": "final"}, tracker=tr)  # its own: fine
+
+
+def test_a_same_name_start_resumes_the_run_holding_the_stages_not_a_jobs_stub(done):
+    """A job's run that only resumed another (summary.engine_run_id → the real one) holds no stage: a third start
+    under the same name must resume the real run, not start over in the stub."""
+    h, res = done
+    tr = Tracker(h)
+    conf = tr.get_run(res.parent_run_id)["config"]
+    stub = tr.create_run("dact-pipeline", conf, name="demo-pipe", status="finished")
+    tr.update_run(stub, summary={"engine_run_id": res.parent_run_id, "resumes": "demo-pipe"})
+    before = len(tr.list_runs())
+    again = run_pipeline(tiny_cfg(), pipeline=tiny_pipe("demo-pipe"), home=h)
+    assert again.parent_run_id == res.parent_run_id and again.final_run_id == res.final_run_id
+    assert len(tr.list_runs()) == before  # nothing trained, nothing new
+    assert load_pipeline_result("demo-pipe", home=h).parent_run_id == res.parent_run_id
+    tr.delete_run(stub)  # the fixture home is shared

@@ -29,8 +29,7 @@ _GUARD_ADVICE = {
     "stage1": ("the heads on the frozen encoder's features learned nothing: check that the labels match the texts "
                "(Data page preview), give more rows, or raise pipeline.stage1_epochs / stage1_lr"),
     "stage2": ("no training-parameter trial trained a useful model: raise pipeline.min_steps (optimizer steps per "
-               "trial) or pipeline.epochs_range, widen pipeline.head_lr_range towards 1e-3 (the single runs' "
-               "value), or give more rows"),
+               "trial) or pipeline.epochs_range{head_lr}, or give more rows"),
     "stage3": ("every fitted halting point answers no better than the majority class: the stage-2 model itself "
                "is too weak — see its accuracy on the Runs page"),
     "final": ("the final model answers no better than the majority class on the test split: the validation "
@@ -96,6 +95,9 @@ def check(pl, stage: str, accuracy: float | None, *, split: str = "val", previou
             msg = (f"Pipeline stopped after {stage}: its best model reaches {acc:.1%} {split} accuracy, not clearly "
                    f"better than always answering the largest class ({base:.1%}; needed ≥ {base + need:.1%} on "
                    f"{len(targets)} rows). What to change: {_GUARD_ADVICE[stage]}.")
+        lo, hi = pl.pipe.pair("head_lr_range") if hasattr(pl.pipe, "pair") else (1e-3, 1e-3)
+        msg = msg.replace("{head_lr}", "" if lo <= 1e-3 <= hi else
+                          ", widen pipeline.head_lr_range towards 1e-3 (the single runs' value)")
         info["message"] = msg
         pl.tracker.log_event(pl.parent, ev.GUARD_FAILED, info)
         if pl.pipe.guards == "stop":

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from .. import studies
 from ...config import RunConfig
 from ...errors import ConfigError, DactLabError
+from ..pipeline_runs import resumed_run_of
 from .settings import PIPELINE_KIND, PipelineResult, STAGES, STAGE_WEIGHTS
 from ... import events as ev
 
@@ -75,18 +76,6 @@ def n_complete(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
 
 
-def _parent_runs(tracker, name: str) -> list[dict]:
-    """This engine's parent runs named ``name``, newest first (not a job manager's run of the same kind and name:
-    only parents carry the ``{"run", "pipeline"}`` config)."""
-    out = []
-    for r in tracker.list_runs(kind=PIPELINE_KIND):
-        conf = r.get("config") or {}
-        if r["name"] == name and isinstance(conf, dict) and isinstance(conf.get("pipeline"), dict) \
-                and conf["pipeline"].get("name") == name:
-            out.append(r)
-    return out
-
-
 def _run_config_key(cfg: RunConfig) -> dict:
     d = jsonable(cfg.to_dict())
     d.pop("name", None)
@@ -101,7 +90,9 @@ def load_pipeline_result(parent_or_name: int | str, *, home=None, tracker=None) 
 
     tracker = tracker or Tracker(home)
     if isinstance(parent_or_name, str) and not parent_or_name.isdigit():
-        runs = _parent_runs(tracker, parent_or_name)
+        from ..pipeline_runs import parent_runs
+
+        runs = [r for r in parent_runs(tracker, parent_or_name) if resumed_run_of(r) is None]
         if not runs:
             raise DactLabError(f"No DACT pipeline named {parent_or_name!r} in {tracker.db_path}.")
         run = runs[0]
@@ -140,7 +131,11 @@ def open_parent(pl, run_id: int | None = None) -> None:
     """Create the parent run (or adopt ``run_id``, pre-created by a job manager), or find the earlier run of
     this pipeline name to resume (then ``run_id``, if given, records a link to it)."""
     tr, pipe = pl.tracker, pl.pipe
-    previous = [r for r in _parent_runs(tr, pipe.name) if r["id"] != run_id]
+    from ..pipeline_runs import parent_runs
+
+    # the newest earlier run of this name that holds its own stages: an earlier job's run that only resumed another
+    # holds none (resuming it would start over) — the rule the pages use too (pipeline_runs.pipeline_to_resume)
+    previous = [r for r in parent_runs(tr, pipe.name) if r["id"] != run_id and resumed_run_of(r) is None]
     config = {"run": jsonable(pl.cfg.to_dict()), "pipeline": pipe.to_dict()}
     if previous and run_id is not None:
         tr.update_run(run_id, summary={"engine_run_id": int(previous[0]["id"]), "resumes": pipe.name})
