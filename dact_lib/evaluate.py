@@ -179,16 +179,23 @@ def default_sweep(num_layers: int, num_classes: int = 2) -> list[tuple[str, floa
     return points
 
 
+MIN_TIMED_ITEMS = 5  # a deadline never cuts the timing below this many items per caller
+
+
 @torch.no_grad()
-def interleaved_latencies(callers: dict, items: list) -> dict:
+def interleaved_latencies(callers: dict, items: list, deadline: float | None = None) -> dict:
     """Seconds per item of every caller, all callers interleaved per item (the order rotated per item), after one
     warm-up call each: a machine's load shifts every caller alike, so their ratios hold (timing one caller after
-    another under load put the DACT rule 2.4× *slower* than full depth where interleaved it was ≈3× faster)."""
+    another under load put the DACT rule 2.4× *slower* than full depth where interleaved it was ≈3× faster).
+    ``deadline`` (``time.monotonic()``): no new item once it has passed (after :data:`MIN_TIMED_ITEMS`); every
+    caller then has the same items."""
     names = list(callers)
     for name in names:
         callers[name](items[0])
     lat: dict = {n: [] for n in names}
     for i, item in enumerate(items):
+        if deadline is not None and i >= MIN_TIMED_ITEMS and time.monotonic() >= deadline:
+            break
         k = i % len(names)
         for name in names[k:] + names[:k]:
             t0 = time.perf_counter()
@@ -203,11 +210,13 @@ def quantile_of(xs: list[float], q: float) -> float:
 
 
 def exit_policy_sweep(model, enc: EncodedDataset, points=None, batch_size: int = 64, timed: bool = False,
-                      device: torch.device | None = None, latency_rows: int = 100, seed: int = 0) -> list[dict]:
+                      device: torch.device | None = None, latency_rows: int = 100, seed: int = 0,
+                      deadline: float | None = None) -> list[dict]:
     """Evaluate one trained DactBert under several exit policies. Accuracy and average exit layer come from one
     full pass (the policies are simulated exactly on the per-layer outputs). ``timed``: each policy's batch-1
     latency with real early exit (``model.infer(..., trace=False)``) on a seeded sample of ``latency_rows`` rows,
-    every policy interleaved per sentence (:func:`interleaved_latencies`): ``latency_ms_p50``, ``latency_ms_p90``."""
+    every policy interleaved per sentence (:func:`interleaved_latencies`, fewer rows when ``deadline`` comes first):
+    ``latency_ms_p50``, ``latency_ms_p90``, ``latency_rows``."""
     model.eval()
     device = device or next(model.parameters()).device
     points = points or default_sweep(model.num_layers, model.num_classes)
@@ -239,7 +248,7 @@ def exit_policy_sweep(model, enc: EncodedDataset, points=None, batch_size: int =
             return lambda item: model.infer(item[0], item[1], policy, trace=False)
 
         with torch.no_grad():
-            lat = interleaved_latencies({i: caller(p) for i, p in enumerate(policies)}, items)
+            lat = interleaved_latencies({i: caller(p) for i, p in enumerate(policies)}, items, deadline=deadline)
         for i, row in enumerate(rows):
             row["latency_ms_p50"] = 1e3 * float(np.median(lat[i]))
             row["latency_ms_p90"] = 1e3 * quantile_of(lat[i], 0.9)

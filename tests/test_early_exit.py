@@ -636,3 +636,22 @@ def test_cross_fit_measures_every_point_on_rows_its_units_were_not_fitted_on():
     # too few rows for folds: the in-sample numbers, and the caller is told
     small, crossed = cross_fit_halting(model, cache.subset(torch.arange(20)), lams, epochs=2)
     assert not crossed and small[0].seen_accuracy is None
+
+
+def test_interleaved_latencies_stop_at_the_deadline_with_equal_items(monkeypatch):
+    import time as time_mod
+
+    from dact_lib import evaluate
+
+    clock = [0.0]
+    monkeypatch.setattr(evaluate.time, "monotonic", lambda: clock[0])
+
+    def caller(item):
+        clock[0] += 1.0  # every call takes a second of the fake clock
+
+    lat = evaluate.interleaved_latencies({"a": caller, "b": caller}, list(range(50)), deadline=20.0)
+    assert len(lat["a"]) == len(lat["b"]) == 9  # 2 warm-up calls, then 2 s an item: item 9 would start at 20 s
+    lat = evaluate.interleaved_latencies({"a": caller}, list(range(50)), deadline=0.0)
+    assert len(lat["a"]) == evaluate.MIN_TIMED_ITEMS  # past the deadline at once: the minimum
+    assert len(evaluate.interleaved_latencies({"a": caller}, list(range(8)))["a"]) == 8
+    _ = time_mod

@@ -114,7 +114,7 @@ def run(pl) -> None:
     finetune = pl.finetune(model, loaded, chosen, enc_val) if pl.pipe.final_finetune else None
     # timing runs every policy for real: only while the time budget lasts (else simulated, and said)
     timed = pl.pipe.sweep_timed and (pl.budget.left() is None or pl.budget.left() > 0)
-    sweep = exit_policy_sweep(model, enc_val, batch_size=bs, timed=timed)
+    sweep = exit_policy_sweep(model, enc_val, batch_size=bs, timed=timed, deadline=pl.budget.deadline)
     payload = {"split": "val", "timed": timed, "num_layers": model.num_layers,
                "rows": sweep, "final_run_id": rid}
     if pl.pipe.sweep_timed and not timed:
