@@ -921,13 +921,15 @@ def test_the_dataset_name_follows_each_uploaded_file(app_home):
 
 def test_messages_name_the_forms_labels_not_config_keys():
     """Defect (issue 28): the pipeline's guard said "raise pipeline.min_steps …" — words the form does not show."""
-    from dact_lib.tuning.dact_pipeline.guards import _GUARD_ADVICE
+    from dact_lib.tuning.dact_pipeline import PipelineConfig
+    from dact_lib.tuning.dact_pipeline.guards import advice
     from ui.forms import form_words
 
-    said = form_words(_GUARD_ADVICE["stage2"])
+    narrow = PipelineConfig(name="x", head_lr_range=(2e-3, 6e-3))  # without 1e-3: the advice names the range
+    said = form_words(advice("stage2", narrow))
     assert "“Minimum optimizer steps per trial”" in said and "“Head learning rate range”" in said
     assert "pipeline." not in said
-    said = form_words(_GUARD_ADVICE["stage1"])  # "pipeline.stage1_epochs / stage1_lr": both named
+    said = form_words(advice("stage1", narrow))  # "pipeline.stage1_epochs / stage1_lr": both named
     assert "“Stage 1 epochs per trial” / “Stage 1 learning rate”" in said
     assert form_words("train.epochs = 0 is invalid; model.classifier.hidden_dims (Classifier hidden layers) = 'x'; "
                       "data.val_frac too big") == ("“Epochs” = 0 is invalid; “Classifier hidden layers” = 'x'; "

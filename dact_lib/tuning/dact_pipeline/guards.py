@@ -37,6 +37,15 @@ _GUARD_ADVICE = {
 }
 
 
+def advice(stage: str, pipe) -> str:
+    """What to change when ``stage``'s guard fails, for these pipeline settings (stage 2 advises widening the
+    head learning-rate range only when it does not hold the single runs' 1e-3)."""
+    text = _GUARD_ADVICE[stage]
+    lo, hi = pipe.pair("head_lr_range")
+    return text.replace("{head_lr}", "" if lo <= 1e-3 <= hi else
+                        ", widen pipeline.head_lr_range towards 1e-3 (the single runs' value)")
+
+
 def prior_nll(train_targets, targets, num_classes: int | None = None) -> tuple[float, float]:
     """(mean, standard error) of the NLL on ``targets`` of always answering the training class frequencies (add-one
     smoothed): the loss-side majority-class baseline — a model that learned nothing from the text scores this."""
@@ -90,14 +99,11 @@ def check(pl, stage: str, accuracy: float | None, *, split: str = "val", previou
             msg = (f"Pipeline stopped after {stage}: its best model (restored by {metric}) has a {split} NLL of "
                    f"{info['nll']:.4f}, not clearly better than answering the class frequencies "
                    f"({info['prior_nll']:.4f}; needed ≤ {info['prior_nll'] - info['nll_margin']:.4f} on "
-                   f"{len(targets)} rows; accuracy {acc:.1%}). What to change: {_GUARD_ADVICE[stage]}.")
+                   f"{len(targets)} rows; accuracy {acc:.1%}). What to change: {advice(stage, pl.pipe)}.")
         else:
             msg = (f"Pipeline stopped after {stage}: its best model reaches {acc:.1%} {split} accuracy, not clearly "
                    f"better than always answering the largest class ({base:.1%}; needed ≥ {base + need:.1%} on "
-                   f"{len(targets)} rows). What to change: {_GUARD_ADVICE[stage]}.")
-        lo, hi = pl.pipe.pair("head_lr_range") if hasattr(pl.pipe, "pair") else (1e-3, 1e-3)
-        msg = msg.replace("{head_lr}", "" if lo <= 1e-3 <= hi else
-                          ", widen pipeline.head_lr_range towards 1e-3 (the single runs' value)")
+                   f"{len(targets)} rows). What to change: {advice(stage, pl.pipe)}.")
         info["message"] = msg
         pl.tracker.log_event(pl.parent, ev.GUARD_FAILED, info)
         if pl.pipe.guards == "stop":
