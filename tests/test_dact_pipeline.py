@@ -836,7 +836,9 @@ def test_guard_reads_the_metric_the_checkpoint_was_restored_by():
     pl.pipe = PipelineConfig(name="g", head_lr_range=(2e-3, 6e-3)).validate()
     with pytest.raises(PipelineGuardError, match="widen pipeline.head_lr_range towards 1e-3"):
         guards.check(pl, "stage2", 0.66, metrics=nothing, metric="val_loss")
-    assert [k for k, _ in events].count("guard_failed") == 3
+    assert guards.advice("stage2", PipelineConfig(name="g", timeout_min=1.0)).startswith(
+        "raise pipeline.timeout_min (1 min")  # under a wall, time first
+    assert [k for k, _ in events].count("guard_failed") == 3  # the three refusals above
 
 
 def test_budget_is_a_wall_split_over_the_stages_left(monkeypatch):

@@ -42,8 +42,13 @@ def advice(stage: str, pipe) -> str:
     head learning-rate range only when it does not hold the single runs' 1e-3)."""
     text = _GUARD_ADVICE[stage]
     lo, hi = pipe.pair("head_lr_range")
-    return text.replace("{head_lr}", "" if lo <= 1e-3 <= hi else
+    text = text.replace("{head_lr}", "" if lo <= 1e-3 <= hi else
                         ", widen pipeline.head_lr_range towards 1e-3 (the single runs' value)")
+    if pipe.timeout_min is not None and stage in ("stage2", "stage3", "final"):
+        # under a wall the trainings stop at their share: the first thing to give is time
+        text = (f"raise pipeline.timeout_min ({pipe.timeout_min:g} min: every training stopped at its share of it) "
+                f"— or {text}")
+    return text
 
 
 def prior_nll(train_targets, targets, num_classes: int | None = None) -> tuple[float, float]:
