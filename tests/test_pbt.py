@@ -344,7 +344,7 @@ def test_cancellation_stops_every_member(home):
 # --- configuration -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, match", [
-    (dict(population=1), r"pbt\.population = 1 .*>= 2"),
+    (dict(population=1), r"pbt\.population = 1 .*expected 2 to 64 members"),
     (dict(quantile=0.7), r"pbt\.quantile = 0\.7 .*\(0, 0\.5\]"),
     (dict(metric="val_bleu"), r"pbt\.metric = 'val_bleu' .*val_accuracy"),
     (dict(ready_every_steps=5), r"pbt\.ready_every_epochs .*not both"),
