@@ -1,56 +1,71 @@
-"""The pages yield to the work (issue 28): page threads run below the jobs' worker processes, whose spawner thread
-keeps the server's priority — a child process inherits the niceness of the thread that starts it (Linux)."""
+"""The pages yield to the work (issue 28): the dashboard's threads run below the jobs' worker processes, whose
+spawner thread keeps the server's priority — a thread or child process inherits the niceness of the thread that
+starts it (Linux). Checked in a separate interpreter: lowering this test process's main thread would slow every
+later test."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import threading
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread niceness is a Linux/POSIX feature")
 
+PROBE = r"""
+import json, os, subprocess, sys, threading
+from dact_lib import jobs
+from ui import state
 
-def _nice_of_thread_named(name: str, work) -> int:
-    out = {}
-
-    def body():
-        out["value"] = work()
-
-    t = threading.Thread(target=body, name=name)
-    t.start()
-    t.join()
-    return out["value"]
-
-
-def _own_nice() -> int:
+def own():
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-
-def _child_nice() -> int:
+def child():
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.nice(0))"], capture_output=True,
                               text=True, check=True).stdout)
 
+def in_thread(fn):
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("v", fn()))
+    t.start(); t.join()
+    return box["v"]
 
-def test_page_threads_run_below_the_workers_which_keep_the_servers_priority(monkeypatch):
-    from dact_lib import jobs
-    from ui import state
+base = own()
+out = {"base": base}
+def first_page_run():  # Streamlit runs app.py in a thread the main (event loop) thread started
+    state.yield_to_jobs()
+    out["page"] = own()
+in_thread(first_page_run)
+out["main"] = own()
+out["later_page"] = in_thread(own)  # a later rerun: a thread the main thread starts
+out["direct_child"] = in_thread(child)
+out["spawned_child"] = in_thread(lambda: jobs.start_spawner().call(child))
+print(json.dumps(out))
+"""
 
-    monkeypatch.setenv("DACT_LAB_PAGE_NICE", "7")
-    base = _own_nice()
-    spawner = jobs.start_spawner()  # started here, at the server's priority
-    try:
-        state.yield_to_jobs()
-        page = _nice_of_thread_named("ScriptRunner.scriptThread", _own_nice)
-        other = _nice_of_thread_named("some-other-thread", _own_nice)
-        assert page == max(base, 7) and other == base
-        # a worker started from a page thread: directly it would inherit the page's priority, via the spawner not
-        direct = _nice_of_thread_named("ScriptRunner.scriptThread", _child_nice)
-        spawned = _nice_of_thread_named("ScriptRunner.scriptThread", lambda: spawner.call(_child_nice))
-        assert direct == max(base, 7) and spawned == base
-    finally:
-        threading.setprofile(None)
+
+def _probe(nice: str) -> dict:
+    env = {**os.environ, "DACT_LAB_PAGE_NICE": nice, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_dashboard_runs_below_the_workers_which_keep_the_servers_priority():
+    got = _probe("7")
+    low = max(got["base"], 7)
+    assert got["page"] == got["main"] == got["later_page"] == low  # the event loop and every page run
+    assert got["direct_child"] == low  # a worker started from a page thread would be lowered too ...
+    assert got["spawned_child"] == got["base"]  # ... the spawner's keep the server's priority
+
+
+def test_page_nice_zero_leaves_every_priority_alone():
+    got = _probe("0")
+    assert got["page"] == got["main"] == got["later_page"] == got["spawned_child"] == got["base"]
 
 
 def test_errors_in_the_spawner_reach_the_caller():
@@ -63,12 +78,8 @@ def test_errors_in_the_spawner_reach_the_caller():
         jobs.start_spawner().call(boom)
 
 
-def test_page_nice_zero_leaves_the_threads_alone(monkeypatch):
+def test_a_bad_page_nice_falls_back_to_the_default(monkeypatch):
     from ui import state
 
-    monkeypatch.setenv("DACT_LAB_PAGE_NICE", "0")
-    base = _own_nice()
-    state.yield_to_jobs()
-    assert _nice_of_thread_named("ScriptRunner.scriptThread", _own_nice) == base
     monkeypatch.setenv("DACT_LAB_PAGE_NICE", "x")
     assert state.page_nice() == state.PAGE_NICE

@@ -17,7 +17,6 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertM
 #: on 2 cores a watched Runs page yields to the training it shows (it took 0.3 core per tab at equal priority);
 #: $DACT_LAB_PAGE_NICE changes it, 0 = the server's own priority
 PAGE_NICE = 10
-_PAGE_THREAD = "ScriptRunner"  # Streamlit's name for the threads that run a page script
 
 
 def page_nice() -> int:
@@ -45,26 +44,27 @@ def lower_this_thread(nice: int | None = None) -> bool:
         return False
 
 
-def _first_call(frame, event, arg):  # a thread's profile hook: runs once, on the thread's first call
-    import sys
-    import threading
-
-    sys.setprofile(None)
-    if threading.current_thread().name.startswith(_PAGE_THREAD):
-        lower_this_thread()
-
-
 def yield_to_jobs() -> None:
-    """From now on every thread Streamlit starts to run a page (a rerun, a fragment's timer) runs at PAGE_NICE,
-    below the jobs' worker processes; the workers are started from the job spawner thread (dact_lib.jobs.Spawner),
-    started here first, so they keep the server's priority. Idempotent."""
-    import threading
+    """Run the dashboard below the jobs' CPU priority: the server's main thread (Streamlit's event loop, which
+    serialises and sends every page update: most of the server's CPU) and this thread go to PAGE_NICE, and every
+    thread the main thread starts later — each page rerun, each fragment timer — inherits it. The jobs' worker
+    processes are started from the job spawner thread (dact_lib.jobs.Spawner), created here first at the server's
+    own priority, so they keep it. Linux: niceness is per thread and raising it needs no privilege. Idempotent;
+    $DACT_LAB_PAGE_NICE = 0 leaves every priority alone."""
+    import os
 
     from dact_lib.jobs import start_spawner
 
     start_spawner()
-    if page_nice() > 0:
-        threading.setprofile(_first_call)
+    nice = page_nice()
+    if nice <= 0:
+        return
+    lower_this_thread(nice)
+    try:
+        if os.getpriority(os.PRIO_PROCESS, os.getpid()) < nice:  # the main thread's id is the process id
+            os.setpriority(os.PRIO_PROCESS, os.getpid(), nice)
+    except (AttributeError, OSError):
+        pass
 
 
 def home() -> str:
