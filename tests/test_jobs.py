@@ -431,3 +431,39 @@ def test_engine_failure_is_recorded(home, manager, monkeypatch, adopt):
     assert jm.wait(rid, 10) == "failed"
     run = Tracker(home).get_run(rid)
     assert run["status"] == "failed" and "member exploded" in run["error"]
+
+
+def test_a_worker_stays_in_the_servers_session_but_not_its_process_group(tmp_path):
+    """Linux shares the CPU between sessions (autogroups) whatever their niceness: a worker in a session of its own
+    got as much CPU as three watching tabs' server. It shares the server's session (so it runs above the lowered
+    page threads) in a process group of its own (a Ctrl-C in the server's terminal does not reach it)."""
+    import os
+    import sys
+
+    import pytest
+
+    if sys.version_info < (3, 11):
+        pytest.skip("Popen(process_group=) is Python 3.11+ (3.10: a session of its own)")
+    from dact_lib.config import default_config
+    from dact_lib.jobs import JobManager
+
+    m = JobManager(tmp_path / "home")
+    try:
+        cfg = default_config("dact", encoder="tiny")
+        cfg.train.epochs = 1
+        cfg.train.device = "cpu"
+        job = m._jobs.get(m.submit("dact", cfg)) if hasattr(m, "_jobs") else None
+        import time
+
+        proc, until = None, time.monotonic() + 300  # a condition, with a bound far above any machine's load
+        while proc is None and time.monotonic() < until:
+            proc = getattr(job, "process", None)
+            time.sleep(0.05)
+        assert proc is not None
+        try:
+            assert os.getsid(proc.pid) == os.getsid(0)
+            assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)
+        except ProcessLookupError:
+            pytest.skip("the worker ended before it could be looked at")
+    finally:
+        m.shutdown(cancel=True, timeout=60)
