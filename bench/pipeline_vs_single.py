@@ -2,7 +2,7 @@
 
 For each dataset (TREC-6: 6 classes; SST-2: 2), one process, bundled encoder, library defaults:
 
-1. the default pipeline (``run_pipeline`` with ``PipelineConfig(name=..., timeout_min=...)``: the single-run
+1. the default pipeline (``run_pipeline`` with ``PipelineConfig(name=...)``: the single-run
    candidate on, cross-fitted halting points, the per-class row floor of stage 2) on the training file (at most
    ``--max-rows``, a stratified sample; the pipeline splits validation and test off as a single run does);
 2. read back, all on the SAME test rows: the single run it trained (= ``train --kind dact`` with no flags on that
@@ -11,7 +11,7 @@ For each dataset (TREC-6: 6 classes; SST-2: 2), one process, bundled encoder, li
 3. whether the final model is dominated by the single run on test (less accurate AND later exits), and the wall
    time against ``timeout_min``.
 
-    .venv/bin/python bench/pipeline_vs_single.py --max-rows 2000 --timeout-min 25   # ~50 min on 2 cores
+    .venv/bin/python bench/pipeline_vs_single.py --max-rows 2000   # ~60 min on 2 cores
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--max-rows", type=int, default=2000)
-    ap.add_argument("--timeout-min", type=float, default=25.0)
+    ap.add_argument("--timeout-min", type=float, default=None, help="default: none (the pipeline's default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--home", default=str(OUT_DIR / "pipeline_vs_single_home"))
     args = ap.parse_args()
