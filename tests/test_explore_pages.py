@@ -397,6 +397,9 @@ def test_pareto_explorer_shows_the_pipelines_front_choice_and_sweep(pop_home):
     assert at.main.caption[0].value == (
         f"status **{run['status']}** · stages done: {', '.join(summary['stages_done'])} · pipeline's choice: trial "
         f"{rule['trial']} (λ = {rule['lambda']:.3g}) · final model: run #{final}")
+    # which model the pipeline returned and why (issue 27's final_choice; this pipeline has no single-run candidate)
+    assert summary["final_choice"]["winner"] == "pipeline"
+    assert at.main.caption[1].value == f"Final model = stage 3's point: {summary['final_choice']['why']}."
     assert [i.value for i in at.main.info] == [
         "No model chosen for prediction yet: pick a front point below (or click one on the chart)."]
 
