@@ -41,8 +41,8 @@ def run(pl) -> None:
                                    pl.pipe.choice_tolerance)
     tr.log_event(pl.parent, ev.FINAL_CHOICE, decision)
     from_single = decision["winner"] == single.SINGLE
-    trunk_id, loaded = pl.trunk()
-    if from_single:
+    if from_single:  # the stage-2 model is not loaded: only its run id is recorded
+        trunk_id = int(st3["trunk_run_id"])
         source_id = int(st_single["run_id"])
         loaded = load_model(tr.run_dir(source_id), device=str(pl.device))  # its own cross-fitted halting point
         model = loaded.model
@@ -50,6 +50,7 @@ def run(pl) -> None:
         m = copy.deepcopy(model.cfg)
         train_cfg = copy.deepcopy(pl.single_cfg.train)
     else:
+        trunk_id, loaded = pl.trunk()
         source_id = trunk_id
         chosen = st3["chosen"]
         model = loaded.model
