@@ -1,8 +1,10 @@
-"""Data: upload a labelled CSV, check it, look at it, try a split, save it; manage the saved datasets."""
+"""Data: upload a labelled data file (CSV, TSV, JSON Lines, JSON, Parquet), check it, look at it, try a split,
+save it; manage the saved datasets."""
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -10,8 +12,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from dact_lib.data import (ColumnError, DataError, IncompleteRowsError, csv_header, csv_rows, read_csv, split_dataset,
-                           spreadsheet_safe_csv)
+from dact_lib.data import (UPLOAD_TYPES, ColumnError, DataError, IncompleteRowsError, csv_header, csv_rows, format_of,
+                           read_csv, split_dataset, spreadsheet_safe_csv)
 from dact_lib.errors import DactLabError
 from ui import state
 from ui.safe import plain
@@ -20,7 +22,9 @@ from ui.forms import SPLIT_KEY
 st.title("Data")
 st.markdown("Upload a CSV with a text column and one label column (`text,label`) or two "
             "(`sentence,class_label,sentiment_label` for multi-task). Comma, semicolon and tab separated files "
-            "work; columns with other names can be mapped below. Nothing is stored until you press **Save**.")
+            "work, and so do JSON Lines (`.jsonl`, one object per line), JSON (`.json`, a list of records) and "
+            "Parquet with the same columns; columns with other names can be mapped below. Nothing is stored until "
+            "you press **Save**.")
 
 ONE_TASK = ("text", "label")
 TWO_TASKS = ("sentence", "class_label", "sentiment_label")
@@ -34,14 +38,18 @@ def download_name(dataset_id: int, name: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:60]
     return f"dataset-{dataset_id}{'-' + safe if safe else ''}.csv"
 
-def parse_upload(raw: bytes, columns: dict[str, str] | None, name: str, drop_incomplete: bool = False):
-    """read_csv with a per-session cache: (TextDataset, None) or (None, the DataError)."""
-    key = (hashlib.sha256(raw).hexdigest(), json.dumps(columns, sort_keys=True), name, drop_incomplete)
+def parse_upload(raw: bytes, columns: dict[str, str] | None, name: str, drop_incomplete: bool = False,
+                 file_name: str = ""):
+    """read_csv with a per-session cache: (TextDataset, None) or (None, the DataError). The bytes go in as a file
+    named as the upload (``file_name``), so its name picks the format as a path's does."""
+    key = (hashlib.sha256(raw).hexdigest(), json.dumps(columns, sort_keys=True), name, drop_incomplete, file_name)
     cached = st.session_state.get("data:parsed")
     if cached and cached[0] == key:
         return cached[1]
+    upload = io.BytesIO(raw)
+    upload.name = file_name
     try:
-        result = (read_csv(raw, columns=columns, name=name, drop_incomplete=drop_incomplete), None)
+        result = (read_csv(upload, columns=columns, name=name, drop_incomplete=drop_incomplete), None)
     except DataError as exc:
         result = (None, exc)
     st.session_state["data:parsed"] = (key, result)
@@ -123,14 +131,15 @@ def split_preview(ds) -> None:
 
 tr = state.tracker()
 
-up = st.file_uploader("CSV file", type=["csv", "tsv", "txt"], key="data:upload")
+up = st.file_uploader("Data file (CSV, TSV, JSON Lines, JSON or Parquet)", type=UPLOAD_TYPES, key="data:upload")
 if up is not None:
     raw = up.getvalue()
-    mapping = column_mapping(csv_header(raw))
+    fmt = format_of(up.name)  # the name decides, as for a path (read_csv refuses content that contradicts it)
+    mapping = column_mapping(csv_header(raw, format=fmt))
     default_name = Path(up.name).stem or "dataset"
     file_key = hashlib.sha256(raw).hexdigest()
     drop = st.session_state.get("data:drop-incomplete") == file_key
-    ds, error = parse_upload(raw, mapping, default_name, drop_incomplete=drop)
+    ds, error = parse_upload(raw, mapping, default_name, drop_incomplete=drop, file_name=up.name)
     if error is not None:
         if isinstance(error, ColumnError):  # the page's own fix, not the library's columns={...} hint
             st.error(plain(f"{error.problem} Tick “Map the columns myself” above and choose which column is the "
@@ -139,12 +148,12 @@ if up is not None:
             st.error(plain(error))
         if isinstance(error, IncompleteRowsError):  # a way on: leave those rows out, keep the rest
             try:
-                full = parse_upload(raw, mapping, default_name, drop_incomplete=True)[0]
+                full = parse_upload(raw, mapping, default_name, drop_incomplete=True, file_name=up.name)[0]
             except Exception:  # noqa: BLE001 - no offer when the rest is not usable either
                 full = None
             if full is not None:
                 bad = [r for r in error.rows]
-                st.dataframe(csv_rows(raw, bad), hide_index=True, width="stretch")
+                st.dataframe(csv_rows(raw, bad, format=fmt), hide_index=True, width="stretch")
                 dropped = next((w for w in full.warnings if w.startswith("left out")), "")
                 if st.button(f"Leave out the rows with empty cells and use the other {len(full):,}",
                              key="data:drop", icon=":material/playlist_remove:", help=plain(dropped) or None):

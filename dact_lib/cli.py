@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy, macro-F1, confusion matrix (and exit layers) of a run")
     p.add_argument("--run", required=True)
-    p.add_argument("--data", default=None, help="CSV to evaluate on (default: the run's test split)")
+    p.add_argument("--data", default=None, help="data file to evaluate on: .csv, .tsv, .jsonl, .json or .parquet "
+                   "(default: the run's test split)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--policies", action="store_true", help="DACT: also sweep the exit policies (accuracy, exit)")
     p.add_argument("--timed", action="store_true",

@@ -40,7 +40,8 @@ def common_args(p: argparse.ArgumentParser, device: bool = True, tag: bool = Tru
 
 
 def data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="CSV file (default: the bundled demo dataset)")
+    p.add_argument("--data", default=None, help="data file: .csv, .tsv, .jsonl, .json (a list of records) or "
+                   ".parquet (default: the bundled demo dataset)")
     p.add_argument("--max-rows", type=int, default=None, help="use a stratified sample of this many rows")
     p.add_argument("--encoder", default=None, help="HF model name or local path (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--config", default=None, help="a RunConfig as JSON or YAML; flags override it")

@@ -1,7 +1,14 @@
-"""CSV → validated :class:`TextDataset`, label maps, stratified splits, tokenisation and length-grouped batching.
+"""A data file → validated :class:`TextDataset`, label maps, stratified splits, tokenisation and length-grouped
+batching.
+
+:func:`read_csv` is the one entry point for data: CSV (also ``.txt``), TSV, JSON Lines, JSON (a list of records, or
+a pandas ``to_json`` frame), Parquet and a pandas DataFrame. A reader per format turns the input into a header and
+rows of strings (:class:`_Table`); every format then goes through the same validation with the same messages. The
+format comes from the file's name (or ``format=``); without one, from its content.
 
 Every problem with an input file raises :class:`~dact_lib.errors.DataError`; its message says what is wrong and
-how to fix it. Row numbers in messages count the header as row 1 (as a spreadsheet shows them).
+how to fix it. Row numbers in messages count the header as row 1 (as a spreadsheet shows them) in a CSV, the lines
+of a JSON Lines file, the records of a JSON file and the rows of a Parquet file or DataFrame (from 1).
 """
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import collections
 import csv
 import hashlib
 import io
+import json
 import math
 import re
 import warnings as _warnings
@@ -182,25 +190,28 @@ def _too_big(size: int, max_bytes: int) -> DataError:
                      "(keep fewer rows) before uploading, or raise the limit (max_bytes).")
 
 
-def _read_source(source: Source, max_bytes: int) -> tuple[bytes, str]:
-    """Raw bytes and a default name; the size is checked before the content is read where possible."""
+def _read_source(source: Source, max_bytes: int) -> tuple[bytes, str, str]:
+    """Raw bytes, a default name and the file name ("" when there is none: bytes, an unnamed stream); the size is
+    checked before the content is read where possible."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         raw = bytes(source)
         if len(raw) > max_bytes:
             raise _too_big(len(raw), max_bytes)
-        return raw, "dataset"
+        return raw, "dataset", ""
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.exists():
             raise DataError(f"File {str(path)!r} does not exist: check the path.")
         if not path.is_file():
-            raise DataError(f"{str(path)!r} is not a file: give the path of a CSV file.")
+            raise DataError(f"{str(path)!r} is not a file: give the path of a data file (CSV, TSV, JSON Lines, "
+                            "JSON or Parquet).")
         size = path.stat().st_size
         if size > max_bytes:
             raise _too_big(size, max_bytes)
-        return path.read_bytes(), path.stem
+        return path.read_bytes(), path.stem, path.name
     if hasattr(source, "read"):
-        name = Path(str(getattr(source, "name", "") or "dataset")).stem or "dataset"
+        file_name = str(getattr(source, "name", "") or "")
+        name = Path(file_name or "dataset").stem or "dataset"
         size = getattr(source, "size", None)
         if isinstance(size, int) and size > max_bytes:
             raise _too_big(size, max_bytes)
@@ -216,8 +227,138 @@ def _read_source(source: Source, max_bytes: int) -> tuple[bytes, str]:
         data = bytes(data)
         if len(data) > max_bytes:
             raise _too_big(len(data), max_bytes)
-        return data, name
-    raise DataError(f"Cannot read a dataset from a {type(source).__name__}: give a file path, bytes or an open file.")
+        return data, name, Path(file_name).name
+    raise DataError(f"Cannot read a dataset from a {type(source).__name__}: give a file path, bytes, an open file or "
+                    "a pandas DataFrame.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Formats: which reader a file goes to
+# --------------------------------------------------------------------------------------------------------------
+#: the formats read_csv reads (a pandas DataFrame is a source of its own)
+FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
+#: file name suffix -> format
+SUFFIX_FORMATS = {".csv": "csv", ".txt": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                  ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+#: what a file uploader accepts (the suffixes above, without the dot)
+UPLOAD_TYPES = [k.lstrip(".") for k in SUFFIX_FORMATS]
+_FORMAT_NAMES = {"csv": "CSV", "tsv": "TSV", "jsonl": "JSON Lines", "json": "JSON", "parquet": "Parquet"}
+_FORMAT_SUFFIX = {"csv": ".csv", "tsv": ".tsv", "jsonl": ".jsonl", "json": ".json", "parquet": ".parquet"}
+_EXPORTS = ("export it as CSV (UTF-8), JSON Lines or Parquet, e.g. with pandas: df.to_csv(path, index=False), "
+            "df.to_json(path, orient='records', lines=True) or df.to_parquet(path)")
+_SUPPORTED = "CSV, TSV, JSON Lines (.jsonl), JSON (.json: a list of records) or Parquet"
+
+
+def format_of(file_name: str | Path | None) -> str | None:
+    """The format a file's name says (``reviews.jsonl`` → ``"jsonl"``), or None for no name / another suffix."""
+    if not file_name:
+        return None
+    return SUFFIX_FORMATS.get(Path(str(file_name)).suffix.lower())
+
+
+def _binary_kind(raw: bytes) -> tuple[str, str] | None:
+    """(what the bytes are, the fix) for a binary file that is none of the formats (magic numbers); None else."""
+    head = raw[:8]
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        if b"xl/" in raw[:65536]:
+            return ("a binary Excel workbook (.xlsx)", "open it in Excel (or pandas.read_excel) and " + _EXPORTS)
+        if b"mimetypeapplication/vnd.oasis.opendocument.spreadsheet" in raw[:200]:
+            return ("a binary OpenDocument spreadsheet (.ods)", "open it in its program and " + _EXPORTS)
+        return ("a binary zip archive (an Excel .xlsx workbook or a .zip?)",
+                "if it is a workbook, open it in Excel (or pandas.read_excel) and " + _EXPORTS + "; if it is a "
+                "zip, unzip it and give the data file inside")
+    if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
+        return ("a binary Excel .xls workbook (or another Office file)", "open it in Excel and " + _EXPORTS)
+    if head.startswith(b"\x1f\x8b"):
+        return ("gzip-compressed (binary)", "decompress it first (gunzip FILE.gz, or 7-Zip) and give the file inside")
+    if head.startswith(b"BZh"):
+        return ("bzip2-compressed (binary)", "decompress it first (bunzip2 FILE.bz2) and give the file inside")
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return ("xz-compressed (binary)", "decompress it first (unxz FILE.xz) and give the file inside")
+    if head.startswith(b"7z\xbc\xaf\x27\x1c"):
+        return ("a binary 7-Zip archive", "extract it and give the data file inside (" + _SUPPORTED + ")")
+    if head.startswith(b"%PDF"):
+        return ("a binary PDF document", "export the table from the program that made it as CSV (UTF-8)")
+    if raw.startswith(b"SQLite format 3\x00"):
+        return ("a binary SQLite database", "export the table with sqlite3 (.mode csv, .headers on) or "
+                "pandas.read_sql and " + _EXPORTS.replace("export it as", "save it as"))
+    if head.startswith(b"ARROW1"):
+        return ("a binary Arrow/Feather file", "save it as Parquet: pandas.read_feather(path).to_parquet(path2)")
+    return None
+
+
+def _looks_html(raw: bytes) -> bool:
+    start = raw[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return start.startswith((b"<!doctype html", b"<html", b"<?xml version")) and b"<html" in raw[:4096].lower()
+
+
+def _json_shape(raw: bytes) -> str | None:
+    """What JSON text the bytes hold: ``"records"`` (one JSON document: a list or an object), ``"lines"`` (one
+    object per line), or None when they are not JSON."""
+    start = raw[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not start.startswith((b"[", b"{")):
+        return None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    try:
+        json.loads(text)
+        return "records"
+    except ValueError:
+        pass
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return "lines" if isinstance(json.loads(first), dict) else None
+    except ValueError:
+        return None
+
+
+def _detect_format(raw: bytes, hint: str | None, file_name: str) -> str:
+    """The format to read ``raw`` as. The name (``hint``: the file name's, or ``format=``) decides; content that
+    contradicts it, or that is none of the formats, is refused with what it looks like and the fix. Without a hint
+    the content decides."""
+    suffix = Path(file_name).suffix if file_name else ""
+    named = f"named {suffix}" if suffix else f"read as {_FORMAT_NAMES.get(hint or '', hint)} (format={hint!r})"
+
+    def fix(fmt: str) -> str:
+        return f"rename it to {_FORMAT_SUFFIX[fmt]}" if suffix else f"read it with format={fmt!r}"
+
+    binary = _binary_kind(raw)
+    if binary is not None:
+        what, how = binary
+        raise DataError(f"The file is {what}, not {_SUPPORTED}: {how}.")
+    is_parquet = raw[:4] == b"PAR1"
+    if _looks_html(raw):
+        raise DataError("The file is an HTML page, not data: download the data file itself (on GitHub, the Raw "
+                        "button; elsewhere the download link), not the web page that shows it.")
+    if hint is None:
+        if is_parquet:
+            return "parquet"
+        shape = _json_shape(raw)
+        return {"records": "json", "lines": "jsonl"}.get(shape or "", "csv")
+    if hint == "parquet":
+        if is_parquet:
+            return "parquet"
+        shape = _json_shape(raw)
+        if shape is not None:
+            good = "json" if shape == "records" else "jsonl"
+            raise DataError(f"The file is {named} but holds {_FORMAT_NAMES[good]} ({_FORMAT_SUFFIX[good]}), not "
+                            f"Parquet: {fix(good)}.")
+        raise DataError(f"The file is {named} but is not a Parquet file (it does not start with PAR1): write it "
+                        "again with df.to_parquet(path), or "
+                        + ("rename it to what it is (.csv, .jsonl, .json)." if suffix else
+                           "read it with the format it is (format='csv', 'jsonl' or 'json')."))
+    if is_parquet:
+        raise DataError(f"The file is {named} but is a Parquet file (binary): {fix('parquet')}.")
+    if hint in ("csv", "tsv"):
+        shape = _json_shape(raw)
+        if shape is not None:
+            good = "json" if shape == "records" else "jsonl"
+            holds = "one JSON document" if shape == "records" else "one JSON object per line"
+            raise DataError(f"The file is {named} but holds JSON ({holds}), not {_FORMAT_NAMES[hint]} with a header "
+                            f"row: {fix(good)}.")
+    return hint
 
 
 def _decode(raw: bytes, warnings: list[str]) -> str:
@@ -234,8 +375,9 @@ def _decode(raw: bytes, warnings: list[str]) -> str:
                 break
             return text
     if b"\x00" in raw or raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0", b"%PDF")):
-        raise DataError("The file looks like a binary file (an Excel .xlsx/.xls, a zip or a PDF?), not a text CSV: "
-                        "open it in its program and export (Save As) a CSV (UTF-8) file.")
+        raise DataError("The file looks like a binary file (an Excel .xlsx/.xls, a zip, an image?), not text data: "
+                        "open it in its program and export (Save As) a CSV (UTF-8) file, or give JSON Lines, JSON "
+                        "or Parquet.")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -277,27 +419,250 @@ def _sniff_delimiter(text: str) -> str:
     return best
 
 
-def csv_header(raw: bytes) -> list[str]:
-    """The column names in a CSV's header row, decoded and split the way :func:`read_csv` does it; [] when the
-    first line has no delimiter or the bytes are not text. Never raises: it only offers names to map columns by."""
+@dataclass
+class _Table:
+    """What a reader makes of a file: the column names, the data rows as string cells (columns 0..n-1), each row's
+    number as messages give it, and how they name it (``unit``: row / line / record; ``note``: how to count)."""
+
+    header: list[str]
+    body: pd.DataFrame
+    numbers: np.ndarray
+    unit: str = "row"
+    note: str = ""
+
+    def where(self, positions: Sequence[int] | np.ndarray) -> str:
+        """'rows 3, 7 (counting the header as row 1)' for body positions (at most MAX_ROWS_SHOWN numbers)."""
+        numbers = [int(self.numbers[p]) for p in positions]
+        shown = ", ".join(str(n) for n in numbers[:MAX_ROWS_SHOWN])
+        more = f" and {len(numbers) - MAX_ROWS_SHOWN} more" if len(numbers) > MAX_ROWS_SHOWN else ""
+        return f"{self.unit}{'s' if len(numbers) > 1 else ''} {shown}{more}{self.note}"
+
+
+_CSV_NOTE = " (counting the header as row 1)"
+
+
+def _csv_table(raw: bytes, warnings: list[str], tsv: bool = False) -> _Table:
+    text = _decode(raw, warnings).replace("\r\n", "\n")
+    if not text.strip():
+        raise DataError("The file is empty (only blank lines): upload a CSV with a header row and data rows.")
+    text = text.lstrip("\n")
+    sep = "\t" if tsv and "\t" in _first_line(text) else _sniff_delimiter(text)
+    header, body = _parse(text, sep)
+    return _Table(header, body, np.arange(len(body), dtype=np.int64) + 2, "row", _CSV_NOTE)
+
+
+def _cell(value: Any, column: str, number: int, unit: str) -> str:
+    """A JSON / Parquet / DataFrame value as the string a CSV cell would hold: None and NaN are empty; numbers and
+    booleans their text; a list or an object is refused."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (float, np.floating)) and math.isnan(value):
+        return ""
+    if isinstance(value, (dict, list, tuple, np.ndarray, bytes, bytearray)):
+        kind = {dict: "an object"}.get(type(value), "a list" if not isinstance(value, (bytes, bytearray)) else
+                                        "binary data")
+        raise DataError(f"The field {column!r} of {unit} {number} holds {kind}: text and label fields must be "
+                        "strings (or numbers). Flatten the data so that every record has plain text and label "
+                        "values.")
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _records_table(records: Sequence[Any], numbers: Sequence[int], unit: str, what: str) -> _Table:
+    """A table from JSON objects (one per row): the header is every key in order of first appearance; a key a
+    record lacks is an empty cell."""
+    header: list[str] = []
+    seen: dict[str, int] = {}
+    for rec, n in zip(records, numbers):
+        if not isinstance(rec, dict):
+            kind = {list: "a list", str: "a string", type(None): "null"}.get(type(rec), "a number")
+            raise DataError(f"{unit.capitalize()} {n} of the {what} is {kind}, not an object: every {unit} must be "
+                            'one JSON object such as {"text": "a fine film", "label": "pos"}.')
+        for k in rec:
+            if k not in seen:
+                seen[k] = len(header)
+                header.append(k)
+                if len(header) > MAX_COLUMNS:
+                    break
+    if len(header) > MAX_COLUMNS:
+        _resolve_columns(header, None)  # refuses with the too-many-columns message
+    cols = {i: [_cell(rec.get(k), k, n, unit) for rec, n in zip(records, numbers)] for i, k in enumerate(header)}
+    body = pd.DataFrame(cols, dtype=object) if header else pd.DataFrame(index=range(len(records)))
+    return _Table([str(h).strip() for h in header], body, np.asarray(list(numbers), dtype=np.int64), unit)
+
+
+def _columns_table(names: Sequence[Any], columns: Sequence[Sequence[Any]], unit: str = "row") -> _Table:
+    """A table from whole columns (Parquet, a DataFrame, pandas' column-wise JSON); rows count from 1."""
+    header = [str(n).strip() for n in names]
+    n_rows = len(columns[0]) if columns else 0
+    numbers = np.arange(1, n_rows + 1, dtype=np.int64)
+    if len(header) > MAX_COLUMNS:
+        _resolve_columns(header, None)
+    cols = {i: [_cell(v, header[i], int(n), unit) for v, n in zip(col, numbers)] for i, col in enumerate(columns)}
+    body = pd.DataFrame(cols, dtype=object) if header else pd.DataFrame(index=range(n_rows))
+    return _Table(header, body, numbers, unit)
+
+
+def _jsonl_table(raw: bytes, warnings: list[str]) -> _Table:
+    text = _decode(raw, warnings).replace("\r\n", "\n")
+    records, numbers = [], []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as exc:
+            detail = getattr(exc, "msg", str(exc))
+            hint = (" The file holds one JSON document (a list), not one object per line: rename it to .json."
+                    if n == 1 and line.lstrip().startswith("[") else "")
+            raise DataError(f"Line {n} of the JSON Lines file is not valid JSON ({detail}, column "
+                            f"{getattr(exc, 'colno', '?')}): put one JSON object per line, such as "
+                            f'{{"text": "a fine film", "label": "pos"}}, e.g. with pandas: '
+                            f"df.to_json(path, orient='records', lines=True).{hint}") from None
+        numbers.append(n)
+    if len(records) == 1 and isinstance(records[0], list):
+        raise DataError("The JSON Lines file holds one JSON list, not one object per line: rename it to .json, or "
+                        "write one object per line (df.to_json(path, orient='records', lines=True)).")
+    return _records_table(records, numbers, "line", "JSON Lines file")
+
+
+def _json_table(raw: bytes, warnings: list[str]) -> _Table:
+    """A JSON list of records, or one of pandas' column-wise layouts (``to_json``'s default ``columns`` orient,
+    ``split``, ``table``); any other object is refused, naming what it holds."""
+    text = _decode(raw, warnings)
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        if _json_shape(raw) == "lines":
+            raise DataError("The JSON file holds one JSON object per line (JSON Lines), not one document: rename "
+                            "it to .jsonl.") from None
+        raise DataError(f"The file is not valid JSON ({getattr(exc, 'msg', exc)} at line "
+                        f"{getattr(exc, 'lineno', '?')}, column {getattr(exc, 'colno', '?')}): write it again, e.g. "
+                        "with pandas: df.to_json(path, orient='records').") from None
+    if isinstance(doc, list):
+        return _records_table(doc, range(1, len(doc) + 1), "record", "JSON file")
+    if isinstance(doc, dict):
+        if isinstance(doc.get("data"), list) and isinstance(doc.get("columns"), list):  # orient="split"
+            rows = doc["data"]
+            if not all(isinstance(r, list) and len(r) == len(doc["columns"]) for r in rows):
+                raise DataError("The JSON file looks like pandas' split layout (columns + data) but its data rows "
+                                "do not match its columns: write it again with df.to_json(path, orient='records').")
+            return _columns_table(doc["columns"], [[r[i] for r in rows] for i in range(len(doc["columns"]))],
+                                  "record")
+        if isinstance(doc.get("schema"), dict) and isinstance(doc.get("data"), list):  # orient="table"
+            table = _records_table(doc["data"], range(1, len(doc["data"]) + 1), "record", "JSON file")
+            key = doc["schema"].get("primaryKey")  # the index's column names (pandas writes the index)
+            index = [k for k in key if isinstance(k, str)] if isinstance(key, list) else []
+            keep = [i for i, h in enumerate(table.header) if h not in index]
+            table.header = [table.header[i] for i in keep]
+            table.body = table.body[keep]
+            table.body.columns = range(len(keep))
+            return table
+        if doc and all(isinstance(v, dict) for v in doc.values()):  # orient="columns", pandas' default
+            index = list(dict.fromkeys(k for v in doc.values() for k in v))
+            return _columns_table(list(doc), [[col.get(i) for i in index] for col in doc.values()], "record")
+        lists = [(k, len(v)) for k, v in doc.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        keys = _names_text([str(k) for k in doc])
+        inner = (f" Its key {lists[0][0]!r} holds a list of {lists[0][1]:,} records: save that list alone."
+                 if lists else "")
+        raise DataError(f"The JSON file holds an object (keys {keys}), not a list of records: save a list such "
+                        'as [{"text": "a fine film", "label": "pos"}, ...], e.g. with pandas: '
+                        f"df.to_json(path, orient='records').{inner}")
+    kind = {str: "a string", bool: "a boolean", type(None): "null"}.get(type(doc), "a number")
+    raise DataError(f"The JSON file holds {kind}, not a list of records: save a list such as "
+                    '[{"text": "a fine film", "label": "pos"}, ...].')
+
+
+def _parquet_table(raw: bytes) -> _Table:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is a requirement
+        raise DataError("Reading Parquet needs pyarrow: pip install pyarrow, or give the data as CSV or JSON "
+                        "Lines.") from None
+    try:
+        table = pq.read_table(io.BytesIO(raw))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"The file could not be read as Parquet ({detail}): write it again, e.g. with pandas: "
+                        "df.to_parquet(path).") from None
+    meta = (table.schema.metadata or {}).get(b"pandas")
+    index = []
+    if meta:  # pandas stores a non-default index as columns named __index_level_0__ …
+        try:
+            index = [c for c in json.loads(meta).get("index_columns", []) if isinstance(c, str)]
+        except ValueError:
+            index = []
+    names = [n for n in table.column_names if n not in index]
+    return _columns_table(names, [table.column(n).to_pylist() for n in names])
+
+
+def _frame_table(df: pd.DataFrame) -> _Table:
+    if isinstance(df.columns, pd.MultiIndex):
+        raise DataError("The DataFrame has several column levels: flatten them first (df.columns = "
+                        "['_'.join(map(str, c)) for c in df.columns]).")
+    return _columns_table(list(df.columns), [df[c].tolist() if not isinstance(df[c], pd.DataFrame) else
+                                             df[c].iloc[:, 0].tolist() for c in df.columns])
+
+
+def _read_table(raw: bytes, fmt: str, warnings: list[str]) -> _Table:
+    if fmt in ("csv", "tsv"):
+        return _csv_table(raw, warnings, tsv=fmt == "tsv")
+    if fmt == "jsonl":
+        return _jsonl_table(raw, warnings)
+    if fmt == "json":
+        return _json_table(raw, warnings)
+    return _parquet_table(raw)
+
+
+def _check_format(fmt: str | None) -> str | None:
+    if fmt is None:
+        return None
+    f = str(fmt).lower().lstrip(".")
+    f = SUFFIX_FORMATS.get("." + f, f)
+    if f not in FORMATS:
+        raise DataError(f"Unknown data format {fmt!r}: use one of {', '.join(FORMATS)} (or leave it out to go by "
+                        "the file's name and content).")
+    return f
+
+
+def csv_header(raw: bytes, format: str | None = None) -> list[str]:
+    """The column names of a data file (a CSV's header row, decoded and split the way :func:`read_csv` does it;
+    the keys / columns of the other formats); [] when there are none or the bytes cannot be read. Never raises: it
+    only offers names to map columns by."""
+    try:
+        fmt = _detect_format(raw, _check_format(format), "")
+    except DataError:
+        return []
+    if fmt not in ("csv", "tsv"):
+        try:
+            return [h for h in _read_table(raw, fmt, []).header if h]
+        except DataError:
+            return []
     first = raw.lstrip(b"\r\n").split(b"\n", 1)[0] if not raw.startswith((b"\xff\xfe", b"\xfe\xff")) else raw[:65536]
     try:
         text = _first_line(_decode(first, []))
-        sep = _sniff_delimiter(text)
+        sep = "\t" if fmt == "tsv" and "\t" in text else _sniff_delimiter(text)
         return [h.strip().lstrip("\ufeff").strip() for h in next(csv.reader([text], delimiter=sep)) if h.strip()]
     except (DataError, csv.Error, StopIteration):
         return []
 
 
-def csv_rows(raw: bytes, rows: Sequence[int], limit: int = 50) -> pd.DataFrame:
-    """The data rows of a CSV at the given row numbers (the header is row 1, as :class:`IncompleteRowsError`
-    counts them), parsed the way :func:`read_csv` parses — to show a user the rows a fix would drop."""
-    text = _decode(raw, []).replace("\r\n", "\n").lstrip("\n")
-    header, body = _parse(text, _sniff_delimiter(text))
-    body.columns = header
-    keep = [r - 2 for r in list(rows)[:limit] if 0 <= r - 2 < len(body)]
+def csv_rows(raw: bytes, rows: Sequence[int], limit: int = 50, format: str | None = None) -> pd.DataFrame:
+    """The data rows of a data file at the given row numbers (as :class:`IncompleteRowsError` gives them: a CSV's
+    rows counting the header as row 1, a JSON Lines file's lines, a JSON file's records, a Parquet file's rows),
+    parsed the way :func:`read_csv` parses — to show a user the rows a fix would drop. The first column, named
+    row / line / record, holds the numbers."""
+    table = _read_table(raw, _detect_format(raw, _check_format(format), ""), [])
+    body = table.body.copy()
+    body.columns = table.header if len(table.header) == body.shape[1] else [
+        table.header[i] if i < len(table.header) else "" for i in range(body.shape[1])]
+    where = {int(n): i for i, n in enumerate(table.numbers)}
+    keep = [where[int(r)] for r in list(rows)[:limit] if int(r) in where]
     out = body.iloc[keep].copy()
-    out.insert(0, "row", [r + 2 for r in keep])
+    out.insert(0, table.unit, [int(table.numbers[i]) for i in keep])
     return out.reset_index(drop=True)
 
 
@@ -326,13 +691,6 @@ def _parse(text: str, sep: str) -> tuple[list[str], pd.DataFrame]:
 
 def _norm(name: str) -> str:
     return name.strip().lower()
-
-
-def _rows_text(rows: Sequence[int]) -> str:
-    """'rows 3, 7' (+ 'and N more') from 0-based data-row positions, counting the header as row 1."""
-    shown = ", ".join(str(int(r) + 2) for r in rows[:MAX_ROWS_SHOWN])
-    more = f" and {len(rows) - MAX_ROWS_SHOWN} more" if len(rows) > MAX_ROWS_SHOWN else ""
-    return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
 
 
 #: more columns than this is not a labelled-text CSV (and reading them would stall the server)
@@ -449,8 +807,16 @@ def stratified_subset(ds: TextDataset, k: int, seed: int = 0) -> TextDataset:
 
 def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows: int | None = None,
              name: str | None = None, max_bytes: int = MAX_BYTES, label_maps: dict[str, list[str]] | None = None,
-             seed: int = 0, drop_incomplete: bool = False) -> TextDataset:
-    """Read and validate a labelled CSV (path, bytes or file object) into a :class:`TextDataset`.
+             seed: int = 0, drop_incomplete: bool = False, format: str | None = None) -> TextDataset:
+    """Read and validate labelled data (a path, bytes, a file object or a pandas DataFrame) into a
+    :class:`TextDataset`.
+
+    Formats (:data:`FORMATS`): CSV (also ``.txt``; delimiter , ; or tab), TSV, JSON Lines, JSON (a list of
+    records, or a pandas ``to_json`` frame) and Parquet. ``format`` names it; else the file's name does
+    (:func:`format_of`: a path's or a file object's ``name``), else the content (Parquet's magic bytes, JSON,
+    otherwise CSV). Content that contradicts the name, or that is none of the formats (Excel, zip, gzip, HTML, a
+    JSON object that is not records …), is refused with what it looks like and the fix. Every format is validated
+    the same way, with the same messages.
 
     ``columns`` maps canonical names (text|label or sentence|class_label|sentiment_label) to the file's columns;
     ``label_maps`` fixes the classes (labels outside them are an error); ``max_rows`` keeps a seeded stratified
@@ -458,18 +824,21 @@ def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows:
     (:class:`IncompleteRowsError`, which names them) unless ``drop_incomplete``: then they are left out and a
     warning names them.
     """
-    raw, default_name = _read_source(source, max_bytes)
-    if not raw.strip():
-        raise DataError("The file is empty (0 bytes or only blank lines): upload a CSV with a header row such as "
-                        "text,label and at least one data row.")
-    content_hash = hashlib.sha256(raw).hexdigest()
+    fmt = _check_format(format)
     warnings: list[str] = []
-    text = _decode(raw, warnings).replace("\r\n", "\n")
-    if not text.strip():
-        raise DataError("The file is empty (only blank lines): upload a CSV with a header row and data rows.")
-    text = text.lstrip("\n")
-    sep = _sniff_delimiter(text)
-    header, body = _parse(text, sep)
+    if isinstance(source, pd.DataFrame):
+        table = _frame_table(source)
+        default_name = "dataframe"
+        content_hash = hashlib.sha256(source.to_csv(index=False, lineterminator="\n").encode("utf-8")).hexdigest()
+    else:
+        raw, default_name, file_name = _read_source(source, max_bytes)
+        if not raw.strip():
+            raise DataError("The file is empty (0 bytes or only blank lines): upload a CSV with a header row such "
+                            "as text,label and at least one data row.")
+        content_hash = hashlib.sha256(raw).hexdigest()
+        fmt = _detect_format(raw, fmt or format_of(file_name), file_name)
+        table = _read_table(raw, fmt, warnings)
+    header, body = table.header, table.body
     tasks, pos = _resolve_columns(header, columns)
     col_names = {("sentence" if len(tasks) > 1 and k == "text" else k): header[i] for k, i in pos.items()}
 
@@ -478,7 +847,9 @@ def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows:
     file_pos = np.flatnonzero(~blank)
     body = body.iloc[file_pos]
     if len(body) == 0:
-        raise DataError("The file has a header but no data rows: add at least one row of text and label.")
+        raise DataError("The file has a header but no data rows: add at least one row of text and label."
+                        if table.unit == "row" and table.note else
+                        f"The data has no {table.unit}s: add at least one {table.unit} of text and label.")
 
     text_col = col_names.get("text", col_names.get("sentence"))
     if drop_incomplete:
@@ -486,26 +857,26 @@ def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows:
         incomplete = np.logical_or.reduce(cells)
         if incomplete.any():
             warnings.append(f"left out {int(incomplete.sum())} row(s) with an empty text or label cell at "
-                            f"{_rows_text(file_pos[incomplete])} (counting the header as row 1).")
+                            f"{table.where(file_pos[incomplete])}.")
             body, file_pos = body.iloc[~incomplete], file_pos[~incomplete]
             if len(body) == 0:
                 raise DataError("Every row has an empty text or label cell: nothing is left to train on.")
     # every row with an empty text or label cell (what drop_incomplete would leave out), for the error
-    all_incomplete = [int(r) + 2 for r in file_pos[np.logical_or.reduce(
+    all_incomplete = [int(table.numbers[r]) for r in file_pos[np.logical_or.reduce(
         [body[pos[k]].astype(str).str.strip().eq("").to_numpy() for k in ("text", *tasks)])]]
     texts_s = body[pos["text"]].astype(str).str.strip()
     empty = file_pos[texts_s.eq("").to_numpy()]
     if len(empty):
         raise IncompleteRowsError(
-            f"The text column {text_col!r} has empty cells at {_rows_text(empty)} (counting the header as row 1): "
+            f"The text column {text_col!r} has empty cells at {table.where(empty)}: "
             "fill in the text or delete those rows.", rows=all_incomplete)
     numeric = file_pos[texts_s.str.fullmatch(_NUMERIC_TEXT).to_numpy()]
     if len(numeric):
         if len(numeric) > NUMERIC_TEXT_MAX_SHARE * len(body):
-            raise DataError(f"The text column {text_col!r} holds numbers instead of text at {_rows_text(numeric)} "
-                            "(counting the header as row 1): check that the right column is used as text (pass a "
+            raise DataError(f"The text column {text_col!r} holds numbers instead of text at {table.where(numeric)}: "
+                            "check that the right column is used as text (pass a "
                             "column mapping, e.g. columns={'text': ...}) or delete those rows.")
-        warnings.append(f"the text column {text_col!r} holds only a number at {_rows_text(numeric)}; kept as text.")
+        warnings.append(f"the text column {text_col!r} holds only a number at {table.where(numeric)}; kept as text.")
 
     labels: dict[str, np.ndarray] = {}
     for task in tasks:
@@ -513,8 +884,7 @@ def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows:
         bad = file_pos[lab.eq("").to_numpy()]
         if len(bad):
             raise IncompleteRowsError(
-                f"The label column {col_names[task]!r} has empty cells at {_rows_text(bad)} (counting the header as "
-                "row 1): give every row a class or delete those rows.", rows=all_incomplete)
+                f"The label column {col_names[task]!r} has empty cells at {table.where(bad)}: give every row a class or delete those rows.", rows=all_incomplete)
         labels[task] = lab.to_numpy(dtype=object)
 
     maps: dict[str, list[str]] = {}

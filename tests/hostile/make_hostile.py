@@ -173,7 +173,7 @@ def _cases() -> list[Case]:
     add(Case("not_csv_one_long_line.csv", "not_csv", R, text_file("word " * 200_000 + "\n"), problem=r"delimiter"))
     add(Case("not_csv_json.csv", "not_csv", R,
              text_file('[{"text": "great film", "label": "pos"}, {"text": "awful", "label": "neg"}]\n'),
-             problem=r"column"))
+             problem=r"named \.csv but holds JSON.*rename it to \.json"))
     add(Case("not_csv_pipe_delimited.csv", "not_csv", R, const(good(sep="|")), problem=r"delimiter"))
     add(Case("not_csv_comment_first.csv", "not_csv", R,
              text_file("# exported by tool v1\n" + csv_text(lines())), problem=r"delimiter"))
