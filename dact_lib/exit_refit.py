@@ -29,9 +29,10 @@ __all__ = ["summary_cache", "refit_exits", "refit_after_training", "fit_temperat
 
 
 @torch.no_grad()
-def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = None):
+def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = None, progress=None):
     """(summaries [n, N, D] of every layer, deepest-classifier probabilities [n, K], targets [n]) of the rows of
-    ``enc`` (an EncodedDataset; ``rows`` a subset of its indices), model in eval mode."""
+    ``enc`` (an EncodedDataset; ``rows`` a subset of its indices), model in eval mode. ``progress(done, total)``
+    after every batch (rows done)."""
     from .data import iter_batches
 
     was = model.training
@@ -42,6 +43,7 @@ def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = No
     n = len(enc)
     summ = torch.zeros(n, N, ad.hidden_size)
     y_deep = torch.zeros(n, model.num_classes)
+    done = 0
     for b in iter_batches(enc, batch_size, shuffle=False, group_by_length=True):  # rows placed by index
         ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
         hid = ad.embed(ids, am)
@@ -50,17 +52,21 @@ def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = No
             hid = ad.run_layer(i, hid, mask)
             summ[b["index"], i] = pool(hid, am, model.cfg.pooling).float().cpu()
         y_deep[b["index"]] = model.classify(N, summ[b["index"], N - 1].to(device).to(hid.dtype))[0].float().cpu()
+        done += len(b["index"])
+        if progress is not None:
+            progress(done, n)
     model.train(was)
     return summ, y_deep, torch.as_tensor(enc.targets[model.task]).long().clone()
 
 
 def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64,
                 weight_decay: float = 0.01, distill_weight: float = 0.0, temperature: float = 2.0, seed: int = 0,
-                cancel=None, deadline: float | None = None) -> dict:
+                cancel=None, deadline: float | None = None, progress=None) -> dict:
     """Train the classifiers of layers 1..N-1 of ``model`` again on cached summaries (:func:`summary_cache` of
     the training rows; ``val_cache`` of the validation rows picks the epoch), in place. The deepest classifier,
     the encoder and the halting units stay bit-identical. With ``share_weights`` (one classifier for every layer)
-    there is nothing to refit without changing the deepest answer: returns ``{"skipped": ...}``."""
+    there is nothing to refit without changing the deepest answer: returns ``{"skipped": ...}``.
+    ``progress(epoch, epochs)`` after every epoch."""
     if model.cfg.share_weights:
         return {"skipped": "share_weights: the one classifier is also the deepest one"}
     N = model.num_layers
@@ -110,6 +116,8 @@ def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 
                 c.eval()
             acc = float(np.mean(val_acc()))
             history.append(acc)
+            if progress is not None:
+                progress(epoch, epochs)
             if acc > best:
                 best, best_epoch, best_state = acc, epoch, [copy.deepcopy(c.state_dict()) for c in clfs]
             if deadline is not None and time.monotonic() >= deadline and epoch < epochs:
@@ -129,10 +137,15 @@ def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 
     return {**out, "stopped": stopped} if stopped else out
 
 
-def refit_after_training(model, cfg, enc_train, enc_val, cancel=None, deadline: float | None = None) -> dict:
+def refit_after_training(model, cfg, enc_train, enc_val, cancel=None, deadline: float | None = None,
+                         progress=None) -> dict:
     """Kind 'dact' with ``model.exit_refit_epochs`` > 0: :func:`refit_exits` on the training rows (at most
     ``model.exit_refit_max_rows``, a seeded sample) and the validation split; returns the report. ``deadline``
-    (``time.monotonic()``, the run's ``train.time_limit_min``): no new epoch starts after it."""
+    (``time.monotonic()``, the run's ``train.time_limit_min``): no new epoch starts after it. ``progress(what,
+    done, total)``: the phase's own progress (caching the summaries, then the refit's epochs)."""
+    def step(what):
+        return None if progress is None else (lambda done, total: progress(what, done, total))
+
     mc = cfg.model
     if mc.share_weights:  # before the caches (a pass over the training rows) that it would not use
         return {"skipped": "share_weights: the one classifier is also the deepest one", "seconds": 0.0}
@@ -141,12 +154,12 @@ def refit_after_training(model, cfg, enc_train, enc_val, cancel=None, deadline: 
     if len(enc_train) > mc.exit_refit_max_rows:
         rows = np.sort(np.random.default_rng(cfg.train.seed).choice(len(enc_train), mc.exit_refit_max_rows,
                                                                     replace=False))
-    train_cache = summary_cache(model, enc_train, rows=rows)
-    val_cache = summary_cache(model, enc_val)
+    train_cache = summary_cache(model, enc_train, rows=rows, progress=step("caching the layer summaries (train rows)"))
+    val_cache = summary_cache(model, enc_val, progress=step("caching the layer summaries (validation rows)"))
     cache_s = time.perf_counter() - t0
     out = refit_exits(model, train_cache, val_cache, epochs=mc.exit_refit_epochs, lr=mc.exit_refit_lr,
                       distill_weight=mc.exit_refit_distill, temperature=mc.distill_temperature, seed=cfg.train.seed,
-                      cancel=cancel, deadline=deadline)
+                      cancel=cancel, deadline=deadline, progress=step("refitting the exit classifiers (epoch)"))
     return {**out, "cache_s": cache_s, "seconds": time.perf_counter() - t0}
 
 

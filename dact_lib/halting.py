@@ -77,8 +77,9 @@ class HaltingPoint:
 
 
 @torch.no_grad()
-def layer_cache(model, enc, batch_size: int = 64, device=None) -> LayerCache:
-    """Per-layer halting base vectors and y_n of every row of ``enc`` (an EncodedDataset), model in eval mode."""
+def layer_cache(model, enc, batch_size: int = 64, device=None, progress=None) -> LayerCache:
+    """Per-layer halting base vectors and y_n of every row of ``enc`` (an EncodedDataset), model in eval mode.
+    ``progress(done, total)`` after every batch (rows done)."""
     from .data import iter_batches
 
     was = model.training
@@ -89,6 +90,7 @@ def layer_cache(model, enc, batch_size: int = 64, device=None) -> LayerCache:
     n = len(enc)
     base = torch.zeros(n, N, base_dim)
     y = torch.zeros(n, N, model.num_classes)
+    done = 0
     for b in iter_batches(enc, batch_size, shuffle=False, group_by_length=True):  # rows placed by index
         ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
         hid = ad.embed(ids, am)
@@ -98,6 +100,9 @@ def layer_cache(model, enc, batch_size: int = 64, device=None) -> LayerCache:
             y_n, bv = model.classify(i + 1, pool(hid, am, model.cfg.pooling))
             base[b["index"], i] = bv.float().cpu()
             y[b["index"], i] = y_n.float().cpu()
+        done += len(b["index"])
+        if progress is not None:
+            progress(done, n)
     model.train(was)
     return LayerCache(base=base, y=y, targets=torch.as_tensor(enc.targets[model.task]).long().clone())
 
@@ -172,7 +177,8 @@ def calibrated(state: dict, scale: float, shift: float) -> dict:
 
 
 def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, lr: float = 3e-3,
-                        batch_size: int = 64, seed: int = 0, cancel=None, batched: bool = True) -> list[dict]:
+                        batch_size: int = 64, seed: int = 0, cancel=None, batched: bool = True,
+                        progress=None) -> list[dict]:
     """Fresh halting units of ``model``'s shape trained with the spec's DACT loss (λ on the spec's scale, one set
     of units per λ in ``spec_lambdas``) on the cached rows; returns one halting state dict per λ.
 
@@ -180,7 +186,8 @@ def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, 
     AdamW (weight decay 0). ``batched`` trains them side by side as one stacked model (``torch.func.vmap`` over
     the sets, the summed loss: the sets share no parameter, and AdamW's update is elementwise, so each set gets
     exactly its own loss's update) — one Python step per batch for all λ instead of one per λ: the same result as
-    ``batched=False`` (the sets one after another) up to float rounding, ~10× faster for the default 15 λ."""
+    ``batched=False`` (the sets one after another) up to float rounding, ~10× faster for the default 15 λ.
+    ``progress(done, total)`` after every epoch (of every set when they run one after another)."""
     from torch.func import functional_call, stack_module_state, vmap
 
     def fresh() -> _Halters:
@@ -194,7 +201,7 @@ def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, 
         """AdamW (no weight decay) on ``loss_of(batch)`` over the same seeded shuffled batches for every set."""
         opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
+        for ep in range(epochs):
             for idx in torch.randperm(len(cache), generator=gen).split(batch_size):
                 if cancel is not None:
                     cancel.check()
@@ -202,7 +209,11 @@ def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            fits[0] += 1
+            if progress is not None:
+                progress(fits[0], fits[1])
 
+    fits = [0, epochs * (len(lams) if not batched or len(lams) <= 1 else 1)]  # epochs done, in all
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         if not batched or len(lams) <= 1:
             for lam in lams:
@@ -241,7 +252,7 @@ def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, 
 
 def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, epochs: int | None = None,
                 lr: float = 3e-3, batch_size: int = 64, seed: int = 0, cancel=None,
-                calibrate: bool = False) -> list[HaltingPoint]:
+                calibrate: bool = False, progress=None) -> list[HaltingPoint]:
     """Train only fresh halting units of ``model``'s shape for every λ in ``lambdas`` (normalised scale) with the
     spec's DACT loss on ``data`` (a :class:`LayerCache`, or an EncodedDataset that is cached first). The model is
     not changed. Each point is measured under the DACT rule on ``eval_data`` (default: ``data``).
@@ -260,7 +271,7 @@ def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, ep
     lam_specs = [dact.spec_lambda(lam, N, nll_ref) for lam in lambdas]
     t0 = time.perf_counter()
     states = train_halting_units(model, cache, lam_specs, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                 cancel=cancel)
+                                 cancel=cancel, progress=progress)
     fit_s = (time.perf_counter() - t0) / max(len(lam_specs), 1)  # side by side: each λ's share of the fit
     units = _Halters(model)
     points = []
@@ -309,16 +320,25 @@ def fold_indices(targets: torch.Tensor, folds: int, seed: int = 0) -> list[torch
 
 
 def cross_fit_halting(model, cache: LayerCache, lambdas, *, epochs: int | None = None, seed: int = 0, cancel=None,
-                      calibrate: bool = False, folds: int = CROSS_FIT_FOLDS, nll: bool = False
+                      calibrate: bool = False, folds: int = CROSS_FIT_FOLDS, nll: bool = False, progress=None
                       ) -> tuple[list[HaltingPoint], bool]:
     """:func:`fit_halting` on every row of ``cache`` (the halting weights the points carry), each point's average
     exit layer and accuracy (and, with ``nll``, the NLL of a_N) measured **out of fold**: for each of ``folds``
     stratified folds, the same λ (and calibration) fitted on the other folds and run on this one; the folds' numbers
     pooled by rows. Choosing a point on these numbers does not reward units that fit the choosing rows' noise (the
     in-sample numbers are kept as ``seen_*``). Returns ``(points, cross_fitted)``; with fewer than
-    :data:`CROSS_FIT_MIN_ROWS` rows the points keep their in-sample numbers and ``cross_fitted`` is False."""
-    points = fit_halting(model, cache, lambdas, epochs=epochs, seed=seed, cancel=cancel, calibrate=calibrate)
+    :data:`CROSS_FIT_MIN_ROWS` rows the points keep their in-sample numbers and ``cross_fitted`` is False.
+    ``progress(what, done, total)``: each fit's epochs, named "fit k of K"."""
     n = len(cache)
+    fits = 1 + (folds if n >= CROSS_FIT_MIN_ROWS and folds >= 2 else 0)
+
+    def step(k):
+        if progress is None:
+            return None
+        return lambda done, total: progress(f"fitting the halting units, fit {k} of {fits} (epoch)", done, total)
+
+    points = fit_halting(model, cache, lambdas, epochs=epochs, seed=seed, cancel=cancel, calibrate=calibrate,
+                         progress=step(1))
     if n < CROSS_FIT_MIN_ROWS or folds < 2:
         return points, False
     sums = [[0.0, 0.0, 0.0] for _ in points]  # exit, accuracy, nll summed over rows
@@ -326,7 +346,7 @@ def cross_fit_halting(model, cache: LayerCache, lambdas, *, epochs: int | None =
         rest = torch.cat([q for j, q in enumerate(parts) if j != k])
         held_cache = cache.subset(held)
         fold_points = fit_halting(model, cache.subset(rest), lambdas, eval_data=held_cache, epochs=epochs,
-                                  seed=seed, cancel=cancel, calibrate=calibrate)
+                                  seed=seed, cancel=cancel, calibrate=calibrate, progress=step(k + 2))
         for acc_sum, p in zip(sums, fold_points):
             acc_sum[0] += p.avg_exit_layer * len(held)
             acc_sum[1] += p.accuracy * len(held)
@@ -479,17 +499,21 @@ def exit_advice(run_dir, num_layers: int | None = None, late: float = 0.8) -> st
     return msg
 
 
-def fit_after_training(model, cfg, enc_val, cancel=None, cache: LayerCache | None = None) -> dict:
+def fit_after_training(model, cfg, enc_val, cancel=None, cache: LayerCache | None = None, progress=None) -> dict:
     """Kind 'dact' with ``model.fit_halting``: fit the halting units alone on the validation split for every λ of
     ``model.halting_lambdas`` (encoder and classifiers frozen, see halting.py), install the fastest point within
     ``model.halting_tolerance`` accuracy points of the most accurate one, and return the sweep for the report.
-    ``cache``: the validation split's per-layer cache of the model as it is now, when the caller has it."""
+    ``cache``: the validation split's per-layer cache of the model as it is now, when the caller has it.
+    ``progress(what, done, total)``: caching the validation rows, then every fit's epochs."""
     mc = cfg.model
     t0 = time.perf_counter()
-    cache = cache if cache is not None else layer_cache(model, enc_val)
+    if cache is None:
+        cache = layer_cache(model, enc_val, progress=None if progress is None else
+                            (lambda d, t: progress("caching the validation rows' layer outputs", d, t)))
     # the point is chosen on out-of-fold numbers: units fitted and chosen on the same rows overfit them
     points, crossed = cross_fit_halting(model, cache, mc.halting_lambdas, epochs=mc.halting_epochs,
-                                        seed=cfg.train.seed, cancel=cancel, calibrate=mc.halting_calibration)
+                                        seed=cfg.train.seed, cancel=cancel, calibrate=mc.halting_calibration,
+                                        progress=progress)
     thresholds = threshold_points(model, cache) if mc.halting_thresholds and mc.halting_input == "confidence" \
         else []
     chosen = choose_point(points + thresholds, mc.halting_tolerance)

@@ -66,22 +66,43 @@ def progress_eta(run: dict, metrics: pd.DataFrame | None = None, events: Iterabl
             eta = max(0.0, pace * (total - done))
     elif status is not None:
         eta = 0.0
-    phase = None
-    for e in events or []:
-        if e.get("kind") == ev.PHASE and isinstance(e.get("payload"), dict):
-            phase = e["payload"].get("phase")  # the latest
+    phase, phase_eta = phase_of(events, now)
     if total:
         text = f"step {done:,} / {total:,}"
     else:
         text = f"step {done:,}"
-    if status == "running" and phase and phase != "training" and (not done or (total and done >= total)):
+    in_phase = status == "running" and phase and phase != "training" and (not done or (total and done >= total))
+    if in_phase:
         text = f"{phase}… · " + text  # before the first step or after the last: say what it is doing
-    if eta is not None and status in ("running", "queued"):
+        if phase_eta is not None:
+            text += f" · this phase ETA {format_seconds(phase_eta)}"
+    elif eta is not None and status in ("running", "queued"):
         text += f" · ETA {format_seconds(eta)}"
     if elapsed is not None:
         text += f" · elapsed {format_seconds(elapsed)}"
     return {"steps_done": done, "total_steps": total, "fraction": fraction, "elapsed_s": elapsed, "eta_s": eta,
             "text": text, "last_metric_time": last_t}
+
+
+def phase_of(events: Iterable[dict] | None, now: float | None = None) -> tuple[str | None, float | None]:
+    """The latest 'phase' event as text ("refitting the exit classifiers (epoch) 12/30") and the seconds left in
+    it at the pace between its first and latest count (None until two counts of that phase are logged)."""
+    now = _time.time() if now is None else float(now)
+    phases = [e for e in events or [] if e.get("kind") == ev.PHASE and isinstance(e.get("payload"), dict)]
+    if not phases:
+        return None, None
+    last = phases[-1]["payload"]
+    name, done, total = last.get("phase"), last.get("done"), last.get("total")
+    if done is None or not total:
+        return name, None
+    text = f"{name} {int(done):,}/{int(total):,}"
+    same = [e for e in phases if e["payload"].get("phase") == name and e["payload"].get("done") is not None]
+    first = same[0]
+    d0, t0, t1 = float(first["payload"]["done"]), float(first.get("time") or 0), float(phases[-1].get("time") or 0)
+    if float(done) > d0 and t1 > t0:
+        pace = (t1 - t0) / (float(done) - d0)
+        return text, max(0.0, pace * (float(total) - float(done)) - max(0.0, now - t1))
+    return text, None
 
 
 _STAGES = ("stage1", "stage2", "stage3")

@@ -151,6 +151,22 @@ def train_stats(stats: dict, samples: int, per_task: bool) -> dict[str, float]:
     return out
 
 
+def phase_progress(cbs, state, min_interval_s: float = 1.0):
+    """``progress(what, done, total)`` for the phases after the last step: a 'phase' event with the phase's own
+    count (rows cached, epochs of the exit refit, epochs of each halting fit), at most one per ``min_interval_s``
+    and always the last of each phase — the page shows "refitting … 12/30", not "step 184/184" for 19 minutes."""
+    last = {"t": float("-inf"), "what": None}
+
+    def report(what: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if what == last["what"] and done < total and now - last["t"] < min_interval_s:
+            return
+        last.update(t=now, what=what)
+        cbs.on_event(state, ev.PHASE, {"phase": what, "done": int(done), "total": int(total)})
+
+    return report
+
+
 def set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = g["initial_lr"] * factor
@@ -818,7 +834,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             # the phases after the last step, named (the Runs page showed "step 184/184 · running" for 19 minutes)
             cbs.on_event(state, ev.PHASE, {"phase": f"refitting the exit classifiers of layers 1–{model.num_layers - 1}"
                                                     f" ({cfg.model.exit_refit_epochs} epochs on cached summaries)"})
-            exit_report = refit_after_training(model, cfg, enc_train, enc_val, cancel, deadline=deadline)
+            exit_report = refit_after_training(model, cfg, enc_train, enc_val, cancel, deadline=deadline,
+                                               progress=phase_progress(cbs, state))
         elif cfg.kind == "dact" and cfg.model.exit_refit_epochs > 0:  # said, not silent
             exit_report = {"skipped": "share_weights: the one classifier is also the deepest one"}
         if cfg.kind == "dact" and cfg.model.exit_temperature:
@@ -833,7 +850,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
 
             cbs.on_event(state, ev.PHASE, {"phase": f"fitting the halting units ({len(cfg.model.halting_lambdas)} λ, "
                                                     "cross-fitted on the validation split)"})
-            halting_report = fit_after_training(model, cfg, enc_val, cancel, cache=val_cache)
+            halting_report = fit_after_training(model, cfg, enc_val, cancel, cache=val_cache,
+                                                progress=phase_progress(cbs, state))
             cbs.on_event(state, ev.HALTING_FIT, halting_report)
         if exit_report is not None or halting_report is not None:
             # the validation metrics of the model as it is now saved (the DACT answer a_N and the exits depend on

@@ -655,3 +655,37 @@ def test_interleaved_latencies_stop_at_the_deadline_with_equal_items(monkeypatch
     assert len(lat["a"]) == evaluate.MIN_TIMED_ITEMS  # past the deadline at once: the minimum
     assert len(evaluate.interleaved_latencies({"a": caller}, list(range(8)))["a"]) == 8
     _ = time_mod
+
+
+def test_the_phases_after_the_last_step_report_their_own_counts(tmp_path):
+    """Issue 28: the exit refit and the halting fit ran 19 minutes behind "step 184/184"; each now reports its
+    counts (rows cached, refit epochs, each halting fit's epochs), ending at its total."""
+    from dact_lib.callbacks import Callback
+    from dact_lib.data import split_dataset
+    from dact_lib.train import train
+
+    rng = np.random.default_rng(2)
+    words = {0: ["good", "great", "fine", "nice"], 1: ["bad", "awful", "poor", "sad"]}
+    labels = [i % 2 for i in range(200)]
+    ds = TextDataset(texts=[" ".join(rng.choice(words[c], size=4)) for c in labels],
+                     targets={"label": np.array(labels)}, label_maps={"label": ["neg", "pos"]})
+    cfg = default_config("dact", encoder="tiny")
+    cfg.model.exit_refit_epochs, cfg.model.halting_epochs = 3, 2
+    cfg.train.epochs, cfg.train.early_stopping.enabled = 1, False
+    seen = []
+
+    class Phases(Callback):
+        def on_event(self, state, kind, payload):
+            if kind == "phase" and "done" in payload:
+                seen.append((payload["phase"], payload["done"], payload["total"]))
+
+    train(cfg, data=split_dataset(ds, 0.25, 0.0, 0), save=False, evaluate_test=False, callbacks=[Phases()])
+    last = {}
+    for name, done, total in seen:
+        assert 0 < done <= total
+        last[name] = (done, total)
+    assert last["refitting the exit classifiers (epoch)"] == (3, 3)
+    assert last["caching the layer summaries (train rows)"] == (150, 150)
+    fits = sorted(n for n in last if n.startswith("fitting the halting units"))
+    assert fits == [f"fitting the halting units, fit {k} of 3 (epoch)" for k in (1, 2, 3)]
+    assert all(last[n] == (2, 2) for n in fits)

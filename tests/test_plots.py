@@ -143,6 +143,40 @@ def test_the_phase_after_the_last_step_is_shown():
     assert not mid["text"].startswith("training")
 
 
+def test_a_phase_after_the_last_step_shows_its_own_count_and_eta():
+    """Issue 28: "step 184/184 · ETA 0s" for 19 minutes of exit refit and halting fit."""
+    run = {"status": "running", "started": 1000.0, "config": {}, "summary": {}}
+    events = [{"kind": "start", "payload": {"steps": 20}},
+              {"kind": "phase", "time": 1030.0, "payload": {"phase": "refitting (epoch)", "done": 2, "total": 30}},
+              {"kind": "phase", "time": 1050.0, "payload": {"phase": "refitting (epoch)", "done": 12, "total": 30}}]
+    df = _metrics([(1, 10, "train_loss", 1.0, 1010.0), (1, 20, "train_loss", 0.9, 1020.0)])
+    p = progress.progress_eta(run, df, events, now=1050.0)
+    # 10 epochs in 20 s: 18 epochs left = 36 s
+    assert p["text"].startswith("refitting (epoch) 12/30… · step 20 / 20 · this phase ETA 36s")
+    assert "· ETA 0s" not in p["text"]
+    assert progress.phase_of(events[:2], now=1031.0) == ("refitting (epoch) 2/30", None)  # one count: no pace
+
+
+def test_phase_progress_is_rate_limited_but_keeps_the_last_count(monkeypatch):
+    from dact_lib.train import phase_progress
+
+    got = []
+
+    class Cbs:
+        def on_event(self, state, kind, payload):
+            got.append((kind, payload))
+
+    clock = iter([0.0, 0.1, 0.2, 1.5, 1.6, 1.7])
+    monkeypatch.setattr("dact_lib.train.time.monotonic", lambda: next(clock))
+    report = phase_progress(Cbs(), None, min_interval_s=1.0)
+    for d in (1, 2, 3, 4):
+        report("refit", d, 5)
+    report("refit", 5, 5)  # the last of a phase always
+    report("halting", 1, 40)  # a new phase at once
+    assert [(p["phase"], p["done"]) for _, p in got] == [("refit", 1), ("refit", 4), ("refit", 5), ("halting", 1)]
+    assert all(k == "phase" for k, _ in got)
+
+
 def test_progress_eta_finished_and_config_fallback():
     run = {"status": "finished", "started": 0.0, "ended": 50.0, "summary": {"steps": 40},
            "config": {"train": {"max_steps": 40}}}
@@ -593,11 +627,24 @@ def test_curves_per_task_small_multiples():
     assert [a.text for a in one.layout.annotations] == ["loss", "validation accuracy · macro-F1"]
     split = plots.curves_figure(df, per_task=True)
     assert [a.text for a in split.layout.annotations] == [
-        "loss", "validation accuracy · macro-F1", "class_label: accuracy · macro-F1",
+        "loss", "validation accuracy", "class_label: accuracy · macro-F1",
         "sentiment_label: accuracy · macro-F1"]
     axis_of = {t.name: t.xaxis for t in split.data}
     assert axis_of["val_accuracy/class_label"] == axis_of["val_macro_f1/class_label"] == "x3"
     assert axis_of["val_accuracy/sentiment_label"] == "x4" and axis_of["val_accuracy"] == "x2"
+
+
+def test_score_panel_title_names_what_it_draws():
+    """Issue 28: the panel titled "validation accuracy · macro-F1" drew train_accuracy."""
+    def titles(names):
+        df = pd.DataFrame([{"run_id": 1, "step": s, "epoch": 0, "name": n, "value": 0.5, "time": 0.0}
+                           for s in (1, 2) for n in ("train_loss", *names)])
+        return [a.text for a in plots.curves_figure(df).layout.annotations]
+
+    assert titles(["train_accuracy", "val_accuracy", "val_macro_f1"]) == ["loss", "train · validation accuracy · "
+                                                                          "macro-F1"]
+    assert titles(["train_accuracy"]) == ["loss", "train accuracy"]
+    assert titles(["val_accuracy", "val_macro_f1"]) == ["loss", "validation accuracy · macro-F1"]
 
 
 def test_steps_per_epoch_from_the_start_event_or_the_plan():

@@ -63,6 +63,16 @@ def _panel_of(name: str) -> str | None:
     return None
 
 
+def score_title(names: set[str]) -> str:
+    """The score panel's title names what it draws: the validation scores, and the training accuracy when a run
+    logs it (a panel titled "validation" drew train_accuracy)."""
+    split = ("train · validation" if any(n.startswith("train_") for n in names) and
+             any(n.startswith("val_") for n in names) else "train" if all(n.startswith("train_") for n in names)
+             else "validation")
+    kinds = [w for w, pre in (("accuracy", "_accuracy"), ("macro-F1", "_macro_f1")) if any(pre in n for n in names)]
+    return f"{split} {' · '.join(kinds) or 'scores'}"
+
+
 def curve_metric(name: str) -> bool:
     """True for the metrics :func:`curves_figure` draws (losses, validation accuracy / F1, avg exit layer)."""
     return _panel_of(name) is not None
@@ -95,8 +105,8 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
 
     tasks = sorted({panel(k[1]) for k in series if (panel(k[1]) or "").startswith("score/")})
     panels = [p for p in ("loss", "score", *tasks, "exit") if any(panel(k[1]) == p for k in series)]
-    titles = {"loss": "loss", "score": "validation accuracy · macro-F1", "exit": "validation avg exit layer",
-              **{t: f"{t.split('/', 1)[1]}: accuracy · macro-F1" for t in tasks}}
+    titles = {"loss": "loss", "score": score_title({k[1] for k in series if panel(k[1]) == "score"}),
+              "exit": "validation avg exit layer", **{t: f"{t.split('/', 1)[1]}: accuracy · macro-F1" for t in tasks}}
     run_ids = sorted({k[0] for k in series})
     run_colour = {rid: colour(i) for i, rid in enumerate(run_ids)}
     names_sorted = sorted({k[1] for k in series})
