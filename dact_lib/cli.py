@@ -144,12 +144,11 @@ def cmd_train(args) -> int:
 
     tracker = Tracker(args.home)
     if args.resume is not None:
-        from .train import resume_config, resume_info
+        from .resume import require_resumable
+        from .train import resume_config
 
         refuse_flags_with_resume(args, f"run {args.resume}")
-        info = resume_info(tracker, args.resume)
-        if not info["ok"]:
-            raise DactLabError(f"Cannot resume: {info['why']}.")
+        require_resumable(tracker, args.resume)
         cfg = resume_config(tracker, args.resume)
         result = train(cfg, tracker=tracker, home=args.home, run_id=args.resume, resume=True,
                        callbacks=[ProgressPrinter(args.verbosity)])

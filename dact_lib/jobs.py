@@ -433,25 +433,20 @@ class JobManager:
         """Queue an interrupted, cancelled or failed single / multi-task run — or PBT parent run — to continue from
         its last resume checkpoint(s) (the same run: metrics are appended). Raises DactLabError saying why when
         it cannot."""
-        from .train import resume_config, resume_info
+        from .resume import require_resumable
+        from .train import resume_config
 
         run_id = int(run_id)
         run = self.tracker.get_run(run_id)
         options: dict = {}
         settings = None
-        if run["kind"] in ENGINE_KINDS:
-            if not get_engine(run["kind"]).resumable:
-                raise DactLabError(f"Cannot resume a {run['kind']!r} run here: "
-                                   + ("start the pipeline again under its name." if run["kind"] == "dact-pipeline"
-                                      else "start the study again with the same study name."))
+        require_resumable(self.tracker, run_id)  # the one check (the Runs page and the CLI ask it too)
+        if run["kind"] == "pbt":
             from .tuning.pbt import resumable_pbt
 
             cfg, settings = resumable_pbt(self.tracker, run_id)
             options = get_engine("pbt").options(settings)
         else:
-            info = resume_info(self.tracker, run_id)
-            if not info["ok"]:
-                raise DactLabError(f"Cannot resume: {info['why']}.")
             cfg = resume_config(self.tracker, run_id)
         with self._lock:
             if self._closed:

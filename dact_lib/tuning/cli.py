@@ -346,6 +346,9 @@ def cmd_pbt(args) -> int:
         from ..cli_args import refuse_flags_with_resume
 
         refuse_flags_with_resume(args, f"PBT run {args.resume}")
+        from ..resume import require_resumable
+
+        require_resumable(tracker, args.resume)  # a Ray run is refused with the reason, not taken over
         cfg, settings = pbt.resumable_pbt(tracker, args.resume)
         res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=tracker, run_id=args.resume, resume=True,
                           callbacks=[MemberPrinter(args.verbosity)])
