@@ -7,10 +7,8 @@ each plotted series is thinned to <= 2,000 points.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
-
 
 import pandas as pd
 import streamlit as st
@@ -20,8 +18,10 @@ from dact_lib import progress
 from dact_lib.halting import exit_advice
 from dact_lib.jobs import ENGINE_KINDS  # (parent runs of the tuning engines: no training curves)
 from dact_lib.models import zip_model
-from dact_lib.tracker import ACTIVE_STATUSES, STATUSES, run_params, run_scores
-from dact_lib.tracker.store import PARAM_KEYS, SCORE_KEYS
+from dact_lib.resume import RESUME_KINDS, resume_check
+from dact_lib.run_list import EndedStore, default_selection, filter_runs, read_test_report, runs_table
+from dact_lib.tracker import ACTIVE_STATUSES, STATUSES
+from dact_lib.tracker.store import SCORE_KEYS
 from ui.forms import active_runs_caption
 from ui.safe import plain
 from ui.state import ACTIVE_REFRESH_S, refresh_every, tracker
@@ -41,29 +41,6 @@ def _label(r: dict, status: bool = True) -> str:
     return f"#{r['id']} {r['kind']}{name}" + (f" · {r['status']}" if status else "")
 
 
-def _best(r: dict, key: str):
-    s = r.get("summary") or {}
-    for part in ("best", "test"):
-        d = s.get(part) or {}
-        if isinstance(d, dict) and key in d:
-            return d[key]
-    return None
-
-
-def _runs_table(runs: list[dict]) -> pd.DataFrame:
-    rows = []
-    for r in runs:
-        row = {"id": r["id"], "kind": r["kind"], "name": r.get("name") or "", "tag": r.get("tag") or "",
-               "status": r["status"], "parent": r.get("parent_id"), "created": _ts(r.get("created"))}
-        # accuracy and macro-F1 of each task of a multi-task run; its plain scores are labelled as the mean
-        row.update(run_scores(r))
-        row["val_avg_exit_layer"] = _best(r, "val_avg_exit_layer")
-        row.update(run_params(r))  # the main settings as columns (searchable as key=value)
-        row["error"] = (r.get("error") or "")[:120]
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 # ---------------------------------------------------------------------------------------- metrics
 
 EMPTY = pd.DataFrame({"run_id": pd.Series(dtype="int64"), "step": pd.Series(dtype="int64"),
@@ -73,9 +50,9 @@ ENDED_CACHE_RUNS = 500
 
 
 @st.cache_resource(show_spinner=False)
-def _ended_store() -> OrderedDict:
+def _ended_store() -> EndedStore:
     """Process-wide: (home, run id, ended) -> the curve metrics of a run that has ended (they no longer change)."""
-    return OrderedDict()
+    return EndedStore(ENDED_CACHE_RUNS)
 
 
 def _split(df: pd.DataFrame, ids: list[int]) -> dict[int, pd.DataFrame]:
@@ -94,10 +71,9 @@ def run_metrics(tr, runs: list[dict]) -> dict[int, pd.DataFrame]:
     ended = [r for r in runs if r["status"] not in ACTIVE_STATUSES]
     missing = []
     for r in ended:
-        key = (home, r["id"], r.get("ended"))
-        if key in store:
-            store.move_to_end(key)
-            out[r["id"]] = store[key]
+        held = store.get((home, r["id"], r.get("ended")))
+        if held is not None:
+            out[r["id"]] = held
         else:
             missing.append(r["id"])
     if missing:
@@ -105,9 +81,8 @@ def run_metrics(tr, runs: list[dict]) -> dict[int, pd.DataFrame]:
         got = _split(tr.get_metrics(missing, names=names), missing) if names else {i: EMPTY for i in missing}
         for r in ended:
             if r["id"] in got:
-                store[(home, r["id"], r.get("ended"))] = out[r["id"]] = got[r["id"]]
-        while len(store) > ENDED_CACHE_RUNS:
-            store.popitem(last=False)
+                store.put((home, r["id"], r.get("ended")), got[r["id"]])
+                out[r["id"]] = got[r["id"]]
     live: dict = st.session_state.setdefault("_runs_live_metrics", {})
     for r in runs:
         if r["status"] not in ACTIVE_STATUSES:
@@ -178,31 +153,7 @@ datasets = {d["id"]: d.get("name") or "" for d in tr.list_datasets()}
 
 
 def filtered(all_runs: list[dict], words: list[str]) -> list[dict]:
-    return [r for r in all_runs if (not sel_kinds or r["kind"] in sel_kinds) and r["status"] in sel_status
-            and (not top_only or r.get("parent_id") is None) and matches(r, words)]
-
-
-def matches(r: dict, words: list[str]) -> bool:
-    hay = " ".join(str(x) for x in (f"#{r['id']}", r["id"], r.get("name") or "", r["kind"], r.get("tag") or "",
-                                    r["status"], f"dataset:{r.get('dataset_id')}",
-                                    datasets.get(r.get("dataset_id"), ""))).lower()
-    params = {k: v for k, v in run_params(r).items() if v is not None}
-    # a setting=value word matches that setting only (epochs=3 is not epochs=30); other words anywhere
-    return all(_param_match(w, params) if w.partition("=")[0] in PARAM_NAMES else w in hay for w in words)
-
-
-PARAM_NAMES = {name for name, _ in PARAM_KEYS}
-
-
-def _param_match(word: str, params: dict) -> bool:
-    """``head_lr=1e-3`` matches 0.001: a number is compared as a number."""
-    key, sep, want = word.partition("=")
-    if not sep or key not in params:
-        return False
-    try:
-        return float(params[key]) == float(want)
-    except (TypeError, ValueError):
-        return str(params[key]).lower() == want
+    return filter_runs(all_runs, words, kinds=sel_kinds, statuses=sel_status, top_only=top_only, datasets=datasets)
 
 
 words = query.lower().split()
@@ -218,11 +169,12 @@ def run_table() -> None:
     sidebar's job counts): every status on the page changes together (it used to say 'running' above a finished
     progress bar); while nothing runs it still polls slowly, so a run started elsewhere appears."""
     rows = filtered(tracker().list_runs(), words)
-    table = _runs_table(rows)
+    table = runs_table(rows, datasets)
     scores = [c for c in table.columns if c.split("/")[0].split(" (")[0] in SCORE_KEYS]
     st.dataframe(table, hide_index=True, height=min(400, 38 + 35 * len(rows)),
                  column_config={**{c: st.column_config.NumberColumn(format="%.4f") for c in scores},
-                                "val_avg_exit_layer": st.column_config.NumberColumn(format="%.2f")})
+                                **{c: st.column_config.NumberColumn(format="%.2f")
+                                   for c in ("val_avg_exit_layer", "test_avg_exit_layer")}})
     active_runs_caption(rows)
 
 
@@ -232,10 +184,10 @@ options = [r["id"] for r in runs]
 if "runs_selected" in st.session_state:  # drop ids that are no longer listed (deleted / filtered out)
     st.session_state["runs_selected"] = [i for i in st.session_state["runs_selected"] if i in options]
 else:
-    # default: the active runs, else the newest run that trains a model (engine parents have no curves)
-    active = [r["id"] for r in runs if r["status"] in ACTIVE_STATUSES and r["kind"] not in ENGINE_KINDS]
-    trained = [r["id"] for r in runs if r["kind"] not in ENGINE_KINDS]
-    st.session_state["runs_selected"] = active[:5] or trained[:1] or options[:1]
+    # default: the active runs, else the newest finished run with curves (not a stub cancelled before its first
+    # step; engine parents have no curves)
+    candidates = [r["id"] for r in runs if r["kind"] not in ENGINE_KINDS][:50]
+    st.session_state["runs_selected"] = default_selection(runs, tr.last_steps(candidates))
 # the chips name the run without its status (a status here would go stale; the table and the live part show it)
 selected = st.multiselect("Runs to show (several are compared on one chart)", options, key="runs_selected",
                           format_func=lambda i: _label(by_id[i], status=False))
@@ -337,20 +289,8 @@ def live(ids: list[int], was_active: bool) -> None:
             cancelling = owner is not None
     shown_status = "cancelling" if cancelling else run["status"]
     bar.progress(min(1.0, max(0.0, pr["fraction"] or 0.0)), text=f"#{focus} {shown_status} · {pr['text']}")
-    if run["status"] in ("interrupted", "cancelled", "failed") and run["kind"] in ("backbone", "dact", "multitask",
-                                                                                  "pbt"):
-        from dact_lib.train import resume_info
-
-        if run["kind"] == "pbt":
-            try:
-                from dact_lib.tuning.pbt import resumable_pbt
-
-                resumable_pbt(tr, focus)
-                info = {"ok": True, "why": ""}
-            except Exception as exc:  # noqa: BLE001 - why not, as text
-                info = {"ok": False, "why": str(exc).removeprefix("Cannot resume: ").rstrip(".")}
-        else:
-            info = resume_info(tr, focus)
+    if run["status"] in ("interrupted", "cancelled", "failed") and run["kind"] in RESUME_KINDS:
+        info = resume_check(tr, focus)  # the job manager and the CLI ask the same
         if info["ok"]:
             if c1.button("Resume run", key=f"runs_resume_{focus}", type="primary", icon=":material/replay:",
                          help="Continue this run from its last checkpoint (same run; metrics are appended)."):
@@ -416,28 +356,15 @@ def live(ids: list[int], was_active: bool) -> None:
 
 def test_report(run_dir: Path) -> None:
     """The test split's confusion matrix and per-class report of every task (report.json of the run)."""
-    path = run_dir / "report.json"
-    if not path.is_file():
-        return
-    try:
-        rep = json.loads(path.read_text(encoding="utf-8")).get("report") or {}
-    except ValueError:
-        return
-    tasks = rep.get("tasks") or {}
+    tasks = read_test_report(run_dir)
     if not tasks:
         return
     with st.expander("Test split: confusion matrix and per-class report", icon=":material/grid_on:"):
         for task, r in tasks.items():
-            names = [str(n) for n in r["labels"]]
             st.markdown(f"**{plain(task)}** — accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}")
-            cm = pd.DataFrame(r["confusion_matrix"], index=[f"true {n}" for n in names],
-                              columns=[f"predicted {n}" for n in names])
-            st.dataframe(cm, key=f"runs_cm_{run_dir.name}_{task}")
-            per = r.get("per_class") or {}
-            rows = [{"class": n, "precision": per[n]["precision"], "recall": per[n]["recall"],
-                     "f1": per[n]["f1-score"], "rows": int(per[n]["support"])} for n in names if n in per]
-            if rows:
-                st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"runs_pc_{run_dir.name}_{task}")
+            st.dataframe(r["confusion"], key=f"runs_cm_{run_dir.name}_{task}")
+            if len(r["per_class"]):
+                st.dataframe(r["per_class"], hide_index=True, key=f"runs_pc_{run_dir.name}_{task}")
 
 
 def organise(run: dict) -> None:
