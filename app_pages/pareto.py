@@ -12,7 +12,8 @@ import streamlit as st
 
 from dact_lib import events as ev, plots
 from dact_lib.tracker import ACTIVE_STATUSES
-from dact_lib.run_front import run_front
+from dact_lib.models import halting_choice
+from dact_lib.run_front import choose_run_point, run_front
 from dact_lib.tuning.dact_pipeline.view import chosen_prediction_run, pipeline_view, point_name, prediction_trial
 from dact_lib.tuning.pipeline_runs import explorer_runs, since_last_resume
 from ui.deploy import latency_budget_panel
@@ -20,9 +21,26 @@ from ui.forms import form_words
 from ui.safe import plain
 from ui.state import tracker
 
+def _use_run_point(rid: int, options: dict) -> None:
+    """The chosen point of a single run's front becomes the one its model predicts with (nothing retrained)."""
+    from dact_lib.errors import DactLabError
+
+    label = st.session_state.get(f"pareto_single_pick_{rid}")
+    if label not in options:
+        return
+    try:
+        got = choose_run_point(tr, rid, options[label])
+    except DactLabError as exc:
+        st.session_state["_pareto_msg"] = ("error", str(exc))
+        return
+    st.session_state["predict_run_id"] = rid
+    st.session_state["_pareto_msg"] = ("success", f"Run #{rid} now predicts with " + (
+        f"{point_name(got)} (its halting units swapped in, nothing retrained)." if got else "its own point."))
+
+
 def single_run_explorer(tr, singles: list[dict]) -> None:
-    """A single DACT run's fitted halting front (report.json): the same chart and table as a pipeline's, read-only
-    (the run keeps the point its halting tolerance chose; another point needs a retraining)."""
+    """A single DACT run's fitted halting front (report.json): the same chart and table as a pipeline's; any point
+    can be used for prediction (its halting weights were kept at training time)."""
     by_run = {r["id"]: r for r in singles}
     rid = st.selectbox("Single DACT run", list(by_run), key="pareto_single",
                        format_func=lambda i: f"#{i} {by_run[i].get('name') or 'dact'}"
@@ -32,6 +50,11 @@ def single_run_explorer(tr, singles: list[dict]) -> None:
         st.info(f"Run #{rid} has no fitted halting front.")
         return
     chosen = rf["chosen"]
+    in_use = halting_choice(tr.run_dir(rid))
+    using = in_use.get("trial") if in_use and in_use.get("source") == "run front" else (chosen or {}).get("trial")
+    msg = st.session_state.pop("_pareto_msg", None)
+    if msg:
+        getattr(st, msg[0])(msg[1])
     st.caption(f"Halting fit on the validation split ({rf['rows'] or '?'} rows"
                + (", accuracy and exit layer cross-fitted: measured on rows the units were not fitted on"
                   if rf["cross_fitted"] else "") + ")"
@@ -50,12 +73,20 @@ def single_run_explorer(tr, singles: list[dict]) -> None:
     st.dataframe(pd.DataFrame([{
         "point": point_name(p), "kind": p["family"], "λ": p["lambda"], "τ": p.get("tau"),
         "val accuracy": p["val_accuracy"], "val avg exit layer": p["val_avg_exit_layer"],
-        "run's choice": chosen is not None and p["trial"] == chosen["trial"]} for p in rows]), hide_index=True,
+        "run's choice": chosen is not None and p["trial"] == chosen["trial"],
+        "for prediction": p["trial"] == using} for p in rows]), hide_index=True,
         column_config={"λ": st.column_config.NumberColumn(format="%.3g"),
                        "τ": st.column_config.NumberColumn(format="%.3g")})
-    st.caption("The run predicts with its chosen point. To take another, retrain with the halting tolerance that "
-               "reaches it (DACT pipeline page: “Halting tolerance (accuracy points)”), or run the DACT pipeline, "
-               "whose points can each be used for prediction here.")
+    options = {f"the run's own point ({point_name(chosen)})" if chosen else "the run's own point": None}
+    for p in rows:
+        if chosen is None or p["trial"] != chosen["trial"]:
+            options[f"{point_name(p)} · exit {p['val_avg_exit_layer']:.2f} · acc {p['val_accuracy']:.3f}"] = p["trial"]
+    st.selectbox("Use for prediction", list(options), index=None, placeholder="choose a front point…",
+                 key=f"pareto_single_pick_{rid}", on_change=_use_run_point, args=(rid, options),
+                 help="The run's model then predicts (Predict page, export, serve) with this point's halting units; "
+                      "nothing is retrained. The run's own point stays recorded.")
+    if using is not None and chosen is not None and using != chosen["trial"]:
+        st.info(f"Run #{rid} predicts with point {using} (your choice); its own point is {point_name(chosen)}.")
 
 
 st.title("Pareto explorer")

@@ -499,12 +499,46 @@ def exit_advice(run_dir, num_layers: int | None = None, late: float = 0.8) -> st
     return msg
 
 
-def fit_after_training(model, cfg, enc_val, cancel=None, cache: LayerCache | None = None, progress=None) -> dict:
+#: the halting weights of every point of a run's fitted front (``<run>/halting/run_front.safetensors``): keys
+#: ``"<point index>/<parameter>"``; a point chosen on the Pareto explorer is copied out of it
+FRONT_STATES = "run_front"
+
+
+def save_front_states(run_dir, points: list[HaltingPoint]):
+    """Keep the halting weights of every point of the run's front, in one file, so any point can be used later
+    without a refit (the Pareto explorer's "use for prediction" of a single run)."""
+    from .models import save_halting_file
+
+    return save_halting_file(run_dir, FRONT_STATES, {f"{i}/{k}": v for i, p in enumerate(points)
+                                                     for k, v in p.state.items()})
+
+
+def front_state(run_dir, index: int) -> dict | None:
+    """Point ``index``'s halting weights from :func:`save_front_states`' file; None when the run has none (trained
+    before the file was kept) or no such point."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .models import HALTING_DIR
+
+    path = Path(run_dir) / HALTING_DIR / f"{FRONT_STATES}.safetensors"
+    if not path.is_file():
+        return None
+    pre = f"{int(index)}/"
+    got = {k[len(pre):]: v for k, v in load_file(str(path)).items() if k.startswith(pre)}
+    return got or None
+
+
+def fit_after_training(model, cfg, enc_val, cancel=None, cache: LayerCache | None = None, progress=None,
+                       keep: list | None = None) -> dict:
     """Kind 'dact' with ``model.fit_halting``: fit the halting units alone on the validation split for every λ of
     ``model.halting_lambdas`` (encoder and classifiers frozen, see halting.py), install the fastest point within
     ``model.halting_tolerance`` accuracy points of the most accurate one, and return the sweep for the report.
     ``cache``: the validation split's per-layer cache of the model as it is now, when the caller has it.
-    ``progress(what, done, total)``: caching the validation rows, then every fit's epochs."""
+    ``progress(what, done, total)``: caching the validation rows, then every fit's epochs. ``keep``: a list that
+    gets every reported point (λ points, calibrated front, thresholds — the report's order, which is the order of
+    ``run_front``'s points) with its halting weights, for :func:`save_front_states`."""
     mc = cfg.model
     t0 = time.perf_counter()
     if cache is None:
@@ -520,6 +554,8 @@ def fit_after_training(model, cfg, enc_val, cancel=None, cache: LayerCache | Non
     plain = [p for p in points if p.scale == 1.0 and p.shift == 0.0]
     calibrated_front = [p for p in front_of(points) if (p.scale, p.shift) != (1.0, 0.0)]
     install_halting(model, chosen)
+    if keep is not None:
+        keep.extend(plain + calibrated_front + thresholds)
     layer_acc = [float((cache.y[:, n].argmax(-1) == cache.targets).float().mean()) for n in range(cache.y.shape[1])]
     from .evaluate import entropy_thresholds
 

@@ -45,3 +45,41 @@ def run_front(run_dir) -> dict[str, Any] | None:
     front = [p for p, on in zip(points, front_mask(points)) if on]
     return {"points": points, "front": front, "chosen": chosen, "rows": halting.get("rows"),
             "cross_fitted": bool(halting.get("cross_fitted")), "tolerance_points": halting.get("tolerance_points")}
+
+
+def choose_run_point(tracker, run_id: int, trial: int | None) -> dict | None:
+    """Use point ``trial`` (its index in :func:`run_front`'s points) of single DACT run ``run_id`` for prediction,
+    without retraining: its halting weights (kept at training time in ``halting/run_front.safetensors``) are written
+    as the run's halting choice, which every loader applies. ``trial`` None, or the run's own point, clears the
+    choice. Returns the choice now in effect (None: the run's own point). Recorded as a ``point_chosen`` event."""
+    from . import events as ev
+    from .errors import DactLabError
+    from .halting import front_state
+    from .models import HALTING_DIR, save_halting_file, set_halting_choice
+
+    run_dir = Path(tracker.run_dir(int(run_id)))
+    rf = run_front(run_dir)
+    if rf is None:
+        raise DactLabError(f"Run #{run_id} has no fitted halting front (its halting units were not fitted after "
+                           "training): nothing to choose.")
+    own = (rf["chosen"] or {}).get("trial")
+    if trial is None or int(trial) == own:
+        set_halting_choice(run_dir, None)
+        tracker.log_event(int(run_id), ev.USER_POINT_CHOICE, {"point": None, "by": "user", "own": True})
+        return None
+    by = {p["trial"]: p for p in rf["points"]}
+    if int(trial) not in by:
+        raise DactLabError(f"Run #{run_id} has no point {trial}: choose one of {sorted(by)}.")
+    point = by[int(trial)]
+    state = front_state(run_dir, int(trial))
+    if state is None:
+        raise DactLabError(f"Run #{run_id} was trained before the halting weights of every front point were kept "
+                           f"({HALTING_DIR}/run_front.safetensors is missing): retrain it to choose among its points, "
+                           "or use the point it kept.")
+    path = save_halting_file(run_dir, f"point_{int(trial)}", state)
+    info = {"file": f"{HALTING_DIR}/{path.name}", "trial": int(trial), "lambda": point.get("lambda"),
+            "tau": point.get("tau"), "val_avg_exit_layer": point.get("val_avg_exit_layer"),
+            "val_accuracy": point.get("val_accuracy"), "source": "run front"}
+    set_halting_choice(run_dir, info)
+    tracker.log_event(int(run_id), ev.USER_POINT_CHOICE, {"point": info, "by": "user"})
+    return info

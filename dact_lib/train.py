@@ -621,6 +621,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             tracker.log_event(run_id, ev.RESUMED, {"step": resumed["step"], "epoch": resumed["epoch"] + 1,
                                                   "batch": resumed["batch"], "metrics_dropped": dropped})
         cbs.callbacks.insert(0, TrackerCallback(tracker, run_id))
+        from .reporting import build_reporters  # train.report_to: MLflow, W&B, TensorBoard too
+        cbs.callbacks[1:1] = build_reporters(cfg, run_id, run_dir, tracker)
     elif save and home is not None:
         from .home import run_dir as make_run_dir
 
@@ -850,8 +852,13 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
 
             cbs.on_event(state, ev.PHASE, {"phase": f"fitting the halting units ({len(cfg.model.halting_lambdas)} λ, "
                                                     "cross-fitted on the validation split)"})
+            kept: list = []
             halting_report = fit_after_training(model, cfg, enc_val, cancel, cache=val_cache,
-                                                progress=phase_progress(cbs, state))
+                                                progress=phase_progress(cbs, state), keep=kept)
+            if run_dir is not None and kept:
+                from .halting import save_front_states
+
+                save_front_states(run_dir, kept)  # every front point usable later, without a refit
             cbs.on_event(state, ev.HALTING_FIT, halting_report)
         if exit_report is not None or halting_report is not None:
             # the validation metrics of the model as it is now saved (the DACT answer a_N and the exits depend on

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("streamlit")
 import optuna  # noqa: E402
@@ -782,3 +783,33 @@ def test_learning_rate_axes_are_readable():
                             "value": [1e-5, 2e-5, 3e-5, 1.2e-5]})
     fig = plots.hp_trajectories(metrics, [{"id": 7, "name": "a"}, {"id": 8, "name": "b"}]).to_plotly_json()
     assert fig["layout"]["yaxis"]["type"] == "log" and fig["layout"]["yaxis"]["tickformat"] == ".1~e"
+
+
+def test_a_single_runs_front_point_is_used_for_prediction_without_retraining(pop_home):
+    """Issue 28 (item 4): "use this point" for a single DACT run — its halting weights, kept at training time, are
+    swapped in (the loaded model's halting units are that point's), and the run's own point clears the choice."""
+    from dact_lib.halting import front_state
+    from dact_lib.models import halting_choice, load_model
+
+    tr = Tracker(pop_home.home)
+    run = [r for r in tr.list_runs(kind="dact") if r["parent_id"] is None and r["status"] == "finished"][0]
+    run_dir = tr.run_dir(run["id"])
+    at = _open("app_pages/pareto.py")
+    at.radio(key="pareto_source").set_value("Single DACT run").run()
+    pick = at.selectbox(key=f"pareto_single_pick_{run['id']}")
+    other = [o for o in pick.options if not o.startswith("the run's own point")]
+    assert other, pick.options
+    try:
+        pick.set_value(other[0]).run()
+        assert not _errors(at), _errors(at)
+        choice = halting_choice(run_dir)
+        assert choice and choice["source"] == "run front" and at.session_state["predict_run_id"] == run["id"]
+        want = front_state(run_dir, choice["trial"])
+        got = load_model(run_dir).model.halters.state_dict()
+        assert want and all(torch.equal(got[k], v) for k, v in want.items())
+        table = _table(at, "point", "for prediction")
+        assert table["for prediction"].sum() == 1
+        assert any("your choice" in i.value for i in at.info)
+    finally:
+        at.selectbox(key=f"pareto_single_pick_{run['id']}").set_value(pick.options[0]).run()
+    assert halting_choice(run_dir) is None

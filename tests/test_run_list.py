@@ -88,3 +88,24 @@ def test_ended_store_drops_the_least_recently_used():
     assert s.get("a") == 1  # a is now the most recent
     s.put("c", 3)
     assert "b" not in s and s.get("a") == 1 and s.get("c") == 3 and len(s) == 2
+
+
+def test_choosing_a_point_of_a_run_trained_before_the_weights_were_kept_says_what_to_do(tmp_path):
+    import pytest
+
+    from dact_lib.errors import DactLabError
+    from dact_lib.run_front import choose_run_point
+    from dact_lib.tracker import Tracker
+
+    tr = Tracker(tmp_path)
+    rid = tr.create_run("dact", {"kind": "dact"}, status="finished")
+    pts = [{"lambda": 0.1, "threshold": None, "avg_exit_layer": 2.0, "accuracy": 0.8, "scale": 1.0, "shift": 0.0},
+           {"lambda": 1.0, "threshold": None, "avg_exit_layer": 1.0, "accuracy": 0.7, "scale": 1.0, "shift": 0.0}]
+    tr.run_dir(rid).mkdir(parents=True, exist_ok=True)
+    (tr.run_dir(rid) / "report.json").write_text(json.dumps({"halting": {"points": pts, "chosen": pts[0]}}))
+    with pytest.raises(DactLabError, match="retrain it to choose among its points"):
+        choose_run_point(tr, rid, 1)
+    with pytest.raises(DactLabError, match="has no point 7"):
+        choose_run_point(tr, rid, 7)
+    assert choose_run_point(tr, rid, 0) is None  # its own point: nothing to copy
+    assert [e["payload"]["own"] for e in tr.get_events(rid, kinds=["point_chosen"])] == [True]
