@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from ui.fields import Field
 from ui.forms import Mode, make_field, dataclass_fields, dataclass_values, launch_page
 
 st.title("Backbone")

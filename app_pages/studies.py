@@ -2,7 +2,6 @@
 button that starts optuna-dashboard on the home's storage (127.0.0.1, a free port, one server per process)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 
 import pandas as pd

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT_DIR, ROOT, cpu_model, fmt, loadavg, markdown_table  # noqa: E402
+from common import OUT_DIR, ROOT, cpu_model, loadavg, markdown_table  # noqa: E402
 
 MAX_LOGGED_ERRORS = 200
 RESTART_MIN_LEFT_S = 20.0  # do not start a replacement training with less soak time than this left

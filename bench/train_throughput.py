@@ -62,7 +62,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DEFAULT_DATA_DIR, OUT_DIR, ROOT, Stopwatch, bf16_check, cpu_seconds, describe_machine,  # noqa: E402
+from common import (DEFAULT_DATA_DIR, ROOT, Stopwatch, bf16_check, describe_machine,  # noqa: E402
                     load_sst2, loadavg, machine_info, markdown_table, matmul_peak, require_data, save_json,
                     set_threads)
 

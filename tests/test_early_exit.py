@@ -8,7 +8,7 @@ import torch
 
 from dact_lib import dact
 from dact_lib.config import RunConfig, default_config
-from dact_lib.data import DatasetSplit, TextDataset, encode
+from dact_lib.data import TextDataset, encode
 from dact_lib.errors import ConfigError, DactLabError
 from dact_lib.evaluate import entropy_thresholds
 from dact_lib.halting import LayerCache, choose_point, fit_halting, install_halting, layer_cache, nll_ref_of

@@ -22,7 +22,7 @@ def test_mlp_layouts():
     assert MLPConfig(layout="bowtie", depth=5, width=256).resolved_dims() == [256, 128, 64, 128, 256]
     mlp = build_mlp(10, 3, MLPConfig(hidden_dims=[8, 4], activation="tanh", dropout=0.2))
     linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(10, 8), (8, 4), (4, 3)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(10, 8), (8, 4), (4, 3)]
     assert any(isinstance(m, torch.nn.Tanh) for m in mlp)
     assert all(m.p == 0.2 for m in mlp if isinstance(m, torch.nn.Dropout))
 

@@ -2,7 +2,6 @@
 run_pbt end to end on the tiny encoder, replay, failure, cancellation and config validation."""
 from __future__ import annotations
 
-import math
 import random
 
 import pytest

@@ -116,7 +116,7 @@ def test_pbt_on_ray_exploits_restore_the_donor_weights_with_new_hyperparameters(
         assert (Path(tracker.run_dir(r["id"])) / "model.safetensors").exists()
     rid = exploits[0]["recipient_run_id"]
     assert any(e["kind"] == "pbt_exploit" for e in tracker.get_events(rid))
-    step0 = exploits[0]["step"]
+    step0 = exploits[0]["step"]  # noqa: F841 (read by the query below as @step0)
     lr_after = tracker.get_metrics(rid).query("name == 'hp/lr' and step >= @step0")["value"]
     assert any(v == pytest.approx(explores[0]["new"]["lr"]) for v in lr_after)  # hp/lr shows the explored value
 

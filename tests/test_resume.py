@@ -139,13 +139,13 @@ def test_a_resume_pt_of_an_older_dact_lab_still_resumes_to_the_same_metrics(refe
 
 def test_resume_refuses_what_it_cannot_do(reference, home, capsys):
     ref_home, ref = reference["backbone"]
-    assert main(["train", "--resume", str(ref.run_id), "--home", str(ref_home)]) == 2
+    assert main(["train", "--resume", str(ref.run_id), "--home", str(ref_home)]) == 3
     assert "is finished: only an interrupted" in capsys.readouterr().err
     tr = Tracker(home)
     rid = tr.create_run("backbone", cfg_for().to_dict(), status="interrupted")
-    assert main(["train", "--resume", str(rid), "--home", str(home)]) == 2
+    assert main(["train", "--resume", str(rid), "--home", str(home)]) == 3
     assert "no resume checkpoint" in capsys.readouterr().err
-    assert main(["train", "--resume", str(rid), "--epochs", "9", "--home", str(home)]) == 2
+    assert main(["train", "--resume", str(rid), "--epochs", "9", "--home", str(home)]) == 3
     assert "drop --epochs" in capsys.readouterr().err
 
 
@@ -290,7 +290,7 @@ def test_a_pipeline_killed_between_stages_resumes_and_finishes(home, capsys):
         study = optuna.load_study(study_name=f"kp/{stage}", storage=studies.storage(home))
         assert not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     assert not [r for r in tr.list_runs() if r["status"] in ("running", "queued")]
-    assert f"run id: " in out.out
+    assert "run id: " in out.out
 
 
 def test_a_killed_pbt_run_resumes_its_members(home, capsys):
@@ -329,7 +329,7 @@ def test_a_killed_pbt_run_resumes_its_members(home, capsys):
         if m["id"] in checkpoints:
             ev = [e["payload"] for e in tr.get_events(m["id"]) if e["kind"] == "resumed"]
             assert ev and ev[0]["step"] == checkpoints[m["id"]]
-    assert main(["pbt", "--resume", str(parent["id"]), "--home", str(home)]) == 2
+    assert main(["pbt", "--resume", str(parent["id"]), "--home", str(home)]) == 3
     assert "is finished" in capsys.readouterr().err
 
 

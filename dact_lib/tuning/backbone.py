@@ -25,7 +25,6 @@ from ..data import DatasetSplit, TextDataset
 from ..errors import Cancelled, ConfigError, DactLabError
 from ..tracker import Tracker, TrackerCallback
 from ..train import load_split, train
-from . import studies
 from .studies import (PruningCallback, create_study, drop_slots, enqueue_slots, link_study, link_trial, live_run,
                       run_slots, running, shown_url, waiting)  # noqa: F401 (waiting, running: worker.py)
 from .. import events as ev

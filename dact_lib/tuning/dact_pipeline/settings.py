@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 from ...config import POOLINGS
 from ...errors import ConfigError
-from .guards import guard_margin
 
 
 PIPELINE_KIND = "dact-pipeline"
