@@ -442,7 +442,9 @@ class RunConfig:
     model: Any = None  # BackboneModelConfig | DactModelConfig | MultiTaskModelConfig, chosen by kind
     train: TrainConfig = None  # type: ignore[assignment] - None: the kind's training defaults (train_defaults)
     name: str | None = None
-    tag: str | None = None
+    # one tag (text) or several (a list; "a, b" is two tags too): see tag_list. The run row's ``tag`` column holds
+    # them joined (tag_text), so a run of an older DACT Lab (one string) reads the same way.
+    tag: str | list[str] | None = None
     init_from_run: int | None = None
 
     def __post_init__(self) -> None:
@@ -659,6 +661,28 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
 #: bounds on free-form strings of a config (a name or tag is a label, not a document)
 MAX_TEXT_FIELD = 200
 MAX_LIST_ITEMS = 64
+MAX_TAGS = 20
+
+
+def tag_list(value: Any) -> list[str]:
+    """A run's tags as a list, from a config's ``tag`` or a run row's ``tag`` column: None, one string (a run of an
+    older DACT Lab: one tag; ``"a, b"``: two) or a list of strings (``--tag a --tag b,c``), split on commas,
+    stripped, empty and repeated tags dropped, in their order."""
+    if value is None:
+        return []
+    out: list[str] = []
+    for item in [value] if isinstance(value, str) else list(value):
+        for t in str(item).split(","):
+            t = t.strip()
+            if t and t not in out:
+                out.append(t)
+    return out
+
+
+def tag_text(value: Any) -> str | None:
+    """How a run row's ``tag`` column stores the tags: joined with ``", "`` (one tag: the tag itself, as older runs
+    stored it), None without any."""
+    return ", ".join(tag_list(value)) or None
 
 
 def _type_name(hint: Any) -> str:
@@ -713,8 +737,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 def check_types(obj: Any, path: str = "") -> None:
     """Every field of config dataclass ``obj`` (recursively) has a value of its annotated type: a wrong type
-    (``tag: [a, b]``, ``epochs: "3"``) raises :class:`ConfigError` naming the field, the value and the type,
-    before anything uses it. ``name`` and ``tag`` are at most MAX_TEXT_FIELD characters."""
+    (``name: [a, b]``, ``epochs: "3"``) raises :class:`ConfigError` naming the field, the value and the type,
+    before anything uses it. ``name`` and every tag are at most MAX_TEXT_FIELD characters, at most MAX_TAGS tags."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -727,6 +751,11 @@ def check_types(obj: Any, path: str = "") -> None:
             raise ConfigError(f"{sub} = {_short(value)} is invalid: expected {_type_name(hint)}.")
         if f.name in ("name", "tag") and isinstance(value, str) and len(value) > MAX_TEXT_FIELD:
             raise ConfigError(f"{sub} is {len(value)} characters long: keep it under {MAX_TEXT_FIELD}.")
+        if f.name == "tag" and isinstance(value, list):
+            long = [t for t in value if len(t) > MAX_TEXT_FIELD]
+            if long or len(value) > MAX_TAGS:
+                raise ConfigError(f"{sub} has {len(value)} tags" + (f", one {len(long[0])} characters long" if long
+                                  else "") + f": give at most {MAX_TAGS} tags of at most {MAX_TEXT_FIELD} characters.")
 
 
 def _short(value: Any) -> str:
