@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("runs", help="the run table")
     p.add_argument("--kind", default=None)
+    p.add_argument("--tag", action="append", default=None, metavar="TAG[,TAG]",
+                   help="only the runs with this tag (repeat it or separate with commas: runs with every one)")
     p.add_argument("--json", action="store_true")
     _common(p, device=False, tag=False)
 
@@ -222,7 +224,7 @@ def cmd_evaluate(args) -> int:
 def cmd_runs(args) -> int:
     from .tracker import Tracker, run_scores
 
-    runs = Tracker(args.home).list_runs(kind=args.kind)
+    runs = Tracker(args.home).list_runs(kind=args.kind, tag=args.tag)
     if args.json:
         print(json.dumps(runs, indent=2, default=str))
         return 0

@@ -34,7 +34,8 @@ def common_args(p: argparse.ArgumentParser, device: bool = True, tag: bool = Tru
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                        help="where the model runs (default: the config's train.device, else auto)")
     if tag:
-        p.add_argument("--tag", default=None, help="a label stored with the run")
+        p.add_argument("--tag", action="append", default=None, metavar="TAG[,TAG]",
+                       help="a label stored with the run; repeat it or separate with commas for several")
         if run_name:  # not dact-pipeline: its --name names the pipeline and its run
             p.add_argument("--run-name", default=None, help="the run's name (the run table and the dashboard show it)")
 
@@ -105,7 +106,10 @@ def config_and_options(args, kind_default: str = "backbone"):
     if getattr(args, "device", None):  # only when given: a config file's device is kept otherwise
         cfg.train.device = args.device
     if getattr(args, "tag", None):
-        cfg.tag = args.tag
+        from .config import tag_list
+
+        tags = tag_list(args.tag)  # --tag a --tag b,c: three tags; one stays a string, as before
+        cfg.tag = tags[0] if len(tags) == 1 else tags or None
     if getattr(args, "run_name", None):
         cfg.name = args.run_name
     return cfg.validate(), options

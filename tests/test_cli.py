@@ -396,7 +396,7 @@ def test_config_file_device_is_kept_unless_the_flag_is_given(tmp_path):
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["runs", "--tag", "x"], "--tag"), (["runs", "--device", "cpu"], "--device"),
+    (["runs", "--device", "cpu"], "--device"),
     (["report", "--run", "1", "--out", "r.html", "--tag", "x"], "--tag"),
     (["report", "--run", "1", "--out", "r.html", "--device", "cpu"], "--device"),
     (["evaluate", "--run", "1", "--tag", "x"], "--tag"), (["predict", "--run", "1", "--tag", "x", "hi"], "--tag"),
@@ -433,3 +433,23 @@ def test_out_of_range_config_values_are_refused_with_the_range(home, capsys, tmp
     code, out, err = run_cli(capsys, "train", "--config", path, "--home", home, "--device", "cpu")
     assert code == 2 and f"{field} = " in err and "expected an integer >= " in err and "<= " in err
     assert "Traceback" not in err and Tracker(home).list_runs() == []
+
+
+def test_tag_is_repeatable_and_runs_lists_the_runs_with_a_tag(home, capsys):
+    """Issue 26, 5c: --tag a --tag b,c gives three tags (one --tag stays one string, as before); runs --tag X."""
+    from dact_lib.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--tag", "sweep", "--tag", "lr,sweep, seed-1"])
+    assert config_from_args(args).tag == ["sweep", "lr", "seed-1"]
+    assert config_from_args(build_parser().parse_args(["train", "--tag", "one"])).tag == "one"
+    tr = Tracker(home)
+    a = tr.create_run("dact", tag=["sweep", "lr"], status="finished")
+    b = tr.create_run("backbone", tag="sweep", status="finished")
+    tr.create_run("backbone", tag="other", status="finished")
+    code, out, _ = run_cli(capsys, "runs", "--tag", "sweep", "--json", "--home", home)
+    assert code == 0 and [r["id"] for r in json.loads(out)] == [b, a]
+    assert json.loads(out)[1]["tags"] == ["sweep", "lr"]
+    code, out, _ = run_cli(capsys, "runs", "--tag", "sweep", "--tag", "lr", "--json", "--home", home)
+    assert [r["id"] for r in json.loads(out)] == [a]
+    code, out, _ = run_cli(capsys, "runs", "--tag", "sweep", "--home", home)
+    assert code == 0 and "sweep, lr" in out and "other" not in out

@@ -644,3 +644,49 @@ def test_run_scores_shows_each_task_and_labels_the_mean():
     assert run_scores(single) == {"val_accuracy": 0.9, "val_macro_f1": None, "test_accuracy": None,
                                   "test_macro_f1": 0.5}
     assert run_scores({"kind": "backbone", "summary": None})["val_accuracy"] is None
+
+
+# ----------------------------------------------------------------------------- several tags per run (issue 26, 5c)
+
+
+def test_a_run_written_by_an_older_version_with_one_tag_reads_as_one_tag(home):
+    """Older DACT Lab wrote one tag string into the run row and config.json: it reads as a one-tag list, filters by
+    it, and its config loads as it is."""
+    import json
+    import sqlite3
+
+    from dact_lib.config import RunConfig, default_config
+
+    Tracker(home)  # the schema
+    old_config = {**default_config("dact").to_dict(), "tag": "baseline"}
+    conn = sqlite3.connect(home / "experiments.db")
+    conn.execute("INSERT INTO runs (kind, name, tag, status, config, created) VALUES "
+                 "('dact', 'old run', 'baseline', 'finished', ?, 1.0)", (json.dumps(old_config),))
+    conn.commit()
+    conn.close()
+    tr = Tracker(home)
+    (run,) = tr.list_runs()
+    assert run["tag"] == "baseline" and run["tags"] == ["baseline"]
+    assert [r["id"] for r in tr.list_runs(tag="baseline")] == [run["id"]]
+    assert RunConfig.from_dict(run["config"]).tag == "baseline"
+    new = tr.create_run("dact", tag=["baseline", "lr-sweep"])
+    assert [r["id"] for r in tr.list_runs(tag="baseline")] == [new, run["id"]]
+
+
+def test_several_tags_are_stored_joined_and_filtered_exactly(tr):
+    a = tr.create_run("dact", tag=["sweep", "lr 1e-3", "sweep"], status="finished")  # repeated: once
+    b = tr.create_run("backbone", tag="sweep, seed_1", status="finished")  # "a, b" is two tags
+    c = tr.create_run("backbone", tag="sweeping", status="finished")
+    d = tr.create_run("backbone", status="finished")
+    assert tr.get_run(a)["tag"] == "sweep, lr 1e-3" and tr.get_run(a)["tags"] == ["sweep", "lr 1e-3"]
+    assert tr.get_run(b)["tags"] == ["sweep", "seed_1"] and tr.get_run(d)["tags"] == [] and tr.get_run(d)["tag"] is None
+    assert [r["id"] for r in tr.list_runs(tag="sweep")] == [b, a]  # not "sweeping": whole tags only
+    assert [r["id"] for r in tr.list_runs(tag=["sweep", "seed_1"])] == [b]  # every tag given
+    assert [r["id"] for r in tr.list_runs(tag="sweep, lr 1e-3")] == [a]
+    assert tr.list_runs(tag="seed%1") == [] and tr.list_runs(tag="Sweep") == []  # no wildcards, case counts
+    assert [r["id"] for r in tr.list_runs(tag="sweep", limit=1)] == [b]
+    assert [r["id"] for r in tr.list_runs(tag="sweeping")] == [c]
+    tr.organise(d, tag="x, y,x")  # the Runs page's tag field: commas separate tags
+    assert tr.get_run(d)["tags"] == ["x", "y"]
+    tr.open_run("dact", None, d, tag=["z"])
+    assert tr.get_run(d)["tag"] == "z"

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import home as _home
+from ..config import tag_list, tag_text
 from ..errors import DactLabError
 from . import db as _db
 from . import liveness
@@ -276,18 +277,19 @@ class Tracker:
         config: dict | None = None,
         *,
         name: str | None = None,
-        tag: str | None = None,
+        tag: str | list[str] | None = None,
         parent_id: int | None = None,
         dataset_id: int | None = None,
         status: str = "running",
     ) -> int:
-        """A new run row; records this process's pid and host; ``started`` = now when created 'running'."""
+        """A new run row; records this process's pid and host; ``started`` = now when created 'running'. ``tag``:
+        one tag or a list (``config.tag_list``), stored joined (``config.tag_text``)."""
         self._check_status(status)
         now = _time.time()
         row = {
             "kind": str(kind),
             "name": name,
-            "tag": tag,
+            "tag": tag_text(tag),
             "status": status,
             "config": None if config is None else dumps(config_to_dict(config)),
             "dataset_id": None if dataset_id is None else int(dataset_id),
@@ -310,7 +312,7 @@ class Tracker:
         return run_id
 
     def open_run(self, kind: str, config: dict | None, run_id: int | None = None, *, name: str | None = None,
-                 tag: str | None = None, dataset_id: int | None = None) -> int:
+                 tag: str | list[str] | None = None, dataset_id: int | None = None) -> int:
         """An engine's parent run, 'running': a new row, or — with ``run_id`` (a row a job manager queued) — that
         row, given this config, name, tag and dataset. Returns its id."""
         if run_id is None:
@@ -337,6 +339,8 @@ class Tracker:
             fields = dict(fields, config=config_to_dict(fields["config"]))
         if fields.get("run_dir"):
             fields = dict(fields, run_dir=self.rel_path(fields["run_dir"]))
+        if "tag" in fields:
+            fields = dict(fields, tag=tag_text(fields["tag"]))
         if not fields:
             if not conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
                 raise self._missing_run(run_id)
@@ -397,6 +401,8 @@ class Tracker:
                 row[c] = loads(row[c], {})
         if row.get("run_dir"):
             row["run_dir"] = str(self.abs_path(row["run_dir"], row.get("id")))
+        if "tag" in row:
+            row["tags"] = tag_list(row["tag"])  # the column: "a, b" (one tag: as older runs stored it)
         return row
 
     # ------------------------------------------------------------------ paths (stored relative to the home)
@@ -434,12 +440,13 @@ class Tracker:
         kind: str | list[str] | None = None,
         status: str | list[str] | None = None,
         parent_id: int | None = None,
-        tag: str | None = None,
+        tag: str | list[str] | None = None,
         limit: int | None = None,
         top_level: bool = False,
     ) -> list[dict]:
         """Runs, newest first. ``kind``/``status`` take one value or a list; ``top_level=True`` keeps only runs
-        without a parent."""
+        without a parent; ``tag`` (one tag, a list, or "a, b") keeps the runs that have every tag given (a run's
+        ``tags``, exact match)."""
         where, params = [], []
         for col, val in (("kind", kind), ("status", status)):
             if val is None:
@@ -452,17 +459,21 @@ class Tracker:
             params.append(int(parent_id))
         if top_level:
             where.append("parent_id IS NULL")
-        if tag is not None:
-            where.append("tag = ?")
-            params.append(tag)
+        wanted = tag_list(tag)
+        for t in wanted:  # narrowed in SQL (LIKE ignores case in SQLite), decided exactly below
+            where.append("tag LIKE ? ESCAPE '!'")
+            params.append("%" + t.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%")
         sql = "SELECT * FROM runs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC"
-        if limit is not None:
+        if limit is not None and not wanted:
             sql += " LIMIT ?"
             params.append(int(limit))
-        return [self._decode_run(r) for r in self.query(sql, params)]
+        runs = [self._decode_run(r) for r in self.query(sql, params)]
+        if wanted:
+            runs = [r for r in runs if set(wanted) <= set(r["tags"])][:limit]
+        return runs
 
     def organise(self, run_id: int, *, name: Any = None, tag: Any = None, note: Any = None) -> None:
         """Rename, tag and annotate a run (``""`` clears a field; None leaves it). The note is kept in the run's
