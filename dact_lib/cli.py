@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-limit-min", type=float, default=None,
                    help="stop training after this many minutes, keeping the best checkpoint (train.time_limit_min)")
+    p.add_argument("--report-to", default=None, metavar="TOOL[,TOOL]",
+                   help="also report the run to mlflow, wandb and/or tensorboard, comma-separated (train.report_to; "
+                        "where each writes: their own environment variables, see dact_lib/reporting.py)")
     p.add_argument("--resume", type=int, default=None, metavar="RUN",
                    help="continue interrupted (or cancelled / failed) run RUN from its last checkpoint, appending "
                         "to its metrics; no other setting may be given")

@@ -75,6 +75,10 @@ def config_and_options(args, kind_default: str = "backbone"):
         v = getattr(args, flag, None)
         if v is not None:
             setattr(cfg.train, target, v)
+    if getattr(args, "report_to", None) is not None:
+        from .reporting import parse_report_to
+
+        cfg.train.report_to = parse_report_to(args.report_to)
     per_epoch = getattr(args, "evals_per_epoch", None)
     if per_epoch is not None:
         cfg.train.evals_per_epoch = per_epoch if per_epoch == "auto" else \
@@ -112,7 +116,12 @@ def config_and_options(args, kind_default: str = "backbone"):
         cfg.tag = tags[0] if len(tags) == 1 else tags or None
     if getattr(args, "run_name", None):
         cfg.name = args.run_name
-    return cfg.validate(), options
+    cfg.validate()
+    if cfg.train.report_to:
+        from .reporting import require_tools
+
+        require_tools(cfg.train.report_to)  # before anything starts: the pip install to run
+    return cfg, options
 
 
 def config_from_args(args, kind_default: str = "backbone"):

@@ -27,6 +27,9 @@ LAYOUTS = ("explicit", "pyramidal", "inverted", "bowtie")
 KINDS = ("backbone", "dact", "multitask")
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has native bf16, else fp32
 DEVICES = ("auto", "cpu", "cuda")
+#: the experiment trackers a run can also report to (``train.report_to``; dact_lib/reporting.py), besides the
+#: embedded tracker, which always records it
+REPORT_TOOLS = ("mlflow", "wandb", "tensorboard")
 
 
 def check(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -371,6 +374,9 @@ class TrainConfig:
     min_batch_size: int = 8
     max_batch_size: int = 64
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # also report the run to these tools (REPORT_TOOLS: params, step and eval metrics, the DACT exit front, the model
+    # folder; see dact_lib/reporting.py). The embedded tracker records every run whatever this says.
+    report_to: list[str] = field(default_factory=list)
 
     def validate(self, name: str = "train") -> None:
         check_int(f"{name}.epochs", self.epochs, 1, 1000)
@@ -406,6 +412,19 @@ class TrainConfig:
         check_int(f"{name}.min_batch_size", self.min_batch_size, 1, 4096)
         check_int(f"{name}.max_batch_size", self.max_batch_size, self.min_batch_size, 65536)
         self.early_stopping.validate(f"{name}.early_stopping")
+        check_report_to(f"{name}.report_to", self.report_to)
+
+
+def check_report_to(name: str, value: Any) -> None:
+    """``train.report_to``: a list of distinct names among :data:`REPORT_TOOLS` (whether the tools are installed is
+    checked when a run starts, ``reporting.require_tools``: a saved config stays loadable without them)."""
+    allowed = ", ".join(repr(t) for t in REPORT_TOOLS)
+    fix = (f"choose among {allowed} (a config: report_to: [mlflow, tensorboard]; the command line: --report-to "
+           "mlflow,tensorboard), or leave it empty to record the run in DACT Lab's own tracker only")
+    check(isinstance(value, list) and all(isinstance(v, str) for v in value), name, value, f"expected a list: {fix}")
+    unknown = [v for v in value if v not in REPORT_TOOLS]
+    check(not unknown, name, value, f"unknown {', '.join(repr(v) for v in unknown)}: {fix}")
+    check(len(set(value)) == len(value), name, value, f"each tool once: {fix}")
 
 
 # Per-kind training defaults (seed 003 for multi-task), applied under whatever a config file gives.

@@ -17,6 +17,7 @@ CANCELLED = "cancelled"
 HALTING_FIT = "halting_fit"  # halting units fitted per λ after a DACT training
 EXIT_REFIT = "exit_refit"  # the classifiers of layers 1..N-1 trained again on cached summaries after a DACT training
 BUILT_FROM_PIPELINE = "built_from_pipeline"
+REPORTED_TO = "reported_to"  # where a train.report_to tool (MLflow, W&B, TensorBoard) reports the run
 
 # --- jobs ---------------------------------------------------------------------------------------------------------
 JOB_SUBMITTED = "job_submitted"

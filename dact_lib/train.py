@@ -560,6 +560,65 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def open_run(cfg: RunConfig, cbs: CallbackList, *, tracker, home, run_id, parent_id, dataset_id, save: bool,
+             resumed: dict | None) -> tuple[Any, Path | None]:
+    """The run this training records into: created (or adopted, given ``run_id``) in the tracker, marked live, its
+    folder cleaned of a killed writer's temp files, the metrics logged after a resume checkpoint dropped; the
+    tracker's callback (and the ``train.report_to`` reporters) first in ``cbs``. Without a tracker, a local folder
+    under ``home`` when saving. Returns ``(run_id, run_dir)``."""
+    run_dir = None
+    if tracker is not None:
+        from .tracker import TrackerCallback, liveness
+
+        if run_id is None:
+            run_id = tracker.create_run(cfg.kind, cfg.to_dict(), name=cfg.name, tag=cfg.tag, parent_id=parent_id,
+                                        dataset_id=dataset_id, status="running")
+        else:
+            fields = {"config": cfg.to_dict()}
+            if dataset_id is not None:
+                fields["dataset_id"] = dataset_id
+            tracker.update_run(run_id, **fields)
+            tracker.set_status(run_id, "running")
+        liveness.mark_live(run_id)  # this process runs it: the dashboard must not mark it 'interrupted'
+        if save:
+            run_dir = tracker.run_dir(run_id)
+            tracker.update_run(run_id, run_dir=str(run_dir))
+            from .files import clean_stale_temp
+
+            clean_stale_temp(run_dir)  # temp files a killed writer left behind
+        if resumed is not None:
+            dropped = tracker.delete_metrics_after(run_id, resumed["step"])
+            tracker.update_run(run_id, error=None, ended=None)
+            tracker.log_event(run_id, ev.RESUMED, {"step": resumed["step"], "epoch": resumed["epoch"] + 1,
+                                                  "batch": resumed["batch"], "metrics_dropped": dropped})
+        cbs.callbacks.insert(0, TrackerCallback(tracker, run_id))
+        from .reporting import build_reporters  # train.report_to: MLflow, W&B, TensorBoard too
+        cbs.callbacks[1:1] = build_reporters(cfg, run_id, run_dir, tracker)
+    elif save and home is not None:
+        from .home import run_dir as make_run_dir
+
+        run_dir = make_run_dir(run_id or f"local-{int(time.time())}", home)
+
+    return run_id, run_dir
+
+
+def write_run_files(run_dir: Path, model, cfg: RunConfig, tracker, run_id, report: dict) -> None:
+    """A finished run's files: the backbone's encoder alone (what a DACT run starts from), ``report.json``, and
+    each file registered as an artefact of the run."""
+    from .files import atomic_write_json
+
+    if cfg.kind == "backbone":
+        model.export_encoder(run_dir / ENCODER_FILE)
+    atomic_write_json(run_dir / "report.json", report)
+    if tracker is not None:
+        for name, kind in (("model.safetensors", "model"), ("config.json", "config"), ("label_maps.json", "label_map"),
+                           ("report.json", "report"), (ENCODER_FILE, "encoder")):
+            if (run_dir / name).exists():
+                tracker.add_artifact(run_id, str(run_dir / name), kind)
+
+
+# complexity: the step loop and its closures share the run's local state (history, stopper, running sums);
+# moving that state into LoopState's typed fields is what splits it further
 def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, home=None, tracker=None,
           callbacks: list[Callback] | None = None, cancel: CancelToken | None = None, run_id: Any = None,
           parent_id: Any = None, save: bool = True, evaluate_test: bool = True, model: nn.Module | None = None,
@@ -596,37 +655,8 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         resumed = resume_state
     elif resume:
         resumed = load_resume_state(tracker, run_id)
-    if tracker is not None:
-        from .tracker import TrackerCallback, liveness
-
-        if run_id is None:
-            run_id = tracker.create_run(cfg.kind, cfg.to_dict(), name=cfg.name, tag=cfg.tag, parent_id=parent_id,
-                                        dataset_id=dataset_id, status="running")
-        else:
-            fields = {"config": cfg.to_dict()}
-            if dataset_id is not None:
-                fields["dataset_id"] = dataset_id
-            tracker.update_run(run_id, **fields)
-            tracker.set_status(run_id, "running")
-        liveness.mark_live(run_id)  # this process runs it: the dashboard must not mark it 'interrupted'
-        if save:
-            run_dir = tracker.run_dir(run_id)
-            tracker.update_run(run_id, run_dir=str(run_dir))
-            from .files import clean_stale_temp
-
-            clean_stale_temp(run_dir)  # temp files a killed writer left behind
-        if resumed is not None:
-            dropped = tracker.delete_metrics_after(run_id, resumed["step"])
-            tracker.update_run(run_id, error=None, ended=None)
-            tracker.log_event(run_id, ev.RESUMED, {"step": resumed["step"], "epoch": resumed["epoch"] + 1,
-                                                  "batch": resumed["batch"], "metrics_dropped": dropped})
-        cbs.callbacks.insert(0, TrackerCallback(tracker, run_id))
-        from .reporting import build_reporters  # train.report_to: MLflow, W&B, TensorBoard too
-        cbs.callbacks[1:1] = build_reporters(cfg, run_id, run_dir, tracker)
-    elif save and home is not None:
-        from .home import run_dir as make_run_dir
-
-        run_dir = make_run_dir(run_id or f"local-{int(time.time())}", home)
+    run_id, run_dir = open_run(cfg, cbs, tracker=tracker, home=home, run_id=run_id, parent_id=parent_id,
+                               dataset_id=dataset_id, save=save, resumed=resumed)
 
     state = LoopState(run_id=run_id, epochs=tc.epochs, batch_size=tc.batch_size)
     status, error, stop_reason = "failed", None, None
@@ -829,37 +859,10 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         elif "best_state" in state.extra:
             model.load_state_dict(state.extra["best_state"])
         cbs.on_event(state, ev.RESTORED_BEST, {"epoch": state.best_epoch, "step": state.extra.get("best_step")})
-        halting_report = exit_report = val_cache = None
-        if cfg.kind == "dact" and cfg.model.exit_refit_epochs > 0 and not cfg.model.share_weights:
-            from .exit_refit import refit_after_training
-
-            # the phases after the last step, named (the Runs page showed "step 184/184 · running" for 19 minutes)
-            cbs.on_event(state, ev.PHASE, {"phase": f"refitting the exit classifiers of layers 1–{model.num_layers - 1}"
-                                                    f" ({cfg.model.exit_refit_epochs} epochs on cached summaries)"})
-            exit_report = refit_after_training(model, cfg, enc_train, enc_val, cancel, deadline=deadline,
-                                               progress=phase_progress(cbs, state))
-        elif cfg.kind == "dact" and cfg.model.exit_refit_epochs > 0:  # said, not silent
-            exit_report = {"skipped": "share_weights: the one classifier is also the deepest one"}
-        if cfg.kind == "dact" and cfg.model.exit_temperature:
-            from .exit_refit import temperatures_after_training
-
-            temp_report, val_cache = temperatures_after_training(model, cfg, enc_val)  # + the calibrated cache
-            exit_report = {**(exit_report or {}), "temperature": temp_report}
-        if exit_report is not None:
-            cbs.on_event(state, ev.EXIT_REFIT, exit_report)
-        if cfg.kind == "dact" and cfg.model.fit_halting:
-            from .halting import fit_after_training
-
-            cbs.on_event(state, ev.PHASE, {"phase": f"fitting the halting units ({len(cfg.model.halting_lambdas)} λ, "
-                                                    "cross-fitted on the validation split)"})
-            kept: list = []
-            halting_report = fit_after_training(model, cfg, enc_val, cancel, cache=val_cache,
-                                                progress=phase_progress(cbs, state), keep=kept)
-            if run_dir is not None and kept:
-                from .halting import save_front_states
-
-                save_front_states(run_dir, kept)  # every front point usable later, without a refit
-            cbs.on_event(state, ev.HALTING_FIT, halting_report)
+        # what a kind does after its last step (DACT: refit the exits, fit the halting units), with its reports
+        hook = AFTER_TRAINING.get(cfg.kind)
+        exit_report, halting_report = hook(model, cfg, enc_train, enc_val, cancel=cancel, deadline=deadline,
+                                           cbs=cbs, state=state, run_dir=run_dir) if hook else (None, None)
         if exit_report is not None or halting_report is not None:
             # the validation metrics of the model as it is now saved (the DACT answer a_N and the exits depend on
             # the classifiers and the halting units): recorded at the last step and kept as the run's best metrics
@@ -876,20 +879,9 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
             report = full_report(res, label_maps)
             cbs.on_eval(state, test_metrics)
         if run_dir is not None:
-            if cfg.kind == "backbone":
-                model.export_encoder(run_dir / ENCODER_FILE)
-            from .files import atomic_write_json
-
-            atomic_write_json(run_dir / "report.json",
-                              {"best": best_metrics, "test": test_metrics, "report": report, "history": history,
-                               "stop_reason": stop_reason, "halting": halting_report,
-                               "exit_refit": exit_report})
-            if tracker is not None:
-                for name, kind in (("model.safetensors", "model"), ("config.json", "config"),
-                                   ("label_maps.json", "label_map"), ("report.json", "report"),
-                                   (ENCODER_FILE, "encoder")):
-                    if (run_dir / name).exists():
-                        tracker.add_artifact(run_id, str(run_dir / name), kind)
+            write_run_files(run_dir, model, cfg, tracker, run_id, {
+                "best": best_metrics, "test": test_metrics, "report": report, "history": history,
+                "stop_reason": stop_reason, "halting": halting_report, "exit_refit": exit_report})
         status = "finished"
         if run_dir is not None:
             for name in (RESUME_FILE, LEGACY_RESUME_FILE):  # a finished run needs no resume checkpoint
@@ -970,3 +962,44 @@ def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSi
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], tc.max_grad_norm)
     optimizer.step()
     return total, per_task
+
+
+def dact_after_training(model, cfg: RunConfig, enc_train, enc_val, *, cancel, deadline, cbs, state, run_dir
+                        ) -> tuple[dict | None, dict | None]:
+    """Kind 'dact' after its last step, on the restored best weights: the exit classifiers refitted on cached
+    layer summaries, the optional temperatures, then the halting units fitted on the validation split (every front
+    point's weights kept in the run folder). Each phase is named with its own progress. Returns
+    ``(exit_refit report, halting report)`` (None for a phase that did not run)."""
+    halting_report = exit_report = val_cache = None
+    if cfg.model.exit_refit_epochs > 0 and not cfg.model.share_weights:
+        from .exit_refit import refit_after_training
+
+        cbs.on_event(state, ev.PHASE, {"phase": f"refitting the exit classifiers of layers 1–{model.num_layers - 1}"
+                                                f" ({cfg.model.exit_refit_epochs} epochs on cached summaries)"})
+        exit_report = refit_after_training(model, cfg, enc_train, enc_val, cancel, deadline=deadline,
+                                           progress=phase_progress(cbs, state))
+    elif cfg.model.exit_refit_epochs > 0:  # said, not silent
+        exit_report = {"skipped": "share_weights: the one classifier is also the deepest one"}
+    if cfg.model.exit_temperature:
+        from .exit_refit import temperatures_after_training
+
+        temp_report, val_cache = temperatures_after_training(model, cfg, enc_val)  # + the calibrated cache
+        exit_report = {**(exit_report or {}), "temperature": temp_report}
+    if exit_report is not None:
+        cbs.on_event(state, ev.EXIT_REFIT, exit_report)
+    if cfg.model.fit_halting:
+        from .halting import fit_after_training, save_front_states
+
+        cbs.on_event(state, ev.PHASE, {"phase": f"fitting the halting units ({len(cfg.model.halting_lambdas)} λ, "
+                                                "cross-fitted on the validation split)"})
+        kept: list = []
+        halting_report = fit_after_training(model, cfg, enc_val, cancel, cache=val_cache,
+                                            progress=phase_progress(cbs, state), keep=kept)
+        if run_dir is not None and kept:
+            save_front_states(run_dir, kept)  # every front point usable later, without a refit
+        cbs.on_event(state, ev.HALTING_FIT, halting_report)
+    return exit_report, halting_report
+
+
+#: per kind, what runs after the last step on the restored best weights (the generic loop knows no kind's steps)
+AFTER_TRAINING = {"dact": dact_after_training}

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from dact_lib.config import DEFAULT_ENCODER, TINY_ENCODER, RunConfig, default_config, parse_mapping, split_config_document
+from dact_lib.config import DEFAULT_ENCODER, REPORT_TOOLS, TINY_ENCODER, RunConfig, default_config, parse_mapping, split_config_document
 from dact_lib.errors import ConfigError, DactLabError
 
 from ui.fields import Field, make_field, settings_fields  # noqa: F401 - Field re-exported
@@ -231,6 +231,11 @@ def run_fields(kind: str) -> list[Field]:
               help="Seeds the heads' initialisation, dropout and the batch order."),
         make_field("train.time_limit_min", "Time limit in minutes (0 = none)", "optfloat",
               help="Stop after this long, keep the best checkpoint (PBT: every member; multi-task: the run)."),
+        make_field("train.report_to", "Also report to", "multiselect", REPORT_TOOLS,
+              help="Besides DACT Lab's own tracker: params, curves, the exit front and the model, to MLflow "
+                   "($MLFLOW_TRACKING_URI), Weights & Biases ($WANDB_MODE, $WANDB_DIR) or TensorBoard (the run "
+                   "folder's tensorboard/), installed in the app's Python (pip install mlflow-skinny / wandb / "
+                   "tensorboard)."),
         make_field("train.evals_per_epoch", "Validations per epoch", "select", ("auto", 1, 2, 3, 4, 5, 10),
               help="How often the validation split is scored within an epoch (curves, best checkpoint, early "
                    "stopping). 'auto': once per epoch, plus one per 500 training steps on long epochs."),
