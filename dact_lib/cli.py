@@ -8,6 +8,7 @@ multitask, studies; + deployment, ``deploy/cli.py``: predict, export, serve). Ev
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -20,6 +21,20 @@ from .errors import DactLabError
 
 COMMANDS: dict[str, Callable] = {}
 
+#: exit statuses of every command (the --help epilog and the README list them)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 3, 130, 141
+EXIT_STATUS_HELP = f"""exit status:
+  {EXIT_OK:<4} done
+  {EXIT_FAILED:<4} the command failed: a run failed or an unexpected error (its traceback is printed)
+  {EXIT_USAGE:<4} usage error: an unknown command or flag, a flag value of the wrong type
+  {EXIT_REFUSED:<4} refused input: data, a config, a run id, flags that do not go together (the message
+       names the problem and the fix)
+  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C); an interrupted run can be resumed (train --resume RUN)
+  {EXIT_PIPE:<4} the reader of the output went away (e.g. `dact-lab runs --json | head`), quietly"""
+
+#: the kinds of run a home holds: trainings, engine parents, PBT members
+RUN_KINDS = ("backbone", "dact", "multitask", "tune-backbone", "dact-pipeline", "pbt", "pbt-member")
+
 def command(name: str):
     def deco(fn):
         COMMANDS[name] = fn
@@ -30,7 +45,10 @@ def command(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     prog = "dact-lab" if os.path.basename(sys.argv[0]) == "dact-lab" else "python -m dact_lib"
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dact-lab {_version()}",
+                        help="print the installed dact-lab version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one model (backbone, dact or multitask)")
@@ -86,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, tag=False)
 
     p = sub.add_parser("runs", help="the run table")
-    p.add_argument("--kind", default=None)
+    p.add_argument("--kind", default=None, metavar="KIND[,KIND]",
+                   help=f"only the runs of these kinds ({', '.join(RUN_KINDS)})")
     p.add_argument("--tag", action="append", default=None, metavar="TAG[,TAG]",
                    help="only the runs with this tag (repeat it or separate with commas: runs with every one)")
     p.add_argument("--json", action="store_true")
@@ -115,6 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     deploy_cli.add_commands(sub, _common, _data_args, command)  # predict, export, serve
     return parser
+
+
+def _version() -> str:
+    import dact_lib
+
+    return dact_lib.__version__
+
+
+def _run_kinds(tracker, given: str) -> list[str]:
+    """``runs --kind a,b`` as a list; an unknown kind is refused with the kinds there are."""
+    kinds = [k.strip() for k in given.split(",") if k.strip()]
+    present = sorted({r["kind"] for r in tracker.list_runs()})
+    unknown = [k for k in kinds if k not in RUN_KINDS and k not in present]
+    if unknown or not kinds:
+        here = f"; this home has runs of kind {', '.join(present)}" if present else "; this home has no runs yet"
+        what = f"unknown kind {', '.join(map(repr, unknown))}" if unknown else "no kind given"
+        raise DactLabError(f"--kind {given!r}: {what}. The kinds of run are {', '.join(RUN_KINDS)}{here}: give one "
+                           "or several, comma-separated.")
+    return kinds
 
 
 def _setup(args) -> None:
@@ -227,12 +265,19 @@ def cmd_evaluate(args) -> int:
 def cmd_runs(args) -> int:
     from .tracker import Tracker, run_scores
 
+    if args.kind is not None:
+        args.kind = _run_kinds(Tracker(args.home), args.kind)
     runs = Tracker(args.home).list_runs(kind=args.kind, tag=args.tag)
     if args.json:
         print(json.dumps(runs, indent=2, default=str))
         return 0
     if not runs:
-        print("no runs yet: try `python -m dact_lib train --kind dact --epochs 1`")
+        every = Tracker(args.home).list_runs() if args.kind or getattr(args, "tag", None) else []
+        if every:  # "no runs yet" only for a home without runs
+            print(f"no runs match; this home's {len(every)} run(s) are of kind "
+                  f"{', '.join(sorted({r['kind'] for r in every}))}")
+        else:
+            print("no runs yet: try `python -m dact_lib train --kind dact --epochs 1`")
         return 0
     import datetime as dt
 
@@ -311,7 +356,48 @@ def cmd_report(args) -> int:
     return 0
 
 
+#: library hints that name a Python call, and what a CLI user does instead (the library's Python callers keep
+#: theirs; the CLI shows these)
+CLI_FIXES = (
+    ("list the existing ones with list_runs()", "list them with `python -m dact_lib runs`"),
+    ("list the stored ones with list_datasets()", "the dashboard's Data page lists them (store a file there, or give "
+                                                  "--data FILE)"),
+    ("(or list_datasets())", "(or give --data FILE)"),
+)
+
+
+def cli_message(exc: BaseException) -> str:
+    """An error's message as a CLI user needs it: a column that is not found points at ``--columns`` (the
+    library's fix is a ``columns=`` argument), a hint naming a Python call names the command instead."""
+    from .data import ColumnError
+
+    if isinstance(exc, ColumnError):
+        text = (f"{exc.problem} Rename the column, or say which column is which with --columns, e.g. "
+                "--columns text=review,label=stars (two tasks: sentence=…,class_label=…,sentiment_label=…).")
+    else:
+        text = str(exc)
+    for python_hint, cli_hint in CLI_FIXES:
+        text = text.replace(python_hint, cli_hint)
+    return term(text, keep_newlines=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit status (:data:`EXIT_STATUS_HELP`). A closed standard output (``| head``)
+    ends the command quietly, as the Python docs recommend for SIGPIPE: the rest of the output goes to devnull."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (captured): nothing to flush
+            pass
+        return EXIT_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup(args)
@@ -319,8 +405,16 @@ def main(argv: list[str] | None = None) -> int:
         _setup_db(args)
         return COMMANDS[args.command](args)
     except DactLabError as exc:
-        print(f"error: {term(exc, keep_newlines=True)}", file=sys.stderr)
-        return 2
+        print(f"error: {cli_message(exc)}", file=sys.stderr)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failed run: its traceback, then one line that says so
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: the command failed: {type(exc).__name__}: {term(exc)}", file=sys.stderr)
+        return EXIT_FAILED

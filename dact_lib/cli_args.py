@@ -43,9 +43,25 @@ def common_args(p: argparse.ArgumentParser, device: bool = True, tag: bool = Tru
 def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="data file: .csv, .tsv, .jsonl, .json (a list of records) or "
                    ".parquet (default: the bundled demo dataset)")
+    p.add_argument("--columns", default=None, metavar="KEY=COLUMN[,KEY=COLUMN]",
+                   help="which column of the file is which when they have other names: text=review,label=stars, or "
+                        "sentence=…,class_label=…,sentiment_label=… (data.columns)")
     p.add_argument("--max-rows", type=int, default=None, help="use a stratified sample of this many rows")
     p.add_argument("--encoder", default=None, help="HF model name or local path (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--config", default=None, help="a RunConfig as JSON or YAML; flags override it")
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """``--columns text=review,label=stars`` → ``{"text": "review", "label": "stars"}`` (read_csv checks the keys
+    and the columns against the file)."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        key, sep, col = part.partition("=")
+        if not part or not sep or not key.strip() or not col.strip():
+            raise DactLabError(f"--columns {text!r}: give KEY=COLUMN pairs separated by commas, e.g. "
+                               "--columns text=review,label=stars.")
+        out[key.strip()] = col.strip()
+    return out
 
 
 def config_and_options(args, kind_default: str = "backbone"):
@@ -110,7 +126,7 @@ def config_and_options(args, kind_default: str = "backbone"):
     if getattr(args, "device", None):  # only when given: a config file's device is kept otherwise
         cfg.train.device = args.device
     if getattr(args, "tag", None):
-        from .config import tag_list
+        from .tags import tag_list
 
         tags = tag_list(args.tag)  # --tag a --tag b,c: three tags; one stays a string, as before
         cfg.tag = tags[0] if len(tags) == 1 else tags or None

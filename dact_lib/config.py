@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .tags import MAX_TAGS
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # the bundled checkpoint (see encoders.py)
 TINY_ENCODER = "tiny"  # a tiny randomly initialised BERT with the bundled tokenizer, for tests
@@ -461,8 +462,8 @@ class RunConfig:
     model: Any = None  # BackboneModelConfig | DactModelConfig | MultiTaskModelConfig, chosen by kind
     train: TrainConfig = None  # type: ignore[assignment] - None: the kind's training defaults (train_defaults)
     name: str | None = None
-    # one tag (text) or several (a list; "a, b" is two tags too): see tag_list. The run row's ``tag`` column holds
-    # them joined (tag_text), so a run of an older DACT Lab (one string) reads the same way.
+    # one tag (text) or several (a list; "a, b" is two tags too): see tags.tag_list. The run row's ``tag`` column
+    # holds them joined (tags.tag_text), so a run of an older DACT Lab (one string) reads the same way.
     tag: str | list[str] | None = None
     init_from_run: int | None = None
 
@@ -680,28 +681,6 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
 #: bounds on free-form strings of a config (a name or tag is a label, not a document)
 MAX_TEXT_FIELD = 200
 MAX_LIST_ITEMS = 64
-MAX_TAGS = 20
-
-
-def tag_list(value: Any) -> list[str]:
-    """A run's tags as a list, from a config's ``tag`` or a run row's ``tag`` column: None, one string (a run of an
-    older DACT Lab: one tag; ``"a, b"``: two) or a list of strings (``--tag a --tag b,c``), split on commas,
-    stripped, empty and repeated tags dropped, in their order."""
-    if value is None:
-        return []
-    out: list[str] = []
-    for item in [value] if isinstance(value, str) else list(value):
-        for t in str(item).split(","):
-            t = t.strip()
-            if t and t not in out:
-                out.append(t)
-    return out
-
-
-def tag_text(value: Any) -> str | None:
-    """How a run row's ``tag`` column stores the tags: joined with ``", "`` (one tag: the tag itself, as older runs
-    stored it), None without any."""
-    return ", ".join(tag_list(value)) or None
 
 
 def _type_name(hint: Any) -> str:

@@ -63,7 +63,7 @@ def test_train_predict_runs_evaluate_report(home, capsys, tmp_path):
     # self-contained: plotly.js is inlined, nothing is loaded from a CDN
     assert len(page) > 1_000_000 and not re.search(r"<script[^>]+src=[\"']https?://", page)
     code, _, err = run_cli(capsys, "report", "--run", "abc", "--out", html, "--home", home)
-    assert code == 2 and "not a run id" in err
+    assert code == 3 and "not a run id" in err
 
 
 def test_dact_predict_reports_exit_layer(home, capsys):
@@ -143,17 +143,17 @@ def test_multitask_flags(home, capsys):
 def test_errors_exit_2_with_a_clear_message(home, capsys, tmp_path):
     missing = tmp_path / "nope.csv"
     code, out, err = run_cli(capsys, "train", *TINY, "--data", missing, "--home", home)
-    assert code == 2 and err.startswith("error: ") and "nope.csv" in err
+    assert code == 3 and err.startswith("error: ") and "nope.csv" in err
     code, out, err = run_cli(capsys, "tune-backbone", *TINY, "--data", missing, "--trials", 1, "--home", home)
-    assert code == 2 and "nope.csv" in err
+    assert code == 3 and "nope.csv" in err
     single = tmp_path / "single.csv"
     single.write_text("text,label\n" + "\n".join(f"row {i},{'ab'[i % 2]}" for i in range(40)) + "\n")
     code, out, err = run_cli(capsys, "multitask", *TINY, "--data", single, "--home", home)
-    assert code == 2 and "two-task CSV" in err
+    assert code == 3 and "two-task CSV" in err
     code, out, err = run_cli(capsys, "multitask", *TINY, "--task-weights", "class_label", "--home", home)
-    assert code == 2 and "task=weight" in err
+    assert code == 3 and "task=weight" in err
     code, out, err = run_cli(capsys, "train", *TINY, "--layer-loss-weight", 1, "--home", home)
-    assert code == 2 and "--layer-loss-weight only applies to --kind dact" in err
+    assert code == 3 and "--layer-loss-weight only applies to --kind dact" in err
     assert Tracker(home).list_runs() == []
 
 
@@ -199,7 +199,7 @@ def test_pbt_command_for_real(home, capsys):
     assert best in {m["id"] for m in members} and {m["status"] for m in members} == {"finished"}
     assert re.search(r"best member \d: val_accuracy [0-9.]+\n", err)
     code, out, err = run_cli(capsys, "pbt", *TINY, "--population", 1, "--home", home)
-    assert code == 2 and "pbt.population = 1" in err
+    assert code == 3 and "pbt.population = 1" in err
 
 
 def write_download(tmp_path, doc: dict, suffix: str) -> str:
@@ -300,7 +300,7 @@ def test_dact_early_exit_flags_and_predict_policy(home, capsys):
     code, out, _ = run_cli(capsys, "predict", "--run", run, "--json", "--policy", "fixed:1", "--home", home, "ok")
     assert code == 0 and json.loads(out.strip())["exit_layer"] == 1  # fixed depth 1: exactly layer 1
     code, out, err = run_cli(capsys, "predict", "--run", run, "--policy", "entropy:x", "--home", home, "ok")
-    assert code == 2 and "entropy:0.35" in err
+    assert code == 3 and "entropy:0.35" in err
     code, out, _ = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--no-fit-halting",
                            "--home", home)
     assert Tracker(home).get_run(last_run_id(out))["config"]["model"]["fit_halting"] is False
@@ -311,11 +311,11 @@ def test_dact_early_exit_flags_and_predict_policy(home, capsys):
     assert len(rep["exit_refit"]["temperature"]["temperatures"]) == 2  # calibrated, then the halting fit
     code, _, err = run_cli(capsys, "train", "--kind", "dact", *TINY, "--epochs", 1, "--exit-temperature",
                            "--no-fit-halting", "--home", home)
-    assert code == 2 and "turn model.fit_halting on" in err  # units trained on uncalibrated exits: refused
+    assert code == 3 and "turn model.fit_halting on" in err  # units trained on uncalibrated exits: refused
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", 1, "--halting-input", "both", "--home", home)
-    assert code == 2 and "only applies to --kind dact" in err
+    assert code == 3 and "only applies to --kind dact" in err
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", 1, "--exit-temperature", "--home", home)
-    assert code == 2 and "--exit-temperature only applies to --kind dact" in err
+    assert code == 3 and "--exit-temperature only applies to --kind dact" in err
 
 
 def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
@@ -348,7 +348,7 @@ def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
     code, out, err = run_cli(capsys, "predict", "--run", final, "--home", home, "--json", "sunny rain today")
     assert code == 0 and "exit_layer" in out
     code, out, err = run_cli(capsys, "dact-pipeline", "--home", home, "--name", "cli-pipe", "--choose", 999)
-    assert code == 2 and "not on the Pareto front" in err
+    assert code == 3 and "not on the Pareto front" in err
 
     # export --point K: the point's halting units baked in and named in the export; the run's choice unchanged
     point = other if other is not None else chosen
@@ -367,7 +367,7 @@ def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
     assert all(torch.equal(got[f"halters.{k}"], v) for k, v in want.items())
     code, out, err = run_cli(capsys, "export", "--run", final, "--point", point, "--out", tmp_path / "pt2",
                              "--home", home)
-    assert code == 2 and "DACT pipeline" in err and not (tmp_path / "pt2").exists()
+    assert code == 3 and "DACT pipeline" in err and not (tmp_path / "pt2").exists()
 
     # labels that do not depend on the text: the guard stops the pipeline and says what to change
     rows = data.read_text().splitlines()
@@ -376,7 +376,7 @@ def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
     noise = tmp_path / "noise.csv"
     noise.write_text("\n".join([rows[0]] + [r.rsplit(",", 1)[0] + "," + lab for r, lab in zip(rows[1:], labels)]))
     code, out, err = run_cli(capsys, "dact-pipeline", *[a if a != data else noise for a in small[:-1]], "noise")
-    assert code == 2 and "not clearly better than always answering the largest class" in err
+    assert code == 3 and "not clearly better than always answering the largest class" in err
     assert "What to change" in err
 
 
@@ -431,8 +431,142 @@ def test_out_of_range_config_values_are_refused_with_the_range(home, capsys, tmp
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"kind": "backbone", "encoder": "tiny", **cfg}))
     code, out, err = run_cli(capsys, "train", "--config", path, "--home", home, "--device", "cpu")
-    assert code == 2 and f"{field} = " in err and "expected an integer >= " in err and "<= " in err
+    assert code == 3 and f"{field} = " in err and "expected an integer >= " in err and "<= " in err
     assert "Traceback" not in err and Tracker(home).list_runs() == []
+
+
+# --------------------------------------------------------------------------- issue 26, item 6: CLI habits
+def _pyproject_version() -> str:
+    import tomllib
+    from pathlib import Path
+
+    return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_version_comes_from_the_distribution_and_falls_back_to_pyproject(capsys, monkeypatch):
+    from importlib import metadata
+
+    import dact_lib
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"dact-lab {metadata.version('dact-lab')}\n"
+    assert dact_lib.__version__ == metadata.version("dact-lab") == _pyproject_version()  # one version everywhere
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    assert dact_lib._version() == _pyproject_version()
+
+
+def test_help_and_readme_list_the_exit_statuses(capsys):
+    from pathlib import Path
+
+    from dact_lib import cli
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(cli.EXIT_STATUS_HELP)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Exit status", 1)[1].split("\n\n", 3)[2]
+    rows = {int(line.split("|")[1].strip(" `")) for line in table.splitlines() if line.startswith("| `")}
+    assert rows == {cli.EXIT_OK, cli.EXIT_FAILED, cli.EXIT_USAGE, cli.EXIT_REFUSED, cli.EXIT_INTERRUPTED,
+                    cli.EXIT_PIPE} == {0, 1, 2, 3, 130, 141}
+
+
+def test_exit_statuses(home, capsys, monkeypatch):
+    from dact_lib import cli
+    from dact_lib.errors import DataError
+
+    with pytest.raises(SystemExit) as exc:  # usage: argparse's 2
+        main(["runs", "--no-such-flag"])
+    assert exc.value.code == 2
+    capsys.readouterr()
+    assert main(["train", "--data", "nope.csv", "--home", str(home)]) == 3  # refused input
+    assert capsys.readouterr().err == "error: File 'nope.csv' does not exist: check the path.\n"
+
+    def boom(args):
+        raise RuntimeError("the loss went NaN")
+
+    def refuse(args):
+        raise DataError("bad file: fix it.")
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    for fn, code in ((boom, 1), (refuse, 3), (ctrl_c, 130)):
+        monkeypatch.setitem(cli.COMMANDS, "db", fn)
+        assert main(["db", "--home", str(home)]) == code
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err  # a failed run shows where
+    assert "error: the command failed: RuntimeError: the loss went NaN\n" in err
+    assert "error: bad file: fix it.\n" in err and err.endswith("interrupted\n")
+
+
+def test_a_closed_pipe_ends_quietly(home):
+    """``dact-lab runs --json | head -c 800``: the reader goes away after 800 bytes; no traceback, no "Exception
+    ignored" at exit, status 141."""
+    import os
+    import subprocess
+    import sys
+
+    tr = Tracker(home)
+    for i in range(300):  # ~ 300 kB of JSON: far more than a pipe holds
+        tr.create_run("backbone", {"padding": "x" * 800, "i": i}, name=f"run {i}", status="finished")
+    env = {**os.environ, "DACT_LAB_HOME": str(home)}
+    proc = subprocess.run(f"'{sys.executable}' -m dact_lib runs --json | head -c 800; echo \" ${{PIPESTATUS[0]}}\"",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stderr == ""
+    assert len(proc.stdout) == 800 + len(" 141\n") and proc.stdout.endswith(" 141\n")
+    assert proc.stdout.startswith("[\n  {")
+
+
+def test_runs_kind_names_the_kinds_and_no_runs_yet_only_for_an_empty_home(home, capsys):
+    code, out, _ = run_cli(capsys, "runs", "--home", home)
+    assert code == 0 and out.startswith("no runs yet")
+    code, _, err = run_cli(capsys, "runs", "--kind", "foo", "--home", home)
+    assert code == 3 and err == ("error: --kind 'foo': unknown kind 'foo'. The kinds of run are backbone, dact, "
+                                 "multitask, tune-backbone, dact-pipeline, pbt, pbt-member; this home has no runs "
+                                 "yet: give one or several, comma-separated.\n")
+    tr = Tracker(home)
+    a = tr.create_run("backbone", {}, name="a", status="finished")
+    b = tr.create_run("dact", {}, name="b", status="finished")
+    code, out, _ = run_cli(capsys, "runs", "--kind", "pbt", "--home", home)
+    assert code == 0 and out == "no runs match; this home's 2 run(s) are of kind backbone, dact\n"
+    code, out, _ = run_cli(capsys, "runs", "--kind", "pbt", "--json", "--home", home)
+    assert code == 0 and json.loads(out) == []
+    code, out, _ = run_cli(capsys, "runs", "--kind", "dact,backbone", "--json", "--home", home)
+    assert code == 0 and sorted(r["id"] for r in json.loads(out)) == [a, b]
+    code, _, err = run_cli(capsys, "runs", "--kind", "dact,bakbone", "--home", home)
+    assert code == 3 and "unknown kind 'bakbone'" in err and "this home has runs of kind backbone, dact:" in err
+
+
+def test_no_error_tells_a_cli_user_to_call_python(home, capsys, tmp_path):
+    """Errors the library words for Python callers (list_runs(), list_datasets(), columns={...}) name the command
+    or flag instead; --columns maps a file's columns."""
+    calls = re.compile(r"\b[a-z_]+\(\)|columns=\{")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kind: backbone\nencoder: tiny\ndata:\n  dataset_id: 99\n")
+    odd = tmp_path / "odd.csv"
+    odd.write_text("review,stars\n" + "".join(f"a fine review {i},{'ab'[i % 2]}\n" for i in range(60)))
+    cases = {("report", "--run", "99", "--out", tmp_path / "r.html"): "list them with `python -m dact_lib runs`",
+             ("train", "--resume", "99"): "list them with `python -m dact_lib runs`",
+             ("train", "--config", cfg): "the dashboard's Data page lists them",
+             ("train", "--data", odd, "--encoder", "tiny"): "with --columns, e.g. --columns text=review,label=stars"}
+    for argv, fix in cases.items():
+        code, _, err = run_cli(capsys, *argv, "--home", home)
+        assert code == 3 and fix in err and not calls.search(err), (argv, err)
+    code, _, err = run_cli(capsys, "train", "--data", odd, "--columns", "text=review", "--home", home)
+    assert code == 3 and "No label column found" in err
+    code, _, err = run_cli(capsys, "train", "--data", odd, "--columns", "text", "--home", home)
+    assert code == 3 and "--columns 'text': give KEY=COLUMN pairs" in err
+    code, out, _ = run_cli(capsys, "train", *TINY, "--data", odd, "--columns", "text=review,label=stars",
+                           "--epochs", 1, "--home", home, "--verbosity", 0)
+    assert code == 0 and Tracker(home).get_run(last_run_id(out))["config"]["data"]["columns"] == {
+        "text": "review", "label": "stars"}
 
 
 def test_tag_is_repeatable_and_runs_lists_the_runs_with_a_tag(home, capsys):

@@ -28,7 +28,7 @@ def test_cli_dact_on_sst2_with_bundled_encoder(home, shared_data, capsys):
     assert run["config"]["encoder"] == "all-MiniLM-L6-v2"
     metrics = tracker.get_metrics(run_id)
     assert {"train_loss", "val_accuracy", "val_avg_exit_layer"} <= set(metrics["name"])
-    assert main(["predict", "--run", str(run_id), "--json", "--home", str(home), "--verbosity", "0",
+    assert main(["predict", "--run", str(run_id), "--json", "--trace", "--home", str(home), "--verbosity", "0",
                  "a gorgeous, witty, moving film"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(res) == {"label", "probability", "probabilities", "exit_layer", "layers"}

@@ -241,7 +241,7 @@ def test_predict_a_file_from_the_cli(dact, tmp_path, capsys):
     bad = write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": ""}\n')
     code, _, err = run_cli(capsys, "predict", "--run", run, "--home", home, "--input", bad, "--output",
                            tmp_path / "never.csv")
-    assert code == 2 and "line 2" in err and not (tmp_path / "never.csv").exists()
+    assert code == 3 and "line 2" in err and not (tmp_path / "never.csv").exists()
     for argv, msg in (
         (["--input", inp], "--input needs --output"),
         (["--output", out, "hello"], "give --input too"),
@@ -251,4 +251,4 @@ def test_predict_a_file_from_the_cli(dact, tmp_path, capsys):
         (["--input", inp, "--output", tmp_path / "p.parquet"], "name the output file .csv or .jsonl"),
     ):
         code, _, err = run_cli(capsys, "predict", "--run", run, "--home", home, *argv)
-        assert code == 2 and msg in err, (argv, err)
+        assert code == 3 and msg in err, (argv, err)

@@ -233,22 +233,36 @@ def test_an_hf_export_folder_runs_on_torch_with_its_policy(tmp_path):
 # --------------------------------------------------------------------------------------------- the CLI
 
 
-def test_predict_json_has_the_per_layer_trace(capsys):
-    """Issue "predict --json drops the per-layer trace": a DACT answer carries its layers."""
+def test_predict_json_trace_has_the_per_layer_trace(capsys):
+    """Issue "predict --json drops the per-layer trace"; issue 26: ``--trace`` asks for it (the answer alone takes
+    the untraced fast path), in JSON and on the terminal; a model without layers to trace refuses it."""
     home, run = tiny_run("dact")
-    code = main(["predict", "--run", str(run), "--home", str(home), "--json", "sunny rain", "pasta"])
+    code = main(["predict", "--run", str(run), "--home", str(home), "--json", "--trace", "sunny rain", "pasta"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 0 and len(rows) == 2
     for row in rows:
-        assert {"label", "probability", "probabilities", "exit_layer", "layers"} <= set(row)
+        assert set(row) == {"label", "probability", "probabilities", "exit_layer", "layers"}
         assert [lay["layer"] for lay in row["layers"]] == list(range(1, row["exit_layer"] + 1))
-        assert {"y", "h", "p", "label"} <= set(row["layers"][0])
+        assert set(row["layers"][0]) == {"layer", "y", "h", "p", "label"}
+        assert abs(sum(row["layers"][0]["y"].values()) - 1) < 1e-5 and 0 <= row["layers"][0]["h"] <= 1
+    code = main(["predict", "--run", str(run), "--home", str(home), "--json", "sunny rain", "pasta"])
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and plain == [{k: v for k, v in r.items() if k != "layers"} for r in rows]
+    code = main(["predict", "--run", str(run), "--home", str(home), "--trace", "sunny rain"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and out[0].endswith("<- sunny rain")
+    assert [line.split(":")[0].strip() for line in out[1:]] == [f"layer {n}" for n in range(1, rows[0]["exit_layer"] + 1)]
+    assert f"h={rows[0]['layers'][0]['h']:.3f}" in out[1]
+    home_b, run_b = tiny_run("backbone")
+    code = main(["predict", "--run", str(run_b), "--home", str(home_b), "--json", "--trace", "x"])
+    assert code == 3 and "--trace shows a DACT model's layers up to its exit; this is a backbone model" in \
+        capsys.readouterr().err
     code = main(["predict", "--model", str(home / "runs" / str(run)), "--policy", "fixed:1", "sunny rain"])
     out = capsys.readouterr().out
     assert code == 0 and "exit layer 1/2" in out and out.rstrip().endswith("<- sunny rain")
     code = main(["predict", "--run", str(run), "--home", str(home), "--policy", "dact", "--latency-budget-ms", "5",
                  "x"])
-    assert code == 2 and "give one of them" in capsys.readouterr().err
+    assert code == 3 and "give one of them" in capsys.readouterr().err
 
 
 def test_the_latency_budget_picks_the_policy(monkeypatch, capsys):
@@ -269,7 +283,7 @@ def test_the_latency_budget_picks_the_policy(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert code == 0 and json.loads(out)["exit_layer"] == 1 and "fixed:1: accuracy 0.8" in err
     code = main(["predict", "--run", str(run), "--home", str(home), "--latency-budget-ms", "0.5", "rain"])
-    assert code == 2 and "the fastest takes 2.0 ms" in capsys.readouterr().err
+    assert code == 3 and "the fastest takes 2.0 ms" in capsys.readouterr().err
     assert calls == [(str(run), 3.0, "torch", False), (str(run), 0.5, "torch", False)]
 
 

@@ -74,10 +74,10 @@ def test_a_damaged_run_folder_is_a_clear_error(trained, tmp_path, name, damage, 
         load_model(run)
 
 
-def test_damaged_run_in_the_cli_exits_2_without_traceback(trained, tmp_path, capsys):
+def test_damaged_run_in_the_cli_exits_3_without_traceback(trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path)
     (run / "config.json").write_text("")
-    assert main(["predict", "--run", str(run), "hello"]) == 2
+    assert main(["predict", "--run", str(run), "hello"]) == 3
     err = capsys.readouterr().err
     assert "config.json is empty" in err and "Traceback" not in err
 
@@ -246,10 +246,10 @@ def test_every_field_is_type_checked(path, value, match):
         RunConfig.from_dict(d)
 
 
-def test_bad_tag_in_the_cli_is_exit_2_not_a_traceback(home, tmp_path, capsys):
+def test_bad_tag_in_the_cli_is_exit_3_not_a_traceback(home, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("kind: backbone\nencoder: tiny\ntag: [a, b]\n")
-    assert main(["train", "--config", str(cfg), "--home", str(home)]) == 2
+    assert main(["train", "--config", str(cfg), "--home", str(home)]) == 3
     err = capsys.readouterr().err
     assert "tag = ['a', 'b'] is invalid" in err and "Traceback" not in err
     assert Tracker(home).list_runs() == []
@@ -642,7 +642,7 @@ def test_a_planted_resume_checkpoint_runs_nothing_and_is_refused_by_name(home, t
     marker = tmp_path / "marker"
     path = run_dir / name
     plant(path, marker, how)
-    assert main(["train", "--resume", str(rid), "--home", str(home)]) == 2
+    assert main(["train", "--resume", str(rid), "--home", str(home)]) == 3
     err = capsys.readouterr().err
     assert str(path) in err and "nothing in it was run" in err and "Traceback" not in err, err
     assert "delete" in err.lower()

@@ -321,5 +321,5 @@ def test_cli_db_command_on_postgresql(home, pg_url, capsys):
 
     info = json.loads(capsys.readouterr().out)
     assert info["dialect"] == "postgresql" and info["tables"]["runs"] == 0
-    assert main(["db", "--home", str(home), "--db", "mysql://x/y"]) == 2
+    assert main(["db", "--home", str(home), "--db", "mysql://x/y"]) == 3
     assert "postgresql://user@host" in capsys.readouterr().err

@@ -221,9 +221,9 @@ def test_a_busy_port_is_a_clear_error_before_the_model_loads(capsys):
         port = taken.getsockname()[1]
         code = main(["serve", "--run", "999", "--port", str(port), "--home", "/nonexistent-home"])
     err = capsys.readouterr().err
-    assert code == 2 and f"Cannot listen on 127.0.0.1:{port}" in err and "pick another with --port" in err
+    assert code == 3 and f"Cannot listen on 127.0.0.1:{port}" in err and "pick another with --port" in err
     code = main(["serve", "--run", "1", "--max-texts", "0"])
-    assert code == 2 and "--max-texts 0" in capsys.readouterr().err
+    assert code == 3 and "--max-texts 0" in capsys.readouterr().err
 
 
 def test_a_service_started_by_a_process_stops_when_that_process_dies(tmp_path):

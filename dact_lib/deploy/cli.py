@@ -44,7 +44,11 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     p = sub.add_parser("predict", help="predict sentences, or a file of texts, with a saved run or an exported model")
     _model_args(p)
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object per sentence (with the per-layer trace of a DACT model: layers)")
+                   help="print one JSON object per sentence: label, probability, probabilities (a DACT model: "
+                        "exit_layer; multi-task: tasks)")
+    p.add_argument("--trace", action="store_true",
+                   help="a DACT model: also every layer up to the exit: its answer y_n, halting probability h_n and "
+                        "p_n (with --json: layers)")
     p.add_argument("--input", default=None, metavar="FILE",
                    help="predict every text of FILE (.csv/.tsv with a text column, .jsonl, .txt one per line)")
     p.add_argument("--output", default=None, metavar="FILE",
@@ -160,6 +164,9 @@ def cmd_predict(args) -> int:
         if args.json:
             raise DactLabError("--json prints sentences' predictions; with --input the output format follows "
                                "--output's extension (.csv or .jsonl): drop --json.")
+        if args.trace:
+            raise DactLabError("--trace shows the layers of the sentences given on the command line; with --input "
+                               "drop --trace (or give the sentences themselves).")
     elif not args.text:
         raise DactLabError("Nothing to predict: give one or more sentences, or --input FILE --output FILE.")
     if args.batch_size < 1:
@@ -172,8 +179,14 @@ def cmd_predict(args) -> int:
     predictor = _load(args)
     if args.input is not None:
         return _predict_file(args, predictor)
+    if args.trace and predictor.kind != "dact":
+        raise DactLabError(f"--trace shows a DACT model's layers up to its exit; this is a {predictor.kind} model "
+                           "(it answers after its last layer): drop --trace.")
+    if args.trace and not predictor.runtime.startswith("pytorch"):
+        raise DactLabError("--trace comes from the PyTorch model (the ONNX runtime keeps no per-layer trace): drop "
+                           "--runtime onnx / --int8, or --trace.")
     texts = list(args.text)
-    for text, res in zip(texts, predictor.predict(texts, trace=True, batch_size=args.batch_size)):
+    for text, res in zip(texts, predictor.predict(texts, trace=args.trace, batch_size=args.batch_size)):
         if args.json:
             keep = {k: res[k] for k in ("label", "probability", "probabilities", "exit_layer", "tasks", "layers")
                     if k in res}
@@ -185,6 +198,9 @@ def cmd_predict(args) -> int:
             for task, r in res.get("tasks", {}).items():
                 line += f"  [{term(task)}: {term(r['label'])} {r['probability']:.3f}]"
             print(f"{line}  <- {term(text)}")
+            for layer in res.get("layers", []):  # --trace
+                print(f"    layer {layer['layer']}: {term(layer['label'])} {layer['y'][layer['label']]:.3f}  "
+                      f"h={layer['h']:.3f}  p={layer['p']:.3f}")
     return 0
 
 

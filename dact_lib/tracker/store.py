@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import home as _home
-from ..config import tag_list, tag_text
 from ..errors import DactLabError
+from ..tags import tag_list, tag_text
 from . import db as _db
 from . import liveness
 from .liveness import hostname, pid_alive
@@ -283,7 +283,7 @@ class Tracker:
         status: str = "running",
     ) -> int:
         """A new run row; records this process's pid and host; ``started`` = now when created 'running'. ``tag``:
-        one tag or a list (``config.tag_list``), stored joined (``config.tag_text``)."""
+        one tag or a list (``tags.tag_list``), stored joined (``tags.tag_text``)."""
         self._check_status(status)
         now = _time.time()
         row = {

@@ -237,14 +237,14 @@ def test_cli_train(name, hostile, tmp_path, monkeypatch):
     hard = []
     if "Traceback" in stderr:
         hard.append(f"traceback in stderr:\n{stderr[-3000:]}")
-    if rc not in (0, 2):
+    if rc not in (0, 3):
         hard.append(f"exit code {rc}")
     if integrity != "ok":
         hard.append(f"PRAGMA integrity_check: {integrity}")
     errors = [line[len("error: "):] for line in stderr.splitlines() if line.startswith("error: ")]
-    # exit 2 on a file read_csv refuses is a refusal; on a file it accepts, a later clear failure (a split that
+    # exit 3 on a file read_csv refuses is a refusal; on a file it accepts, a later clear failure (a split that
     # cannot be made with 60 rows of 3,000 classes ...)
-    refused = rc == 2 and _refused_by_read_csv(hostile[name])
+    refused = rc == 3 and _refused_by_read_csv(hostile[name])
     stored_on_refusal = bool(refused and (datasets or runs))
     if stored_on_refusal:
         hard.append(f"refused but stored {len(datasets)} dataset(s) and {len(runs)} run(s)")
@@ -254,9 +254,9 @@ def test_cli_train(name, hostile, tmp_path, monkeypatch):
         pytest.fail(f"{name} via CLI: " + "; ".join(hard))
 
     issues: list[str] = []
-    if rc == 2:
+    if rc == 3:
         if not errors:
-            issues.append(f"exit code 2 without an 'error:' line (stderr: {short(stderr)})")
+            issues.append(f"exit code 3 without an 'error:' line (stderr: {short(stderr)})")
         msg = errors[-1] if errors else ""
         # an accepted file may still fail later (e.g. too few rows per class to split): the message must be clear
         issues += message_issues(msg, case.problem if case.expect == "refuse" else "")
