@@ -59,6 +59,7 @@ def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = No
     return summ, y_deep, torch.as_tensor(enc.targets[model.task]).long().clone()
 
 
+# complexity: one training loop (epochs x batches) with cancel, deadline, distillation and best-epoch keeping
 def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64,
                 weight_decay: float = 0.01, distill_weight: float = 0.0, temperature: float = 2.0, seed: int = 0,
                 cancel=None, deadline: float | None = None, progress=None) -> dict:

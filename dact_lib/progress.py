@@ -18,6 +18,7 @@ def _cfg_total_steps(config: dict | None) -> int | None:
     return int(max_steps) if max_steps else None
 
 
+# complexity: flat fallbacks for each field a run may lack (start event, config, summary, phase)
 def progress_eta(run: dict, metrics: pd.DataFrame | None = None, events: Iterable[dict] | None = None,
                  now: float | None = None, steps_done: int | None = None) -> dict[str, Any]:
     """Progress of a run: ``steps_done`` (the highest logged step, or the given ``steps_done``; the summary's
@@ -108,6 +109,7 @@ def phase_of(events: Iterable[dict] | None, now: float | None = None) -> tuple[s
 _STAGES = ("stage1", "stage2", "stage3")
 
 
+# complexity: one branch per engine kind (PBT, backbone study, DACT pipeline), each short
 def engine_progress(run: dict, events: Iterable[dict] | None = None, members: Iterable[dict] | None = None,
                     now: float | None = None) -> dict[str, Any]:
     """Progress of a tuning engine's parent run (kinds in :data:`ENGINE_KINDS`), which logs no training steps of

@@ -258,6 +258,7 @@ def _usage(info: dict) -> list[str]:
     return lines
 
 
+# complexity: one optional section per record the run has (tasks, metrics, exits, dataset, runtime)
 def model_card(info: dict) -> str:
     """The model card (README.md text) from :func:`card_info`'s dict (plus any keys a caller added)."""
     kind = info.get("kind", "backbone")

@@ -79,6 +79,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# complexity: one check per malformed body a client can send, each with its own 4xx message
 def parse_request(raw: bytes, *, max_texts: int, max_chars: int) -> tuple[list[str], bool]:
     """``(texts, single)`` from a /predict body, or :class:`BadRequest` naming the problem and the fix."""
     if not raw.strip():
@@ -144,6 +145,7 @@ def _clean(res: dict, ms: float) -> dict:
     return out
 
 
+# complexity: the routes are closures over the predictor and its lock; each route's checks are flat
 def create_app(predictor, *, max_texts: int = 64, max_chars: int = 2000, max_body_bytes: int = 1_000_000) -> FastAPI:
     """The FastAPI application serving ``predictor`` (see the module's docstring)."""
     for name, value in (("max_texts", max_texts), ("max_chars", max_chars), ("max_body_bytes", max_body_bytes)):

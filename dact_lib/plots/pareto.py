@@ -67,6 +67,7 @@ def front_mask(points: Sequence[dict], x: str = "val_avg_exit_layer", y: str = "
 _SWEEP_STYLE = {"entropy": ("#d62728", "diamond"), "patience": ("#2ca02c", "square"), "fixed": ("#7f7f7f", "x")}
 
 
+# complexity: one optional layer per branch (front, user's choice, pipeline's choice, policy sweep)
 def lambda_pareto_figure(points: Sequence[dict], front: Sequence[dict] | None = None, *,
                          chosen_run_id: Any = None, height: int = 460, chosen_trial: Any = None,
                          pipeline_trial: Any = None, sweep: Sequence[dict] | None = None) -> go.Figure:

@@ -263,6 +263,7 @@ class StudyTrials:
         return row
 
 
+# complexity: the study's setup, resume and final run share the parent run's state
 def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None = None,
                   space: BackboneSpace | None = None, study_name: str | None = None, home=None,
                   tracker: Tracker | None = None, cancel: CancelToken | None = None,

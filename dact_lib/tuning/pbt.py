@@ -625,6 +625,7 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# complexity: population setup, resume and the threaded members share the parent run's state
 def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=None,
             cancel: CancelToken | None = None, callbacks: list[Callback] | None = None,
             run_id: int | None = None, resume: bool = False) -> PBTResult:

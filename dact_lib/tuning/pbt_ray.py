@@ -523,6 +523,7 @@ class PopulationBook:
 _CLASSES: dict[str, type] = {}
 
 
+# complexity: Ray's classes are defined inside it so Ray is imported only when used
 def ray_classes() -> dict[str, type]:
     """``{"pbt", "pb2" (when importable), "recorder", "stopper"}``: DACT Lab's subclasses of Ray Tune's
     PopulationBasedTraining / PB2, the driver's Tune callback and the cancel stopper. Built once, on first use."""
@@ -744,6 +745,7 @@ def _ray_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if os.environ.get(k)}
 
 
+# complexity: Tune's setup, resume refusal and result reading share the parent run's state
 def run_pbt_ray(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=None, address: str | None = None,
                 scheduler: str = "pbt", data=None, cpus_per_member: float = 1, gpus_per_member: float = 0,
                 num_cpus: int | None = None, storage_path: str | None = None, keep_ray_results: bool = False,

@@ -95,6 +95,7 @@ def study_trials(study: optuna.Study, tracker, home, cancel: CancelToken, callba
                        cancel, list(callbacks or []))
 
 
+# complexity: the worker's poll loop: wait, claim, run, retry a dead worker's trial, stop
 def run_worker(study_name: str, *, home=None, tracker=None, max_trials: int | None = None,
                cancel: CancelToken | None = None, callbacks=None, wait_s: float = 0.0,
                poll_s: float = 1.0) -> dict[str, Any]:

@@ -128,6 +128,7 @@ class PipelineConfig:
     # final model: time the exit-policy sweep (real early-exit passes) or only simulate it
     sweep_timed: bool = True
 
+    # complexity: one check per setting, each with its own message: flat, read top to bottom
     def validate(self) -> "PipelineConfig":
         def bad(fld: str, value: Any, allowed: str) -> ConfigError:
             return ConfigError(f"pipeline.{fld} = {value!r} is invalid: {allowed}.")
