@@ -65,8 +65,9 @@ from urllib.parse import urlparse
 
 from . import events as ev
 from .callbacks import Callback, LoopState
-from .config import REPORT_TOOLS, RunConfig, tag_list, tag_text
+from .config import REPORT_TOOLS, RunConfig
 from .errors import DactLabError
+from .tags import tag_list, tag_text
 
 log = logging.getLogger(__name__)
 
