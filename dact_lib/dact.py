@@ -1,31 +1,34 @@
-"""All DACT maths of DACT Lab: accumulation, ponder cost, loss, the halting rule and the exit policies.
+"""The DACT formulas as pure tensor functions: accumulation, ponder cost, loss, the halting rule, the exit policies.
 
-Pure tensor functions (no model code, no I/O). Notation of ../shared/docs/dact_spec.md (outside the repository, shared with every developer and CI):
+No model code, no I/O. The maths, why it has this form and where else it is computed: docs/dact_maths.md (the
+section each function cites by title). Notation:
 
 * ``y`` — per-layer class probabilities y_n (softmax already applied), shape [B, N, K];
 * ``h`` — per-layer halting probabilities h_n in (0, 1), the probability of *going on*, shape [B, N];
 * layer index n is 1-based in the maths and in every reported exit layer (1..N).
 
-Accumulation (p_0 = 1, a_0 = 0)::
+Accumulation (p_0 = 1, a_0 = 0; docs/dact_maths.md, "Accumulation: a_n and p_n")::
 
     a_n = p_{n-1} * y_n + (1 - p_{n-1}) * a_{n-1}
     p_n = h_n * p_{n-1}
 
 Loss: ``NLL(log(clamp(a_N, eps)), target) + lambda * mean(rho)`` with ``rho = sum_n p_n`` (+1 when
-``start_at_one``, as in the reference code; the constant changes the reported value, never the gradients).
+``start_at_one``: a minimum cost of one step; the constant changes the reported value, never the gradients), plus
+the optional per-exit terms (docs/dact_maths.md, "The training loss").
 
 Halting (per sample) at layer n with d = N - n layers remaining, best / runner_up the top-2 entries of a_n::
 
     best * (1 - p_n) ** d  >  runner_up + p_n * d          (d == 0: always halt)
 
-The six mistakes of the project this is modelled on (spec, "Six mistakes") are avoided here, and each has a
-unit test in tests/test_dact.py that fails on the mistaken version: d = N - n (not N - 1); ``p_n * d`` (not
-``p_n ** d``); rho = sum p_n (not sum h_n); NLL of log a_N (not cross-entropy on a_N); halting per sample (not
-``all()`` over the batch); exit layers 1-based.
+Six easy misreadings of these formulas each have a unit test in tests/test_dact.py that fails on the misread
+version (docs/dact_maths.md, "The halting rule"): d = N - n (not N - 1); ``p_n * d`` (not ``p_n ** d``);
+rho = sum p_n (not sum h_n); NLL of log a_N (not cross-entropy on a_N); halting per sample (not ``all()`` over the
+batch); exit layers 1-based.
 
 Exit policies (:class:`DactPolicy`, :class:`PatiencePolicy`, :class:`EntropyPolicy`, :class:`FixedDepthPolicy`)
 run ONLINE inside a model (layer by layer, halted rows dropped from the batch) or OFFLINE from stored per-layer
-outputs via :func:`run_policy_offline`, which simulates exactly that online loop, so both share one code path.
+outputs via :func:`run_policy_offline`, which simulates exactly that online loop, so both share one code path
+(docs/dact_maths.md, "Exit policies").
 """
 from __future__ import annotations
 
@@ -113,7 +116,8 @@ def accumulate(y: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
 def ponder_cost(p: Tensor, start_at_one: bool = False) -> Tensor:
     """Per-sample ponder cost ``rho = sum_{n=1..N} p_n`` (+1 when ``start_at_one``). p [B,N] -> [B].
 
-    It is the sum of the *accumulated* p_n, never of the raw halting probabilities h_n.
+    It is the sum of the *accumulated* p_n, never of the raw halting probabilities h_n: p_n is the probability of
+    still running after layer n, so rho is a soft count of the layers run (docs/dact_maths.md, "Ponder cost").
     """
     if p.dim() != 2:
         raise ValueError(f"ponder_cost: p must have shape [B, N], got {tuple(p.shape)}")
@@ -138,7 +142,7 @@ class DactLoss:
 
 def depth_weights(num_layers: int, scheme: str = "uniform") -> Tensor:
     """Weights w_1..w_N (summing to 1) of the per-layer terms: ``"uniform"`` w_n = 1/N; ``"pabee"`` w_n = n / sum n
-    (PABEE's weighted average: deeper classifiers count more)."""
+    (PABEE's weighted average: deeper classifiers count more). docs/dact_maths.md, "Depth weights"."""
     n_layers = int(num_layers)
     if n_layers < 1:
         raise ValueError(f"depth_weights: num_layers must be >= 1, got {num_layers}")
@@ -176,7 +180,7 @@ def distillation_loss(y: Tensor, temperature: float = 1.0, eps: float = 1e-8, we
     where y_n^T = softmax(log y_n / T) (= softmax(logits_n / T): the log-probabilities differ from the logits by a
     per-row constant) and w_n = 1/(N-1) by default (``weights`` [N-1] otherwise, renormalised to sum 1). The
     deepest exit is the teacher and gets no gradient from this term; T^2 keeps the gradient scale independent of
-    T (Hinton et al.). y [B,N,K] probabilities. Returns 0 for N = 1.
+    T (Hinton et al.). y [B,N,K] probabilities. Returns 0 for N = 1. docs/dact_maths.md, "The training loss".
     """
     if y.dim() != 3:
         raise ValueError(f"distillation_loss: y must have shape [B, N, K], got {tuple(y.shape)}")
@@ -210,7 +214,7 @@ def confidence_features(y_n: Tensor, a_prev: Tensor) -> Tensor:
     * ``agree`` — 1.0 when argmax y_n == argmax a_{n-1}, else 0.0 (always 0 at n = 1, where a_0 = 0).
 
     Computed without gradient (inputs are detached): the halting unit reads the classifier's confidence, it does
-    not train the classifier through it.
+    not train the classifier through it. docs/dact_maths.md, "Confidence features".
     """
     if y_n.dim() != 2 or a_prev.shape != y_n.shape:
         raise ValueError(f"confidence_features: y_n [B, K] and a_prev [B, K] must match, got {tuple(y_n.shape)} "
@@ -225,11 +229,13 @@ def confidence_features(y_n: Tensor, a_prev: Tensor) -> Tensor:
 
 
 def spec_lambda(normalized_lambda: float, num_layers: int, nll_ref: float = 1.0) -> float:
-    """The spec's λ for a λ on DACT Lab's normalised scale: ``λ_spec = λ_norm · nll_ref / N``.
+    """The λ on the loss's own scale (the weight of mean(rho) in :func:`dact_loss`, the scale the formulas are
+    written in, hence ``spec``) for a λ on the normalised scale of the halting fit: ``λ_spec = λ_norm · nll_ref / N``.
 
     With it, ``λ_spec · mean(rho) = λ_norm · nll_ref · mean(rho / N)``: λ_norm = 1 means that running every layer
-    for every sample (rho = N) costs as much as the full model's own held-out NLL ``nll_ref``. The loss stays the
-    spec's loss, only λ is rescaled, so one λ_norm range fits any N and any task's NLL."""
+    for every sample (rho = N) costs as much as the full model's own held-out NLL ``nll_ref``. The loss is
+    unchanged, only λ is rescaled, so one λ_norm range fits any N and any task's NLL (docs/dact_maths.md, "Two
+    scales of λ")."""
     lam = float(normalized_lambda)
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"spec_lambda: λ must be a finite number >= 0, got {normalized_lambda}")
@@ -251,17 +257,19 @@ def dact_loss(
     distill_temperature: float = 1.0,
     depth_weighting: str = "uniform",
 ) -> DactLoss:
-    """``loss = NLL(log(clamp(a_N, eps)), targets) + ponder_lambda * mean(rho)``  (the spec's loss)
-    ``       + layer_loss_weight * mean_n NLL(log(clamp(y_n, eps)), targets)``  (optional, off by default).
+    """``loss = NLL(log(clamp(a_N, eps)), targets) + ponder_lambda * mean(rho)``  (DACT's loss)
+    ``       + layer_loss_weight * mean_n NLL(log(clamp(y_n, eps)), targets)``  (every exit's own NLL).
 
-    a_N [B,K] is already a probability vector: its log goes into NLL (cross-entropy on a_N would apply softmax a
-    second time). ``start_at_one`` adds the reference code's constant 1 to rho: it shifts the reported ``ponder``
-    (and hence ``loss``) by a constant and leaves every gradient unchanged.
+    The maths and why: docs/dact_maths.md, "The training loss". a_N [B,K] is already a probability vector: its
+    log goes into NLL (cross-entropy on a_N would apply softmax a second time). ``start_at_one`` adds a constant 1
+    to rho (a minimum cost of one step): it shifts the reported ``ponder`` (and hence ``loss``) by a constant and
+    leaves every gradient unchanged.
 
     The third term is not in the DACT paper. It trains every internal classifier y_n with its own NLL, as PABEE
     and DeeBERT train theirs: under the DACT loss alone a classifier gets gradient only in proportion to its
-    weight p_{n-1} in a_N, so with a small λ the early classifiers stay weak. It needs ``y`` [B,N,K] when the
-    weight is > 0; with weight 0 the loss is exactly the spec's.
+    weight p_{n-1} in a_N, so with a small λ the early classifiers stay weak. This function's default weight is 0
+    (exactly DACT's loss); the run config's default ``model.layer_loss_weight`` is 1.0, so a DACT run trains with
+    it. It needs ``y`` [B,N,K] when the weight is > 0.
 
     The fourth term, ``distill_weight * distillation_loss(y, distill_temperature)``, distils every exit from the
     deepest one (FastBERT-style self-distillation). ``depth_weighting`` ('uniform' | 'pabee') weights the layers
@@ -315,7 +323,8 @@ def should_halt(a_n: Tensor, p_n: Tensor, remaining: int | Tensor) -> Tensor:
     """Per-sample DACT halting decision after layer n. a_n [B,K], p_n [B], remaining d = N - n (int or [B]).
 
     Halt iff ``best * (1 - p_n) ** d > runner_up + p_n * d`` (best, runner_up = top-2 of a_n), i.e. the
-    remaining d layers cannot change the argmax. d == 0 (the last layer) always halts. Returns Bool[B].
+    remaining d layers cannot change the argmax (the bound: docs/dact_maths.md, "The halting rule"). d == 0 (the
+    last layer) always halts. Returns Bool[B].
     """
     if a_n.dim() != 2 or p_n.shape != a_n.shape[:1]:
         raise ValueError(

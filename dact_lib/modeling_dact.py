@@ -1,7 +1,8 @@
 """DactBert: an encoder with a DACT unit (classifier MLP + halting MLP) after every layer.
 
-The maths (accumulation, loss, halting rule, other exit policies) lives in ``dact.py``; this file only wires it
-to the encoder. Two forward paths:
+The maths (accumulation, loss, halting rule, other exit policies) is ``dact.py``'s, wired here to the encoder;
+the batch-1 fast path (``_infer_one``) restates the rule on Python floats, for speed (docs/dact_maths.md, "Where
+the formulas are computed"). Two forward paths:
 
 * ``forward`` — every layer runs; differentiable accumulation gives a_N and the loss (training and validation).
   The exit layer each sample *would* take under the DACT rule is computed from the same y_n, h_n (no grad).
@@ -66,7 +67,8 @@ class DactUnits(nn.Module):
     the code that runs them on a layer summary. Shared by :class:`DactBert` and the pipeline's feature-cache heads.
 
     Halting input (``cfg.halting_input``): the summary c_n (or, with ``cfg.shared_trunk``, the classifier trunk's
-    output), the confidence features of y_n and a_{n-1} (``dact.confidence_features``), or both concatenated."""
+    output), the confidence features of y_n and a_{n-1} (``dact.confidence_features``), or both concatenated
+    (docs/dact_maths.md, "Per-layer outputs: y_n and h_n")."""
 
     def _build_units(self, cfg: DactModelConfig, hidden: int, num_classes: int, num_layers: int) -> None:
         units = 1 if cfg.share_weights else num_layers
@@ -269,11 +271,14 @@ class DactBert(DactUnits):
                 x = act(x)
         return x
 
+    # complexity: batch-1 fast path inlined on purpose: one host sync per layer (measured, docs/benchmarks.md)
     def _infer_one(self, input_ids, attention_mask, policy: dact.ExitPolicy) -> InferenceResult:
         """Batch-1 fast path (eval mode): the sentence's layers; its classifier only where the policy reads it, its
         halting unit only for the DACT rule; the policy's decision on the K class probabilities as Python floats
-        (one host sync per layer, no per-exit bookkeeping). Same formulas as ``dact.py``, in float64, so exit
-        layers and answers equal the traced path's except at ties within float32 rounding."""
+        (one host sync per layer, no per-exit bookkeeping): for one sentence the batched path's tensor bookkeeping
+        costs more than the arithmetic on K numbers. Same formulas as ``dact.py`` (docs/dact_maths.md, "The halting
+        rule", "Confidence features", "Exit policies"), in float64, so exit layers and answers equal the traced
+        path's except at ties within float32 rounding (tests/test_early_exit.py)."""
         if self.training or type(policy) not in (dact.DactPolicy, dact.EntropyPolicy, dact.PatiencePolicy,
                                                  dact.FixedDepthPolicy):
             return self.infer(input_ids, attention_mask, policy, trace=True)

@@ -56,7 +56,9 @@ def run(pl) -> None:
         model = loaded.model
         model.halters.load_state_dict(load_file(str(pl.tracker.abs_path(chosen["halting_file"]))))
         m = copy.deepcopy(model.cfg)
-        if chosen.get("spec_lambda") is not None:  # a fitted λ point (a threshold point keeps the training λ)
+        # a fitted λ point's λ on the loss's scale becomes the run's training λ (docs/dact_maths.md, "Two scales of
+        # λ"); a threshold point has none and keeps the training λ
+        if chosen.get("spec_lambda") is not None:
             m.ponder_lambda = float(chosen["spec_lambda"])
         train_cfg = pl.train_cfg()
     run_cfg = pl.child_config(m, train_cfg, f"{pl.pipe.name}/final", "final")
@@ -136,7 +138,8 @@ def run(pl) -> None:
 
 
 def finetune(pl, model, loaded, chosen: dict, enc_val) -> dict:
-    """End-to-end fine-tuning of the final model at the chosen point's λ (spec scale), as a child run, measured
+    """End-to-end fine-tuning of the final model at the chosen point's λ (on the loss's scale: docs/dact_maths.md,
+    "Two scales of λ"), as a child run, measured
     against the fitted point on the validation split. The final model stays the fitted one."""
     m = copy.deepcopy(model.cfg)
     if chosen.get("spec_lambda") is not None:

@@ -96,12 +96,15 @@ class Stage3Trials:
         if kind == "fitted":
             # the units kept are fitted on every validation row; the numbers the choice reads are cross-fitted
             # (each fold's units measured on the rows they were not fitted on): the exit point is not chosen on
-            # the noise the units fitted
+            # the noise the units fitted (docs/dact_maths.md, "Cross-fitting the halting points"). The parameter
+            # "ponder_lambda" is the halting fit's normalised λ, not the training λ (docs/dact_maths.md, "Two scales
+            # of λ")
             lam = trial.suggest_float("ponder_lambda", pipe.lambda_low, pipe.lambda_high, log=True)
             [pt], crossed = cross_fit_halting(model, self.cache, [lam], epochs=model.cfg.halting_epochs,
                                               seed=pipe.seed, cancel=pl.cancel, nll=True)
             state, spec, fit_s = pt.state, pt.spec_lambda, pt.fit_s
-        else:  # halting units set to a confidence threshold τ: the DACT rule exits like entropy at τ·ln K
+        else:  # units set to a threshold τ: the DACT rule exits like entropy at τ·ln K (docs/dact_maths.md,
+            # "Threshold units τ")
             tau = trial.suggest_float("tau", 0.01, 0.99)  # contains every τ of halting.THRESHOLDS
             state, spec, fit_s = threshold_state(model, tau), None, 0.0
         m = point_metrics(model, self.cache, state)
