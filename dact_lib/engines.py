@@ -4,7 +4,10 @@ An engine runs many trainings (through the one loop, :func:`dact_lib.train.train
 tuning of a backbone, the staged DACT pipeline, Population Based Training. Each is described by an
 :class:`Engine`: the RunConfig kinds it accepts, its settings class (one typed dataclass with ``from_dict`` →
 validated object) and the module whose ``run_engine(cfg, settings, ctx)`` runs it; every result has
-``summary()``. The job manager (:mod:`dact_lib.jobs`) and the CLI call engines only through this module.
+``summary()``. The job manager (:mod:`dact_lib.jobs`) starts engines only through this module, so a new engine
+is one entry in :data:`ENGINES`. The CLI (:mod:`dact_lib.tuning.cli`) builds and validates an engine's settings
+through it (:meth:`Engine.settings`) but calls the engine modules' own entry points (``tune_backbone``,
+``run_pipeline``, ``run_pbt``, and ``run_pbt_ray`` for ``pbt --backend ray``, which has no entry here).
 
     engine = get_engine("pbt")
     settings = engine.settings({"population": 4})        # or {"pbt": {...}}: validated once
