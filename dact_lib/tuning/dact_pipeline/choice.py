@@ -65,8 +65,9 @@ def choose_for_prediction(parent_id: int, point: dict[str, Any], *, tracker, by:
     A pipeline whose stage 3 fitted halting units on one model (points carry ``halting_file``): the point's
     halting weights are copied into the final run (or, before the final stage, the stage-2 model's run) and named
     in its ``halting_choice.json`` — the run's own halting units (the pipeline's rule choice) stay in its
-    model.safetensors; choosing the pipeline's own point (or "final") clears the user's choice. Older pipelines
-    (one trained run per λ): the point's run becomes the prediction model.
+    model.safetensors; choosing the pipeline's own point (or "final") clears the user's choice. A pipeline whose
+    points carry no halting file (one trained run per λ, as a home may still hold): the point's run becomes the
+    prediction model.
 
     Every choice is recorded as a ``point_chosen`` (front points) and a ``chosen`` event on the pipeline run; the
     pipeline's recorded choice (``chosen_point``, summary ``chosen``) is never changed. Returns ``run_id``,
@@ -90,7 +91,7 @@ def choose_for_prediction(parent_id: int, point: dict[str, Any], *, tracker, by:
     if trial is not None and point.get("source") != "final":
         try:
             choose_point(parent_id, int(trial), tracker=tracker)
-        except (DactLabError, KeyError, ValueError):  # an older run without a stage-3 study: 'chosen' still records it
+        except (DactLabError, KeyError, ValueError):  # a run without a stage-3 study: 'chosen' still records it
             pass
     halting = None
     if fitted:
