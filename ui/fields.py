@@ -17,6 +17,8 @@ from typing import Any, Callable
 import streamlit as st
 
 from dact_lib.errors import ConfigError
+from ui import state
+from ui.safe import plain
 
 
 @dataclass
@@ -245,9 +247,35 @@ class DatasetField(Field):
         return value
 
     def draw(self, key: str) -> None:
-        from ui.forms import dataset_picker
-
         dataset_picker(key, two_task_only=self.two_task_only, label=self.label, help_=self.help)
+
+
+def dataset_choices(*, two_task_only: bool = False) -> dict[Any, str]:
+    """{dataset id or None (the demo): label} from the tracker."""
+    choices: dict[Any, str] = {None: "Demo dataset (bundled: topics × sentiment, two tasks)"}
+    try:
+        datasets = state.tracker().list_datasets()
+    except Exception as exc:  # noqa: BLE001
+        st.warning(f"Could not list the saved datasets: {plain(exc)}")
+        datasets = []
+    for d in datasets:
+        tasks = d.get("tasks") or []
+        if two_task_only and len(tasks) < 2:
+            continue
+        choices[int(d["id"])] = f"#{d['id']} {d['name']} ({d['rows']} rows; {', '.join(tasks)})"
+    return choices
+
+
+def dataset_picker(key: str, *, two_task_only: bool = False, label: str = "Dataset",
+                   help_: str | None = None) -> int | None:
+    """A selectbox of the saved datasets + the demo; returns the dataset id (None = the demo)."""
+    options = dataset_choices(two_task_only=two_task_only)
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = None
+    # the demo is the option None, which a selectbox shows as its placeholder: give that the demo's label
+    return st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)), help=help_,
+                        placeholder=options[None])
+
 
 
 KINDS: dict[str, Callable[..., Field]] = {

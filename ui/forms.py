@@ -20,7 +20,7 @@ import streamlit as st
 from dact_lib.config import DEFAULT_ENCODER, REPORT_TOOLS, TINY_ENCODER, RunConfig, default_config, parse_mapping, split_config_document
 from dact_lib.errors import ConfigError, DactLabError
 
-from ui.fields import Field, make_field, settings_fields  # noqa: F401 - Field re-exported
+from ui.fields import Field, dataset_choices, dataset_picker, make_field, settings_fields  # noqa: F401 - re-exported
 from ui.safe import plain
 
 from . import state
@@ -303,33 +303,6 @@ def encoder_input(key: str, default: str = DEFAULT_ENCODER) -> str:
     st.session_state.setdefault(key, default)
     return st.text_input("Encoder", key=key, help=f"'{DEFAULT_ENCODER}' is bundled; '{TINY_ENCODER}' is a tiny "
                                                   "random encoder for quick checks.").strip()
-
-
-def dataset_choices(*, two_task_only: bool = False) -> dict[Any, str]:
-    """{dataset id or None (the demo): label} from the tracker."""
-    choices: dict[Any, str] = {None: "Demo dataset (bundled: topics × sentiment, two tasks)"}
-    try:
-        datasets = state.tracker().list_datasets()
-    except Exception as exc:  # noqa: BLE001
-        st.warning(f"Could not list the saved datasets: {plain(exc)}")
-        datasets = []
-    for d in datasets:
-        tasks = d.get("tasks") or []
-        if two_task_only and len(tasks) < 2:
-            continue
-        choices[int(d["id"])] = f"#{d['id']} {d['name']} ({d['rows']} rows; {', '.join(tasks)})"
-    return choices
-
-
-def dataset_picker(key: str, *, two_task_only: bool = False, label: str = "Dataset",
-                   help_: str | None = None) -> int | None:
-    """A selectbox of the saved datasets + the demo; returns the dataset id (None = the demo)."""
-    options = dataset_choices(two_task_only=two_task_only)
-    if st.session_state.get(key) not in options:
-        st.session_state[key] = None
-    # the demo is the option None, which a selectbox shows as its placeholder: give that the demo's label
-    return st.selectbox(label, list(options), key=key, format_func=lambda v: options.get(v, str(v)), help=help_,
-                        placeholder=options[None])
 
 
 # --------------------------------------------------------------------------------------------- config files
