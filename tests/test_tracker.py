@@ -195,7 +195,9 @@ def test_run_lifecycle(tr):
     tr.set_status(rid, "finished")
     run = tr.get_run(rid)
     assert run["status"] == "finished" and run["ended"] >= run["started"]
-    assert run["summary"] == {"best": {"acc": 0.9}} and run["name"] == "renamed" and run["error"] is None
+    summary = dict(run["summary"])
+    assert summary.pop("environment")["packages"]["python"]  # recorded when it started running (sysinfo)
+    assert summary == {"best": {"acc": 0.9}} and run["name"] == "renamed" and run["error"] is None
 
     rid2 = tr.create_run("backbone")
     assert tr.get_run(rid2)["started"] is not None and tr.get_run(rid2)["config"] == {}

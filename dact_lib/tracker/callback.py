@@ -1,4 +1,5 @@
-"""The training loop's link to the tracker: metrics buffered and written in batches, events, the run's end."""
+"""The training loop's link to the tracker: metrics buffered and written in batches, system metrics sampled every
+few seconds, events, the run's end."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +8,7 @@ import time as _time
 from typing import Any
 
 from ..callbacks import Callback, LoopState
+from ..sysinfo import SystemSampler
 from .liveness import hostname
 from .schema import to_float
 from .store import STATUSES, Tracker
@@ -19,15 +21,23 @@ class TrackerCallback(Callback):
 
     ``on_step`` only appends to an in-memory buffer (a few microseconds); the buffer is written in one
     transaction once ``flush_every_s`` has passed, and at every eval / epoch end / the end. A database
-    failure while flushing is logged and the rows are kept for the next flush — it never stops training."""
+    failure while flushing is logged and the rows are kept for the next flush — it never stops training.
 
-    def __init__(self, tracker: Tracker, run_id: int, flush_every_s: float = 2.0) -> None:
+    Every ``sys_metrics_every_s`` seconds of the run (default ``$DACT_LAB_SYS_METRICS_S``, else 15; 0 = never) a
+    step or an evaluation also records the process's system metrics at that step (:class:`~dact_lib.sysinfo.
+    SystemSampler`: ``sys/cpu_percent``, ``sys/rss_mb``, the GPU's where CUDA is in use) — at most one sample a
+    step, none before the first interval has passed."""
+
+    def __init__(self, tracker: Tracker, run_id: int, flush_every_s: float = 2.0,
+                 sys_metrics_every_s: float | None = None) -> None:
         self.tracker = tracker
         self.run_id = int(run_id)
         self._epoch_step: int | None = None
         self.flush_every_s = float(flush_every_s)
         self._buffer: list[tuple] = []
         self._last_flush = _time.monotonic()
+        self.sampler = SystemSampler(sys_metrics_every_s)
+        self._sampled_step: int | None = None
 
     # buffering -----------------------------------------------------------
     def _buffer_logs(self, state: LoopState, logs: dict) -> None:
@@ -46,6 +56,18 @@ class TrackerCallback(Callback):
                 if value is None:
                     continue
             buf.append((rid, step, epoch, name, value, t))
+
+    def _sample_system(self, state: LoopState) -> None:
+        if not self.sampler.due() or self._sampled_step == int(state.step):
+            return
+        self._sampled_step = int(state.step)
+        try:
+            sample = self.sampler.sample()
+        except Exception as exc:  # noqa: BLE001 - a metric of the machine must never stop training
+            log.warning("tracker: sampling the system metrics of run %s failed: %s", self.run_id, exc)
+            self.sampler.every_s = 0.0
+            return
+        self._buffer_logs(state, sample)
 
     def flush(self) -> bool:
         """Write the buffered rows now. Returns False (rows kept) when the database could not be written."""
@@ -70,17 +92,20 @@ class TrackerCallback(Callback):
     # Callback interface --------------------------------------------------
     def on_start(self, state: LoopState) -> None:
         self._last_flush = _time.monotonic()
+        self.sampler.reset()
         self._safe(
             "marking the start", self.tracker.set_status, self.run_id, "running", pid=os.getpid(), host=hostname()
         )
 
     def on_step(self, state: LoopState, logs: dict[str, float]) -> None:
         self._buffer_logs(state, logs)
+        self._sample_system(state)
         if _time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush()
 
     def on_eval(self, state: LoopState, logs: dict[str, float]) -> None:
         self._buffer_logs(state, logs)
+        self._sample_system(state)
         self.flush()
 
     def on_epoch_end(self, state: LoopState, logs: dict[str, float]) -> None:

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator
 
 from .. import home as _home
 from ..errors import DactLabError
+from ..sysinfo import environment
 from ..tags import tag_list, tag_text
 from . import db as _db
 from . import liveness
@@ -282,8 +283,9 @@ class Tracker:
         dataset_id: int | None = None,
         status: str = "running",
     ) -> int:
-        """A new run row; records this process's pid and host; ``started`` = now when created 'running'. ``tag``:
-        one tag or a list (``tags.tag_list``), stored joined (``tags.tag_text``)."""
+        """A new run row; records this process's pid and host; ``started`` = now when created 'running' (and the
+        process's environment in its summary, see :meth:`_with_environment`). ``tag``: one tag or a list
+        (``tags.tag_list``), stored joined (``tags.tag_text``)."""
         self._check_status(status)
         now = _time.time()
         row = {
@@ -309,6 +311,8 @@ class Tracker:
             )
             run_id = int(cur.fetchone()[0])
             conn.execute("UPDATE runs SET run_dir = ? WHERE id = ?", (f"runs/{run_id}", run_id))
+            if status == "running":
+                self._update(conn, run_id, {"status": status})  # its environment (_with_environment)
         return run_id
 
     def open_run(self, kind: str, config: dict | None, run_id: int | None = None, *, name: str | None = None,
@@ -341,6 +345,7 @@ class Tracker:
             fields = dict(fields, run_dir=self.rel_path(fields["run_dir"]))
         if "tag" in fields:
             fields = dict(fields, tag=tag_text(fields["tag"]))
+        fields = self._with_environment(conn, run_id, fields)
         if not fields:
             if not conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
                 raise self._missing_run(run_id)
@@ -351,6 +356,33 @@ class Tracker:
         )
         if cur.rowcount == 0:
             raise self._missing_run(run_id)
+
+    @staticmethod
+    def _with_environment(conn: _db.Connection, run_id: int, fields: dict) -> dict:
+        """The one place a run's environment enters its summary: when a run becomes 'running' (started, adopted
+        by a job's process, resumed), ``summary["environment"]`` = :func:`dact_lib.sysinfo.environment` of the
+        process that runs it (package versions, git commit, command line); a different earlier one (a run resumed
+        by another command) is kept in ``summary["earlier_environments"]`` (the last 10). A summary written whole
+        (an engine's parent run rewrites its summary) keeps the stored environment."""
+        starting = fields.get("status") == "running"
+        replacing = isinstance(fields.get("summary"), dict) and "environment" not in fields["summary"]
+        if not (starting or replacing):
+            return fields
+        row = conn.execute("SELECT summary FROM runs WHERE id = ?", (run_id,)).fetchone()
+        stored = loads(row[0], {}) if row is not None else {}
+        stored = stored if isinstance(stored, dict) else {}
+        summary = dict(fields["summary"]) if isinstance(fields.get("summary"), dict) else dict(stored)
+        for key in ("environment", "earlier_environments"):
+            if key in stored:
+                summary.setdefault(key, stored[key])
+        if starting:
+            env, old = environment(), summary.get("environment")
+            if old is not None and old != env:
+                summary["earlier_environments"] = [*(summary.get("earlier_environments") or [])[-9:], old]
+            summary["environment"] = env
+        if summary == stored and "summary" not in fields:
+            return fields
+        return {**fields, "summary": summary}
 
     def _missing_run(self, run_id) -> DactLabError:
         return DactLabError(f"run {run_id} is not in {self.db_path}; list the existing ones with list_runs().")
