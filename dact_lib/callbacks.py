@@ -60,18 +60,11 @@ class LoopState:
         loop's optimisation (PBT's explore sets a new warm-up). The model and optimizer are the loop's own
         objects: a callback changes their state in place (``load_state_dict``), never swaps them."""
         self.lr_schedule = schedule
-        self.extra["lr_factor"] = schedule
 
     @property
     def progress(self) -> float:
         return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
 
-    @property
-    def eta_seconds(self) -> float | None:
-        if not self.step or not self.total_steps:
-            return None
-        elapsed = time.time() - self.start_time
-        return elapsed / self.step * max(0, self.total_steps - self.step)
 
 
 class Callback:
@@ -115,16 +108,6 @@ class CallbackList(Callback):
     def on_end(self, state, status):
         for c in self.callbacks:
             c.on_end(state, status)
-
-
-class CancelCallback(Callback):
-    """Checks a :class:`CancelToken` (the loop also checks it itself; this lets engines share one token)."""
-
-    def __init__(self, token: CancelToken) -> None:
-        self.token = token
-
-    def on_step(self, state, logs):
-        self.token.check()
 
 
 class ProgressPrinter(Callback):

@@ -172,12 +172,6 @@ def set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
         g["lr"] = g["initial_lr"] * factor
 
 
-def encoder_layers(model: nn.Module) -> list[nn.Module]:
-    from .encoders import layer_adapter
-
-    return layer_adapter(model.encoder).layers()
-
-
 def apply_freezing(model: nn.Module, tc: TrainConfig, epoch: int) -> int:
     """Freeze the embeddings (``freeze_embeddings``) and the lowest ``freeze_layers`` layers; with
     ``gradual_unfreeze`` one more frozen layer (from the top) is released at each epoch. Returns #frozen layers."""

@@ -89,7 +89,7 @@ def test_gradual_unfreeze_in_the_loop_keeps_the_optimizer_and_the_schedule():
         def on_event(self, state, kind, payload):
             if kind == "unfreeze":
                 opt = state.extra["optimizer"]
-                factor = state.extra["lr_factor"](state.step)
+                factor = state.lr_schedule(state.step)
                 seen.setdefault("unfreeze", []).append(
                     (payload["frozen_layers"], opt is seen["optimizer"],
                      [(g["lr"], g["initial_lr"] * factor) for g in opt.param_groups]))

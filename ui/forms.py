@@ -298,13 +298,6 @@ def form_words(message: str) -> str:
     return out
 
 
-def encoder_input(key: str, default: str = DEFAULT_ENCODER) -> str:
-    """A free-text encoder name defaulting to the bundled checkpoint; 'tiny' is accepted for quick checks."""
-    st.session_state.setdefault(key, default)
-    return st.text_input("Encoder", key=key, help=f"'{DEFAULT_ENCODER}' is bundled; '{TINY_ENCODER}' is a tiny "
-                                                  "random encoder for quick checks.").strip()
-
-
 # --------------------------------------------------------------------------------------------- config files
 
 

@@ -375,14 +375,12 @@ class PBTController:
     """Shared state of the population: each member's latest snapshot and score, who is alive. Lock-protected,
     asynchronous: :meth:`ready` ranks against the latest known scores and never waits."""
 
-    def __init__(self, pbt: PBTConfig, run_ids: dict[int, Any], *, tracker=None, parent_id=None) -> None:
+    def __init__(self, pbt: PBTConfig, *, tracker=None, parent_id=None) -> None:
         self.pbt = pbt
-        self.run_ids = dict(run_ids)
         self.tracker = tracker
         self.parent_id = parent_id
         self.lock = threading.Lock()
         self.latest: dict[int, Snapshot] = {}
-        self.best: dict[int, float] = {}
         self.dead: set[int] = set()
         self.exploits: dict[int, int] = {}
         from ..train import lower_is_better
@@ -397,9 +395,6 @@ class PBTController:
         m = snap.member
         with self.lock:
             self.latest[m] = snap
-            s = self.oriented(snap.score)
-            if m not in self.best or _key(s) > _key(self.best[m]):
-                self.best[m] = s
             if not allow_exploit:
                 return None
             scores = {i: self.oriented(sn.score) for i, sn in self.latest.items() if i not in self.dead}
@@ -716,7 +711,7 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
                            f"{type(exc).__name__}: {exc}")
         raise
 
-    controller = PBTController(pbt, member_ids, tracker=tracker, parent_id=parent_id)
+    controller = PBTController(pbt, tracker=tracker, parent_id=parent_id)
     if previous:  # exploits so far, from the lineage on the parent run
         for e in tracker.get_events(parent_id, kinds=[ev.PBT_EXPLOIT]):
             r = e["payload"].get("recipient")
