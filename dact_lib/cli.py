@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="a self-contained HTML page of a run's curves and config")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--plotly-cdn", action="store_true",
+                   help="link plotly.js from its CDN (a small file that needs the internet to draw) instead of "
+                        "inlining it (a self-contained file of about 5 MB)")
     _common(p, device=False, tag=False)
 
     p = sub.add_parser("worker", help="join a running study (on the same --db) and run its trials")
@@ -351,7 +354,7 @@ def cmd_report(args) -> int:
     except ValueError:
         raise DactLabError(f"--run {args.run!r} is not a run id: give the number shown by "
                            "`python -m dact_lib runs`.") from None
-    out = write_report(run_id, args.out, args.home)
+    out = write_report(run_id, args.out, args.home, plotly_cdn=args.plotly_cdn)
     print(f"wrote {out}")
     return 0
 

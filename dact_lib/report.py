@@ -48,14 +48,17 @@ def _when(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
 
-def write_report(run_id: int, out: str | Path, home=None) -> Path:
+def write_report(run_id: int, out: str | Path, home=None, plotly_cdn: bool = False) -> Path:
+    """Write run ``run_id``'s HTML report to ``out``. plotly.js is inlined (a self-contained page of ~4.6 MB that
+    opens offline) unless ``plotly_cdn``: then the page loads it from plotly's CDN and holds only the run's own
+    data (~40 KB for a small run; drawing needs the internet)."""
     tracker = Tracker(home)
     run = tracker.get_run(run_id)
     metrics = tracker.get_metrics(run_id)
     parts = [f"<h1>DACT Lab run {run_id}: {html.escape(str(run.get('kind')))} — {html.escape(str(run.get('status')))}</h1>"]
     if len(metrics):
         fig = curves_figure(metrics, f"run {run_id}")
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=True))
+        parts.append(fig.to_html(full_html=False, include_plotlyjs="cdn" if plotly_cdn else True))
         lr = metrics[metrics["name"] == "lr"]
         if len(lr):
             parts.append(go.Figure(go.Scatter(x=lr["step"], y=lr["value"], name="lr")).update_layout(

@@ -587,3 +587,19 @@ def test_tag_is_repeatable_and_runs_lists_the_runs_with_a_tag(home, capsys):
     assert [r["id"] for r in json.loads(out)] == [a]
     code, out, _ = run_cli(capsys, "runs", "--tag", "sweep", "--home", home)
     assert code == 0 and "sweep, lr" in out and "other" not in out
+
+
+def test_report_links_plotly_from_its_cdn_when_asked(home, capsys, tmp_path):
+    """Issue 26, 5d: report --plotly-cdn writes a small page that loads plotly.js from its CDN; the default page
+    stays self-contained (plotly.js inlined)."""
+    tr = Tracker(home)
+    rid = tr.create_run("dact", {"kind": "dact"}, status="finished")
+    for step in range(1, 41):
+        tr.log_metrics(rid, {"train_loss": 1.0 / step, "val_accuracy": step / 40, "lr": 1e-4}, step=step)
+    inline, cdn = tmp_path / "inline.html", tmp_path / "cdn.html"
+    assert run_cli(capsys, "report", "--run", rid, "--out", inline, "--home", home)[0] == 0
+    assert run_cli(capsys, "report", "--run", rid, "--out", cdn, "--plotly-cdn", "--home", home)[0] == 0
+    page, small = inline.read_text(), cdn.read_text()
+    assert not re.search(r"<script[^>]+src=[\"']https?://", page) and len(page) > 1_000_000
+    assert re.search(r"<script[^>]+src=\"https://cdn\.plot\.ly/plotly-[0-9.]+\.min\.js\"", small)
+    assert len(small) < 100_000 and small.count("Plotly.newPlot") == page.count("Plotly.newPlot") == 2
