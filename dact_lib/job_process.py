@@ -12,9 +12,12 @@ settings), ``resume``, ``parent_pid`` (the server) and ``threads`` (torch thread
 * **Heartbeat**: ``process.json`` next to the spec holds this pid and the time of the last beat, rewritten every
   :data:`~dact_lib.jobs.HEARTBEAT_S` seconds: a manager started later (a server restarted in place) finds the live
   worker by pid and heartbeat.
-* **It ends with the server**: the parent pid is polled every second (not the parent-death signal, which fires when
-  the starting *thread* ends). When the server is gone the job is cancelled, interrupted if it does not stop within
-  a few seconds, and its run recorded 'interrupted' (Resume continues it from its last checkpoint).
+* **It outlives a server restart, not the server**: the parent pid is polled every second (not the parent-death
+  signal, which fires when the starting *thread* ends). When the server is gone the job goes on for
+  ``orphan_grace_s`` (the spec's; ``DACT_LAB_ORPHAN_GRACE_S``, default 120 s): a server started again in that time
+  adopts it (its job manager writes ``adopt.json`` with its pid into the job folder) and the worker then watches that
+  process instead. Not adopted in time, the job is cancelled, interrupted if it does not stop within a few seconds,
+  and its run recorded 'interrupted' (Resume continues it from its last checkpoint).
 """
 from __future__ import annotations
 
@@ -80,14 +83,41 @@ class _Worker:
         from .jobs import HEARTBEAT_S
 
         last_beat = 0.0
+        watching = self.parent_pid  # the server that started it, then the one that adopted it
+        orphan_since: float | None = None
+        grace = float(self.spec.get("orphan_grace_s") or 0.0)
         while not self.done.is_set():
-            if os.getppid() != self.parent_pid:
-                self.on_parent_gone()
-                return
+            alive = os.getppid() == self.parent_pid if watching == self.parent_pid else _pid_alive(watching)
+            if not alive:
+                adopter = self.adopter(exclude=watching)
+                if adopter is not None:
+                    watching, orphan_since = adopter, None
+                    print(f"adopted by the job manager of process {adopter}", file=sys.stderr)
+                    self.beat(watched_by=watching)
+                    last_beat = time.monotonic()
+                else:
+                    if orphan_since is None:
+                        orphan_since = time.monotonic()
+                        print(f"the server (pid {watching}) is gone: waiting {grace:g} s for a new one to adopt this "
+                              "job", file=sys.stderr)
+                    if time.monotonic() - orphan_since >= grace:
+                        self.parent_pid = watching
+                        self.on_parent_gone()
+                        return
             if time.monotonic() - last_beat >= HEARTBEAT_S:
-                self.beat()
+                self.beat(watched_by=watching, orphaned=orphan_since is not None)
                 last_beat = time.monotonic()
             self.done.wait(PARENT_POLL_S)
+
+    def adopter(self, exclude: int) -> int | None:
+        """The pid of a live job manager that adopted this job after ``exclude`` died (``adopt.json``), or None."""
+        from .jobs import ADOPT_FILE
+
+        try:
+            pid = int(json.loads((self.folder / ADOPT_FILE).read_text(encoding="utf-8"))["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return pid if pid != exclude and pid != os.getpid() and _pid_alive(pid) else None
 
     def on_parent_gone(self) -> None:
         self.parent_gone.set()
@@ -161,6 +191,12 @@ class _Worker:
         print(f"job {self.run_id} ({job.kind}) ended: {state}" + (f" — {job.error}" if job.error else ""),
               file=sys.stderr)
         return 0
+
+
+def _pid_alive(pid: int) -> bool:
+    from .tracker.liveness import pid_alive
+
+    return pid_alive(pid)
 
 
 def main(argv: list[str] | None = None) -> int:

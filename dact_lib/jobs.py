@@ -116,6 +116,24 @@ JOB_DIR = "job"
 SPEC_FILE, BEAT_FILE, LOG_FILE, RESULT_FILE = "spec.json", "process.json", "log.txt", "result.json"
 HEARTBEAT_S = 2.0  # how often a worker rewrites its process.json
 STALE_AFTER_S = 30.0  # a heartbeat older than this does not make a worker adoptable
+ADOPT_FILE = "adopt.json"  # a later manager's pid in a job folder: the worker watches that process from then on
+ORPHAN_GRACE_S = 120.0  # a worker whose server died waits this long for a new server to adopt it
+
+
+def orphan_grace_s() -> float:
+    """``DACT_LAB_ORPHAN_GRACE_S`` (seconds a job outlives its server, waiting to be adopted; 0 = it stops with it),
+    default :data:`ORPHAN_GRACE_S`."""
+    raw = os.environ.get("DACT_LAB_ORPHAN_GRACE_S")
+    if raw is None or raw.strip() == "":
+        return ORPHAN_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise ConfigError(f"DACT_LAB_ORPHAN_GRACE_S = {raw!r} is invalid: set it to the seconds a job may outlive "
+                          "its server (0-86400; 0 = it stops with the server), or unset it for 120.")
+    return value
 CANCEL_GRACE_S = 3.0  # a cancelled worker still alive after this long is killed
 
 
@@ -347,6 +365,12 @@ class JobManager:
                 if run_id in self._jobs:
                     continue
                 self._jobs[run_id] = job
+            try:  # the worker watches this process from now on (it outlives a server restart, not the server)
+                from .files import atomic_write_json
+
+                atomic_write_json(job_folder(self.home, run_id) / ADOPT_FILE, {"pid": os.getpid(), "time": now})
+            except OSError as exc:
+                log.warning("could not tell the worker of run %s it is adopted: %s", run_id, exc)
             job.thread = threading.Thread(target=self._supervise, args=(job,), name=f"dact-job-{run_id}",
                                           daemon=True)
             job.thread.start()
@@ -503,7 +527,8 @@ class JobManager:
         options = jsonable(get_engine(job.kind).options(job.settings)) if job.kind in ENGINE_KINDS else {}
         return {"version": 1, "home": str(self.home), "run_id": job.run_id, "kind": job.kind, "name": job.name,
                 "config": job.config.to_dict(), "options": options, "resume": bool(job.resume),
-                "parent_pid": os.getpid(), "threads": job_threads(self.max_concurrent)}
+                "parent_pid": os.getpid(), "threads": job_threads(self.max_concurrent),
+                "orphan_grace_s": orphan_grace_s()}
 
     def _spawn(self, job: Job) -> subprocess.Popen:
         if _spawner is not None:  # the workers keep the server's priority, whichever thread asks (Spawner)

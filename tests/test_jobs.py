@@ -212,11 +212,17 @@ time.sleep(600)
 """
 
 
-def test_the_worker_ends_when_the_server_dies(home):
-    # a server (here: a process holding a JobManager) killed with -9 leaves no worker behind: the worker notices
-    # its parent is gone, stops and records its run 'interrupted' (resumable)
+def _start_server(home, grace_s: float) -> subprocess.Popen:
     code = _SERVER.format(tests=str(Path(__file__).parent), home=str(home))
-    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "DACT_LAB_ORPHAN_GRACE_S": str(grace_s)}
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def test_the_worker_ends_when_the_server_dies(home):
+    # a server (here: a process holding a JobManager) killed with -9 and not started again leaves no worker behind:
+    # the worker notices its parent is gone, waits the orphan grace (1 s here) for a new server to adopt it, then
+    # stops and records its run 'interrupted' (resumable)
+    server = _start_server(home, 1)
     try:
         rid = int(server.stdout.readline())
         tr = Tracker(home)
@@ -229,6 +235,41 @@ def test_the_worker_ends_when_the_server_dies(home):
     assert wait_for(lambda: not tracker_mod.liveness.pid_alive(worker), 60)
     run = tr.get_run(rid)
     assert run["status"] == "interrupted" and f"dashboard server (pid {server.pid}) stopped" in run["error"]
+
+
+def test_a_job_survives_a_server_restart(home, manager):
+    """Issue 28: a job survives a server restart — the server killed with -9, a new one (its job manager) started
+    within the orphan grace adopts the worker, which goes on training and watches the new server; its cancel
+    reaches it."""
+    server = _start_server(home, 120)
+    try:
+        rid = int(server.stdout.readline())
+        tr = Tracker(home)
+        assert wait_for(lambda: tr.last_steps([rid]).get(rid, 0) >= 1, 120)
+        worker = tr.get_run(rid)["pid"]
+    finally:
+        server.kill()
+        server.wait()
+    assert wait_for(lambda: (jobs_mod.read_heartbeat(home, rid) or {}).get("orphaned") is True, 30)
+    later = manager()  # the restarted server's job manager
+    assert later.adopted == [rid] and rid not in later.interrupted
+    assert wait_for(lambda: (jobs_mod.read_heartbeat(home, rid) or {}).get("watched_by") == os.getpid(), 30)
+    at = tr.last_steps([rid])[rid]
+    assert wait_for(lambda: tr.last_steps([rid])[rid] > at, 120)  # still training after the restart
+    assert tracker_mod.liveness.pid_alive(worker) and tr.get_run(rid)["status"] == "running"
+    assert later.cancel(rid)
+    assert later.wait(rid, 60) == "cancelled"
+    assert wait_for(lambda: not tracker_mod.liveness.pid_alive(worker), 60)
+
+
+def test_the_orphan_grace_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("DACT_LAB_ORPHAN_GRACE_S", raising=False)
+    assert jobs_mod.orphan_grace_s() == 120.0
+    monkeypatch.setenv("DACT_LAB_ORPHAN_GRACE_S", "0")
+    assert jobs_mod.orphan_grace_s() == 0.0
+    monkeypatch.setenv("DACT_LAB_ORPHAN_GRACE_S", "forever")
+    with pytest.raises(ConfigError, match="DACT_LAB_ORPHAN_GRACE_S = 'forever' is invalid"):
+        jobs_mod.orphan_grace_s()
 
 
 def test_a_later_manager_adopts_a_live_worker_and_can_cancel_it(home, manager):
