@@ -127,10 +127,11 @@ class MissingTools(Callback):
     def __init__(self, tools: list[str]) -> None:
         self.tools = tools
 
-    def _fail(self, *args) -> None:
+    def on_start(self, state: LoopState) -> None:
         require_tools(self.tools)
 
-    on_start = on_event = _fail
+    def on_event(self, state: LoopState, kind: str, payload: dict[str, Any]) -> None:
+        require_tools(self.tools)
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
@@ -173,7 +174,7 @@ FRONT_COLUMNS = ("family", "lambda", "threshold", "scale", "shift", "avg_exit_la
 def exit_front_rows(halting: dict) -> list[dict]:
     """The points of a ``halting_fit`` payload (λ, calibrated λ, threshold τ) as rows of :data:`FRONT_COLUMNS`:
     ``on_front`` = no other point exits earlier (or as early) with a higher accuracy; ``chosen`` = the run kept it."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for family, key in (("lambda", "points"), ("calibrated", "calibrated_front"), ("threshold", "threshold_points")):
         for p in halting.get(key) or []:
             if isinstance(p, dict) and isinstance(p.get("avg_exit_layer"), (int, float)) \
@@ -342,7 +343,7 @@ class MlflowReporter(Reporter):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.client = None
+        self.client: Any = None  # mlflow's MlflowClient once started
         self.mlflow_run_id: str | None = None
         self._buffer: list = []
         self._last_flush = time.monotonic()
@@ -443,7 +444,7 @@ class WandbReporter(Reporter):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.run = None
+        self.run: Any = None  # the wandb Run once started
 
     def start(self, state: LoopState) -> None:
         import wandb
@@ -505,7 +506,7 @@ class TensorBoardReporter(Reporter):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.writer = None
+        self.writer: Any = None  # torch's SummaryWriter once started
 
     def log_dir(self) -> Path:
         """``$DACT_LAB_TENSORBOARD_DIR/<run id>``, else the run folder's ``tensorboard/``, else ``<home>/
