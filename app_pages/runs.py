@@ -24,9 +24,8 @@ from dact_lib.tracker import ACTIVE_STATUSES, STATUSES
 from dact_lib.tracker.store import SCORE_KEYS
 from ui.forms import active_runs_caption
 from ui.safe import plain
-from ui.state import ACTIVE_REFRESH_S, refresh_every, tracker
+from ui.state import refresh_every, tracker
 
-REFRESH_S = ACTIVE_REFRESH_S
 X_CHOICES = {"step": "step", "epoch": "epoch", "wall time": "time"}
 
 MAX_EVENTS_SHOWN = 500
@@ -200,7 +199,7 @@ any_active = any(by_id[i]["status"] in ACTIVE_STATUSES for i in selected) or \
     (by_id.get(st.session_state.get("runs_focus")) or {}).get("status") in ACTIVE_STATUSES
 
 
-@st.fragment(run_every=REFRESH_S if any_active else None)
+@st.fragment(run_every=refresh_every() if any_active else None)  # 2 s until the first step, then 5 s
 def live(ids: list[int], was_active: bool) -> None:
     current = []
     for i in ids:

@@ -814,21 +814,27 @@ def test_the_page_reruns_when_work_starts_or_ends_so_every_status_changes_togeth
     from ui import state
 
     at = open_app()
-    assert at.session_state[state.TIMERS_ACTIVE] is False  # nothing runs: the page set up idle timers
+    assert at.session_state[state.TIMERS_ACTIVE] == "idle"  # nothing runs: the page set up idle timers
     reruns = []
     monkeypatch.setattr(state.st, "rerun", lambda *a, **k: reruns.append(1))
-    monkeypatch.setattr(state.st, "session_state", {state.TIMERS_ACTIVE: False})
+    monkeypatch.setattr(state.st, "session_state", {state.TIMERS_ACTIVE: "idle"})
     state.watch_status()
     assert reruns == []  # nothing changed
-    Tracker(app_home).create_run("backbone", {}, status="running")  # a run started elsewhere (CLI, another tab)
+    tr = Tracker(app_home)
+    rid = tr.create_run("backbone", {}, status="running")  # a run started elsewhere (CLI, another tab)
     state.watch_status()
-    assert reruns == [1] and state.st.session_state[state.TIMERS_ACTIVE] is True
+    assert reruns == [1] and state.st.session_state[state.TIMERS_ACTIVE] == "starting"
+    assert state.refresh_every() == state.ACTIVE_REFRESH_S  # until its first step shows: every 2 s
     state.watch_status()
     assert reruns == [1]  # once per change
-    # a job submitted on this page: its timers are already the active ones (set by submit_job), no rerun
-    monkeypatch.setattr(state.st, "session_state", {state.TIMERS_ACTIVE: True})
+    # its first step logged: the calmer timer (each redraw of every watching tab costs the training CPU)
+    tr.log_metrics(rid, {"train_loss": 1.0}, step=1)
     state.watch_status()
-    assert reruns == [1]
+    assert reruns == [1, 1] and state.refresh_every() == state.CALM_REFRESH_S
+    # a job submitted on this page: its timers are already the active ones (set by submit_job), no rerun
+    monkeypatch.setattr(state.st, "session_state", {state.TIMERS_ACTIVE: "training"})
+    state.watch_status()
+    assert reruns == [1, 1]
 
 
 def test_the_app_resolves_transformers_names_before_any_page_or_job_thread():

@@ -393,7 +393,7 @@ def submit_job(kind: str, cfg: RunConfig | dict, *, options: dict | None = None,
         unexpected(exc, "The job was not submitted")
         return None
     st.session_state["last_run_id"] = run_id
-    st.session_state[state.TIMERS_ACTIVE] = True  # this page's timers follow from here; no rerun to announce it
+    st.session_state[state.TIMERS_ACTIVE] = "starting"  # this page's timers follow from here; no rerun to announce it
     ahead = state.jobs().ahead(run_id)
     if ahead is not None:
         st.success(f"Queued job **#{run_id}** ({kind}, {ahead} ahead): it starts when the "

@@ -93,11 +93,15 @@ def jobs() -> JobManager:
     return _jobs(home())
 
 
-#: seconds between re-reads of what shows a status (run tables, the sidebar's job counts): every such part of a
-#: page uses this one timer, so they change together; IDLE_REFRESH_S while nothing runs (a run started from
-#: another tab or the CLI still appears without a reload)
+#: seconds between re-reads of what shows a status (run tables, live curves, progress): every such part of a page
+#: uses this one timer, so they change together. ACTIVE_REFRESH_S while a run is starting (queued, or no step
+#: logged yet: the first step shows at once), CALM_REFRESH_S once every active run trains (each tab's redraw costs
+#: the training CPU on a small machine: docs/benchmarks.md, "The dashboard never slows the work"), IDLE_REFRESH_S
+#: while nothing runs (a run started from another tab or the CLI still appears without a reload)
 ACTIVE_REFRESH_S = 2.0
+CALM_REFRESH_S = 5.0
 IDLE_REFRESH_S = 10.0
+PERIODS = {"starting": ACTIVE_REFRESH_S, "training": CALM_REFRESH_S, "idle": IDLE_REFRESH_S}
 
 
 #: session key: whether this page's timers were set up for active work (refresh_every's answer at the last full
@@ -115,19 +119,40 @@ def anything_active() -> bool:
         return False
 
 
+def status_mode() -> str:
+    """``"idle"`` (nothing queued or running), ``"starting"`` (a job is queued, or an active training run has not
+    logged a step yet) or ``"training"``."""
+    from dact_lib.engines import ENGINE_KINDS
+    from dact_lib.tracker import ACTIVE_STATUSES
+
+    try:
+        counts = jobs().counts()
+        runs = tracker().list_runs(status=list(ACTIVE_STATUSES), limit=50)
+        if not runs and not counts.get("running") and not counts.get("queued"):
+            return "idle"
+        if counts.get("queued") or any(r["status"] == "queued" for r in runs):
+            return "starting"
+        trained = [r["id"] for r in runs if r["kind"] not in ENGINE_KINDS]
+        stepped = tracker().last_steps(trained) if trained else {}
+        return "starting" if any(i not in stepped for i in trained) else "training"
+    except Exception:  # noqa: BLE001 - a busy database must not break a page
+        return "idle"
+
+
 def refresh_every() -> float:
-    """The status timer of this rerun: ACTIVE_REFRESH_S while a job of this server or any run of the home is
-    queued or running, else IDLE_REFRESH_S. Recorded for :func:`watch_status`."""
-    active = anything_active()
-    st.session_state[TIMERS_ACTIVE] = active
-    return ACTIVE_REFRESH_S if active else IDLE_REFRESH_S
+    """The status timer of this rerun, by :func:`status_mode` (:data:`PERIODS`). Recorded for
+    :func:`watch_status`."""
+    mode = status_mode()
+    st.session_state[TIMERS_ACTIVE] = mode
+    return PERIODS[mode]
 
 
 def watch_status() -> None:
-    """Called every ACTIVE_REFRESH_S by the sidebar: when work started or ended since the page set up its timers
-    (a job submitted on another page or tab, a run started from the CLI, the last job finished), rerun the whole
-    page, so every part that shows a status — run tables, pickers, progress, counts — switches together."""
-    active = anything_active()
-    if active != st.session_state.get(TIMERS_ACTIVE, active):
-        st.session_state[TIMERS_ACTIVE] = active
+    """Called every ACTIVE_REFRESH_S by the sidebar: when work started, got past its first step or ended since the
+    page set up its timers (a job submitted on another page or tab, a run started from the CLI, the last job
+    finished), rerun the whole page, so every part that shows a status — run tables, pickers, progress, counts —
+    switches together, on the timer the new state asks for."""
+    mode = status_mode()
+    if mode != st.session_state.get(TIMERS_ACTIVE, mode):
+        st.session_state[TIMERS_ACTIVE] = mode
         st.rerun()
