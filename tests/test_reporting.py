@@ -251,3 +251,44 @@ def test_the_cli_flag_and_no_reporters_by_default(home):
     assert config_from_args(args).train.report_to == ["mlflow", "tensorboard"]
     assert default_config("dact").train.report_to == []
     assert reporting.build_reporters(default_config("dact"), 1) == []
+
+
+def test_a_resumed_run_continues_the_same_mlflow_run_and_tensorboard_folder(home, tmp_path, monkeypatch):
+    """train --resume: the reporters find where the run reported (its reported_to events) and go on there."""
+    if not (HAVE["mlflow"] and HAVE["tensorboard"]):
+        pytest.skip("mlflow and tensorboard are needed")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dact_lib.callbacks import Callback, CancelToken
+    from dact_lib.errors import Cancelled
+    from dact_lib.train import resume_config
+
+    tool_env(monkeypatch, tmp_path)
+    token = CancelToken()
+
+    class CancelAfterTheFirstEvaluation(Callback):
+        def on_eval(self, state, logs):
+            token.cancel("stopped by the test")
+
+    tr = Tracker(home)
+    with pytest.raises(Cancelled):
+        train(tiny_cfg("backbone", ["mlflow", "tensorboard"], epochs=3), tracker=tr, home=home, cancel=token,
+              callbacks=[CancelAfterTheFirstEvaluation()])
+    (run,) = tr.list_runs()
+    assert run["status"] == "cancelled"
+    train(resume_config(tr, run["id"]), tracker=tr, home=home, run_id=run["id"], resume=True)
+    assert tr.get_run(run["id"])["status"] == "finished"
+    where = [e["payload"] for e in tr.get_events(run["id"], ["reported_to"])]
+    mlflow_runs = {w["run_id"] for w in where if w["tool"] == "mlflow"}
+    assert len(where) == 4 and len(mlflow_runs) == 1  # two starts, one MLflow run
+    client = MlflowClient(tracking_uri=where[0]["tracking_uri"])
+    (run_id,) = mlflow_runs
+    assert client.get_run(run_id).info.status == "FINISHED"
+    ours = tr.get_metrics(run["id"], names=["train_loss"]).sort_values("step")
+    history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == ours["step"].tolist()
+    assert len({w["log_dir"] for w in where if w["tool"] == "tensorboard"}) == 1
+    acc = EventAccumulator(where[1]["log_dir"] if where[1]["tool"] == "tensorboard" else where[0]["log_dir"])
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train_loss")] == ours["step"].tolist()
