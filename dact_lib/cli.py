@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    import dact_lib
+    from .version import version
 
-    return dact_lib.__version__
+    return version()
 
 
 def _run_kinds(tracker, given: str) -> list[str]:

@@ -458,7 +458,11 @@ def test_version_comes_from_the_distribution_and_falls_back_to_pyproject(capsys,
         raise metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(metadata, "version", not_installed)
-    assert dact_lib._version() == _pyproject_version()
+    from dact_lib.version import version
+
+    version.cache_clear()
+    assert version() == _pyproject_version()
+    version.cache_clear()
 
 
 def test_help_and_readme_list_the_exit_statuses(capsys):

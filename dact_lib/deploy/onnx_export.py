@@ -463,7 +463,7 @@ def _manifest(loaded, model, tasks, specs, variants, quant, policy_text, tok_inf
     import onnxruntime
     import transformers
 
-    import dact_lib
+    from ..version import version
 
     man = {
         "format": FORMAT,
@@ -482,7 +482,7 @@ def _manifest(loaded, model, tasks, specs, variants, quant, policy_text, tok_inf
         "source_run": {"run_dir": str(loaded.run_dir), "run": _run_id(Path(loaded.run_dir)),
                        "halting_choice": loaded.halting},
         "check": check,
-        "exported_with": {"dact_lib": dact_lib.__version__, "torch": torch.__version__,
+        "exported_with": {"dact_lib": version(), "torch": torch.__version__,
                           "transformers": transformers.__version__, "onnx": onnx.__version__,
                           "onnxruntime": onnxruntime.__version__},
         "export_seconds": round(seconds, 2),
