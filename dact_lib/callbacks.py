@@ -9,6 +9,7 @@ notable ``on_event(state, kind, payload)``; finally ``on_end(state, status)``. `
 """
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 import time
@@ -39,8 +40,19 @@ class CancelToken:
             raise Cancelled(self.reason or "cancelled")
 
 
+#: the keys of a resume checkpoint the loop itself writes and reads back (train.RESUME_KEYS adds the tensors)
+LOOP_KEYS = ("step", "epoch", "batch", "stop", "stop_reason", "samples_seen", "best_metric", "best_epoch",
+             "best_step", "best_metrics", "history", "stopper", "micro_batch")
+STOPPER_KEYS = ("raw", "smoothed", "best", "best_index", "bad")
+
+
 @dataclass
 class LoopState:
+    """Everything a training run owns, in one place: where it is, what it measured and decided, the objects it
+    trains, and how it ended. The loop writes it; callbacks read it (they change the optimisation only through
+    :meth:`set_lr_schedule`, the model and optimizer only in place). :meth:`resume_dict` / :meth:`restore` are the
+    run's resume checkpoint without its tensors."""
+
     run_id: Any = None
     step: int = 0  # optimisation steps done
     epoch: int = 0  # 0-based epoch in progress
@@ -48,12 +60,36 @@ class LoopState:
     epochs: int = 0
     samples_seen: int = 0
     start_time: float = field(default_factory=time.time)
-    best_metric: float | None = None
-    best_epoch: int | None = None
     batch_size: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
     #: step -> learning-rate factor (warm-up then linear decay); replace it with :meth:`set_lr_schedule` only
     lr_schedule: Any = None
+    # the loop's objects (read-only for callbacks)
+    model: Any = None
+    optimizer: Any = None
+    config: Any = None
+    label_maps: dict[str, list[str]] = field(default_factory=dict)
+    train_size: int = 0
+    stopper: Any = None  # train.EarlyStopping
+    micro_batch: int | None = None  # the micro-batch after out-of-memory retries (the batch stays batch_size)
+    # what it measured and decided
+    history: list[dict] = field(default_factory=list)  # one row per validation: step + the val_ metrics
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    best_step: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_state: dict | None = None  # the best weights, when there is no run folder to hold them
+    stop: bool = False
+    stop_reason: str | None = None
+    #: what callbacks keep across a resume, by callback (PBT: the member's hyperparameters and schedule) ...
+    callback_state: dict[str, Any] = field(default_factory=dict)
+    #: ... and what they kept, given back to them in on_start of a resumed run
+    resumed_callback_state: dict[str, Any] = field(default_factory=dict)
+    # how it ended (for on_end)
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    traceback: str | None = None
+    #: a plug-in's own keys (PBT: "pbt_member", "pbt_ray"), nothing the loop reads
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def set_lr_schedule(self, schedule) -> None:
         """Replace the learning-rate factor schedule from the next step on — the one way a callback changes the
@@ -65,6 +101,33 @@ class LoopState:
     def progress(self) -> float:
         return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
 
+    def resume_dict(self, *, epoch: int, batch: int, stop: bool | None = None) -> dict[str, Any]:
+        """The loop's part of a resume checkpoint (:data:`LOOP_KEYS`): go on with batch ``batch`` of epoch
+        ``epoch``. Copies, so the checkpoint does not change with the run."""
+        stopper = self.stopper
+        return {"step": int(self.step), "epoch": int(epoch), "batch": int(batch),
+                "stop": bool(self.stop if stop is None else stop), "stop_reason": self.stop_reason,
+                "samples_seen": int(self.samples_seen), "best_metric": self.best_metric,
+                "best_epoch": self.best_epoch, "best_step": self.best_step, "best_metrics": dict(self.best_metrics),
+                "history": [dict(h) for h in self.history],
+                "stopper": {k: copy.deepcopy(getattr(stopper, k)) for k in STOPPER_KEYS} if stopper else {},
+                "micro_batch": self.micro_batch}
+
+    def restore(self, resumed: dict[str, Any]) -> tuple[int, int]:
+        """Take a resume checkpoint's loop part back (the stopper must be set first); returns ``(epoch, batch)``
+        to go on from. The callbacks' kept state is offered to them as :attr:`resumed_callback_state`."""
+        self.step, self.samples_seen = int(resumed["step"]), int(resumed["samples_seen"])
+        self.best_metric, self.best_epoch = resumed["best_metric"], resumed["best_epoch"]
+        self.best_step = resumed["best_step"]
+        self.best_metrics = dict(resumed["best_metrics"])
+        self.history = [dict(h) for h in resumed["history"]]
+        self.stop, self.stop_reason = bool(resumed["stop"]), resumed["stop_reason"]
+        self.micro_batch = resumed["micro_batch"]
+        if self.stopper is not None:
+            for k, v in resumed["stopper"].items():
+                setattr(self.stopper, k, v)
+        self.resumed_callback_state = dict(resumed.get("callbacks") or {})
+        return int(resumed["epoch"]), int(resumed["batch"])
 
 
 class Callback:

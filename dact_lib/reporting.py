@@ -317,8 +317,8 @@ class Reporter(Callback):
 
     @staticmethod
     def results(state: LoopState) -> dict:
-        """The run's best / test metrics and stop reason at its end (the loop's ``state.extra["summary"]``)."""
-        s = (getattr(state, "extra", None) or {}).get("summary") or {}
+        """The run's best / test metrics and stop reason at its end (the loop's ``state.summary``)."""
+        s = state.summary or {}
         return {"best": numeric(s.get("best") or {}), "test": numeric(s.get("test") or {}),
                 "stop_reason": s.get("stop_reason")}
 

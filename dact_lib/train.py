@@ -611,8 +611,233 @@ def write_run_files(run_dir: Path, model, cfg: RunConfig, tracker, run_id, repor
                 tracker.add_artifact(run_id, str(run_dir / name), kind)
 
 
-# complexity: the step loop and its closures share the run's local state (history, stopper, running sums);
-# moving that state into LoopState's typed fields is what splits it further
+class TrainingWindow:
+    """The training metrics since the last log: loss (and per-task losses), rows, and the right answers / exit
+    layers of :func:`train_step` — summed on the device, so a step costs no host sync; read when logged."""
+
+    def __init__(self, device, running: dict | None = None) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.task: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, torch.Tensor] = {}
+        self.n, self.rows, self.since = 0, 0, time.perf_counter()
+        if running:  # the sums an interrupted run had gathered since its last log
+            self.loss += running["loss"]
+            self.n, self.rows = int(running["n"]), int(running["samples"])
+            self.task = {t: torch.tensor(v, device=device) for t, v in running["task"].items()}
+            self.stats = {k: torch.tensor(v, device=device) for k, v in running["stats"].items()}
+
+    def add(self, loss: torch.Tensor, task_losses: dict[str, torch.Tensor], rows: int) -> None:
+        self.loss += loss
+        if len(task_losses) > 1:
+            for t, v in task_losses.items():
+                self.task[t] = self.task.get(t, 0) + v
+        self.n += 1
+        self.rows += rows
+
+    def logs(self, optimizer, epoch: int, multi_task: bool) -> dict[str, float]:
+        """The step log (train_loss, learning rates, samples/s, epoch, training accuracy …); starts a new window."""
+        now = time.perf_counter()
+        logs = {"train_loss": float(self.loss) / self.n, **group_lrs(optimizer),
+                "samples_per_s": self.rows / max(now - self.since, 1e-9), "epoch": epoch + 1}
+        for t, v in self.task.items():
+            logs[f"train_loss/{t}"] = float(v) / self.n
+        logs.update(train_stats(self.stats, self.rows, multi_task))
+        self.task.clear()
+        self.stats.clear()
+        self.loss.zero_()
+        self.n, self.rows, self.since = 0, 0, now
+        return logs
+
+    def to_dict(self) -> dict:
+        return {"loss": float(self.loss), "n": self.n, "samples": self.rows,
+                "task": {t: float(v) for t, v in self.task.items()},
+                "stats": {k: float(v) for k, v in self.stats.items()}}
+
+
+@dataclass
+class Loop:
+    """The steps of one training run: its epochs of batches, the validations, the checkpoints. Built by
+    :func:`train` once the model, optimizer and data are ready; :meth:`run` trains until the last epoch, an early
+    stop, ``max_steps`` or the time limit."""
+
+    cfg: RunConfig
+    state: LoopState
+    cbs: CallbackList
+    cancel: CancelToken
+    device: torch.device
+    tokenizer: Any
+    run_dir: Path | None
+    enc_train: Any
+    enc_val: Any
+    memory: BatchSizeManager
+    mid_evals: set[int]
+    deadline: float | None
+    window: TrainingWindow | None = None
+    last_resume: float = field(default_factory=time.monotonic)
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.cfg.train
+
+    def evaluate(self) -> bool:
+        """Validation, callbacks, early stopping, best checkpoint. Returns True when training should stop."""
+        s, tc = self.state, self.tc
+        res = evaluate_encoded(s.model, self.enc_val, max(tc.batch_size, 64), self.device, tc.precision)
+        logs = metrics_of(res, "val_")
+        logs["epoch"] = s.epoch + 1
+        s.history.append({"step": s.step, **logs})
+        metric = tc.early_stopping.metric
+        if metric not in logs:
+            raise DactLabError(f"train.early_stopping.metric = {metric!r} is not measured: choose one of "
+                               f"{sorted(k for k in logs if k.startswith('val_'))}.")
+        improved, reason = s.stopper.update(logs[metric])
+        if improved:
+            s.best_metrics = dict(logs)
+            s.best_metric, s.best_epoch, s.best_step = logs[metric], s.epoch + 1, s.step
+            if self.run_dir is not None:
+                save_model(self.run_dir, s.model, self.tokenizer, self.cfg, s.label_maps)
+            else:
+                s.best_state = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+            self.cbs.on_event(s, ev.CHECKPOINT, {"epoch": s.epoch + 1, "step": s.step, metric: logs[metric]})
+        self.cbs.on_eval(s, logs)
+        if reason:
+            s.stop_reason = reason
+            self.cbs.on_event(s, ev.EARLY_STOP, {"reason": reason, "epoch": s.epoch + 1, "step": s.step})
+            return True
+        return False
+
+    def save_resume(self, epoch: int, batch: int, stopping: bool) -> None:
+        """The resume checkpoint: what the loop needs to go on with batch ``batch`` of epoch ``epoch``."""
+        if self.run_dir is None or not self.tc.resume_checkpoints:
+            return
+        self.last_resume = time.monotonic()
+        s = self.state
+        write_resume_state(self.run_dir, {
+            **s.resume_dict(epoch=epoch, batch=batch, stop=stopping),
+            "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "callbacks": copy.deepcopy(s.callback_state),  # PBT: the member's hyperparameters and schedule
+            # the training metrics' running sums since the last log: the resumed run logs the same train_loss
+            "running": self.window.to_dict()})
+
+    def step(self, batch: dict, epoch: int) -> None:
+        """One optimisation step and its log (every ``log_every_steps``, the last step and step 1)."""
+        s, tc = self.state, self.tc
+        loss, task_losses = train_step(s.model, s.optimizer, batch, self.device, tc, self.memory, self.cbs, s,
+                                       self.window.stats)
+        rows = batch["input_ids"].shape[0]
+        self.window.add(loss, task_losses, rows)
+        s.step += 1
+        s.samples_seen += rows
+        s.micro_batch = self.memory.micro
+        set_lr_factor(s.optimizer, s.lr_schedule(s.step))
+        if s.step % tc.log_every_steps == 0 or s.step == s.total_steps or s.step == 1:  # 1: feedback at once
+            self.cbs.on_step(s, self.window.logs(s.optimizer, epoch, len(task_losses) > 1))
+        else:
+            self.cbs.on_step(s, {})
+
+    def run(self, start_epoch: int, skip_batches: int) -> bool:
+        """Train from batch ``skip_batches`` of epoch ``start_epoch``; returns whether the time limit ended it."""
+        s, tc, cbs = self.state, self.tc, self.cbs
+        out_of_time = False
+        s.model.train()
+        for epoch in range(start_epoch, tc.epochs if not s.stop else start_epoch):
+            s.epoch = epoch
+            if epoch > start_epoch and tc.gradual_unfreeze and tc.freeze_layers:
+                frozen = apply_freezing(s.model, tc, epoch)  # the released layers are already in the optimizer
+                cbs.on_event(s, ev.UNFREEZE, {"epoch": epoch + 1, "frozen_layers": frozen})
+            skip = skip_batches if epoch == start_epoch else 0
+            done_in_epoch = 0
+            for batch in iter_batches(self.enc_train, tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch,
+                                      group_by_length=tc.group_by_length, pad_to=tc.pad_to):
+                done_in_epoch += 1
+                if done_in_epoch <= skip:  # resumed: these batches were trained before the interruption
+                    continue
+                self.cancel.check()
+                self.step(batch, epoch)
+                evaluated = bool(tc.eval_every_steps and s.step % tc.eval_every_steps == 0) or \
+                    done_in_epoch in self.mid_evals
+                if evaluated:
+                    s.stop = self.evaluate()
+                    self.save_resume(epoch, done_in_epoch, s.stop)
+                elif tc.resume_every_min and time.monotonic() - self.last_resume >= 60.0 * tc.resume_every_min:
+                    self.save_resume(epoch, done_in_epoch, False)  # between evaluations: lose at most that much
+                if self.deadline is not None and not s.stop and time.monotonic() >= self.deadline:
+                    out_of_time = True
+                    if not evaluated:
+                        s.stop = self.evaluate()
+                    s.stop_reason = s.stop_reason or f"time limit of {tc.time_limit_min:g} min reached"
+                    cbs.on_event(s, ev.TIME_LIMIT, {"step": s.step, "minutes": tc.time_limit_min})
+                    break
+                if s.stop or (tc.max_steps and s.step >= tc.max_steps):
+                    break
+            if not s.stop and not out_of_time and not tc.eval_every_steps:
+                s.stop = self.evaluate()
+            cbs.on_epoch_end(s, s.history[-1] if s.history else {})
+            last = s.stop or out_of_time or bool(tc.max_steps and s.step >= tc.max_steps) or epoch + 1 == tc.epochs
+            if not tc.eval_every_steps or last:
+                self.save_resume(epoch + 1, 0, last)
+            if s.stop or out_of_time or (tc.max_steps and s.step >= tc.max_steps):
+                break
+        return out_of_time
+
+
+    def finish(self, enc_test) -> tuple[dict, dict, dict | None, dict | None]:
+        """After the last step: the best weights back, the kind's own after-training steps (:data:`AFTER_TRAINING`)
+        with the validation metrics of the model as then saved, and the test split (``enc_test``; None: not
+        evaluated). Returns ``(test metrics, test report, exit_refit report, halting report)``."""
+        s, tc, cbs, model = self.state, self.tc, self.cbs, self.state.model
+        if self.run_dir is not None and (self.run_dir / "model.safetensors").exists():
+            restore_weights(model, self.run_dir)
+        elif s.best_state is not None:
+            model.load_state_dict(s.best_state)
+        cbs.on_event(s, ev.RESTORED_BEST, {"epoch": s.best_epoch, "step": s.best_step})
+        hook = AFTER_TRAINING.get(self.cfg.kind)
+        exit_report, halting_report = hook(model, self.cfg, self.enc_train, self.enc_val, cancel=self.cancel,
+                                           deadline=self.deadline, cbs=cbs, state=s, run_dir=self.run_dir) \
+            if hook is not None else (None, None)
+        if exit_report is not None or halting_report is not None:
+            # the validation metrics of the model as it is now saved (the DACT answer a_N and the exits depend on
+            # the classifiers and the halting units): recorded at the last step and kept as the run's best metrics
+            res = evaluate_encoded(model, self.enc_val, max(tc.batch_size, 64), self.device, tc.precision)
+            refit = metrics_of(res, "val_")
+            s.best_metrics = {**s.best_metrics, **refit}
+            cbs.on_eval(s, refit)
+            if self.run_dir is not None:
+                save_model(self.run_dir, model, self.tokenizer, self.cfg, s.label_maps)
+        test_metrics: dict = {}
+        report: dict = {}
+        if enc_test is not None:
+            cbs.on_event(s, ev.PHASE, {"phase": f"evaluating the test split ({len(enc_test):,} rows)"})
+            res = evaluate_encoded(model, enc_test, max(tc.batch_size, 64), self.device, tc.precision)
+            test_metrics = metrics_of(res, "test_")
+            report = full_report(res, s.label_maps)
+            cbs.on_eval(s, test_metrics)
+        return test_metrics, report, exit_report, halting_report
+
+
+def prepare_model(cfg: RunConfig, split: DatasetSplit, state: LoopState, cbs: CallbackList, device, home,
+                  model, tokenizer):
+    """Before the first step, each part a named phase: the model built (unless given), class counts for a
+    balanced multi-task loss, the splits tokenised. Returns ``(model, tokenizer, enc_train, enc_val, enc_test)``."""
+    label_maps = split.train.label_maps
+    n_rows = len(split.train) + len(split.val) + (len(split.test) if split.test is not None else 0)
+    if model is None:
+        cbs.on_event(state, ev.PHASE, {"phase": "loading the encoder", "encoder": cfg.encoder})
+        model, tokenizer = build_model(cfg, label_maps, home)
+    if cfg.kind == "multitask" and cfg.model.class_weighting == "balanced":
+        model.set_class_counts({t: np.bincount(y, minlength=len(label_maps[t]))
+                                for t, y in split.train.targets.items()})
+    model.to(device)
+    cbs.on_event(state, ev.PHASE, {"phase": f"tokenising {n_rows:,} rows", "rows": n_rows,
+                                  "train_rows": len(split.train)})
+    enc_train = encode(split.train, tokenizer, cfg.data.max_seq_len)
+    enc_val = encode(split.val, tokenizer, cfg.data.max_seq_len)
+    enc_test = encode(split.test, tokenizer, cfg.data.max_seq_len) if split.test is not None else None
+    cbs.on_event(state, ev.PHASE, {"phase": "training"})
+    return model, tokenizer, enc_train, enc_val, enc_test
+
+
 def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, home=None, tracker=None,
           callbacks: list[Callback] | None = None, cancel: CancelToken | None = None, run_id: Any = None,
           parent_id: Any = None, save: bool = True, evaluate_test: bool = True, model: nn.Module | None = None,
@@ -629,6 +854,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
     ``resume_state`` (a dict in the :data:`RESUME_FILE` format, held in memory) continues from that state instead
     of a run's resume checkpoint, with or without a tracker: PBT on Ray (``tuning/pbt_ray.py``) restores a member
     from a Ray checkpoint this way — its own, or a donor's weights and optimizer at the member's own step."""
+    # --- setup: config, data, the run record
     cfg.validate()
     tc = cfg.train
     cancel = cancel or CancelToken()
@@ -636,275 +862,93 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
     device = pick_device(tc.device)
-
     split, dataset_id = load_split(cfg, tracker, data)
     if split.val is None:
         raise DactLabError("No validation data: set data.val_frac > 0 or give data.val_path.")
-    label_maps = split.train.label_maps
-
     cbs = CallbackList(list(callbacks or []))
-    run_dir = None
-    resumed: dict | None = None
-    if resume_state is not None:
-        resumed = resume_state
-    elif resume:
-        resumed = load_resume_state(tracker, run_id)
+    resumed = resume_state if resume_state is not None else load_resume_state(tracker, run_id) if resume else None
     run_id, run_dir = open_run(cfg, cbs, tracker=tracker, home=home, run_id=run_id, parent_id=parent_id,
                                dataset_id=dataset_id, save=save, resumed=resumed)
-
-    state = LoopState(run_id=run_id, epochs=tc.epochs, batch_size=tc.batch_size)
-    status, error, stop_reason = "failed", None, None
-    history: list[dict] = []
-    best_metrics: dict[str, float] = {}
-    test_metrics: dict[str, float] = {}
-    report: dict = {}
+    state = LoopState(run_id=run_id, epochs=tc.epochs, batch_size=tc.batch_size, config=cfg,
+                      label_maps=split.train.label_maps)
+    status, test_metrics, report = "failed", {}, {}
     try:
-        # what happens before the first step, as "phase" events: the Runs page shows the phase until step 1
-        n_rows = len(split.train) + len(split.val) + (len(split.test) if split.test is not None else 0)
-        if model is None:
-            cbs.on_event(state, ev.PHASE, {"phase": "loading the encoder", "encoder": cfg.encoder})
-            model, tokenizer = build_model(cfg, label_maps, home)
-        if cfg.kind == "multitask" and cfg.model.class_weighting == "balanced":
-            model.set_class_counts({t: np.bincount(y, minlength=len(label_maps[t]))
-                                    for t, y in split.train.targets.items()})
-        model.to(device)
+        # --- the model, the optimizer and the schedule
+        model, tokenizer, enc_train, enc_val, enc_test = prepare_model(cfg, split, state, cbs, device, home, model,
+                                                                       tokenizer)
         if run_dir is not None:
             cfg.save(run_dir / "config.json")
-
-        cbs.on_event(state, ev.PHASE, {"phase": f"tokenising {n_rows:,} rows", "rows": n_rows,
-                                      "train_rows": len(split.train)})
-        enc_train = encode(split.train, tokenizer, cfg.data.max_seq_len)
-        enc_val = encode(split.val, tokenizer, cfg.data.max_seq_len)
-        enc_test = encode(split.test, tokenizer, cfg.data.max_seq_len) if split.test is not None else None
-        cbs.on_event(state, ev.PHASE, {"phase": "training"})
-
         apply_freezing(model, tc, epoch=0)
         optimizer = make_optimizer(model, tc)
         steps_per_epoch = num_batches(enc_train, tc.batch_size)
-        total = steps_per_epoch * tc.epochs
-        if tc.max_steps:
-            total = min(total, tc.max_steps)
+        total = min(steps_per_epoch * tc.epochs, tc.max_steps or steps_per_epoch * tc.epochs)
         set_lr_factor(optimizer, warmup_linear(total, tc.warmup_ratio)(0))
-        state.total_steps = total
-        # read-only views for callbacks; a callback changes the schedule only through state.set_lr_schedule
-        state.extra.update(model=model, optimizer=optimizer, config=cfg, label_maps=label_maps,
-                           train_size=len(enc_train))
+        state.total_steps, state.train_size = total, len(enc_train)
+        state.model, state.optimizer = model, optimizer
         state.set_lr_schedule(warmup_linear(total, tc.warmup_ratio))
-        memory = BatchSizeManager(tc.batch_size, tc.min_batch_size, tc.max_batch_size)
         per_epoch = evals_per_epoch(tc, steps_per_epoch)
-        # mid-epoch validations (evals_per_epoch > 1): after these batches of every epoch; the last is its end
-        mid_evals = {round(j * steps_per_epoch / per_epoch) for j in range(1, per_epoch)}
-        stopper = EarlyStopping(tc.early_stopping, per_epoch)
-        start_epoch, skip_batches, stop = 0, 0, False
+        state.stopper = EarlyStopping(tc.early_stopping, per_epoch)
+        memory = BatchSizeManager(tc.batch_size, tc.min_batch_size, tc.max_batch_size)
+        state.micro_batch = memory.micro
+        start_epoch, skip_batches = 0, 0
         if resumed is not None:
             model.load_state_dict(resumed["model"])
             optimizer.load_state_dict(resumed["optimizer"])
-            state.step, state.samples_seen = resumed["step"], resumed["samples_seen"]
-            state.best_metric, state.best_epoch = resumed["best_metric"], resumed["best_epoch"]
-            state.extra["best_step"] = resumed["best_step"]
-            for k, v in resumed["stopper"].items():
-                setattr(stopper, k, v)
-            history[:] = resumed["history"]
-            best_metrics = dict(resumed["best_metrics"])
-            memory.micro = resumed["micro_batch"]
-            start_epoch, skip_batches, stop = resumed["epoch"], resumed["batch"], resumed["stop"]
-            stop_reason = resumed["stop_reason"]
+            start_epoch, skip_batches = state.restore(resumed)
+            memory.micro = state.micro_batch
             apply_freezing(model, tc, epoch=start_epoch)
-            state.extra["resumed_extra"] = resumed.get("callbacks") or {}  # read by callbacks in on_start
         cbs.on_start(state)
         from .evaluate import resolve_precision
 
         cbs.on_event(state, ev.START, {"train": len(enc_train), "val": len(enc_val),
                                       "test": len(enc_test) if enc_test is not None else 0, "device": str(device),
                                       "precision": resolve_precision(tc.precision, device),
-                                      "steps": total, "steps_per_epoch": steps_per_epoch, "labels": label_maps,
-                                      "evals_per_epoch": per_epoch})
-
-        def save_resume(epoch: int, batch: int, stopping: bool) -> None:
-            """The resume checkpoint: what the loop needs to go on with batch ``batch`` of epoch ``epoch``."""
-            nonlocal last_resume
-            if run_dir is None or not tc.resume_checkpoints:
-                return
-            last_resume = time.monotonic()
-            write_resume_state(run_dir, {
-                "step": state.step, "epoch": epoch, "batch": batch, "stop": stopping, "stop_reason": stop_reason,
-                "samples_seen": state.samples_seen, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
-                "best_step": state.extra.get("best_step"), "best_metrics": best_metrics, "history": history,
-                "stopper": {k: getattr(stopper, k) for k in ("raw", "smoothed", "best", "best_index", "bad")},
-                "micro_batch": memory.micro, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng_state(), "config": cfg.to_dict(),
-                # what callbacks keep across a resume (PBT: the member's hyperparameters and schedule)
-                "callbacks": copy.deepcopy(state.extra.get("resume_extra") or {}),
-                # the training metrics' running sums since the last log: the resumed run logs the same train_loss
-                "running": {"loss": float(loss_acc), "n": n_acc, "samples": samples_log,
-                            "task": {t: float(v) for t, v in task_acc.items()},
-                            "stats": {k: float(v) for k, v in stats.items()}}})
-
-        def evaluate_and_checkpoint() -> bool:
-            """Validation, callbacks, early stopping, best checkpoint. Returns True when training should stop."""
-            nonlocal best_metrics, stop_reason
-            res = evaluate_encoded(model, enc_val, max(tc.batch_size, 64), device, tc.precision)
-            logs = metrics_of(res, "val_")
-            logs["epoch"] = state.epoch + 1
-            history.append({"step": state.step, **logs})
-            metric = tc.early_stopping.metric
-            if metric not in logs:
-                raise DactLabError(f"train.early_stopping.metric = {metric!r} is not measured: choose one of "
-                                   f"{sorted(k for k in logs if k.startswith('val_'))}.")
-            improved, reason = stopper.update(logs[metric])
-            if improved:
-                best_metrics = dict(logs)
-                state.best_metric, state.best_epoch = logs[metric], state.epoch + 1
-                state.extra["best_step"] = state.step
-                if run_dir is not None:
-                    save_model(run_dir, model, tokenizer, cfg, label_maps)
-                else:
-                    state.extra["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                cbs.on_event(state, ev.CHECKPOINT, {"epoch": state.epoch + 1, "step": state.step, metric: logs[metric]})
-            cbs.on_eval(state, logs)
-            if reason:
-                stop_reason = reason
-                cbs.on_event(state, ev.EARLY_STOP, {"reason": reason, "epoch": state.epoch + 1, "step": state.step})
-                return True
-            return False
-
-        model.train()
-        loss_acc = torch.zeros((), device=device)  # summed on device: no host sync per step
-        task_acc: dict[str, torch.Tensor] = {}  # multi-task: per-task training loss, summed on device
-        n_acc, t_log, samples_log = 0, time.perf_counter(), 0
-        stats: dict[str, torch.Tensor] = {}  # right answers / exit layers since the last log (on the device)
-        last_resume = time.monotonic()  # when the last resume checkpoint was written (resume_every_min)
-        running = (resumed or {}).get("running")
-        if running:  # the sums the interrupted run had gathered since its last log
-            loss_acc += running["loss"]
-            n_acc, samples_log = int(running["n"]), int(running["samples"])
-            task_acc = {t: torch.tensor(v, device=device) for t, v in running["task"].items()}
-            stats = {k: torch.tensor(v, device=device) for k, v in running["stats"].items()}
+                                      "steps": total, "steps_per_epoch": steps_per_epoch,
+                                      "labels": state.label_maps, "evals_per_epoch": per_epoch})
+        # mid-epoch validations (evals_per_epoch > 1): after these batches of every epoch; the last is its end
+        mid_evals = {round(j * steps_per_epoch / per_epoch) for j in range(1, per_epoch)}
         deadline = time.monotonic() + 60.0 * tc.time_limit_min if tc.time_limit_min else None
-        out_of_time = False
+        loop = Loop(cfg, state, cbs, cancel, device, tokenizer, run_dir, enc_train, enc_val, memory, mid_evals,
+                    deadline)
+        loop.window = TrainingWindow(device, (resumed or {}).get("running"))
         if resumed is not None:
             set_rng_state(resumed["rng"])  # last: building the model above drew from the RNG
-        for epoch in range(start_epoch, tc.epochs if not stop else start_epoch):
-            state.epoch = epoch
-            if epoch > start_epoch and tc.gradual_unfreeze and tc.freeze_layers:
-                frozen = apply_freezing(model, tc, epoch)  # the released layers are already in the optimizer
-                cbs.on_event(state, ev.UNFREEZE, {"epoch": epoch + 1, "frozen_layers": frozen})
-            skip = skip_batches if epoch == start_epoch else 0
-            done_in_epoch = 0
-            for batch in iter_batches(enc_train, tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch,
-                                      group_by_length=tc.group_by_length, pad_to=tc.pad_to):
-                if done_in_epoch < skip:  # resumed: these batches were trained before the interruption
-                    done_in_epoch += 1
-                    continue
-                done_in_epoch += 1
-                cancel.check()
-                loss, task_losses = train_step(model, optimizer, batch, device, tc, memory, cbs, state, stats)
-                loss_acc += loss
-                if len(task_losses) > 1:
-                    for t, v in task_losses.items():
-                        task_acc[t] = task_acc.get(t, 0) + v
-                n_acc += 1
-                samples_log += batch["input_ids"].shape[0]
-                state.step += 1
-                state.samples_seen += batch["input_ids"].shape[0]
-                set_lr_factor(optimizer, state.lr_schedule(state.step))
-                if state.step % tc.log_every_steps == 0 or state.step == total or state.step == 1:  # 1: feedback at once
-                    now = time.perf_counter()
-                    logs = {"train_loss": float(loss_acc) / n_acc, **group_lrs(optimizer),
-                            "samples_per_s": samples_log / max(now - t_log, 1e-9), "epoch": epoch + 1}
-                    for t, v in task_acc.items():
-                        logs[f"train_loss/{t}"] = float(v) / n_acc
-                    logs.update(train_stats(stats, samples_log, len(task_losses) > 1))
-                    task_acc.clear()
-                    stats.clear()
-                    loss_acc.zero_()
-                    n_acc, t_log, samples_log = 0, now, 0
-                    cbs.on_step(state, logs)
-                else:
-                    cbs.on_step(state, {})
-                evaluated = bool(tc.eval_every_steps and state.step % tc.eval_every_steps == 0) or \
-                    done_in_epoch in mid_evals
-                if evaluated:
-                    stop = evaluate_and_checkpoint()
-                    save_resume(epoch, done_in_epoch, stop)
-                elif tc.resume_every_min and time.monotonic() - last_resume >= 60.0 * tc.resume_every_min:
-                    save_resume(epoch, done_in_epoch, False)  # between evaluations: lose at most that much
-                if deadline is not None and not stop and time.monotonic() >= deadline:
-                    out_of_time = True
-                    if not evaluated:
-                        stop = evaluate_and_checkpoint()
-                    stop_reason = stop_reason or f"time limit of {tc.time_limit_min:g} min reached"
-                    cbs.on_event(state, ev.TIME_LIMIT, {"step": state.step, "minutes": tc.time_limit_min})
-                    break
-                if stop or (tc.max_steps and state.step >= tc.max_steps):
-                    break
-            if not stop and not out_of_time and not tc.eval_every_steps:
-                stop = evaluate_and_checkpoint()
-            cbs.on_epoch_end(state, history[-1] if history else {})
-            last = stop or out_of_time or bool(tc.max_steps and state.step >= tc.max_steps) or epoch + 1 == tc.epochs
-            if not tc.eval_every_steps or last:
-                save_resume(epoch + 1, 0, last)
-            if stop or out_of_time or (tc.max_steps and state.step >= tc.max_steps):
-                break
 
-        # restore the best checkpoint, then the test split
-        if run_dir is not None and (run_dir / "model.safetensors").exists():
-            restore_weights(model, run_dir)
-        elif "best_state" in state.extra:
-            model.load_state_dict(state.extra["best_state"])
-        cbs.on_event(state, ev.RESTORED_BEST, {"epoch": state.best_epoch, "step": state.extra.get("best_step")})
-        # what a kind does after its last step (DACT: refit the exits, fit the halting units), with its reports
-        hook = AFTER_TRAINING.get(cfg.kind)
-        exit_report, halting_report = hook(model, cfg, enc_train, enc_val, cancel=cancel, deadline=deadline,
-                                           cbs=cbs, state=state, run_dir=run_dir) if hook else (None, None)
-        if exit_report is not None or halting_report is not None:
-            # the validation metrics of the model as it is now saved (the DACT answer a_N and the exits depend on
-            # the classifiers and the halting units): recorded at the last step and kept as the run's best metrics
-            res = evaluate_encoded(model, enc_val, max(tc.batch_size, 64), device, tc.precision)
-            refit = {k: v for k, v in metrics_of(res, "val_").items()}
-            best_metrics = {**best_metrics, **refit}
-            cbs.on_eval(state, refit)
-            if run_dir is not None:
-                save_model(run_dir, model, tokenizer, cfg, label_maps)
-        if evaluate_test and enc_test is not None:
-            cbs.on_event(state, ev.PHASE, {"phase": f"evaluating the test split ({len(enc_test):,} rows)"})
-            res = evaluate_encoded(model, enc_test, max(tc.batch_size, 64), device, tc.precision)
-            test_metrics = metrics_of(res, "test_")
-            report = full_report(res, label_maps)
-            cbs.on_eval(state, test_metrics)
+        # --- the steps
+        loop.run(start_epoch, skip_batches)
+
+        # --- the end: the best weights back, the kind's own after-training steps, the test split, the files
+        test_metrics, report, exit_report, halting_report = loop.finish(enc_test if evaluate_test else None)
         if run_dir is not None:
             write_run_files(run_dir, model, cfg, tracker, run_id, {
-                "best": best_metrics, "test": test_metrics, "report": report, "history": history,
-                "stop_reason": stop_reason, "halting": halting_report, "exit_refit": exit_report})
-        status = "finished"
-        if run_dir is not None:
+                "best": state.best_metrics, "test": test_metrics, "report": report, "history": state.history,
+                "stop_reason": state.stop_reason, "halting": halting_report, "exit_refit": exit_report})
             for name in (RESUME_FILE, LEGACY_RESUME_FILE):  # a finished run needs no resume checkpoint
                 (run_dir / name).unlink(missing_ok=True)
-        state.extra["summary"] = {"best": best_metrics, "test": test_metrics, "best_epoch": state.best_epoch,
-                                  "precision": resolve_precision(tc.precision, device),
-                                  "stop_reason": stop_reason, "halting": halting_report,
-                                  "exit_refit": exit_report}
+        status = "finished"
+        state.summary = {"best": state.best_metrics, "test": test_metrics, "best_epoch": state.best_epoch,
+                         "precision": resolve_precision(tc.precision, device), "stop_reason": state.stop_reason,
+                         "halting": halting_report, "exit_refit": exit_report}
         report = {**report, "halting": halting_report} if halting_report else report
         report = {**report, "exit_refit": exit_report} if exit_report else report
     except Cancelled as exc:
-        status, error = "cancelled", str(exc)
+        status, state.error = "cancelled", str(exc)
         raise
     except BaseException as exc:  # noqa: BLE001 - recorded then re-raised
         status = "pruned" if type(exc).__name__ == "TrialPruned" else "failed"
-        error = f"{type(exc).__name__}: {exc}"
-        state.extra["traceback"] = traceback.format_exc()
+        state.error = f"{type(exc).__name__}: {exc}"
+        state.traceback = traceback.format_exc()
         raise
     finally:
-        state.extra["error"] = error
         cbs.on_end(state, status)
-        state.extra.pop("best_state", None)
+        state.best_state = None
         if tracker is not None:
             from .tracker import liveness
 
             liveness.mark_done(run_id)
-    return TrainResult(run_id=run_id, status=status, history=history, best_metrics=best_metrics,
-                       test_metrics=test_metrics, model=model, tokenizer=tokenizer, label_maps=label_maps,
-                       run_dir=run_dir, best_epoch=state.best_epoch, report=report, stop_reason=stop_reason)
+    return TrainResult(run_id=run_id, status=status, history=state.history, best_metrics=state.best_metrics,
+                       test_metrics=test_metrics, model=model, tokenizer=tokenizer, label_maps=state.label_maps,
+                       run_dir=run_dir, best_epoch=state.best_epoch, report=report, stop_reason=state.stop_reason)
 
 
 def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSizeManager, cbs, state,

@@ -237,7 +237,7 @@ class ReadBack(Callback):
         self.seen: dict = {}
 
     def _read(self, state):
-        opt, model = state.extra["optimizer"], state.extra["model"]
+        opt, model = state.optimizer, state.model
         drop = sorted({float(m.p) for mod in dropout_targets(model, "head") for m in mod.modules()
                        if isinstance(m, nn.Dropout)})
         self.seen.setdefault(state.run_id, {})[state.step] = {

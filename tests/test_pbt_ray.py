@@ -47,7 +47,7 @@ class RecordStarts(Callback):
         self.path = path
 
     def on_start(self, state) -> None:  # after the resume state is loaded and the member's values applied
-        model, opt = state.extra["model"], state.extra["optimizer"]
+        model, opt = state.model, state.optimizer
         info = state.extra.get("pbt_ray") or {}
         rec = {"member": info.get("member"), "restart": info.get("restart"), "step": int(state.step),
                "weights": weights_hash(model.state_dict()),

@@ -530,7 +530,7 @@ def test_tracker_callback_finished(tr):
     state.step = 16
     cb.on_step(state, {"train_loss": 0.01})
     state.best_metric, state.best_epoch = 0.6, 0
-    state.extra["summary"] = {"test_acc": 0.55}
+    state.summary = {"test_acc": 0.55}
     cb.on_end(state, "finished")
 
     run = tr.get_run(rid)
@@ -555,7 +555,7 @@ def test_tracker_callback_failed_and_periodic_flush(tr):
         state.step = i + 1
         cb.on_step(state, {"train_loss": float(i)})
         assert len(tr.get_metrics(rid)) == i + 1
-    state.extra["error"] = "RuntimeError: loss is NaN; lower the learning rate"
+    state.error = "RuntimeError: loss is NaN; lower the learning rate"
     cb.on_end(state, "failed")
     run = tr.get_run(rid)
     assert run["status"] == "failed" and "loss is NaN" in run["error"]

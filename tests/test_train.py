@@ -80,15 +80,15 @@ def test_gradual_unfreeze_in_the_loop_keeps_the_optimizer_and_the_schedule():
 
     class Probe(Callback):
         def on_start(self, state):
-            seen["optimizer"] = state.extra["optimizer"]
-            seen["group_params"] = {id(p) for g in state.extra["optimizer"].param_groups for p in g["params"]}
+            seen["optimizer"] = state.optimizer
+            seen["group_params"] = {id(p) for g in state.optimizer.param_groups for p in g["params"]}
 
         def on_epoch_end(self, state, logs):  # the live weights (train() restores the best epoch at the end)
             seen["last"] = [[p.detach().clone() for p in layer.parameters()] for layer in layers[:2]]
 
         def on_event(self, state, kind, payload):
             if kind == "unfreeze":
-                opt = state.extra["optimizer"]
+                opt = state.optimizer
                 factor = state.lr_schedule(state.step)
                 seen.setdefault("unfreeze", []).append(
                     (payload["frozen_layers"], opt is seen["optimizer"],
@@ -115,7 +115,7 @@ def test_gradual_unfreeze_lr_does_not_jump_back_to_the_peak():
     class Probe(Callback):
         def on_event(self, state, kind, payload):
             if kind == "unfreeze":
-                lrs.append([g["lr"] for g in state.extra["optimizer"].param_groups if g["group"] == "encoder"])
+                lrs.append([g["lr"] for g in state.optimizer.param_groups if g["group"] == "encoder"])
 
     train(cfg, save=False, evaluate_test=False, model=model, tokenizer=tok, callbacks=[Probe()])
     assert lrs and all(lr < cfg.train.encoder_lr * 0.9 for lr in lrs[0])  # 1/3 of the steps done: ~2/3 of peak
@@ -341,9 +341,9 @@ class Scramble(Callback):
     def on_epoch_end(self, state, logs):
         if state.epoch == 0:
             with torch.no_grad():
-                for p in state.extra["model"].head.parameters():
+                for p in state.model.head.parameters():
                     p.mul_(0).add_(torch.randn_like(p) * 50)
-            for g in state.extra["optimizer"].param_groups:
+            for g in state.optimizer.param_groups:
                 g["initial_lr"] = 0.0
 
 
@@ -366,7 +366,7 @@ class FakeOOM(Callback):
     """Make the model raise an out-of-memory error for any micro-batch larger than 8 rows."""
 
     def on_start(self, state):
-        model = state.extra["model"]
+        model = state.model
         orig = model.forward
 
         def forward(ids, am, targets=None):
@@ -466,10 +466,10 @@ def test_without_saving_the_best_state_is_a_copy_and_is_restored():
 
         def on_event(self, state, kind, payload):
             if kind == "checkpoint":
-                self.best = _copy.deepcopy(state.extra["model"].state_dict())
+                self.best = _copy.deepcopy(state.model.state_dict())
 
         def on_epoch_end(self, state, logs):
-            self.last = _copy.deepcopy(state.extra["model"].state_dict())
+            self.last = _copy.deepcopy(state.model.state_dict())
 
     cfg = tiny_cfg("backbone", epochs=4)
     cfg.train.early_stopping.enabled = False

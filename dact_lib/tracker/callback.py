@@ -117,10 +117,8 @@ class TrackerCallback(Callback):
     def on_end(self, state: LoopState, status: str) -> None:
         if not self.flush():
             self.flush()  # one retry; the rows are lost only if that fails too
-        extra = getattr(state, "extra", None) or {}
-        error = extra.get("error") if status != "finished" else None
-
+        error = state.error if status != "finished" else None
         update = {"best_metric": state.best_metric, "best_epoch": state.best_epoch, "steps": state.step,
-                  "samples_seen": state.samples_seen, **(extra.get("summary") or {})}
+                  "samples_seen": state.samples_seen, **(state.summary or {})}
         self._safe("recording the end", self.tracker.end_run, self.run_id, status if status in STATUSES else "failed",
                    None if error is None else str(error), update)

@@ -445,16 +445,16 @@ class PBTMemberCallback(Callback):
 
     def on_start(self, state: LoopState) -> None:
         state.extra["pbt_member"] = self.member
-        kept = (state.extra.get("resumed_extra") or {}).get("pbt")
+        kept = state.resumed_callback_state.get("pbt")
         if kept:  # a resumed member: its hyperparameters, schedule and RNG as at its last checkpoint
             self.hp, self.schedule, self.last_score = dict(kept["hp"]), list(kept["schedule"]), kept["last_score"]
             self.rng.setstate(_tuplify(kept["rng"]))
-            state.set_lr_schedule(apply_hparams(state.extra["model"], state.extra["optimizer"], self.hp,
+            state.set_lr_schedule(apply_hparams(state.model, state.optimizer, self.hp,
                                                      total_steps=state.total_steps, step=state.step,
                                                      encoder_lr_ratio=self.ratio,
                                                      dropout_scope=self.c.pbt.dropout_scope))
         self._keep(state)
-        self.steps_per_epoch = max(1, math.ceil(int(state.extra.get("train_size", 1)) / max(1, state.batch_size)))
+        self.steps_per_epoch = max(1, math.ceil(int(state.train_size or 1) / max(1, state.batch_size)))
         if self.tracker is not None and state.run_id is not None and not kept:  # (resumed: logged already)
             if self.dataset_id is not None:
                 self.tracker.update_run(state.run_id, dataset_id=self.dataset_id)
@@ -467,7 +467,7 @@ class PBTMemberCallback(Callback):
             return
         score = float(logs[metric])
         self.last_score = score
-        model, optimizer = state.extra["model"], state.extra["optimizer"]
+        model, optimizer = state.model, state.optimizer
         progress = state.step / self.steps_per_epoch
         snap = take_snapshot(model, optimizer, self.hp, member=self.member, run_id=state.run_id, step=state.step,
                              progress=progress, score=score, schedule=self.schedule)
@@ -481,12 +481,12 @@ class PBTMemberCallback(Callback):
 
     def _keep(self, state: LoopState) -> None:
         """What the member's resume checkpoint must hold besides the loop's own state."""
-        state.extra.setdefault("resume_extra", {})["pbt"] = {
+        state.callback_state["pbt"] = {
             "hp": dict(self.hp), "schedule": [dict(e) for e in self.schedule], "last_score": self.last_score,
             "rng": self.rng.getstate()}
 
     def _exploit_explore(self, state: LoopState, donor: Snapshot, score: float, progress: float) -> None:
-        model, optimizer = state.extra["model"], state.extra["optimizer"]
+        model, optimizer = state.model, state.optimizer
         old = _hp_public(self.hp)
         exploit(model, optimizer, donor)
         new, changes = explore(donor.hparams, self.space, self.rng, resample_prob=self.c.pbt.resample_prob,
@@ -854,7 +854,7 @@ class ScheduleCallback(Callback):
             e = self.changes[self._next]
             self._next += 1
             state.set_lr_schedule(apply_hparams(
-                state.extra["model"], state.extra["optimizer"], e, total_steps=state.total_steps, step=state.step,
+                state.model, state.optimizer, e, total_steps=state.total_steps, step=state.step,
                 encoder_lr_ratio=self.ratio, dropout_scope=self.scope))
             self.applied.append({"step": state.step, **_hp_public(e)})
             if self.tracker is not None and state.run_id is not None:

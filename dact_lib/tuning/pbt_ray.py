@@ -212,8 +212,6 @@ class RayMemberCallback(Callback):
 
     def __init__(self, *, member: int, hp: dict[str, Any], metric: str, encoder_lr_ratio: float, dropout_scope: str,
                  eval_every: int, buffer: BufferTracker, tc, restart=None) -> None:
-        from ..train import EarlyStopping
-
         self.member = int(member)
         self.hp = {k: float(hp[k]) for k in EXPLORED}
         self.metric = metric
@@ -221,36 +219,29 @@ class RayMemberCallback(Callback):
         self.scope = dropout_scope
         self.eval_every = max(1, int(eval_every))
         self.buffer = buffer
-        self.micro = min(tc.batch_size, tc.max_batch_size)
-        self.stopper = EarlyStopping(tc.early_stopping)  # mirrors the loop's own (same rules, same values)
-        self.history: list[dict] = []
-        self.best_metrics: dict[str, float] = {}
         self.restart_info = None
         self.best_state = None
+        raw: list = []
         if restart is not None:
             resume_state, self.best_state, self.restart_info = restart
-            self.history = list(resume_state.get("history") or [])
-            self.best_metrics = dict(resume_state.get("best_metrics") or {})
-            self.micro = resume_state.get("micro_batch", self.micro)
-            for k, v in (resume_state.get("stopper") or {}).items():
-                setattr(self.stopper, k, copy.deepcopy(v))
+            raw = list((resume_state.get("stopper") or {}).get("raw") or [])
         self.report_restart = self.restart_info is not None  # the first report tells the driver
         self.improved_step: int | None = None
         self.loop_over = False
-        self.last_score: float | None = (self.stopper.raw[-1] if self.stopper.raw else None)
+        self.last_score: float | None = raw[-1] if raw else None
         self.steps_per_epoch = 1
         self.total_steps = 0
         self.step, self.epoch = 0, 0
 
     def on_start(self, state: LoopState) -> None:
         state.extra["pbt_member"] = self.member
-        model, optimizer = state.extra["model"], state.extra["optimizer"]
+        model, optimizer = state.model, state.optimizer
         state.set_lr_schedule(apply_hparams(model, optimizer, self.hp, total_steps=state.total_steps,
                                             step=state.step, encoder_lr_ratio=self.ratio, dropout_scope=self.scope))
-        if self.best_state is not None and "best_state" not in state.extra:
-            state.extra["best_state"] = self.best_state  # the loop restores it at the end unless it finds better
+        if self.best_state is not None and state.best_state is None:
+            state.best_state = self.best_state  # the loop restores it at the end unless it finds better
         self.best_state = None
-        self.steps_per_epoch = max(1, math.ceil(int(state.extra.get("train_size", 1)) / max(1, state.batch_size)))
+        self.steps_per_epoch = max(1, math.ceil(int(state.train_size or 1) / max(1, state.batch_size)))
         self.total_steps = int(state.total_steps)
         self.step, self.epoch = int(state.step), int(state.epoch)
         state.extra["pbt_ray"] = {"member": self.member, "hp": dict(self.hp), "restart": self.restart_info}
@@ -263,8 +254,6 @@ class RayMemberCallback(Callback):
             self.improved_step = state.step
         elif kind == ev.RESTORED_BEST:
             self.loop_over = True  # evaluations from here on (refit, test) are no ready points
-        elif kind == ev.OOM_RETRY:
-            self.micro = int(payload.get("micro_batch", self.micro))
 
     def progress(self, step: int) -> float:
         return step / self.steps_per_epoch
@@ -291,21 +280,13 @@ class RayMemberCallback(Callback):
         score = float(logs[self.metric])
         self.last_score = score
         self.step, self.epoch = int(state.step), int(state.epoch)
-        self.stopper.update(score)
-        self.history.append({"step": state.step, **logs})
         improved = self.improved_step == state.step
-        if improved:
-            self.best_metrics = dict(logs)
-        model, optimizer = state.extra["model"], state.extra["optimizer"]
-        loop = {"step": int(state.step), "epoch": int(state.epoch),
-                "batch": int(state.step - state.epoch * self.steps_per_epoch), "stop": False, "stop_reason": None,
-                "samples_seen": int(state.samples_seen), "best_metric": state.best_metric,
-                "best_epoch": state.best_epoch, "best_step": state.extra.get("best_step"),
-                "best_metrics": dict(self.best_metrics), "history": [dict(h) for h in self.history],
-                "stopper": {k: copy.deepcopy(getattr(self.stopper, k))
-                            for k in ("raw", "smoothed", "best", "best_index", "bad")},
-                "micro_batch": self.micro}
-        best = None if improved else state.extra.get("best_state")
+        model, optimizer = state.model, state.optimizer
+        # the loop's own state (history, stopper, best metrics are updated before on_eval), as a resume checkpoint
+        loop = {**state.resume_dict(epoch=int(state.epoch),
+                                    batch=int(state.step - state.epoch * self.steps_per_epoch), stop=False),
+                "stop_reason": None}
+        best = None if improved else state.best_state
         payload = {"format": 1, "member": self.member, "run_id": state.run_id, "step": int(state.step),
                    "progress": self.progress(state.step), "score": score, "hp": dict(self.hp), "loop": loop,
                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
