@@ -517,7 +517,8 @@ def test_tracker_callback_finished(tr):
     for i in range(1, 11):
         state.step, state.samples_seen = i, i * 8
         cb.on_step(state, {"train_loss": 1.0 / i, "lr": 1e-3})
-    assert tr.get_metrics(rid).empty  # buffered, not yet flushed
+    # the first logged step is written at once (the page shows it without waiting), the rest buffered
+    assert tr.get_metrics(rid)["step"].tolist() == [1, 1]
     cb.on_eval(state, {"val_acc": 0.6, "val_loss": 0.9})
     assert len(tr.get_metrics(rid)) == 22  # eval flushes the buffer at once
     cb.on_event(state, "early_stop", {"epoch": 0, "patience": 2})
@@ -543,6 +544,31 @@ def test_tracker_callback_finished(tr):
     assert df[df["name"] == "train_loss"]["step"].tolist() == list(range(1, 17))
     assert tr.latest_metrics(rid)["train_loss"] == pytest.approx(0.01)
     assert [e["payload"] for e in tr.get_events(rid, ["early_stop"])] == [{"epoch": 0, "patience": 2}]
+
+
+def test_the_step_count_moves_every_flush_though_steps_log_every_n(tr):
+    """Issue 28: progress moved only every log_every_steps ("step 1/552" for 5 minutes). A flush after unlogged
+    steps writes one samples_seen row at the latest step, and only when no row reaches it."""
+    rid = tr.create_run("dact")
+    cb = TrackerCallback(tr, rid, flush_every_s=3600)
+    state = LoopState(run_id=rid, total_steps=100)
+    cb.on_start(state)
+    state.step, state.samples_seen = 1, 16
+    cb.on_step(state, {"train_loss": 1.0})
+    for i in range(2, 8):  # steps the loop does not log
+        state.step, state.samples_seen = i, 16 * i
+        cb.on_step(state, {})
+    assert tr.last_steps([rid]) == {rid: 1}
+    cb.flush()
+    assert tr.last_steps([rid]) == {rid: 7}
+    rows = tr.get_metrics(rid, names=["samples_seen"])
+    assert rows[["step", "value"]].values.tolist() == [[7, 112.0]]
+    cb.flush()  # nothing new: no second row
+    assert len(tr.get_metrics(rid, names=["samples_seen"])) == 1
+    state.step = 8
+    cb.on_step(state, {"train_loss": 0.5})
+    cb.flush()  # a logged row reaches the latest step: no marker
+    assert len(tr.get_metrics(rid, names=["samples_seen"])) == 1 and tr.last_steps([rid]) == {rid: 8}
 
 
 def test_tracker_callback_failed_and_periodic_flush(tr):
@@ -589,13 +615,14 @@ def test_tracker_callback_on_step_only_buffers_and_flushes_once_per_interval(tr,
         clock["t"] += 1 / 64  # four steps per flush interval
         state.step = i + 1
         cb.on_step(state, logs)
-        if i == 2:
-            assert writes == [] and len(tr.get_metrics(rid)) == 0  # three steps: nothing written yet
-    assert writes == [4 * len(logs)] * (n // 4)  # one batch of four steps' rows per interval
+        if i == 2:  # three steps: the first written at once (the page shows it), the next two buffered
+            assert writes == [len(logs)] and len(tr.get_metrics(rid)) == len(logs)
+    # then one batch of four steps' rows per interval
+    assert writes == [len(logs)] + [4 * len(logs)] * ((n - 1) // 4)
     cb.on_step(state, {"train_loss": 0.1})  # inside the interval: buffered ...
-    assert len(writes) == n // 4
+    assert len(writes) == 1 + (n - 1) // 4
     cb.flush()  # ... and written by an explicit flush
-    assert writes[-1] == 1
+    assert writes[-1] == ((n - 1) % 4) * len(logs) + 1
     m = tr.get_metrics(rid)
     assert len(m) == n * len(logs) + 1
     assert sorted(set(m["step"])) == list(range(1, n + 1))

@@ -23,6 +23,11 @@ class TrackerCallback(Callback):
     transaction once ``flush_every_s`` has passed, and at every eval / epoch end / the end. A database
     failure while flushing is logged and the rows are kept for the next flush — it never stops training.
 
+    Progress every step: a step without logs (the loop logs every ``log_every_steps``) is remembered, and a flush
+    whose rows stop before it adds one ``samples_seen`` row at that step — the pages' step count and progress bar
+    move with the training, at the flush's pace, at the cost of one row per flush. The first logged step is
+    written at once (the page shows the run's first step without waiting for the timer).
+
     Every ``sys_metrics_every_s`` seconds of the run (default ``$DACT_LAB_SYS_METRICS_S``, else 15; 0 = never) a
     step or an evaluation also records the process's system metrics at that step (:class:`~dact_lib.sysinfo.
     SystemSampler`: ``sys/cpu_percent``, ``sys/rss_mb``, the GPU's where CUDA is in use) — at most one sample a
@@ -38,6 +43,9 @@ class TrackerCallback(Callback):
         self._last_flush = _time.monotonic()
         self.sampler = SystemSampler(sys_metrics_every_s)
         self._sampled_step: int | None = None
+        self._latest: tuple[int, int | None, int] | None = None  # (step, epoch, samples seen) of the last step
+        self._written_step = -1  # the highest step written so far
+        self._first_written = False
 
     # buffering -----------------------------------------------------------
     def _buffer_logs(self, state: LoopState, logs: dict) -> None:
@@ -72,11 +80,16 @@ class TrackerCallback(Callback):
     def flush(self) -> bool:
         """Write the buffered rows now. Returns False (rows kept) when the database could not be written."""
         self._last_flush = _time.monotonic()
+        latest = self._latest
+        if latest is not None and latest[0] > max([self._written_step] + [r[1] for r in self._buffer]):
+            step, epoch, seen = latest  # steps since the last log: the step count moves on every flush
+            self._buffer.append((self.run_id, step, epoch, "samples_seen", float(seen), _time.time()))
         if not self._buffer:
             return True
         rows, self._buffer = self._buffer, []
         try:
             self.tracker.insert_metric_rows(rows)
+            self._written_step = max([self._written_step] + [r[1] for r in rows])
         except self.tracker.errors as exc:
             self._buffer = rows + self._buffer
             log.warning("tracker: could not write %d metric rows of run %s (will retry): %s", len(rows), self.run_id, exc)
@@ -99,8 +112,10 @@ class TrackerCallback(Callback):
 
     def on_step(self, state: LoopState, logs: dict[str, float]) -> None:
         self._buffer_logs(state, logs)
+        self._latest = (int(state.step), None if state.epoch is None else int(state.epoch), int(state.samples_seen))
         self._sample_system(state)
-        if _time.monotonic() - self._last_flush >= self.flush_every_s:
+        if (logs and not self._first_written) or _time.monotonic() - self._last_flush >= self.flush_every_s:
+            self._first_written = self._first_written or bool(logs)
             self.flush()
 
     def on_eval(self, state: LoopState, logs: dict[str, float]) -> None:
