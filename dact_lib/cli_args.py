@@ -82,6 +82,8 @@ def config_and_options(args, kind_default: str = "backbone"):
         cfg = default_config(kind or kind_default)
     if args.data:
         cfg.data.path = args.data
+    if getattr(args, "columns", None):
+        cfg.data.columns = parse_columns(args.columns)
     if args.max_rows:
         cfg.data.max_rows = args.max_rows
     if args.encoder:

@@ -227,7 +227,7 @@ def test_a_refused_file_adds_no_dataset_row(home, tmp_path):
 
 
 @pytest.mark.parametrize("path, value, match", [
-    (("tag",), ["a", "b"], r"tag = \['a', 'b'\] is invalid: expected a string or null"),
+    (("tag",), {"a": "b"}, r"tag = \{'a': 'b'\} is invalid: expected a string or a list"),
     (("name",), {"x": 1}, "name = .* expected a string"),
     (("name",), "n" * 500, "name is 500 characters long"),
     (("train", "epochs"), "3", "train.epochs = '3' is invalid: expected an integer"),
@@ -248,10 +248,10 @@ def test_every_field_is_type_checked(path, value, match):
 
 def test_bad_tag_in_the_cli_is_exit_3_not_a_traceback(home, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("kind: backbone\nencoder: tiny\ntag: [a, b]\n")
+    cfg.write_text("kind: backbone\nencoder: tiny\ntag: {a: b}\n")  # a list of tags is fine; a mapping is not
     assert main(["train", "--config", str(cfg), "--home", str(home)]) == 3
     err = capsys.readouterr().err
-    assert "tag = ['a', 'b'] is invalid" in err and "Traceback" not in err
+    assert "tag = {'a': 'b'} is invalid" in err and "Traceback" not in err
     assert Tracker(home).list_runs() == []
 
 
