@@ -19,7 +19,8 @@ from dact_lib.halting import exit_advice
 from dact_lib.jobs import ENGINE_KINDS  # (parent runs of the tuning engines: no training curves)
 from dact_lib.models import zip_model
 from dact_lib.resume import RESUME_KINDS, resume_check
-from dact_lib.run_list import EndedStore, default_selection, filter_runs, read_test_report, runs_table
+from dact_lib.run_list import (EndedStore, default_selection, environment_rows, filter_runs, ids_from_query,
+                               read_test_report, runs_table)
 from dact_lib.tracker import ACTIVE_STATUSES, STATUSES
 from dact_lib.tracker.store import SCORE_KEYS
 from ui.forms import active_runs_caption
@@ -180,7 +181,13 @@ def run_table() -> None:
 run_table()
 
 options = [r["id"] for r in runs]
-if "runs_selected" in st.session_state:  # drop ids that are no longer listed (deleted / filtered out)
+# a deep link (?run=3, ?runs=3,4) chooses what is shown, once per address (the pickers then follow the user)
+link_shown, link_focus = ids_from_query(dict(st.query_params), set(options))
+if link_shown and st.session_state.get("runs_link_applied") != (tuple(link_shown), link_focus):
+    st.session_state["runs_link_applied"] = (tuple(link_shown), link_focus)
+    st.session_state["runs_selected"] = link_shown
+    st.session_state["runs_focus"] = link_focus
+elif "runs_selected" in st.session_state:  # drop ids that are no longer listed (deleted / filtered out)
     st.session_state["runs_selected"] = [i for i in st.session_state["runs_selected"] if i in options]
 else:
     # default: the active runs, else the newest finished run with curves (not a stub cancelled before its first
@@ -193,6 +200,10 @@ selected = st.multiselect("Runs to show (several are compared on one chart)", op
 if not selected:
     st.info("Choose one or more runs above.")
     st.stop()
+# the address names what is shown: copy it to share or bookmark this view
+st.query_params["runs"] = ",".join(str(i) for i in selected)
+st.query_params.pop("run", None)
+st.session_state["runs_link_applied"] = (tuple(selected), selected[0])  # what this address reads back as
 
 # the live part's timer: a shown run is active, or the run in detail is (it may be one not on the chart)
 any_active = any(by_id[i]["status"] in ACTIVE_STATUSES for i in selected) or \
@@ -345,6 +356,10 @@ def live(ids: list[int], was_active: bool) -> None:
                                    for e in ev[-MAX_EVENTS_SHOWN:]]), hide_index=True)
     else:
         st.caption("No events yet.")
+    env = environment_rows(run)
+    if env:
+        with st.expander("Environment (command, git commit, package versions)", icon=":material/terminal:"):
+            st.dataframe(pd.DataFrame(env), hide_index=True, key=f"runs_env_{focus}")
     with st.expander("Config / summary"):
         st.json({"config": run.get("config"), "summary": run.get("summary")}, expanded=False)
     test_report(run_dir)

@@ -198,3 +198,52 @@ class EndedStore:
 
     def __contains__(self, key) -> bool:
         return key in self._d
+
+
+# ------------------------------------------------------------------------------------------------- environment
+
+
+def environment_rows(run: dict) -> list[dict[str, str]]:
+    """What a run recorded about where it ran (``summary["environment"]``), as rows ``{"what", "value"}``: the
+    command line, the git commit (and whether tracked files were changed), python and the package versions, the
+    machine and torch's CUDA. [] for a run recorded before environments were kept."""
+    env = (run.get("summary") or {}).get("environment")
+    if not isinstance(env, dict):
+        return []
+    rows = []
+    if env.get("argv"):
+        rows.append({"what": "command line", "value": " ".join(str(a) for a in env["argv"])})
+    git = env.get("git")
+    if isinstance(git, dict) and git.get("commit"):
+        rows.append({"what": "git commit", "value": str(git["commit"])[:12] + (" (with uncommitted changes)"
+                                                                              if git.get("dirty") else "")})
+    for name, version in (env.get("packages") or {}).items():
+        rows.append({"what": str(name), "value": str(version)})
+    for key in ("platform", "machine", "cpus"):
+        if env.get(key) is not None:
+            rows.append({"what": key, "value": str(env[key])})
+    torch_env = env.get("torch")
+    if isinstance(torch_env, dict):
+        gpus = ", ".join(torch_env.get("gpus") or []) or "none"
+        rows.append({"what": "CUDA", "value": f"build {torch_env.get('cuda') or 'CPU only'}; GPUs: {gpus}"})
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- deep links
+
+
+def ids_from_query(params: dict[str, Any], known: set[int]) -> tuple[list[int], int | None]:
+    """``?run=3`` (one run, shown and in detail) or ``?runs=3,4`` (compared) of a Runs page address → (the runs to
+    show, the run in detail); ids not in ``known`` are dropped; ([], None) when the address names none."""
+    def ids(text: Any) -> list[int]:
+        out = []
+        for part in str(text or "").replace(";", ",").split(","):
+            part = part.strip().lstrip("#")
+            if part.isdigit() and int(part) in known and int(part) not in out:
+                out.append(int(part))
+        return out
+
+    one = ids(params.get("run"))[:1]
+    many = ids(params.get("runs"))
+    shown = many or one
+    return shown, (one[0] if one else shown[0] if shown else None)

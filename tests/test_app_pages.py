@@ -772,6 +772,24 @@ def curves_spec(at) -> dict:
     return next(sp for sp in specs if "training curves" in json.dumps(sp.get("layout", {}).get("title", "")))
 
 
+def test_runs_page_deep_links_and_the_runs_environment(populated):
+    """Issue 26 (item 5): ``?run=3`` / ``?runs=3,4`` open the Runs page on those runs, the address follows the
+    choice, and a run shows the command, git commit and package versions it ran with."""
+    h, ids, _ = populated
+    a, b = ids["backbone"], ids["stored"]
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.query_params["runs"] = f"{b},{a}"
+    at.run()
+    at.switch_page("app_pages/runs.py").run()
+    assert not errors(at), errors(at)
+    assert at.multiselect(key="runs_selected").value == [b, a]
+    at.multiselect(key="runs_selected").set_value([a]).run()
+    assert at.query_params["runs"] in (str(a), [str(a)])  # shareable: the address says what is shown
+    env = [d.value for d in at.dataframe if list(d.value.columns) == ["what", "value"]]
+    assert env and "command line" in set(env[0]["what"]) and "torch" in set(env[0]["what"])
+    _reset_app_state()
+
+
 def test_runs_page_compares_configs_and_smooths_curves(populated):
     h, ids, _ = populated
     at = goto(open_app(), "app_pages/runs.py")

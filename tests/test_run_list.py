@@ -109,3 +109,22 @@ def test_choosing_a_point_of_a_run_trained_before_the_weights_were_kept_says_wha
         choose_run_point(tr, rid, 7)
     assert choose_run_point(tr, rid, 0) is None  # its own point: nothing to copy
     assert [e["payload"]["own"] for e in tr.get_events(rid, kinds=["point_chosen"])] == [True]
+
+
+def test_environment_rows_and_deep_links():
+    from dact_lib.run_list import environment_rows, ids_from_query
+
+    run = {"summary": {"environment": {"argv": ["dact-lab", "train", "--epochs", "2"],
+                                       "git": {"commit": "0123456789abcdef", "dirty": True},
+                                       "packages": {"python": "3.11.7", "torch": "2.13.0"}, "cpus": 2,
+                                       "torch": {"cuda": None, "gpus": []}}}}
+    rows = {r["what"]: r["value"] for r in environment_rows(run)}
+    assert rows["command line"] == "dact-lab train --epochs 2"
+    assert rows["git commit"] == "0123456789ab (with uncommitted changes)"
+    assert rows["torch"] == "2.13.0" and rows["cpus"] == "2" and rows["CUDA"] == "build CPU only; GPUs: none"
+    assert environment_rows({"summary": {}}) == []
+    known = {3, 4, 7}
+    assert ids_from_query({"run": "3"}, known) == ([3], 3)
+    assert ids_from_query({"runs": "4, #7,99,x"}, known) == ([4, 7], 4)
+    assert ids_from_query({"run": "7", "runs": "3,4"}, known) == ([3, 4], 7)
+    assert ids_from_query({}, known) == ([], None) and ids_from_query({"run": "99"}, known) == ([], None)
