@@ -14,7 +14,7 @@ TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
 RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install lock bench clean-home
+.PHONY: run test install lock bench clean-home lint
 
 # torch first, explicitly: the local CPU wheel (offline, find-links; its dependencies come with the next step) or
 # the TORCH_INDEX build; a no-op when .venv already has this torch (a GPU build a user installed stays)
@@ -42,6 +42,10 @@ run: $(RUN_STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (clean), complexity with reasons, mypy no worse than .ci/mypy_baseline.json (tools/lint.py); .ci/run runs it
+lint: $(TEST_STAMP)
+	$(BIN)/python tools/lint.py
 
 # the tested versions: what .venv holds of the runtime + dev set (tools/lock.py), torch without its local label
 lock: $(TEST_STAMP)

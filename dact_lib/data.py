@@ -704,6 +704,7 @@ def _names_text(header: Sequence[str], limit: int = 20, width: int = 60) -> str:
     return ", ".join(shown) + more
 
 
+# complexity: one check per way a header can be wrong, each with its own message
 def _resolve_columns(header: list[str], columns: dict[str, str] | None) -> tuple[list[str], dict[str, int]]:
     """(tasks, canonical name -> column position). Canonical text key is 'text' here."""
     if len(header) > MAX_COLUMNS:
@@ -805,6 +806,7 @@ def stratified_subset(ds: TextDataset, k: int, seed: int = 0) -> TextDataset:
     return ds.subset(_stratified_sample(ds.targets[ds.tasks[0]], int(k), seed))
 
 
+# complexity: the one entry point of every format: one validation step after another, each with its message
 def read_csv(source: Source, *, columns: dict[str, str] | None = None, max_rows: int | None = None,
              name: str | None = None, max_bytes: int = MAX_BYTES, label_maps: dict[str, list[str]] | None = None,
              seed: int = 0, drop_incomplete: bool = False, format: str | None = None) -> TextDataset:

@@ -256,7 +256,7 @@ def test_cli_trains_on_a_jsonl_file_and_refuses_a_bad_one(home, capsys, tmp_path
     assert "Traceback" not in err and len(Tracker(home).list_datasets()) == 1
 
 
-def test_data_page_uploads_jsonl_and_parquet_and_names_a_bad_json(app_home):
+def test_data_page_uploads_jsonl_and_parquet_and_names_a_bad_json(app_home):  # noqa: F811 - the fixture
     from dact_lib.tracker import Tracker
 
     at = goto(open_app(), "app_pages/data.py")

@@ -153,6 +153,7 @@ def _tqdm_progress(args):
 # --- handlers ---------------------------------------------------------------------------------------------------
 
 
+# complexity: one check per flag combination the predict command refuses, then the run
 def cmd_predict(args) -> int:
     if args.input is None and args.output is not None:
         raise DactLabError("--output is where the predictions of --input FILE go: give --input too, or drop --output.")
