@@ -137,12 +137,15 @@ def _chmod_default(path: Path, is_dir: bool) -> None:
 
 
 def _write_marker(target: Path, sha: str) -> None:
+    from .files import atomic_write
+
     size = (target / WEIGHTS_FILE).stat().st_size
-    fd, tmp = tempfile.mkstemp(prefix=".verified-", dir=target)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(f"{sha}\n{size}\n")
-    _chmod_default(Path(tmp), is_dir=False)
-    os.replace(tmp, target / MARKER_FILE)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(f"{sha}\n{size}\n", encoding="utf-8")
+        _chmod_default(tmp, is_dir=False)
+
+    atomic_write(target / MARKER_FILE, write)
 
 
 _UMASK = _umask()

@@ -8,7 +8,6 @@ mtime and size, so a second call is a file read; retraining the run invalidates 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pandas as pd
 import torch
 
 from .errors import DactLabError
+from .files import atomic_write, atomic_write_json
 
 COLUMNS = ["row", "text", "true_label", "pred_label", "correct", "exit_layer", "confidence"]
 SPLITS = ("test", "val", "train")
@@ -59,18 +59,11 @@ def _write_cache(run_dir: Path, split: str, key: str, df: pd.DataFrame, extra: d
     pq, csv = _cache_paths(run_dir, split)
     fmt = "parquet"
     try:
-        tmp = pq.with_suffix(".parquet.tmp")
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, pq)
-    except Exception:  # noqa: BLE001 - no pyarrow / fastparquet: CSV
+        atomic_write(pq, lambda tmp: df.to_parquet(tmp, index=False))
+    except Exception:  # noqa: BLE001 - no pyarrow / fastparquet, or a column it cannot write: CSV
         fmt = "csv"
-        tmp = csv.with_suffix(".csv.tmp")
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, csv)
-    meta = run_dir / f"exits_{split}.json"
-    tmp = meta.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"key": key, "format": fmt, **extra}), encoding="utf-8")
-    os.replace(tmp, meta)
+        atomic_write(csv, lambda tmp: df.to_csv(tmp, index=False))
+    atomic_write_json(run_dir / f"exits_{split}.json", {"key": key, "format": fmt, **extra})
 
 
 def _dataset_of_run(run_dir: Path, home) -> tuple[Any, Any]:

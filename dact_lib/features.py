@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from .data import TextDataset, encode, iter_batches
 from .encoders import encoder_fingerprint, is_tiny, layer_adapter, load_encoder
 from .errors import ConfigError, DactLabError
 from .heads import pool
+from .files import atomic_write
 
 __all__ = ["FeatureCache", "FORMAT_VERSION", "feature_key", "feature_path", "layer_features", "cached_features",
            "cached_features_many", "dataset_hash"]
@@ -146,15 +146,7 @@ def _load(path: Path) -> torch.Tensor | None:
 def _save(path: Path, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file({TENSOR_NAME: tensor.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file({TENSOR_NAME: tensor.contiguous()}, str(tmp), metadata=metadata))
 
 
 @torch.no_grad()

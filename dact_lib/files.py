@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ TMP_SUFFIX = ".tmp"
 
 
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    # the writing thread and process in the name: two writers of one file (two jobs, two threads) never share it
+    return path.with_name(f".{path.name}.{threading.get_ident()}-{os.getpid()}{TMP_SUFFIX}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -109,7 +111,7 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 def _pid_of_tmp(name: str) -> int | None:
     parts = name[: -len(TMP_SUFFIX)].rsplit(".", 1)
     try:
-        return int(parts[1]) if len(parts) == 2 else None
+        return int(parts[1].rsplit("-", 1)[-1]) if len(parts) == 2 else None
     except ValueError:
         return None
 

@@ -93,10 +93,14 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
     stale = tmp_path / f".model.safetensors.{dead.pid}.tmp"
     old_style = tmp_path / "model.safetensors.tmp"
     mine = tmp_path / f".config.json.{os.getpid()}.tmp"  # this process may be writing it right now
-    for p in (stale, old_style, mine):
+    # today's names carry the writing thread too (two threads of one process never share a temp file)
+    stale_thread = tmp_path / f".report.json.12345-{dead.pid}.tmp"
+    mine_thread = tmp_path / f".report.json.12345-{os.getpid()}.tmp"
+    for p in (stale, old_style, mine, stale_thread, mine_thread):
         p.write_text("x")
-    assert sorted(p.name for p in clean_stale_temp(tmp_path)) == sorted([stale.name, old_style.name])
-    assert mine.exists() and not stale.exists()
+    assert sorted(p.name for p in clean_stale_temp(tmp_path)) == sorted([stale.name, old_style.name,
+                                                                          stale_thread.name])
+    assert mine.exists() and mine_thread.exists() and not stale.exists()
 
 
 def test_training_writes_no_temp_files(trained):
