@@ -8,9 +8,10 @@ from ui.forms import Mode, make_field, dataclass_fields, dataclass_values, launc
 
 st.title("Backbone")
 st.markdown("Fine-tune an encoder with an MLP classification head on a dataset — a single run with the settings "
-            "below, or an **Optuna study** that searches learning rate, batch size, epochs, weight decay and "
-            "dropout and then trains the best settings as the final run. A finished backbone run can initialise "
-            "the encoder of a DACT model.")
+            "below, or an **Optuna study** that searches learning rate, batch size, weight decay and "
+            "dropout (and epochs when its range is switched on) and then trains the best settings as the final run. "
+            "Every trial is scored on the same validation rows (Validation fraction, Split seed). A finished "
+            "backbone run can initialise the encoder of a DACT model.")
 
 
 def _space_cls():

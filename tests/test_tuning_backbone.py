@@ -179,7 +179,6 @@ def test_study_name_reopens_the_study(home):
     (dict(epochs=[0, 2]), "space.epochs"),
     (dict(epochs=[1.5, 2]), "space.epochs"),
     (dict(dropout=[0.0, 1.0]), "space.dropout"),
-    (dict(val_frac=[0.1]), "space.val_frac"),
 ])
 def test_space_validation(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -187,19 +186,47 @@ def test_space_validation(bad, match):
 
 
 def test_space_round_trip_and_cross_checks(home):
-    space = BackboneSpace.from_dict({"lr": [1e-4, 1e-3], "epochs": [1, 2], "val_frac": None})
-    assert space.val_frac is None and BackboneSpace.from_dict(space.to_dict()) == space
+    space = BackboneSpace.from_dict({"lr": [1e-4, 1e-3], "epochs": [1, 2], "val_frac": None})  # null: dropped
+    assert "val_frac" not in space.to_dict() and BackboneSpace.from_dict(space.to_dict()) == space
     with pytest.raises(ConfigError, match="Unknown setting"):
         BackboneSpace.from_dict({"learning_rate": [1e-4, 1e-3]})
-    cfg = tiny_cfg()
-    cfg.data.test_frac = 0.7
-    with pytest.raises(ConfigError, match="val_frac"):
-        tune_backbone(cfg, trials=1, home=home)
     with pytest.raises(ConfigError, match="trials"):
         tune_backbone(tiny_cfg(), trials=0, home=home)
     with pytest.raises(ConfigError, match="backbone"):
         tune_backbone(tiny_cfg("dact"), trials=1, home=home)
-    applied = BackboneSpace.apply(tiny_cfg(), {"lr": 2e-4, "dropout": 0.3, "val_frac": 0.2, "batch_size": 8})
-    assert (applied.train.encoder_lr, applied.model.head.dropout, applied.data.val_frac,
-            applied.train.batch_size) == (2e-4, 0.3, 0.2, 8)
+    applied = BackboneSpace.apply(tiny_cfg(), {"lr": 2e-4, "dropout": 0.3, "batch_size": 8})
+    assert (applied.train.encoder_lr, applied.model.head.dropout, applied.train.batch_size) == (2e-4, 0.3, 8)
     assert Tracker(home).list_runs() == []  # bad settings are refused before any run is recorded
+
+
+def test_a_space_naming_val_frac_is_refused_with_why_and_what_to_set():
+    from dact_lib.tuning.backbone import BackboneTuneConfig
+
+    assert "val_frac" not in BackboneSpace().to_dict() and BackboneSpace().epochs is None  # the defaults
+    for refuse in (lambda: BackboneSpace.from_dict({"val_frac": [0.1, 0.3]}),
+                   lambda: BackboneTuneConfig.from_dict({"trials": 2, "space": {"val_frac": [0.1, 0.3]}}),
+                   lambda: BackboneSpace.apply(tiny_cfg(), {"val_frac": 0.2})):
+        with pytest.raises(ConfigError) as err:
+            refuse()
+        msg = str(err.value)
+        assert "space.val_frac" in msg and "same validation rows" in msg and "data.val_frac" in msg
+    assert BackboneTuneConfig.from_dict({"space": {"val_frac": None}}).space == BackboneSpace()
+
+
+def test_every_trial_is_scored_on_the_same_rows_and_keeps_the_config_epochs(home):
+    """Issue 26, item 7: the validation split is the config's for every trial (not tuned), and the default space
+    leaves train.epochs as the config says (it ran 4-epoch trials of an epochs: 1 config)."""
+    tracker = Tracker(home)
+    cfg = tiny_cfg()
+    cfg.train.epochs = 1
+    cfg.data.val_frac = 0.2
+    res = tune_backbone(cfg, trials=2, space=BackboneSpace(batch_size=[32]), home=home, tracker=tracker,
+                        final=False)
+    runs = sorted(tracker.list_runs(parent_id=res.parent_run_id), key=lambda r: r["id"])
+    assert len(runs) == 2 and all("val_frac" not in r["params"] and "epochs" not in r["params"] for r in res.trials)
+    starts = [tracker.get_events(r["id"], kinds=["start"])[0]["payload"] for r in runs]
+    assert starts[0]["val"] == starts[1]["val"] == 24 and starts[0]["train"] == starts[1]["train"]  # 20% of 120
+    for r in runs:
+        assert r["config"]["data"]["val_frac"] == 0.2 and r["config"]["data"]["split_seed"] == 0
+        assert r["config"]["train"]["epochs"] == 1
+        assert set(tracker.get_metrics(r["id"], names=["val_loss"])["step"]) == {starts[0]["steps"]}  # one epoch

@@ -372,8 +372,9 @@ SETTING_TEXT: dict[str, tuple[str, str]] = {
     "warmup_ratio": ("Warm-up fraction range", "Share of the steps with a rising learning rate."),
     "activations": ("Activations to try", "Of the head's hidden layers, drawn once for the whole population."),
     "head_lr": ("Head learning rate range", "Log-uniform."),
-    "val_frac": ("Validation fraction range", "Each trial holds out a fraction of the rows drawn from it."),
-    "epochs": ("Epochs range", "Each trial trains for a whole number of epochs drawn from it."),
+    "epochs": ("Epochs range", "Each trial trains for a whole number of epochs drawn from it; off: every trial "
+               "trains the form's Epochs. (Every trial is scored on the same validation rows: the form's "
+               "Validation fraction and Split seed.)"),
     "batch_size": ("Batch sizes to try (empty = the run's)", "Comma-separated, e.g. 8, 16, 32."),
 }
 

@@ -5,6 +5,9 @@ tag ``trial <n>``, metrics only: trial weights are never written to disk) and, w
 tagged ``final`` trained with the best parameters. The final run exports ``encoder.safetensors``, so a DACT run can
 start from it (``cfg.init_from_run = result.final_run_id``). Every trial minimises the best validation loss; the
 MedianPruner stops poor trials from the per-epoch ``val_loss`` (:class:`~dact_lib.tuning.studies.PruningCallback`).
+Every trial is scored on the same validation rows (the base config's ``data.val_frac`` / ``val_path`` and
+``data.split_seed``: a setting of the study, never a tuned parameter) and trains the base config's
+``train.epochs`` unless the space names an ``epochs`` range.
 """
 from __future__ import annotations
 
@@ -37,18 +40,25 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+VAL_FRAC_REFUSED = (
+    "space.val_frac is no longer a tuned parameter: trials are compared on their validation loss, which only means "
+    "something when every trial is scored on the same validation rows. Remove val_frac from the space and set the "
+    "split once for the whole study: data.val_frac with data.split_seed, or a validation file in data.val_path.")
+
+
 @dataclass
 class BackboneSpace:
     """The search space. Each entry is a ``[low, high]`` range (``batch_size``: a list of choices) or ``None`` to
     keep the base config's value. ``lr`` is the encoder's learning rate and ``head_lr`` the head's (both searched
-    on a log scale, ``head_lr`` off by default); ``dropout`` is the head's dropout; ``val_frac`` the validation
-    share of the split (ignored when the validation set is a separate file)."""
+    on a log scale, ``head_lr`` off by default); ``dropout`` is the head's dropout; ``epochs`` off by default (every
+    trial trains the config's ``train.epochs``). The validation split is not in the space: trials compared on their
+    validation loss must be scored on the same rows, so it is the config's ``data.val_frac`` (and
+    ``data.split_seed``) for every trial — a space naming ``val_frac`` is refused (:meth:`from_dict`)."""
 
     lr: list[float] | None = field(default_factory=lambda: [1e-5, 1e-3])
     head_lr: list[float] | None = None
     batch_size: list[int] | None = field(default_factory=lambda: [8, 16, 32, 64])
-    epochs: list[int] | None = field(default_factory=lambda: [1, 4])
-    val_frac: list[float] | None = field(default_factory=lambda: [0.1, 0.3])
+    epochs: list[int] | None = None
     weight_decay: list[float] | None = field(default_factory=lambda: [1e-6, 1e-1])
     dropout: list[float] | None = field(default_factory=lambda: [0.0, 0.5])
 
@@ -60,7 +70,7 @@ class BackboneSpace:
 
         check_types(self, "space")
         limits = {"lr": (0.0, 1.0, False), "head_lr": (0.0, 1.0, False), "weight_decay": (0.0, 1.0, True),
-                  "val_frac": (0.0, 0.9, False), "dropout": (0.0, 1.0, False), "epochs": (1, 1000, True)}
+                  "dropout": (0.0, 1.0, False), "epochs": (1, 1000, True)}
         for name, (lo_lim, hi_lim, hi_closed) in limits.items():
             rng = getattr(self, name)
             if rng is None:
@@ -73,7 +83,7 @@ class BackboneSpace:
                 raise ConfigError(f"space.{name} = {rng!r} is invalid: expected [low, high] with low <= high, or "
                                   "null to keep the base config's value.")
             lo, hi = rng
-            positive = name in self.LOG or name == "val_frac"
+            positive = name in self.LOG
             lo_ok = lo > lo_lim if positive else lo >= lo_lim
             hi_ok = hi <= hi_lim if hi_closed else hi < hi_lim
             if not (lo_ok and hi_ok):
@@ -94,16 +104,10 @@ class BackboneSpace:
             self.batch_size = list(bs)
         return self
 
-    def check_against(self, cfg: RunConfig) -> None:
-        """Cross-checks with the base config (every value the space can produce must make a valid config)."""
-        if self.val_frac is not None and self.val_frac[1] + cfg.data.test_frac >= 0.95:
-            raise ConfigError(f"space.val_frac = {self.val_frac!r} with data.test_frac = {cfg.data.test_frac} "
-                              "leaves too little training data: lower the high end (val_frac + test_frac < 0.95).")
-
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Sample one point (parameter name -> value) for ``trial``."""
         params: dict[str, Any] = {}
-        for name in ("lr", "head_lr", "weight_decay", "val_frac", "dropout"):
+        for name in ("lr", "head_lr", "weight_decay", "dropout"):
             rng = getattr(self, name)
             if rng is not None:
                 params[name] = trial.suggest_float(name, rng[0], rng[1], log=name in self.LOG)
@@ -119,9 +123,10 @@ class BackboneSpace:
         out = copy.deepcopy(cfg)
         where = {"lr": (out.train, "encoder_lr"), "head_lr": (out.train, "head_lr"),
                  "weight_decay": (out.train, "weight_decay"), "batch_size": (out.train, "batch_size"),
-                 "epochs": (out.train, "epochs"), "val_frac": (out.data, "val_frac"),
-                 "dropout": (out.model.head, "dropout")}
+                 "epochs": (out.train, "epochs"), "dropout": (out.model.head, "dropout")}
         for name, value in params.items():
+            if name == "val_frac":
+                raise ConfigError(VAL_FRAC_REFUSED)
             if name not in where:
                 raise ConfigError(f"unknown backbone parameter {name!r}: expected one of {sorted(where)}.")
             obj, attr = where[name]
@@ -133,7 +138,14 @@ class BackboneSpace:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "BackboneSpace":
-        return from_dict(cls, data or {}, "space").validate()
+        """A validated space from a mapping. ``val_frac`` (a range in DACT Lab before 0.3) is refused with why and
+        what to set instead; ``val_frac: null`` (what a saved space of then says when it was off) is dropped."""
+        data = dict(data or {})
+        if "val_frac" in data:
+            if data["val_frac"] is not None:
+                raise ConfigError(VAL_FRAC_REFUSED)
+            data.pop("val_frac")
+        return from_dict(cls, data, "space").validate()
 
 
 @dataclass
@@ -169,7 +181,10 @@ class BackboneTuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "BackboneTuneConfig":
-        return from_dict(cls, data or {}, "").validate()
+        data = dict(data or {})
+        if isinstance(data.get("space"), dict):  # BackboneSpace.from_dict's val_frac refusal
+            data["space"] = BackboneSpace.from_dict(data["space"]).to_dict()
+        return from_dict(cls, data, "").validate()
 
 
 @dataclass
@@ -193,8 +208,9 @@ class TuneResult:
 
 def source_data(cfg: RunConfig, tracker: Tracker | None,
                 data: DatasetSplit | TextDataset | None = None) -> tuple[TextDataset | DatasetSplit, int | None]:
-    """The dataset a study's trials split (each with its own ``val_frac``) and its tracker dataset id: read once,
-    through the loop's own :func:`~dact_lib.train.load_split` with the held-out parts switched off."""
+    """The dataset a study's trials split (each the same way: the config's ``val_frac``, ``test_frac`` and
+    ``split_seed``) and its tracker dataset id: read once, through the loop's own
+    :func:`~dact_lib.train.load_split` with the held-out parts switched off."""
     if isinstance(data, DatasetSplit):
         return data, cfg.data.dataset_id
     whole = copy.deepcopy(cfg)
@@ -302,9 +318,6 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
     user_cbs = list(callbacks or [])
 
     source, dataset_id = source_data(cfg, tracker, data)
-    if isinstance(source, DatasetSplit) or cfg.data.val_path:
-        space.val_frac = None  # the validation set is given: nothing to split off
-    space.check_against(cfg)
 
     parent = tracker.open_run(ENGINE, None, run_id, dataset_id=dataset_id,
                               **({"name": cfg.name, "tag": cfg.tag} if run_id is None else {}))
