@@ -216,7 +216,7 @@ def test_stage3_fits_halting_points_on_the_best_stage2_model(done):
     trunk = json.loads((tr.run_dir(res.parent_run_id) / "stage2.json").read_text())["best_run_id"]
     assert study.user_attrs["trunk_run_id"] == trunk
     # the 12 λ: log-spaced from 0.01 to 10 (4 significant digits)
-    assert [t.params["ponder_lambda"] for t in trials[:12]] == \
+    assert [t.params["front_lambda"] for t in trials[:12]] == \
         [float(f"{10 ** (-2 + 3 * i / 11):.4g}") for i in range(12)]
     val = val_split()
     for t in trials:
@@ -234,7 +234,7 @@ def test_stage3_fits_halting_points_on_the_best_stage2_model(done):
         assert t.user_attrs["val_avg_exit_layer"] == t.values[1]
         if t.params["halting"] == "fitted":
             n_ref, N = study.user_attrs["nll_ref"], study.user_attrs["num_layers"]
-            assert t.user_attrs["spec_lambda"] == pytest.approx(t.params["ponder_lambda"] * n_ref / N)
+            assert t.user_attrs["spec_lambda"] == pytest.approx(t.params["front_lambda"] * n_ref / N)
         else:
             assert t.user_attrs["spec_lambda"] is None
     exits = sorted({round(t.user_attrs["val_avg_exit_layer"], 6) for t in trials})
@@ -291,10 +291,10 @@ def test_chosen_point_obeys_the_rule(done):
     best_acc = max(p["val_accuracy"] for p in trials)
     ok = [p for p in trials if p["val_accuracy"] >= best_acc - 0.01]
     assert res.chosen["val_avg_exit_layer"] == min(p["val_avg_exit_layer"] for p in ok)
-    assert res.stage_best["stage3"] == {"ponder_lambda": res.chosen["lambda"]}
+    assert res.stage_best["stage3"] == {"front_lambda": res.chosen["lambda"]}  # not the training λ's name
     # a user picks a front point later
     other = choose_point(res.parent_run_id, front[-1]["trial"], home=h)
-    want = {"halting": "fitted", "ponder_lambda": front[-1]["lambda"]} if front[-1]["lambda"] is not None else \
+    want = {"halting": "fitted", "front_lambda": front[-1]["lambda"]} if front[-1]["lambda"] is not None else \
         {"halting": "threshold", "tau": front[-1]["tau"]}
     assert other["params"] == want
     assert other["run_id"] == front[-1]["run_id"]
@@ -955,3 +955,16 @@ def test_a_same_name_start_resumes_the_run_holding_the_stages_not_a_jobs_stub(do
     assert len(tr.list_runs()) == before  # nothing trained, nothing new
     assert load_pipeline_result("demo-pipe", home=h).parent_run_id == res.parent_run_id
     tr.delete_run(stub)  # the fixture home is shared
+
+
+def test_stage3_lambda_has_its_own_name_and_older_studies_still_read():
+    """Issue 25 (one λ): stage 3's Optuna parameter is the front's normalised λ, named ``front_lambda`` — not
+    ``ponder_lambda``, the training λ's name; points of a study recorded before the rename read the same."""
+    from dact_lib.plots.pareto import normalize_point
+    from dact_lib.tuning.dact_pipeline.settings import FRONT_LAMBDA, front_lambda
+
+    assert FRONT_LAMBDA == "front_lambda" and FRONT_LAMBDA != "ponder_lambda"
+    assert front_lambda({"front_lambda": 0.5}) == 0.5 and front_lambda({"ponder_lambda": 2}) == 2.0
+    assert front_lambda({"halting": "threshold", "tau": 0.3}) is None
+    assert normalize_point({"params": {"front_lambda": 0.1}})["lambda"] == 0.1
+    assert normalize_point({"params": {"ponder_lambda": 0.1}})["lambda"] == 0.1

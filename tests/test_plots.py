@@ -460,7 +460,7 @@ def test_pipeline_view_of_a_real_pipeline_reads_its_events_and_summary(records):
     assert {e["payload"]["stage"] for e in events if e["kind"] == "trial"} == {"stage1", "stage2", "stage3"}
     assert [p["trial"] for p in view["trials"]] == [t.number for t in trials]  # stage 3 only
     for p, t in zip(view["trials"], trials):
-        assert p["lambda"] == pytest.approx(t.params["ponder_lambda"])
+        assert p["lambda"] == pytest.approx(t.params["front_lambda"])
         assert p["val_avg_exit_layer"] == pytest.approx(t.user_attrs["val_avg_exit_layer"]) == pytest.approx(t.values[1])
         assert p["val_accuracy"] == pytest.approx(t.user_attrs["val_accuracy"])
         assert p["val_error"] == pytest.approx(1 - t.user_attrs["val_accuracy"])

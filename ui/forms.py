@@ -221,6 +221,10 @@ def run_fields(kind: str) -> list[Field]:
               help="Passes over the training rows (at most: early stopping may end sooner)."),
         make_field("train.batch_size", "Batch size", "int",
               help="Rows per optimizer step (halved automatically when memory runs out)."),
+        make_field("train.grad_accum_steps", "Gradient accumulation (micro-batches per batch)", "int",
+              help="Each batch of 'Batch size' rows is cut into this many micro-batches whose gradients add up "
+                   "before the one optimizer step: the same training (same gradient) in about 1/N of the "
+                   "activation memory, a little slower. 1 = off."),
         make_field("train.encoder_lr", "Encoder learning rate", "sci",
               help="Of the pretrained encoder's weights (small: 1e-5 to 1e-4)."),
         make_field("train.head_lr", "Head learning rate", "sci",
@@ -459,6 +463,9 @@ def jobs_panel(key: str = "jobs") -> None:
 
 POOLING = ("mean", "cls")
 ACTIVATION = ("relu", "gelu", "silu", "tanh")
+CLASS_WEIGHTING_HELP = ("balanced: class k of the loss weighs n / (K · n_k) on the training split, so rare classes "
+                        "weigh as much in total as frequent ones (for imbalanced labels); none: plain "
+                        "cross-entropy.")
 POOLING_HELP = "How a layer's token vectors become one sentence vector: their mean (masked) or the [CLS] token's."
 
 
@@ -471,8 +478,11 @@ def model_fields(kind: str) -> list[Field]:
                   help="Widths of the per-layer classifier MLP, e.g. 128 (empty = linear)."),
             make_field("model.halting.hidden_dims", "Halting hidden layers", "dims",
                   help="Widths of the per-layer halting MLP that gives h_n, e.g. 64 (empty = linear)."),
-            make_field("model.ponder_lambda", "Ponder cost λ", "sci",
-                  help="Weight of the ponder (computation) cost: larger = earlier exits."),
+            make_field("model.ponder_lambda", "Ponder cost λ (training)", "sci",
+                  help="Weight of the ponder (computation) cost while training. It decides the exits only with "
+                       "'Fit the halting units after training' off (then larger = earlier exits). With it on (the "
+                       "default) the halting units are refitted after training and the halting tolerance below "
+                       "picks the exit point; this λ then only shapes the training."),
             make_field("model.layer_loss_weight", "Per-layer classifier loss weight", "float",
                   help="0 = the DACT paper's loss. > 0 also trains every layer's classifier on its own "
                        "(as PABEE/DeeBERT do): much better early-layer classifiers, which the patience and "
@@ -500,6 +510,8 @@ def model_fields(kind: str) -> list[Field]:
                        "best one: larger = earlier exits."),
             make_field("model.share_weights", "Share classifier/halting weights across layers", "bool",
                   help="One classifier and one halting unit for every layer instead of one per layer."),
+            make_field("model.class_weighting", "Class weighting of the loss", "select", ("none", "balanced"),
+                       help=CLASS_WEIGHTING_HELP),
         ]
     if kind == "multitask":
         return [
@@ -525,6 +537,8 @@ def model_fields(kind: str) -> list[Field]:
                    help="Between the head's hidden layers."),
         make_field("model.head.dropout", "Head dropout", "float",
                    help="Dropout rate before each of the head's layers (0 to 1)."),
+        make_field("model.class_weighting", "Class weighting of the loss", "select", ("none", "balanced"),
+                   help=CLASS_WEIGHTING_HELP),
     ]
 
 

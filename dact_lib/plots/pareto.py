@@ -31,9 +31,9 @@ def normalize_point(p: dict) -> dict:
     params = p.get("params") if isinstance(p.get("params"), dict) else {}
     q["params"] = params
     q["trial"] = p.get("trial", p.get("number", p.get("trial_number")))
-    lam = _num(p, "lambda", "ponder_lambda", "lam")
+    lam = _num(p, "lambda", "front_lambda", "ponder_lambda", "lam")
     if lam is None:
-        lam = _num(params, "lambda", "ponder_lambda", "model.ponder_lambda", "lam")
+        lam = _num(params, "lambda", "front_lambda", "ponder_lambda", "model.ponder_lambda", "lam")
     q["lambda"] = lam
     q["val_avg_exit_layer"] = _num(p, "val_avg_exit_layer", "avg_exit_layer", "exit_layer")
     acc = _num(p, "val_accuracy", "accuracy")

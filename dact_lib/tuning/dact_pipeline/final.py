@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from .. import studies
 from . import single
 from .record import jsonable
+from .settings import front_lambda
 from ... import events as ev
 
 
@@ -73,7 +74,7 @@ def run(pl) -> None:
         if src and pl.tracker.abs_path(src).is_file():
             (run_dir / HALTING_DIR).mkdir(exist_ok=True)
             shutil.copyfile(pl.tracker.abs_path(src), run_dir / HALTING_DIR / f"trial_{t.number}.safetensors")
-            points.append({"trial": t.number, "lambda": t.params.get("ponder_lambda"),
+            points.append({"trial": t.number, "lambda": front_lambda(t.params),
                            "threshold": t.params.get("tau"),
                            "spec_lambda": t.user_attrs.get("spec_lambda"),
                            "avg_exit_layer": t.user_attrs.get("val_avg_exit_layer"),

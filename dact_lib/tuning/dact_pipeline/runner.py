@@ -15,7 +15,7 @@ from ...config import DactModelConfig, RunConfig, TrainConfig, from_dict
 from ...errors import Cancelled, ConfigError, DactLabError
 from . import final, guards, record, single, stage1, stage2, stage3
 from .record import Budget, counted, jsonable, n_complete, write_json
-from .settings import PipelineConfig, PipelineResult, STAGES
+from .settings import PipelineConfig, PipelineResult, STAGES, front_lambda
 from .stage2 import train_from_params
 from ... import events as ev
 
@@ -81,7 +81,7 @@ class _Pipeline:
                 return
             if stage == "stage3":
                 metrics = {"stage3_objective": t.values[0], "stage3_avg_exit_layer": t.values[1],
-                           "stage3_lambda": t.params.get("ponder_lambda"),
+                           "stage3_lambda": front_lambda(t.params),
                            "stage3_val_accuracy": t.user_attrs.get("val_accuracy")}
             else:
                 metrics = {f"{stage}_value": t.value,

@@ -11,6 +11,17 @@ from typing import Any, Literal
 from ...config import POOLINGS
 from ...errors import ConfigError
 
+#: stage 3's Optuna parameter: the halting fit's normalised λ of the front (docs/dact_maths.md, "Two scales of λ"),
+#: named apart from the training λ (``model.ponder_lambda``); stage-3 studies before the rename called it
+#: "ponder_lambda", which :func:`front_lambda` still reads
+FRONT_LAMBDA = "front_lambda"
+
+
+def front_lambda(params: dict) -> float | None:
+    """The normalised λ of a stage-3 trial's parameters (either name), or None (a threshold trial)."""
+    lam = params.get(FRONT_LAMBDA, params.get("ponder_lambda"))
+    return None if lam is None else float(lam)
+
 
 PIPELINE_KIND = "dact-pipeline"
 

@@ -13,15 +13,15 @@ from optuna.trial import FrozenTrial, TrialState
 from .. import studies
 from ...errors import ConfigError, DactLabError
 from .record import counted
-from .settings import CHOICE_RULES
+from .settings import CHOICE_RULES, FRONT_LAMBDA, front_lambda
 from ... import events as ev
 
 
 def point_record(t: FrozenTrial, objective3: str) -> dict[str, Any]:
     ua = t.user_attrs
     first = f"val_{'nll' if objective3 == 'loss' else 'error'}"
-    lam = t.params.get("ponder_lambda")
-    return {"trial": t.number, "lambda": None if lam is None else float(lam), "objective": first,
+    lam = front_lambda(t.params)
+    return {"trial": t.number, "lambda": lam, "objective": first,
             first: float(t.values[0]), "val_avg_exit_layer": float(t.values[1]),
             "val_accuracy": float(ua.get("val_accuracy", float("nan"))),
             "val_nll": float(ua.get("val_nll", float("nan"))), "run_id": ua.get("run_id"),
@@ -97,9 +97,10 @@ class Stage3Trials:
             # the units kept are fitted on every validation row; the numbers the choice reads are cross-fitted
             # (each fold's units measured on the rows they were not fitted on): the exit point is not chosen on
             # the noise the units fitted (docs/dact_maths.md, "Cross-fitting the halting points"). The parameter
-            # "ponder_lambda" is the halting fit's normalised λ, not the training λ (docs/dact_maths.md, "Two scales
-            # of λ")
-            lam = trial.suggest_float("ponder_lambda", pipe.lambda_low, pipe.lambda_high, log=True)
+            # is the halting fit's normalised λ (FRONT_LAMBDA), not the training λ
+            fixed = (getattr(trial, "system_attrs", None) or {}).get("fixed_params") or {}
+            name = "ponder_lambda" if "ponder_lambda" in fixed else FRONT_LAMBDA  # a slot of an older study
+            lam = trial.suggest_float(name, pipe.lambda_low, pipe.lambda_high, log=True)
             [pt], crossed = cross_fit_halting(model, self.cache, [lam], epochs=model.cfg.halting_epochs,
                                               seed=pipe.seed, cancel=pl.cancel, nll=True)
             state, spec, fit_s = pt.state, pt.spec_lambda, pt.fit_s
@@ -168,7 +169,7 @@ def run(pl) -> None:
         for i in range(k):
             x = (lo + hi) / 2 if k == 1 else lo + (hi - lo) * i / (k - 1)
             lam = min(max(float(f"{math.exp(x):.4g}"), pipe.lambda_low), pipe.lambda_high)
-            studies.enqueue_slots(study, 1, pl.parent, params={"halting": "fitted", "ponder_lambda": lam})
+            studies.enqueue_slots(study, 1, pl.parent, params={"halting": "fitted", FRONT_LAMBDA: lam})
         todo -= k
         if "threshold" in kinds:
             taus = THRESHOLDS[:max(0, min(len(THRESHOLDS), pipe.trials_stage3 - k))]
@@ -194,7 +195,7 @@ def run(pl) -> None:
     pl.tracker.log_event(pl.parent, ev.RULE_CHOICE, {"rule": pipe.choice_rule,
                                                          "tolerance": pipe.choice_tolerance, "point": chosen})
     pl.summary.update(front=front, chosen=chosen)
-    pl.finish_stage("stage3", {"best_params": {"ponder_lambda": chosen["lambda"]}, "front": front,
+    pl.finish_stage("stage3", {"best_params": {FRONT_LAMBDA: chosen["lambda"]}, "front": front,
                                  "chosen": chosen, "objectives": [first, "val_avg_exit_layer"],
                                  "trunk_run_id": trunk_id, "nll_ref": nll_ref, "guard": guard,
                                  "n_trials": counted(study)}, time.monotonic() - t0)

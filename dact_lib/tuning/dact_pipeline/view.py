@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 from ... import events as ev
 from ...plots.pareto import normalize_point
+from .settings import front_lambda
 
 
 def pipeline_view(run: dict, events: Sequence[dict]) -> dict[str, Any]:
@@ -31,7 +32,7 @@ def pipeline_view(run: dict, events: Sequence[dict]) -> dict[str, Any]:
             ua = p.get("user_attrs") or {}
             values = p.get("values") or []
             params = p.get("params") or {}
-            pt = {"trial": p.get("number"), "lambda": params.get("ponder_lambda", p.get("lambda")),
+            pt = {"trial": p.get("number"), "lambda": front_lambda(params) if front_lambda(params) is not None else p.get("lambda"),
                   "val_avg_exit_layer": ua.get("val_avg_exit_layer", values[1] if len(values) > 1 else None),
                   "val_accuracy": ua.get("val_accuracy"), "val_nll": ua.get("val_nll"),
                   "val_loss": ua.get("val_loss"), "run_id": ua.get("run_id"), "params": params,
