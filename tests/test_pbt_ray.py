@@ -139,3 +139,40 @@ def test_pb2_and_bad_settings_are_refused_clearly(home):
         run_pbt_ray(tiny_cfg(), pbt=tiny_pbt(population=2), home=home, scheduler="hyperband")
     with pytest.raises(DactLabError, match="cpus_per_member"):
         run_pbt_ray(tiny_cfg(), pbt=tiny_pbt(population=2), home=home, cpus_per_member=0)
+
+
+def test_the_one_pbt_engine_dispatches_on_the_backend_setting(home, monkeypatch):
+    """Issue 25 (one PBT): the backend is a PBTConfig setting dispatched by the engine interface — the dashboard's
+    job manager, which only knows engines.py, starts Ray PBT too; a Ray run is not resumed."""
+    from dact_lib.config import ConfigError
+    from dact_lib.engines import EngineContext, get_engine
+    from dact_lib.errors import DactLabError
+    from dact_lib.tuning import pbt_ray
+    from dact_lib.tuning.pbt import PBTConfig
+
+    calls = []
+    monkeypatch.setattr(pbt_ray, "run_pbt_ray", lambda cfg, **kw: calls.append(kw) or "ray result")
+    engine = get_engine("pbt")
+    settings = engine.settings({"pbt": {"backend": "ray", "ray_scheduler": "pb2", "population": 2}})
+    assert settings.backend == "ray" and settings.ray_scheduler == "pb2"
+    tracker = Tracker(home)
+    ctx = EngineContext(tracker=tracker, callbacks=[], run_id=7, resume=False)
+    assert engine.run(tiny_cfg(), settings, ctx) == "ray result"
+    assert calls[0]["scheduler"] == "pb2" and calls[0]["run_id"] == 7 and calls[0]["pbt"] is settings
+    with pytest.raises(DactLabError, match="cannot be resumed"):
+        engine.run(tiny_cfg(), settings, EngineContext(tracker=tracker, callbacks=[], run_id=7, resume=True))
+    with pytest.raises(ConfigError, match="backend"):
+        PBTConfig(backend="dask").validate()
+    with pytest.raises(ConfigError, match="set backend 'ray' too"):
+        PBTConfig(ray_scheduler="pb2").validate()
+
+
+def test_a_ray_release_other_than_the_tested_one_is_refused(monkeypatch):
+    _ray_or_skip()
+    import ray
+
+    from dact_lib.tuning.pbt_ray import require_ray
+
+    monkeypatch.setattr(ray, "__version__", "2.70.0")
+    with pytest.raises(DactLabError, match=r"tested with Ray 2\.60\.x and this is Ray 2\.70\.0"):
+        require_ray()

@@ -365,6 +365,9 @@ SETTING_TEXT: dict[str, tuple[str, str]] = {
     "perturb_factors": ("Perturbation factors", "Explore multiplies a value by one of these, e.g. 0.8, 1.2."),
     "num_threads": ("Torch threads in all (0 = the CPU cores)", "Split among the members."),
     "dropout_scope": ("Dropout that PBT explores", "head: the heads' dropout; all: every dropout, encoder included."),
+    "backend": ("Where the members train", "threads: side by side in the job's process (resumable); ray: each "
+                "member a Ray Tune trial on a local Ray (needs the ray extra; not resumable)."),
+    "ray_scheduler": ("Ray scheduler", "With Ray: its PopulationBasedTraining (pbt) or PB2 (a GP bandit)."),
     "hidden_layers": ("Hidden layers of the head (range)", "Drawn once for the whole population."),
     "dropout": ("Dropout range", "Sampled uniformly for each member or trial."),
     "lr": ("Learning rate range", "Log-uniform."),

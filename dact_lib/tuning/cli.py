@@ -329,17 +329,25 @@ def cmd_pbt(args) -> int:
                                      ("--scheduler", args.scheduler is not None),
                                      ("--cpus-per-member", args.cpus_per_member is not None),
                                      ("--storage-path", args.storage_path is not None)) if given]
-    if args.backend != "ray" and ray_flags:
+    cfg = settings = None
+    if args.resume is None:
+        cfg, settings = pbt_arguments(args)  # the backend: --backend, else the settings' (a --config download)
+        if args.backend is not None:
+            settings.backend = args.backend
+        if args.scheduler is not None:
+            settings.ray_scheduler = args.scheduler
+        settings.validate()
+    backend = args.backend or (settings.backend if settings is not None else "threads")
+    if backend != "ray" and ray_flags:
         raise DactLabError(f"{', '.join(ray_flags)} only apply to PBT on Ray: add --backend ray, or drop them.")
-    if args.backend == "ray":
+    if backend == "ray":
         if args.resume is not None:
             raise DactLabError("a PBT run on Ray cannot be resumed (Ray keeps its own checkpoints only while it "
                                "runs): start it again, or drop --backend ray to resume a threaded PBT run.")
         from .pbt_ray import run_pbt_ray
 
-        cfg, settings = pbt_arguments(args)
         res = run_pbt_ray(cfg, pbt=settings, home=args.home, tracker=tracker, address=args.address,
-                          scheduler=args.scheduler or "pbt", cpus_per_member=args.cpus_per_member or 1.0,
+                          scheduler=settings.ray_scheduler, cpus_per_member=args.cpus_per_member or 1.0,
                           storage_path=args.storage_path,
                           progress=(lambda line: _err(args, line)) if args.verbosity else None)
     elif args.resume is not None:
@@ -353,7 +361,6 @@ def cmd_pbt(args) -> int:
         res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=tracker, run_id=args.resume, resume=True,
                           callbacks=[MemberPrinter(args.verbosity)])
     else:
-        cfg, settings = pbt_arguments(args)
         res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=tracker,
                           callbacks=[MemberPrinter(args.verbosity)])
     for m in res.members:

@@ -95,6 +95,7 @@ EXPLORED = ("lr", "weight_decay", "dropout", "warmup_ratio")
 LOG_SCALE = ("lr", "weight_decay")
 METRICS = ("val_accuracy", "val_macro_f1", "val_loss")
 DROPOUT_SCOPES = ("head", "all")
+BACKENDS = ("threads", "ray")  # where the members train: this process's threads, or Ray Tune
 
 
 # --- configuration ---------------------------------------------------------------------------------------------
@@ -171,7 +172,9 @@ class PBTConfig:
     """Settings of one PBT run. ``ready_every_steps`` (per member, in its own steps) or ``ready_every_epochs``
     (a fraction of an epoch, the same data progress for every batch size) — exactly one of them. ``epochs`` and
     ``seed`` default to the run config's. ``num_threads``: total torch threads to split among the members
-    (default: the CPU cores available)."""
+    (default: the CPU cores available). ``backend``: "threads" (the members side by side in this process, resumable)
+    or "ray" (Ray Tune's PopulationBasedTraining, or PB2 with ``ray_scheduler``; ``pip install 'dact-lab[ray]'``) —
+    the one engine dispatches on it, so the dashboard and the CLI start either."""
 
     population: int = 4
     ready_every_steps: int | None = None
@@ -185,6 +188,8 @@ class PBTConfig:
     space: PBTSpace = field(default_factory=PBTSpace)
     num_threads: int | None = None
     dropout_scope: Literal["head", "all"] = "head"
+    backend: Literal["threads", "ray"] = "threads"
+    ray_scheduler: Literal["pbt", "pb2"] = "pbt"
 
     def validate(self, name: str = "pbt") -> "PBTConfig":
         from ..config import check_types
@@ -225,6 +230,11 @@ class PBTConfig:
             check_int(f"{name}.num_threads", self.num_threads, 1, 512)
         check(self.dropout_scope in DROPOUT_SCOPES, f"{name}.dropout_scope", self.dropout_scope,
                f"choose one of {list(DROPOUT_SCOPES)}")
+        check(self.backend in BACKENDS, f"{name}.backend", self.backend, f"choose one of {list(BACKENDS)}")
+        check(self.ray_scheduler in ("pbt", "pb2"), f"{name}.ray_scheduler", self.ray_scheduler,
+              "choose 'pbt' or 'pb2' (PB2 needs the ray extra's GPy / sklearn parts)")
+        check(self.backend == "ray" or self.ray_scheduler == "pbt", f"{name}.ray_scheduler", self.ray_scheduler,
+              "a scheduler of Ray Tune: set backend 'ray' too, or leave it 'pbt'")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -900,6 +910,16 @@ def replay_schedule(cfg: RunConfig | dict, schedule: list[dict], *, home=None, t
 
 
 def run_engine(cfg: RunConfig, settings: PBTConfig, ctx) -> PBTResult:
-    """The engine interface (:mod:`dact_lib.engines`): :func:`run_pbt` with ``settings``."""
+    """The engine interface (:mod:`dact_lib.engines`): :func:`run_pbt` with ``settings``, or
+    :func:`~dact_lib.tuning.pbt_ray.run_pbt_ray` for ``backend = "ray"`` (not resumable: Ray keeps its
+    checkpoints only while it runs)."""
+    if settings.backend == "ray":
+        if ctx.resume:
+            raise DactLabError("a PBT run on Ray cannot be resumed (Ray keeps its checkpoints only while it runs): "
+                               "start it again.")
+        from .pbt_ray import run_pbt_ray
+
+        return run_pbt_ray(cfg, pbt=settings, home=ctx.home, tracker=ctx.tracker, scheduler=settings.ray_scheduler,
+                           callbacks=ctx.callbacks, cancel=ctx.cancel, run_id=ctx.run_id)
     return run_pbt(cfg, pbt=settings, home=ctx.home, tracker=ctx.tracker, cancel=ctx.cancel,
                    callbacks=ctx.callbacks, run_id=ctx.run_id, resume=ctx.resume)

@@ -78,8 +78,9 @@ from .pbt import (EXPLORED, PBTConfig, PBTResult, PBTSpace, apply_hparams, explo
 log = logging.getLogger(__name__)
 
 BACKEND = "ray"
+TESTED_RAY = "2.60."  # the Ray minor the scheduler subclass is tested with (pyproject's ray extra)
 SCHEDULERS = ("pbt", "pb2")
-INSTALL_HINT = 'pip install "ray[tune]"'
+INSTALL_HINT = 'pip install "ray[tune]>=2.60,<2.61"'
 #: the file of a member checkpoint (safetensors + JSON header, no pickle: :func:`dact_lib.train.save_state_file`)
 STATE_FILE = "member_state.safetensors"
 #: the ``kind`` in a member checkpoint's header
@@ -101,6 +102,10 @@ def require_ray():
         raise DactLabError(f"PBT on Ray needs Ray Tune, which cannot be imported here ({exc}): install it with "
                            f"{INSTALL_HINT} (or pip install -e '.[ray]'), or use the threaded engine "
                            "(--backend threads).") from None
+    if not str(getattr(ray, "__version__", "")).startswith(TESTED_RAY):
+        raise DactLabError(f"PBT on Ray is tested with Ray {TESTED_RAY}x and this is Ray {ray.__version__}: its "
+                           "scheduler subclasses parts of Ray Tune's PBT that change between releases. Install "
+                           f"{INSTALL_HINT}, or use the threaded engine (backend 'threads').")
     return ray
 
 
