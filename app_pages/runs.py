@@ -166,7 +166,7 @@ by_id = {r["id"]: r for r in all_runs}
 @st.fragment(run_every=refresh_every())
 def run_table() -> None:
     """The run table, re-read on the pages' one status timer (the live part's while a run is active, as the
-    sidebar's job counts): every status on the page changes together (it used to say 'running' above a finished
+    sidebar's job counts): every status on the page changes together (never 'running' above a finished
     progress bar); while nothing runs it still polls slowly, so a run started elsewhere appears."""
     rows = filtered(tracker().list_runs(), words)
     table = runs_table(rows, datasets)

@@ -10,7 +10,7 @@ instead of a training run per λ:
     points = fit_halting(model, cache, lambdas=[0, 0.1, 1])   # one HaltingPoint per λ (normalised scale)
     install_halting(model, choose_point(points, tolerance=0.5))
 
-λ is on the normalised scale of :func:`dact_lib.dact.spec_lambda`: the loss is the spec's
+λ is on the normalised scale of :func:`dact_lib.dact.spec_lambda`: the loss is the DACT loss of docs/dact_maths.md
 ``NLL(log a_N) + λ_spec · mean(rho)`` with ``λ_spec = λ · nll_ref / N`` and ``nll_ref`` the deepest classifier's
 NLL on the cached rows, so λ = 1 means "running every layer costs as much as the full model's NLL", whatever the
 task or N. Encoder and classifier weights are never touched (only new modules are optimised; ``install_halting``
@@ -51,7 +51,7 @@ class LayerCache:
 @dataclass
 class HaltingPoint:
     lam: float  # λ on the normalised scale
-    spec_lambda: float  # the same λ on the spec's scale (λ · nll_ref / N)
+    spec_lambda: float  # the same λ on the training loss's scale (λ · nll_ref / N)
     avg_exit_layer: float  # under the DACT rule, on the evaluation rows
     accuracy: float  # of the DACT rule's answer, on the evaluation rows (0..1)
     state: dict = field(repr=False, default_factory=dict)  # halting weights: load into model.halters
@@ -179,7 +179,7 @@ def calibrated(state: dict, scale: float, shift: float) -> dict:
 def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, lr: float = 3e-3,
                         batch_size: int = 64, seed: int = 0, cancel=None, batched: bool = True,
                         progress=None) -> list[dict]:
-    """Fresh halting units of ``model``'s shape trained with the spec's DACT loss (λ on the spec's scale, one set
+    """Fresh halting units of ``model``'s shape trained with the DACT loss (λ on the training loss's scale, one set
     of units per λ in ``spec_lambdas``) on the cached rows; returns one halting state dict per λ.
 
     Every set starts from the same seeded initialisation and sees the same seeded batches, each with its own
@@ -233,7 +233,7 @@ def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, 
 
         def terms(prm, buf, base, y, targets):
             _, a, p = functional_call(runner, (prm, buf), (LayerCache(base, y, targets),))
-            out = dact.dact_loss(a[:, -1], p, targets, 0.0)  # the spec's loss; λ · ponder added per set below
+            out = dact.dact_loss(a[:, -1], p, targets, 0.0)  # the DACT loss without its ponder term; λ · ponder added per set below
             return out.nll, out.ponder
 
         per_set = vmap(terms, in_dims=(0, 0, None, None, None), randomness="different")
@@ -254,7 +254,7 @@ def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, ep
                 lr: float = 3e-3, batch_size: int = 64, seed: int = 0, cancel=None,
                 calibrate: bool = False, progress=None) -> list[HaltingPoint]:
     """Train only fresh halting units of ``model``'s shape for every λ in ``lambdas`` (normalised scale) with the
-    spec's DACT loss on ``data`` (a :class:`LayerCache`, or an EncodedDataset that is cached first). The model is
+    DACT loss on ``data`` (a :class:`LayerCache`, or an EncodedDataset that is cached first). The model is
     not changed. Each point is measured under the DACT rule on ``eval_data`` (default: ``data``).
 
     ``calibrate``: also return, for every fitted λ, its halting units with the output logit calibrated as
@@ -362,12 +362,13 @@ def cross_fit_halting(model, cache: LayerCache, lambdas, *, epochs: int | None =
 
 # the normalised-entropy thresholds τ tried after every DACT training (and by stage 3, in this order while its trial
 # budget lasts): every 0.1, then the entropy sweep's low end (0.02, 0.05) and the midpoints, so the DACT rule has a
-# point wherever the entropy sweep has one and between (docs/benchmarks.md, run M)
+# point wherever the entropy sweep has one and between (measured: docs/benchmarks.md, run M)
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.02, 0.05, 0.15, 0.25, 0.35, 0.45)
 # the slope of the threshold units' output logit: h_n is 0 or 1 to float32 except where the normalised entropy lies
 # within ~1e-3 of τ, so under the DACT rule the answer is the exit layer's y_n and the exit the entropy policy's.
-# (It was 60: there h_n stayed between 0 and 1 for entropies within ~0.1 of τ, the rule went on mixing y_n into
-# a_n, and its earliest points sat up to 0.9 point below entropy's at equal exit — docs/benchmarks.md, run O.)
+# A gentler slope (60 measured) leaves h_n between 0 and 1 for entropies within ~0.1 of τ: the rule goes on mixing
+# y_n into a_n and its earliest points sat up to 0.9 point below entropy's at equal exit (measured:
+# docs/benchmarks.md, run O).
 THRESHOLD_SHARPNESS = 1.0e4
 
 

@@ -1,11 +1,11 @@
-"""Seed 003's multi-task training: one encoder, a head per task, on a two-task CSV (sentence, class_label,
+"""Multi-task training: one encoder, a head per task, on a two-task CSV (sentence, class_label,
 sentiment_label).
 
 The training loop does the work (best-epoch checkpoint on validation loss, early stopping, per-task validation
 curves ``val_loss/<task>``, ``val_accuracy/<task>``, ``val_macro_f1/<task>``); :func:`train_multitask` is the
 entry point the CLI and the dashboard call: it checks the data and the settings first, with clear errors, then
 trains. The defaults come from ``default_config("multitask")``: encoder lr 5e-5, head lr 1e-3 (measured on both
-two-task sets, bench/multitask_defaults.py; seed 003's 1e-5 / 1e-4 left classes unpredicted), early-stopping
+two-task sets, bench/multitask_defaults.py; lower rates, 1e-5 / 1e-4, left classes unpredicted), early-stopping
 patience 2; ``model.class_weighting = "balanced"`` weights rare classes up (an option: it measured worse on the
 imbalanced airline sentiment); ``model.pooling`` ('cls' or 'mean'), ``model.normalize`` (L2-normalise the sentence vector) and
 ``model.task_weights`` ({task: weight}, default 1 each) shape the model.

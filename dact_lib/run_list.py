@@ -18,8 +18,8 @@ from .engines import ENGINE_KINDS
 from .tracker import ACTIVE_STATUSES, run_params, run_scores
 from .tracker.store import PARAM_KEYS, SCORE_KEYS
 
-#: the table's first columns, in this order for every mix of runs (a multi-task run used to push the single-task
-#: scores to the far right)
+#: the table's first columns, in this order for every mix of runs (the single-task scores stay in front when a
+#: multi-task run, with per-task columns of its own, is listed)
 LEAD = ("id", "kind", "name", "dataset", "tag", "status", "parent", "created")
 SCORES = (*SCORE_KEYS, "val_avg_exit_layer", "test_avg_exit_layer", "exits")
 PARAM_NAMES = {name for name, _ in PARAM_KEYS}

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertM
 
 #: the CPU niceness of the server's threads (event loop, page scripts, fragments): above the worker processes' 0, so
 #: on 2 cores a watched Runs page yields to the training it shows (it took 0.3 core per tab at equal priority).
-#: 5, measured (docs/benchmarks.md, issue 28 runs 5-6): at 10 a third Runs tab did not draw within 60 s; at 5 three
+#: 5, measured (docs/benchmarks.md, "The dashboard never slows the work", runs 5-6): at 10 a third Runs tab did not draw within 60 s; at 5 three
 #: tabs cost the training 0.35x instead of 0.10x. $DACT_LAB_PAGE_NICE changes it, 0 = the server's own priority
 PAGE_NICE = 5
 

@@ -50,7 +50,7 @@ def accuracy_per_layer(df: pd.DataFrame, num_layers: int | None = None, height: 
 def trace_figure(res: dict, height: int = 360) -> go.Figure:
     """One sentence through a DACT model (``models.predict``'s result with ``layers``): y_n of the predicted class,
     h_n, p_n per layer and the exit layer. The legend sits below the plot, so it never covers the exit label
-    (it used to: both at the top right)."""
+    (both at the top right would overlap)."""
     layers = res["layers"]
     xs = [lay["layer"] for lay in layers]
     fig = go.Figure()

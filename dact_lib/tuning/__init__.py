@@ -1,4 +1,4 @@
-"""The tuning engines: backbone study (seed 000), DACT staged pipeline, PBT, and the Optuna study helpers.
+"""The tuning engines: backbone study, DACT staged pipeline, PBT, and the Optuna study helpers.
 (Multi-task training is not tuning: it is ``dact_lib.multitask``.)
 
 Entry points are imported lazily (``from dact_lib.tuning import tune_backbone``), so importing this package is

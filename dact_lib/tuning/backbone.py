@@ -1,4 +1,4 @@
-"""Seed 000's BackBoneTune: an Optuna study over the backbone's training parameters, then one final training.
+"""Backbone tuning: an Optuna study over the backbone's training parameters, then one final training.
 
 :func:`tune_backbone` records a parent run (kind ``tune-backbone``) with one child run per trial (kind ``backbone``,
 tag ``trial <n>``, metrics only: trial weights are never written to disk) and, with ``final=True``, a child run

@@ -88,7 +88,7 @@ def add_commands(sub, common: Callable, data_args: Callable, command: Callable) 
     common(p)
     command("pbt")(cmd_pbt)
 
-    p = sub.add_parser("multitask", help="train one multi-task model on a two-task CSV (seed 003)")
+    p = sub.add_parser("multitask", help="train one multi-task model on a two-task CSV (one encoder, a head per task)")
     data_args(p)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)

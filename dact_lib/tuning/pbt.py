@@ -1,4 +1,4 @@
-"""Population Based Training (seed 002): a population of members trained side by side, the weak ones copying the
+"""Population Based Training: a population of members trained side by side, the weak ones copying the
 strong ones (*exploit*) and then perturbing the copied hyperparameters (*explore*).
 
 How it runs

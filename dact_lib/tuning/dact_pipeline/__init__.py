@@ -1,4 +1,4 @@
-"""The staged DACT tuning pipeline (the original project's ``TuningEngine``; spec "Staged tuning").
+"""The staged DACT tuning pipeline (docs/dact_maths.md and README "Staged DACT tuning").
 
 One module per concept: ``settings`` (PipelineConfig, PipelineResult), ``stage1`` … ``stage3``, ``single`` and
 ``final`` (one stage each, with its search space), ``guards`` (the majority-class checks), ``choice`` (choosing a stage-3 point

@@ -3,7 +3,7 @@ halting fit included), on the pipeline's split: a candidate of the final choice,
 a model that the single default run beats on the validation split.
 
 Why: on a held-out 77-class set the staged pipeline once returned 90.21 % at 3.82 layers where the single run on
-the same data gave 90.42 % at 1.63 (issue 27). :func:`final_choice` compares the two by the pipeline's own choice
+the same data gave 90.42 % at 1.63 (docs/benchmarks.md, "Results you can trust"). :func:`final_choice` compares the two by the pipeline's own choice
 rule, on numbers measured the same way (validation rows, cross-fitted halting points), and says which won and why.
 """
 from __future__ import annotations
