@@ -77,8 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "split, before the halting fit (model.exit_temperature; off by default)")
     p.add_argument("--no-fit-halting", action="store_true",
                    help="DACT: keep the jointly trained halting units (no halting fit after training)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
-                   help="auto: bf16 where the hardware has native bf16, else fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default=None,
+                   help="auto: bf16 where the hardware has native bf16, else fp32; fp16: CUDA only (autocast fp16 + "
+                        "a gradient scaler, for GPUs without bf16), refused on a CPU")
+    p.add_argument("--grad-accum-steps", type=int, default=None, metavar="N",
+                   help="split every batch into N micro-batches (gradients accumulated, one optimizer step): the "
+                        "same optimisation batch in about 1/N of the activation memory (train.grad_accum_steps, "
+                        "default 1)")
+    p.add_argument("--class-weighting", choices=("none", "balanced"), default=None,
+                   help="balanced: weight class k of the loss by n / (K · n_k) on the training split, for imbalanced "
+                        "labels (model.class_weighting; default none)")
     p.add_argument("--init-from-run", type=int, default=None, help="start the encoder from this backbone run's weights")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--time-limit-min", type=float, default=None,

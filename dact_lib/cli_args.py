@@ -64,6 +64,12 @@ def parse_columns(text: str) -> dict[str, str]:
     return out
 
 
+def _class_weighting_flag(cfg, args) -> None:
+    """``--class-weighting none|balanced`` → ``model.class_weighting`` (every kind's model config has it)."""
+    if getattr(args, "class_weighting", None) is not None:
+        cfg.model.class_weighting = args.class_weighting
+
+
 def config_and_options(args, kind_default: str = "backbone"):
     """``(RunConfig, engine options)`` from --config (a RunConfig file, or a dashboard download
     ``{"config": ..., "options": ...}``) with the command-line flags applied on top of the config; the engine
@@ -89,7 +95,8 @@ def config_and_options(args, kind_default: str = "backbone"):
     if args.encoder:
         cfg.encoder = args.encoder
     for flag, target in (("epochs", "epochs"), ("batch_size", "batch_size"), ("precision", "precision"),
-                         ("max_steps", "max_steps"), ("time_limit_min", "time_limit_min")):
+                         ("max_steps", "max_steps"), ("time_limit_min", "time_limit_min"),
+                         ("grad_accum_steps", "grad_accum_steps")):
         v = getattr(args, flag, None)
         if v is not None:
             setattr(cfg.train, target, v)
@@ -101,6 +108,7 @@ def config_and_options(args, kind_default: str = "backbone"):
     if per_epoch is not None:
         cfg.train.evals_per_epoch = per_epoch if per_epoch == "auto" else \
             int(per_epoch) if str(per_epoch).isdigit() else per_epoch  # validate() names a bad value
+    _class_weighting_flag(cfg, args)
     if getattr(args, "ponder_lambda", None) is not None:
         if cfg.kind != "dact":
             raise DactLabError("--ponder-lambda only applies to --kind dact.")

@@ -26,7 +26,11 @@ ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 POOLINGS = ("mean", "cls")
 LAYOUTS = ("explicit", "pyramidal", "inverted", "bowtie")
 KINDS = ("backbone", "dact", "multitask")
-PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has native bf16, else fp32
+# auto: bf16 where the hardware has native bf16, else fp32; fp16: CUDA only (autocast fp16 + a GradScaler, for GPUs
+# without bf16: T4, V100), refused for a CPU run (evaluate.check_precision)
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+#: how a single-task or multi-task loss weights the classes (``model.class_weighting``)
+CLASS_WEIGHTINGS = ("none", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
 #: the experiment trackers a run can also report to (``train.report_to``; dact_lib/reporting.py), besides the
 #: embedded tracker, which always records it
@@ -131,6 +135,11 @@ class MLPConfig:
         check_frac(f"{name}.dropout", self.dropout, 0.0, 1.0)
 
 
+def check_class_weighting(name: str, value: Any) -> None:
+    check(value in CLASS_WEIGHTINGS, name, value, "choose 'none' or 'balanced' (rare classes weigh as much in "
+          "total as frequent ones)")
+
+
 @dataclass
 class DataConfig:
     """Where the data comes from and how it is split. ``path=None`` and ``dataset_id=None`` use the bundled demo
@@ -171,9 +180,13 @@ class BackboneModelConfig:
 
     pooling: str = "mean"
     head: MLPConfig = field(default_factory=MLPConfig)
+    # "balanced": the cross-entropy weights class k by n / (K · n_k) on the training split (clipped to [0.1, 10]),
+    # as multi-task's; "none": plain cross-entropy. Off by default (docs/benchmarks.md, "Training options")
+    class_weighting: Literal["none", "balanced"] = "none"
 
     def validate(self, name: str = "model") -> None:
         check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
+        check_class_weighting(f"{name}.class_weighting", self.class_weighting)
         self.head.validate(f"{name}.head")
 
 
@@ -239,9 +252,14 @@ class DactModelConfig:
     # split (exit_refit.temperatures_after_training: argmax unchanged, confidence calibrated per layer, folded into
     # the classifiers). Needs fit_halting. Off by default: docs/benchmarks.md, runs Q/R.
     exit_temperature: bool = False
+    # "balanced": the NLL of a_N and of every exit (layer_loss_weight) weight class k by n / (K · n_k) on the
+    # training split (clipped to [0.1, 10]), as multi-task's; the ponder cost and self-distillation are unweighted.
+    # "none" (default): the spec's loss. docs/benchmarks.md, "Training options"
+    class_weighting: Literal["none", "balanced"] = "none"
 
     def validate(self, name: str = "model") -> None:
         check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
+        check_class_weighting(f"{name}.class_weighting", self.class_weighting)
         self.classifier.validate(f"{name}.classifier")
         self.halting.validate(f"{name}.halting")
         check(isinstance(self.share_weights, bool), f"{name}.share_weights", self.share_weights, "expected true/false")
@@ -297,8 +315,7 @@ class MultiTaskModelConfig:
 
     def validate(self, name: str = "model") -> None:
         check(self.pooling in POOLINGS, f"{name}.pooling", self.pooling, f"choose one of {POOLINGS}")
-        check(self.class_weighting in ("none", "balanced"), f"{name}.class_weighting", self.class_weighting,
-              "choose 'none' or 'balanced'")
+        check_class_weighting(f"{name}.class_weighting", self.class_weighting)
         self.head.validate(f"{name}.head")
         if self.task_weights is not None:
             check(isinstance(self.task_weights, dict) and all(
@@ -347,7 +364,13 @@ class TrainConfig:
     gradual_unfreeze: bool = False  # ... and unfreeze one more (top-down) at the start of every epoch
     # "bf16" autocast, or "auto" (evaluate.resolve_precision: bf16 on hardware with native bf16 — CUDA with bf16,
     # CPUs with AVX-512 BF16 / AMX — else fp32). Stays fp32 by default: bf16 was measured on SST-2 only.
+    # "fp16": CUDA only — autocast fp16 with a GradScaler (torch.amp), for GPUs without bf16 (T4, V100); a CPU run
+    # is refused (evaluate.check_precision), evaluation on a CPU of an fp16-trained model runs in fp32.
     precision: str = "fp32"
+    # split every batch into this many micro-batches, each backpropagated before the one optimizer step: the
+    # optimisation batch stays batch_size (same gradient up to float rounding), the activation memory is that of
+    # batch_size / grad_accum_steps rows. 1 = off. (An out-of-memory also splits the batch: BatchSizeManager.)
+    grad_accum_steps: int = 1
     encoder_dropout: float | None = None  # override the encoder's dropout rates (None: the checkpoint's)
     group_by_length: bool = True
     pad_to: int | None = None  # pad every batch to this many tokens (the seed's way; only for comparisons)
@@ -391,6 +414,12 @@ class TrainConfig:
         check_pos(f"{name}.max_grad_norm", self.max_grad_norm, allow_zero=True, hi=MAX_WEIGHT)
         check_int(f"{name}.freeze_layers", self.freeze_layers, 0, 1000)
         check(self.precision in PRECISIONS, f"{name}.precision", self.precision, f"choose one of {PRECISIONS}")
+        check(not (self.precision == "fp16" and self.device == "cpu"), f"{name}.precision", self.precision,
+              "fp16 training needs a CUDA GPU (autocast fp16 + a gradient scaler); on a CPU use 'fp32', or "
+              "'bf16' / 'auto' where the CPU has native bf16")
+        check_int(f"{name}.grad_accum_steps", self.grad_accum_steps, 1, 4096)
+        check(self.grad_accum_steps <= self.batch_size, f"{name}.grad_accum_steps", self.grad_accum_steps,
+              f"at most train.batch_size ({self.batch_size}): every micro-batch needs a row")
         if self.encoder_dropout is not None:
             check_frac(f"{name}.encoder_dropout", self.encoder_dropout, 0.0, 1.0)
         if self.pad_to is not None:

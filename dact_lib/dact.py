@@ -155,11 +155,14 @@ def depth_weights(num_layers: int, scheme: str = "uniform") -> Tensor:
     return (w / w.sum()).float()
 
 
-def layer_nll(y: Tensor, targets: Tensor, eps: float = 1e-8, weights: Tensor | None = None) -> Tensor:
+def layer_nll(y: Tensor, targets: Tensor, eps: float = 1e-8, weights: Tensor | None = None,
+              class_weight: Tensor | None = None) -> Tensor:
     """``sum_n w_n * mean_batch(-log y_n[target])`` — every internal classifier's own NLL, weighted over layers
     (default w_n = 1/N: the plain mean over layers and batch; see :func:`depth_weights`).
 
     y [B,N,K] holds probability vectors (softmax already applied), so like a_N their log goes into NLL.
+    ``class_weight`` [K] (``model.class_weighting``): the batch mean becomes the class-weighted mean
+    ``sum_i c_{t_i} (-log y_n[t_i]) / sum_i c_{t_i}``, as ``nll_loss(weight=)`` computes it.
     """
     if y.dim() != 3:
         raise ValueError(f"layer_nll: y must have shape [B, N, K], got {tuple(y.shape)}")
@@ -167,6 +170,10 @@ def layer_nll(y: Tensor, targets: Tensor, eps: float = 1e-8, weights: Tensor | N
         raise ValueError(f"layer_nll: targets must have shape [{y.shape[0]}], got {tuple(targets.shape)}")
     log_y = torch.log(y.clamp(min=eps))  # [B,N,K]
     picked = log_y.gather(2, targets.long().view(-1, 1, 1).expand(-1, y.shape[1], 1)).squeeze(2)  # [B,N]
+    if class_weight is not None:
+        c = class_weight.to(picked.dtype)[targets.long()]  # [B]
+        per_layer = (picked * c[:, None]).sum(0) / c.sum()
+        return -per_layer.mean() if weights is None else -(per_layer * weights.to(picked.dtype)).sum()
     if weights is None:
         return -picked.mean()
     return -(picked.mean(0) * weights.to(picked.dtype)).sum()
@@ -256,6 +263,7 @@ def dact_loss(
     distill_weight: float = 0.0,
     distill_temperature: float = 1.0,
     depth_weighting: str = "uniform",
+    class_weight: Tensor | None = None,
 ) -> DactLoss:
     """``loss = NLL(log(clamp(a_N, eps)), targets) + ponder_lambda * mean(rho)``  (DACT's loss)
     ``       + layer_loss_weight * mean_n NLL(log(clamp(y_n, eps)), targets)``  (every exit's own NLL).
@@ -275,6 +283,10 @@ def dact_loss(
     deepest one (FastBERT-style self-distillation). ``depth_weighting`` ('uniform' | 'pabee') weights the layers
     of both extra terms (:func:`depth_weights`). Both extra terms only train the classifiers; the DACT part of the
     loss is unchanged.
+
+    ``class_weight`` [K] (``model.class_weighting = "balanced"``): the NLL of a_N and of every exit become
+    class-weighted means (``nll_loss(weight=)``: ``sum_i c_{t_i} l_i / sum_i c_{t_i}``); the ponder cost and the
+    distillation stay plain means. None: the terms above as written.
     """
     if a_N.dim() != 2:
         raise ValueError(f"dact_loss: a_N must have shape [B, K], got {tuple(a_N.shape)}")
@@ -286,7 +298,8 @@ def dact_loss(
         raise ValueError(f"dact_loss: layer_loss_weight and distill_weight must be >= 0, got {layer_loss_weight}, "
                          f"{distill_weight}")
     log_a = torch.log(a_N.clamp(min=eps))
-    nll = torch.nn.functional.nll_loss(log_a, targets.long(), reduction="mean")
+    nll = torch.nn.functional.nll_loss(log_a, targets.long(), weight=None if class_weight is None else
+                                       class_weight.to(log_a.dtype), reduction="mean")
     ponder = ponder_cost(p, start_at_one=start_at_one).mean()
     loss = nll + float(ponder_lambda) * ponder
     lnll = dist = None
@@ -299,7 +312,7 @@ def dact_loss(
                              f"K={a_N.shape[1]}], got {tuple(y.shape)}")
         w = None if depth_weighting == "uniform" else depth_weights(y.shape[1], depth_weighting).to(y.device)
         if layer_loss_weight > 0:
-            lnll = layer_nll(y, targets, eps, w)
+            lnll = layer_nll(y, targets, eps, w, class_weight)
             loss = loss + float(layer_loss_weight) * lnll
         if distill_weight > 0:
             dist = distillation_loss(y, distill_temperature, eps, None if w is None else w[:-1])

@@ -42,18 +42,42 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"`` → ``"bf16"`` where :func:`native_bf16`, else ``"fp32"``; other values unchanged. The DACT
-    accumulation and halting maths run in fp32 either way (modeling_dact casts h_n and a_n to float)."""
+    """``"auto"`` → ``"bf16"`` where :func:`native_bf16`, else ``"fp32"``; ``"fp16"`` → ``"fp32"`` off CUDA (a
+    model trained in fp16 on a GPU is evaluated on a CPU in fp32; training there is refused, :func:`check_precision`);
+    other values unchanged. The DACT accumulation and halting maths run in fp32 either way (modeling_dact casts
+    h_n and a_n to float)."""
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        return "fp32"
     return precision
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse ``train.precision = "fp16"`` for a training on anything but CUDA (CPU autocast in fp16 is slow and
+    has no gradient scaler): a :class:`~dact_lib.errors.ConfigError` naming the fix, before any run is recorded."""
+    if precision == "fp16" and device.type != "cuda":
+        from .errors import ConfigError
+
+        raise ConfigError(f"train.precision = 'fp16' is invalid on {device.type}: fp16 training needs a CUDA GPU "
+                          "(autocast fp16 + a gradient scaler, for GPUs without bf16 such as the T4 or V100). On "
+                          "this machine use 'fp32', or 'bf16' / 'auto' where the CPU has native bf16.")
 
 
 def autocast_for(device: torch.device, precision: str):
     precision = resolve_precision(precision, device)
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp16":  # CUDA only (resolve_precision): the caller scales the loss (train_step's GradScaler)
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
     return nullcontext()
+
+
+def grad_scaler_for(device: torch.device, precision: str):
+    """A ``torch.amp.GradScaler`` for an fp16 training on CUDA, else None (bf16 and fp32 need no loss scaling)."""
+    if resolve_precision(precision, device) != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 @torch.no_grad()

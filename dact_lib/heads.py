@@ -22,6 +22,34 @@ def build_mlp(in_dim: int, out_dim: int, cfg: MLPConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def balanced_class_weights(counts) -> torch.Tensor:
+    """``model.class_weighting = "balanced"``: w_k = n / (K · n_k) from the training split's class counts, clipped
+    to [0.1, 10] (a class absent from the split gets the largest weight)."""
+    c = torch.as_tensor(counts, dtype=torch.float32)
+    return (c.sum() / (len(c) * c.clamp(min=1.0))).clamp(0.1, 10.0)
+
+
+class ClassWeighted:
+    """The class weights of a single-task model's loss (``model.class_weighting``): a ``class_weight`` buffer (not
+    saved: ones until :meth:`set_class_counts`), None in :meth:`loss_weight` while unset (plain cross-entropy)."""
+
+    task: str
+    class_weight: torch.Tensor
+    class_weighted: bool
+
+    def _init_class_weight(self, num_classes: int) -> None:
+        self.register_buffer("class_weight", torch.ones(num_classes), persistent=False)  # type: ignore[attr-defined]
+        self.class_weighted = False
+
+    def set_class_counts(self, counts: dict) -> None:
+        """Balanced weights (:func:`balanced_class_weights`) from ``{task: class counts}`` of the training split."""
+        self.class_weight.copy_(balanced_class_weights(counts[self.task]))
+        self.class_weighted = True
+
+    def loss_weight(self) -> torch.Tensor | None:
+        return self.class_weight if self.class_weighted else None
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
     """Sentence vector of a layer's states: the [CLS] (first) vector or the mean over real (unmasked) tokens."""
     if how == "cls":

@@ -12,23 +12,24 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import BackboneModelConfig
-from .heads import ModelOutput, build_mlp, pool
+from .heads import ClassWeighted, ModelOutput, build_mlp, pool
 
 
-class BackboneClassifier(nn.Module):
+class BackboneClassifier(ClassWeighted, nn.Module):
     def __init__(self, encoder: nn.Module, cfg: BackboneModelConfig, num_classes: int, task: str = "label") -> None:
         super().__init__()
         self.cfg = cfg
         self.task = task
         self.encoder = encoder
         self.head = build_mlp(encoder.config.hidden_size, num_classes, cfg.head)
+        self._init_class_weight(num_classes)  # model.class_weighting: set by train's prepare_model
 
     def forward(self, input_ids, attention_mask, targets: dict[str, torch.Tensor] | None = None) -> ModelOutput:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         logits = self.head(pool(hidden, attention_mask, self.cfg.pooling)).float()
         loss, task_losses = None, {}
         if targets is not None:
-            loss = F.cross_entropy(logits, targets[self.task])
+            loss = F.cross_entropy(logits, targets[self.task], weight=self.loss_weight())
             task_losses = {self.task: loss}
         return ModelOutput(loss=loss, probs={self.task: logits.softmax(-1)}, task_losses=task_losses)
 

@@ -22,7 +22,7 @@ from torch import nn
 from . import dact
 from .config import DactModelConfig
 from .encoders import layer_adapter
-from .heads import ModelOutput, build_mlp, pool
+from .heads import ClassWeighted, ModelOutput, build_mlp, pool
 
 
 @dataclass
@@ -149,7 +149,7 @@ def loss_terms(cfg: DactModelConfig) -> dict:
             "distill_temperature": cfg.distill_temperature, "depth_weighting": cfg.depth_weighting}
 
 
-class DactBert(DactUnits):
+class DactBert(ClassWeighted, DactUnits):
     def __init__(self, encoder: nn.Module, cfg: DactModelConfig, num_classes: int, task: str = "label") -> None:
         super().__init__()
         self.cfg = cfg
@@ -159,6 +159,7 @@ class DactBert(DactUnits):
         self.num_layers = self.adapter.num_layers
         self.num_classes = num_classes
         self._build_units(cfg, self.adapter.hidden_size, num_classes, self.num_layers)
+        self._init_class_weight(num_classes)  # model.class_weighting: set by train's prepare_model
         # the policy infer() uses when none is given (None: the DACT rule); an exported folder sets its own
         self.default_policy: dact.ExitPolicy | None = None
 
@@ -187,7 +188,7 @@ class DactBert(DactUnits):
         if targets is not None:
             terms = loss_terms(self.cfg)
             out = dact.dact_loss(a_N, p, targets[self.task], terms.pop("ponder_lambda"), terms.pop("start_at_one"),
-                                 y=y, **terms)
+                                 y=y, class_weight=self.loss_weight(), **terms)
             loss = out.loss
             task_losses = {self.task: out.nll}
             extras["nll"] = out.nll.detach()

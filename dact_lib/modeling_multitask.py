@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MultiTaskModelConfig
-from .heads import ModelOutput, build_mlp, pool
+from .heads import ModelOutput, balanced_class_weights, build_mlp, pool
 
 
 class MultiTaskModel(nn.Module):
@@ -32,9 +32,7 @@ class MultiTaskModel(nn.Module):
         """Balanced class weights from the training split's class counts: w_k = n / (K · n_k), clipped to
         [0.1, 10] (a class absent from the split gets the largest weight)."""
         for t in self.tasks:
-            c = torch.as_tensor(counts[t], dtype=torch.float32)
-            w = c.sum() / (len(c) * c.clamp(min=1.0))
-            getattr(self, f"class_weight_{t}").copy_(w.clamp(0.1, 10.0))
+            getattr(self, f"class_weight_{t}").copy_(balanced_class_weights(counts[t]))
         self.class_weighted = True
 
     def forward(self, input_ids, attention_mask, targets: dict[str, torch.Tensor] | None = None) -> ModelOutput:

@@ -268,11 +268,13 @@ def is_oom(exc: BaseException) -> bool:
 
 class BatchSizeManager:
     """Seed 002's MemoryManager: on out-of-memory the micro-batch is halved (not below ``min_size``) and the step
-    retried as gradient accumulation over micro-batches, so the optimisation batch stays the same."""
+    retried as gradient accumulation over micro-batches, so the optimisation batch stays the same.
+    ``grad_accum_steps`` (``train.grad_accum_steps``) starts with every batch split in that many micro-batches:
+    the micro-batch is ``ceil(batch_size / grad_accum_steps)`` rows (and at most ``max_size``)."""
 
-    def __init__(self, batch_size: int, min_size: int = 8, max_size: int = 64) -> None:
+    def __init__(self, batch_size: int, min_size: int = 8, max_size: int = 64, grad_accum_steps: int = 1) -> None:
         self.min_size, self.max_size = min_size, max_size
-        self.micro = min(batch_size, max_size)
+        self.micro = min(-(-batch_size // max(1, grad_accum_steps)), max_size)
 
     def shrink(self) -> int:
         if self.micro <= self.min_size:
@@ -674,6 +676,7 @@ class Loop:
     deadline: float | None
     window: TrainingWindow | None = None
     last_resume: float = field(default_factory=time.monotonic)
+    scaler: Any = None  # torch.amp.GradScaler of an fp16 training on CUDA (evaluate.grad_scaler_for), else None
 
     @property
     def tc(self) -> TrainConfig:
@@ -717,6 +720,7 @@ class Loop:
             "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "rng": rng_state(),
             "config": self.cfg.to_dict(),
             "callbacks": copy.deepcopy(s.callback_state),  # PBT: the member's hyperparameters and schedule
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),  # fp16: the loss scale
             # the training metrics' running sums since the last log: the resumed run logs the same train_loss
             "running": self.window.to_dict()})
 
@@ -724,7 +728,7 @@ class Loop:
         """One optimisation step and its log (every ``log_every_steps``, the last step and step 1)."""
         s, tc = self.state, self.tc
         loss, task_losses = train_step(s.model, s.optimizer, batch, self.device, tc, self.memory, self.cbs, s,
-                                       self.window.stats)
+                                       self.window.stats, scaler=self.scaler)
         rows = batch["input_ids"].shape[0]
         self.window.add(loss, task_losses, rows)
         s.step += 1
@@ -819,15 +823,15 @@ class Loop:
 def prepare_model(cfg: RunConfig, split: DatasetSplit, state: LoopState, cbs: CallbackList, device, home,
                   model, tokenizer):
     """Before the first step, each part a named phase: the model built (unless given), class counts for a
-    balanced multi-task loss, the splits tokenised. Returns ``(model, tokenizer, enc_train, enc_val, enc_test)``."""
+    balanced loss (``model.class_weighting``), the splits tokenised. Returns ``(model, tokenizer, enc_train, enc_val, enc_test)``."""
     label_maps = split.train.label_maps
     n_rows = len(split.train) + len(split.val) + (len(split.test) if split.test is not None else 0)
     if model is None:
         cbs.on_event(state, ev.PHASE, {"phase": "loading the encoder", "encoder": cfg.encoder})
         model, tokenizer = build_model(cfg, label_maps, home)
-    if cfg.kind == "multitask" and cfg.model.class_weighting == "balanced":
+    if getattr(cfg.model, "class_weighting", "none") == "balanced":  # every kind: model.set_class_counts
         model.set_class_counts({t: np.bincount(y, minlength=len(label_maps[t]))
-                                for t, y in split.train.targets.items()})
+                                for t, y in split.train.targets.items() if t in label_maps})
     model.to(device)
     cbs.on_event(state, ev.PHASE, {"phase": f"tokenising {n_rows:,} rows", "rows": n_rows,
                                   "train_rows": len(split.train)})
@@ -862,6 +866,9 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
     device = pick_device(tc.device)
+    from .evaluate import check_precision, grad_scaler_for, resolve_precision
+
+    check_precision(tc.precision, device)  # fp16 off CUDA: refused before anything is recorded
     split, dataset_id = load_split(cfg, tracker, data)
     if split.val is None:
         raise DactLabError("No validation data: set data.val_frac > 0 or give data.val_path.")
@@ -888,18 +895,19 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         state.set_lr_schedule(warmup_linear(total, tc.warmup_ratio))
         per_epoch = evals_per_epoch(tc, steps_per_epoch)
         state.stopper = EarlyStopping(tc.early_stopping, per_epoch)
-        memory = BatchSizeManager(tc.batch_size, tc.min_batch_size, tc.max_batch_size)
+        memory = BatchSizeManager(tc.batch_size, tc.min_batch_size, tc.max_batch_size, tc.grad_accum_steps)
         state.micro_batch = memory.micro
+        scaler = grad_scaler_for(device, tc.precision)  # fp16 on CUDA only
         start_epoch, skip_batches = 0, 0
         if resumed is not None:
             model.load_state_dict(resumed["model"])
             optimizer.load_state_dict(resumed["optimizer"])
+            if scaler is not None and resumed.get("scaler"):
+                scaler.load_state_dict(resumed["scaler"])
             start_epoch, skip_batches = state.restore(resumed)
             memory.micro = state.micro_batch
             apply_freezing(model, tc, epoch=start_epoch)
         cbs.on_start(state)
-        from .evaluate import resolve_precision
-
         cbs.on_event(state, ev.START, {"train": len(enc_train), "val": len(enc_val),
                                       "test": len(enc_test) if enc_test is not None else 0, "device": str(device),
                                       "precision": resolve_precision(tc.precision, device),
@@ -909,7 +917,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         mid_evals = {round(j * steps_per_epoch / per_epoch) for j in range(1, per_epoch)}
         deadline = time.monotonic() + 60.0 * tc.time_limit_min if tc.time_limit_min else None
         loop = Loop(cfg, state, cbs, cancel, device, tokenizer, run_dir, enc_train, enc_val, memory, mid_evals,
-                    deadline)
+                    deadline, scaler=scaler)
         loop.window = TrainingWindow(device, (resumed or {}).get("running"))
         if resumed is not None:
             set_rng_state(resumed["rng"])  # last: building the model above drew from the RNG
@@ -952,11 +960,15 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
 
 
 def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSizeManager, cbs, state,
-               stats: dict | None = None):
-    """One optimisation step on ``batch`` (split into micro-batches after an out-of-memory). Returns the loss and
-    the per-task losses as 0-dim tensors on the device (no host sync). With ``stats`` (a dict), adds to it, as
-    device tensors: ``correct/<task>`` (right answers in the batch) and, for DACT, ``exit_sum`` (sum of the exit
-    layers the DACT rule would take) — the training accuracy and average exit layer, synced only when logged."""
+               stats: dict | None = None, scaler=None):
+    """One optimisation step on ``batch``, in micro-batches of ``memory.micro`` rows (``train.grad_accum_steps``,
+    halved again after an out-of-memory): each micro-batch's loss, weighted by its share of the rows, is
+    backpropagated, then one optimizer step — the gradient of the whole batch. Returns the loss and the per-task
+    losses as 0-dim tensors on the device (no host sync). With ``stats`` (a dict), adds to it, as device tensors:
+    ``correct/<task>`` (right answers in the batch) and, for DACT, ``exit_sum`` (sum of the exit layers the DACT
+    rule would take) — the training accuracy and average exit layer, synced only when logged. ``scaler`` (a
+    ``torch.amp.GradScaler``, fp16 on CUDA): the loss is scaled before backward, the gradients unscaled before
+    clipping, and a step with inf / NaN gradients skipped (the scale then lowered)."""
     ids, am = batch["input_ids"].to(device, non_blocking=True), batch["attention_mask"].to(device, non_blocking=True)
     targets = {t: v.to(device, non_blocking=True) for t, v in batch["targets"].items()}
     n = ids.shape[0]
@@ -980,7 +992,7 @@ def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSi
                             step_stats["exit_sum"] = step_stats.get("exit_sum", 0) + out.extras["exit_layer"].sum()
                 share = ids[sl].shape[0] / n
                 part = out.loss * share
-                part.backward()
+                (scaler.scale(part) if scaler is not None else part).backward()
                 total += part.detach()
                 for t, v in out.task_losses.items():
                     per_task[t] = per_task.get(t, 0) + v.detach() * share
@@ -996,10 +1008,23 @@ def train_step(model, optimizer, batch, device, tc: TrainConfig, memory: BatchSi
     if stats is not None:
         for k, v in step_stats.items():
             stats[k] = stats.get(k, 0) + v
+    optimizer_step(optimizer, tc, scaler)
+    return total, per_task
+
+
+def optimizer_step(optimizer, tc: TrainConfig, scaler=None) -> None:
+    """The step after the gradients of a batch: clipped to ``train.max_grad_norm``, then the optimizer's step. With
+    an fp16 ``scaler`` the gradients are unscaled before clipping, and ``scaler.step`` skips a step whose gradients
+    hold inf / NaN (the scale is lowered by ``update``)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clipping sees the true gradients
     if tc.max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], tc.max_grad_norm)
-    optimizer.step()
-    return total, per_task
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def dact_after_training(model, cfg: RunConfig, enc_train, enc_val, *, cancel, deadline, cbs, state, run_dir
