@@ -111,7 +111,7 @@ class Engine:
 ENGINES: dict[str, Engine] = {e.kind: e for e in (
     Engine("tune-backbone", "dact_lib.tuning.backbone", "BackboneTuneConfig", None, ("backbone",)),
     Engine("dact-pipeline", "dact_lib.tuning.dact_pipeline", "PipelineConfig", "pipeline", ("dact", "backbone")),
-    Engine("pbt", "dact_lib.tuning.pbt", "PBTConfig", "pbt", TRAIN_KINDS, resumable=True),
+    Engine("pbt", "dact_lib.tuning.pbt_engine", "PBTConfig", "pbt", TRAIN_KINDS, resumable=True),
 )}
 ENGINE_KINDS = tuple(ENGINES)
 

@@ -907,19 +907,3 @@ def replay_schedule(cfg: RunConfig | dict, schedule: list[dict], *, home=None, t
     cb = ScheduleCallback(changes, encoder_lr_ratio=ratio, dropout_scope=dropout_scope, tracker=tracker)
     return train(cfg, data=data, home=home, tracker=tracker, callbacks=[cb, *(callbacks or [])], cancel=cancel,
                  save=save, parent_id=parent_id)
-
-
-def run_engine(cfg: RunConfig, settings: PBTConfig, ctx) -> PBTResult:
-    """The engine interface (:mod:`dact_lib.engines`): :func:`run_pbt` with ``settings``, or
-    :func:`~dact_lib.tuning.pbt_ray.run_pbt_ray` for ``backend = "ray"`` (not resumable: Ray keeps its
-    checkpoints only while it runs)."""
-    if settings.backend == "ray":
-        if ctx.resume:
-            raise DactLabError("a PBT run on Ray cannot be resumed (Ray keeps its checkpoints only while it runs): "
-                               "start it again.")
-        from .pbt_ray import run_pbt_ray
-
-        return run_pbt_ray(cfg, pbt=settings, home=ctx.home, tracker=ctx.tracker, scheduler=settings.ray_scheduler,
-                           callbacks=ctx.callbacks, cancel=ctx.cancel, run_id=ctx.run_id)
-    return run_pbt(cfg, pbt=settings, home=ctx.home, tracker=ctx.tracker, cancel=ctx.cancel,
-                   callbacks=ctx.callbacks, run_id=ctx.run_id, resume=ctx.resume)
