@@ -64,10 +64,68 @@ def parse_columns(text: str) -> dict[str, str]:
     return out
 
 
-def _class_weighting_flag(cfg, args) -> None:
-    """``--class-weighting none|balanced`` → ``model.class_weighting`` (every kind's model config has it)."""
+def _data_flags(cfg, args) -> None:
+    """--data, --columns, --max-rows, --encoder."""
+    if args.data:
+        cfg.data.path = args.data
+    if getattr(args, "columns", None):
+        cfg.data.columns = parse_columns(args.columns)
+    if args.max_rows:
+        cfg.data.max_rows = args.max_rows
+    if args.encoder:
+        cfg.encoder = args.encoder
+
+
+def _train_flags(cfg, args) -> None:
+    """The training flags (epochs, batch, precision, limits, accumulation, trackers, evaluations, device) and
+    ``--class-weighting`` (every kind's model config has it)."""
+    for flag in ("epochs", "batch_size", "precision", "max_steps", "time_limit_min", "grad_accum_steps"):
+        v = getattr(args, flag, None)
+        if v is not None:
+            setattr(cfg.train, flag, v)
+    if getattr(args, "report_to", None) is not None:
+        from .reporting import parse_report_to
+
+        cfg.train.report_to = parse_report_to(args.report_to)
+    per_epoch = getattr(args, "evals_per_epoch", None)
+    if per_epoch is not None:
+        cfg.train.evals_per_epoch = per_epoch if per_epoch == "auto" else \
+            int(per_epoch) if str(per_epoch).isdigit() else per_epoch  # validate() names a bad value
+    if getattr(args, "device", None):  # only when given: a config file's device is kept otherwise
+        cfg.train.device = args.device
     if getattr(args, "class_weighting", None) is not None:
         cfg.model.class_weighting = args.class_weighting
+
+
+#: flag -> (model field, value to set: None = the flag's own value) of the flags that only apply to --kind dact
+DACT_FLAGS = {"ponder_lambda": ("ponder_lambda", None), "layer_loss_weight": ("layer_loss_weight", None),
+              "distill_weight": ("distill_weight", None), "halting_input": ("halting_input", None),
+              "halting_tolerance": ("halting_tolerance", None), "exit_refit_epochs": ("exit_refit_epochs", None),
+              "exit_temperature": ("exit_temperature", True), "no_fit_halting": ("fit_halting", False)}
+
+
+def _dact_flags(cfg, args) -> None:
+    """The DACT model flags: refused (naming the flag) for another kind."""
+    for flag, (field, value) in DACT_FLAGS.items():
+        given = getattr(args, flag, None)
+        if given is None or given is False:
+            continue
+        if cfg.kind != "dact":
+            raise DactLabError(f"--{flag.replace('_', '-')} only applies to --kind dact.")
+        setattr(cfg.model, field, given if value is None else value)
+
+
+def _run_flags(cfg, args) -> None:
+    """--init-from-run, --tag (repeatable / comma-separated), --run-name."""
+    if getattr(args, "init_from_run", None):
+        cfg.init_from_run = args.init_from_run
+    if getattr(args, "tag", None):
+        from .tags import tag_list
+
+        tags = tag_list(args.tag)  # --tag a --tag b,c: three tags; one stays a string, as before
+        cfg.tag = tags[0] if len(tags) == 1 else tags or None
+    if getattr(args, "run_name", None):
+        cfg.name = args.run_name
 
 
 def config_and_options(args, kind_default: str = "backbone"):
@@ -86,62 +144,8 @@ def config_and_options(args, kind_default: str = "backbone"):
         cfg = RunConfig.from_dict(raw)
     else:
         cfg = default_config(kind or kind_default)
-    if args.data:
-        cfg.data.path = args.data
-    if getattr(args, "columns", None):
-        cfg.data.columns = parse_columns(args.columns)
-    if args.max_rows:
-        cfg.data.max_rows = args.max_rows
-    if args.encoder:
-        cfg.encoder = args.encoder
-    for flag, target in (("epochs", "epochs"), ("batch_size", "batch_size"), ("precision", "precision"),
-                         ("max_steps", "max_steps"), ("time_limit_min", "time_limit_min"),
-                         ("grad_accum_steps", "grad_accum_steps")):
-        v = getattr(args, flag, None)
-        if v is not None:
-            setattr(cfg.train, target, v)
-    if getattr(args, "report_to", None) is not None:
-        from .reporting import parse_report_to
-
-        cfg.train.report_to = parse_report_to(args.report_to)
-    per_epoch = getattr(args, "evals_per_epoch", None)
-    if per_epoch is not None:
-        cfg.train.evals_per_epoch = per_epoch if per_epoch == "auto" else \
-            int(per_epoch) if str(per_epoch).isdigit() else per_epoch  # validate() names a bad value
-    _class_weighting_flag(cfg, args)
-    if getattr(args, "ponder_lambda", None) is not None:
-        if cfg.kind != "dact":
-            raise DactLabError("--ponder-lambda only applies to --kind dact.")
-        cfg.model.ponder_lambda = args.ponder_lambda
-    if getattr(args, "layer_loss_weight", None) is not None:
-        if cfg.kind != "dact":
-            raise DactLabError("--layer-loss-weight only applies to --kind dact.")
-        cfg.model.layer_loss_weight = args.layer_loss_weight
-    for flag, field in (("distill_weight", "distill_weight"), ("halting_input", "halting_input"),
-                        ("halting_tolerance", "halting_tolerance"), ("exit_refit_epochs", "exit_refit_epochs")):
-        if getattr(args, flag, None) is not None:
-            if cfg.kind != "dact":
-                raise DactLabError(f"--{flag.replace('_', '-')} only applies to --kind dact.")
-            setattr(cfg.model, field, getattr(args, flag))
-    if getattr(args, "exit_temperature", False):
-        if cfg.kind != "dact":
-            raise DactLabError("--exit-temperature only applies to --kind dact.")
-        cfg.model.exit_temperature = True
-    if getattr(args, "no_fit_halting", False):
-        if cfg.kind != "dact":
-            raise DactLabError("--no-fit-halting only applies to --kind dact.")
-        cfg.model.fit_halting = False
-    if getattr(args, "init_from_run", None):
-        cfg.init_from_run = args.init_from_run
-    if getattr(args, "device", None):  # only when given: a config file's device is kept otherwise
-        cfg.train.device = args.device
-    if getattr(args, "tag", None):
-        from .tags import tag_list
-
-        tags = tag_list(args.tag)  # --tag a --tag b,c: three tags; one stays a string, as before
-        cfg.tag = tags[0] if len(tags) == 1 else tags or None
-    if getattr(args, "run_name", None):
-        cfg.name = args.run_name
+    for apply in (_data_flags, _train_flags, _dact_flags, _run_flags):
+        apply(cfg, args)
     cfg.validate()
     if cfg.train.report_to:
         from .reporting import require_tools
