@@ -60,10 +60,12 @@ def job_counts() -> None:
 def sidebar() -> None:
     with st.sidebar:
         st.caption(f"Home: `{state.home()}`")
-        # every ACTIVE_REFRESH_S (the counts are in memory): when work starts or ends, the whole page reruns so
-        # that every status on it — tables, pickers, progress, these counts — changes together
-        state.refresh_every()
-        st.fragment(job_counts, run_every=state.ACTIVE_REFRESH_S)()
+        # every 2 s (5 s while runs train: each rerun of every tab costs them CPU): when work starts, gets past
+        # its first step or ends, the whole page reruns so that every status on it — tables, pickers, progress,
+        # these counts — changes together
+        mode_period = state.refresh_every()
+        st.fragment(job_counts, run_every=state.CALM_REFRESH_S if mode_period == state.CALM_REFRESH_S
+                    else state.ACTIVE_REFRESH_S)()
 
 
 page = st.navigation(build_navigation())
