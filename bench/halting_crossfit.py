@@ -51,10 +51,9 @@ def main() -> int:
         test = layer_cache(model, encode(split.test, loaded.tokenizer, cfg.data.max_seq_len))
         thr = threshold_points(model, val) if mc.halting_thresholds and mc.halting_input == "confidence" else []
         full = float((test.y[:, -1].argmax(-1) == test.targets).float().mean())
-        inside = fit_halting(model, val, mc.halting_lambdas, epochs=mc.halting_epochs, seed=cfg.train.seed,
-                             calibrate=mc.halting_calibration)
+        inside = fit_halting(model, val, mc.halting_lambdas, epochs=mc.halting_epochs, seed=cfg.train.seed)
         crossed, ok = cross_fit_halting(model, val, mc.halting_lambdas, epochs=mc.halting_epochs,
-                                        seed=cfg.train.seed, calibrate=mc.halting_calibration)
+                                        seed=cfg.train.seed)
         name = Path(str(cfg.data.path or run["name"])).parent.name or run["name"]
         for how, points in (("in-sample", inside), ("cross-fitted", crossed)):
             p = choose_point(points + thr, mc.halting_tolerance)

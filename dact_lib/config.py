@@ -232,9 +232,6 @@ class DactModelConfig:
     halting_lambdas: list[float] = field(default_factory=lambda: list(DEFAULT_HALTING_LAMBDAS))
     halting_tolerance: float = 0.5  # accuracy points on the validation split
     halting_epochs: int = 40
-    # also try every fitted λ's halting logits calibrated (scaled ×1/2/4, shifted 0…−4) on the validation split;
-    # off by default: on SST-2 it gave a deeper default point (5.77 vs 5.52 layers), docs/benchmarks.md
-    halting_calibration: bool = False
     # also try halting units set by hand to a confidence threshold τ (halting.threshold_state), measured exactly
     # under the DACT rule like every fitted λ: the rule then exits like the entropy policy. On by default: on all
     # four sets of bench/early_exit_suite.py it gave the faster no-flags point (docs/benchmarks.md). Only used with
@@ -247,7 +244,6 @@ class DactModelConfig:
     exit_refit_epochs: int = 30
     exit_refit_lr: float = 1e-3
     exit_refit_max_rows: int = 20000  # a seeded sample of the training rows above this (memory: rows × N × hidden)
-    exit_refit_distill: float = 0.0  # weight of T²·KL(y_N^T ‖ y_n^T) in the refit (T = distill_temperature)
     # after the refit and before the halting fit, scale every exit's logits by a temperature fitted on the validation
     # split (exit_refit.temperatures_after_training: argmax unchanged, confidence calibrated per layer, folded into
     # the classifiers). Needs fit_halting. Off by default: docs/benchmarks.md, runs Q/R.
@@ -285,13 +281,10 @@ class DactModelConfig:
             "expected a non-empty list of numbers >= 0, e.g. [0, 0.1, 0.5, 1, 2]")
         check_pos(f"{name}.halting_tolerance", self.halting_tolerance, allow_zero=True, hi=100.0)
         check_int(f"{name}.halting_epochs", self.halting_epochs, 1, 10000)
-        check(isinstance(self.halting_calibration, bool), f"{name}.halting_calibration", self.halting_calibration,
-               "expected true/false")
         check_int(f"{name}.exit_refit_epochs", self.exit_refit_epochs, 0, 1000)
         check_pos(f"{name}.exit_refit_lr", self.exit_refit_lr)
         check(self.exit_refit_lr < 1, f"{name}.exit_refit_lr", self.exit_refit_lr, "expected a learning rate < 1")
         check_int(f"{name}.exit_refit_max_rows", self.exit_refit_max_rows, 100, MAX_COUNT)
-        check_pos(f"{name}.exit_refit_distill", self.exit_refit_distill, allow_zero=True, hi=MAX_WEIGHT)
         check(isinstance(self.halting_thresholds, bool), f"{name}.halting_thresholds", self.halting_thresholds,
                "expected true/false")
         check(isinstance(self.exit_temperature, bool), f"{name}.exit_temperature", self.exit_temperature,
@@ -684,6 +677,30 @@ def split_config_document(data: dict[str, Any], where: str = "the config") -> tu
     return data["config"], options
 
 
+#: settings retired because they measured no better: name -> (the value that did nothing, where the numbers stay).
+#: A saved config with that value still loads (the key is dropped); another value is refused with why.
+RETIRED = {
+    "DactModelConfig": {
+        "halting_calibration": (False, "calibrated halting logits gave a deeper default point on SST-2 (5.77 vs "
+                                       "5.52 layers): docs/benchmarks.md, \"Early exit that pays\""),
+        "exit_refit_distill": (0.0, "distilling the refitted exits from the deepest one made their entropy front "
+                                    "less aggressive: docs/benchmarks.md, \"Retired settings\""),
+    },
+}
+
+
+def _drop_retired(cls: type, data: dict, path: str) -> dict:
+    retired = RETIRED.get(cls.__name__) or {}
+    if not retired or not set(data) & set(retired):
+        return data
+    for key in set(data) & set(retired):
+        off, why = retired[key]
+        if data[key] != off and data[key] is not None:
+            raise ConfigError(f"{path + '.' if path else ''}{key} = {data[key]!r}: this setting was retired ({why}); "
+                              "remove it from the config.")
+    return {k: v for k, v in data.items() if k not in retired}
+
+
 def from_dict(cls: type, data: Any, path: str) -> Any:
     """Build dataclass ``cls`` from ``data`` recursively; unknown keys raise ConfigError naming them."""
     if data is None:
@@ -692,6 +709,7 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{path or 'config'} must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = _drop_retired(cls, data, path)
     unknown = sorted(set(data) - names)
     if unknown:
         where = path or "the run config"

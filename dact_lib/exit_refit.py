@@ -9,8 +9,8 @@ mode), cross-entropy on the labels, AdamW, the epoch with the best mean validati
 The deepest classifier is left as trained (the model's full-depth answer and its accuracy do not change) and the
 encoder is not touched; the halting units are fitted afterwards on the refitted classifiers (``halting.py``).
 This is FastBERT's second phase (student classifiers trained with the backbone fixed) without its distillation
-term by default: measured, distilling from y_N made the entropy front of the refitted exits less aggressive
-(``distill_weight`` > 0 enables it, T² · KL(y_N^T ‖ y_n^T) as in training).
+term: measured, distilling from y_N made the entropy front of the refitted exits less aggressive (the option was
+retired; docs/benchmarks.md, "Early exit that pays", keeps its numbers).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = No
 
 # complexity: one training loop (epochs x batches) with cancel, deadline, distillation and best-epoch keeping
 def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64,
-                weight_decay: float = 0.01, distill_weight: float = 0.0, temperature: float = 2.0, seed: int = 0,
+                weight_decay: float = 0.01, seed: int = 0,
                 cancel=None, deadline: float | None = None, progress=None) -> dict:
     """Train the classifiers of layers 1..N-1 of ``model`` again on cached summaries (:func:`summary_cache` of
     the training rows; ``val_cache`` of the validation rows picks the epoch), in place. The deepest classifier,
@@ -80,7 +80,6 @@ def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    teacher = (y_deep.clamp_min(1e-9).log() / temperature).softmax(-1) if distill_weight > 0 else None
 
     def val_acc() -> list[float]:
         with torch.no_grad():
@@ -107,9 +106,6 @@ def refit_exits(model, train_cache, val_cache, *, epochs: int = 30, lr: float = 
                 for c, i in zip(clfs, layers):
                     logits = c(summ[idx, i])
                     loss = loss + F.cross_entropy(logits, targets[idx])
-                    if teacher is not None:
-                        loss = loss + distill_weight * temperature ** 2 * F.kl_div(
-                            F.log_softmax(logits / temperature, -1), teacher[idx], reduction="batchmean")
                 opt.zero_grad(set_to_none=True)
                 (loss / len(layers)).backward()
                 opt.step()
@@ -159,7 +155,7 @@ def refit_after_training(model, cfg, enc_train, enc_val, cancel=None, deadline: 
     val_cache = summary_cache(model, enc_val, progress=step("caching the layer summaries (validation rows)"))
     cache_s = time.perf_counter() - t0
     out = refit_exits(model, train_cache, val_cache, epochs=mc.exit_refit_epochs, lr=mc.exit_refit_lr,
-                      distill_weight=mc.exit_refit_distill, temperature=mc.distill_temperature, seed=cfg.train.seed,
+                      seed=cfg.train.seed,
                       cancel=cancel, deadline=deadline, progress=step("refitting the exit classifiers (epoch)"))
     return {**out, "cache_s": cache_s, "seconds": time.perf_counter() - t0}
 

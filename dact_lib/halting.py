@@ -56,7 +56,7 @@ class HaltingPoint:
     accuracy: float  # of the DACT rule's answer, on the evaluation rows (0..1)
     state: dict = field(repr=False, default_factory=dict)  # halting weights: load into model.halters
     fit_s: float = 0.0
-    scale: float = 1.0  # calibration of the fitted halting logits: z -> scale * z + shift (1, 0 = as fitted)
+    scale: float = 1.0  # z -> scale * z + shift of the halting logit: 1, 0 (older runs also tried calibrated variants)
     shift: float = 0.0
     threshold: float | None = None  # set by hand: h_n = sigmoid(s·(g(entropy_n / ln K) − g(τ))), not fitted
     # cross-fitted (:func:`cross_fit_halting`): avg_exit_layer / accuracy (and nll) above are measured on rows the
@@ -161,21 +161,6 @@ def nll_ref_of(cache: LayerCache) -> float:
     return max(float(torch.nn.functional.nll_loss(torch.log(y_N), cache.targets)), 0.01)
 
 
-CALIBRATION_SCALES = (1.0, 2.0, 4.0)
-CALIBRATION_SHIFTS = (0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0)
-
-
-def calibrated(state: dict, scale: float, shift: float) -> dict:
-    """Halting weights whose output logit is ``scale · z + shift`` (the last Linear of every halting MLP)."""
-    out = {k: v.clone() for k, v in state.items()}
-    last = max(int(k.split(".")[1]) for k in out if k.endswith(".weight"))
-    for k in out:
-        parts = k.split(".")
-        if int(parts[1]) == last:
-            out[k] = out[k] * scale + (shift if parts[-1] == "bias" else 0.0)
-    return out
-
-
 def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, lr: float = 3e-3,
                         batch_size: int = 64, seed: int = 0, cancel=None, batched: bool = True,
                         progress=None) -> list[dict]:
@@ -252,15 +237,10 @@ def train_halting_units(model, cache: LayerCache, spec_lambdas, *, epochs: int, 
 
 def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, epochs: int | None = None,
                 lr: float = 3e-3, batch_size: int = 64, seed: int = 0, cancel=None,
-                calibrate: bool = False, progress=None) -> list[HaltingPoint]:
+                progress=None) -> list[HaltingPoint]:
     """Train only fresh halting units of ``model``'s shape for every λ in ``lambdas`` (normalised scale) with the
     DACT loss on ``data`` (a :class:`LayerCache`, or an EncodedDataset that is cached first). The model is
-    not changed. Each point is measured under the DACT rule on ``eval_data`` (default: ``data``).
-
-    ``calibrate``: also return, for every fitted λ, its halting units with the output logit calibrated as
-    ``scale · z + shift`` for every scale in CALIBRATION_SCALES and shift in CALIBRATION_SHIFTS (sharper and more
-    eager halting, measured exactly under the DACT rule): the soft loss leaves many h_n between 0 and 1, where
-    the rule neither halts nor keeps a_N on the deep classifiers; the calibrated variants fill the front."""
+    not changed. Each point is measured under the DACT rule on ``eval_data`` (default: ``data``)."""
     cache = data if isinstance(data, LayerCache) else layer_cache(model, data)
     if len(cache) == 0:
         raise DactLabError("fit_halting: no rows to fit the halting units on (the validation split is empty).")
@@ -283,18 +263,6 @@ def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, ep
         avg, acc = evaluate_halting(ev.y, h, ev.targets)
         points.append(HaltingPoint(lam=float(lam), spec_lambda=lam_spec, avg_exit_layer=avg, accuracy=acc,
                                    state=state, fit_s=fit_s))
-        if calibrate:
-            for sc in CALIBRATION_SCALES:
-                for sh in CALIBRATION_SHIFTS:
-                    if (sc, sh) == (1.0, 0.0):
-                        continue
-                    cal = calibrated(state, sc, sh)
-                    units.halters.load_state_dict(cal)
-                    with torch.no_grad():
-                        h, _, _ = units(ev)
-                    avg, acc = evaluate_halting(ev.y, h, ev.targets)
-                    points.append(HaltingPoint(lam=float(lam), spec_lambda=lam_spec, avg_exit_layer=avg,
-                                               accuracy=acc, state=cal, scale=sc, shift=sh))
     return points
 
 
@@ -320,11 +288,11 @@ def fold_indices(targets: torch.Tensor, folds: int, seed: int = 0) -> list[torch
 
 
 def cross_fit_halting(model, cache: LayerCache, lambdas, *, epochs: int | None = None, seed: int = 0, cancel=None,
-                      calibrate: bool = False, folds: int = CROSS_FIT_FOLDS, nll: bool = False, progress=None
+                      folds: int = CROSS_FIT_FOLDS, nll: bool = False, progress=None
                       ) -> tuple[list[HaltingPoint], bool]:
     """:func:`fit_halting` on every row of ``cache`` (the halting weights the points carry), each point's average
     exit layer and accuracy (and, with ``nll``, the NLL of a_N) measured **out of fold**: for each of ``folds``
-    stratified folds, the same λ (and calibration) fitted on the other folds and run on this one; the folds' numbers
+    stratified folds, the same λ fitted on the other folds and run on this one; the folds' numbers
     pooled by rows. Choosing a point on these numbers does not reward units that fit the choosing rows' noise (the
     in-sample numbers are kept as ``seen_*``). Returns ``(points, cross_fitted)``; with fewer than
     :data:`CROSS_FIT_MIN_ROWS` rows the points keep their in-sample numbers and ``cross_fitted`` is False.
@@ -337,8 +305,7 @@ def cross_fit_halting(model, cache: LayerCache, lambdas, *, epochs: int | None =
             return None
         return lambda done, total: progress(f"fitting the halting units, fit {k} of {fits} (epoch)", done, total)
 
-    points = fit_halting(model, cache, lambdas, epochs=epochs, seed=seed, cancel=cancel, calibrate=calibrate,
-                         progress=step(1))
+    points = fit_halting(model, cache, lambdas, epochs=epochs, seed=seed, cancel=cancel, progress=step(1))
     if n < CROSS_FIT_MIN_ROWS or folds < 2:
         return points, False
     sums = [[0.0, 0.0, 0.0] for _ in points]  # exit, accuracy, nll summed over rows
@@ -346,7 +313,7 @@ def cross_fit_halting(model, cache: LayerCache, lambdas, *, epochs: int | None =
         rest = torch.cat([q for j, q in enumerate(parts) if j != k])
         held_cache = cache.subset(held)
         fold_points = fit_halting(model, cache.subset(rest), lambdas, eval_data=held_cache, epochs=epochs,
-                                  seed=seed, cancel=cancel, calibrate=calibrate, progress=step(k + 2))
+                                  seed=seed, cancel=cancel, progress=step(k + 2))
         for acc_sum, p in zip(sums, fold_points):
             acc_sum[0] += p.avg_exit_layer * len(held)
             acc_sum[1] += p.accuracy * len(held)
@@ -547,8 +514,7 @@ def fit_after_training(model, cfg, enc_val, cancel=None, cache: LayerCache | Non
                             (lambda d, t: progress("caching the validation rows' layer outputs", d, t)))
     # the point is chosen on out-of-fold numbers: units fitted and chosen on the same rows overfit them
     points, crossed = cross_fit_halting(model, cache, mc.halting_lambdas, epochs=mc.halting_epochs,
-                                        seed=cfg.train.seed, cancel=cancel, calibrate=mc.halting_calibration,
-                                        progress=progress)
+                                        seed=cfg.train.seed, cancel=cancel, progress=progress)
     thresholds = threshold_points(model, cache) if mc.halting_thresholds and mc.halting_input == "confidence" \
         else []
     chosen = choose_point(points + thresholds, mc.halting_tolerance)

@@ -323,35 +323,22 @@ def test_exit_advice_names_the_setting_and_the_measured_numbers(tmp_path):
     assert "fit_halting" in exit_advice(tmp_path, 6)
 
 
-def test_calibrated_halting_weights_scale_and_shift_the_output_logit():
-    from dact_lib.halting import calibrated
+def test_retired_settings_load_when_off_and_are_refused_when_on():
+    """Issue 25: halting_calibration and exit_refit_distill measured no better and were retired. A saved config
+    with them off (every run of an older version) still loads; turned on, the message says why and to remove it."""
+    from dact_lib.config import RunConfig
 
-    model, _, _ = tiny_dact()
-    x = torch.randn(5, dact.CONFIDENCE_FEATURES.__len__())
-    mlp = model.halters[0]
-    z = mlp(x)
-    state = {k: v.clone() for k, v in model.halters.state_dict().items()}
-    model.halters.load_state_dict(calibrated(state, 4.0, -1.5))
-    assert torch.allclose(model.halters[0](x), 4.0 * z - 1.5, atol=1e-5)
-
-
-def test_fit_halting_with_calibration_returns_exactly_measured_variants():
-    from dact_lib.halting import CALIBRATION_SCALES, CALIBRATION_SHIFTS, _Halters, evaluate_halting, front_of
-
-    model, _, _ = tiny_dact()
-    model.num_classes = 2
-    cache = easy_cache()
-    points = fit_halting(model, cache, [0.0, 10.0], epochs=30, calibrate=True)
-    assert len(points) == 2 * len(CALIBRATION_SCALES) * len(CALIBRATION_SHIFTS)
-    units = _Halters(model).eval()
-    for p in points[::7]:  # every stored state reproduces its measured point under the DACT rule
-        units.halters.load_state_dict(p.state)
-        with torch.no_grad():
-            h, _, _ = units(cache)
-        assert evaluate_halting(cache.y, h, cache.targets) == pytest.approx((p.avg_exit_layer, p.accuracy))
-    f = front_of(points)
-    assert all(a.avg_exit_layer <= b.avg_exit_layer for a, b in zip(f, f[1:]))
-    assert any((p.scale, p.shift) != (1.0, 0.0) for p in points if p.avg_exit_layer < 1.9)
+    old = default_config("dact").to_dict()
+    old["model"].update(halting_calibration=False, exit_refit_distill=0.0)
+    cfg = RunConfig.from_dict(old)
+    assert not hasattr(cfg.model, "halting_calibration") and not hasattr(cfg.model, "exit_refit_distill")
+    old["model"]["halting_calibration"] = True
+    with pytest.raises(ConfigError, match=r"model.halting_calibration = True: this setting was retired .*"
+                                          r"remove it from the config"):
+        RunConfig.from_dict(old)
+    old["model"].update(halting_calibration=False, exit_refit_distill=0.5)
+    with pytest.raises(ConfigError, match="exit_refit_distill = 0.5: this setting was retired"):
+        RunConfig.from_dict(old)
 
 
 def test_fast_path_sees_weights_changed_after_its_first_call():
