@@ -320,6 +320,14 @@ def pbt_arguments(args) -> tuple[Any, Any]:
     return cfg, _with_flags(settings, population=args.population, epochs=args.epochs)
 
 
+def _report_pbt(args, res, settings) -> None:
+    for m in res.members:
+        _err(args, f"member {m['member']} (run {m['run_id']}): {m['status']}, best {settings.metric} "
+                   f"{_fmt(m.get('best_score'))}, {m.get('exploits', 0)} exploit(s)")
+    _err(args, f"best member {res.best_member}: {settings.metric} {_fmt(res.best_score)}")
+    _print_ids(res.parent_run_id, res.best_run_id)
+
+
 def cmd_pbt(args) -> int:
     from ..tracker import Tracker
 
@@ -329,28 +337,12 @@ def cmd_pbt(args) -> int:
                                      ("--scheduler", args.scheduler is not None),
                                      ("--cpus-per-member", args.cpus_per_member is not None),
                                      ("--storage-path", args.storage_path is not None)) if given]
-    cfg = settings = None
-    if args.resume is None:
-        cfg, settings = pbt_arguments(args)  # the backend: --backend, else the settings' (a --config download)
-        if args.backend is not None:
-            settings.backend = args.backend
-        if args.scheduler is not None:
-            settings.ray_scheduler = args.scheduler
-        settings.validate()
-    backend = args.backend or (settings.backend if settings is not None else "threads")
-    if backend != "ray" and ray_flags:
-        raise DactLabError(f"{', '.join(ray_flags)} only apply to PBT on Ray: add --backend ray, or drop them.")
-    if backend == "ray":
-        if args.resume is not None:
+    if args.resume is not None:
+        if args.backend == "ray":
             raise DactLabError("a PBT run on Ray cannot be resumed (Ray keeps its own checkpoints only while it "
                                "runs): start it again, or drop --backend ray to resume a threaded PBT run.")
-        from .pbt_ray import run_pbt_ray
-
-        res = run_pbt_ray(cfg, pbt=settings, home=args.home, tracker=tracker, address=args.address,
-                          scheduler=settings.ray_scheduler, cpus_per_member=args.cpus_per_member or 1.0,
-                          storage_path=args.storage_path,
-                          progress=(lambda line: _err(args, line)) if args.verbosity else None)
-    elif args.resume is not None:
+        if ray_flags:
+            raise DactLabError(f"{', '.join(ray_flags)} only apply to PBT on Ray: add --backend ray, or drop them.")
         from ..cli_args import refuse_flags_with_resume
 
         refuse_flags_with_resume(args, f"PBT run {args.resume}")
@@ -360,14 +352,27 @@ def cmd_pbt(args) -> int:
         cfg, settings = pbt.resumable_pbt(tracker, args.resume)
         res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=tracker, run_id=args.resume, resume=True,
                           callbacks=[MemberPrinter(args.verbosity)])
+        _report_pbt(args, res, settings)
+        return 0
+    cfg, settings = pbt_arguments(args)  # the backend: --backend, else the settings' (a --config download)
+    if args.backend is not None:
+        settings.backend = args.backend
+    if args.scheduler is not None:
+        settings.ray_scheduler = args.scheduler
+    settings.validate()
+    if settings.backend != "ray" and ray_flags:
+        raise DactLabError(f"{', '.join(ray_flags)} only apply to PBT on Ray: add --backend ray, or drop them.")
+    if settings.backend == "ray":
+        from .pbt_ray import run_pbt_ray
+
+        res = run_pbt_ray(cfg, pbt=settings, home=args.home, tracker=tracker, address=args.address,
+                          scheduler=settings.ray_scheduler, cpus_per_member=args.cpus_per_member or 1.0,
+                          storage_path=args.storage_path,
+                          progress=(lambda line: _err(args, line)) if args.verbosity else None)
     else:
         res = pbt.run_pbt(cfg, pbt=settings, home=args.home, tracker=tracker,
                           callbacks=[MemberPrinter(args.verbosity)])
-    for m in res.members:
-        _err(args, f"member {m['member']} (run {m['run_id']}): {m['status']}, best {settings.metric} "
-                   f"{_fmt(m.get('best_score'))}, {m.get('exploits', 0)} exploit(s)")
-    _err(args, f"best member {res.best_member}: {settings.metric} {_fmt(res.best_score)}")
-    _print_ids(res.parent_run_id, res.best_run_id)
+    _report_pbt(args, res, settings)
     return 0
 
 
