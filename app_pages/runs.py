@@ -352,7 +352,7 @@ def live(ids: list[int], was_active: bool) -> None:
     st.subheader("Event log")
     if ev:
         st.dataframe(pd.DataFrame([{"time": _ts(e["time"]), "kind": e["kind"],
-                                    "payload": json.dumps(e["payload"], default=str)[:400]}
+                                    "payload": json.dumps(e["payload"], default=str, ensure_ascii=False)[:400]}
                                    for e in ev[-MAX_EVENTS_SHOWN:]]), hide_index=True)
     else:
         st.caption("No events yet.")
