@@ -353,6 +353,40 @@ def should_halt(a_n: Tensor, p_n: Tensor, remaining: int | Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The same rule on one sentence's K numbers (Python floats): the batch-1 fast path (modeling_dact.DactBert.
+# _infer_one) calls these, because for one sentence tensor bookkeeping costs more than the arithmetic; each is
+# tested equal to its tensor form above (tests/test_dact.py)
+# --------------------------------------------------------------------------------------------------------------
+def accumulate_step_scalar(a_prev: list[float], p_prev: float, y_n: list[float], h_n: float
+                           ) -> tuple[list[float], float]:
+    """:func:`accumulate_step` for one sentence: ``a_n = p_{n-1} y_n + (1 - p_{n-1}) a_{n-1}``, ``p_n = h_n p_{n-1}``."""
+    return [p_prev * y + (1.0 - p_prev) * a for y, a in zip(y_n, a_prev)], h_n * p_prev
+
+
+def should_halt_scalar(a_n: list[float], p_n: float, remaining: int) -> bool:
+    """:func:`should_halt` for one sentence: ``best · (1 − p_n)^d > runner_up + p_n · d``, or d == 0."""
+    top = sorted(a_n, reverse=True)
+    best, runner_up = top[0], (top[1] if len(top) > 1 else 0.0)
+    return remaining == 0 or best * (1.0 - p_n) ** remaining > runner_up + p_n * remaining
+
+
+def entropy_scalar(probs: list[float]) -> float:
+    """:func:`entropy` of one probability vector, in nats (0 · log 0 = 0)."""
+    return -sum(v * math.log(v) for v in probs if v > 0.0)
+
+
+def confidence_features_scalar(y_n: list[float], a_prev: list[float]) -> list[float]:
+    """:func:`confidence_features` for one sentence: [max, margin, entropy / ln K, agree]."""
+    k = len(y_n)
+    top = sorted(y_n, reverse=True)
+    best, second = top[0], (top[1] if k > 1 else 0.0)
+    ent = entropy_scalar(y_n) / math.log(k) if k > 1 else 0.0
+    agree = 1.0 if sum(a_prev) > 0 and max(range(k), key=y_n.__getitem__) == max(range(k), key=a_prev.__getitem__) \
+        else 0.0
+    return [best, best - second, ent, agree]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Exit policies
 # --------------------------------------------------------------------------------------------------------------
 def entropy(probs: Tensor) -> Tensor:

@@ -307,7 +307,6 @@ class DactBert(ClassWeighted, DactUnits):
         how = self.cfg.halting_input
         a, p = [0.0] * K, 1.0  # a_{n-1}, p_{n-1}
         prev, count = -1, 0
-        log_k = math.log(K) if K > 1 else 1.0
         for n in range(1, N + 1):
             hidden = ad.run_layer(n - 1, hidden, mask)
             steps = self._fast_cache(self._index(n))
@@ -330,8 +329,7 @@ class DactBert(ClassWeighted, DactUnits):
             if n == N and not isinstance(policy, dact.DactPolicy):
                 return done(n, y)
             if isinstance(policy, dact.EntropyPolicy):
-                ent = -sum(v * math.log(v) for v in y if v > 0.0)
-                if ent < policy.threshold:
+                if dact.entropy_scalar(y) < policy.threshold:
                     return done(n, y)
                 continue
             if isinstance(policy, dact.PatiencePolicy):
@@ -342,14 +340,7 @@ class DactBert(ClassWeighted, DactUnits):
                     return done(n, y)
                 continue
             # the DACT rule: h_n, then a_n = p_{n-1} y_n + (1 - p_{n-1}) a_{n-1}, p_n = h_n p_{n-1}, halting test
-            feats = None
-            if how != "summary":
-                top = sorted(y, reverse=True)
-                best_y, second_y = top[0], (top[1] if K > 1 else 0.0)
-                ent = -sum(v * math.log(v) for v in y if v > 0.0) / log_k if K > 1 else 0.0
-                agree = 1.0 if (sum(a) > 0 and max(range(K), key=y.__getitem__) == max(range(K), key=a.__getitem__)
-                                ) else 0.0
-                feats = [best_y, best_y - second_y, ent, agree]
+            feats = dact.confidence_features_scalar(y, a) if how != "summary" else None
             if np_ok:
                 if how == "summary":
                     x = base
@@ -365,12 +356,8 @@ class DactBert(ClassWeighted, DactUnits):
                     conf = torch.tensor([feats], dtype=base.dtype, device=dev)
                     x = conf if how == "confidence" else torch.cat([base, conf], dim=-1)
                 h = float(torch.sigmoid(self._run_fast(steps["halt"], x).float()))
-            a = [p * yv + (1.0 - p) * av for yv, av in zip(y, a)]
-            p = h * p
-            d = N - n
-            top = sorted(a, reverse=True)
-            best, runner = top[0], (top[1] if K > 1 else 0.0)
-            if d == 0 or best * (1.0 - p) ** d > runner + p * d:
+            a, p = dact.accumulate_step_scalar(a, p, y, h)
+            if dact.should_halt_scalar(a, p, N - n):
                 return done(n, a)
         raise AssertionError("unreachable: every policy halts at n = N")
 

@@ -463,3 +463,25 @@ def test_average_exit_layer_and_result_type():
         average_exit_layer(T([], dtype=torch.long))
     y, h = _confident_and_unsure()
     assert isinstance(run_policy_offline(DactPolicy(), y, h), ExitResult)
+
+
+def test_the_scalar_forms_equal_the_tensor_forms():
+    """Issue 25 (one rule): the batch-1 fast path uses dact.py's scalar forms; each equals its tensor form on random
+    inputs (float64), so the rule lives once."""
+    from dact_lib import dact
+
+    gen = torch.Generator().manual_seed(5)
+    for k in (1, 2, 5):
+        for _ in range(50):
+            y = torch.rand(1, k, generator=gen, dtype=torch.float64).softmax(-1)
+            a_prev = torch.rand(1, k, generator=gen, dtype=torch.float64).softmax(-1) * (torch.rand(1).item() > 0.2)
+            p_prev, h = torch.rand(1, generator=gen, dtype=torch.float64), torch.rand(1, generator=gen,
+                                                                                    dtype=torch.float64)
+            a_t, p_t = dact.accumulate_step(a_prev, p_prev, y, h)
+            a_s, p_s = dact.accumulate_step_scalar(a_prev[0].tolist(), float(p_prev), y[0].tolist(), float(h))
+            assert a_s == pytest.approx(a_t[0].tolist(), abs=1e-12) and p_s == pytest.approx(float(p_t), abs=1e-12)
+            for d in (0, 1, 3):
+                assert dact.should_halt_scalar(a_s, p_s, d) == bool(dact.should_halt(a_t, p_t, d)[0])
+            assert dact.entropy_scalar(y[0].tolist()) == pytest.approx(float(dact.entropy(y)[0]), abs=1e-12)
+            assert dact.confidence_features_scalar(y[0].tolist(), a_prev[0].tolist()) == pytest.approx(
+                dact.confidence_features(y, a_prev)[0].tolist(), abs=1e-12)
