@@ -581,6 +581,25 @@ class LayerAdapter(ABC):
         """Provided by each family's adapter."""
 
     # -- convenience ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def each_layer(self, enc, batch_size: int, device, on_layer, on_batch=None) -> None:
+        """The one per-layer pass over a split (the feature cache, the halting fit's cache and the exit refit's
+        all use it): every row of ``enc`` (an EncodedDataset) through every layer, without gradients, in
+        length-grouped batches. ``on_layer(rows, i, hidden, attention_mask)`` after layer i (0-based) of a batch —
+        ``rows`` its rows' indices in ``enc``, where results go back; ``on_batch(rows, hidden, attention_mask)``
+        after the batch's last layer."""
+        from .data import iter_batches
+
+        for b in iter_batches(enc, batch_size, shuffle=False, group_by_length=True):
+            ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
+            h = self.embed(ids, am)
+            mask = self.prepare_mask(am, h.dtype)
+            for i in range(self.num_layers):
+                h = self.run_layer(i, h, mask)
+                on_layer(b["index"], i, h, am)
+            if on_batch is not None:
+                on_batch(b["index"], h, am)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """All layers through the adapter: the model's ``last_hidden_state``."""
         h = self.embed(input_ids, attention_mask)

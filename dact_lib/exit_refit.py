@@ -33,8 +33,6 @@ def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = No
     """(summaries [n, N, D] of every layer, deepest-classifier probabilities [n, K], targets [n]) of the rows of
     ``enc`` (an EncodedDataset; ``rows`` a subset of its indices), model in eval mode. ``progress(done, total)``
     after every batch (rows done)."""
-    from .data import iter_batches
-
     was = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -43,18 +41,18 @@ def summary_cache(model, enc, batch_size: int = 64, rows: np.ndarray | None = No
     n = len(enc)
     summ = torch.zeros(n, N, ad.hidden_size)
     y_deep = torch.zeros(n, model.num_classes)
-    done = 0
-    for b in iter_batches(enc, batch_size, shuffle=False, group_by_length=True):  # rows placed by index
-        ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
-        hid = ad.embed(ids, am)
-        mask = ad.prepare_mask(am, hid.dtype)
-        for i in range(N):
-            hid = ad.run_layer(i, hid, mask)
-            summ[b["index"], i] = pool(hid, am, model.cfg.pooling).float().cpu()
-        y_deep[b["index"]] = model.classify(N, summ[b["index"], N - 1].to(device).to(hid.dtype))[0].float().cpu()
-        done += len(b["index"])
+    done = [0]
+
+    def on_layer(idx, i, hid, am):
+        summ[idx, i] = pool(hid, am, model.cfg.pooling).float().cpu()
+
+    def on_batch(idx, hid, am):
+        y_deep[idx] = model.classify(N, summ[idx, N - 1].to(device).to(hid.dtype))[0].float().cpu()
+        done[0] += len(idx)
         if progress is not None:
-            progress(done, n)
+            progress(done[0], n)
+
+    ad.each_layer(enc, batch_size, device, on_layer, on_batch)
     model.train(was)
     return summ, y_deep, torch.as_tensor(enc.targets[model.task]).long().clone()
 

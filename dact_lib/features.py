@@ -41,7 +41,7 @@ import torch
 
 from . import home as _home
 from .config import POOLINGS
-from .data import TextDataset, encode, iter_batches
+from .data import TextDataset, encode
 from .encoders import encoder_fingerprint, is_tiny, layer_adapter, load_encoder
 from .errors import ConfigError, DactLabError
 from .heads import pool
@@ -157,20 +157,13 @@ def _compute(model, tokenizer, dataset: TextDataset, poolings: Sequence[str], ma
     ad = layer_adapter(model)
     n, layers, hidden = len(dataset), ad.num_layers, ad.hidden_size
     out = {p: torch.zeros(n, layers, hidden, dtype=torch.float32) for p in poolings}
-    enc = encode(dataset, tokenizer, max_seq_len)
-    # length-grouped batches waste little padding; rows go back to dataset order through batch["index"]
-    for batch in iter_batches(enc, batch_size, shuffle=False, group_by_length=True):
-        ids = batch["input_ids"].to(device)
-        am = batch["attention_mask"].to(device)
-        rows = batch["index"]
-        h = ad.embed(ids, am)
-        mask = ad.prepare_mask(am, h.dtype)
-        for i in range(layers):
-            h = ad.run_layer(i, h, mask)
-            for p in poolings:
-                out[p][rows, i] = pool(h, am, p).float().cpu()
-        if on_rows is not None:
-            on_rows(len(rows))
+
+    def on_layer(rows, i, h, am):  # rows go back to dataset order
+        for p in poolings:
+            out[p][rows, i] = pool(h, am, p).float().cpu()
+
+    ad.each_layer(encode(dataset, tokenizer, max_seq_len), batch_size, device, on_layer,
+                  (lambda rows, h, am: on_rows(len(rows))) if on_rows is not None else None)
     return out
 
 

@@ -80,8 +80,6 @@ class HaltingPoint:
 def layer_cache(model, enc, batch_size: int = 64, device=None, progress=None) -> LayerCache:
     """Per-layer halting base vectors and y_n of every row of ``enc`` (an EncodedDataset), model in eval mode.
     ``progress(done, total)`` after every batch (rows done)."""
-    from .data import iter_batches
-
     was = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -90,19 +88,19 @@ def layer_cache(model, enc, batch_size: int = 64, device=None, progress=None) ->
     n = len(enc)
     base = torch.zeros(n, N, base_dim)
     y = torch.zeros(n, N, model.num_classes)
-    done = 0
-    for b in iter_batches(enc, batch_size, shuffle=False, group_by_length=True):  # rows placed by index
-        ids, am = b["input_ids"].to(device), b["attention_mask"].to(device)
-        hid = ad.embed(ids, am)
-        mask = ad.prepare_mask(am, hid.dtype)
-        for i in range(N):
-            hid = ad.run_layer(i, hid, mask)
-            y_n, bv = model.classify(i + 1, pool(hid, am, model.cfg.pooling))
-            base[b["index"], i] = bv.float().cpu()
-            y[b["index"], i] = y_n.float().cpu()
-        done += len(b["index"])
+    done = [0]
+
+    def on_layer(idx, i, hid, am):
+        y_n, bv = model.classify(i + 1, pool(hid, am, model.cfg.pooling))
+        base[idx, i] = bv.float().cpu()
+        y[idx, i] = y_n.float().cpu()
+
+    def on_batch(idx, hid, am):
+        done[0] += len(idx)
         if progress is not None:
-            progress(done, n)
+            progress(done[0], n)
+
+    ad.each_layer(enc, batch_size, device, on_layer, on_batch)
     model.train(was)
     return LayerCache(base=base, y=y, targets=torch.as_tensor(enc.targets[model.task]).long().clone())
 
