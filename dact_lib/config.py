@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .errors import ConfigError
 from .tags import MAX_TAGS
@@ -94,6 +94,19 @@ def physical_memory_bytes() -> int | None:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return None
+
+
+@dataclass(frozen=True)
+class FormField:
+    """How a launch form shows one setting: its dotted path under ``model``, label, widget kind (text | bool | int
+    | float | sci | dims | json | select), help, and for a select its choices. The forms are generated from the
+    model configs' ``FORM`` (ui/forms.py ``model_fields``); dact_lib stays streamlit-free."""
+
+    path: str
+    label: str
+    kind: str
+    help: str = ""
+    choices: tuple = ()
 
 
 @dataclass
@@ -178,6 +191,24 @@ class DataConfig:
 class BackboneModelConfig:
     """Encoder + MLP head on the pooled sentence vector ([CLS] or masked mean)."""
 
+    #: what the launch form shows of this config, in order (ui/forms.py model_fields)
+    FORM: ClassVar[tuple[FormField, ...]] = (
+        FormField("pooling", "Pooling", "select", choices=POOLINGS,
+                  help=("How a layer's token vectors become one sentence vector: their mean (masked) or "
+                        "the [CLS] token's.")),
+        FormField("head.hidden_dims", "Head hidden layers", "dims",
+                  help="e.g. 256, 64 (empty = linear)."),
+        FormField("head.activation", "Head activation", "select", choices=ACTIVATIONS,
+                  help="Between the head's hidden layers."),
+        FormField("head.dropout", "Head dropout", "float",
+                  help="Dropout rate before each of the head's layers (0 to 1)."),
+        FormField("class_weighting", "Class weighting of the loss", "select", choices=CLASS_WEIGHTINGS,
+                  help=("balanced: class k of the loss weighs n / (K · n_k) on the training split, so "
+                        "rare classes weigh as much in total as frequent ones (for imbalanced labels); "
+                        "none: plain cross-entropy.")),
+    )
+
+
     pooling: str = "mean"
     head: MLPConfig = field(default_factory=MLPConfig)
     # "balanced": the cross-entropy weights class k by n / (K · n_k) on the training split (clipped to [0.1, 10]),
@@ -213,6 +244,56 @@ class DactModelConfig:
       ``halting_lambdas`` (normalised scale, ``dact.spec_lambda``) and keep the fastest fitted point whose
       validation accuracy is within ``halting_tolerance`` points of the most accurate one (``halting.py``).
     """
+
+    #: what the launch form shows of this config, in order (ui/forms.py model_fields)
+    FORM: ClassVar[tuple[FormField, ...]] = (
+        FormField("pooling", "Pooling", "select", choices=POOLINGS,
+                  help=("How a layer's token vectors become one sentence vector: their mean (masked) or "
+                        "the [CLS] token's.")),
+        FormField("classifier.hidden_dims", "Classifier hidden layers", "dims",
+                  help="Widths of the per-layer classifier MLP, e.g. 128 (empty = linear)."),
+        FormField("halting.hidden_dims", "Halting hidden layers", "dims",
+                  help="Widths of the per-layer halting MLP that gives h_n, e.g. 64 (empty = linear)."),
+        FormField("ponder_lambda", "Ponder cost λ (training)", "sci",
+                  help=("Weight of the ponder (computation) cost while training. It decides the exits "
+                        "only with 'Fit the halting units after training' off (then larger = earlier "
+                        "exits). With it on (the default) the halting units are refitted after training "
+                        "and the halting tolerance below picks the exit point; this λ then only shapes "
+                        "the training.")),
+        FormField("layer_loss_weight", "Per-layer classifier loss weight", "float",
+                  help=("0 = the DACT paper's loss. > 0 also trains every layer's classifier on its own "
+                        "(as PABEE/DeeBERT do): much better early-layer classifiers, which the patience "
+                        "and entropy exits and the per-layer charts use.")),
+        FormField("distill_weight", "Self-distillation weight", "float",
+                  help=("> 0 distils every exit from the deepest one (KL, temperature "
+                        "model.distill_temperature).")),
+        FormField("halting_input", "Halting units read", "select", choices=('confidence', 'summary', 'both'),
+                  help=("confidence: max, margin, entropy of y_n and agreement with a_(n-1); summary: the"
+                        " layer summary (the paper); both: concatenated.")),
+        FormField("exit_refit_epochs", "Refit the early exits after training (epochs, 0 = off)", "int",
+                  help=("Trains the classifiers of layers 1..N-1 again on their layers' cached summaries "
+                        "of the training rows (encoder and last classifier unchanged): after a short "
+                        "training the shallow exits are far from what their layers give. Takes about a "
+                        "third of an epoch.")),
+        FormField("exit_temperature", "Calibrate exits (temperature)", "bool",
+                  help=("Scales each layer's logits by a temperature fitted on the validation split "
+                        "before the halting fit: same answers per layer, confidences that match each "
+                        "layer's accuracy, so the entropy and DACT exits compare layers fairly. Off by "
+                        "default: it measured mixed (docs/benchmarks.md).")),
+        FormField("fit_halting", "Fit the halting units after training (λ sweep on validation)", "bool",
+                  help=("Encoder and classifiers stay as trained; the halting units are refitted per λ "
+                        "and the fastest point within the tolerance below is kept.")),
+        FormField("halting_tolerance", "Halting tolerance (accuracy points)", "float",
+                  help=("Keep the fastest fitted λ whose validation accuracy is within this many points "
+                        "of the best one: larger = earlier exits.")),
+        FormField("share_weights", "Share classifier/halting weights across layers", "bool",
+                  help="One classifier and one halting unit for every layer instead of one per layer."),
+        FormField("class_weighting", "Class weighting of the loss", "select", choices=CLASS_WEIGHTINGS,
+                  help=("balanced: class k of the loss weighs n / (K · n_k) on the training split, so "
+                        "rare classes weigh as much in total as frequent ones (for imbalanced labels); "
+                        "none: plain cross-entropy.")),
+    )
+
 
     pooling: str = "mean"
     classifier: MLPConfig = field(default_factory=lambda: MLPConfig(hidden_dims=[128], dropout=0.1))
@@ -297,6 +378,27 @@ class DactModelConfig:
 @dataclass
 class MultiTaskModelConfig:
     """One encoder, one head per task; task-weighted cross-entropy."""
+
+    #: what the launch form shows of this config, in order (ui/forms.py model_fields)
+    FORM: ClassVar[tuple[FormField, ...]] = (
+        FormField("pooling", "Pooling", "select", choices=POOLINGS,
+                  help=("How a layer's token vectors become one sentence vector: their mean (masked) or "
+                        "the [CLS] token's.")),
+        FormField("normalize", "L2-normalise the sentence vector", "bool",
+                  help="As sentence-transformers does for all-MiniLM; the heads then see unit vectors."),
+        FormField("head.hidden_dims", "Head hidden layers", "dims",
+                  help="Widths of each task head's MLP, e.g. 256 (empty = linear)."),
+        FormField("head.activation", "Head activation", "select", choices=ACTIVATIONS,
+                  help="Between the head's hidden layers."),
+        FormField("head.dropout", "Head dropout", "float",
+                  help="Dropout rate before each of the head's layers (0 to 1)."),
+        FormField("task_weights", "Task weights (JSON; null = 1 each)", "json",
+                  help="e.g. {\"class_label\": 1.0, \"sentiment_label\": 0.5}"),
+        FormField("class_weighting", "Class weighting of each task's loss", "select", choices=CLASS_WEIGHTINGS,
+                  help=("balanced: rare classes weigh as much in total as frequent ones (for imbalanced "
+                        "tasks).")),
+    )
+
 
     pooling: str = "mean"
     normalize: bool = False

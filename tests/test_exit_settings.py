@@ -72,3 +72,31 @@ def test_exit_refit_zero_is_off():
 def test_fit_halting_off_keeps_the_trained_units():
     res = _train(fit_halting=False)
     assert res.report.get("halting") is None
+
+
+def test_every_model_form_field_comes_from_the_config_and_names_a_real_setting():
+    """Issue 25 (item 4): the model forms are generated from the model configs' FORM (label, help, widget,
+    choices beside the settings); every path is a setting, and a select offers exactly what validation accepts."""
+    from dact_lib import config as C
+
+    for kind, cls in (("backbone", C.BackboneModelConfig), ("dact", C.DactModelConfig),
+                      ("multitask", C.MultiTaskModelConfig)):
+        fields = model_fields(kind)
+        assert [(f.path, f.label, f.help) for f in fields] == [(f"model.{x.path}", x.label, x.help) for x in cls.FORM]
+        obj = cls()
+        for x in cls.FORM:
+            value = obj
+            for part in x.path.split("."):
+                assert hasattr(value, part), f"{kind}: {x.path} is not a setting"
+                value = getattr(value, part)
+            if x.kind == "select":
+                assert value in x.choices
+                for choice in x.choices:  # each choice validates
+                    c = C.default_config(kind)
+                    target = c.model
+                    *head, last = x.path.split(".")
+                    for part in head:
+                        target = getattr(target, part)
+                    setattr(target, last, choice)
+                    c.validate()
+            assert x.help, f"{kind}: {x.path} has no help"

@@ -461,85 +461,13 @@ def jobs_panel(key: str = "jobs") -> None:
 
 # --------------------------------------------------------------------------------------------- launch pages
 
-POOLING = ("mean", "cls")
-ACTIVATION = ("relu", "gelu", "silu", "tanh")
-CLASS_WEIGHTING_HELP = ("balanced: class k of the loss weighs n / (K · n_k) on the training split, so rare classes "
-                        "weigh as much in total as frequent ones (for imbalanced labels); none: plain "
-                        "cross-entropy.")
-POOLING_HELP = "How a layer's token vectors become one sentence vector: their mean (masked) or the [CLS] token's."
-
-
 def model_fields(kind: str) -> list[Field]:
-    """The model settings a launch form shows for ``kind``."""
-    if kind == "dact":
-        return [
-            make_field("model.pooling", "Pooling", "select", POOLING, help=POOLING_HELP),
-            make_field("model.classifier.hidden_dims", "Classifier hidden layers", "dims",
-                  help="Widths of the per-layer classifier MLP, e.g. 128 (empty = linear)."),
-            make_field("model.halting.hidden_dims", "Halting hidden layers", "dims",
-                  help="Widths of the per-layer halting MLP that gives h_n, e.g. 64 (empty = linear)."),
-            make_field("model.ponder_lambda", "Ponder cost λ (training)", "sci",
-                  help="Weight of the ponder (computation) cost while training. It decides the exits only with "
-                       "'Fit the halting units after training' off (then larger = earlier exits). With it on (the "
-                       "default) the halting units are refitted after training and the halting tolerance below "
-                       "picks the exit point; this λ then only shapes the training."),
-            make_field("model.layer_loss_weight", "Per-layer classifier loss weight", "float",
-                  help="0 = the DACT paper's loss. > 0 also trains every layer's classifier on its own "
-                       "(as PABEE/DeeBERT do): much better early-layer classifiers, which the patience and "
-                       "entropy exits and the per-layer charts use."),
-            make_field("model.distill_weight", "Self-distillation weight", "float",
-                  help="> 0 distils every exit from the deepest one (KL, temperature model.distill_temperature)."),
-            make_field("model.halting_input", "Halting units read", "select", ("confidence", "summary", "both"),
-                  help="confidence: max, margin, entropy of y_n and agreement with a_(n-1); summary: the layer "
-                       "summary (the paper); both: concatenated."),
-            make_field("model.exit_refit_epochs", "Refit the early exits after training (epochs, 0 = off)", "int",
-                  help="Trains the classifiers of layers 1..N-1 again on their layers' cached summaries of the "
-                       "training rows (encoder and last classifier unchanged): after a short training the "
-                       "shallow exits are far from what their layers give. Takes about a third of an epoch."),
-            make_field("model.exit_temperature", "Calibrate exits (temperature)",
-                  "bool",
-                  help="Scales each layer's logits by a temperature fitted on the validation split before the "
-                       "halting fit: same answers per layer, confidences that match each layer's accuracy, so "
-                       "the entropy and DACT exits compare layers fairly. Off by default: it measured mixed "
-                       "(docs/benchmarks.md)."),
-            make_field("model.fit_halting", "Fit the halting units after training (λ sweep on validation)", "bool",
-                  help="Encoder and classifiers stay as trained; the halting units are refitted per λ and the "
-                       "fastest point within the tolerance below is kept."),
-            make_field("model.halting_tolerance", "Halting tolerance (accuracy points)", "float",
-                  help="Keep the fastest fitted λ whose validation accuracy is within this many points of the "
-                       "best one: larger = earlier exits."),
-            make_field("model.share_weights", "Share classifier/halting weights across layers", "bool",
-                  help="One classifier and one halting unit for every layer instead of one per layer."),
-            make_field("model.class_weighting", "Class weighting of the loss", "select", ("none", "balanced"),
-                       help=CLASS_WEIGHTING_HELP),
-        ]
-    if kind == "multitask":
-        return [
-            make_field("model.pooling", "Pooling", "select", POOLING, help=POOLING_HELP),
-            make_field("model.normalize", "L2-normalise the sentence vector", "bool",
-                       help="As sentence-transformers does for all-MiniLM; the heads then see unit vectors."),
-            make_field("model.head.hidden_dims", "Head hidden layers", "dims",
-                       help="Widths of each task head's MLP, e.g. 256 (empty = linear)."),
-            make_field("model.head.activation", "Head activation", "select", ACTIVATION,
-                   help="Between the head's hidden layers."),
-            make_field("model.head.dropout", "Head dropout", "float",
-                   help="Dropout rate before each of the head's layers (0 to 1)."),
-            make_field("model.task_weights", "Task weights (JSON; null = 1 each)", "json",
-                  help='e.g. {"class_label": 1.0, "sentiment_label": 0.5}'),
-            make_field("model.class_weighting", "Class weighting of each task's loss", "select",
-                       ("none", "balanced"), help="balanced: rare classes weigh as much in total as frequent ones "
-                       "(for imbalanced tasks)."),
-        ]
-    return [
-        make_field("model.pooling", "Pooling", "select", POOLING, help=POOLING_HELP),
-        make_field("model.head.hidden_dims", "Head hidden layers", "dims", help="e.g. 256, 64 (empty = linear)."),
-        make_field("model.head.activation", "Head activation", "select", ACTIVATION,
-                   help="Between the head's hidden layers."),
-        make_field("model.head.dropout", "Head dropout", "float",
-                   help="Dropout rate before each of the head's layers (0 to 1)."),
-        make_field("model.class_weighting", "Class weighting of the loss", "select", ("none", "balanced"),
-                   help=CLASS_WEIGHTING_HELP),
-    ]
+    """The model settings a launch form shows for ``kind``: generated from the model config's ``FORM`` (label,
+    help, widget and choices live beside the settings in dact_lib/config.py)."""
+    from dact_lib.config import BackboneModelConfig, DactModelConfig, MultiTaskModelConfig
+
+    cls = {"dact": DactModelConfig, "multitask": MultiTaskModelConfig}.get(kind, BackboneModelConfig)
+    return [make_field(f"model.{f.path}", f.label, f.kind, f.choices, help=f.help) for f in cls.FORM]
 
 
 @dataclass
