@@ -98,9 +98,10 @@ def physical_memory_bytes() -> int | None:
 
 @dataclass(frozen=True)
 class FormField:
-    """How a launch form shows one setting: its dotted path under ``model``, label, widget kind (text | bool | int
-    | float | sci | dims | json | select), help, and for a select its choices. The forms are generated from the
-    model configs' ``FORM`` (ui/forms.py ``model_fields``); dact_lib stays streamlit-free."""
+    """How a launch form shows one setting: its dotted path (under ``model`` in a model config's ``FORM``, from the
+    run config in ``RunConfig.FORM``), label, widget kind (text | bool | int | optint | float | optfloat | sci |
+    dims | json | select | multiselect | dataset), help, and for a select its choices. The launch forms are
+    generated from these (ui/forms.py ``run_fields`` / ``model_fields``); dact_lib stays streamlit-free."""
 
     path: str
     label: str
@@ -579,6 +580,61 @@ MODEL_CONFIGS = {"backbone": BackboneModelConfig, "dact": DactModelConfig, "mult
 class RunConfig:
     """Everything one training run needs. ``init_from_run``: id of a backbone run whose exported encoder
     weights initialise this run's encoder."""
+
+    #: the run settings every launch form shows, in order (ui/forms.py run_fields; the model's own: its FORM)
+    FORM: ClassVar[tuple[FormField, ...]] = (
+        FormField("encoder", "Encoder", "text",
+                  help=(f"'{DEFAULT_ENCODER}' (bundled, no download), '{TINY_ENCODER}' (a tiny random encoder for "
+                        "quick checks), a Hugging Face model name or a local folder.")),
+        FormField("data.dataset_id", "Dataset", "dataset",
+                  help="A dataset saved on the Data page, or the bundled demo data."),
+        FormField("data.max_rows", "Max rows (0 = all)", "optint",
+                  help="Train on a stratified sample of this many rows."),
+        FormField("data.val_frac", "Validation fraction", "float",
+                  help=("Share of the rows held out (stratified) to pick the best checkpoint and stop "
+                        "early.")),
+        FormField("data.test_frac", "Test fraction", "float",
+                  help=("Share of the rows never trained on nor used for choices: the run's final test "
+                        "scores.")),
+        FormField("data.split_seed", "Split seed", "int",
+                  help="The same seed gives the same train / validation / test rows."),
+        FormField("data.max_seq_len", "Max tokens per text", "int",
+                  help="Longer texts are cut; shorter ones are not padded beyond their batch's longest."),
+        FormField("train.epochs", "Epochs", "int",
+                  help="Passes over the training rows (at most: early stopping may end sooner)."),
+        FormField("train.batch_size", "Batch size", "int",
+                  help="Rows per optimizer step (halved automatically when memory runs out)."),
+        FormField("train.grad_accum_steps", "Gradient accumulation (micro-batches per batch)", "int",
+                  help=("Each batch of 'Batch size' rows is cut into this many micro-batches whose "
+                        "gradients add up before the one optimizer step: the same training (same "
+                        "gradient) in about 1/N of the activation memory, a little slower. 1 = off.")),
+        FormField("train.encoder_lr", "Encoder learning rate", "sci",
+                  help="Of the pretrained encoder's weights (small: 1e-5 to 1e-4)."),
+        FormField("train.head_lr", "Head learning rate", "sci",
+                  help="Of the new heads (classifiers, halting units): larger than the encoder's."),
+        FormField("train.weight_decay", "Weight decay", "sci",
+                  help="AdamW's decoupled weight decay (not applied to biases and LayerNorms)."),
+        FormField("train.seed", "Seed", "int",
+                  help="Seeds the heads' initialisation, dropout and the batch order."),
+        FormField("train.time_limit_min", "Time limit in minutes (0 = none)", "optfloat",
+                  help=("Stop after this long, keep the best checkpoint (PBT: every member; multi-task: "
+                        "the run).")),
+        FormField("train.report_to", "Also report to", "multiselect", choices=REPORT_TOOLS,
+                  help=("Besides DACT Lab's own tracker: params, curves, the exit front and the model, to"
+                        " MLflow ($MLFLOW_TRACKING_URI), Weights & Biases ($WANDB_MODE, $WANDB_DIR) or "
+                        "TensorBoard (the run folder's tensorboard/), installed in the app's Python (pip "
+                        "install mlflow-skinny / wandb / tensorboard).")),
+        FormField("train.evals_per_epoch", "Validations per epoch", "select", choices=('auto', 1, 2, 3, 4, 5, 10),
+                  help=("How often the validation split is scored within an epoch (curves, best "
+                        "checkpoint, early stopping). 'auto': once per epoch, plus one per 500 training "
+                        "steps on long epochs.")),
+        FormField("train.early_stopping.enabled", "Early stopping", "bool",
+                  help=("Stop when the validation metric has not improved for a while; the best "
+                        "checkpoint is kept.")),
+        FormField("train.device", "Device", "select", choices=DEVICES,
+                  help="auto: a GPU when there is one, else the CPU."),
+    )
+
 
     kind: str = "backbone"
     encoder: str = DEFAULT_ENCODER

@@ -100,3 +100,22 @@ def test_every_model_form_field_comes_from_the_config_and_names_a_real_setting()
                     setattr(target, last, choice)
                     c.validate()
             assert x.help, f"{kind}: {x.path} has no help"
+
+
+def test_the_run_fields_come_from_the_run_config():
+    """Issue 25 (item 4): the run settings of every launch form are generated from RunConfig.FORM; each path is a
+    setting of the run config, and the multi-task form's dataset picker offers two-task datasets only."""
+    from dact_lib.config import RunConfig
+    from ui.forms import run_fields
+
+    fields = run_fields("backbone")
+    assert [(f.path, f.label) for f in fields] == [(x.path, x.label) for x in RunConfig.FORM]
+    cfg = RunConfig()
+    for x in RunConfig.FORM:
+        value = cfg
+        for part in x.path.split("."):
+            assert hasattr(value, part), f"{x.path} is not a setting"
+            value = getattr(value, part)
+        assert x.help
+    (multi,) = [f for f in run_fields("multitask") if f.path == "data.dataset_id"]
+    assert multi.two_task_only and "two-task" in multi.help

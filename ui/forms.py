@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from dact_lib.config import DEFAULT_ENCODER, REPORT_TOOLS, TINY_ENCODER, RunConfig, default_config, parse_mapping, split_config_document
+from dact_lib.config import RunConfig, default_config, parse_mapping, split_config_document
 from dact_lib.errors import ConfigError, DactLabError
 
 from ui.fields import Field, dataset_choices, dataset_picker, make_field, settings_fields  # noqa: F401 - re-exported
@@ -199,55 +199,18 @@ def dataclass_values(obj: Any) -> dict:
 
 
 def run_fields(kind: str) -> list[Field]:
-    """The RunConfig settings every launch form shows (the model's own fields are added by each page)."""
-    return [
-        make_field("encoder", "Encoder", "text",
-              help=f"'{DEFAULT_ENCODER}' (bundled, no download), '{TINY_ENCODER}' (a tiny random encoder for quick "
-                   "checks), a Hugging Face model name or a local folder."),
-        make_field("data.dataset_id", "Dataset", "dataset", ("two_task",) if kind == "multitask" else (),
-              help="A dataset saved on the Data page, or the bundled demo data."
-                   + (" Multi-task training needs a two-task dataset." if kind == "multitask" else "")),
-        make_field("data.max_rows", "Max rows (0 = all)", "optint",
-              help="Train on a stratified sample of this many rows."),
-        make_field("data.val_frac", "Validation fraction", "float",
-              help="Share of the rows held out (stratified) to pick the best checkpoint and stop early."),
-        make_field("data.test_frac", "Test fraction", "float",
-              help="Share of the rows never trained on nor used for choices: the run's final test scores."),
-        make_field("data.split_seed", "Split seed", "int",
-              help="The same seed gives the same train / validation / test rows."),
-        make_field("data.max_seq_len", "Max tokens per text", "int",
-              help="Longer texts are cut; shorter ones are not padded beyond their batch's longest."),
-        make_field("train.epochs", "Epochs", "int",
-              help="Passes over the training rows (at most: early stopping may end sooner)."),
-        make_field("train.batch_size", "Batch size", "int",
-              help="Rows per optimizer step (halved automatically when memory runs out)."),
-        make_field("train.grad_accum_steps", "Gradient accumulation (micro-batches per batch)", "int",
-              help="Each batch of 'Batch size' rows is cut into this many micro-batches whose gradients add up "
-                   "before the one optimizer step: the same training (same gradient) in about 1/N of the "
-                   "activation memory, a little slower. 1 = off."),
-        make_field("train.encoder_lr", "Encoder learning rate", "sci",
-              help="Of the pretrained encoder's weights (small: 1e-5 to 1e-4)."),
-        make_field("train.head_lr", "Head learning rate", "sci",
-              help="Of the new heads (classifiers, halting units): larger than the encoder's."),
-        make_field("train.weight_decay", "Weight decay", "sci",
-              help="AdamW's decoupled weight decay (not applied to biases and LayerNorms)."),
-        make_field("train.seed", "Seed", "int",
-              help="Seeds the heads' initialisation, dropout and the batch order."),
-        make_field("train.time_limit_min", "Time limit in minutes (0 = none)", "optfloat",
-              help="Stop after this long, keep the best checkpoint (PBT: every member; multi-task: the run)."),
-        make_field("train.report_to", "Also report to", "multiselect", REPORT_TOOLS,
-              help="Besides DACT Lab's own tracker: params, curves, the exit front and the model, to MLflow "
-                   "($MLFLOW_TRACKING_URI), Weights & Biases ($WANDB_MODE, $WANDB_DIR) or TensorBoard (the run "
-                   "folder's tensorboard/), installed in the app's Python (pip install mlflow-skinny / wandb / "
-                   "tensorboard)."),
-        make_field("train.evals_per_epoch", "Validations per epoch", "select", ("auto", 1, 2, 3, 4, 5, 10),
-              help="How often the validation split is scored within an epoch (curves, best checkpoint, early "
-                   "stopping). 'auto': once per epoch, plus one per 500 training steps on long epochs."),
-        make_field("train.early_stopping.enabled", "Early stopping", "bool",
-              help="Stop when the validation metric has not improved for a while; the best checkpoint is kept."),
-        make_field("train.device", "Device", "select", ("auto", "cpu", "cuda"),
-              help="auto: a GPU when there is one, else the CPU."),
-    ]
+    """The RunConfig settings every launch form shows (the model's own fields are added by each page): generated
+    from ``RunConfig.FORM``; a multi-task form's dataset picker offers two-task datasets only."""
+    from dact_lib.config import RunConfig
+
+    out = []
+    for f in RunConfig.FORM:
+        if f.kind == "dataset" and kind == "multitask":
+            out.append(make_field(f.path, f.label, "dataset", ("two_task",),
+                                  help=f.help + " Multi-task training needs a two-task dataset."))
+        else:
+            out.append(make_field(f.path, f.label, f.kind, f.choices, help=f.help))
+    return out
 
 
 @functools.lru_cache(maxsize=1)
