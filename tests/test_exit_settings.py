@@ -119,3 +119,22 @@ def test_the_run_fields_come_from_the_run_config():
         assert x.help
     (multi,) = [f for f in run_fields("multitask") if f.path == "data.dataset_id"]
     assert multi.two_task_only and "two-task" in multi.help
+
+
+def test_every_engine_setting_on_a_form_carries_its_label_and_help():
+    """Issue 25 (item 4): the engines' settings labels were one name-keyed table in ui/fields.py (a name shared by
+    two engines got one text); each settings dataclass now carries FORM_TEXT for its own fields."""
+    import dataclasses
+
+    from dact_lib.tuning.backbone import BackboneSpace
+    from dact_lib.tuning.dact_pipeline.settings import PipelineConfig
+    from dact_lib.tuning.pbt import PBTConfig, PBTSpace
+    from ui.fields import _NOT_ON_FORMS
+
+    for cls in (PipelineConfig, PBTConfig, PBTSpace, BackboneSpace):
+        for f in dataclasses.fields(cls):
+            if f.name in _NOT_ON_FORMS or f.name in ("name", "space"):
+                continue
+            label, help_ = cls.FORM_TEXT[f.name]
+            assert label and help_, (cls.__name__, f.name)
+    assert PBTConfig.FORM_TEXT["epochs"][0] != BackboneSpace.FORM_TEXT["epochs"][0]  # not the search range's text

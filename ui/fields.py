@@ -4,7 +4,7 @@ A field moves a config value into the widget's session state (:meth:`Field.write
 (:meth:`Field.draw`) and reads the value back (:meth:`Field.read`, ConfigError for an unparsable entry). A field
 uses the session key it is given (``<form prefix>:<path>``); :class:`RangeField` uses that key + ``:low`` / ``:high``.
 :func:`make_field` builds one from a kind name (what the pages write); :func:`settings_fields` builds them for an
-engine's settings dataclass with human labels and help (:data:`SETTING_TEXT`).
+engine's settings dataclass with the labels and help the dataclass carries (``FORM_TEXT``).
 """
 from __future__ import annotations
 
@@ -302,84 +302,6 @@ def make_field(path: str, label: str, kind: str = "text", options: tuple = (), h
 
 # --------------------------------------------------------------------------------------------- engine settings
 
-#: field name -> (label, help) of the engines' settings (PipelineConfig, PBTConfig, PBTSpace, BackboneSpace)
-SETTING_TEXT: dict[str, tuple[str, str]] = {
-    "trials_stage1": ("Stage 1 trials (head architecture)", "Architectures tried on cached features (cheap)."),
-    "trials_stage2": ("Stage 2 trials (training settings)", "Each is one training of the whole model."),
-    "trials_stage3": ("Stage 3 trials (λ / threshold)", "Halting fits on the stage-2 model: seconds each."),
-    "timeout_min": ("Time limit in minutes (0 = none)", "The whole pipeline stops starting new trials after it."),
-    "stage1_epochs": ("Stage 1 epochs per trial", "Epochs of head training over the cached features."),
-    "lambda_low": ("Smallest ponder cost λ", "On the normalised scale: λ = 1 means running all layers costs as much "
-                   "as the deepest classifier's loss."),
-    "lambda_high": ("Largest ponder cost λ", "Larger λ = earlier exits, lower accuracy."),
-    "stage3_thresholds": ("Also try confidence thresholds", "Halting units set to a confidence threshold τ, "
-                          "measured under the same DACT rule."),
-    "objective3": ("Stage 3 objective", "What stage 3 trades against the exit layer: validation loss or error."),
-    "choice_rule": ("How the final point is chosen", "lowest_exit_within_1pt: the fastest point within the "
-                    "tolerance of the most accurate; best_objective: the best first objective."),
-    "choice_tolerance": ("Accuracy you give up for speed (0.01 = 1 point)", "Used by the choice rule."),
-    "seed": ("Seed", "Seeds the samplers (and PBT's draws)."),
-    "stage1_lambda": ("Stage 1 ponder cost λ", "Fixed while architectures are compared."),
-    "stage1_lr": ("Stage 1 learning rate", "Of the heads on cached features."),
-    "stage1_batch_size": ("Stage 1 batch size", "Rows per step of the heads on cached features."),
-    "stage1_threads": ("Stage 1 torch threads (0 = leave as is)", "One thread measured fastest for the small heads."),
-    "max_depth": ("Deepest head MLP", "Hidden layers stage 1 may try."),
-    "widths": ("Head widths to try", "Comma-separated, e.g. 32, 64, 128."),
-    "poolings": ("Poolings to try", "How a layer's tokens become one vector."),
-    "search_share_weights": ("Also try one head shared by all layers", "Stage 1 then also tries one classifier and one "
-                             "halting unit for every layer."),
-    "encoder_lr_range": ("Encoder learning rate range", "Stage 2 samples it log-uniformly."),
-    "head_lr_range": ("Head learning rate range", "Stage 2 samples it log-uniformly; contains the single runs' 1e-3."),
-    "batch_sizes": ("Batch sizes to try", "Comma-separated, e.g. 16, 32, 64."),
-    "epochs_range": ("Epochs range", "Stage 2's epochs per trial (raised on small data to reach the minimum steps)."),
-    "weight_decay_range": ("Weight decay range", "Stage 2 samples AdamW's weight decay uniformly in it."),
-    "warmup_range": ("Warm-up fraction range", "Share of the steps with a rising learning rate; stage 2 samples it."),
-    "min_steps": ("Minimum optimizer steps per trial", "On small data a trial's epochs are raised to reach this."),
-    "stage2_pruner": ("Stage 2 pruning", "halving: successive halving over epochs; median: Optuna's median pruner."),
-    "max_epochs": ("Most epochs a trial may be raised to", "A cap on the epochs added to reach the minimum steps."),
-    "stage2_fraction": ("Stage 2: fraction of the training rows per trial", "Trials train on this stratified "
-                        "share (at least the minimum rows); the best parameters then train once on every row."),
-    "stage2_min_rows": ("Stage 2: minimum rows per trial", "Smaller training sets use every row in every trial."),
-    "stage2_min_per_class": ("Stage 2: minimum rows of the smallest class per trial", "The trials' share is raised "
-                             "until the smallest class has this many rows (every row when it has fewer)."),
-    "single_run": ("Compare with a single DACT run", "Also train this form's settings as one single run and keep it "
-                   "when its point is better: the pipeline never returns a model a single run beats."),
-    "stage2_refit_epochs": ("Stage 2: epochs of the refit on every row", "max: the top of the epochs range (best "
-                            "validation checkpoint kept); trial: the best trial's own."),
-    "stage2_start_from_config": ("Stage 2: first trial = this form's training values", "The search starts from "
-                                 "what a single run would do."),
-    "guard_margin": ("Guard margin over the majority class", "A stage's best model must beat always answering the "
-                     "largest class by this much (or 2 standard errors)."),
-    "guards": ("When a stage is no better than the majority class", "stop: stop and say what to change; warn: "
-               "record it and go on."),
-    "final_finetune": ("Also fine-tune the final model end to end", "At the chosen λ, compared with the fitted point."),
-    "finetune_epochs": ("Fine-tuning epochs", "Of the optional end-to-end fine-tuning at the chosen λ."),
-    "sweep_timed": ("Time the exit-policy sweep", "Real early-exit passes (slower) instead of a simulation."),
-    "population": ("Population size", "Members trained side by side."),
-    "ready_every_steps": ("Ready every N steps (0 = use epochs)", "How often a member may exploit / explore."),
-    "ready_every_epochs": ("Ready every fraction of an epoch (0 = use steps)", "The same data progress for every "
-                           "batch size."),
-    "quantile": ("Bottom / top fraction", "The bottom fraction copies a member of the top fraction."),
-    "metric": ("Metric members are ranked by", "Their latest validation value; the bottom fraction copies the top."),
-    "resample_prob": ("Chance of resampling a value", "Instead of perturbing it ×0.8 / ×1.2."),
-    "perturb_factors": ("Perturbation factors", "Explore multiplies a value by one of these, e.g. 0.8, 1.2."),
-    "num_threads": ("Torch threads in all (0 = the CPU cores)", "Split among the members."),
-    "dropout_scope": ("Dropout that PBT explores", "head: the heads' dropout; all: every dropout, encoder included."),
-    "backend": ("Where the members train", "threads: side by side in the job's process (resumable); ray: each "
-                "member a Ray Tune trial on a local Ray (needs the ray extra; not resumable)."),
-    "ray_scheduler": ("Ray scheduler", "With Ray: its PopulationBasedTraining (pbt) or PB2 (a GP bandit)."),
-    "hidden_layers": ("Hidden layers of the head (range)", "Drawn once for the whole population."),
-    "dropout": ("Dropout range", "Sampled uniformly for each member or trial."),
-    "lr": ("Learning rate range", "Log-uniform."),
-    "weight_decay": ("Weight decay range", "Log-uniform."),
-    "warmup_ratio": ("Warm-up fraction range", "Share of the steps with a rising learning rate."),
-    "activations": ("Activations to try", "Of the head's hidden layers, drawn once for the whole population."),
-    "head_lr": ("Head learning rate range", "Log-uniform."),
-    "epochs": ("Epochs range", "Each trial trains for a whole number of epochs drawn from it; off: every trial "
-               "trains the form's Epochs. (Every trial is scored on the same validation rows: the form's "
-               "Validation fraction and Split seed.)"),
-    "batch_size": ("Batch sizes to try (empty = the run's)", "Comma-separated, e.g. 8, 16, 32."),
-}
 
 # settings the forms do not show: where 0 and None mean different things (0 = every trial runs on workers,
 # None = no limit) and the setting is for more than one machine (the CLI's --stage2-local-trials; README)
@@ -391,7 +313,8 @@ _OPTIONS = {"poolings": ("cls", "mean"), "activations": None}
 
 
 def settings_fields(cls: type, path: str = "", skip: tuple[str, ...] = ()) -> list[Field]:
-    """Fields for an engine's settings dataclass: human labels and help (:data:`SETTING_TEXT`), a checkbox for a
+    """Fields for an engine's settings dataclass: human labels and help (the class's ``FORM_TEXT``, beside the
+    settings), a checkbox for a
     bool, a number for a number (0 = None for an optional one), a select for a Literal, two numbers for a
     (low, high) range, comma-separated numbers for a list of whole numbers, a multiselect for a list of choices;
     JSON text only where nothing fits. Nested dataclasses are flattened (``space.lr``)."""
@@ -409,7 +332,8 @@ def settings_fields(cls: type, path: str = "", skip: tuple[str, ...] = ()) -> li
             continue
         hint = hints.get(f.name, f.type)
         p = f"{path}.{f.name}" if path else f.name
-        label, help_ = SETTING_TEXT.get(f.name, (f.name.replace("_", " ").capitalize(), ""))
+        label, help_ = (getattr(cls, "FORM_TEXT", None) or {}).get(f.name,
+                                                                  (f.name.replace("_", " ").capitalize(), ""))
         help_ = help_ or None
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         optional = type(None) in args

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import ClassVar, Any, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -54,6 +54,25 @@ class BackboneSpace:
     trial trains the config's ``train.epochs``). The validation split is not in the space: trials compared on their
     validation loss must be scored on the same rows, so it is the config's ``data.val_frac`` (and
     ``data.split_seed``) for every trial — a space naming ``val_frac`` is refused (:meth:`from_dict`)."""
+
+    #: the launch form's label and help of each setting (ui/fields.py settings_fields)
+    FORM_TEXT: ClassVar[dict[str, tuple[str, str]]] = {
+        "lr": ("Learning rate range",
+                "Log-uniform."),
+        "head_lr": ("Head learning rate range",
+                     "Log-uniform."),
+        "batch_size": ("Batch sizes to try (empty = the run's)",
+                        "Comma-separated, e.g. 8, 16, 32."),
+        "epochs": ("Epochs range",
+                    ("Each trial trains for a whole number of epochs drawn from it; off: every "
+                     "trial trains the form's Epochs. (Every trial is scored on the same "
+                     "validation rows: the form's Validation fraction and Split seed.)")),
+        "weight_decay": ("Weight decay range",
+                          "Log-uniform."),
+        "dropout": ("Dropout range",
+                     "Sampled uniformly for each member or trial."),
+    }
+
 
     lr: list[float] | None = field(default_factory=lambda: [1e-5, 1e-3])
     head_lr: list[float] | None = None
@@ -153,6 +172,13 @@ class BackboneTuneConfig:
     """The settings of one backbone study (the engine's settings object; :func:`tune_backbone` takes them as
     keywords). ``study_name`` None = ``tune-backbone-<parent run id>``; ``final``: train the best parameters as
     the final run."""
+
+    #: the launch form's label and help of each setting (ui/fields.py settings_fields)
+    FORM_TEXT: ClassVar[dict[str, tuple[str, str]]] = {
+        "timeout_min": ("Time limit in minutes (0 = none)",
+                         "Checked before each trial: no new trial starts after the limit."),
+    }
+
 
     trials: int = 10
     timeout_min: float | None = None

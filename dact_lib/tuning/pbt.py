@@ -76,7 +76,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Any, Literal
 
 import torch
 from torch import nn
@@ -116,6 +116,25 @@ def _check_range(name: str, value: Any, lo: float, hi: float, *, positive: bool 
 class PBTSpace:
     """The seed's search space (the default). Ranges are ``[low, high]`` (inclusive); ``lr`` and ``weight_decay``
     are sampled log-uniformly, the others uniformly. A range with ``low == high`` fixes that value."""
+
+    #: the launch form's label and help of each setting (ui/fields.py settings_fields)
+    FORM_TEXT: ClassVar[dict[str, tuple[str, str]]] = {
+        "batch_sizes": ("Batch sizes to try",
+                         "Comma-separated, e.g. 16, 32, 64."),
+        "hidden_layers": ("Hidden layers of the head (range)",
+                           "Drawn once for the whole population."),
+        "dropout": ("Dropout range",
+                     "Sampled uniformly for each member or trial."),
+        "lr": ("Learning rate range",
+                "Log-uniform."),
+        "weight_decay": ("Weight decay range",
+                          "Log-uniform."),
+        "warmup_ratio": ("Warm-up fraction range",
+                          "Share of the steps with a rising learning rate."),
+        "activations": ("Activations to try",
+                         "Of the head's hidden layers, drawn once for the whole population."),
+    }
+
 
     batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     hidden_layers: list[int] = field(default_factory=lambda: [1, 4])
@@ -175,6 +194,39 @@ class PBTConfig:
     (default: the CPU cores available). ``backend``: "threads" (the members side by side in this process, resumable)
     or "ray" (Ray Tune's PopulationBasedTraining, or PB2 with ``ray_scheduler``; ``pip install 'dact-lab[ray]'``) —
     the one engine dispatches on it, so the dashboard and the CLI start either."""
+
+    #: the launch form's label and help of each setting (ui/fields.py settings_fields)
+    FORM_TEXT: ClassVar[dict[str, tuple[str, str]]] = {
+        "population": ("Population size",
+                        "Members trained side by side."),
+        "ready_every_steps": ("Ready every N steps (0 = use epochs)",
+                               "How often a member may exploit / explore."),
+        "ready_every_epochs": ("Ready every fraction of an epoch (0 = use steps)",
+                                "The same data progress for every batch size."),
+        "quantile": ("Bottom / top fraction",
+                      "The bottom fraction copies a member of the top fraction."),
+        "metric": ("Metric members are ranked by",
+                    "Their latest validation value; the bottom fraction copies the top."),
+        "resample_prob": ("Chance of resampling a value",
+                           "Instead of perturbing it ×0.8 / ×1.2."),
+        "perturb_factors": ("Perturbation factors",
+                             "Explore multiplies a value by one of these, e.g. 0.8, 1.2."),
+        "epochs": ("Epochs",
+                    "Of every member (empty: the run config's epochs)."),
+        "seed": ("Seed",
+                  ("Seeds PBT's draws (architecture, explore); empty: the run config's "
+                   "train.seed.")),
+        "num_threads": ("Torch threads in all (0 = the CPU cores)",
+                         "Split among the members."),
+        "dropout_scope": ("Dropout that PBT explores",
+                           "head: the heads' dropout; all: every dropout, encoder included."),
+        "backend": ("Where the members train",
+                     ("threads: side by side in the job's process (resumable); ray: each member a "
+                      "Ray Tune trial on a local Ray (needs the ray extra; not resumable).")),
+        "ray_scheduler": ("Ray scheduler",
+                           "With Ray: its PopulationBasedTraining (pbt) or PB2 (a GP bandit)."),
+    }
+
 
     population: int = 4
     ready_every_steps: int | None = None

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import ClassVar, Any, Literal
 
 from ...config import POOLINGS
 from ...errors import ConfigError
@@ -57,6 +57,100 @@ class PipelineConfig:
     accuracy of any trial (ties: higher accuracy, then lower trial number) — a point of the accuracy/exit front,
     which with ``objective3="loss"`` need not be on the NLL/exit front; ``"best_objective"`` — the front point
     with the lowest first objective (validation NLL or error)."""
+
+    #: the launch form's label and help of each setting (ui/fields.py settings_fields)
+    FORM_TEXT: ClassVar[dict[str, tuple[str, str]]] = {
+        "trials_stage1": ("Stage 1 trials (head architecture)",
+                           "Architectures tried on cached features (cheap)."),
+        "trials_stage2": ("Stage 2 trials (training settings)",
+                           "Each is one training of the whole model."),
+        "trials_stage3": ("Stage 3 trials (λ / threshold)",
+                           "Halting fits on the stage-2 model: seconds each."),
+        "timeout_min": ("Time limit in minutes (0 = none)",
+                         "The whole pipeline stops starting new trials after it."),
+        "stage1_epochs": ("Stage 1 epochs per trial",
+                           "Epochs of head training over the cached features."),
+        "lambda_low": ("Smallest ponder cost λ",
+                        ("On the normalised scale: λ = 1 means running all layers costs as much as the"
+                         " deepest classifier's loss.")),
+        "lambda_high": ("Largest ponder cost λ",
+                         "Larger λ = earlier exits, lower accuracy."),
+        "stage3_thresholds": ("Also try confidence thresholds",
+                               ("Halting units set to a confidence threshold τ, measured under the same DACT "
+                                "rule.")),
+        "objective3": ("Stage 3 objective",
+                        "What stage 3 trades against the exit layer: validation loss or error."),
+        "choice_rule": ("How the final point is chosen",
+                         ("lowest_exit_within_1pt: the fastest point within the tolerance of the most "
+                          "accurate; best_objective: the best first objective.")),
+        "choice_tolerance": ("Accuracy you give up for speed (0.01 = 1 point)",
+                              "Used by the choice rule."),
+        "seed": ("Seed",
+                  "Seeds the samplers of the stages' studies."),
+        "stage1_lambda": ("Stage 1 ponder cost λ",
+                           "Fixed while architectures are compared."),
+        "stage1_lr": ("Stage 1 learning rate",
+                       "Of the heads on cached features."),
+        "stage1_batch_size": ("Stage 1 batch size",
+                               "Rows per step of the heads on cached features."),
+        "stage1_threads": ("Stage 1 torch threads (0 = leave as is)",
+                            "One thread measured fastest for the small heads."),
+        "max_depth": ("Deepest head MLP",
+                       "Hidden layers stage 1 may try."),
+        "widths": ("Head widths to try",
+                    "Comma-separated, e.g. 32, 64, 128."),
+        "poolings": ("Poolings to try",
+                      "How a layer's tokens become one vector."),
+        "search_share_weights": ("Also try one head shared by all layers",
+                                  "Stage 1 then also tries one classifier and one halting unit for every layer."),
+        "encoder_lr_range": ("Encoder learning rate range",
+                              "Stage 2 samples it log-uniformly."),
+        "head_lr_range": ("Head learning rate range",
+                           "Stage 2 samples it log-uniformly; contains the single runs' 1e-3."),
+        "batch_sizes": ("Batch sizes to try",
+                         "Comma-separated, e.g. 16, 32, 64."),
+        "epochs_range": ("Epochs range",
+                          ("Stage 2's epochs per trial (raised on small data to reach the minimum "
+                           "steps).")),
+        "weight_decay_range": ("Weight decay range",
+                                "Stage 2 samples AdamW's weight decay uniformly in it."),
+        "warmup_range": ("Warm-up fraction range",
+                          "Share of the steps with a rising learning rate; stage 2 samples it."),
+        "min_steps": ("Minimum optimizer steps per trial",
+                       "On small data a trial's epochs are raised to reach this."),
+        "stage2_pruner": ("Stage 2 pruning",
+                           "halving: successive halving over epochs; median: Optuna's median pruner."),
+        "stage2_fraction": ("Stage 2: fraction of the training rows per trial",
+                             ("Trials train on this stratified share (at least the minimum rows); the best "
+                              "parameters then train once on every row.")),
+        "stage2_min_rows": ("Stage 2: minimum rows per trial",
+                             "Smaller training sets use every row in every trial."),
+        "stage2_min_per_class": ("Stage 2: minimum rows of the smallest class per trial",
+                                  ("The trials' share is raised until the smallest class has this many rows "
+                                   "(every row when it has fewer).")),
+        "stage2_refit_epochs": ("Stage 2: epochs of the refit on every row",
+                                 ("max: the top of the epochs range (best validation checkpoint kept); trial: "
+                                  "the best trial's own.")),
+        "stage2_start_from_config": ("Stage 2: first trial = this form's training values",
+                                      "The search starts from what a single run would do."),
+        "max_epochs": ("Most epochs a trial may be raised to",
+                        "A cap on the epochs added to reach the minimum steps."),
+        "guard_margin": ("Guard margin over the majority class",
+                          ("A stage's best model must beat always answering the largest class by this "
+                           "much (or 2 standard errors).")),
+        "guards": ("When a stage is no better than the majority class",
+                    "stop: stop and say what to change; warn: record it and go on."),
+        "final_finetune": ("Also fine-tune the final model end to end",
+                            "At the chosen λ, compared with the fitted point."),
+        "finetune_epochs": ("Fine-tuning epochs",
+                             "Of the optional end-to-end fine-tuning at the chosen λ."),
+        "single_run": ("Compare with a single DACT run",
+                        ("Also train this form's settings as one single run and keep it when its point"
+                         " is better: the pipeline never returns a model a single run beats.")),
+        "sweep_timed": ("Time the exit-policy sweep",
+                         "Real early-exit passes (slower) instead of a simulation."),
+    }
+
 
     name: str
     trials_stage1: int = 20
