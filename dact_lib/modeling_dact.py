@@ -70,6 +70,14 @@ class DactUnits(nn.Module):
     output), the confidence features of y_n and a_{n-1} (``dact.confidence_features``), or both concatenated
     (docs/dact_maths.md, "Per-layer outputs: y_n and h_n")."""
 
+    # what the units read and hold (set by the subclass and _build_units; declared for the type checker, which
+    # otherwise sees nn.Module's attribute lookup: Tensor | Module)
+    cfg: DactModelConfig
+    classifiers: nn.ModuleList
+    halters: nn.ModuleList
+    num_layers: int
+    num_classes: int
+
     def _build_units(self, cfg: DactModelConfig, hidden: int, num_classes: int, num_layers: int) -> None:
         units = 1 if cfg.share_weights else num_layers
         self.classifiers = nn.ModuleList([build_mlp(hidden, num_classes, cfg.classifier) for _ in range(units)])
