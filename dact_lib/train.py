@@ -527,6 +527,7 @@ def load_resume_state(tracker, run_id) -> dict:
         raise DactLabError(f"Cannot resume: {info['why']}.")
     run = tracker.get_run(int(run_id))
     path = resume_path(run.get("run_dir") or tracker.run_dir(run_id))
+    assert path is not None  # resume_info said ok: there is a checkpoint
     fix = f"The run cannot be resumed: delete {path} and train the run again."
     if path.name == LEGACY_RESUME_FILE:
         state = load_legacy_resume(path)
@@ -674,7 +675,7 @@ class Loop:
     memory: BatchSizeManager
     mid_evals: set[int]
     deadline: float | None
-    window: TrainingWindow | None = None
+    window: TrainingWindow
     last_resume: float = field(default_factory=time.monotonic)
     scaler: Any = None  # torch.amp.GradScaler of an fp16 training on CUDA (evaluate.grad_scaler_for), else None
 
@@ -917,8 +918,7 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
         mid_evals = {round(j * steps_per_epoch / per_epoch) for j in range(1, per_epoch)}
         deadline = time.monotonic() + 60.0 * tc.time_limit_min if tc.time_limit_min else None
         loop = Loop(cfg, state, cbs, cancel, device, tokenizer, run_dir, enc_train, enc_val, memory, mid_evals,
-                    deadline, scaler=scaler)
-        loop.window = TrainingWindow(device, (resumed or {}).get("running"))
+                    deadline, TrainingWindow(device, (resumed or {}).get("running")), scaler=scaler)
         if resumed is not None:
             set_rng_state(resumed["rng"])  # last: building the model above drew from the RNG
 
