@@ -18,6 +18,14 @@ def _help(name: str) -> str:
     return f.help
 
 
+def _setting(obj, path: str):
+    """The value at dotted ``path`` of a config object; fails the test naming a path that is no setting."""
+    for part in path.split("."):
+        assert hasattr(obj, part), f"{path} is not a setting"
+        obj = getattr(obj, part)
+    return obj
+
+
 def _data(n: int = 160) -> object:
     rng = np.random.default_rng(3)
     words = {0: ["good", "great", "fine", "nice"], 1: ["bad", "awful", "poor", "sad"]}
@@ -85,19 +93,13 @@ def test_every_model_form_field_comes_from_the_config_and_names_a_real_setting()
         assert [(f.path, f.label, f.help) for f in fields] == [(f"model.{x.path}", x.label, x.help) for x in cls.FORM]
         obj = cls()
         for x in cls.FORM:
-            value = obj
-            for part in x.path.split("."):
-                assert hasattr(value, part), f"{kind}: {x.path} is not a setting"
-                value = getattr(value, part)
+            value = _setting(obj, x.path)
             if x.kind == "select":
                 assert value in x.choices
                 for choice in x.choices:  # each choice validates
                     c = C.default_config(kind)
-                    target = c.model
                     *head, last = x.path.split(".")
-                    for part in head:
-                        target = getattr(target, part)
-                    setattr(target, last, choice)
+                    setattr(_setting(c.model, ".".join(head)) if head else c.model, last, choice)
                     c.validate()
             assert x.help, f"{kind}: {x.path} has no help"
 
@@ -112,10 +114,7 @@ def test_the_run_fields_come_from_the_run_config():
     assert [(f.path, f.label) for f in fields] == [(x.path, x.label) for x in RunConfig.FORM]
     cfg = RunConfig()
     for x in RunConfig.FORM:
-        value = cfg
-        for part in x.path.split("."):
-            assert hasattr(value, part), f"{x.path} is not a setting"
-            value = getattr(value, part)
+        _setting(cfg, x.path)
         assert x.help
     (multi,) = [f for f in run_fields("multitask") if f.path == "data.dataset_id"]
     assert multi.two_task_only and "two-task" in multi.help

@@ -17,19 +17,14 @@ from dact_lib.config import default_config
 from dact_lib.errors import ConfigError, DactLabError
 from dact_lib.tracker import Tracker
 from dact_lib.train import train
+from test_train import tiny_cfg as train_tiny_cfg
 
 HAVE = {t: importlib.util.find_spec(m) is not None for t, (m, _) in reporting.REQUIREMENTS.items()}
 
 
 def tiny_cfg(kind="dact", report_to=(), epochs=2):
-    cfg = default_config(kind, encoder="tiny")
-    cfg.data.max_rows = 120
-    cfg.data.max_seq_len = 32
-    cfg.train.epochs = epochs
-    cfg.train.batch_size = 16
-    cfg.train.log_every_steps = 2
-    cfg.train.device = "cpu"
-    cfg.train.report_to = list(report_to)
+    """test_train's tiny run, reporting to ``report_to``, with two tags."""
+    cfg = train_tiny_cfg(kind, epochs=epochs, report_to=list(report_to))
     cfg.tag = ["nightly", "tiny"]
     return cfg.validate()
 
