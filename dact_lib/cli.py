@@ -341,14 +341,14 @@ def cmd_db(args) -> int:
     from .tracker import Tracker
 
     tr = Tracker(args.home)  # opening it creates what is missing (the migration step)
-    info = {"url": str(tr.db_path), "dialect": tr.dialect, "artifacts": str(tr.artifacts),
-            "tables": {t: int(tr.query(f'SELECT COUNT(*) AS n FROM "{t}"')[0]["n"])
-                       for t in ("datasets", "runs", "metrics", "events", "artifacts")}}
+    tables = {t: int(tr.query(f'SELECT COUNT(*) AS n FROM "{t}"')[0]["n"])
+              for t in ("datasets", "runs", "metrics", "events", "artifacts")}
+    info = {"url": str(tr.db_path), "dialect": tr.dialect, "artifacts": str(tr.artifacts), "tables": tables}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(f"database: {info['url']} ({info['dialect']}); run folders under {info['artifacts']}")
-        for t, n in info["tables"].items():
+        for t, n in tables.items():
             print(f"  {t:<10}{n:>10} rows")
     return 0
 

@@ -555,7 +555,7 @@ def _as_int(name: str, what: str, value) -> int:
     if isinstance(value, Integral):
         return int(value)
     if isinstance(value, Real) and math.isfinite(float(value)) and float(value).is_integer():
-        return int(value)
+        return int(float(value))
     raise ConfigError(f"{name} policy needs {what} as an integer >= 1, got {value!r}")
 
 

@@ -22,7 +22,7 @@ import re
 import warnings as _warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence, TextIO, Union
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence, TextIO, Union
 
 import numpy as np
 import pandas as pd
@@ -212,9 +212,9 @@ def _read_source(source: Source, max_bytes: int) -> tuple[bytes, str, str]:
     if hasattr(source, "read"):
         file_name = str(getattr(source, "name", "") or "")
         name = Path(file_name or "dataset").stem or "dataset"
-        size = getattr(source, "size", None)
-        if isinstance(size, int) and size > max_bytes:
-            raise _too_big(size, max_bytes)
+        declared = getattr(source, "size", None)  # an upload widget's file knows its size before it is read
+        if isinstance(declared, int) and declared > max_bytes:
+            raise _too_big(declared, max_bytes)
         if hasattr(source, "seekable") and source.seekable():
             source.seek(0, io.SEEK_END)
             size = source.tell()
@@ -461,8 +461,8 @@ def _cell(value: Any, column: str, number: int, unit: str) -> str:
     if isinstance(value, (float, np.floating)) and math.isnan(value):
         return ""
     if isinstance(value, (dict, list, tuple, np.ndarray, bytes, bytearray)):
-        kind = {dict: "an object"}.get(type(value), "a list" if not isinstance(value, (bytes, bytearray)) else
-                                        "binary data")
+        kind = ("an object" if isinstance(value, dict) else
+                "binary data" if isinstance(value, (bytes, bytearray)) else "a list")
         raise DataError(f"The field {column!r} of {unit} {number} holds {kind}: text and label fields must be "
                         "strings (or numbers). Flatten the data so that every record has plain text and label "
                         "values.")
@@ -781,7 +781,7 @@ def _label_sort_key(name: str) -> tuple[int, float, str]:
     return (1, 0.0, name)
 
 
-def sort_labels(names: Sequence[str]) -> list[str]:
+def sort_labels(names: Iterable[str]) -> list[str]:
     """Sorted unique class names; numeric-looking names sort numerically ("2" < "10") before the others."""
     return sorted(set(names), key=_label_sort_key)
 
