@@ -26,12 +26,15 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import home as _home
 from .errors import EncoderError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 BUNDLED_NAME = "all-MiniLM-L6-v2"
 BUNDLED_ALIASES = frozenset({"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "bundled"})
@@ -497,7 +500,7 @@ def tiny_encoder(num_layers: int = 2, hidden_size: int = 32, num_heads: int = 2,
     return model, tokenizer
 
 
-def encoder_from_config(config) -> torch.nn.Module:
+def encoder_from_config(config) -> PreTrainedModel:
     """A bare encoder (no pooler where the family has one, eval mode) built from ``config`` — a
     ``PretrainedConfig`` or the folder/file of a ``config.json`` — with random weights, ready for
     ``load_state_dict`` of a saved run. Same module layout as :func:`load_encoder` returns."""
@@ -546,7 +549,7 @@ class LayerAdapter(ABC):
     num_layers: int
     hidden_size: int
 
-    def __init__(self, model: torch.nn.Module, family: str) -> None:
+    def __init__(self, model: PreTrainedModel, family: str) -> None:
         self.model = model
         self.config = model.config
         self.family = family
@@ -563,10 +566,14 @@ class LayerAdapter(ABC):
         """Provided by each family's adapter."""
 
     def embedding_module(self) -> torch.nn.Module:
-        return self.model.embeddings
+        return self.model.get_submodule("embeddings")
 
     def word_embeddings(self) -> torch.nn.Embedding:
-        return self.model.get_input_embeddings()
+        emb = self.model.get_input_embeddings()
+        if not isinstance(emb, torch.nn.Embedding):
+            raise EncoderError(f"{type(self.model).__name__}'s input embeddings are a {type(emb).__name__}, not an "
+                               "nn.Embedding: not a supported encoder layout.")
+        return emb
 
     @abstractmethod
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -613,6 +620,15 @@ class LayerAdapter(ABC):
             raise IndexError(f"layer index {i} out of range: the encoder has {self.num_layers} layers (0-based).")
 
 
+def _layer_list(model: torch.nn.Module, path: str) -> torch.nn.ModuleList:
+    """The encoder's layer stack at ``path`` (a family's layout: ``encoder.layer``, ``transformer.layer``)."""
+    stack = model.get_submodule(path)
+    if not isinstance(stack, torch.nn.ModuleList):
+        raise EncoderError(f"{type(model).__name__}.{path} is a {type(stack).__name__}, not the nn.ModuleList of "
+                           "layers its family has: not a supported encoder layout.")
+    return stack
+
+
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -635,7 +651,7 @@ class _BertLikeAdapter(LayerAdapter):
         return create_bidirectional_mask(config=self.config, inputs_embeds=probe, attention_mask=attention_mask)
 
     def _stack(self) -> torch.nn.ModuleList:
-        return self.model.transformer.layer if self.family == "distilbert" else self.model.encoder.layer
+        return _layer_list(self.model, "transformer.layer" if self.family == "distilbert" else "encoder.layer")
 
     def layers(self) -> list[torch.nn.Module]:
         return list(self._stack())
@@ -669,7 +685,7 @@ class _DebertaAdapter(LayerAdapter):
             )
 
     def layers(self) -> list[torch.nn.Module]:
-        return list(self.model.encoder.layer)
+        return list(_layer_list(self.model, "encoder.layer"))
 
     def embed(self, input_ids, attention_mask):
         token_type_ids = torch.zeros_like(input_ids)
@@ -692,7 +708,7 @@ class _DebertaAdapter(LayerAdapter):
         return out
 
 
-_ADAPTERS = {
+_ADAPTERS: dict[str, type[_BertLikeAdapter] | type[_DebertaAdapter]] = {
     "bert": _BertLikeAdapter,
     "roberta": _BertLikeAdapter,
     "distilbert": _BertLikeAdapter,
@@ -711,7 +727,7 @@ def layer_adapter(model: torch.nn.Module) -> LayerAdapter:
     base = getattr(model, "base_model", model)
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)
-    family = _MODEL_TYPE_FAMILY.get(model_type)
+    family = _MODEL_TYPE_FAMILY.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise EncoderError(
             f"Encoder class {type(model).__name__} (model_type {model_type!r}) is not supported for per-layer "
@@ -729,4 +745,9 @@ def layer_adapter(model: torch.nn.Module) -> LayerAdapter:
             f"{type(model).__name__} (model_type {model_type!r}) does not have the expected embeddings + layer stack "
             f"of its family: supported families are {_supported_text()}."
         )
+    from transformers import PreTrainedModel
+
+    if not isinstance(base, PreTrainedModel):
+        raise EncoderError(f"{type(model).__name__} is not a Hugging Face model (PreTrainedModel): load the encoder "
+                           "with transformers' AutoModel.")
     return _ADAPTERS[family](base, family)

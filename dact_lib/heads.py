@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .config import MLPConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -29,7 +33,14 @@ def balanced_class_weights(counts) -> torch.Tensor:
     return (c.sum() / (len(c) * c.clamp(min=1.0))).clamp(0.1, 10.0)
 
 
-class ClassWeighted:
+class EncoderModel(nn.Module):
+    """A task model over one pretrained Hugging Face encoder: the backbone, DACT and multi-task models. The loop,
+    the savers and the exporters reach the encoder as ``model.encoder``."""
+
+    encoder: PreTrainedModel
+
+
+class ClassWeighted(EncoderModel):
     """The class weights of a single-task model's loss (``model.class_weighting``): a ``class_weight`` buffer (not
     saved: ones until :meth:`set_class_counts`), None in :meth:`loss_weight` while unset (plain cross-entropy)."""
 
@@ -38,7 +49,7 @@ class ClassWeighted:
     class_weighted: bool
 
     def _init_class_weight(self, num_classes: int) -> None:
-        self.register_buffer("class_weight", torch.ones(num_classes), persistent=False)  # type: ignore[attr-defined]
+        self.register_buffer("class_weight", torch.ones(num_classes), persistent=False)
         self.class_weighted = False
 
     def set_class_counts(self, counts: dict) -> None:

@@ -5,18 +5,21 @@ Its encoder weights can be exported (safetensors) to initialise a DACT model (``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch import nn
 
 from .config import BackboneModelConfig
 from .heads import ClassWeighted, ModelOutput, build_mlp, pool
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-class BackboneClassifier(ClassWeighted, nn.Module):
-    def __init__(self, encoder: nn.Module, cfg: BackboneModelConfig, num_classes: int, task: str = "label") -> None:
+
+class BackboneClassifier(ClassWeighted):
+    def __init__(self, encoder: PreTrainedModel, cfg: BackboneModelConfig, num_classes: int, task: str = "label") -> None:
         super().__init__()
         self.cfg = cfg
         self.task = task

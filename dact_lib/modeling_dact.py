@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from . import dact
 from .config import DactModelConfig
 from .encoders import layer_adapter
 from .heads import ClassWeighted, ModelOutput, build_mlp, pool
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -60,6 +64,22 @@ def _numpy_mlp(steps, x):
         if act is not None:
             x = act(x)
     return x
+
+
+def mlp_at(units: nn.ModuleList, i: int) -> nn.Sequential:
+    """Unit ``i`` of a list of MLP units (each one ``heads.build_mlp`` made: an ``nn.Sequential``)."""
+    mlp = units[i]
+    if not isinstance(mlp, nn.Sequential):
+        raise TypeError(f"unit {i} is a {type(mlp).__name__}, not the nn.Sequential that heads.build_mlp builds")
+    return mlp
+
+
+def out_linear(mlp: nn.Sequential) -> nn.Linear:
+    """The output layer of a ``heads.build_mlp`` MLP (its last module)."""
+    last = mlp[-1]
+    if not isinstance(last, nn.Linear):
+        raise TypeError(f"the MLP ends in a {type(last).__name__}, not the nn.Linear that heads.build_mlp puts last")
+    return last
 
 
 class DactUnits(nn.Module):
@@ -100,11 +120,11 @@ class DactUnits(nn.Module):
 
     def classify(self, n: int, summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(y_n [B,K] probabilities, halting base [B,*]: the summary, or the trunk output with a shared trunk)."""
-        clf = self.classifiers[self._index(n)]
-        if self.cfg.shared_trunk:
-            trunk = clf[:-2](summary)
-            return clf[-2:](trunk).float().softmax(-1), trunk
-        return clf(summary).float().softmax(-1), summary
+        if self.cfg.shared_trunk:  # the trunk is the MLP's layers before its last (Dropout, Linear)
+            mlp = mlp_at(self.classifiers, self._index(n))
+            trunk = mlp[:-2](summary)
+            return mlp[-2:](trunk).float().softmax(-1), trunk
+        return self.classifiers[self._index(n)](summary).float().softmax(-1), summary
 
     def halt_prob(self, n: int, base: torch.Tensor, y_n: torch.Tensor, a_prev: torch.Tensor | None) -> torch.Tensor:
         """h_n [B] from the halting base vector and (for 'confidence'/'both') the confidence features."""
@@ -146,8 +166,8 @@ class DactUnits(nn.Module):
 def init_halting_bias(halters: nn.ModuleList, bias: float) -> None:
     """Set the output bias of every halting MLP (``DactModelConfig.halting_bias_init``; 0 → h_n ≈ 0.5)."""
     with torch.no_grad():
-        for mlp in halters:
-            mlp[-1].bias.fill_(float(bias))
+        for i in range(len(halters)):
+            out_linear(mlp_at(halters, i)).bias.fill_(float(bias))
 
 
 def loss_terms(cfg: DactModelConfig) -> dict:
@@ -158,7 +178,7 @@ def loss_terms(cfg: DactModelConfig) -> dict:
 
 
 class DactBert(ClassWeighted, DactUnits):
-    def __init__(self, encoder: nn.Module, cfg: DactModelConfig, num_classes: int, task: str = "label") -> None:
+    def __init__(self, encoder: PreTrainedModel, cfg: DactModelConfig, num_classes: int, task: str = "label") -> None:
         super().__init__()
         self.cfg = cfg
         self.task = task
@@ -242,13 +262,17 @@ class DactBert(ClassWeighted, DactUnits):
             if needs_h:
                 a_prev = None
                 if self.needs_a_prev:
-                    a_prev = state["a"][rows] if "a" in state else own_a[rows]
+                    if "a" in state:
+                        a_prev = state["a"][rows]
+                    elif own_a is not None:
+                        a_prev = own_a[rows]
                 h_n = self.halt_prob(n, base, y_n, a_prev)
-                if own_a is not None:
+                if own_a is not None and own_p is not None:
                     own_a[rows], own_p[rows] = dact.accumulate_step(own_a[rows], own_p[rows], y_n, h_n)
-            if trace:
+            if y_all is not None and h_all is not None:  # trace (which implies needs_h: h_n is set)
                 y_all[rows, n - 1] = y_n
-                h_all[rows, n - 1] = h_n
+                if h_n is not None:
+                    h_all[rows, n - 1] = h_n
             halt, answer = policy.step(state, rows, n, y_n, h_n)
             if halt.any():
                 done = rows[halt]
@@ -261,9 +285,9 @@ class DactBert(ClassWeighted, DactUnits):
                 mask = ad.prepare_mask(am, hidden.dtype)
         return InferenceResult(probs=probs, exit_layer=exit_layer, y=y_all, h=h_all)
 
-    def _fast_mlp(self, mlp: nn.Sequential):
+    def _fast_mlp(self, mlp: Iterable[nn.Module]) -> list[list[Any]]:
         """The eval-mode MLP as plain (weight, bias, activation) steps: no Dropout module calls."""
-        steps = []
+        steps: list[list[Any]] = []  # [weight, bias, activation or None] per Linear
         mods = [m for m in mlp if not isinstance(m, nn.Dropout)]
         for m in mods:
             if isinstance(m, nn.Linear):
@@ -371,14 +395,14 @@ class DactBert(ClassWeighted, DactUnits):
 
     def _fast_cache(self, i: int) -> dict:
         cache = self.__dict__.setdefault("_fast", {})
-        clf, halt = self.classifiers[i], self.halters[i]
+        clf, halt = mlp_at(self.classifiers, i), mlp_at(self.halters, i)
         # modules swapped in (e.g. fitted halting units) and parameters moved or cast (new storage) get a new entry
-        key = (i, id(clf), id(halt), clf[-1].weight.data_ptr(), halt[-1].weight.data_ptr())
+        key = (i, id(clf), id(halt), out_linear(clf).weight.data_ptr(), out_linear(halt).weight.data_ptr())
         if key not in cache:
             cache[key] = {"clf": self._fast_mlp(clf), "halt": self._fast_mlp(halt)}
             if self.cfg.shared_trunk:
-                cache[key]["trunk"] = self._fast_mlp(clf[:-2]) if len(clf) > 2 else []
-                cache[key]["out"] = self._fast_mlp(clf[-2:])
+                cache[key]["trunk"] = self._fast_mlp(list(clf)[:-2]) if len(clf) > 2 else []
+                cache[key]["out"] = self._fast_mlp(list(clf)[-2:])
             np_steps = {k: _numpy_steps(v) for k, v in cache[key].items()}
             if all(v is not None for v in np_steps.values()):
                 cache[key]["np"] = np_steps

@@ -1,16 +1,21 @@
 """MultiTaskModel: one shared encoder, one MLP head per task, task-weighted cross-entropy."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import MultiTaskModelConfig
-from .heads import ModelOutput, balanced_class_weights, build_mlp, pool
+from .heads import EncoderModel, ModelOutput, balanced_class_weights, build_mlp, pool
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
-class MultiTaskModel(nn.Module):
-    def __init__(self, encoder: nn.Module, cfg: MultiTaskModelConfig, label_maps: dict[str, list[str]]) -> None:
+class MultiTaskModel(EncoderModel):
+    def __init__(self, encoder: PreTrainedModel, cfg: MultiTaskModelConfig, label_maps: dict[str, list[str]]) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
@@ -41,7 +46,7 @@ class MultiTaskModel(nn.Module):
         if self.cfg.normalize:
             sentence = F.normalize(sentence, dim=-1)
         probs, task_losses = {}, {}
-        loss = None
+        loss: torch.Tensor | None = None
         for task, head in self.heads.items():
             logits = head(sentence).float()
             probs[task] = logits.softmax(-1)
@@ -49,5 +54,7 @@ class MultiTaskModel(nn.Module):
                 weight = getattr(self, f"class_weight_{task}") if self.class_weighted else None
                 task_losses[task] = F.cross_entropy(logits, targets[task], weight=weight)
         if targets is not None:
-            loss = sum(self.task_weights[t] * task_losses[t] for t in self.tasks)
+            for t in self.tasks:
+                term = self.task_weights[t] * task_losses[t]
+                loss = term if loss is None else loss + term
         return ModelOutput(loss=loss, probs=probs, task_losses=task_losses)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,12 +19,16 @@ from torch import nn
 from . import dact
 from .config import RunConfig
 from .encoders import encoder_from_config, load_encoder
+from .heads import EncoderModel
 from .files import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from .errors import ConfigError, DactLabError
 from .home import resolve_home, runs_dir
 from .modeling_backbone import BackboneClassifier
 from .modeling_dact import DactBert
 from .modeling_multitask import MultiTaskModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MODEL_FILE = "model.safetensors"
 # A DACT run whose halting units were chosen by the user among fitted points (the Pareto explorer): the run keeps
@@ -55,7 +59,7 @@ def model_task(cfg: RunConfig, label_maps: dict[str, list[str]]) -> str:
     return task
 
 
-def wrap_encoder(encoder: nn.Module, cfg: RunConfig, label_maps: dict[str, list[str]]) -> nn.Module:
+def wrap_encoder(encoder: PreTrainedModel, cfg: RunConfig, label_maps: dict[str, list[str]]) -> EncoderModel:
     if cfg.kind == "multitask":
         if len(label_maps) < 2:
             raise ConfigError("kind 'multitask' needs a two-task CSV (sentence,class_label,sentiment_label): "
@@ -66,7 +70,7 @@ def wrap_encoder(encoder: nn.Module, cfg: RunConfig, label_maps: dict[str, list[
     return cls(encoder, cfg.model, len(label_maps[task]), task=task)
 
 
-def build_model(cfg: RunConfig, label_maps: dict[str, list[str]], home=None):
+def build_model(cfg: RunConfig, label_maps: dict[str, list[str]], home=None) -> tuple[EncoderModel, Any]:
     """A fresh model for ``cfg`` (pretrained encoder + new heads) and its tokenizer.
 
     With ``cfg.init_from_run`` the encoder starts from that backbone run's exported weights."""
@@ -88,7 +92,7 @@ def build_model(cfg: RunConfig, label_maps: dict[str, list[str]], home=None):
     return wrap_encoder(encoder, cfg, label_maps), tokenizer
 
 
-def save_model(run_dir: str | Path, model: nn.Module, tokenizer, cfg: RunConfig,
+def save_model(run_dir: str | Path, model: EncoderModel, tokenizer, cfg: RunConfig,
                label_maps: dict[str, list[str]]) -> Path:
     """Write the model checkpoint + config + label map, each atomically (temp file, fsync, rename: files.py)."""
     run_dir = Path(run_dir)
@@ -180,7 +184,7 @@ def set_halting_choice(run_dir: str | Path, info: dict | None) -> None:
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: EncoderModel
     tokenizer: Any
     config: RunConfig
     label_maps: dict[str, list[str]]
@@ -264,7 +268,7 @@ def load_model(run: str | int | Path, home=None, device: str = "auto") -> Loaded
                            f"unexpected {unexpected[:3]}): the run folder is damaged; retrain it.")
     # an export has its halting units baked in (the choice applied when it was exported)
     choice = halting_choice(run_dir) if isinstance(model, DactBert) and manifest is None else None
-    if choice is not None:
+    if choice is not None and isinstance(model, DactBert):
         try:
             model.halters.load_state_dict(load_file(str(run_dir / choice["file"])))
         except (OSError, RuntimeError) as exc:
@@ -307,7 +311,7 @@ def predict(loaded: LoadedModel, texts: list[str] | str, policy: dact.ExitPolicy
         names = loaded.label_maps[model.task]
         for b in range(len(texts)):
             n_exit = int(out.exit_layer[b])
-            if not trace:
+            if out.y is None or out.h is None:  # trace=False: no per-layer record
                 results.append({**_top(out.probs[b], names), "exit_layer": n_exit, "num_layers": model.num_layers,
                                 "task": model.task})
                 continue
