@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from .callbacks import Callback, CallbackList, CancelToken, LoopState
 from .config import EarlyStoppingConfig, RunConfig, TrainConfig, evals_per_epoch
 from .data import DatasetSplit, TextDataset, encode, iter_batches, load_demo_dataset, num_batches, read_csv, split_dataset
 from .errors import Cancelled, DactLabError
+from .heads import EncoderModel
 from .evaluate import autocast_for, evaluate_encoded, full_report, metrics_of
 from .models import build_model, pick_device, restore_weights, save_model, ENCODER_FILE
 from . import events as ev
@@ -30,48 +31,61 @@ from . import events as ev
 # --- data ------------------------------------------------------------------------------------------------------
 
 
-def load_split(cfg: RunConfig, tracker=None, data: DatasetSplit | TextDataset | None = None):
+def load_source(cfg: RunConfig, tracker=None, data: TextDataset | None = None) -> TextDataset:
+    """The whole dataset a run splits: ``data`` when given, else ``cfg.data.dataset_id`` (stored in
+    experiments.db), else ``cfg.data.path``, else the bundled demo dataset; ``cfg.data.max_rows`` samples it."""
+    d = cfg.data
+    if data is not None:
+        return data
+    if d.dataset_id is not None:
+        if tracker is None:
+            raise DactLabError("data.dataset_id needs the experiment database: pass a tracker / --home.")
+        source = tracker.load_dataset(int(d.dataset_id))
+        if d.max_rows:
+            source = read_csv(source.to_csv_bytes(), max_rows=d.max_rows, name=source.name, seed=d.split_seed)
+        return source
+    if d.path:
+        return read_csv(d.path, columns=d.columns, max_rows=d.max_rows, seed=d.split_seed)
+    source = load_demo_dataset()
+    if d.max_rows:
+        source = read_csv(source.to_csv_bytes(), max_rows=d.max_rows, name=source.name, seed=d.split_seed)
+    return source
+
+
+def load_split(cfg: RunConfig, tracker=None,
+               data: DatasetSplit | TextDataset | None = None) -> tuple[DatasetSplit, int | None]:
     """The (train, val, test) split a run uses, and the tracker's dataset id of its source (or None).
 
-    Source: ``data`` when given, else ``cfg.data.dataset_id`` (stored in experiments.db), else ``cfg.data.path``,
-    else the bundled demo dataset. ``val_path``/``test_path`` replace the split-off parts."""
+    The source is :func:`load_source`'s; ``val_path``/``test_path`` replace the split-off parts. A split always
+    has validation data (``val_frac`` > 0 or ``val_path``, as ``RunConfig.validate`` requires)."""
     d = cfg.data
     dataset_id = d.dataset_id
     if isinstance(data, DatasetSplit):
         return data, dataset_id
-    if data is None:
-        if d.dataset_id is not None:
-            if tracker is None:
-                raise DactLabError("data.dataset_id needs the experiment database: pass a tracker / --home.")
-            data = tracker.load_dataset(int(d.dataset_id))
-            if d.max_rows:
-                data = read_csv(data.to_csv_bytes(), max_rows=d.max_rows, name=data.name, seed=d.split_seed)
-        elif d.path:
-            data = read_csv(d.path, columns=d.columns, max_rows=d.max_rows, seed=d.split_seed)
-        else:
-            data = load_demo_dataset()
-            if d.max_rows:
-                data = read_csv(data.to_csv_bytes(), max_rows=d.max_rows, name=data.name, seed=d.split_seed)
+    source = load_source(cfg, tracker, data)
     val_frac = 0.0 if d.val_path else d.val_frac
     test_frac = 0.0 if d.test_path else d.test_frac
     if val_frac or test_frac:
-        split = split_dataset(data, val_frac=val_frac or 0.0, test_frac=test_frac or 0.0, seed=d.split_seed)
+        split = split_dataset(source, val_frac=val_frac or 0.0, test_frac=test_frac or 0.0, seed=d.split_seed)
+        if d.val_path:
+            split.val = read_csv(d.val_path, columns=d.columns, label_maps=source.label_maps)
+    elif d.val_path:
+        split = DatasetSplit(train=source, val=read_csv(d.val_path, columns=d.columns, label_maps=source.label_maps),
+                             test=None)
     else:
-        split = DatasetSplit(train=data, val=None, test=None)
-    if d.val_path:
-        split.val = read_csv(d.val_path, columns=d.columns, label_maps=data.label_maps)
+        raise DactLabError("No validation data: set data.val_frac > 0 or give data.val_path.")
     if d.test_path:
-        split.test = read_csv(d.test_path, columns=d.columns, label_maps=data.label_maps)
+        split.test = read_csv(d.test_path, columns=d.columns, label_maps=source.label_maps)
     if tracker is not None and dataset_id is None:
         # stored only once the data has been accepted (split, held-out files read): a refused file adds nothing
-        dataset_id = tracker.add_dataset(data, name=data.name)  # dedupes on content: cheap when already stored
+        dataset_id = tracker.add_dataset(source, name=source.name)  # dedupes on content: cheap when already stored
     return split, dataset_id
 
 
 # --- optimisation ------------------------------------------------------------------------------------------
 
 
-def unfrozen_later(model: nn.Module, tc: TrainConfig) -> list[nn.Parameter]:
+def unfrozen_later(model: EncoderModel, tc: TrainConfig) -> list[nn.Parameter]:
     """With ``gradual_unfreeze``: the parameters of the frozen layers that later epochs release. They are in the
     optimizer from the start (AdamW skips a parameter whose grad is None), so releasing a layer needs no new
     optimizer: the learning-rate schedule and the moments of the parameters already training carry on."""
@@ -83,11 +97,11 @@ def unfrozen_later(model: nn.Module, tc: TrainConfig) -> list[nn.Parameter]:
     return [p for layer in layers for p in layer.parameters()]
 
 
-def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict]:
+def param_groups(model: EncoderModel, tc: TrainConfig) -> list[dict]:
     """Four AdamW groups: (encoder | heads) × (decay | no decay). Biases and LayerNorm weights (every parameter
     with fewer than 2 dimensions) get no weight decay; the encoder gets ``encoder_lr``, the heads ``head_lr``.
     Frozen parameters are left out, except those that gradual unfreezing releases later (:func:`unfrozen_later`)."""
-    groups = {(e, d): [] for e in (True, False) for d in (True, False)}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(e, d): [] for e in (True, False) for d in (True, False)}
     later = {id(p) for p in unfrozen_later(model, tc)}
     for name, p in model.named_parameters():
         if not p.requires_grad and id(p) not in later:
@@ -102,7 +116,7 @@ def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict]:
     return out
 
 
-def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: EncoderModel, tc: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, tc)
     for g in groups:
         g["initial_lr"] = g["lr"]
@@ -126,7 +140,7 @@ def warmup_linear(total_steps: int, warmup_ratio: float):
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """The logged learning rates: ``lr`` (the encoder's; the first group's when the encoder is fully frozen) and
     ``lr_head`` when the heads train at their own rate."""
-    by = {}
+    by: dict[str | None, float] = {}
     for g in optimizer.param_groups:
         by.setdefault(g.get("group"), g["lr"])
     out = {"lr": by.get("encoder", optimizer.param_groups[0]["lr"])}
@@ -155,13 +169,15 @@ def phase_progress(cbs, state, min_interval_s: float = 1.0):
     """``progress(what, done, total)`` for the phases after the last step: a 'phase' event with the phase's own
     count (rows cached, epochs of the exit refit, epochs of each halting fit), at most one per ``min_interval_s``
     and always the last of each phase — the page shows "refitting … 12/30", not "step 184/184" for 19 minutes."""
-    last = {"t": float("-inf"), "what": None}
+    last_t: float = float("-inf")
+    last_what: str | None = None
 
     def report(what: str, done: int, total: int) -> None:
+        nonlocal last_t, last_what
         now = time.monotonic()
-        if what == last["what"] and done < total and now - last["t"] < min_interval_s:
+        if what == last_what and done < total and now - last_t < min_interval_s:
             return
-        last.update(t=now, what=what)
+        last_t, last_what = now, what
         cbs.on_event(state, ev.PHASE, {"phase": what, "done": int(done), "total": int(total)})
 
     return report
@@ -172,7 +188,7 @@ def set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
         g["lr"] = g["initial_lr"] * factor
 
 
-def apply_freezing(model: nn.Module, tc: TrainConfig, epoch: int) -> int:
+def apply_freezing(model: EncoderModel, tc: TrainConfig, epoch: int) -> int:
     """Freeze the embeddings (``freeze_embeddings``) and the lowest ``freeze_layers`` layers; with
     ``gradual_unfreeze`` one more frozen layer (from the top) is released at each epoch. Returns #frozen layers."""
     from .encoders import layer_adapter
@@ -294,7 +310,7 @@ class TrainResult:
     history: list[dict]
     best_metrics: dict[str, float]
     test_metrics: dict[str, float]
-    model: nn.Module
+    model: EncoderModel
     tokenizer: Any
     label_maps: dict[str, list[str]]
     run_dir: Path | None
@@ -448,10 +464,12 @@ def load_state_file(path: str | Path, kind: str = "resume", fix: str = "") -> di
 def _numpy_pickle_globals() -> list:
     """What a numpy RNG state (a uint32 array) and numpy scalars in an old ``resume.pt`` pickle refer to: array
     reconstruction and the numeric dtypes — nothing that calls code of the file's choosing."""
+    import importlib
+
     try:
-        from numpy._core import multiarray
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core import multiarray
+        multiarray = importlib.import_module("numpy.core.multiarray")
     reconstruct, scalar = getattr(multiarray, "_reconstruct"), getattr(multiarray, "scalar")
     out: list = [np.ndarray, np.dtype]
     for name in ("multiarray", "_multiarray_umath"):  # pickles name the module of the numpy that wrote them
@@ -844,8 +862,8 @@ def prepare_model(cfg: RunConfig, split: DatasetSplit, state: LoopState, cbs: Ca
 
 
 def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, home=None, tracker=None,
-          callbacks: list[Callback] | None = None, cancel: CancelToken | None = None, run_id: Any = None,
-          parent_id: Any = None, save: bool = True, evaluate_test: bool = True, model: nn.Module | None = None,
+          callbacks: Sequence[Callback] | None = None, cancel: CancelToken | None = None, run_id: Any = None,
+          parent_id: Any = None, save: bool = True, evaluate_test: bool = True, model: EncoderModel | None = None,
           tokenizer=None, resume: bool = False, resume_state: dict | None = None) -> TrainResult:
     """Train one model described by ``cfg``; see the module docstring. With a ``tracker`` the run, its metrics,
     events and artefacts are recorded (a run row is created unless ``run_id`` is given). Raises
@@ -879,7 +897,9 @@ def train(cfg: RunConfig, *, data: DatasetSplit | TextDataset | None = None, hom
                                dataset_id=dataset_id, save=save, resumed=resumed)
     state = LoopState(run_id=run_id, epochs=tc.epochs, batch_size=tc.batch_size, config=cfg,
                       label_maps=split.train.label_maps)
-    status, test_metrics, report = "failed", {}, {}
+    status = "failed"
+    test_metrics: dict[str, Any] = {}
+    report: dict[str, Any] = {}
     try:
         # --- the model, the optimizer and the schedule
         model, tokenizer, enc_train, enc_val, enc_test = prepare_model(cfg, split, state, cbs, device, home, model,

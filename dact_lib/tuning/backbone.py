@@ -27,7 +27,7 @@ from ..config import RunConfig, from_dict
 from ..data import DatasetSplit, TextDataset
 from ..errors import Cancelled, ConfigError, DactLabError
 from ..tracker import Tracker, TrackerCallback
-from ..train import load_split, train
+from ..train import load_source, train
 from .studies import (PruningCallback, create_study, drop_slots, enqueue_slots, link_study, link_trial, live_run,
                       run_slots, running, shown_url, waiting)  # noqa: F401 (waiting, running: worker.py)
 from .. import events as ev
@@ -236,16 +236,14 @@ def source_data(cfg: RunConfig, tracker: Tracker | None,
                 data: DatasetSplit | TextDataset | None = None) -> tuple[TextDataset | DatasetSplit, int | None]:
     """The dataset a study's trials split (each the same way: the config's ``val_frac``, ``test_frac`` and
     ``split_seed``) and its tracker dataset id: read once, through the loop's own
-    :func:`~dact_lib.train.load_split` with the held-out parts switched off."""
+    :func:`~dact_lib.train.load_source`, unsplit."""
     if isinstance(data, DatasetSplit):
         return data, cfg.data.dataset_id
-    whole = copy.deepcopy(cfg)
-    whole.data.val_frac = whole.data.test_frac = 0.0
-    whole.data.val_path = whole.data.test_path = None
-    split, dataset_id = load_split(whole, tracker, data)
+    whole = load_source(cfg, tracker, data)
+    dataset_id = cfg.data.dataset_id
     if dataset_id is None and tracker is not None:
-        dataset_id = tracker.add_dataset(split.train, name=split.train.name)
-    return split.train, dataset_id
+        dataset_id = tracker.add_dataset(whole, name=whole.name)  # dedupes on content: cheap when already stored
+    return whole, dataset_id
 
 
 @dataclass
@@ -345,8 +343,10 @@ def tune_backbone(cfg: RunConfig, *, trials: int = 10, timeout_min: float | None
 
     source, dataset_id = source_data(cfg, tracker, data)
 
-    parent = tracker.open_run(ENGINE, None, run_id, dataset_id=dataset_id,
-                              **({"name": cfg.name, "tag": cfg.tag} if run_id is None else {}))
+    if run_id is None:
+        parent = tracker.open_run(ENGINE, None, dataset_id=dataset_id, name=cfg.name, tag=cfg.tag)
+    else:  # a row a job manager queued: it has its name and tag already
+        parent = tracker.open_run(ENGINE, None, run_id, dataset_id=dataset_id)
     name = study_name or f"{ENGINE}-{parent}"
     url = shown_url(home)
     tracker.update_run(parent, config={"run": cfg.to_dict(), "space": space.to_dict(), "trials": trials,
