@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from dact_lib import events as ev, plots
+from dact_lib.front import FrontPoint
 from dact_lib.tracker import ACTIVE_STATUSES
 from dact_lib.models import halting_choice
 from dact_lib.run_front import choose_run_point, run_front
@@ -51,7 +52,8 @@ def single_run_explorer(tr, singles: list[dict]) -> None:
         return
     chosen = rf["chosen"]
     in_use = halting_choice(tr.run_dir(rid))
-    using = in_use.get("trial") if in_use and in_use.get("source") == "run front" else (chosen or {}).get("trial")
+    own = chosen.trial if chosen is not None else None
+    using = in_use.get("trial") if in_use and in_use.get("source") == "run front" else own
     msg = st.session_state.pop("_pareto_msg", None)
     if msg:
         getattr(st, msg[0])(msg[1])
@@ -61,31 +63,31 @@ def single_run_explorer(tr, singles: list[dict]) -> None:
                + (f" · the run kept {point_name(chosen)}, the fastest point within "
                   f"{rf['tolerance_points']:g} accuracy points of the best" if chosen and
                   rf["tolerance_points"] is not None else ""))
-    fig = plots.lambda_pareto_figure(rf["points"], rf["front"], pipeline_trial=(chosen or {}).get("trial"))
+    fig = plots.lambda_pareto_figure(rf["points"], rf["front"], pipeline_trial=own)
     for trace in fig.data:  # the ring marks the run's own choice here
         if trace.name == "pipeline's choice":
             trace.name = "the run's choice"
     st.plotly_chart(fig, key=f"pareto_single_chart_{rid}")
-    rows = sorted(rf["front"], key=lambda p: p["val_avg_exit_layer"] or 0)
-    if chosen is not None and all(p["trial"] != chosen["trial"] for p in rows):
+    rows = sorted(rf["front"], key=lambda p: p.val_avg_exit_layer or 0)
+    if chosen is not None and all(p.trial != own for p in rows):
         rows.append(chosen)
     st.subheader("Pareto front")
     st.dataframe(pd.DataFrame([{
-        "point": point_name(p), "kind": p["family"], "λ": p["lambda"], "τ": p.get("tau"),
-        "val accuracy": p["val_accuracy"], "val avg exit layer": p["val_avg_exit_layer"],
-        "run's choice": chosen is not None and p["trial"] == chosen["trial"],
-        "for prediction": p["trial"] == using} for p in rows]), hide_index=True,
+        "point": point_name(p), "kind": p.family, "λ": p.front_lambda, "τ": p.threshold,
+        "val accuracy": p.val_accuracy, "val avg exit layer": p.val_avg_exit_layer,
+        "run's choice": chosen is not None and p.trial == own,
+        "for prediction": p.trial == using} for p in rows]), hide_index=True,
         column_config={"λ": st.column_config.NumberColumn(format="%.3g"),
                        "τ": st.column_config.NumberColumn(format="%.3g")})
     options = {f"the run's own point ({point_name(chosen)})" if chosen else "the run's own point": None}
     for p in rows:
-        if chosen is None or p["trial"] != chosen["trial"]:
-            options[f"{point_name(p)} · exit {p['val_avg_exit_layer']:.2f} · acc {p['val_accuracy']:.3f}"] = p["trial"]
+        if chosen is None or p.trial != own:
+            options[f"{point_name(p)} · exit {p.val_avg_exit_layer:.2f} · acc {p.val_accuracy:.3f}"] = p.trial
     st.selectbox("Use for prediction", list(options), index=None, placeholder="choose a front point…",
                  key=f"pareto_single_pick_{rid}", on_change=_use_run_point, args=(rid, options),
                  help="The run's model then predicts (Predict page, export, serve) with this point's halting units; "
                       "nothing is retrained. The run's own point stays recorded.")
-    if using is not None and chosen is not None and using != chosen["trial"]:
+    if using is not None and chosen is not None and using != own:
         st.info(f"Run #{rid} predicts with point {using} (your choice); its own point is {point_name(chosen)}.")
 
 
@@ -132,15 +134,17 @@ pid = st.selectbox("DACT pipeline run", list(by_id), key="pareto_parent", format
 active = by_id[pid]["status"] in ACTIVE_STATUSES
 
 
-def choose(parent_id: int, point: dict | None) -> None:
-    """Make ``point``'s model the prediction model: session state + the pipeline's record of the choice."""
-    if point is None:
+def choose(parent_id: int, pick: tuple[FrontPoint, str] | None) -> None:
+    """Make a point's model the prediction model: session state + the pipeline's record of the choice. ``pick``:
+    the point and where it was chosen ("front", or "final": the final model as the pipeline chose it)."""
+    if pick is None:
         return
+    point, source = pick
     from dact_lib.errors import DactLabError
     from dact_lib.tuning.dact_pipeline import choose_for_prediction
 
     try:
-        got = choose_for_prediction(parent_id, point, tracker=tr)
+        got = choose_for_prediction(parent_id, point, tracker=tr, source=source)
     except DactLabError as exc:
         st.session_state["_pareto_msg"] = ("error", str(exc))
         return
@@ -148,12 +152,12 @@ def choose(parent_id: int, point: dict | None) -> None:
     st.session_state["predict_run_id"] = rid
     what = point_name(point)
     if got.get("halting"):
-        text = (f"Trial {point.get('trial')} ({what}) is now used for prediction: run #{rid} with that point's "
+        text = (f"Trial {point.trial} ({what}) is now used for prediction: run #{rid} with that point's "
                 "halting units (swapped in, nothing retrained). The pipeline's own choice stays recorded.")
-    elif point.get("halting_file") or point.get("source") == "final":
+    elif point.halting_file or source == "final":
         text = f"Run #{rid} with the pipeline's own choice of halting units is now used for prediction."
     else:
-        text = f"Run #{rid} (trial {point.get('trial')}, {what}) is now the model used on the Predict page."
+        text = f"Run #{rid} (trial {point.trial}, {what}) is now the model used on the Predict page."
     st.session_state["_pareto_msg"] = (
         "success" if got["has_model"] else "warning",
         text + ("" if got["has_model"] else " Its model file is missing, so prediction will fail: choose another."))
@@ -174,17 +178,17 @@ def _on_chart_select(parent_id: int, key: str, by_trial: dict, by_run: dict) -> 
         trial, rid = cd[0], cd[1] if len(cd) > 1 else None
         pt = by_trial.get(trial) or by_run.get(rid)
         if pt is not None:
-            choose(parent_id, pt)
+            choose(parent_id, (pt, "front"))
             return
 
 
-def _same_point(p: dict, q: dict | None) -> bool:
-    """The same stage-3 point: its trial number when both have one, else its λ / τ and run."""
-    if not q:
+def _same_point(p: FrontPoint, q: FrontPoint | None) -> bool:
+    """The same stage-3 point: its trial number when both have one, else its λ / τ and source."""
+    if q is None:
         return False
-    if p.get("trial") is not None and q.get("trial") is not None:
-        return p["trial"] == q["trial"]
-    return (p.get("lambda"), p.get("tau"), p.get("source")) == (q.get("lambda"), q.get("tau"), q.get("source"))
+    if p.trial is not None and q.trial is not None:
+        return p.trial == q.trial
+    return (p.front_lambda, p.threshold, p.source) == (q.front_lambda, q.threshold, q.source)
 
 
 @st.fragment(run_every=5.0 if active else None)
@@ -195,7 +199,7 @@ def explorer(parent_id: int) -> None:
     done = ", ".join(summary.get("stages_done") or []) or "none"
     pc = view["pipeline_choice"]
     st.caption(f"status **{run['status']}** · stages done: {done}"
-               + (f" · pipeline's choice: trial {pc['trial']} ({point_name(pc)})" if pc else "")
+               + (f" · pipeline's choice: trial {pc.trial} ({point_name(pc)})" if pc else "")
                + (f" · final model: run #{view['final_run_id']}" if view["final_run_id"] else ""))
     decision = summary.get("final_choice")
     if decision:  # which model the pipeline returned: stage 3's point or its single run, and why
@@ -225,7 +229,7 @@ def explorer(parent_id: int) -> None:
     elif fitted and active is not None:
         st.info(f"Model used for prediction: **run #{current}** with the halting units of **trial {active}**"
                 + (" (your choice; the pipeline's choice is trial "
-                   f"{pc['trial'] if pc else '?'})" if uc else " (the pipeline's choice)"))
+                   f"{pc.trial if pc else '?'})" if uc else " (the pipeline's choice)"))
     else:
         st.info(f"Model used for prediction: **run #{current}**")
     msg = st.session_state.pop("_pareto_msg", None)
@@ -234,50 +238,50 @@ def explorer(parent_id: int) -> None:
 
     trials, front = view["trials"], view["front"]
     front_pts = front if front is not None else [p for p, on in zip(trials, plots.front_mask(trials)) if on]
-    by_trial = {p["trial"]: p for p in trials + (front or []) if p["trial"] is not None}
-    by_run = {p["run_id"]: p for p in trials + (front or []) if p["run_id"] is not None}
+    by_trial = {p.trial: p for p in trials + (front or []) if p.trial is not None}
+    by_run = {p.run_id: p for p in trials + (front or []) if p.run_id is not None}
 
     key = f"pareto_chart_{parent_id}"
     fig = plots.lambda_pareto_figure(trials, front, chosen_run_id=None if fitted else current,
                                      chosen_trial=active if fitted else None,
-                                     pipeline_trial=(pc or {}).get("trial") if fitted else None,
+                                     pipeline_trial=pc.trial if fitted and pc else None,
                                      sweep=view["sweep"] if fitted else None)
     st.plotly_chart(fig, key=key, on_select=functools.partial(_on_chart_select, parent_id, key, by_trial, by_run),
                     selection_mode="points")
     if front is None and trials:
         st.caption("Stage 3 is still running: the highlighted points are the current non-dominated trials.")
 
-    options: dict[str, dict] = {}
+    options: dict[str, tuple[FrontPoint, str]] = {}
     if view["final_run_id"] is not None:
-        lam = pc.get("lambda") if pc else None
-        options[f"final model · run #{view['final_run_id']} · the pipeline's choice ({point_name(pc)})"] = {
-            "run_id": view["final_run_id"], "trial": pc.get("trial") if pc else None, "lambda": lam,
-            "source": "final"}
-    for p in sorted(front_pts, key=lambda p: p["val_avg_exit_layer"] or 0):
-        label = (f"trial {p['trial']} · {point_name(p)} · exit {p['val_avg_exit_layer']:.2f} · "
-                 f"acc {p['val_accuracy']:.3f}" if p["val_avg_exit_layer"] is not None else f"trial {p['trial']}")
+        final = FrontPoint(run_id=view["final_run_id"], trial=pc.trial if pc else None,
+                           front_lambda=pc.front_lambda if pc else None)
+        options[f"final model · run #{view['final_run_id']} · the pipeline's choice ({point_name(pc)})"] = (
+            final, "final")
+    for p in sorted(front_pts, key=lambda p: p.val_avg_exit_layer or 0):
+        label = (f"trial {p.trial} · {point_name(p)} · exit {p.val_avg_exit_layer:.2f} · "
+                 f"acc {p.val_accuracy:.3f}" if p.val_avg_exit_layer is not None else f"trial {p.trial}")
         if not fitted:
-            label += f" · run #{p['run_id']}" if p["run_id"] is not None else " · no run"
-        options[label] = {**p, "source": "front"}
+            label += f" · run #{p.run_id}" if p.run_id is not None else " · no run"
+        options[label] = (p, "front")
     if options:
         st.selectbox("Use for prediction", list(options), index=None, placeholder="choose a front point…",
                      key=f"pareto_pick_{parent_id}", on_change=_on_select_box, args=(parent_id, options))
 
-    table_pts = sorted(front_pts, key=lambda p: p["val_avg_exit_layer"] or 0)
+    table_pts = sorted(front_pts, key=lambda p: p.val_avg_exit_layer or 0)
     if pc and not any(_same_point(p, pc) for p in table_pts):  # the pipeline's choice is always in the table
-        table_pts.append({**pc, "run_id": pc.get("run_id", view["final_run_id"])})
+        table_pts.append(pc)
     if table_pts:
         st.subheader("Pareto front")
         if pc and not any(_same_point(p, pc) for p in front_pts):
             st.caption(f"The last row is the pipeline's choice ({point_name(pc)}): it is not on the front above "
                        "(e.g. the single run, or a point chosen within the accuracy tolerance on other rows).")
         st.dataframe(pd.DataFrame([{
-            "trial": p["trial"], "λ": p["lambda"], "τ": p.get("tau"), "val NLL": p.get("val_nll"),
-            "val error": p.get("val_error"),
-            "val accuracy": p["val_accuracy"], "val avg exit layer": p["val_avg_exit_layer"], "run": p["run_id"],
+            "trial": p.trial, "λ": p.front_lambda, "τ": p.threshold, "val NLL": p.val_nll,
+            "val error": p.val_error,
+            "val accuracy": p.val_accuracy, "val avg exit layer": p.val_avg_exit_layer, "run": p.run_id,
             "pipeline's choice": bool(pc and _same_point(p, pc)),
-            "for prediction": (p["trial"] is not None and p["trial"] == active) if fitted else
-            (current is not None and p["run_id"] is not None and int(p["run_id"]) == int(current)),
+            "for prediction": (p.trial is not None and p.trial == active) if fitted else
+            (current is not None and p.run_id is not None and int(p.run_id) == int(current)),
         } for p in table_pts]), hide_index=True,
             column_config={"λ": st.column_config.NumberColumn(format="%.3g")})
 

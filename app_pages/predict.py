@@ -122,13 +122,14 @@ else:
         st.warning(plain(exc))
         hc = None
     if hc:
+        from dact_lib.front import FrontPoint
         from dact_lib.tuning.dact_pipeline.view import point_name
 
-        what = point_name(hc)
-        st.caption(f"Halting units: trial {hc.get('trial')} {what} — chosen on the Pareto explorer"
-                   + (f" (validation: exit {hc['val_avg_exit_layer']:.2f} layers, accuracy "
-                      f"{hc['val_accuracy']:.1%})" if hc.get("val_avg_exit_layer") is not None and
-                      hc.get("val_accuracy") is not None else "")
+        point = FrontPoint.from_dict(hc)
+        st.caption(f"Halting units: trial {point.trial} {point_name(point)} — chosen on the Pareto explorer"
+                   + (f" (validation: exit {point.val_avg_exit_layer:.2f} layers, accuracy "
+                      f"{point.val_accuracy:.1%})" if point.val_avg_exit_layer is not None and
+                      point.val_accuracy is not None else "")
                    + "; the run's own halting units are the pipeline's choice.")
     st.session_state.setdefault("predict:text", "The waiter was friendly and the pasta was delicious.")
     text = st.text_area("Text (one per line)", key="predict:text", height=120)

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import dact
 from .errors import DactLabError
+from .front import FrontPoint, report_chosen, report_points
 from .heads import pool
 from .modeling_dact import DactUnits, init_halting_bias
 
@@ -65,15 +66,14 @@ class HaltingPoint:
     seen_accuracy: float | None = None
     nll: float | None = None  # out of fold, when asked for (cross_fit_halting(..., nll=True))
 
-    def summary(self) -> dict:
-        out = {"lambda": self.lam, "spec_lambda": self.spec_lambda, "avg_exit_layer": self.avg_exit_layer,
-               "accuracy": self.accuracy, "fit_s": self.fit_s, "scale": self.scale, "shift": self.shift,
-               "threshold": self.threshold}
-        if self.seen_accuracy is not None:
-            out.update(seen_avg_exit_layer=self.seen_avg_exit_layer, seen_accuracy=self.seen_accuracy)
-        if self.nll is not None:
-            out["nll"] = self.nll
-        return out
+    def record(self) -> FrontPoint:
+        """The point as a front records it (a threshold point has no λ)."""
+        fitted = self.threshold is None
+        return FrontPoint(val_accuracy=self.accuracy, val_avg_exit_layer=self.avg_exit_layer,
+                          front_lambda=self.lam if fitted else None, train_lambda=self.spec_lambda if fitted else None,
+                          threshold=self.threshold, scale=self.scale, shift=self.shift, val_nll=self.nll,
+                          seen_val_accuracy=self.seen_accuracy, seen_val_avg_exit_layer=self.seen_avg_exit_layer,
+                          fit_s=self.fit_s)
 
 
 @torch.no_grad()
@@ -243,12 +243,12 @@ def fit_halting(model, data, lambdas, *, eval_data: LayerCache | None = None, ep
     if len(cache) == 0:
         raise DactLabError("fit_halting: no rows to fit the halting units on (the validation split is empty).")
     ev = eval_data if eval_data is not None else cache
-    epochs = int(epochs or getattr(model.cfg, "halting_epochs", 40))
+    n_epochs = int(epochs) if epochs else int(getattr(model.cfg, "halting_epochs", 40))
     N = cache.y.shape[1]
     nll_ref = nll_ref_of(cache)
     lam_specs = [dact.spec_lambda(lam, N, nll_ref) for lam in lambdas]
     t0 = time.perf_counter()
-    states = train_halting_units(model, cache, lam_specs, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+    states = train_halting_units(model, cache, lam_specs, epochs=n_epochs, lr=lr, batch_size=batch_size, seed=seed,
                                  cancel=cancel, progress=progress)
     fit_s = (time.perf_counter() - t0) / max(len(lam_specs), 1)  # side by side: each λ's share of the fit
     units = _Halters(model)
@@ -431,34 +431,38 @@ def exit_advice(run_dir, num_layers: int | None = None, late: float = 0.8) -> st
                 "trained with the model only (model.fit_halting off). Retrain with model.fit_halting on (the "
                 "default; CLI without --no-fit-halting): the halting units are then fitted per λ on the validation "
                 "split and the fastest point within model.halting_tolerance points is kept.")
-    pts = (halting.get("points") or []) + (halting.get("calibrated_front") or []) + \
-        (halting.get("threshold_points") or [])
+    pts = report_points(halting)
     n = num_layers or (len(halting.get("layer_accuracy") or []) or 6)
-    chosen = halting.get("chosen") or {}
-    if not pts or chosen.get("avg_exit_layer", 0) <= late * n:
+    chosen = report_chosen(halting)
+    chosen_exit = chosen.val_avg_exit_layer if chosen is not None else None
+    if not pts or chosen_exit is None or chosen_exit <= late * n:
         return None
-    top = max(p["accuracy"] for p in pts)
-    faster = sorted((p for p in pts if p["avg_exit_layer"] < chosen["avg_exit_layer"] - 0.25),
-                    key=lambda p: -p["accuracy"])[:3]
+    top = max(p.val_accuracy or 0.0 for p in pts)
+    faster = sorted((p for p in pts if (p.val_avg_exit_layer or 0.0) < chosen_exit - 0.25),
+                    key=lambda p: -(p.val_accuracy or 0.0))[:3]
     if not faster:
-        return (f"This run exits after {chosen['avg_exit_layer']:.2f} of {n} layers on average: no fitted λ exits "
+        return (f"This run exits after {chosen_exit:.2f} of {n} layers on average: no fitted λ exits "
                 "earlier on its validation split (its early classifiers are not confident enough). More epochs or "
                 "model.distill_weight > 0 make them stronger.")
-    def name(p: dict) -> str:
-        lam, tau = p.get("lambda"), p.get("threshold")
-        return f"τ = {tau:g}" if tau is not None else f"λ = {lam:g}" if lam is not None and lam == lam else "?"
 
-    opts = "; ".join(f"{name(p)}: {p['avg_exit_layer']:.2f} layers at {100 * p['accuracy']:.1f}% "
-                     f"({100 * (p['accuracy'] - top):+.1f} points)" for p in sorted(faster, key=lambda p: p["avg_exit_layer"]))
-    need = max(100 * (top - p["accuracy"]) for p in faster[:1]) + 0.05
-    msg = (f"This run exits after {chosen['avg_exit_layer']:.2f} of {n} layers on average: within its tolerance of "
+    def name(p: FrontPoint) -> str:
+        return f"τ = {p.threshold:g}" if p.threshold is not None else \
+            f"λ = {p.front_lambda:g}" if p.front_lambda is not None else "?"
+
+    def line(p: FrontPoint) -> str:
+        acc = p.val_accuracy or 0.0
+        return f"{name(p)}: {p.val_avg_exit_layer:.2f} layers at {100 * acc:.1f}% ({100 * (acc - top):+.1f} points)"
+
+    opts = "; ".join(line(p) for p in sorted(faster, key=lambda p: p.val_avg_exit_layer or 0.0))
+    need = max(100 * (top - (p.val_accuracy or 0.0)) for p in faster[:1]) + 0.05
+    msg = (f"This run exits after {chosen_exit:.2f} of {n} layers on average: within its tolerance of "
            f"{halting.get('tolerance_points', 0.5):g} points no fitted λ exits earlier. Measured on its validation "
            f"split ({halting.get('rows', '?')} rows): {opts}. Retrain with model.halting_tolerance ≥ {need:.1f} "
            f"(CLI --halting-tolerance) to take {name(faster[0])}.")
     ent = [p for p in halting.get("entropy_points") or [] if p["accuracy"] >= top - 0.01]
     if ent:
         e = min(ent, key=lambda p: p["avg_exit_layer"])
-        if e["avg_exit_layer"] < chosen["avg_exit_layer"] - 0.25:
+        if e["avg_exit_layer"] < chosen_exit - 0.25:
             msg += (f" The same classifiers under the entropy exit (S = {e['threshold']:.3g} nats) measured "
                     f"{e['avg_exit_layer']:.2f} layers at {100 * e['accuracy']:.1f}%: use it with `predict --policy "
                     f"entropy:{e['threshold']:.3g}` (compare every policy with `evaluate --policies`).")
@@ -529,9 +533,9 @@ def fit_after_training(model, cfg, enc_val, cancel=None, cache: LayerCache | Non
         r = dact.run_policy_offline(dact.EntropyPolicy(s), cache.y)
         entropy_points.append({"threshold": s, "avg_exit_layer": dact.average_exit_layer(r.exit_layer),
                                "accuracy": float((r.probs.argmax(-1) == cache.targets).float().mean())})
-    return {"chosen": chosen.summary(), "points": [p.summary() for p in plain],
-            "calibrated_front": [p.summary() for p in calibrated_front],
-            "threshold_points": [p.summary() for p in thresholds], "rows": len(cache),
+    return {"chosen": chosen.record().to_dict(), "points": [p.record().to_dict() for p in plain],
+            "calibrated_front": [p.record().to_dict() for p in calibrated_front],
+            "threshold_points": [p.record().to_dict() for p in thresholds], "rows": len(cache),
             "entropy_points": entropy_points,
             "split": "val", "nll_ref": nll_ref_of(cache), "tolerance_points": mc.halting_tolerance,
             "cross_fitted": crossed, "folds": CROSS_FIT_FOLDS if crossed else 1,

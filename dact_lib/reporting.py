@@ -67,6 +67,7 @@ from . import events as ev
 from .callbacks import Callback, LoopState
 from .config import REPORT_TOOLS, RunConfig
 from .errors import DactLabError
+from .front import report_chosen, report_points
 from .tags import tag_list, tag_text
 
 log = logging.getLogger(__name__)
@@ -174,25 +175,25 @@ FRONT_COLUMNS = ("family", "lambda", "threshold", "scale", "shift", "avg_exit_la
 def exit_front_rows(halting: dict) -> list[dict]:
     """The points of a ``halting_fit`` payload (λ, calibrated λ, threshold τ) as rows of :data:`FRONT_COLUMNS`:
     ``on_front`` = no other point exits earlier (or as early) with a higher accuracy; ``chosen`` = the run kept it."""
-    rows: list[dict[str, Any]] = []
-    for family, key in (("lambda", "points"), ("calibrated", "calibrated_front"), ("threshold", "threshold_points")):
-        for p in halting.get(key) or []:
-            if isinstance(p, dict) and isinstance(p.get("avg_exit_layer"), (int, float)) \
-                    and isinstance(p.get("accuracy"), (int, float)):
-                rows.append({"family": family, **{c: p.get(c) for c in FRONT_COLUMNS[1:7]}})
-    chosen = halting.get("chosen") or {}
-    for r in rows:
+    family = {"λ": "lambda", "calibrated λ": "calibrated", "threshold τ": "threshold"}
+    pts = [p for p in report_points(halting) if p.val_avg_exit_layer is not None and p.val_accuracy is not None]
+    chosen = report_chosen(halting)
+    rows: list[dict[str, Any]] = [
+        {"family": family[str(p.family)], "lambda": p.front_lambda, "threshold": p.threshold, "scale": p.scale,
+         "shift": p.shift, "avg_exit_layer": p.val_avg_exit_layer, "accuracy": p.val_accuracy} for p in pts]
+    for r, p in zip(rows, pts):
         r["on_front"] = not any(o is not r and o["avg_exit_layer"] <= r["avg_exit_layer"] and o["accuracy"] >
                                 r["accuracy"] for o in rows)
-        r["chosen"] = bool(chosen) and all(r.get(k) == chosen.get(k) for k in
-                                           ("lambda", "threshold", "scale", "shift", "avg_exit_layer", "accuracy"))
+        r["chosen"] = chosen is not None and p.same_point(chosen)
     return rows
 
 
 def chosen_metrics(halting: dict) -> dict[str, float]:
-    chosen = halting.get("chosen") or {}
-    return {f"halting/chosen_{k}": float(chosen[k]) for k in ("accuracy", "avg_exit_layer")
-            if isinstance(chosen.get(k), (int, float))}
+    chosen = report_chosen(halting)
+    if chosen is None:
+        return {}
+    values = {"accuracy": chosen.val_accuracy, "avg_exit_layer": chosen.val_avg_exit_layer}
+    return {f"halting/chosen_{k}": float(v) for k, v in values.items() if v is not None}
 
 
 def model_files(run_dir: str | Path | None) -> list[tuple[Path, str]]:

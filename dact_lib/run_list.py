@@ -15,6 +15,7 @@ from typing import Any, Hashable
 import pandas as pd
 
 from .engines import ENGINE_KINDS
+from .front import FrontPoint
 from .tracker import ACTIVE_STATUSES, run_params, run_scores
 from .tracker.store import PARAM_KEYS, SCORE_KEYS
 
@@ -54,8 +55,8 @@ def exit_rule(run: dict) -> str:
         cfg = cfg["run"]
     if run.get("kind") != "dact" and cfg.get("kind") != "dact":
         return ""
-    chosen = ((run.get("summary") or {}).get("halting") or {}).get("chosen") or {}
-    tau, lam = _number(chosen.get("threshold")), _number(chosen.get("lambda"))
+    chosen = FrontPoint.from_dict(((run.get("summary") or {}).get("halting") or {}).get("chosen") or {})
+    tau, lam = chosen.threshold, chosen.front_lambda
     if tau is not None:
         return f"threshold τ {tau:.2f}"
     if lam is not None:

@@ -339,7 +339,7 @@ def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
     chosen = tr.get_run(parent)["summary"]["chosen"]["trial"]
     from dact_lib.tuning.dact_pipeline import pareto_points, load_stage3
 
-    front = [p["trial"] for p in pareto_points(load_stage3(parent, tracker=tr)[0])]
+    front = [p.trial for p in pareto_points(load_stage3(parent, tracker=tr)[0])]
     other = next((t for t in front if t != chosen), None)
     if other is not None:
         code, out, err = run_cli(capsys, "dact-pipeline", "--home", home, "--name", "cli-pipe", "--choose", other)
@@ -361,8 +361,8 @@ def test_dact_pipeline_for_real_then_choose_a_point(home, capsys, tmp_path):
 
     record = json.loads((tmp_path / "pt" / "dact_lab_run.json").read_text())
     assert record["halting"]["trial"] == point and halting_choice(tr.run_dir(final)) == before
-    p = {q["trial"]: q for q in pareto_points(load_stage3(parent, tracker=tr)[0])}[point]
-    want = load_file(str(tr.abs_path(p["halting_file"])))
+    p = {q.trial: q for q in pareto_points(load_stage3(parent, tracker=tr)[0])}[point]
+    want = load_file(str(tr.abs_path(p.halting_file)))
     got = load_file(str(tmp_path / "pt" / "model.safetensors"))
     assert all(torch.equal(got[f"halters.{k}"], v) for k, v in want.items())
     code, out, err = run_cli(capsys, "export", "--run", final, "--point", point, "--out", tmp_path / "pt2",

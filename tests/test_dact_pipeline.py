@@ -1,6 +1,7 @@
 """The staged DACT tuning pipeline (dact_lib/tuning/dact_pipeline/) on the tiny encoder and 240 easy rows."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from dact_lib.callbacks import Callback, CancelToken
 from dact_lib.config import default_config
 from dact_lib.data import load_demo_dataset, read_csv
 from dact_lib.errors import Cancelled, ConfigError, DactLabError
+from dact_lib.front import FrontPoint
 from dact_lib.features import cached_features
 from dact_lib.models import build_model, load_model
 from dact_lib.modeling_dact import DactBert
@@ -184,15 +186,15 @@ def test_parent_run_events_metrics_and_stage_files(done):
         assert saved["stage"] == stage
     assert json.loads((rd / "stage1.json").read_text())["best_params"] == res.stage_best["stage1"]
     summary = parent["summary"]
-    assert summary["final_run_id"] == res.final_run_id and summary["chosen"] == res.chosen
-    assert summary["front"] == res.pareto
+    assert summary["final_run_id"] == res.final_run_id and FrontPoint.from_dict(summary["chosen"]) == res.chosen
+    assert [FrontPoint.from_dict(p) for p in summary["front"]] == res.pareto
     assert summary["stages_done"] == ["stage1", "stage2", "stage3", "single", "final"]
     assert summary["feature_cache"]["used_cached_features"] is True
     sweep = summary["exit_policy_sweep"]
     assert {r["policy"] for r in sweep} == {"dact", "patience", "entropy", "fixed"}
     assert all(r["latency_ms_p50"] > 0 and r["latency_rows"] >= 1 for r in sweep)  # timed, interleaved per sentence
     # every row is what the rule computes on the final model's own per-layer outputs (validation split)
-    loaded = final_model_with(h, res, res.chosen["halting_file"])
+    loaded = final_model_with(h, res, res.chosen.halting_file)
     y, hh, targets = layer_outputs(loaded.model, loaded.tokenizer, val_split())
     for r in sweep:
         _, avg, acc = spec_metrics(r["policy"], r["value"], y, hh, targets)
@@ -234,12 +236,12 @@ def test_stage3_fits_halting_points_on_the_best_stage2_model(done):
         assert t.user_attrs["val_avg_exit_layer"] == t.values[1]
         if t.params["halting"] == "fitted":
             n_ref, N = study.user_attrs["nll_ref"], study.user_attrs["num_layers"]
-            assert t.user_attrs["spec_lambda"] == pytest.approx(t.params["front_lambda"] * n_ref / N)
+            assert t.user_attrs["train_lambda"] == pytest.approx(t.params["front_lambda"] * n_ref / N)
         else:
-            assert t.user_attrs["spec_lambda"] is None
+            assert t.user_attrs["train_lambda"] is None
     exits = sorted({round(t.user_attrs["val_avg_exit_layer"], 6) for t in trials})
     assert len(exits) >= 2 and exits[0] < 1.5  # real early exits: the trials differ, some exit mostly at layer 1
-    assert sorted(p["trial"] for p in res.pareto) == sorted(t.number for t in study.best_trials)
+    assert sorted(p.trial for p in res.pareto) == sorted(t.number for t in study.best_trials)
     assert res.study_names == {"stage1": "demo-pipe/stage1", "stage2": "demo-pipe/stage2",
                                "stage3": "demo-pipe/stage3"}
     s1 = optuna.load_study(study_name="demo-pipe/stage1", storage=home_mod.optuna_storage_url(h))
@@ -266,19 +268,19 @@ def test_every_stage3_point_reloads_as_a_model_that_reproduces_it(done):
     val = split_dataset(read_csv(d.path), val_frac=d.val_frac, test_frac=d.test_frac, seed=d.split_seed).val
     try:
         for p in res.pareto:
-            choose_for_prediction(res.parent_run_id, {**p, "source": "front"}, tracker=tr)
+            choose_for_prediction(res.parent_run_id, p, tracker=tr)
             loaded = load_model(res.final_run_id, home=h, device="cpu")
             ev = evaluate_encoded(loaded.model, encode(val, loaded.tokenizer, 32))
             m = metrics_of(ev, "val_")
-            seen = "seen_" if p.get("cross_fitted") else ""  # a fitted point's own numbers are out of fold
-            assert m["val_accuracy"] == pytest.approx(p[f"{seen}val_accuracy"], abs=1e-6)
-            assert m["val_avg_exit_layer"] == pytest.approx(p[f"{seen}val_avg_exit_layer"], abs=1e-6)
+            seen = "seen_" if p.cross_fitted else ""  # a fitted point's own numbers are out of fold
+            assert m["val_accuracy"] == pytest.approx(getattr(p, f"{seen}val_accuracy"), abs=1e-6)
+            assert m["val_avg_exit_layer"] == pytest.approx(getattr(p, f"{seen}val_avg_exit_layer"), abs=1e-6)
             # row by row, the exits are the DACT rule's on the reloaded model's per-layer outputs
             y, hh, targets = layer_outputs(loaded.model, loaded.tokenizer, val)
             assert ev.exit_layer.tolist() == spec_metrics("dact", None, y, hh, targets)[0]
-        assert min(p["val_avg_exit_layer"] for p in res.pareto) < 1.5  # the front holds points that exit early
+        assert min(p.val_avg_exit_layer for p in res.pareto) < 1.5  # the front holds points that exit early
     finally:
-        choose_for_prediction(res.parent_run_id, {**res.chosen, "source": "front"}, tracker=tr)
+        choose_for_prediction(res.parent_run_id, res.chosen, tracker=tr)
 
 
 def test_chosen_point_obeys_the_rule(done):
@@ -286,21 +288,21 @@ def test_chosen_point_obeys_the_rule(done):
     front = res.pareto
     study = optuna.load_study(study_name="demo-pipe/stage3", storage=home_mod.optuna_storage_url(h))
     trials = trial_points(study)  # the rule measures from the most accurate trial, on or off the NLL front
-    assert front and res.chosen["trial"] in {p["trial"] for p in trials}
-    assert res.chosen["run_id"] == res.final_run_id  # after the final stage, every point is the final run
-    best_acc = max(p["val_accuracy"] for p in trials)
-    ok = [p for p in trials if p["val_accuracy"] >= best_acc - 0.01]
-    assert res.chosen["val_avg_exit_layer"] == min(p["val_avg_exit_layer"] for p in ok)
-    assert res.stage_best["stage3"] == {"front_lambda": res.chosen["lambda"]}  # not the training λ's name
+    assert front and res.chosen.trial in {p.trial for p in trials}
+    assert res.chosen.run_id == res.final_run_id  # after the final stage, every point is the final run
+    best_acc = max(p.val_accuracy for p in trials)
+    ok = [p for p in trials if p.val_accuracy >= best_acc - 0.01]
+    assert res.chosen.val_avg_exit_layer == min(p.val_avg_exit_layer for p in ok)
+    assert res.stage_best["stage3"] == {"front_lambda": res.chosen.front_lambda}  # not the training λ's name
     # a user picks a front point later
-    other = choose_point(res.parent_run_id, front[-1]["trial"], home=h)
-    want = {"halting": "fitted", "front_lambda": front[-1]["lambda"]} if front[-1]["lambda"] is not None else \
-        {"halting": "threshold", "tau": front[-1]["tau"]}
-    assert other["params"] == want
-    assert other["run_id"] == front[-1]["run_id"]
+    other = choose_point(res.parent_run_id, front[-1].trial, home=h)
+    want = {"halting": "fitted", "front_lambda": front[-1].front_lambda} if front[-1].front_lambda is not None else \
+        {"halting": "threshold", "tau": front[-1].threshold}
+    assert other.params == want
+    assert other.run_id == front[-1].run_id
     assert Tracker(h).get_events(res.parent_run_id, kinds=["point_chosen"])
     study = optuna.load_study(study_name="demo-pipe/stage3", storage=home_mod.optuna_storage_url(h))
-    off_front = [t.number for t in study.trials if t.number not in {p["trial"] for p in front}]
+    off_front = [t.number for t in study.trials if t.number not in {p.trial for p in front}]
     if off_front:
         with pytest.raises(DactLabError, match="not on the Pareto front"):
             choose_point(study, off_front[0])
@@ -315,61 +317,62 @@ def test_choose_for_prediction_records_the_users_choice_next_to_the_pipelines(do
 
     h, res = done
     tr = Tracker(h)
-    other = [p for p in res.pareto if p["trial"] != res.chosen["trial"]] or \
+    other = [p for p in res.pareto if p.trial != res.chosen.trial] or \
         [p for p in trial_points(optuna.load_study(study_name="demo-pipe/stage3",
                                                    storage=home_mod.optuna_storage_url(h)))
-         if p["trial"] != res.chosen["trial"]]
-    point = {**other[0], "source": "front"}
+         if p.trial != res.chosen.trial]
+    point = other[0]
     rule_before = tr.get_run(res.parent_run_id)["summary"]["chosen"]
     got = choose_for_prediction(res.parent_run_id, point, tracker=tr)
     try:
-        assert got["run_id"] == res.final_run_id and got["has_model"] and got["halting"]["trial"] == point["trial"]
+        assert got["run_id"] == res.final_run_id and got["has_model"] and got["halting"]["trial"] == point.trial
         rd = tr.run_dir(res.final_run_id)
-        assert halting_choice(rd)["trial"] == point["trial"]
+        assert halting_choice(rd)["trial"] == point.trial
         # it takes effect at once: the loaded model carries that point's halting weights, nothing retrained
         loaded = load_model(res.final_run_id, home=h, device="cpu")
-        want = load_file(str(h / point["halting_file"]))
+        want = load_file(str(h / point.halting_file))
         assert all(torch.equal(v, want[k]) for k, v in loaded.model.halters.state_dict().items())
-        assert loaded.halting["trial"] == point["trial"]
+        assert loaded.halting["trial"] == point.trial
         assert chosen_prediction_run(tr, res.parent_run_id) == res.final_run_id  # what a reload restores
         # the pipeline's own choice is kept beside the user's, after a reload too
         run = tr.get_run(res.parent_run_id)
         view = pipeline_view(run, tr.get_events(res.parent_run_id))
         assert run["summary"]["chosen"] == rule_before
-        assert view["pipeline_choice"]["trial"] == res.chosen["trial"]
-        assert view["user_choice"]["trial"] == point["trial"]
+        assert view["pipeline_choice"].trial == res.chosen.trial
+        assert view["user_choice"]["trial"] == point.trial
     finally:  # back to the pipeline's choice: the user's choice file goes, the run's own weights stay
-        again = choose_for_prediction(res.parent_run_id, {**res.chosen, "source": "front"}, tracker=tr)
+        again = choose_for_prediction(res.parent_run_id, res.chosen, tracker=tr)
     assert again["halting"] is None and halting_choice(tr.run_dir(res.final_run_id)) is None
     loaded = load_model(res.final_run_id, home=h, device="cpu")
-    rule_w = load_file(str(h / res.chosen["halting_file"]))
+    rule_w = load_file(str(h / res.chosen.halting_file))
     assert all(torch.equal(v, rule_w[k]) for k, v in loaded.model.halters.state_dict().items())
     with pytest.raises(DactLabError, match="no trained run"):
-        choose_for_prediction(res.parent_run_id, {"trial": 99, "lambda": 0.1}, tracker=tr)
+        choose_for_prediction(res.parent_run_id, FrontPoint(trial=99, front_lambda=0.1), tracker=tr)
 
 
 def test_choice_rule_on_a_hand_made_front():
-    front = [{"trial": 0, "val_accuracy": 0.900, "val_avg_exit_layer": 6.0, "val_nll": 0.30, "objective": "val_nll"},
-             {"trial": 1, "val_accuracy": 0.893, "val_avg_exit_layer": 3.1, "val_nll": 0.33, "objective": "val_nll"},
-             {"trial": 2, "val_accuracy": 0.895, "val_avg_exit_layer": 4.0, "val_nll": 0.31, "objective": "val_nll"},
-             {"trial": 3, "val_accuracy": 0.850, "val_avg_exit_layer": 1.2, "val_nll": 0.50, "objective": "val_nll"}]
-    assert apply_choice_rule(front)["trial"] == 1  # lowest exit within 1 point of 0.900
-    assert apply_choice_rule(front, tolerance=0.0)["trial"] == 0
-    assert apply_choice_rule(front, "best_objective")["trial"] == 0
+    front = [FrontPoint(trial=0, val_accuracy=0.900, val_avg_exit_layer=6.0, val_nll=0.30, objective="val_nll"),
+             FrontPoint(trial=1, val_accuracy=0.893, val_avg_exit_layer=3.1, val_nll=0.33, objective="val_nll"),
+             FrontPoint(trial=2, val_accuracy=0.895, val_avg_exit_layer=4.0, val_nll=0.31, objective="val_nll"),
+             FrontPoint(trial=3, val_accuracy=0.850, val_avg_exit_layer=1.2, val_nll=0.50, objective="val_nll")]
+    assert apply_choice_rule(front).trial == 1  # lowest exit within 1 point of 0.900
+    assert apply_choice_rule(front, tolerance=0.0).trial == 0
+    assert apply_choice_rule(front, "best_objective").trial == 0
     with pytest.raises(DactLabError, match="empty"):
         apply_choice_rule([])
 
 
 def test_choice_rule_measures_from_the_most_accurate_trial_even_off_the_nll_front():
-    a = {"trial": 0, "val_accuracy": 0.88, "val_avg_exit_layer": 6.0, "val_nll": 0.30, "objective": "val_nll"}
-    b = {"trial": 1, "val_accuracy": 0.90, "val_avg_exit_layer": 6.5, "val_nll": 0.35, "objective": "val_nll"}
-    c = {"trial": 2, "val_accuracy": 0.895, "val_avg_exit_layer": 6.2, "val_nll": 0.36, "objective": "val_nll"}
+    a = FrontPoint(trial=0, val_accuracy=0.88, val_avg_exit_layer=6.0, val_nll=0.30, objective="val_nll")
+    b = FrontPoint(trial=1, val_accuracy=0.90, val_avg_exit_layer=6.5, val_nll=0.35, objective="val_nll")
+    c = FrontPoint(trial=2, val_accuracy=0.895, val_avg_exit_layer=6.2, val_nll=0.36, objective="val_nll")
     front = [a]  # b and c are dominated in (NLL, exit layer)
-    assert apply_choice_rule(front)["trial"] == 0  # front only: a, 2 points below b
+    assert apply_choice_rule(front).trial == 0  # front only: a, 2 points below b
     chosen = apply_choice_rule(front, trials=[a, b, c])
-    assert chosen["trial"] == 2  # lowest exit within 1 point of b's 0.90: c (a is 2 points below)
-    nan = {**a, "trial": 3, "val_accuracy": float("nan"), "val_avg_exit_layer": 1.0}
-    assert apply_choice_rule(front, trials=[a, b, c, nan])["trial"] == 2  # a trial without accuracy is skipped
+    assert chosen.trial == 2  # lowest exit within 1 point of b's 0.90: c (a is 2 points below)
+    nan = FrontPoint.from_dict({**a.to_dict(), "trial": 3, "val_accuracy": float("nan"),
+                                "val_avg_exit_layer": 1.0})
+    assert apply_choice_rule(front, trials=[a, b, c, nan]).trial == 2  # a trial without accuracy is skipped
 
 
 def test_final_run_is_saved_and_loads(done):
@@ -382,12 +385,12 @@ def test_final_run_is_saved_and_loads(done):
     loaded = load_model(res.final_run_id, home=h, device="cpu")
     assert isinstance(loaded.model, DactBert)
     # a fitted point: the run's λ is that point's spec-scale λ; a threshold point keeps the training λ
-    want = res.chosen["spec_lambda"] if res.chosen["spec_lambda"] is not None else \
+    want = res.chosen.train_lambda if res.chosen.train_lambda is not None else \
         json.loads((tr.run_dir(res.parent_run_id) / "stage1.json").read_text())["model"]["ponder_lambda"]
     assert loaded.config.model.ponder_lambda == pytest.approx(want)
     rep = json.loads((tr.run_dir(res.final_run_id) / "report.json").read_text())
-    assert rep["halting"]["chosen"]["trial"] == res.chosen["trial"] and len(rep["halting"]["points"]) == 14
-    assert all((tr.run_dir(res.final_run_id) / p["file"]).is_file() for p in rep["halting"]["points"])
+    assert rep["halting"]["chosen"]["trial"] == res.chosen.trial and len(rep["halting"]["points"]) == 14
+    assert all((tr.run_dir(res.final_run_id) / p["halting_file"]).is_file() for p in rep["halting"]["points"])
     assert loaded.config.model.pooling == res.stage_best["stage1"]["pooling"]
     assert loaded.config.train.encoder_lr == pytest.approx(res.stage_best["stage2"]["encoder_lr"])
 
@@ -558,7 +561,7 @@ def test_timeout_bounds_the_trials_but_every_stage_runs_one(home):
     counts = [len(optuna.load_study(study_name=f"hurried/{s}", storage=url).get_trials(states=done))
               for s in ("stage1", "stage2", "stage3")]
     assert counts == [1, 1, 1]  # (stage 3 still holds its other queued log-spaced λ values, as WAITING trials)
-    assert res.final_run_id is not None and len(res.pareto) == 1 and res.chosen["lambda"] == pytest.approx(1e-2)
+    assert res.final_run_id is not None and len(res.pareto) == 1 and res.chosen.front_lambda == pytest.approx(1e-2)
     budgets = [e["payload"]["budget_s"] for e in Tracker(home).get_events(res.parent_run_id, kinds=["stage_start"])]
     assert all(b is not None and b <= 0.06 for b in budgets)
 
@@ -626,7 +629,7 @@ def test_pareto_explorer_choice_takes_effect_and_survives_a_reload(done, monkeyp
     h, res = done
     monkeypatch.setenv("DACT_LAB_HOME", str(h))
     app = str(Path(__file__).resolve().parent.parent / "app.py")
-    other = next(p for p in res.pareto if p["trial"] != res.chosen["trial"])
+    other = next(p for p in res.pareto if p.trial != res.chosen.trial)
     st.cache_resource.clear()
     try:
         at = AppTest.from_file(app, default_timeout=60)
@@ -636,26 +639,26 @@ def test_pareto_explorer_choice_takes_effect_and_survives_a_reload(done, monkeyp
         assert not at.exception, at.exception
         assert any("pipeline's choice" in c.value for c in at.caption)
         pick = at.selectbox(key=f"pareto_pick_{res.parent_run_id}")
-        label = next(o for o in pick.options if o.startswith(f"trial {other['trial']} "))
+        label = next(o for o in pick.options if o.startswith(f"trial {other.trial} "))
         pick.set_value(label).run()
         assert not at.exception, at.exception
         assert any("nothing retrained" in s.value for s in at.success)
-        assert halting_choice(Tracker(h).run_dir(res.final_run_id))["trial"] == other["trial"]
-        assert any(f"halting units of **trial {other['trial']}** (your choice" in i.value for i in at.info)
+        assert halting_choice(Tracker(h).run_dir(res.final_run_id))["trial"] == other.trial
+        assert any(f"halting units of **trial {other.trial}** (your choice" in i.value for i in at.info)
         again = AppTest.from_file(app, default_timeout=60)  # a reload: a new session
         again.run()
         again.switch_page("app_pages/pareto.py").run()
         again.selectbox(key="pareto_parent").set_value(res.parent_run_id).run()
-        assert any(f"trial {other['trial']}** (your choice" in i.value for i in again.info)
+        assert any(f"trial {other.trial}** (your choice" in i.value for i in again.info)
         table = again.dataframe[0].value
-        assert list(table[table["for prediction"]]["trial"]) == [other["trial"]]
-        on_front = [p["trial"] for p in res.pareto if p["trial"] == res.chosen["trial"]]
+        assert list(table[table["for prediction"]]["trial"]) == [other.trial]
+        on_front = [p.trial for p in res.pareto if p.trial == res.chosen.trial]
         assert list(table[table["pipeline's choice"]]["trial"]) == on_front
-        assert any(f"pipeline's choice: trial {res.chosen['trial']} " in c.value for c in again.caption)
+        assert any(f"pipeline's choice: trial {res.chosen.trial} " in c.value for c in again.caption)
     finally:
         from dact_lib.tuning.dact_pipeline import choose_for_prediction
 
-        choose_for_prediction(res.parent_run_id, {**res.chosen, "source": "front"}, tracker=Tracker(h))
+        choose_for_prediction(res.parent_run_id, res.chosen, tracker=Tracker(h))
         st.cache_resource.clear()
 
 
@@ -676,12 +679,12 @@ def test_stage1_heads_come_back_at_their_best_epoch():
 
 def test_choice_rule_tie_break_prefers_the_more_accurate_of_equal_exits():
     """Mutation (issue 12): the tie-break preferring the less accurate of two equal-exit points must fail here."""
-    lo = {"trial": 0, "val_accuracy": 0.895, "val_avg_exit_layer": 3.0, "val_nll": 0.3, "objective": "val_nll"}
-    hi = {"trial": 1, "val_accuracy": 0.900, "val_avg_exit_layer": 3.0, "val_nll": 0.3, "objective": "val_nll"}
-    assert apply_choice_rule([lo, hi])["trial"] == 1
-    assert apply_choice_rule([hi, lo])["trial"] == 1  # whatever the order
-    same = {**hi, "trial": 2}
-    assert apply_choice_rule([same, hi])["trial"] == 1  # equal exit and accuracy: the lower trial number
+    lo = FrontPoint(trial=0, val_accuracy=0.895, val_avg_exit_layer=3.0, val_nll=0.3, objective="val_nll")
+    hi = FrontPoint(trial=1, val_accuracy=0.900, val_avg_exit_layer=3.0, val_nll=0.3, objective="val_nll")
+    assert apply_choice_rule([lo, hi]).trial == 1
+    assert apply_choice_rule([hi, lo]).trial == 1  # whatever the order
+    same = dataclasses.replace(hi, trial=2)
+    assert apply_choice_rule([same, hi]).trial == 1  # equal exit and accuracy: the lower trial number
 
 
 def test_stage2_trials_on_a_fraction_of_the_rows_then_the_best_params_train_on_all(home):
@@ -743,7 +746,7 @@ def test_a_pipeline_with_its_run_folders_outside_the_home(home, tmp_path, monkey
     res = run_pipeline(tiny_cfg(), pipeline=tiny_pipe("elsewhere", trials=(2, 2, 3)), home=home)
     tr = Tracker(home)
     assert tr.artifacts == art.resolve() and tr.get_run(res.parent_run_id)["status"] == "finished"
-    files = [p["halting_file"] for p in res.pareto]
+    files = [p.halting_file for p in res.pareto]
     assert files and all(not Path(f).is_absolute() for f in files)  # stored relative to the artifacts root
     assert all(tr.abs_path(f).is_file() and art.resolve() in tr.abs_path(f).parents for f in files)
     assert (tr.run_dir(res.final_run_id) / "model.safetensors").is_file()
@@ -767,26 +770,27 @@ def test_trial_rows_keep_enough_rows_of_the_smallest_class():
 def test_final_choice_never_keeps_a_point_the_single_run_beats():
     from dact_lib.tuning.dact_pipeline.single import PIPELINE, SINGLE, final_choice
 
-    pipe = {"trial": 3, "val_accuracy": 0.9021, "val_avg_exit_layer": 3.82}
-    trials = [pipe, {"trial": 4, "val_accuracy": 0.905, "val_avg_exit_layer": 5.0}]
+    pipe = FrontPoint(trial=3, val_accuracy=0.9021, val_avg_exit_layer=3.82)
+    trials = [pipe, FrontPoint(trial=4, val_accuracy=0.905, val_avg_exit_layer=5.0)]
     # the issue's case: the single run is more accurate and exits earlier
-    single = {"source": SINGLE, "val_accuracy": 0.9042, "val_avg_exit_layer": 1.63}
+    single = FrontPoint(source=SINGLE, val_accuracy=0.9042, val_avg_exit_layer=1.63)
     d = final_choice(pipe, single, trials, "lowest_exit_within_1pt", 0.01)
     assert d["winner"] == SINGLE and "at least as accurate and exits no later" in d["why"]
-    assert d["pipeline"] == pipe and d["single"] == single
+    assert d["pipeline"] == pipe.to_dict() and d["single"] == single.to_dict()
     # slightly less accurate but within the tolerance and earlier: the rule over both picks the single run
-    single2 = {**single, "val_accuracy": 0.899}
+    single2 = dataclasses.replace(single, val_accuracy=0.899)
     d = final_choice(pipe, single2, trials, "lowest_exit_within_1pt", 0.01)
     assert d["winner"] == SINGLE and "exits earlier" in d["why"]
     # 2 points below the best: the pipeline's point stays (and says why)
-    single3 = {**single, "val_accuracy": 0.884}
+    single3 = dataclasses.replace(single, val_accuracy=0.884)
     d = final_choice(pipe, single3, trials, "lowest_exit_within_1pt", 0.01)
     assert d["winner"] == PIPELINE and "does not beat" in d["why"]
     # best_objective: only a dominating single run replaces the pipeline's point
     assert final_choice(pipe, single2, trials, "best_objective", 0.01)["winner"] == PIPELINE
     assert final_choice(pipe, single, trials, "best_objective", 0.01)["winner"] == SINGLE
     # equal points: the pipeline's
-    assert final_choice(pipe, {**pipe, "source": SINGLE}, trials, "lowest_exit_within_1pt", 0.01)["winner"] == PIPELINE
+    same = dataclasses.replace(pipe, source=SINGLE)
+    assert final_choice(pipe, same, trials, "lowest_exit_within_1pt", 0.01)["winner"] == PIPELINE
     assert final_choice(pipe, None, trials, "lowest_exit_within_1pt", 0.01)["winner"] == PIPELINE
 
 
@@ -934,11 +938,11 @@ def test_the_single_run_is_a_candidate_and_the_choice_says_which_won(home, monke
     assert all(torch.equal(a[k], b[k]) for k in a)
     p = res.pareto[0]
     trunk = parent["summary"]["trunk_run_id"]
-    assert p["run_id"] == trunk  # stage 3's points are the stage-2 model's
+    assert p.run_id == trunk  # stage 3's points are the stage-2 model's
     with pytest.raises(DactLabError, match="final model is its single run"):
-        choose_for_prediction(res.parent_run_id, {**p, "source": "front"}, tracker=tr)
-    assert _pipeline_point(res.parent_run_id, p["trial"], home)[0] == trunk
-    choose_for_prediction(res.parent_run_id, {**res.chosen, "source": "final"}, tracker=tr)  # its own: fine
+        choose_for_prediction(res.parent_run_id, p, tracker=tr)
+    assert _pipeline_point(res.parent_run_id, p.trial, home)[0] == trunk
+    choose_for_prediction(res.parent_run_id, res.chosen, tracker=tr, source="final")  # its own: fine
 
 
 def test_a_same_name_start_resumes_the_run_holding_the_stages_not_a_jobs_stub(done):
@@ -960,11 +964,13 @@ def test_a_same_name_start_resumes_the_run_holding_the_stages_not_a_jobs_stub(do
 def test_stage3_lambda_has_its_own_name_and_older_studies_still_read():
     """Issue 25 (one λ): stage 3's Optuna parameter is the front's normalised λ, named ``front_lambda`` — not
     ``ponder_lambda``, the training λ's name; points of a study recorded before the rename read the same."""
-    from dact_lib.plots.pareto import normalize_point
-    from dact_lib.tuning.dact_pipeline.settings import FRONT_LAMBDA, front_lambda
+    from dact_lib.tuning.dact_pipeline.settings import FRONT_LAMBDA
+    from dact_lib.tuning.dact_pipeline.stage3 import trial_point
 
     assert FRONT_LAMBDA == "front_lambda" and FRONT_LAMBDA != "ponder_lambda"
-    assert front_lambda({"front_lambda": 0.5}) == 0.5 and front_lambda({"ponder_lambda": 2}) == 2.0
-    assert front_lambda({"halting": "threshold", "tau": 0.3}) is None
-    assert normalize_point({"params": {"front_lambda": 0.1}})["lambda"] == 0.1
-    assert normalize_point({"params": {"ponder_lambda": 0.1}})["lambda"] == 0.1
+    assert trial_point(0, {"front_lambda": 0.5}, None, {}).front_lambda == 0.5
+    assert trial_point(0, {"ponder_lambda": 2}, None, {}).front_lambda == 2.0
+    threshold = trial_point(0, {"halting": "threshold", "tau": 0.3}, None, {})
+    assert threshold.front_lambda is None and threshold.threshold == 0.3 and threshold.kind == "threshold"
+    assert FrontPoint.from_dict({"params": {"front_lambda": 0.1}}).front_lambda == 0.1
+    assert FrontPoint.from_dict({"params": {"ponder_lambda": 0.1}}).front_lambda == 0.1

@@ -73,6 +73,6 @@ def test_staged_dact_pipeline_with_bundled_encoder(home):
     for stage, name in res.study_names.items():
         study = optuna.load_study(study_name=name, storage=optuna_storage_url(home))
         assert study.trials, stage
-    assert res.pareto and 1.0 <= res.chosen["val_avg_exit_layer"] <= 6.0
+    assert res.pareto and 1.0 <= res.chosen.val_avg_exit_layer <= 6.0
     sweep = {r["policy"] for r in res.exit_policy_sweep}
     assert sweep == {"dact", "patience", "entropy", "fixed"}

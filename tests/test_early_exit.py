@@ -280,7 +280,7 @@ def test_default_dact_run_on_an_easy_set_exits_before_the_last_layer(tmp_path):
     N = res.model.num_layers
     halting = res.report["halting"]
     assert halting["layer_accuracy"][0] > 0.95  # layer 1 already solves it
-    assert halting["chosen"]["avg_exit_layer"] < N - 0.5
+    assert halting["chosen"]["val_avg_exit_layer"] < N - 0.5
     assert res.test_metrics["test_avg_exit_layer"] < N - 0.5
     assert res.test_metrics["test_accuracy"] > 0.95
     assert len(halting["points"]) == len(cfg.model.halting_lambdas)
@@ -288,7 +288,7 @@ def test_default_dact_run_on_an_easy_set_exits_before_the_last_layer(tmp_path):
     assert refit["layers"] == list(range(1, N)) and refit["rows"] == len(split_dataset(ds, 0.2, 0.2, 0).train)
     assert len(halting["entropy_points"]) == len(entropy_thresholds(2))
     # the run's validation metrics describe the model with the fitted halting units (what is saved and served)
-    assert res.best_metrics["val_avg_exit_layer"] == pytest.approx(halting["chosen"]["avg_exit_layer"], abs=0.05)
+    assert res.best_metrics["val_avg_exit_layer"] == pytest.approx(halting["chosen"]["val_avg_exit_layer"], abs=0.05)
 
 
 def test_pipeline_keeps_its_jointly_trained_halting_units():
@@ -619,7 +619,7 @@ def test_cross_fit_measures_every_point_on_rows_its_units_were_not_fitted_on():
         assert p.nll == pytest.approx(exp_nll[i])
         assert (p.seen_avg_exit_layer, p.seen_accuracy) == (full[i].avg_exit_layer, full[i].accuracy)
         assert all(torch.equal(p.state[k], full[i].state[k]) for k in p.state)  # the weights: every row's fit
-    assert "seen_accuracy" in points[0].summary() and "nll" in points[0].summary()
+    assert "seen_val_accuracy" in points[0].record().to_dict() and "val_nll" in points[0].record().to_dict()
     # too few rows for folds: the in-sample numbers, and the caller is told
     small, crossed = cross_fit_halting(model, cache.subset(torch.arange(20)), lams, epochs=2)
     assert not crossed and small[0].seen_accuracy is None

@@ -66,7 +66,7 @@ def test_the_training_lambda_decides_the_exits_only_without_the_halting_fit():
     res = _train(ponder_lambda=1e-3)
     rep = res.report["halting"]
     assert rep["chosen"] and rep["tolerance_points"] == default_config("dact").model.halting_tolerance
-    assert res.best_metrics["val_avg_exit_layer"] == pytest.approx(rep["chosen"]["avg_exit_layer"], abs=1e-6) or \
+    assert res.best_metrics["val_avg_exit_layer"] == pytest.approx(rep["chosen"]["val_avg_exit_layer"], abs=1e-6) or \
         not rep.get("cross_fitted")
 
 

@@ -397,7 +397,7 @@ def test_pareto_explorer_shows_the_pipelines_front_choice_and_sweep(pop_home):
     at = _open("app_pages/pareto.py")
     assert at.main.caption[0].value == (
         f"status **{run['status']}** · stages done: {', '.join(summary['stages_done'])} · pipeline's choice: trial "
-        f"{rule['trial']} (λ = {rule['lambda']:.3g}) · final model: run #{final}")
+        f"{rule['trial']} (λ = {rule['front_lambda']:.3g}) · final model: run #{final}")
     # which model the pipeline returned and why (issue 27's final_choice; this pipeline has no single-run candidate)
     assert summary["final_choice"]["winner"] == "pipeline"
     assert at.main.caption[1].value == f"Final model = stage 3's point: {summary['final_choice']['why']}."
@@ -408,7 +408,7 @@ def test_pareto_explorer_shows_the_pipelines_front_choice_and_sweep(pop_home):
     assert list(table["trial"]) == [p["trial"] for p in front]
     assert list(table["val accuracy"]) == pytest.approx([p["val_accuracy"] for p in front])
     assert list(table["val avg exit layer"]) == pytest.approx([p["val_avg_exit_layer"] for p in front])
-    assert list(table["λ"]) == pytest.approx([p["lambda"] for p in front])
+    assert list(table["λ"]) == pytest.approx([p["front_lambda"] for p in front])
     assert list(table["pipeline's choice"]) == [p["trial"] == rule["trial"] for p in front]
     assert not any(table["for prediction"])
 
@@ -417,8 +417,8 @@ def test_pareto_explorer_shows_the_pipelines_front_choice_and_sweep(pop_home):
     assert list(sweep["avg_exit_layer"]) == pytest.approx([r["avg_exit_layer"] for r in summary["exit_policy_sweep"]])
 
     options = at.selectbox(key=f"pareto_pick_{rec.pipeline}").options
-    assert options == [f"final model · run #{final} · the pipeline's choice (λ = {rule['lambda']:.3g})"] + [
-        f"trial {p['trial']} · λ = {p['lambda']:.3g} · exit {p['val_avg_exit_layer']:.2f} · acc "
+    assert options == [f"final model · run #{final} · the pipeline's choice (λ = {rule['front_lambda']:.3g})"] + [
+        f"trial {p['trial']} · λ = {p['front_lambda']:.3g} · exit {p['val_avg_exit_layer']:.2f} · acc "
         f"{p['val_accuracy']:.3f}" for p in front]
 
     chart = _chart(at, "λ trade-off")
@@ -452,7 +452,7 @@ def test_pareto_choice_swaps_in_the_points_halting_units_and_persists(pop_home, 
     assert not _errors(at), _errors(at)
     assert at.session_state["predict_run_id"] == final  # one model: its halting units are swapped
     assert [s.value for s in at.success] == [
-        f"Trial {point['trial']} (λ = {point['lambda']:.3g}) is now used for prediction: run #{final} with that "
+        f"Trial {point['trial']} (λ = {point['front_lambda']:.3g}) is now used for prediction: run #{final} with that "
         "point's halting units (swapped in, nothing retrained). The pipeline's own choice stays recorded."]
     chosen = [e["payload"] for e in tr.get_events(rec.pipeline, kinds=["chosen"])]
     assert [(c["run_id"], c["trial"], c["source"], c["halting"]) for c in chosen] == [
@@ -664,6 +664,7 @@ def test_the_pipeline_page_says_which_run_a_same_name_start_resumes(home, app_jo
 def test_pareto_explorer_shows_a_single_dact_runs_fitted_front(pop_home):
     """Issue 28 (item 4): the explorer was empty for single DACT runs, though each has a fitted front of λ and τ
     points (report.json "halting"). It shows them with the pipeline's chart and a front table."""
+    from dact_lib.front import FrontPoint
     from dact_lib.plots import front_mask
 
     rec = pop_home
@@ -673,8 +674,8 @@ def test_pareto_explorer_shows_a_single_dact_runs_fitted_front(pop_home):
     run = singles[0]  # the newest: the page's default
     halting = json.loads((tr.run_dir(run["id"]) / "report.json").read_text())["halting"]
     raw = halting["points"] + halting["calibrated_front"] + halting["threshold_points"]
-    pts = [{"val_avg_exit_layer": p["avg_exit_layer"], "val_accuracy": p["accuracy"]} for p in raw]
-    front = sorted((p for p, on in zip(raw, front_mask(pts)) if on), key=lambda p: p["avg_exit_layer"])
+    pts = [FrontPoint(val_avg_exit_layer=p["val_avg_exit_layer"], val_accuracy=p["val_accuracy"]) for p in raw]
+    front = sorted((p for p, on in zip(raw, front_mask(pts)) if on), key=lambda p: p["val_avg_exit_layer"])
 
     at = _open("app_pages/pareto.py")
     at.radio(key="pareto_source").set_value("Single DACT run").run()
@@ -682,13 +683,13 @@ def test_pareto_explorer_shows_a_single_dact_runs_fitted_front(pop_home):
     assert at.selectbox(key="pareto_single").value == run["id"]
     table = _table(at, "point", "val accuracy", "run's choice")
     chosen = halting["chosen"]
-    on_front = any(p["avg_exit_layer"] == chosen["avg_exit_layer"] and p["accuracy"] == chosen["accuracy"]
-                   for p in front)
+    on_front = any(p["val_avg_exit_layer"] == chosen["val_avg_exit_layer"]
+                   and p["val_accuracy"] == chosen["val_accuracy"] for p in front)
     assert len(table) == len(front) + (0 if on_front else 1)
-    assert list(table["val avg exit layer"])[:len(front)] == pytest.approx([p["avg_exit_layer"] for p in front])
-    assert list(table["val accuracy"])[:len(front)] == pytest.approx([p["accuracy"] for p in front])
+    assert list(table["val avg exit layer"])[:len(front)] == pytest.approx([p["val_avg_exit_layer"] for p in front])
+    assert list(table["val accuracy"])[:len(front)] == pytest.approx([p["val_accuracy"] for p in front])
     (kept,) = table[table["run's choice"]].to_dict("records")
-    assert kept["val accuracy"] == pytest.approx(chosen["accuracy"])
+    assert kept["val accuracy"] == pytest.approx(chosen["val_accuracy"])
     chart = _chart(at, "λ trade-off")
     names = [t["name"] for t in chart["data"]]
     assert "Pareto front" in names and "the run's choice" in names

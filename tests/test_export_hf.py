@@ -347,7 +347,7 @@ def test_the_card_states_the_runs_records(env, kind):
         assert f"| average exit layer | {test['test_avg_exit_layer']:.4f} of 2 |" in body
         assert "## Exit policy" in body and "Default: `dact`" in body
         chosen = rep["halting"]["chosen"]
-        assert f"accuracy {chosen['accuracy']:.4f}" in body
+        assert f"accuracy {chosen['val_accuracy']:.4f}" in body
     else:
         assert "avg_exit_layer" not in metrics and "## Exit policy" not in body
     for task, tr in rep["report"]["tasks"].items():

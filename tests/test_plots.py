@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from dact_lib import plots
+from dact_lib.front import FrontPoint
 from dact_lib import progress
 from dact_lib.tuning.dact_pipeline.view import pipeline_view, prediction_trial, chosen_prediction_run
 
@@ -265,10 +266,10 @@ def test_run_progress_reads_pbt_members_from_the_tracker(home):
 
 
 POINTS = [  # trial, λ, exit layer, accuracy
-    {"trial": 0, "lambda": 1e-4, "val_avg_exit_layer": 5.5, "val_accuracy": 0.90, "run_id": 10, "val_nll": 0.3},
-    {"trial": 1, "lambda": 1e-3, "val_avg_exit_layer": 4.0, "val_accuracy": 0.88, "run_id": 11, "val_nll": 0.35},
-    {"trial": 2, "lambda": 1e-2, "val_avg_exit_layer": 4.5, "val_accuracy": 0.85, "run_id": 12},  # dominated by 1
-    {"trial": 3, "lambda": 5e-2, "val_avg_exit_layer": 2.0, "val_accuracy": 0.70, "run_id": 13},
+    FrontPoint(trial=0, front_lambda=1e-4, val_avg_exit_layer=5.5, val_accuracy=0.90, run_id=10, val_nll=0.3),
+    FrontPoint(trial=1, front_lambda=1e-3, val_avg_exit_layer=4.0, val_accuracy=0.88, run_id=11, val_nll=0.35),
+    FrontPoint(trial=2, front_lambda=1e-2, val_avg_exit_layer=4.5, val_accuracy=0.85, run_id=12),  # dominated by 1
+    FrontPoint(trial=3, front_lambda=5e-2, val_avg_exit_layer=2.0, val_accuracy=0.70, run_id=13),
 ]
 
 
@@ -298,8 +299,8 @@ def test_lambda_pareto_figure_uses_a_given_front_and_marks_the_chosen_run():
 
 
 def test_lambda_pareto_figure_error_only_points_and_empty():
-    fig = plots.lambda_pareto_figure([{"number": 4, "params": {"ponder_lambda": 0.01}, "val_error": 0.2,
-                                       "avg_exit_layer": 3.0}])
+    fig = plots.lambda_pareto_figure([FrontPoint.from_dict({"number": 4, "params": {"ponder_lambda": 0.01},
+                                                            "val_error": 0.2, "avg_exit_layer": 3.0})])
     assert list(fig.data[0].y) == [pytest.approx(0.8)] and list(fig.data[0].x) == [3.0]
     assert not plots.lambda_pareto_figure([]).data
 
@@ -458,15 +459,15 @@ def test_pipeline_view_of_a_real_pipeline_reads_its_events_and_summary(records):
     view = pipeline_view(run, events)
     trials = _stage3_complete(records.home)
     assert {e["payload"]["stage"] for e in events if e["kind"] == "trial"} == {"stage1", "stage2", "stage3"}
-    assert [p["trial"] for p in view["trials"]] == [t.number for t in trials]  # stage 3 only
+    assert [p.trial for p in view["trials"]] == [t.number for t in trials]  # stage 3 only
     for p, t in zip(view["trials"], trials):
-        assert p["lambda"] == pytest.approx(t.params["front_lambda"])
-        assert p["val_avg_exit_layer"] == pytest.approx(t.user_attrs["val_avg_exit_layer"]) == pytest.approx(t.values[1])
-        assert p["val_accuracy"] == pytest.approx(t.user_attrs["val_accuracy"])
-        assert p["val_error"] == pytest.approx(1 - t.user_attrs["val_accuracy"])
-        assert p["run_id"] == t.user_attrs["run_id"] and p["halting_file"] == t.user_attrs["halting_file"]
-    assert [p["trial"] for p in view["front"]] == [p["trial"] for p in summary["front"]]
-    assert view["pipeline_choice"]["trial"] == summary["chosen"]["trial"]
+        assert p.front_lambda == pytest.approx(t.params["front_lambda"])
+        assert p.val_avg_exit_layer == pytest.approx(t.user_attrs["val_avg_exit_layer"]) == pytest.approx(t.values[1])
+        assert p.val_accuracy == pytest.approx(t.user_attrs["val_accuracy"])
+        assert p.val_error == pytest.approx(1 - t.user_attrs["val_accuracy"])
+        assert p.run_id == t.user_attrs["run_id"] and p.halting_file == t.user_attrs["halting_file"]
+    assert [p.trial for p in view["front"]] == [p["trial"] for p in summary["front"]]
+    assert view["pipeline_choice"].trial == summary["chosen"]["trial"]
     sweep_event = [e["payload"] for e in events if e["kind"] == "exit_policy_sweep"][-1]
     assert view["sweep"] == summary["exit_policy_sweep"] and view["num_layers"] == sweep_event["num_layers"] == 2
     assert view["final_run_id"] == summary["final_run_id"] == records.pipeline_final
@@ -478,7 +479,7 @@ def test_pipeline_view_of_a_real_pipeline_reads_its_events_and_summary(records):
     first = next(i for i, e in enumerate(events) if e["kind"] == "trial" and e["payload"]["stage"] == "stage3")
     pruned = list(events)
     pruned[first] = {**events[first], "payload": {**events[first]["payload"], "state": "pruned"}}
-    assert [p["trial"] for p in pipeline_view(run, pruned)["trials"]] == [t.number for t in trials[1:]]
+    assert [p.trial for p in pipeline_view(run, pruned)["trials"]] == [t.number for t in trials[1:]]
 
 
 def test_pipeline_view_after_choices_on_the_explorer(records, tmp_path):
@@ -488,15 +489,15 @@ def test_pipeline_view_after_choices_on_the_explorer(records, tmp_path):
     h = copy_home(records, tmp_path / "home")
     tr, run, _ = _pipeline(h, records)
     rule, final = run["summary"]["chosen"], run["summary"]["final_run_id"]
-    point = next(p for p in run["summary"]["front"] if p["trial"] != rule["trial"])
-    choose_for_prediction(records.pipeline, {**point, "source": "front"}, tracker=tr)
+    point = next(FrontPoint.from_dict(p) for p in run["summary"]["front"] if p["trial"] != rule["trial"])
+    choose_for_prediction(records.pipeline, point, tracker=tr)
     view = pipeline_view(tr.get_run(records.pipeline), tr.get_events(records.pipeline))
-    assert view["chosen_run_id"] == final and view["user_choice"]["trial"] == point["trial"]
-    assert prediction_trial(view, final) == point["trial"]
-    assert prediction_trial(view, view["trials"][0]["run_id"]) is None  # not the final model
+    assert view["chosen_run_id"] == final and view["user_choice"]["trial"] == point.trial
+    assert prediction_trial(view, final) == point.trial
+    assert prediction_trial(view, view["trials"][0].run_id) is None  # not the final model
     assert chosen_prediction_run(tr) == chosen_prediction_run(tr, records.pipeline) == final
     # choosing the pipeline's own point again: no user choice any more
-    choose_for_prediction(records.pipeline, {**rule, "source": "front"}, tracker=tr)
+    choose_for_prediction(records.pipeline, FrontPoint.from_dict(rule), tracker=tr)
     view = pipeline_view(tr.get_run(records.pipeline), tr.get_events(records.pipeline))
     assert view["user_choice"] is None and prediction_trial(view, final) == rule["trial"]
 
@@ -504,11 +505,11 @@ def test_pipeline_view_after_choices_on_the_explorer(records, tmp_path):
 def test_lambda_pareto_figure_of_a_real_pipeline_draws_each_trial_once(records):
     _, run, events = _pipeline(records.home, records)
     view = pipeline_view(run, events)
-    fig = plots.lambda_pareto_figure(view["trials"], view["front"], pipeline_trial=view["pipeline_choice"]["trial"])
+    fig = plots.lambda_pareto_figure(view["trials"], view["front"], pipeline_trial=view["pipeline_choice"].trial)
     trials, front = fig.data[0], fig.data[1]
     assert sorted(cd[0] for cd in trials.customdata) == [t.number for t in _stage3_complete(records.home)]
-    assert [cd[0] for cd in front.customdata] == [p["trial"] for p in sorted(
-        view["front"], key=lambda p: p["val_avg_exit_layer"])]
+    assert [cd[0] for cd in front.customdata] == [p.trial for p in sorted(
+        view["front"], key=lambda p: p.val_avg_exit_layer)]
 
 
 def test_chosen_prediction_run(tmp_path):

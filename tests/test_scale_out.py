@@ -251,7 +251,7 @@ def test_workers_run_the_pipelines_stage2_and_stage3_trials_on_postgresql(pg_url
         else:  # the grid's λ points first (fitted by the worker on its own cache of the trunk's outputs)
             assert [t.params["halting"] for t in done[:3]] == ["fitted"] * 3
             assert {t.user_attrs["run_id"] for t in done} == {st2["best_run_id"]}
-            assert res.pareto and res.chosen["trial"] in {t.number for t in done}
+            assert res.pareto and res.chosen.trial in {t.number for t in done}
     assert tracker.get_run(res.parent_run_id)["status"] == "finished" and res.final_run_id is not None
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..encoders import BUNDLED_NAME, is_bundled, is_tiny
+from ..front import FrontPoint
 
 BUNDLED_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -343,9 +344,10 @@ def model_card(info: dict) -> str:
                     f"({', '.join(f'{k} = {v}' for k, v in user.items() if k != 'file')}); the test metrics above "
                     "were measured with the run's own halting units."]
         elif chosen:
-            out += ["", f"The halting units were fitted after training (λ = {_num(chosen.get('lambda'), 3)}; "
-                    f"validation: average exit layer {_num(chosen.get('avg_exit_layer'), 2)}, accuracy "
-                    f"{_num(chosen.get('accuracy'))})."]
+            kept = FrontPoint.from_dict(chosen)
+            out += ["", f"The halting units were fitted after training (λ = {_num(kept.front_lambda, 3)}; "
+                    f"validation: average exit layer {_num(kept.val_avg_exit_layer, 2)}, accuracy "
+                    f"{_num(kept.val_accuracy)})."]
         front = info.get("front") or []
         if front:
             latency = any(p.get("latency_ms_p50") is not None for p in front)

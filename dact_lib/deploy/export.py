@@ -49,27 +49,25 @@ def _pipeline_point(run: Any, point: int, home) -> tuple[int, Any]:
         raise ConfigError(f"--point picks a stage-3 point of a DACT pipeline, and run {text} is a {info['kind']!r} "
                           "run: use --policy (e.g. entropy:0.3) or --latency-budget-ms for a single run.")
     study, _, _ = load_stage3(int(text), tracker=tracker)
-    front = {p["trial"]: p for p in pareto_points(study)}
+    front = {p.trial: p for p in pareto_points(study)}
     if int(point) not in front:
         raise ConfigError(f"--point {point}: not a point of pipeline {text}'s front; choose one of trials "
-                          f"{sorted(front)} (the Pareto page lists them).")
+                          f"{sorted(t for t in front if t is not None)} (the Pareto page lists them).")
     p = front[int(point)]
     summary = info.get("summary") or {}
     final = summary.get("final_run_id")
-    if summary.get("final_source") == "single run" and p.get("halting_file"):
+    if summary.get("final_source") == "single run" and p.halting_file:
         # the final model is the pipeline's single run: stage 3's units fit the stage-2 model, exported with it
         final = summary.get("trunk_run_id", final)
     halting = None
     try:
-        if p.get("halting_file"):
-            src = tracker.abs_path(str(p["halting_file"]))
+        if p.halting_file:
+            src = tracker.abs_path(p.halting_file)
             if not src.is_file():
                 raise DactLabError(f"point {point}'s halting weights ({src}) are missing: choose another point.")
-            halting = {"weights": load_file(str(src)), "trial": int(point), "lambda": p.get("lambda"),
-                       "tau": p.get("tau"), "val_avg_exit_layer": p.get("val_avg_exit_layer"),
-                       "val_accuracy": p.get("val_accuracy"), "by": "export --point"}
-        elif p.get("run_id") is not None:
-            final = int(p["run_id"])  # an older pipeline: one trained run per λ
+            halting = {"weights": load_file(str(src)), **p.brief().to_dict(), "by": "export --point"}
+        elif p.run_id is not None:
+            final = p.run_id  # an older pipeline: one trained run per λ
     finally:
         tracker.close()
     if final is None:

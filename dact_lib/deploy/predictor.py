@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DactLabError
+from ..front import report_points
 from .policy import format_policy, parse_policy
 
 log = logging.getLogger(__name__)
@@ -130,17 +131,14 @@ def exit_front(run_dir: str | Path | None) -> list[dict]:
     if not isinstance(halting, dict):
         return []
     pts = []
-    for key in ("points", "calibrated_front", "threshold_points"):
-        for p in halting.get(key) or []:
-            try:
-                x, y = float(p["avg_exit_layer"]), float(p["accuracy"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            pt = {"avg_exit_layer": x, "accuracy": y}
-            for extra in ("lambda", "threshold"):
-                if p.get(extra) is not None:
-                    pt[extra] = p[extra]
-            pts.append(pt)
+    for fp in report_points(halting):
+        if fp.val_avg_exit_layer is None or fp.val_accuracy is None:
+            continue
+        pt: dict = {"avg_exit_layer": fp.val_avg_exit_layer, "accuracy": fp.val_accuracy}
+        for extra, value in (("lambda", fp.front_lambda), ("threshold", fp.threshold)):
+            if value is not None:
+                pt[extra] = value
+        pts.append(pt)
     front = [p for p in pts if not any(q["avg_exit_layer"] <= p["avg_exit_layer"] and q["accuracy"] >= p["accuracy"]
                                        and (q["avg_exit_layer"] < p["avg_exit_layer"] or q["accuracy"] > p["accuracy"])
                                        for q in pts)]

@@ -1,5 +1,5 @@
-"""The λ / exit-layer / accuracy trade-off: stage-3 points (normalised), their front, the λ chart with the
-exit-policy curves of the same weights, and the exit-policy comparison."""
+"""The λ / exit-layer / accuracy trade-off: front points (:class:`~dact_lib.front.FrontPoint`), their front, the λ
+chart with the exit-policy curves of the same weights, and the exit-policy comparison."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -8,67 +8,23 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from ..front import FrontPoint, front_mask
 from .base import POLICY_COLOURS, POLICY_LABELS, colour, empty_figure, fmt_value
 
 
-def _num(d: dict, *keys: str) -> float | None:
-    for k in keys:
-        v = d.get(k)
-        if v is not None:
-            try:
-                f = float(v)
-            except (TypeError, ValueError):
-                continue
-            if np.isfinite(f):
-                return f
-    return None
+def _x(p: FrontPoint) -> float:
+    return float(p.val_avg_exit_layer) if p.val_avg_exit_layer is not None else float("nan")
 
 
-def normalize_point(p: dict) -> dict:
-    """A stage-3 trial/front point with canonical keys: trial, lambda, val_loss, val_error, val_accuracy,
-    val_avg_exit_layer, run_id, params (the original keys are kept too)."""
-    q = dict(p)
-    params = p.get("params") if isinstance(p.get("params"), dict) else {}
-    q["params"] = params
-    q["trial"] = p.get("trial", p.get("number", p.get("trial_number")))
-    lam = _num(p, "lambda", "front_lambda", "ponder_lambda", "lam")
-    if lam is None:
-        lam = _num(params, "lambda", "front_lambda", "ponder_lambda", "model.ponder_lambda", "lam")
-    q["lambda"] = lam
-    q["val_avg_exit_layer"] = _num(p, "val_avg_exit_layer", "avg_exit_layer", "exit_layer")
-    acc = _num(p, "val_accuracy", "accuracy")
-    err = _num(p, "val_error", "error")
-    if acc is None and err is not None:
-        acc = 1.0 - err
-    if err is None and acc is not None:
-        err = 1.0 - acc
-    q["val_accuracy"], q["val_error"] = acc, err
-    q["val_loss"] = _num(p, "val_loss", "loss")
-    q["val_nll"] = _num(p, "val_nll", "nll")
-    rid = p.get("run_id")
-    q["run_id"] = int(rid) if rid is not None and str(rid).lstrip("-").isdigit() else rid
-    return q
-
-
-def front_mask(points: Sequence[dict], x: str = "val_avg_exit_layer", y: str = "val_accuracy") -> list[bool]:
-    """Non-dominated points (lower ``x``, higher ``y`` is better); points missing x or y are never on it."""
-    ok = [p.get(x) is not None and p.get(y) is not None for p in points]
-    out = []
-    for i, p in enumerate(points):
-        if not ok[i]:
-            out.append(False)
-            continue
-        dominated = any(ok[j] and q[x] <= p[x] and q[y] >= p[y] and (q[x] < p[x] or q[y] > p[y])
-                        for j, q in enumerate(points) if j != i)
-        out.append(not dominated)
-    return out
+def _y(p: FrontPoint) -> float:
+    return float(p.val_accuracy) if p.val_accuracy is not None else float("nan")
 
 
 _SWEEP_STYLE = {"entropy": ("#d62728", "diamond"), "patience": ("#2ca02c", "square"), "fixed": ("#7f7f7f", "x")}
 
 
 # complexity: one optional layer per branch (front, user's choice, pipeline's choice, policy sweep)
-def lambda_pareto_figure(points: Sequence[dict], front: Sequence[dict] | None = None, *,
+def lambda_pareto_figure(points: Sequence[FrontPoint], front: Sequence[FrontPoint] | None = None, *,
                          chosen_run_id: Any = None, height: int = 460, chosen_trial: Any = None,
                          pipeline_trial: Any = None, sweep: Sequence[dict] | None = None) -> go.Figure:
     """Stage-3 λ trials: average exit layer (x, lower = faster) vs validation accuracy (y), coloured by log10 λ.
@@ -80,48 +36,46 @@ def lambda_pareto_figure(points: Sequence[dict], front: Sequence[dict] | None = 
     (a ring) — points that share one model's weights. ``sweep``: exit-policy rows of the same weights (entropy,
     patience, fixed depth; ``avg_exit_layer``, ``accuracy`` in 0..1) drawn on the same axes. The y axis fits the
     data."""
-    pts = [normalize_point(p) for p in points]
-    pts = [p for p in pts if p["val_avg_exit_layer"] is not None and p["val_accuracy"] is not None]
+    pts = [p for p in points if p.val_avg_exit_layer is not None and p.val_accuracy is not None]
     if not pts:
         return empty_figure("λ trade-off", "no stage-3 λ trials yet", height)
     if front is not None:
-        fr = [normalize_point(p) for p in front]
+        fr = list(front)
         # a point is matched on its trial number when it has one (a fitted pipeline's front names the final run,
         # its trials the stage-2 run), on its run id only when it has no trial number
-        def key(p: dict) -> tuple:
-            return ("t", p["trial"]) if p["trial"] is not None else ("r", p["run_id"])
+        def key(p: FrontPoint) -> tuple:
+            return ("t", p.trial) if p.trial is not None else ("r", p.run_id)
 
         keys = {key(p) for p in fr}
         on = [key(p) in keys for p in pts]
         known = {key(p) for p in pts}
         for p in fr:  # front points that are not among the trials: add them
-            if key(p) not in known and p["val_avg_exit_layer"] is not None \
-                    and p["val_accuracy"] is not None:
+            if key(p) not in known and p.val_avg_exit_layer is not None and p.val_accuracy is not None:
                 pts.append(p)
                 on.append(True)
     else:
         on = front_mask(pts)
-    lam = np.array([p["lambda"] if p["lambda"] is not None else np.nan for p in pts], dtype=np.float64)
+    lam = np.array([p.front_lambda if p.front_lambda is not None else np.nan for p in pts], dtype=np.float64)
     positive = lam[np.isfinite(lam) & (lam > 0)]
     floor = positive.min() / 10 if len(positive) else 1e-6
     loglam = np.log10(np.where(np.isfinite(lam) & (lam > 0), lam, floor))
 
-    def hover(p: dict) -> str:
-        parts = [f"trial {p['trial']}" if p["trial"] is not None else "trial ?",
-                 f"λ = {p['lambda']:.3g}" if p["lambda"] is not None else
-                 f"threshold τ = {_num(p, 'tau'):.3g}" if _num(p, "tau") is not None else "λ = ?",
-                 f"avg exit layer {p['val_avg_exit_layer']:.3f}", f"val accuracy {p['val_accuracy']:.4f}"]
-        if p["val_loss"] is not None:
-            parts.append(f"val loss {p['val_loss']:.4f}")
-        if _num(p, "val_nll") is not None:
-            parts.append(f"val NLL {_num(p, 'val_nll'):.4f}")
-        if p["run_id"] is not None:
-            parts.append(f"run {p['run_id']}")
-        parts += [f"{k} = {fmt_value(v)}" for k, v in list(p["params"].items())[:12]]
+    def hover(p: FrontPoint) -> str:
+        parts = [f"trial {p.trial}" if p.trial is not None else "trial ?",
+                 f"λ = {p.front_lambda:.3g}" if p.front_lambda is not None else
+                 f"threshold τ = {p.threshold:.3g}" if p.threshold is not None else "λ = ?",
+                 f"avg exit layer {_x(p):.3f}", f"val accuracy {_y(p):.4f}"]
+        if p.val_loss is not None:
+            parts.append(f"val loss {p.val_loss:.4f}")
+        if p.val_nll is not None:
+            parts.append(f"val NLL {p.val_nll:.4f}")
+        if p.run_id is not None:
+            parts.append(f"run {p.run_id}")
+        parts += [f"{k} = {fmt_value(v)}" for k, v in list(p.params.items())[:12]]
         return "<br>".join(parts)
 
-    def cd(p: dict) -> list:
-        return [p["trial"], p["run_id"]]
+    def cd(p: FrontPoint) -> list:
+        return [p.trial, p.run_id]
 
     cmin, cmax = float(loglam.min()), float(loglam.max())
     if cmin == cmax:
@@ -130,20 +84,20 @@ def lambda_pareto_figure(points: Sequence[dict], front: Sequence[dict] | None = 
                   colorbar=dict(title="log10 λ"), line=dict(width=0))
     fig = go.Figure()
     fig.add_trace(go.Scatter(
-        x=[p["val_avg_exit_layer"] for p in pts], y=[p["val_accuracy"] for p in pts], mode="markers",
+        x=[_x(p) for p in pts], y=[_y(p) for p in pts], mode="markers",
         name="λ trials", marker=marker, customdata=[cd(p) for p in pts], hovertext=[hover(p) for p in pts],
         hoverinfo="text"))
-    fr_pts = sorted((p for p, o in zip(pts, on) if o), key=lambda p: p["val_avg_exit_layer"])
+    fr_pts = sorted((p for p, o in zip(pts, on) if o), key=_x)
     fr_idx = [i for i, o in enumerate(on) if o]
-    fr_idx.sort(key=lambda i: pts[i]["val_avg_exit_layer"])
+    fr_idx.sort(key=lambda i: _x(pts[i]))
     fig.add_trace(go.Scatter(
-        x=[p["val_avg_exit_layer"] for p in fr_pts], y=[p["val_accuracy"] for p in fr_pts], mode="lines+markers",
+        x=[_x(p) for p in fr_pts], y=[_y(p) for p in fr_pts], mode="lines+markers",
         name="Pareto front", line=dict(color="black", dash="dash", width=1.5, shape="hv"),
         marker=dict(size=15, color=[float(loglam[i]) for i in fr_idx], colorscale="Viridis", cmin=cmin, cmax=cmax,
                     line=dict(color="black", width=2.5)),
         customdata=[cd(p) for p in fr_pts], hovertext=["<b>on the front</b><br>" + hover(p) for p in fr_pts],
         hoverinfo="text"))
-    ys, xs = [p["val_accuracy"] for p in pts], [p["val_avg_exit_layer"] for p in pts]
+    ys, xs = [_y(p) for p in pts], [_x(p) for p in pts]
     for fam in ("entropy", "patience", "fixed"):
         rows = sorted((r for r in sweep or () if r.get("policy") == fam and r.get("avg_exit_layer") is not None
                        and r.get("accuracy") is not None), key=lambda r: r["avg_exit_layer"])
@@ -166,9 +120,9 @@ def lambda_pareto_figure(points: Sequence[dict], front: Sequence[dict] | None = 
         marks.append(("used for prediction", chosen_trial, dict(symbol="star", size=22, color="gold",
                                                                  line=dict(color="black", width=1))))
     for label, trial, mk in marks:
-        ch = [p for p in pts if p["trial"] is not None and str(p["trial"]) == str(trial)]
+        ch = [p for p in pts if p.trial is not None and str(p.trial) == str(trial)]
         if ch:
-            fig.add_trace(go.Scatter(x=[ch[0]["val_avg_exit_layer"]], y=[ch[0]["val_accuracy"]], mode="markers",
+            fig.add_trace(go.Scatter(x=[_x(ch[0])], y=[_y(ch[0])], mode="markers",
                                      name=label, marker=mk, customdata=[cd(ch[0])],
                                      hovertext=[f"{label}: " + hover(ch[0])], hoverinfo="text"))
     lo, hi = min(ys), max(ys)
@@ -176,9 +130,9 @@ def lambda_pareto_figure(points: Sequence[dict], front: Sequence[dict] | None = 
     fig.update_yaxes(range=[max(0.0, lo - pad), min(1.0, hi + pad) if hi < 1.0 else 1.0 + pad / 4])
     fig.update_xaxes(range=[max(0.0, min(xs) - 0.3), max(xs) + 0.3])
     if chosen_run_id is not None and chosen_trial is None:
-        ch = [p for p in pts if p["run_id"] is not None and str(p["run_id"]) == str(chosen_run_id)]
+        ch = [p for p in pts if p.run_id is not None and str(p.run_id) == str(chosen_run_id)]
         if ch:
-            fig.add_trace(go.Scatter(x=[ch[0]["val_avg_exit_layer"]], y=[ch[0]["val_accuracy"]], mode="markers",
+            fig.add_trace(go.Scatter(x=[_x(ch[0])], y=[_y(ch[0])], mode="markers",
                                      name="chosen", marker=dict(symbol="star", size=22, color="gold",
                                                                 line=dict(color="black", width=1)),
                                      customdata=[cd(ch[0])], hovertext=["chosen: " + hover(ch[0])],

@@ -286,22 +286,22 @@ def cmd_dact_pipeline(args) -> int:
         tr = Tracker(args.home)
         parent = dp.load_pipeline_result(args.name, tracker=tr).parent_run_id
         point = dp.choose_point(parent, args.choose, tracker=tr)
-        got = dp.choose_for_prediction(parent, {**point, "source": "front"}, tracker=tr, by="cli")
+        got = dp.choose_for_prediction(parent, point, tracker=tr, by="cli")
         what = "its own (the pipeline's choice)" if got["halting"] is None else f"trial {args.choose}'s"
         _err(args, f"run {got['run_id']} now predicts with {what} halting units: validation exit "
-                   f"{_fmt(point.get('val_avg_exit_layer'))} layers, accuracy {_fmt(point.get('val_accuracy'))}")
+                   f"{_fmt(point.val_avg_exit_layer)} layers, accuracy {_fmt(point.val_accuracy)}")
         _print_ids(parent, got["run_id"])
         return 0
     cfg, pipeline = pipeline_arguments(args)
     _err(args, f"pipeline {pipeline.name} (run it again with --name {pipeline.name} to resume it)")
     res = dp.run_pipeline(cfg, pipeline=pipeline, home=args.home, tracker=Tracker(args.home),
                           callbacks=[ProgressPrinter(args.verbosity)])
-    chosen = res.chosen or {}
-    if chosen:
-        what = "the single run's point" if chosen.get("source") == "single run" else \
-            f"threshold τ {_fmt(chosen['tau'])}" if chosen.get("tau") is not None else f"λ {_fmt(chosen.get('lambda'))}"
-        _err(args, f"chosen {what} (trial {chosen.get('trial')}): val accuracy "
-                   f"{_fmt(chosen.get('val_accuracy'))}, average exit layer {_fmt(chosen.get('val_avg_exit_layer'))}; "
+    chosen = res.chosen
+    if chosen is not None:
+        what = "the single run's point" if chosen.source == "single run" else \
+            f"threshold τ {_fmt(chosen.threshold)}" if chosen.threshold is not None else f"λ {_fmt(chosen.front_lambda)}"
+        _err(args, f"chosen {what} (trial {chosen.trial}): val accuracy "
+                   f"{_fmt(chosen.val_accuracy)}, average exit layer {_fmt(chosen.val_avg_exit_layer)}; "
                    f"{len(res.pareto)} Pareto-optimal points")
     decision = (Tracker(args.home).get_run(res.parent_run_id).get("summary") or {}).get("final_choice")
     if decision:

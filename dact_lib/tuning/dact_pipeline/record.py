@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from .. import studies
 from ...config import RunConfig
 from ...errors import ConfigError, DactLabError
+from ...front import FrontPoint
 from ..pipeline_runs import resumed_run_of
 from .settings import PIPELINE_KIND, PipelineResult, STAGES, STAGE_WEIGHTS
 from ... import events as ev
@@ -46,7 +47,7 @@ class Budget:
         if self.deadline is None:
             return None
         rest = [s for s in STAGES[STAGES.index(stage):] if s not in self.skip or s == stage]
-        return self.left() * STAGE_WEIGHTS[stage] / sum(STAGE_WEIGHTS[s] for s in rest)
+        return (self.left() or 0.0) * STAGE_WEIGHTS[stage] / sum(STAGE_WEIGHTS[s] for s in rest)
 
     @classmethod
     def limit_min(cls, seconds: float | None, existing: float | None = None) -> float | None:
@@ -117,10 +118,12 @@ def result_of(parent: int, state: dict[str, dict], study_names: dict[str, str], 
     stored one's alike)."""
     fin = state.get("final", {})
     st3 = state.get("stage3", {})
+    chosen = fin.get("chosen") or st3.get("chosen")
     return PipelineResult(
         parent_run_id=int(parent), final_run_id=fin.get("final_run_id"),
         stage_best={s: state[s]["best_params"] for s in ("stage1", "stage2", "stage3") if s in state},
-        pareto=fin.get("front") or st3.get("front", []), chosen=fin.get("chosen") or st3.get("chosen", {}),
+        pareto=[FrontPoint.from_dict(p) for p in fin.get("front") or st3.get("front", [])],
+        chosen=FrontPoint.from_dict(chosen) if chosen else None,
         study_names=dict(study_names), status=status, resumed_stages=list(resumed),
         feature_cache=state.get("stage1", {}).get("feature_cache", {}), test_metrics=fin.get("test_metrics", {}),
         exit_policy_sweep=fin.get("exit_policy_sweep", []), model_config=fin.get("model", {}),

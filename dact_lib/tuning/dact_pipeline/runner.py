@@ -13,9 +13,10 @@ from .. import studies
 from ...callbacks import Callback, CancelToken
 from ...config import DactModelConfig, RunConfig, TrainConfig, from_dict
 from ...errors import Cancelled, ConfigError, DactLabError
+from ...front import FrontPoint
 from . import final, guards, record, single, stage1, stage2, stage3
 from .record import Budget, counted, jsonable, n_complete, write_json
-from .settings import PipelineConfig, PipelineResult, STAGES, front_lambda
+from .settings import PipelineConfig, PipelineResult, STAGES
 from .stage2 import train_from_params
 from ... import events as ev
 
@@ -81,7 +82,7 @@ class _Pipeline:
                 return
             if stage == "stage3":
                 metrics = {"stage3_objective": t.values[0], "stage3_avg_exit_layer": t.values[1],
-                           "stage3_lambda": front_lambda(t.params),
+                           "stage3_lambda": stage3.trial_point(t.number, t.params, t.values, t.user_attrs).front_lambda,
                            "stage3_val_accuracy": t.user_attrs.get("val_accuracy")}
             else:
                 metrics = {f"{stage}_value": t.value,
@@ -221,7 +222,7 @@ class _Pipeline:
     def final(self) -> None:
         final.run(self)
 
-    def finetune(self, model, loaded, chosen: dict, enc_val) -> dict:
+    def finetune(self, model, loaded, chosen: FrontPoint, enc_val) -> dict:
         return final.finetune(self, model, loaded, chosen, enc_val)
 
     def result(self, status: str = "finished") -> PipelineResult:

@@ -10,17 +10,12 @@ from typing import ClassVar, Any, Literal
 
 from ...config import POOLINGS
 from ...errors import ConfigError
+from ...front import FrontPoint
 
 #: stage 3's Optuna parameter: the halting fit's normalised λ of the front (docs/dact_maths.md, "Two scales of λ"),
 #: named apart from the training λ (``model.ponder_lambda``); stage-3 studies before the rename called it
-#: "ponder_lambda", which :func:`front_lambda` still reads
+#: "ponder_lambda", which ``FrontPoint.from_dict`` still reads
 FRONT_LAMBDA = "front_lambda"
-
-
-def front_lambda(params: dict) -> float | None:
-    """The normalised λ of a stage-3 trial's parameters (either name), or None (a threshold trial)."""
-    lam = params.get(FRONT_LAMBDA, params.get("ponder_lambda"))
-    return None if lam is None else float(lam)
 
 
 PIPELINE_KIND = "dact-pipeline"
@@ -356,7 +351,7 @@ class PipelineConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"Unknown pipeline setting(s) {unknown}: allowed are {sorted(names)}.")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kwargs).validate()
 
     def study_names(self) -> dict[str, str]:
@@ -368,8 +363,8 @@ class PipelineResult:
     parent_run_id: int
     final_run_id: int | None
     stage_best: dict[str, dict]  # stage -> its best params (stage3: the chosen point's params)
-    pareto: list[dict]  # the stage-3 front, sorted by average exit layer
-    chosen: dict  # the front point picked by the choice rule
+    pareto: list[FrontPoint]  # the stage-3 front, sorted by average exit layer
+    chosen: FrontPoint | None  # the front point picked by the choice rule (None before stage 3 has finished)
     study_names: dict[str, str]
     status: str = "finished"
     resumed_stages: list[str] = field(default_factory=list)  # stages taken from an earlier call (not re-run)

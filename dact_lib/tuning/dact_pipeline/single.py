@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from ...errors import DactLabError
+from ...front import FrontPoint, report_chosen
 
 SINGLE = "single run"
 PIPELINE = "pipeline"
@@ -36,7 +37,7 @@ def run(pl) -> None:
         run_cfg.train.time_limit_min = pl.budget.limit_min(budget, run_cfg.train.time_limit_min)
     res = pl.train_child(run_cfg.validate(), [], save=True)
     point = single_point(res.run_id, res.best_metrics, _halting_report(pl, res))
-    pl.finish_stage("single", {"run_id": res.run_id, "point": point, "best_metrics": res.best_metrics,
+    pl.finish_stage("single", {"run_id": res.run_id, "point": point.to_dict(), "best_metrics": res.best_metrics,
                                "stop_reason": res.stop_reason}, time.monotonic() - t0)
 
 
@@ -50,44 +51,45 @@ def _halting_report(pl, res) -> dict | None:
         return None
 
 
-def single_point(run_id: int, best_metrics: dict, halting: dict | None) -> dict[str, Any]:
+def single_point(run_id: int, best_metrics: dict, halting: dict | None) -> FrontPoint:
     """The single run as a point of the final choice: its installed halting point's validation accuracy and average
     exit layer — the cross-fitted numbers of its halting report when it has them (what stage 3's points carry
     too), else the validation metrics of the saved model."""
-    chosen = (halting or {}).get("chosen") or {}
-    if chosen.get("accuracy") is not None and chosen.get("avg_exit_layer") is not None:
-        acc, exit_layer = float(chosen["accuracy"]), float(chosen["avg_exit_layer"])
+    chosen = report_chosen(halting or {}) or FrontPoint()
+    acc: float | None
+    exit_layer: float | None
+    if chosen.val_accuracy is not None and chosen.val_avg_exit_layer is not None:
+        acc, exit_layer = chosen.val_accuracy, chosen.val_avg_exit_layer
         how = "cross-fitted halting point" if (halting or {}).get("cross_fitted") else "halting point"
     else:
-        acc = float(best_metrics.get("val_accuracy", float("nan")))
-        exit_layer = float(best_metrics.get("val_avg_exit_layer", float("nan")))
+        acc, exit_layer = _number(best_metrics.get("val_accuracy")), _number(best_metrics.get("val_avg_exit_layer"))
         how = "validation metrics"
-    return {"source": SINGLE, "run_id": int(run_id), "trial": None, "val_accuracy": acc,
-            "val_avg_exit_layer": exit_layer, "measured": how, "lambda": chosen.get("lambda"),
-            "tau": chosen.get("threshold")}
+    return FrontPoint(source=SINGLE, run_id=int(run_id), val_accuracy=acc, val_avg_exit_layer=exit_layer,
+                      measured=how, front_lambda=chosen.front_lambda, threshold=chosen.threshold)
 
 
-def final_choice(chosen: dict, single: dict | None, trials: list[dict], rule: str, tolerance: float
-                 ) -> dict[str, Any]:
+def final_choice(chosen: FrontPoint, single: FrontPoint | None, trials: list[FrontPoint], rule: str,
+                 tolerance: float) -> dict[str, Any]:
     """Which model the pipeline returns: stage 3's ``chosen`` point (on the stage-2 model) or the ``single`` run's
     point. ``lowest_exit_within_1pt``: the rule applied to every stage-3 trial and the single run together (the
     lowest validation exit within ``tolerance`` of the best accuracy of any of them; ties: the more accurate, then
     the pipeline). ``best_objective``: the pipeline's point unless the single run dominates it (at least as
     accurate, exits no later, better on one). Returns ``winner`` (:data:`PIPELINE` or :data:`SINGLE`), ``why``
-    (a sentence) and both points."""
-    out = {"rule": rule, "tolerance": tolerance, "pipeline": chosen, "single": single}
-    if not single or not all(_finite(single.get(k)) for k in ("val_accuracy", "val_avg_exit_layer")):
-        return {**out, "winner": PIPELINE, "why": "no single run to compare with" if not single else
+    (a sentence) and both points (stored form)."""
+    out = {"rule": rule, "tolerance": tolerance, "pipeline": chosen.to_dict(),
+           "single": single.to_dict() if single is not None else None}
+    if single is None or single.val_accuracy is None or single.val_avg_exit_layer is None:
+        return {**out, "winner": PIPELINE, "why": "no single run to compare with" if single is None else
                 "the single run has no validation point"}
-    pa, pe = float(chosen["val_accuracy"]), float(chosen["val_avg_exit_layer"])
-    sa, se = float(single["val_accuracy"]), float(single["val_avg_exit_layer"])
+    pa, pe = _value(chosen.val_accuracy), _value(chosen.val_avg_exit_layer)
+    sa, se = single.val_accuracy, single.val_avg_exit_layer
     nums = (f"pipeline {100 * pa:.2f} % at {pe:.2f} layers, single run {100 * sa:.2f} % at {se:.2f} layers "
             "(validation)")
     if sa >= pa and se <= pe and (sa > pa or se < pe):
         return {**out, "winner": SINGLE, "why": f"the single run is at least as accurate and exits no later: {nums}"}
     if rule == "lowest_exit_within_1pt":
-        pool = [p for p in trials if _finite(p.get("val_accuracy"))] or [chosen]
-        best = max([float(p["val_accuracy"]) for p in pool] + [sa])
+        pool = [p for p in trials if p.val_accuracy is not None] or [chosen]
+        best = max([_value(p.val_accuracy) for p in pool] + [sa])
         floor = best - tolerance - 1e-12
         if sa >= floor and (pa < floor or se < pe or (se == pe and sa > pa)):
             why = (f"within {100 * tolerance:g} point(s) of the best accuracy ({100 * best:.2f} %) the single run "
@@ -98,18 +100,24 @@ def final_choice(chosen: dict, single: dict | None, trials: list[dict], rule: st
                                                f"{rule!r}: {nums}"}
 
 
-def _finite(x: Any) -> bool:
+def _number(x: Any) -> float | None:
     try:
-        return math.isfinite(float(x))
+        f = float(x)
     except (TypeError, ValueError):
-        return False
+        return None
+    return f if math.isfinite(f) else None
 
 
-def refuse_stage3_point(summary: dict, point: dict) -> None:
+def _value(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
+def refuse_stage3_point(summary: dict, point: FrontPoint, source: str) -> None:
     """When the single run won the final choice, stage 3's halting files fit the stage-2 model, not the final one:
-    using one of them for prediction is refused with what to do instead."""
-    if summary.get("final_source") == SINGLE and point.get("source") != "final" and point.get("trial") is not None:
-        raise DactLabError(f"Trial {point.get('trial')}'s halting units were fitted on the stage-2 model "
+    using one of them (``source`` "front"; "final" is the final model's own) for prediction is refused with what
+    to do instead."""
+    if summary.get("final_source") == SINGLE and source != "final" and point.trial is not None:
+        raise DactLabError(f"Trial {point.trial}'s halting units were fitted on the stage-2 model "
                            f"(run #{summary.get('trunk_run_id')}), but this pipeline's final model is its single run "
                            "(it beat stage 3's points on the validation split): choose the final model, or predict "
                            f"with run #{summary.get('trunk_run_id')} on the Predict page.")

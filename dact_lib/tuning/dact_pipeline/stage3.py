@@ -5,46 +5,54 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import studies
 from ...errors import ConfigError, DactLabError
+from ...front import FrontPoint
 from .record import counted
-from .settings import CHOICE_RULES, FRONT_LAMBDA, front_lambda
+from .settings import CHOICE_RULES, FRONT_LAMBDA
 from ... import events as ev
 
 
-def point_record(t: FrozenTrial, objective3: str) -> dict[str, Any]:
-    ua = t.user_attrs
+def trial_point(number: int | None, params: dict[str, Any], values: Sequence[float] | None,
+                user_attrs: dict[str, Any], objective: str | None = None) -> FrontPoint:
+    """A stage-3 trial as a front point: its λ or τ from its parameters, its numbers from its user attributes
+    (the average exit layer from its second objective when they lack it); ``objective``: the first objective's
+    name ("val_nll" or "val_error")."""
+    got: dict[str, Any] = {**user_attrs, "trial": number, "params": dict(params), "objective": objective}
+    if user_attrs.get("val_avg_exit_layer") is None and values is not None and len(values) > 1:
+        got["val_avg_exit_layer"] = values[1]
+    return FrontPoint.from_dict(got)
+
+
+def point_record(t: FrozenTrial, objective3: str) -> FrontPoint:
     first = f"val_{'nll' if objective3 == 'loss' else 'error'}"
-    lam = front_lambda(t.params)
-    return {"trial": t.number, "lambda": lam, "objective": first,
-            first: float(t.values[0]), "val_avg_exit_layer": float(t.values[1]),
-            "val_accuracy": float(ua.get("val_accuracy", float("nan"))),
-            "val_nll": float(ua.get("val_nll", float("nan"))), "run_id": ua.get("run_id"),
-            "halting": t.params.get("halting", "fitted"), "tau": t.params.get("tau"),
-            **{k: ua[k] for k in ("spec_lambda", "halting_file", "cross_fitted", "seen_val_accuracy",
-                                  "seen_val_avg_exit_layer") if k in ua}}
+    return trial_point(t.number, t.params, t.values, t.user_attrs, first)
 
 
-def pareto_points(study: optuna.Study) -> list[dict[str, Any]]:
-    """The stage-3 Pareto front (``study.best_trials``) as dicts, sorted by average exit layer then trial."""
+def _exit(p: FrontPoint) -> float:
+    return p.val_avg_exit_layer if p.val_avg_exit_layer is not None else math.inf
+
+
+def pareto_points(study: optuna.Study) -> list[FrontPoint]:
+    """The stage-3 Pareto front (``study.best_trials``) as points, sorted by average exit layer then trial."""
     objective3 = study.user_attrs.get("objective3", "loss")
     pts = [point_record(t, objective3) for t in study.best_trials]
-    return sorted(pts, key=lambda p: (p["val_avg_exit_layer"], p["trial"]))
+    return sorted(pts, key=lambda p: (_exit(p), p.trial))
 
 
-def trial_points(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every complete stage-3 trial as a point (the same dicts as :func:`pareto_points`), by trial number."""
+def trial_points(study: optuna.Study) -> list[FrontPoint]:
+    """Every complete stage-3 trial as a point (as :func:`pareto_points` makes them), by trial number."""
     objective3 = study.user_attrs.get("objective3", "loss")
     return [point_record(t, objective3) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
-def apply_choice_rule(front: list[dict[str, Any]], rule: str = "lowest_exit_within_1pt",
-                      tolerance: float = 0.01, *, trials: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def apply_choice_rule(front: list[FrontPoint], rule: str = "lowest_exit_within_1pt",
+                      tolerance: float = 0.01, *, trials: list[FrontPoint] | None = None) -> FrontPoint:
     """Pick one point (see :class:`PipelineConfig` for the rules). ``trials``: every complete trial — the
     accuracy rule then measures "within 1 point" from the best accuracy of ANY trial and picks among all of them
     (with the NLL objective the most accurate trial can be off the NLL/exit front); without it, the front only."""
@@ -52,13 +60,18 @@ def apply_choice_rule(front: list[dict[str, Any]], rule: str = "lowest_exit_with
         raise DactLabError("The Pareto front is empty: stage 3 finished no trial (raise timeout_min or "
                            "trials_stage3).")
     if rule == "lowest_exit_within_1pt":
-        pool = [p for p in (trials or front) if p["val_accuracy"] == p["val_accuracy"]] or front  # drop NaN
-        best_acc = max(p["val_accuracy"] for p in pool)
-        ok = [p for p in pool if p["val_accuracy"] >= best_acc - tolerance - 1e-12]
-        return dict(min(ok, key=lambda p: (p["val_avg_exit_layer"], -p["val_accuracy"], p["trial"])))
+        pool = [p for p in (trials or front) if p.val_accuracy is not None] or front
+        best_acc = max(p.val_accuracy if p.val_accuracy is not None else math.nan for p in pool)
+        ok = [p for p in pool if p.val_accuracy is not None and p.val_accuracy >= best_acc - tolerance - 1e-12]
+        return min(ok, key=lambda p: (_exit(p), -(p.val_accuracy or 0.0), p.trial))
     if rule == "best_objective":
-        return dict(min(front, key=lambda p: (p[p["objective"]], p["val_avg_exit_layer"], p["trial"])))
+        return min(front, key=lambda p: (_objective(p), _exit(p), p.trial))
     raise ConfigError(f"choice_rule = {rule!r} is invalid: choose one of {CHOICE_RULES}.")
+
+
+def _objective(p: FrontPoint) -> float:
+    v = p.objective_value()
+    return v if v is not None else math.inf
 
 
 ENGINE = "dact-pipeline/stage3"  # the study's "engine" attribute: what a worker (tuning/worker.py) runs
@@ -112,11 +125,12 @@ class Stage3Trials:
         seen = {}
         if crossed:
             seen = {"seen_val_accuracy": m["accuracy"], "seen_val_avg_exit_layer": m["avg_exit_layer"]}
-            m = {"accuracy": pt.accuracy, "avg_exit_layer": pt.avg_exit_layer, "nll": pt.nll}
+            m = {"accuracy": pt.accuracy, "avg_exit_layer": pt.avg_exit_layer,
+                 "nll": pt.nll if pt.nll is not None else m["nll"]}
         path = save_halting_file(self.parent_dir, f"trial_{trial.number}", state)
         attrs = {"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_avg_exit_layer": m["avg_exit_layer"],
                  "cross_fitted": crossed, **seen,
-                 "spec_lambda": spec, "fit_s": round(fit_s, 3), "run_id": self.trunk_id,
+                 "train_lambda": spec, "fit_s": round(fit_s, 3), "run_id": self.trunk_id,
                  "halting_file": pl.tracker.rel_path(path)}  # under the artifacts root (runs/<parent>/…)
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
@@ -185,17 +199,17 @@ def run(pl) -> None:
     s2 = st2.get("trunk_val_accuracy", st2.get("best_user_attrs", {}).get("val_accuracy"))
     # one criterion with stage 2's: a loss objective judges the chosen point's (cross-fitted) NLL of a_N against
     # answering the class frequencies, the error objective its accuracy against the largest class
-    guard = pl.guard("stage3", chosen.get("val_accuracy"), previous=("stage2", s2),
-                     metrics={"val_nll": chosen.get("val_nll")},
+    guard = pl.guard("stage3", chosen.val_accuracy, previous=("stage2", s2), metrics={"val_nll": chosen.val_nll},
                      metric="val_nll" if pipe.objective3 == "loss" else "val_accuracy")
     # the chosen point's weights must load back (a damaged file fails here, not in the final stage)
-    load_file(str(pl.tracker.abs_path(chosen["halting_file"])))
+    load_file(str(pl.tracker.abs_path(str(chosen.halting_file))))
+    stored_front, stored_chosen = [p.to_dict() for p in front], chosen.to_dict()
     pl.tracker.log_event(pl.parent, ev.PARETO_FRONT, {"objectives": [first, "val_avg_exit_layer"],
-                                                         "front": front, "study_name": pl.names["stage3"]})
+                                                         "front": stored_front, "study_name": pl.names["stage3"]})
     pl.tracker.log_event(pl.parent, ev.RULE_CHOICE, {"rule": pipe.choice_rule,
-                                                         "tolerance": pipe.choice_tolerance, "point": chosen})
-    pl.summary.update(front=front, chosen=chosen)
-    pl.finish_stage("stage3", {"best_params": {FRONT_LAMBDA: chosen["lambda"]}, "front": front,
-                                 "chosen": chosen, "objectives": [first, "val_avg_exit_layer"],
+                                                         "tolerance": pipe.choice_tolerance, "point": stored_chosen})
+    pl.summary.update(front=stored_front, chosen=stored_chosen)
+    pl.finish_stage("stage3", {"best_params": {FRONT_LAMBDA: chosen.front_lambda}, "front": stored_front,
+                                 "chosen": stored_chosen, "objectives": [first, "val_avg_exit_layer"],
                                  "trunk_run_id": trunk_id, "nll_ref": nll_ref, "guard": guard,
                                  "n_trials": counted(study)}, time.monotonic() - t0)
