@@ -83,6 +83,7 @@ def test_read_texts_in_every_format(tmp_path):
     ("blank.jsonl", '{"text": "ok"}\n{"text": "  "}\n', ["line 2", "empty text", "delete the line"]),
     ("nokey.jsonl", '{"body": "ok"}\n', ["line 1 has no text field", "'body'", "\"text\" key"]),
     ("list.jsonl", '["a"]\n', ["line 1 is a list, not a string"]),
+    ("digits.jsonl", '{"text": "ok"}\n{"n": ' + "1" * 5000 + '}\n', ["line 2 cannot be read", "digits"]),  # was an AttributeError
     ("surrogate.jsonl", '{"text": "ok"}\n{"text": "bad \\ud800"}\n', ["line 2", "lone surrogate"]),  # was a traceback
     ("data.xlsx", "x", ["unsupported input format '.xlsx'", ".csv or .tsv"]),
     ("bin.csv", b"PK\x03\x04\x00\x00binary", ["binary file", "save it as CSV"]),

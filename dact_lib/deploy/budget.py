@@ -19,7 +19,7 @@ import math
 import random
 import statistics
 import threading
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
 from .policy import format_policy
@@ -73,7 +73,7 @@ def candidate_policies(num_layers: int, num_classes: int) -> list[str]:
             + [format_policy("fixed", num_layers)])
 
 
-def _offline_points(loaded, ds, policies: list[str]) -> dict[str, dict]:
+def _offline_points(loaded, ds, policies: list[str]) -> dict[str | None, dict]:
     """Accuracy and average exit of each policy on ``ds``: ``evaluate.exit_policy_sweep`` (every layer's y_n, h_n
     once, the policies simulated exactly on them), untimed."""
     import torch
@@ -89,7 +89,7 @@ def _offline_points(loaded, ds, policies: list[str]) -> dict[str, dict]:
     return {p: {"accuracy": r["accuracy"], "avg_exit_layer": r["avg_exit_layer"]} for p, r in zip(policies, rows)}
 
 
-def _runtime_points(model, ds, policies: list[str | None], loaded) -> dict:
+def _runtime_points(model, ds, policies: Sequence[str | None], loaded) -> dict:
     """Accuracy and average exit of each policy on ``ds`` as the ONNX runtime answers (batches of 32)."""
     task = model.tasks[0]
     gold = [loaded.label_maps[task][int(t)] for t in ds.targets[task]]
@@ -117,6 +117,7 @@ def _measure_front(run, *, runtime: str, int8: bool, home, latency_rows: int, ac
 
     from ..evaluate import interleaved_latencies, quantile_of
     from ..exits import split_of_run
+    from ..modeling_dact import DactBert
     from ..models import load_model
     from .predictor import load_predictor
 
@@ -127,11 +128,12 @@ def _measure_front(run, *, runtime: str, int8: bool, home, latency_rows: int, ac
         keep = sorted(rng.sample(range(len(ds.texts)), accuracy_rows))
         ds = ds.subset(keep) if hasattr(ds, "subset") else ds
     sample = rng.sample(list(ds.texts), min(latency_rows, len(ds.texts)))
-    is_dact = loaded.kind == "dact"
+    policies: Sequence[str | None]
+    offline: dict[str | None, dict]
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if is_dact:
+        if isinstance(loaded.model, DactBert):  # kind "dact"
             policies = candidate_policies(loaded.model.num_layers, loaded.model.num_classes)
             offline = _offline_points(loaded, ds, policies)
         else:
@@ -143,7 +145,7 @@ def _measure_front(run, *, runtime: str, int8: bool, home, latency_rows: int, ac
                               "avg_exit_layer": None}}
         runtime_name = "pytorch" if runtime == "torch" and not int8 else ("onnxruntime-int8" if int8
                                                                           else "onnxruntime-fp32")
-        callers = {}
+        callers: dict[str | None, Callable[[str], Any]] = {}
         if runtime == "torch" and not int8:
             callers = _torch_callers(loaded, policies)
         else:
@@ -165,7 +167,7 @@ def _measure_front(run, *, runtime: str, int8: bool, home, latency_rows: int, ac
     return points
 
 
-def _torch_callers(loaded, policies: list[str | None]) -> dict:
+def _torch_callers(loaded, policies: Sequence[str | None]) -> dict:
     import torch
 
     from .. import dact

@@ -34,6 +34,8 @@ from safetensors.torch import save_file
 from ..encoders import layer_adapter
 from ..errors import DactLabError
 from ..files import atomic_write_json, check_replaceable_dir, replace_dir
+from ..heads import ClassWeighted
+from ..modeling_dact import DactBert
 from ..models import HF_FORMAT, HF_RUN_FILE, MODEL_FILE, LoadedModel, hf_export_manifest
 from .card import card_info, model_card, source_run
 from .modeling_dact_lab import DactLabConfig, DactLabForSequenceClassification
@@ -50,7 +52,8 @@ _PARTIAL = ".partial-"
 
 def export_policy(loaded: LoadedModel, policy: str | None) -> str | None:
     """The canonical exit policy text an export of ``loaded`` runs by default (None for a non-DACT run)."""
-    if loaded.kind != "dact":
+    model = loaded.model
+    if loaded.kind != "dact" or not isinstance(model, DactBert):
         if policy is not None and str(policy).strip():
             raise DactLabError(f"exit policy {policy!r}: a {loaded.kind} run has no early exit, so it takes no exit "
                                "policy; export it without one.")
@@ -58,8 +61,8 @@ def export_policy(loaded: LoadedModel, policy: str | None) -> str | None:
     if policy is None:
         policy = loaded.policy  # re-exporting an export keeps its default
     name, value = parse_policy(policy)  # ConfigError (a DactLabError) names the fix
-    n_layers = int(loaded.model.num_layers)
-    if name == "fixed" and value > n_layers:
+    n_layers = int(model.num_layers)
+    if name == "fixed" and value is not None and value > n_layers:
         raise DactLabError(f"exit policy {policy!r}: the model has {n_layers} layers; use fixed:1 … "
                            f"fixed:{n_layers}.")
     return format_policy(name, value)
@@ -76,7 +79,7 @@ def hf_config(loaded: LoadedModel, policy: str | None) -> DactLabConfig:
     encoder = {k: v for k, v in enc_cfg.to_diff_dict().items()
                if k not in ("_name_or_path", "transformers_version", "architectures")}
     encoder["model_type"] = enc_cfg.model_type
-    tasks = list(loaded.label_maps) if cfg.kind == "multitask" else [model.task]
+    tasks = [model.task] if isinstance(model, ClassWeighted) else list(loaded.label_maps)  # multitask: every task
     kwargs = {"kind": cfg.kind, "encoder": encoder, "pooling": cfg.model.pooling, "tasks": tasks,
               "task_labels": {t: list(loaded.label_maps[t]) for t in tasks}, "max_seq_len": cfg.data.max_seq_len,
               "num_layers": layer_adapter(model.encoder).num_layers, "exit_policy": policy}

@@ -122,7 +122,7 @@ class DactLabOutput(SequenceClassifierOutput):
     [B, K_t] tensor per task, in ``config.tasks`` order."""
 
     exit_layer: torch.LongTensor | None = None
-    task_logits: tuple[torch.FloatTensor, ...] | None = None
+    task_logits: tuple[torch.Tensor, ...] | None = None
 
 
 def build_mlp(in_dim: int, out_dim: int, spec: dict) -> nn.Sequential:
@@ -297,8 +297,9 @@ class DactLabForSequenceClassification(DactLabPreTrainedModel):
         answer and leaves the batch, so the remaining layers are skipped for it. Returns (probs [B, K],
         exit_layer [B], 1-based)."""
         name, value = parse_exit_policy(policy)
+        limit = 0 if value is None else value  # the policy's number; "dact", the one without, never reads it
         n_layers, k = int(self.config.num_layers), self.num_classes
-        if name == "fixed" and value > n_layers:
+        if name == "fixed" and limit > n_layers:
             raise ValueError(f"exit policy fixed:{value}: the model has {n_layers} layers; use fixed:1..{n_layers}.")
         batch = input_ids.shape[0]
         hidden = self.embed(input_ids, attention_mask)
@@ -314,7 +315,7 @@ class DactLabForSequenceClassification(DactLabPreTrainedModel):
         count = torch.zeros(batch, dtype=torch.long, device=dev)
         for n in range(1, n_layers + 1):
             hidden = self.run_layer(n - 1, hidden, mask)
-            if name == "fixed" and n < value:
+            if name == "fixed" and n < limit:
                 continue
             y_n, base = self.classify(n, pool(hidden, mask_2d, self.config.pooling))
             if name == "dact":
@@ -323,15 +324,15 @@ class DactLabForSequenceClassification(DactLabPreTrainedModel):
                 a[rows], p[rows] = a_n, p_n
                 halt, answer = should_halt(a_n, p_n, n_layers - n), a_n
             elif name == "entropy":
-                halt, answer = entropy(y_n) < value, y_n
+                halt, answer = entropy(y_n) < limit, y_n
             elif name == "patience":
                 pred = y_n.argmax(-1)
                 same = (pred == prev[rows]) & (prev[rows] >= 0)
                 run = torch.where(same, count[rows] + 1, torch.zeros_like(pred))
                 prev[rows], count[rows] = pred, run
-                halt, answer = run >= value, y_n
+                halt, answer = run >= limit, y_n
             else:  # fixed depth: every row exits at layer K
-                halt, answer = torch.full((rows.shape[0],), n >= value, dtype=torch.bool, device=dev), y_n
+                halt, answer = torch.full((rows.shape[0],), n >= limit, dtype=torch.bool, device=dev), y_n
             if n >= n_layers:
                 halt = torch.ones_like(halt)
             if halt.any():
@@ -380,7 +381,9 @@ class DactLabForSequenceClassification(DactLabPreTrainedModel):
         if labels is not None:
             labels = labels.to(logits.device)
             if labels.dim() == 2 and self.config.kind == "multitask":
-                loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(all_logits))
+                for i, lg in enumerate(all_logits):
+                    term = F.cross_entropy(lg, labels[:, i])
+                    loss = term if loss is None else loss + term
             else:
                 loss = F.cross_entropy(logits, labels.view(-1))
         out = DactLabOutput(loss=loss, logits=logits, exit_layer=exit_layer, task_logits=task_logits)

@@ -88,6 +88,8 @@ def halting_probability(model: DactBert, n: int, base: torch.Tensor, y_n: torch.
     if how == "summary":
         x = base
     else:
+        if a_prev is None:
+            raise ValueError(f"halting_input={how!r} needs a_(n-1), the accumulated answer before layer {n}")
         conf = confidence_features_onnx(y_n, a_prev).to(base.dtype)
         x = conf if how == "confidence" else torch.cat([base, conf], dim=-1)
     mlp = model.halters[0 if model.cfg.share_weights else n - 1]
@@ -224,7 +226,7 @@ def _policy_text(model: nn.Module, policy: str | None, default: str | None = Non
     if policy is None or not str(policy).strip():
         policy = default
     name, value = parse_policy(policy)
-    if name == "fixed" and value > model.num_layers:
+    if name == "fixed" and value is not None and value > model.num_layers:
         raise ConfigError(f"exit policy {policy!r}: the model has {model.num_layers} layers; use fixed:1 to "
                           f"fixed:{model.num_layers}.")
     return canonical(policy)

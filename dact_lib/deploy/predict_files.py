@@ -151,9 +151,11 @@ def _jsonl_texts(text: str, name: str) -> list[str]:
             continue
         try:
             value = json.loads(line)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise DactLabError(f"{name} line {n} is not valid JSON ({exc.msg} at column {exc.colno}): write "
                                f"{example}.") from None
+        except ValueError as exc:  # e.g. a number past Python's digit limit for int conversion
+            raise DactLabError(f"{name} line {n} cannot be read ({exc}): write {example}.") from None
         if isinstance(value, dict):
             keys = [k for k in value if isinstance(k, str) and k.strip().lower() in TEXT_COLUMNS]
             if not keys:
@@ -348,9 +350,10 @@ def predict_file(predictor, input_path: str | Path, output_path: str | Path, *, 
     else:
         def write(tmp: Path) -> None:
             with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-                _predict_into(predictor, texts,
-                              lambda t, r: fh.write(json.dumps(json_row(t, r), ensure_ascii=False) + "\n"),
-                              batch_size, progress)
+                def emit(text: str, result: dict) -> None:
+                    fh.write(json.dumps(json_row(text, result), ensure_ascii=False) + "\n")
+
+                _predict_into(predictor, texts, emit, batch_size, progress)
     atomic_write(out, write)
     seconds = time.perf_counter() - t0
     return {"rows": len(texts), "seconds": seconds, "rows_per_s": _rate(len(texts), seconds), "path": str(out)}

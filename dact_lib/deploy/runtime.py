@@ -127,6 +127,7 @@ class OnnxModel:
         self._labels = {t: list(man["labels"][t]) for t in self._tasks}
         self._num_layers = int(man["num_layers"])
         self._policies: dict[str, tuple[str, tuple[str, float | int | None]]] = {}
+        self._policy_text: str | None
         if self._kind == "dact":
             self._policy_text = self._parse(policy if policy is not None else (man.get("policy") or "dact"))[0]
         elif policy is not None:
@@ -223,7 +224,7 @@ class OnnxModel:
         got = self._policies.get(text)
         if got is None:
             name, value = parse_policy(text)
-            if name == "fixed" and value > self._num_layers:
+            if name == "fixed" and value is not None and value > self._num_layers:
                 raise ConfigError(f"exit policy {text!r}: the model has {self._num_layers} layers; use fixed:1 to "
                                   f"fixed:{self._num_layers}.")
             got = (canonical(text), (name, value))
@@ -272,7 +273,7 @@ class OnnxModel:
             raise ConfigError(f"batch_size = {batch_size!r}: give a whole number >= 1.")
         pol = None
         if self._kind == "dact":
-            pol = self._parse(policy if policy is not None else self._policy_text)[1]
+            pol = self._parse(policy if policy is not None else (self._policy_text or "dact"))[1]
         elif policy is not None:
             raise ConfigError(f"exit policy {policy!r}: this export is a {self._kind} model, which does not exit "
                               "early; give no policy.")
@@ -319,9 +320,9 @@ class OnnxModel:
         exits = np.empty(b, dtype=np.int64)
         rows = np.arange(b)
         a = np.zeros((b, k), dtype=np.float32)  # a_{n-1}: the DACT accumulation; zeros for the halting input otherwise
-        p = np.ones(b, dtype=np.float32) if name == "dact" else None
-        prev = np.full(b, -1, dtype=np.int64) if name == "patience" else None
-        count = np.zeros(b, dtype=np.int64) if name == "patience" else None
+        p = np.ones(b, dtype=np.float32)  # p_{n-1}: the DACT rule's; patience: last argmax and its run length
+        prev = np.full(b, -1, dtype=np.int64)
+        count = np.zeros(b, dtype=np.int64)
         for n in range(1, stop + 1):
             layer = self._layers[n - 1]
             feed = {"hidden": hidden, "attention_mask": am}
@@ -365,11 +366,8 @@ class OnnxModel:
                 probs[done] = answer[halt]
                 exits[done] = n
                 keep = ~halt
-                rows, hidden, am, a = rows[keep], hidden[keep], am[keep], a[keep]
-                if p is not None:
-                    p = p[keep]
-                if prev is not None:
-                    prev, count = prev[keep], count[keep]
+                rows, hidden, am, a, p = rows[keep], hidden[keep], am[keep], a[keep], p[keep]
+                prev, count = prev[keep], count[keep]
         return probs, exits
 
 

@@ -91,7 +91,7 @@ def parse_request(raw: bytes, *, max_texts: int, max_chars: int) -> tuple[list[s
     except UnicodeDecodeError:
         raise BadRequest(400, f"The request body is not UTF-8 text: send UTF-8 JSON such as {EXAMPLE}.") from None
     except ValueError as exc:
-        where = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if hasattr(exc, "msg") else ""
+        where = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise BadRequest(400, f"The request body is not valid JSON{where}: send JSON such as {EXAMPLE}.") from None
     if not isinstance(body, dict):
         raise BadRequest(422, f"The request body is a JSON {_type_name(body)}, not an object: send {EXAMPLE}.")
