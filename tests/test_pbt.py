@@ -405,8 +405,8 @@ def test_gradual_unfreeze_is_refused(home):
 
 
 def test_a_population_too_small_to_exploit_is_refused_naming_the_rule():
-    """Issue 27: population 2 was said to never exploit. The quantile rule keeps at least one member each side, so 2
-    exploits (one copies the other, here the better one); 1 is refused with the rule and the smallest population."""
+    """The quantile rule keeps at least one member each side, so a population of 2 exploits (one copies the other,
+    here the better one); 1 is refused with the rule and the smallest population."""
     from dact_lib.errors import ConfigError
 
     assert select_quantiles({"a": 0.4, "b": 0.6}, 0.2) == (["a"], ["b"])

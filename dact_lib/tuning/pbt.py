@@ -27,7 +27,8 @@ How it runs
 * Every exploit and explore is an event (``pbt_exploit``, ``pbt_explore``) on the parent run AND the recipient's
   run, with time, step, recipient, donor, old → new hyperparameters and both scores: the lineage. Each member logs
   its hyperparameters as metrics ``hp/lr``, ``hp/weight_decay``, ``hp/dropout``, ``hp/warmup_ratio`` at its start
-  and at every ready point (the values in force from that step on).
+  and at every ready point (the values in force from that step on). These records, the members' outcomes and the
+  winner are written by :class:`~dact_lib.tuning.pbt_book.PopulationBook`, the one record of both backends.
 
 Hyperparameters
 ---------------
@@ -86,12 +87,11 @@ from ..config import ACTIVATIONS, RunConfig, check, check_frac, check_int, from_
 from ..errors import Cancelled, ConfigError, DactLabError
 from ..heads import set_dropout
 from .. import events as ev
+from .pbt_book import EXPLORED, PBTResult, PopulationBook, best_step, hp_metrics, hp_public
 
 log = logging.getLogger(__name__)
 
-#: The hyperparameters that exploit/explore change during training.
-EXPLORED = ("lr", "weight_decay", "dropout", "warmup_ratio")
-#: Those sampled and perturbed on a log scale.
+#: Of the hyperparameters that exploit/explore change (:data:`EXPLORED`), those sampled and perturbed on a log scale.
 LOG_SCALE = ("lr", "weight_decay")
 METRICS = ("val_accuracy", "val_macro_f1", "val_loss")
 DROPOUT_SCOPES = ("head", "all")
@@ -422,35 +422,56 @@ def _tuplify(v: Any) -> Any:
     return tuple(_tuplify(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
-def _hp_public(hp: dict[str, Any]) -> dict[str, float]:
-    return {k: float(hp[k]) for k in EXPLORED}
+# --- the population's draws ------------------------------------------------------------------------------------
 
 
-def _hp_metrics(hp: dict[str, Any]) -> dict[str, float]:
-    return {f"hp/{k}": float(hp[k]) for k in EXPLORED}
+@dataclass
+class Population:
+    """What a PBT run draws before any member trains, on every backend: the architecture once for everyone, then
+    each member's explored hyperparameters, then each member's batch size (fixed for its life). A function of the
+    seed alone, so a resume draws the same population again."""
+
+    seed: int
+    architecture: dict[str, Any]
+    hp: list[dict[str, float]]
+    batch_sizes: list[int]
+
+    def configs(self, cfg: RunConfig, pbt: "PBTConfig", *, train_size: int) -> list[RunConfig]:
+        """Every member's RunConfig (:func:`member_config`)."""
+        return [member_config(cfg, pbt, i, hp, self.batch_sizes[i], self.architecture, train_size=train_size)
+                for i, hp in enumerate(self.hp)]
+
+    def members(self, run_ids: list[Any], *, train_size: int) -> list[dict[str, Any]]:
+        """The members as :class:`~dact_lib.tuning.pbt_book.PopulationBook` takes them."""
+        return [{"run_id": run_ids[i], "hp": hp, "batch_size": self.batch_sizes[i],
+                 "steps_per_epoch": max(1, math.ceil(train_size / self.batch_sizes[i]))}
+                for i, hp in enumerate(self.hp)]
+
+
+def draw_population(cfg: RunConfig, pbt: "PBTConfig") -> Population:
+    """The population of ``pbt`` for ``cfg``, drawn from ``pbt.seed`` (else the run config's ``train.seed``)."""
+    seed = pbt.seed if pbt.seed is not None else cfg.train.seed
+    rng = random.Random(seed)
+    architecture = {**pbt.space.sample_architecture(rng), "shared_by_population": True}
+    hp = [pbt.space.sample(rng) for _ in range(pbt.population)]
+    batch_sizes = [int(rng.choice(list(pbt.space.batch_sizes))) for _ in range(pbt.population)]
+    return Population(seed=seed, architecture=architecture, hp=hp, batch_sizes=batch_sizes)
 
 
 # --- the controller --------------------------------------------------------------------------------------------
 
 
 class PBTController:
-    """Shared state of the population: each member's latest snapshot and score, who is alive. Lock-protected,
-    asynchronous: :meth:`ready` ranks against the latest known scores and never waits."""
+    """The threaded population's shared state: each member's latest snapshot and who is alive. Lock-protected,
+    asynchronous: :meth:`ready` ranks against the latest known scores and never waits. What happened is written
+    to the population's :class:`~dact_lib.tuning.pbt_book.PopulationBook`."""
 
-    def __init__(self, pbt: PBTConfig, *, tracker=None, parent_id=None) -> None:
+    def __init__(self, pbt: PBTConfig, book: PopulationBook) -> None:
         self.pbt = pbt
-        self.tracker = tracker
-        self.parent_id = parent_id
+        self.book = book
         self.lock = threading.Lock()
         self.latest: dict[int, Snapshot] = {}
         self.dead: set[int] = set()
-        self.exploits: dict[int, int] = {}
-        from ..train import lower_is_better
-
-        self.sign = -1.0 if lower_is_better(pbt.metric) else 1.0
-
-    def oriented(self, score: float) -> float:
-        return self.sign * score
 
     def ready(self, snap: Snapshot, rng: random.Random, allow_exploit: bool = True) -> Snapshot | None:
         """Record ``snap`` as its member's latest; return a donor snapshot when the member should exploit."""
@@ -459,125 +480,95 @@ class PBTController:
             self.latest[m] = snap
             if not allow_exploit:
                 return None
-            scores = {i: self.oriented(sn.score) for i, sn in self.latest.items() if i not in self.dead}
+            scores = {i: self.book.oriented(sn.score) for i, sn in self.latest.items() if i not in self.dead}
             bottom, top = select_quantiles(scores, self.pbt.quantile)
             if m not in bottom:
                 return None
             donors = [i for i in top if i != m and _key(scores[i]) > _key(scores[m])]
             if not donors:
                 return None
-            self.exploits[m] = self.exploits.get(m, 0) + 1
             return self.latest[rng.choice(sorted(donors))]
 
     def mark_dead(self, member: int) -> None:
         with self.lock:
             self.dead.add(member)
 
-    def log_event(self, kind: str, payload: dict, run_id: Any = None) -> None:
-        if self.tracker is None:
-            return
-        for rid in (self.parent_id, run_id):
-            if rid is not None:
-                self.tracker.log_event(rid, kind, payload)
-
 
 # --- the member callback ---------------------------------------------------------------------------------------
 
 
 class PBTMemberCallback(Callback):
-    """Turns one member's training loop into a PBT member: ready at every validation (``on_eval``)."""
+    """Turns one member's training loop into a PBT member: ready at every validation (``on_eval``). Its
+    hyperparameters, schedule and latest score are the book's (``controller.book``)."""
 
-    def __init__(self, controller: PBTController, member: int, hparams: dict[str, Any], *, space: PBTSpace,
-                 encoder_lr_ratio: float, rng: random.Random, dataset_id=None) -> None:
+    def __init__(self, controller: PBTController, member: int, *, space: PBTSpace, encoder_lr_ratio: float,
+                 rng: random.Random, dataset_id=None) -> None:
         self.c = controller
+        self.book = controller.book
         self.member = member
-        self.hp = dict(hparams)
         self.space = space
         self.ratio = encoder_lr_ratio
         self.rng = rng
         self.dataset_id = dataset_id
-        self.schedule: list[dict] = [{"step": 0, "progress": 0.0, **_hp_public(hparams), "member": member,
-                                      "via": "init"}]
-        self.steps_per_epoch = 1
-        self.last_score: float | None = None
-
-    @property
-    def tracker(self):
-        return self.c.tracker
 
     def on_start(self, state: LoopState) -> None:
         state.extra["pbt_member"] = self.member
         kept = state.resumed_callback_state.get("pbt")
         if kept:  # a resumed member: its hyperparameters, schedule and RNG as at its last checkpoint
-            self.hp, self.schedule, self.last_score = dict(kept["hp"]), list(kept["schedule"]), kept["last_score"]
+            self.book.restore(self.member, kept["hp"], kept["schedule"], kept["last_score"])
             self.rng.setstate(_tuplify(kept["rng"]))
-            state.set_lr_schedule(apply_hparams(state.model, state.optimizer, self.hp,
-                                                     total_steps=state.total_steps, step=state.step,
-                                                     encoder_lr_ratio=self.ratio,
-                                                     dropout_scope=self.c.pbt.dropout_scope))
+            state.set_lr_schedule(apply_hparams(state.model, state.optimizer, self.book.members[self.member].hp,
+                                                total_steps=state.total_steps, step=state.step,
+                                                encoder_lr_ratio=self.ratio, dropout_scope=self.c.pbt.dropout_scope))
         self._keep(state)
-        self.steps_per_epoch = max(1, math.ceil(int(state.train_size or 1) / max(1, state.batch_size)))
-        if self.tracker is not None and state.run_id is not None and not kept:  # (resumed: logged already)
+        if not kept:  # (resumed: logged already)
             if self.dataset_id is not None:
-                self.tracker.update_run(state.run_id, dataset_id=self.dataset_id)
-            self.tracker.log_metrics(state.run_id, {**_hp_metrics(self.hp), "hp/batch_size": state.batch_size},
-                                     step=state.step, epoch=state.epoch)
+                self.book.tracker.update_run(state.run_id, dataset_id=self.dataset_id)
+            self.book.begin(self.member, step=state.step, epoch=state.epoch)
 
     def on_eval(self, state: LoopState, logs: dict[str, float]) -> None:
-        metric = self.c.pbt.metric
-        if metric not in logs:  # the final test evaluation, not a ready point
+        if self.c.pbt.metric not in logs:  # the final test evaluation, not a ready point
             return
-        score = float(logs[metric])
-        self.last_score = score
-        model, optimizer = state.model, state.optimizer
-        progress = state.step / self.steps_per_epoch
-        snap = take_snapshot(model, optimizer, self.hp, member=self.member, run_id=state.run_id, step=state.step,
-                             progress=progress, score=score, schedule=self.schedule)
-        more_training = state.step < state.total_steps
-        donor = self.c.ready(snap, self.rng, allow_exploit=more_training)
+        score = float(logs[self.c.pbt.metric])
+        me = self.book.members[self.member]
+        snap = take_snapshot(state.model, state.optimizer, me.hp, member=self.member, run_id=state.run_id,
+                             step=state.step, progress=self.book.progress(self.member, state.step), score=score,
+                             schedule=me.schedule)
+        donor = self.c.ready(snap, self.rng, allow_exploit=state.step < state.total_steps)
         if donor is not None:
-            self._exploit_explore(state, donor, score, progress)
-        if self.tracker is not None and state.run_id is not None:
-            self.tracker.log_metrics(state.run_id, _hp_metrics(self.hp), step=state.step, epoch=state.epoch)
+            self._exploit_explore(state, donor, score)
+        self.book.ready(self.member, step=state.step, epoch=state.epoch, score=score)
         self._keep(state)
 
     def _keep(self, state: LoopState) -> None:
         """What the member's resume checkpoint must hold besides the loop's own state."""
-        state.callback_state["pbt"] = {
-            "hp": dict(self.hp), "schedule": [dict(e) for e in self.schedule], "last_score": self.last_score,
-            "rng": self.rng.getstate()}
+        me = self.book.members[self.member]
+        state.callback_state["pbt"] = {"hp": dict(me.hp), "schedule": [dict(e) for e in me.schedule],
+                                       "last_score": me.last_score, "rng": self.rng.getstate()}
 
-    def _exploit_explore(self, state: LoopState, donor: Snapshot, score: float, progress: float) -> None:
-        model, optimizer = state.model, state.optimizer
-        old = _hp_public(self.hp)
-        exploit(model, optimizer, donor)
+    def _exploit_explore(self, state: LoopState, donor: Snapshot, score: float) -> None:
+        old = dict(self.book.members[self.member].hp)
+        exploit(state.model, state.optimizer, donor)
         new, changes = explore(donor.hparams, self.space, self.rng, resample_prob=self.c.pbt.resample_prob,
                                perturb_factors=self.c.pbt.perturb_factors)
-        state.set_lr_schedule(apply_hparams(model, optimizer, new, total_steps=state.total_steps,
-                                                 step=state.step, encoder_lr_ratio=self.ratio,
-                                                 dropout_scope=self.c.pbt.dropout_scope))
-        self.hp = new
-        inherited = [dict(e) for e in donor.schedule if e["progress"] <= progress + 1e-9]
-        self.schedule = inherited + [{"step": state.step, "progress": progress, **_hp_public(new),
-                                      "member": self.member, "via": "exploit", "donor": donor.member}]
-        common = {"time": time.time(), "step": state.step, "epoch": state.epoch, "progress": progress,
-                  "recipient": self.member, "recipient_run_id": state.run_id, "donor": donor.member,
-                  "donor_run_id": donor.run_id, "donor_step": donor.step, "donor_progress": donor.progress,
-                  "metric": self.c.pbt.metric, "score": score, "donor_score": donor.score}
-        self.c.log_event(ev.PBT_EXPLOIT, {**common, "old": old, "new": _hp_public(donor.hparams)}, state.run_id)
-        self.c.log_event(ev.PBT_EXPLORE, {**common, "old": _hp_public(donor.hparams), "new": _hp_public(new),
-                                         "recipient_old": old, "changes": changes}, state.run_id)
+        state.set_lr_schedule(apply_hparams(state.model, state.optimizer, new, total_steps=state.total_steps,
+                                            step=state.step, encoder_lr_ratio=self.ratio,
+                                            dropout_scope=self.c.pbt.dropout_scope))
+        self.book.exploited(recipient=self.member, donor=donor.member, step=state.step, epoch=state.epoch,
+                            score=score, donor_step=donor.step, donor_progress=donor.progress,
+                            donor_score=donor.score, old=old, donor_hp=donor.hparams, new=new, changes=changes,
+                            donor_schedule=donor.schedule)
 
     def on_end(self, state: LoopState, status: str) -> None:
         if status != "finished":
             self.c.mark_dead(self.member)
-        elif self.tracker is not None and state.run_id is not None:  # what a resumed PBT reads of a finished member
-            try:
-                summary = self.tracker.get_run(state.run_id).get("summary") or {}
-                summary.update(pbt_hp=_hp_public(self.hp), pbt_schedule=self.schedule, pbt_last_score=self.last_score)
-                self.tracker.update_run(state.run_id, summary=summary)
-            except Exception as exc:  # noqa: BLE001 - informative only
-                log.warning("could not record member %s's schedule: %s", self.member, exc)
+            return
+        tracker = self.book.tracker
+        try:  # what a resumed PBT reads of a finished member
+            summary = tracker.get_run(state.run_id).get("summary") or {}
+            tracker.update_run(state.run_id, summary={**summary, **self.book.member_summary(self.member)})
+        except Exception as exc:  # noqa: BLE001 - informative only
+            log.warning("could not record member %s's schedule: %s", self.member, exc)
 
 
 # --- run_pbt ---------------------------------------------------------------------------------------------------
@@ -602,40 +593,20 @@ def resumable_pbt(tracker, run_id: int) -> tuple[RunConfig, "PBTConfig"]:
     return RunConfig.from_dict(conf["run"]), PBTConfig.from_dict(conf["pbt"])
 
 
-def _finished_member(tracker, run_id: int, cb: "PBTMemberCallback"):
-    """A member that finished before a PBT run was interrupted, as run_pbt's summary needs it (best metrics,
-    history, run folder) — and its callback set to its final hyperparameters and schedule."""
-    import types
-
+def _finished_member(tracker, book: PopulationBook, member: int) -> dict[str, Any]:
+    """A member that finished before a PBT run was interrupted: its final hyperparameters, schedule and latest
+    score back into the book, and its end as :meth:`PopulationBook.ended` takes it (loop best, run folder)."""
     from ..files import read_json
 
-    run = tracker.get_run(run_id)
+    run = tracker.get_run(book.run_id(member))
     summary = run.get("summary") or {}
     run_dir = Path(run["run_dir"]) if run.get("run_dir") else None
     report = read_json(run_dir / "report.json", "report") if run_dir and (run_dir / "report.json").is_file() else {}
-    cb.hp = {**cb.hp, **(summary.get("pbt_hp") or {})}
-    cb.schedule = summary.get("pbt_schedule") or cb.schedule
-    cb.last_score = summary.get("pbt_last_score")
-    return types.SimpleNamespace(status="finished", best_metrics=summary.get("best") or {},
-                                 history=report.get("history") or [], run_dir=run_dir)
-
-
-@dataclass
-class PBTResult:
-    parent_run_id: Any
-    best_run_id: Any
-    best_member: int | None
-    best_score: float | None
-    schedule: list[dict]
-    members: list[dict]
-    architecture: dict[str, Any] = field(default_factory=dict)  # shared by the population (see module docstring)
-    best_config: dict[str, Any] | None = None  # the winner's RunConfig as a dict (for replay_schedule)
-    status: str = "finished"
-
-    def summary(self) -> dict[str, Any]:
-        """What the job manager records in the parent run's summary."""
-        return {"parent_run_id": self.parent_run_id, "best_run_id": self.best_run_id,
-                "best_value": self.best_score}
+    book.restore(member, summary.get("pbt_hp") or {}, summary.get("pbt_schedule") or book.members[member].schedule,
+                 summary.get("pbt_last_score"))
+    best = (summary.get("best") or {}).get(book.metric)
+    return {"best_score": best, "best_step": best_step(report.get("history") or [], book.metric, best),
+            "run_dir": run_dir}
 
 
 def head_mlp_config(cfg: RunConfig):
@@ -659,7 +630,10 @@ def member_config(cfg: RunConfig, pbt: PBTConfig, member: int, hp: dict[str, Any
     tc.warmup_ratio = float(hp["warmup_ratio"])
     tc.num_threads = None  # run_pbt sets torch's (process-global) threads once for all members
     spe = max(1, math.ceil(train_size / tc.batch_size))
-    tc.eval_every_steps = pbt.ready_every_steps or max(1, int(round(spe * pbt.ready_every_epochs)))
+    if pbt.ready_every_steps is not None:
+        tc.eval_every_steps = pbt.ready_every_steps
+    elif pbt.ready_every_epochs is not None:  # (validate(): exactly one of the two is set)
+        tc.eval_every_steps = max(1, int(round(spe * pbt.ready_every_epochs)))
     tc.early_stopping.metric = pbt.metric
     tc.early_stopping.enabled = False
     head = head_mlp_config(mc)
@@ -713,16 +687,12 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
     home = home if home is not None else tracker.home
     cancel = cancel or CancelToken()
     n = pbt.population
-    seed = pbt.seed if pbt.seed is not None else cfg.train.seed
-    rng = random.Random(seed)
 
     split, dataset_id = load_split(cfg, tracker)
     if split.val is None:
         raise DactLabError("PBT ranks members on validation data: set data.val_frac > 0 or give data.val_path.")
     train_size = len(split.train)
-    architecture = {**pbt.space.sample_architecture(rng), "shared_by_population": True}
-    members_hp = [pbt.space.sample(rng) for _ in range(n)]
-    batch_sizes = [int(rng.choice(list(pbt.space.batch_sizes))) for _ in range(n)]
+    pop = draw_population(cfg, pbt)
     ratio = cfg.train.encoder_lr / cfg.train.head_lr
 
     parent_config = {"run": cfg.to_dict(), "pbt": pbt.to_dict()}
@@ -737,20 +707,17 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
         tracker.log_event(run_id, ev.RESUMED, {"members": {r["id"]: r["status"] for r in previous}})
     parent_id = tracker.open_run("pbt", parent_config, run_id, dataset_id=dataset_id,
                                  **({"name": cfg.name or "pbt", "tag": cfg.tag} if run_id is None else {}))
-    member_ids: dict[int, Any] = {}
+    member_ids: list[Any] = []
     prev_threads = torch.get_num_threads()
     try:
-        cfgs = [member_config(cfg, pbt, i, members_hp[i], batch_sizes[i], architecture, train_size=train_size)
-                for i in range(n)]
-        for i, mc in enumerate(cfgs):
-            if previous:
-                member_ids[i] = previous[i]["id"]
-                continue
-            member_ids[i] = tracker.create_run("pbt-member", mc.to_dict(), name=mc.name, tag=cfg.tag,
-                                               parent_id=parent_id, dataset_id=dataset_id, status="queued")
+        cfgs = pop.configs(cfg, pbt, train_size=train_size)
+        member_ids = [r["id"] for r in previous] or [
+            tracker.create_run("pbt-member", mc.to_dict(), name=mc.name, tag=cfg.tag, parent_id=parent_id,
+                               dataset_id=dataset_id, status="queued") for mc in cfgs]
         kept = {i for i in range(n) if previous and previous[i]["status"] == "finished"}
         resumable = {i for i in range(n) if previous and i not in kept
                      and resume_path(Path(previous[i]["run_dir"] or tracker.run_dir(member_ids[i]))) is not None}
+        book = PopulationBook(tracker, parent_id, pbt.metric, pop.members(member_ids, train_size=train_size))
         total_threads = pbt.num_threads or cfg.train.num_threads or _default_threads()
         per_member = max(1, total_threads // n)
         threads_info = {"total_threads": total_threads, "torch_threads": per_member, "population": n,
@@ -758,35 +725,28 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
                         "policy": "members run concurrently in Python threads; torch.set_num_threads is "
                                   "process-global, so the total is split: max(1, total // population) each"}
         tracker.log_event(parent_id, ev.PBT_THREADS, threads_info)
-        tracker.log_event(parent_id, ev.PBT_START, {
-            "architecture": architecture, "metric": pbt.metric,
-            "members": [{"member": i, "run_id": member_ids[i], "batch_size": batch_sizes[i],
-                         **_hp_public(members_hp[i]), "eval_every_steps": cfgs[i].train.eval_every_steps}
-                        for i in range(n)]})
+        book.start(pop.architecture, [mc.train.eval_every_steps for mc in cfgs])
         # models are built here, one after the other: deterministic initialisation, no concurrent extraction
         built = [build_model(mc, split.train.label_maps, home) if i not in kept else (None, None)
                  for i, mc in enumerate(cfgs)]
     except BaseException as exc:
-        for rid in member_ids.values():
+        for rid in member_ids:
             tracker.set_status(rid, "failed", f"PBT setup failed: {type(exc).__name__}: {exc}")
         tracker.set_status(parent_id, "cancelled" if isinstance(exc, Cancelled) else "failed",
                            f"{type(exc).__name__}: {exc}")
         raise
 
-    controller = PBTController(pbt, tracker=tracker, parent_id=parent_id)
-    if previous:  # exploits so far, from the lineage on the parent run
-        for e in tracker.get_events(parent_id, kinds=[ev.PBT_EXPLOIT]):
-            r = e["payload"].get("recipient")
-            controller.exploits[r] = controller.exploits.get(r, 0) + 1
-    member_cbs = [PBTMemberCallback(controller, i, members_hp[i], space=pbt.space, encoder_lr_ratio=ratio,
-                                    rng=random.Random(seed * 1000 + 1 + i), dataset_id=dataset_id)
+    controller = PBTController(pbt, book)
+    if previous:
+        book.recount_exploits()
+    member_cbs = [PBTMemberCallback(controller, i, space=pbt.space, encoder_lr_ratio=ratio,
+                                    rng=random.Random(pop.seed * 1000 + 1 + i), dataset_id=dataset_id)
                   for i in range(n)]
-    outcomes: dict[int, dict] = {i: {"status": "queued", "error": None, "result": None} for i in range(n)}
 
     def work(i: int) -> None:
         model, tokenizer = built[i]
         if i in kept:  # finished before the interruption: its record stands
-            outcomes[i].update(status="finished", result=_finished_member(tracker, member_ids[i], member_cbs[i]))
+            book.ended(i, "finished", **_finished_member(tracker, book, i))
             return
         if previous and i not in resumable:
             tracker.delete_metrics_after(member_ids[i], -1)  # starts again: its old curve goes
@@ -794,15 +754,15 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
             res = train(cfgs[i], data=split, home=home, tracker=tracker, run_id=member_ids[i],
                         callbacks=[member_cbs[i], *(callbacks or [])], cancel=cancel, model=model,
                         tokenizer=tokenizer, resume=i in resumable)
-            outcomes[i].update(status=res.status, result=res)
+            best = res.best_metrics.get(pbt.metric)
+            book.ended(i, res.status, best_score=best, best_step=best_step(res.history, pbt.metric, best),
+                       run_dir=res.run_dir)
         except Cancelled as exc:
-            outcomes[i].update(status="cancelled", error=str(exc))
+            book.ended(i, "cancelled", str(exc))
         except BaseException as exc:  # noqa: BLE001 - recorded by train(); the other members go on
-            outcomes[i].update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            controller.log_event(ev.PBT_MEMBER_FAILED, {"member": i, "run_id": member_ids[i],
-                                                        "error": outcomes[i]["error"]})
+            book.ended(i, "failed", f"{type(exc).__name__}: {exc}")
         finally:
-            if outcomes[i]["status"] != "finished":
+            if book.members[i].status != "finished":
                 controller.mark_dead(i)
             built[i] = (None, None)  # the TrainResult keeps the model; drop this reference
 
@@ -823,71 +783,9 @@ def run_pbt(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=
     finally:
         torch.set_num_threads(prev_threads)
 
-    members: list[dict] = []
-    for i in range(n):
-        res = outcomes[i]["result"]
-        cb = member_cbs[i]
-        best = res.best_metrics.get(pbt.metric) if res is not None else None
-        members.append({"member": i, "run_id": member_ids[i], "status": outcomes[i]["status"],
-                        "error": outcomes[i]["error"], "batch_size": batch_sizes[i],
-                        "initial": _hp_public(members_hp[i]), "final": _hp_public(cb.hp),
-                        "best_score": best, "last_score": cb.last_score,
-                        "best_step": next((h["step"] for h in res.history if h.get(pbt.metric) == best), None)
-                        if res is not None else None,
-                        "exploits": controller.exploits.get(i, 0),
-                        "run_dir": str(res.run_dir) if res is not None and res.run_dir else None})
+    return book.finish(architecture=pop.architecture, configs=[mc.to_dict() for mc in cfgs],
+                       dropout_scope=pbt.dropout_scope, cancel=cancel, summary={"threads": threads_info})
 
-    if cancel.cancelled:
-        tracker.set_status(parent_id, "cancelled", cancel.reason or "cancelled",
-                           summary={"members": members, "architecture": architecture})
-        raise Cancelled(cancel.reason or "cancelled")
-
-    finished = [m for m in members if m["status"] == "finished" and m["best_score"] is not None]
-    if not finished:
-        errors = "; ".join(f"member {m['member']}: {m['error']}" for m in members if m["error"])
-        tracker.set_status(parent_id, "failed", f"no PBT member finished ({errors})",
-                           summary={"members": members, "architecture": architecture})
-        raise DactLabError(f"PBT: no member finished ({errors}). Fix the first error and run again.")
-
-    winner = max(finished, key=lambda m: (controller.oriented(m["best_score"]), -m["member"]))
-    w = winner["member"]
-    spe_w = max(1, math.ceil(train_size / batch_sizes[w]))
-    # steps in the winner's own units (inherited entries were recorded in their member's steps)
-    schedule = _normalise_schedule([
-        {**e, "member_step": int(e["step"]),
-         "step": int(e["step"]) if e["member"] == w else int(round(e["progress"] * spe_w))}
-        for e in member_cbs[w].schedule])
-    best_config = cfgs[w].to_dict()
-    summary = {"metric": pbt.metric, "best_member": w, "best_run_id": member_ids[w],
-               "best_score": winner["best_score"], "schedule": schedule, "architecture": architecture,
-               "dropout_scope": pbt.dropout_scope, "threads": threads_info, "members": members,
-               "best_config": best_config}
-    tracker.log_event(parent_id, ev.PBT_SCHEDULE, {"member": w, "run_id": member_ids[w], "schedule": schedule})
-    tracker.set_status(parent_id, "finished", summary=summary)
-    return PBTResult(parent_run_id=parent_id, best_run_id=member_ids[w], best_member=w,
-                     best_score=winner["best_score"], schedule=schedule, members=members, architecture=architecture,
-                     best_config=best_config, status="finished")
-
-
-def _normalise_schedule(schedule: list[dict]) -> list[dict]:
-    """Sorted by step; of several changes at one step the last wins; no-op changes dropped."""
-    out: list[dict] = []
-    for e in sorted(schedule, key=lambda e: e["step"]):
-        if out and out[-1]["step"] == e["step"]:
-            out[-1] = e
-        elif out and all(out[-1][k] == e[k] for k in EXPLORED):
-            continue
-        else:
-            out.append(e)
-    return out
-
-
-
-#: The helpers the Ray backend (:mod:`dact_lib.tuning.pbt_ray`) shares with this engine, under public names: a
-#: member's explored hyperparameters as floats, as its ``hp/...`` metrics, and a schedule sorted and deduplicated.
-hp_public = _hp_public
-hp_metrics = _hp_metrics
-normalise_schedule = _normalise_schedule
 
 # --- replay ----------------------------------------------------------------------------------------------------
 
@@ -918,10 +816,10 @@ class ScheduleCallback(Callback):
             state.set_lr_schedule(apply_hparams(
                 state.model, state.optimizer, e, total_steps=state.total_steps, step=state.step,
                 encoder_lr_ratio=self.ratio, dropout_scope=self.scope))
-            self.applied.append({"step": state.step, **_hp_public(e)})
+            self.applied.append({"step": state.step, **hp_public(e)})
             if self.tracker is not None and state.run_id is not None:
-                self.tracker.log_event(state.run_id, ev.PBT_REPLAY_CHANGE, {"step": state.step, **_hp_public(e)})
-                self.tracker.log_metrics(state.run_id, _hp_metrics(e), step=state.step, epoch=state.epoch)
+                self.tracker.log_event(state.run_id, ev.PBT_REPLAY_CHANGE, {"step": state.step, **hp_public(e)})
+                self.tracker.log_metrics(state.run_id, hp_metrics(e), step=state.step, epoch=state.epoch)
 
 
 def replay_schedule(cfg: RunConfig | dict, schedule: list[dict], *, home=None, tracker=None, data=None,

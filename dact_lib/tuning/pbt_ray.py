@@ -5,9 +5,10 @@ cluster. Ray is imported lazily (inside the functions here): the library imports
 
 How it runs
 -----------
-* :func:`run_pbt_ray` loads the split once, draws the population exactly as :func:`~dact_lib.tuning.pbt.run_pbt`
-  does with the same seed (the architecture once for everyone, per member ``lr``/``weight_decay``/``dropout``/
-  ``warmup_ratio`` from :class:`~dact_lib.tuning.pbt.PBTSpace` and a batch size fixed for its life), records a
+* :func:`run_pbt_ray` loads the split once, draws the population with the threaded engine's
+  :func:`~dact_lib.tuning.pbt.draw_population` (the architecture once for everyone, per member ``lr``/
+  ``weight_decay``/``dropout``/``warmup_ratio`` from :class:`~dact_lib.tuning.pbt.PBTSpace` and a batch size
+  fixed for its life: one seed, one population whatever the backend), records a
   parent run (kind ``"pbt"``, config and summary with ``backend: "ray"`` and the ``address``) and one child run
   per member (kind ``"pbt-member"``), then starts one Tune trial per member (``tune.grid_search`` over the member
   index; the scheduler writes the member's drawn hyperparameters into the trial config when the trial is added).
@@ -23,13 +24,13 @@ How it runs
 * Time is ``ready_points`` (ready points passed, in the member's own steps) with ``perturbation_interval = 1``:
   every ready point is a perturbation point, like the threaded engine's. The metric is ``PBTConfig.metric``
   (``mode`` min for losses). Ray's quantiles are replaced by :func:`~dact_lib.tuning.pbt.select_quantiles`
-  (``quantile`` of PBTConfig, ties and NaN handled alike), its explore by :func:`~dact_lib.tuning.pbt.explore`
-  (``perturb_factors`` 0.8/1.2, ``resample_prob``, clipped to the space); no exploit at a member's last ready
-  point. With ``scheduler="pb2"`` Ray's PB2 (a GP bandit, needs scikit-learn) proposes the new values inside the
+  (``quantile`` of PBTConfig, ties and NaN handled alike; no exploit at a member's last ready point), its explore
+  by :func:`~dact_lib.tuning.pbt.explore` (``perturb_factors`` 0.8/1.2, ``resample_prob``, clipped to the space)
+  given to Ray as its ``custom_explore_fn`` (:class:`Explorer`). With ``scheduler="pb2"`` Ray's PB2 (a GP bandit, needs scikit-learn) proposes the new values inside the
   space's ranges (linear scale, ranges with low == high left out); they are clipped to the space as well.
 * **Exploit → restore.** Ray's exploit pauses the recipient and restarts it from the donor's latest checkpoint with
-  a new config. The scheduler here (a subclass of Ray's, :func:`ray_classes`) overrides ``_get_new_config``: the
-  new config is the RECIPIENT's own (member index, hence batch size) with the explored values and
+  a new config. The scheduler here (a subclass of Ray's, :func:`ray_classes`) overrides ``_exploit``: the
+  recipient's new config is its OWN (member index, hence batch size) with the explored values and
   ``pbt_restart = {own_checkpoint, step, donor}`` — the recipient's own checkpoint of that ready point. On restart
   ``ray_member`` reads ``tune.get_checkpoint()``: a checkpoint of another member is a donor's, so it takes the
   donor's weights and optimizer state, its own loop state (step, epoch, batch, history, best) and best weights from
@@ -41,11 +42,11 @@ How it runs
   The scheduler also keeps the recipient's own clock (Ray copies the donor's).
 * **Recording.** The worker has no tracker: its loop's metric rows and events (a :class:`~dact_lib.tracker.
   TrackerCallback` over an in-memory buffer) travel in each report. On the driver, a Ray Tune ``Callback``
-  (:class:`PopulationBook` behind it) writes them into the member's run, logs ``hp/lr`` … (the values in force
-  from that step on) at every ready point, and the scheduler's ``_exploit`` hook logs ``pbt_exploit`` and
-  ``pbt_explore`` events with the threaded engine's payload (recipient, donor, run ids, step, progress, old → new
-  hyperparameters, scores, ``changes``; plus ``backend`` and ``donor_checkpoint``) on the parent and the
-  recipient's run: the PBT page and its lineage read them unchanged. After training the worker saves the model
+  (:class:`RayBook` behind it) writes them into the member's run; everything else is the threaded engine's
+  record, written by the same :class:`~dact_lib.tuning.pbt_book.PopulationBook`: ``hp/lr`` … at every ready
+  point, the ``pbt_exploit`` / ``pbt_explore`` events of the scheduler's ``_exploit`` (plus ``donor_checkpoint``),
+  member outcomes, the winner and the parent's summary, each event and member summary tagged ``backend: "ray"``.
+  After training the worker saves the model
   (its lifetime-best weights, then the test split, as ``train()`` does) into a final checkpoint; the driver copies
   it into the member's run folder.
 
@@ -57,23 +58,24 @@ Checkpoints live in Ray's storage (``storage_path``; default a temporary folder,
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import os
 import random
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from ..callbacks import Callback, CancelToken, LoopState
 from ..config import RunConfig, check
 from ..errors import Cancelled, ConfigError, DactLabError
 from .. import events as ev
-from .pbt import (EXPLORED, PBTConfig, PBTResult, PBTSpace, apply_hparams, explore, hp_metrics, hp_public,
-                  member_config, normalise_schedule, select_quantiles)
+from .pbt import PBTConfig, apply_hparams, draw_population, explore, select_quantiles
+from .pbt_book import ENDED, EXPLORED, PBTResult, PopulationBook, best_step
+
+if TYPE_CHECKING:
+    from ..tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ STATE_KIND = "pbt-member"
 TIME_ATTR = "ready_points"
 #: what a Tune result names its checkpoint folder by (ray.train.constants.CHECKPOINT_DIR_NAME)
 CHECKPOINT_DIR_KEY = "checkpoint_dir_name"
+#: where the explore step (:class:`Explorer`) leaves its changes in the config it returns, for the exploit record
+EXPLORE_KEY = "pbt_explore"
 #: keys of a report that only the driver's recorder reads (popped before Ray's own loggers see the result)
 _PRIVATE_KEYS = ("dact_rows", "dact_events", "dact_end")
 
@@ -128,7 +132,8 @@ def pb2_scheduler_class():
 
 class BufferTracker:
     """What the loop's :class:`~dact_lib.tracker.TrackerCallback` writes to in a Ray worker: metric rows and
-    events kept in memory until the next report carries them to the driver (which owns the run records)."""
+    events kept in memory until the next report carries them to the driver (which owns the run records). It has
+    every method TrackerCallback calls on a Tracker (hence the ``cast`` where one is given to it)."""
 
     errors: tuple = ()
 
@@ -216,7 +221,7 @@ class RayMemberCallback(Callback):
     :func:`restart_from`)."""
 
     def __init__(self, *, member: int, hp: dict[str, Any], metric: str, encoder_lr_ratio: float, dropout_scope: str,
-                 eval_every: int, buffer: BufferTracker, tc, restart=None) -> None:
+                 eval_every: int, buffer: BufferTracker, restart=None) -> None:
         self.member = int(member)
         self.hp = {k: float(hp[k]) for k in EXPLORED}
         self.metric = metric
@@ -269,9 +274,9 @@ class RayMemberCallback(Callback):
         out = {TIME_ATTR: self.step // self.eval_every, "step": self.step, "epoch": self.epoch,
                "progress": self.progress(self.step), "total_steps": self.total_steps, "member": self.member,
                "dact_rows": rows, "dact_events": events}
-        if self.report_restart:
+        if self.report_restart and self.restart_info is not None:
             out["dact_restart_step"] = int(self.restart_info["step"])
-            out["dact_restart"] = {k: v for k, v in self.restart_info.items()}
+            out["dact_restart"] = dict(self.restart_info)
             self.report_restart = False
         return out
 
@@ -316,6 +321,7 @@ def ray_member(config: dict, split=None, setup: dict | None = None) -> None:
     from ray import tune
 
     from ..files import atomic_write_json
+    from ..modeling_backbone import BackboneClassifier
     from ..models import ENCODER_FILE, build_model, save_model
     from ..tracker import TrackerCallback
     from ..train import train
@@ -327,20 +333,25 @@ def ray_member(config: dict, split=None, setup: dict | None = None) -> None:
     run_id = setup["run_ids"][member]
     metric = setup["metric"]
     hp = {k: float(config[k]) for k in EXPLORED}
+    eval_every = mc.train.eval_every_steps
+    if eval_every is None:
+        raise DactLabError(f"member {member}'s config has no train.eval_every_steps (its ready interval): it is not "
+                           "a PBT member's config (member_config).")
     restart = restart_from(config, tune.get_checkpoint(), member)
     buffer = BufferTracker()
     cb = RayMemberCallback(member=member, hp=hp, metric=metric, encoder_lr_ratio=setup["encoder_lr_ratio"],
-                           dropout_scope=setup["dropout_scope"], eval_every=mc.train.eval_every_steps,
-                           buffer=buffer, tc=mc.train, restart=restart)
+                           dropout_scope=setup["dropout_scope"], eval_every=eval_every, buffer=buffer,
+                           restart=restart)
     home = _worker_home(setup.get("home"))
     model, tokenizer = build_model(mc, split.train.label_maps, home)
     res = train(mc, data=split, home=None, tracker=None, run_id=run_id, save=False, model=model,
-                tokenizer=tokenizer, callbacks=[TrackerCallback(buffer, run_id), cb, *(setup.get("callbacks") or [])],
+                tokenizer=tokenizer, callbacks=[TrackerCallback(cast("Tracker", buffer), run_id), cb, *(setup.get("callbacks") or [])],
                 resume_state=restart[0] if restart is not None else None)
+    best = res.best_metrics.get(metric)
     final = Path(tempfile.mkdtemp(prefix="dact-pbt-final-"))
     try:
         save_model(final, res.model, res.tokenizer, mc, res.label_maps)
-        if mc.kind == "backbone":
+        if isinstance(res.model, BackboneClassifier):  # the encoder alone, as train() writes it
             res.model.export_encoder(final / ENCODER_FILE)
         atomic_write_json(final / "report.json",
                           {"best": res.best_metrics, "test": res.test_metrics, "report": res.report,
@@ -348,7 +359,8 @@ def ray_member(config: dict, split=None, setup: dict | None = None) -> None:
                            "halting": (res.report or {}).get("halting"),
                            "exit_refit": (res.report or {}).get("exit_refit")})
         metrics = {**cb.base_metrics(), metric: cb.last_score if cb.last_score is not None else math.nan,
-                   "dact_final": 1, "dact_end": buffer.end, "best_score": res.best_metrics.get(metric)}
+                   "dact_final": 1, "dact_end": buffer.end, "best_score": best,
+                   "best_step": best_step(res.history, metric, best)}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(final)))
     finally:
         shutil.rmtree(final, ignore_errors=True)
@@ -357,65 +369,28 @@ def ray_member(config: dict, split=None, setup: dict | None = None) -> None:
 # --- the driver side: the population's records -----------------------------------------------------------------
 
 
-class PopulationBook:
-    """The driver's record of a PBT population on Ray: member runs in the tracker, their metrics and events, the
-    exploits (the lineage), schedules, best scores and final models. Ray-free (the Ray Tune callback and the
-    scheduler of :func:`ray_classes` call it), so it runs in the driver's thread only."""
+class RayBook(PopulationBook):
+    """The population's book (:class:`~dact_lib.tuning.pbt_book.PopulationBook`) on Ray's driver. A member's worker
+    has no tracker, so the book also records what ``train()`` records itself in the threaded engine: the member
+    run's status, the metric rows and events its loop buffered (each report carries them) and its final model
+    (copied from the final checkpoint into its run folder). Ray-free: the Ray Tune callback of
+    :func:`ray_classes` calls it, in the driver's thread."""
 
-    def __init__(self, tracker, parent_id, pbt: PBTConfig, members: list[dict], *,
+    def __init__(self, tracker, parent_id, metric: str, members: list[dict], *,
                  progress: Callable[[str], None] | None = None) -> None:
-        from ..train import lower_is_better
+        super().__init__(tracker, parent_id, metric, members, tags={"backend": BACKEND}, name="PBT on Ray",
+                         progress=progress)
 
-        self.tracker = tracker
-        self.parent_id = parent_id
-        self.pbt = pbt
-        self.metric = pbt.metric
-        self.sign = -1.0 if lower_is_better(pbt.metric) else 1.0
-        self.members = members  # [{run_id, hp, batch_size, steps_per_epoch}]
-        self.hp = {i: dict(m["hp"]) for i, m in enumerate(members)}
-        self.schedule = {i: [{"step": 0, "progress": 0.0, **hp_public(m["hp"]), "member": i, "via": "init"}]
-                         for i, m in enumerate(members)}
-        self.state = {i: {"status": "queued", "error": None, "last_score": None, "best_score": None,
-                          "best_step": None, "step": 0, "epoch": 0, "exploits": 0, "started": False,
-                          "run_dir": None} for i in range(len(members))}
-        self.progress_fn = progress
-
-    def __getstate__(self) -> dict:  # Ray pickles its run config (callbacks) and scheduler: no tracker in there
-        return {k: (None if k in ("tracker", "progress_fn") else v) for k, v in self.__dict__.items()}
-
-    def oriented(self, score: float | None) -> float:
-        if score is None or (isinstance(score, float) and math.isnan(score)):
-            return -math.inf
-        return self.sign * float(score)
-
-    def say(self, text: str) -> None:
-        if self.progress_fn is not None:
-            try:
-                self.progress_fn(text)
-            except Exception:  # noqa: BLE001 - printing never stops the population
-                pass
-
-    def run_id(self, member: int):
-        return self.members[member]["run_id"]
-
-    def log_event(self, kind: str, payload: dict, run_id=None) -> None:
-        for rid in (self.parent_id, run_id):
-            if rid is not None:
-                self.tracker.log_event(rid, kind, payload)
-
-    # Tune callbacks -----------------------------------------------------------------------------------------
     def started(self, member: int) -> None:
-        st = self.state[member]
-        if not st["started"]:
-            st["started"] = True
-            st["status"] = "running"
+        if self.members[member].status == "queued":
+            self.members[member].status = "running"
             self.tracker.set_status(self.run_id(member), "running", pid=os.getpid())
 
     def result(self, member: int, result: dict, final_checkpoint=None) -> None:
-        """One report of a member (after the scheduler's decision on it): its loop's rows and events, the
-        ``hp/...`` values in force from this ready point on, its score; the final model of a finished member."""
+        """One report of a member (after the scheduler's decision on it): its loop's rows and events, then at a
+        ready point its score and the ``hp/...`` in force from it on; the final model of a finished member."""
         self.started(member)
-        rid, st = self.run_id(member), self.state[member]
+        rid = self.run_id(member)
         rows = result.pop("dact_rows", None) or []
         events = result.pop("dact_events", None) or []
         end = result.pop("dact_end", None)
@@ -428,23 +403,18 @@ class PopulationBook:
         self.tracker.insert_metric_rows([tuple([rid, *r[1:]]) for r in rows])
         for kind, payload in events:
             self.tracker.log_event(rid, kind, payload)
-        step, epoch = int(result.get("step", st["step"])), int(result.get("epoch", st["epoch"]))
-        st["step"], st["epoch"] = step, epoch
         if result.get("dact_ready"):
-            score = float(result[self.metric])
-            st["last_score"] = score
-            if st["best_score"] is None or self.oriented(score) > self.oriented(st["best_score"]):
-                st["best_score"], st["best_step"] = score, step
-            self.tracker.log_metrics(rid, hp_metrics(self.hp[member]), step=step, epoch=epoch)
-            self.say(f"[member {member} · run {rid}] step {step}: {self.metric}={score:.4f}")
+            self.ready(member, step=int(result["step"]), epoch=int(result["epoch"]), score=float(result[self.metric]))
         if result.get("dact_final"):
-            self.finished(member, end or {}, final_checkpoint)
+            self.finished(member, end or {}, final_checkpoint, best_score=result.get("best_score"),
+                          best_step=result.get("best_step"))
 
-    def finished(self, member: int, end: dict, final_checkpoint) -> None:
+    def finished(self, member: int, end: dict, final_checkpoint, *, best_score: float | None,
+                 best_step: int | None) -> None:
         from ..models import ENCODER_FILE
         from ..tracker import liveness
 
-        rid, st = self.run_id(member), self.state[member]
+        rid = self.run_id(member)
         run_dir = self.tracker.run_dir(rid)
         if final_checkpoint is not None:
             final_checkpoint.to_directory(str(run_dir))
@@ -453,55 +423,49 @@ class PopulationBook:
                                ("label_maps.json", "label_map"), ("report.json", "report"), (ENCODER_FILE, "encoder")):
                 if (run_dir / name).exists():
                     self.tracker.add_artifact(rid, str(run_dir / name), kind)
-        summary = dict(end.get("summary") or {})
-        summary.update(pbt_hp=hp_public(self.hp[member]), pbt_schedule=self.schedule[member],
-                       pbt_last_score=st["last_score"], backend=BACKEND)
         self.tracker.update_run(rid, run_dir=str(run_dir))
-        self.tracker.end_run(rid, "finished", None, summary)
+        self.tracker.end_run(rid, "finished", None, {**(end.get("summary") or {}), **self.member_summary(member)})
         liveness.mark_done(rid)
-        st.update(status="finished", run_dir=str(run_dir))
-        self.say(f"[member {member} · run {rid}] finished")
+        self.ended(member, "finished", best_score=best_score, best_step=best_step, run_dir=str(run_dir))
 
     def failed(self, member: int, error: str, status: str = "failed") -> None:
         from ..tracker import liveness
 
-        st = self.state[member]
-        if st["status"] in ("finished", "failed", "cancelled"):
+        if self.members[member].status in ENDED:
             return
-        st.update(status=status, error=error)
         rid = self.run_id(member)
         self.tracker.set_status(rid, status, error)
         liveness.mark_done(rid)
-        if status == "failed":
-            self.log_event(ev.PBT_MEMBER_FAILED, {"member": member, "run_id": rid, "error": error,
-                                                  "backend": BACKEND})
-        self.say(f"[member {member} · run {rid}] {status}: {error}")
+        self.ended(member, status, error)
 
-    # the scheduler's exploit ------------------------------------------------------------------------------
-    def exploited(self, *, recipient: int, donor: int, old: dict, donor_hp: dict, new: dict, changes: dict,
-                  result: dict, donor_result: dict, donor_checkpoint: str | None) -> None:
-        """Record one exploit + explore: the events of the threaded engine (same payload), the schedule."""
-        step = int(result.get("step", 0))
-        spe = max(1, int(self.members[recipient]["steps_per_epoch"]))
-        progress = step / spe
-        common = {"time": time.time(), "step": step, "epoch": int(result.get("epoch", 0)), "progress": progress,
-                  "recipient": recipient, "recipient_run_id": self.run_id(recipient), "donor": donor,
-                  "donor_run_id": self.run_id(donor), "donor_step": int(donor_result.get("step", 0)),
-                  "donor_progress": float(donor_result.get("progress", 0.0)), "metric": self.metric,
-                  "score": float(result[self.metric]) if self.metric in result else None,
-                  "donor_score": float(donor_result[self.metric]) if self.metric in donor_result else None,
-                  "backend": BACKEND, "donor_checkpoint": donor_checkpoint}
-        self.log_event(ev.PBT_EXPLOIT, {**common, "old": hp_public(old), "new": hp_public(donor_hp)},
-                       self.run_id(recipient))
-        self.log_event(ev.PBT_EXPLORE, {**common, "old": hp_public(donor_hp), "new": hp_public(new),
-                                        "recipient_old": hp_public(old), "changes": changes}, self.run_id(recipient))
-        inherited = [dict(e) for e in self.schedule[donor] if e["progress"] <= progress + 1e-9]
-        self.schedule[recipient] = inherited + [{"step": step, "progress": progress, **hp_public(new),
-                                                 "member": recipient, "via": "exploit", "donor": donor}]
-        self.hp[recipient] = dict(new)
-        self.state[recipient]["exploits"] += 1
-        self.say(f"[exploit] member {recipient} <- member {donor} at step {step}: "
-                 + ", ".join(f"{k} {old[k]:.3g} -> {new[k]:.3g}" for k in EXPLORED))
+
+class Explorer:
+    """The explore step of Ray's scheduler, given to it as its public ``custom_explore_fn``: Ray calls it with a
+    copy of the donor's config (with PB2, holding the values its Gaussian process proposes) and trains the
+    recipient with what it returns. Here: PBTConfig's rules (:func:`~dact_lib.tuning.pbt.explore`) for ``pbt``;
+    PB2's values clipped to the space for ``pb2``. The returned config carries the changes under
+    :data:`EXPLORE_KEY` for the scheduler's exploit record, which removes them."""
+
+    def __init__(self, kind: str, pbt: PBTConfig, rng: random.Random) -> None:
+        self.kind, self.pbt, self.rng = kind, pbt, rng
+
+    def __call__(self, config: dict) -> dict:
+        space = self.pbt.space
+        values = {k: float(config[k]) for k in EXPLORED}
+        if self.kind == "pb2":
+            new = {k: space.clip(k, v) for k, v in values.items()}
+            changes = {k: {"how": "pb2", "factor": None, "clipped": new[k] != v, "new": new[k]}
+                       for k, v in values.items()}
+        else:
+            new, changes = explore(values, space, self.rng, resample_prob=self.pbt.resample_prob,
+                                   perturb_factors=self.pbt.perturb_factors)
+        return {**config, **new, EXPLORE_KEY: changes}
+
+
+def at_last_ready_point(result: dict | None) -> bool:
+    """Whether a member's latest report is its last ready point (nothing left to train after an exploit)."""
+    res = result or {}
+    return int(res.get("step", 0)) >= int(res.get("total_steps", 0) or 0)
 
 
 # --- the Ray classes (built when Ray is imported) --------------------------------------------------------------
@@ -522,15 +486,17 @@ def ray_classes() -> dict[str, type]:
     from ray.tune.stopper import Stopper
 
     class DactPBTMixin:
-        """Ray's PBT with the threaded engine's rules (see the module docstring)."""
+        """Ray's PBT with this engine's rules (see the module docstring). Public hooks where Ray has them: the
+        initial values in ``on_trial_add``, the explore step as ``custom_explore_fn`` (:class:`Explorer`), the
+        pause decision in ``on_trial_result``. Two private methods are overridden because Ray offers no public
+        hook for what they decide (tests/test_pbt_ray.py checks their signatures against the tested Ray):
+        ``_quantiles`` (who is bottom and top: Ray rounds up, breaks ties by order and lets a member exploit at
+        its last ready point) and ``_exploit`` (Ray gives the recipient the donor's config and clock, and tells
+        no one of an exploit: here the recipient keeps its member index and clock, and the book records it)."""
 
-        dact_book: PopulationBook | None = None
-        dact_space: PBTSpace | None = None
+        dact_book: RayBook | None = None
         dact_pbt: PBTConfig | None = None
-        dact_rng: random.Random | None = None
         dact_initial: list[dict] = []
-        dact_how = "pbt"
-        dact_pending: tuple | None = None
         dact_restarting: set | None = None  # exploited trials waiting for their restart
 
         def on_trial_result(self, tune_controller, trial, result):
@@ -555,60 +521,42 @@ def ray_classes() -> dict[str, type]:
             return super().on_trial_add(tune_controller, trial)
 
         def _quantiles(self):
-            scores = {t: st.last_score for t, st in self._trial_state.items()
+            """(bottom, top) of the live trials by :func:`~dact_lib.tuning.pbt.select_quantiles`; a trial at its
+            last ready point is never in the bottom."""
+            states = self._trial_state
+            scores = {t: st.last_score for t, st in states.items()
                       if st.last_score is not None and not t.is_finished()}
-            return select_quantiles(scores, self._quantile_fraction)
-
-        def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
-            res = self._trial_state[trial].last_result or {}
-            if int(res.get("step", 0)) >= int(res.get("total_steps", 0) or 0):
-                lower_quantile = []  # its last ready point: nothing left to train after an exploit
-            return super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
-
-        def _get_new_config(self, trial, trial_to_clone):
-            space, pbt = self.dact_space, self.dact_pbt
-            donor_hp = {k: float(trial_to_clone.config[k]) for k in EXPLORED}
-            if self.dact_how == "pb2":
-                proposed, _ = super()._get_new_config(trial, trial_to_clone)
-                new_hp, changes = {}, {}
-                for k in EXPLORED:
-                    raw = float(proposed.get(k, donor_hp[k]))
-                    value = space.clip(k, raw)
-                    new_hp[k] = value
-                    changes[k] = {"how": "pb2", "factor": None, "clipped": value != raw, "old": donor_hp[k],
-                                  "new": value}
-            else:
-                new_hp, changes = explore(donor_hp, space, self.dact_rng, resample_prob=pbt.resample_prob,
-                                          perturb_factors=pbt.perturb_factors)
-            res = self._trial_state[trial].last_result or {}
-            own = res.get(CHECKPOINT_DIR_KEY)
-            new_config = copy.deepcopy(trial.config)
-            new_config.update(new_hp)
-            new_config["pbt_restart"] = {"own_checkpoint": Path(trial.path, own).as_posix() if own else None,
-                                         "step": int(res.get("step", 0)),
-                                         "donor": int(trial_to_clone.config["member"])}
-            self.dact_pending = (new_hp, changes)
-            ops = {k: (c["how"] if c["factor"] is None else f"* {c['factor']}") for k, c in changes.items()}
-            return new_config, ops
+            bottom, top = select_quantiles(scores, self.dact_pbt.quantile)
+            return [t for t in bottom if not at_last_ready_point(states[t].last_result)], top
 
         def _exploit(self, tune_controller, trial, trial_to_clone):
             rec, don = self._trial_state[trial], self._trial_state[trial_to_clone]
             rec_result, donor_result = dict(rec.last_result or {}), dict(don.last_result or {})
             own_clock = (rec.last_train_time, rec.last_perturbation_time)
+            own_config = copy.deepcopy(trial.config)
             checkpoint = don.last_checkpoint
-            old = {k: float(trial.config[k]) for k in EXPLORED}
+            old = {k: float(own_config[k]) for k in EXPLORED}
             donor_hp = {k: float(trial_to_clone.config[k]) for k in EXPLORED}
-            super()._exploit(tune_controller, trial, trial_to_clone)
+            super()._exploit(tune_controller, trial, trial_to_clone)  # pauses it, explores, gives it the checkpoint
             rec.last_train_time, rec.last_perturbation_time = own_clock  # it continues at its own step
+            explored = dict(trial.config)
+            changes = {k: {**c, "old": donor_hp[k]} for k, c in explored.pop(EXPLORE_KEY).items()}
+            new = {k: float(explored[k]) for k in EXPLORED}
+            own = rec_result.get(CHECKPOINT_DIR_KEY)
+            trial.set_config({**own_config, **new, "pbt_restart": {
+                "own_checkpoint": Path(trial.path, own).as_posix() if own else None,
+                "step": int(rec_result.get("step", 0)), "donor": int(trial_to_clone.config["member"])}})
             if self.dact_restarting is None:
                 self.dact_restarting = set()
             self.dact_restarting.add(trial)
-            new, changes = self.dact_pending
             if self.dact_book is not None:
-                self.dact_book.exploited(recipient=int(trial.config["member"]),
-                                         donor=int(trial_to_clone.config["member"]), old=old, donor_hp=donor_hp,
-                                         new=new, changes=changes, result=rec_result, donor_result=donor_result,
-                                         donor_checkpoint=getattr(checkpoint, "path", None))
+                self.dact_book.exploited(
+                    recipient=int(own_config["member"]), donor=int(trial_to_clone.config["member"]),
+                    step=int(rec_result.get("step", 0)), epoch=int(rec_result.get("epoch", 0)),
+                    score=_score(rec_result, self.dact_book.metric), donor_step=int(donor_result.get("step", 0)),
+                    donor_progress=float(donor_result.get("progress", 0.0)),
+                    donor_score=_score(donor_result, self.dact_book.metric), old=old, donor_hp=donor_hp, new=new,
+                    changes=changes, donor_checkpoint=getattr(checkpoint, "path", None))
 
     class DactPBT(DactPBTMixin, PopulationBasedTraining):
         pass
@@ -618,7 +566,7 @@ def ray_classes() -> dict[str, type]:
         from ray.tune.schedulers.pb2 import PB2
 
         class DactPB2(DactPBTMixin, PB2):
-            dact_how = "pb2"
+            pass
 
         _CLASSES["pb2"] = DactPB2
     except ImportError:  # pragma: no cover - every Ray >= 2.0 has it
@@ -626,9 +574,9 @@ def ray_classes() -> dict[str, type]:
 
     class Recorder(tune.Callback):
         """The driver's Tune callback: every member result, start, error and end into the tracker (through the
-        :class:`PopulationBook`)."""
+        :class:`RayBook`)."""
 
-        def __init__(self, book: PopulationBook) -> None:
+        def __init__(self, book: RayBook) -> None:
             self.book = book
 
         def __getstate__(self):
@@ -657,7 +605,7 @@ def ray_classes() -> dict[str, type]:
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             m = self.member(trial)
-            if self.book.state[m]["status"] not in ("finished", "failed", "cancelled"):
+            if self.book.members[m].status not in ENDED:
                 self.book.failed(m, "the trial ended without its final report (stopped by Ray)")
 
     class CancelStopper(Stopper):
@@ -679,6 +627,10 @@ def ray_classes() -> dict[str, type]:
     return _CLASSES
 
 
+def _score(result: dict, metric: str) -> float | None:
+    return float(result[metric]) if metric in result else None
+
+
 def trial_error(trial) -> str:
     """The last line of a failed trial's error (Ray's text), or a generic one."""
     for get in ("get_error", "get_pickled_error"):
@@ -693,31 +645,28 @@ def trial_error(trial) -> str:
     return "the trial failed (see Ray's logs)"
 
 
-def make_scheduler(kind: str, pbt: PBTConfig, *, book: PopulationBook | None, initial: list[dict],
-                   rng: random.Random, synch: bool = False):
-    """The Tune scheduler for ``kind`` ('pbt' | 'pb2') with PBTConfig's rules (see the module docstring)."""
+def make_scheduler(kind: str, pbt: PBTConfig, *, book: RayBook | None, initial: list[dict], rng: random.Random,
+                   synch: bool = False):
+    """The Tune scheduler for ``kind`` ('pbt' | 'pb2') with PBTConfig's rules (see the module docstring); ``rng``
+    draws its explore steps."""
     from ..train import lower_is_better
 
     check(kind in SCHEDULERS, "scheduler", kind, f"choose one of {list(SCHEDULERS)}")
     if kind == "pb2":
         pb2_scheduler_class()
     classes = ray_classes()
-    space = pbt.space
     common = dict(time_attr=TIME_ATTR, metric=pbt.metric, mode="min" if lower_is_better(pbt.metric) else "max",
                   perturbation_interval=1, quantile_fraction=float(pbt.quantile), log_config=True,
-                  require_attrs=True, synch=bool(synch))
+                  require_attrs=True, synch=bool(synch), custom_explore_fn=Explorer(kind, pbt, rng))
     if kind == "pb2":
-        bounds = {k: [float(lo), float(hi)] for k in EXPLORED for lo, hi in [space.bounds(k)] if lo < hi}
+        bounds = {k: [lo, hi] for k in EXPLORED for lo, hi in [pbt.space.bounds(k)] if lo < hi}
         if not bounds:
             raise ConfigError("scheduler 'pb2' needs at least one hyperparameter range with low < high in "
                               "pbt.space (lr, weight_decay, dropout, warmup_ratio).")
         sched = classes["pb2"](hyperparam_bounds=bounds, **common)
-    else:
-        mutations = {k: functools.partial(space.sample_value, k, rng) for k in EXPLORED}
-        sched = classes["pbt"](hyperparam_mutations=mutations, resample_probability=float(pbt.resample_prob),
-                               perturbation_factors=tuple(float(f) for f in pbt.perturb_factors), **common)
-    sched.dact_book, sched.dact_space, sched.dact_pbt, sched.dact_rng = book, space, pbt, rng
-    sched.dact_initial = [dict(h) for h in initial]
+    else:  # no hyperparam_mutations: the Explorer is the whole explore step
+        sched = classes["pbt"](**common)
+    sched.dact_book, sched.dact_pbt, sched.dact_initial = book, pbt, [dict(h) for h in initial]
     return sched
 
 
@@ -731,7 +680,7 @@ def _ray_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if os.environ.get(k)}
 
 
-# complexity: Tune's setup, resume refusal and result reading share the parent run's state
+# complexity: the checks of its arguments, Tune's setup and the failure records share the parent run's state
 def run_pbt_ray(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, tracker=None, address: str | None = None,
                 scheduler: str = "pbt", data=None, cpus_per_member: float = 1, gpus_per_member: float = 0,
                 num_cpus: int | None = None, storage_path: str | None = None, keep_ray_results: bool = False,
@@ -780,17 +729,12 @@ def run_pbt_ray(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, trac
     home = Path(home) if home is not None else Path(tracker.home)
     cancel = cancel or CancelToken()
     n = pbt.population
-    seed = pbt.seed if pbt.seed is not None else cfg.train.seed
-    rng = random.Random(seed)
 
     split, dataset_id = load_split(cfg, tracker, data)
     if split.val is None:
         raise DactLabError("PBT ranks members on validation data: set data.val_frac > 0 or give data.val_path.")
     train_size = len(split.train)
-    # the same draws, in the same order, as run_pbt: one seed, one population whatever the backend
-    architecture = {**pbt.space.sample_architecture(rng), "shared_by_population": True}
-    members_hp = [pbt.space.sample(rng) for _ in range(n)]
-    batch_sizes = [int(rng.choice(list(pbt.space.batch_sizes))) for _ in range(n)]
+    pop = draw_population(cfg, pbt)  # the threaded engine's draws: one seed, one population whatever the backend
     ratio = cfg.train.encoder_lr / cfg.train.head_lr
     ray_info = {"address": address or "local", "scheduler": scheduler, "cpus_per_member": cpus_per_member,
                 "gpus_per_member": gpus_per_member, "ray_version": ray.__version__}
@@ -802,15 +746,16 @@ def run_pbt_ray(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, trac
     started_ray = False
     temp_storage = None
     try:
-        cfgs = [member_config(cfg, pbt, i, members_hp[i], batch_sizes[i], architecture, train_size=train_size)
-                for i in range(n)]
+        cfgs = pop.configs(cfg, pbt, train_size=train_size)
         for mc in cfgs:
             member_ids.append(tracker.create_run("pbt-member", mc.to_dict(), name=mc.name, tag=cfg.tag,
                                                  parent_id=parent_id, dataset_id=dataset_id, status="queued"))
         for rid in member_ids:
             liveness.mark_live(rid)
-        for i, rid in enumerate(member_ids):
-            tracker.log_metrics(rid, {**hp_metrics(members_hp[i]), "hp/batch_size": batch_sizes[i]}, step=0, epoch=0)
+        book = RayBook(tracker, parent_id, pbt.metric, pop.members(member_ids, train_size=train_size),
+                       progress=progress)
+        for i in range(n):
+            book.begin(i)
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                                       "runtime_env": {"env_vars": _ray_env()}}
@@ -820,16 +765,9 @@ def run_pbt_ray(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, trac
             started_ray = True
         resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
         ray_info.update(cluster_resources=resources, gcs_address=_gcs_address(ray))
-        members = [{"run_id": member_ids[i], "hp": members_hp[i], "batch_size": batch_sizes[i],
-                    "steps_per_epoch": max(1, math.ceil(train_size / batch_sizes[i]))} for i in range(n)]
-        book = PopulationBook(tracker, parent_id, pbt, members, progress=progress)
-        tracker.log_event(parent_id, ev.PBT_START, {
-            "architecture": architecture, "metric": pbt.metric, "backend": BACKEND, "address": address or "local",
-            "ray": ray_info,
-            "members": [{"member": i, "run_id": member_ids[i], "batch_size": batch_sizes[i],
-                         **hp_public(members_hp[i]), "eval_every_steps": cfgs[i].train.eval_every_steps}
-                        for i in range(n)]})
-        sched = make_scheduler(scheduler, pbt, book=book, initial=members_hp, rng=random.Random(seed * 1000 + 7),
+        book.start(pop.architecture, [mc.train.eval_every_steps for mc in cfgs], backend=BACKEND,
+                   address=address or "local", ray=ray_info)
+        sched = make_scheduler(scheduler, pbt, book=book, initial=pop.hp, rng=random.Random(pop.seed * 1000 + 7),
                                synch=synch)
         classes = ray_classes()
         setup = {"member_configs": [mc.to_dict() for mc in cfgs], "run_ids": member_ids, "metric": pbt.metric,
@@ -872,43 +810,12 @@ def run_pbt_ray(cfg: RunConfig, *, pbt: PBTConfig | None = None, home=None, trac
         ray.shutdown()
 
     for i in range(n):  # members Ray stopped (cancel) or never started
-        if book.state[i]["status"] in ("queued", "running"):
+        if book.members[i].status not in ENDED:
             book.failed(i, (cancel.reason or "cancelled") if cancel.cancelled else "the member did not finish",
                         status="cancelled" if cancel.cancelled else "failed")
-    members_out: list[dict] = []
-    for i in range(n):
-        st = book.state[i]
-        members_out.append({"member": i, "run_id": member_ids[i], "status": st["status"], "error": st["error"],
-                            "batch_size": batch_sizes[i], "initial": hp_public(members_hp[i]),
-                            "final": hp_public(book.hp[i]), "best_score": st["best_score"],
-                            "last_score": st["last_score"], "best_step": st["best_step"],
-                            "exploits": st["exploits"], "run_dir": st["run_dir"]})
-    base_summary = {"members": members_out, "architecture": architecture, "backend": BACKEND,
-                    "address": address or "local", "ray": ray_info}
-    if cancel.cancelled:
-        tracker.set_status(parent_id, "cancelled", cancel.reason or "cancelled", summary=base_summary)
-        raise Cancelled(cancel.reason or "cancelled")
-    finished = [m for m in members_out if m["status"] == "finished" and m["best_score"] is not None]
-    if not finished:
-        errors = "; ".join(f"member {m['member']}: {m['error']}" for m in members_out if m["error"])
-        tracker.set_status(parent_id, "failed", f"no PBT member finished ({errors})", summary=base_summary)
-        raise DactLabError(f"PBT on Ray: no member finished ({errors}). Fix the first error and run again.")
-    winner = max(finished, key=lambda m: (book.oriented(m["best_score"]), -m["member"]))
-    w = winner["member"]
-    spe_w = max(1, math.ceil(train_size / batch_sizes[w]))
-    schedule = normalise_schedule([
-        {**e, "member_step": int(e["step"]),
-         "step": int(e["step"]) if e["member"] == w else int(round(e["progress"] * spe_w))}
-        for e in book.schedule[w]])
-    best_config = cfgs[w].to_dict()
-    summary = {**base_summary, "metric": pbt.metric, "best_member": w, "best_run_id": member_ids[w],
-               "best_score": winner["best_score"], "schedule": schedule, "dropout_scope": pbt.dropout_scope,
-               "best_config": best_config}
-    tracker.log_event(parent_id, ev.PBT_SCHEDULE, {"member": w, "run_id": member_ids[w], "schedule": schedule})
-    tracker.set_status(parent_id, "finished", summary=summary)
-    return PBTResult(parent_run_id=parent_id, best_run_id=member_ids[w], best_member=w,
-                     best_score=winner["best_score"], schedule=schedule, members=members_out,
-                     architecture=architecture, best_config=best_config, status="finished")
+    return book.finish(architecture=pop.architecture, configs=[mc.to_dict() for mc in cfgs],
+                       dropout_scope=pbt.dropout_scope, cancel=cancel,
+                       summary={"backend": BACKEND, "address": address or "local", "ray": ray_info})
 
 
 def _gcs_address(ray) -> str | None:
@@ -923,5 +830,5 @@ def is_ray_run(run: dict) -> bool:
     return (run.get("config") or {}).get("backend") == BACKEND
 
 
-__all__ = ["run_pbt_ray", "require_ray", "pb2_scheduler_class", "ray_member", "RayMemberCallback", "PopulationBook",
+__all__ = ["run_pbt_ray", "require_ray", "pb2_scheduler_class", "ray_member", "RayMemberCallback", "RayBook", "Explorer",
            "make_scheduler", "ray_classes", "restart_from", "read_member_state", "is_ray_run"]
