@@ -576,6 +576,11 @@ def train_defaults(kind: str) -> TrainConfig:
 MODEL_CONFIGS = {"backbone": BackboneModelConfig, "dact": DactModelConfig, "multitask": MultiTaskModelConfig}
 
 
+class _KindTrainDefaults(TrainConfig):
+    """What ``RunConfig.train`` holds when none is given, until ``RunConfig.__post_init__`` replaces it with the
+    kind's training defaults (:func:`train_defaults`)."""
+
+
 @dataclass
 class RunConfig:
     """Everything one training run needs. ``init_from_run``: id of a backbone run whose exported encoder
@@ -640,7 +645,7 @@ class RunConfig:
     encoder: str = DEFAULT_ENCODER
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = None  # BackboneModelConfig | DactModelConfig | MultiTaskModelConfig, chosen by kind
-    train: TrainConfig = None  # type: ignore[assignment] - None: the kind's training defaults (train_defaults)
+    train: TrainConfig = field(default_factory=_KindTrainDefaults)  # the kind's defaults: see __post_init__
     name: str | None = None
     # one tag (text) or several (a list; "a, b" is two tags too): see tags.tag_list. The run row's ``tag`` column
     # holds them joined (tags.tag_text), so a run of an older DACT Lab (one string) reads the same way.
@@ -650,7 +655,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model is None and self.kind in MODEL_CONFIGS:
             self.model = MODEL_CONFIGS[self.kind]()
-        if self.train is None:  # one place for the per-kind defaults: RunConfig(kind=k) == default_config(k)
+        # one place for the per-kind defaults: RunConfig(kind=k) == default_config(k); None (a caller's "the
+        # defaults") likewise
+        if self.train is None or type(self.train) is _KindTrainDefaults:
             self.train = train_defaults(self.kind)
 
     def validate(self) -> "RunConfig":

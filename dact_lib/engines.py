@@ -20,12 +20,24 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from .callbacks import Callback, CancelToken
 from .errors import ConfigError, DactLabError
 
 TRAIN_KINDS = ("backbone", "dact", "multitask")
+
+
+class EngineSettings(Protocol):
+    """What an engine's settings class is: a dataclass that round-trips through a dict (PBTConfig,
+    PipelineConfig, BackboneSpace, …)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any: ...
 
 
 @dataclass
@@ -59,7 +71,7 @@ class Engine:
         return importlib.import_module(self.module)
 
     @property
-    def settings_type(self) -> type:
+    def settings_type(self) -> type[EngineSettings]:
         return getattr(self._module(), self.settings_class)
 
     def settings(self, options: dict | None = None) -> Any:

@@ -38,7 +38,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` to fill a temporary file next to ``path``, fsync it and rename it onto ``path``.
     On any error the temporary file is removed and ``path`` is unchanged."""
     path = Path(path)
@@ -122,7 +122,7 @@ def clean_stale_temp(folder: str | Path) -> list[Path]:
     from .tracker import pid_alive
 
     folder = Path(folder)
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for p in folder.rglob(f"*{TMP_SUFFIX}"):

@@ -28,7 +28,7 @@ def panel_of(name: str) -> int | None:
 def curves_figure(metrics, title: str = "") -> go.Figure:
     """Loss, accuracy / F1 (0-1) and the exit layer (1-N) against step, each on its own y-axis."""
     names = [n for n in metrics["name"].unique() if panel_of(n)]
-    panels = sorted({panel_of(n) for n in names}) or [1]
+    panels = sorted({p for n in names if (p := panel_of(n)) is not None}) or [1]
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[PANELS[p - 1] for p in panels])
     for name, part in metrics.groupby("name"):
         col = panel_of(name)

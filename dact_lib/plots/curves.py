@@ -97,13 +97,13 @@ def curves_figure(metrics: pd.DataFrame, run_labels: dict[int, str] | None = Non
     series = metric_series(metrics, max_points, keep=lambda n: curve_metric(n) and (wanted is None or n in wanted))
     if not series:
         return empty_figure(title or "training curves", "no loss / accuracy metrics logged yet")
-    def panel(name: str) -> str | None:
-        p = _panel_of(name)
+    def panel(name: str) -> str:
+        p = _panel_of(name) or ""  # "" never happens: every series is a curve_metric, which has a panel
         if per_task and p == "score" and "/" in name:
             return f"score/{name.split('/', 1)[1]}"
         return p
 
-    tasks = sorted({panel(k[1]) for k in series if (panel(k[1]) or "").startswith("score/")})
+    tasks = sorted({p for k in series if (p := panel(k[1])).startswith("score/")})
     panels = [p for p in ("loss", "score", *tasks, "exit") if any(panel(k[1]) == p for k in series)]
     titles = {"loss": "loss", "score": score_title({k[1] for k in series if panel(k[1]) == "score"}),
               "exit": "validation avg exit layer", **{t: f"{t.split('/', 1)[1]}: accuracy · macro-F1" for t in tasks}}

@@ -122,7 +122,9 @@ def exploit_edges(events: Iterable[dict], members: Sequence[dict]) -> list[dict]
             rid = resolve_member(p.get(who), members, look)
         return rid
 
-    edges, seen, explored = [], set(), {}
+    edges: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+    explored: dict[tuple[int | None, Any], Any] = {}  # (recipient, step) -> the explored values
     for e, kind in zip(events, kinds):
         p = e.get("payload") or {}
         if "explore" in kind and use == "exploit":

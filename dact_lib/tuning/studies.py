@@ -14,7 +14,7 @@ import math
 import os
 import threading
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -77,7 +77,7 @@ def storage(home=None) -> optuna.storages.RDBStorage:
         return st
 
 
-def create_study(name: str, *, directions: list[str], home=None, sampler: optuna.samplers.BaseSampler | None = None,
+def create_study(name: str, *, directions: Sequence[Literal["minimize", "maximize"]], home=None, sampler: optuna.samplers.BaseSampler | None = None,
                  pruner: optuna.pruners.BasePruner | None = None, load_if_exists: bool = True,
                  user_attrs: dict[str, Any] | None = None) -> optuna.Study:
     """Create (or, with ``load_if_exists``, reopen) the study ``name`` in the home and set ``user_attrs`` on it."""
@@ -125,6 +125,8 @@ def _owned_by_other_process(tracker, study: optuna.Study) -> bool:
     """True when the study's parent run is run by another live process (then its RUNNING trials are that
     process's); False when it is this process resuming it (its RUNNING trials are leftovers)."""
     parent = study.user_attrs.get("parent_run_id")
+    if parent is None:
+        return False
     try:
         pid = tracker.get_run(int(parent)).get("pid")
     except Exception:  # noqa: BLE001
@@ -298,12 +300,12 @@ def has_studies(home=None) -> bool:
 
     db = sqlite_path(url)
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        lite = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
         try:
-            return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone() \
+            return lite.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone() \
                 is not None
         finally:
-            con.close()
+            lite.close()
     except sqlite3.Error:
         return False
 

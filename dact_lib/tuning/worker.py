@@ -119,7 +119,7 @@ def run_worker(study_name: str, *, home=None, tracker=None, max_trials: int | No
             time.sleep(1.0)
     me = f"{socket.gethostname()}:{os.getpid()}"
     rows: list[dict[str, Any]] = []
-    reason = {"why": None}
+    reason: dict[str, str | None] = {"why": None}
 
     def parent_running() -> bool:
         return tracker.get_run(ctx.parent)["status"] in ("queued", "running")
