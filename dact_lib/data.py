@@ -112,8 +112,6 @@ class TextDataset:
                 and list(self.targets) == list(other.targets)
                 and all(np.array_equal(self.targets[t], other.targets[t]) for t in self.targets))
 
-    __hash__ = None  # type: ignore[assignment]
-
     def subset(self, indices: Sequence[int] | np.ndarray) -> "TextDataset":
         """The rows at ``indices`` (in that order), with the same label maps, name and hash."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)

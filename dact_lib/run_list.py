@@ -101,9 +101,10 @@ def matches(run: dict, words: list[str], datasets: dict[int, str] | None = None)
     """Every word matches: ``setting=value`` that setting only (``epochs=3`` is not ``epochs=30``; numbers compared
     as numbers, ``head_lr=1e-3`` matches 0.001); any other word a substring of id, name, kind, tag, status or
     dataset."""
+    ds_id = run.get("dataset_id")
+    ds_name = (datasets or {}).get(ds_id, "") if ds_id is not None else ""
     hay = " ".join(str(x) for x in (f"#{run['id']}", run["id"], run.get("name") or "", run["kind"],
-                                    run.get("tag") or "", run["status"], f"dataset:{run.get('dataset_id')}",
-                                    (datasets or {}).get(run.get("dataset_id"), ""))).lower()
+                                    run.get("tag") or "", run["status"], f"dataset:{ds_id}", ds_name)).lower()
     params = {k: v for k, v in run_params(run).items() if v is not None}
     return all(param_match(w, params) if w.partition("=")[0] in PARAM_NAMES else w in hay for w in words)
 

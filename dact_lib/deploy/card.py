@@ -185,7 +185,7 @@ def _yaml_block(info: dict) -> list[str]:
     if info.get("license"):
         lines.append(f"license: {_y(info['license'])}")
     metrics = info.get("metrics") or {}
-    rows = []
+    rows: list[tuple[str, Any, str, str | None]] = []  # (type, value, name, average)
     if "accuracy" in metrics:
         rows.append(("accuracy", metrics["accuracy"], "Test accuracy", None))
     if "macro_f1" in metrics:
@@ -283,8 +283,8 @@ def model_card(info: dict) -> str:
             f"* kind: `{kind}`",
             f"* encoder: {enc_text}, model type `{info.get('encoder_type')}`, {info.get('num_layers')} layers",
             f"* maximum input length: {info.get('max_seq_len')} tokens (longer texts are truncated)"]
-    for t, names in tasks.items():
-        out.append(f"* task `{t}`: {len(names)} labels — " + ", ".join(f"`{n}`" for n in names))
+    for t, labels in tasks.items():
+        out.append(f"* task `{t}`: {len(labels)} labels — " + ", ".join(f"`{n}`" for n in labels))
     if info.get("source_run") is not None:
         out.append(f"* source run: `{info['source_run']}`")
     out.append("")

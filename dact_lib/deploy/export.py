@@ -80,6 +80,7 @@ def export_model(run: Any, out_dir: str | Path, *, fmt: str = "hf", int8: bool =
     """Export ``run`` (an id or a run folder) to ``out_dir``. Returns ``path``, ``format``, ``int8``, ``policy`` (the
     exit policy the export answers with; None for a backbone / multi-task model), ``budget`` (the latency-budget
     choice, or None), ``point`` and ``seconds``."""
+    from ..modeling_dact import DactBert
     from ..models import load_model
 
     t0 = time.perf_counter()
@@ -104,6 +105,9 @@ def export_model(run: Any, out_dir: str | Path, *, fmt: str = "hf", int8: bool =
                               "(it always runs every layer): leave --policy out.")
         policy = canonical(policy)
     if halting is not None:  # the point's halting units, and the export's records say so
+        if not isinstance(loaded.model, DactBert):
+            raise DactLabError(f"point {point}: run {source} is a {loaded.kind!r} model, which has no halting units "
+                               "to load.")
         loaded.model.halters.load_state_dict(halting.pop("weights"))
         loaded.halting = halting
     if fmt == "hf":

@@ -71,13 +71,13 @@ class Predictor:
         if size < 1:
             raise DactLabError(f"batch_size = {size}: give a whole number >= 1.")
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
-        results: list[dict | None] = [None] * len(texts)
+        results: dict[int, dict] = {}  # text position -> its answer
         with self._lock:
             for start in range(0, len(order), size):
                 idx = order[start:start + size]
                 for i, res in zip(idx, self._predict_batch([texts[i] for i in idx], trace)):
                     results[i] = res if trace else {k: v for k, v in res.items() if k != "layers"}
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(texts))]
 
     def front(self) -> list[dict]:
         """The measured exit front of the run (its report.json's halting fit: the points not beaten on both average
@@ -269,13 +269,13 @@ def from_loaded(loaded, *, policy: str | None = None, source: str | None = None)
     num_layers = int(model.num_layers) if kind == "dact" else None
     parsed = _policy_text(policy)
     _check_policy(parsed, kind, num_layers)
-    if parsed is None and kind == "dact":
-        default = getattr(loaded, "policy", None)  # an hf export's default policy
-        parsed = parse_policy(default)
-        _check_policy(parsed, kind, num_layers)
     torch_policy = None
     text = None
     if kind == "dact":
+        if parsed is None:
+            default = getattr(loaded, "policy", None)  # an hf export's default policy
+            parsed = parse_policy(default)
+            _check_policy(parsed, kind, num_layers)
         text = format_policy(*parsed)
         torch_policy = dact.make_policy(*parsed)  # also "dact": None would mean an hf export's own default
     tasks = list(loaded.label_maps) if kind == "multitask" else [model_task(loaded.config, loaded.label_maps)]

@@ -281,13 +281,13 @@ class OnnxModel:
         if len(encs) == 1:
             return self._answers(*self._pad(encs), pol)
         order = sorted(range(len(encs)), key=lambda i: len(encs[i].ids))
-        results: list[dict | None] = [None] * len(encs)
+        results: dict[int, dict] = {}  # text position -> its answer
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             got = self._answers(*self._pad([encs[i] for i in idx]), pol)
             for i, r in zip(idx, got):
                 results[i] = r
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(encs))]
 
     def _answers(self, ids: np.ndarray, am: np.ndarray, pol) -> list[dict]:
         if self._kind == "dact":
