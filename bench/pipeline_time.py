@@ -29,7 +29,7 @@ from common import DEFAULT_DATA_DIR, describe_machine, machine_info, markdown_ta
 
 
 def non_dominated(points):
-    pts = {(round(p["val_avg_exit_layer"], 6), round(p["val_accuracy"], 6)) for p in points}
+    pts = {(round(p.val_avg_exit_layer, 6), round(p.val_accuracy, 6)) for p in points}
     return sorted(p for p in pts if not any(q != p and q[0] <= p[0] and q[1] >= p[1] for q in pts))
 
 
@@ -106,7 +106,8 @@ def main():
     out = {"machine": machine_info(args.threads), "rows": args.max_rows or 6920, "total_s": total,
            "stage_s": stage_s, "stage2": st2, "seed": {"stage1_s": seed_stage1, "stage2_unpruned_s": unpruned,
                                          "stage3_s": seed_stage3, "final_s": seed_final, "total_s": seed_total},
-           "stage2_trials": s2, "test": res.test_metrics, "chosen": res.chosen, "front": res.pareto,
+           "stage2_trials": s2, "test": res.test_metrics, "chosen": res.chosen.to_dict() if res.chosen else None,
+           "front": [p.to_dict() for p in res.pareto],
            "front_non_dominated": front, "pipeline": pipe.to_dict()}
     save_json(args.out, out)
 
@@ -138,8 +139,8 @@ def main():
                                 ("seed", "the seed's way (from measured per-trial times)")]))
     t = res.test_metrics
     print(f"\nfinal model: test accuracy {100 * t.get('test_accuracy', float('nan')):.2f}%, average exit "
-          f"{t.get('test_avg_exit_layer', float('nan')):.2f} layers; chosen point trial {res.chosen.get('trial')} "
-          f"({'τ = %s' % res.chosen.get('tau') if res.chosen.get('tau') is not None else 'λ = %s' % res.chosen.get('lambda')}); "
+          f"{t.get('test_avg_exit_layer', float('nan')):.2f} layers; chosen point trial {res.chosen.trial} "
+          f"({'τ = %s' % res.chosen.threshold if res.chosen.threshold is not None else 'λ̃ = %s' % res.chosen.front_lambda}); "
           f"{len(front)} distinct non-dominated points on the validation front")
     if single:
         st = single["test"]
