@@ -60,12 +60,10 @@ def job_counts() -> None:
 def sidebar() -> None:
     with st.sidebar:
         st.caption(f"Home: `{state.home()}`")
-        # every 2 s (5 s while runs train: each rerun of every tab costs them CPU): when work starts, gets past
-        # its first step or ends, the whole page reruns so that every status on it — tables, pickers, progress,
-        # these counts — changes together
-        mode_period = state.refresh_every()
-        st.fragment(job_counts, run_every=state.CALM_REFRESH_S if mode_period == state.CALM_REFRESH_S
-                    else state.ACTIVE_REFRESH_S)()
+        # the status watch, on the status timer (ui.state.refresh_every: 2 s while work starts, 5 s per watching tab
+        # while runs train, 10 s idle): when a run is queued, gets past its first step, ends or is deleted, the
+        # whole page reruns so that every status on it — tables, pickers, progress, these counts — changes together
+        st.fragment(job_counts, run_every=state.refresh_every())()
 
 
 page = st.navigation(build_navigation())

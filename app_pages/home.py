@@ -89,8 +89,8 @@ def runs_table() -> None:
 
 
 st.subheader("Runs")
-# re-read on the pages' one status timer (with the sidebar's job counts): statuses change together
-st.fragment(runs_table, run_every=state.refresh_every())()
+# re-read with the page: the sidebar's status watch reruns it when a run is queued, starts training, ends or is deleted
+runs_table()
 
 st.subheader("Jobs of this server")
 forms.jobs_panel(key="home:jobs")

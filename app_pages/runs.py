@@ -1,7 +1,7 @@
 """Runs: live training curves, status, progress + ETA, events, cancel, comparison, downloads.
 
-The live part is one ``st.fragment`` that reruns every 2 s while a selected run is active (the rest of the page is
-not rerun). Only the selected runs' metrics are read, incrementally (rows after the last step already held), and
+The live part is one ``st.fragment`` that reruns on the pages' status timer while a selected run is active (the rest
+of the page is not rerun); the run in detail below it (events, config, …) has its own, slower one. Only the selected runs' metrics are read, incrementally (rows after the last step already held), and
 each plotted series is thinned to <= 2,000 points.
 """
 from __future__ import annotations
@@ -30,6 +30,10 @@ from ui.state import refresh_every, tracker
 X_CHOICES = {"step": "step", "epoch": "epoch", "wall time": "time"}
 
 MAX_EVENTS_SHOWN = 500
+#: seconds between re-reads of the run in detail (event log, config, …) while it is active: its progress bar and
+#: the curves move on the pages' status timer; each redraw of a part costs every watching tab's browser CPU, which
+#: on a small machine is the training's (docs/benchmarks.md, "The dashboard never slows the work")
+DETAILS_REFRESH_S = 30.0
 
 
 def _ts(t) -> str:
@@ -163,22 +167,16 @@ if words and not runs:
     st.stop()
 by_id = {r["id"]: r for r in all_runs}
 
-@st.fragment(run_every=refresh_every())
-def run_table() -> None:
-    """The run table, re-read on the pages' one status timer (the live part's while a run is active, as the
-    sidebar's job counts): every status on the page changes together (never 'running' above a finished
-    progress bar); while nothing runs it still polls slowly, so a run started elsewhere appears."""
-    rows = filtered(tracker().list_runs(), words)
-    table = runs_table(rows, datasets)
-    scores = [c for c in table.columns if c.split("/")[0].split(" (")[0] in SCORE_KEYS]
-    st.dataframe(table, hide_index=True, height=min(400, 38 + 35 * len(rows)),
-                 column_config={**{c: st.column_config.NumberColumn(format="%.4f") for c in scores},
-                                **{c: st.column_config.NumberColumn(format="%.2f")
-                                   for c in ("val_avg_exit_layer", "test_avg_exit_layer")}})
-    active_runs_caption(rows)
-
-
-run_table()
+# the run table is read with the page: the sidebar's status watch reruns the whole page whenever a run starts, ends or
+# changes status (ui.state.watch_status), so it never shows 'running' above a finished progress bar, and it costs no
+# timer of its own (each timer's redraw costs every watching tab's browser CPU, the training's on a small machine)
+table = runs_table(runs, datasets)
+scores = [c for c in table.columns if c.split("/")[0].split(" (")[0] in SCORE_KEYS]
+st.dataframe(table, hide_index=True, height=min(400, 38 + 35 * len(runs)),
+             column_config={**{c: st.column_config.NumberColumn(format="%.4f") for c in scores},
+                            **{c: st.column_config.NumberColumn(format="%.2f")
+                               for c in ("val_avg_exit_layer", "test_avg_exit_layer")}})
+active_runs_caption(runs)
 
 options = [r["id"] for r in runs]
 # a deep link (?run=3, ?runs=3,4) chooses what is shown, once per address (the pickers then follow the user)
@@ -261,9 +259,11 @@ def live(ids: list[int], was_active: bool) -> None:
     if st.session_state.get("runs_focus") not in focus_ids:
         st.session_state["runs_focus"] = focus_ids[0]
     focus = st.selectbox("Run details", focus_ids, key="runs_focus", help="Any run of the list (the runs on the "
-                         "chart first): its progress, events, config and model.",
+                         "chart first): its progress, events, config and model.", on_change=_focus_changed,
                          format_func=lambda i: _label(next((r for r in current if r["id"] == i), by_id.get(i)) or
                                                       {"id": i, "kind": "?", "status": "?"}))
+    if st.session_state.pop("runs_focus_changed", False):
+        st.rerun()  # the details part (its own fragment) follows the new choice
     if focus in shown_ids:
         run = next(r for r in current if r["id"] == focus)
         pr = next(x["_pr"] for x, r in zip(rows, current) if r["id"] == focus)
@@ -276,7 +276,7 @@ def live(ids: list[int], was_active: bool) -> None:
         events_of[focus] = tr.get_events(focus)
         pr = progress.run_progress(tr, run, run_metrics(tr, [run]).get(focus), events_of[focus])
     bar = st.empty()  # filled below: a cancel clicked in this rerun already shows as "cancelling"
-    c1, c2 = st.columns(2)
+    c1 = st.container()
     cancelling = run["status"] in ACTIVE_STATUSES and _cancelling(focus)
     if run["status"] in ACTIVE_STATUSES and not cancelling:
         label = "Cancel run" if run.get("parent_id") is None else "Cancel (the job that runs it)"
@@ -316,54 +316,6 @@ def live(ids: list[int], was_active: bool) -> None:
                     st.rerun()
         else:
             c1.caption(f"Not resumable: {plain(info['why'])}.")
-    run_dir = Path(run.get("run_dir") or tr.run_dir(focus))
-    prec = (run.get("summary") or {}).get("precision") or ((run.get("config") or {}).get("train") or {}).get(
-        "precision")
-    if prec:
-        st.caption(f"precision: **{prec}**" + (" (train.precision = auto)" if
-                                               ((run.get("config") or {}).get("train") or {}).get("precision")
-                                               == "auto" else ""))
-    if run["kind"] == "dact" and run["status"] == "finished":
-        advice = exit_advice(run_dir)
-        if advice:
-            st.info(advice)
-    if (run_dir / "model.safetensors").is_file():
-        ready = f"runs_zip_ready_{focus}"
-        if st.session_state.get(ready) or c2.button(
-                "Prepare the run folder download (zip)", key=f"runs_zip_prep_{focus}",
-                help="The run folder as DACT Lab keeps it (weights, config, tokenizer). To use the model elsewhere "
-                     "(transformers, ONNX Runtime int8, a REST service): 'Take the model out' below."):
-            st.session_state[ready] = True
-            c2.download_button("Download model (zip)",
-                               _zip_bytes(str(run_dir), (run_dir / "model.safetensors").stat().st_mtime),
-                               file_name=f"dact_lab_run_{focus}.zip", mime="application/zip", on_click="ignore",
-                               key=f"runs_dl_zip_{focus}", icon=":material/download:")
-    else:
-        c2.caption("No saved model yet (a checkpoint is written at the first evaluation).")
-    if run["status"] in ("finished", "interrupted", "cancelled"):
-        from ui.deploy import deploy_section
-
-        deploy_section(run, run_dir)
-    if run.get("error"):
-        from ui.forms import form_words
-
-        st.error(plain(form_words(run["error"])))  # the forms' words, not config keys
-    ev = events_of.get(focus, [])
-    st.subheader("Event log")
-    if ev:
-        st.dataframe(pd.DataFrame([{"time": _ts(e["time"]), "kind": e["kind"],
-                                    "payload": json.dumps(e["payload"], default=str, ensure_ascii=False)[:400]}
-                                   for e in ev[-MAX_EVENTS_SHOWN:]]), hide_index=True)
-    else:
-        st.caption("No events yet.")
-    env = environment_rows(run)
-    if env:
-        with st.expander("Environment (command, git commit, package versions)", icon=":material/terminal:"):
-            st.dataframe(pd.DataFrame(env), hide_index=True, key=f"runs_env_{focus}")
-    with st.expander("Config / summary"):
-        st.json({"config": run.get("config"), "summary": run.get("summary")}, expanded=False)
-    test_report(run_dir)
-    organise(run)
     if was_active and not active_now:
         st.rerun()  # every selected run ended: one full rerun turns the timer off
 
@@ -411,6 +363,75 @@ def organise(run: dict) -> None:
                 st.rerun()
 
 
+def _focus_changed() -> None:
+    # the picker sits in the live part (a fragment): a new choice reruns the whole page, so the details follow
+    st.session_state["runs_focus_changed"] = True
+
+
+def details_every(focus: int | None) -> float | None:
+    """The details part's timer: DETAILS_REFRESH_S while the run in detail is active, none once it ended."""
+    return DETAILS_REFRESH_S if (by_id.get(focus) or {}).get("status") in ACTIVE_STATUSES else None
+
+
+def details(focus: int) -> None:
+    """The run in detail below its progress bar: model download, deploy, error, event log, environment, config,
+    test report, organise. Re-read on its own slow timer while the run is active (what moves every few seconds is
+    in the live part); the live part reruns the whole page when the run ends or another run is picked."""
+    try:
+        run = tr.get_run(focus)
+    except Exception:  # noqa: BLE001 - deleted meanwhile
+        return
+    run_dir = Path(run.get("run_dir") or tr.run_dir(focus))
+    c2 = st.container()
+    prec = (run.get("summary") or {}).get("precision") or ((run.get("config") or {}).get("train") or {}).get(
+        "precision")
+    if prec:
+        st.caption(f"precision: **{prec}**" + (" (train.precision = auto)" if
+                                               ((run.get("config") or {}).get("train") or {}).get("precision")
+                                               == "auto" else ""))
+    if run["kind"] == "dact" and run["status"] == "finished":
+        advice = exit_advice(run_dir)
+        if advice:
+            st.info(advice)
+    if (run_dir / "model.safetensors").is_file():
+        ready = f"runs_zip_ready_{focus}"
+        if st.session_state.get(ready) or c2.button(
+                "Prepare the run folder download (zip)", key=f"runs_zip_prep_{focus}",
+                help="The run folder as DACT Lab keeps it (weights, config, tokenizer). To use the model elsewhere "
+                     "(transformers, ONNX Runtime int8, a REST service): 'Take the model out' below."):
+            st.session_state[ready] = True
+            c2.download_button("Download model (zip)",
+                               _zip_bytes(str(run_dir), (run_dir / "model.safetensors").stat().st_mtime),
+                               file_name=f"dact_lab_run_{focus}.zip", mime="application/zip", on_click="ignore",
+                               key=f"runs_dl_zip_{focus}", icon=":material/download:")
+    else:
+        c2.caption("No saved model yet (a checkpoint is written at the first evaluation).")
+    if run["status"] in ("finished", "interrupted", "cancelled"):
+        from ui.deploy import deploy_section
+
+        deploy_section(run, run_dir)
+    if run.get("error"):
+        from ui.forms import form_words
+
+        st.error(plain(form_words(run["error"])))  # the forms' words, not config keys
+    ev = tr.get_events(focus)
+    st.subheader("Event log")
+    if ev:
+        st.dataframe(pd.DataFrame([{"time": _ts(e["time"]), "kind": e["kind"],
+                                    "payload": json.dumps(e["payload"], default=str, ensure_ascii=False)[:400]}
+                                   for e in ev[-MAX_EVENTS_SHOWN:]]), hide_index=True)
+    else:
+        st.caption("No events yet.")
+    env = environment_rows(run)
+    if env:
+        with st.expander("Environment (command, git commit, package versions)", icon=":material/terminal:"):
+            st.dataframe(pd.DataFrame(env), hide_index=True, key=f"runs_env_{focus}")
+    with st.expander("Config / summary"):
+        st.json({"config": run.get("config"), "summary": run.get("summary")}, expanded=False)
+    test_report(run_dir)
+    organise(run)
+
+
 c1, c2, c3 = st.columns([3, 2, 1])
 c1.slider("Smoothing (exponential moving average)", 0.0, 0.99, 0.0, 0.01, key="runs_smoothing",
           help="0 = raw values; 0.9 averages over about the last 10 points (TensorBoard's slider).")
@@ -443,3 +464,4 @@ if len(selected) > 1:
             st.caption("No two selected runs differ only in their seeds (train.seed, data.split_seed): nothing to "
                        "group as mean ± spread.")
 live(list(selected), any_active)
+st.fragment(details, run_every=details_every(st.session_state["runs_focus"]))(st.session_state["runs_focus"])

@@ -11,7 +11,8 @@ and stored with ``Tracker.add_dataset``, as the Data page does).
    tab then opens Runs. Measured from the Start click: the Runs page's progress bar first shows the run
    ``running`` (a phase), then a step count (``step N`` with N >= 1).
 2. **Throughput** — after a warm-up, the same training is watched by 0, 1 and 3 tabs on the Runs page (the run
-   selected by default: its live chart rerenders every 2 s), one condition after another in ``--order`` (default
+   selected by default: its live part redraws on the pages' status timer, ``ui.state.period_for``: 5 s per
+   watching tab while the run trains), one condition after another in ``--order`` (default
    0,1,3,0: drifts of the shared machine show as a difference of the two 0-tab windows), ``--window`` seconds
    each. Reported: the median of the loop's own ``samples_per_s`` logs in the window (one per
    ``log_every_steps`` = 10 steps), the mean (steps between the window's first and last log x batch / their
@@ -162,7 +163,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=6000, help="rows of SST-2 train stored as the dataset")
     ap.add_argument("--window", type=float, default=75.0, help="seconds measured per condition")
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds of training before the first window")
-    ap.add_argument("--settle", type=float, default=5.0, help="seconds after opening/closing tabs before a window")
+    ap.add_argument("--settle", type=float, default=20.0,
+                    help="seconds after opening/closing tabs before a window (every tab's status watch has run "
+                         "once and its timers follow the number of tabs)")
     ap.add_argument("--order", default="0,1,3,0", help="tab counts, one window each")
     ap.add_argument("--home", type=Path, default=None, help="default: a temporary folder")
     args = ap.parse_args()

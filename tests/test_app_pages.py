@@ -827,15 +827,18 @@ def test_runs_page_compares_configs_and_smooths_curves(populated):
 
 def test_the_page_reruns_when_work_starts_or_ends_so_every_status_changes_together(app_home, monkeypatch):
     """Defect: parts of a page went stale while others updated (the sidebar drawn before a submit kept its idle
-    timer; a page's pickers never re-read when the last job ended). The sidebar's 2-s watch reruns the whole page
-    when work starts or ends since the page set up its timers — and only then."""
+    timer; a page's pickers never re-read when the last job ended). The sidebar's status watch reruns the whole page
+    when a run is queued, gets past its first step, ends or is deleted since the page was drawn — and only then —
+    so the run tables and job panels need no timer of their own."""
     from ui import state
 
     at = open_app()
     assert at.session_state[state.TIMERS_ACTIVE] == "idle"  # nothing runs: the page set up idle timers
     reruns = []
     monkeypatch.setattr(state.st, "rerun", lambda *a, **k: reruns.append(1))
-    monkeypatch.setattr(state.st, "session_state", {state.TIMERS_ACTIVE: "idle"})
+    monkeypatch.setattr(state, "_last_watch", {})  # this session alone watches
+    monkeypatch.setattr(state.st, "session_state", {})
+    assert state.refresh_every() == state.ACTIVE_REFRESH_S  # idle: nothing to slow down, a new run shows at once
     state.watch_status()
     assert reruns == []  # nothing changed
     tr = Tracker(app_home)
@@ -849,10 +852,68 @@ def test_the_page_reruns_when_work_starts_or_ends_so_every_status_changes_togeth
     tr.log_metrics(rid, {"train_loss": 1.0}, step=1)
     state.watch_status()
     assert reruns == [1, 1] and state.refresh_every() == state.CALM_REFRESH_S
-    # a job submitted on this page: its timers are already the active ones (set by submit_job), no rerun
-    monkeypatch.setattr(state.st, "session_state", {state.TIMERS_ACTIVE: "training"})
+    tr.log_metrics(rid, {"train_loss": 0.9}, step=2)  # a step is not a status: no rerun
     state.watch_status()
     assert reruns == [1, 1]
+    other = tr.create_run("backbone", {}, status="finished")  # a run listed that is not active: the tables change
+    state.watch_status()
+    assert reruns == [1, 1, 1]
+    tr.delete_run(other)
+    state.watch_status()
+    assert reruns == [1, 1, 1, 1]
+    tr.set_status(rid, "finished")  # the run ended
+    state.watch_status()
+    assert reruns == [1, 1, 1, 1, 1] and state.st.session_state[state.TIMERS_ACTIVE] == "idle"
+    # a job submitted on this page: its timers and tables already show it (timers_follow_now), no rerun
+    state.st.session_state.clear()
+    jid = tr.create_run("backbone", {}, status="queued")
+    state.timers_follow_now()
+    state.watch_status()
+    assert reruns == [1, 1, 1, 1, 1] and state.st.session_state[state.TIMERS_ACTIVE] == "starting"
+    tr.set_status(jid, "cancelled")
+
+
+def test_the_live_refresh_slows_with_each_watching_tab_while_runs_train(app_home, monkeypatch):
+    """Three tabs watching a training on 2 cores took 0.43 of its speed (docs/benchmarks.md, "The dashboard never
+    slows the work"): while runs train, the status timers' period is CALM_REFRESH_S per watching tab (capped), so
+    all the tabs together redraw as often as one; a closed tab stops counting; starting and idle stay fast."""
+    from ui import state
+
+    assert state.period_for("training", 1) == state.CALM_REFRESH_S
+    assert state.period_for("training", 3) == 3 * state.CALM_REFRESH_S
+    assert state.period_for("training", 100) == state.MAX_REFRESH_S
+    assert state.period_for("training", 0) == state.CALM_REFRESH_S
+    assert state.period_for("starting", 3) == state.period_for("idle", 3) == state.ACTIVE_REFRESH_S
+
+    monkeypatch.setattr(state, "_last_watch", {})
+    tabs = [{}, {}, {}]
+    for i, tab in enumerate(tabs):
+        monkeypatch.setattr(state.st, "session_state", tab)
+        state.note_watch(now=100.0 + i)
+    assert state.watching_tabs(now=103.0) == 3
+    assert len({t[state.SESSION_ID] for t in tabs}) == 3  # one id per session, kept
+    monkeypatch.setattr(state.st, "session_state", tabs[0])
+    state.note_watch(now=100.0 + state.WATCH_GONE_S)  # the first tab watches on; the others closed
+    assert state.watching_tabs(now=102.0 + state.WATCH_GONE_S + 0.5) == 1
+
+    # a training run, and a second tab opening: the first tab's watch reruns its page onto the slower period
+    open_app()
+    tr = Tracker(app_home)
+    rid = tr.create_run("backbone", {}, status="running")
+    tr.log_metrics(rid, {"train_loss": 1.0}, step=1)
+    reruns = []
+    monkeypatch.setattr(state.st, "rerun", lambda *a, **k: reruns.append(1))
+    monkeypatch.setattr(state, "_last_watch", {})
+    monkeypatch.setattr(state.st, "session_state", tabs[0])
+    assert state.refresh_every() == state.CALM_REFRESH_S
+    state.watch_status()
+    assert reruns == []
+    monkeypatch.setattr(state.st, "session_state", tabs[1])
+    state.watch_status()  # the second tab's first watch
+    monkeypatch.setattr(state.st, "session_state", tabs[0])
+    state.watch_status()
+    assert reruns and tabs[0][state.TIMERS_PERIOD] == 2 * state.CALM_REFRESH_S
+    tr.set_status(rid, "finished")
 
 
 def test_the_app_resolves_transformers_names_before_any_page_or_job_thread():
@@ -959,3 +1020,13 @@ def test_messages_name_the_forms_labels_not_config_keys():
                       "data.val_frac too big") == ("“Epochs” = 0 is invalid; “Classifier hidden layers” = 'x'; "
                                                    "“Validation fraction” too big")
     assert form_words("pipeline.no_such_setting stays") == "pipeline.no_such_setting stays"  # not on a form
+
+
+def test_the_server_runs_no_full_garbage_collection_after_each_script_run():
+    """Streamlit collects all generations after every script run by default; with torch and transformers loaded
+    that was most of the server's CPU while tabs watched a training (each status timer's tick is a script run:
+    docs/benchmarks.md, "The dashboard never slows the work"). The app's config turns it off."""
+    import tomllib
+
+    conf = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text(encoding="utf-8"))
+    assert conf["runner"]["postScriptGC"] is False

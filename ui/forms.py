@@ -360,7 +360,7 @@ def submit_job(kind: str, cfg: RunConfig | dict, *, options: dict | None = None,
         unexpected(exc, "The job was not submitted")
         return None
     st.session_state["last_run_id"] = run_id
-    st.session_state[state.TIMERS_ACTIVE] = "starting"  # this page's timers follow from here; no rerun to announce it
+    state.timers_follow_now()  # this page already shows the new job: no rerun to announce it (it would clear this message)
     ahead = state.jobs().ahead(run_id)
     if ahead is not None:
         st.success(f"Queued job **#{run_id}** ({kind}, {ahead} ahead): it starts when the "
@@ -419,7 +419,7 @@ def jobs_panel(key: str = "jobs") -> None:
                 else:
                     st.warning(f"Job #{pick} has already ended.")
 
-    st.fragment(body, run_every=state.refresh_every())()  # the pages' one status timer
+    body()  # re-read with the page: the sidebar's status watch reruns it when a job is queued, starts training or ends
 
 
 # --------------------------------------------------------------------------------------------- launch pages

@@ -93,20 +93,63 @@ def jobs() -> JobManager:
     return _jobs(home())
 
 
-#: seconds between re-reads of what shows a status (run tables, live curves, progress): every such part of a page
-#: uses this one timer, so they change together. ACTIVE_REFRESH_S while a run is starting (queued, or no step
-#: logged yet: the first step shows at once), CALM_REFRESH_S once every active run trains (each tab's redraw costs
-#: the training CPU on a small machine: docs/benchmarks.md, "The dashboard never slows the work"), IDLE_REFRESH_S
-#: while nothing runs (a run started from another tab or the CLI still appears without a reload)
+#: seconds between re-reads of what shows a status live (the Runs page's curves and progress) and of the sidebar's
+#: status watch, which reruns the whole page when the runs a page lists change (so run tables and job panels need no
+#: timer of their own): ACTIVE_REFRESH_S while nothing trains (a run queued from another tab or the CLI appears at
+#: once) or a run is starting (queued, or no step logged yet: the first step shows at once), CALM_REFRESH_S once
+#: every active run trains. Each redraw costs the watching tab's browser and the server CPU, the training's on a
+#: small machine (docs/benchmarks.md, "The dashboard never slows the work"), so while runs train the period grows
+#: with the number of tabs watching: all of them together redraw as often as one.
 ACTIVE_REFRESH_S = 2.0
 CALM_REFRESH_S = 5.0
-IDLE_REFRESH_S = 10.0
-PERIODS = {"starting": ACTIVE_REFRESH_S, "training": CALM_REFRESH_S, "idle": IDLE_REFRESH_S}
+MAX_REFRESH_S = 30.0
+PERIODS = {"starting": ACTIVE_REFRESH_S, "training": CALM_REFRESH_S, "idle": ACTIVE_REFRESH_S}
+#: a tab whose status watch has not run for this long is closed (it stops counting among the watching tabs)
+WATCH_GONE_S = MAX_REFRESH_S + 10.0
 
 
 #: session key: whether this page's timers were set up for active work (refresh_every's answer at the last full
 #: rerun, or a job submitted since): the sidebar's watch compares it with now
 TIMERS_ACTIVE = "status_timers_active"
+#: session keys: the period this page's timers were set up with, and the status signature they were set up for
+TIMERS_PERIOD = "status_timers_period"
+TIMERS_SIGNATURE = "status_timers_signature"
+#: session key: this browser session's id in the server's count of watching tabs
+SESSION_ID = "status_session_id"
+
+_watch_lock = __import__("threading").Lock()
+_last_watch: dict[str, float] = {}  # session id -> time of its last status watch, for every session of this server
+
+
+def note_watch(now: float | None = None) -> None:
+    """Count this session among the tabs watching this server (its sidebar's status watch just ran)."""
+    import time
+    import uuid
+
+    sid = st.session_state.setdefault(SESSION_ID, uuid.uuid4().hex)
+    with _watch_lock:
+        _last_watch[sid] = time.monotonic() if now is None else now
+
+
+def watching_tabs(now: float | None = None) -> int:
+    """How many browser sessions of this server ran their status watch within the last WATCH_GONE_S (a closed tab
+    stops counting after that)."""
+    import time
+
+    now = time.monotonic() if now is None else now
+    with _watch_lock:
+        for sid in [k for k, t in _last_watch.items() if now - t > WATCH_GONE_S]:
+            del _last_watch[sid]
+        return len(_last_watch)
+
+
+def period_for(mode: str, tabs: int) -> float:
+    """The status timers' period in ``mode`` with ``tabs`` tabs watching: while runs train, CALM_REFRESH_S per tab
+    (capped at MAX_REFRESH_S), so all the tabs together redraw as often as one; starting and idle stay as they are
+    (a first step shows at once; while idle nothing is slowed)."""
+    if mode == "training":
+        return min(MAX_REFRESH_S, CALM_REFRESH_S * max(1, tabs))
+    return PERIODS[mode]
 
 
 def anything_active() -> bool:
@@ -119,40 +162,68 @@ def anything_active() -> bool:
         return False
 
 
-def status_mode() -> str:
-    """``"idle"`` (nothing queued or running), ``"starting"`` (a job is queued, or an active training run has not
-    logged a step yet) or ``"training"``."""
+def status_now() -> tuple[str, tuple]:
+    """``(mode, signature)``: the mode — ``"idle"`` (nothing queued or running), ``"starting"`` (a job is queued, or
+    an active training run has not logged a step yet) or ``"training"`` — and a signature of the runs a page lists
+    (the active ones, the newest, how many): when it changes, a run was queued or started, ended, or was deleted."""
     from dact_lib.engines import ENGINE_KINDS
     from dact_lib.tracker import ACTIVE_STATUSES
 
     try:
         counts = jobs().counts()
         runs = tracker().list_runs(status=list(ACTIVE_STATUSES), limit=50)
+        newest = tracker().list_runs(limit=1)
+        n_runs = tracker().query("SELECT COUNT(*) AS n FROM runs")[0]["n"]
+        # not each status: a queued run that starts changes the mode only at its first step, as before
+        signature = (tuple(sorted(r["id"] for r in runs)), newest[0]["id"] if newest else None, n_runs)
         if not runs and not counts.get("running") and not counts.get("queued"):
-            return "idle"
+            return "idle", signature
         if counts.get("queued") or any(r["status"] == "queued" for r in runs):
-            return "starting"
+            return "starting", signature
         trained = [r["id"] for r in runs if r["kind"] not in ENGINE_KINDS]
         stepped = tracker().last_steps(trained) if trained else {}
-        return "starting" if any(i not in stepped for i in trained) else "training"
+        return ("starting" if any(i not in stepped for i in trained) else "training"), signature
     except Exception:  # noqa: BLE001 - a busy database must not break a page
-        return "idle"
+        return "idle", ()
+
+
+def status_mode() -> str:
+    """The mode of :func:`status_now`."""
+    return status_now()[0]
 
 
 def refresh_every() -> float:
-    """The status timer of this rerun, by :func:`status_mode` (:data:`PERIODS`). Recorded for
-    :func:`watch_status`."""
-    mode = status_mode()
+    """The status timers' period for this rerun (:func:`period_for` the mode now and the tabs watching). Records
+    what the timers were set up for, for :func:`watch_status`."""
+    mode, signature = status_now()
+    return _timers_set_for(mode, signature)
+
+
+def timers_follow_now() -> float:
+    """This page's timers and tables already show the state now (a job was just submitted from it): the watch
+    reruns the page only on later changes. Returns the period."""
+    return refresh_every()
+
+
+def _timers_set_for(mode: str, signature: tuple) -> float:
+    period = period_for(mode, watching_tabs())
     st.session_state[TIMERS_ACTIVE] = mode
-    return PERIODS[mode]
+    st.session_state[TIMERS_PERIOD] = period
+    st.session_state[TIMERS_SIGNATURE] = signature
+    return period
 
 
 def watch_status() -> None:
-    """Called every ACTIVE_REFRESH_S by the sidebar: when work started, got past its first step or ended since the
-    page set up its timers (a job submitted on another page or tab, a run started from the CLI, the last job
-    finished), rerun the whole page, so every part that shows a status — run tables, pickers, progress, counts —
-    switches together, on the timer the new state asks for."""
-    mode = status_mode()
-    if mode != st.session_state.get(TIMERS_ACTIVE, mode):
-        st.session_state[TIMERS_ACTIVE] = mode
+    """The sidebar's status watch, on the status timer: when any status changed since the page was drawn (a run
+    started — on another page or tab, or from the CLI —, got past its first step, ended or was deleted; a job was
+    queued or started) or the number of watching tabs changed the timers' period, rerun the whole page, so every
+    part that shows a status — run tables, job panels, pickers, progress, counts — changes together, on the period
+    the new state asks for."""
+    note_watch()
+    mode, signature = status_now()
+    period = period_for(mode, watching_tabs())
+    was = (st.session_state.get(TIMERS_ACTIVE, mode), st.session_state.get(TIMERS_SIGNATURE, signature),
+           st.session_state.get(TIMERS_PERIOD, period))
+    if (mode, signature, period) != was:
+        _timers_set_for(mode, signature)
         st.rerun()
