@@ -22,10 +22,17 @@ import os
 import re
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import DactLabError
+
+if TYPE_CHECKING:
+    import psycopg
+    import sqlite_utils
+
+#: the driver's connection: sqlite3's for the ``sqlite`` dialect, psycopg's for ``postgresql``
+RawConnection = Union[sqlite3.Connection, "psycopg.Connection[Any]"]
 
 ENV_VAR = "DACT_LAB_DB"
 DB_NAME = "experiments.db"  # the home's database file (dact_lib.home.DB_NAME is this name)
@@ -115,7 +122,8 @@ class Connection:
     def __init__(self, url: str) -> None:
         self.url = url
         self.dialect = dialect(url)
-        self.sqlite_utils = None
+        self.sqlite_utils: sqlite_utils.Database | None = None  # the sqlite dialect's
+        self.raw: RawConnection
         self._savepoints = itertools.count()
         if self.dialect == "sqlite":
             import sqlite_utils
@@ -155,7 +163,7 @@ class Connection:
         return self.raw.execute(self._sql(sql), params)
 
     def executemany(self, sql: str, rows: list[tuple]) -> None:
-        if self.dialect == "sqlite":
+        if isinstance(self.raw, sqlite3.Connection):  # the sqlite dialect
             self.raw.executemany(sql, rows)
         else:
             with self.raw.cursor() as cur:
@@ -172,7 +180,7 @@ class Connection:
     # ---------------------------------------------------------------- transactions
     @property
     def in_transaction(self) -> bool:
-        if self.dialect == "sqlite":
+        if isinstance(self.raw, sqlite3.Connection):  # the sqlite dialect
             return self.raw.in_transaction
         from psycopg.pq import TransactionStatus
 
