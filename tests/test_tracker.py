@@ -675,6 +675,18 @@ def test_run_scores_shows_each_task_and_labels_the_mean():
     assert run_scores({"kind": "backbone", "summary": None})["val_accuracy"] is None
 
 
+def test_run_scores_of_a_summary_that_is_not_an_object_are_empty(tr):
+    """A summary stored as a JSON list, or as text that is not JSON, reads back as it is (end_run keeps it as
+    ``previous``): the run table shows no scores for it instead of failing."""
+    from dact_lib.tracker import run_scores
+
+    listed, text = tr.create_run("backbone"), tr.create_run("backbone")
+    tr.update_run(listed, summary=[0.9, 0.8])
+    tr.update_run(text, summary="not json")
+    for rid in (listed, text):
+        assert set(run_scores(tr.get_run(rid)).values()) == {None}
+
+
 # ----------------------------------------------------------------------------- several tags per run (issue 26, 5c)
 
 

@@ -153,9 +153,10 @@ class Tracker:
                 for col, decl in cols.items():
                     if col not in have:  # forward compatibility: add the column without its constraints
                         conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(col)} {decl.split()[0]}")
-            for idx, (table, cols) in INDEXES.items():
+            for idx, (table, idx_cols) in INDEXES.items():
                 conn.execute(
-                    f"CREATE INDEX IF NOT EXISTS {quote(idx)} ON {quote(table)} ({', '.join(quote(c) for c in cols)})"
+                    f"CREATE INDEX IF NOT EXISTS {quote(idx)} ON {quote(table)} "
+                    f"({', '.join(quote(c) for c in idx_cols)})"
                 )
 
     def journal_mode(self) -> str:
@@ -479,7 +480,8 @@ class Tracker:
         """Runs, newest first. ``kind``/``status`` take one value or a list; ``top_level=True`` keeps only runs
         without a parent; ``tag`` (one tag, a list, or "a, b") keeps the runs that have every tag given (a run's
         ``tags``, exact match)."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[str | int] = []
         for col, val in (("kind", kind), ("status", status)):
             if val is None:
                 continue
@@ -681,9 +683,10 @@ class Tracker:
         ``since_step`` keeps rows with ``step > since_step`` (pass the last step you already have)."""
         import pandas as pd
 
-        ids = [int(run_id)] if isinstance(run_id, (int, str)) or not hasattr(run_id, "__iter__") else [
-            int(i) for i in run_id
-        ]
+        if isinstance(run_id, (int, str)) or not isinstance(run_id, Iterable):
+            ids = [int(run_id)]
+        else:
+            ids = [int(i) for i in run_id]
         if isinstance(names, str):
             names = [names]
         where = [f"run_id IN ({', '.join('?' for _ in ids)})"] if ids else ["1 = 0"]
@@ -755,7 +758,8 @@ class Tracker:
         """A run's events in the order logged, payload decoded."""
         if isinstance(kinds, str):
             kinds = [kinds]
-        sql, params = "SELECT * FROM events WHERE run_id = ?", [int(run_id)]
+        sql = "SELECT * FROM events WHERE run_id = ?"
+        params: list[str | int] = [int(run_id)]
         if kinds is not None:
             sql += f" AND kind IN ({', '.join('?' for _ in kinds)})" if kinds else " AND 1 = 0"
             params += list(kinds)
@@ -790,8 +794,10 @@ def run_scores(run: dict) -> dict[str, float | None]:
     ``val_macro_f1``, ``test_accuracy``, ``test_macro_f1`` and, for a multi-task run, the same per task
     (``val_accuracy/<task>`` …). A multi-task run's plain keys are the mean over its tasks: they are returned as
     ``<key> (mean of tasks)``, so no table shows a mean under a single task's name."""
-    s = run.get("summary") or {}
-    parts = [s.get(p) for p in ("best", "test") if isinstance(s.get(p), dict)]
+    s = run.get("summary")
+    if not isinstance(s, dict):  # none yet, or a summary that is not a JSON object
+        s = {}
+    parts: list[dict[str, Any]] = [d for d in (s.get("best"), s.get("test")) if isinstance(d, dict)]
     multi = run.get("kind") == "multitask"
     out: dict[str, float | None] = {}
     for key in SCORE_KEYS:
