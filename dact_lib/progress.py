@@ -29,8 +29,10 @@ def progress_eta(run: dict, metrics: pd.DataFrame | None = None, events: Iterabl
     phase before the first step and after the last one: the exit refit, the halting fit, the test split)."""
     now = _time.time() if now is None else float(now)
     status = run.get("status")
-    summary = run.get("summary") or {}
-    total = None
+    summary = run.get("summary")
+    if not isinstance(summary, dict):  # none yet, or a summary that is not a JSON object
+        summary = {}
+    total: int | None = None
     for e in events or []:
         if e.get("kind") == ev.START and isinstance(e.get("payload"), dict) and e["payload"].get("steps"):
             total = int(e["payload"]["steps"])  # the last start wins (a restarted run)
@@ -132,16 +134,17 @@ def engine_progress(run: dict, events: Iterable[dict] | None = None, members: It
     started = run.get("started")
     ended = run.get("ended") if not active else None
     elapsed = ((ended if ended is not None else now) - started) if started is not None else None
-    done = total = None
-    eta = None
+    done: int | None = None
+    total: int | None = None
+    eta: float | None = None
     text = ""
     if kind == "pbt":
         ms = list(members or [])
-        totals = [m.get("total_steps") for m in ms]
+        totals = [int(t) for t in (m.get("total_steps") for m in ms) if t]
         done = sum(int(m.get("steps_done") or 0) for m in ms)
         pop = ((cfg.get("pbt") or {}).get("population"))
-        if ms and all(totals):
-            total = sum(int(t) for t in totals)
+        if ms and len(totals) == len(ms):  # every member's planned steps known
+            total = sum(totals)
         text = f"{len(ms) or pop or '?'} members · step {done:,}" + (f" / {total:,}" if total else "")
         if active and total and done and elapsed:
             eta = max(0.0, elapsed / done * (total - done))
@@ -164,7 +167,9 @@ def engine_progress(run: dict, events: Iterable[dict] | None = None, members: It
         per_stage = {s: 0 for s in _STAGES}
         current = None
         for e in events:
-            pl = e.get("payload") if isinstance(e.get("payload"), dict) else {}
+            pl = e.get("payload")
+            if not isinstance(pl, dict):
+                pl = {}
             if e.get("kind") == ev.TRIAL and pl.get("stage") in per_stage:
                 per_stage[pl["stage"]] += 1
             elif e.get("kind") == ev.STAGE_START:

@@ -188,6 +188,15 @@ def test_progress_eta_finished_and_config_fallback():
     assert q["fraction"] is None and q["eta_s"] is None
 
 
+def test_progress_of_a_run_whose_summary_is_not_an_object():
+    """A summary the tracker reads back as a list or as text (not JSON) gives the progress of the other fields."""
+    for summary in ([40], "not json"):
+        run = {"status": "finished", "started": 0.0, "ended": 50.0, "summary": summary,
+               "config": {"train": {"max_steps": 40}}}
+        p = progress.progress_eta(run, None, [])
+        assert p["total_steps"] == 40 and p["steps_done"] == 0 and p["fraction"] == 1.0 and p["eta_s"] == 0.0
+
+
 def _ev(kind, **payload):
     return {"kind": kind, "payload": payload}
 
