@@ -244,6 +244,12 @@ class Job:
     def cancelling(self) -> bool:
         return self.state == "running" and self.token.cancelled
 
+    def run_config(self) -> RunConfig:
+        """The job's config; a job adopted from another manager's worker has none (that worker has it)."""
+        if self.config is None:
+            raise DactLabError(f"job {self.run_id} has no config: its worker was started by another manager")
+        return self.config
+
     def as_dict(self) -> dict:
         return {"run_id": self.run_id, "kind": self.kind, "name": self.name, "state": self.state,
                 "submitted": self.submitted, "started": self.started, "ended": self.ended, "error": self.error,
@@ -526,7 +532,7 @@ class JobManager:
         """What the worker needs, as JSON: never pickle."""
         options = jsonable(get_engine(job.kind).options(job.settings)) if job.kind in ENGINE_KINDS else {}
         return {"version": 1, "home": str(self.home), "run_id": job.run_id, "kind": job.kind, "name": job.name,
-                "config": job.config.to_dict(), "options": options, "resume": bool(job.resume),
+                "config": job.run_config().to_dict(), "options": options, "resume": bool(job.resume),
                 "parent_pid": os.getpid(), "threads": job_threads(self.max_concurrent),
                 "orphan_grace_s": orphan_grace_s()}
 
@@ -635,7 +641,9 @@ class JobManager:
             tr.set_status(job.run_id, status, error)
             _end_descendants(tr, job.run_id, job.pid, status, error)
             run = tr.get_run(job.run_id)
-        summary = run.get("summary") if isinstance(run.get("summary"), dict) else {}
+        summary = run.get("summary")
+        if not isinstance(summary, dict):
+            summary = {}
         if summary.get("engine_run_id") is not None:
             job.engine_run_id = int(summary["engine_run_id"])
         try:
@@ -792,14 +800,14 @@ def _run_train(tracker, home, job: Job) -> None:
     from .train import train
 
     _mark_running(tracker, job)
-    train(job.config, tracker=tracker, home=home, run_id=job.run_id, cancel=job.token, resume=job.resume)
+    train(job.run_config(), tracker=tracker, home=home, run_id=job.run_id, cancel=job.token, resume=job.resume)
 
 
 def _run_engine(tracker, job: Job) -> None:
     engine = get_engine(job.kind)
     ctx = EngineContext(tracker=tracker, cancel=job.token, run_id=job.run_id, resume=job.resume)
     _mark_running(tracker, job)
-    job.result = engine.run(job.config, job.settings, ctx)  # validated when the job was submitted
+    job.result = engine.run(job.run_config(), job.settings, ctx)  # validated when the job was submitted
     _record_result(tracker, job, job.result.summary())
     job.token.check()
 
@@ -808,7 +816,7 @@ def _record_result(tracker, job: Job, result: dict[str, Any]) -> None:
     """The engine result's ids and best values in the job's run summary (the engine's own summary wins)."""
     summary = {k: v for k, v in result.items() if v is not None and isinstance(v, (int, float, str, dict, list))}
     parent = summary.get("parent_run_id")
-    if parent is not None and int(parent) != job.run_id:  # e.g. a pipeline that resumed an earlier run
+    if isinstance(parent, (int, float, str)) and int(parent) != job.run_id:  # e.g. a pipeline that resumed an earlier run
         job.engine_run_id = int(parent)
         summary["engine_run_id"] = int(parent)
     if not summary:
