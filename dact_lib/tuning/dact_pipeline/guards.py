@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Required, TypedDict
 
 import torch
 
@@ -19,6 +20,33 @@ def guard_margin(baseline: float, n: int, margin: float) -> float:
     """How much a stage's accuracy must exceed the majority baseline: max(margin, 2 standard errors of the
     baseline's accuracy on n rows)."""
     return max(float(margin), 2.0 * math.sqrt(max(baseline * (1.0 - baseline), 0.0) / max(1, n)))
+
+
+class PreviousStage(TypedDict):
+    """The stage before, in a guard's record: its name, its accuracy and the change to this stage's."""
+    stage: str
+    accuracy: float
+    change: float
+
+
+class GuardInfo(TypedDict, total=False):
+    """A stage's guard: the payload of its ``guard`` (and ``guard_failed``) event and what :func:`check` returns.
+    ``criterion`` is ``"accuracy"``, or ``"nll"`` for a model restored by a loss (then the ``nll`` keys are set)."""
+    stage: Required[str]
+    split: Required[str]
+    accuracy: Required[float]
+    majority_baseline: Required[float]
+    margin: Required[float]
+    rows: Required[int]
+    criterion: Required[str]
+    passed: Required[bool]
+    checkpoint_metric: str | None
+    nll: float
+    prior_nll: float
+    nll_margin: float
+    previous: PreviousStage
+    warning: str
+    message: str
 
 
 class PipelineGuardError(DactLabError):
@@ -69,7 +97,7 @@ def is_loss_metric(metric: str | None) -> bool:
 
 
 def check(pl, stage: str, accuracy: float | None, *, split: str = "val", previous: tuple[str, float] | None
-          = None, metrics: dict | None = None, metric: str | None = None) -> dict:
+          = None, metrics: dict | None = None, metric: str | None = None) -> GuardInfo:
     """Compare ``stage``'s best model with the majority-class baseline of ``split`` (and with the stage before,
     ``previous`` = (stage, accuracy)): a ``guard`` event either way; raises PipelineGuardError (after a
     ``guard_failed`` event) when the model is not clearly better than the baseline.
@@ -84,14 +112,16 @@ def check(pl, stage: str, accuracy: float | None, *, split: str = "val", previou
     base = majority_baseline(targets)
     need = guard_margin(base, len(targets), pl.pipe.guard_margin)
     acc = float("nan") if accuracy is None else float(accuracy)
-    info = {"stage": stage, "split": split, "accuracy": acc, "majority_baseline": base, "margin": need,
-            "rows": len(targets), "criterion": "accuracy", "passed": bool(acc == acc and acc >= base + need)}
+    info: GuardInfo = {"stage": stage, "split": split, "accuracy": acc, "majority_baseline": base, "margin": need,
+                       "rows": len(targets), "criterion": "accuracy",
+                       "passed": bool(acc == acc and acc >= base + need)}
     nll = (metrics or {}).get(f"{split}_nll")
     if is_loss_metric(metric) and nll is not None and nll == nll:
         ref, se = prior_nll(pl.split.train.targets[pl.task], targets, getattr(pl, "num_classes", None))
         need_nll = max(pl.pipe.guard_margin * ref, 2.0 * se)
-        info.update(criterion="nll", checkpoint_metric=metric, nll=float(nll), prior_nll=ref, nll_margin=need_nll,
-                    passed=bool(float(nll) <= ref - need_nll))
+        info["criterion"], info["checkpoint_metric"] = "nll", metric
+        info["nll"], info["prior_nll"], info["nll_margin"] = float(nll), ref, need_nll
+        info["passed"] = bool(float(nll) <= ref - need_nll)
     if previous is not None and previous[1] is not None and previous[1] == previous[1]:
         info["previous"] = {"stage": previous[0], "accuracy": float(previous[1]),
                             "change": acc - float(previous[1])}

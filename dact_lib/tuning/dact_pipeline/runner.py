@@ -51,6 +51,13 @@ class _Pipeline:
     def open_parent(self, run_id: int | None = None) -> None:
         record.open_parent(self, run_id)
 
+    @property
+    def parent_run_id(self) -> int:
+        """The parent run's id, once :meth:`open_parent` has created or found it."""
+        if self.parent is None:
+            raise DactLabError("the pipeline's parent run is not open: call open_parent() first")
+        return self.parent
+
     def finish_stage(self, stage: str, data: dict, seconds: float) -> None:
         data = jsonable({"stage": stage, "seconds": round(seconds, 3), "finished": time.time(), **data})
         self.state[stage] = data
@@ -68,7 +75,7 @@ class _Pipeline:
                                                             "budget_s": None if budget is None else round(budget, 1)})
 
     def guard(self, stage: str, accuracy: float | None, *, split: str = "val", previous: tuple[str, float] | None
-              = None, metrics: dict | None = None, metric: str | None = None) -> dict:
+              = None, metrics: dict | None = None, metric: str | None = None) -> guards.GuardInfo:
         return guards.check(self, stage, accuracy, split=split, previous=previous, metrics=metrics, metric=metric)
 
     # -- optuna helpers -------------------------------------------------------------------------------------
@@ -109,7 +116,7 @@ class _Pipeline:
         """How many new slots a slotted stage still needs for ``n_total`` trials. A resumed stage keeps the slots an
         earlier run left waiting (they are still the budget) and first enqueues again the grid points dropped when
         it stopped (:func:`studies.requeue_dropped`)."""
-        studies.requeue_dropped(study, self.parent, record.STOPPED)
+        studies.requeue_dropped(study, self.parent_run_id, record.STOPPED)
         return max(0, n_total - counted(study) - len(studies.waiting(study)))
 
     def run_slotted(self, study: optuna.Study, stage: str, ctx, local_trials: int | None, budget: float | None,
@@ -145,7 +152,7 @@ class _Pipeline:
             extra = len(study.trials) + 3  # at most 3 more trials (every one may diverge or be pruned)
             while n_complete(study) == 0 and len(study.trials) < extra:
                 self.cancel.check()
-                studies.enqueue_slots(study, 1, self.parent)
+                studies.enqueue_slots(study, 1, self.parent_run_id)
                 run_trial(study.ask())
         except BaseException:
             studies.drop_slots(study, record.STOPPED)
@@ -226,7 +233,7 @@ class _Pipeline:
         return final.finetune(self, model, loaded, chosen, enc_val)
 
     def result(self, status: str = "finished") -> PipelineResult:
-        return record.result_of(int(self.parent), self.state, self.names, status, self.resumed)
+        return record.result_of(self.parent_run_id, self.state, self.names, status, self.resumed)
 
 
 def as_dact_config(cfg: RunConfig) -> RunConfig:
@@ -271,7 +278,7 @@ def run_pipeline(cfg: RunConfig, *, pipeline: PipelineConfig, home=None, tracker
     run.open_parent(run_id)
     if run.already_finished:
         return run.result()
-    with studies.live_run(run.parent):
+    with studies.live_run(run.parent_run_id):
         try:
             for stage in STAGES:
                 if stage not in run.state:

@@ -276,7 +276,8 @@ def keep_if_best(pl, study: optuna.Study, trial: optuna.Trial, value: float, res
     from ...models import MODEL_FILE
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    if done and min(t.value for t in done) <= value:
+    values = [t.value for t in done if t.value is not None]  # a complete trial of one objective has its value
+    if values and min(values) <= value:
         return
     save_trunk(pl, res, run_cfg)
     trial.set_user_attr("model_saved", True)
