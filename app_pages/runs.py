@@ -203,13 +203,21 @@ st.query_params["runs"] = ",".join(str(i) for i in selected)
 st.query_params.pop("run", None)
 st.session_state["runs_link_applied"] = (tuple(selected), selected[0])  # what this address reads back as
 
+# the run in detail (progress, cancel, events, config, model): any run of the list, the shown ones first. Picked here,
+# with the page (not in the live part): both parts below follow the choice
+focus_ids = list(selected) + [i for i in options if i not in selected]
+if st.session_state.get("runs_focus") not in focus_ids:
+    st.session_state["runs_focus"] = focus_ids[0]
+focus = st.selectbox("Run details", focus_ids, key="runs_focus", help="Any run of the list (the runs on the chart "
+                     "first): its progress, events, config and model, below the curves.",
+                     format_func=lambda i: _label(by_id[i], status=False))
 # the live part's timer: a shown run is active, or the run in detail is (it may be one not on the chart)
 any_active = any(by_id[i]["status"] in ACTIVE_STATUSES for i in selected) or \
-    (by_id.get(st.session_state.get("runs_focus")) or {}).get("status") in ACTIVE_STATUSES
+    by_id[focus]["status"] in ACTIVE_STATUSES
 
 
 @st.fragment(run_every=refresh_every() if any_active else None)  # 2 s until the first step, then 5 s
-def live(ids: list[int], was_active: bool) -> None:
+def live(ids: list[int], was_active: bool, focus: int) -> None:
     current = []
     for i in ids:
         try:
@@ -255,15 +263,6 @@ def live(ids: list[int], was_active: bool) -> None:
 
     # one run in detail: progress bar, cancel, events, model download — any run of the list (the shown ones first)
     shown_ids = [r["id"] for r in current]
-    focus_ids = shown_ids + [i for i in options if i not in shown_ids]
-    if st.session_state.get("runs_focus") not in focus_ids:
-        st.session_state["runs_focus"] = focus_ids[0]
-    focus = st.selectbox("Run details", focus_ids, key="runs_focus", help="Any run of the list (the runs on the "
-                         "chart first): its progress, events, config and model.", on_change=_focus_changed,
-                         format_func=lambda i: _label(next((r for r in current if r["id"] == i), by_id.get(i)) or
-                                                      {"id": i, "kind": "?", "status": "?"}))
-    if st.session_state.pop("runs_focus_changed", False):
-        st.rerun()  # the details part (its own fragment) follows the new choice
     if focus in shown_ids:
         run = next(r for r in current if r["id"] == focus)
         pr = next(x["_pr"] for x, r in zip(rows, current) if r["id"] == focus)
@@ -363,11 +362,6 @@ def organise(run: dict) -> None:
                 st.rerun()
 
 
-def _focus_changed() -> None:
-    # the picker sits in the live part (a fragment): a new choice reruns the whole page, so the details follow
-    st.session_state["runs_focus_changed"] = True
-
-
 def details_every(focus: int | None) -> float | None:
     """The details part's timer: DETAILS_REFRESH_S while the run in detail is active, none once it ended."""
     return DETAILS_REFRESH_S if (by_id.get(focus) or {}).get("status") in ACTIVE_STATUSES else None
@@ -376,7 +370,7 @@ def details_every(focus: int | None) -> float | None:
 def details(focus: int) -> None:
     """The run in detail below its progress bar: model download, deploy, error, event log, environment, config,
     test report, organise. Re-read on its own slow timer while the run is active (what moves every few seconds is
-    in the live part); the live part reruns the whole page when the run ends or another run is picked."""
+    in the live part); the status watch reruns the whole page when the run ends."""
     try:
         run = tr.get_run(focus)
     except Exception:  # noqa: BLE001 - deleted meanwhile
@@ -463,5 +457,5 @@ if len(selected) > 1:
         else:
             st.caption("No two selected runs differ only in their seeds (train.seed, data.split_seed): nothing to "
                        "group as mean ± spread.")
-live(list(selected), any_active)
-st.fragment(details, run_every=details_every(st.session_state["runs_focus"]))(st.session_state["runs_focus"])
+live(list(selected), any_active, focus)
+st.fragment(details, run_every=details_every(focus))(focus)
