@@ -3,9 +3,10 @@
 1. ruff (the rules in pyproject.toml's [tool.ruff]) — clean, no baseline;
 2. complexity: no function of dact_lib over McCabe complexity 15 unless its ``def`` line (or the line above it)
    carries a ``# complexity: <why>`` comment;
-3. mypy on dact_lib (pyproject.toml's [tool.mypy], where the strictness is stated): a file that
-   `.ci/mypy_baseline.json` does not list must have no error — most of dact_lib, and every new file; a listed
-   file may not have more errors than its count. A file with fewer is reported so the baseline can be lowered
+3. mypy (pyproject.toml's [tool.mypy], where the strictness is stated): dact_lib clean — no error in it, whatever
+   the baseline says; the rest (dashboard, tools, benches, examples) a per-file ratchet: a file that
+   `.ci/mypy_baseline.json` does not list must have no error (every new file); a listed file may not have more
+   errors than its count. A file with fewer is reported so the baseline can be lowered
    (`python tools/lint.py --update-baseline`), which only ever lowers it: it refuses while any file is over its
    count, so a clean file cannot be recorded back into the baseline.
 
@@ -64,10 +65,16 @@ def mypy_counts() -> Counter:
     return counts
 
 
+#: the package that must be mypy-clean (the rest is ratcheted)
+CLEAN = "dact_lib/"
+
+
 def mypy_ratchet(update: bool) -> list[str]:
     counts = mypy_counts()
     base = json.loads(BASELINE.read_text(encoding="utf-8")) if BASELINE.is_file() else {}
-    worse = [f"{f}: {n} mypy errors, the baseline allows {base.get(f, 0)} — fix the new ones (`mypy {f}`)"
+    base = {f: n for f, n in base.items() if not f.startswith(CLEAN)}  # no allowance in the clean package
+    worse = [f"{f}: {n} mypy errors, " + (f"{CLEAN} must have none" if f.startswith(CLEAN) else
+                                          f"the baseline allows {base.get(f, 0)}") + f" — fix them (`mypy {f}`)"
              for f, n in sorted(counts.items()) if n > base.get(f, 0)]
     if update:
         if worse:
