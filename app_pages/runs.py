@@ -126,8 +126,8 @@ def _csv_bytes(tr, ids: list[int]) -> bytes:
 
 @st.cache_resource(max_entries=2, show_spinner="Zipping the model…")  # one copy, not one per rerun
 def _zip_bytes(run_dir: str, version: float) -> bytes:
-    # bytes, kept for the next reruns: the button sits in the live part, which reruns every 2 s while a run is
-    # active, and a deferred download (a callable) registered by an earlier rerun is gone when it is clicked
+    # bytes, kept for the next reruns: the button sits in the run-in-detail part, which reruns on its timer while
+    # the run is active, and a deferred download (a callable) registered by an earlier rerun is gone when clicked
     return zip_model(Path(run_dir))
 
 

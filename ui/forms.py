@@ -392,8 +392,8 @@ def _fmt_time(t: float | None) -> str:
 
 
 def jobs_panel(key: str = "jobs") -> None:
-    """The job manager's jobs of this server process, with a Cancel button for queued/running ones; refreshes
-    itself every 2 s while a job is active."""
+    """The job manager's jobs of this server process, with a Cancel button for queued/running ones; read with the
+    page, which the sidebar's status watch reruns when a job is queued, starts training or ends."""
     jm = state.jobs()
 
     def body() -> None:
