@@ -99,7 +99,7 @@ class FrontPoint:
                 raw = next((params[k] for k in _IN_PARAMS[f.name] if params.get(k) is not None), None)
             got[f.name] = _convert(f.name, raw)
         if got["val_accuracy"] is None:
-            err = _number(next((d[k] for k in ("val_error", "error") if d.get(k) is not None), None))
+            err = finite_number(next((d[k] for k in ("val_error", "error") if d.get(k) is not None), None))
             got["val_accuracy"] = None if err is None else 1.0 - err
         for name in ("scale", "shift"):
             if got[name] is None:
@@ -129,7 +129,9 @@ _IN_PARAMS: dict[str, tuple[str, ...]] = {
 _TEXT = {"objective", "halting_file", "family", "source", "measured"}
 
 
-def _number(v: Any) -> float | None:
+def finite_number(v: Any) -> float | None:
+    """``v`` as a finite float; None for missing, non-numeric, NaN or infinite values (how a stored record says "no
+    number")."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -146,7 +148,7 @@ def _convert(name: str, raw: Any) -> Any:
         return bool(raw)
     if name in ("trial", "run_id"):
         return int(raw) if str(raw).lstrip("-").isdigit() else None
-    return _number(raw)
+    return finite_number(raw)
 
 
 #: the lists of a run's halting report (report.json "halting", halting.fit_after_training) that hold front points,

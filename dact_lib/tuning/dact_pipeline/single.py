@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ...errors import DactLabError
-from ...front import FrontPoint, report_chosen
+from ...front import FrontPoint, finite_number, report_chosen
 
 SINGLE = "single run"
 PIPELINE = "pipeline"
@@ -62,7 +62,8 @@ def single_point(run_id: int, best_metrics: dict, halting: dict | None) -> Front
         acc, exit_layer = chosen.val_accuracy, chosen.val_avg_exit_layer
         how = "cross-fitted halting point" if (halting or {}).get("cross_fitted") else "halting point"
     else:
-        acc, exit_layer = _number(best_metrics.get("val_accuracy")), _number(best_metrics.get("val_avg_exit_layer"))
+        acc = finite_number(best_metrics.get("val_accuracy"))
+        exit_layer = finite_number(best_metrics.get("val_avg_exit_layer"))
         how = "validation metrics"
     return FrontPoint(source=SINGLE, run_id=int(run_id), val_accuracy=acc, val_avg_exit_layer=exit_layer,
                       measured=how, front_lambda=chosen.front_lambda, threshold=chosen.threshold)
@@ -99,13 +100,6 @@ def final_choice(chosen: FrontPoint, single: FrontPoint | None, trials: list[Fro
     return {**out, "winner": PIPELINE, "why": f"the single run does not beat the pipeline's point by the rule "
                                                f"{rule!r}: {nums}"}
 
-
-def _number(x: Any) -> float | None:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _value(x: float | None) -> float:
