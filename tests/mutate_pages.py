@@ -35,8 +35,8 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "            else:\n                st.success(f\"Run {focus} is not a job",
         [f"{EXPLORE}::test_runs_page_cancel_of_another_process_run_says_where_to_stop_it"]),
     "runs-table-val-accuracy-from-test": (
-        "app_pages/runs.py", '("val_accuracy (mean of tasks)" if multi else "val_accuracy"): _best(r, "val_accuracy")',
-        '("val_accuracy (mean of tasks)" if multi else "val_accuracy"): _best(r, "test_accuracy")',
+        "dact_lib/tracker/store.py", 'for d in (s.get("best"), s.get("test")) if isinstance(d, dict)]',
+        'for d in (s.get("test"), s.get("best")) if isinstance(d, dict)]',
         [f"{EXPLORE}::test_runs_page_lists_every_engine_run_with_its_recorded_scores"]),
     "pbt-view-donor-column-shows-recipient": (
         "app_pages/pbt_view.py", '"donor": labels.get(e["donor"], e["donor"])',
@@ -47,22 +47,22 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         '"exploits": (summ.get(m["id"]) or {}).get("member")',
         [f"{EXPLORE}::test_pbt_view_shows_the_population_its_exploits_and_lineage"]),
     "plots-explored-not-matched": (
-        "dact_lib/plots.py", 'explored[(ref(p, "recipient"), p.get("step"))] = p.get("new")',
+        "dact_lib/plots/pbt.py", 'explored[(ref(p, "recipient"), p.get("step"))] = p.get("new")',
         'explored[(ref(p, "donor"), p.get("step"))] = p.get("new")',
         [f"{PLOTS}::test_exploit_edges_of_a_real_population_resolve_members_and_drop_duplicates",
          f"{EXPLORE}::test_pbt_view_shows_the_population_its_exploits_and_lineage"]),
     "plots-lineage-arrow-from-recipient": (
-        "dact_lib/plots.py", "fig.add_annotation(x=s, y=r, ax=s, ay=d,", "fig.add_annotation(x=s, y=d, ax=s, ay=r,",
+        "dact_lib/plots/pbt.py", "fig.add_annotation(x=s, y=r, ax=s, ay=d,", "fig.add_annotation(x=s, y=d, ax=s, ay=r,",
         [f"{PLOTS}::test_lineage_figure_of_a_real_population_rows_and_arrows",
          f"{EXPLORE}::test_pbt_view_shows_the_population_its_exploits_and_lineage"]),
     "plots-pipeline-view-takes-every-stage": (
-        "dact_lib/plots.py", 'if kind == "trial" and p.get("stage") == "stage3" and',
-        'if kind == "trial" and p.get("stage") in ("stage1", "stage2", "stage3") and',
+        "dact_lib/tuning/dact_pipeline/view.py", 'if kind == ev.TRIAL and p.get("stage") == "stage3" and',
+        'if kind == ev.TRIAL and p.get("stage") in ("stage1", "stage2", "stage3") and',
         [f"{PLOTS}::test_pipeline_view_of_a_real_pipeline_reads_its_events_and_summary",
          f"{EXPLORE}::test_pareto_explorer_shows_the_pipelines_front_choice_and_sweep"]),
     "pareto-choice-column-always-false": (
-        "app_pages/pareto.py", "\"pipeline's choice\": bool(pc and p[\"trial\"] == pc.get(\"trial\"))",
-        "\"pipeline's choice\": bool(pc and p[\"trial\"] != pc.get(\"trial\"))",
+        "app_pages/pareto.py", "\"pipeline's choice\": bool(pc and _same_point(p, pc))",
+        "\"pipeline's choice\": bool(pc and not _same_point(p, pc))",
         [f"{EXPLORE}::test_pareto_explorer_shows_the_pipelines_front_choice_and_sweep"]),
     "early-exit-all-layers-button-resets": (
         "app_pages/early_exit.py", 'st.session_state["early_layers"] = (n_layers, n_layers)',
