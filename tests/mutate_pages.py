@@ -35,8 +35,9 @@ MUTANTS: dict[str, tuple[str, str, str, list[str]]] = {
         "            else:\n                st.success(f\"Run {focus} is not a job",
         [f"{EXPLORE}::test_runs_page_cancel_of_another_process_run_says_where_to_stop_it"]),
     "runs-table-val-accuracy-from-test": (
-        "dact_lib/tracker/store.py", 'for d in (s.get("best"), s.get("test")) if isinstance(d, dict)]',
-        'for d in (s.get("test"), s.get("best")) if isinstance(d, dict)]',
+        "dact_lib/tracker/store.py", 'value = next((d[key] for d in parts if d.get(key) is not None), None)',
+        'value = next((d[key.replace("val_", "test_")] for d in parts '
+        'if d.get(key.replace("val_", "test_")) is not None), None)',
         [f"{EXPLORE}::test_runs_page_lists_every_engine_run_with_its_recorded_scores"]),
     "pbt-view-donor-column-shows-recipient": (
         "app_pages/pbt_view.py", '"donor": labels.get(e["donor"], e["donor"])',
