@@ -194,7 +194,9 @@ def status_mode() -> str:
 
 def refresh_every() -> float:
     """The status timers' period for this rerun (:func:`period_for` the mode now and the tabs watching). Records
-    what the timers were set up for, for :func:`watch_status`."""
+    what the timers were set up for, for :func:`watch_status`. This session counts among the watching tabs from
+    here (a new tab's first watch does not rerun its page to count itself)."""
+    note_watch()
     mode, signature = status_now()
     return _timers_set_for(mode, signature)
 
