@@ -864,10 +864,10 @@ def test_the_page_reruns_when_work_starts_or_ends_so_every_status_changes_togeth
     tr.set_status(rid, "finished")  # the run ended
     state.watch_status()
     assert reruns == [1, 1, 1, 1, 1] and state.st.session_state[state.TIMERS_ACTIVE] == "idle"
-    # a job submitted on this page: its timers and tables already show it (timers_follow_now), no rerun
+    # a job submitted on this page: its timers and tables already show it (submit_job's refresh_every), no rerun
     state.st.session_state.clear()
     jid = tr.create_run("backbone", {}, status="queued")
-    state.timers_follow_now()
+    state.refresh_every()
     state.watch_status()
     assert reruns == [1, 1, 1, 1, 1] and state.st.session_state[state.TIMERS_ACTIVE] == "starting"
     tr.set_status(jid, "cancelled")

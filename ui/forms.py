@@ -360,7 +360,7 @@ def submit_job(kind: str, cfg: RunConfig | dict, *, options: dict | None = None,
         unexpected(exc, "The job was not submitted")
         return None
     st.session_state["last_run_id"] = run_id
-    state.timers_follow_now()  # this page already shows the new job: no rerun to announce it (it would clear this message)
+    state.refresh_every()  # this page already shows the new job: no rerun to announce it (it would clear this message)
     ahead = state.jobs().ahead(run_id)
     if ahead is not None:
         st.success(f"Queued job **#{run_id}** ({kind}, {ahead} ahead): it starts when the "

@@ -1,6 +1,8 @@
 """Per-server-process singletons: the tracker and the job manager (``st.cache_resource``)."""
 from __future__ import annotations
 
+import threading
+
 import streamlit as st
 
 from dact_lib.home import resolve_home
@@ -117,7 +119,7 @@ TIMERS_SIGNATURE = "status_timers_signature"
 #: session key: this browser session's id in the server's count of watching tabs
 SESSION_ID = "status_session_id"
 
-_watch_lock = __import__("threading").Lock()
+_watch_lock = threading.Lock()
 _last_watch: dict[str, float] = {}  # session id -> time of its last status watch, for every session of this server
 
 
@@ -152,16 +154,6 @@ def period_for(mode: str, tabs: int) -> float:
     return PERIODS[mode]
 
 
-def anything_active() -> bool:
-    """A job of this server or any run of the home is queued or running."""
-    from dact_lib.tracker import ACTIVE_STATUSES
-
-    try:
-        return jobs().active_count() > 0 or bool(tracker().list_runs(status=list(ACTIVE_STATUSES), limit=1))
-    except Exception:  # noqa: BLE001 - a busy database must not break a page
-        return False
-
-
 def status_now() -> tuple[str, tuple]:
     """``(mode, signature)``: the mode — ``"idle"`` (nothing queued or running), ``"starting"`` (a job is queued, or
     an active training run has not logged a step yet) or ``"training"`` — and a signature of the runs a page lists
@@ -187,24 +179,14 @@ def status_now() -> tuple[str, tuple]:
         return "idle", ()
 
 
-def status_mode() -> str:
-    """The mode of :func:`status_now`."""
-    return status_now()[0]
-
-
 def refresh_every() -> float:
     """The status timers' period for this rerun (:func:`period_for` the mode now and the tabs watching). Records
-    what the timers were set up for, for :func:`watch_status`. This session counts among the watching tabs from
-    here (a new tab's first watch does not rerun its page to count itself)."""
+    what the timers were set up for, for :func:`watch_status` — also after a job was submitted from this page,
+    which then already shows it (no rerun to announce it). This session counts among the watching tabs from here
+    (a new tab's first watch does not rerun its page to count itself)."""
     note_watch()
     mode, signature = status_now()
     return _timers_set_for(mode, signature)
-
-
-def timers_follow_now() -> float:
-    """This page's timers and tables already show the state now (a job was just submitted from it): the watch
-    reruns the page only on later changes. Returns the period."""
-    return refresh_every()
 
 
 def _timers_set_for(mode: str, signature: tuple) -> float:
