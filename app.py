@@ -46,7 +46,7 @@ def build_navigation() -> dict[str, list]:
     return nav
 
 
-def job_counts() -> None:
+def job_counts(watch: bool = True) -> None:
     try:
         counts = state.jobs().counts()
     except Exception as exc:  # noqa: BLE001 - the sidebar never breaks a page
@@ -54,18 +54,22 @@ def job_counts() -> None:
         return
     running, queued = counts.get("running", 0), counts.get("queued", 0)
     st.caption(f"Jobs: **{running}** running, **{queued}** queued")
-    state.watch_status()
+    if watch:
+        state.watch_status()
 
 
-def sidebar() -> None:
+def sidebar(page_path: str) -> None:
     with st.sidebar:
         st.caption(f"Home: `{state.home()}`")
+        if page_path in state.LIVE_PAGES:  # the page's live part carries the status watch: one timer, not two
+            job_counts(watch=False)
+            return
         # the status watch, on the status timer (ui.state.refresh_every: 2 s while work starts, 5 s per watching tab
-        # while runs train, 10 s idle): when a run is queued, gets past its first step, ends or is deleted, the
+        # while runs train, 2 s idle): when a run is queued, gets past its first step, ends or is deleted, the
         # whole page reruns so that every status on it — tables, pickers, progress, these counts — changes together
         st.fragment(job_counts, run_every=state.refresh_every())()
 
 
 page = st.navigation(build_navigation())
-sidebar()
+sidebar(page.url_path)
 page.run()

@@ -20,6 +20,7 @@ from dact_lib.tuning.pipeline_runs import explorer_runs, since_last_resume
 from ui.deploy import latency_budget_panel
 from ui.forms import form_words
 from ui.safe import plain
+from ui import state
 from ui.state import tracker
 
 def _use_run_point(rid: int, options: dict) -> None:
@@ -100,7 +101,7 @@ singles = [r for r in tr.list_runs(kind="dact") if r["status"] == "finished" and
 if not pipes and not singles:
     st.info("No DACT pipeline runs yet. Run the staged DACT tuning (DACT pipeline page or "
             "`python -m dact_lib dact-pipeline --name NAME`); its λ trade-off and exit-policy comparison show up here.")
-    st.stop()
+    state.stop()
 
 if st.session_state.get("predict_run_id") is None:  # a reload: restore the persisted choice
     restored = chosen_prediction_run(tr)
@@ -114,7 +115,7 @@ if pipes and singles:
                       help="A single DACT run's front: the λ and τ points its halting fit measured.")
 if source == SINGLE:
     single_run_explorer(tr, singles)
-    st.stop()
+    state.stop()
 
 by_id = {r["id"]: r for r in pipes}
 asked = st.session_state.get("pareto_parent")
@@ -191,7 +192,6 @@ def _same_point(p: FrontPoint, q: FrontPoint | None) -> bool:
     return (p.front_lambda, p.threshold, p.source) == (q.front_lambda, q.threshold, q.source)
 
 
-@st.fragment(run_every=5.0 if active else None)
 def explorer(parent_id: int) -> None:
     run = tr.get_run(parent_id)
     view = pipeline_view(run, tr.get_events(parent_id))
@@ -309,4 +309,5 @@ def explorer(parent_id: int) -> None:
         latency_budget_panel(int(model_run), Path(tr.run_dir(int(model_run))), key="pareto")
 
 
-explorer(pid)
+# on the status timer while the pipeline is active; it carries the page's status watch (ui.state.live_part)
+state.live_part(explorer, active)(pid)

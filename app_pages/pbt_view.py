@@ -11,6 +11,7 @@ import streamlit as st
 from dact_lib import plots
 from dact_lib.tracker import ACTIVE_STATUSES
 from ui.safe import plain
+from ui import state
 from ui.state import tracker
 
 st.title("PBT view")
@@ -19,7 +20,7 @@ parents = tr.list_runs(kind="pbt")
 if not parents:
     st.info("No PBT runs yet. Start Population Based Training on the PBT page (or `python -m dact_lib pbt`); its "
             "members, their hyperparameters and who copied whom show up here.")
-    st.stop()
+    state.stop()
 
 by_id = {r["id"]: r for r in parents}
 parent_id = st.selectbox("PBT run", list(by_id), key="pbt_parent",
@@ -31,7 +32,6 @@ def _ts(t) -> str:
     return datetime.fromtimestamp(t).strftime("%H:%M:%S") if t else ""
 
 
-@st.fragment(run_every=2.0 if active else None)
 def population(pid: int, was_active: bool) -> None:
     parent = tr.get_run(pid)
     if was_active and parent["status"] not in ACTIVE_STATUSES:
@@ -96,4 +96,6 @@ def population(pid: int, was_active: bool) -> None:
                      hide_index=True)
 
 
-population(parent_id, active)
+# on the status timer while the run is active (2 s until its first step, then 5 s per watching tab); it carries
+# the page's status watch (ui.state.live_part)
+state.live_part(population, active)(parent_id, active)

@@ -1,8 +1,9 @@
 """Runs: live training curves, status, progress + ETA, events, cancel, comparison, downloads.
 
 The live part is one ``st.fragment`` that reruns on the pages' status timer while a selected run is active (the rest
-of the page is not rerun); the run in detail below it (events, config, …) has its own, slower one. Only the selected runs' metrics are read, incrementally (rows after the last step already held), and
-each plotted series is thinned to <= 2,000 points.
+of the page is not rerun) and carries the page's status watch (``ui.state.live_part``: one timer, not the sidebar's
+too); the run in detail below it (events, config, …) has its own, slower one. Only the selected runs' metrics are
+read, incrementally (rows after the last step already held), and each plotted series is thinned to <= 2,000 points.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from dact_lib.tracker import ACTIVE_STATUSES, STATUSES
 from dact_lib.tracker.store import SCORE_KEYS
 from ui.forms import active_runs_caption
 from ui.safe import plain
-from ui.state import refresh_every, tracker
+from ui import state
+from ui.state import tracker
 
 X_CHOICES = {"step": "step", "epoch": "epoch", "wall time": "time"}
 
@@ -141,7 +143,7 @@ st.caption(f"home: `{tr.home}`")
 all_runs = tr.list_runs()
 if not all_runs:
     st.info("No runs yet. Train a model (Train page or `python -m dact_lib train`) and it shows up here, live.")
-    st.stop()
+    state.stop()
 
 with st.expander("Filter the run list", expanded=False):
     c1, c2, c3 = st.columns(3)
@@ -164,7 +166,7 @@ words = query.lower().split()
 runs = filtered(all_runs, words)
 if words and not runs:
     st.info(f"No run matches {plain(query)!s}.")
-    st.stop()
+    state.stop()
 by_id = {r["id"]: r for r in all_runs}
 
 # the run table is read with the page: the sidebar's status watch reruns the whole page whenever a run starts, ends or
@@ -197,7 +199,7 @@ selected = st.multiselect("Runs to show (several are compared on one chart)", op
                           format_func=lambda i: _label(by_id[i], status=False))
 if not selected:
     st.info("Choose one or more runs above.")
-    st.stop()
+    state.stop()
 # the address names what is shown: copy it to share or bookmark this view
 st.query_params["runs"] = ",".join(str(i) for i in selected)
 st.query_params.pop("run", None)
@@ -216,7 +218,6 @@ any_active = any(by_id[i]["status"] in ACTIVE_STATUSES for i in selected) or \
     by_id[focus]["status"] in ACTIVE_STATUSES
 
 
-@st.fragment(run_every=refresh_every() if any_active else None)  # 2 s until the first step, then 5 s
 def live(ids: list[int], was_active: bool, focus: int) -> None:
     current = []
     for i in ids:
@@ -457,5 +458,7 @@ if len(selected) > 1:
         else:
             st.caption("No two selected runs differ only in their seeds (train.seed, data.split_seed): nothing to "
                        "group as mean ± spread.")
-live(list(selected), any_active, focus)
+# the live part, on the status timer while a run is active (2 s until its first step, then 5 s per watching tab); it
+# carries the page's status watch (ui.state.live_part)
+state.live_part(live, any_active)(list(selected), any_active, focus)
 st.fragment(details, run_every=details_every(focus))(focus)

@@ -919,6 +919,99 @@ def test_the_live_refresh_slows_with_each_watching_tab_while_runs_train(app_home
     tr.set_status(rid, "finished")
 
 
+def _spy_fragments(monkeypatch) -> list[tuple[str, float | None]]:
+    """Every st.fragment the app creates from here on: (function name, run_every)."""
+    made: list[tuple[str, float | None]] = []
+    real = st.fragment
+
+    def spy(func=None, *, run_every=None):
+        if func is None:
+            return lambda f: spy(f, run_every=run_every)
+        made.append((getattr(func, "__name__", "?"), run_every))
+        return real(func, run_every=run_every)
+
+    monkeypatch.setattr(st, "fragment", spy)
+    return made
+
+
+def test_a_page_has_one_status_timer_while_a_run_trains(app_home, monkeypatch):
+    """A watching tab's browser CPU grows with the number of fragment reruns, not with what they draw
+    (docs/benchmarks.md, "The dashboard never slows the work", run 11): the Runs page had two timers on the same
+    period (the sidebar's status watch and the live part), the PBT view a 2-s one beside the sidebar's, the Pareto
+    explorer a 5-s one. Now a live page's live part carries the status watch: one timer at the status period on
+    every page (the Runs page's run in detail keeps its slow one)."""
+    from dact_lib.tuning.pipeline_runs import PIPELINE_KIND
+    from ui import state
+
+    monkeypatch.setattr(state, "_last_watch", {})  # this session alone watches
+    at = open_app()  # (the job manager starts first: runs 'running' before it are swept as interrupted)
+    tr = Tracker(app_home)
+    rid = tr.create_run("backbone", {}, status="running")
+    tr.log_metrics(rid, {"train_loss": 1.0}, step=1)  # it trains: the calm period
+    pbt = tr.create_run("pbt", {}, status="running")
+    member = tr.create_run("pbt-member", {}, parent_id=pbt, status="running")
+    tr.log_metrics(member, {"train_loss": 1.0}, step=1)
+    pipe = tr.create_run(PIPELINE_KIND, {}, status="running")
+    made = _spy_fragments(monkeypatch)
+    period = state.period_for("training", 1)
+    for page, slow in (("app_pages/home.py", []), ("app_pages/runs.py", [30.0]), ("app_pages/pbt_view.py", []),
+                       ("app_pages/pareto.py", []), ("app_pages/data.py", [])):
+        made.clear()
+        goto(at, page)
+        timers = sorted(t for _, t in made if t is not None)
+        assert timers == sorted([period] + slow), (page, made)
+    # the live pages' one timer is their live part's, and it runs the watch; the sidebar's caption has no timer
+    for page, part in (("app_pages/runs.py", "live"), ("app_pages/pbt_view.py", "population"),
+                       ("app_pages/pareto.py", "explorer")):
+        made.clear()
+        goto(at, page)
+        assert (part, period) in made and ("job_counts", period) not in made, (page, made)
+    for r in (rid, member, pbt, pipe):
+        tr.set_status(r, "finished")
+
+
+def test_a_live_part_runs_the_status_watch_after_each_redraw_and_the_watch_alone_when_idle(monkeypatch):
+    """ui.state.live_part: while active, one fragment on the status timer that draws the part and then runs the
+    watch (also after an early return); otherwise the part has no timer and the watch gets its own in the sidebar.
+    A live page that stops early (ui.state.stop) still draws the watch."""
+    from ui import state
+
+    calls: list = []
+    made: list = []
+    monkeypatch.setattr(st, "fragment", lambda func, run_every=None: (made.append((func.__name__, run_every)), func)[1])
+    monkeypatch.setattr(state, "refresh_every", lambda: 7.0)
+    monkeypatch.setattr(state, "watch_status", lambda: calls.append("watch"))
+    monkeypatch.setattr(state, "watch_alone", lambda: calls.append("watch alone"))
+
+    def body(x: int) -> None:
+        calls.append(("body", x))
+        if x < 0:
+            return  # an early return
+
+    state.live_part(body, True)(1)
+    state.live_part(body, True)(-1)
+    assert made == [("body", 7.0), ("body", 7.0)]
+    assert calls == [("body", 1), "watch", ("body", -1), "watch"]
+    calls.clear(), made.clear()
+    state.live_part(body, False)(2)
+    assert made == [("body", None)] and calls == ["watch alone", ("body", 2)]
+    calls.clear()
+    monkeypatch.setattr(state.st, "stop", lambda: calls.append("stop"))
+    state.stop()
+    assert calls == ["watch alone", "stop"]
+
+
+def test_live_pages_stop_through_the_status_watch():
+    """A live page (ui.state.LIVE_PAGES) has no status watch in the sidebar: a bare st.stop() on it would leave the
+    page without one (it would no longer rerun when a run starts or ends)."""
+    from ui import state
+
+    for path in state.LIVE_PAGES:
+        src = (ROOT / "app_pages" / f"{path}.py").read_text()
+        assert "st.stop()" not in src.replace("state.stop()", ""), path
+        assert "state.live_part(" in src, path
+
+
 def test_the_app_resolves_transformers_names_before_any_page_or_job_thread():
     """Bug (seen on Early exit in a fresh server): "cannot import name 'AutoTokenizer' from 'transformers'" — its
     lazy module raced between the page's thread and another first use. The app resolves the names at start."""

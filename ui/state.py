@@ -197,6 +197,46 @@ def _timers_set_for(mode: str, signature: tuple) -> float:
     return period
 
 
+#: pages (``st.Page`` url paths) whose live part carries the status watch: while it redraws, the watch runs at the
+#: end of each of its reruns, so the page has one timer, not the sidebar's and the live part's (a tab's browser CPU
+#: grows with the number of reruns, not with what they draw: docs/benchmarks.md, "The dashboard never slows the
+#: work", run 11). Such a page calls :func:`live_part` for its live part and :func:`stop` instead of ``st.stop()``.
+LIVE_PAGES = frozenset({"runs", "pbt_view", "pareto"})
+
+
+def live_part(body, active: bool):
+    """A live page's live part (``body``, a function drawing it) as a fragment: while ``active``, on the status
+    timer (:func:`refresh_every`), each rerun drawing ``body`` and then running the status watch; otherwise drawn
+    once (its widgets rerun only it) and the watch on a timer of its own in the sidebar (:func:`watch_alone`).
+    Returns the fragment, to be called with ``body``'s arguments."""
+    import functools
+
+    if not active:
+        watch_alone()
+        return st.fragment(body)
+
+    @functools.wraps(body)
+    def part(*args, **kwargs):
+        body(*args, **kwargs)  # an early return still reaches the watch
+        watch_status()
+
+    return st.fragment(part, run_every=refresh_every())
+
+
+def watch_alone() -> None:
+    """The status watch as a fragment of its own in the sidebar, on the status timer: where a live page's live part
+    does not carry it (nothing active, or the page stopped before it)."""
+    with st.sidebar:
+        st.fragment(watch_status, run_every=refresh_every())()
+
+
+def stop():
+    """``st.stop()`` for a live page (:data:`LIVE_PAGES`): the status watch first, so that the page still reruns
+    when a run appears or changes status."""
+    watch_alone()
+    st.stop()
+
+
 def watch_status() -> None:
     """The sidebar's status watch, on the status timer: when any status changed since the page was drawn (a run
     started — on another page or tab, or from the CLI —, got past its first step, ended or was deleted; a job was
