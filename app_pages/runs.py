@@ -8,6 +8,7 @@ read, incrementally (rows after the last step already held), and each plotted se
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -36,6 +37,9 @@ MAX_EVENTS_SHOWN = 500
 #: the curves move on the pages' status timer; each redraw of a part costs every watching tab's browser CPU, which
 #: on a small machine is the training's (docs/benchmarks.md, "The dashboard never slows the work")
 DETAILS_REFRESH_S = 30.0
+MAX_DETAILS_REFRESH_S = 120.0
+#: seconds a click's message (cancel, resume) stays on the page across its reruns
+FLASH_S = 10.0
 
 
 def _ts(t) -> str:
@@ -137,8 +141,13 @@ def _zip_bytes(run_dir: str, version: float) -> bytes:
 
 st.title("Runs")
 tr = tracker()
-if st.session_state.get("runs_flash"):
-    st.success(st.session_state.pop("runs_flash"))
+# what the last click did (cancel, resume): shown by every page run of the next FLASH_S seconds, not only the first
+# (the status watch may rerun the page at once, when the run it acts on changes status)
+flash = st.session_state.get("runs_flash")
+if flash and time.time() - flash[1] < FLASH_S:
+    st.success(flash[0])
+elif flash:
+    del st.session_state["runs_flash"]
 st.caption(f"home: `{tr.home}`")
 all_runs = tr.list_runs()
 if not all_runs:
@@ -288,11 +297,15 @@ def live(ids: list[int], was_active: bool, focus: int) -> None:
             except Exception as exc:  # noqa: BLE001 - show, never crash the page
                 owner = None
                 st.error(f"Could not cancel run {focus}: {plain(exc)}")
-            if owner == focus:
-                st.success(f"Cancellation of run {focus} requested: it stops within a few seconds.")
-            elif owner is not None:
-                st.success(f"Run {focus} is part of job #{owner} ({by_id.get(owner, {}).get('kind', 'engine')}): "
-                           f"cancellation of job #{owner} requested; it and its runs stop within a few seconds.")
+            if owner is not None:
+                # the whole page reruns: its status timer turns fast while the cancel is under way
+                # (ui.state.status_now), so 'cancelled' shows within seconds of the stop
+                st.session_state["runs_flash"] = (
+                    f"Cancellation of run {focus} requested: it stops within a few seconds." if owner == focus else
+                    f"Run {focus} is part of job #{owner} ({by_id.get(owner, {}).get('kind', 'engine')}): "
+                    f"cancellation of job #{owner} requested; it and its runs stop within a few seconds.",
+                    time.time())
+                st.rerun()
             else:
                 st.warning(f"Run {focus} is not a job of this dashboard process (started elsewhere, e.g. the CLI, "
                            "or already ended): stop it where it runs.")
@@ -312,7 +325,8 @@ def live(ids: list[int], was_active: bool, focus: int) -> None:
                     st.error(f"Could not resume run {focus}: {plain(exc)}")
                 else:
                     # the whole page reruns: the live part's timer, the run table and the pickers follow the run
-                    st.session_state["runs_flash"] = f"Run {focus} is queued to resume from its last checkpoint."
+                    st.session_state["runs_flash"] = (f"Run {focus} is queued to resume from its last checkpoint.",
+                                                      time.time())
                     st.rerun()
         else:
             c1.caption(f"Not resumable: {plain(info['why'])}.")
@@ -364,8 +378,12 @@ def organise(run: dict) -> None:
 
 
 def details_every(focus: int | None) -> float | None:
-    """The details part's timer: DETAILS_REFRESH_S while the run in detail is active, none once it ended."""
-    return DETAILS_REFRESH_S if (by_id.get(focus) or {}).get("status") in ACTIVE_STATUSES else None
+    """The details part's timer while the run in detail is active (none once it ended): DETAILS_REFRESH_S per
+    watching tab, like the status period (all the tabs together redraw it as often as one), at most
+    MAX_DETAILS_REFRESH_S."""
+    if (by_id.get(focus) or {}).get("status") not in ACTIVE_STATUSES:
+        return None
+    return min(MAX_DETAILS_REFRESH_S, DETAILS_REFRESH_S * max(1, state.watching_tabs()))
 
 
 def details(focus: int) -> None:
@@ -408,7 +426,10 @@ def details(focus: int) -> None:
     if run.get("error"):
         from ui.forms import form_words
 
-        st.error(plain(form_words(run["error"])))  # the forms' words, not config keys
+        if run["status"] == "cancelled":  # the user's own action ("cancelled by user"), not a failure
+            st.info(plain(form_words(run["error"])), icon=":material/cancel:")
+        else:
+            st.error(plain(form_words(run["error"])))  # the forms' words, not config keys
     ev = tr.get_events(focus)
     st.subheader("Event log")
     if ev:

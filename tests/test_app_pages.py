@@ -919,6 +919,35 @@ def test_the_live_refresh_slows_with_each_watching_tab_while_runs_train(app_home
     tr.set_status(rid, "finished")
 
 
+def test_a_cancel_under_way_turns_the_status_timer_fast_until_the_run_has_stopped(app_home, monkeypatch):
+    """Defect (bench/ui_overhead.py, run 11): after Cancel the run stopped in 0.7 s but the page said 'cancelled'
+    17.5 s later — the next tick of a period slowed for the watching tabs. While a job of this server is being
+    cancelled the status mode is 'starting' (2 s): the watch reruns the page onto it at once."""
+    from ui import state
+
+    open_app()
+    tr = Tracker(app_home)
+    rid = tr.create_run("backbone", {}, status="running")
+    tr.log_metrics(rid, {"train_loss": 1.0}, step=1)
+
+    class Jobs:
+        cancelling = False
+
+        def counts(self):
+            return {"running": 1, "queued": 0}
+
+        def jobs(self):
+            return [{"run_id": rid, "state": "running", "cancelling": self.cancelling}]
+
+    fake = Jobs()
+    monkeypatch.setattr(state, "jobs", lambda: fake)
+    assert state.status_now()[0] == "training"
+    fake.cancelling = True
+    assert state.status_now()[0] == "starting"
+    assert state.period_for(state.status_now()[0], 3) == state.ACTIVE_REFRESH_S
+    tr.set_status(rid, "cancelled")
+
+
 def _spy_fragments(monkeypatch) -> list[tuple[str, float | None]]:
     """Every st.fragment the app creates from here on: (function name, run_every)."""
     made: list[tuple[str, float | None]] = []
@@ -966,6 +995,13 @@ def test_a_page_has_one_status_timer_while_a_run_trains(app_home, monkeypatch):
         made.clear()
         goto(at, page)
         assert (part, period) in made and ("job_counts", period) not in made, (page, made)
+    # three tabs watching: both of the Runs page's timers slow per tab (together they redraw as often as one)
+    import time
+
+    state._last_watch.update({"tab2": time.monotonic(), "tab3": time.monotonic()})
+    made.clear()
+    goto(at, "app_pages/runs.py")
+    assert sorted(t for _, t in made if t is not None) == [3 * period, 90.0], made
     for r in (rid, member, pbt, pipe):
         tr.set_status(r, "finished")
 

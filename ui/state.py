@@ -98,7 +98,8 @@ def jobs() -> JobManager:
 #: seconds between re-reads of what shows a status live (the Runs page's curves and progress) and of the sidebar's
 #: status watch, which reruns the whole page when the runs a page lists change (so run tables and job panels need no
 #: timer of their own): ACTIVE_REFRESH_S while nothing trains (a run queued from another tab or the CLI appears at
-#: once) or a run is starting (queued, or no step logged yet: the first step shows at once), CALM_REFRESH_S once
+#: once) or a run is changing state (queued, no step logged yet: the first step shows at once; or being cancelled:
+#: 'cancelled' shows at once), CALM_REFRESH_S once
 #: every active run trains. Each redraw costs the watching tab's browser and the server CPU, the training's on a
 #: small machine (docs/benchmarks.md, "The dashboard never slows the work"), so while runs train the period grows
 #: with the number of tabs watching: all of them together redraw as often as one.
@@ -155,8 +156,9 @@ def period_for(mode: str, tabs: int) -> float:
 
 
 def status_now() -> tuple[str, tuple]:
-    """``(mode, signature)``: the mode — ``"idle"`` (nothing queued or running), ``"starting"`` (a job is queued, or
-    an active training run has not logged a step yet) or ``"training"`` — and a signature of the runs a page lists
+    """``(mode, signature)``: the mode — ``"idle"`` (nothing queued or running), ``"starting"`` (a job is queued or
+    being cancelled, or an active training run has not logged a step yet) or ``"training"`` — and a signature of the
+    runs a page lists
     (the active ones, the newest, how many): when it changes, a run was queued or started, ended, or was deleted."""
     from dact_lib.engines import ENGINE_KINDS
     from dact_lib.tracker import ACTIVE_STATUSES
@@ -171,6 +173,8 @@ def status_now() -> tuple[str, tuple]:
         if not runs and not counts.get("running") and not counts.get("queued"):
             return "idle", signature
         if counts.get("queued") or any(r["status"] == "queued" for r in runs):
+            return "starting", signature
+        if any(j["cancelling"] for j in jobs().jobs()):  # it ends within seconds: show it then, not a period later
             return "starting", signature
         trained = [r["id"] for r in runs if r["kind"] not in ENGINE_KINDS]
         stepped = tracker().last_steps(trained) if trained else {}
