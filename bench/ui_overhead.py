@@ -12,17 +12,18 @@ and stored with ``Tracker.add_dataset``, as the Data page does).
    ``running`` (a phase), then a step count (``step N`` with N >= 1).
 2. **Throughput** — after a warm-up, the same training is watched by 0, 1 and 3 tabs on the Runs page (the run
    selected by default: its live part redraws on the pages' status timer, ``ui.state.period_for``: 5 s per
-   watching tab while the run trains), one condition after another in ``--order`` (default
-   0,1,3,0: drifts of the shared machine show as a difference of the two 0-tab windows), ``--window`` seconds
-   each. Reported: the median of the loop's own ``samples_per_s`` logs in the window (one per
-   ``log_every_steps`` = 10 steps), the mean (steps between the window's first and last log x batch / their
-   time apart: evaluations included), and the CPU seconds the worker process, the Streamlit server (without its
-   children) and the browser used in it (psutil). Ratio = a condition's samples/s / the mean of the 0-tab
-   windows.
+   watching tab while the run trains), one condition after another in ``--order``, ``--window`` seconds each, the
+   order repeated ``--repeat`` times (interleaved: the shared machine's drifts fall on every condition). Tabs are
+   kept from one window to the next (1 -> 3 opens two more). Per window: the median of the loop's own
+   ``samples_per_s`` logs (one per ``log_every_steps`` = 10 steps), the mean (steps between the window's first and
+   last log x batch / their time apart: evaluations included), each as a ratio to its cycle's unwatched window, and
+   the CPU seconds the worker process, the Streamlit server (without its children) and the browser used in it
+   (psutil). Per condition, over all its windows: the median of all its logs and the pooled steps / time, as a ratio
+   to the unwatched windows', and CPU seconds per minute.
 3. **Cancel** — in one tab on Runs the "Cancel run" button is clicked; measured until the run's status is
    ``cancelled`` in experiments.db and the worker process is gone, and until the page shows it.
 
-    .venv/bin/python bench/ui_overhead.py --window 75            # ~8 min on 2 shared cores
+    .venv/bin/python bench/ui_overhead.py --window 60 --repeat 5   # 5 minutes each: ~22 min on 2 shared cores
     .venv/bin/python bench/ui_overhead.py --window 20 --order 0,1   # a quick look
 """
 from __future__ import annotations
@@ -43,6 +44,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import test_browser as tb  # noqa: E402  (the browser test's server and page helpers)
 
 RUN_NAME = "ui overhead"
+#: a closed tab counts among the watching tabs this long (ui.state.WATCH_GONE_S; the bench does not import the app)
+WATCH_GONE_S = 40.0
+MAX_PERIOD_S = 15.0  # the status period with three tabs watching a training (ui.state.period_for)
 BATCH = 16
 
 
@@ -152,7 +156,7 @@ def window_rate(tr, run_id: int, t0: float, t1: float) -> dict:
     steps = int(loss["step"].max() - loss["step"].min()) if len(loss) >= 2 else None
     span = float(loss["time"].max() - loss["time"].min()) if len(loss) >= 2 else None
     return {"samples_per_s": float(statistics.median(sps["value"])) if len(sps) else None,
-            "logs": int(len(sps)),
+            "logs": int(len(sps)), "log_values": [float(v) for v in sps["value"]], "steps": steps, "span_s": span,
             "steps_per_s": steps / span if steps and span else None,
             "mean_samples_per_s": BATCH * steps / span if steps and span else None}
 
@@ -162,11 +166,16 @@ def main() -> int:
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     ap.add_argument("--rows", type=int, default=6000, help="rows of SST-2 train stored as the dataset")
     ap.add_argument("--window", type=float, default=75.0, help="seconds measured per condition")
-    ap.add_argument("--warmup", type=float, default=20.0, help="seconds of training before the first window")
+    ap.add_argument("--warmup", type=float, default=180.0,
+                    help="seconds of training before the first window: its first minutes run faster than the rest "
+                         "(75 -> 62 samples/s over 3 minutes, unwatched, docs/benchmarks.md run 11)")
     ap.add_argument("--settle", type=float, default=20.0,
                     help="seconds after opening/closing tabs before a window (every tab's status watch has run "
                          "once and its timers follow the number of tabs)")
-    ap.add_argument("--order", default="0,1,3,0", help="tab counts, one window each")
+    ap.add_argument("--order", default="0,1,3", help="tab counts, one window each, per cycle")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="cycles of --order: the conditions interleaved, so that the shared machine's drifts fall on "
+                         "all of them (--window 60 --repeat 5: 5 minutes each)")
     ap.add_argument("--home", type=Path, default=None, help="default: a temporary folder")
     args = ap.parse_args()
     exe = tb.chromium_path()
@@ -223,23 +232,37 @@ def main() -> int:
                     except psutil.Error:
                         pass
                 return out
-            for n in order:
-                tabs = open_runs_tabs(browser, server, n)
-                time.sleep(args.settle)
+            # the tabs are kept from one window to the next (1 -> 3 opens two more): a tab closed just before a
+            # window would still count among the watching tabs for WATCH_GONE_S and slow the others' period
+            tabs: list = []
+            plan = [(c, n) for c in range(args.repeat) for n in order]
+            if order[-1] != 0:  # a last unwatched window: every watched one has one on each side (drift)
+                plan.append((args.repeat, 0))
+            for cycle, n in plan:
+                opened = n > len(tabs)
+                tabs += open_runs_tabs(browser, server, n - len(tabs)) if opened else []
+                while len(tabs) > n:
+                    tabs.pop().close()
+                if opened:
+                    time.sleep(args.settle)
+                elif n:  # fewer tabs: the closed ones stop counting, then each remaining tab's watch notices
+                    time.sleep(WATCH_GONE_S + MAX_PERIOD_S)
+                else:
+                    time.sleep(5.0)
                 c0, b0 = meter.sample(), _cpu(chromes())
                 t0 = time.time()
                 time.sleep(args.window)
                 t1 = time.time()
                 c1, b1 = meter.sample(), _cpu(chromes())
-                for p in tabs:
-                    p.close()
                 rate = window_rate(tr, run_id, t0, t1)
-                row = {"tabs": n, **rate, "window_s": t1 - t0,
+                row = {"cycle": cycle, "tabs": n, **rate, "window_s": t1 - t0, "t_mid": (t0 + t1) / 2,
                        "worker_cpu_s": c1["worker"] - c0["worker"], "server_cpu_s": c1["server"] - c0["server"],
                        "browser_cpu_s": b1 - b0}
                 result["windows"].append(row)
-                print(row, flush=True)
-                time.sleep(args.settle)
+                print({k: v for k, v in row.items() if k != "log_values"}, flush=True)
+            while tabs:
+                tabs.pop().close()
+            time.sleep(args.settle)
 
             # ---- 3. cancel from the Runs page
             (page,) = open_runs_tabs(browser, server, 1)
@@ -264,20 +287,27 @@ def main() -> int:
         finally:
             browser.close()
     info["loadavg_end"] = __import__("os").getloadavg()
-    for key, out in (("samples_per_s", "ratio"), ("mean_samples_per_s", "mean_ratio")):
-        zero = [w[key] for w in result["windows"] if w["tabs"] == 0 and w[key]]
-        base = statistics.mean(zero) if zero else None
-        for w in result["windows"]:
-            w[out] = w[key] / base if base and w[key] else None
+    for w in result["windows"]:  # each window against the unwatched speed at its time (the machine drifts)
+        for key, out in (("samples_per_s", "ratio"), ("mean_samples_per_s", "mean_ratio")):
+            base = unwatched_at(result["windows"], key, w["t_mid"])
+            w[out] = w[key] / base if base and w[key] and w["tabs"] else None
+    result["conditions"] = conditions(result["windows"])
     print()
     print(describe_machine(info) + f" · load avg at end {'/'.join(f'{x:.2f}' for x in info['loadavg_end'])}")
     print()
-    print(markdown_table(result["windows"], [("tabs", "Runs tabs", 0), ("samples_per_s", "samples/s (median)", 2),
-                                             ("ratio", "ratio to 0 tabs", 3), ("logs", "logs", 0),
+    print(markdown_table(result["windows"], [("cycle", "cycle", 0), ("tabs", "Runs tabs", 0),
+                                             ("samples_per_s", "samples/s (median)", 2),
+                                             ("ratio", "ratio to 0 tabs at its time", 3), ("logs", "logs", 0),
                                              ("mean_samples_per_s", "samples/s (mean)", 2),
                                              ("mean_ratio", "ratio (mean)", 3),
                                              ("worker_cpu_s", "worker CPU s", 1), ("server_cpu_s", "server CPU s", 1),
                                              ("browser_cpu_s", "browser CPU s", 1), ("window_s", "window s", 0)]))
+    print()
+    print(markdown_table(result["conditions"], [
+        ("tabs", "Runs tabs", 0), ("minutes", "minutes measured", 1), ("median", "samples/s (median of logs)", 2),
+        ("ratio", "ratio", 3), ("mean", "samples/s (steps / time)", 2), ("mean_ratio", "ratio (steps / time)", 3),
+        ("cycle_ratios", "each window's ratio (median)", 0), ("worker", "worker CPU-s/min", 1),
+        ("server", "server CPU-s/min", 1), ("browser", "browser CPU-s/min", 1)]))
     fp, cc = result.get("first_progress", {}), result.get("cancel", {})
     print()
     print(markdown_table([
@@ -289,6 +319,41 @@ def main() -> int:
     ], [("what", "measure", 0), ("s", "seconds", 1), ("target", "target", 0)]))
     print(f"\nraw: {save_json('ui_overhead.json', result)}")
     return 0
+
+
+def unwatched_at(windows: list[dict], key: str, t: float) -> float | None:
+    """The unwatched speed at time ``t``: linear between the nearest 0-tab windows before and after it (the one on
+    its side where there is only one)."""
+    zero = sorted((w["t_mid"], w[key]) for w in windows if w["tabs"] == 0 and w[key])
+    before = [z for z in zero if z[0] <= t]
+    after = [z for z in zero if z[0] >= t]
+    if before and after:
+        (ta, va), (tb, vb) = before[-1], after[0]
+        return va if tb == ta else va + (vb - va) * (t - ta) / (tb - ta)
+    return (before or after or [(None, None)])[-1 if before else 0][1]
+
+
+def conditions(windows: list[dict]) -> list[dict]:
+    """Per tab count, over all its windows: the median of every samples_per_s log, steps x batch / time (pooled),
+    both as a ratio to the unwatched windows', the per-cycle ratios, and CPU seconds per minute."""
+    out = []
+    for n in sorted({w["tabs"] for w in windows}):
+        ws = [w for w in windows if w["tabs"] == n]
+        logs = [v for w in ws for v in w["log_values"]]
+        steps = sum(w["steps"] or 0 for w in ws)
+        span = sum(w["span_s"] or 0 for w in ws)
+        minutes = sum(w["window_s"] for w in ws) / 60
+        out.append({"tabs": n, "windows": len(ws), "minutes": minutes,
+                    "median": statistics.median(logs) if logs else None,
+                    "mean": BATCH * steps / span if span else None,
+                    "cycle_ratios": " ".join(f"{w['ratio']:.3f}" for w in ws if w.get("ratio")) or "—",
+                    **{k: sum(w[f"{k}_cpu_s"] for w in ws) / minutes for k in ("worker", "server", "browser")}})
+    for c in out:  # the mean of its windows' ratios to the unwatched speed at their time
+        ws = [w for w in windows if w["tabs"] == c["tabs"]]
+        for key, ratio in (("ratio", "ratio"), ("mean_ratio", "mean_ratio")):
+            rs = [w[key] for w in ws if w.get(key)]
+            c[ratio] = statistics.mean(rs) if rs else (1.0 if c["tabs"] == 0 else None)
+    return out
 
 
 def _cpu(procs) -> float:
