@@ -158,8 +158,8 @@ def period_for(mode: str, tabs: int) -> float:
 def status_now() -> tuple[str, tuple]:
     """``(mode, signature)``: the mode — ``"idle"`` (nothing queued or running), ``"starting"`` (a job is queued or
     being cancelled, or an active training run has not logged a step yet) or ``"training"`` — and a signature of the
-    runs a page lists
-    (the active ones, the newest, how many): when it changes, a run was queued or started, ended, or was deleted."""
+    runs a page lists (the active ones, the newest, how many): when it changes, a run was queued or started, ended,
+    or was deleted."""
     from dact_lib.engines import ENGINE_KINDS
     from dact_lib.tracker import ACTIVE_STATUSES
 
