@@ -204,7 +204,7 @@ def _timers_set_for(mode: str, signature: tuple) -> float:
 #: pages (``st.Page`` url paths) whose live part carries the status watch: while it redraws, the watch runs at the
 #: end of each of its reruns, so the page has one timer, not the sidebar's and the live part's (a tab's browser CPU
 #: grows with the number of reruns, not with what they draw: docs/benchmarks.md, "The dashboard never slows the
-#: work", run 11). Such a page calls :func:`live_part` for its live part and :func:`stop` instead of ``st.stop()``.
+#: work", runs 11-13). Such a page calls :func:`live_part` for its live part and :func:`stop` instead of ``st.stop()``.
 LIVE_PAGES = frozenset({"runs", "pbt_view", "pareto"})
 
 
