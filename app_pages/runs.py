@@ -178,7 +178,7 @@ if words and not runs:
     state.stop()
 by_id = {r["id"]: r for r in all_runs}
 
-# the run table is read with the page: the sidebar's status watch reruns the whole page whenever a run starts, ends or
+# the run table is read with the page: the page's status watch reruns the whole page whenever a run starts, ends or
 # changes status (ui.state.watch_status), so it never shows 'running' above a finished progress bar, and it costs no
 # timer of its own (each timer's redraw costs every watching tab's browser CPU, the training's on a small machine)
 table = runs_table(runs, datasets)
