@@ -383,7 +383,7 @@ def details_every(focus: int | None) -> float | None:
     MAX_DETAILS_REFRESH_S."""
     if (by_id.get(focus) or {}).get("status") not in ACTIVE_STATUSES:
         return None
-    return min(MAX_DETAILS_REFRESH_S, DETAILS_REFRESH_S * max(1, state.watching_tabs()))
+    return state.per_tab(DETAILS_REFRESH_S, MAX_DETAILS_REFRESH_S)
 
 
 def details(focus: int) -> None:

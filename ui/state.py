@@ -95,8 +95,8 @@ def jobs() -> JobManager:
     return _jobs(home())
 
 
-#: seconds between re-reads of what shows a status live (the Runs page's curves and progress) and of the sidebar's
-#: status watch, which reruns the whole page when the runs a page lists change (so run tables and job panels need no
+#: seconds between re-reads of what shows a status live (the Runs page's curves and progress) and of the page's
+#: status watch (the sidebar's, or a live page's live part: LIVE_PAGES), which reruns the whole page when the runs a page lists change (so run tables and job panels need no
 #: timer of their own): ACTIVE_REFRESH_S while nothing trains (a run queued from another tab or the CLI appears at
 #: once) or a run is changing state (queued, no step logged yet: the first step shows at once; or being cancelled:
 #: 'cancelled' shows at once), CALM_REFRESH_S once
@@ -112,7 +112,7 @@ WATCH_GONE_S = MAX_REFRESH_S + 10.0
 
 
 #: session key: whether this page's timers were set up for active work (refresh_every's answer at the last full
-#: rerun, or a job submitted since): the sidebar's watch compares it with now
+#: rerun, or a job submitted since): the status watch compares it with now
 TIMERS_ACTIVE = "status_timers_active"
 #: session keys: the period this page's timers were set up with, and the status signature they were set up for
 TIMERS_PERIOD = "status_timers_period"
@@ -125,7 +125,7 @@ _last_watch: dict[str, float] = {}  # session id -> time of its last status watc
 
 
 def note_watch(now: float | None = None) -> None:
-    """Count this session among the tabs watching this server (its sidebar's status watch just ran)."""
+    """Count this session among the tabs watching this server (its page's status watch just ran)."""
     import time
     import uuid
 
@@ -146,12 +146,18 @@ def watching_tabs(now: float | None = None) -> int:
         return len(_last_watch)
 
 
+def per_tab(base: float, cap: float, tabs: int | None = None) -> float:
+    """``base`` seconds per watching tab (``tabs``, default :func:`watching_tabs`), at most ``cap``: a timer on this
+    period in every tab redraws, all tabs together, as often as one tab on ``base``."""
+    return min(cap, base * max(1, watching_tabs() if tabs is None else tabs))
+
+
 def period_for(mode: str, tabs: int) -> float:
     """The status timers' period in ``mode`` with ``tabs`` tabs watching: while runs train, CALM_REFRESH_S per tab
     (capped at MAX_REFRESH_S), so all the tabs together redraw as often as one; starting and idle stay as they are
     (a first step shows at once; while idle nothing is slowed)."""
     if mode == "training":
-        return min(MAX_REFRESH_S, CALM_REFRESH_S * max(1, tabs))
+        return per_tab(CALM_REFRESH_S, MAX_REFRESH_S, tabs)
     return PERIODS[mode]
 
 
@@ -164,7 +170,8 @@ def status_now() -> tuple[str, tuple]:
     from dact_lib.tracker import ACTIVE_STATUSES
 
     try:
-        counts = jobs().counts()
+        mine = jobs().jobs()  # this server's jobs: their states, and whether one is being cancelled
+        counts = {state: sum(1 for j in mine if j["state"] == state) for state in ("running", "queued")}
         runs = tracker().list_runs(status=list(ACTIVE_STATUSES), limit=50)
         newest = tracker().list_runs(limit=1)
         n_runs = tracker().query("SELECT COUNT(*) AS n FROM runs")[0]["n"]
@@ -174,7 +181,7 @@ def status_now() -> tuple[str, tuple]:
             return "idle", signature
         if counts.get("queued") or any(r["status"] == "queued" for r in runs):
             return "starting", signature
-        if any(j["cancelling"] for j in jobs().jobs()):  # it ends within seconds: show it then, not a period later
+        if any(j["cancelling"] for j in mine):  # it ends within seconds: show it then, not a period later
             return "starting", signature
         trained = [r["id"] for r in runs if r["kind"] not in ENGINE_KINDS]
         stepped = tracker().last_steps(trained) if trained else {}
@@ -242,7 +249,8 @@ def stop():
 
 
 def watch_status() -> None:
-    """The sidebar's status watch, on the status timer: when any status changed since the page was drawn (a run
+    """The page's status watch, on the status timer (in the sidebar, or at the end of a live page's live part):
+    when any status changed since the page was drawn (a run
     started — on another page or tab, or from the CLI —, got past its first step, ended or was deleted; a job was
     queued or started) or the number of watching tabs changed the timers' period, rerun the whole page, so every
     part that shows a status — run tables, job panels, pickers, progress, counts — changes together, on the period
