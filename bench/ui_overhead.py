@@ -44,9 +44,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 import test_browser as tb  # noqa: E402  (the browser test's server and page helpers)
 
 RUN_NAME = "ui overhead"
-#: a closed tab counts among the watching tabs this long (ui.state.WATCH_GONE_S; the bench does not import the app)
-WATCH_GONE_S = 40.0
-MAX_PERIOD_S = 15.0  # the status period with three tabs watching a training (ui.state.period_for)
 BATCH = 16
 
 
@@ -234,6 +231,8 @@ def main() -> int:
                 return out
             # the tabs are kept from one window to the next (1 -> 3 opens two more): a tab closed just before a
             # window would still count among the watching tabs for WATCH_GONE_S and slow the others' period
+            from ui.state import WATCH_GONE_S, period_for
+
             tabs: list = []
             plan = [(c, n) for c in range(args.repeat) for n in order]
             if order[-1] != 0:  # a last unwatched window: every watched one has one on each side (drift)
@@ -246,7 +245,7 @@ def main() -> int:
                 if opened:
                     time.sleep(args.settle)
                 elif n:  # fewer tabs: the closed ones stop counting, then each remaining tab's watch notices
-                    time.sleep(WATCH_GONE_S + MAX_PERIOD_S)
+                    time.sleep(WATCH_GONE_S + period_for("training", max(order)))
                 else:
                     time.sleep(5.0)
                 c0, b0 = meter.sample(), _cpu(chromes())
