@@ -52,20 +52,31 @@ def population(pid: int, was_active: bool) -> None:
     score_names = [n for n in names if n.startswith("val_") or n == "train_loss"]
     metric_default = (parent.get("config") or {}).get("pbt", {}).get("metric", "val_accuracy") \
         if isinstance((parent.get("config") or {}).get("pbt"), dict) else "val_accuracy"
+    metric = None
     if score_names:
         idx = score_names.index(metric_default) if metric_default in score_names else 0
         metric = st.selectbox("Member metric", score_names, index=idx, key="pbt_metric")
-        st.plotly_chart(plots.pbt_member_curves(metrics, members, metric), key="pbt_curves")
-    else:
-        st.caption("No member metrics logged yet.")
-    st.plotly_chart(plots.hp_trajectories(metrics, members), key="pbt_hp")
-
     events = tr.get_events(pid)
     if not any("exploit" in e["kind"] or "explore" in e["kind"] for e in events):
         for m in members:  # older layouts log exploit/explore on the members only
             events += tr.get_events(m["id"])
     last_steps = metrics.groupby("run_id")["step"].max().astype(int).to_dict() if len(metrics) else {}
-    st.plotly_chart(plots.lineage_figure(members, events, last_steps), key="pbt_lineage")
+
+    def charts() -> tuple:
+        return (plots.pbt_member_curves(metrics, members, metric) if metric else None,
+                plots.hp_trajectories(metrics, members), plots.lineage_figure(members, events, last_steps))
+
+    # redrawn every ui.state.CHARTS_REFRESH_S (per watching tab) and at once on a new evaluation, exploit or
+    # explore, a member's new status or another metric; in between the same figures are sent again (not redrawn)
+    evaluated = int(metrics["name"].str.startswith("val_").sum()) if len(metrics) else 0
+    curves, hps, lineage = state.held("pbt_charts", (pid, metric, tuple((m["id"], m["status"]) for m in members),
+                                                     len(events), evaluated), charts)
+    if curves is not None:
+        st.plotly_chart(curves, key="pbt_curves")
+    else:
+        st.caption("No member metrics logged yet.")
+    st.plotly_chart(hps, key="pbt_hp")
+    st.plotly_chart(lineage, key="pbt_lineage")
 
     labels = plots.member_labels(members)
     edges = plots.exploit_edges(events, members)

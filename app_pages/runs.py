@@ -4,6 +4,8 @@ The live part is one ``st.fragment`` that reruns on the pages' status timer whil
 of the page is not rerun) and carries the page's status watch (``ui.state.live_part``: one timer, not the sidebar's
 too); the run in detail below it (events, config, …) has its own, slower one. Only the selected runs' metrics are
 read, incrementally (rows after the last step already held), and each plotted series is thinned to <= 2,000 points.
+The curves are redrawn less often than the progress (``ui.state.held``): a chart redraw is most of a watching tab's
+cost.
 """
 from __future__ import annotations
 
@@ -68,6 +70,15 @@ def _ended_store() -> EndedStore:
 def _split(df: pd.DataFrame, ids: list[int]) -> dict[int, pd.DataFrame]:
     groups = dict(tuple(df.groupby("run_id", sort=False))) if len(df) else {}
     return {i: groups.get(i, EMPTY) for i in ids}
+
+
+def _evaluations(metrics: pd.DataFrame) -> tuple:
+    """Per run on the chart: its last evaluation's step and how many validation values it logged (changes at each
+    evaluation: the live chart is redrawn at once then)."""
+    if not len(metrics):
+        return ()
+    val = metrics[metrics["name"].str.startswith("val_")]
+    return tuple((int(i), int(g["step"].max()), len(g)) for i, g in val.groupby("run_id"))
 
 
 def run_metrics(tr, runs: list[dict]) -> dict[int, pd.DataFrame]:
@@ -258,18 +269,29 @@ def live(ids: list[int], was_active: bool, focus: int) -> None:
                                                                              format="percent")})
 
     labels = {r["id"]: f"#{r['id']} {r['kind']}" for r in current}
-    fig = plots.curves_figure(metrics, labels, title="training curves" + (" (live)" if active_now else ""),
-                              smoothing=float(st.session_state.get("runs_smoothing", 0.0)),
-                              log_y=bool(st.session_state.get("runs_log_y", False)),
-                              x_axis=X_CHOICES[st.session_state.get("runs_x_axis", "step")],
-                              per_task=bool(st.session_state.get("runs_per_task", False)),
-                              steps_per_epoch={r["id"]: progress.steps_per_epoch(r, events_of[r["id"]])
-                                               for r in current})
+    settings = (float(st.session_state.get("runs_smoothing", 0.0)), bool(st.session_state.get("runs_log_y", False)),
+                X_CHOICES[st.session_state.get("runs_x_axis", "step")],
+                bool(st.session_state.get("runs_per_task", False)))
+
+    def chart() -> tuple:
+        smoothing, log_y, x_axis, per_task = settings
+        title = "training curves" + (f" (live · drawn {datetime.now():%H:%M:%S})" if active_now else "")
+        fig = plots.curves_figure(metrics, labels, title=title, smoothing=smoothing, log_y=log_y, x_axis=x_axis,
+                                  per_task=per_task,
+                                  steps_per_epoch={r["id"]: progress.steps_per_epoch(r, events_of[r["id"]])
+                                                   for r in current})
+        return fig, _csv_bytes(tr, [r["id"] for r in current])
+
+    # redrawn every ui.state.CHARTS_REFRESH_S (per watching tab) and at once on a new evaluation, a run's new
+    # status or a setting; in between the same figure is sent again, which the browser does not redraw
+    fig, csv = state.held("runs_chart", (tuple((r["id"], r["status"]) for r in current), settings,
+                                         _evaluations(metrics)), chart)
     st.plotly_chart(fig, key="runs_curves")
 
-    st.download_button("Download metrics (CSV)", _csv_bytes(tr, [r["id"] for r in current]),
+    st.download_button("Download metrics (CSV)", csv,
                        file_name=f"metrics_runs_{'_'.join(str(r['id']) for r in current[:10])}.csv",
-                       mime="text/csv", on_click="ignore", key="runs_dl_csv")
+                       mime="text/csv", on_click="ignore", key="runs_dl_csv",
+                       help="Every metric the runs on the chart logged, as of the chart's last redraw.")
 
     # one run in detail: progress bar, cancel, events, model download — any run of the list (the shown ones first)
     shown_ids = [r["id"] for r in current]

@@ -1037,6 +1037,118 @@ def test_a_live_part_runs_the_status_watch_after_each_redraw_and_the_watch_alone
     assert calls == ["watch alone", "stop"]
 
 
+def test_held_rebuilds_on_a_new_signature_or_after_its_period_per_watching_tab(monkeypatch):
+    """ui.state.held: the object built last while the signature is the same and it is younger than the period
+    (CHARTS_REFRESH_S per watching tab, at most MAX_CHARTS_REFRESH_S); a new signature or the period rebuilds."""
+    from ui import state
+
+    monkeypatch.setattr(state.st, "session_state", {})
+    clock = [100.0]
+    monkeypatch.setattr(state, "_clock", lambda: clock[0])
+    monkeypatch.setattr(state, "watching_tabs", lambda now=None: 1)
+    built: list[int] = []
+
+    def build() -> dict:
+        built.append(1)
+        return {"n": len(built)}
+
+    first = state.held("k", ("a",), build)
+    clock[0] += state.CHARTS_REFRESH_S - 0.1
+    assert state.held("k", ("a",), build) is first and len(built) == 1  # the very object: the same spec is sent
+    assert state.held("k", ("b",), build) == {"n": 2}  # a new signature: at once
+    clock[0] += state.CHARTS_REFRESH_S
+    assert state.held("k", ("b",), build) == {"n": 3}  # its period passed
+    assert state.held("other", ("b",), build) == {"n": 4}  # one value per key
+    monkeypatch.setattr(state, "watching_tabs", lambda now=None: 3)  # three tabs: each redraws a third as often
+    clock[0] += 2 * state.CHARTS_REFRESH_S
+    assert state.held("k", ("b",), build) == {"n": 3}
+    clock[0] += state.CHARTS_REFRESH_S
+    assert state.held("k", ("b",), build) == {"n": 5}
+    monkeypatch.setattr(state, "watching_tabs", lambda now=None: 100)
+    clock[0] += state.MAX_CHARTS_REFRESH_S
+    assert state.held("k", ("b",), build) == {"n": 6}  # capped
+    assert state.held("k", ("b",), build, every=0.0) == {"n": 7}
+
+
+def _spec(at: AppTest, title_part: str) -> str:
+    found = [c.proto.spec for c in at.get("plotly_chart") if title_part in c.proto.spec]
+    assert len(found) == 1, [c.proto.spec[:200] for c in at.get("plotly_chart")]
+    return found[0]
+
+
+def test_the_runs_live_chart_redraws_on_its_period_and_at_once_on_an_evaluation(app_home, monkeypatch):
+    """A chart redraw was most of a watching tab's cost (docs/benchmarks.md, "The dashboard never slows the work",
+    run 14: 0.17 browser CPU-s each, 2.0 of 3.5 CPU-s a minute at the 5-s status period). While a run trains the
+    Runs page's progress moves on every rerun, but its curves are the same figure (the same spec: the browser does
+    not redraw it) until CHARTS_REFRESH_S passed — or at once when an evaluation arrives or the run ends. Old code:
+    a new figure on every rerun."""
+    from ui import state
+
+    monkeypatch.setattr(state, "_last_watch", {})  # this session alone watches
+    clock = [1000.0]
+    monkeypatch.setattr(state, "_clock", lambda: clock[0])
+    at = open_app()
+    tr = Tracker(app_home)
+    rid = tr.create_run("dact", {}, status="running")
+    for step in range(1, 6):
+        tr.log_metrics(rid, {"train_loss": 1.0 / step}, step=step)
+    goto(at, "app_pages/runs.py")
+    first = _spec(at, "training curves")
+    assert "live" in first and "val_accuracy" not in first
+
+    tr.log_metrics(rid, {"train_loss": 0.1}, step=6)  # a new step, within the chart's period
+    clock[0] += state.CHARTS_REFRESH_S - 1
+    at.run()
+    assert not at.exception, at.exception
+    assert _spec(at, "training curves") == first  # the same figure, sent again
+    status = next(d.value for d in at.dataframe if "steps" in d.value.columns)
+    assert status["steps"].iloc[0].startswith("step 6"), status  # while the progress moved
+    csv = next(b.proto.url for b in at.get("download_button") if b.proto.label == "Download metrics (CSV)")
+
+    tr.log_metrics(rid, {"val_loss": 0.5, "val_accuracy": 0.8}, step=6)  # an evaluation: at once
+    at.run()
+    second = _spec(at, "training curves")
+    assert second != first and "val_accuracy" in second
+    assert csv != next(b.proto.url for b in at.get("download_button") if b.proto.label == "Download metrics (CSV)")
+
+    tr.log_metrics(rid, {"train_loss": 0.05}, step=7)
+    clock[0] += state.CHARTS_REFRESH_S  # its period passed: the new step is drawn
+    at.run()
+    third = _spec(at, "training curves")
+    assert third != second
+    tr.set_status(rid, "finished")  # the run ended: drawn at once, no longer live
+    at.run()
+    assert "live" not in _spec(at, "training curves")
+
+
+def test_the_pbt_view_charts_redraw_on_their_period_and_at_once_on_an_exploit(app_home, monkeypatch):
+    """The PBT view's live part draws three charts (member curves, hyperparameters, lineage): the same figures
+    until CHARTS_REFRESH_S passed, or at once on an evaluation or an exploit / explore."""
+    from ui import state
+
+    monkeypatch.setattr(state, "_last_watch", {})
+    clock = [1000.0]
+    monkeypatch.setattr(state, "_clock", lambda: clock[0])
+    at = open_app()
+    tr = Tracker(app_home)
+    pbt = tr.create_run("pbt", {}, status="running")
+    members = [tr.create_run("pbt-member", {}, parent_id=pbt, status="running") for _ in range(2)]
+    for m in members:
+        tr.log_metrics(m, {"train_loss": 1.0, "val_accuracy": 0.5, "lr": 1e-4}, step=1)
+    goto(at, "app_pages/pbt_view.py")
+    charts = [c.proto.spec for c in at.get("plotly_chart")]
+    assert len(charts) == 3
+    tr.log_metrics(members[0], {"train_loss": 0.5, "lr": 1e-4}, step=2)
+    clock[0] += state.CHARTS_REFRESH_S - 1
+    at.run()
+    assert [c.proto.spec for c in at.get("plotly_chart")] == charts
+    tr.log_event(pbt, "exploit", {"recipient": members[1], "donor": members[0], "step": 2, "old": {}, "new": {}})
+    at.run()
+    assert [c.proto.spec for c in at.get("plotly_chart")] != charts
+    for r in (*members, pbt):
+        tr.set_status(r, "finished")
+
+
 def test_live_pages_stop_through_the_status_watch():
     """A live page (ui.state.LIVE_PAGES) has no status watch in the sidebar: a bare st.stop() on it would leave the
     page without one (it would no longer rerun when a run starts or ends)."""

@@ -208,6 +208,38 @@ def _timers_set_for(mode: str, signature: tuple) -> float:
     return period
 
 
+#: seconds between redraws of a live part's charts (the Runs page's training curves, the PBT view's member curves,
+#: hyperparameters and lineage) per watching tab, at most MAX_CHARTS_REFRESH_S; between them a live part re-sends
+#: the figure it drew last, which the browser does not redraw (:func:`held`), while progress, status and ETA move
+#: on the status period. A chart redraw was most of a watching tab's cost: 0.17 browser CPU-s each, 2.0 of the
+#: tab's 3.5 CPU-s a minute at the 5-s status period, taken from a training on the same 2 cores (docs/benchmarks.md,
+#: "The dashboard never slows the work", run 14). What changes a chart's meaning — a new evaluation, a run that
+#: ends, a setting — redraws it at once (the ``signature`` given to held).
+CHARTS_REFRESH_S = 15.0
+MAX_CHARTS_REFRESH_S = 60.0
+
+
+def _clock() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def held(key: str, signature, build, every: float | None = None):
+    """What ``build()`` returns, kept in this session under ``key``: rebuilt when ``signature`` differs from the
+    one it was built for or it is ``every`` seconds old (default CHARTS_REFRESH_S per watching tab, :func:`per_tab`,
+    at most MAX_CHARTS_REFRESH_S); otherwise the very object built last — a figure drawn again from it sends the
+    browser the same spec, which it does not redraw."""
+    every = per_tab(CHARTS_REFRESH_S, MAX_CHARTS_REFRESH_S) if every is None else every
+    now = _clock()
+    got = st.session_state.get(key)
+    if got is not None and got[1] == signature and now - got[0] < every:
+        return got[2]
+    value = build()
+    st.session_state[key] = (now, signature, value)
+    return value
+
+
 #: pages (``st.Page`` url paths) whose live part carries the status watch: while it redraws, the watch runs at the
 #: end of each of its reruns, so the page has one timer, not the sidebar's and the live part's (a tab's browser CPU
 #: grows with the number of reruns, not with what they draw: docs/benchmarks.md, "The dashboard never slows the
