@@ -1068,6 +1068,17 @@ def test_held_rebuilds_on_a_new_signature_or_after_its_period_per_watching_tab(m
     clock[0] += state.MAX_CHARTS_REFRESH_S
     assert state.held("k", ("b",), build) == {"n": 6}  # capped
     assert state.held("k", ("b",), build, every=0.0) == {"n": 7}
+    monkeypatch.setattr(state, "watching_tabs", lambda now=None: 1)
+    monkeypatch.setenv("DACT_LAB_CHARTS_REFRESH_S", "0")  # the setting: 0 = a redraw on every rerun
+    assert state.held("k", ("b",), build) == {"n": 8}
+    monkeypatch.setenv("DACT_LAB_CHARTS_REFRESH_S", "120")  # above the cap: the setting itself
+    assert state.charts_refresh_s() == 120.0
+    clock[0] += state.MAX_CHARTS_REFRESH_S + 1  # past the usual cap, not past the setting
+    assert state.held("k", ("b",), build) == {"n": 8}
+    clock[0] += 120.0 - state.MAX_CHARTS_REFRESH_S
+    assert state.held("k", ("b",), build) == {"n": 9}
+    monkeypatch.setenv("DACT_LAB_CHARTS_REFRESH_S", "soon")  # not a number: the default
+    assert state.charts_refresh_s() == state.CHARTS_REFRESH_S
 
 
 def _spec(at: AppTest, title_part: str) -> str:
@@ -1077,8 +1088,8 @@ def _spec(at: AppTest, title_part: str) -> str:
 
 
 def test_the_runs_live_chart_redraws_on_its_period_and_at_once_on_an_evaluation(app_home, monkeypatch):
-    """A chart redraw was most of a watching tab's cost (docs/benchmarks.md, "The dashboard never slows the work",
-    run 14: 0.17 browser CPU-s each, 2.0 of 3.5 CPU-s a minute at the 5-s status period). While a run trains the
+    """A chart redraw was most of a watching tab's cost (bench/ui_tab_cost.py: ~0.17 browser CPU-s each, 2.0 of
+    3.4 CPU-s a minute at the 5-s status period). While a run trains the
     Runs page's progress moves on every rerun, but its curves are the same figure (the same spec: the browser does
     not redraw it) until CHARTS_REFRESH_S passed — or at once when an evaluation arrives or the run ends. Old code:
     a new figure on every rerun."""

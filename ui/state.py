@@ -211,12 +211,23 @@ def _timers_set_for(mode: str, signature: tuple) -> float:
 #: seconds between redraws of a live part's charts (the Runs page's training curves, the PBT view's member curves,
 #: hyperparameters and lineage) per watching tab, at most MAX_CHARTS_REFRESH_S; between them a live part re-sends
 #: the figure it drew last, which the browser does not redraw (:func:`held`), while progress, status and ETA move
-#: on the status period. A chart redraw was most of a watching tab's cost: 0.17 browser CPU-s each, 2.0 of the
-#: tab's 3.5 CPU-s a minute at the 5-s status period, taken from a training on the same 2 cores (docs/benchmarks.md,
-#: "The dashboard never slows the work", run 14). What changes a chart's meaning — a new evaluation, a run that
-#: ends, a setting — redraws it at once (the ``signature`` given to held).
+#: on the status period. A chart redraw was most of a watching tab's cost: ~0.17 browser CPU-s each, 2.0 of one
+#: tab's 3.4 CPU-s a minute at the 5-s status period, taken from a training on the same 2 cores (bench/
+#: ui_tab_cost.py; docs/benchmarks.md, "The dashboard never slows the work", runs 14-15). What changes a chart's
+#: meaning — a new evaluation, a run that ends, a setting — redraws it at once (the ``signature`` given to held).
+#: $DACT_LAB_CHARTS_REFRESH_S changes it (seconds; 0 = a redraw on every rerun of the live part).
 CHARTS_REFRESH_S = 15.0
 MAX_CHARTS_REFRESH_S = 60.0
+
+
+def charts_refresh_s() -> float:
+    """CHARTS_REFRESH_S, or $DACT_LAB_CHARTS_REFRESH_S where set to a number of seconds >= 0."""
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get("DACT_LAB_CHARTS_REFRESH_S", CHARTS_REFRESH_S)))
+    except ValueError:
+        return CHARTS_REFRESH_S
 
 
 def _clock() -> float:
@@ -227,10 +238,12 @@ def _clock() -> float:
 
 def held(key: str, signature, build, every: float | None = None):
     """What ``build()`` returns, kept in this session under ``key``: rebuilt when ``signature`` differs from the
-    one it was built for or it is ``every`` seconds old (default CHARTS_REFRESH_S per watching tab, :func:`per_tab`,
-    at most MAX_CHARTS_REFRESH_S); otherwise the very object built last — a figure drawn again from it sends the
-    browser the same spec, which it does not redraw."""
-    every = per_tab(CHARTS_REFRESH_S, MAX_CHARTS_REFRESH_S) if every is None else every
+    one it was built for or it is ``every`` seconds old (default :func:`charts_refresh_s` per watching tab,
+    :func:`per_tab`, at most MAX_CHARTS_REFRESH_S or the setting itself); otherwise the very object built last — a
+    figure drawn again from it sends the browser the same spec, which it does not redraw."""
+    if every is None:
+        base = charts_refresh_s()
+        every = per_tab(base, max(base, MAX_CHARTS_REFRESH_S))
     now = _clock()
     got = st.session_state.get(key)
     if got is not None and got[1] == signature and now - got[0] < every:
