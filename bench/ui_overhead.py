@@ -25,6 +25,10 @@ and stored with ``Tracker.add_dataset``, as the Data page does).
 
     .venv/bin/python bench/ui_overhead.py --window 60 --repeat 5   # 5 minutes each: ~22 min on 2 shared cores
     .venv/bin/python bench/ui_overhead.py --window 20 --order 0,1   # a quick look
+    .venv/bin/python bench/ui_overhead.py --pool bench/out/ui_overhead_run14.json bench/out/ui_overhead_run15.json
+
+``--pool`` measures nothing: it pools the windows of earlier runs' JSON files (runs of the same code), per tab
+count: the mean of the window ratios ± their standard error, and CPU seconds per minute.
 """
 from __future__ import annotations
 
@@ -174,7 +178,11 @@ def main() -> int:
                     help="cycles of --order: the conditions interleaved, so that the shared machine's drifts fall on "
                          "all of them (--window 60 --repeat 5: 5 minutes each)")
     ap.add_argument("--home", type=Path, default=None, help="default: a temporary folder")
+    ap.add_argument("--pool", type=Path, nargs="+", default=None,
+                    help="measure nothing: pool the windows of these earlier runs' JSON files")
     args = ap.parse_args()
+    if args.pool:
+        return pool(args.pool)
     exe = tb.chromium_path()
     if exe is None:
         print("SKIPPED: no chromium binary (/usr/bin/chromium or chromium on PATH)", file=sys.stderr)
@@ -353,6 +361,38 @@ def conditions(windows: list[dict]) -> list[dict]:
             rs = [w[key] for w in ws if w.get(key)]
             c[ratio] = statistics.mean(rs) if rs else (1.0 if c["tabs"] == 0 else None)
     return out
+
+
+def pooled(runs: list[list[dict]]) -> list[dict]:
+    """Per tab count over the windows of several runs (each a list of windows with their ratios): the mean of the
+    window ratios ± their standard error, the mean of the steps / time ratios, CPU seconds per minute."""
+    out = []
+    windows = [w for ws in runs for w in ws]
+    for n in sorted({w["tabs"] for w in windows}):
+        ws = [w for w in windows if w["tabs"] == n]
+        rs = [w["ratio"] for w in ws if w.get("ratio")]
+        ms = [w["mean_ratio"] for w in ws if w.get("mean_ratio")]
+        minutes = sum(w["window_s"] for w in ws) / 60
+        se = statistics.stdev(rs) / len(rs) ** 0.5 if len(rs) > 1 else None
+        out.append({"tabs": n, "minutes": minutes, "windows": len(ws),
+                    "ratio": statistics.mean(rs) if rs else 1.0 if n == 0 else None, "se": se,
+                    "mean_ratio": statistics.mean(ms) if ms else 1.0 if n == 0 else None,
+                    "low": min(rs) if rs else None, "high": max(rs) if rs else None,
+                    **{k: sum(w[f"{k}_cpu_s"] for w in ws) / minutes for k in ("worker", "server", "browser")}})
+    return out
+
+
+def pool(paths: list[Path]) -> int:
+    import json
+
+    runs = [json.loads(p.read_text())["windows"] for p in paths]
+    print("pooled: " + ", ".join(str(p) for p in paths) + "\n")
+    print(markdown_table(pooled(runs), [
+        ("tabs", "Runs tabs", 0), ("minutes", "minutes", 1), ("ratio", "ratio (mean of windows)", 3),
+        ("se", "± s.e.", 3), ("mean_ratio", "ratio (steps / time)", 3), ("low", "lowest window", 3),
+        ("high", "highest window", 3), ("worker", "worker CPU-s/min", 1), ("server", "server CPU-s/min", 1),
+        ("browser", "browser CPU-s/min", 1)]))
+    return 0
 
 
 def _cpu(procs) -> float:
