@@ -61,7 +61,7 @@ def make_run(home: Path, history: int):
     tr = Tracker(home)
     cfg = default_config("dact")
     cfg.train.epochs = 20
-    rid = tr.create_run("dact", cfg, name="tab cost", status="running")
+    rid = tr.create_run("dact", cfg.to_dict(), name="tab cost", status="running")
     for step in range(1, history + 1):
         m = metrics_at(step)
         if m:
