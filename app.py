@@ -64,7 +64,7 @@ def sidebar(page_path: str) -> None:
         if page_path in state.LIVE_PAGES:  # the page's live part carries the status watch: one timer, not two
             job_counts(watch=False)
             return
-        # the status watch, on the status timer (ui.state.refresh_every: 2 s while work starts, 5 s per watching tab
+        # the status watch, on the status timer (ui.state.refresh_every: 2 s while work starts, 10 s per watching tab
         # while runs train, 2 s idle): when a run is queued, gets past its first step, ends or is deleted, the
         # whole page reruns so that every status on it — tables, pickers, progress, these counts — changes together
         st.fragment(job_counts, run_every=state.refresh_every())()

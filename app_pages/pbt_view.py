@@ -107,6 +107,6 @@ def population(pid: int, was_active: bool) -> None:
                      hide_index=True)
 
 
-# on the status timer while the run is active (2 s until its first step, then 5 s per watching tab); it carries
+# on the status timer while the run is active (2 s until its first step, then 10 s per watching tab); it carries
 # the page's status watch (ui.state.live_part)
 state.live_part(population, active)(parent_id, active)

@@ -501,7 +501,7 @@ if len(selected) > 1:
         else:
             st.caption("No two selected runs differ only in their seeds (train.seed, data.split_seed): nothing to "
                        "group as mean ± spread.")
-# the live part, on the status timer while a run is active (2 s until its first step, then 5 s per watching tab); it
+# the live part, on the status timer while a run is active (2 s until its first step, then 10 s per watching tab); it
 # carries the page's status watch (ui.state.live_part)
 state.live_part(live, any_active)(list(selected), any_active, focus)
 st.fragment(details, run_every=details_every(focus))(focus)

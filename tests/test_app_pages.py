@@ -919,6 +919,31 @@ def test_the_live_refresh_slows_with_each_watching_tab_while_runs_train(app_home
     tr.set_status(rid, "finished")
 
 
+def test_a_training_run_is_re_read_at_most_six_times_a_minute_per_tab_and_the_period_is_a_setting(monkeypatch):
+    """Besides its redraws, each open tab pays a fixed cost in Chromium: the garbage collections of its ~30 MB JS
+    heap after each burst of work (docs/benchmarks.md, "The dashboard never slows the work", runs 16-17). At the
+    5-s status period three Runs tabs watching a replayed DACT run took 3.4-3.8 browser CPU-s a minute, at 10 s
+    2.5-2.9 (bench/ui_tab_cost.py). Old code: 12 re-reads a minute, no setting. $DACT_LAB_REFRESH_S sets the
+    period, kept within ACTIVE_REFRESH_S..MAX_REFRESH_S (a slower tab would stop counting among the watching
+    ones); starting and idle do not change with it."""
+    from ui import state
+
+    monkeypatch.delenv("DACT_LAB_REFRESH_S", raising=False)
+    assert 60.0 / state.period_for("training", 1) <= 6
+    assert state.period_for("training", 2) == 2 * state.period_for("training", 1) <= state.MAX_REFRESH_S
+    assert state.MAX_REFRESH_S < state.WATCH_GONE_S
+    monkeypatch.setenv("DACT_LAB_REFRESH_S", "4")
+    assert (state.period_for("training", 1), state.period_for("training", 2)) == (4.0, 8.0)
+    assert state.period_for("training", 20) == state.MAX_REFRESH_S
+    assert state.period_for("starting", 1) == state.period_for("idle", 1) == state.ACTIVE_REFRESH_S
+    monkeypatch.setenv("DACT_LAB_REFRESH_S", "0.1")
+    assert state.period_for("training", 1) == state.ACTIVE_REFRESH_S
+    monkeypatch.setenv("DACT_LAB_REFRESH_S", "600")
+    assert state.period_for("training", 1) == state.MAX_REFRESH_S
+    monkeypatch.setenv("DACT_LAB_REFRESH_S", "fast")  # not a number: the default, the page does not break
+    assert state.period_for("training", 1) == state.CALM_REFRESH_S
+
+
 def test_a_cancel_under_way_turns_the_status_timer_fast_until_the_run_has_stopped(app_home, monkeypatch):
     """Defect (bench/ui_overhead.py, run 11): after Cancel the run stopped in 0.7 s but the page said 'cancelled'
     17.5 s later — the next tick of a period slowed for the watching tabs. While a job of this server is being
@@ -1089,7 +1114,7 @@ def _spec(at: AppTest, title_part: str) -> str:
 
 def test_the_runs_live_chart_redraws_on_its_period_and_at_once_on_an_evaluation(app_home, monkeypatch):
     """A chart redraw was most of a watching tab's cost (bench/ui_tab_cost.py: ~0.17 browser CPU-s each, 2.0 of
-    3.4 CPU-s a minute at the 5-s status period). While a run trains the
+    3.4 CPU-s a minute at the 5-s status period of then). While a run trains the
     Runs page's progress moves on every rerun, but its curves are the same figure (the same spec: the browser does
     not redraw it) until CHARTS_REFRESH_S passed — or at once when an evaluation arrives or the run ends. Old code:
     a new figure on every rerun."""

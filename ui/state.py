@@ -102,9 +102,13 @@ def jobs() -> JobManager:
 #: 'cancelled' shows at once), CALM_REFRESH_S once
 #: every active run trains. Each redraw costs the watching tab's browser and the server CPU, the training's on a
 #: small machine (docs/benchmarks.md, "The dashboard never slows the work"), so while runs train the period grows
-#: with the number of tabs watching: all of them together redraw as often as one.
+#: with the number of tabs watching: all of them together redraw as often as one. Besides its redraws, each open
+#: tab pays a fixed cost in Chromium — the garbage collections of its own ~30 MB JS heap (Plotly's code most of it)
+#: that follow each burst of work — so three tabs cost more than one on the same number of redraws: at 10 s (it
+#: was 5 s) three Runs tabs took 0.9 browser CPU-s a minute less, a quarter (runs 16-17). $DACT_LAB_REFRESH_S
+#: changes it (seconds, ACTIVE_REFRESH_S..MAX_REFRESH_S: :func:`calm_refresh_s`).
 ACTIVE_REFRESH_S = 2.0
-CALM_REFRESH_S = 5.0
+CALM_REFRESH_S = 10.0
 MAX_REFRESH_S = 30.0
 PERIODS = {"starting": ACTIVE_REFRESH_S, "training": CALM_REFRESH_S, "idle": ACTIVE_REFRESH_S}
 #: a tab whose status watch has not run for this long is closed (it stops counting among the watching tabs)
@@ -152,12 +156,30 @@ def per_tab(base: float, cap: float, tabs: int | None = None) -> float:
     return min(cap, base * max(1, watching_tabs() if tabs is None else tabs))
 
 
+def _seconds_setting(name: str, default: float, low: float) -> float:
+    """``$name`` as a number of seconds, at least ``low``; ``default`` where unset or not a number (a page never
+    breaks on it)."""
+    import os
+
+    try:
+        return max(low, float(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+def calm_refresh_s() -> float:
+    """The status period while runs train, per watching tab: CALM_REFRESH_S, or $DACT_LAB_REFRESH_S where set to a
+    number of seconds, kept within ACTIVE_REFRESH_S..MAX_REFRESH_S (a tab that waited longer would stop counting
+    among the watching tabs: WATCH_GONE_S)."""
+    return min(MAX_REFRESH_S, _seconds_setting("DACT_LAB_REFRESH_S", CALM_REFRESH_S, ACTIVE_REFRESH_S))
+
+
 def period_for(mode: str, tabs: int) -> float:
-    """The status timers' period in ``mode`` with ``tabs`` tabs watching: while runs train, CALM_REFRESH_S per tab
-    (capped at MAX_REFRESH_S), so all the tabs together redraw as often as one; starting and idle stay as they are
-    (a first step shows at once; while idle nothing is slowed)."""
+    """The status timers' period in ``mode`` with ``tabs`` tabs watching: while runs train, :func:`calm_refresh_s`
+    per tab (capped at MAX_REFRESH_S), so all the tabs together redraw as often as one; starting and idle stay as
+    they are (a first step shows at once; while idle nothing is slowed)."""
     if mode == "training":
-        return per_tab(CALM_REFRESH_S, MAX_REFRESH_S, tabs)
+        return per_tab(calm_refresh_s(), MAX_REFRESH_S, tabs)
     return PERIODS[mode]
 
 
@@ -212,7 +234,7 @@ def _timers_set_for(mode: str, signature: tuple) -> float:
 #: hyperparameters and lineage) per watching tab, at most MAX_CHARTS_REFRESH_S; between them a live part re-sends
 #: the figure it drew last, which the browser does not redraw (:func:`held`), while progress, status and ETA move
 #: on the status period. A chart redraw was most of a watching tab's cost: ~0.17 browser CPU-s each, 2.0 of one
-#: tab's 3.4 CPU-s a minute at the 5-s status period, taken from a training on the same 2 cores (bench/
+#: tab's 3.4 CPU-s a minute at the 5-s status period of then, taken from a training on the same 2 cores (bench/
 #: ui_tab_cost.py; docs/benchmarks.md, "The dashboard never slows the work", runs 14-15). What changes a chart's
 #: meaning — a new evaluation, a run that ends, a setting — redraws it at once (the ``signature`` given to held).
 #: $DACT_LAB_CHARTS_REFRESH_S changes it (seconds; 0 = a redraw on every rerun of the live part).
@@ -222,12 +244,7 @@ MAX_CHARTS_REFRESH_S = 60.0
 
 def charts_refresh_s() -> float:
     """CHARTS_REFRESH_S, or $DACT_LAB_CHARTS_REFRESH_S where set to a number of seconds >= 0."""
-    import os
-
-    try:
-        return max(0.0, float(os.environ.get("DACT_LAB_CHARTS_REFRESH_S", CHARTS_REFRESH_S)))
-    except ValueError:
-        return CHARTS_REFRESH_S
+    return _seconds_setting("DACT_LAB_CHARTS_REFRESH_S", CHARTS_REFRESH_S, 0.0)
 
 
 def _clock() -> float:
