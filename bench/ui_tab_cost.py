@@ -1,6 +1,8 @@
 """What a watching tab costs, and where (issue 28): the browser's and the Streamlit server's CPU while 1 or 3
 Chromium tabs watch a training on the Runs page, with the live charts redrawn on every rerun of the live part or on
-their own period (``ui.state.held``, ``$DACT_LAB_CHARTS_REFRESH_S``).
+their own period (``ui.state.held``, ``$DACT_LAB_CHARTS_REFRESH_S``), at one status period or another
+(``$DACT_LAB_REFRESH_S``), and with Chromium flags of one's choice (``--browser-arg``: e.g.
+``--js-flags=--no-memory-reducer`` shows what the garbage collections after each burst of work cost).
 
 No torch here: the run is a synthetic DACT run that logs what a real one logs, at its pace (bench/ui_overhead.py's
 training on 2 cores: a step every ``--step-s`` = 0.25 s; train loss, accuracy, exit layer, learning rates and
@@ -14,10 +16,12 @@ Each condition starts its own server (``streamlit run app.py`` on a fresh home, 
 
     .venv/bin/python bench/ui_tab_cost.py                        # charts 0 and default x 1 and 3 tabs: ~6 min
     .venv/bin/python bench/ui_tab_cost.py --charts 0,15,30 --tabs 1 --repeat 2
+    .venv/bin/python bench/ui_tab_cost.py --refresh 5,default --charts default --repeat 2
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -93,7 +97,15 @@ def cpu_by_type(procs) -> dict[str, float]:
     return out
 
 
-def measure(exe: str, charts: str, tabs: int, args) -> dict:
+def _setting(name: str, value: str) -> None:
+    """``$name`` = ``value`` for the next server; 'default' unsets it."""
+    if value == "default":
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def measure(exe: str, refresh: str, charts: str, tabs: int, args) -> dict:
     import psutil
     from playwright.sync_api import sync_playwright
 
@@ -101,14 +113,13 @@ def measure(exe: str, charts: str, tabs: int, args) -> dict:
     tr, rid = make_run(home, args.history)
     stop = threading.Event()
     threading.Thread(target=writer, args=(tr, rid, args.history, args.step_s, stop), daemon=True).start()
-    if charts == "default":
-        os.environ.pop("DACT_LAB_CHARTS_REFRESH_S", None)
-    else:
-        os.environ["DACT_LAB_CHARTS_REFRESH_S"] = charts
+    _setting("DACT_LAB_CHARTS_REFRESH_S", charts)
+    _setting("DACT_LAB_REFRESH_S", refresh)
     try:
         with tb.streamlit_server(home, home / "streamlit.log") as url, sync_playwright() as pw:
             server = next(p for p in psutil.Process().children() if "streamlit" in " ".join(p.cmdline()))
-            browser = pw.chromium.launch(executable_path=exe, headless=True, args=tb.LAUNCH_ARGS)
+            browser = pw.chromium.launch(executable_path=exe, headless=True,
+                                         args=tb.LAUNCH_ARGS + list(args.browser_arg))
             pages = []
             for _ in range(tabs):
                 page = browser.new_page(viewport=tb.VIEWPORT)
@@ -130,8 +141,9 @@ def measure(exe: str, charts: str, tabs: int, args) -> dict:
     finally:
         stop.set()
         os.environ.pop("DACT_LAB_CHARTS_REFRESH_S", None)
+        os.environ.pop("DACT_LAB_REFRESH_S", None)
     by = {k: (b1[k] - b0.get(k, 0.0)) / minutes for k in b1}
-    return {"charts": charts, "tabs": tabs, "minutes": minutes, "browser": sum(by.values()),
+    return {"refresh": refresh, "charts": charts, "tabs": tabs, "minutes": minutes, "browser": sum(by.values()),
             "renderer": by.get("renderer", 0.0), "other": sum(v for k, v in by.items() if k != "renderer"),
             "server": (s1 - s0) / minutes, "live_chart_shown": shown}
 
@@ -140,7 +152,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--charts", default="0,default",
                     help="DACT_LAB_CHARTS_REFRESH_S per condition: seconds, 0 = on every rerun, 'default' = unset")
+    ap.add_argument("--refresh", default="default",
+                    help="DACT_LAB_REFRESH_S per condition: the status period while training, seconds per tab, "
+                         "'default' = unset")
     ap.add_argument("--tabs", default="1,3", help="tab counts")
+    ap.add_argument("--browser-arg", action="append", default=[],
+                    help="an extra Chromium flag for every condition (repeatable), e.g. "
+                         "--browser-arg=--js-flags=--no-memory-reducer")
     ap.add_argument("--window", type=float, default=60.0, help="seconds measured per condition")
     ap.add_argument("--settle", type=float, default=20.0, help="seconds after the tabs drew before the window")
     ap.add_argument("--repeat", type=int, default=1, help="times each condition is measured (interleaved)")
@@ -156,18 +174,19 @@ def main() -> int:
 
     rows = []
     for r in range(args.repeat):
-        for charts in args.charts.split(","):
-            for tabs in (int(t) for t in args.tabs.split(",")):
-                row = measure(exe, charts, tabs, args)
-                row["repeat"] = r + 1
-                rows.append(row)
-                print(f"charts {charts} · {tabs} tab(s): browser {row['browser']:.2f} CPU-s/min "
-                      f"(renderer {row['renderer']:.2f}), server {row['server']:.2f}", flush=True)
+        for refresh, charts, tabs in itertools.product(args.refresh.split(","), args.charts.split(","),
+                                                       (int(t) for t in args.tabs.split(","))):
+            row = measure(exe, refresh, charts, tabs, args)
+            row["repeat"] = r + 1
+            rows.append(row)
+            print(f"status {refresh} · charts {charts} · {tabs} tab(s): browser {row['browser']:.2f} CPU-s/min "
+                  f"(renderer {row['renderer']:.2f}), server {row['server']:.2f}", flush=True)
     print(f"\n{describe_machine(info)}")
-    print(f"status period {CALM_REFRESH_S:g} s per tab; charts default {CHARTS_REFRESH_S:g} s per tab; "
+    print(f"status period default {CALM_REFRESH_S:g} s per tab; charts default {CHARTS_REFRESH_S:g} s per tab; "
+          f"Chromium flags added: {' '.join(args.browser_arg) or 'none'}; "
           f"synthetic run: a step every {args.step_s:g} s, {args.history} steps of history\n")
-    print(markdown_table(rows, [("charts", "charts redrawn every (s)"), ("tabs", "Runs tabs"),
-                                ("repeat", "repeat"), ("browser", "browser CPU-s/min"),
+    print(markdown_table(rows, [("refresh", "status period (s per tab)"), ("charts", "charts redrawn every (s)"),
+                                ("tabs", "Runs tabs"), ("repeat", "repeat"), ("browser", "browser CPU-s/min"),
                                 ("renderer", "of it renderer"), ("other", "other Chromium"),
                                 ("server", "server CPU-s/min"), ("live_chart_shown", "live chart shown")]))
     print(f"\nraw: {save_json('ui_tab_cost.json', {'machine': info, 'args': vars(args), 'rows': rows})}")
