@@ -97,6 +97,28 @@ def cpu_by_type(procs) -> dict[str, float]:
     return out
 
 
+def renderer_threads(procs) -> dict[str, float]:
+    """CPU seconds of the renderers' threads: ``main`` (the page's JS, style, layout, paint) and ``pool`` (the
+    thread pool's workers: V8's concurrent garbage-collection marking and compiling), by /proc's thread names."""
+    import psutil
+
+    out = {"main": 0.0, "pool": 0.0}
+    for p in procs:
+        try:
+            if "--type=renderer" not in p.cmdline():
+                continue
+            for t in p.threads():
+                with open(f"/proc/{p.pid}/task/{t.id}/comm") as f:
+                    name = f.read().strip()
+                if t.id == p.pid:
+                    out["main"] += t.user_time + t.system_time
+                elif name.startswith("ThreadPool"):
+                    out["pool"] += t.user_time + t.system_time
+        except (psutil.Error, OSError):
+            pass
+    return out
+
+
 def _setting(name: str, value: str) -> None:
     """``$name`` = ``value`` for the next server; 'default' unsets it."""
     if value == "default":
@@ -130,12 +152,13 @@ def measure(exe: str, refresh: str, charts: str, tabs: int, args) -> dict:
                 page.get_by_role("button", name="Download metrics (CSV)").wait_for()
             time.sleep(args.settle)
             kids = [c for c in psutil.Process().children(recursive=True) if "chrom" in c.name()]
-            s0, b0, t0 = sum(server.cpu_times()[:2]), cpu_by_type(kids), time.monotonic()
+            s0, b0, r0 = sum(server.cpu_times()[:2]), cpu_by_type(kids), renderer_threads(kids)
+            t0 = time.monotonic()
             while time.monotonic() - t0 < args.window:
                 for page in pages:  # Playwright's event loop keeps the pages served
                     page.wait_for_timeout(250)
             minutes = (time.monotonic() - t0) / 60
-            s1, b1 = sum(server.cpu_times()[:2]), cpu_by_type(kids)
+            s1, b1, r1 = sum(server.cpu_times()[:2]), cpu_by_type(kids), renderer_threads(kids)
             shown = pages[0].get_by_text("training curves (live").count() > 0
             browser.close()
     finally:
@@ -144,7 +167,9 @@ def measure(exe: str, refresh: str, charts: str, tabs: int, args) -> dict:
         os.environ.pop("DACT_LAB_REFRESH_S", None)
     by = {k: (b1[k] - b0.get(k, 0.0)) / minutes for k in b1}
     return {"refresh": refresh, "charts": charts, "tabs": tabs, "minutes": minutes, "browser": sum(by.values()),
-            "renderer": by.get("renderer", 0.0), "other": sum(v for k, v in by.items() if k != "renderer"),
+            "renderer": by.get("renderer", 0.0), "renderer_main": (r1["main"] - r0["main"]) / minutes,
+            "renderer_pool": (r1["pool"] - r0["pool"]) / minutes,
+            "other": sum(v for k, v in by.items() if k != "renderer"),
             "server": (s1 - s0) / minutes, "live_chart_shown": shown}
 
 
@@ -180,14 +205,18 @@ def main() -> int:
             row["repeat"] = r + 1
             rows.append(row)
             print(f"status {refresh} · charts {charts} · {tabs} tab(s): browser {row['browser']:.2f} CPU-s/min "
-                  f"(renderer {row['renderer']:.2f}), server {row['server']:.2f}", flush=True)
+                  f"(renderer {row['renderer']:.2f}: main {row['renderer_main']:.2f}, "
+                  f"pool {row['renderer_pool']:.2f}), "
+                  f"server {row['server']:.2f}", flush=True)
     print(f"\n{describe_machine(info)}")
     print(f"status period default {CALM_REFRESH_S:g} s per tab; charts default {CHARTS_REFRESH_S:g} s per tab; "
           f"Chromium flags added: {' '.join(args.browser_arg) or 'none'}; "
           f"synthetic run: a step every {args.step_s:g} s, {args.history} steps of history\n")
     print(markdown_table(rows, [("refresh", "status period (s per tab)"), ("charts", "charts redrawn every (s)"),
                                 ("tabs", "Runs tabs"), ("repeat", "repeat"), ("browser", "browser CPU-s/min"),
-                                ("renderer", "of it renderer"), ("other", "other Chromium"),
+                                ("renderer", "of it renderer"), ("renderer_main", "renderer main threads"),
+                                ("renderer_pool", "renderer pool threads (V8 GC, compile)"),
+                                ("other", "other Chromium"),
                                 ("server", "server CPU-s/min"), ("live_chart_shown", "live chart shown")]))
     print(f"\nraw: {save_json('ui_tab_cost.json', {'machine': info, 'args': vars(args), 'rows': rows})}")
     return 0
