@@ -922,8 +922,8 @@ def test_the_live_refresh_slows_with_each_watching_tab_while_runs_train(app_home
 def test_a_training_run_is_re_read_at_most_six_times_a_minute_per_tab_and_the_period_is_a_setting(monkeypatch):
     """Besides its redraws, each open tab pays a fixed cost in Chromium: the garbage collections of its ~30 MB JS
     heap after each burst of work (docs/benchmarks.md, "The dashboard never slows the work", runs 16-17). At the
-    5-s status period three Runs tabs watching a replayed DACT run took 3.4-3.8 browser CPU-s a minute, at 10 s
-    2.5-2.9 (bench/ui_tab_cost.py). Old code: 12 re-reads a minute, no setting. $DACT_LAB_REFRESH_S sets the
+    5-s status period three Runs tabs watching a synthetic DACT run took 2.96 browser CPU-s a minute, at 10 s 2.09
+    (bench/ui_tab_cost.py). Old code: 12 re-reads a minute, no setting. $DACT_LAB_REFRESH_S sets the
     period, kept within ACTIVE_REFRESH_S..MAX_REFRESH_S (a slower tab would stop counting among the watching
     ones); starting and idle do not change with it."""
     from ui import state

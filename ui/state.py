@@ -105,8 +105,9 @@ def jobs() -> JobManager:
 #: with the number of tabs watching: all of them together redraw as often as one. Besides its redraws, each open
 #: tab pays a fixed cost in Chromium — the garbage collections of its own ~30 MB JS heap (Plotly's code most of it)
 #: that follow each burst of work — so three tabs cost more than one on the same number of redraws: at 10 s (it
-#: was 5 s) three Runs tabs took 0.9 browser CPU-s a minute less, a quarter (runs 16-17). $DACT_LAB_REFRESH_S
-#: changes it (seconds, ACTIVE_REFRESH_S..MAX_REFRESH_S: :func:`calm_refresh_s`).
+#: was 5 s) three Runs tabs took 2.09 browser CPU-s a minute instead of 2.96 (bench/ui_tab_cost.py; docs/
+#: benchmarks.md, runs 16-17). $DACT_LAB_REFRESH_S changes it (seconds, ACTIVE_REFRESH_S..MAX_REFRESH_S:
+#: :func:`calm_refresh_s`).
 ACTIVE_REFRESH_S = 2.0
 CALM_REFRESH_S = 10.0
 MAX_REFRESH_S = 30.0
