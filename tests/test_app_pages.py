@@ -919,6 +919,27 @@ def test_the_live_refresh_slows_with_each_watching_tab_while_runs_train(app_home
     tr.set_status(rid, "finished")
 
 
+def test_a_tab_closed_or_reloaded_stops_counting_among_the_watching_tabs_at_once(monkeypatch):
+    """Driven in a browser: after Start on the DACT page and a reload onto Runs, the progress stayed on 'step 1' for
+    28 s — the old page's session counted as a watching tab for WATCH_GONE_S (40 s), doubling the period. A session
+    Streamlit no longer holds connected stops counting at once; one whose connection cannot be told still counts
+    until WATCH_GONE_S. Old code: both counted."""
+    from ui import state
+
+    monkeypatch.setattr(state, "_last_watch", {})
+    monkeypatch.setattr(state, "_runtime_ids", {})
+    connected = {"rt-a", "rt-b"}
+    monkeypatch.setattr(state, "_session_alive", lambda rid: rid in connected)
+    for sid, rid in (("a", "rt-a"), ("b", "rt-b"), ("c", None)):
+        state._last_watch[sid] = 100.0
+        if rid:
+            state._runtime_ids[sid] = rid
+    assert state.watching_tabs(now=101.0) == 3
+    connected.discard("rt-b")  # the tab of session b was reloaded or closed
+    assert state.watching_tabs(now=101.0) == 2 and "b" not in state._runtime_ids
+    assert state.watching_tabs(now=100.0 + state.WATCH_GONE_S + 1) == 0
+
+
 def test_a_training_run_is_re_read_at_most_six_times_a_minute_per_tab_and_the_period_is_a_setting(monkeypatch):
     """Besides its redraws, each open tab pays a fixed cost in Chromium: the garbage collections of its ~30 MB JS
     heap after each burst of work (docs/benchmarks.md, "The dashboard never slows the work", runs 16-17). At the

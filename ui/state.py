@@ -127,6 +127,7 @@ SESSION_ID = "status_session_id"
 
 _watch_lock = threading.Lock()
 _last_watch: dict[str, float] = {}  # session id -> time of its last status watch, for every session of this server
+_runtime_ids: dict[str, str] = {}  # session id -> Streamlit's id of that browser session, where known
 
 
 def note_watch(now: float | None = None) -> None:
@@ -134,20 +135,38 @@ def note_watch(now: float | None = None) -> None:
     import time
     import uuid
 
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
     sid = st.session_state.setdefault(SESSION_ID, uuid.uuid4().hex)
+    ctx = get_script_run_ctx()
     with _watch_lock:
         _last_watch[sid] = time.monotonic() if now is None else now
+        if ctx is not None:
+            _runtime_ids[sid] = ctx.session_id
+
+
+def _session_alive(runtime_id: str) -> bool:
+    """Whether Streamlit still holds that browser session connected (True where it cannot tell)."""
+    try:
+        from streamlit.runtime import Runtime
+
+        return not Runtime.exists() or Runtime.instance().is_active_session(runtime_id)
+    except Exception:  # noqa: BLE001 - never break a page over a count
+        return True
 
 
 def watching_tabs(now: float | None = None) -> int:
-    """How many browser sessions of this server ran their status watch within the last WATCH_GONE_S (a closed tab
-    stops counting after that)."""
+    """How many browser sessions of this server ran their status watch within the last WATCH_GONE_S and are still
+    connected: a tab closed or reloaded stops counting at once (its old session disconnected; the first progress
+    after reloading Runs waited two tabs' period while it counted), one that went away unseen after WATCH_GONE_S."""
     import time
 
     now = time.monotonic() if now is None else now
     with _watch_lock:
-        for sid in [k for k, t in _last_watch.items() if now - t > WATCH_GONE_S]:
+        for sid in [k for k, t in _last_watch.items()
+                    if now - t > WATCH_GONE_S or (k in _runtime_ids and not _session_alive(_runtime_ids[k]))]:
             del _last_watch[sid]
+            _runtime_ids.pop(sid, None)
         return len(_last_watch)
 
 
