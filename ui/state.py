@@ -97,8 +97,9 @@ def jobs() -> JobManager:
 
 #: seconds between re-reads of what shows a status live (the Runs page's progress; its curves: CHARTS_REFRESH_S)
 #: and of the page's status watch (the sidebar's, or a live page's live part: LIVE_PAGES), which reruns the whole
-#: page when the runs a page lists change (so run tables and job panels need no timer of their own): ACTIVE_REFRESH_S while nothing trains (a run queued from another tab or the CLI appears at
-#: once) or a run is changing state (queued, no step logged yet: the first step shows at once; or being cancelled:
+#: page when the runs a page lists change (so run tables and job panels need no timer of their own):
+#: ACTIVE_REFRESH_S while nothing trains (a run queued from another tab or the CLI appears at once) or a run is
+#: changing state (queued, no step logged yet: the first step shows at once; or being cancelled:
 #: 'cancelled' shows at once), CALM_REFRESH_S once
 #: every active run trains. Each redraw costs the watching tab's browser and the server CPU, the training's on a
 #: small machine (docs/benchmarks.md, "The dashboard never slows the work"), so while runs train the period grows
@@ -293,7 +294,8 @@ def held(key: str, signature, build, every: float | None = None):
 #: pages (``st.Page`` url paths) whose live part carries the status watch: while it redraws, the watch runs at the
 #: end of each of its reruns, so the page has one timer, not the sidebar's and the live part's (each rerun costs the
 #: tab's browser CPU, whatever it draws; a chart redrawn in it costs most: CHARTS_REFRESH_S. docs/benchmarks.md,
-#: "The dashboard never slows the work", runs 11-15). Such a page calls :func:`live_part` for its live part and :func:`stop` instead of ``st.stop()``.
+#: "The dashboard never slows the work", runs 11-15). Such a page calls :func:`live_part` for its live part and
+#: :func:`stop` instead of ``st.stop()``.
 LIVE_PAGES = frozenset({"runs", "pbt_view", "pareto"})
 
 
